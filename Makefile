@@ -1,0 +1,42 @@
+# One-command set-up: each target creates the virtual environment and builds the
+# extension when missing, so `make test` and `make bench` work on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEPS   := $(VENV)/.deps-dev
+BDEPS  := $(VENV)/.deps-bench
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h) setup.py
+BUILT  := $(VENV)/.built
+
+.PHONY: build test bench info clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip
+
+$(DEPS): requirements-dev.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+$(BDEPS): requirements-bench.txt $(DEPS)
+	$(BIN)/python -m pip install -q -r requirements-bench.txt
+	touch $@
+
+# --no-build-isolation: build against the torch in the venv, not a fresh (CUDA) download.
+$(BUILT): $(DEPS) $(SOURCES)
+	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILT)
+
+test: $(BUILT)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(BUILT) $(BDEPS)
+	$(BIN)/python bench/run.py
+
+info: $(BUILT)
+	$(BIN)/accelops info
+
+clean:
+	rm -rf build *.egg-info accelops/*.so $(BUILT)

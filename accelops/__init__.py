@@ -1,0 +1,7 @@
+"""accelops: low-bit (ternary, INT8) and distributed-training kernels for PyTorch."""
+__version__ = "0.1.0"
+
+from . import ops  # noqa: E402  (registers fakes and autograd for the torch.ops.accelops ops)
+from ._info import info  # noqa: E402
+
+__all__ = ["ops", "info", "__version__"]

@@ -1,0 +1,151 @@
+"""Ternary (BitNet b1.58) ops: absmean weight quantization, 2-bit packing and the fused
+int8-activation x packed-ternary matmul. See accelops/reference/ternary.py for the spec
+and the packed layout.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..reference import ternary as ref
+from . import _validate as check
+from ._backend import choose, extension
+
+__all__ = ["quantize_weight_ternary", "pack_ternary", "unpack_ternary", "ternary_matmul", "packed_cols"]
+
+packed_cols = ref.packed_cols
+
+
+def _triton():
+    from ..kernels import ternary as triton_ternary
+
+    return triton_ternary
+
+
+def _check_packed(w_packed, k: int) -> None:
+    check.tensor("w_packed", w_packed)
+    check.dtype("w_packed", w_packed, torch.uint8)
+    check.ndim("w_packed", w_packed, 2, "[N, ceil(K/128)*32]")
+    expected = ref.packed_cols(k)
+    if w_packed.shape[1] != expected:
+        raise ValueError(
+            f"w_packed must have {expected} columns (ceil(K/128)*32) to hold K={k}, got shape "
+            f"{tuple(w_packed.shape)}; was it packed for a different in_features?"
+        )
+
+
+def quantize_weight_ternary(w: torch.Tensor, per_channel: bool = False):
+    """w [N, K] float -> (w_packed uint8 [N, ceil(K/128)*32], w_scale fp32 [1] or [N])."""
+    check.float_tensor("w", w)
+    check.ndim("w", w, 2, "[out_features, in_features]")
+    check.finite_weight("w", w)
+    backend = choose("quantize_weight_ternary", w.device)
+    if backend == "reference":
+        return ref.quantize_weight_ternary(w, per_channel)
+    if backend == "triton":
+        return _triton().quantize_weight_ternary(w, per_channel)
+    return torch.ops.accelops.quantize_weight_ternary(w, per_channel)
+
+
+def pack_ternary(wq: torch.Tensor) -> torch.Tensor:
+    """wq int8 [N, K] in {-1, 0, 1} -> w_packed uint8 [N, ceil(K/128)*32]."""
+    check.tensor("wq", wq)
+    check.dtype("wq", wq, torch.int8)
+    check.ndim("wq", wq, 2, "[N, K]")
+    if wq.numel() and (int(wq.min()) < -1 or int(wq.max()) > 1):
+        raise ValueError(f"wq must hold only -1, 0 and 1, got values in [{int(wq.min())}, {int(wq.max())}]")
+    backend = choose("pack_ternary", wq.device)
+    if backend == "reference":
+        return ref.pack_ternary(wq)
+    if backend == "triton":
+        return _triton().pack_ternary(wq)
+    return torch.ops.accelops.pack_ternary(wq)
+
+
+def unpack_ternary(w_packed: torch.Tensor, k: int) -> torch.Tensor:
+    """w_packed uint8 [N, ceil(K/128)*32] -> wq int8 [N, K] in {-1, 0, 1}."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ValueError(f"k must be a non-negative int, got {k!r}")
+    _check_packed(w_packed, k)
+    backend = choose("unpack_ternary", w_packed.device)
+    if backend == "reference":
+        return ref.unpack_ternary(w_packed, k)
+    if backend == "triton":
+        return _triton().unpack_ternary(w_packed, k)
+    return torch.ops.accelops.unpack_ternary(w_packed, k)
+
+
+def ternary_matmul(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None):
+    """y = ternary(W) @ int8(x) with exact int32 sums, dequantized: x [..., K] -> y [..., N] in x's dtype."""
+    check.float_tensor("x", x)
+    check.at_least_1d("x", x)
+    _check_packed(w_packed, x.shape[-1])
+    n = w_packed.shape[0]
+    check.tensor("w_scale", w_scale)
+    check.dtype("w_scale", w_scale, torch.float32)
+    if w_scale.numel() not in (1, n):
+        raise ValueError(f"w_scale must hold 1 (per tensor) or N={n} (per channel) scales, got shape {tuple(w_scale.shape)}")
+    check.bias(bias, n)
+    device = check.same_device(x=x, w_packed=w_packed, w_scale=w_scale, bias=bias)
+    backend = choose("ternary_matmul", device)
+    if backend == "reference":
+        return ref.ternary_matmul(x, w_packed, w_scale, bias)
+    if backend == "triton":
+        return _triton().ternary_matmul(x, w_packed, w_scale, bias)
+    return torch.ops.accelops.ternary_matmul(x, w_packed, w_scale, bias)
+
+
+# --------------------------------------------------------------------------- registration
+
+def _register() -> None:
+    if extension()[0] is None:
+        return  # the schemas live in the extension; without it every call takes the reference
+
+    @torch.library.register_fake("accelops::pack_ternary")
+    def _(wq):
+        return wq.new_empty((wq.shape[0], ref.packed_cols(wq.shape[1])), dtype=torch.uint8)
+
+    @torch.library.register_fake("accelops::unpack_ternary")
+    def _(w_packed, k):
+        return w_packed.new_empty((w_packed.shape[0], k), dtype=torch.int8)
+
+    @torch.library.register_fake("accelops::quantize_weight_ternary")
+    def _(w, per_channel=False):
+        packed = w.new_empty((w.shape[0], ref.packed_cols(w.shape[1])), dtype=torch.uint8)
+        return packed, w.new_empty((w.shape[0] if per_channel else 1,), dtype=torch.float32)
+
+    @torch.library.register_fake("accelops::ternary_matmul")
+    def _(x, w_packed, w_scale, bias=None):
+        return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
+
+    # Straight-through gradient for x: d(y)/d(x) is taken as the dequantized weight, so a
+    # frozen ternary layer still passes gradients to what lies below it (adapters, inputs).
+    def setup_context(ctx, inputs, output):
+        x, w_packed, w_scale, bias = inputs
+        ctx.save_for_backward(w_packed, w_scale)
+        ctx.k = x.shape[-1]
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    def backward(ctx, grad_y):
+        w_packed, w_scale = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = torch.ops.accelops.unpack_ternary(w_packed, ctx.k).float() * w_scale.reshape(-1, 1)
+            grad_x = (grad_y.float() @ w).to(ctx.x_dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+        return grad_x, None, None, grad_bias
+
+    torch.library.register_autograd("accelops::ternary_matmul", backward, setup_context=setup_context)
+
+    from ._backend import triton_status
+
+    if triton_status()[0] and torch.cuda.is_available():
+        kernels = _triton()
+        torch.library.register_kernel("accelops::ternary_matmul", "cuda", kernels.ternary_matmul)
+        torch.library.register_kernel("accelops::pack_ternary", "cuda", kernels.pack_ternary)
+        torch.library.register_kernel("accelops::unpack_ternary", "cuda", kernels.unpack_ternary)
+        torch.library.register_kernel("accelops::quantize_weight_ternary", "cuda", kernels.quantize_weight_ternary)
+
+
+_register()

@@ -1,0 +1,358 @@
+// INT8 family on the CPU: per-token activation quantization, per-channel weight
+// quantization and the exact W8A8 GEMM with the dequantization epilogue fused.
+//
+// The GEMM widens int8 to int16 and uses vpmaddwd (16 MACs an instruction, int32 sums).
+// vpmaddubsw would do 32 MACs an instruction but its int16 pair sums saturate for general
+// int8 x int8 (255 * 127 * 2 > 32767) and, even with the |x| / sign(w, x) trick, leave no
+// headroom to accumulate; both end up bound by the same two multiply pipes, and the
+// vpmaddwd path is exact for every int8 value, -128 included.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../ops.h"
+#include "kernels.h"
+
+namespace accelops {
+
+const char* cpu_isa_name() { return isa_name(active_isa()); }
+
+// ---------------------------------------------------------------- row quantization
+
+static float quantize_row_scalar(const float* x, int64_t k, int64_t kp, int8_t* q, int32_t* qsum) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int64_t i = 0; i < k; ++i) {
+    float a = std::fabs(x[i]);
+    if (!(a < std::numeric_limits<float>::infinity())) finite = false;
+    amax = a > amax ? a : amax;
+  }
+  if (!finite) {
+    std::memset(q, 0, kp);
+    if (qsum) *qsum = 0;
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  const float a = std::max(amax, kQuantEps);
+  const float inv = 127.0f / a;
+  int32_t s = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    float r = std::nearbyint(x[i] * inv);  // round half to even, like torch.round
+    r = std::min(127.0f, std::max(-127.0f, r));
+    q[i] = static_cast<int8_t>(r);
+    s += q[i];
+  }
+  std::memset(q + k, 0, kp - k);
+  if (qsum) *qsum = s;
+  return a / 127.0f;
+}
+
+__attribute__((target("avx2,fma"))) static float quantize_row_avx2(const float* x, int64_t k, int64_t kp,
+                                                                   int8_t* q, int32_t* qsum) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  __m256 vmax = _mm256_setzero_ps();
+  __m256 bad = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask);
+    vmax = _mm256_max_ps(vmax, a);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // Inf or NaN
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float amax = 0.f;
+  for (float l : lanes) amax = std::max(amax, l);
+  bool finite = _mm256_movemask_ps(bad) == 0;
+  for (; i < k; ++i) {
+    float a = std::fabs(x[i]);
+    if (!(a < std::numeric_limits<float>::infinity())) finite = false;
+    amax = a > amax ? a : amax;
+  }
+  if (!finite) {
+    std::memset(q, 0, kp);
+    if (qsum) *qsum = 0;
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  const float a = std::max(amax, kQuantEps);
+  const float inv = 127.0f / a;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  // packs_* interleave 128-bit lanes; this restores element order.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  __m256i vsum = _mm256_setzero_si256();
+  i = 0;
+  for (; i + 32 <= k; i += 32) {
+    // cvtps rounds with MXCSR's default mode, round-half-to-even, like torch.round.
+    __m256i c0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv));
+    __m256i c1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), vinv));
+    __m256i c2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 16), vinv));
+    __m256i c3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 24), vinv));
+    vsum = _mm256_add_epi32(vsum, _mm256_add_epi32(_mm256_add_epi32(c0, c1), _mm256_add_epi32(c2, c3)));
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(c0, c1), _mm256_packs_epi32(c2, c3));
+    // |x * inv| <= 127 * (1 + 2^-23) rounds to at most 127, so saturation never bites.
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(p, order));
+  }
+  alignas(32) int32_t sl[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sl), vsum);
+  int32_t s = 0;
+  for (int32_t v : sl) s += v;
+  for (; i < k; ++i) {
+    float r = std::nearbyint(x[i] * inv);
+    r = std::min(127.0f, std::max(-127.0f, r));
+    q[i] = static_cast<int8_t>(r);
+    s += q[i];
+  }
+  std::memset(q + k, 0, kp - k);
+  if (qsum) *qsum = s;
+  return a / 127.0f;
+}
+
+float quantize_row_int8(const float* x, int64_t k, int64_t kp, int8_t* q, int32_t* qsum, Isa isa) {
+  return isa == Isa::Avx2 ? quantize_row_avx2(x, k, kp, q, qsum) : quantize_row_scalar(x, k, kp, q, qsum);
+}
+
+void quantize_rows(const at::Tensor& x2d, int64_t kp, int8_t* q, float* scale, int32_t* qsum) {
+  const int64_t m = x2d.size(0), k = x2d.size(1);
+  const Isa isa = active_isa();
+  // Small batches stay on the calling thread: an OpenMP region costs more than a row.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
+  if (x2d.scalar_type() == at::kFloat) {
+    const float* xp = x2d.data_ptr<float>();
+    at::parallel_for(0, m, grain, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r)
+        scale[r] = quantize_row_int8(xp + r * k, k, kp, q + r * kp, qsum ? qsum + r : nullptr, isa);
+    });
+    return;
+  }
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(x2d.scalar_type(), "quantize_rows", [&] {
+    const scalar_t* xp = x2d.data_ptr<scalar_t>();
+    at::parallel_for(0, m, grain, [&](int64_t b, int64_t e) {
+      std::vector<float> row(k);
+      for (int64_t r = b; r < e; ++r) {
+        for (int64_t i = 0; i < k; ++i) row[i] = static_cast<float>(xp[r * k + i]);
+        scale[r] = quantize_row_int8(row.data(), k, kp, q + r * kp, qsum ? qsum + r : nullptr, isa);
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------- epilogue
+
+void dequant_epilogue(const int32_t* acc, int64_t m, int64_t n, const float* x_scale, const at::Tensor& w_scale,
+                      const std::optional<at::Tensor>& bias, at::Tensor& out2d) {
+  at::Tensor ws = w_scale.to(at::kFloat).contiguous();
+  const float* wsp = ws.data_ptr<float>();
+  const bool ws_per_row = ws.numel() != 1;
+  at::Tensor bf;
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    bf = bias->to(at::kFloat).contiguous();
+    bp = bf.data_ptr<float>();
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out2d.scalar_type(), "dequant_epilogue", [&] {
+    scalar_t* yp = out2d.data_ptr<scalar_t>();
+    at::parallel_for(0, m, std::max<int64_t>(1, 65536 / std::max<int64_t>(n, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const float xs = x_scale[r];
+        for (int64_t c = 0; c < n; ++c) {
+          float v = (static_cast<float>(acc[r * n + c]) * xs) * wsp[ws_per_row ? c : 0];
+          if (bp) v += bp[c];
+          yp[r * n + c] = static_cast<scalar_t>(v);
+        }
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------- int8 GEMM
+
+// acc[m, n] += sum_{k in [k0, k1)} x16[m, k] * w[n, k] for an MT x NT tile; x16 holds the
+// activations widened to int16 (rows of ldx), w the int8 weights (rows of ldw).
+template <int MT, int NT>
+__attribute__((target("avx2,fma"))) static inline void int8_tile_avx2(const int16_t* x16, int64_t ldx,
+                                                                     const int8_t* w, int64_t ldw, int64_t k0,
+                                                                     int64_t k1, int32_t* acc, int64_t ldacc) {
+  __m256i s[MT][NT];
+  for (int mi = 0; mi < MT; ++mi)
+    for (int j = 0; j < NT; ++j) s[mi][j] = _mm256_setzero_si256();
+  int64_t k = k0;
+  for (; k + 16 <= k1; k += 16) {
+    __m256i wv[NT];
+    for (int j = 0; j < NT; ++j)
+      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * ldw + k)));
+    for (int mi = 0; mi < MT; ++mi) {
+      __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + mi * ldx + k));
+      for (int j = 0; j < NT; ++j) s[mi][j] = _mm256_add_epi32(s[mi][j], _mm256_madd_epi16(xv, wv[j]));
+    }
+  }
+  for (int mi = 0; mi < MT; ++mi)
+    for (int j = 0; j < NT; ++j) {
+      __m128i v = _mm_add_epi32(_mm256_castsi256_si128(s[mi][j]), _mm256_extracti128_si256(s[mi][j], 1));
+      v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4e));
+      v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xb1));
+      int32_t t = _mm_cvtsi128_si32(v);
+      for (int64_t kk = k; kk < k1; ++kk) t += int32_t(x16[mi * ldx + kk]) * int32_t(w[j * ldw + kk]);
+      acc[mi * ldacc + j] += t;
+    }
+}
+
+template <int MT, int NT>
+static inline void int8_tile_scalar(const int16_t* x16, int64_t ldx, const int8_t* w, int64_t ldw, int64_t k0,
+                                    int64_t k1, int32_t* acc, int64_t ldacc) {
+  for (int mi = 0; mi < MT; ++mi)
+    for (int j = 0; j < NT; ++j) {
+      int32_t t = 0;
+      for (int64_t k = k0; k < k1; ++k) t += int32_t(x16[mi * ldx + k]) * int32_t(w[j * ldw + k]);
+      acc[mi * ldacc + j] += t;
+    }
+}
+
+template <int MT, int NT>
+static inline void int8_tile(Isa isa, const int16_t* x16, int64_t ldx, const int8_t* w, int64_t ldw, int64_t k0,
+                             int64_t k1, int32_t* acc, int64_t ldacc) {
+  if (isa == Isa::Avx2)
+    int8_tile_avx2<MT, NT>(x16, ldx, w, ldw, k0, k1, acc, ldacc);
+  else
+    int8_tile_scalar<MT, NT>(x16, ldx, w, ldw, k0, k1, acc, ldacc);
+}
+
+// acc [m, n] = x16 [m, k] . w [n, k]^T. Blocked so a 4-row activation slice of one K chunk
+// stays in L1 while a block of weight rows stays in L2.
+static void int8_gemm_i32(const int16_t* x16, int64_t m, int64_t k, const int8_t* w, int64_t n, int32_t* acc,
+                          Isa isa) {
+  constexpr int64_t kChunk = 1024;
+  const int64_t nb = m <= 4 ? 16 : 64;
+  std::fill(acc, acc + m * n, 0);
+  const int64_t nblocks = (n + nb - 1) / nb;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t blk = b; blk < e; ++blk) {
+      const int64_t n0 = blk * nb, n1 = std::min(n, n0 + nb);
+      for (int64_t k0 = 0; k0 < k; k0 += kChunk) {
+        const int64_t k1 = std::min(k, k0 + kChunk);
+        int64_t mi = 0;
+        for (; mi + 4 <= m; mi += 4) {
+          int64_t j = n0;
+          for (; j + 2 <= n1; j += 2)
+            int8_tile<4, 2>(isa, x16 + mi * k, k, w + j * k, k, k0, k1, acc + mi * n + j, n);
+          for (; j < n1; ++j) int8_tile<4, 1>(isa, x16 + mi * k, k, w + j * k, k, k0, k1, acc + mi * n + j, n);
+        }
+        for (; mi < m; ++mi) {
+          int64_t j = n0;
+          for (; j + 4 <= n1; j += 4)
+            int8_tile<1, 4>(isa, x16 + mi * k, k, w + j * k, k, k0, k1, acc + mi * n + j, n);
+          for (; j < n1; ++j) int8_tile<1, 1>(isa, x16 + mi * k, k, w + j * k, k, k0, k1, acc + mi * n + j, n);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- tensor-level ops
+
+static void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
+              name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_activation_int8_cpu(const at::Tensor& x) {
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() >= 1, "x must have at least 1 dimension, got a scalar");
+  const int64_t k = x.size(-1);
+  auto scale_shape = x.sizes().vec();
+  scale_shape.back() = 1;
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty(scale_shape, x.options().dtype(at::kFloat));
+  if (k == 0) {
+    scale.fill_(kQuantEps / 127.0f);
+    return {q, scale};
+  }
+  if (x.numel() == 0) return {q, scale};
+  at::Tensor x2 = x.reshape({-1, k}).contiguous();
+  quantize_rows(x2, k, q.data_ptr<int8_t>(), scale.data_ptr<float>(), nullptr);
+  return {q, scale};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_weight_int8_cpu(const at::Tensor& w) {
+  check_float(w, "w");
+  TORCH_CHECK(w.dim() == 2, "w must be 2-D [out_features, in_features], got shape ", w.sizes());
+  TORCH_CHECK(at::isfinite(w).all().item<bool>(), "w must be finite: it holds NaN or Inf");
+  at::Tensor q = at::empty(w.sizes(), w.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({w.size(0)}, w.options().dtype(at::kFloat));
+  if (w.numel() == 0) {
+    scale.fill_(kQuantEps / 127.0f);
+    return {q, scale};
+  }
+  quantize_rows(w.contiguous(), w.size(1), q.data_ptr<int8_t>(), scale.data_ptr<float>(), nullptr);
+  return {q, scale};
+}
+
+static at::Tensor int8_matmul_impl(const at::Tensor& x16, const float* x_scale, int64_t m, int64_t k,
+                                   const at::Tensor& w_q, const at::Tensor& w_scale,
+                                   const std::optional<at::Tensor>& bias, at::Tensor out2d) {
+  const int64_t n = w_q.size(0);
+  if (m == 0 || n == 0) return out2d;
+  at::Tensor w = w_q.contiguous();
+  std::vector<int32_t> acc(m * n);
+  int8_gemm_i32(x16.data_ptr<int16_t>(), m, k, w.data_ptr<int8_t>(), n, acc.data(), active_isa());
+  dequant_epilogue(acc.data(), m, n, x_scale, w_scale, bias, out2d);
+  return out2d;
+}
+
+static std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
+  auto s = x.sizes().vec();
+  s.back() = n;
+  return s;
+}
+
+at::Tensor int8_matmul_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q,
+                           const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                           std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(x_q.scalar_type() == at::kChar, "x_q must be int8, got ", x_q.scalar_type());
+  TORCH_CHECK(w_q.scalar_type() == at::kChar, "w_q must be int8, got ", w_q.scalar_type());
+  TORCH_CHECK(w_q.dim() == 2, "w_q must be 2-D [N, K], got shape ", w_q.sizes());
+  TORCH_CHECK(x_q.dim() >= 1 && x_q.size(-1) == w_q.size(1), "x_q's last dim must equal w_q's K=", w_q.size(1),
+              ", got shape ", x_q.sizes());
+  const int64_t k = w_q.size(1), n = w_q.size(0);
+  const int64_t m = k == 0 ? x_q.numel() == 0 ? 0 : 1 : x_q.numel() / k;
+  at::Tensor out = at::empty(out_shape(x_q, n), x_q.options().dtype(out_dtype.value_or(at::kFloat)));
+  at::Tensor out2d = out.view({-1, n});
+  const int64_t rows = out2d.size(0);
+  if (rows == 0 || n == 0) return out;
+  at::Tensor xs = x_scale.to(at::kFloat).contiguous().reshape({-1});
+  TORCH_CHECK(xs.numel() == rows, "x_scale must hold one scale per row of x_q (", rows, "), got shape ",
+              x_scale.sizes());
+  (void)m;
+  at::Tensor x16 = x_q.reshape({rows, k}).to(at::kShort).contiguous();
+  return int8_matmul_impl(x16, xs.data_ptr<float>(), rows, k, w_q, w_scale, bias, out2d), out;
+}
+
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
+                           const std::optional<at::Tensor>& bias) {
+  check_float(x, "x");
+  TORCH_CHECK(w_q.scalar_type() == at::kChar, "w_q must be int8, got ", w_q.scalar_type());
+  TORCH_CHECK(w_q.dim() == 2, "w_q must be 2-D [N, K], got shape ", w_q.sizes());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w_q.size(1), "x's last dim must equal w_q's K=", w_q.size(1),
+              ", got shape ", x.sizes());
+  const int64_t k = w_q.size(1), n = w_q.size(0);
+  at::Tensor out = at::empty(out_shape(x, n), x.options());
+  at::Tensor out2d = out.view({-1, n});
+  const int64_t rows = out2d.size(0);
+  if (rows == 0 || n == 0) return out;
+  at::Tensor x2 = x.reshape({rows, k}).contiguous();
+  std::vector<int8_t> q(rows * k);
+  std::vector<float> xs(rows);
+  if (k > 0) quantize_rows(x2, k, q.data(), xs.data(), nullptr);
+  else std::fill(xs.begin(), xs.end(), kQuantEps / 127.0f);
+  at::Tensor x16 = at::empty({rows, k}, x.options().dtype(at::kShort));
+  int16_t* x16p = x16.data_ptr<int16_t>();
+  for (int64_t i = 0; i < rows * k; ++i) x16p[i] = q[i];
+  return int8_matmul_impl(x16, xs.data(), rows, k, w_q, w_scale, bias, out2d), out;
+}
+
+}  // namespace accelops

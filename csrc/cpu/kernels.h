@@ -1,0 +1,23 @@
+// Raw-pointer CPU kernels shared between the op files; csrc/ops.cpp wraps them as torch ops.
+#pragma once
+#include <cstdint>
+
+#include "cpu_features.h"
+
+namespace accelops {
+
+constexpr float kQuantEps = 1e-5f;   // floor on a row's absmax (see reference/int8.py)
+constexpr int kTernaryBlockK = 128;  // weights per packed block (see reference/ternary.py)
+constexpr int kTernaryBlockBytes = 32;
+
+// Per-row symmetric int8 quantization of k fp32 values into q[0:k); writes q[k:k_padded)
+// as zeros. Returns the row's scale (NaN for a row holding NaN/Inf, whose q is all zeros)
+// and stores sum(q) in *qsum when qsum is not null.
+float quantize_row_int8(const float* x, int64_t k, int64_t k_padded, int8_t* q, int32_t* qsum, Isa isa);
+
+// y[m, n] = sum_k x_q[m, k] * Wq[n, k] in exact int32, from packed ternary weights.
+// x_q rows are k_padded = nblocks * 128 long (zero padded); xsum[m] = sum_k x_q[m, k].
+void ternary_gemm_i32(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_t* w_packed,
+                      int64_t n, int64_t nblocks, int32_t* acc, Isa isa);
+
+}  // namespace accelops

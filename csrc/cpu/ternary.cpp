@@ -1,0 +1,233 @@
+// Ternary (BitNet b1.58) family on the CPU: absmean weight quantization, 2-bit packing,
+// and the fused int8-activation x packed-ternary GEMM/GEMV with exact int32 sums.
+//
+// The dot: weights are stored as codes c = w + 1 in {0, 1, 2}, so
+//     sum_k x[k] * w[k] = sum_k c[k] * x[k] - sum_k x[k],
+// and sum_k c[k] * x[k] is exactly what vpmaddubsw computes (unsigned codes times signed
+// int8 activations, pairs summed to int16) with no decode beyond shift-and-mask. Pair sums
+// are at most 2 * 2 * 127 = 508, so 16 blocks of 4 such products (16 * 4 * 508 = 32512)
+// fit an int16 lane exactly before it is widened to int32: no saturation, any K.
+// sum_k x[k] is computed once per activation row and shared by all N outputs.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../ops.h"
+#include "kernels.h"
+
+namespace accelops {
+
+static int64_t ternary_blocks(int64_t k) { return (k + kTernaryBlockK - 1) / kTernaryBlockK; }
+
+// ---------------------------------------------------------------- GEMM kernels
+
+__attribute__((target("avx2"))) static inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// acc[mi, j] += sum over blocks [b0, b1) of codes(w row j) . x row mi, for an MT x NT tile.
+// x rows are ldx bytes apart (zero padded to whole blocks), packed weight rows ldw bytes.
+template <int MT, int NT>
+__attribute__((target("avx2"))) static inline void ternary_tile_avx2(const int8_t* x, int64_t ldx,
+                                                                    const uint8_t* w, int64_t ldw, int64_t b0,
+                                                                    int64_t b1, int32_t* acc, int64_t ldacc) {
+  const __m256i mask = _mm256_set1_epi8(3);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  __m256i s32[MT][NT];
+  for (int mi = 0; mi < MT; ++mi)
+    for (int j = 0; j < NT; ++j) s32[mi][j] = _mm256_setzero_si256();
+  for (int64_t bs = b0; bs < b1; bs += 16) {
+    const int64_t be = std::min(b1, bs + 16);
+    __m256i s16[MT][NT];
+    for (int mi = 0; mi < MT; ++mi)
+      for (int j = 0; j < NT; ++j) s16[mi][j] = _mm256_setzero_si256();
+    for (int64_t b = bs; b < be; ++b) {
+      __m256i c[NT][4];
+      for (int j = 0; j < NT; ++j) {
+        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * ldw + b * 32));
+        c[j][0] = _mm256_and_si256(p, mask);
+        c[j][1] = _mm256_and_si256(_mm256_srli_epi16(p, 2), mask);
+        c[j][2] = _mm256_and_si256(_mm256_srli_epi16(p, 4), mask);
+        c[j][3] = _mm256_and_si256(_mm256_srli_epi16(p, 6), mask);
+      }
+      for (int mi = 0; mi < MT; ++mi) {
+        const int8_t* xb = x + mi * ldx + b * 128;
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32));
+        const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64));
+        const __m256i x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 96));
+        for (int j = 0; j < NT; ++j) {
+          const __m256i d01 = _mm256_add_epi16(_mm256_maddubs_epi16(c[j][0], x0), _mm256_maddubs_epi16(c[j][1], x1));
+          const __m256i d23 = _mm256_add_epi16(_mm256_maddubs_epi16(c[j][2], x2), _mm256_maddubs_epi16(c[j][3], x3));
+          s16[mi][j] = _mm256_add_epi16(s16[mi][j], _mm256_add_epi16(d01, d23));
+        }
+      }
+    }
+    for (int mi = 0; mi < MT; ++mi)
+      for (int j = 0; j < NT; ++j) s32[mi][j] = _mm256_add_epi32(s32[mi][j], _mm256_madd_epi16(s16[mi][j], ones16));
+  }
+  for (int mi = 0; mi < MT; ++mi)
+    for (int j = 0; j < NT; ++j) acc[mi * ldacc + j] += hsum_epi32(s32[mi][j]);
+}
+
+template <int MT, int NT>
+static inline void ternary_tile_scalar(const int8_t* x, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t b0,
+                                       int64_t b1, int32_t* acc, int64_t ldacc) {
+  for (int mi = 0; mi < MT; ++mi)
+    for (int j = 0; j < NT; ++j) {
+      int32_t t = 0;
+      for (int64_t b = b0; b < b1; ++b) {
+        const uint8_t* p = w + j * ldw + b * 32;
+        const int8_t* xb = x + mi * ldx + b * 128;
+        for (int q = 0; q < 4; ++q)
+          for (int i = 0; i < 32; ++i) t += int32_t((p[i] >> (2 * q)) & 3) * int32_t(xb[32 * q + i]);
+      }
+      acc[mi * ldacc + j] += t;
+    }
+}
+
+template <int MT, int NT>
+static inline void ternary_tile(Isa isa, const int8_t* x, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t b0,
+                                int64_t b1, int32_t* acc, int64_t ldacc) {
+  if (isa == Isa::Avx2)
+    ternary_tile_avx2<MT, NT>(x, ldx, w, ldw, b0, b1, acc, ldacc);
+  else
+    ternary_tile_scalar<MT, NT>(x, ldx, w, ldw, b0, b1, acc, ldacc);
+}
+
+void ternary_gemm_i32(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_t* w_packed, int64_t n,
+                      int64_t nblocks, int32_t* acc, Isa isa) {
+  // A K chunk of 16 blocks (2048 weights) keeps a 4-row activation slice (8 KB) in L1
+  // while a block of weight rows (nb * 512 B) stays in L2.
+  constexpr int64_t kChunkBlocks = 16;
+  const int64_t ldx = nblocks * kTernaryBlockK, ldw = nblocks * kTernaryBlockBytes;
+  const int64_t nb = m <= 4 ? 16 : 64;
+  const int64_t ntiles = (n + nb - 1) / nb;
+  std::fill(acc, acc + m * n, 0);
+  at::parallel_for(0, ntiles, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t n0 = t * nb, n1 = std::min(n, n0 + nb);
+      for (int64_t b0 = 0; b0 < nblocks; b0 += kChunkBlocks) {
+        const int64_t b1 = std::min(nblocks, b0 + kChunkBlocks);
+        int64_t mi = 0;
+        for (; mi + 4 <= m; mi += 4)
+          for (int64_t j = n0; j < n1; ++j)
+            ternary_tile<4, 1>(isa, x_q + mi * ldx, ldx, w_packed + j * ldw, ldw, b0, b1, acc + mi * n + j, n);
+        for (; mi < m; ++mi) {
+          int64_t j = n0;
+          for (; j + 2 <= n1; j += 2)
+            ternary_tile<1, 2>(isa, x_q + mi * ldx, ldx, w_packed + j * ldw, ldw, b0, b1, acc + mi * n + j, n);
+          for (; j < n1; ++j)
+            ternary_tile<1, 1>(isa, x_q + mi * ldx, ldx, w_packed + j * ldw, ldw, b0, b1, acc + mi * n + j, n);
+        }
+      }
+      for (int64_t mi = 0; mi < m; ++mi)
+        for (int64_t j = n0; j < n1; ++j) acc[mi * n + j] -= xsum[mi];
+    }
+  });
+}
+
+// ---------------------------------------------------------------- tensor-level ops
+
+static void check_packed(const at::Tensor& w_packed, int64_t k) {
+  TORCH_CHECK(w_packed.scalar_type() == at::kByte, "w_packed must be uint8, got ", w_packed.scalar_type());
+  TORCH_CHECK(w_packed.dim() == 2, "w_packed must be 2-D [N, ceil(K/128)*32], got shape ", w_packed.sizes());
+  TORCH_CHECK(w_packed.size(1) == ternary_blocks(k) * kTernaryBlockBytes, "w_packed must have ",
+              ternary_blocks(k) * kTernaryBlockBytes, " columns to hold K=", k, ", got shape ", w_packed.sizes());
+}
+
+at::Tensor pack_ternary_cpu(const at::Tensor& wq) {
+  TORCH_CHECK(wq.scalar_type() == at::kChar, "wq must be int8 with values in {-1, 0, 1}, got ", wq.scalar_type());
+  TORCH_CHECK(wq.dim() == 2, "wq must be 2-D [N, K], got shape ", wq.sizes());
+  const int64_t n = wq.size(0), k = wq.size(1), nblocks = ternary_blocks(k);
+  TORCH_CHECK(wq.numel() == 0 || (wq.min().item<int>() >= -1 && wq.max().item<int>() <= 1),
+              "wq must hold only -1, 0 and 1");
+  at::Tensor w = wq.contiguous();
+  at::Tensor out = at::empty({n, nblocks * kTernaryBlockBytes}, wq.options().dtype(at::kByte));
+  const int8_t* src = w.data_ptr<int8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, n, 64, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r)
+      for (int64_t blk = 0; blk < nblocks; ++blk)
+        for (int i = 0; i < 32; ++i) {
+          uint8_t byte = 0;
+          for (int q = 0; q < 4; ++q) {
+            const int64_t kk = blk * 128 + 32 * q + i;
+            const uint8_t code = kk < k ? uint8_t(src[r * k + kk] + 1) : uint8_t(1);
+            byte |= uint8_t(code << (2 * q));
+          }
+          dst[r * nblocks * 32 + blk * 32 + i] = byte;
+        }
+  });
+  return out;
+}
+
+at::Tensor unpack_ternary_cpu(const at::Tensor& w_packed, int64_t k) {
+  TORCH_CHECK(k >= 0, "k must be non-negative, got ", k);
+  check_packed(w_packed, k);
+  const int64_t n = w_packed.size(0), nblocks = ternary_blocks(k);
+  at::Tensor p = w_packed.contiguous();
+  at::Tensor out = at::empty({n, k}, w_packed.options().dtype(at::kChar));
+  const uint8_t* src = p.data_ptr<uint8_t>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  at::parallel_for(0, n, 64, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r)
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const uint8_t byte = src[r * nblocks * 32 + (kk / 128) * 32 + (kk % 32)];
+        dst[r * k + kk] = int8_t(((byte >> (2 * ((kk % 128) / 32))) & 3)) - 1;
+      }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_weight_ternary_cpu(const at::Tensor& w, bool per_channel) {
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
+              "w must be float32, bfloat16 or float16, got ", w.scalar_type());
+  TORCH_CHECK(w.dim() == 2, "w must be 2-D [out_features, in_features], got shape ", w.sizes());
+  TORCH_CHECK(at::isfinite(w).all().item<bool>(), "w must be finite: it holds NaN or Inf");
+  // Same arithmetic as the reference: fp64 mean of |w| rounded to fp32, then an fp32
+  // division per weight, so every backend gets identical codes.
+  at::Tensor a = w.abs().to(at::kDouble);
+  at::Tensor scale = (per_channel ? a.mean({1}) : a.mean().reshape({1})).to(at::kFloat);
+  at::Tensor denom = scale.clamp_min(kQuantEps).reshape({-1, 1});
+  at::Tensor wq = at::round(w.to(at::kFloat) / denom).clamp_(-1, 1).to(at::kChar);
+  return {pack_ternary_cpu(wq), scale};
+}
+
+at::Tensor ternary_matmul_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                              const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1, "x must have at least 1 dimension");
+  const int64_t k = x.size(-1);
+  check_packed(w_packed, k);
+  const int64_t n = w_packed.size(0), nblocks = ternary_blocks(k);
+  TORCH_CHECK(w_scale.numel() == 1 || w_scale.numel() == n, "w_scale must hold 1 or N=", n, " scales, got shape ",
+              w_scale.sizes());
+  auto shape = x.sizes().vec();
+  shape.back() = n;
+  at::Tensor out = at::empty(shape, x.options());
+  at::Tensor out2d = out.view({-1, n});
+  const int64_t m = out2d.size(0);
+  if (m == 0 || n == 0) return out;
+  const int64_t kp = nblocks * kTernaryBlockK;
+  std::vector<int8_t> q(m * std::max<int64_t>(kp, 1));
+  std::vector<float> xs(m, kQuantEps / 127.0f);
+  std::vector<int32_t> xsum(m, 0);
+  if (k > 0) quantize_rows(x.reshape({m, k}).contiguous(), kp, q.data(), xs.data(), xsum.data());
+  at::Tensor wp = w_packed.contiguous();
+  std::vector<int32_t> acc(m * n);
+  ternary_gemm_i32(q.data(), xsum.data(), m, wp.data_ptr<uint8_t>(), n, nblocks, acc.data(), active_isa());
+  dequant_epilogue(acc.data(), m, n, xs.data(), w_scale, bias, out2d);
+  return out;
+}
+
+}  // namespace accelops

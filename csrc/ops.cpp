@@ -1,0 +1,40 @@
+// The accelops op schemas and their CPU implementations. CUDA implementations are
+// registered by accelops._C_cuda (csrc/cuda_ops.cpp) or from Python (Triton kernels);
+// fake (meta) implementations and autograd live in accelops/ops/.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+// Importing accelops._C loads this library, which runs the registrations below; the module
+// itself only reports which instruction set the kernels picked on this CPU.
+static PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(accelops::cpu_isa_name()); }
+static PyMethodDef accelops_c_methods[] = {
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "Instruction set the CPU kernels use on this machine."},
+    {nullptr, nullptr, 0, nullptr}};
+static struct PyModuleDef accelops_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, accelops_c_methods};
+extern "C" PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&accelops_c_module); }
+
+TORCH_LIBRARY(accelops, m) {
+  m.def("pack_ternary(Tensor wq) -> Tensor");
+  m.def("unpack_ternary(Tensor w_packed, int k) -> Tensor");
+  m.def("quantize_weight_ternary(Tensor w, bool per_channel=False) -> (Tensor, Tensor)");
+  m.def("ternary_matmul(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None) -> Tensor");
+  m.def("quantize_activation_int8(Tensor x) -> (Tensor, Tensor)");
+  m.def("quantize_weight_int8(Tensor w) -> (Tensor, Tensor)");
+  m.def(
+      "int8_matmul(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias=None, "
+      "ScalarType? out_dtype=None) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(accelops, CPU, m) {
+  m.impl("pack_ternary", &accelops::pack_ternary_cpu);
+  m.impl("unpack_ternary", &accelops::unpack_ternary_cpu);
+  m.impl("quantize_weight_ternary", &accelops::quantize_weight_ternary_cpu);
+  m.impl("ternary_matmul", &accelops::ternary_matmul_cpu);
+  m.impl("quantize_activation_int8", &accelops::quantize_activation_int8_cpu);
+  m.impl("quantize_weight_int8", &accelops::quantize_weight_int8_cpu);
+  m.impl("int8_matmul", &accelops::int8_matmul_cpu);
+  m.impl("int8_linear", &accelops::int8_linear_cpu);
+}

@@ -1,0 +1,36 @@
+// Tensor-level CPU implementations of the accelops ops; registered in csrc/ops.cpp.
+#pragma once
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace accelops {
+
+// ternary family (csrc/cpu/ternary.cpp)
+at::Tensor pack_ternary_cpu(const at::Tensor& wq);
+at::Tensor unpack_ternary_cpu(const at::Tensor& w_packed, int64_t k);
+std::tuple<at::Tensor, at::Tensor> quantize_weight_ternary_cpu(const at::Tensor& w, bool per_channel);
+at::Tensor ternary_matmul_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                              const std::optional<at::Tensor>& bias);
+
+// int8 family (csrc/cpu/int8.cpp)
+std::tuple<at::Tensor, at::Tensor> quantize_activation_int8_cpu(const at::Tensor& x);
+std::tuple<at::Tensor, at::Tensor> quantize_weight_int8_cpu(const at::Tensor& w);
+at::Tensor int8_matmul_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q,
+                           const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                           std::optional<at::ScalarType> out_dtype);
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
+                           const std::optional<at::Tensor>& bias);
+
+// shared helpers (csrc/cpu/int8.cpp)
+// Quantizes x ([M, K], any float dtype) row by row into q ([M, k_padded] int8, zero padded),
+// scale[M] and (if not null) qsum[M].
+void quantize_rows(const at::Tensor& x2d, int64_t k_padded, int8_t* q, float* scale, int32_t* qsum);
+// out[m, n] = (float(acc[m, n]) * x_scale[m]) * w_scale[n or 0] + bias[n], cast to out's dtype.
+void dequant_epilogue(const int32_t* acc, int64_t m, int64_t n, const float* x_scale, const at::Tensor& w_scale,
+                      const std::optional<at::Tensor>& bias, at::Tensor& out2d);
+const char* cpu_isa_name();
+
+}  // namespace accelops
