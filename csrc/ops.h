@@ -28,7 +28,21 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
 // Quantizes x ([M, K], any float dtype) row by row into q ([M, k_padded] int8, zero padded),
 // scale[M] and (if not null) qsum[M].
 void quantize_rows(const at::Tensor& x2d, int64_t k_padded, int8_t* q, float* scale, int32_t* qsum);
-// out[m, n] = (float(acc[m, n]) * x_scale[m]) * w_scale[n or 0] + bias[n], cast to out's dtype.
+// out[m, n] = (float(acc[m, n]) * x_scale[m]) * w_scale[n or 0] + bias[n], cast to out's dtype,
+// for any sub-rectangle of the output (so GEMM drivers can apply it tile by tile).
+class Epilogue {
+ public:
+  Epilogue(const float* x_scale, const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, at::Tensor& out2d);
+  void apply(const int32_t* acc, int64_t m, int64_t n, int64_t m0, int64_t m1, int64_t n0, int64_t n1) const;
+
+ private:
+  const float* x_scale_;
+  at::Tensor w_scale_, bias_;
+  const float* ws_ = nullptr;
+  const float* bias_ptr_ = nullptr;
+  bool ws_per_row_ = false;
+  at::Tensor out_;
+};
 void dequant_epilogue(const int32_t* acc, int64_t m, int64_t n, const float* x_scale, const at::Tensor& w_scale,
                       const std::optional<at::Tensor>& bias, at::Tensor& out2d);
 const char* cpu_isa_name();

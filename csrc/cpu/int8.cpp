@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -144,30 +145,51 @@ void quantize_rows(const at::Tensor& x2d, int64_t kp, int8_t* q, float* scale, i
 
 // ---------------------------------------------------------------- epilogue
 
+Epilogue::Epilogue(const float* x_scale, const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                   at::Tensor& out2d)
+    : x_scale_(x_scale), w_scale_(w_scale.to(at::kFloat).contiguous()), out_(out2d) {
+  ws_ = w_scale_.data_ptr<float>();
+  ws_per_row_ = w_scale_.numel() != 1;
+  if (bias.has_value()) {
+    bias_ = bias->to(at::kFloat).contiguous();
+    bias_ptr_ = bias_.data_ptr<float>();
+  }
+}
+
+template <typename T>
+static inline void epilogue_rows(const int32_t* acc, int64_t n, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                                 const float* xs, const float* ws, bool ws_per_row, const float* bp, T* y) {
+  for (int64_t r = m0; r < m1; ++r) {
+    const float x_scale = xs[r];
+    for (int64_t c = n0; c < n1; ++c) {
+      float v = (static_cast<float>(acc[r * n + c]) * x_scale) * ws[ws_per_row ? c : 0];
+      if (bp) v += bp[c];
+      y[r * n + c] = static_cast<T>(v);
+    }
+  }
+}
+
+void Epilogue::apply(const int32_t* acc, int64_t m, int64_t n, int64_t m0, int64_t m1, int64_t n0,
+                     int64_t n1) const {
+  (void)m;
+  switch (out_.scalar_type()) {
+    case at::kFloat:
+      return epilogue_rows(acc, n, m0, m1, n0, n1, x_scale_, ws_, ws_per_row_, bias_ptr_, out_.data_ptr<float>());
+    case at::kBFloat16:
+      return epilogue_rows(acc, n, m0, m1, n0, n1, x_scale_, ws_, ws_per_row_, bias_ptr_,
+                           out_.data_ptr<at::BFloat16>());
+    case at::kHalf:
+      return epilogue_rows(acc, n, m0, m1, n0, n1, x_scale_, ws_, ws_per_row_, bias_ptr_, out_.data_ptr<at::Half>());
+    default:
+      TORCH_CHECK(false, "output dtype must be float32, bfloat16 or float16, got ", out_.scalar_type());
+  }
+}
+
 void dequant_epilogue(const int32_t* acc, int64_t m, int64_t n, const float* x_scale, const at::Tensor& w_scale,
                       const std::optional<at::Tensor>& bias, at::Tensor& out2d) {
-  at::Tensor ws = w_scale.to(at::kFloat).contiguous();
-  const float* wsp = ws.data_ptr<float>();
-  const bool ws_per_row = ws.numel() != 1;
-  at::Tensor bf;
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    bf = bias->to(at::kFloat).contiguous();
-    bp = bf.data_ptr<float>();
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out2d.scalar_type(), "dequant_epilogue", [&] {
-    scalar_t* yp = out2d.data_ptr<scalar_t>();
-    at::parallel_for(0, m, std::max<int64_t>(1, 65536 / std::max<int64_t>(n, 1)), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const float xs = x_scale[r];
-        for (int64_t c = 0; c < n; ++c) {
-          float v = (static_cast<float>(acc[r * n + c]) * xs) * wsp[ws_per_row ? c : 0];
-          if (bp) v += bp[c];
-          yp[r * n + c] = static_cast<scalar_t>(v);
-        }
-      }
-    });
-  });
+  const Epilogue epi(x_scale, w_scale, bias, out2d);
+  at::parallel_for(0, m, std::max<int64_t>(1, 65536 / std::max<int64_t>(n, 1)),
+                   [&](int64_t b, int64_t e) { epi.apply(acc, m, n, b, e, 0, n); });
 }
 
 // ---------------------------------------------------------------- int8 GEMM
@@ -222,25 +244,27 @@ static inline void int8_tile(Isa isa, const int16_t* x16, int64_t ldx, const int
     int8_tile_scalar<MT, NT>(x16, ldx, w, ldw, k0, k1, acc, ldacc);
 }
 
-// acc [m, n] = x16 [m, k] . w [n, k]^T. Blocked so a 4-row activation slice of one K chunk
-// stays in L1 while a block of weight rows stays in L2.
+// acc [m, n] = x16 [m, k] . w [n, k]^T. Blocked so an activation slice of one K chunk
+// stays in L1 while a block of weight rows stays in L2; a 6 x 2 register tile makes each
+// widened weight vector serve six rows (12 accumulators + 2 weights + 1 activation = 15
+// of the 16 ymm registers).
 static void int8_gemm_i32(const int16_t* x16, int64_t m, int64_t k, const int8_t* w, int64_t n, int32_t* acc,
-                          Isa isa) {
+                          Isa isa, const std::function<void(int64_t, int64_t)>& finish_columns) {
   constexpr int64_t kChunk = 1024;
-  const int64_t nb = m <= 4 ? 16 : 64;
-  std::fill(acc, acc + m * n, 0);
+  const int64_t nb = m <= 3 ? 32 : 64;
   const int64_t nblocks = (n + nb - 1) / nb;
   at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
     for (int64_t blk = b; blk < e; ++blk) {
       const int64_t n0 = blk * nb, n1 = std::min(n, n0 + nb);
-      for (int64_t k0 = 0; k0 < k; k0 += kChunk) {
+      for (int64_t mi = 0; mi < m; ++mi) std::fill(acc + mi * n + n0, acc + mi * n + n1, 0);
+      for (int64_t k0 = 0; k0 < std::max<int64_t>(k, 1); k0 += kChunk) {
         const int64_t k1 = std::min(k, k0 + kChunk);
         int64_t mi = 0;
-        for (; mi + 4 <= m; mi += 4) {
+        for (; mi + 6 <= m; mi += 6) {
           int64_t j = n0;
           for (; j + 2 <= n1; j += 2)
-            int8_tile<4, 2>(isa, x16 + mi * k, k, w + j * k, k, k0, k1, acc + mi * n + j, n);
-          for (; j < n1; ++j) int8_tile<4, 1>(isa, x16 + mi * k, k, w + j * k, k, k0, k1, acc + mi * n + j, n);
+            int8_tile<6, 2>(isa, x16 + mi * k, k, w + j * k, k, k0, k1, acc + mi * n + j, n);
+          for (; j < n1; ++j) int8_tile<6, 1>(isa, x16 + mi * k, k, w + j * k, k, k0, k1, acc + mi * n + j, n);
         }
         for (; mi < m; ++mi) {
           int64_t j = n0;
@@ -249,6 +273,7 @@ static void int8_gemm_i32(const int16_t* x16, int64_t m, int64_t k, const int8_t
           for (; j < n1; ++j) int8_tile<1, 1>(isa, x16 + mi * k, k, w + j * k, k, k0, k1, acc + mi * n + j, n);
         }
       }
+      if (finish_columns) finish_columns(n0, n1);
     }
   });
 }
@@ -299,8 +324,9 @@ static at::Tensor int8_matmul_impl(const at::Tensor& x16, const float* x_scale, 
   if (m == 0 || n == 0) return out2d;
   at::Tensor w = w_q.contiguous();
   std::vector<int32_t> acc(m * n);
-  int8_gemm_i32(x16.data_ptr<int16_t>(), m, k, w.data_ptr<int8_t>(), n, acc.data(), active_isa());
-  dequant_epilogue(acc.data(), m, n, x_scale, w_scale, bias, out2d);
+  const Epilogue epi(x_scale, w_scale, bias, out2d);
+  int8_gemm_i32(x16.data_ptr<int16_t>(), m, k, w.data_ptr<int8_t>(), n, acc.data(), active_isa(),
+                [&](int64_t n0, int64_t n1) { epi.apply(acc.data(), m, n, 0, m, n0, n1); });
   return out2d;
 }
 
@@ -319,7 +345,6 @@ at::Tensor int8_matmul_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, con
   TORCH_CHECK(x_q.dim() >= 1 && x_q.size(-1) == w_q.size(1), "x_q's last dim must equal w_q's K=", w_q.size(1),
               ", got shape ", x_q.sizes());
   const int64_t k = w_q.size(1), n = w_q.size(0);
-  const int64_t m = k == 0 ? x_q.numel() == 0 ? 0 : 1 : x_q.numel() / k;
   at::Tensor out = at::empty(out_shape(x_q, n), x_q.options().dtype(out_dtype.value_or(at::kFloat)));
   at::Tensor out2d = out.view({-1, n});
   const int64_t rows = out2d.size(0);
@@ -327,9 +352,9 @@ at::Tensor int8_matmul_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, con
   at::Tensor xs = x_scale.to(at::kFloat).contiguous().reshape({-1});
   TORCH_CHECK(xs.numel() == rows, "x_scale must hold one scale per row of x_q (", rows, "), got shape ",
               x_scale.sizes());
-  (void)m;
   at::Tensor x16 = x_q.reshape({rows, k}).to(at::kShort).contiguous();
-  return int8_matmul_impl(x16, xs.data_ptr<float>(), rows, k, w_q, w_scale, bias, out2d), out;
+  int8_matmul_impl(x16, xs.data_ptr<float>(), rows, k, w_q, w_scale, bias, out2d);
+  return out;
 }
 
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
@@ -352,7 +377,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at:
   at::Tensor x16 = at::empty({rows, k}, x.options().dtype(at::kShort));
   int16_t* x16p = x16.data_ptr<int16_t>();
   for (int64_t i = 0; i < rows * k; ++i) x16p[i] = q[i];
-  return int8_matmul_impl(x16, xs.data(), rows, k, w_q, w_scale, bias, out2d), out;
+  int8_matmul_impl(x16, xs.data(), rows, k, w_q, w_scale, bias, out2d);
+  return out;
 }
 
 }  // namespace accelops

@@ -1,6 +1,7 @@
 // Raw-pointer CPU kernels shared between the op files; csrc/ops.cpp wraps them as torch ops.
 #pragma once
 #include <cstdint>
+#include <functional>
 
 #include "cpu_features.h"
 
@@ -17,7 +18,10 @@ float quantize_row_int8(const float* x, int64_t k, int64_t k_padded, int8_t* q, 
 
 // y[m, n] = sum_k x_q[m, k] * Wq[n, k] in exact int32, from packed ternary weights.
 // x_q rows are k_padded = nblocks * 128 long (zero padded); xsum[m] = sum_k x_q[m, k].
+// finish_columns(n0, n1), if given, is called (possibly from a worker thread) once the
+// columns [n0, n1) of acc are final, so the caller can fuse its epilogue.
 void ternary_gemm_i32(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_t* w_packed,
-                      int64_t n, int64_t nblocks, int32_t* acc, Isa isa);
+                      int64_t n, int64_t nblocks, int32_t* acc, Isa isa,
+                      const std::function<void(int64_t, int64_t)>& finish_columns = nullptr);
 
 }  // namespace accelops

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "../ops.h"
@@ -104,33 +105,41 @@ static inline void ternary_tile(Isa isa, const int8_t* x, int64_t ldx, const uin
 }
 
 void ternary_gemm_i32(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_t* w_packed, int64_t n,
-                      int64_t nblocks, int32_t* acc, Isa isa) {
+                      int64_t nblocks, int32_t* acc, Isa isa,
+                      const std::function<void(int64_t, int64_t)>& finish_columns) {
   // A K chunk of 16 blocks (2048 weights) keeps a 4-row activation slice (8 KB) in L1
   // while a block of weight rows (nb * 512 B) stays in L2.
   constexpr int64_t kChunkBlocks = 16;
   const int64_t ldx = nblocks * kTernaryBlockK, ldw = nblocks * kTernaryBlockBytes;
-  const int64_t nb = m <= 4 ? 16 : 64;
+  const int64_t nb = m <= 3 ? 32 : 64;
   const int64_t ntiles = (n + nb - 1) / nb;
-  std::fill(acc, acc + m * n, 0);
   at::parallel_for(0, ntiles, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       const int64_t n0 = t * nb, n1 = std::min(n, n0 + nb);
+      for (int64_t mi = 0; mi < m; ++mi) std::fill(acc + mi * n + n0, acc + mi * n + n1, 0);
       for (int64_t b0 = 0; b0 < nblocks; b0 += kChunkBlocks) {
         const int64_t b1 = std::min(nblocks, b0 + kChunkBlocks);
         int64_t mi = 0;
-        for (; mi + 4 <= m; mi += 4)
-          for (int64_t j = n0; j < n1; ++j)
-            ternary_tile<4, 1>(isa, x_q + mi * ldx, ldx, w_packed + j * ldw, ldw, b0, b1, acc + mi * n + j, n);
-        for (; mi < m; ++mi) {
+        // Several activation rows share each decoded weight block; several weight rows
+        // share each activation load.
+        for (; mi + 4 <= m; mi += 4) {
           int64_t j = n0;
           for (; j + 2 <= n1; j += 2)
-            ternary_tile<1, 2>(isa, x_q + mi * ldx, ldx, w_packed + j * ldw, ldw, b0, b1, acc + mi * n + j, n);
+            ternary_tile<4, 2>(isa, x_q + mi * ldx, ldx, w_packed + j * ldw, ldw, b0, b1, acc + mi * n + j, n);
+          for (; j < n1; ++j)
+            ternary_tile<4, 1>(isa, x_q + mi * ldx, ldx, w_packed + j * ldw, ldw, b0, b1, acc + mi * n + j, n);
+        }
+        for (; mi < m; ++mi) {
+          int64_t j = n0;
+          for (; j + 4 <= n1; j += 4)
+            ternary_tile<1, 4>(isa, x_q + mi * ldx, ldx, w_packed + j * ldw, ldw, b0, b1, acc + mi * n + j, n);
           for (; j < n1; ++j)
             ternary_tile<1, 1>(isa, x_q + mi * ldx, ldx, w_packed + j * ldw, ldw, b0, b1, acc + mi * n + j, n);
         }
       }
       for (int64_t mi = 0; mi < m; ++mi)
         for (int64_t j = n0; j < n1; ++j) acc[mi * n + j] -= xsum[mi];
+      if (finish_columns) finish_columns(n0, n1);
     }
   });
 }
@@ -225,8 +234,11 @@ at::Tensor ternary_matmul_cpu(const at::Tensor& x, const at::Tensor& w_packed, c
   if (k > 0) quantize_rows(x.reshape({m, k}).contiguous(), kp, q.data(), xs.data(), xsum.data());
   at::Tensor wp = w_packed.contiguous();
   std::vector<int32_t> acc(m * n);
-  ternary_gemm_i32(q.data(), xsum.data(), m, wp.data_ptr<uint8_t>(), n, nblocks, acc.data(), active_isa());
-  dequant_epilogue(acc.data(), m, n, xs.data(), w_scale, bias, out2d);
+  // The epilogue runs per column tile inside the GEMM's parallel region, while the tile's
+  // sums are still in cache.
+  const Epilogue epi(xs.data(), w_scale, bias, out2d);
+  ternary_gemm_i32(q.data(), xsum.data(), m, wp.data_ptr<uint8_t>(), n, nblocks, acc.data(), active_isa(),
+                   [&](int64_t n0, int64_t n1) { epi.apply(acc.data(), m, n, 0, m, n0, n1); });
   return out;
 }
 

@@ -1,0 +1,358 @@
+// Device code shared by int8.cu and ternary.cu: the row quantizer, the fp32 epilogue, the
+// dp4a helper, the GEMV building blocks and the tiled dp4a GEMM main loop.
+//
+// Everything lives in an anonymous namespace, so each .cu gets its own copy of the
+// kernels it uses (internal linkage: no clash between the two objects, nothing exported
+// but the extern "C" entry points).
+//
+// Exactness rules followed throughout (they are what makes the output bit-identical to
+// accelops/reference): integer dot products are exact in int32; every fp32 step is one
+// correctly rounded IEEE operation in the reference's order, written with the __f*_rn
+// intrinsics, which nvcc never contracts into an FMA (a plain `a * b + c` it would).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+#include "accelops_cuda.h"
+
+namespace {
+
+constexpr float kQuantEps = 1e-5f;  // floor on a row's absmax (reference/int8.py EPS)
+constexpr int kWarp = 32;
+
+// ---------------------------------------------------------------- element types
+
+template <class T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+
+// Round-to-nearest-even, like torch's .to(bfloat16 / float16); NaN stays NaN.
+template <class T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+// Calls f(static_cast<T*>(nullptr)) with T the C type of `dt`: one switch turns the ABI's
+// type tag into a template argument.
+template <class F>
+inline cudaError_t dispatch_dtype(accelops_dtype dt, F&& f) {
+  switch (dt) {
+    case ACCELOPS_FLOAT32:
+      return f(static_cast<float*>(nullptr));
+    case ACCELOPS_BFLOAT16:
+      return f(static_cast<__nv_bfloat16*>(nullptr));
+    case ACCELOPS_FLOAT16:
+      return f(static_cast<__half*>(nullptr));
+  }
+  return cudaErrorInvalidValue;
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// ---------------------------------------------------------------- integer helpers
+
+// Four int8 x int8 products summed into c, exact. dp4a exists from sm_61 on; the fallback
+// keeps an older -gencode (e.g. a TORCH_CUDA_ARCH_LIST that still lists 5.x) compiling.
+__device__ __forceinline__ int dot4(int a, int b, int c) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 610
+  return __dp4a(a, b, c);
+#else
+#pragma unroll
+  for (int s = 0; s < 32; s += 8) c += int(int8_t(a >> s)) * int(int8_t(b >> s));
+  return c;
+#endif
+}
+
+__device__ __forceinline__ int dot16(int4 a, int4 b, int c) {
+  c = dot4(a.x, b.x, c);
+  c = dot4(a.y, b.y, c);
+  c = dot4(a.z, b.z, c);
+  return dot4(a.w, b.w, c);
+}
+
+__device__ __forceinline__ int warp_sum(int v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// 16 bytes from p, of which only the first `rem` exist (rem <= 0: none); the rest read as
+// zero. Vec: p is 16-byte aligned and rem >= 16 whenever rem > 0, so one vector load.
+template <bool Vec>
+__device__ __forceinline__ int4 load16(const int8_t* p, int64_t rem) {
+  int4 v = make_int4(0, 0, 0, 0);
+  if (rem <= 0) return v;
+  if (Vec) return __ldg(reinterpret_cast<const int4*>(p));
+  unsigned w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int i = 0; i < 16; ++i)
+    if (i < rem) w[i >> 2] |= unsigned(uint8_t(__ldg(p + i))) << (8 * (i & 3));
+  return make_int4(int(w[0]), int(w[1]), int(w[2]), int(w[3]));
+}
+
+// ---------------------------------------------------------------- epilogue
+
+// y = (float(acc) * xs) * ws (+ b), rounded once to Out: the reference's dequantize_epilogue
+// step by step. No bias means no addition at all (adding 0 would turn -0.0 into +0.0).
+template <class Out>
+__device__ __forceinline__ void store_dequant(Out* out, int64_t idx, int acc, float xs, float ws,
+                                              const float* bias, int64_t col) {
+  float v = __fmul_rn(__fmul_rn(__int2float_rn(acc), xs), ws);
+  if (bias != nullptr) v = __fadd_rn(v, bias[col]);
+  out[idx] = from_float<Out>(v);
+}
+
+// ---------------------------------------------------------------- row quantizer
+
+constexpr int kQuantThreads = 256;
+
+// Every thread gets the block's result; the trailing barrier lets `red` be reused at once.
+__device__ __forceinline__ float block_max(float v, float* red) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if ((threadIdx.x & (kWarp - 1)) == 0) red[threadIdx.x / kWarp] = v;
+  __syncthreads();
+  v = red[0];
+  for (int w = 1; w < int(blockDim.x / kWarp); ++w) v = fmaxf(v, red[w]);
+  __syncthreads();
+  return v;
+}
+
+__device__ __forceinline__ int block_sum(int v, int* red) {
+  v = warp_sum(v);
+  if ((threadIdx.x & (kWarp - 1)) == 0) red[threadIdx.x / kWarp] = v;
+  __syncthreads();
+  v = 0;
+  for (int w = 0; w < int(blockDim.x / kWarp); ++w) v += red[w];
+  __syncthreads();
+  return v;
+}
+
+// One block per row (grid-stride over rows): the same two passes as quantize_row_scalar in
+// csrc/cpu/int8.cpp. Pass 1 takes max|x| and notes any NaN/Inf (fmaxf drops NaN, hence
+// the separate flag); pass 2 re-reads the row, which is still in L1/L2 for any realistic
+// K, and rounds. rint via __float2int_rn is round-half-to-even, like torch.round, and
+// |x * inv| <= 127 * (1 + 2^-23) keeps the clamp a formality, as in the reference.
+// On a GPU: check this hits DRAM bandwidth for large M; for M = 1 (decode) it is launch
+// and latency bound (~2 passes of K / 256 elements per thread), which is the case for
+// fusing it into the GEMV prologue.
+template <class T>
+__global__ void __launch_bounds__(kQuantThreads)
+    quantize_rows_kernel(const T* __restrict__ x, int64_t m, int64_t k, int8_t* __restrict__ q, int64_t ldq,
+                         float* __restrict__ scale, int32_t* __restrict__ qsum) {
+  __shared__ float red_f[kQuantThreads / kWarp];
+  __shared__ int red_i[kQuantThreads / kWarp];
+  const float inf = __int_as_float(0x7f800000);
+  for (int64_t r = blockIdx.x; r < m; r += gridDim.x) {
+    const T* xr = x + r * k;
+    int8_t* qr = q + r * ldq;
+    float amax = 0.f;
+    int bad = 0;
+    for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
+      const float a = fabsf(to_float(xr[i]));
+      bad |= !(a < inf);  // +-Inf, or NaN (which fails every comparison)
+      amax = fmaxf(amax, a);
+    }
+    amax = block_max(amax, red_f);
+    if (__syncthreads_or(bad)) {  // same value in every thread: the branch is uniform
+      for (int64_t i = threadIdx.x; i < ldq; i += blockDim.x) qr[i] = 0;
+      if (threadIdx.x == 0) {
+        scale[r] = __int_as_float(0x7fc00000);  // quiet NaN, as torch writes it
+        if (qsum != nullptr) qsum[r] = 0;
+      }
+      continue;
+    }
+    const float a = fmaxf(amax, kQuantEps);
+    const float inv = __fdiv_rn(127.0f, a);  // IEEE division, not a reciprocal-multiply
+    int s = 0;
+    for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
+      const int v = min(127, max(-127, __float2int_rn(__fmul_rn(to_float(xr[i]), inv))));
+      qr[i] = int8_t(v);
+      s += v;
+    }
+    for (int64_t i = k + threadIdx.x; i < ldq; i += blockDim.x) qr[i] = 0;
+    s = block_sum(s, red_i);
+    if (threadIdx.x == 0) {
+      scale[r] = __fdiv_rn(a, 127.0f);
+      if (qsum != nullptr) qsum[r] = s;
+    }
+  }
+}
+
+// Launches the quantizer for x [m, k] of dtype `dt`; sizes already validated by the caller.
+inline cudaError_t launch_quantize_rows(const void* x, accelops_dtype dt, int64_t m, int64_t k, int8_t* q,
+                                        int64_t ldq, float* scale, int32_t* qsum, cudaStream_t stream) {
+  if (m == 0) return cudaSuccess;
+  const unsigned blocks = unsigned(m < (int64_t(1) << 20) ? m : (int64_t(1) << 20));
+  return dispatch_dtype(dt, [&](auto* tag) {
+    using T = typename std::remove_pointer<decltype(tag)>::type;
+    quantize_rows_kernel<T><<<blocks, kQuantThreads, 0, stream>>>(static_cast<const T*>(x), m, k, q, ldq, scale,
+                                                                  qsum);
+    return cudaGetLastError();
+  });
+}
+
+// ---------------------------------------------------------------- GEMV building blocks
+//
+// The GEMV kernels (int8.cu, ternary.cu) give each warp NR weight rows and stream them
+// with 16-byte __ldg loads, a warp covering 512 contiguous bytes of a row per step: every
+// DRAM sector fetched is used whole. The M <= 8 activation rows are staged once per block
+// in shared memory (a chunk of K at a time; one chunk for K up to 32768 / MT), so the only
+// DRAM traffic is the weights, read once. Loads for kGemvUnroll steps are issued before
+// their dot products so each lane keeps kGemvUnroll * NR * 16 bytes in flight; at N = 4096
+// that is ~2 K warps x 2 KiB, about the bytes-in-flight an H100 needs to approach its
+// ~3.3 TB/s. What to measure on a GPU: achieved DRAM bandwidth (ncu dram__throughput)
+// against `nvidia-smi`'s peak for N = K = 4096..16384 at M = 1, the best NR / unroll / block
+// size, and the M at which the tiled kernel overtakes (kGemvMaxM is a guess until then).
+
+constexpr int kGemvWarps = 8;
+constexpr int kGemvThreads = kGemvWarps * kWarp;
+constexpr int kGemvRows = 2;        // NR: weight rows per warp
+constexpr int kGemvUnroll = 2;      // warp steps whose loads are issued together
+constexpr int kGemvMaxM = 8;        // up to here the GEMV; beyond, the tiled GEMM
+constexpr int kGemvSmemBytes = 32768;  // activation staging per block, all MT rows together
+
+// smem[mi * chunk + j] = x[(m0 + mi) * ldx + k0 + j] for mi < MT, j < chunk; zero where the
+// row is >= m or the column is >= kvalid. Vec: x, ldx, k0, kvalid and chunk are multiples
+// of 16 bytes.
+template <int MT, bool Vec>
+__device__ __forceinline__ void stage_rows(int8_t* smem, const int8_t* __restrict__ x, int64_t ldx, int64_t m,
+                                           int64_t m0, int64_t kvalid, int64_t k0, int chunk) {
+  if (Vec) {
+    const int per_row = chunk / 16;
+    for (int idx = threadIdx.x; idx < MT * per_row; idx += blockDim.x) {
+      const int mi = idx / per_row, c = (idx - mi * per_row) * 16;
+      const int64_t rem = m0 + mi < m ? kvalid - (k0 + c) : 0;
+      *reinterpret_cast<int4*>(smem + mi * chunk + c) = load16<true>(x + (m0 + mi) * ldx + k0 + c, rem);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < MT * chunk; idx += blockDim.x) {
+      const int mi = idx / chunk, c = idx - mi * chunk;
+      smem[idx] = m0 + mi < m && k0 + c < kvalid ? x[(m0 + mi) * ldx + k0 + c] : int8_t(0);
+    }
+  }
+}
+
+// Reduces acc over the warp and lets lane (mi * NR + r) write output (m0 + mi, n0 + r).
+// xsum (ternary only) turns sum(code * x) into sum(w * x): codes are w + 1.
+template <int MT, int NR, class Out>
+__device__ __forceinline__ void gemv_epilogue(int (&acc)[MT][NR], int64_t m0, int64_t n0, int64_t m, int64_t n,
+                                              const int32_t* __restrict__ xsum, const float* __restrict__ xs,
+                                              const float* __restrict__ ws, int ws_per_row,
+                                              const float* __restrict__ bias, Out* __restrict__ out) {
+  const int lane = threadIdx.x & (kWarp - 1);
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+    for (int r = 0; r < NR; ++r) {
+      const int total = warp_sum(acc[mi][r]);
+      const int64_t row = m0 + mi, col = n0 + r;
+      if (lane == mi * NR + r && row < m && col < n)
+        store_dequant(out, row * n + col, total - (xsum != nullptr ? xsum[row] : 0), xs[row],
+                      ws[ws_per_row ? col : 0], bias, col);
+    }
+}
+
+// ---------------------------------------------------------------- tiled dp4a GEMM
+
+// A 64 x 64 output tile per 256-thread block, K in tiles of 128: both operands are staged
+// as int8 rows in shared memory and each thread computes a 4 x 4 sub-tile with dp4a
+// (16-byte shared loads: 8 of them feed 64 dp4a). Rows are padded to 144 bytes so the 8
+// threads of a quarter-warp reading B rows tx, tx + 1, ... hit 8 distinct 16-byte bank
+// groups; A reads are broadcasts (those threads share ty). The ternary GEMM reuses this
+// main loop with a B loader that decodes the packed codes while staging, so the decode is
+// paid once per tile, not once per output row.
+// On a GPU, measure against cuBLASLt's int8 GEMM: dp4a tops out near 1/16 of the int8
+// tensor-core rate, so for large M the next step is mma.sync m16n8k32.s8 (sm_80+) with
+// cp.async double buffering; the loaders and epilogue here would stay.
+constexpr int kTileM = 64, kTileN = 64, kTileK = 128;
+constexpr int kTileLd = kTileK + 16;
+constexpr int kTileThreads = 256;
+
+// Stages rows [row0, row0 + 64) x columns [kt * 128, kt * 128 + 128) of a dense int8
+// matrix [rows, cols] into s (row stride kTileLd), zero outside the matrix. Eight threads
+// per 128-byte row segment keep the global loads coalesced.
+template <bool Vec>
+struct Int8Tile {
+  const int8_t* p;
+  int64_t rows, cols;
+  __device__ __forceinline__ void load(int8_t* s, int64_t row0, int64_t kt) const {
+    for (int idx = threadIdx.x; idx < kTileM * (kTileK / 16); idx += blockDim.x) {
+      const int r = idx / (kTileK / 16), c = (idx % (kTileK / 16)) * 16;
+      const int64_t gr = row0 + r, gc = kt * kTileK + c;
+      *reinterpret_cast<int4*>(s + r * kTileLd + c) = load16<Vec>(p + gr * cols + gc, gr < rows ? cols - gc : 0);
+    }
+  }
+};
+
+template <class ATile, class BTile, class Out>
+__global__ void __launch_bounds__(kTileThreads)
+    gemm_dp4a_kernel(ATile a, BTile b, int64_t m, int64_t n, int64_t ktiles, const int32_t* __restrict__ xsum,
+                     const float* __restrict__ xs, const float* __restrict__ ws, int ws_per_row,
+                     const float* __restrict__ bias, Out* __restrict__ out) {
+  __shared__ __align__(16) int8_t as[kTileM * kTileLd];
+  __shared__ __align__(16) int8_t bs[kTileN * kTileLd];
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+  const int64_t n0 = int64_t(blockIdx.x) * kTileN;
+  // M tiles on grid y, strided: grid y is capped at 65535 but M (tokens) is not.
+  for (int64_t m0 = int64_t(blockIdx.y) * kTileM; m0 < m; m0 += int64_t(gridDim.y) * kTileM) {
+    int acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = 0;
+    for (int64_t kt = 0; kt < ktiles; ++kt) {
+      __syncthreads();  // the previous tile is fully read
+      a.load(as, m0, kt);
+      b.load(bs, n0, kt);
+      __syncthreads();
+#pragma unroll
+      for (int kc = 0; kc < kTileK; kc += 16) {
+        int4 av[4], bv[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) av[i] = *reinterpret_cast<const int4*>(as + (ty + 16 * i) * kTileLd + kc);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) bv[j] = *reinterpret_cast<const int4*>(bs + (tx + 16 * j) * kTileLd + kc);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = dot16(av[i], bv[j], acc[i][j]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t row = m0 + ty + 16 * i;
+      if (row >= m) continue;
+      const int sub = xsum != nullptr ? xsum[row] : 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t col = n0 + tx + 16 * j;
+        if (col < n) store_dequant(out, row * n + col, acc[i][j] - sub, xs[row], ws[ws_per_row ? col : 0], bias, col);
+      }
+    }
+  }
+}
+
+// Grid for gemm_dp4a_kernel; false when N needs more than 2^31 - 1 column tiles.
+inline bool gemm_grid(int64_t m, int64_t n, dim3* grid) {
+  const int64_t nt = (n + kTileN - 1) / kTileN, mt = (m + kTileM - 1) / kTileM;
+  if (nt > 0x7fffffff) return false;
+  *grid = dim3(unsigned(nt), unsigned(mt < 65535 ? mt : 65535), 1);
+  return true;
+}
+
+}  // namespace
