@@ -5,8 +5,8 @@
 //     sum_k x[k] * w[k] = sum_k c[k] * x[k] - sum_k x[k],
 // and sum_k c[k] * x[k] is exactly what vpmaddubsw computes (unsigned codes times signed
 // int8 activations, pairs summed to int16) with no decode beyond shift-and-mask. Pair sums
-// are at most 2 * 2 * 127 = 508, so 16 blocks of 4 such products (16 * 4 * 508 = 32512)
-// fit an int16 lane exactly before it is widened to int32: no saturation, any K.
+// are bounded (see ternary_tile_avx2), so int16 lanes never saturate before they are
+// widened to int32: exact for any K.
 // sum_k x[k] is computed once per activation row and shared by all N outputs.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -36,28 +36,41 @@ __attribute__((target("avx2"))) static inline int32_t hsum_epi32(__m256i v) {
 
 // acc[mi, j] += sum over blocks [b0, b1) of codes(w row j) . x row mi, for an MT x NT tile.
 // x rows are ldx bytes apart (zero padded to whole blocks), packed weight rows ldw bytes.
+//
+// Decode in 5 operations a block instead of 7: with q = p >> 4 (16-bit shift), the codes
+// of slices 0 and 2 are p & 0x03 and q & 0x03, and those of slices 1 and 3 are left in
+// place as p & 0x0c and q & 0x0c, i.e. scaled by 4. The two scales get separate int16
+// accumulators (lo: 2 * 508 a block, hi: 2 * 4 * 508 a block, so 8 blocks fit in int16
+// exactly) that are widened to int32 as 4 * lo + hi by one vpmaddwd each (the int32 sum is
+// 4 * the dot product, at most 4 * 127 * K: exact up to K of about 4 million). This is
+// ~10% fewer vector operations than shifting every code down (llvm-mca, znver3: 3.45 vs
+// 3.78 cycles per 128 weights), and the loop is bound by vector ALU throughput.
 template <int MT, int NT>
 __attribute__((target("avx2"))) static inline void ternary_tile_avx2(const int8_t* x, int64_t ldx,
                                                                     const uint8_t* w, int64_t ldw, int64_t b0,
                                                                     int64_t b1, int32_t* acc, int64_t ldacc) {
-  const __m256i mask = _mm256_set1_epi8(3);
+  constexpr int64_t kWiden = 8;  // blocks an int16 accumulator takes before it must widen
+  const __m256i lo_mask = _mm256_set1_epi8(0x03);
+  const __m256i hi_mask = _mm256_set1_epi8(0x0c);
   const __m256i ones16 = _mm256_set1_epi16(1);
+  const __m256i fours16 = _mm256_set1_epi16(4);
   __m256i s32[MT][NT];
   for (int mi = 0; mi < MT; ++mi)
     for (int j = 0; j < NT; ++j) s32[mi][j] = _mm256_setzero_si256();
-  for (int64_t bs = b0; bs < b1; bs += 16) {
-    const int64_t be = std::min(b1, bs + 16);
-    __m256i s16[MT][NT];
+  for (int64_t bs = b0; bs < b1; bs += kWiden) {
+    const int64_t be = std::min(b1, bs + kWiden);
+    __m256i lo[MT][NT], hi[MT][NT];
     for (int mi = 0; mi < MT; ++mi)
-      for (int j = 0; j < NT; ++j) s16[mi][j] = _mm256_setzero_si256();
+      for (int j = 0; j < NT; ++j) lo[mi][j] = hi[mi][j] = _mm256_setzero_si256();
     for (int64_t b = bs; b < be; ++b) {
       __m256i c[NT][4];
       for (int j = 0; j < NT; ++j) {
         const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * ldw + b * 32));
-        c[j][0] = _mm256_and_si256(p, mask);
-        c[j][1] = _mm256_and_si256(_mm256_srli_epi16(p, 2), mask);
-        c[j][2] = _mm256_and_si256(_mm256_srli_epi16(p, 4), mask);
-        c[j][3] = _mm256_and_si256(_mm256_srli_epi16(p, 6), mask);
+        const __m256i q = _mm256_srli_epi16(p, 4);
+        c[j][0] = _mm256_and_si256(p, lo_mask);  // slice 0, codes
+        c[j][1] = _mm256_and_si256(p, hi_mask);  // slice 1, 4 * codes
+        c[j][2] = _mm256_and_si256(q, lo_mask);  // slice 2, codes
+        c[j][3] = _mm256_and_si256(q, hi_mask);  // slice 3, 4 * codes
       }
       for (int mi = 0; mi < MT; ++mi) {
         const int8_t* xb = x + mi * ldx + b * 128;
@@ -66,17 +79,21 @@ __attribute__((target("avx2"))) static inline void ternary_tile_avx2(const int8_
         const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64));
         const __m256i x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 96));
         for (int j = 0; j < NT; ++j) {
-          const __m256i d01 = _mm256_add_epi16(_mm256_maddubs_epi16(c[j][0], x0), _mm256_maddubs_epi16(c[j][1], x1));
-          const __m256i d23 = _mm256_add_epi16(_mm256_maddubs_epi16(c[j][2], x2), _mm256_maddubs_epi16(c[j][3], x3));
-          s16[mi][j] = _mm256_add_epi16(s16[mi][j], _mm256_add_epi16(d01, d23));
+          lo[mi][j] = _mm256_add_epi16(lo[mi][j], _mm256_maddubs_epi16(c[j][0], x0));
+          hi[mi][j] = _mm256_add_epi16(hi[mi][j], _mm256_maddubs_epi16(c[j][1], x1));
+          lo[mi][j] = _mm256_add_epi16(lo[mi][j], _mm256_maddubs_epi16(c[j][2], x2));
+          hi[mi][j] = _mm256_add_epi16(hi[mi][j], _mm256_maddubs_epi16(c[j][3], x3));
         }
       }
     }
     for (int mi = 0; mi < MT; ++mi)
-      for (int j = 0; j < NT; ++j) s32[mi][j] = _mm256_add_epi32(s32[mi][j], _mm256_madd_epi16(s16[mi][j], ones16));
+      for (int j = 0; j < NT; ++j)
+        s32[mi][j] = _mm256_add_epi32(s32[mi][j], _mm256_add_epi32(_mm256_madd_epi16(lo[mi][j], fours16),
+                                                                   _mm256_madd_epi16(hi[mi][j], ones16)));
   }
+  // s32 holds 4 * the dot product: an exact multiple of 4, so the division is exact.
   for (int mi = 0; mi < MT; ++mi)
-    for (int j = 0; j < NT; ++j) acc[mi * ldacc + j] += hsum_epi32(s32[mi][j]);
+    for (int j = 0; j < NT; ++j) acc[mi * ldacc + j] += hsum_epi32(s32[mi][j]) / 4;
 }
 
 template <int MT, int NT>

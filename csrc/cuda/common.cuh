@@ -1,5 +1,5 @@
-// Device code shared by int8.cu and ternary.cu: the row quantizer, the fp32 epilogue, the
-// dp4a helper, the GEMV building blocks and the tiled dp4a GEMM main loop.
+// Device code shared by int8.cu and ternary.cu: element types, the dp4a helper, the fp32
+// dequantization epilogue, the GEMV building blocks and the tiled dp4a GEMM main loop.
 //
 // Everything lives in an anonymous namespace, so each .cu gets its own copy of the
 // kernels it uses (internal linkage: no clash between the two objects, nothing exported
@@ -22,7 +22,6 @@
 
 namespace {
 
-constexpr float kQuantEps = 1e-5f;  // floor on a row's absmax (reference/int8.py EPS)
 constexpr int kWarp = 32;
 
 // ---------------------------------------------------------------- element types
@@ -116,96 +115,6 @@ __device__ __forceinline__ void store_dequant(Out* out, int64_t idx, int acc, fl
   out[idx] = from_float<Out>(v);
 }
 
-// ---------------------------------------------------------------- row quantizer
-
-constexpr int kQuantThreads = 256;
-
-// Every thread gets the block's result; the trailing barrier lets `red` be reused at once.
-__device__ __forceinline__ float block_max(float v, float* red) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  if ((threadIdx.x & (kWarp - 1)) == 0) red[threadIdx.x / kWarp] = v;
-  __syncthreads();
-  v = red[0];
-  for (int w = 1; w < int(blockDim.x / kWarp); ++w) v = fmaxf(v, red[w]);
-  __syncthreads();
-  return v;
-}
-
-__device__ __forceinline__ int block_sum(int v, int* red) {
-  v = warp_sum(v);
-  if ((threadIdx.x & (kWarp - 1)) == 0) red[threadIdx.x / kWarp] = v;
-  __syncthreads();
-  v = 0;
-  for (int w = 0; w < int(blockDim.x / kWarp); ++w) v += red[w];
-  __syncthreads();
-  return v;
-}
-
-// One block per row (grid-stride over rows): the same two passes as quantize_row_scalar in
-// csrc/cpu/int8.cpp. Pass 1 takes max|x| and notes any NaN/Inf (fmaxf drops NaN, hence
-// the separate flag); pass 2 re-reads the row, which is still in L1/L2 for any realistic
-// K, and rounds. rint via __float2int_rn is round-half-to-even, like torch.round, and
-// |x * inv| <= 127 * (1 + 2^-23) keeps the clamp a formality, as in the reference.
-// On a GPU: check this hits DRAM bandwidth for large M; for M = 1 (decode) it is launch
-// and latency bound (~2 passes of K / 256 elements per thread), which is the case for
-// fusing it into the GEMV prologue.
-template <class T>
-__global__ void __launch_bounds__(kQuantThreads)
-    quantize_rows_kernel(const T* __restrict__ x, int64_t m, int64_t k, int8_t* __restrict__ q, int64_t ldq,
-                         float* __restrict__ scale, int32_t* __restrict__ qsum) {
-  __shared__ float red_f[kQuantThreads / kWarp];
-  __shared__ int red_i[kQuantThreads / kWarp];
-  const float inf = __int_as_float(0x7f800000);
-  for (int64_t r = blockIdx.x; r < m; r += gridDim.x) {
-    const T* xr = x + r * k;
-    int8_t* qr = q + r * ldq;
-    float amax = 0.f;
-    int bad = 0;
-    for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
-      const float a = fabsf(to_float(xr[i]));
-      bad |= !(a < inf);  // +-Inf, or NaN (which fails every comparison)
-      amax = fmaxf(amax, a);
-    }
-    amax = block_max(amax, red_f);
-    if (__syncthreads_or(bad)) {  // same value in every thread: the branch is uniform
-      for (int64_t i = threadIdx.x; i < ldq; i += blockDim.x) qr[i] = 0;
-      if (threadIdx.x == 0) {
-        scale[r] = __int_as_float(0x7fc00000);  // quiet NaN, as torch writes it
-        if (qsum != nullptr) qsum[r] = 0;
-      }
-      continue;
-    }
-    const float a = fmaxf(amax, kQuantEps);
-    const float inv = __fdiv_rn(127.0f, a);  // IEEE division, not a reciprocal-multiply
-    int s = 0;
-    for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
-      const int v = min(127, max(-127, __float2int_rn(__fmul_rn(to_float(xr[i]), inv))));
-      qr[i] = int8_t(v);
-      s += v;
-    }
-    for (int64_t i = k + threadIdx.x; i < ldq; i += blockDim.x) qr[i] = 0;
-    s = block_sum(s, red_i);
-    if (threadIdx.x == 0) {
-      scale[r] = __fdiv_rn(a, 127.0f);
-      if (qsum != nullptr) qsum[r] = s;
-    }
-  }
-}
-
-// Launches the quantizer for x [m, k] of dtype `dt`; sizes already validated by the caller.
-inline cudaError_t launch_quantize_rows(const void* x, accelops_dtype dt, int64_t m, int64_t k, int8_t* q,
-                                        int64_t ldq, float* scale, int32_t* qsum, cudaStream_t stream) {
-  if (m == 0) return cudaSuccess;
-  const unsigned blocks = unsigned(m < (int64_t(1) << 20) ? m : (int64_t(1) << 20));
-  return dispatch_dtype(dt, [&](auto* tag) {
-    using T = typename std::remove_pointer<decltype(tag)>::type;
-    quantize_rows_kernel<T><<<blocks, kQuantThreads, 0, stream>>>(static_cast<const T*>(x), m, k, q, ldq, scale,
-                                                                  qsum);
-    return cudaGetLastError();
-  });
-}
-
 // ---------------------------------------------------------------- GEMV building blocks
 //
 // The GEMV kernels (int8.cu, ternary.cu) give each warp NR weight rows and stream them
@@ -227,23 +136,16 @@ constexpr int kGemvMaxM = 8;        // up to here the GEMV; beyond, the tiled GE
 constexpr int kGemvSmemBytes = 32768;  // activation staging per block, all MT rows together
 
 // smem[mi * chunk + j] = x[(m0 + mi) * ldx + k0 + j] for mi < MT, j < chunk; zero where the
-// row is >= m or the column is >= kvalid. Vec: x, ldx, k0, kvalid and chunk are multiples
-// of 16 bytes.
-template <int MT, bool Vec>
+// row is >= m or the column is >= kvalid. x, ldx, k0, kvalid and chunk are multiples of 16
+// bytes (the GEMVs only run on such operands), so it is all 16-byte copies.
+template <int MT>
 __device__ __forceinline__ void stage_rows(int8_t* smem, const int8_t* __restrict__ x, int64_t ldx, int64_t m,
                                            int64_t m0, int64_t kvalid, int64_t k0, int chunk) {
-  if (Vec) {
-    const int per_row = chunk / 16;
-    for (int idx = threadIdx.x; idx < MT * per_row; idx += blockDim.x) {
-      const int mi = idx / per_row, c = (idx - mi * per_row) * 16;
-      const int64_t rem = m0 + mi < m ? kvalid - (k0 + c) : 0;
-      *reinterpret_cast<int4*>(smem + mi * chunk + c) = load16<true>(x + (m0 + mi) * ldx + k0 + c, rem);
-    }
-  } else {
-    for (int idx = threadIdx.x; idx < MT * chunk; idx += blockDim.x) {
-      const int mi = idx / chunk, c = idx - mi * chunk;
-      smem[idx] = m0 + mi < m && k0 + c < kvalid ? x[(m0 + mi) * ldx + k0 + c] : int8_t(0);
-    }
+  const int per_row = chunk / 16;
+  for (int idx = threadIdx.x; idx < MT * per_row; idx += blockDim.x) {
+    const int mi = idx / per_row, c = (idx - mi * per_row) * 16;
+    const int64_t rem = m0 + mi < m ? kvalid - (k0 + c) : 0;
+    *reinterpret_cast<int4*>(smem + mi * chunk + c) = load16<true>(x + (m0 + mi) * ldx + k0 + c, rem);
   }
 }
 

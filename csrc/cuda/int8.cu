@@ -7,19 +7,112 @@
 // per-token activation quantization is one op of this family, shared by both matmuls.
 //
 // The matmul picks by M: up to kGemvMaxM rows (decode) the weight-streaming GEMV, whose
-// cost is reading w_q once; beyond, the tiled dp4a GEMM (common.cuh). Both accumulate
+// cost is reading w_q once; beyond (or for K % 16 != 0), the tiled dp4a GEMM (common.cuh). Both accumulate
 // int8 x int8 in int32 with dp4a, which is exact for every int8 value (-128 included, which
 // the quantizers never produce but int8_matmul's callers may pass).
 #include "common.cuh"
 
 namespace {
 
+// ---------------------------------------------------------------- row quantizer
+
+constexpr float kQuantEps = 1e-5f;  // floor on a row's absmax (reference/int8.py EPS)
+constexpr int kQuantThreads = 256;
+
+// Every thread gets the block's result; the trailing barrier lets `red` be reused at once.
+__device__ __forceinline__ float block_max(float v, float* red) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if ((threadIdx.x & (kWarp - 1)) == 0) red[threadIdx.x / kWarp] = v;
+  __syncthreads();
+  v = red[0];
+  for (int w = 1; w < int(blockDim.x / kWarp); ++w) v = fmaxf(v, red[w]);
+  __syncthreads();
+  return v;
+}
+
+__device__ __forceinline__ int block_sum(int v, int* red) {
+  v = warp_sum(v);
+  if ((threadIdx.x & (kWarp - 1)) == 0) red[threadIdx.x / kWarp] = v;
+  __syncthreads();
+  v = 0;
+  for (int w = 0; w < int(blockDim.x / kWarp); ++w) v += red[w];
+  __syncthreads();
+  return v;
+}
+
+// One block per row (grid-stride over rows): the same two passes as quantize_row_scalar in
+// csrc/cpu/int8.cpp. Pass 1 takes max|x| and notes any NaN/Inf (fmaxf drops NaN, hence
+// the separate flag); pass 2 re-reads the row, which is still in L1/L2 for any realistic
+// K, and rounds. rint via __float2int_rn is round-half-to-even, like torch.round, and
+// |x * inv| <= 127 * (1 + 2^-23) keeps the clamp a formality, as in the reference.
+// On a GPU: check this hits DRAM bandwidth for large M; for M = 1 (decode) it is launch
+// and latency bound (~2 passes of K / 256 elements per thread), which is the case for
+// fusing it into the GEMV prologue.
+template <class T>
+__global__ void __launch_bounds__(kQuantThreads)
+    quantize_rows_kernel(const T* __restrict__ x, int64_t m, int64_t k, int8_t* __restrict__ q, int64_t ldq,
+                         float* __restrict__ scale, int32_t* __restrict__ qsum) {
+  __shared__ float red_f[kQuantThreads / kWarp];
+  __shared__ int red_i[kQuantThreads / kWarp];
+  const float inf = __int_as_float(0x7f800000);
+  for (int64_t r = blockIdx.x; r < m; r += gridDim.x) {
+    const T* xr = x + r * k;
+    int8_t* qr = q + r * ldq;
+    float amax = 0.f;
+    int bad = 0;
+    for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
+      const float a = fabsf(to_float(xr[i]));
+      bad |= !(a < inf);  // +-Inf, or NaN (which fails every comparison)
+      amax = fmaxf(amax, a);
+    }
+    amax = block_max(amax, red_f);
+    if (__syncthreads_or(bad)) {  // same value in every thread: the branch is uniform
+      for (int64_t i = threadIdx.x; i < ldq; i += blockDim.x) qr[i] = 0;
+      if (threadIdx.x == 0) {
+        scale[r] = __int_as_float(0x7fc00000);  // quiet NaN, as torch writes it
+        if (qsum != nullptr) qsum[r] = 0;
+      }
+      continue;
+    }
+    const float a = fmaxf(amax, kQuantEps);
+    const float inv = __fdiv_rn(127.0f, a);  // IEEE division, not a reciprocal-multiply
+    int s = 0;
+    for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
+      const int v = min(127, max(-127, __float2int_rn(__fmul_rn(to_float(xr[i]), inv))));
+      qr[i] = int8_t(v);
+      s += v;
+    }
+    for (int64_t i = k + threadIdx.x; i < ldq; i += blockDim.x) qr[i] = 0;
+    s = block_sum(s, red_i);
+    if (threadIdx.x == 0) {
+      scale[r] = __fdiv_rn(a, 127.0f);
+      if (qsum != nullptr) qsum[r] = s;
+    }
+  }
+}
+
+// Launches the quantizer for x [m, k] of dtype `dt`; sizes already validated by the caller.
+inline cudaError_t launch_quantize_rows(const void* x, accelops_dtype dt, int64_t m, int64_t k, int8_t* q,
+                                        int64_t ldq, float* scale, int32_t* qsum, cudaStream_t stream) {
+  if (m == 0) return cudaSuccess;
+  const unsigned blocks = unsigned(m < (int64_t(1) << 20) ? m : (int64_t(1) << 20));
+  return dispatch_dtype(dt, [&](auto* tag) {
+    using T = typename std::remove_pointer<decltype(tag)>::type;
+    quantize_rows_kernel<T><<<blocks, kQuantThreads, 0, stream>>>(static_cast<const T*>(x), m, k, q, ldq, scale,
+                                                                  qsum);
+    return cudaGetLastError();
+  });
+}
+
+// ---------------------------------------------------------------- GEMV (M <= kGemvMaxM)
+
 // Each warp streams kGemvRows rows of w_q; lane l owns bytes [16 l, 16 l + 16) of every
 // 512-byte step and reads the matching 16 activation bytes of each of the MT rows from
 // shared memory: consecutive lanes, consecutive 16-byte words, so no bank conflicts.
-// Vec: k % 16 == 0 and both operands 16-byte aligned; otherwise byte loads with the tail
-// zero filled (correct for any K and any storage offset, just slower).
-template <int MT, bool Vec, class Out>
+// Needs k % 16 == 0 and 16-byte aligned x_q and w_q (every real layer; the dispatch below
+// sends anything else to the tiled kernel, whose byte-wise loader takes any K and offset).
+template <int MT, class Out>
 __global__ void __launch_bounds__(kGemvThreads)
     int8_gemv_kernel(const int8_t* __restrict__ xq, const float* __restrict__ xs, int64_t m,
                      const int8_t* __restrict__ w, int64_t n, int64_t k, int chunk, const float* __restrict__ ws,
@@ -43,7 +136,7 @@ __global__ void __launch_bounds__(kGemvThreads)
 
   for (int64_t k0 = 0; k0 < k; k0 += chunk) {
     __syncthreads();  // every warp is done with the previous chunk
-    stage_rows<MT, Vec>(xsm, xq, k, m, m0, k, k0, chunk);
+    stage_rows<MT>(xsm, xq, k, m, m0, k, k0, chunk);
     __syncthreads();
     const int len = int(k - k0 < chunk ? k - k0 : chunk);
     for (int s = lane * 16; s < len; s += U * kStep) {
@@ -51,7 +144,7 @@ __global__ void __launch_bounds__(kGemvThreads)
 #pragma unroll
       for (int u = 0; u < U; ++u)
 #pragma unroll
-        for (int r = 0; r < NR; ++r) wv[u][r] = load16<Vec>(wr[r] + k0 + s + u * kStep, len - (s + u * kStep));
+        for (int r = 0; r < NR; ++r) wv[u][r] = load16<true>(wr[r] + k0 + s + u * kStep, len - (s + u * kStep));
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int su = s + u * kStep;
@@ -70,7 +163,7 @@ __global__ void __launch_bounds__(kGemvThreads)
 
 template <int MT, class Out>
 cudaError_t launch_int8_gemv(const int8_t* x_q, const float* x_scale, int64_t m, const int8_t* w_q, int64_t n,
-                             int64_t k, const float* w_scale, int ws_per_row, const float* bias, Out* out, bool vec,
+                             int64_t k, const float* w_scale, int ws_per_row, const float* bias, Out* out,
                              cudaStream_t stream) {
   const int64_t cap = kGemvSmemBytes / MT, k16 = (k + 15) / 16 * 16;
   const int chunk = int(k16 < cap ? k16 : cap);
@@ -79,25 +172,26 @@ cudaError_t launch_int8_gemv(const int8_t* x_q, const float* x_scale, int64_t m,
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   const dim3 grid(unsigned(blocks), unsigned((m + MT - 1) / MT));
   const size_t smem = size_t(MT) * size_t(chunk);
-  if (vec)
-    int8_gemv_kernel<MT, true, Out><<<grid, kGemvThreads, smem, stream>>>(x_q, x_scale, m, w_q, n, k, chunk,
-                                                                          w_scale, ws_per_row, bias, out);
-  else
-    int8_gemv_kernel<MT, false, Out><<<grid, kGemvThreads, smem, stream>>>(x_q, x_scale, m, w_q, n, k, chunk,
-                                                                           w_scale, ws_per_row, bias, out);
+  int8_gemv_kernel<MT, Out><<<grid, kGemvThreads, smem, stream>>>(x_q, x_scale, m, w_q, n, k, chunk, w_scale,
+                                                                  ws_per_row, bias, out);
   return cudaGetLastError();
 }
+
+// ---------------------------------------------------------------- dispatch
 
 template <class Out>
 cudaError_t launch_int8_matmul(const int8_t* x_q, const float* x_scale, int64_t m, const int8_t* w_q, int64_t n,
                                int64_t k, const float* w_scale, int ws_per_row, const float* bias, Out* out,
                                cudaStream_t stream) {
+  // vec: 16-byte loads are legal on both operands. K % 16 != 0 or a view at an odd offset
+  // is rare enough (real layers have K a multiple of 64) to take the tiled kernel's
+  // byte-wise loader whatever M is: correct everywhere, tuned only for the common case.
   const bool vec = k % 16 == 0 && aligned16(x_q) && aligned16(w_q);
-  if (m <= kGemvMaxM) {
-    if (m == 1) return launch_int8_gemv<1>(x_q, x_scale, m, w_q, n, k, w_scale, ws_per_row, bias, out, vec, stream);
-    if (m == 2) return launch_int8_gemv<2>(x_q, x_scale, m, w_q, n, k, w_scale, ws_per_row, bias, out, vec, stream);
-    if (m <= 4) return launch_int8_gemv<4>(x_q, x_scale, m, w_q, n, k, w_scale, ws_per_row, bias, out, vec, stream);
-    return launch_int8_gemv<8>(x_q, x_scale, m, w_q, n, k, w_scale, ws_per_row, bias, out, vec, stream);
+  if (vec && m <= kGemvMaxM) {
+    if (m == 1) return launch_int8_gemv<1>(x_q, x_scale, m, w_q, n, k, w_scale, ws_per_row, bias, out, stream);
+    if (m == 2) return launch_int8_gemv<2>(x_q, x_scale, m, w_q, n, k, w_scale, ws_per_row, bias, out, stream);
+    if (m <= 4) return launch_int8_gemv<4>(x_q, x_scale, m, w_q, n, k, w_scale, ws_per_row, bias, out, stream);
+    return launch_int8_gemv<8>(x_q, x_scale, m, w_q, n, k, w_scale, ws_per_row, bias, out, stream);
   }
   dim3 grid;
   if (!gemm_grid(m, n, &grid)) return cudaErrorInvalidValue;

@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kGemvThreads)
 
   for (int64_t k0 = 0; k0 < kp; k0 += chunk) {
     __syncthreads();  // every warp is done with the previous chunk
-    stage_rows<MT, true>(xsm, xq, kp, m, m0, kp, k0, chunk);
+    stage_rows<MT>(xsm, xq, kp, m, m0, kp, k0, chunk);
     __syncthreads();
     // Packed bytes of this chunk; a multiple of 32, so a lane's 16 bytes are all inside.
     const int lenp = int((kp - k0 < chunk ? kp - k0 : chunk) / 4);
