@@ -33,7 +33,10 @@ ext_modules = [
     )
 ]
 
-if torch.cuda.is_available() or (torch.version.cuda is not None and CUDA_HOME is not None):
+# CUDA kernels need a CUDA build of torch (its c10/cuda libraries and headers) and nvcc: a
+# visible GPU is neither necessary (CI builds wheels without one) nor sufficient (a ROCm
+# torch also reports one; a CPU-only torch never does, and then no CUDA is built).
+if torch.version.cuda is not None and CUDA_HOME is not None:
     ext_modules.append(
         CUDAExtension(
             "accelops._C_cuda",

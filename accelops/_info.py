@@ -1,6 +1,7 @@
 """What accelops can run on this machine, and why any backend is missing."""
 from __future__ import annotations
 
+import importlib.util
 import platform
 
 import torch
@@ -44,13 +45,15 @@ def info_dict() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    try:
-        import accelops._C_cuda  # noqa: F401
-
-        cuda_ext, cuda_why = True, None
-    except ImportError as exc:
-        cuda_ext = False
-        cuda_why = "torch was built without CUDA, so accelops._C_cuda was not built" if torch.version.cuda is None else str(exc)
+    # find_spec, not import: importing accelops._C_cuda registers its CUDA kernels, which
+    # only ops/_backend.py decides to do (when triton is missing).
+    cuda_ext = importlib.util.find_spec("accelops._C_cuda") is not None
+    if cuda_ext:
+        cuda_why = "built; in use for CUDA tensors only when triton is missing" if ok_triton else "built; not in use"
+    elif torch.version.cuda is None:
+        cuda_why = "torch was built without CUDA, so accelops._C_cuda was not built"
+    else:
+        cuda_why = "not built (needs nvcc / CUDA_HOME at build time)"
     return {
         "accelops": __version__,
         "torch": torch.__version__,

@@ -11,7 +11,7 @@ import accelops  # noqa: E402,F401
 
 # Every backend that can run on this machine; "cpu-scalar" is the C++ kernels' portable
 # path (ACCELOPS_CPU_ISA=scalar), so both instruction-set paths are checked here.
-BACKENDS = ["reference", "cpu", "cpu-scalar"]
+BACKENDS = ["reference", "cpu", "cpu-scalar", "triton"]
 
 
 def use_backend(monkeypatch, backend: str) -> None:

@@ -199,3 +199,14 @@ def test_int8_linear_gradient():
     g = torch.randn_like(y)
     y.backward(g)
     torch.testing.assert_close(x.grad, g @ (w_q.float() * w_scale[:, None]))
+
+
+def test_k_zero(backend):
+    """An empty reduction: the sums are 0, so the output is the bias (or zeros)."""
+    w_q, w_scale = ops.quantize_weight_int8(torch.randn(4, 0))
+    assert w_q.shape == (4, 0) and torch.isfinite(w_scale).all()
+    bias = torch.randn(4)
+    y = ops.int8_linear(torch.randn(2, 3, 0), w_q, w_scale, bias)
+    assert torch.equal(y, bias.expand(2, 3, 4))
+    x_q, x_scale = ops.quantize_activation_int8(torch.randn(5, 0))
+    assert torch.equal(ops.int8_matmul(x_q, x_scale, w_q, w_scale), torch.zeros(5, 4))

@@ -277,3 +277,10 @@ def test_info_reports_backends(capsys):
     out = capsys.readouterr().out
     assert d["cpu_extension"] and d["cpu_isa"] in ("avx2", "scalar")
     assert "cpu (C++)" in out and "triton" in out and "reference" in out
+
+
+def test_k_zero(backend):
+    packed, scale = ops.quantize_weight_ternary(torch.randn(4, 0))
+    assert packed.shape == (4, 0)
+    bias = torch.randn(4)
+    assert torch.equal(ops.ternary_matmul(torch.randn(2, 3, 0), packed, scale, bias), bias.expand(2, 3, 4))

@@ -1,0 +1,7 @@
+"""Drop-in modules: BitLinear (training), TernaryLinear and Int8Linear (inference), and
+convert() that swaps a model's nn.Linear layers for them."""
+from .bitlinear import BitLinear
+from .convert import MODES, ConvertReport, Swap, convert
+from .quantized_linear import Int8Linear, TernaryLinear
+
+__all__ = ["BitLinear", "TernaryLinear", "Int8Linear", "convert", "ConvertReport", "Swap", "MODES"]

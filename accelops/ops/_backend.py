@@ -41,6 +41,26 @@ def extension():
     return _EXTENSION
 
 
+def _load_cuda_extension():
+    # The Triton kernels are the CUDA implementations whenever triton is installed: they
+    # are the ones tested (under the interpreter) on every commit. accelops._C_cuda, whose
+    # import registers its own CUDA kernels, is the backend for GPU machines without triton.
+    if _TRITON or _EXTENSION[0] is None:
+        return None
+    try:
+        return importlib.import_module("accelops._C_cuda")
+    except ImportError:  # torch without CUDA: the module is not built
+        return None
+
+
+_CUDA_EXTENSION = _load_cuda_extension()
+
+
+def cuda_extension_ops() -> frozenset:
+    """Ops whose CUDA kernel comes from accelops._C_cuda (empty when it is not in use)."""
+    return frozenset(_CUDA_EXTENSION.ops()) if _CUDA_EXTENSION is not None else frozenset()
+
+
 def triton_status():
     """(available, reason it is not)."""
     return (True, None) if _TRITON else (False, "triton is not installed (pip install triton)")
@@ -90,6 +110,8 @@ def choose(op: str, device: torch.device) -> str:
         ok, why = triton_status()
         if not ok:
             raise RuntimeError(f"ACCELOPS_BACKEND=triton but {why}")
+        if device.type == "cuda" and extension()[0] is not None:
+            return "native"  # torch.ops, whose CUDA kernel is Triton: keeps autograd and fakes
         if device.type == "cpu" and not triton_interpreting():
             raise RuntimeError(
                 "ACCELOPS_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
@@ -103,5 +125,7 @@ def choose(op: str, device: torch.device) -> str:
         ext, ext_why = extension()
         if ext is None:
             return _fallback(op, ext_why)
-        return "native" if ok else _fallback(op, why)
+        if ok or op in cuda_extension_ops():
+            return "native"
+        return _fallback(op, why)
     return _fallback(op, f"no accelops kernel for device type {device.type!r}")

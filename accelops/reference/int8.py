@@ -43,6 +43,10 @@ def quantize_activation_int8(x: torch.Tensor):
 
 def quantize_weight_int8(w: torch.Tensor):
     """Per output channel (row) symmetric -> (w_q int8 [N, K], w_scale fp32 [N])."""
+    if w.shape[1] == 0:
+        return torch.zeros(w.shape, dtype=torch.int8, device=w.device), torch.full(
+            (w.shape[0],), EPS / QMAX, dtype=torch.float32, device=w.device
+        )
     q, scale = _absmax_quantize(w, dim=1)
     return q, scale.reshape(-1)
 
@@ -67,7 +71,7 @@ def dequantize_epilogue(acc, x_scale, w_scale, bias, out_dtype):
 def int8_matmul(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.float32):
     """W8A8: x_q [..., K] int8 with x_scale [..., 1], w_q [N, K] int8 with w_scale [N]."""
     lead = x_q.shape[:-1]
-    acc = int_dot(x_q.reshape(-1, x_q.shape[-1]), w_q)
+    acc = int_dot(x_q.reshape(lead.numel(), x_q.shape[-1]), w_q)
     y = dequantize_epilogue(acc, x_scale.reshape(-1), w_scale, bias, out_dtype)
     return y.reshape(*lead, w_q.shape[0])
 

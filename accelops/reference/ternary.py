@@ -30,7 +30,8 @@ def packed_cols(k: int) -> int:
 
 def ternary_scale(w: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
     a = w.detach().abs().double()
-    s = a.mean(dim=1) if per_channel else a.mean().reshape(1)
+    # sum / count rather than mean(): an empty weight (K = 0) gets scale 0, not NaN.
+    s = a.sum(dim=1) / max(w.shape[1], 1) if per_channel else (a.sum() / max(w.numel(), 1)).reshape(1)
     return s.float()
 
 
@@ -70,7 +71,7 @@ def ternary_matmul(x, w_packed, w_scale, bias=None):
     k = x.shape[-1]
     lead = x.shape[:-1]
     wq = unpack_ternary(w_packed, k)
-    x_q, x_scale = quantize_activation_int8(x.reshape(-1, k))
+    x_q, x_scale = quantize_activation_int8(x.reshape(lead.numel(), k))
     acc = int_dot(x_q, wq)
     w_scale = w_scale.reshape(-1).expand(wq.shape[0]) if w_scale.numel() == 1 else w_scale
     y = dequantize_epilogue(acc, x_scale.reshape(-1), w_scale, bias, x.dtype)

@@ -222,7 +222,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_weight_ternary_cpu(const at::Tensor&
   // Same arithmetic as the reference: fp64 mean of |w| rounded to fp32, then an fp32
   // division per weight, so every backend gets identical codes.
   at::Tensor a = w.abs().to(at::kDouble);
-  at::Tensor scale = (per_channel ? a.mean({1}) : a.mean().reshape({1})).to(at::kFloat);
+  at::Tensor scale = (per_channel ? a.sum({1}) / std::max<int64_t>(w.size(1), 1)
+                                  : (a.sum() / std::max<int64_t>(w.numel(), 1)).reshape({1}))
+                         .to(at::kFloat);
   at::Tensor denom = scale.clamp_min(kQuantEps).reshape({-1, 1});
   at::Tensor wq = at::round(w.to(at::kFloat) / denom).clamp_(-1, 1).to(at::kChar);
   return {pack_ternary_cpu(wq), scale};

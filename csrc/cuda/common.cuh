@@ -2,8 +2,8 @@
 // dequantization epilogue, the GEMV building blocks and the tiled dp4a GEMM main loop.
 //
 // Everything lives in an anonymous namespace, so each .cu gets its own copy of the
-// kernels it uses (internal linkage: no clash between the two objects, nothing exported
-// but the extern "C" entry points).
+// kernels it uses: no clash between the two objects, and the extern "C" functions are the
+// only names a linker can see (nvcc gives anonymous-namespace code per-file unique names).
 //
 // Exactness rules followed throughout (they are what makes the output bit-identical to
 // accelops/reference): integer dot products are exact in int32; every fp32 step is one
@@ -35,16 +35,6 @@ __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { retu
 template <>
 __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
 
-// Round-to-nearest-even, like torch's .to(bfloat16 / float16); NaN stays NaN.
-template <class T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-
 // Calls f(static_cast<T*>(nullptr)) with T the C type of `dt`: one switch turns the ABI's
 // type tag into a template argument.
 template <class F>
@@ -60,7 +50,20 @@ inline cudaError_t dispatch_dtype(accelops_dtype dt, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+inline bool valid_dtype(accelops_dtype dt) {
+  return dt == ACCELOPS_FLOAT32 || dt == ACCELOPS_BFLOAT16 || dt == ACCELOPS_FLOAT16;
+}
+
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// An output buffer and its element type. The type is a runtime tag, not a template
+// parameter: the store is one warp-uniform switch per output element, noise next to a
+// K-long dot product, and every kernel gets one instantiation instead of three (which
+// cuts nvcc's time, and the compile test's, by about half).
+struct OutBuf {
+  void* p;
+  accelops_dtype t;
+};
 
 // ---------------------------------------------------------------- integer helpers
 
@@ -105,14 +108,24 @@ __device__ __forceinline__ int4 load16(const int8_t* p, int64_t rem) {
 
 // ---------------------------------------------------------------- epilogue
 
-// y = (float(acc) * xs) * ws (+ b), rounded once to Out: the reference's dequantize_epilogue
-// step by step. No bias means no addition at all (adding 0 would turn -0.0 into +0.0).
-template <class Out>
-__device__ __forceinline__ void store_dequant(Out* out, int64_t idx, int acc, float xs, float ws,
+// y = (float(acc) * xs) * ws (+ b), rounded once to the output type: the reference's
+// dequantize_epilogue step by step. No bias means no addition at all (adding 0 would turn
+// -0.0 into +0.0). The bf16 / fp16 conversions round to nearest even, like torch's .to().
+__device__ __forceinline__ void store_dequant(OutBuf out, int64_t idx, int acc, float xs, float ws,
                                               const float* bias, int64_t col) {
   float v = __fmul_rn(__fmul_rn(__int2float_rn(acc), xs), ws);
   if (bias != nullptr) v = __fadd_rn(v, bias[col]);
-  out[idx] = from_float<Out>(v);
+  switch (out.t) {
+    case ACCELOPS_BFLOAT16:
+      static_cast<__nv_bfloat16*>(out.p)[idx] = __float2bfloat16_rn(v);
+      break;
+    case ACCELOPS_FLOAT16:
+      static_cast<__half*>(out.p)[idx] = __float2half_rn(v);
+      break;
+    default:
+      static_cast<float*>(out.p)[idx] = v;
+      break;
+  }
 }
 
 // ---------------------------------------------------------------- GEMV building blocks
@@ -151,11 +164,11 @@ __device__ __forceinline__ void stage_rows(int8_t* smem, const int8_t* __restric
 
 // Reduces acc over the warp and lets lane (mi * NR + r) write output (m0 + mi, n0 + r).
 // xsum (ternary only) turns sum(code * x) into sum(w * x): codes are w + 1.
-template <int MT, int NR, class Out>
+template <int MT, int NR>
 __device__ __forceinline__ void gemv_epilogue(int (&acc)[MT][NR], int64_t m0, int64_t n0, int64_t m, int64_t n,
                                               const int32_t* __restrict__ xsum, const float* __restrict__ xs,
                                               const float* __restrict__ ws, int ws_per_row,
-                                              const float* __restrict__ bias, Out* __restrict__ out) {
+                                              const float* __restrict__ bias, OutBuf out) {
   const int lane = threadIdx.x & (kWarp - 1);
 #pragma unroll
   for (int mi = 0; mi < MT; ++mi)
@@ -201,11 +214,11 @@ struct Int8Tile {
   }
 };
 
-template <class ATile, class BTile, class Out>
+template <class ATile, class BTile>
 __global__ void __launch_bounds__(kTileThreads)
     gemm_dp4a_kernel(ATile a, BTile b, int64_t m, int64_t n, int64_t ktiles, const int32_t* __restrict__ xsum,
                      const float* __restrict__ xs, const float* __restrict__ ws, int ws_per_row,
-                     const float* __restrict__ bias, Out* __restrict__ out) {
+                     const float* __restrict__ bias, OutBuf out) {
   __shared__ __align__(16) int8_t as[kTileM * kTileLd];
   __shared__ __align__(16) int8_t bs[kTileN * kTileLd];
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;

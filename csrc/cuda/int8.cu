@@ -112,11 +112,11 @@ inline cudaError_t launch_quantize_rows(const void* x, accelops_dtype dt, int64_
 // shared memory: consecutive lanes, consecutive 16-byte words, so no bank conflicts.
 // Needs k % 16 == 0 and 16-byte aligned x_q and w_q (every real layer; the dispatch below
 // sends anything else to the tiled kernel, whose byte-wise loader takes any K and offset).
-template <int MT, class Out>
+template <int MT>
 __global__ void __launch_bounds__(kGemvThreads)
     int8_gemv_kernel(const int8_t* __restrict__ xq, const float* __restrict__ xs, int64_t m,
                      const int8_t* __restrict__ w, int64_t n, int64_t k, int chunk, const float* __restrict__ ws,
-                     int ws_per_row, const float* __restrict__ bias, Out* __restrict__ out) {
+                     int ws_per_row, const float* __restrict__ bias, OutBuf out) {
   constexpr int NR = kGemvRows, U = kGemvUnroll, kStep = kWarp * 16;
   extern __shared__ int4 gemv_smem[];  // int4: 16-byte alignment for the vector reads
   int8_t* xsm = reinterpret_cast<int8_t*>(gemv_smem);
@@ -161,9 +161,9 @@ __global__ void __launch_bounds__(kGemvThreads)
   gemv_epilogue<MT, NR>(acc, m0, n0, m, n, nullptr, xs, ws, ws_per_row, bias, out);
 }
 
-template <int MT, class Out>
+template <int MT>
 cudaError_t launch_int8_gemv(const int8_t* x_q, const float* x_scale, int64_t m, const int8_t* w_q, int64_t n,
-                             int64_t k, const float* w_scale, int ws_per_row, const float* bias, Out* out,
+                             int64_t k, const float* w_scale, int ws_per_row, const float* bias, OutBuf out,
                              cudaStream_t stream) {
   const int64_t cap = kGemvSmemBytes / MT, k16 = (k + 15) / 16 * 16;
   const int chunk = int(k16 < cap ? k16 : cap);
@@ -172,16 +172,15 @@ cudaError_t launch_int8_gemv(const int8_t* x_q, const float* x_scale, int64_t m,
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   const dim3 grid(unsigned(blocks), unsigned((m + MT - 1) / MT));
   const size_t smem = size_t(MT) * size_t(chunk);
-  int8_gemv_kernel<MT, Out><<<grid, kGemvThreads, smem, stream>>>(x_q, x_scale, m, w_q, n, k, chunk, w_scale,
+  int8_gemv_kernel<MT><<<grid, kGemvThreads, smem, stream>>>(x_q, x_scale, m, w_q, n, k, chunk, w_scale,
                                                                   ws_per_row, bias, out);
   return cudaGetLastError();
 }
 
 // ---------------------------------------------------------------- dispatch
 
-template <class Out>
 cudaError_t launch_int8_matmul(const int8_t* x_q, const float* x_scale, int64_t m, const int8_t* w_q, int64_t n,
-                               int64_t k, const float* w_scale, int ws_per_row, const float* bias, Out* out,
+                               int64_t k, const float* w_scale, int ws_per_row, const float* bias, OutBuf out,
                                cudaStream_t stream) {
   // vec: 16-byte loads are legal on both operands. K % 16 != 0 or a view at an odd offset
   // is rare enough (real layers have K a multiple of 64) to take the tiled kernel's
@@ -197,11 +196,11 @@ cudaError_t launch_int8_matmul(const int8_t* x_q, const float* x_scale, int64_t 
   if (!gemm_grid(m, n, &grid)) return cudaErrorInvalidValue;
   const int64_t ktiles = (k + kTileK - 1) / kTileK;
   if (vec)
-    gemm_dp4a_kernel<Int8Tile<true>, Int8Tile<true>, Out><<<grid, kTileThreads, 0, stream>>>(
+    gemm_dp4a_kernel<Int8Tile<true>, Int8Tile<true>><<<grid, kTileThreads, 0, stream>>>(
         Int8Tile<true>{x_q, m, k}, Int8Tile<true>{w_q, n, k}, m, n, ktiles, nullptr, x_scale, w_scale, ws_per_row,
         bias, out);
   else
-    gemm_dp4a_kernel<Int8Tile<false>, Int8Tile<false>, Out><<<grid, kTileThreads, 0, stream>>>(
+    gemm_dp4a_kernel<Int8Tile<false>, Int8Tile<false>><<<grid, kTileThreads, 0, stream>>>(
         Int8Tile<false>{x_q, m, k}, Int8Tile<false>{w_q, n, k}, m, n, ktiles, nullptr, x_scale, w_scale,
         ws_per_row, bias, out);
   return cudaGetLastError();
@@ -233,10 +232,7 @@ extern "C" cudaError_t accelops_int8_gemm(const int8_t* x_q, const float* x_scal
   if (m == 0 || n == 0) return cudaSuccess;
   if (x_scale == nullptr || w_scale == nullptr || out == nullptr || (k > 0 && (x_q == nullptr || w_q == nullptr)))
     return cudaErrorInvalidValue;
-  const int ws_per_row = w_scale_per_row != 0;
-  return dispatch_dtype(out_dtype, [&](auto* tag) {
-    using Out = typename std::remove_pointer<decltype(tag)>::type;
-    return launch_int8_matmul(x_q, x_scale, m, w_q, n, k, w_scale, ws_per_row, bias, static_cast<Out*>(out),
-                              stream);
-  });
+  if (!valid_dtype(out_dtype)) return cudaErrorInvalidValue;
+  return launch_int8_matmul(x_q, x_scale, m, w_q, n, k, w_scale, w_scale_per_row != 0, bias, OutBuf{out, out_dtype},
+                            stream);
 }

@@ -33,15 +33,17 @@ __device__ __forceinline__ int4 plane(int4 v, int j) {
 // at the cost of a shift by a register instead of a constant.
 // Loads: 2 bits a weight, 4x fewer bytes than int8, so this GEMV should run at ~4x the
 // int8 GEMV's speed at equal bandwidth; per 4 packed bytes and plane there are 2 integer
-// ops of decode + MT dp4a, ~3 integer ops per byte at M = 1, which an H100 sustains at
-// ~5 TB/s of packed weights, above its DRAM rate: this should stay memory bound (check
-// with ncu: dram__throughput vs sm__inst_executed_pipe_alu / fma).
-template <int MT, class Out>
+// ops of decode + MT dp4a, ~3 integer ops per byte at M = 1; at an H100's ~132 SMs x 64
+// integer ops a clock that is ~5 TB/s of packed weights, above its DRAM rate, so this
+// should stay memory bound (check with ncu: dram__throughput against the ALU pipes). Also
+// check local memory traffic for MT = 2, where ptxas settles on 64 registers and spills 12
+// bytes; __launch_bounds__(kGemvThreads, 3) would give it room at some occupancy.
+template <int MT>
 __global__ void __launch_bounds__(kGemvThreads)
     ternary_gemv_kernel(const int8_t* __restrict__ xq, const int32_t* __restrict__ xsum,
                         const float* __restrict__ xs, int64_t m, const uint8_t* __restrict__ w, int64_t n,
                         int64_t kp, int chunk, const float* __restrict__ ws, int ws_per_row,
-                        const float* __restrict__ bias, Out* __restrict__ out) {
+                        const float* __restrict__ bias, OutBuf out) {
   constexpr int NR = kGemvRows, U = kGemvUnroll, kStep = kWarp * 16;
   extern __shared__ int4 gemv_smem[];
   int8_t* xsm = reinterpret_cast<int8_t*>(gemv_smem);
@@ -115,10 +117,10 @@ struct TernaryTile {
   }
 };
 
-template <int MT, class Out>
+template <int MT>
 cudaError_t launch_ternary_gemv(const int8_t* x_q, const int32_t* x_sum, const float* x_scale, int64_t m,
                                 const uint8_t* w, int64_t n, int64_t kp, const float* w_scale, int ws_per_row,
-                                const float* bias, Out* out, cudaStream_t stream) {
+                                const float* bias, OutBuf out, cudaStream_t stream) {
   // kGemvSmemBytes / MT is a multiple of 128 for MT <= 8, so chunks hold whole blocks.
   const int64_t cap = kGemvSmemBytes / MT;
   const int chunk = int(kp < cap ? kp : cap);
@@ -126,15 +128,14 @@ cudaError_t launch_ternary_gemv(const int8_t* x_q, const int32_t* x_sum, const f
   const int64_t blocks = (n + rows_per_block - 1) / rows_per_block;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   const dim3 grid(unsigned(blocks), unsigned((m + MT - 1) / MT));
-  ternary_gemv_kernel<MT, Out><<<grid, kGemvThreads, size_t(MT) * size_t(chunk), stream>>>(
+  ternary_gemv_kernel<MT><<<grid, kGemvThreads, size_t(MT) * size_t(chunk), stream>>>(
       x_q, x_sum, x_scale, m, w, n, kp, chunk, w_scale, ws_per_row, bias, out);
   return cudaGetLastError();
 }
 
-template <class Out>
 cudaError_t launch_ternary_matmul(const int8_t* x_q, const int32_t* x_sum, const float* x_scale, int64_t m,
                                   const uint8_t* w, int64_t n, int64_t nblocks, const float* w_scale,
-                                  int ws_per_row, const float* bias, Out* out, cudaStream_t stream) {
+                                  int ws_per_row, const float* bias, OutBuf out, cudaStream_t stream) {
   const int64_t kp = nblocks * 128;
   if (m <= kGemvMaxM) {
     if (m == 1) return launch_ternary_gemv<1>(x_q, x_sum, x_scale, m, w, n, kp, w_scale, ws_per_row, bias, out, stream);
@@ -145,7 +146,7 @@ cudaError_t launch_ternary_matmul(const int8_t* x_q, const int32_t* x_sum, const
   }
   dim3 grid;
   if (!gemm_grid(m, n, &grid)) return cudaErrorInvalidValue;
-  gemm_dp4a_kernel<Int8Tile<true>, TernaryTile, Out><<<grid, kTileThreads, 0, stream>>>(
+  gemm_dp4a_kernel<Int8Tile<true>, TernaryTile><<<grid, kTileThreads, 0, stream>>>(
       Int8Tile<true>{x_q, m, kp}, TernaryTile{w, n, nblocks * 32}, m, n, nblocks, x_sum, x_scale, w_scale,
       ws_per_row, bias, out);
   return cudaGetLastError();
@@ -164,10 +165,7 @@ extern "C" cudaError_t accelops_ternary_gemm(const int8_t* x_q, const int32_t* x
   // every row aligned once the base pointers are.
   if (nblocks > 0 && (x_q == nullptr || w_packed == nullptr || !aligned16(x_q) || !aligned16(w_packed)))
     return cudaErrorInvalidValue;
-  const int ws_per_row = w_scale_per_row != 0;
-  return dispatch_dtype(out_dtype, [&](auto* tag) {
-    using Out = typename std::remove_pointer<decltype(tag)>::type;
-    return launch_ternary_matmul(x_q, x_sum, x_scale, m, w_packed, n, nblocks, w_scale, ws_per_row, bias,
-                                 static_cast<Out*>(out), stream);
-  });
+  if (!valid_dtype(out_dtype)) return cudaErrorInvalidValue;
+  return launch_ternary_matmul(x_q, x_sum, x_scale, m, w_packed, n, nblocks, w_scale, w_scale_per_row != 0, bias,
+                               OutBuf{out, out_dtype}, stream);
 }
