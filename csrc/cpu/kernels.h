@@ -1,5 +1,7 @@
 // Raw-pointer CPU kernels shared between the op files; csrc/ops.cpp wraps them as torch ops.
 #pragma once
+#include <immintrin.h>
+
 #include <cstdint>
 #include <functional>
 
@@ -10,6 +12,14 @@ namespace accelops {
 constexpr float kQuantEps = 1e-5f;   // floor on a row's absmax (see reference/int8.py)
 constexpr int kTernaryBlockK = 128;  // weights per packed block (see reference/ternary.py)
 constexpr int kTernaryBlockBytes = 32;
+
+// Sum of the eight int32 lanes of v.
+__attribute__((target("avx2"))) inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
 
 // Per-row symmetric int8 quantization of k fp32 values into q[0:k); writes q[k:k_padded)
 // as zeros. Returns the row's scale (NaN for a row holding NaN/Inf, whose q is all zeros)

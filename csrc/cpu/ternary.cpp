@@ -27,13 +27,6 @@ static int64_t ternary_blocks(int64_t k) { return (k + kTernaryBlockK - 1) / kTe
 
 // ---------------------------------------------------------------- GEMM kernels
 
-__attribute__((target("avx2"))) static inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-  return _mm_cvtsi128_si32(s);
-}
-
 // acc[mi, j] += sum over blocks [b0, b1) of codes(w row j) . x row mi, for an MT x NT tile.
 // x rows are ldx bytes apart (zero padded to whole blocks), packed weight rows ldw bytes.
 //
@@ -43,8 +36,8 @@ __attribute__((target("avx2"))) static inline int32_t hsum_epi32(__m256i v) {
 // accumulators (lo: 2 * 508 a block, hi: 2 * 4 * 508 a block, so 8 blocks fit in int16
 // exactly) that are widened to int32 as 4 * lo + hi by one vpmaddwd each (the int32 sum is
 // 4 * the dot product, at most 4 * 127 * K: exact up to K of about 4 million). This is
-// ~10% fewer vector operations than shifting every code down (llvm-mca, znver3: 3.45 vs
-// 3.78 cycles per 128 weights), and the loop is bound by vector ALU throughput.
+// ~10% fewer vector operations than shifting every code down, and the loop is bound by
+// vector ALU throughput.
 template <int MT, int NT>
 __attribute__((target("avx2"))) static inline void ternary_tile_avx2(const int8_t* x, int64_t ldx,
                                                                     const uint8_t* w, int64_t ldw, int64_t b0,
@@ -63,26 +56,23 @@ __attribute__((target("avx2"))) static inline void ternary_tile_avx2(const int8_
     for (int mi = 0; mi < MT; ++mi)
       for (int j = 0; j < NT; ++j) lo[mi][j] = hi[mi][j] = _mm256_setzero_si256();
     for (int64_t b = bs; b < be; ++b) {
-      __m256i c[NT][4];
+      // Decode one weight row and use it at once: keeping all NT rows' codes live would
+      // spill (llvm-mca: 1x4 tile 3.49 cycles a row-block this way, 3.79 the other).
+#pragma GCC unroll 8
       for (int j = 0; j < NT; ++j) {
         const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * ldw + b * 32));
         const __m256i q = _mm256_srli_epi16(p, 4);
-        c[j][0] = _mm256_and_si256(p, lo_mask);  // slice 0, codes
-        c[j][1] = _mm256_and_si256(p, hi_mask);  // slice 1, 4 * codes
-        c[j][2] = _mm256_and_si256(q, lo_mask);  // slice 2, codes
-        c[j][3] = _mm256_and_si256(q, hi_mask);  // slice 3, 4 * codes
-      }
-      for (int mi = 0; mi < MT; ++mi) {
-        const int8_t* xb = x + mi * ldx + b * 128;
-        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
-        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32));
-        const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64));
-        const __m256i x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 96));
-        for (int j = 0; j < NT; ++j) {
-          lo[mi][j] = _mm256_add_epi16(lo[mi][j], _mm256_maddubs_epi16(c[j][0], x0));
-          hi[mi][j] = _mm256_add_epi16(hi[mi][j], _mm256_maddubs_epi16(c[j][1], x1));
-          lo[mi][j] = _mm256_add_epi16(lo[mi][j], _mm256_maddubs_epi16(c[j][2], x2));
-          hi[mi][j] = _mm256_add_epi16(hi[mi][j], _mm256_maddubs_epi16(c[j][3], x3));
+        const __m256i c0 = _mm256_and_si256(p, lo_mask);  // slice 0, codes
+        const __m256i c1 = _mm256_and_si256(p, hi_mask);  // slice 1, 4 * codes
+        const __m256i c2 = _mm256_and_si256(q, lo_mask);  // slice 2, codes
+        const __m256i c3 = _mm256_and_si256(q, hi_mask);  // slice 3, 4 * codes
+#pragma GCC unroll 8
+        for (int mi = 0; mi < MT; ++mi) {
+          const __m256i* xb = reinterpret_cast<const __m256i*>(x + mi * ldx + b * 128);
+          lo[mi][j] = _mm256_add_epi16(lo[mi][j], _mm256_maddubs_epi16(c0, _mm256_loadu_si256(xb)));
+          hi[mi][j] = _mm256_add_epi16(hi[mi][j], _mm256_maddubs_epi16(c1, _mm256_loadu_si256(xb + 1)));
+          lo[mi][j] = _mm256_add_epi16(lo[mi][j], _mm256_maddubs_epi16(c2, _mm256_loadu_si256(xb + 2)));
+          hi[mi][j] = _mm256_add_epi16(hi[mi][j], _mm256_maddubs_epi16(c3, _mm256_loadu_si256(xb + 3)));
         }
       }
     }
@@ -137,15 +127,10 @@ void ternary_gemm_i32(const int8_t* x_q, const int32_t* xsum, int64_t m, const u
       for (int64_t b0 = 0; b0 < nblocks; b0 += kChunkBlocks) {
         const int64_t b1 = std::min(nblocks, b0 + kChunkBlocks);
         int64_t mi = 0;
-        // Several activation rows share each decoded weight block; several weight rows
-        // share each activation load.
-        for (; mi + 4 <= m; mi += 4) {
-          int64_t j = n0;
-          for (; j + 2 <= n1; j += 2)
-            ternary_tile<4, 2>(isa, x_q + mi * ldx, ldx, w_packed + j * ldw, ldw, b0, b1, acc + mi * n + j, n);
-          for (; j < n1; ++j)
-            ternary_tile<4, 1>(isa, x_q + mi * ldx, ldx, w_packed + j * ldw, ldw, b0, b1, acc + mi * n + j, n);
-        }
+        // 2 x 1 tiles: the cheapest per row-block in llvm-mca (3.18 cycles; wider tiles spill).
+        for (; mi + 2 <= m; mi += 2)
+          for (int64_t j = n0; j < n1; ++j)
+            ternary_tile<2, 1>(isa, x_q + mi * ldx, ldx, w_packed + j * ldw, ldw, b0, b1, acc + mi * n + j, n);
         for (; mi < m; ++mi) {
           int64_t j = n0;
           for (; j + 4 <= n1; j += 4)
