@@ -1,0 +1,423 @@
+"""Matmul family: accelops `ternary_matmul` and `int8_linear` against the baselines a user
+would otherwise pick, at the shapes of a 7B-class LLaMA layer (hidden 4096, FFN 11008).
+
+Every accelops output is checked against its pure-PyTorch reference before it is timed; a
+wrong kernel is reported as WRONG and not timed. Ratios are baseline time / accelops time,
+both measured in this run at the same thread count.
+
+    python bench/bench_matmul.py [--quick] [--threads 1,2] [--results-dir DIR]
+(or through bench/run.py, which runs every family)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import accelops.reference as R
+from accelops import ops
+
+import common
+
+FAMILY = "matmul"
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): attention/up/down projections
+MS = [1, 32, 512]                                        # decode, small batch, prefill
+# K=320 is not a multiple of 128, so the packed ternary layout's padding path is exercised.
+QUICK_SHAPES = [(256, 320)]
+QUICK_MS = [1, 32]
+
+# bitnet.cpp I2_S kernel times on this machine kind, M=1, from its published runs: not
+# measured by this script, so shown only as a labelled reference column.
+BITNET_US = {
+    1: {(4096, 4096): 178.0, (11008, 4096): 475.0, (4096, 11008): 436.0},
+    2: {(4096, 4096): 92.0, (11008, 4096): 240.0, (4096, 11008): 223.0},
+}
+BITNET_LABEL = "bitnet.cpp I2_S (measured separately, not in this run)"
+
+# (key, label). Order is the order rows are measured and shown.
+METHODS = [
+    ("ternary", "accelops ternary_matmul"),
+    ("int8", "accelops int8_linear"),
+    ("fp32", "F.linear fp32"),
+    ("bf16", "F.linear bf16"),
+    ("int_mm", "torch._int_mm (int8 GEMM only)"),
+    ("ref_ternary_compiled", "torch.compile(reference.ternary_matmul)"),
+    ("ref_int8_compiled", "torch.compile(reference.int8_linear)"),
+    ("torchao", "torchao int8 dynamic (eager)"),
+    ("torchao_compiled", "torchao int8 dynamic (torch.compile)"),
+]
+LABELS = dict(METHODS)
+ACCELOPS = {"ternary": "ternary_matmul", "int8": "int8_linear"}
+
+
+# --------------------------------------------------------------------------- correctness
+
+def compare_to_reference(y: torch.Tensor, y_ref: torch.Tensor, rel_ulps: int = 4) -> dict:
+    """The tests' contract: same NaN pattern, and every element within a few rounding steps
+    of the output dtype of the reference (backends run the same fp32 epilogue)."""
+    if y.shape != y_ref.shape or y.dtype != y_ref.dtype:
+        return {"ok": False, "why": f"shape/dtype {tuple(y.shape)} {y.dtype} vs {tuple(y_ref.shape)} {y_ref.dtype}"}
+    nan = torch.isnan(y_ref)
+    if not torch.equal(torch.isnan(y), nan):
+        return {"ok": False, "why": "NaN pattern differs from the reference"}
+    a, b = y.double()[~nan], y_ref.double()[~nan]
+    eps = torch.finfo(y.dtype).eps
+    diff = (a - b).abs()
+    ulps = (diff / (eps * b.abs()).clamp_min(1e-300)).max().item() if diff.numel() else 0.0
+    ok = bool((diff <= rel_ulps * eps * b.abs() + 1e-30).all())
+    return {"ok": ok, "max_rel_ulps": ulps, "max_abs_diff": diff.max().item() if diff.numel() else 0.0,
+            "tolerance": f"{rel_ulps} ulps of {y.dtype}"}
+
+
+def rel_err(y: torch.Tensor, y_true: torch.Tensor) -> float:
+    """||y - y_true|| / ||y_true||: the error each method's arithmetic adds to fp32 F.linear."""
+    y, y_true = y.double(), y_true.double()
+    return ((y - y_true).norm() / y_true.norm().clamp_min(1e-300)).item()
+
+
+# --------------------------------------------------------------------------- set-up
+
+# Methods that read the same weights share their copies.
+WEIGHT_GROUP = {
+    "ternary": "ternary", "ref_ternary_compiled": "ternary",
+    "int8": "int8", "ref_int8_compiled": "int8", "int_mm": "int8",
+    "fp32": "fp32", "bf16": "bf16",
+    "torchao": "torchao", "torchao_compiled": "torchao",
+}
+
+
+class Shape:
+    """Every method's weights for one (N, K), prepared once and shared by all M: per weight
+    group, a list of copies (see common.Timer for why the CPU rotates through copies)."""
+
+    def __init__(self, cfg, n: int, k: int, torchao_why: str | None):
+        self.n, self.k = n, k
+        g = torch.Generator().manual_seed(n * 100003 + k)
+        # A trained layer's scale (std 1/sqrt(K)); the values only set the error column.
+        w = (torch.randn(n, k, generator=g) / k**0.5).to(cfg.device)
+        self.w = w
+        w_packed, w_tscale = ops.quantize_weight_ternary(w)
+        w_q, w_qscale = ops.quantize_weight_int8(w)
+        base = {
+            "ternary": (w_packed, w_tscale),
+            "int8": (w_q, w_qscale),
+            "fp32": (w,),
+            "bf16": (w.to(torch.bfloat16),),
+        }
+        self.torchao_why = torchao_why
+        if torchao_why is None:
+            try:
+                from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+                model = nn.Sequential(nn.Linear(k, n, bias=False)).to(cfg.device)
+                with torch.no_grad():
+                    model[0].weight.copy_(w)
+                quantize_(model, Int8DynamicActivationInt8WeightConfig())
+                base["torchao"] = (model,)
+            except Exception as exc:
+                self.torchao_why = f"torchao quantize_ failed: {type(exc).__name__}: {exc}"
+        self.bytes = {group: common.tensor_bytes(*(a[0].weight if isinstance(a, nn.Module) else a for a in args))
+                      for group, args in base.items()}
+        self.copies = {}
+        for group, args in base.items():
+            extra = common.copies_for(cfg, self.bytes[group]) - 1
+            self.copies[group] = [args] + [
+                tuple(copy.deepcopy(a) if isinstance(a, nn.Module) else a.clone() for a in args) for _ in range(extra)
+            ]
+
+    def weight_bytes(self, key: str) -> int | None:
+        return self.bytes.get(WEIGHT_GROUP[key])
+
+    def n_copies(self, key: str) -> int:
+        return len(self.copies.get(WEIGHT_GROUP[key], ()))
+
+
+def build_calls(s: Shape, x: torch.Tensor, x_bf16, x_q, x_scale):
+    """key -> (callable, to_float(y) giving an output comparable with F.linear, or None),
+    or key -> the reason the method does not run here."""
+    m = x.shape[0]
+    # Compiled per (shape, M) after torch._dynamo.reset(): each case gets a static-shape
+    # graph, what a fixed-shape inference user gets, and no recompile limit is reached.
+    # Weight copies are graph inputs of the same shape, so they reuse that graph.
+    ref_t = torch.compile(R.ternary_matmul)
+    ref_i = torch.compile(R.int8_linear)
+    make = {
+        "ternary": lambda wp, ws: lambda: ops.ternary_matmul(x, wp, ws),
+        "int8": lambda wq, ws: lambda: ops.int8_linear(x, wq, ws),
+        "fp32": lambda w: lambda: F.linear(x, w),
+        "bf16": lambda w: lambda: F.linear(x_bf16, w),
+        # An int8 linear layer's weight is stored [N, K]; its transpose is the column-major
+        # [K, N] operand _int_mm wants (on this CPU 6x faster than a contiguous [K, N]).
+        "int_mm": lambda wq, ws: lambda: torch._int_mm(x_q, wq.t()),
+        "ref_ternary_compiled": lambda wp, ws: lambda: ref_t(x, wp, ws),
+        "ref_int8_compiled": lambda wq, ws: lambda: ref_i(x, wq, ws),
+        "torchao": lambda model: lambda: model(x),
+        "torchao_compiled": lambda model: (lambda c: lambda: c(x))(torch.compile(model)),
+    }
+    calls = {}
+    for key, _ in METHODS:
+        group = WEIGHT_GROUP[key]
+        if key == "int_mm" and m <= 16:
+            calls[key] = "torch._int_mm needs M > 16"
+        elif group not in s.copies:
+            calls[key] = s.torchao_why
+        else:
+            calls[key] = (common.rotating([make[key](*args) for args in s.copies[group]]), None)
+    if not isinstance(calls["int_mm"], str):
+        # Raw int8 GEMM: x already quantized, int32 out. Dequantized only for the error
+        # column, outside the timing.
+        w_qscale = s.copies["int8"][0][1]
+        calls["int_mm"] = (calls["int_mm"][0], lambda acc: acc.double() * x_scale.double() * w_qscale.double())
+    return calls
+
+
+# --------------------------------------------------------------------------- one case
+
+def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progress) -> list[dict]:
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, s.k, generator=g).to(cfg.device)
+    x_bf16 = x.to(torch.bfloat16)
+    x_q, x_scale = ops.quantize_activation_int8(x)
+    y_fp32 = F.linear(x, s.w)
+
+    # Correctness first, once per (shape, M), on the inputs that are then timed (the other
+    # weight copies are clones of these).
+    w_packed, w_tscale = s.copies["ternary"][0]
+    w_q, w_qscale = s.copies["int8"][0]
+    y_ref = {"ternary": R.ternary_matmul(x, w_packed, w_tscale), "int8": R.int8_linear(x, w_q, w_qscale)}
+    checks = {
+        "ternary": compare_to_reference(ops.ternary_matmul(x, w_packed, w_tscale), y_ref["ternary"]),
+        "int8": compare_to_reference(ops.int8_linear(x, w_q, w_qscale), y_ref["int8"]),
+    }
+    for c in checks.values():
+        c["against"] = "accelops.reference"
+    # The compiled references are compared too, for information only: inductor may round
+    # differently from eager (it is a baseline, not the spec).
+    info_against = {"ref_ternary_compiled": "ternary", "ref_int8_compiled": "int8"}
+
+    rows = []
+    for key, call in build_calls(s, x, x_bf16, x_q, x_scale).items():
+        progress.set_postfix_str(f"{threads}t N={s.n} K={s.k} M={m} {key}")
+        row = {
+            **meta, "family": FAMILY, "method": key, "label": LABELS[key],
+            "accelops": key in ACCELOPS, "threads": threads, "M": m, "N": s.n, "K": s.k,
+            "x_dtype": str(x.dtype if key != "bf16" else x_bf16.dtype).replace("torch.", ""),
+            "weight_bytes": s.weight_bytes(key), "weight_copies": s.n_copies(key),
+            "cache_flush_bytes": timer.flush_bytes,
+            "budget_s": cfg.budget_s, "status": "ok",
+        }
+        if key in checks:
+            row["check"] = checks[key]
+        if isinstance(call, str):
+            row.update(status="skipped", reason=call)
+        elif key in checks and not checks[key]["ok"]:
+            row.update(status="wrong", reason=f"output disagrees with accelops.reference.{ACCELOPS[key]}: not timed")
+        else:
+            fn, to_float = call
+            try:
+                timer.sync()
+                start = time.perf_counter()
+                y = fn()
+                timer.sync()
+                row["first_call_s"] = time.perf_counter() - start  # includes compilation
+                row["rel_err_vs_fp32_linear"] = rel_err(to_float(y) if to_float else y, y_fp32)
+                if key in info_against:
+                    row["check_info"] = {**compare_to_reference(y, y_ref[info_against[key]]),
+                                         "against": "accelops.reference (eager)"}
+                del y
+                peak, how, seconds = common.peak_memory(fn, timer)
+                row["peak_mem_bytes"], row["peak_mem_method"] = peak, how
+                row.update(timer.measure(fn, seconds))
+            except Exception as exc:  # a baseline that cannot run here is a row, not a crash
+                row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
+        # Other processes on the machine show up here; a 1-minute load above the core count
+        # means this row's threads waited for a core (flagged in the summary).
+        row["loadavg_1m"] = os.getloadavg()[0]
+        common.append_row(out_path, row)
+        rows.append(row)
+        progress.update(1)
+    return rows
+
+
+# --------------------------------------------------------------------------- summary
+
+def _ratio(base: dict | None, mine: dict | None) -> float | None:
+    if not base or not mine or base.get("status") != "ok" or mine.get("status") != "ok":
+        return None
+    return base["median_us"] / mine["median_us"]
+
+
+def _fmt_ratio(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return "-"
+    if row["status"] == "ok":
+        return common.fmt_time(row["median_us"])
+    return {"skipped": "n/a", "wrong": "**WRONG**", "error": "error"}[row["status"]]
+
+
+def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
+    by = {(r["N"], r["K"], r["M"], r["method"]): r for r in rows}
+    shapes = list(dict.fromkeys((r["N"], r["K"]) for r in rows))
+    ms = sorted({r["M"] for r in rows})
+    meta = rows[0]
+    mach, ver = meta["machine"], meta["versions"]
+    bitnet = BITNET_US.get(threads, {}) if cfg.device.type == "cpu" else {}
+    if not any(shape in bitnet for shape in shapes):
+        bitnet = {}
+    commit = (meta["git_commit"] or "unknown")[:10] + (" (uncommitted changes)" if meta["git_dirty"] else "")
+
+    out = [f"### matmul, {threads} thread{'s' if threads > 1 else ''}, {cfg.device.type}"
+           + (" (--quick: tiny shapes, not comparable)" if cfg.quick else ""), ""]
+    out.append(
+        f"{mach['gpu'] or mach['cpu_model']}, {mach['cpu_count']} cores, torch threads {threads}; accelops CPU ISA "
+        f"{mach['accelops_cpu_isa']}. accelops {ver['accelops']} at {commit}, torch {ver['torch']}, "
+        f"torchao {ver['torchao']}, triton {ver['triton']}, python {ver['python']}. {meta['date']}, "
+        f"run {meta['run_id']}, {wall_s / 60:.1f} min for this thread count."
+    )
+    loads = [r["loadavg_1m"] for r in rows]
+    cores = mach["cpu_affinity"] or mach["cpu_count"] or 1
+    if max(loads) > cores:
+        out.append(f"**Warning: the machine was busy** (1-minute load average {min(loads):.1f} to {max(loads):.1f} on "
+                   f"{cores} cores while rows were measured): other processes competed for the cores, and "
+                   "multi-threaded times in particular include waits for a core. Compare with care.")
+    out.append("")
+    if not cfg.flush:
+        flush = "hot caches (--no-flush)"
+    elif cfg.device.type == "cuda":
+        flush = f"L2 flushed before each repeat ({common.fmt_bytes(common.CUDA_FLUSH_BYTES)} written)"
+    else:
+        flush = ("cold weights: each method rotates through copies of its weights so that each call "
+                 "reads them from DRAM, as a layer of a model does (copies in the jsonl)")
+    out.append(f"Median of adaptive repeats after warm-up, {flush}; x is fp32 (bf16 for F.linear bf16). "
+               "Speed-up = baseline time / accelops time (>1: accelops faster). p20/p80, repeats, peak "
+               f"memory and errors are in the detail table and in {cfg.results_file(FAMILY).name}.")
+    out.append("")
+
+    # Times of every method, then accelops' speed-up against each baseline.
+    short = {"ternary": "ternary_matmul", "int8": "int8_linear", "fp32": "F.linear fp32", "bf16": "F.linear bf16",
+             "int_mm": "torch._int_mm", "ref_ternary_compiled": "compiled ref. ternary",
+             "ref_int8_compiled": "compiled ref. int8", "torchao": "torchao", "torchao_compiled": "torchao compiled"}
+    baselines = [("fp32", "fp32"), ("int_mm", "_int_mm"), ("torchao", "torchao"), ("torchao_compiled", "torchao compiled")]
+    times, speedups = [], []
+    for n, k in shapes:
+        for m in ms:
+            r = lambda key: by.get((n, k, m, key))  # noqa: E731
+            times.append([f"{n}x{k}", m] + [_cell(r(key)) for key, _ in METHODS])
+            speedups.append([f"{n}x{k}", m] + [_fmt_ratio(_ratio(r(b), r(mine)))
+                                               for mine in ("ternary", "int8") for b, _ in baselines])
+            if bitnet:
+                ref_us = bitnet.get((n, k)) if m == 1 else None
+                t = r("ternary")
+                times[-1].append(common.fmt_time(ref_us) if ref_us else "-")
+                speedups[-1].append(_fmt_ratio(ref_us / t["median_us"]) if ref_us and t and t["status"] == "ok" else "-")
+    time_headers = ["N x K", "M"] + [short[key] for key, _ in METHODS] + ([BITNET_LABEL] if bitnet else [])
+    speed_headers = ["N x K", "M"] + [f"{mine} vs {label}" for mine in ("ternary", "int8") for _, label in baselines]
+    speed_headers += ["ternary vs bitnet.cpp (not in this run)"] if bitnet else []
+    out += ["Median time per call:", "", common.md_table(time_headers, times), "",
+            "Speed-up of accelops (baseline time / accelops time):", "", common.md_table(speed_headers, speedups), ""]
+
+    # Targets.
+    targets = []
+
+    def target(what, n, k, m, ratio, goal):
+        mark = "-" if ratio is None else ("✓" if ratio >= goal else "✗")
+        targets.append([what, f"{n}x{k}", m, _fmt_ratio(ratio), f">= {goal:g}x", mark])
+
+    for n, k in shapes:
+        r = lambda m, key: by.get((n, k, m, key))  # noqa: E731
+        if 1 in ms:
+            target("ternary_matmul vs fp32 F.linear", n, k, 1, _ratio(r(1, "fp32"), r(1, "ternary")), 5)
+        if 32 in ms:
+            target("ternary_matmul vs torch._int_mm", n, k, 32, _ratio(r(32, "int_mm"), r(32, "ternary")), 1)
+        if 512 in ms:
+            target("int8_linear vs fp32 F.linear", n, k, 512, _ratio(r(512, "fp32"), r(512, "int8")), 3)
+        for m in ms:
+            target("int8_linear vs torchao compiled", n, k, m, _ratio(r(m, "torchao_compiled"), r(m, "int8")), 1)
+        if bitnet and (n, k) in bitnet and 1 in ms:
+            t = r(1, "ternary")
+            ratio = bitnet[(n, k)] / t["median_us"] if t and t["status"] == "ok" else None
+            target(f"ternary_matmul vs {BITNET_LABEL}", n, k, 1, ratio, 1)
+    hits = sum(t[-1] == "✓" for t in targets)
+    out += [f"Targets: {hits} of {len(targets)} met.", "",
+            common.md_table(["target", "N x K", "M", "speed-up", "goal", ""], targets), ""]
+
+    # Detail: every row.
+    detail = []
+    for n, k in shapes:
+        for m in ms:
+            for key, label in METHODS:
+                row = by.get((n, k, m, key))
+                if row is None:
+                    continue
+                if row["status"] == "ok":
+                    spread = f"{common.fmt_time(row['p20_us'])} - {common.fmt_time(row['p80_us'])}"
+                    detail.append([f"{n}x{k}", m, label, common.fmt_time(row["median_us"]), spread, row["repeats"],
+                                   common.fmt_bytes(row["weight_bytes"]), common.fmt_bytes(row["peak_mem_bytes"]),
+                                   f"{row['rel_err_vs_fp32_linear']:.2e}"])
+                else:
+                    detail.append([f"{n}x{k}", m, label, _cell(row), row.get("reason", ""), "", "", "", ""])
+    out += ["<details><summary>All rows</summary>", "",
+            common.md_table(["N x K", "M", "method", "median", "p20 - p80", "repeats", "weights",
+                             "peak memory", "rel. error vs fp32"], detail),
+            "", "</details>", ""]
+    mem = next((r["peak_mem_method"] for r in rows if r.get("peak_mem_method")), None)
+    if mem:
+        out += [f"Peak memory: {common.MEMORY_METHODS[mem]}.", ""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- entry points
+
+def run(cfg: common.Config) -> common.FamilyResult:
+    _, torchao_why = common.import_torchao()
+    if torchao_why:
+        print(f"note: {torchao_why}; torchao rows say so", file=sys.stderr)
+    meta = common.run_metadata(cfg)
+    timer = common.Timer(cfg)
+    shapes, ms = (QUICK_SHAPES, QUICK_MS) if cfg.quick else (SHAPES, MS)
+    shapes, ms = cfg.shapes or shapes, cfg.ms or ms
+    out_path = cfg.results_file(FAMILY)
+    summaries, all_rows = [], []
+    with torch.no_grad(), tqdm(total=len(cfg.threads) * len(shapes) * len(ms) * len(METHODS),
+                               desc=FAMILY, file=sys.stderr, dynamic_ncols=True) as progress:
+        for threads in cfg.threads:
+            # Same count for every method in a pass. F.linear at M=1 stays single-threaded
+            # (MKL GEMV) whatever this says; that is what a user gets.
+            torch.set_num_threads(threads)
+            t0 = time.perf_counter()
+            rows = []
+            for n, k in shapes:
+                s = Shape(cfg, n, k, torchao_why)
+                for m in ms:
+                    rows += run_case(cfg, timer, meta, s, m, threads, out_path, progress)
+                del s
+            summaries.append(summarize(rows, cfg, threads, time.perf_counter() - t0))
+            all_rows += rows
+    failures = [f"{r['label']} N={r['N']} K={r['K']} M={r['M']} {r['threads']}t: {r['status']}: {r.get('reason')}"
+                for r in all_rows if r["accelops"] and r["status"] not in ("ok", "skipped")]
+    summary = "\n".join(["## Matmul benchmark", "", *summaries])
+    return common.FamilyResult(FAMILY, summary, all_rows, failures)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_arguments(parser)
+    cfg = common.config_from_args(parser.parse_args(argv))
+    return common.report(cfg, [run(cfg)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
