@@ -43,6 +43,9 @@ __attribute__((target("avx2"))) static inline void ternary_tile_avx2(const int8_
                                                                     const uint8_t* w, int64_t ldw, int64_t b0,
                                                                     int64_t b1, int32_t* acc, int64_t ldacc) {
   constexpr int64_t kWiden = 8;  // blocks an int16 accumulator takes before it must widen
+  // 16 blocks (512 B) ahead: measured best of 8/16/32/64 (cold 4096x4096 GEMV 315 us vs
+  // 494 us without prefetch, 2 threads).
+  constexpr int64_t kPrefetchBlocks = 16;
   const __m256i lo_mask = _mm256_set1_epi8(0x03);
   const __m256i hi_mask = _mm256_set1_epi8(0x0c);
   const __m256i ones16 = _mm256_set1_epi16(1);
@@ -60,6 +63,9 @@ __attribute__((target("avx2"))) static inline void ternary_tile_avx2(const int8_
       // spill (llvm-mca: 1x4 tile 3.49 cycles a row-block this way, 3.79 the other).
 #pragma GCC unroll 8
       for (int j = 0; j < NT; ++j) {
+        // GEMV streams weights from DRAM: ask for them well ahead, since the decode keeps
+        // the core too busy for the hardware prefetcher to keep enough lines in flight.
+        if (MT == 1) _mm_prefetch(reinterpret_cast<const char*>(w + j * ldw + (b + kPrefetchBlocks) * 32), _MM_HINT_T0);
         const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * ldw + b * 32));
         const __m256i q = _mm256_srli_epi16(p, 4);
         const __m256i c0 = _mm256_and_si256(p, lo_mask);  // slice 0, codes
@@ -114,9 +120,11 @@ static inline void ternary_tile(Isa isa, const int8_t* x, int64_t ldx, const uin
 void ternary_gemm_i32(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_t* w_packed, int64_t n,
                       int64_t nblocks, int32_t* acc, Isa isa,
                       const std::function<void(int64_t, int64_t)>& finish_columns) {
-  // A K chunk of 16 blocks (2048 weights) keeps a 4-row activation slice (8 KB) in L1
-  // while a block of weight rows (nb * 512 B) stays in L2.
-  constexpr int64_t kChunkBlocks = 16;
+  // GEMM: a K chunk of 16 blocks (2048 weights) keeps a 2-row activation slice in L1 while
+  // a block of weight rows (nb * 512 B) stays in L2. GEMV: no chunking, so each weight row
+  // is one long sequential stream for the hardware prefetcher (cold weights, M=1: chunked
+  // reads measured about 2x slower than the DRAM stream rate).
+  const int64_t kChunkBlocks = m <= 3 ? std::max<int64_t>(nblocks, 1) : 16;
   const int64_t ldx = nblocks * kTernaryBlockK, ldw = nblocks * kTernaryBlockBytes;
   const int64_t nb = m <= 3 ? 32 : 64;
   const int64_t ntiles = (n + nb - 1) / nb;
