@@ -22,7 +22,7 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -59,7 +59,8 @@ def info_dict() -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
-        "machine": f"{_cpu_model()}, {torch.get_num_threads()} torch threads",
+        "cpu_model": cpu_model(),
+        "machine": f"{cpu_model()}, {torch.get_num_threads()} torch threads",
         "cpu_extension": ext is not None,
         "cpu_extension_reason": ext_why,
         "cpu_isa": ext.cpu_isa() if ext is not None else None,

@@ -191,17 +191,6 @@ def versions() -> dict:
     }
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _l3_bytes() -> int | None:
     base = Path("/sys/devices/system/cpu/cpu0/cache")
     for index in sorted(base.glob("index*")):
@@ -220,7 +209,7 @@ def machine(device: torch.device) -> dict:
 
     info = accelops.info(file=io.StringIO())  # the public info, without its printout
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": info.get("cpu_model"),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "l3_bytes": _l3_bytes(),
