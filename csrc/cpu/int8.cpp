@@ -207,6 +207,21 @@ void dequant_epilogue(const int32_t* acc, int64_t m, int64_t n, const float* x_s
 // 1x4 GEMV tile and 25 for the 3x2 GEMM tile; widened path 10 (1x4) and 14 (4x3: the
 // sign-extending loads are the bottleneck there).
 
+// Reduces each accumulator of a tile, adds the K tail [k, k1) that did not fill a vector,
+// and accumulates into acc: shared by both paths.
+template <int MT, int NT, typename X>
+__attribute__((target("avx2"))) static inline void finish_tile(const __m256i* s, const X* x, int64_t ldx,
+                                                              const int8_t* w, int64_t ldw, int64_t k, int64_t k1,
+                                                              int32_t* acc, int64_t ldacc) {
+#pragma GCC unroll 16
+  for (int i = 0; i < MT * NT; ++i) {
+    const int mi = i / NT, j = i % NT;
+    int32_t t = hsum_epi32(s[i]);
+    for (int64_t kk = k; kk < k1; ++kk) t += int32_t(x[mi * ldx + kk]) * int32_t(w[j * ldw + kk]);
+    acc[mi * ldacc + j] += t;
+  }
+}
+
 struct SignPath {
   using X = int8_t;
   // acc[mi, j] += sum_{k in [k0, k1)} x[mi, k] * w[j, k] for an MT x NT tile.
@@ -234,13 +249,7 @@ struct SignPath {
               s[mi * NT + j], _mm256_madd_epi16(_mm256_maddubs_epi16(wa[j], _mm256_sign_epi8(xv, wv[j])), ones));
       }
     }
-#pragma GCC unroll 16
-    for (int i = 0; i < MT * NT; ++i) {
-      const int mi = i / NT, j = i % NT;
-      int32_t t = hsum_epi32(s[i]);
-      for (int64_t kk = k; kk < k1; ++kk) t += int32_t(x[mi * ldx + kk]) * int32_t(w[j * ldw + kk]);
-      acc[mi * ldacc + j] += t;
-    }
+    finish_tile<MT, NT>(s, x, ldx, w, ldw, k, k1, acc, ldacc);
   }
 };
 
@@ -265,13 +274,7 @@ struct WidenedPath {
         for (int j = 0; j < NT; ++j) s[mi * NT + j] = _mm256_add_epi32(s[mi * NT + j], _mm256_madd_epi16(xv, wv[j]));
       }
     }
-#pragma GCC unroll 16
-    for (int i = 0; i < MT * NT; ++i) {
-      const int mi = i / NT, j = i % NT;
-      int32_t t = hsum_epi32(s[i]);
-      for (int64_t kk = k; kk < k1; ++kk) t += int32_t(x16[mi * ldx + kk]) * int32_t(w[j * ldw + kk]);
-      acc[mi * ldacc + j] += t;
-    }
+    finish_tile<MT, NT>(s, x16, ldx, w, ldw, k, k1, acc, ldacc);
   }
 };
 
