@@ -21,7 +21,9 @@ def rel(*parts):
 # The kernels choose their instruction set at run time (see csrc/cpu/cpu_features.h), so
 # the build itself targets baseline x86-64 and compiles the AVX2/VNNI/AVX-512 functions
 # with per-function target attributes: one wheel runs on any x86-64.
-cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+# -ffp-contract=off: no a*b+c is fused into an FMA behind the code's back, so the kernels
+# round exactly where the references (and torch) round.
+cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas"]
 cpu_sources = sorted(glob.glob(rel("csrc", "cpu", "*.cpp"))) + [rel("csrc", "ops.cpp")]
 
 ext_modules = [

@@ -26,6 +26,17 @@ TORCH_LIBRARY(accelops, m) {
       "int8_matmul(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias=None, "
       "ScalarType? out_dtype=None) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor");
+  // fake quantization: (y, mask bits) so autograd saves 1 bit per element, not x
+  m.def(
+      "fake_quantize(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
+      "int? axis=None) -> (Tensor, Tensor)");
+  m.def("fake_quantize_backward(Tensor grad, Tensor mask) -> Tensor");
+  m.def(
+      "fake_quantize_learnable(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
+      "int? axis=None, float grad_factor=1.0) -> Tensor");
+  m.def(
+      "fake_quantize_learnable_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int quant_min, "
+      "int quant_max, int? axis=None, float grad_factor=1.0) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(accelops, CPU, m) {
@@ -37,4 +48,8 @@ TORCH_LIBRARY_IMPL(accelops, CPU, m) {
   m.impl("quantize_weight_int8", &accelops::quantize_weight_int8_cpu);
   m.impl("int8_matmul", &accelops::int8_matmul_cpu);
   m.impl("int8_linear", &accelops::int8_linear_cpu);
+  m.impl("fake_quantize", &accelops::fake_quantize_cpu);
+  m.impl("fake_quantize_backward", &accelops::fake_quantize_backward_cpu);
+  m.impl("fake_quantize_learnable", &accelops::fake_quantize_learnable_cpu);
+  m.impl("fake_quantize_learnable_backward", &accelops::fake_quantize_learnable_backward_cpu);
 }

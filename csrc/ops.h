@@ -24,6 +24,18 @@ at::Tensor int8_matmul_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, con
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
                            const std::optional<at::Tensor>& bias);
 
+// fake-quant family (csrc/cpu/fake_quant.cpp)
+std::tuple<at::Tensor, at::Tensor> fake_quantize_cpu(const at::Tensor& x, const at::Tensor& scale,
+                                                     const at::Tensor& zero_point, int64_t quant_min,
+                                                     int64_t quant_max, std::optional<int64_t> axis);
+at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& mask);
+at::Tensor fake_quantize_learnable_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                                       int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis,
+                                       double grad_factor);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_learnable_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis, double grad_factor);
+
 // shared helpers (csrc/cpu/int8.cpp)
 // Quantizes x ([M, K], any float dtype) row by row into q ([M, k_padded] int8, zero padded),
 // scale[M] and (if not null) qsum[M].

@@ -1,0 +1,430 @@
+// Fake quantization on the CPU: the forward in one pass that also writes the straight-
+// through mask as bits, the masked backward, and the learnable (LSQ) forward and backward.
+// The arithmetic is accelops/reference/fake_quant.py's (which is torch's) step for step;
+// the build uses -ffp-contract=off so no multiply-add is fused into an FMA that would
+// round once where the spec rounds twice.
+//
+// Geometry: x is viewed as [outer, C, inner] with C the channel axis (C = 1, inner = numel
+// per tensor). Work is split into 8-element groups that start at multiples of 8, so each
+// group owns exactly one mask byte and threads never share a byte.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../ops.h"
+#include "kernels.h"
+
+namespace accelops {
+namespace {
+
+struct QParams {
+  const float* scale;  // [C]
+  const float* inv;    // [C], 1.0f / scale in fp32
+  const float* zero;   // [C], the integer zero point as a float
+  int64_t channels, inner;
+  float qmin, qmax;
+};
+
+// Which channel element p belongs to, advanced group by group without a division per group.
+struct ChannelCursor {
+  int64_t c, off;
+  int64_t channels, inner;
+  ChannelCursor(const QParams& p, int64_t start) : channels(p.channels), inner(p.inner) {
+    c = (start / inner) % channels;
+    off = start % inner;
+  }
+  bool uniform(int64_t k) const { return off + k <= inner; }  // next k elements share channel c
+  void advance(int64_t k) {
+    off += k;
+    if (off < inner) return;
+    if (inner == 1) {
+      c += off;
+      off = 0;
+      while (c >= channels) c -= channels;
+      return;
+    }
+    const int64_t rows = off / inner;
+    off -= rows * inner;
+    c = (c + rows) % channels;
+  }
+};
+
+inline float fq_one(float x, float s, float inv, float z, float qmin, float qmax, bool* inside) {
+  const float q = std::nearbyint(x * inv) + z;
+  *inside = q >= qmin && q <= qmax;
+  if (std::isnan(x)) return x;
+  return (std::min(std::max(q, qmin), qmax) - z) * s;
+}
+
+// Elements [begin, begin + count) of x (x, y already offset to begin); mask (offset to
+// begin / 8) may be null. begin is a multiple of 8.
+void fq_forward_scalar(const float* x, float* y, uint8_t* mask, int64_t begin, int64_t count, const QParams& p) {
+  ChannelCursor cur(p, begin);
+  for (int64_t g = 0; g < count; g += 8) {
+    const int64_t lanes = std::min<int64_t>(8, count - g);
+    uint8_t bits = 0;
+    for (int64_t j = 0; j < lanes; ++j) {
+      bool inside;
+      const int64_t c = cur.c;
+      y[g + j] = fq_one(x[g + j], p.scale[c], p.inv[c], p.zero[c], p.qmin, p.qmax, &inside);
+      bits |= static_cast<uint8_t>(inside) << j;
+      cur.advance(1);
+    }
+    if (mask) mask[g / 8] = bits;
+  }
+}
+
+__attribute__((target("avx2,fma"))) void fq_forward_avx2(const float* x, float* y, uint8_t* mask, int64_t begin,
+                                                         int64_t count, const QParams& p) {
+  ChannelCursor cur(p, begin);
+  const __m256 qmin = _mm256_set1_ps(p.qmin), qmax = _mm256_set1_ps(p.qmax);
+  alignas(32) float ls[8], linv[8], lz[8];
+  int64_t g = 0;
+  for (; g + 8 <= count; g += 8) {
+    __m256 s, inv, z;
+    if (cur.uniform(8)) {
+      s = _mm256_set1_ps(p.scale[cur.c]);
+      inv = _mm256_set1_ps(p.inv[cur.c]);
+      z = _mm256_set1_ps(p.zero[cur.c]);
+      cur.advance(8);
+    } else if (cur.inner == 1 && cur.c + 8 <= cur.channels) {  // channels along the last axis
+      s = _mm256_loadu_ps(p.scale + cur.c);
+      inv = _mm256_loadu_ps(p.inv + cur.c);
+      z = _mm256_loadu_ps(p.zero + cur.c);
+      cur.advance(8);
+    } else {  // the group crosses channels: gather lane by lane
+      for (int j = 0; j < 8; ++j) {
+        ls[j] = p.scale[cur.c];
+        linv[j] = p.inv[cur.c];
+        lz[j] = p.zero[cur.c];
+        cur.advance(1);
+      }
+      s = _mm256_load_ps(ls);
+      inv = _mm256_load_ps(linv);
+      z = _mm256_load_ps(lz);
+    }
+    const __m256 xv = _mm256_loadu_ps(x + g);
+    const __m256 q =
+        _mm256_add_ps(_mm256_round_ps(_mm256_mul_ps(xv, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), z);
+    const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(q, qmin, _CMP_GE_OQ), _mm256_cmp_ps(q, qmax, _CMP_LE_OQ));
+    __m256 yv = _mm256_mul_ps(_mm256_sub_ps(_mm256_min_ps(_mm256_max_ps(q, qmin), qmax), z), s);
+    yv = _mm256_blendv_ps(yv, xv, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));  // NaN stays NaN
+    _mm256_storeu_ps(y + g, yv);
+    if (mask) mask[g / 8] = static_cast<uint8_t>(_mm256_movemask_ps(inside));
+  }
+  if (g < count) fq_forward_scalar(x + g, y + g, mask ? mask + g / 8 : nullptr, begin + g, count - g, p);
+}
+
+void fq_forward_f32(const float* x, float* y, uint8_t* mask, int64_t begin, int64_t count, const QParams& p,
+                    Isa isa) {
+  if (isa == Isa::Avx2)
+    fq_forward_avx2(x, y, mask, begin, count, p);
+  else
+    fq_forward_scalar(x, y, mask, begin, count, p);
+}
+
+// dx = dy * bit, a multiply as torch's dy * mask (NaN * 0 stays NaN).
+void fq_backward_scalar(const float* dy, const uint8_t* mask, float* dx, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) dx[i] = dy[i] * static_cast<float>((mask[i / 8] >> (i % 8)) & 1);
+}
+
+__attribute__((target("avx2,fma"))) void fq_backward_avx2(const float* dy, const uint8_t* mask, float* dx,
+                                                          int64_t count) {
+  const __m256i lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m256i sel = _mm256_and_si256(_mm256_set1_epi32(mask[i / 8]), lane_bits);
+    const __m256 m = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, lane_bits)), one);
+    _mm256_storeu_ps(dx + i, _mm256_mul_ps(_mm256_loadu_ps(dy + i), m));
+  }
+  if (i < count) fq_backward_scalar(dy + i, mask + i / 8, dx + i, count - i);
+}
+
+// Learnable backward, per element (torch's formulas; see the reference). `zero` holds the
+// backward zero point. Accumulates dscale / dzero partial sums per channel in acc_s / acc_z.
+__attribute__((always_inline)) inline void lsq_backward_body(const float* x, const float* dy, float* dx,
+                                                             double* acc_s, double* acc_z, int64_t begin,
+                                                             int64_t count, const QParams& p, float grad_factor) {
+  ChannelCursor cur(p, begin);
+  int64_t i = 0;
+  while (i < count) {
+    const int64_t c = cur.c;
+    const int64_t run = std::min<int64_t>(count - i, cur.inner - cur.off);  // elements left in channel c
+    const float s = p.scale[c], inv = p.inv[c], z = p.zero[c];
+    const float below_d = p.qmin - z, above_d = p.qmax - z;
+    double sum_s = 0.0, sum_z = 0.0;  // fp64: a run may be millions of elements long
+    for (int64_t j = i; j < i + run; ++j) {
+      const float xv = x[j], g = dy[j];
+      const float q = std::nearbyint(xv * inv) + z;
+      const bool inside = q >= p.qmin && q <= p.qmax;
+      dx[j] = g * static_cast<float>(inside);
+      const float xfq = (std::min(std::max(q, p.qmin), p.qmax) - z) * s;
+      const float ds = inside ? g * (xfq - xv) * inv : g * (q < p.qmin ? below_d : above_d);
+      const float dz = inside ? 0.f : g * -1.0f * s * grad_factor;
+      sum_s += ds * grad_factor;
+      sum_z += dz;
+    }
+    acc_s[c] += sum_s;
+    acc_z[c] += sum_z;
+    i += run;
+    cur.advance(run);
+  }
+}
+
+void lsq_backward_scalar(const float* x, const float* dy, float* dx, double* acc_s, double* acc_z, int64_t begin,
+                         int64_t count, const QParams& p, float grad_factor) {
+  lsq_backward_body(x, dy, dx, acc_s, acc_z, begin, count, p, grad_factor);
+}
+
+__attribute__((target("avx2,fma"))) void lsq_backward_avx2(const float* x, const float* dy, float* dx, double* acc_s,
+                                                           double* acc_z, int64_t begin, int64_t count,
+                                                           const QParams& p, float grad_factor) {
+  lsq_backward_body(x, dy, dx, acc_s, acc_z, begin, count, p, grad_factor);
+}
+
+// ---------------------------------------------------------------- tensor plumbing
+
+constexpr int64_t kGroupGrain = 2048;  // 8-element groups per task (16 Ki elements)
+constexpr int64_t kConvertChunk = 1024;
+
+struct Geometry {
+  int64_t channels = 1, inner = 1;
+};
+
+Geometry geometry(const at::Tensor& x, std::optional<int64_t> axis) {
+  Geometry g;
+  if (!axis.has_value()) {
+    g.inner = std::max<int64_t>(x.numel(), 1);
+    return g;
+  }
+  const int64_t a = *axis;
+  TORCH_CHECK(a >= 0 && a < x.dim(), "fake_quantize: axis ", a, " is out of range for a ", x.dim(), "-D tensor");
+  g.channels = x.size(a);
+  g.inner = 1;
+  for (int64_t d = a + 1; d < x.dim(); ++d) g.inner *= x.size(d);
+  g.channels = std::max<int64_t>(g.channels, 1);
+  g.inner = std::max<int64_t>(g.inner, 1);
+  return g;
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
+              "fake_quantize: ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+}
+
+void check_range(int64_t qmin, int64_t qmax) {
+  TORCH_CHECK(qmin <= qmax, "fake_quantize: quant_min (", qmin, ") must be <= quant_max (", qmax, ")");
+  TORCH_CHECK(qmin >= -(int64_t(1) << 24) && qmax <= (int64_t(1) << 24),
+              "fake_quantize: quant_min/quant_max must lie in [-2^24, 2^24], got [", qmin, ", ", qmax, "]");
+}
+
+// Owns the fp32 per-channel arrays a QParams points to.
+struct QParamArrays {
+  std::vector<float> scale, inv, zero;
+  QParams params(const Geometry& g, int64_t qmin, int64_t qmax) const {
+    return QParams{scale.data(), inv.data(), zero.data(), g.channels, g.inner, static_cast<float>(qmin),
+                   static_cast<float>(qmax)};
+  }
+};
+
+// zero_mode: 0 = integer zero point used as is (checked in range), 1 = learnable forward
+// (round half even, clamp), 2 = learnable backward per tensor (trunc(clamp(z + 0.5))),
+// 3 = learnable backward per channel (round, clamp).
+QParamArrays qparam_arrays(const at::Tensor& scale, const at::Tensor& zero_point, const Geometry& g, int64_t qmin,
+                           int64_t qmax, int zero_mode) {
+  TORCH_CHECK(scale.numel() == g.channels, "fake_quantize: scale must have ", g.channels, " element(s), got ",
+              scale.numel());
+  TORCH_CHECK(zero_point.numel() == g.channels, "fake_quantize: zero_point must have ", g.channels,
+              " element(s), got ", zero_point.numel());
+  const at::Tensor s = scale.to(at::kFloat).contiguous().reshape(-1);
+  const at::Tensor z = zero_point.to(zero_mode == 0 ? at::kLong : at::kFloat).contiguous().reshape(-1);
+  QParamArrays a;
+  a.scale.resize(g.channels);
+  a.inv.resize(g.channels);
+  a.zero.resize(g.channels);
+  const float* sp = s.data_ptr<float>();
+  const float fmin = static_cast<float>(qmin), fmax = static_cast<float>(qmax);
+  for (int64_t c = 0; c < g.channels; ++c) {
+    TORCH_CHECK(sp[c] > 0.f && std::isfinite(sp[c]), "fake_quantize: scale must be positive and finite, got ",
+                sp[c], " for channel ", c);
+    a.scale[c] = sp[c];
+    a.inv[c] = 1.0f / sp[c];
+    if (zero_mode == 0) {
+      const int64_t zc = z.data_ptr<int64_t>()[c];
+      TORCH_CHECK(zc >= qmin && zc <= qmax, "fake_quantize: zero_point ", zc, " (channel ", c,
+                  ") lies outside [quant_min, quant_max] = [", qmin, ", ", qmax, "]");
+      a.zero[c] = static_cast<float>(zc);
+    } else {
+      const float zf = z.data_ptr<float>()[c];
+      float r;
+      if (zero_mode == 2)
+        r = std::trunc(std::min(std::max(zf + 0.5f, fmin), fmax));
+      else
+        r = std::min(std::max(std::nearbyint(zf), fmin), fmax);
+      a.zero[c] = r;
+    }
+  }
+  return a;
+}
+
+// Runs the fp32 forward over x (any float dtype; 16-bit types go through fp32 buffers,
+// converted exactly as torch converts).
+void forward_tensor(const at::Tensor& x, at::Tensor& y, uint8_t* mask, const QParams& p) {
+  const Isa isa = active_isa();
+  const int64_t n = x.numel();
+  const int64_t groups = (n + 7) / 8;
+  if (x.scalar_type() == at::kFloat) {
+    const float* xp = x.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
+      const int64_t b = g0 * 8, e = std::min(g1 * 8, n);
+      fq_forward_f32(xp + b, yp + b, mask ? mask + g0 : nullptr, b, e - b, p, isa);
+    });
+    return;
+  }
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "fake_quantize", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
+      float xb[kConvertChunk], yb[kConvertChunk];
+      const int64_t e = std::min(g1 * 8, n);
+      for (int64_t b = g0 * 8; b < e; b += kConvertChunk) {
+        const int64_t len = std::min(kConvertChunk, e - b);
+        for (int64_t i = 0; i < len; ++i) xb[i] = static_cast<float>(xp[b + i]);
+        fq_forward_f32(xb, yb, mask ? mask + b / 8 : nullptr, b, len, p, isa);
+        for (int64_t i = 0; i < len; ++i) yp[b + i] = static_cast<scalar_t>(yb[i]);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> fake_quantize_cpu(const at::Tensor& x, const at::Tensor& scale,
+                                                     const at::Tensor& zero_point, int64_t quant_min,
+                                                     int64_t quant_max, std::optional<int64_t> axis) {
+  check_float(x, "x");
+  check_range(quant_min, quant_max);
+  const Geometry g = geometry(x, axis);
+  const QParamArrays arrays = qparam_arrays(scale, zero_point, g, quant_min, quant_max, 0);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor mask = at::empty({(x.numel() + 7) / 8}, x.options().dtype(at::kByte));
+  forward_tensor(xc, y, mask.data_ptr<uint8_t>(), arrays.params(g, quant_min, quant_max));
+  return {y, mask};
+}
+
+at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& mask) {
+  check_float(grad, "grad");
+  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 1 && mask.numel() == (grad.numel() + 7) / 8,
+              "fake_quantize_backward: mask must be uint8 [ceil(numel / 8)] = [", (grad.numel() + 7) / 8,
+              "], got ", mask.scalar_type(), " ", mask.sizes());
+  const at::Tensor gc = grad.contiguous();
+  const at::Tensor mc = mask.contiguous();
+  at::Tensor dx = at::empty(grad.sizes(), grad.options().memory_format(at::MemoryFormat::Contiguous));
+  const uint8_t* mp = mc.data_ptr<uint8_t>();
+  const Isa isa = active_isa();
+  const int64_t n = grad.numel();
+  const int64_t groups = (n + 7) / 8;
+  if (grad.scalar_type() == at::kFloat) {
+    const float* gp = gc.data_ptr<float>();
+    float* dp = dx.data_ptr<float>();
+    at::parallel_for(0, groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
+      const int64_t b = g0 * 8, e = std::min(g1 * 8, n);
+      if (isa == Isa::Avx2)
+        fq_backward_avx2(gp + b, mp + g0, dp + b, e - b);
+      else
+        fq_backward_scalar(gp + b, mp + g0, dp + b, e - b);
+    });
+    return dx;
+  }
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(grad.scalar_type(), "fake_quantize_backward", [&] {
+    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    scalar_t* dp = dx.data_ptr<scalar_t>();
+    at::parallel_for(0, groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
+      const int64_t e = std::min(g1 * 8, n);
+      for (int64_t i = g0 * 8; i < e; ++i) {
+        // the product in the 16-bit type, as torch's dy * mask computes it
+        dp[i] = gp[i] * static_cast<scalar_t>(static_cast<float>((mp[i / 8] >> (i % 8)) & 1));
+      }
+    });
+  });
+  return dx;
+}
+
+at::Tensor fake_quantize_learnable_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                                       int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis,
+                                       double grad_factor) {
+  (void)grad_factor;  // scales the gradients only
+  check_float(x, "x");
+  check_range(quant_min, quant_max);
+  const Geometry g = geometry(x, axis);
+  const QParamArrays arrays = qparam_arrays(scale, zero_point, g, quant_min, quant_max, 1);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  forward_tensor(xc, y, nullptr, arrays.params(g, quant_min, quant_max));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_learnable_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis, double grad_factor) {
+  check_float(x, "x");
+  check_range(quant_min, quant_max);
+  TORCH_CHECK(grad.sizes() == x.sizes(), "fake_quantize_learnable_backward: grad shape ", grad.sizes(),
+              " differs from x's ", x.sizes());
+  const Geometry g = geometry(x, axis);
+  const QParamArrays arrays = qparam_arrays(scale, zero_point, g, quant_min, quant_max, axis.has_value() ? 3 : 2);
+  const QParams p = arrays.params(g, quant_min, quant_max);
+  // The kernel works in fp32 (torch's learnable kernels accept only fp32 x).
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor gf = grad.to(at::kFloat).contiguous();
+  at::Tensor dx = at::empty(x.sizes(), xf.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t n = x.numel();
+  const int64_t channels = g.channels;
+  const int nthreads = at::get_num_threads();
+  const int64_t grain = 1 << 15;
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(nthreads, (n + grain - 1) / grain));
+  const int64_t per_task = (n + tasks - 1) / tasks;
+  std::vector<double> acc_s(tasks * channels, 0.0), acc_z(tasks * channels, 0.0);
+  const float* xp = xf.data_ptr<float>();
+  const float* gp = gf.data_ptr<float>();
+  float* dp = dx.data_ptr<float>();
+  const Isa isa = active_isa();
+  const float gfac = static_cast<float>(grad_factor);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t * per_task, e = std::min(n, b + per_task);
+      if (b >= e) continue;
+      double* as = acc_s.data() + t * channels;
+      double* az = acc_z.data() + t * channels;
+      if (isa == Isa::Avx2)
+        lsq_backward_avx2(xp + b, gp + b, dp + b, as, az, b, e - b, p, gfac);
+      else
+        lsq_backward_scalar(xp + b, gp + b, dp + b, as, az, b, e - b, p, gfac);
+    }
+  });
+  at::Tensor dscale = at::zeros({channels}, xf.options());
+  at::Tensor dzero = at::zeros({channels}, xf.options());
+  float* ds = dscale.data_ptr<float>();
+  float* dz = dzero.data_ptr<float>();
+  for (int64_t c = 0; c < channels; ++c) {
+    double s = 0.0, z = 0.0;
+    for (int64_t t = 0; t < tasks; ++t) {
+      s += acc_s[t * channels + c];
+      z += acc_z[t * channels + c];
+    }
+    ds[c] = static_cast<float>(s);
+    dz[c] = static_cast<float>(z);
+  }
+  return {dx.to(x.scalar_type()), dscale.reshape(scale.sizes()).to(scale.scalar_type()),
+          dzero.reshape(zero_point.sizes()).to(zero_point.scalar_type())};
+}
+
+}  // namespace accelops
