@@ -236,6 +236,10 @@ def git_state() -> dict:
     return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
+ENV_RECORDED = ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS", "ACCELOPS_BACKEND", "ACCELOPS_CPU_ISA",
+                "MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD")
+
+
 def run_metadata(cfg: Config) -> dict:
     """Fields shared by every row of a run."""
     return {
@@ -246,6 +250,9 @@ def run_metadata(cfg: Config) -> dict:
         "machine": machine(cfg.device),
         "versions": versions(),
         "quick": cfg.quick,
+        # settings that change what is measured (THP_MEM_ALLOC_ENABLE=1 gives torch's own
+        # allocations huge pages, as accelops' memory-bound kernels ask for theirs)
+        "env": {k: os.environ[k] for k in ENV_RECORDED if k in os.environ},
     }
 
 

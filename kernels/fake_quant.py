@@ -71,7 +71,7 @@ def _fake_quantize_kernel(x_ptr, y_ptr, mask_ptr, s_ptr, inv_ptr, z_ptr, n, chan
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
     if WRITE_MASK:
         lanes = tl.arange(0, 8)
-        bits = tl.reshape(inside.to(tl.int32), (BLOCK // 8, 8)) << lanes[None, :]
+        bits = tl.reshape((inside & ok).to(tl.int32), (BLOCK // 8, 8)) << lanes[None, :]  # padding bits 0
         byte = tl.sum(bits, axis=1)
         boffs = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
         tl.store(mask_ptr + boffs, byte.to(tl.uint8), mask=boffs < (n + 7) // 8)
@@ -211,6 +211,8 @@ def fake_quantize_learnable_backward(grad, x, scale, zero_point, quant_min, quan
             xc, gc, dx, ds, dz, s, inv, z, n, channels, inner, float(quant_min), float(quant_max),
             float(grad_factor), BLOCK=block)
     dims = tuple(range(x.dim())) if axis is None else tuple(d for d in range(x.dim()) if d != axis)
-    d_scale = ds.sum(dim=dims).reshape(scale.shape).to(scale.dtype)
-    d_zero = dz.sum(dim=dims).reshape(zero_point.shape).to(zero_point.dtype)
+    if dims:  # sum(dim=()) would reduce everything
+        ds, dz = ds.sum(dim=dims), dz.sum(dim=dims)
+    d_scale = ds.reshape(scale.shape).to(scale.dtype)
+    d_zero = dz.reshape(zero_point.shape).to(zero_point.dtype)
     return dx.to(x.dtype), d_scale, d_zero

@@ -130,6 +130,8 @@ def fake_quantize_learnable_backward(grad, x, scale, zero_point, quant_min, quan
         dims = tuple(range(x.dim()))
     else:
         dims = tuple(d for d in range(x.dim()) if d != axis)
-    d_scale = d_scale.sum(dim=dims).reshape(scale.shape).to(scale.dtype)
-    d_zero = d_zero.sum(dim=dims).reshape(zero_point.shape).to(zero_point.dtype)
+    if dims:  # sum(dim=()) would reduce everything
+        d_scale, d_zero = d_scale.sum(dim=dims), d_zero.sum(dim=dims)
+    d_scale = d_scale.reshape(scale.shape).to(scale.dtype)
+    d_zero = d_zero.reshape(zero_point.shape).to(zero_point.dtype)
     return dx.to(x.dtype), d_scale, d_zero
