@@ -17,18 +17,20 @@ multiply-add pair the GPU compiler could contract into one FMA.
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_LANES = tl.constexpr(8)
+from .int8 import _interpreting, _on_device_of
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+@triton.jit
+def _load_block(x_ptr, s_ptr, inv_ptr, z_ptr, offs, ok, channels, inner):
+    """x as fp32 and the scale, 1/scale and zero point of each element's channel."""
+    c = (offs // inner) % channels
+    s = tl.load(s_ptr + c, mask=ok, other=1.0)
+    inv = tl.load(inv_ptr + c, mask=ok, other=1.0)
+    z = tl.load(z_ptr + c, mask=ok, other=0.0)
+    return tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32), s, inv, z
 
 
 @triton.jit
@@ -55,11 +57,7 @@ def _fake_quantize_kernel(x_ptr, y_ptr, mask_ptr, s_ptr, inv_ptr, z_ptr, n, chan
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    c = (offs // inner) % channels
-    s = tl.load(s_ptr + c, mask=ok, other=1.0)
-    inv = tl.load(inv_ptr + c, mask=ok, other=1.0)
-    z = tl.load(z_ptr + c, mask=ok, other=0.0)
-    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    x, s, inv, z = _load_block(x_ptr, s_ptr, inv_ptr, z_ptr, offs, ok, channels, inner)
     y, q, inside = _fq_core(x, s, inv, z, qmin, qmax)
     if OUT_BF16:
         # Round to nearest even by hand: the interpreter's fp32 -> bf16 cast truncates.
@@ -98,11 +96,7 @@ def _lsq_backward_kernel(x_ptr, g_ptr, dx_ptr, ds_ptr, dz_ptr, s_ptr, inv_ptr, z
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    c = (offs // inner) % channels
-    s = tl.load(s_ptr + c, mask=ok, other=1.0)
-    inv = tl.load(inv_ptr + c, mask=ok, other=1.0)
-    z = tl.load(z_ptr + c, mask=ok, other=0.0)
-    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    x, s, inv, z = _load_block(x_ptr, s_ptr, inv_ptr, z_ptr, offs, ok, channels, inner)
     g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     xfq, q, inside = _fq_core(x, s, inv, z, qmin, qmax)
     dx = g * inside.to(tl.float32)
@@ -115,17 +109,6 @@ def _lsq_backward_kernel(x_ptr, g_ptr, dx_ptr, ds_ptr, dz_ptr, s_ptr, inv_ptr, z
 
 
 # --------------------------------------------------------------------------- launchers
-
-
-def _on_device_of(fn):
-    @functools.wraps(fn)
-    def wrapper(first, *args, **kwargs):
-        if first.is_cuda:
-            with torch.cuda.device(first.device):
-                return fn(first, *args, **kwargs)
-        return fn(first, *args, **kwargs)
-
-    return wrapper
 
 
 def _block(n: int) -> int:
