@@ -45,6 +45,18 @@ _RANGES = {
 _UNSIGNED = (torch.quint8, torch.uint8)
 
 
+def _keep_fp32(module: nn.Module, names, fn, recurse: bool, apply) -> nn.Module:
+    """module._apply(fn) that moves the fp32 statistics / qparams named but keeps them fp32:
+    model.half() or .to(torch.bfloat16) would otherwise round them (and eps to a subnormal)."""
+    saved = {name: getattr(module, name) for name in names}
+    apply(fn, recurse)
+    for name, before in saved.items():
+        now = getattr(module, name)
+        if now.dtype != before.dtype:
+            setattr(module, name, before.to(now.device))
+    return module
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -185,6 +197,9 @@ class MinMaxObserver(nn.Module):
             self.max_val.copy_(new_max)
         return x
 
+    def _apply(self, fn, recurse=True):
+        return _keep_fp32(self, ("eps", "min_val", "max_val"), fn, recurse, super()._apply)
+
     def reset_min_max_vals(self) -> None:
         self.min_val.fill_(math.inf)
         self.max_val.fill_(-math.inf)
@@ -324,6 +339,9 @@ class FakeQuantize(nn.Module):
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.activation_post_process.calculate_qparams()
+
+    def _apply(self, fn, recurse=True):
+        return _keep_fp32(self, ("scale",), fn, recurse, super()._apply)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer_enabled:
