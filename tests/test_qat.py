@@ -300,18 +300,17 @@ def test_fake_quantize_state_dict_and_eval_use_of_stored_qparams():
 
 
 def test_fake_quantize_torch_compile_fullgraph_eager_backend():
-    """fullgraph=True: no graph break, so no .item() or host branch on a tensor value."""
+    """fullgraph=True: no graph break, so no .item() or host branch on a tensor value; the
+    first call, which sizes the per-channel statistics, traces too."""
     def make():
-        torch.manual_seed(0)
         return (FakeQuantize(dtype=torch.qint8, qscheme=torch.per_tensor_affine),
-                FakeQuantize(MinMaxObserver, qscheme=torch.per_channel_symmetric, ch_axis=1))
+                FakeQuantize(MinMaxObserver, qscheme=torch.per_channel_symmetric, ch_axis=1),
+                FakeQuantize(qscheme=torch.per_channel_affine, ch_axis=0, num_channels=4))
     eager, twin = make(), make()
-    step = torch.compile(lambda fqs, x: fqs[1](fqs[0](x)), fullgraph=True, backend="eager")
+    step = torch.compile(lambda fqs, x: fqs[2](fqs[1](fqs[0](x))), fullgraph=True, backend="eager")
     for i in range(3):
         x = torch.randn(4, 6) * (i + 1)
-        twin[1](x)  # size the per-channel statistics eagerly (a shape, set on the first call)
-        eager[1](x)
-        assert torch.equal(step(twin, x), eager[1](eager[0](x)))
+        assert torch.equal(step(twin, x), eager[2](eager[1](eager[0](x))))
     for a, b in zip(eager, twin):
         for (name, u), (_, v) in zip(a.named_buffers(), b.named_buffers()):
             assert torch.equal(u, v), name

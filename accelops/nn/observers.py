@@ -95,7 +95,7 @@ class MinMaxObserver(nn.Module):
     torch.int8) or a customized quant_min/quant_max within it, qscheme (per_tensor_affine,
     per_tensor_symmetric, per_channel_affine, per_channel_symmetric), reduce_range, eps.
     Per channel, the statistics are sized by the first input unless `num_channels` sizes
-    them up front (needed to trace the very first call with torch.compile).
+    them up front.
 
     forward(x) updates min_val/max_val (buffers, so they are in the state_dict under
     torch.ao's names) and returns x unchanged. calculate_qparams() -> (scale fp32 [C],
