@@ -222,6 +222,36 @@ def test_observer_bad_input():
         FakeQuantize(tao.MinMaxObserver)
 
 
+@given(ndim=st.integers(1, 4), ch_axis=st.integers(-6, 6),
+       constant=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 2)),
+       x_dtype=st.sampled_from([torch.float32, torch.float64, torch.int32, torch.bool, torch.complex64]))
+@SETTINGS
+def test_observer_bad_input_hypothesis(ndim, ch_axis, constant, x_dtype):
+    """Every bad value is refused with an error naming the argument, every good one accepted."""
+    if isinstance(constant, float) and 0 < constant <= 1:
+        MovingAverageMinMaxObserver(averaging_constant=constant)
+    elif isinstance(constant, int) and constant == 1:
+        MovingAverageMinMaxObserver(averaging_constant=constant)
+    else:
+        with pytest.raises(ValueError, match=r"averaging_constant must lie in \(0, 1\]"):
+            MovingAverageMinMaxObserver(averaging_constant=constant)
+    obs = MinMaxObserver(qscheme=torch.per_channel_affine, ch_axis=ch_axis)
+    x = torch.ones((2,) * ndim, dtype=x_dtype)
+    if not x_dtype.is_floating_point:
+        with pytest.raises(TypeError, match=f"x must be a floating-point tensor, got {x_dtype}"):
+            obs(x)
+    elif not -ndim <= ch_axis < ndim:
+        with pytest.raises(ValueError, match=f"ch_axis {ch_axis} is out of range for x of shape"):
+            obs(x)
+    else:
+        obs(x)
+        assert obs.min_val.shape == (2,) and obs.min_val.dtype == torch.float32
+    fq = FakeQuantize(qscheme=torch.per_tensor_affine)
+    if x_dtype == torch.float64:  # the observer takes it; accelops.ops.fake_quantize does not
+        with pytest.raises(TypeError, match="x must be float32, bfloat16 or float16, got torch.float64"):
+            fq(x)
+
+
 # ------------------------------------------------------------------ FakeQuantize
 
 
