@@ -1,7 +1,11 @@
-"""Drop-in modules: BitLinear (training), TernaryLinear and Int8Linear (inference), and
-convert() that swaps a model's nn.Linear layers for them."""
+"""Drop-in modules: BitLinear and QATLinear (training), TernaryLinear and Int8Linear
+(inference), the observers and FakeQuantize of quantization-aware training, and convert()
+that swaps a model's nn.Linear layers for them."""
 from .bitlinear import BitLinear
 from .convert import MODES, ConvertReport, Swap, convert
+from .observers import FakeQuantize, MinMaxObserver, MovingAverageMinMaxObserver
+from .qat import QATLinear
 from .quantized_linear import Int8Linear, TernaryLinear
 
-__all__ = ["BitLinear", "TernaryLinear", "Int8Linear", "convert", "ConvertReport", "Swap", "MODES"]
+__all__ = ["BitLinear", "TernaryLinear", "Int8Linear", "QATLinear", "MinMaxObserver", "MovingAverageMinMaxObserver",
+           "FakeQuantize", "convert", "ConvertReport", "Swap", "MODES"]

@@ -7,11 +7,12 @@ from typing import Callable
 from torch import nn
 
 from .bitlinear import BitLinear
+from .qat import QATLinear
 from .quantized_linear import Int8Linear, TernaryLinear
 
 __all__ = ["convert", "ConvertReport", "Swap", "MODES"]
 
-MODES = ("bitlinear", "ternary", "int8")
+MODES = ("bitlinear", "ternary", "int8", "dynamic-int8", "qat-int8", "int8-from-qat")
 
 
 @dataclass
@@ -69,8 +70,18 @@ def _bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _swap_for(module: nn.Module, mode: str, per_channel: bool):
+def _swap_for(module: nn.Module, mode: str, per_channel: bool, qat: dict):
     """-> (a function making the new module, None) or (None, why it is not swapped)."""
+    if type(module) is QATLinear:
+        if mode == "int8-from-qat":
+            return (lambda m: m.to_int8_linear()), None
+        return None, f"already a QATLinear; mode={mode!r} converts only plain nn.Linear (use mode='int8-from-qat')"
+    if mode == "int8-from-qat":
+        if type(module) is nn.Linear:
+            return None, "a plain nn.Linear, not a QATLinear (mode='int8-from-qat' converts QATLinear only)"
+        if isinstance(module, nn.Linear):
+            return None, f"{type(module).__name__} is not a QATLinear"
+        return None, None
     if type(module) is BitLinear:
         if mode == "ternary":
             return (lambda m: TernaryLinear.from_bitlinear(m)), None
@@ -80,7 +91,9 @@ def _swap_for(module: nn.Module, mode: str, per_channel: bool):
             return (lambda m: BitLinear.from_linear(m, per_channel=per_channel)), None
         if mode == "ternary":
             return (lambda m: TernaryLinear.from_linear(m, per_channel=per_channel)), None
-        return (lambda m: Int8Linear.from_linear(m)), None
+        if mode == "qat-int8":
+            return (lambda m: QATLinear.from_linear(m, **qat)), None
+        return (lambda m: Int8Linear.from_linear(m)), None  # "int8" and "dynamic-int8": the same layer
     if isinstance(module, nn.Linear):
         # Subclasses such as nn.MultiheadAttention's out_proj are read through `.weight` by
         # their owner, not called, so swapping them would silently change nothing or break.
@@ -89,13 +102,20 @@ def _swap_for(module: nn.Module, mode: str, per_channel: bool):
 
 
 def convert(model: nn.Module, mode: str, filter: Callable[[nn.Module, str], bool] | None = None,
-            per_channel: bool = False) -> ConvertReport:
+            per_channel: bool = False, *, activation: str = "per_token", weight: str = "int8",
+            group_size: int = 128) -> ConvertReport:
     """Swap `model`'s nn.Linear layers in place, recursing through its children.
 
     mode: "bitlinear" (training layer sharing the latent weight and bias Parameters),
     "ternary" (packed inference layer; a BitLinear is converted with its own per_channel)
-    or "int8" (W8A8, per output channel). filter(module, fqn) -> bool is asked about each
-    swappable layer; only those it returns True for are swapped. per_channel applies to
+    or "int8" (W8A8, per output channel). "dynamic-int8" is the same as "int8": Int8Linear
+    quantizes the weights once, here, and the activations per token at run time.
+    "qat-int8" makes QATLinear training layers sharing the weight and bias Parameters, with
+    `activation` ("per_token" or "per_tensor"), `weight` ("int8" or "int4") and `group_size`
+    (int4); "int8-from-qat" turns trained QATLinear layers (int8 weights, per-token
+    activations) into Int8Linear layers whose outputs equal theirs bit for bit (others raise).
+    filter(module, fqn) -> bool is asked about each swappable layer; only those it returns
+    True for are swapped. per_channel applies to
     "bitlinear" and "ternary" from nn.Linear. New layers live on the original's device and
     return outputs in the input's dtype. A layer object reachable under several names is
     swapped once and the new one put at every name, so sharing survives.
@@ -106,6 +126,11 @@ def convert(model: nn.Module, mode: str, filter: Callable[[nn.Module, str], bool
         raise TypeError(f"filter must be callable as filter(module, fqn) -> bool, got {type(filter).__name__}")
     if not isinstance(per_channel, bool):
         raise TypeError(f"per_channel must be a bool, got {per_channel!r}")
+    qat = {"activation": activation, "weight": weight, "group_size": group_size}
+    if mode == "qat-int8":
+        QATLinear(1, 1, activation=activation, weight=weight, group_size=group_size, device="meta")  # checks them
+    elif qat != {"activation": "per_token", "weight": "int8", "group_size": 128}:
+        raise ValueError(f"activation, weight and group_size apply to mode='qat-int8' only, got mode={mode!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.Linear):
@@ -113,13 +138,23 @@ def convert(model: nn.Module, mode: str, filter: Callable[[nn.Module, str], bool
             f"model is itself a {type(model).__name__}: convert swaps children in place and cannot replace the "
             "object you hold; wrap it (nn.Sequential(layer)) or call TernaryLinear/Int8Linear/BitLinear.from_linear"
         )
+    if mode == "int8-from-qat":
+        # Refuse before swapping anything, so a bad layer leaves the model as it was.
+        for fqn, m in model.named_modules():
+            if type(m) is QATLinear and (m.activation != "per_token" or m.weight_bits != "int8"):
+                if filter is None or filter(m, fqn):
+                    raise ValueError(
+                        f"{fqn} is a QATLinear with activation={m.activation!r}, weight={m.weight_bits!r}: only "
+                        "activation='per_token', weight='int8' has an exact Int8Linear form (Int8Linear quantizes "
+                        "activations per token and weights per output channel); skip it with filter="
+                    )
     report = ConvertReport(mode=mode)
     replaced: dict[int, nn.Module] = {}  # id(old) -> new, so a shared layer stays shared
-    _convert_children(model, "", mode, filter, per_channel, report, replaced, set())
+    _convert_children(model, "", mode, filter, per_channel, qat, report, replaced, set())
     return report
 
 
-def _convert_children(parent, prefix, mode, filter, per_channel, report, replaced, visited):
+def _convert_children(parent, prefix, mode, filter, per_channel, qat, report, replaced, visited):
     if id(parent) in visited:
         return  # a shared container: its layers were swapped on the first visit
     visited.add(id(parent))
@@ -134,11 +169,11 @@ def _convert_children(parent, prefix, mode, filter, per_channel, report, replace
             report.swapped.append(Swap(fqn, type(child).__name__, type(new).__name__,
                                        child.in_features, child.out_features))
             continue
-        make, why = _swap_for(child, mode, per_channel)
+        make, why = _swap_for(child, mode, per_channel, qat)
         if make is None:
             if why is not None:
                 report.skipped.append((fqn, why))
-            _convert_children(child, fqn + ".", mode, filter, per_channel, report, replaced, visited)
+            _convert_children(child, fqn + ".", mode, filter, per_channel, qat, report, replaced, visited)
             continue
         if filter is not None:
             keep = filter(child, fqn)
