@@ -26,6 +26,18 @@ TORCH_LIBRARY(accelops, m) {
       "int8_matmul(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias=None, "
       "ScalarType? out_dtype=None) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor");
+  // Fused FFN: returns (y, g, u); g and u are the pre-activation projections, saved for
+  // backward when save=True (empty [0] tensors otherwise, and g is empty for 'gelu').
+  m.def(
+      "fused_ffn(Tensor x, Tensor? w_gate, Tensor w_up, Tensor w_down, Tensor? b_gate=None, Tensor? b_up=None, "
+      "Tensor? b_down=None, str activation=\"swiglu\", bool save=False, bool act_quant=False) "
+      "-> (Tensor, Tensor, Tensor)");
+  // -> (dx, dw_gate, dw_up, dw_down, db_gate, db_up, db_down); absent ones are empty [0].
+  m.def(
+      "fused_ffn_backward(Tensor dy, Tensor x, Tensor g, Tensor u, Tensor? w_gate, Tensor w_up, Tensor w_down, "
+      "str activation, bool has_b_gate, bool has_b_up, bool has_b_down, bool act_quant, bool need_dx, "
+      "bool need_dw) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("ffn_activation(Tensor? g, Tensor u, str activation=\"swiglu\") -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(accelops, CPU, m) {
@@ -37,4 +49,7 @@ TORCH_LIBRARY_IMPL(accelops, CPU, m) {
   m.impl("quantize_weight_int8", &accelops::quantize_weight_int8_cpu);
   m.impl("int8_matmul", &accelops::int8_matmul_cpu);
   m.impl("int8_linear", &accelops::int8_linear_cpu);
+  m.impl("fused_ffn", &accelops::fused_ffn_cpu);
+  m.impl("fused_ffn_backward", &accelops::fused_ffn_backward_cpu);
+  m.impl("ffn_activation", &accelops::ffn_activation_cpu);
 }

@@ -24,6 +24,18 @@ at::Tensor int8_matmul_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, con
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
                            const std::optional<at::Tensor>& bias);
 
+// fused FFN (csrc/cpu/ffn.cpp)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_ffn_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
+    const std::optional<at::Tensor>& b_gate, const std::optional<at::Tensor>& b_up,
+    const std::optional<at::Tensor>& b_down, c10::string_view activation, bool save, bool act_quant);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_ffn_backward_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& g, const at::Tensor& u,
+    const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
+    c10::string_view activation, bool has_b_gate, bool has_b_up, bool has_b_down, bool act_quant, bool need_dx,
+    bool need_dw);
+at::Tensor ffn_activation_cpu(const std::optional<at::Tensor>& g, const at::Tensor& u, c10::string_view activation);
+
 // shared helpers (csrc/cpu/int8.cpp)
 // Quantizes x ([M, K], any float dtype) row by row into q ([M, k_padded] int8, zero padded),
 // scale[M] and (if not null) qsum[M].
