@@ -257,6 +257,9 @@ def _register() -> None:
     def setup_context(ctx, inputs, output):
         x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, save, act_quant = inputs
         _, g, u = output
+        # g and u are outputs only to be saved: without this, autograd would materialize
+        # their (unused) incoming gradients as two [..., H] zero tensors in backward.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, g, u, w_gate, w_up, w_down)
         ctx.meta = (activation, act_quant, save, tuple(None if b is None else b.dtype for b in (b_gate, b_up, b_down)))
 

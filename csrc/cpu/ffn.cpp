@@ -14,6 +14,7 @@
 // gradients accumulate across blocks in fp32, rounded to the weights' dtype once.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -52,12 +53,63 @@ int64_t block_rows(int64_t t) {
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 inline float gelu(float v) { return 0.5f * v * (1.0f + std::erf(v * kInvSqrt2)); }
 
+// ---------------------------------------------------------------- SwiGLU, AVX2
+// silu is the one activation whose cost matters at LLM shapes; glibc's expf does not
+// vectorize, so exp is the Cephes polynomial (as in avx_mathfun, ~1 ulp) on 8 lanes.
+// GELU's erf stays scalar (glibc erff).
+
+__attribute__((target("avx2,fma"))) static inline __m256 exp256(__m256 x) {
+  // min/max with x second: a NaN lane stays NaN.
+  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);
+  x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x);
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+__attribute__((target("avx2,fma"))) static int64_t swiglu_forward_avx2(const float* g, const float* u, float* h,
+                                                                      int64_t b, int64_t e) {
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  int64_t i = b;
+  for (; i + 8 <= e; i += 8) {
+    const __m256 gi = _mm256_loadu_ps(g + i);
+    const __m256 den = _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, gi)));
+    _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_div_ps(gi, den), _mm256_loadu_ps(u + i)));
+  }
+  return i;
+}
+
+__attribute__((target("avx2,fma"))) static int64_t swiglu_backward_avx2(const float* g, const float* u, float* dh,
+                                                                       float* du, int64_t b, int64_t e) {
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  int64_t i = b;
+  for (; i + 8 <= e; i += 8) {
+    const __m256 gi = _mm256_loadu_ps(g + i), ui = _mm256_loadu_ps(u + i), d = _mm256_loadu_ps(dh + i);
+    const __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, gi))));
+    const __m256 a = _mm256_mul_ps(gi, s);
+    _mm256_storeu_ps(du + i, _mm256_mul_ps(d, a));
+    const __m256 ds = _mm256_add_ps(s, _mm256_mul_ps(a, _mm256_sub_ps(one, s)));
+    _mm256_storeu_ps(dh + i, _mm256_mul_ps(_mm256_mul_ps(d, ui), ds));
+  }
+  return i;
+}
+
 // h = act(g) * u over n elements.
 void activation_forward(Act act, const float* g, const float* u, float* h, int64_t n) {
+  const Isa isa = active_isa();
   at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) {
     if (act == Act::SwiGLU) {
-#pragma omp simd
-      for (int64_t i = b; i < e; ++i) h[i] = silu(g[i]) * u[i];
+      int64_t i = isa == Isa::Avx2 ? swiglu_forward_avx2(g, u, h, b, e) : b;
+      for (; i < e; ++i) h[i] = silu(g[i]) * u[i];
     } else if (act == Act::GeGLU) {
 #pragma omp simd
       for (int64_t i = b; i < e; ++i) h[i] = gelu(g[i]) * u[i];
@@ -68,19 +120,19 @@ void activation_forward(Act act, const float* g, const float* u, float* h, int64
   });
 }
 
-// From g, u and dh: h (if h != nullptr), dg (written over dh) and du, in one pass.
-//   swiglu: s = sigmoid(g); h = g s u; dg = dh u s (1 + g (1 - s)); du = dh g s
-//   geglu:  h = gelu(g) u; dg = dh u gelu'(g); du = dh gelu(g)
-//   gelu:   h = gelu(u); du = dh gelu'(u)            (dh is overwritten by du)
-void activation_backward(Act act, const float* g, const float* u, float* dh, float* du, float* h, int64_t n) {
+// From g, u and dh: dg (written over dh) and du, in one pass.
+//   swiglu: s = sigmoid(g); dg = dh u s (1 + g (1 - s)); du = dh g s
+//   geglu:  dg = dh u gelu'(g); du = dh gelu(g)
+//   gelu:   du = dh gelu'(u)            (du may be dh itself)
+void activation_backward(Act act, const float* g, const float* u, float* dh, float* du, int64_t n) {
+  const Isa isa = active_isa();
   at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) {
     if (act == Act::SwiGLU) {
-#pragma omp simd
-      for (int64_t i = b; i < e; ++i) {
+      int64_t i = isa == Isa::Avx2 ? swiglu_backward_avx2(g, u, dh, du, b, e) : b;
+      for (; i < e; ++i) {
         const float gi = g[i], ui = u[i], d = dh[i];
         const float s = 1.0f / (1.0f + std::exp(-gi));
         const float a = gi * s;
-        if (h) h[i] = a * ui;
         du[i] = d * a;
         dh[i] = d * ui * (s + a * (1.0f - s));
       }
@@ -89,9 +141,7 @@ void activation_backward(Act act, const float* g, const float* u, float* dh, flo
       for (int64_t i = b; i < e; ++i) {
         const float gi = g[i], ui = u[i], d = dh[i];
         const float cdf = 0.5f * (1.0f + std::erf(gi * kInvSqrt2));
-        const float a = gi * cdf;
-        if (h) h[i] = a * ui;
-        du[i] = d * a;
+        du[i] = d * gi * cdf;
         dh[i] = d * ui * (cdf + gi * kInvSqrt2Pi * std::exp(-0.5f * gi * gi));
       }
     } else {
@@ -99,7 +149,6 @@ void activation_backward(Act act, const float* g, const float* u, float* dh, flo
       for (int64_t i = b; i < e; ++i) {
         const float ui = u[i], d = dh[i];
         const float cdf = 0.5f * (1.0f + std::erf(ui * kInvSqrt2));
-        if (h) h[i] = ui * cdf;
         du[i] = d * (cdf + ui * kInvSqrt2Pi * std::exp(-0.5f * ui * ui));
       }
     }
@@ -251,9 +300,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto fopt = x.options().dtype(at::kFloat);
   at::Tensor dx = need_dx ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   // fp32 accumulators; for fp32 weights they are the results themselves.
-  at::Tensor dwg = need_dw && gated_ ? at::zeros({h_dim, d}, fopt) : at::Tensor();
-  at::Tensor dwu = need_dw ? at::zeros({h_dim, d}, fopt) : at::Tensor();
-  at::Tensor dwd = need_dw ? at::zeros({d, h_dim}, fopt) : at::Tensor();
+  // The first block writes them (mm_out), later blocks accumulate (addmm_); zeros only
+  // when there is no block at all.
+  auto acc = [&](int64_t r, int64_t c) { return tokens > 0 ? at::empty({r, c}, fopt) : at::zeros({r, c}, fopt); };
+  at::Tensor dwg = need_dw && gated_ ? acc(h_dim, d) : at::Tensor();
+  at::Tensor dwu = need_dw ? acc(h_dim, d) : at::Tensor();
+  at::Tensor dwd = need_dw ? acc(d, h_dim) : at::Tensor();
   at::Tensor dbg = need_dw && has_b_gate ? at::zeros({h_dim}, fopt) : at::Tensor();
   at::Tensor dbu = need_dw && has_b_up ? at::zeros({h_dim}, fopt) : at::Tensor();
   at::Tensor dbd = need_dw && has_b_down ? at::zeros({d}, fopt) : at::Tensor();
@@ -275,22 +327,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor g_buf = widen && gated_ ? at::empty({bs, h_dim}, fopt) : at::Tensor();
     at::Tensor u_buf = widen ? at::empty({bs, h_dim}, fopt) : at::Tensor();
     at::Tensor dx_buf = widen && need_dx ? at::empty({bs, d}, fopt) : at::Tensor();
-    at::Tensor dh_buf = at::empty({bs, h_dim}, fopt);  // dh, then dg (gated) or du (gelu)
-    at::Tensor du_buf = gated_ ? at::empty({bs, h_dim}, fopt) : at::Tensor();
-    at::Tensor h_buf = need_dw ? at::empty({bs, h_dim}, fopt) : at::Tensor();
+    // Two [block, H] buffers: A holds dh and then dg (du for 'gelu'); B holds the
+    // recomputed h until dWd has consumed it, and then du.
+    at::Tensor a_buf = at::empty({bs, h_dim}, fopt);
+    at::Tensor b_buf = (need_dw || gated_) ? at::empty({bs, h_dim}, fopt) : at::Tensor();
 
     for (int64_t r0 = 0; r0 < tokens; r0 += bs) {
       const int64_t n = std::min(bs, tokens - r0);
       at::Tensor dyb = float_rows(dy2, r0, n, dy_buf);
       at::Tensor ub = float_rows(u2, r0, n, u_buf);
       at::Tensor gb = gated_ ? float_rows(g2, r0, n, g_buf) : at::Tensor();
-      at::Tensor dhb = dh_buf.narrow(0, 0, n);
-      at::mm_out(dhb, dyb, wd);
-      at::Tensor dub = gated_ ? du_buf.narrow(0, 0, n) : dhb;
-      at::Tensor hb = need_dw ? h_buf.narrow(0, 0, n) : at::Tensor();
-      activation_backward(act, gated_ ? gb.data_ptr<float>() : nullptr, ub.data_ptr<float>(), dhb.data_ptr<float>(),
-                          dub.data_ptr<float>(), need_dw ? hb.data_ptr<float>() : nullptr, n * h_dim);
-      at::Tensor dgb = dhb;  // gated: dg was written over dh
+      const float* gp = gated_ ? gb.data_ptr<float>() : nullptr;
+      at::Tensor ab = a_buf.narrow(0, 0, n);
+      at::Tensor bb = b_buf.defined() ? b_buf.narrow(0, 0, n) : at::Tensor();
+      if (need_dw) {
+        // h recomputed in one pass from the saved g and u, consumed at once by dWd.
+        activation_forward(act, gp, ub.data_ptr<float>(), bb.data_ptr<float>(), n * h_dim);
+        if (act_quant) fake_quant_rows(bb.data_ptr<float>(), n, h_dim);
+        if (r0 == 0)
+          at::mm_out(dwd, dyb.t(), bb);
+        else
+          dwd.addmm_(dyb.t(), bb);
+        if (has_b_down) dbd.add_(dyb.sum(0));
+      }
+      at::mm_out(ab, dyb, wd);  // dh
+      at::Tensor dub = gated_ ? bb : ab;
+      at::Tensor dgb = ab;
+      activation_backward(act, gp, ub.data_ptr<float>(), ab.data_ptr<float>(), dub.data_ptr<float>(), n * h_dim);
       if (need_dw) {
         at::Tensor xb;
         if (!widen && !act_quant) {
@@ -300,11 +363,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           xb.copy_(x2.narrow(0, r0, n));
           if (act_quant) fake_quant_rows(xb.data_ptr<float>(), n, d);
         }
-        if (act_quant) fake_quant_rows(hb.data_ptr<float>(), n, h_dim);
-        dwd.addmm_(dyb.t(), hb);
-        dwu.addmm_(dub.t(), xb);
-        if (gated_) dwg.addmm_(dgb.t(), xb);
-        if (has_b_down) dbd.add_(dyb.sum(0));
+        if (r0 == 0) {
+          at::mm_out(dwu, dub.t(), xb);
+          if (gated_) at::mm_out(dwg, dgb.t(), xb);
+        } else {
+          dwu.addmm_(dub.t(), xb);
+          if (gated_) dwg.addmm_(dgb.t(), xb);
+        }
         if (has_b_up) dbu.add_(dub.sum(0));
         if (has_b_gate) dbg.add_(dgb.sum(0));
       }
