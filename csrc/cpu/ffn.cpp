@@ -236,8 +236,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_ffn_cpu(
   at::Tensor y2 = y.view({tokens, d});
 
   const int64_t bs = block_rows(tokens);
-  // Saved g/u in fp32 are written in place; otherwise the GEMMs land in block buffers.
-  const bool direct = save && is_float;
+  // Saved g/u in fp32 are outputs [tokens, H] anyway: their GEMMs run once over all tokens
+  // straight into them (no blocking cost: a row-blocked GEMM re-packs the whole weight
+  // per block). Otherwise (inference, or bf16/fp16) the GEMMs land in block buffers.
+  const bool direct = save && is_float && !act_quant;
+  if (direct) {
+    project_into(u_out, x2, wu, bu);
+    if (gated_) project_into(g_out, x2, wg, bg);
+  }
   at::Tensor x_buf = (!is_float || act_quant) ? at::empty({bs, d}, fopt) : at::Tensor();
   at::Tensor g_buf = gated_ && !direct ? at::empty({bs, h_dim}, fopt) : at::Tensor();
   at::Tensor u_buf = !direct ? at::empty({bs, h_dim}, fopt) : at::Tensor();
@@ -246,20 +252,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_ffn_cpu(
 
   for (int64_t r0 = 0; r0 < tokens; r0 += bs) {
     const int64_t n = std::min(bs, tokens - r0);
-    at::Tensor xb;
-    if (is_float && !act_quant) {
-      xb = x2.narrow(0, r0, n);
+    at::Tensor ub, gb;
+    if (direct) {
+      ub = u_out.narrow(0, r0, n);
+      if (gated_) gb = g_out.narrow(0, r0, n);
     } else {
-      xb = x_buf.narrow(0, 0, n);
-      xb.copy_(x2.narrow(0, r0, n));
-      if (act_quant) fake_quant_rows(xb.data_ptr<float>(), n, d);
-    }
-    at::Tensor ub = direct ? u_out.narrow(0, r0, n) : u_buf.narrow(0, 0, n);
-    project_into(ub, xb, wu, bu);
-    at::Tensor gb;
-    if (gated_) {
-      gb = direct ? g_out.narrow(0, r0, n) : g_buf.narrow(0, 0, n);
-      project_into(gb, xb, wg, bg);
+      at::Tensor xb;
+      if (is_float && !act_quant) {
+        xb = x2.narrow(0, r0, n);
+      } else {
+        xb = x_buf.narrow(0, 0, n);
+        xb.copy_(x2.narrow(0, r0, n));
+        if (act_quant) fake_quant_rows(xb.data_ptr<float>(), n, d);
+      }
+      ub = u_buf.narrow(0, 0, n);
+      project_into(ub, xb, wu, bu);
+      if (gated_) {
+        gb = g_buf.narrow(0, 0, n);
+        project_into(gb, xb, wg, bg);
+      }
     }
     at::Tensor hb = h_buf.narrow(0, 0, n);
     activation_forward(act, gated_ ? gb.data_ptr<float>() : nullptr, ub.data_ptr<float>(), hb.data_ptr<float>(),
@@ -272,10 +283,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_ffn_cpu(
       at::Tensor yb = y_buf.narrow(0, 0, n);
       project_into(yb, hb, wd, bd);
       y2.narrow(0, r0, n).copy_(yb);
-      if (save) {
-        u_out.narrow(0, r0, n).copy_(ub);
-        if (gated_) g_out.narrow(0, r0, n).copy_(gb);
-      }
+    }
+    if (save && !direct) {
+      u_out.narrow(0, r0, n).copy_(ub);
+      if (gated_) g_out.narrow(0, r0, n).copy_(gb);
     }
   }
   return finish();
