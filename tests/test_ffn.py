@@ -454,3 +454,13 @@ def test_int8_mode(backend):
     q2 = FusedFFN(40, 64, "swiglu", bias=True, quant="int8")
     q2.load_state_dict(ref.state_dict())
     assert torch.equal(q2.up_proj.w_q, q.up_proj.w_q)
+
+
+def test_autocast_runs_the_op_in_the_autocast_dtype():
+    ref = FFN(16, 24, "swiglu", bias=True)
+    fused = FusedFFN.from_module(ref)
+    x = torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = fused(x), ref(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
