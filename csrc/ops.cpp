@@ -37,6 +37,18 @@ TORCH_LIBRARY(accelops, m) {
   m.def(
       "fake_quantize_learnable_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int quant_min, "
       "int quant_max, int? axis=None, float grad_factor=1.0) -> (Tensor, Tensor, Tensor)");
+  // Fused FFN: returns (y, g, u); g and u are the pre-activation projections, saved for
+  // backward when save=True (empty [0] tensors otherwise, and g is empty for 'gelu').
+  m.def(
+      "fused_ffn(Tensor x, Tensor? w_gate, Tensor w_up, Tensor w_down, Tensor? b_gate=None, Tensor? b_up=None, "
+      "Tensor? b_down=None, str activation=\"swiglu\", bool save=False, bool act_quant=False) "
+      "-> (Tensor, Tensor, Tensor)");
+  // -> (dx, dw_gate, dw_up, dw_down, db_gate, db_up, db_down); absent ones are empty [0].
+  m.def(
+      "fused_ffn_backward(Tensor dy, Tensor x, Tensor g, Tensor u, Tensor? w_gate, Tensor w_up, Tensor w_down, "
+      "str activation, bool has_b_gate, bool has_b_up, bool has_b_down, bool act_quant, bool need_dx, "
+      "bool need_dw) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("ffn_activation(Tensor? g, Tensor u, str activation=\"swiglu\") -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(accelops, CPU, m) {
@@ -52,4 +64,7 @@ TORCH_LIBRARY_IMPL(accelops, CPU, m) {
   m.impl("fake_quantize_backward", &accelops::fake_quantize_backward_cpu);
   m.impl("fake_quantize_learnable", &accelops::fake_quantize_learnable_cpu);
   m.impl("fake_quantize_learnable_backward", &accelops::fake_quantize_learnable_backward_cpu);
+  m.impl("fused_ffn", &accelops::fused_ffn_cpu);
+  m.impl("fused_ffn_backward", &accelops::fused_ffn_backward_cpu);
+  m.impl("ffn_activation", &accelops::ffn_activation_cpu);
 }

@@ -36,6 +36,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_learnable_backward_
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
     int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis, double grad_factor);
 
+// fused FFN (csrc/cpu/ffn.cpp)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_ffn_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
+    const std::optional<at::Tensor>& b_gate, const std::optional<at::Tensor>& b_up,
+    const std::optional<at::Tensor>& b_down, c10::string_view activation, bool save, bool act_quant);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_ffn_backward_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& g, const at::Tensor& u,
+    const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
+    c10::string_view activation, bool has_b_gate, bool has_b_up, bool has_b_down, bool act_quant, bool need_dx,
+    bool need_dw);
+at::Tensor ffn_activation_cpu(const std::optional<at::Tensor>& g, const at::Tensor& u, c10::string_view activation);
+
 // shared helpers (csrc/cpu/int8.cpp)
 // Quantizes x ([M, K], any float dtype) row by row into q ([M, k_padded] int8, zero padded),
 // scale[M] and (if not null) qsum[M].

@@ -622,3 +622,14 @@ def test_convert_keeps_shared_layers_shared_and_skips_linear_subclasses():
 
 def test_convert_is_exported_at_top_level():
     assert accelops.convert is convert and "convert" in accelops.__all__
+
+
+def test_quantized_layers_nested_load_a_float_state_dict():
+    # the float weight of a nested layer ("1.weight") is quantized into "1.w_q", not "w_q"
+    lin = nn.Sequential(nn.ReLU(), nn.Linear(40, 6))
+    q = nn.Sequential(nn.ReLU(), Int8Linear(40, 6))
+    q.load_state_dict(lin.state_dict())
+    assert torch.equal(q[1].w_q, Int8Linear.from_linear(lin[1]).w_q)
+    t = nn.Sequential(nn.ReLU(), TernaryLinear(40, 6))
+    t.load_state_dict(lin.state_dict())
+    assert torch.equal(t[1].w_packed, TernaryLinear.from_linear(lin[1]).w_packed)

@@ -82,7 +82,8 @@ class _QuantizedLinear(nn.Module):
                     f"{expected} [out_features, in_features], the checkpoint has {tuple(w.shape)}"
                 )
                 return
-            state_dict.update(self._quantize(w.to(self.w_scale.device)))
+            # keys carry the prefix: a nested layer (model.mlp.up_proj) gets its own entries
+            state_dict.update({prefix + k: v for k, v in self._quantize(w.to(self.w_scale.device)).items()})
         ok = True
         for name, (shape, dtype, layout) in self._expected_buffers().items():
             key = prefix + name
