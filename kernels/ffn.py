@@ -19,25 +19,15 @@ far from eager fp32's error). Tile sizes for GPUs are untuned (no GPU here to me
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ..reference.ffn import ACTIVATIONS
+from .int8 import _interpreting, _on_device_of, _pow2, _tile_ids
 
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
 def _config(m: int, n: int, k: int) -> dict:
@@ -60,21 +50,6 @@ def _act_code(activation: str) -> int:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     return ACTIVATIONS.index(activation)  # 0 swiglu, 1 geglu, 2 gelu
-
-
-@triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped ordering: GROUP_M row tiles sweep the N tiles together, so a weight tile is
-    # reused from L2 by GROUP_M programs.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -235,17 +210,6 @@ def _activation_kernel(g_ptr, u_ptr, h_ptr, N, ACT: tl.constexpr, RNE: tl.conste
 
 
 # --------------------------------------------------------------------------- launchers
-
-
-def _on_device_of(fn):
-    @functools.wraps(fn)
-    def wrapper(first, *args, **kwargs):
-        if first.is_cuda:
-            with torch.cuda.device(first.device):
-                return fn(first, *args, **kwargs)
-        return fn(first, *args, **kwargs)
-
-    return wrapper
 
 
 def _fake_quant_rows(t2: torch.Tensor) -> torch.Tensor:
