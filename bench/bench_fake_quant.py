@@ -11,7 +11,6 @@ reported as WRONG and not timed. Speed-up = baseline time / accelops time, same 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -241,10 +240,7 @@ def run(cfg: common.Config) -> common.FamilyResult:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_arguments(parser)
-    cfg = common.config_from_args(parser.parse_args(argv))
-    return common.report(cfg, [run(cfg)])
+    return common.family_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ ru_maxrss minus that RSS and says so in the row.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import ctypes
 import json
@@ -347,10 +346,7 @@ def main(argv=None) -> int:
         method, mode, t, d, h, threads = argv[1], argv[2], *map(int, argv[3:7])
         print(json.dumps(memory_child(method, mode, t, d, h, threads)))
         return 0
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_arguments(parser)
-    cfg = common.config_from_args(parser.parse_args(argv))
-    return common.report(cfg, [run(cfg)])
+    return common.family_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

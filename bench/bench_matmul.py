@@ -10,7 +10,6 @@ both measured in this run at the same thread count.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -413,10 +412,7 @@ def run(cfg: common.Config) -> common.FamilyResult:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_arguments(parser)
-    cfg = common.config_from_args(parser.parse_args(argv))
-    return common.report(cfg, [run(cfg)])
+    return common.family_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -498,6 +498,14 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def family_main(doc: str, run, argv=None) -> int:
+    """The command line of one bench_<family>.py run on its own: common flags, run, report."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    cfg = config_from_args(parser.parse_args(argv))
+    return report(cfg, [run(cfg)])
+
+
 def report(cfg: Config, results: list[FamilyResult]) -> int:
     """Write each family's summary, print it, and list accelops rows that failed.
     -> exit status: 1 when an accelops kernel was wrong or crashed (its timing is void)."""
