@@ -189,7 +189,7 @@ def sign_compress_(grad, residual, chunk_size: int = 2048):
     (bits uint8 [ceil(n / 8)], scales fp32 [ceil(n / chunk_size)]).
 
     acc = grad + residual; per chunk of chunk_size consecutive elements (the last may be
-    shorter), scale = mean |acc| (sum in fp32, then / the chunk's length); element i's bit
+    shorter), scale = mean |acc| (summed in fp64, divided by the chunk's length, rounded to fp32); element i's bit
     is 1 when acc_i >= 0 or acc_i is NaN, stored in byte i // 8 at bit i % 8
     (least significant first); sent_i = +scale or -scale. residual = acc - sent.
     A chunk holding NaN or Inf gets a NaN scale, so its decompressed values are NaN.
@@ -200,7 +200,9 @@ def sign_compress_(grad, residual, chunk_size: int = 2048):
     lengths = torch.full((chunks.shape[0],), float(chunk_size), device=acc.device)
     if n % chunk_size:
         lengths[-1] = n % chunk_size
-    scales = chunks.abs().sum(dim=1) / lengths
+    # Summed in fp64 and rounded once: every backend gets the same fp32 scale whatever
+    # its summation order (fp64 error on a chunk stays far below fp32's half ulp).
+    scales = (chunks.abs().double().sum(dim=1) / lengths.double()).float()
     scales = torch.where(torch.isfinite(scales), scales, torch.full_like(scales, math.nan))
     positive = ~(acc < 0)  # NaN -> 1
     sent = torch.where(positive, 1.0, -1.0) * scales.repeat_interleave(chunk_size)[:n]
