@@ -48,6 +48,12 @@ TORCH_LIBRARY(accelops, m) {
       "fused_ffn_backward(Tensor dy, Tensor x, Tensor g, Tensor u, Tensor? w_gate, Tensor w_up, Tensor w_down, "
       "str activation, bool has_b_gate, bool has_b_up, bool has_b_down, bool act_quant, bool need_dx, "
       "bool need_dw) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same gradients from float32 CPU tensors when g and u die with this call: it writes
+  // dg/du over them and returns their pages to the OS block by block (lower peak memory).
+  m.def(
+      "fused_ffn_backward_consume_(Tensor dy, Tensor x, Tensor(a!) g, Tensor(b!) u, Tensor? w_gate, Tensor w_up, "
+      "Tensor w_down, str activation, bool has_b_gate, bool has_b_up, bool has_b_down, bool act_quant, "
+      "bool need_dx, bool need_dw) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("ffn_activation(Tensor? g, Tensor u, str activation=\"swiglu\") -> Tensor");
 }
 
@@ -66,5 +72,6 @@ TORCH_LIBRARY_IMPL(accelops, CPU, m) {
   m.impl("fake_quantize_learnable_backward", &accelops::fake_quantize_learnable_backward_cpu);
   m.impl("fused_ffn", &accelops::fused_ffn_cpu);
   m.impl("fused_ffn_backward", &accelops::fused_ffn_backward_cpu);
+  m.impl("fused_ffn_backward_consume_", &accelops::fused_ffn_backward_consume_cpu);
   m.impl("ffn_activation", &accelops::ffn_activation_cpu);
 }

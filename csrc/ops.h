@@ -46,6 +46,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
     c10::string_view activation, bool has_b_gate, bool has_b_up, bool has_b_down, bool act_quant, bool need_dx,
     bool need_dw);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+fused_ffn_backward_consume_cpu(const at::Tensor& dy, const at::Tensor& x, at::Tensor& g, at::Tensor& u,
+                               const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up,
+                               const at::Tensor& w_down, c10::string_view activation, bool has_b_gate,
+                               bool has_b_up, bool has_b_down, bool act_quant, bool need_dx, bool need_dw);
 at::Tensor ffn_activation_cpu(const std::optional<at::Tensor>& g, const at::Tensor& u, c10::string_view activation);
 
 // shared helpers (csrc/cpu/int8.cpp)

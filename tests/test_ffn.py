@@ -208,6 +208,90 @@ def test_blocks_larger_than_one_agree():
     assert_within_eager_error(args, "swiglu")
 
 
+# ------------------------------------------------------------------ consuming backward
+# On float32 CPU tensors whose graph is not retained, backward overwrites the saved g/u
+# with dg/du and returns their pages as it goes (fused_ffn_backward_consume_); the
+# gradients must be bit-identical to the plain backward's, and it must never run when
+# someone could still read g or u.
+
+
+def _backward_kernels(monkeypatch):
+    from accelops.ops import ffn as ffn_ops
+    used = []
+    real = ffn_ops._backward
+
+    def spy(kernel, *args):
+        used.append(kernel.__name__)
+        return real(kernel, *args)
+
+    monkeypatch.setattr(ffn_ops, "_backward", spy)
+    return used
+
+
+@pytest.mark.parametrize("act_quant", [False, True])
+@pytest.mark.parametrize("activation", ACTS)
+def test_consuming_backward_equals_plain_backward(monkeypatch, activation, act_quant):
+    used = _backward_kernels(monkeypatch)
+    # 1100 tokens: three CPU blocks of 512, so pages are released between blocks
+    args = _inputs((2, 550), 16, 40, activation, bias=True)
+    dy = torch.randn(2, 550, 16)
+    leaves = _flat(*args)
+
+    def grads(**kw):
+        y = ops.fused_ffn(*args[:4], args[4], activation, act_quant=act_quant)
+        return torch.autograd.grad(y, leaves, dy, **kw)
+
+    lean, plain = grads(), grads(retain_graph=True)
+    assert used == ["fused_ffn_backward_consume_", "fused_ffn_backward"]
+    for a, b in zip(lean, plain):
+        assert torch.equal(a, b)
+
+
+def test_retained_graph_backward_twice_is_right(monkeypatch):
+    used = _backward_kernels(monkeypatch)
+    args = _inputs((700,), 8, 24, "swiglu")
+    y = ops.fused_ffn(*args[:4], None, "swiglu")
+    first = torch.autograd.grad(y.sum(), _flat(*args), retain_graph=True)
+    second = torch.autograd.grad(y.sum(), _flat(*args))
+    assert used == ["fused_ffn_backward", "fused_ffn_backward_consume_"]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_held_outputs_are_never_consumed(monkeypatch):
+    used = _backward_kernels(monkeypatch)
+    x, w_gate, w_up, w_down, _ = _inputs((600,), 8, 24, "swiglu")
+    y, g, u = torch.ops.accelops.fused_ffn(x, w_gate, w_up, w_down, None, None, None, "swiglu", True, False)
+    g_copy, u_copy = g.detach().clone(), u.detach().clone()
+    y.sum().backward()
+    assert used == ["fused_ffn_backward"]
+    assert torch.equal(g, g_copy) and torch.equal(u, u_copy)
+
+
+@pytest.mark.parametrize("hooks", ["identity", "save_on_cpu"])
+def test_consuming_backward_under_saved_tensor_hooks(hooks):
+    args = _inputs((600,), 8, 24, "geglu", bias=True)
+    expected = _run(lambda *a: ops.fused_ffn(*a[:4], a[4], a[5]), args, "geglu")
+    ctx = (torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if hooks == "identity"
+           else torch.autograd.graph.save_on_cpu())
+    with ctx:
+        got = _run(lambda *a: ops.fused_ffn(*a[:4], a[4], a[5]), args, "geglu", dy=expected[1])
+    for a, b in zip(expected[2], got[2]):
+        assert torch.equal(a, b)
+
+
+def test_consuming_backward_opcheck():
+    x, w_gate, w_up, w_down, b = _inputs((600,), 8, 12, "swiglu", bias=True, requires_grad=False)
+    y, g, u = torch.ops.accelops.fused_ffn(x, w_gate, w_up, w_down, *b, "swiglu", True, False)
+    op = torch.ops.accelops.fused_ffn_backward_consume_.default
+    torch.library.opcheck(op, (torch.randn_like(y), x, g, u, w_gate, w_up, w_down, "swiglu", True, True, True,
+                               False, True, True))
+    xg, _, wu, wd, _ = _inputs((5,), 8, 12, "gelu", requires_grad=False)
+    y, g, u = torch.ops.accelops.fused_ffn(xg, None, wu, wd, None, None, None, "gelu", True, False)
+    torch.library.opcheck(op, (torch.randn_like(y), xg, g, u, None, wu, wd, "gelu", False, False, False, True,
+                               True, False))
+
+
 # ------------------------------------------------------------------ bad input
 
 

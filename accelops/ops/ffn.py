@@ -16,6 +16,8 @@ The registered ops (torch.ops.accelops):
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..reference import ffn as ref
@@ -201,6 +203,35 @@ def _activation_grads(g, u, dh, activation):
 
 # --------------------------------------------------------------------------- autograd
 
+# ACCELOPS_FFN_CONSUME_SAVED=0 turns the consuming backward off (for A/B comparisons).
+_CONSUME_SAVED = os.environ.get("ACCELOPS_FFN_CONSUME_SAVED", "1") != "0"
+# Storage references to a saved g/u seen inside backward when only autograd holds it
+# (measured on torch 2.13: autograd's saved copy, the tensor unpacked for this backward
+# and the custom op's autograd wrapper). A caller that kept the op's g or u output (or a
+# view of it), or a saved-tensor hook that holds its own copy, raises the count.
+_PRIVATE_STORAGE_USES = 3
+
+
+def _may_consume(x, g, u, gated: bool) -> bool:
+    """Whether backward may overwrite the saved g and u and return their memory early
+    (fused_ffn_backward_consume_): only when they die with this backward anyway, i.e. on
+    float32 CPU tensors, outside torch.compile, with the graph not retained
+    (retain_graph / create_graph would run this backward again) and no other holder."""
+    if not _CONSUME_SAVED or torch.compiler.is_compiling():
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is None or keep_graph():
+        return False
+    for t in (g, u) if gated else (u,):
+        if not t.is_contiguous() or t.storage_offset() != 0:
+            return False
+        if torch._C._storage_Use_Count(t.untyped_storage()._cdata) > _PRIVATE_STORAGE_USES:
+            return False
+    return True
+
+
 def _backward(kernel, needs, dy, x, g, u, w_gate, w_up, w_down, activation, act_quant, save, bias_dtypes):
     """Shared by the registered op's autograd and the direct Triton path: one call of the
     fused backward kernel, then the grads in the order (x, Wg, Wu, Wd, bg, bu, bd)."""
@@ -250,6 +281,22 @@ def _register() -> None:
             x.new_empty((d,), dtype=torch.float32) if need_dw and has_b_down else none(torch.float32),
         )
 
+    @torch.library.register_fake("accelops::fused_ffn_backward_consume_")
+    def _(dy, x, g, u, w_gate, w_up, w_down, activation, has_b_gate, has_b_up, has_b_down, act_quant, need_dx,
+          need_dw):
+        h, d = w_up.shape
+        gated = w_gate is not None
+        none = lambda: x.new_empty((0,))  # noqa: E731
+        return (
+            torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else none(),
+            x.new_empty((h, d)) if need_dw and gated else none(),
+            x.new_empty((h, d)) if need_dw else none(),
+            x.new_empty((d, h)) if need_dw else none(),
+            x.new_empty((h,)) if need_dw and has_b_gate else none(),
+            x.new_empty((h,)) if need_dw and has_b_up else none(),
+            x.new_empty((d,)) if need_dw and has_b_down else none(),
+        )
+
     @torch.library.register_fake("accelops::ffn_activation")
     def _(g, u, activation="swiglu"):
         return torch.empty_like(u, memory_format=torch.contiguous_format)
@@ -266,8 +313,11 @@ def _register() -> None:
     def backward(ctx, dy, _dg, _du):
         x, g, u, w_gate, w_up, w_down = ctx.saved_tensors
         activation, act_quant, save, bias_dtypes = ctx.meta
-        grads = _backward(torch.ops.accelops.fused_ffn_backward, ctx.needs_input_grad, dy, x, g, u, w_gate, w_up,
-                          w_down, activation, act_quant, save, bias_dtypes)
+        kernel = torch.ops.accelops.fused_ffn_backward
+        if save and _may_consume(x, g, u, w_gate is not None):
+            kernel = torch.ops.accelops.fused_ffn_backward_consume_
+        grads = _backward(kernel, ctx.needs_input_grad, dy, x, g, u, w_gate, w_up, w_down, activation, act_quant,
+                          save, bias_dtypes)
         return (*grads, None, None, None)
 
     torch.library.register_autograd("accelops::fused_ffn", backward, setup_context=setup_context)

@@ -17,6 +17,9 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -88,8 +91,9 @@ __attribute__((target("avx2,fma"))) static int64_t swiglu_forward_avx2(const flo
   return i;
 }
 
-__attribute__((target("avx2,fma"))) static int64_t swiglu_backward_avx2(const float* g, const float* u, float* dh,
-                                                                       float* du, int64_t b, int64_t e) {
+__attribute__((target("avx2,fma"))) static int64_t swiglu_backward_avx2(const float* g, const float* u,
+                                                                       const float* dh, float* dg, float* du,
+                                                                       int64_t b, int64_t e) {
   const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
   int64_t i = b;
   for (; i + 8 <= e; i += 8) {
@@ -98,7 +102,7 @@ __attribute__((target("avx2,fma"))) static int64_t swiglu_backward_avx2(const fl
     const __m256 a = _mm256_mul_ps(gi, s);
     _mm256_storeu_ps(du + i, _mm256_mul_ps(d, a));
     const __m256 ds = _mm256_add_ps(s, _mm256_mul_ps(a, _mm256_sub_ps(one, s)));
-    _mm256_storeu_ps(dh + i, _mm256_mul_ps(_mm256_mul_ps(d, ui), ds));
+    _mm256_storeu_ps(dg + i, _mm256_mul_ps(_mm256_mul_ps(d, ui), ds));
   }
   return i;
 }
@@ -120,21 +124,24 @@ void activation_forward(Act act, const float* g, const float* u, float* h, int64
   });
 }
 
-// From g, u and dh: dg (written over dh) and du, in one pass.
+// From g, u and dh: dg and du, in one pass.
 //   swiglu: s = sigmoid(g); dg = dh u s (1 + g (1 - s)); du = dh g s
 //   geglu:  dg = dh u gelu'(g); du = dh gelu(g)
-//   gelu:   du = dh gelu'(u)            (du may be dh itself)
-void activation_backward(Act act, const float* g, const float* u, float* dh, float* du, int64_t n) {
+//   gelu:   du = dh gelu'(u)                                  (dg unused)
+// Each element is read before it is written, so the outputs may alias the inputs
+// element for element: dg over dh or over g, du over dh or over u.
+void activation_backward(Act act, const float* g, const float* u, const float* dh, float* dg, float* du,
+                         int64_t n) {
   const Isa isa = active_isa();
   at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) {
     if (act == Act::SwiGLU) {
-      int64_t i = isa == Isa::Avx2 ? swiglu_backward_avx2(g, u, dh, du, b, e) : b;
+      int64_t i = isa == Isa::Avx2 ? swiglu_backward_avx2(g, u, dh, dg, du, b, e) : b;
       for (; i < e; ++i) {
         const float gi = g[i], ui = u[i], d = dh[i];
         const float s = 1.0f / (1.0f + std::exp(-gi));
         const float a = gi * s;
         du[i] = d * a;
-        dh[i] = d * ui * (s + a * (1.0f - s));
+        dg[i] = d * ui * (s + a * (1.0f - s));
       }
     } else if (act == Act::GeGLU) {
 #pragma omp simd
@@ -142,7 +149,7 @@ void activation_backward(Act act, const float* g, const float* u, float* dh, flo
         const float gi = g[i], ui = u[i], d = dh[i];
         const float cdf = 0.5f * (1.0f + std::erf(gi * kInvSqrt2));
         du[i] = d * gi * cdf;
-        dh[i] = d * ui * (cdf + gi * kInvSqrt2Pi * std::exp(-0.5f * gi * gi));
+        dg[i] = d * ui * (cdf + gi * kInvSqrt2Pi * std::exp(-0.5f * gi * gi));
       }
     } else {
 #pragma omp simd
@@ -364,7 +371,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       at::mm_out(ab, dyb, wd);  // dh
       at::Tensor dub = gated_ ? bb : ab;
       at::Tensor dgb = ab;
-      activation_backward(act, gp, ub.data_ptr<float>(), ab.data_ptr<float>(), dub.data_ptr<float>(), n * h_dim);
+      activation_backward(act, gp, ub.data_ptr<float>(), ab.data_ptr<float>(), ab.data_ptr<float>(),
+                          dub.data_ptr<float>(), n * h_dim);
       if (need_dw) {
         at::Tensor xb;
         if (!widen && !act_quant) {
@@ -400,6 +408,150 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   };
   auto bias = [&](const at::Tensor& acc) { return acc.defined() ? acc : at::empty({0}, fopt); };
   return std::make_tuple(dx, cast(dwg), cast(dwu), cast(dwd), bias(dbg), bias(dbu), bias(dbd));
+}
+
+namespace {
+
+// Returns the pages of `t`'s rows [0, rows) to the OS as they are consumed. Only pages
+// wholly inside the tensor's bytes are touched (the allocator's bookkeeping next to the
+// buffer is never released), and only once: `released_` moves forward monotonically.
+class RowReleaser {
+ public:
+  RowReleaser(const at::Tensor& t, int64_t row_bytes)
+      : base_(reinterpret_cast<uintptr_t>(t.data_ptr())), row_bytes_(row_bytes) {
+    page_ = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+    released_ = round_up(base_);
+  }
+  void release_rows_before(int64_t rows) {
+    const uintptr_t end = round_down(base_ + static_cast<uintptr_t>(rows * row_bytes_));
+    if (end > released_) {
+      // MADV_DONTNEED on private anonymous memory: the pages are freed now; the bytes
+      // read as zero if touched again (they are not: the caller is done with them).
+      madvise(reinterpret_cast<void*>(released_), end - released_, MADV_DONTNEED);
+      released_ = end;
+    }
+  }
+
+ private:
+  uintptr_t round_up(uintptr_t a) const { return (a + page_ - 1) / page_ * page_; }
+  uintptr_t round_down(uintptr_t a) const { return a / page_ * page_; }
+  uintptr_t base_, page_, released_;
+  int64_t row_bytes_;
+};
+
+}  // namespace
+
+// The backward for when the saved g and u are dead after it (the autograd wrapper checks:
+// fp32 CPU, graph not retained, nobody else holds them). Same results as
+// fused_ffn_backward_cpu, with peak memory lowered in two passes:
+//   pass 1, per block: h (recomputed) -> dWd; dh = dy Wd into the same buffer; dg and du
+//     written over the block's g and u (they are not needed again);
+//   pass 2, per block: dWg, dWu, dx from dg and du, after which the block's rows of g
+//     and u go back to the OS.
+// So dWg/dWu are allocated only once all [T, H] temporaries of pass 1 are gone, and dx
+// grows while g and u shrink: at the peak (start of pass 2) what is alive is g, u, the
+// three weight gradients and one [block, H] buffer.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+fused_ffn_backward_consume_cpu(const at::Tensor& dy, const at::Tensor& x, at::Tensor& g, at::Tensor& u,
+                               const std::optional<at::Tensor>& w_gate, const at::Tensor& w_up,
+                               const at::Tensor& w_down, c10::string_view activation, bool has_b_gate,
+                               bool has_b_up, bool has_b_down, bool act_quant, bool need_dx, bool need_dw) {
+  const Act act = parse_activation(std::string(activation));
+  const bool gated_ = act != Act::GELU;
+  TORCH_CHECK(x.scalar_type() == at::kFloat && dy.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat &&
+                  w_up.scalar_type() == at::kFloat && w_down.scalar_type() == at::kFloat,
+              "fused_ffn_backward_consume_ is for float32 tensors (bf16/fp16 use fused_ffn_backward)");
+  TORCH_CHECK(gated_ == w_gate.has_value(), gated_ ? "w_gate is required for a gated activation"
+                                                   : "w_gate must be None for activation 'gelu'");
+  const int64_t d = x.size(-1), h_dim = w_up.size(0);
+  const int64_t tokens = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
+  TORCH_CHECK(dy.sizes() == x.sizes(), "grad_y must have x's shape ", x.sizes(), ", got ", dy.sizes());
+  TORCH_CHECK(u.numel() == tokens * h_dim && (!gated_ || g.numel() == tokens * h_dim),
+              "g and u must be the saved [..., H] pre-activations (was the forward run with save=True?)");
+  TORCH_CHECK(u.is_contiguous() && (!gated_ || g.is_contiguous()), "g and u must be contiguous");
+  if (gated_) TORCH_CHECK(w_gate->scalar_type() == at::kFloat, "w_gate must be float32");
+
+  const auto fopt = x.options().dtype(at::kFloat);
+  auto acc = [&](int64_t r, int64_t c) { return tokens > 0 ? at::empty({r, c}, fopt) : at::zeros({r, c}, fopt); };
+  at::Tensor dwd = need_dw ? acc(d, h_dim) : at::Tensor();
+  at::Tensor dbg = need_dw && has_b_gate ? at::zeros({h_dim}, fopt) : at::Tensor();
+  at::Tensor dbu = need_dw && has_b_up ? at::zeros({h_dim}, fopt) : at::Tensor();
+  at::Tensor dbd = need_dw && has_b_down ? at::zeros({d}, fopt) : at::Tensor();
+  at::Tensor dwg, dwu, dx;
+
+  const at::Tensor x2 = x.reshape({tokens, d}).contiguous();
+  const at::Tensor dy2 = dy.reshape({tokens, d}).contiguous();
+  at::Tensor u2 = u.view({tokens, h_dim});
+  at::Tensor g2 = gated_ ? g.view({tokens, h_dim}) : at::Tensor();
+  const int64_t bs = block_rows(std::max<int64_t>(tokens, 1));
+
+  if (tokens > 0 && (need_dx || need_dw)) {
+    at::Tensor buf = at::empty({bs, h_dim}, fopt);
+    for (int64_t r0 = 0; r0 < tokens; r0 += bs) {  // pass 1
+      const int64_t n = std::min(bs, tokens - r0);
+      at::Tensor dyb = dy2.narrow(0, r0, n);
+      at::Tensor ub = u2.narrow(0, r0, n);
+      at::Tensor gb = gated_ ? g2.narrow(0, r0, n) : at::Tensor();
+      float* gp = gated_ ? gb.data_ptr<float>() : nullptr;
+      at::Tensor hb = buf.narrow(0, 0, n);
+      if (need_dw) {
+        activation_forward(act, gp, ub.data_ptr<float>(), hb.data_ptr<float>(), n * h_dim);
+        if (act_quant) fake_quant_rows(hb.data_ptr<float>(), n, h_dim);
+        if (r0 == 0)
+          at::mm_out(dwd, dyb.t(), hb);
+        else
+          dwd.addmm_(dyb.t(), hb);
+        if (has_b_down) dbd.add_(dyb.sum(0));
+      }
+      at::mm_out(hb, dyb, w_down);  // dh, over the consumed h
+      activation_backward(act, gp, ub.data_ptr<float>(), hb.data_ptr<float>(), gp, ub.data_ptr<float>(),
+                          n * h_dim);
+    }
+  }
+  // Pass 2: g2 holds dg and u2 holds du.
+  if (need_dw) {
+    dwu = acc(h_dim, d);
+    if (gated_) dwg = acc(h_dim, d);
+  }
+  dx = need_dx ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  if (tokens > 0 && (need_dx || need_dw)) {
+    at::Tensor dx2 = need_dx ? dx.view({tokens, d}) : at::Tensor();
+    at::Tensor x_buf = act_quant ? at::empty({bs, d}, fopt) : at::Tensor();
+    RowReleaser release_u(u2, h_dim * static_cast<int64_t>(sizeof(float)));
+    std::optional<RowReleaser> release_g;
+    if (gated_) release_g.emplace(g2, h_dim * static_cast<int64_t>(sizeof(float)));
+    for (int64_t r0 = 0; r0 < tokens; r0 += bs) {
+      const int64_t n = std::min(bs, tokens - r0);
+      at::Tensor dub = u2.narrow(0, r0, n);
+      at::Tensor dgb = gated_ ? g2.narrow(0, r0, n) : at::Tensor();
+      if (need_dw) {
+        at::Tensor xb = x2.narrow(0, r0, n);
+        if (act_quant) {
+          xb = x_buf.narrow(0, 0, n);
+          xb.copy_(x2.narrow(0, r0, n));
+          fake_quant_rows(xb.data_ptr<float>(), n, d);
+        }
+        if (r0 == 0) {
+          at::mm_out(dwu, dub.t(), xb);
+          if (gated_) at::mm_out(dwg, dgb.t(), xb);
+        } else {
+          dwu.addmm_(dub.t(), xb);
+          if (gated_) dwg.addmm_(dgb.t(), xb);
+        }
+        if (has_b_up) dbu.add_(dub.sum(0));
+        if (has_b_gate) dbg.add_(dgb.sum(0));
+      }
+      if (need_dx) {
+        at::Tensor dxb = dx2.narrow(0, r0, n);
+        at::mm_out(dxb, dub, w_up);
+        if (gated_) dxb.addmm_(dgb, *w_gate);
+      }
+      release_u.release_rows_before(r0 + n);
+      if (release_g) release_g->release_rows_before(r0 + n);
+    }
+  }
+  auto out = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, x.options()); };
+  return std::make_tuple(dx, out(dwg), out(dwu), out(dwd), out(dbg), out(dbu), out(dbd));
 }
 
 at::Tensor ffn_activation_cpu(const std::optional<at::Tensor>& g, const at::Tensor& u, c10::string_view activation) {
