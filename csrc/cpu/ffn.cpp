@@ -201,6 +201,43 @@ void check_float(const at::Tensor& t, const char* name) {
               name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
 }
 
+// Rows [r0, r0 + n) of x as the fp32 input of a block's GEMMs: x's own rows when they
+// can be used as they are, otherwise widened (bf16/fp16) and/or per-token fake-quantized
+// into `buf`.
+at::Tensor x_block(const at::Tensor& x2, int64_t r0, int64_t n, at::Tensor& buf, bool act_quant) {
+  at::Tensor rows = x2.narrow(0, r0, n);
+  if (x2.scalar_type() == at::kFloat && !act_quant) return rows;
+  at::Tensor xb = buf.narrow(0, 0, n);
+  xb.copy_(rows);
+  if (act_quant) fake_quant_rows(xb.data_ptr<float>(), n, xb.size(1));
+  return xb;
+}
+
+// acc = a^T b for the first block, acc += a^T b for the later ones.
+void accumulate_grad(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b, bool first) {
+  if (first)
+    at::mm_out(acc, a.t(), b);
+  else
+    acc.addmm_(a.t(), b);
+}
+
+// The gate/up weight gradients a block contributes: dWu += du^T x, dWg += dg^T x, and
+// the bias sums (undefined accumulators are skipped; dg is undefined for 'gelu').
+void accumulate_up_gate_grads(at::Tensor& dwu, at::Tensor& dwg, at::Tensor& dbu, at::Tensor& dbg,
+                              const at::Tensor& dub, const at::Tensor& dgb, const at::Tensor& xb, bool first) {
+  accumulate_grad(dwu, dub, xb, first);
+  if (dgb.defined()) accumulate_grad(dwg, dgb, xb, first);
+  if (dbu.defined()) dbu.add_(dub.sum(0));
+  if (dbg.defined()) dbg.add_(dgb.sum(0));
+}
+
+// dx_b = du Wu + dg Wg.
+void input_grad(at::Tensor& dxb, const at::Tensor& dub, const at::Tensor& dgb, const at::Tensor& wu,
+                const at::Tensor& wg) {
+  at::mm_out(dxb, dub, wu);
+  if (dgb.defined()) dxb.addmm_(dgb, wg);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_ffn_cpu(
@@ -264,14 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_ffn_cpu(
       ub = u_out.narrow(0, r0, n);
       if (gated_) gb = g_out.narrow(0, r0, n);
     } else {
-      at::Tensor xb;
-      if (is_float && !act_quant) {
-        xb = x2.narrow(0, r0, n);
-      } else {
-        xb = x_buf.narrow(0, 0, n);
-        xb.copy_(x2.narrow(0, r0, n));
-        if (act_quant) fake_quant_rows(xb.data_ptr<float>(), n, d);
-      }
+      at::Tensor xb = x_block(x2, r0, n, x_buf, act_quant);
       ub = u_buf.narrow(0, 0, n);
       project_into(ub, xb, wu, bu);
       if (gated_) {
@@ -362,40 +392,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         // h recomputed in one pass from the saved g and u, consumed at once by dWd.
         activation_forward(act, gp, ub.data_ptr<float>(), bb.data_ptr<float>(), n * h_dim);
         if (act_quant) fake_quant_rows(bb.data_ptr<float>(), n, h_dim);
-        if (r0 == 0)
-          at::mm_out(dwd, dyb.t(), bb);
-        else
-          dwd.addmm_(dyb.t(), bb);
+        accumulate_grad(dwd, dyb, bb, r0 == 0);
         if (has_b_down) dbd.add_(dyb.sum(0));
       }
       at::mm_out(ab, dyb, wd);  // dh
       at::Tensor dub = gated_ ? bb : ab;
-      at::Tensor dgb = ab;
+      at::Tensor dgb = gated_ ? ab : at::Tensor();
       activation_backward(act, gp, ub.data_ptr<float>(), ab.data_ptr<float>(), ab.data_ptr<float>(),
                           dub.data_ptr<float>(), n * h_dim);
       if (need_dw) {
-        at::Tensor xb;
-        if (!widen && !act_quant) {
-          xb = x2.narrow(0, r0, n);
-        } else {
-          xb = x_buf.narrow(0, 0, n);
-          xb.copy_(x2.narrow(0, r0, n));
-          if (act_quant) fake_quant_rows(xb.data_ptr<float>(), n, d);
-        }
-        if (r0 == 0) {
-          at::mm_out(dwu, dub.t(), xb);
-          if (gated_) at::mm_out(dwg, dgb.t(), xb);
-        } else {
-          dwu.addmm_(dub.t(), xb);
-          if (gated_) dwg.addmm_(dgb.t(), xb);
-        }
-        if (has_b_up) dbu.add_(dub.sum(0));
-        if (has_b_gate) dbg.add_(dgb.sum(0));
+        at::Tensor xb = x_block(x2, r0, n, x_buf, act_quant);
+        accumulate_up_gate_grads(dwu, dwg, dbu, dbg, dub, dgb, xb, r0 == 0);
       }
       if (need_dx) {
         at::Tensor dxb = widen ? dx_buf.narrow(0, 0, n) : dx2.narrow(0, r0, n);
-        at::mm_out(dxb, dub, wu);
-        if (gated_) dxb.addmm_(dgb, wg);
+        input_grad(dxb, dub, dgb, wu, wg);
         if (widen) dx2.narrow(0, r0, n).copy_(dxb);
       }
     }
@@ -497,10 +508,7 @@ fused_ffn_backward_consume_cpu(const at::Tensor& dy, const at::Tensor& x, at::Te
       if (need_dw) {
         activation_forward(act, gp, ub.data_ptr<float>(), hb.data_ptr<float>(), n * h_dim);
         if (act_quant) fake_quant_rows(hb.data_ptr<float>(), n, h_dim);
-        if (r0 == 0)
-          at::mm_out(dwd, dyb.t(), hb);
-        else
-          dwd.addmm_(dyb.t(), hb);
+        accumulate_grad(dwd, dyb, hb, r0 == 0);
         if (has_b_down) dbd.add_(dyb.sum(0));
       }
       at::mm_out(hb, dyb, w_down);  // dh, over the consumed h
@@ -525,26 +533,12 @@ fused_ffn_backward_consume_cpu(const at::Tensor& dy, const at::Tensor& x, at::Te
       at::Tensor dub = u2.narrow(0, r0, n);
       at::Tensor dgb = gated_ ? g2.narrow(0, r0, n) : at::Tensor();
       if (need_dw) {
-        at::Tensor xb = x2.narrow(0, r0, n);
-        if (act_quant) {
-          xb = x_buf.narrow(0, 0, n);
-          xb.copy_(x2.narrow(0, r0, n));
-          fake_quant_rows(xb.data_ptr<float>(), n, d);
-        }
-        if (r0 == 0) {
-          at::mm_out(dwu, dub.t(), xb);
-          if (gated_) at::mm_out(dwg, dgb.t(), xb);
-        } else {
-          dwu.addmm_(dub.t(), xb);
-          if (gated_) dwg.addmm_(dgb.t(), xb);
-        }
-        if (has_b_up) dbu.add_(dub.sum(0));
-        if (has_b_gate) dbg.add_(dgb.sum(0));
+        at::Tensor xb = x_block(x2, r0, n, x_buf, act_quant);
+        accumulate_up_gate_grads(dwu, dwg, dbu, dbg, dub, dgb, xb, r0 == 0);
       }
       if (need_dx) {
         at::Tensor dxb = dx2.narrow(0, r0, n);
-        at::mm_out(dxb, dub, w_up);
-        if (gated_) dxb.addmm_(dgb, *w_gate);
+        input_grad(dxb, dub, dgb, w_up, gated_ ? *w_gate : at::Tensor());
       }
       release_u.release_rows_before(r0 + n);
       if (release_g) release_g->release_rows_before(r0 + n);
