@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "../ops.h"
@@ -238,6 +239,20 @@ void input_grad(at::Tensor& dxb, const at::Tensor& dub, const at::Tensor& dgb, c
   if (dgb.defined()) dxb.addmm_(dgb, wg);
 }
 
+// Checks a backward call's shapes -> (D, H, tokens).
+std::tuple<int64_t, int64_t, int64_t> backward_sizes(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& g,
+                                                     const at::Tensor& u, const std::optional<at::Tensor>& w_gate,
+                                                     const at::Tensor& w_up, bool gated) {
+  TORCH_CHECK(gated == w_gate.has_value(), gated ? "w_gate is required for a gated activation"
+                                                 : "w_gate must be None for activation 'gelu'");
+  const int64_t d = x.size(-1), h_dim = w_up.size(0);
+  const int64_t tokens = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
+  TORCH_CHECK(dy.sizes() == x.sizes(), "grad_y must have x's shape ", x.sizes(), ", got ", dy.sizes());
+  TORCH_CHECK(u.numel() == tokens * h_dim && (!gated || g.numel() == tokens * h_dim),
+              "g and u must be the saved [..., H] pre-activations (was the forward run with save=True?)");
+  return {d, h_dim, tokens};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_ffn_cpu(
@@ -337,13 +352,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Act act = parse_activation(std::string(activation));
   const bool gated_ = act != Act::GELU;
   check_float(x, "x");
-  TORCH_CHECK(gated_ == w_gate.has_value(), gated_ ? "w_gate is required for a gated activation"
-                                                   : "w_gate must be None for activation 'gelu'");
-  const int64_t d = x.size(-1), h_dim = w_up.size(0);
-  const int64_t tokens = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
-  TORCH_CHECK(dy.sizes() == x.sizes(), "grad_y must have x's shape ", x.sizes(), ", got ", dy.sizes());
-  TORCH_CHECK(u.numel() == tokens * h_dim && (!gated_ || g.numel() == tokens * h_dim),
-              "g and u must be the saved [..., H] pre-activations (was the forward run with save=True?)");
+  int64_t d, h_dim, tokens;  // not a structured binding: lambdas below capture these
+  std::tie(d, h_dim, tokens) = backward_sizes(dy, x, g, u, w_gate, w_up, gated_);
 
   const auto fopt = x.options().dtype(at::kFloat);
   at::Tensor dx = need_dx ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
@@ -472,13 +482,8 @@ fused_ffn_backward_consume_cpu(const at::Tensor& dy, const at::Tensor& x, at::Te
   TORCH_CHECK(x.scalar_type() == at::kFloat && dy.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat &&
                   w_up.scalar_type() == at::kFloat && w_down.scalar_type() == at::kFloat,
               "fused_ffn_backward_consume_ is for float32 tensors (bf16/fp16 use fused_ffn_backward)");
-  TORCH_CHECK(gated_ == w_gate.has_value(), gated_ ? "w_gate is required for a gated activation"
-                                                   : "w_gate must be None for activation 'gelu'");
-  const int64_t d = x.size(-1), h_dim = w_up.size(0);
-  const int64_t tokens = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
-  TORCH_CHECK(dy.sizes() == x.sizes(), "grad_y must have x's shape ", x.sizes(), ", got ", dy.sizes());
-  TORCH_CHECK(u.numel() == tokens * h_dim && (!gated_ || g.numel() == tokens * h_dim),
-              "g and u must be the saved [..., H] pre-activations (was the forward run with save=True?)");
+  int64_t d, h_dim, tokens;  // not a structured binding: lambdas below capture these
+  std::tie(d, h_dim, tokens) = backward_sizes(dy, x, g, u, w_gate, w_up, gated_);
   TORCH_CHECK(u.is_contiguous() && (!gated_ || g.is_contiguous()), "g and u must be contiguous");
   if (gated_) TORCH_CHECK(w_gate->scalar_type() == at::kFloat, "w_gate must be float32");
 
