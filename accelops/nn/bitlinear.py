@@ -18,13 +18,14 @@ class _BitLinearFunction(torch.autograd.Function):
     backward: 3 MiB against the reference formulation's 48 MiB at M=2048, K=N=1024."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, per_channel):
+    def forward(ctx, x, weight, bias, per_channel, quantized=None):
         k = x.shape[-1]
         lead = x.shape[:-1]
         # Weights: the reference's quantization measured no slower than the C++ op plus an
         # unpack, and it yields the unpacked Wq this GEMM needs. Activations: the op (the
         # C++ kernel on CPU, 5-8x faster than the reference and bit-identical to it).
-        wq, w_scale = quantize_weight_ternary_values(weight, per_channel)
+        # `quantized`: (Wq, scale) already computed by BitLinear's per-version cache.
+        wq, w_scale = quantize_weight_ternary_values(weight, per_channel) if quantized is None else quantized
         x_q, x_scale = ops.quantize_activation_int8(x.reshape(-1, k))
         # The products are integers and every partial sum stays below 127 * K < 2^24 for
         # K < 132105, so this fp32 GEMM yields the exact int32 sums of the inference kernel;
@@ -55,7 +56,7 @@ class _BitLinearFunction(torch.autograd.Function):
                 grad_w = (g.t() @ x_deq).to(ctx.w_dtype)
             if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
                 grad_b = g.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 class BitLinear(nn.Linear):
@@ -66,7 +67,19 @@ class BitLinear(nn.Linear):
     nn.Linear's: it loads an nn.Linear checkpoint as is. Output is in the input's dtype.
     `TernaryLinear.from_bitlinear` turns a trained one into the packed inference layer,
     which gives the same outputs.
+
+    `cache_quantization` (default False; accelops.sharing turns it on for layers it shares):
+    keep the quantized weight and reuse it until `weight` changes (an optimizer step, a load,
+    .to()), or until clear_quantization_cache() is called. A layer called by several blocks
+    then quantizes its weight once per step instead of once per call. The cache is not in
+    the state_dict and costs an int8 copy of the weight (plus an fp32 one when FusedFFN
+    asks for the dequantized weight).
     """
+
+    # Class-level defaults (set per instance when used), so a BitLinear pickled before these
+    # existed still loads.
+    cache_quantization = False
+    _quant_cache = None  # (key, {"wq", "scale"[, "deq"]})
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, per_channel: bool = False,
                  *, device=None, dtype=None):
@@ -76,7 +89,50 @@ class BitLinear(nn.Linear):
         self.per_channel = per_channel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _BitLinearFunction.apply(x, self.weight, self.bias, self.per_channel)
+        quantized = (self._cached("wq"), self._cached("scale")) if self._caching() else None
+        return _BitLinearFunction.apply(x, self.weight, self.bias, self.per_channel, quantized)
+
+    # ---------------------------------------------------------------- quantized weight
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """Wq * scale in fp32, detached (reference.bitlinear.dequantized_weight's value): the
+        weight the forward multiplies by; cached when cache_quantization is on."""
+        if self._caching():
+            return self._cached("deq")
+        wq, scale = quantize_weight_ternary_values(self.weight, self.per_channel)
+        return wq.float() * scale.reshape(-1, 1)
+
+    def clear_quantization_cache(self) -> None:
+        self._quant_cache = None
+
+    def _caching(self) -> bool:
+        w = self.weight
+        # Inference tensors have no version counter; meta has no data; a trace must not
+        # bake a Python-side cache into the graph.
+        return (self.cache_quantization and not w.is_inference() and w.device.type != "meta"
+                and not torch.compiler.is_compiling())
+
+    def _cached(self, name: str) -> torch.Tensor:
+        w = self.weight
+        # _version moves with every in-place write through autograd-visible tensors
+        # (optimizer steps, copy_ in load_state_dict); id/data_ptr catch a swapped tensor.
+        # Writes through `.data` bypass the version counter, which is why accelops.sharing
+        # also clears the cache at the start of every forward of the model it shares.
+        key = (id(w), w.data_ptr(), w._version, w.dtype, w.device, self.per_channel)
+        if self._quant_cache is None or self._quant_cache[0] != key:
+            with torch.no_grad():
+                wq, scale = quantize_weight_ternary_values(w, self.per_channel)
+            self._quant_cache = (key, {"wq": wq, "scale": scale})
+        entries = self._quant_cache[1]
+        if name == "deq" and "deq" not in entries:
+            entries["deq"] = entries["wq"].float() * entries["scale"].reshape(-1, 1)
+        return entries[name]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state = dict(state)
+        state["_quant_cache"] = None  # derived data: not pickled, rebuilt on first use
+        return state
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, per_channel={self.per_channel}"

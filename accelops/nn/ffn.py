@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import ops
 from ..reference import ffn as ref_ffn
-from ..reference.bitlinear import dequantized_weight, straight_through
+from ..reference.bitlinear import straight_through
 from .bitlinear import BitLinear
 from .quantized_linear import Int8Linear
 
@@ -129,8 +129,8 @@ class FusedFFN(nn.Module):
         if self.quant == "int8":
             return self._forward_int8(x)
         if self.quant == "bitlinear":
-            weights = [None if p is None else
-                       straight_through(dequantized_weight(p.weight, self.per_channel), p.weight).to(x.dtype)
+            # p.dequantized_weight(): the BitLinear's own (cached when it is shared) quantization
+            weights = [None if p is None else straight_through(p.dequantized_weight(), p.weight).to(x.dtype)
                        for p in (self.gate_proj, self.up_proj, self.down_proj)]
             return ops.fused_ffn(x, *weights, self._bias(), self.activation, act_quant=True)
         weights = [None if p is None else p.weight for p in (self.gate_proj, self.up_proj, self.down_proj)]
