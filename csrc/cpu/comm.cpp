@@ -358,6 +358,7 @@ int64_t task_count(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>(64
 constexpr uint32_t kInfKey = 0x7F800000u;
 constexpr int kHistShift = 20;  // 11-bit histogram: exponent and 3 mantissa bits
 constexpr int kHistBins = 2048;
+constexpr int kHistCopies = 2;
 
 inline uint32_t mag_key(float v) {
   const uint32_t u = f32_bits(v) & 0x7FFFFFFFu;
@@ -373,11 +374,15 @@ void hist_scalar(const float* a, int64_t len, uint32_t* hist) {
   for (int64_t i = 0; i < len; ++i) ++hist[mag_key(a[i]) >> kHistShift];
 }
 
+// hist holds two copies of the bins (kHistCopies): gradients crowd into a few bins, and
+// alternating copies halves the chains of increments to one counter.
 AO_AVX2 void hist_avx2(const float* a, int64_t len, uint32_t* hist) {
   alignas(32) uint32_t bins[8];
+  const __m256i copy = _mm256_setr_epi32(0, kHistBins, 0, kHistBins, 0, kHistBins, 0, kHistBins);
   int64_t i = 0;
   for (; i + 8 <= len; i += 8) {
-    _mm256_store_si256(reinterpret_cast<__m256i*>(bins), _mm256_srli_epi32(mag_key8(_mm256_loadu_ps(a + i)), kHistShift));
+    const __m256i b = _mm256_srli_epi32(mag_key8(_mm256_loadu_ps(a + i)), kHistShift);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(bins), _mm256_add_epi32(b, copy));
     for (int j = 0; j < 8; ++j) ++hist[bins[j]];
   }
   for (; i < len; ++i) ++hist[mag_key(a[i]) >> kHistShift];
@@ -446,28 +451,30 @@ std::tuple<at::Tensor, at::Tensor> topk_compress_cpu(const at::Tensor& grad, con
   std::vector<size_t> reserve(static_cast<size_t>(tasks), 0);
   if (exact) {
     // Pass 1: acc (into the residual) and a histogram of the key's top 11 bits per task.
-    std::vector<uint32_t> hist(static_cast<size_t>(tasks) * kHistBins, 0);
+    std::vector<uint32_t> hist(static_cast<size_t>(tasks) * kHistBins * kHistCopies, 0);
     for_tasks([&](int64_t t) {
       float buf[kBlock];
-      uint32_t* h = hist.data() + t * kHistBins;
+      uint32_t* h = hist.data() + t * kHistBins * kHistCopies;
       for (int64_t b = bounds[t]; b < bounds[t + 1]; b += kBlock) {
         const int64_t len = std::min(kBlock, bounds[t + 1] - b);
         const float* a = src.first(b, len, buf);
         isa == Isa::Avx2 ? hist_avx2(a, len, h) : hist_scalar(a, len, h);
       }
+      for (int64_t c = 1; c < kHistCopies; ++c)
+        for (int64_t j = 0; j < kHistBins; ++j) h[j] += h[c * kHistBins + j];
     });
     // The bin holding the k-th largest key: everything above it is sent.
     int64_t bin = kHistBins - 1;
     for (; bin >= 0; --bin) {
       int64_t count = 0;
-      for (int64_t t = 0; t < tasks; ++t) count += hist[size_t(t * kHistBins + bin)];
+      for (int64_t t = 0; t < tasks; ++t) count += hist[size_t(t * kHistBins * kHistCopies + bin)];
       if (above + count >= k) break;
       above += count;
     }
     lower = uint32_t(bin) << kHistShift;
     sure = uint64_t(bin + 1) << kHistShift;
     for (int64_t t = 0; t < tasks; ++t)
-      for (int64_t b2 = bin; b2 < kHistBins; ++b2) reserve[size_t(t)] += hist[size_t(t * kHistBins + b2)];
+      for (int64_t b2 = bin; b2 < kHistBins; ++b2) reserve[size_t(t)] += hist[size_t(t * kHistBins * kHistCopies + b2)];
   } else {
     if (src.res != nullptr) {
       for_tasks([&](int64_t t) {
@@ -585,11 +592,6 @@ int64_t payload_ranks(const at::Tensor& a, const at::Tensor& b, const char* op) 
   return a.dim() == 1 ? 1 : a.size(0);
 }
 
-// Parallel zero fill of a fresh (huge-page advised) fp32 buffer.
-void zero_fill(float* p, int64_t n) {
-  at::parallel_for(0, n, kCopyGrain * 4, [&](int64_t b, int64_t e) { std::memset(p + b, 0, size_t(e - b) * 4); });
-}
-
 }  // namespace
 
 at::Tensor topk_decompress_cpu(const at::Tensor& values, const at::Tensor& indices, int64_t numel) {
@@ -607,55 +609,66 @@ at::Tensor topk_decompress_cpu(const at::Tensor& values, const at::Tensor& indic
   for (int64_t j = 0; j < ranks * k; ++j)
     TORCH_CHECK(ip[j] >= 0 && ip[j] < numel, "accelops.topk_decompress: index ", ip[j], " lies outside [0, ", numel,
                 ")");
-  at::Tensor out = empty_output({numel}, values.options());
-  float* op_ = out.data_ptr<float>();
-  zero_fill(op_, numel);
   // The spec: each rank's values scatter-added into zeros (in slot order), then the ranks
-  // summed in rank order. Partial sums that start at +0 never become -0, so adding a zero
-  // value (top-k's padding) changes nothing and is skipped. A rank whose other indices
-  // are strictly ascending (what topk_compress_ writes) adds straight into the total:
-  // total + (0 + v) == total + v. Otherwise its repeated indices are summed first, in
-  // slot order, as scatter_add does.
-  std::vector<std::pair<int32_t, int64_t>> order;
+  // summed in rank order, then / W. Each rank becomes a list of distinct ascending indices
+  // with the sum of its values there (slot order). Partial sums that start at +0 never
+  // become -0, so a zero value (top-k's padding) changes nothing and is dropped; a rank
+  // whose other indices ascend strictly (what topk_compress_ writes) is used as it is.
+  struct Sparse {
+    const int32_t* idx;
+    const float* val;
+    int64_t count;
+    std::vector<int32_t> own_idx;
+    std::vector<float> own_val;
+  };
+  std::vector<Sparse> sparse(static_cast<size_t>(ranks));
   for (int64_t r = 0; r < ranks; ++r) {
     const float* rv = vp + r * k;
     const int32_t* ri = ip + r * k;
-    bool ascending = true;
+    Sparse& sp = sparse[size_t(r)];
+    bool ascending = true, zeros = false;
     int64_t last = -1;
     for (int64_t j = 0; j < k && ascending; ++j) {
-      if (rv[j] == 0.f) continue;
+      if (rv[j] == 0.f) {
+        zeros = true;
+        continue;
+      }
       ascending = ri[j] > last;
       last = ri[j];
     }
-    if (ascending) {
-      for (int64_t j = 0; j < k; ++j)
-        if (rv[j] != 0.f) op_[ri[j]] += rv[j];
+    if (ascending && !zeros) {
+      sp.idx = ri, sp.val = rv, sp.count = k;
       continue;
     }
-    order.clear();
+    std::vector<std::pair<int32_t, int64_t>> order;
     for (int64_t j = 0; j < k; ++j)
       if (rv[j] != 0.f) order.push_back({ri[j], j});
-    std::stable_sort(order.begin(), order.end(),
-                     [](const auto& a, const auto& b) { return a.first < b.first; });
+    if (!ascending)
+      std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
     for (size_t j = 0; j < order.size();) {
       const int32_t i = order[j].first;
-      float s = 0.f;
-      for (; j < order.size() && order[j].first == i; ++j) s += rv[order[j].second];
-      op_[i] += s;
+      float sum = 0.f;
+      for (; j < order.size() && order[j].first == i; ++j) sum += rv[order[j].second];
+      sp.own_idx.push_back(i);
+      sp.own_val.push_back(sum);
     }
+    sp.idx = sp.own_idx.data(), sp.val = sp.own_val.data(), sp.count = int64_t(sp.own_idx.size());
   }
-  if (ranks > 1) {  // / W where any rank wrote (elsewhere 0 / W == 0)
-    const float w = static_cast<float>(ranks);
-    std::vector<uint64_t> seen(static_cast<size_t>((numel + 63) / 64), 0);
-    for (int64_t j = 0; j < ranks * k; ++j) {
-      const int64_t i = ip[j];
-      uint64_t& word = seen[size_t(i >> 6)];
-      const uint64_t bit = uint64_t(1) << (i & 63);
-      if (word & bit) continue;
-      word |= bit;
-      op_[i] = op_[i] / w;
+  // One pass over the output by ranges: zero it, add each rank's entries in rank order and
+  // divide, while the range is in cache (a scatter over the whole buffer would miss the
+  // cache on every value).
+  at::Tensor out = empty_output({numel}, values.options());
+  float* o = out.data_ptr<float>();
+  const float w = static_cast<float>(ranks);
+  at::parallel_for(0, numel, kCopyGrain, [&](int64_t b, int64_t e) {
+    std::memset(o + b, 0, size_t(e - b) * sizeof(float));
+    for (const Sparse& sp : sparse) {
+      int64_t j = std::lower_bound(sp.idx, sp.idx + sp.count, int32_t(b)) - sp.idx;
+      for (; j < sp.count && sp.idx[j] < e; ++j) o[sp.idx[j]] += sp.val[j];
     }
-  }
+    if (ranks > 1)
+      for (int64_t i = b; i < e; ++i) o[i] = o[i] / w;
+  });
   return out;
 }
 
