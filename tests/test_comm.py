@@ -246,6 +246,18 @@ def test_topk_large_bucket(backend, kind, method):
     check_topk(grad, torch.randn(n, generator=gen) * 0.01, 3000, method, 4096, 5)
 
 
+def test_topk_exact_when_the_threshold_sample_misleads(backend):
+    # The kernel estimates exact top-k's threshold from a strided sample; here every sampled
+    # position holds one of the few large values, so fewer than k elements reach the
+    # estimate and the kernel must fall back to collecting everything.
+    gen = torch.Generator().manual_seed(9)
+    n = 300_001
+    grad = torch.rand(n, generator=gen)
+    grad[::18] = 100.0
+    check_topk(grad, None, 20_000)
+    check_topk(grad, torch.zeros(n), n // 18 + 1)
+
+
 def test_topk_nan_counts_as_largest(backend):
     grad = torch.tensor([1.0, NAN, -5.0, INF, 0.5, -INF, 2.0, NAN, 0.0])
     residual = torch.zeros(9)

@@ -274,8 +274,13 @@ struct AccSrc {
   // The first pass over [b, b + len): residual += float(grad) (fp32 add, acc written back).
   const float* first(int64_t b, int64_t len, float* buf) const;
 
-  float at(int64_t i) const {
-    if (res != nullptr) return res[i];
+  // acc[i] once the first pass has run.
+  float at(int64_t i) const { return res != nullptr ? res[i] : grad_at(i); }
+
+  // acc[i] before the first pass: float(grad[i]) + residual[i], the same fp32 add.
+  float pre(int64_t i) const { return res != nullptr ? grad_at(i) + res[i] : grad_at(i); }
+
+  float grad_at(int64_t i) const {
     switch (gdt) {
       case Dt::F32:
         return load1<Dt::F32>(grad, i);
@@ -356,9 +361,7 @@ int64_t task_count(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>(64
 // |acc| as an ordered integer key: the float's bits without the sign (monotonic in the
 // magnitude), NaN mapped to +Inf's key (the spec counts NaN as the largest, equal to Inf).
 constexpr uint32_t kInfKey = 0x7F800000u;
-constexpr int kHistShift = 20;  // 11-bit histogram: exponent and 3 mantissa bits
-constexpr int kHistBins = 2048;
-constexpr int kHistCopies = 2;
+constexpr int64_t kTopkSample = 1 << 14;  // exact top-k: sampled positions for the threshold estimate
 
 inline uint32_t mag_key(float v) {
   const uint32_t u = f32_bits(v) & 0x7FFFFFFFu;
@@ -368,24 +371,6 @@ inline uint32_t mag_key(float v) {
 AO_AVX2 inline __m256i mag_key8(__m256 v) {
   const __m256i u = _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7FFFFFFF));
   return _mm256_min_epu32(u, _mm256_set1_epi32(int(kInfKey)));
-}
-
-void hist_scalar(const float* a, int64_t len, uint32_t* hist) {
-  for (int64_t i = 0; i < len; ++i) ++hist[mag_key(a[i]) >> kHistShift];
-}
-
-// hist holds two copies of the bins (kHistCopies): gradients crowd into a few bins, and
-// alternating copies halves the chains of increments to one counter.
-AO_AVX2 void hist_avx2(const float* a, int64_t len, uint32_t* hist) {
-  alignas(32) uint32_t bins[8];
-  const __m256i copy = _mm256_setr_epi32(0, kHistBins, 0, kHistBins, 0, kHistBins, 0, kHistBins);
-  int64_t i = 0;
-  for (; i + 8 <= len; i += 8) {
-    const __m256i b = _mm256_srli_epi32(mag_key8(_mm256_loadu_ps(a + i)), kHistShift);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(bins), _mm256_add_epi32(b, copy));
-    for (int j = 0; j < 8; ++j) ++hist[bins[j]];
-  }
-  for (; i < len; ++i) ++hist[mag_key(a[i]) >> kHistShift];
 }
 
 // Appends (index, key) of every element of a[0, len) (global indices from i0) with key >= lower.
@@ -444,72 +429,61 @@ std::tuple<at::Tensor, at::Tensor> topk_compress_cpu(const at::Tensor& grad, con
     });
   };
 
-  // Candidates are the elements with key >= lower; keys >= sure are all sent (`above` of them, < k).
+  // One pass forms acc (into the residual) and collects the candidates, the elements with
+  // key >= lower, in index order per task. `lower` comes from a strided sample of acc taken
+  // before that pass (acc computed at the sampled positions): for 'sampled' the spec's
+  // threshold; for 'exact' a conservative estimate of the k-th largest key (about 1.3 k
+  // candidates expected), checked after the pass: should fewer than k elements reach it
+  // (adversarial data), the candidates are collected again with lower = 0. No histogram,
+  // no sort: an nth_element over the candidates' keys finds the exact threshold.
   uint32_t lower = 0;
-  uint64_t sure = uint64_t(1) << 32;
-  int64_t above = 0;
-  std::vector<size_t> reserve(static_cast<size_t>(tasks), 0);
-  if (exact) {
-    // Pass 1: acc (into the residual) and a histogram of the key's top 11 bits per task.
-    std::vector<uint32_t> hist(static_cast<size_t>(tasks) * kHistBins * kHistCopies, 0);
-    for_tasks([&](int64_t t) {
-      float buf[kBlock];
-      uint32_t* h = hist.data() + t * kHistBins * kHistCopies;
-      for (int64_t b = bounds[t]; b < bounds[t + 1]; b += kBlock) {
-        const int64_t len = std::min(kBlock, bounds[t + 1] - b);
-        const float* a = src.first(b, len, buf);
-        isa == Isa::Avx2 ? hist_avx2(a, len, h) : hist_scalar(a, len, h);
-      }
-      for (int64_t c = 1; c < kHistCopies; ++c)
-        for (int64_t j = 0; j < kHistBins; ++j) h[j] += h[c * kHistBins + j];
-    });
-    // The bin holding the k-th largest key: everything above it is sent.
-    int64_t bin = kHistBins - 1;
-    for (; bin >= 0; --bin) {
-      int64_t count = 0;
-      for (int64_t t = 0; t < tasks; ++t) count += hist[size_t(t * kHistBins * kHistCopies + bin)];
-      if (above + count >= k) break;
-      above += count;
+  {
+    int64_t stride, offset = 0, len, ks;
+    if (exact) {
+      stride = std::max<int64_t>(1, n / kTopkSample);
+      len = (n + stride - 1) / stride;
+      const double expect = double(k) * double(len) / double(n);
+      ks = std::min<int64_t>(len, int64_t(std::ceil(1.3 * expect + 4.0 * std::sqrt(expect) + 16.0)));
+    } else {  // the spec's formulas (ks by exact integer ceil)
+      stride = std::max<int64_t>(1, n / sample_size);
+      offset = seed % stride;
+      len = std::min<int64_t>(sample_size, (n - offset + stride - 1) / stride);
+      ks = std::max<int64_t>(1, (k * len + n - 1) / n);
     }
-    lower = uint32_t(bin) << kHistShift;
-    sure = uint64_t(bin + 1) << kHistShift;
-    for (int64_t t = 0; t < tasks; ++t)
-      for (int64_t b2 = bin; b2 < kHistBins; ++b2) reserve[size_t(t)] += hist[size_t(t * kHistBins * kHistCopies + b2)];
-  } else {
-    if (src.res != nullptr) {
-      for_tasks([&](int64_t t) {
-        float buf[kBlock];
-        for (int64_t b = bounds[t]; b < bounds[t + 1]; b += kBlock) src.first(b, std::min(kBlock, bounds[t + 1] - b), buf);
-      });
+    if (!exact || ks < len) {
+      std::vector<uint32_t> sample(static_cast<size_t>(len));
+      for (int64_t j = 0; j < len; ++j) sample[size_t(j)] = mag_key(src.pre(offset + j * stride));
+      std::nth_element(sample.begin(), sample.begin() + (ks - 1), sample.end(), std::greater<uint32_t>());
+      lower = sample[size_t(ks - 1)];
     }
-    // The threshold from a strided sample (the spec's formulas; ks by exact integer ceil).
-    const int64_t stride = std::max<int64_t>(1, n / sample_size);
-    const int64_t offset = seed % stride;
-    const int64_t len = std::min<int64_t>(sample_size, (n - offset + stride - 1) / stride);
-    std::vector<uint32_t> sample(static_cast<size_t>(len));
-    for (int64_t j = 0; j < len; ++j) sample[size_t(j)] = mag_key(src.at(offset + j * stride));
-    const int64_t ks = std::max<int64_t>(1, (k * len + n - 1) / n);
-    std::nth_element(sample.begin(), sample.begin() + (ks - 1), sample.end(), std::greater<uint32_t>());
-    lower = sample[size_t(ks - 1)];
   }
-
-  // Pass 2: each task's candidates, in index order.
   std::vector<std::vector<int32_t>> cand_idx(static_cast<size_t>(tasks));
   std::vector<std::vector<uint32_t>> cand_key(static_cast<size_t>(tasks));
-  for_tasks([&](int64_t t) {
-    float buf[kBlock];
-    auto& idx = cand_idx[size_t(t)];
-    auto& keys = cand_key[size_t(t)];
-    idx.reserve(reserve[size_t(t)]);
-    keys.reserve(reserve[size_t(t)]);
-    for (int64_t b = bounds[t]; b < bounds[t + 1]; b += kBlock) {
-      const int64_t len = std::min(kBlock, bounds[t + 1] - b);
-      const float* a = src.view(b, len, buf);
-      isa == Isa::Avx2 ? collect_avx2(a, len, b, lower, idx, keys) : collect_scalar(a, len, b, lower, idx, keys);
-    }
-  });
-  int64_t total = 0;
-  for (const auto& c : cand_idx) total += int64_t(c.size());
+  auto collect = [&](bool first_pass) {
+    for_tasks([&](int64_t t) {
+      float buf[kBlock];
+      auto& idx = cand_idx[size_t(t)];
+      auto& keys = cand_key[size_t(t)];
+      idx.clear();
+      keys.clear();
+      const size_t guess = size_t(std::min<int64_t>(bounds[t + 1] - bounds[t], 3 * k / tasks + 1024));
+      idx.reserve(guess);
+      keys.reserve(guess);
+      for (int64_t b = bounds[t]; b < bounds[t + 1]; b += kBlock) {
+        const int64_t len = std::min(kBlock, bounds[t + 1] - b);
+        const float* a = first_pass ? src.first(b, len, buf) : src.view(b, len, buf);
+        isa == Isa::Avx2 ? collect_avx2(a, len, b, lower, idx, keys) : collect_scalar(a, len, b, lower, idx, keys);
+      }
+    });
+    int64_t total = 0;
+    for (const auto& c : cand_idx) total += int64_t(c.size());
+    return total;
+  };
+  int64_t total = collect(true);
+  if (exact && total < k) {
+    lower = 0;
+    total = collect(false);
+  }
 
   // The k-th largest key `thr`; `ties` of the elements equal to it are sent, first in index order.
   uint32_t thr = lower;
@@ -517,21 +491,14 @@ std::tuple<at::Tensor, at::Tensor> topk_compress_cpu(const at::Tensor& grad, con
   int64_t count = k;
   if (!exact && total <= k) {
     count = total;  // every candidate is sent; the remaining slots are padding
-  } else {
-    if (!exact) {  // more candidates than k: the k largest of them, i.e. the exact top-k
-      above = 0;
-      sure = uint64_t(1) << 32;
-    }
+  } else {  // the k largest candidates (for 'sampled': more than k reached t, so the exact top-k)
     std::vector<uint32_t> keys;
-    for (const auto& ck : cand_key)
-      for (uint32_t key : ck)
-        if (key < sure) keys.push_back(key);
-    const int64_t need = k - above;
-    std::nth_element(keys.begin(), keys.begin() + (need - 1), keys.end(), std::greater<uint32_t>());
-    thr = keys[size_t(need - 1)];
+    keys.reserve(size_t(total));
+    for (const auto& ck : cand_key) keys.insert(keys.end(), ck.begin(), ck.end());
+    std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<uint32_t>());
+    thr = keys[size_t(k - 1)];
     int64_t gt = 0;
-    for (const auto& ck : cand_key)
-      for (uint32_t key : ck) gt += key > thr;
+    for (uint32_t key : keys) gt += key > thr;
     ties = k - gt;
   }
   std::vector<int64_t> offsets(static_cast<size_t>(tasks) + 1, 0), take(static_cast<size_t>(tasks), 0);
