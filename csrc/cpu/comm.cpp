@@ -1156,8 +1156,11 @@ namespace {
 constexpr int64_t kOrthRows = 1 << 14;  // rows per block of the (deterministic) row-parallel loops
 
 // Sum over row blocks of f(r0, r1), blocks combined in order: the same result whatever the
-// thread count (nested in a parallel region, the blocks just run in sequence).
-double sum_blocks(int64_t n, const std::function<double(int64_t, int64_t)>& f) {
+// thread count (nested in a parallel region, the blocks just run in sequence). A matrix of
+// one block calls f directly: no parallel_for, no type-erased call, for the small matrices
+// PowerSGD batches.
+template <class F>
+double sum_blocks(int64_t n, const F& f) {
   const int64_t blocks = (n + kOrthRows - 1) / kOrthRows;
   if (blocks <= 1) return f(0, n);
   std::vector<double> part(static_cast<size_t>(blocks), 0.0);
@@ -1169,7 +1172,12 @@ double sum_blocks(int64_t n, const std::function<double(int64_t, int64_t)>& f) {
   return s;
 }
 
-void for_blocks(int64_t n, const std::function<void(int64_t, int64_t)>& f) {
+template <class F>
+void for_blocks(int64_t n, const F& f) {
+  if (n <= kOrthRows) {
+    f(0, n);
+    return;
+  }
   at::parallel_for(0, (n + kOrthRows - 1) / kOrthRows, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) f(b * kOrthRows, std::min(n, (b + 1) * kOrthRows));
   });
@@ -1264,10 +1272,9 @@ void orthogonalize_cpu(const at::Tensor& m, double eps) {
   if (m.numel() == 0) return;
   const int64_t batch = m.numel() / (n * r);
   const Isa isa = comm_isa();
-  // Matrices in parallel (each one's row loops then run inline); a lone large matrix
-  // parallelizes its row loops instead.
-  const int64_t grain = std::max<int64_t>(1, kOrthRows / std::max<int64_t>(1, n * r));
-  at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) {
+  // Matrices in parallel (each one's row loops then run inline); a lone matrix is called
+  // directly, outside any parallel region, so a large one parallelizes its row loops.
+  auto run = [&](int64_t b0, int64_t b1) {
     std::vector<double> ws;
     for (int64_t b = b0; b < b1; ++b) {
       if (m.scalar_type() == at::kFloat)
@@ -1275,7 +1282,12 @@ void orthogonalize_cpu(const at::Tensor& m, double eps) {
       else
         orthogonalize_matrix(m.data_ptr<double>() + b * n * r, n, r, eps, ws, isa);
     }
-  });
+  };
+  if (batch == 1) {
+    run(0, 1);
+    return;
+  }
+  at::parallel_for(0, batch, std::max<int64_t>(1, kOrthRows / std::max<int64_t>(1, n * r)), run);
 }
 
 }  // namespace accelops
