@@ -123,6 +123,26 @@ def test_bucket_flatten_matches_reference(backend, sizes, src, dtype, divisor, k
     same(flat, R.bucket_flatten(tensors, dtype, divisor))
 
 
+def test_outputs_larger_than_the_caches(native):
+    # >= 16 MiB outputs are written with streaming stores from the first aligned element on.
+    gen = torch.Generator().manual_seed(10)
+    n = 4_194_311
+    parts = [torch.randn(s, generator=gen) for s in (3, 1_000_001, 5, 3_194_302)]
+    flat = ops.bucket_flatten(parts, torch.float32, 3)
+    same(flat, R.bucket_flatten(parts, torch.float32, 3))
+    wire = flat.to(torch.bfloat16)
+    mine, theirs = [torch.empty_like(p) for p in parts], [torch.empty_like(p) for p in parts]
+    ops.bucket_unflatten_(wire, mine, 0.5)
+    R.bucket_unflatten_(wire, theirs, 0.5)
+    for a, b in zip(mine, theirs):
+        same(a, b)
+    same(ops.bucket_flatten(parts, torch.float64), R.bucket_flatten(parts, torch.float64))
+    bits, scales = ops.sign_compress_(flat, None, 1000)
+    same(ops.sign_decompress(bits, scales, n, 1000), R.sign_decompress(bits, scales, n, 1000))
+    q, scales = ops.int8_compress_(flat, None, 1000, 1)
+    same(ops.int8_decompress(q, scales, 1000), R.int8_decompress(q, scales, 1000))
+
+
 @given(sizes=st.lists(st.sampled_from([0, 1, 3, 8, 9, 33, 1000, 4099]), min_size=1, max_size=6),
        dst=st.lists(st.sampled_from(GRAD_DTYPES), min_size=6, max_size=6),
        flat_dtype=st.sampled_from(GRAD_DTYPES),
