@@ -55,6 +55,21 @@ TORCH_LIBRARY(accelops, m) {
       "Tensor w_down, str activation, bool has_b_gate, bool has_b_up, bool has_b_down, bool act_quant, "
       "bool need_dx, bool need_dw) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("ffn_activation(Tensor? g, Tensor u, str activation=\"swiglu\") -> Tensor");
+  // communication: bucket packing and gradient compression (accelops/reference/comm.py);
+  // the compressors update their error-feedback residual in place
+  m.def("bucket_flatten(Tensor[] tensors, ScalarType? dtype=None, float? divisor=None) -> Tensor");
+  m.def("bucket_unflatten_(Tensor flat, Tensor(a!)[] tensors, float? divisor=None) -> ()");
+  m.def("cast_div(Tensor x, float divisor, ScalarType dtype) -> Tensor");
+  m.def(
+      "topk_compress_(Tensor grad, Tensor(a!)? residual, int k, str method=\"exact\", int sample_size=4096, "
+      "int seed=0) -> (Tensor values, Tensor indices)");
+  m.def("topk_decompress(Tensor values, Tensor indices, int numel) -> Tensor");
+  m.def("sign_compress_(Tensor grad, Tensor(a!)? residual, int chunk_size=2048) -> (Tensor bits, Tensor scales)");
+  m.def("sign_decompress(Tensor bits, Tensor scales, int numel, int chunk_size=2048) -> Tensor");
+  m.def(
+      "int8_compress_(Tensor grad, Tensor(a!)? residual, int chunk_size=2048, int seed=0) -> (Tensor q, Tensor scales)");
+  m.def("int8_decompress(Tensor q, Tensor scales, int chunk_size=2048) -> Tensor");
+  m.def("orthogonalize_(Tensor(a!) m, float eps=1e-8) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(accelops, CPU, m) {
@@ -74,4 +89,14 @@ TORCH_LIBRARY_IMPL(accelops, CPU, m) {
   m.impl("fused_ffn_backward", &accelops::fused_ffn_backward_cpu);
   m.impl("fused_ffn_backward_consume_", &accelops::fused_ffn_backward_consume_cpu);
   m.impl("ffn_activation", &accelops::ffn_activation_cpu);
+  m.impl("bucket_flatten", &accelops::bucket_flatten_cpu);
+  m.impl("bucket_unflatten_", &accelops::bucket_unflatten_cpu);
+  m.impl("cast_div", &accelops::cast_div_cpu);
+  m.impl("topk_compress_", &accelops::topk_compress_cpu);
+  m.impl("topk_decompress", &accelops::topk_decompress_cpu);
+  m.impl("sign_compress_", &accelops::sign_compress_cpu);
+  m.impl("sign_decompress", &accelops::sign_decompress_cpu);
+  m.impl("int8_compress_", &accelops::int8_compress_cpu);
+  m.impl("int8_decompress", &accelops::int8_decompress_cpu);
+  m.impl("orthogonalize_", &accelops::orthogonalize_cpu);
 }

@@ -53,6 +53,29 @@ fused_ffn_backward_consume_cpu(const at::Tensor& dy, const at::Tensor& x, at::Te
                                bool has_b_up, bool has_b_down, bool act_quant, bool need_dx, bool need_dw);
 at::Tensor ffn_activation_cpu(const std::optional<at::Tensor>& g, const at::Tensor& u, c10::string_view activation);
 
+// communication family (csrc/cpu/comm.cpp)
+at::Tensor bucket_flatten_cpu(at::TensorList tensors, std::optional<at::ScalarType> dtype,
+                              std::optional<double> divisor);
+void bucket_unflatten_cpu(const at::Tensor& flat, at::TensorList tensors, std::optional<double> divisor);
+at::Tensor cast_div_cpu(const at::Tensor& x, double divisor, at::ScalarType dtype);
+std::tuple<at::Tensor, at::Tensor> topk_compress_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& residual,
+                                                     int64_t k, c10::string_view method, int64_t sample_size,
+                                                     int64_t seed);
+at::Tensor topk_decompress_cpu(const at::Tensor& values, const at::Tensor& indices, int64_t numel);
+std::tuple<at::Tensor, at::Tensor> sign_compress_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& residual,
+                                                     int64_t chunk_size);
+at::Tensor sign_decompress_cpu(const at::Tensor& bits, const at::Tensor& scales, int64_t numel, int64_t chunk_size);
+std::tuple<at::Tensor, at::Tensor> int8_compress_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& residual,
+                                                     int64_t chunk_size, int64_t seed);
+at::Tensor int8_decompress_cpu(const at::Tensor& q, const at::Tensor& scales, int64_t chunk_size);
+void orthogonalize_cpu(const at::Tensor& m, double eps);
+
+// shared helpers (csrc/cpu/fake_quant.cpp)
+// A new contiguous tensor whose large pages are backed by transparent huge pages where the
+// kernel allows it: first-touch 4 KiB page faults of a fresh large output cost more than a
+// memory-bound kernel itself on a VM.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
 // shared helpers (csrc/cpu/int8.cpp)
 // Quantizes x ([M, K], any float dtype) row by row into q ([M, k_padded] int8, zero padded),
 // scale[M] and (if not null) qsum[M].

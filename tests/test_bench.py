@@ -10,6 +10,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"ternary", "int8", "fp32", "bf16", "int_mm", "ref_ternary_compiled", "ref_int8_compiled",
            "torchao", "torchao_compiled"}
+COMM_OPS = {"bucket_flatten", "bucket_unflatten_", "cast_div", "topk_compress_", "topk_decompress", "sign_compress_",
+            "sign_decompress", "int8_compress_", "int8_decompress", "orthogonalize_"}
 
 
 def test_quick_bench_appends_rows_with_metadata(tmp_path):
@@ -59,4 +61,19 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
 
     summary = (tmp_path / "matmul_summary_quick.md").read_text()
     assert "ternary vs fp32" in summary and "Targets:" in summary
+
+    # The comm family: each kernel checked against its pure-PyTorch reference, both timed.
+    comm = [json.loads(line) for line in (tmp_path / "comm_quick.jsonl").read_text().splitlines()]
+    kernel_rows = [r for r in comm if r["method"].startswith("kernel:")]
+    reference_rows = [r for r in comm if r["method"].startswith("reference:")]
+    assert {r["method"] for r in kernel_rows} == {f"kernel:{op}" for op in COMM_OPS}
+    assert {r["method"] for r in reference_rows} == {f"reference:{op}" for op in COMM_OPS}
+    for r in kernel_rows + reference_rows:
+        assert r["family"] == "comm" and r["threads"] == 1 and r["quick"] is True
+        assert r["status"] == "ok", r.get("reason")
+        assert r["p20_us"] <= r["median_us"] <= r["p80_us"]
+        assert {"cpu_model", "cpu_count"} <= set(r["machine"]) and r["versions"]["torch"]
+    for r in kernel_rows:
+        assert r["check"]["ok"] and r["speedup_vs_reference"] > 0
+    assert "Targets:" in (tmp_path / "comm_summary_quick.md").read_text()
     assert "accelops int8_linear" in proc.stdout

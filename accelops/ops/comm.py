@@ -25,7 +25,7 @@ import torch
 
 from ..reference import comm as ref
 from . import _validate as check
-from ._backend import choose, extension
+from ._backend import choose, cuda_extension_ops, extension
 
 __all__ = [
     "bucket_flatten", "bucket_unflatten_", "cast_div",
@@ -50,6 +50,11 @@ def _native(name: str):
 def _backend(name: str, device: torch.device):
     """The callable to run: the registered op, or None for the reference."""
     if choose(name, device) == "reference":
+        return None
+    if device.type == "cuda" and name not in cuda_extension_ops():
+        # No Triton kernels in this family: on a GPU the op runs accelops._C_cuda's kernel
+        # when that module is in use (GPU builds without triton), else the reference. The
+        # registered op would have no CUDA kernel to dispatch to.
         return None
     return _native(name)
 
@@ -306,3 +311,60 @@ def orthogonalize_(m: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     else:
         op(m, float(eps))
     return m
+
+
+# --------------------------------------------------------------------------- registration
+
+def _register() -> None:
+    """Fake (meta) kernels, so the ops trace under torch.compile: every output's shape
+    follows from the inputs' shapes and the int arguments (top-k returns exactly k slots)."""
+    if extension()[0] is None:
+        return
+
+    @torch.library.register_fake("accelops::bucket_flatten")
+    def _(tensors, dtype=None, divisor=None):
+        total = sum(t.numel() for t in tensors)
+        return tensors[0].new_empty((total,), dtype=tensors[0].dtype if dtype is None else dtype)
+
+    @torch.library.register_fake("accelops::bucket_unflatten_")
+    def _(flat, tensors, divisor=None):
+        return None
+
+    @torch.library.register_fake("accelops::cast_div")
+    def _(x, divisor, dtype):
+        return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("accelops::topk_compress_")
+    def _(grad, residual, k, method="exact", sample_size=4096, seed=0):
+        return grad.new_empty((k,), dtype=torch.float32), grad.new_empty((k,), dtype=torch.int32)
+
+    @torch.library.register_fake("accelops::topk_decompress")
+    def _(values, indices, numel):
+        return values.new_empty((numel,), dtype=torch.float32)
+
+    @torch.library.register_fake("accelops::sign_compress_")
+    def _(grad, residual, chunk_size=2048):
+        n = grad.numel()
+        return (grad.new_empty(((n + 7) // 8,), dtype=torch.uint8),
+                grad.new_empty(((n + chunk_size - 1) // chunk_size,), dtype=torch.float32))
+
+    @torch.library.register_fake("accelops::sign_decompress")
+    def _(bits, scales, numel, chunk_size=2048):
+        return scales.new_empty((numel,), dtype=torch.float32)
+
+    @torch.library.register_fake("accelops::int8_compress_")
+    def _(grad, residual, chunk_size=2048, seed=0):
+        n = grad.numel()
+        return (grad.new_empty((n,), dtype=torch.int8),
+                grad.new_empty(((n + chunk_size - 1) // chunk_size,), dtype=torch.float32))
+
+    @torch.library.register_fake("accelops::int8_decompress")
+    def _(q, scales, chunk_size=2048):
+        return scales.new_empty((q.shape[-1],), dtype=torch.float32)
+
+    @torch.library.register_fake("accelops::orthogonalize_")
+    def _(m, eps=1e-8):
+        return None
+
+
+_register()

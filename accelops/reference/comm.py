@@ -150,7 +150,7 @@ def topk_compress_(grad, residual, k: int, method: str = "exact", sample_size: i
     elif method == "sampled":
         stride = max(1, n // sample_size)
         sample = mag[seed % stride::stride][:sample_size]
-        ks = max(1, math.ceil(k * sample.numel() / n))
+        ks = max(1, -(-k * sample.numel() // n))  # ceil in exact integer arithmetic
         threshold = torch.topk(sample, ks).values[-1]
         candidates = torch.nonzero(mag >= threshold).flatten()
         if candidates.numel() > k:

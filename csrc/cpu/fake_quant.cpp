@@ -192,12 +192,15 @@ __attribute__((target("avx2,fma"))) void lsq_backward_avx2(const float* x, const
 
 // ---------------------------------------------------------------- tensor plumbing
 
+}  // namespace
+
 // A new output tensor, its large pages backed by 2 MiB transparent huge pages where the
 // kernel allows it (THP "madvise" mode, the common default). These ops are memory-bound
 // and write a fresh full-size tensor; on a VM a 4 KiB page fault costs microseconds, and
 // first-touch faults of a 64 MiB output measured 4-5x the kernel's own time (67 ms vs
 // 14 ms with huge pages). torch offers the same for all its allocations behind
-// THP_MEM_ALLOC_ENABLE=1. Advice only: without THP nothing changes.
+// THP_MEM_ALLOC_ENABLE=1. Advice only: without THP nothing changes. Declared in ops.h:
+// the comm family's buffers are just as memory-bound.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
@@ -211,6 +214,8 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
   }
   return t;
 }
+
+namespace {
 
 constexpr int64_t kGroupGrain = 2048;  // 8-element groups per task (16 Ki elements)
 constexpr int64_t kConvertChunk = 1024;

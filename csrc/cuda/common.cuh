@@ -46,6 +46,8 @@ inline cudaError_t dispatch_dtype(accelops_dtype dt, F&& f) {
       return f(static_cast<__nv_bfloat16*>(nullptr));
     case ACCELOPS_FLOAT16:
       return f(static_cast<__half*>(nullptr));
+    case ACCELOPS_FLOAT64:  // only the comm family (comm.cu) takes fp64 buffers
+      break;
   }
   return cudaErrorInvalidValue;
 }
