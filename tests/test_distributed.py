@@ -45,13 +45,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(launch: str, rank: int, world: int, port: int, out_dir: str) -> None:
+def _rank_main(checks: list, rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     results = {}
-    for name in LAUNCHES[launch]:
+    for name in checks:
         t0 = time.perf_counter()
         try:
             torch.manual_seed(0)
@@ -64,12 +64,13 @@ def _rank_main(launch: str, rank: int, world: int, port: int, out_dir: str) -> N
     os._exit(0)  # no destroy_process_group: after the fault checks a peer is gone
 
 
-def launch(name: str, world: int = 2, timeout_s: float = 240) -> list[dict]:
-    """Runs LAUNCHES[name] on `world` ranks -> per rank {check: (status, value, seconds)}."""
+def launch(checks: list, world: int = 2, timeout_s: float = 300) -> list[dict]:
+    """Runs check_<name> for each name in `checks`, in order, on `world` ranks -> per rank
+    {name: (status, value or traceback, seconds)}, with '_exitcode' and '_hung'."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         port = _free_port()
-        procs = [ctx.Process(target=_rank_main, args=(name, r, world, port, tmp)) for r in range(world)]
+        procs = [ctx.Process(target=_rank_main, args=(list(checks), r, world, port, tmp)) for r in range(world)]
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout_s
@@ -230,6 +231,51 @@ def check_reducer_matches_ddp(rank, world):
             assert torch.equal(pa.grad, pb.grad), name
     assert len({p.dtype for p in b.parameters()}) == 2
     return buckets
+
+
+def check_reducer_overlaps_backward(rank, world):
+    """Every bucket's all-reduce starts during backward (from the gradient hooks), the end of
+    backward completes them without finish(), and finish() afterwards changes nothing. With
+    a compressor the reducer averages as DDP with the same hook does (bf16: element-wise, so
+    bucket layouts do not matter) and PowerSGD keeps the replicas identical."""
+    from accelops.distributed import BucketedAllReducer, register_compression
+
+    caps = {"bucket_cap_mb": 0.002, "first_bucket_mb": 0.001}
+    a, b = mlp(), mlp()
+    model_ddp = ddp(a)
+    reducer = BucketedAllReducer(b, **caps)
+    x = torch.randn(16, 24) + rank
+    model_ddp(x).square().mean().backward()
+    b(x).square().mean().backward()
+    assert reducer.step == 1 and reducer.buckets_launched_in_backward == len(reducer.bucket_sizes) >= 3
+    assert_same_grads(grads(a), grads(b), "without finish()")
+    reducer.finish()
+    assert reducer.step == 1
+    assert_same_grads(grads(a), grads(b), "finish() after the end of backward")
+    assert reducer.bytes_last_step == sum(reducer.bucket_sizes) * 4
+    reducer.remove()
+
+    a, b = mlp(), mlp()
+    model_ddp = ddp(a)
+    register_compression(model_ddp, "bf16")
+    reducer = BucketedAllReducer(b, compression="bf16", **caps)
+    model_ddp(x).square().mean().backward()
+    b(x).square().mean().backward()
+    reducer.finish()
+    assert_same_grads(grads(a), grads(b), "bf16 reducer vs bf16 DDP hook")
+    assert reducer.bytes_last_step == sum(reducer.bucket_sizes) * 2
+    reducer.remove()
+
+    model = mlp()
+    reducer = BucketedAllReducer(model, compression="powersgd", **caps)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        opt.zero_grad()
+        model(torch.randn(16, 24) + rank).square().mean().backward()
+        reducer.finish()
+        opt.step()
+    assert reducer.compression.step == 3 and params_in_sync(model, world)
+    return True
 
 
 def check_no_sync(rank, world):
@@ -656,27 +702,42 @@ def check_convergence(rank, world):
 
 # =========================================================================== repeated runs
 
+class ThreeDtypes(nn.Module):
+    """fp32, bf16 and fp64 layers: DDP buckets by dtype, so even its default caps give 3
+    buckets (in flight at once) for a model this small."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a = nn.Linear(32, 64)
+        self.b = nn.Linear(64, 64).to(torch.bfloat16)
+        self.c = nn.Linear(64, 10).to(torch.float64)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = torch.relu(self.b(h.bfloat16())).double()
+        return self.c(h)
+
+
 def check_repeated_runs(rank, world):
-    """REPEATS fresh DDP + hook runs per hook, default buckets (2 buckets for this model),
-    2 steps each (the first with DDP's initial buckets, the second after its rebuild): no
-    collective mismatch, the replicas stay identical."""
+    """REPEATS fresh DDP + hook runs per hook, default buckets (3 here, one per dtype), 2
+    steps each (the first with DDP's initial buckets, the second after it rebuilds them): no
+    collective mismatch, and the replicas stay identical."""
     from accelops.distributed import register_compression
 
     counts = {}
     for hook in HOOK_NAMES:
         for run in range(REPEATS):
-            model = mlp((128, 512, 512, 10), seed=run)
+            model = ThreeDtypes(seed=run)
             wrapped = ddp(model)
             state = register_compression(wrapped, hook, **({"rank": 2} if hook == "powersgd" else {}))
             opt = torch.optim.SGD(model.parameters(), lr=0.01)
             for step in range(2):
                 opt.zero_grad()
-                wrapped(torch.randn(8, 128) + rank).square().mean().backward()
+                wrapped(torch.randn(8, 32) + rank).square().mean().backward()
                 opt.step()
             assert state.step == 2
-            if run == 0:
-                assert params_in_sync(model, world), hook
-        assert params_in_sync(model, world), hook
+            assert params_in_sync(model, world), (hook, run)
         counts[hook] = REPEATS
     return counts
 
@@ -747,55 +808,57 @@ def check_peer_dies(rank, world):
     return out
 
 
-LAUNCHES = {
-    "correctness": ["reducer_matches_ddp", "no_sync", "hooks_match_reference", "error_feedback_invariant",
-                    "checkpoint_resume", "world_size_one", "bad_input"],
-    "convergence": ["convergence"],
-    "repeats": ["repeated_runs"],
-    "faults": ["stalled_peer_hook", "stalled_peer_reducer", "peer_dies"],
-}
+# One launch runs them all, in this order: its start-up (processes, imports, DDP's first
+# construction) costs several seconds on a 2-core machine. The peer that dies goes last.
+CHECKS = ["reducer_matches_ddp", "reducer_overlaps_backward", "no_sync", "hooks_match_reference",
+          "error_feedback_invariant", "checkpoint_resume", "world_size_one", "bad_input", "convergence",
+          "repeated_runs", "stalled_peer_hook", "stalled_peer_reducer", "peer_dies"]
 
 
 # =========================================================================== tests
 
 @pytest.fixture(scope="module")
-def correctness():
-    return launch("correctness")
+def runs():
+    return launch(CHECKS)
 
 
-def test_reducer_matches_ddp(correctness):
-    sizes = result(correctness, "reducer_matches_ddp")[0]
+def test_reducer_matches_ddp(runs):
+    sizes = result(runs, "reducer_matches_ddp")[0]
     assert len(sizes["{'bucket_cap_mb': 0.002, 'first_bucket_mb': 0.001}"]) > 2   # several buckets in flight
     assert len(sizes["awkward"]) > 2
 
 
-def test_no_sync_accumulation(correctness):
-    result(correctness, "no_sync")
+def test_reducer_overlaps_backward(runs):
+    result(runs, "reducer_overlaps_backward")
 
 
-def test_hooks_match_reference(correctness):
-    bytes_sent = result(correctness, "hooks_match_reference")[0]
+def test_no_sync_accumulation(runs):
+    result(runs, "no_sync")
+
+
+def test_hooks_match_reference(runs):
+    bytes_sent = result(runs, "hooks_match_reference")[0]
     assert bytes_sent["bf16"] < bytes_sent["int8 {}"] * 2.1
 
 
-def test_error_feedback_invariant(correctness):
-    result(correctness, "error_feedback_invariant")
+def test_error_feedback_invariant(runs):
+    result(runs, "error_feedback_invariant")
 
 
-def test_checkpoint_resume(correctness):
-    result(correctness, "checkpoint_resume")
+def test_checkpoint_resume(runs):
+    result(runs, "checkpoint_resume")
 
 
-def test_world_size_one(correctness):
-    result(correctness, "world_size_one")
+def test_world_size_one(runs):
+    result(runs, "world_size_one")
 
 
-def test_bad_input_distributed(correctness):
-    result(correctness, "bad_input")
+def test_bad_input_distributed(runs):
+    result(runs, "bad_input")
 
 
-def test_convergence_digits():
-    acc = result(launch("convergence"), "convergence")
+def test_convergence_digits(runs):
+    acc = result(runs, "convergence")
     assert acc[0] == acc[1]                                   # both ranks hold the same model
     acc = acc[0]
     assert acc[None] > 90, acc
@@ -803,13 +866,12 @@ def test_convergence_digits():
         assert acc[name] >= acc[None] - 1.0, f"{name}: {acc[name]:.2f}% vs uncompressed {acc[None]:.2f}%"
 
 
-def test_repeated_runs_no_collective_mismatch():
-    counts = result(launch("repeats"), "repeated_runs")[0]
+def test_repeated_runs_no_collective_mismatch(runs):
+    counts = result(runs, "repeated_runs")[0]
     assert counts == {h: REPEATS for h in HOOK_NAMES}
 
 
-def test_faults_raise_clear_errors():
-    runs = launch("faults", timeout_s=120)
+def test_faults_raise_clear_errors(runs):
     for check in ("stalled_peer_hook", "stalled_peer_reducer"):
         message, seconds = result(runs, check, ranks=[0])[0]
         assert "CommunicationError" in message or "accelops.distributed" in message, message

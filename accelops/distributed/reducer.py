@@ -109,6 +109,7 @@ class BucketedAllReducer:
         self.bytes_this_step = 0
         self.bytes_last_step = 0
         self.bytes_total = 0
+        self.buckets_launched_in_backward = 0   # last step: buckets whose all-reduce overlapped backward
         self._lock = threading.RLock()
         self._enabled = True
         self._in_round = False
@@ -192,7 +193,7 @@ class BucketedAllReducer:
         self._ready = [bytearray(len(b.params)) for b in self._buckets]
         self._next = 0
         self._inflight = []                             # (bucket, targets, fresh, waiter)
-        self._round_bytes = 0
+        self._early = 0
 
     def _on_grad_ready(self, param) -> None:
         if not self._enabled:
@@ -212,6 +213,7 @@ class BucketedAllReducer:
             while self._next < len(self._buckets) and self._pending[self._next] == 0:
                 self._launch(self._buckets[self._next])
                 self._next += 1
+                self._early += 1
 
     def _start_round(self) -> None:
         self._reset_round()
@@ -289,6 +291,7 @@ class BucketedAllReducer:
                         self.params[i].grad = g
             if self.compression is not None:
                 self.bytes_this_step = self.compression.bytes_last_step
+            self.buckets_launched_in_backward = self._early
             self._end_step()
         finally:
             self._inflight = []
