@@ -275,6 +275,10 @@ def check_reducer_overlaps_backward(rank, world):
         reducer.finish()
         opt.step()
     assert reducer.compression.step == 3 and params_in_sync(model, world)
+
+    model = mlp(seed=rank)                                   # different weights on each rank
+    BucketedAllReducer(model).broadcast_parameters()
+    assert params_in_sync(model, world)
     return True
 
 
