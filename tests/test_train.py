@@ -23,6 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 from accelops.models import RNNLM, RNNLMConfig, TransformerLM, TransformerLMConfig
+from accelops.sharing import share_parameters
 from accelops.train import (CharVocab, CheckpointError, CheckpointWarning, TokenWindows, Trainer, list_checkpoints,
                             load_char_corpus, load_checkpoint)
 from accelops.train.checkpoint import prune_checkpoints, save_checkpoint
@@ -65,6 +66,11 @@ def tiny_model(seed=0, dropout=0.1, kind="transformer"):
     if kind == "gru":  # (torch's CPU autocast cannot run nn.LSTM: oneDNN has no primitive for it here)
         return RNNLM(RNNLMConfig(vocab_size=len(VOCAB), dim=24, hidden=32, n_layers=2, max_len=SEQ, cell="gru",
                                  dropout=dropout))
+    if kind == "bitlinear-shared":  # ternary training with the blocks shared ("alternate")
+        model = TransformerLM(TransformerLMConfig(vocab_size=len(VOCAB), dim=32, n_layers=4, n_heads=2, max_len=SEQ,
+                                                  dropout=dropout, quant="bitlinear"))
+        share_parameters(model, "alternate", tie_embeddings=True)
+        return model
     return TransformerLM(TransformerLMConfig(vocab_size=len(VOCAB), dim=32, n_layers=2, n_heads=2, max_len=SEQ,
                                              dropout=dropout))
 
@@ -113,7 +119,8 @@ def test_char_corpus_split_and_windows(tmp_path):
 @pytest.mark.parametrize("setting", [
     dict(kind="transformer", precision="32", accumulate_grad_batches=2, grad_clip=0.5),
     dict(kind="gru", precision="16-mixed"),
-])
+    dict(kind="bitlinear-shared", precision="32"),
+], ids=["transformer-accumulate-clip", "gru-fp16", "bitlinear-shared"])
 def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path, setting):
     kw = dict(setting, eval_every=3, eval_batches=2, checkpoint_every=3)
     full = make_trainer(7, checkpoint_dir=tmp_path / "full", **kw)
