@@ -304,7 +304,7 @@ class Trainer:
             return False
         if dist.is_available() and dist.is_initialized():
             return True
-        if "WORLD_SIZE" not in os.environ:
+        if "WORLD_SIZE" not in os.environ or (os.environ["WORLD_SIZE"] == "1" and "MASTER_ADDR" not in os.environ):
             if distributed is True:
                 raise RuntimeError("distributed=True but torch.distributed is not initialised and WORLD_SIZE is "
                                    "not set: launch with torchrun (or call init_process_group first)")
