@@ -1,0 +1,266 @@
+"""`accelops train CONFIG` and `torchrun -m accelops.train CONFIG`: a character-level
+TransformerLM or RNNLM trained on a text file, everything set by a JSON or TOML file.
+
+    [data]
+    path = "../shared/data/tinyshakespeare.txt"   # relative paths: from the working directory
+    seq_len = 128
+    val_fraction = 0.1
+
+    [model]                 # TransformerLMConfig / RNNLMConfig fields; vocab_size comes from the data,
+    type = "transformer"    # max_len defaults to seq_len. type: "transformer" | "rnn"
+    dim = 128
+    n_layers = 4
+    n_heads = 4
+    quant = "bitlinear"     # TOML has no null: leave it out (or "none") for fp32
+
+    [sharing]               # optional: accelops.sharing.share_parameters arguments
+    pattern = "alternate"
+
+    [optimizer]             # "adamw" (default) | "adam" | "sgd"; other keys go to the optimizer
+    name = "adamw"
+    lr = 3e-3
+    weight_decay = 0.1
+
+    [scheduler]             # optional: "constant" | "cosine" | "linear" with warmup_steps, min_lr_ratio
+    name = "cosine"
+    warmup_steps = 50
+
+    [train]                 # Trainer arguments (max_steps, batch_size, precision, compression, ...)
+    max_steps = 2000
+    batch_size = 32
+    checkpoint_dir = "runs/shakespeare/ckpt"
+    log_dir = "runs/shakespeare"
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+
+import torch
+
+__all__ = ["load_config", "build", "run", "main", "add_arguments"]
+
+SECTIONS = ("data", "model", "sharing", "optimizer", "scheduler", "train")
+_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+_SCHEDULES = ("constant", "cosine", "linear")
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used (the message names the key)."""
+
+
+def load_config(path) -> dict:
+    """A JSON (.json) or TOML (any other suffix) file -> dict of its sections."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        if path.endswith(".json"):
+            config = json.loads(raw)
+        else:
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python < 3.11
+                try:
+                    import tomli as tomllib
+                except ModuleNotFoundError:
+                    raise ConfigError(f"{path!r}: reading TOML needs Python 3.11+ (tomllib) or the tomli "
+                                      "package; or write the config as .json") from None
+            config = tomllib.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ConfigError(f"config file {path!r} does not parse: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ConfigError(f"config file {path!r} must hold a table/object of sections, got {type(config).__name__}")
+    return config
+
+
+def apply_overrides(config: dict, overrides) -> dict:
+    """["train.max_steps=10", 'model.quant="int8"'] -> a copy of config with those set; a value
+    is read as JSON when it parses (numbers, true/false/null, quoted strings, lists) and
+    as a plain string otherwise."""
+    config = copy.deepcopy(config)
+    for item in overrides or ():
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        section, name = key.split(".", 1)
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        config.setdefault(section, {})[name] = parsed
+    return config
+
+
+def _section(config: dict, name: str, required: bool = False) -> dict:
+    value = config.get(name)
+    if value is None:
+        if required:
+            raise ConfigError(f"config has no [{name}] section")
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table of settings, got {type(value).__name__}")
+    return dict(value)
+
+
+def _none(value):
+    return None if isinstance(value, str) and value.lower() in ("none", "null", "fp32", "") else value
+
+
+def build_model(model_cfg: dict, vocab_size: int, seq_len: int):
+    from ..models import RNNLM, RNNLMConfig, TransformerLM, TransformerLMConfig
+
+    kind = model_cfg.pop("type", "transformer")
+    classes = {"transformer": (TransformerLM, TransformerLMConfig), "rnn": (RNNLM, RNNLMConfig)}
+    if kind not in classes:
+        raise ConfigError(f"model.type must be one of {sorted(classes)}, got {kind!r}")
+    model_cls, cfg_cls = classes[kind]
+    if "vocab_size" in model_cfg and model_cfg["vocab_size"] != vocab_size:
+        raise ConfigError(f"model.vocab_size={model_cfg['vocab_size']} but the data has {vocab_size} characters: "
+                          "leave vocab_size out (it comes from the data)")
+    model_cfg["vocab_size"] = vocab_size
+    model_cfg.setdefault("max_len", seq_len)
+    if "quant" in model_cfg:
+        model_cfg["quant"] = _none(model_cfg["quant"])
+    fields = {f.name for f in dataclasses.fields(cfg_cls)}
+    unknown = sorted(set(model_cfg) - fields)
+    if unknown:
+        raise ConfigError(f"[model] has unknown key(s) {unknown} for type {kind!r}; known: {sorted(fields)}")
+    if model_cfg["max_len"] < seq_len:
+        raise ConfigError(f"model.max_len={model_cfg['max_len']} is shorter than data.seq_len={seq_len}")
+    return model_cls(cfg_cls(**model_cfg))
+
+
+def build_scheduler(optimizer, sched_cfg: dict, max_steps: int):
+    if not sched_cfg:
+        return None
+    name = sched_cfg.pop("name", "cosine")
+    warmup = sched_cfg.pop("warmup_steps", 0)
+    floor = sched_cfg.pop("min_lr_ratio", 0.0)
+    if sched_cfg:
+        raise ConfigError(f"[scheduler] has unknown key(s) {sorted(sched_cfg)}; known: name, warmup_steps, "
+                          "min_lr_ratio")
+    if name not in _SCHEDULES:
+        raise ConfigError(f"scheduler.name must be one of {_SCHEDULES}, got {name!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"scheduler.warmup_steps must be an int >= 0, got {warmup!r}")
+    if not isinstance(floor, (int, float)) or not 0.0 <= floor <= 1.0:
+        raise ConfigError(f"scheduler.min_lr_ratio must be in [0, 1], got {floor!r}")
+
+    def factor(step: int) -> float:  # step = optimizer steps taken; the lr of the next one
+        if step < warmup:
+            return (step + 1) / warmup
+        if name == "constant":
+            return 1.0
+        t = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        shape = 0.5 * (1.0 + math.cos(math.pi * t)) if name == "cosine" else 1.0 - t
+        return floor + (1.0 - floor) * shape
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build(config: dict):
+    """config -> (Trainer, CharVocab): data, model (+ sharing), optimizer, scheduler, trainer."""
+    from ..sharing import share_parameters
+    from .data import load_char_corpus
+    from .trainer import Trainer
+
+    for key in config:
+        if key not in SECTIONS:
+            raise ConfigError(f"config has an unknown section [{key}]; sections: {SECTIONS}")
+    data_cfg = _section(config, "data", required=True)
+    model_cfg = _section(config, "model")
+    sharing_cfg = _section(config, "sharing")
+    optim_cfg = _section(config, "optimizer")
+    sched_cfg = _section(config, "scheduler")
+    train_cfg = _section(config, "train")
+
+    if "path" not in data_cfg:
+        raise ConfigError("[data] needs path = the text file to train on")
+    seq_len = data_cfg.pop("seq_len", 128)
+    train_data, val_data, vocab = load_char_corpus(data_cfg.pop("path"), seq_len,
+                                                   data_cfg.pop("val_fraction", 0.1), data_cfg.pop("stride", None))
+    if data_cfg:
+        raise ConfigError(f"[data] has unknown key(s) {sorted(data_cfg)}; known: path, seq_len, val_fraction, stride")
+
+    seed = train_cfg.get("seed", 0)
+    torch.manual_seed(seed)  # the model's initialisation; the trainer seeds the rest
+    model = build_model(model_cfg, len(vocab), seq_len)
+    if sharing_cfg:
+        if "pattern" not in sharing_cfg:
+            raise ConfigError("[sharing] needs pattern = 'alternate' | 'sequential' | 'sandwich' | [[groups]]")
+        report = share_parameters(model, sharing_cfg.pop("pattern"), **sharing_cfg)
+        if os.environ.get("RANK", "0") == "0":
+            logging.getLogger("accelops.train").info("%s", report)
+
+    name = optim_cfg.pop("name", "adamw")
+    if name not in _OPTIMIZERS:
+        raise ConfigError(f"optimizer.name must be one of {sorted(_OPTIMIZERS)}, got {name!r}")
+    if "betas" in optim_cfg:
+        optim_cfg["betas"] = tuple(optim_cfg["betas"])
+    optim_cfg.setdefault("lr", 1e-3)
+    try:
+        optimizer = _OPTIMIZERS[name](model.parameters(), **optim_cfg)
+    except TypeError as exc:
+        raise ConfigError(f"[optimizer] {name}: {exc}") from exc
+
+    max_steps = train_cfg.get("max_steps", 1000)
+    scheduler = build_scheduler(optimizer, sched_cfg, max_steps)
+    if "compression" in train_cfg:
+        train_cfg["compression"] = _none(train_cfg["compression"])
+    if "grad_clip" in train_cfg:
+        train_cfg["grad_clip"] = _none(train_cfg["grad_clip"])
+    metadata = {"config": config, "vocab": "".join(vocab.chars)}
+    try:
+        trainer = Trainer(model, optimizer, train_data, val_data, scheduler=scheduler, metadata=metadata,
+                          **train_cfg)
+    except TypeError as exc:
+        if "unexpected keyword" in str(exc):
+            raise ConfigError(f"[train]: {exc}") from exc
+        raise
+    return trainer, vocab
+
+
+def run(config: dict) -> dict:
+    trainer, vocab = build(config)
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.is_main:
+        val = result["val_loss"]
+        extra = "" if val is None else f", val loss {val:.4f} ({val / math.log(2):.4f} bits/char)"
+        print(f"accelops train: step {result['step']}, train loss {result['loss']}{extra}", file=sys.stderr)
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("config", help="a JSON or TOML file (see accelops/train/run.py)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="do not resume from checkpoint_dir (it must then hold no checkpoints)")
+    return parser
+
+
+def run_args(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    config = apply_overrides(load_config(args.config), args.overrides)
+    if args.no_resume:
+        config.setdefault("train", {})["resume"] = False
+    run(config)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="accelops train",
+                                                   description="train a character-level language model"))
+    return run_args(parser.parse_args(argv))

@@ -1,0 +1,666 @@
+"""Trainer: one process or torchrun (DDP), gradient accumulation with no_sync, autocast
+(GradScaler for fp16), accelops compression hooks, and checkpoints that resume exactly."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import math
+import os
+import random
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler, default_collate
+
+from .checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
+                         prune_checkpoints, save_checkpoint)
+
+try:
+    import numpy as np
+except ImportError:  # numpy is optional: its RNG is saved only when it is there
+    np = None
+
+__all__ = ["Trainer", "PRECISIONS"]
+
+log = logging.getLogger("accelops.train")
+
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+CHECKPOINT_FORMAT = 1
+CSV_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "val_loss",
+              "val_bpc")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _tokens_in(batch) -> int:
+    first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values())) \
+        if isinstance(batch, dict) else batch
+    return first.numel() if isinstance(first, torch.Tensor) else 0
+
+
+def default_loss(model, batch) -> torch.Tensor:
+    """model(*batch) for a tuple/list batch (model(**batch) for a dict, model(batch) else);
+    a (logits, loss) result gives its loss. accelops.models' `model(tokens, targets)` fits."""
+    if isinstance(batch, (list, tuple)):
+        out = model(*batch)
+    elif isinstance(batch, dict):
+        out = model(**batch)
+    else:
+        out = model(batch)
+    if isinstance(out, (list, tuple)):
+        out = out[-1]
+    if not isinstance(out, torch.Tensor) or out.dim() != 0:
+        raise TypeError("the model must return a scalar loss or (output, loss) for a batch; got "
+                        f"{type(out).__name__}{'' if not isinstance(out, torch.Tensor) else tuple(out.shape)}: "
+                        "pass loss_fn=(model, batch) -> loss")
+    return out
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if np is not None:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuplify(state["python"]))
+    if np is not None and "numpy" in state:
+        s = state["numpy"]
+        np.random.set_state((s["name"], s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["gauss"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _tuplify(x):
+    # torch.save keeps tuples, but be lenient with states that passed through lists (JSON).
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class _BatchStream:
+    """Batches of a map-style dataset in DistributedSampler order (seeded by seed + epoch),
+    the position (epoch, batch) saved and restored, so a resumed run reads the very batches
+    the uninterrupted one would have. Every rank has the same number of batches an epoch
+    (the sampler pads); an incomplete last batch is dropped."""
+
+    def __init__(self, dataset, batch_size: int, rank: int, world: int, seed: int, shuffle: bool):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+        self.n_batches = len(self.sampler) // batch_size
+        if self.n_batches == 0:
+            raise ValueError(f"train_data has {len(dataset)} samples: {len(self.sampler)} a rank over {world} "
+                             f"rank(s), fewer than one batch of batch_size={batch_size}")
+        self.epoch = 0
+        self.index = 0
+        self._order = None
+
+    def next(self):
+        if self._order is None:
+            self.sampler.set_epoch(self.epoch)
+            self._order = list(self.sampler)
+        b = self.batch_size
+        batch = default_collate([self.dataset[i] for i in self._order[self.index * b:(self.index + 1) * b]])
+        self.index += 1
+        if self.index == self.n_batches:
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "batch_size": self.batch_size,
+                "n_batches": self.n_batches, "dataset_len": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["dataset_len"] != len(self.dataset) or state["n_batches"] != self.n_batches:
+            warnings.warn(f"the training data changed since the checkpoint ({state['dataset_len']} samples in "
+                          f"{state['n_batches']} batches then, {len(self.dataset)} in {self.n_batches} now): "
+                          "the data position is kept as (epoch, batch) but the run will not repeat the "
+                          "uninterrupted one", stacklevel=3)
+        self.epoch = int(state["epoch"])
+        self.index = min(int(state["index"]), self.n_batches - 1)
+        self._order = None
+
+
+def _check_positive_int(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
+# --------------------------------------------------------------------------- trainer
+
+class Trainer:
+    """Trains `model` with `optimizer` on `train_data` (a map-style dataset of batches'
+    samples, e.g. accelops.train.TokenWindows), evaluating on `val_data`.
+
+    One process, or one of torchrun's processes: with torch.distributed initialised, or
+    WORLD_SIZE in the environment (then the process group is initialised here, NCCL on a
+    GPU, gloo on the CPU), the model is wrapped in DistributedDataParallel, each rank reads
+    its DistributedSampler shard and rank 0 alone logs, shows progress and writes
+    checkpoints (checkpoint_dir must be one directory all ranks see).
+
+    max_steps: optimizer steps in all (a resumed run continues up to it). One step is
+        accumulate_grad_batches micro-batches of batch_size samples per rank; DDP
+        synchronises only the last (no_sync before it).
+    precision: "32", "bf16-mixed" (autocast to bf16) or "16-mixed" (autocast to fp16 with
+        a GradScaler).
+    grad_clip: clip the gradients' global norm to this (after unscaling), or None.
+    compression: an accelops.distributed hook for DDP's all-reduce: a name ("powersgd",
+        "topk", "int8", "sign", "bf16", "fp16") or a dict {"name": ..., **options}.
+    scheduler: an LR scheduler stepped once per optimizer step (or None).
+    checkpoint_dir: where checkpoints go, every checkpoint_every steps (default
+        eval_every) and at the end, the newest keep_last kept. resume=True continues from
+        the newest good one there; resume=False refuses a directory that holds any.
+    log_dir: metrics.csv (and TensorBoard events when tensorboard is installed).
+    eval_every: steps between evaluations on val_data (and at the end); eval_batches
+        bounds an evaluation to that many batches a rank (evenly spaced over val_data).
+    seed: seeds torch, numpy and random (rank r: seed + r) and the data order.
+    loss_fn: (model, batch) -> scalar loss; default model(*batch) giving loss or
+        (logits, loss).
+    metadata: anything torch.save-able stored in every checkpoint (e.g. the config).
+    """
+
+    def __init__(self, model, optimizer, train_data, val_data=None, *, precision: str = "32",
+                 accumulate_grad_batches: int = 1, grad_clip: float | None = None, compression=None,
+                 checkpoint_dir=None, resume: bool = True, log_dir=None, max_steps: int = 1000,
+                 eval_every: int | None = 200, eval_batches: int | None = None, checkpoint_every: int | None = None,
+                 keep_last: int = 3, batch_size: int = 32, scheduler=None, seed: int = 0, shuffle: bool = True,
+                 log_every: int = 10, device=None, distributed="auto", ddp_kwargs: dict | None = None,
+                 loss_fn=None, progress: bool = True, metadata=None):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        for name, value in (("accumulate_grad_batches", accumulate_grad_batches), ("max_steps", max_steps),
+                            ("keep_last", keep_last), ("batch_size", batch_size), ("log_every", log_every)):
+            _check_positive_int(name, value)
+        for name, value in (("eval_every", eval_every), ("eval_batches", eval_batches),
+                            ("checkpoint_every", checkpoint_every)):
+            _check_positive_int(name, value, allow_none=True)
+        if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float))
+                                      or not grad_clip > 0 or not math.isfinite(grad_clip)):
+            raise ValueError(f"grad_clip must be a positive finite number or None, got {grad_clip!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        for name, data in (("train_data", train_data), ("val_data", val_data)):
+            if data is not None and not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+                raise TypeError(f"{name} must be a map-style dataset (with __len__ and __getitem__), got "
+                                f"{type(data).__name__}: the trainer orders and resumes the data itself")
+        if distributed not in ("auto", True, False):
+            raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
+        self._check_optimizer(model, optimizer)
+        if metadata is not None:
+            try:  # checkpoints load with weights_only=True: find out now, not at the resume
+                buf = io.BytesIO()
+                torch.save(metadata, buf)
+                buf.seek(0)
+                torch.load(buf, weights_only=True)
+            except Exception as exc:
+                raise TypeError("metadata must be made of plain types (dict, list, str, numbers, tensors) so "
+                                f"checkpoints load with weights_only=True: {exc}") from None
+
+        self.precision, self.accumulate_grad_batches, self.grad_clip = precision, accumulate_grad_batches, grad_clip
+        self.max_steps, self.eval_every, self.eval_batches = max_steps, eval_every, eval_batches
+        self.checkpoint_every = checkpoint_every if checkpoint_every is not None else eval_every
+        self.keep_last, self.batch_size, self.seed, self.log_every = keep_last, batch_size, seed, log_every
+        self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.optimizer, self.scheduler, self.loss_fn = optimizer, scheduler, loss_fn or default_loss
+        self.train_data, self.val_data, self.metadata, self.progress = train_data, val_data, metadata, progress
+
+        # ---- processes and device
+        self._owns_group = False
+        self.distributed = self._setup_distributed(distributed, device)
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.is_main = self.rank == 0
+        self.device = self._pick_device(device)
+        self.model = model.to(self.device)
+
+        self.ddp = None
+        self.hook_state = None
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            kw = dict(ddp_kwargs or {})
+            if self.device.type == "cuda":
+                kw.setdefault("device_ids", [self.device.index])
+            self.ddp = DDP(self.model, **kw)
+            if compression is not None:
+                from ..distributed import register_compression
+
+                name, options = self._compression_spec(compression)
+                self.hook_state = register_compression(self.ddp, name, **options)
+        elif compression is not None:
+            warnings.warn("compression applies to DDP's gradient all-reduce; this run is a single process, so "
+                          "it is ignored", stacklevel=2)
+        self.compression = compression
+
+        self.scaler = None
+        if precision == "16-mixed":
+            self.scaler = torch.amp.GradScaler(self.device.type)
+        self._autocast_dtype = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[precision]
+
+        self._stream = _BatchStream(train_data, batch_size, self.rank, self.world_size, seed, shuffle)
+        self.step = 0
+        self.history: list[dict] = []   # a dict per optimizer step run in this process (rank 0: global means)
+        self.evals: list[dict] = []
+        self.resumed_from = None
+        self._elapsed_before = 0.0
+        self._last_saved = self._last_eval = None
+        self._pending_rng = None
+
+        if self.checkpoint_dir is not None:
+            if self.is_main:
+                os.makedirs(self.checkpoint_dir, exist_ok=True)
+            self._maybe_resume(resume)
+        if self._pending_rng is None:
+            self._seed_everything()
+
+    # ------------------------------------------------------------------ set-up
+
+    @staticmethod
+    def _check_optimizer(model, optimizer):
+        owned = {id(p) for p in model.parameters()}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in owned:
+                    raise ValueError("optimizer holds a parameter that is not one of model.parameters(): build the "
+                                     "optimizer from this model's parameters (after any share_parameters / convert)")
+
+    def _setup_distributed(self, distributed, device) -> bool:
+        if distributed is False:
+            return False
+        if dist.is_available() and dist.is_initialized():
+            return True
+        if "WORLD_SIZE" not in os.environ or (os.environ["WORLD_SIZE"] == "1" and "MASTER_ADDR" not in os.environ):
+            if distributed is True:
+                raise RuntimeError("distributed=True but torch.distributed is not initialised and WORLD_SIZE is "
+                                   "not set: launch with torchrun (or call init_process_group first)")
+            return False
+        use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        self._owns_group = True
+        return True
+
+    def _pick_device(self, device) -> torch.device:
+        if device is not None:
+            device = torch.device(device)
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if self.distributed
+                                      else torch.cuda.current_device())
+            return device
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if self.distributed
+                                else torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @staticmethod
+    def _compression_spec(compression):
+        if isinstance(compression, str):
+            return compression, {}
+        if isinstance(compression, dict) and isinstance(compression.get("name"), str):
+            options = dict(compression)
+            return options.pop("name"), options
+        raise TypeError(f"compression must be a hook name or a dict {{'name': ..., **options}}, got {compression!r}")
+
+    def _seed_everything(self) -> None:
+        s = self.seed + self.rank
+        torch.manual_seed(s)
+        random.seed(s)
+        if np is not None:
+            np.random.seed(s % 2**32)
+
+    def close(self) -> None:
+        """Destroys the process group if this trainer created it (torchrun runs)."""
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_group = False
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _broadcast(self, obj):
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _maybe_resume(self, resume: bool) -> None:
+        # Rank 0 picks the checkpoint (its warnings are the only ones) and tells the others, so
+        # every rank loads the same file; an error there is raised on every rank, not left to hang.
+        choice = None
+        if self.is_main:
+            try:
+                if not resume:
+                    found = list_checkpoints(self.checkpoint_dir)
+                    if found:
+                        raise ValueError(f"checkpoint_dir {self.checkpoint_dir!r} already holds checkpoints (newest: "
+                                         f"step {found[0][0]}) and resume=False: pass resume=True to continue that "
+                                         "run, or use an empty directory")
+                    choice = ("fresh", None)
+                else:
+                    path, state = latest_checkpoint(self.checkpoint_dir)
+                    choice = ("fresh", None) if path is None else ("resume", path)
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                choice = ("error", (type(exc).__name__, str(exc)))
+        choice = self._broadcast(choice)
+        kind, value = choice
+        if kind == "error":
+            cls = {"ValueError": ValueError, "CheckpointError": CheckpointError}.get(value[0], RuntimeError)
+            raise cls(value[1])
+        if kind == "fresh":
+            return
+        if not self.is_main:
+            state = load_checkpoint(value)
+        self._load_state(state, value)
+
+    def _load_state(self, state: dict, path: str) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"checkpoint {path!r} has format {state.get('format')!r}, this trainer reads "
+                                  f"{CHECKPOINT_FORMAT}")
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"checkpoint {path!r} was written by a run of {state['world_size']} process(es), this "
+                             f"run has {self.world_size}: the data position, RNG and communication-hook states are "
+                             "per rank. Resume with the same number of processes")
+        saved = state["trainer"]
+        mine = self._trainer_config()
+        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v]
+        if changed and self.is_main:
+            warnings.warn(f"resuming {path!r} with different settings ({'; '.join(changed)}): the run continues "
+                          "but will not repeat the uninterrupted one", stacklevel=3)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            if state["scheduler"] is None:
+                raise ValueError(f"checkpoint {path!r} has no scheduler state but this trainer has a scheduler")
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        mine_rank = state["rank_states"][self.rank]
+        if self.hook_state is not None:
+            if mine_rank["hook"] is None:
+                warnings.warn(f"checkpoint {path!r} has no communication-hook state (saved without compression): "
+                              "the hook starts afresh", stacklevel=3)
+            else:
+                self.hook_state.load_state_dict(mine_rank["hook"])
+        self._stream.load_state_dict(state["data"])
+        self.step = self._last_saved = int(state["step"])
+        self._last_eval = state.get("last_eval")
+        self._elapsed_before = float(state.get("elapsed_s", 0.0))
+        self._pending_rng = mine_rank["rng"]
+        self.resumed_from = path
+        if self.is_main:
+            log.info("resumed from %s (step %d)", path, self.step)
+
+    def _trainer_config(self) -> dict:
+        return {"batch_size": self.batch_size, "accumulate_grad_batches": self.accumulate_grad_batches,
+                "precision": self.precision, "seed": self.seed, "grad_clip": self.grad_clip,
+                "compression": self.compression}
+
+    def save_checkpoint(self) -> str | None:
+        """Writes the checkpoint of the current step (rank 0; every rank must call it) -> its path."""
+        if self.checkpoint_dir is None:
+            raise ValueError("checkpoint_dir is None: nothing to save to")
+        mine = {"rng": _rng_state(self.device),
+                "hook": None if self.hook_state is None else _to_cpu(self.hook_state.state_dict())}
+        if self.distributed:
+            ranks = [None] * self.world_size if self.is_main else None
+            dist.gather_object(mine, ranks, dst=0)
+        else:
+            ranks = [mine]
+        path = None
+        if self.is_main:
+            state = {
+                "format": CHECKPOINT_FORMAT, "step": self.step, "world_size": self.world_size,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                "scaler": None if self.scaler is None else self.scaler.state_dict(),
+                "data": self._stream.state_dict(), "rank_states": ranks, "trainer": self._trainer_config(),
+                "elapsed_s": self._elapsed(), "last_eval": self._last_eval, "metadata": self.metadata,
+            }
+            path = save_checkpoint(checkpoint_path(self.checkpoint_dir, self.step), state)
+            prune_checkpoints(self.checkpoint_dir, self.keep_last)
+            log.info("saved %s", path)
+        if self.distributed:
+            dist.barrier()
+        self._last_saved = self.step
+        return path
+
+    # ------------------------------------------------------------------ training
+
+    def _autocast(self):
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
+
+    def _train_step(self):
+        model = self.ddp if self.ddp is not None else self.model
+        model.train()
+        accum = self.accumulate_grad_batches
+        total, tokens = None, 0
+        for i in range(accum):
+            batch = _to_device(self._stream.next(), self.device)
+            tokens += _tokens_in(batch)
+            sync = self.ddp is None or i == accum - 1
+            with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
+                with self._autocast():
+                    loss = self.loss_fn(model, batch)
+                scaled = loss / accum if accum > 1 else loss
+                if self.scaler is not None:
+                    self.scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            d = scaled.detach().float()
+            total = d if total is None else total + d
+        grad_norm = None
+        if self.grad_clip is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return total, lr, grad_norm, tokens * self.world_size
+
+    def _elapsed(self) -> float:
+        return self._elapsed_before + (time.perf_counter() - self._t_start if hasattr(self, "_t_start") else 0.0)
+
+    def _flush(self) -> None:
+        """Turns the pending steps' loss tensors into numbers (one sync, one all-reduce for all
+        of them) and writes their rows."""
+        if not self._pending:
+            return
+        losses = torch.stack([p[1] for p in self._pending])
+        if self.distributed:
+            dist.all_reduce(losses)
+            losses /= self.world_size
+        losses = losses.tolist()
+        now = time.perf_counter()
+        tokens = sum(p[4] for p in self._pending)
+        tps = tokens / max(now - self._t_flush, 1e-9)
+        self._t_flush = now
+        rows = []
+        for (step, _, lr, gn, tok, epoch, elapsed), loss in zip(self._pending, losses):
+            rows.append({"step": step, "epoch": epoch, "loss": loss, "lr": lr,
+                         "grad_norm": None if gn is None else float(gn), "tokens": tok, "tokens_per_s": tps,
+                         "elapsed_s": elapsed})
+        self._pending = []
+        self.history.extend(rows)
+        self._write(rows)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over val_data (or eval_batches batches a rank, evenly spaced), averaged over
+        ranks by token count -> loss (None without val_data)."""
+        if self.val_data is None:
+            return None
+        n = len(self.val_data)
+        if self.eval_batches is not None:
+            k = min(n, self.eval_batches * self.batch_size * self.world_size)
+            indices = [i * n // k for i in range(k)]
+        else:
+            indices = list(range(n))
+        mine = indices[self.rank::self.world_size]
+        was_training = self.model.training
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        try:
+            for s in range(0, len(mine), self.batch_size):
+                batch = _to_device(default_collate([self.val_data[i] for i in mine[s:s + self.batch_size]]),
+                                   self.device)
+                with self._autocast():
+                    loss = self.loss_fn(self.model, batch)
+                weight = _tokens_in(batch) or 1
+                total[0] += loss.double() * weight
+                total[1] += weight
+        finally:
+            self.model.train(was_training)
+        if self.distributed:
+            dist.all_reduce(total)
+        if total[1] == 0:
+            raise ValueError("val_data is empty")
+        val = (total[0] / total[1]).item()
+        self._last_eval = self.step
+        row = {"step": self.step, "val_loss": val, "val_bpc": val / math.log(2)}
+        self.evals.append(row)
+        self._write([row])
+        if self.is_main:
+            log.info("step %d: val loss %.4f (%.4f bits/char)", self.step, val, row["val_bpc"])
+        return val
+
+    # ------------------------------------------------------------------ metrics files
+
+    def _open_logs(self) -> None:
+        self._csv = self._tb = None
+        if not (self.is_main and self.log_dir):
+            return
+        os.makedirs(self.log_dir, exist_ok=True)
+        path = os.path.join(self.log_dir, "metrics.csv")
+        kept = []
+        if os.path.exists(path):
+            # Rows past the step we start from were written after the checkpoint (a crash
+            # followed): the resumed run writes them again.
+            with open(path, newline="") as f:
+                kept = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= self.step]
+        self._csv_file = open(path, "w", newline="")
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        self._csv.writeheader()
+        self._csv.writerows(kept)
+        self._csv_file.flush()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return
+        self._tb = SummaryWriter(self.log_dir, purge_step=self.step + 1)
+
+    def _write(self, rows) -> None:
+        if getattr(self, "_csv", None) is not None:
+            self._csv.writerows(rows)
+            self._csv_file.flush()
+        if getattr(self, "_tb", None) is not None:
+            for row in rows:
+                for key, value in row.items():
+                    if key not in ("step", "epoch") and value is not None:
+                        self._tb.add_scalar(f"train/{key}" if not key.startswith("val") else f"val/{key}",
+                                            value, row["step"])
+
+    def _close_logs(self) -> None:
+        if getattr(self, "_csv", None) is not None:
+            self._csv_file.close()
+            self._csv = None
+        if getattr(self, "_tb", None) is not None:
+            self._tb.close()
+            self._tb = None
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        """Trains up to max_steps -> {"step", "loss" (last train loss), "val_loss" (last
+        evaluation), "resumed_from"}."""
+        if self._pending_rng is not None:
+            _set_rng_state(self._pending_rng, self.device)
+            self._pending_rng = None
+        self._t_start = self._t_flush = time.perf_counter()
+        self._pending = []
+        self._bar = None
+        self._open_logs()
+        if self.is_main and self.progress and self.step < self.max_steps:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self._bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step",
+                                 dynamic_ncols=True)
+        try:
+            while self.step < self.max_steps:
+                epoch = self._stream.epoch
+                loss, lr, grad_norm, tokens = self._train_step()
+                self.step += 1
+                self._pending.append((self.step, loss, lr, grad_norm, tokens, epoch, self._elapsed()))
+                if self._bar is not None:
+                    self._bar.update(1)
+                if self.step % self.log_every == 0:
+                    self._flush()
+                if self.eval_every is not None and self.step % self.eval_every == 0:
+                    self._flush()
+                    self.evaluate()
+                if self.checkpoint_dir is not None and self.checkpoint_every is not None \
+                        and self.step % self.checkpoint_every == 0:
+                    self._flush()
+                    self.save_checkpoint()
+            self._flush()
+            if self.val_data is not None and self._last_eval != self.step:
+                self.evaluate()
+            if self.checkpoint_dir is not None and self._last_saved != self.step:
+                self.save_checkpoint()
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+            self._close_logs()
+        self._elapsed_before = self._elapsed()
+        del self._t_start
+        return {"step": self.step, "loss": self.history[-1]["loss"] if self.history else None,
+                "val_loss": self.evals[-1]["val_loss"] if self.evals else None, "resumed_from": self.resumed_from}
