@@ -1,5 +1,11 @@
-"""Shared test helpers: inputs with known quantization, and error bounds from eager's own error."""
+"""Shared test helpers: inputs with known quantization, error bounds from eager's own error,
+and forked multi-rank runs."""
+import socket
+import time
+
+import pytest
 import torch
+import torch.multiprocessing as mp
 
 
 def integer_rows(m: int, k: int, *, lead=(), dtype=torch.float32) -> torch.Tensor:
@@ -21,3 +27,24 @@ def assert_close_to_reference(y, y_ref, *, rel_ulps: int = 4):
     a, b = y.float()[~nan], y_ref.float()[~nan]
     tol = rel_ulps * eps * b.abs() + 1e-30
     assert bool(((a - b).abs() <= tol).all()), f"max diff {(a - b).abs().max().item()} (dtype {y.dtype})"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_forked_ranks(worker, *args, nprocs: int = 2, timeout_s: float = 120) -> None:
+    """Runs worker(rank, nprocs, port, *args) in `nprocs` forked processes and waits for them,
+    failing the test (and killing them) past `timeout_s`. Fork, not spawn: a spawned child
+    spends 5-10 s importing torch on a 2-core machine. Workers must set their thread count
+    before any op (OpenMP pools do not survive a fork); the parent holds no process group."""
+    ctx = mp.start_processes(worker, args=(nprocs, free_port(), *args), nprocs=nprocs, join=False,
+                             start_method="fork")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {nprocs}-rank run did not finish in {timeout_s:g} s")

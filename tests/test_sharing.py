@@ -4,18 +4,17 @@ and a shared BitLinear quantizing once per step."""
 import copy
 import os
 import pickle
-import socket
 import tempfile
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import accelops.nn.bitlinear as bitlinear_module
 from accelops.models import RNNLM, RNNLMConfig, TransformerLM, TransformerLMConfig
 from accelops.sharing import retie, share_parameters, sharing_groups
+
+from .helpers import run_forked_ranks
 
 V = 29
 
@@ -330,12 +329,6 @@ def test_quantization_cache_follows_weight_changes(monkeypatch):
 # ---------------------------------------------------------------------- DDP
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, result_dir):
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -376,17 +369,8 @@ def _ddp_worker(rank, world, port, result_dir):
 
 
 def test_ddp_reduces_shared_parameters_once_with_correct_grads():
-    # fork, not spawn: a spawned child spends 5-10 s importing torch on this 2-core machine.
-    # The children set one thread before any op (OpenMP pools do not survive a fork) and
-    # the parent has no process group, so nothing unsafe is inherited.
     with tempfile.TemporaryDirectory() as d:
-        ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), d), nprocs=2, join=False, start_method="fork")
-        deadline = time.monotonic() + 120
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail("the 2-rank DDP run did not finish in 120 s")
+        run_forked_ranks(_ddp_worker, d)
         for r in range(2):
             with open(os.path.join(d, f"rank{r}.txt")) as f:
                 assert f.read() == "ok", f"rank {r}"

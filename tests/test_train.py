@@ -11,7 +11,6 @@ import os
 import pickle
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,13 +19,14 @@ import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from accelops.models import RNNLM, RNNLMConfig, TransformerLM, TransformerLMConfig
 from accelops.sharing import share_parameters
 from accelops.train import (CharVocab, CheckpointError, CheckpointWarning, TokenWindows, Trainer, list_checkpoints,
                             load_char_corpus, load_checkpoint)
 from accelops.train.checkpoint import prune_checkpoints, save_checkpoint
+
+from .helpers import run_forked_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["the", "king", "and", "queen", "of", "a", "fair", "night", "to", "be", "or", "not", "my", "lord"]
@@ -307,12 +307,6 @@ def test_cli_trains_a_tiny_config_end_to_end(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- DDP, 2 gloo ranks
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)  # first: OpenMP pools do not survive the fork
     # torchrun's environment: the first Trainer initialises the process group from it
@@ -344,16 +338,8 @@ def _ddp_worker(rank, world, port, out_dir):
 
 @pytest.fixture(scope="module")
 def ddp_results():
-    # fork, not spawn: a spawned child spends seconds importing torch on 2 cores. The parent
-    # has no process group and the children set one thread before any op.
     with tempfile.TemporaryDirectory() as d:
-        ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), d), nprocs=2, join=False, start_method="fork")
-        deadline = time.monotonic() + 120
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail("the 2-rank run did not finish in 120 s")
+        run_forked_ranks(_ddp_worker, d)
         out = []
         for r in range(2):
             with open(os.path.join(d, f"rank{r}.pkl"), "rb") as f:
