@@ -251,17 +251,11 @@ def _cell(row):
 
 def summarize(rows, cfg, threads, wall_s) -> str:
     meta = rows[0]
-    mach, ver = meta["machine"], meta["versions"]
-    commit = (meta["git_commit"] or "unknown")[:10] + (" (uncommitted changes)" if meta["git_dirty"] else "")
-    out = [f"### comm, {threads} thread{'s' if threads > 1 else ''}, {cfg.device.type}"
-           + (" (--quick: tiny shapes, not comparable)" if cfg.quick else ""), "",
-           f"{mach['gpu'] or mach['cpu_model']}, {mach['cpu_count']} cores, torch threads {threads}; accelops CPU ISA "
-           f"{mach['accelops_cpu_isa']}. accelops {ver['accelops']} at {commit}, torch {ver['torch']}. "
-           f"{meta['date']}, run {meta['run_id']}, {wall_s / 60:.1f} min.", "",
+    out = common.run_header(FAMILY, meta, cfg, threads, wall_s, versions=("torch", "python")) + [
            "Median (p20 - p80) of adaptive repeats after warm-up; speed-up = reference / kernel. The in-place ops "
            "(residuals, unflatten, orthogonalize) run on their own copies of the state for each side. accelops asks "
            "for transparent huge pages for its large outputs; torch does so only with THP_MEM_ALLOC_ENABLE=1, which "
-           f"was {'SET' if meta.get('env', {}).get('THP_MEM_ALLOC_ENABLE') == '1' else 'not set'} in this run.", ""]
+           f"was {common.thp_note(meta)} in this run.", ""]
     table = []
     hits = 0
     pairs = [(rows[j], rows[j + 1]) for j in range(0, len(rows), 2)]

@@ -174,18 +174,12 @@ def summarize(rows, cfg, threads, wall_s) -> str:
     by = {(tuple(r["shape"]), r["case"], r["pass"], r["method"]): r for r in rows}
     shapes = list(dict.fromkeys(tuple(r["shape"]) for r in rows))
     meta = rows[0]
-    mach, ver = meta["machine"], meta["versions"]
-    commit = (meta["git_commit"] or "unknown")[:10] + (" (uncommitted changes)" if meta["git_dirty"] else "")
-    out = [f"### fake_quant, {threads} thread{'s' if threads > 1 else ''}, {cfg.device.type}"
-           + (" (--quick: tiny shapes, not comparable)" if cfg.quick else ""), "",
-           f"{mach['gpu'] or mach['cpu_model']}, {mach['cpu_count']} cores, torch threads {threads}; accelops CPU ISA "
-           f"{mach['accelops_cpu_isa']}. accelops {ver['accelops']} at {commit}, torch {ver['torch']}, "
-           f"triton {ver['triton']}. {meta['date']}, run {meta['run_id']}, {wall_s / 60:.1f} min.", "",
+    out = common.run_header(FAMILY, meta, cfg, threads, wall_s, versions=("torch", "triton")) + [
            "fp32 tensors; median (p20 - p80) of adaptive repeats after warm-up. fwd+bwd = forward and "
            "torch.autograd.grad of x (and of scale and zero point for LSQ). Speed-up = baseline / accelops. "
            "accelops asks for transparent huge pages for its large outputs (first-touch page faults of a "
            "fresh 64 MiB tensor cost more than the kernel on a VM); torch does so only with "
-           f"THP_MEM_ALLOC_ENABLE=1, which was {'SET' if meta.get('env', {}).get('THP_MEM_ALLOC_ENABLE') == '1' else 'not set'} "
+           f"THP_MEM_ALLOC_ENABLE=1, which was {common.thp_note(meta)} "
            "in this run.", ""]
     table, mem, targets = [], [], []
     for shape in shapes:

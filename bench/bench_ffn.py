@@ -214,13 +214,8 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
     meta = rows[0]
     mach, ver = meta["machine"], meta["versions"]
     t, d, h = meta["T"], meta["D"], meta["H"]
-    commit = (meta["git_commit"] or "unknown")[:10] + (" (uncommitted changes)" if meta["git_dirty"] else "")
     by = {(r["mode"], r["method"]): r for r in rows}
-    out = [f"### ffn, {threads} thread{'s' if threads > 1 else ''}, {cfg.device.type}"
-           + (" (--quick: tiny shape, not comparable)" if cfg.quick else ""), ""]
-    out.append(f"{mach['cpu_model']}, {mach['cpu_count']} cores, torch threads {threads}; accelops CPU ISA "
-               f"{mach['accelops_cpu_isa']}. accelops {ver['accelops']} at {commit}, torch {ver['torch']}, "
-               f"python {ver['python']}. {meta['date']}, run {meta['run_id']}, {wall_s / 60:.1f} min.")
+    out = common.run_header(FAMILY, meta, cfg, threads, wall_s, versions=("torch", "python"))[:-1]
     loads = [r["loadavg_1m"] for r in rows]
     cores = mach["cpu_affinity"] or mach["cpu_count"] or 1
     if max(loads) > cores:

@@ -276,16 +276,7 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
     bitnet = BITNET_US.get(threads, {}) if cfg.device.type == "cpu" else {}
     if not any(shape in bitnet for shape in shapes):
         bitnet = {}
-    commit = (meta["git_commit"] or "unknown")[:10] + (" (uncommitted changes)" if meta["git_dirty"] else "")
-
-    out = [f"### matmul, {threads} thread{'s' if threads > 1 else ''}, {cfg.device.type}"
-           + (" (--quick: tiny shapes, not comparable)" if cfg.quick else ""), ""]
-    out.append(
-        f"{mach['gpu'] or mach['cpu_model']}, {mach['cpu_count']} cores, torch threads {threads}; accelops CPU ISA "
-        f"{mach['accelops_cpu_isa']}. accelops {ver['accelops']} at {commit}, torch {ver['torch']}, "
-        f"torchao {ver['torchao']}, triton {ver['triton']}, python {ver['python']}. {meta['date']}, "
-        f"run {meta['run_id']}, {wall_s / 60:.1f} min for this thread count."
-    )
+    out = common.run_header(FAMILY, meta, cfg, threads, wall_s, versions=("torch", "torchao", "triton", "python"))[:-1]
     loads = [r["loadavg_1m"] for r in rows]
     cores = mach["cpu_affinity"] or mach["cpu_count"] or 1
     if max(loads) > cores:

@@ -492,6 +492,24 @@ def fmt_bytes(n: int | None) -> str:
     return f"{n / (1 << 30):.3g} GiB"
 
 
+def run_header(family: str, meta: dict, cfg, threads: int, wall_s: float,
+               versions=("torch", "triton", "python")) -> list[str]:
+    """The first lines of a family's summary for one thread count: a heading, then the
+    machine, versions, commit, date and run id of the rows."""
+    mach, ver = meta["machine"], meta["versions"]
+    commit = (meta["git_commit"] or "unknown")[:10] + (" (uncommitted changes)" if meta["git_dirty"] else "")
+    libs = ", ".join(f"{name} {ver.get(name)}" for name in versions)
+    return [f"### {family}, {threads} thread{'s' if threads > 1 else ''}, {cfg.device.type}"
+            + (" (--quick: tiny shapes, not comparable)" if cfg.quick else ""), "",
+            f"{mach['gpu'] or mach['cpu_model']}, {mach['cpu_count']} cores, torch threads {threads}; accelops CPU "
+            f"ISA {mach['accelops_cpu_isa']}. accelops {ver['accelops']} at {commit}, {libs}. {meta['date']}, "
+            f"run {meta['run_id']}, {wall_s / 60:.1f} min.", ""]
+
+
+def thp_note(meta: dict) -> str:
+    return f"{'SET' if meta.get('env', {}).get('THP_MEM_ALLOC_ENABLE') == '1' else 'not set'}"
+
+
 def md_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
