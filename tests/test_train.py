@@ -63,7 +63,7 @@ def _one_thread():
 
 def tiny_model(seed=0, dropout=0.1, kind="transformer"):
     torch.manual_seed(seed)
-    if kind == "gru":  # (torch's CPU autocast cannot run nn.LSTM: oneDNN has no primitive for it here)
+    if kind == "gru":
         return RNNLM(RNNLMConfig(vocab_size=len(VOCAB), dim=24, hidden=32, n_layers=2, max_len=SEQ, cell="gru",
                                  dropout=dropout))
     if kind == "bitlinear-shared":  # ternary training with the blocks shared ("alternate")

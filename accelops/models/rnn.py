@@ -24,7 +24,15 @@ class RNNBlock(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, _ = self.rnn(self.norm(x))
+        y = self.norm(x)
+        if y.device.type == "cpu" and isinstance(self.rnn, nn.LSTM) and torch.is_autocast_enabled("cpu"):
+            # CPU autocast sends nn.LSTM to a bf16/fp16 oneDNN primitive that fails to build
+            # (torch 2.13, this machine: "could not create a primitive descriptor"): the cell
+            # runs in fp32 and the projections after it stay under autocast.
+            with torch.autocast("cpu", enabled=False):
+                h, _ = self.rnn(y.float())
+        else:
+            h, _ = self.rnn(y)
         return x + self.drop(self.out_proj(h))
 
 
