@@ -748,6 +748,16 @@ def check_repeated_runs(rank, world):
 
 # =========================================================================== faults
 
+def timed_outcome(step, catch=Exception):
+    """-> (what step() raised as "Type: message", or "no error"; the seconds it took)."""
+    t0 = time.monotonic()
+    try:
+        step()
+        return ("no error", time.monotonic() - t0)
+    except catch as exc:
+        return (f"{type(exc).__name__}: {exc}", time.monotonic() - t0)
+
+
 def check_stalled_peer_hook(rank, world):
     """Rank 1 skips a step: rank 0's backward raises CommunicationError after the hook's
     timeout instead of hanging."""
@@ -758,12 +768,7 @@ def check_stalled_peer_hook(rank, world):
     register_compression(wrapped, "topk", ratio=0.1, timeout=STALL_TIMEOUT_S)
     out = None
     if rank == 0:
-        t0 = time.monotonic()
-        try:
-            wrapped(torch.randn(8, 24)).sum().backward()
-            out = ("no error", time.monotonic() - t0)
-        except Exception as exc:
-            out = (f"{type(exc).__name__}: {exc}", time.monotonic() - t0)
+        out = timed_outcome(lambda: wrapped(torch.randn(8, 24)).sum().backward())
     dist.barrier()
     return out
 
@@ -777,13 +782,11 @@ def check_stalled_peer_reducer(rank, world):
     reducer = BucketedAllReducer(model, process_group=group, timeout=STALL_TIMEOUT_S)
     out = None
     if rank == 0:
-        t0 = time.monotonic()
-        try:
+        def step():
             model(torch.randn(8, 24)).sum().backward()
             reducer.finish()
-            out = ("no error", time.monotonic() - t0)
-        except CommunicationError as exc:
-            out = (f"CommunicationError: {exc}", time.monotonic() - t0)
+
+        out = timed_outcome(step, catch=CommunicationError)
     dist.barrier()
     return out
 
@@ -803,13 +806,7 @@ def check_peer_dies(rank, world):
             out.register_hook(lambda grad: os._exit(3))
 
         model[0].register_forward_hook(die_in_backward)
-    t0 = time.monotonic()
-    try:
-        wrapped(x).sum().backward()
-        out = ("no error", time.monotonic() - t0)
-    except Exception as exc:
-        out = (f"{type(exc).__name__}: {exc}", time.monotonic() - t0)
-    return out
+    return timed_outcome(lambda: wrapped(x).sum().backward())
 
 
 # One launch runs them all, in this order: its start-up (processes, imports, DDP's first
