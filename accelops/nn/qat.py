@@ -30,6 +30,7 @@ from torch import nn
 
 from .. import ops
 from ..reference.int8 import EPS
+from .bitlinear import quantized_linear_backward, save_quantized_operands
 from .observers import FakeQuantize, MovingAverageMinMaxObserver
 from .quantized_linear import Int8Linear
 
@@ -62,27 +63,13 @@ class _Int8QATLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_fq, bias, x_q, x_scale, w_q, w_scale):
-        ctx.save_for_backward(x_q, x_scale, w_q, w_scale)
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        ctx.w_dtype = w_fq.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        save_quantized_operands(ctx, x, w_fq, bias, x_q, x_scale, w_q, w_scale)
         y = ops.int8_matmul(x_q, x_scale, w_q, w_scale, bias, out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], w_q.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_q, x_scale, w_q, w_scale = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.shape[-1]).float()
-        grad_x = grad_w = grad_b = None
-        with torch.autocast(device_type=g.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                w_deq = w_q.float() * w_scale.reshape(-1, 1)
-                grad_x = (g @ w_deq).reshape(ctx.x_shape).to(ctx.x_dtype)
-            if ctx.needs_input_grad[1]:
-                grad_w = (g.t() @ (x_q.float() * x_scale)).to(ctx.w_dtype)
-            if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-                grad_b = g.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return (*quantized_linear_backward(ctx, grad_y), None, None, None, None)
 
 
 class QATLinear(nn.Linear):
