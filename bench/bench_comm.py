@@ -269,9 +269,7 @@ def summarize(rows, cfg, threads, wall_s) -> str:
     out += [common.md_table(["op", "case", "accelops", "reference", "speed-up", f">= {TARGET:g}x",
                              "peak mem (accelops)", "peak mem (reference)"], table), "",
             f"Targets: {hits} of {len(pairs)} kernels at least {TARGET:g}x their reference.", ""]
-    how = next((r["peak_mem_method"] for r in rows if r.get("peak_mem_method")), None)
-    if how:
-        out += [f"Peak memory: {common.MEMORY_METHODS[how]}.", ""]
+    out += common.memory_note(rows)
     return "\n".join(out)
 
 

@@ -203,9 +203,7 @@ def summarize(rows, cfg, threads, wall_s) -> str:
             common.md_table(["target", "shape", "speed-up", "goal", ""], targets), ""]
     out += ["Peak memory growth during one call (output and saved tensors included):", "",
             common.md_table(["shape", "case", "pass"] + [METHODS[k][0] for k in METHODS], mem), ""]
-    how = next((r["peak_mem_method"] for r in rows if r.get("peak_mem_method")), None)
-    if how:
-        out += [f"Peak memory: {common.MEMORY_METHODS[how]}.", ""]
+    out += common.memory_note(rows)
     return "\n".join(out)
 
 

@@ -363,9 +363,7 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
             common.md_table(["N x K", "M", "method", "median", "p20 - p80", "repeats", "weights",
                              "peak memory", "rel. error vs fp32"], detail),
             "", "</details>", ""]
-    mem = next((r["peak_mem_method"] for r in rows if r.get("peak_mem_method")), None)
-    if mem:
-        out += [f"Peak memory: {common.MEMORY_METHODS[mem]}.", ""]
+    out += common.memory_note(rows)
     return "\n".join(out)
 
 

@@ -506,6 +506,12 @@ def run_header(family: str, meta: dict, cfg, threads: int, wall_s: float,
             f"run {meta['run_id']}, {wall_s / 60:.1f} min.", ""]
 
 
+def memory_note(rows: list[dict]) -> list[str]:
+    """The summary's closing line on how peak memory was measured (none if it was not)."""
+    how = next((r["peak_mem_method"] for r in rows if r.get("peak_mem_method")), None)
+    return [f"Peak memory: {MEMORY_METHODS[how]}.", ""] if how else []
+
+
 def thp_note(meta: dict) -> str:
     return f"{'SET' if meta.get('env', {}).get('THP_MEM_ALLOC_ENABLE') == '1' else 'not set'}"
 
