@@ -317,6 +317,18 @@ __global__ void sampled_decide_kernel(SelectState* st, int64_t k) {
 constexpr int kPerThread = 16;
 constexpr int64_t kSelTile = int64_t(kThreads) * kPerThread;
 
+// This thread's elements [b, b + kPerThread) of acc above (gt) and at (eq) the threshold
+// key: the count pass and the write pass must agree, so both use this.
+__device__ __forceinline__ void count_vs_threshold(const Acc& acc, int64_t b, int64_t n, uint32_t thr, int& gt,
+                                                   int& eq) {
+  for (int e = 0; e < kPerThread; ++e) {
+    if (b + e >= n) break;
+    const uint32_t key = mag_key(acc.get(b + e));
+    gt += key > thr;
+    eq += key == thr;
+  }
+}
+
 __global__ void __launch_bounds__(kThreads)
     tile_count_kernel(Acc acc, int64_t n, const SelectState* __restrict__ st, int32_t* __restrict__ tile_gt,
                       int32_t* __restrict__ tile_eq) {
@@ -326,12 +338,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t b = t * kSelTile + int64_t(threadIdx.x) * kPerThread;
     int gt = 0, eq = 0;
-    for (int e = 0; e < kPerThread; ++e) {
-      if (b + e >= n) break;
-      const uint32_t key = mag_key(acc.get(b + e));
-      gt += key > thr;
-      eq += key == thr;
-    }
+    count_vs_threshold(acc, b, n, thr, gt, eq);
     gt = block_sum(gt, red);
     eq = block_sum(eq, red);
     if (threadIdx.x == 0) {
@@ -373,12 +380,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t b = t * kSelTile + int64_t(threadIdx.x) * kPerThread;
     int gt = 0, eq = 0;
-    for (int e = 0; e < kPerThread; ++e) {
-      if (b + e >= n) break;
-      const uint32_t key = mag_key(acc.get(b + e));
-      gt += key > thr;
-      eq += key == thr;
-    }
+    count_vs_threshold(acc, b, n, thr, gt, eq);
     const int take = tile_take[t];
     int total;
     const int eq_base = block_exclusive_scan(eq, &total);
