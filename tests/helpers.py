@@ -29,6 +29,17 @@ def assert_close_to_reference(y, y_ref, *, rel_ulps: int = 4):
     assert bool(((a - b).abs() <= tol).all()), f"max diff {(a - b).abs().max().item()} (dtype {y.dtype})"
 
 
+def grads_after_backward(model, x):
+    """-> (output, [grad of x, grads of every parameter]) after one backward of a fixed
+    weighting of the output; the model's gradients are zeroed again."""
+    x = x.detach().clone().requires_grad_(True)
+    y = model(x)
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    grads = [x.grad] + [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return y.detach(), grads
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,6 +15,8 @@ from accelops import ops
 from accelops.nn import FFN, BitLinear, FusedFFN, Int8Linear
 from accelops.reference import ffn as RF
 
+from .helpers import grads_after_backward
+
 ACTS = ["swiglu", "geglu", "gelu"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -386,22 +388,13 @@ def _model(d=16, h=24, activation="swiglu"):
     return nn.Sequential(nn.Linear(d, d), FusedFFN(d, h, activation, bias=True), nn.LayerNorm(d))
 
 
-def _grads_after_backward(model, x):
-    x = x.detach().clone().requires_grad_(True)
-    y = model(x)
-    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
-    grads = [x.grad] + [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    return y.detach(), grads
-
-
 def test_torch_compile_fullgraph_eager_backend():
     torch._dynamo.reset()
     model = _model()
     x = torch.randn(3, 5, 16)
-    y, grads = _grads_after_backward(model, x)
+    y, grads = grads_after_backward(model, x)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
-    y_c, grads_c = _grads_after_backward(compiled, x)
+    y_c, grads_c = grads_after_backward(compiled, x)
     assert torch.equal(y_c, y)
     for a, b in zip(grads_c, grads):
         assert torch.equal(a, b)
@@ -413,9 +406,9 @@ def test_torch_compile_fullgraph_inductor():
     torch._dynamo.reset()
     model = _model(8, 12, "geglu")
     x = torch.randn(4, 8)
-    y, grads = _grads_after_backward(model, x)
+    y, grads = grads_after_backward(model, x)
     compiled = torch.compile(model, fullgraph=True)
-    y_c, grads_c = _grads_after_backward(compiled, x)
+    y_c, grads_c = grads_after_backward(compiled, x)
     torch.testing.assert_close(y_c, y, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads_c, grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -499,8 +492,8 @@ def test_bitlinear_mode_matches_three_bitlinear_layers(backend, activation):
     assert isinstance(fused.up_proj, BitLinear)
     unfused = copy.deepcopy(fused)
     x = torch.randn(2, 5, 32)
-    y_f, g_f = _grads_after_backward(fused, x)
-    y_u, g_u = _grads_after_backward(_Unfused(unfused), x)
+    y_f, g_f = grads_after_backward(fused, x)
+    y_u, g_u = grads_after_backward(_Unfused(unfused), x)
     scale = y_u.abs().max()
     # Same quantized operands; only fp32 summation order differs (BitLinear sums the int
     # products exactly, then scales), so h may straddle an int8 rounding boundary at worst.

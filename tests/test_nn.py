@@ -15,7 +15,7 @@ from accelops import reference as R
 from accelops.nn import BitLinear, ConvertReport, Int8Linear, TernaryLinear, convert
 from accelops.reference import bitlinear as RB
 
-from .helpers import assert_close_to_reference
+from .helpers import assert_close_to_reference, grads_after_backward
 
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 KS = [1, 5, 64, 127, 129, 300]
@@ -177,21 +177,12 @@ def _bit_model():
                          BitLinear(40, 8, bias=False))
 
 
-def _grads_after_backward(model, x):
-    x = _leaf(x)
-    y = model(x)
-    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
-    grads = [x.grad] + [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    return y.detach(), grads
-
-
 def test_bitlinear_torch_compile_fullgraph_eager_backend():
     model = _bit_model()
     x = torch.randn(3, 5, 32)
-    y, grads = _grads_after_backward(model, x)
+    y, grads = grads_after_backward(model, x)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
-    y_c, grads_c = _grads_after_backward(compiled, x)
+    y_c, grads_c = grads_after_backward(compiled, x)
     assert torch.equal(y_c, y)
     for a, b in zip(grads_c, grads):
         assert torch.equal(a, b)
@@ -203,9 +194,9 @@ def test_bitlinear_torch_compile_fullgraph_inductor():
     torch._dynamo.reset()
     model = nn.Sequential(BitLinear(16, 8, per_channel=True), nn.ReLU())
     x = torch.randn(4, 16)
-    y, grads = _grads_after_backward(model, x)
+    y, grads = grads_after_backward(model, x)
     compiled = torch.compile(model, fullgraph=True)
-    y_c, grads_c = _grads_after_backward(compiled, x)
+    y_c, grads_c = grads_after_backward(compiled, x)
     # inductor may fuse the epilogue (an FMA rounds once): a few ulps, not bit-identical
     torch.testing.assert_close(y_c, y, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_c, grads):
