@@ -203,19 +203,6 @@ def make_cases(cfg, gen) -> list[Case]:
     return cases
 
 
-def _time(call, timer) -> dict:
-    row = {}
-    timer.sync()
-    start = time.perf_counter()
-    call()
-    timer.sync()
-    row["first_call_s"] = time.perf_counter() - start
-    peak, how, seconds = common.peak_memory(call, timer)
-    row["peak_mem_bytes"], row["peak_mem_method"] = peak, how
-    row.update(timer.measure(call, seconds))
-    return row
-
-
 def run_case(cfg, timer, meta, case: Case, threads, out_path) -> list[dict]:
     check = case.check() if case.check is not None else _check_all(case.kernel(), case.reference())
     rows = []
@@ -230,7 +217,7 @@ def run_case(cfg, timer, meta, case: Case, threads, out_path) -> list[dict]:
             row.update(status="wrong", reason="output disagrees with the reference: not timed")
         else:
             try:
-                row.update(_time(case.kernel if is_kernel else case.reference, timer))
+                row.update(common.time_call(case.kernel if is_kernel else case.reference, timer))
             except Exception as exc:  # a row, not a crash
                 row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
         rows.append(row)

@@ -135,14 +135,7 @@ def run_case(cfg, timer, meta, shape, case, threads, out_path, progress) -> list
                 row.update(status="wrong", reason="output or gradient disagrees with torch's: not timed")
             else:
                 try:
-                    timer.sync()
-                    start = time.perf_counter()
-                    call()
-                    timer.sync()
-                    row["first_call_s"] = time.perf_counter() - start
-                    peak, how, seconds = common.peak_memory(call, timer)
-                    row["peak_mem_bytes"], row["peak_mem_method"] = peak, how
-                    row.update(timer.measure(call, seconds))
+                    row.update(common.time_call(call, timer))
                 except Exception as exc:  # a baseline that cannot run here is a row, not a crash
                     row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
             row["loadavg_1m"] = os.getloadavg()[0]

@@ -456,6 +456,21 @@ def peak_memory(fn, timer: Timer) -> tuple[int | None, str, float]:
     return max(peak, 0) * 1024, "rss_hwm_delta", seconds
 
 
+
+def time_call(call, timer: Timer) -> dict:
+    """One row's measurements of `call`: the first call's time, peak memory, then the
+    timer's repeats (median, p20/p80, ...)."""
+    row = {}
+    timer.sync()
+    start = time.perf_counter()
+    call()
+    timer.sync()
+    row["first_call_s"] = time.perf_counter() - start
+    peak, how, seconds = peak_memory(call, timer)
+    row["peak_mem_bytes"], row["peak_mem_method"] = peak, how
+    row.update(timer.measure(call, seconds))
+    return row
+
 def tensor_bytes(*tensors) -> int:
     """Storage bytes, looking inside tensor subclasses (torchao's quantized weights)."""
     total = 0
