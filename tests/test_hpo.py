@@ -187,3 +187,185 @@ def test_space_grid():
         list(space.grid({"nope": 3}))
     with pytest.raises(ValueError, match=">= 1"):
         list(space.grid(0))
+
+
+# ---------------------------------------------------------------------------------------
+# bracket arithmetic
+# ---------------------------------------------------------------------------------------
+
+def table(plans):
+    return [(p.s, p.sizes, p.budgets) for p in plans]
+
+
+def test_brackets_paper_table():
+    # Li et al. (2018), Table 1: R = 81, eta = 3
+    assert table(hpo.hyperband_brackets(1, 81, 3)) == [
+        (4, (81, 27, 9, 3, 1), (1, 3, 9, 27, 81)),
+        (3, (34, 11, 3, 1), (3, 9, 27, 81)),
+        (2, (15, 5, 1), (9, 27, 81)),
+        (1, (8, 2), (27, 81)),
+        (0, (5,), (81,)),
+    ]
+    # the issue's budgets: same sizes, budgets x9
+    assert [p.sizes for p in hpo.hyperband_brackets(9, 729, 3)] == [
+        (81, 27, 9, 3, 1), (34, 11, 3, 1), (15, 5, 1), (8, 2), (5,)]
+    assert hpo.hyperband_brackets(9, 729, 3)[0].budgets == (9, 27, 81, 243, 729)
+    # R = 27: n = ceil(4 / (s + 1) * 3^s) = 27, 12, 6, 4
+    assert [p.sizes for p in hpo.hyperband_brackets(1, 27, 3)] == [(27, 9, 3, 1), (12, 4, 1), (6, 2), (4,)]
+    # eta = 2, R = 8: n = ceil(4 / (s + 1) * 2^s) = 8, 6, 4, 4
+    assert [p.sizes for p in hpo.hyperband_brackets(1, 8, 2)] == [(8, 4, 2, 1), (6, 3, 1), (4, 2), (4,)]
+
+
+def test_brackets_hpbandster_compat_table():
+    # HpBandSter: n0 = floor((s_max + 1) / (s + 1)) * eta^s, n_i = max(int(n0 eta^-i), 1)
+    assert table(hpo.hyperband_brackets(1, 81, 3, hpbandster_compat=True)) == [
+        (4, (81, 27, 9, 3, 1), (1, 3, 9, 27, 81)),
+        (3, (27, 9, 3, 1), (3, 9, 27, 81)),
+        (2, (9, 3, 1), (9, 27, 81)),
+        (1, (6, 2), (27, 81)),
+        (0, (5,), (81,)),
+    ]
+    assert [p.sizes for p in hpo.hyperband_brackets(1, 27, 3, hpbandster_compat=True)] == [
+        (27, 9, 3, 1), (9, 3, 1), (6, 2), (4,)]
+
+
+def test_brackets_uneven_ratio_and_bad_input():
+    plans = hpo.hyperband_brackets(1, 100, 3)  # s_max = floor(log3 100) = 4
+    assert plans[0].budgets == pytest.approx([100 / 81, 100 / 27, 100 / 9, 100 / 3, 100])
+    assert plans[0].budgets[-1] == 100 and isinstance(plans[0].budgets[-1], int)
+    assert hpo.hyperband_brackets(5, 5, 3) == [hpo.hyperband.BracketPlan(0, (1,), (5,))]
+    with pytest.raises(ValueError, match="min_budget"):
+        hpo.hyperband_brackets(10, 1)
+    with pytest.raises(ValueError, match="eta"):
+        hpo.hyperband_brackets(1, 81, 1)
+    with pytest.raises(ValueError, match="positive"):
+        hpo.hyperband_brackets(0, 81)
+
+
+# ---------------------------------------------------------------------------------------
+# ask/tell: Hyperband's schedule, random and grid search
+# ---------------------------------------------------------------------------------------
+
+def toy_loss(config, budget):
+    """Lower for lr near 1e-3 and more layers; less noisy at larger budgets."""
+    return abs(math.log10(config["lr"]) + 3) + 0.1 * (8 - config["layers"]) + 1.0 / budget
+
+
+def run_sequential(opt, n):
+    log = []
+    for _ in range(n):
+        t = opt.ask()
+        if t is None:
+            break
+        loss = toy_loss(t.config, t.budget)
+        opt.tell(t, loss)
+        log.append((t.id, t.config_id, t.bracket, t.rung, t.budget, loss))
+    return log
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_hyperband_sequential_follows_the_brackets(compat):
+    opt = hpo.Hyperband(issue_space(), min_budget=1, max_budget=81, eta=3, hpbandster_compat=compat, seed=0)
+    plans = hpo.hyperband_brackets(1, 81, 3, compat)
+    log = run_sequential(opt, sum(sum(p.sizes) for p in plans) + 3)
+    for b, plan in enumerate(plans):
+        rows = [r for r in log if r[2] == b]
+        for rung, (size, budget) in enumerate(zip(plan.sizes, plan.budgets)):
+            this = [r for r in rows if r[3] == rung]
+            assert len(this) == size and all(r[4] == budget for r in this)
+            if rung:
+                prev = sorted((r for r in rows if r[3] == rung - 1), key=lambda r: r[5])
+                # the promoted configurations are the best `size` of the previous rung, best first
+                assert [r[1] for r in this] == [r[1] for r in prev[:size]]
+    assert [r[2] for r in log[-3:]] == [5, 5, 5]  # then the cycle starts again at s_max
+    assert opt.brackets[5].plan.s == 4
+
+
+def test_hyperband_async_opens_next_bracket_while_rung_waits():
+    opt = hpo.Hyperband(issue_space(), min_budget=1, max_budget=9, eta=3, seed=1)  # sizes (9,3,1),(5,1),(3,)
+    first = [opt.ask() for _ in range(9)]
+    assert {t.bracket for t in first} == {0}
+    t = opt.ask()  # bracket 0 waits for its rung 0: the next bracket starts
+    assert (t.bracket, t.rung, t.budget) == (1, 0, 3)
+    for i, t0 in enumerate(first):
+        opt.tell(t0, float(i))
+    # bracket 0 comes first again: its promoted configurations, best first
+    promoted = [opt.ask() for _ in range(3)]
+    assert [(p.bracket, p.rung, p.budget) for p in promoted] == [(0, 1, 3)] * 3
+    assert [p.config_id for p in promoted] == [first[0].config_id, first[1].config_id, first[2].config_id]
+    assert promoted[0].config == first[0].config
+
+
+def test_hyperband_n_brackets_and_none_while_waiting():
+    opt = hpo.Hyperband(issue_space(), min_budget=1, max_budget=9, eta=3, n_brackets=1, seed=0)
+    trials = [opt.ask() for _ in range(9)]
+    assert opt.ask() is None  # nothing to run until results come back
+    for i, t in enumerate(trials[:-1]):
+        opt.tell(t, float(i))
+    assert opt.ask() is None
+    opt.tell(trials[-1], float("nan"))
+    nxt = [opt.ask() for _ in range(3)]
+    assert all(t is not None and t.rung == 1 for t in nxt) and opt.ask() is None
+    for t in nxt:
+        opt.tell(t, 1.0)
+    last = opt.ask()
+    assert last.rung == 2 and last.budget == 9 and last.config_id == nxt[0].config_id
+    opt.tell(last, 0.5)
+    assert opt.ask() is None and not opt.running
+
+
+def test_hyperband_failures_count_as_worst():
+    opt = hpo.Hyperband(issue_space(), min_budget=1, max_budget=9, eta=3, n_brackets=1, seed=0)
+    trials = [opt.ask() for _ in range(9)]
+    losses = [float("nan"), None, math.inf, -math.inf, 5.0, 6.0, 7.0, 8.0, 9.0]
+    for t, loss in zip(trials, losses):
+        opt.tell(t, loss)
+    assert opt.results[trials[0].id] == math.inf and opt.results[trials[3].id] == math.inf
+    assert [opt.ask().config_id for _ in range(3)] == [t.config_id for t in trials[4:7]]
+
+
+def test_tell_errors():
+    opt = hpo.RandomSearch(issue_space(), budget=3, seed=0)
+    t = opt.ask()
+    opt.tell(t, 1.0)
+    with pytest.raises(ValueError, match="already told"):
+        opt.tell(t, 1.0)
+    with pytest.raises(ValueError, match="unknown trial"):
+        opt.tell(99, 1.0)
+    with pytest.raises(TypeError, match="loss"):
+        opt.tell(opt.ask(), "bad")
+
+
+@pytest.mark.parametrize("make", [
+    lambda s: hpo.RandomSearch(issue_space(), budget=729, seed=s),
+    lambda s: hpo.Hyperband(issue_space(), min_budget=9, max_budget=729, eta=3, seed=s),
+    lambda s: hpo.GridSearch(issue_space(), budget=729, resolution=3, shuffle=True, seed=s),
+])
+def test_optimisers_reproducible_with_seed(make):
+    a, b, c = run_sequential(make(0), 60), run_sequential(make(0), 60), run_sequential(make(1), 60)
+    assert a == b and a != c
+
+
+def test_random_and_grid_search():
+    space = issue_space()
+    opt = hpo.RandomSearch(space, budget=729, seed=0)
+    trials = [opt.ask() for _ in range(20)]
+    assert all(t.budget == 729 and t.bracket is None for t in trials)
+    assert len({t.config_id for t in trials}) == 20
+    for t in trials:
+        space.validate(t.config)
+    grid = hpo.GridSearch(space, budget=729, resolution={"lr": 2, "layers": 2, "momentum": 2})
+    assert len(grid) == 2 * 2 * 2 * 3 * 3
+    got = []
+    while (t := grid.ask()) is not None:
+        got.append(t.config)
+        grid.tell(t, 0.0)
+    assert got == list(space.grid({"lr": 2, "layers": 2, "momentum": 2}))
+    assert grid.ask() is None
+
+
+def test_optimizer_spec_round_trip():
+    opt = hpo.Hyperband(issue_space(), min_budget=9, max_budget=729, eta=3, hpbandster_compat=True, seed=3)
+    again = hpo.Optimizer.from_spec(opt.spec())
+    assert type(again) is hpo.Hyperband and again.spec() == opt.spec()
+    assert run_sequential(again, 30) == run_sequential(opt, 30)

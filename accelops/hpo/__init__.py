@@ -5,6 +5,12 @@ journal.
 This subpackage stands alone: it imports the standard library and numpy only and knows
 objectives, not models (the trainer meets it through an adapter).
 """
+from .hyperband import Hyperband, hyperband_brackets
+from .optimizers import GridSearch, Optimizer, RandomSearch, Trial
 from .space import Categorical, Float, Int, Ordinal, SearchSpace
 
-__all__ = ["SearchSpace", "Float", "Int", "Categorical", "Ordinal"]
+# Journal headers name the optimiser class; resume rebuilds it from this table.
+_OPTIMIZERS = {c.__name__: c for c in (RandomSearch, GridSearch, Hyperband)}
+
+__all__ = ["SearchSpace", "Float", "Int", "Categorical", "Ordinal", "Trial", "Optimizer",
+           "RandomSearch", "GridSearch", "Hyperband", "hyperband_brackets"]
