@@ -369,3 +369,167 @@ def test_optimizer_spec_round_trip():
     again = hpo.Optimizer.from_spec(opt.spec())
     assert type(again) is hpo.Hyperband and again.spec() == opt.spec()
     assert run_sequential(again, 30) == run_sequential(opt, 30)
+
+
+# ---------------------------------------------------------------------------------------
+# BOHB: kernels, bandwidths, model building, proposals
+# ---------------------------------------------------------------------------------------
+
+from accelops.hpo.bohb import CAT, CONT, KDE, ORD, BOHBModel, normal_reference_bandwidth  # noqa: E402
+
+
+def phi(z):
+    return math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+
+
+def test_kde_continuous_by_hand():
+    kde = KDE([[0.2], [0.6]], [CONT], [0], [0.1])
+    assert kde.pdf([[0.3]])[0] == pytest.approx((phi(1) / 0.1 + phi(3) / 0.1) / 2, rel=1e-12)
+    kde2 = KDE([[0.2, 0.5], [0.6, 0.9]], [CONT, CONT], [0, 0], [0.1, 0.2])
+    want = (phi(1) / 0.1 * phi(0.5) / 0.2 + phi(3) / 0.1 * phi(1.5) / 0.2) / 2
+    assert kde2.pdf([[0.3, 0.6]])[0] == pytest.approx(want, rel=1e-12)
+
+
+def test_kde_categorical_aitchison_aitken_by_hand():
+    kde = KDE([[0], [0], [2]], [CAT], [3], [0.3])
+    np.testing.assert_allclose(kde.pdf([[0], [1], [2]]),
+                               [(0.7 + 0.7 + 0.15) / 3, 0.15, (0.15 + 0.15 + 0.7) / 3], rtol=1e-12)
+    # a probability over the c values
+    assert kde.pdf([[0], [1], [2]]).sum() == pytest.approx(1.0)
+
+
+def test_kde_ordinal_wang_ryzin_by_hand():
+    h = 0.4
+    kde = KDE([[0], [3]], [ORD], [4], [h])
+    want = [(0.6 + 0.5 * 0.6 * h ** 3) / 2, (0.5 * 0.6 * h + 0.5 * 0.6 * h ** 2) / 2]
+    np.testing.assert_allclose(kde.pdf([[0], [1]]), want, rtol=1e-12)
+
+
+def test_kde_mixed_product_by_hand():
+    data = [[0.5, 1, 0], [0.1, 0, 2]]
+    kde = KDE(data, [CONT, CAT, ORD], [0, 2, 3], [0.2, 0.1, 0.3])
+    x = [0.4, 1, 1]
+    row0 = phi(0.5) / 0.2 * 0.9 * (0.5 * 0.7 * 0.3)
+    row1 = phi(1.5) / 0.2 * 0.1 * (0.5 * 0.7 * 0.3)
+    assert kde.pdf([x])[0] == pytest.approx((row0 + row1) / 2, rel=1e-12)
+
+
+def test_bandwidth_rules():
+    data = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 1.0], [0.5, 0.0, 0.0], [0.25, 0.0, 1.0]])
+    n, d = data.shape
+    want = 1.06 * data.std(axis=0) * n ** (-1 / (4 + d))
+    np.testing.assert_allclose(normal_reference_bandwidth(data), want)
+    assert normal_reference_bandwidth(np.array([[0.0], [1.0]]))[0] == pytest.approx(1.06 * 0.5 * 2 ** -0.2)
+    kde = KDE.fit(data, [CONT, CONT, CAT], [0, 0, 2], min_bandwidth=1e-3)
+    assert kde.bw[0] == pytest.approx(want[0])
+    assert kde.bw[1] == 1e-3                     # constant column: min_bandwidth
+    assert kde.bw[2] == pytest.approx(min(want[2], 0.5))  # categorical: at most (c - 1) / c
+    wide = KDE.fit(np.array([[0.0], [2.0], [0.0], [2.0]]), [CAT], [3])
+    assert wide.bw[0] == pytest.approx(2 / 3)  # normal reference says 0.80: clipped to the uniform kernel
+
+
+def model_space():
+    return SearchSpace({"x": Float(0.0, 1.0), "k": Categorical(["a", "b", "c"]),
+                        "m": Float(0.0, 1.0, condition=("k", ["a"]))})
+
+
+def test_bohb_model_from_largest_budget_with_enough_points():
+    space = model_space()
+    m = BOHBModel(space, np.random.default_rng(0))
+    assert m.min_points_in_model == 4  # d + 1
+    rng = np.random.default_rng(1)
+    for i in range(7):  # good 4 (min points) + bad 3 rows: not more rows than dims
+        m.observe(space.sample(rng), 1, float(i))
+    assert m.model_budget is None
+    m.observe(space.sample(rng), 1, 7.0)
+    assert m.model_budget == 1
+    for i in range(3):
+        m.observe(space.sample(rng), 3, float(i))
+    assert m.model_budget == 1  # budget 3 has too few results
+    for i in range(5):
+        m.observe(space.sample(rng), 3, float(i))
+    assert m.model_budget == 3
+    good, bad = m.models[3]
+    assert good.data.shape == (4, 3) and bad.data.shape == (4, 3)
+    assert not np.isnan(good.data).any() and not np.isnan(bad.data).any()  # imputed
+    before = m.models[1]
+    m.observe(space.sample(rng), 1, 0.0)
+    assert m.models[1] is before  # a smaller budget is not refitted once a larger one has a model
+
+
+def test_bohb_good_bad_split_and_failures_as_worst():
+    space = SearchSpace({"x": Float(0.0, 1.0)})
+    m = BOHBModel(space, np.random.default_rng(0), top_n_percent=15, min_points_in_model=2)
+    xs = np.linspace(0, 1, 20)
+    for i, x in enumerate(xs):
+        m.observe({"x": float(x)}, 1, math.nan if i == 0 else float(i))
+    good, bad = m.models[1]
+    # n_good = max(2, 15 * 20 // 100) = 3, n_bad = max(2, 85 * 20 // 100) = 17; x=0 failed: worst
+    np.testing.assert_allclose(good.data[:, 0], xs[1:4])
+    assert bad.data.shape == (17, 1) and bad.data[-1, 0] == 0.0
+
+
+def test_bohb_proposals_follow_the_good_density():
+    space = SearchSpace({"x": Float(0.0, 1.0), "k": Categorical(["a", "b", "c"])})
+    m = BOHBModel(space, np.random.default_rng(0), random_fraction=0.0)
+    rng = np.random.default_rng(2)
+    for _ in range(60):
+        c = space.sample(rng)
+        loss = abs(c["x"] - 0.2) + (0.0 if c["k"] == "b" else 1.0)
+        m.observe(c, 1, loss)
+    picks = [m.sample() for _ in range(50)]
+    assert all(info["model_based"] and info["model_budget"] == 1 for _, info in picks)
+    xs = np.array([c["x"] for c, _ in picks])
+    # the good points (k="b", x in 0.10..0.64 for this seed) against bad ones with k="b" at x > 0.68
+    assert np.median(xs) < 0.6
+    assert sum(c["k"] == "b" for c, _ in picks) > 40
+
+
+def test_bohb_bandwidth_factor_widens_continuous_candidates():
+    space = SearchSpace({"x": Float(0.0, 1.0)})
+    m = BOHBModel(space, np.random.default_rng(0), num_samples=4000, bandwidth_factor=3)
+    good = KDE(np.full((5, 1), 0.5), [CONT], [0], [0.01])
+    cand = m.propose(good)
+    assert np.std(cand[:, 0]) == pytest.approx(0.03, rel=0.1)
+    assert np.all((cand >= 0) & (cand <= 1))
+    edge = m.propose(KDE(np.zeros((5, 1)), [CONT], [0], [0.2]))  # truncated to [0, 1]
+    # mean of N(0, 0.6) truncated to [0, 1]: sigma (phi(0) - phi(b)) / (Phi(b) - 1/2), b = 1 / 0.6
+    b = 1 / 0.6
+    want = 0.6 * (phi(0) - phi(b)) / (0.5 * math.erf(b / math.sqrt(2)))
+    assert np.all((edge >= 0) & (edge <= 1)) and np.mean(edge) == pytest.approx(want, rel=0.05)
+
+
+def test_bohb_discrete_candidates_follow_their_kernels():
+    space = SearchSpace({"k": Categorical(["a", "b", "c", "d"]), "o": Ordinal([1, 2, 4, 8, 16])})
+    m = BOHBModel(space, np.random.default_rng(0), num_samples=20000)
+    good = KDE(np.array([[1, 2]] * 3, dtype=float), [CAT, ORD], [4, 5], [0.3, 0.4])
+    cand = m.propose(good)
+    freq_k = np.bincount(cand[:, 0].astype(int), minlength=4) / len(cand)
+    np.testing.assert_allclose(freq_k, [0.1, 0.7, 0.1, 0.1], atol=0.015)
+    p = np.array([0.5 * 0.6 * 0.4 ** abs(i - 2) if i != 2 else 0.6 for i in range(5)])
+    freq_o = np.bincount(cand[:, 1].astype(int), minlength=5) / len(cand)
+    np.testing.assert_allclose(freq_o, p / p.sum(), atol=0.015)
+
+
+def test_bohb_random_fraction():
+    space = SearchSpace({"x": Float(0.0, 1.0)})
+    for frac, lo, hi in [(0.0, 0, 0), (1.0, 300, 300), (1 / 3, 70, 130)]:
+        m = BOHBModel(space, np.random.default_rng(0), random_fraction=frac)
+        for i in range(10):
+            m.observe({"x": i / 10}, 1, float(i))
+        n_random = sum(not m.sample()[1]["model_based"] for _ in range(300))
+        assert lo <= n_random <= hi
+
+
+def test_bohb_runs_the_issue_example():
+    opt = hpo.BOHB(issue_space(), min_budget=9, max_budget=729, eta=3, seed=0)
+    assert opt.model.min_points_in_model == 7
+    log = run_sequential(opt, 300)
+    assert len(log) == 300
+    assert opt.model.model_budget is not None
+    assert any(t.info.get("model_based") for t in opt.trials.values())
+    for t in opt.trials.values():
+        opt.space.validate(t.config)
+    assert run_sequential(hpo.BOHB(issue_space(), min_budget=9, max_budget=729, eta=3, seed=0), 300) == log
+    with pytest.warns(UserWarning, match="min_points_in_model"):
+        hpo.BOHB(issue_space(), min_budget=9, max_budget=729, min_points_in_model=2)

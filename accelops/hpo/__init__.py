@@ -5,12 +5,13 @@ journal.
 This subpackage stands alone: it imports the standard library and numpy only and knows
 objectives, not models (the trainer meets it through an adapter).
 """
+from .bohb import BOHB
 from .hyperband import Hyperband, hyperband_brackets
 from .optimizers import GridSearch, Optimizer, RandomSearch, Trial
 from .space import Categorical, Float, Int, Ordinal, SearchSpace
 
 # Journal headers name the optimiser class; resume rebuilds it from this table.
-_OPTIMIZERS = {c.__name__: c for c in (RandomSearch, GridSearch, Hyperband)}
+_OPTIMIZERS = {c.__name__: c for c in (RandomSearch, GridSearch, Hyperband, BOHB)}
 
 __all__ = ["SearchSpace", "Float", "Int", "Categorical", "Ordinal", "Trial", "Optimizer",
-           "RandomSearch", "GridSearch", "Hyperband", "hyperband_brackets"]
+           "RandomSearch", "GridSearch", "Hyperband", "BOHB", "hyperband_brackets"]
