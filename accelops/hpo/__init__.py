@@ -9,9 +9,11 @@ from .bohb import BOHB
 from .hyperband import Hyperband, hyperband_brackets
 from .optimizers import GridSearch, Optimizer, RandomSearch, Trial
 from .space import Categorical, Float, Int, Ordinal, SearchSpace
+from .study import Study, TrialResult
 
 # Journal headers name the optimiser class; resume rebuilds it from this table.
 _OPTIMIZERS = {c.__name__: c for c in (RandomSearch, GridSearch, Hyperband, BOHB)}
 
 __all__ = ["SearchSpace", "Float", "Int", "Categorical", "Ordinal", "Trial", "Optimizer",
-           "RandomSearch", "GridSearch", "Hyperband", "BOHB", "hyperband_brackets"]
+           "RandomSearch", "GridSearch", "Hyperband", "BOHB", "hyperband_brackets",
+           "Study", "TrialResult"]
