@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from accelops import hpo
@@ -213,3 +214,47 @@ def test_checkpoint_aware_objective_resumes_promoted_trials(tmp_path):
     assert [r.info["resumed_from"] for r in study.results[9:]] == [1, 1, 1, 3]
     assert set(os.listdir(tmp_path / "c.jsonl.checkpoints")) == {f"config_{r.trial.config_id}"
                                                                   for r in study.results}
+
+
+# ---------------------------------------------------------------------------------------
+# plots and the numbers behind them
+# ---------------------------------------------------------------------------------------
+
+from accelops.hpo import plots  # noqa: E402
+
+
+def test_spearman_by_hand():
+    assert plots.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert plots.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks with ties: a -> 1, 2.5, 2.5, 4; b -> 1, 2, 3, 4: r = 4.5 / sqrt(4.5 * 5)
+    assert plots.spearman([0, 5, 5, 9], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert math.isnan(plots.spearman([1], [2])) and math.isnan(plots.spearman([1, 1], [1, 2]))
+
+
+def test_incumbent_trace_and_rank_correlations():
+    opt = hpo.Hyperband(small_space(), min_budget=1, max_budget=9, eta=3, n_brackets=2, seed=0)
+    study = hpo.Study(opt)
+    study.optimize(objectives.quadratic)
+    tr = plots.incumbent_trace(study)
+    assert len(tr["loss"]) == len(study.results)
+    assert tr["budget"][-1] == sum(r.budget for r in study.results)
+    assert np.all(np.diff(tr["time"]) >= 0)
+    assert tr["loss"][-1] == study.best().loss
+    corr = plots.rank_correlations(study)
+    assert set(corr) == {(1, 3), (1, 9), (3, 9)}
+    assert corr[(1, 3)][1] == 3 and corr[(3, 9)][1] == 1 + 1  # one from each bracket
+
+
+def test_plots_write_pngs_or_ask_for_matplotlib(tmp_path):
+    study = hpo.Study(hpo.Hyperband(small_space(), min_budget=1, max_budget=9, n_brackets=1, seed=0))
+    study.optimize(objectives.quadratic)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install matplotlib"):
+            plots.plot_best_loss(study, tmp_path / "best.png")
+        return
+    for fn in (plots.plot_best_loss, plots.plot_rank_correlation):
+        path = tmp_path / f"{fn.__name__}.png"
+        fn(study, path)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
