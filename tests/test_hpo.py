@@ -533,3 +533,25 @@ def test_bohb_runs_the_issue_example():
     assert run_sequential(hpo.BOHB(issue_space(), min_budget=9, max_budget=729, eta=3, seed=0), 300) == log
     with pytest.warns(UserWarning, match="min_points_in_model"):
         hpo.BOHB(issue_space(), min_budget=9, max_budget=729, min_points_in_model=2)
+
+
+def test_hpo_imports_only_stdlib_and_numpy():
+    """DESIGN.md: accelops.hpo stands alone (no torch, no accelops.nn/ops/models/train)."""
+    import ast
+    import pathlib
+    import sys as _sys
+
+    allowed = set(_sys.stdlib_module_names) | {"numpy", "matplotlib", "ray"}  # the last two lazily
+    pkg = pathlib.Path(hpo.__file__).parent
+    for path in pkg.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: inside accelops.hpo
+                    continue
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
