@@ -1,0 +1,290 @@
+"""BOHB: Hyperband whose new configurations come from a TPE-style pair of kernel density
+estimators, following HpBandSter's BOHB config generator and defaults, in vectorised numpy
+(no statsmodels, no scipy).
+
+Per budget b, the results seen at b (failures as +inf) are sorted; the best
+n_good = max(min_points_in_model, top_n_percent * n // 100) fit the "good" density l(x) and
+the next n_bad = max(min_points_in_model, (100 - top_n_percent) * n // 100) the "bad" one
+g(x), once n >= min_points_in_model and both sets have more rows than dimensions. A model
+is (re)fitted only at budgets no smaller than the largest budget that already has one, and
+new configurations always use the model of the largest budget.
+
+Proposal (``sample``): with probability ``random_fraction``, or while no model exists, a
+draw from the prior. Otherwise ``num_samples`` candidates are drawn around good points
+(truncated normal of bandwidth ``bandwidth_factor * bw`` on [0, 1] for continuous and
+integer parameters, the kernel itself for categorical and ordinal ones) and the one with
+the smallest g(x) / l(x) (each clipped at 1e-32) is returned.
+
+Densities are products of one kernel per parameter, as statsmodels' KDEMultivariate with
+var_type 'c' / 'u' / 'o':
+
+- continuous ('c'): Gaussian, bandwidth h: exp(-((x - x_i) / h)^2 / 2) / (sqrt(2 pi) h);
+- categorical ('u', Aitchison-Aitken): 1 - h when x == x_i, else h / (c - 1);
+- ordinal ('o', Wang-Ryzin): 1 - h when x == x_i, else (1 - h) / 2 * h^|x - x_i|.
+
+Bandwidths are the normal-reference rule 1.06 * std * n^(-1 / (4 + d)) per dimension
+(statsmodels' ``bw='normal_reference'``), clipped below at ``min_bandwidth``.
+Differences from HpBandSter, where its behaviour is undefined or degenerate: c is the
+parameter's number of values (statsmodels counts the values present in the data, which
+divides by zero when all good points agree, HpBandSter's "not finite" case); discrete
+bandwidths are also clipped above at (c - 1) / c, where the Aitchison-Aitken kernel is
+uniform (beyond it the kernel turns negative); discrete candidates are drawn from the same
+kernel that scores them (HpBandSter keeps the centre with probability 1 - h and otherwise
+draws uniformly from all c values); ordinal parameters are supported (HpBandSter refuses
+them). Inactive (conditional) entries are imputed as HpBandSter does: copied from a random
+row of the same set in which they are active, else drawn at random.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from .hyperband import Hyperband
+from .space import SearchSpace
+
+__all__ = ["BOHB", "KDE", "BOHBModel", "normal_reference_bandwidth"]
+
+CONT, CAT, ORD = 0, 1, 2
+_KIND = {"float": CONT, "int": CONT, "categorical": CAT, "ordinal": ORD}
+_LOG_FLOOR = math.log(1e-32)
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def normal_reference_bandwidth(data: np.ndarray) -> np.ndarray:
+    """Scott's / Silverman's rule as statsmodels applies it: 1.06 * std * n^(-1/(4+d))."""
+    n, d = data.shape
+    return 1.06 * data.std(axis=0) * n ** (-1.0 / (4 + d))
+
+
+class KDE:
+    """Product-kernel density estimate over mixed data (one row per observation).
+
+    ``kinds``: per dimension CONT (0), CAT (1) or ORD (2); ``levels``: number of values of
+    a discrete dimension (data hold its index 0..c-1); ``bw``: bandwidth per dimension.
+    """
+
+    def __init__(self, data, kinds, levels, bw):
+        self.data = np.asarray(data, dtype=np.float64)
+        if self.data.ndim != 2:
+            raise ValueError(f"KDE: data must be 2-D, got shape {self.data.shape}")
+        self.kinds = np.asarray(kinds, dtype=np.int64)
+        self.levels = np.asarray(levels, dtype=np.int64)
+        self.bw = np.asarray(bw, dtype=np.float64)
+        d = self.data.shape[1]
+        if not (self.kinds.shape == self.levels.shape == self.bw.shape == (d,)):
+            raise ValueError("KDE: kinds, levels and bw need one entry per data column")
+        if not np.all(self.bw > 0):
+            raise ValueError(f"KDE: bandwidths must be > 0, got {self.bw}")
+        self._cont = np.flatnonzero(self.kinds == CONT)
+        self._disc = np.flatnonzero(self.kinds != CONT)
+
+    @classmethod
+    def fit(cls, data, kinds, levels, min_bandwidth=1e-3) -> "KDE":
+        """Normal-reference bandwidths, clipped to [min_bandwidth, (c - 1) / c] for discrete ones."""
+        data = np.asarray(data, dtype=np.float64)
+        kinds = np.asarray(kinds, dtype=np.int64)
+        levels = np.asarray(levels, dtype=np.int64)
+        bw = np.maximum(normal_reference_bandwidth(data), min_bandwidth)
+        disc = kinds != CONT
+        upper = np.where(levels > 1, (levels - 1) / np.maximum(levels, 1), 1.0)
+        bw[disc] = np.clip(bw[disc], min_bandwidth, np.maximum(upper[disc], min_bandwidth))
+        return cls(data, kinds, levels, bw)
+
+    def log_kernels(self, x: np.ndarray) -> np.ndarray:
+        """log of the product kernel between every query row and every data row: [m, n]."""
+        x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+        m, n = x.shape[0], self.data.shape[0]
+        acc = np.zeros((m, n))
+        if self._cont.size:
+            h = self.bw[self._cont]
+            z = (x[:, None, self._cont] - self.data[None, :, self._cont]) / h
+            acc -= 0.5 * np.einsum("mnj,mnj->mn", z, z)
+            acc -= float(np.sum(np.log(h))) + self._cont.size * _LOG_SQRT_2PI
+        for j in self._disc:
+            h, c = self.bw[j], self.levels[j]
+            if c <= 1:
+                continue  # one value: the kernel is 1
+            diff = np.abs(x[:, j, None] - self.data[None, :, j])
+            same = diff == 0
+            if self.kinds[j] == CAT:
+                acc += np.where(same, math.log(1 - h), math.log(h / (c - 1)))
+            else:
+                acc += np.where(same, math.log(1 - h), math.log(0.5 * (1 - h)) + diff * math.log(h))
+        return acc
+
+    def logpdf(self, x) -> np.ndarray:
+        acc = self.log_kernels(x)
+        top = acc.max(axis=1, keepdims=True)
+        top = np.where(np.isfinite(top), top, 0.0)
+        return (top[:, 0] + np.log(np.exp(acc - top).sum(axis=1))) - math.log(self.data.shape[0])
+
+    def pdf(self, x) -> np.ndarray:
+        return np.exp(self.logpdf(x))
+
+
+def _truncated_normal(rng, mu, sigma):
+    """Draws of N(mu, sigma) truncated to [0, 1], by rejection (mu lies in [0, 1], so at
+    least about half of each draw is accepted)."""
+    x = rng.normal(mu, sigma)
+    for _ in range(64):
+        bad = (x < 0) | (x > 1)
+        if not bad.any():
+            break
+        x[bad] = rng.normal(np.broadcast_to(mu, x.shape)[bad], np.broadcast_to(sigma, x.shape)[bad])
+    return np.clip(x, 0.0, 1.0)
+
+
+class BOHBModel:
+    """The good/bad KDE pairs per budget and the proposal step (see the module doc)."""
+
+    def __init__(self, space: SearchSpace, rng: np.random.Generator, top_n_percent=15, num_samples=64,
+                 random_fraction=1 / 3, bandwidth_factor=3, min_bandwidth=1e-3, min_points_in_model=None):
+        d = len(space)
+        if not 0 < top_n_percent < 100:
+            raise ValueError(f"top_n_percent must be in (0, 100), got {top_n_percent!r}")
+        if not (isinstance(num_samples, int) and num_samples >= 1):
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        if not 0 <= random_fraction <= 1:
+            raise ValueError(f"random_fraction must be in [0, 1], got {random_fraction!r}")
+        if not (bandwidth_factor > 0 and min_bandwidth > 0):
+            raise ValueError("bandwidth_factor and min_bandwidth must be > 0")
+        if min_points_in_model is None:
+            min_points_in_model = d + 1
+        if min_points_in_model < d + 1:
+            warnings.warn(f"min_points_in_model={min_points_in_model} is below d + 1 = {d + 1} "
+                          f"(a KDE needs more points than dimensions); using {d + 1}", stacklevel=3)
+            min_points_in_model = d + 1
+        self.space, self.rng = space, rng
+        self.top_n_percent, self.num_samples = top_n_percent, num_samples
+        self.random_fraction, self.bandwidth_factor = random_fraction, bandwidth_factor
+        self.min_bandwidth, self.min_points_in_model = min_bandwidth, int(min_points_in_model)
+        self.kinds = np.array([_KIND[k] for k in space.kinds], dtype=np.int64)
+        self.levels = space.n_levels.copy()
+        self._disc = self.kinds != CONT
+        self.observations: dict = {}  # budget -> (list of vectors, list of losses)
+        self.models: dict = {}        # budget -> (good KDE, bad KDE)
+
+    # -- representation ------------------------------------------------------------------
+    def to_vector(self, config) -> np.ndarray:
+        """Unit-cube vector with discrete entries replaced by their index (NaN: inactive)."""
+        v = self.space.to_unit(config)
+        d = self._disc & ~np.isnan(v)
+        v[d] = np.minimum(np.floor(v[d] * self.levels[d]), self.levels[d] - 1)
+        return v
+
+    def from_vector(self, v) -> dict:
+        u = np.array(v, dtype=np.float64)
+        u[self._disc] = (u[self._disc] + 0.5) / self.levels[self._disc]
+        return self.space.from_unit(u)
+
+    @property
+    def model_budget(self):
+        """The budget whose model proposes configurations (None: no model yet)."""
+        return max(self.models) if self.models else None
+
+    # -- fitting -------------------------------------------------------------------------
+    def impute(self, array: np.ndarray) -> np.ndarray:
+        """Fill inactive (NaN) entries: for the first NaN column of a row, copy all of the
+        row's NaN entries from a random row where that column is active (HpBandSter's rule),
+        column by column so the rows are handled together."""
+        out = array.copy()
+        for j in range(out.shape[1]):
+            rows = np.flatnonzero(np.isnan(out[:, j]))
+            if rows.size == 0:
+                continue
+            valid = np.flatnonzero(~np.isnan(array[:, j]))
+            if valid.size:
+                donors = array[valid[self.rng.integers(0, valid.size, size=rows.size)]]
+                block = out[rows]
+                out[rows] = np.where(np.isnan(block), donors, block)
+            elif self.kinds[j] == CONT:
+                out[rows, j] = self.rng.random(rows.size)
+            else:
+                out[rows, j] = self.rng.integers(0, self.levels[j], size=rows.size)
+        return out
+
+    def observe(self, config, budget, loss: float) -> None:
+        vectors, losses = self.observations.setdefault(budget, ([], []))
+        vectors.append(self.to_vector(config))
+        losses.append(loss if math.isfinite(loss) else math.inf)
+        if self.models and max(self.models) > budget:
+            return  # a larger budget already has a model; this one would never be used
+        n = len(losses)
+        if n < self.min_points_in_model:
+            return
+        d = len(self.space)
+        n_good = max(self.min_points_in_model, (self.top_n_percent * n) // 100)
+        n_bad = max(self.min_points_in_model, ((100 - self.top_n_percent) * n) // 100)
+        order = np.argsort(np.asarray(losses), kind="stable")
+        data = np.asarray(vectors)
+        good = self.impute(data[order[:n_good]])
+        bad = self.impute(data[order[n_good:n_good + n_bad]])
+        if good.shape[0] <= d or bad.shape[0] <= d:
+            return
+        self.models[budget] = (KDE.fit(good, self.kinds, self.levels, self.min_bandwidth),
+                               KDE.fit(bad, self.kinds, self.levels, self.min_bandwidth))
+
+    # -- proposing -----------------------------------------------------------------------
+    def propose(self, good: KDE) -> np.ndarray:
+        """``num_samples`` candidate vectors drawn around random good points: [m, d]."""
+        rng, m = self.rng, self.num_samples
+        centres = good.data[rng.integers(0, good.data.shape[0], size=m)]
+        cand = centres.copy()
+        cont = good._cont
+        if cont.size:
+            sigma = self.bandwidth_factor * np.maximum(good.bw[cont], self.min_bandwidth)
+            cand[:, cont] = _truncated_normal(rng, centres[:, cont], sigma)
+        for j in good._disc:
+            c, h = int(self.levels[j]), float(good.bw[j])
+            if c <= 1:
+                continue
+            centre = centres[:, j].astype(np.int64)
+            if self.kinds[j] == CAT:
+                move = rng.random(m) < h
+                other = (centre + 1 + rng.integers(0, c - 1, size=m)) % c
+                cand[:, j] = np.where(move, other, centre)
+            else:
+                dist = np.abs(np.arange(c)[None, :] - centre[:, None])
+                p = np.where(dist == 0, 1 - h, 0.5 * (1 - h) * h ** dist)
+                cdf = np.cumsum(p / p.sum(axis=1, keepdims=True), axis=1)
+                cand[:, j] = np.minimum((cdf < rng.random(m)[:, None]).sum(axis=1), c - 1)
+        return cand
+
+    def sample(self) -> tuple[dict, dict]:
+        # Same short-circuit as HpBandSter: no random draw is spent while there is no model.
+        if not self.models or self.rng.random() < self.random_fraction:
+            return self.space.sample(self.rng), {"model_based": False}
+        budget = max(self.models)
+        good, bad = self.models[budget]
+        cand = self.propose(good)
+        score = np.maximum(bad.logpdf(cand), _LOG_FLOOR) - np.maximum(good.logpdf(cand), _LOG_FLOOR)
+        best = int(np.argmin(score))
+        return self.from_vector(cand[best]), {"model_based": True, "model_budget": budget}
+
+
+class BOHB(Hyperband):
+    """Hyperband's schedule with configurations proposed by BOHB's KDE model (HpBandSter's
+    algorithm and defaults; see the module doc). ``seed`` drives every random choice."""
+
+    def __init__(self, space: SearchSpace, min_budget, max_budget, eta=3, hpbandster_compat: bool = False,
+                 n_brackets: int | None = None, top_n_percent=15, num_samples=64, random_fraction=1 / 3,
+                 bandwidth_factor=3, min_bandwidth=1e-3, min_points_in_model=None, seed=None):
+        super().__init__(space, min_budget, max_budget, eta, hpbandster_compat, n_brackets, seed)
+        self.model = BOHBModel(space, self.rng, top_n_percent=top_n_percent, num_samples=num_samples,
+                               random_fraction=random_fraction, bandwidth_factor=bandwidth_factor,
+                               min_bandwidth=min_bandwidth, min_points_in_model=min_points_in_model)
+
+    def _kwargs(self):
+        m = self.model
+        return {**super()._kwargs(), "top_n_percent": m.top_n_percent, "num_samples": m.num_samples,
+                "random_fraction": m.random_fraction, "bandwidth_factor": m.bandwidth_factor,
+                "min_bandwidth": m.min_bandwidth, "min_points_in_model": m.min_points_in_model}
+
+    def _sample_config(self, budget):
+        return self.model.sample()
+
+    def _tell(self, trial, loss):
+        self.model.observe(trial.config, trial.budget, loss)
+        super()._tell(trial, loss)

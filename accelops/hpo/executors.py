@@ -1,0 +1,294 @@
+"""Where objectives run: in the study's process, in a pool of local worker processes, or
+on Ray.
+
+Every executor calls ``run_objective`` on a task dict and hands back outcome dicts
+``{"trial_id", "status": "ok"|"failed"|"timeout", "loss", "error", "duration", "info"}``.
+
+- ``InlineExecutor``: one trial at a time in the calling process. It cannot stop a running
+  trial: one that returns after ``timeout`` seconds is recorded as a timeout (its loss is
+  discarded).
+- ``ProcessExecutor``: ``n_workers`` long-lived worker processes started with the
+  'forkserver' method where the platform has it (else 'spawn'), never 'fork', so a study
+  whose objectives use threads or CUDA is safe. The objective is pickled to the workers:
+  it must be a module-level function or another picklable callable (no lambdas or
+  closures). A trial past its timeout has its worker killed (SIGKILL) and replaced; a
+  worker that dies (segfault, os._exit, out of memory) fails only its trial.
+- ``RayExecutor``: one Ray task per trial; Ray is imported only when asked for. A trial
+  past its timeout is cancelled with ``ray.cancel(force=True)``. Checkpoint directories
+  must then be on storage that every node sees.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import time
+import traceback
+
+__all__ = ["InlineExecutor", "ProcessExecutor", "RayExecutor", "run_objective", "accepts_checkpoint"]
+
+
+def accepts_checkpoint(objective) -> bool:
+    """True when ``objective`` takes a third argument (``checkpoint_dir``)."""
+    try:
+        sig = inspect.signature(objective)
+    except (TypeError, ValueError):
+        return False
+    params = list(sig.parameters.values())
+    if any(p.name == "checkpoint_dir" for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def _parse_result(out):
+    if isinstance(out, dict):
+        if "loss" not in out:
+            raise TypeError(f"the objective returned a dict without a 'loss' key: {sorted(out)}")
+        info = {k: v for k, v in out.items() if k != "loss"}
+        out = out["loss"]
+    else:
+        info = {}
+    if isinstance(out, bool) or not hasattr(out, "__float__"):
+        raise TypeError(f"the objective must return a number or a dict with 'loss', got {out!r}")
+    return float(out), info
+
+
+def run_objective(objective, task: dict) -> dict:
+    """Run one trial; exceptions and non-finite losses become failures with a message."""
+    start = time.perf_counter()
+    res = {"trial_id": task["trial_id"], "status": "ok", "loss": None, "error": None, "info": {}}
+    try:
+        if task.get("checkpoint_dir") is not None:
+            os.makedirs(task["checkpoint_dir"], exist_ok=True)
+            out = objective(task["config"], task["budget"], task["checkpoint_dir"])
+        else:
+            out = objective(task["config"], task["budget"])
+        loss, info = _parse_result(out)
+        res["info"] = info
+        if math.isfinite(loss):
+            res["loss"] = loss
+        else:
+            res["status"], res["error"] = "failed", f"the objective returned a non-finite loss ({loss})"
+    except Exception as e:  # noqa: BLE001 -- any failure of a trial is recorded, the study goes on
+        tb = traceback.format_exc(limit=-3)
+        res["status"], res["error"] = "failed", f"{type(e).__name__}: {e}\n{tb}"
+    res["duration"] = time.perf_counter() - start
+    return res
+
+
+def _timeout_result(task, timeout, duration, note=""):
+    return {"trial_id": task["trial_id"], "status": "timeout", "loss": None, "info": {},
+            "error": f"ran {duration:.3g} s, over timeout_per_trial={timeout:g} s{note}", "duration": duration}
+
+
+class InlineExecutor:
+    def __init__(self, objective, n_workers=1, timeout=None):
+        if n_workers != 1:
+            raise ValueError(f"executor='inline' runs one trial at a time; got n_workers={n_workers}")
+        self.objective, self.timeout, self.n_workers = objective, timeout, 1
+        self._task = None
+
+    @property
+    def n_running(self):
+        return int(self._task is not None)
+
+    def submit(self, task):
+        assert self._task is None
+        self._task = task
+
+    def wait(self):
+        task, self._task = self._task, None
+        res = run_objective(self.objective, task)
+        if self.timeout is not None and res["duration"] > self.timeout:
+            res = _timeout_result(task, self.timeout, res["duration"],
+                                  " (the inline executor cannot stop a trial; its result is discarded; "
+                                  "executor='process' kills it at the deadline)")
+        return [res]
+
+    def shutdown(self):
+        pass
+
+
+def _worker_main(conn, objective):
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        conn.send(run_objective(objective, task))
+
+
+def _context():
+    methods = mp.get_all_start_methods()
+    if "forkserver" in methods:
+        ctx = mp.get_context("forkserver")
+        # Workers are forked from a server that already imported this module (and numpy).
+        ctx.set_forkserver_preload([__name__])
+        return ctx
+    return mp.get_context("spawn")
+
+
+class _Worker:
+    def __init__(self, ctx, objective):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, objective), daemon=True)
+        try:
+            self.proc.start()
+        except Exception as e:
+            self.conn.close()
+            raise TypeError("executor='process' pickles the objective to its workers: it must be a "
+                            "module-level function or another picklable callable, not a lambda or a "
+                            f"closure ({type(e).__name__}: {e})") from e
+        finally:
+            child.close()
+        self.task = None
+        self.deadline = None
+        self.started = None
+
+    def kill(self):
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join()
+        self.conn.close()
+
+
+class ProcessExecutor:
+    def __init__(self, objective, n_workers=2, timeout=None):
+        if n_workers < 1:
+            raise ValueError(f"n_workers must be >= 1, got {n_workers}")
+        self.objective, self.n_workers, self.timeout = objective, n_workers, timeout
+        self._ctx = _context()
+        self._workers: list[_Worker] = []
+
+    @property
+    def n_running(self):
+        return sum(w.task is not None for w in self._workers)
+
+    def submit(self, task):
+        idle = [w for w in self._workers if w.task is None]
+        if idle:
+            w = idle[0]
+        else:
+            assert len(self._workers) < self.n_workers
+            w = _Worker(self._ctx, self.objective)
+            self._workers.append(w)
+        w.task, w.started = task, time.monotonic()
+        w.deadline = None if self.timeout is None else w.started + self.timeout
+        w.conn.send(task)
+
+    def _retire(self, w):
+        w.kill()
+        self._workers.remove(w)
+
+    def wait(self):
+        busy = [w for w in self._workers if w.task is not None]
+        deadlines = [w.deadline for w in busy if w.deadline is not None]
+        wait_for = None if not deadlines else max(0.0, min(deadlines) - time.monotonic())
+        handles = {}
+        for w in busy:
+            handles[w.conn] = w
+            handles[w.proc.sentinel] = w
+        ready = mp.connection.wait(list(handles), timeout=wait_for)
+        out, done = [], set()
+        for h in ready:
+            w = handles[h]
+            if id(w) in done:
+                continue
+            done.add(id(w))
+            try:
+                if not w.conn.poll():
+                    raise EOFError
+                res = w.conn.recv()
+            except (EOFError, OSError):
+                task = w.task
+                w.proc.join(1)
+                out.append({"trial_id": task["trial_id"], "status": "failed", "loss": None, "info": {},
+                            "duration": time.monotonic() - w.started,
+                            "error": f"the worker process died (exit code {w.proc.exitcode})"})
+                self._retire(w)
+                continue
+            w.task = None
+            out.append(res)
+        now = time.monotonic()
+        for w in list(self._workers):
+            if w.task is not None and id(w) not in done and w.deadline is not None and now >= w.deadline:
+                out.append(_timeout_result(w.task, self.timeout, now - w.started, " (worker killed)"))
+                self._retire(w)
+        return out
+
+    def shutdown(self):
+        for w in self._workers:
+            if w.task is None and w.proc.is_alive():
+                try:
+                    w.conn.send(None)
+                except OSError:
+                    pass
+        for w in self._workers:
+            if w.task is None:
+                w.proc.join(5)
+            w.kill()
+        self._workers = []
+
+
+def _ray_task(objective, task):
+    return run_objective(objective, task)
+
+
+class RayExecutor:
+    def __init__(self, objective, n_workers=2, timeout=None):
+        try:
+            import ray
+        except ImportError:
+            raise ImportError("executor='ray' needs Ray, which is not installed: pip install 'ray[default]' "
+                              "(or use executor='process' on one machine)") from None
+        self._ray = ray
+        if not ray.is_initialized():
+            ray.init()  # joins the cluster at RAY_ADDRESS when it is set
+        self.n_workers, self.timeout = n_workers, timeout
+        self._remote = ray.remote(_ray_task)
+        self._objective = ray.put(objective)
+        self._running = {}  # ObjectRef -> (task, started)
+
+    @property
+    def n_running(self):
+        return len(self._running)
+
+    def submit(self, task):
+        self._running[self._remote.remote(self._objective, task)] = (task, time.monotonic())
+
+    def wait(self):
+        ray = self._ray
+        wait_for = None
+        if self.timeout is not None:
+            first = min(started for _, started in self._running.values())
+            wait_for = max(0.0, first + self.timeout - time.monotonic())
+        ready, _ = ray.wait(list(self._running), num_returns=1, timeout=wait_for)
+        out = []
+        for ref in ready:
+            task, started = self._running.pop(ref)
+            try:
+                out.append(ray.get(ref))
+            except Exception as e:  # noqa: BLE001 -- a lost worker fails its trial only
+                out.append({"trial_id": task["trial_id"], "status": "failed", "loss": None, "info": {},
+                            "duration": time.monotonic() - started, "error": f"{type(e).__name__}: {e}"})
+        now = time.monotonic()
+        if self.timeout is not None:
+            for ref, (task, started) in list(self._running.items()):
+                if now - started >= self.timeout:
+                    ray.cancel(ref, force=True)
+                    del self._running[ref]
+                    out.append(_timeout_result(task, self.timeout, now - started, " (Ray task cancelled)"))
+        return out
+
+    def shutdown(self):
+        for ref in self._running:
+            self._ray.cancel(ref, force=True)
+        self._running = {}
+
+
+EXECUTORS = {"inline": InlineExecutor, "process": ProcessExecutor, "ray": RayExecutor}

@@ -1,0 +1,258 @@
+"""Study: runs an ask/tell optimiser against an objective, journals every step, resumes.
+
+    study = hpo.Study(opt, journal="runs/study.jsonl")
+    best = study.optimize(objective, n_workers=2, max_budget_total=50_000)
+    study = hpo.Study.resume("runs/study.jsonl")        # after a crash; then optimize again
+
+``objective(config, budget)`` -> loss (or a dict with "loss"; other keys are kept as the
+trial's ``info``); ``objective(config, budget, checkpoint_dir)`` also gets a directory per
+configuration, the same for every rung it is promoted to, so training can continue from
+its checkpoint instead of starting over. Exceptions, NaN/inf losses and timeouts are
+failures: recorded with their message, told to the optimiser as the worst loss, and the
+study goes on.
+
+Resume replays the journal through a fresh optimiser (rebuilt from the journal's header,
+or the one given, which must match it): every ask is repeated and checked against the
+recorded trial, every result is told again in the recorded order, so the optimiser ends in
+exactly the state it had. Trials that were asked but have no result (they were running at
+the crash) are run first by the next ``optimize``. With one worker the trial sequence is
+then identical to an uninterrupted run with the same seed, as it is for a plain ask/tell
+loop. The limits of ``optimize`` (``n_trials``, ``max_budget_total``) count the whole
+study, journal included, so calling it again with the same arguments finishes the run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+
+from .executors import EXECUTORS, accepts_checkpoint
+from .journal import VERSION, JournalWriter, read_journal, to_json
+from .optimizers import Optimizer, Trial
+
+__all__ = ["Study", "TrialResult"]
+
+
+@dataclasses.dataclass
+class TrialResult:
+    """A finished trial: ``loss`` is None unless ``status == "ok"``."""
+
+    trial: Trial
+    status: str  # "ok" | "failed" | "timeout"
+    loss: float | None
+    error: str | None = None
+    duration: float = 0.0
+    info: dict = dataclasses.field(default_factory=dict)
+    started: float = 0.0   # wall-clock (time.time()) when the trial was asked
+    finished: float = 0.0  # wall-clock when its result was recorded
+
+    @property
+    def config(self):
+        return self.trial.config
+
+    @property
+    def budget(self):
+        return self.trial.budget
+
+    @property
+    def ok(self):
+        return self.status == "ok"
+
+
+def _normalise(obj):
+    return json.loads(json.dumps(to_json(obj)))
+
+
+class Study:
+    """Runs ``optimizer`` and records every trial to ``journal`` (optional JSON-lines path,
+    which must not exist yet: continue an existing one with ``Study.resume``)."""
+
+    def __init__(self, optimizer: Optimizer, journal=None, checkpoint_dir=None):
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a hpo optimiser (BOHB, Hyperband, ...), got {optimizer!r}")
+        self.optimizer = optimizer
+        self.journal_path = None if journal is None else os.fspath(journal)
+        self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        self.results: list[TrialResult] = []
+        self.started: dict[int, float] = {}  # trial id -> wall-clock start
+        self.budget_started = 0.0
+        self.n_started = 0
+        self.created = time.time()
+        self._requeue: list[Trial] = []
+        self._writer = None
+        if self.journal_path is not None:
+            if os.path.exists(self.journal_path) and os.path.getsize(self.journal_path) > 0:
+                raise FileExistsError(f"journal {self.journal_path!r} already exists: continue it with "
+                                      "hpo.Study.resume(journal) or choose another path")
+            if os.path.exists(self.journal_path):
+                os.remove(self.journal_path)
+            self._writer = JournalWriter(self.journal_path)
+            self._write({"type": "study", "version": VERSION, "optimizer": optimizer.spec(),
+                         "time": self.created})
+
+    # -- journal -------------------------------------------------------------------------
+    def _write(self, record):
+        if self._writer is not None:
+            self._writer.write(record)
+
+    @classmethod
+    def resume(cls, journal, optimizer: Optimizer | None = None, checkpoint_dir=None) -> "Study":
+        """Rebuild a study from its journal (see the module doc). A torn last line is ignored
+        with a warning; any other damage is a ValueError."""
+        path = os.fspath(journal)
+        records, keep = read_journal(path)
+        if not records or records[0].get("type") != "study":
+            raise ValueError(f"{path}: not a study journal (no header line)")
+        header = records[0]
+        if header.get("version") != VERSION:
+            raise ValueError(f"{path}: journal version {header.get('version')!r}, this accelops reads {VERSION}")
+        if optimizer is None:
+            optimizer = Optimizer.from_spec(header["optimizer"])
+        elif _normalise(optimizer.spec()) != _normalise(header["optimizer"]):
+            raise ValueError(f"{path}: the optimiser given does not match the journal's "
+                             f"({header['optimizer']['class']} with seed {header['optimizer']['seed']} "
+                             f"and kwargs {header['optimizer']['kwargs']}); pass optimizer=None to rebuild it")
+        self = cls.__new__(cls)
+        self.optimizer = optimizer
+        self.journal_path = path
+        self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        self.results, self.started = [], {}
+        self.budget_started, self.n_started = 0.0, 0
+        self.created = header.get("time", time.time())
+        self._requeue, self._writer = [], None
+        for i, rec in enumerate(records[1:], start=2):
+            kind = rec.get("type")
+            if kind == "ask":
+                trial = optimizer.ask()
+                if trial is None or _normalise(trial.to_json()) != _normalise(rec["trial"]):
+                    raise ValueError(f"{path}: line {i}: the optimiser asks for {trial!r} where the journal "
+                                     f"has {rec['trial']!r}; the journal was written by a different optimiser "
+                                     "or version")
+                self._started(trial, rec.get("time", 0.0))
+            elif kind == "result":
+                self._finish(rec, write=False)
+            else:
+                raise ValueError(f"{path}: line {i}: unknown record type {kind!r}")
+        self._requeue = sorted(optimizer.running.values(), key=lambda t: t.id)
+        self._writer = JournalWriter(path, keep=keep)
+        return self
+
+    def _started(self, trial, when):
+        self.started[trial.id] = when
+        self.budget_started += trial.budget
+        self.n_started += 1
+
+    def _finish(self, rec, write=True):
+        tid = rec["trial_id"]
+        trial = self.optimizer.trials[tid]
+        status = rec["status"]
+        loss = rec["loss"] if status == "ok" else None
+        self.optimizer.tell(trial, math.inf if loss is None else loss)
+        now = rec.get("time", time.time())
+        res = TrialResult(trial=trial, status=status, loss=loss, error=rec.get("error"),
+                          duration=rec.get("duration", 0.0), info=rec.get("info") or {},
+                          started=self.started.get(tid, now), finished=now)
+        self.results.append(res)
+        if write:
+            self._write({"type": "result", "trial_id": tid, "status": status, "loss": loss, "error": res.error,
+                         "duration": res.duration, "info": res.info, "time": now})
+        return res
+
+    # -- running -------------------------------------------------------------------------
+    def _next(self, max_budget_total, n_trials) -> Trial | None:
+        if self._requeue:
+            return self._requeue.pop(0)
+        if n_trials is not None and self.n_started >= n_trials:
+            return None
+        if max_budget_total is not None and self.budget_started >= max_budget_total:
+            return None
+        trial = self.optimizer.ask()
+        if trial is not None:
+            now = time.time()
+            self._write({"type": "ask", "trial": trial.to_json(), "time": now})
+            self._started(trial, now)
+        return trial
+
+    def _checkpoint_root(self):
+        if self.checkpoint_dir is None:
+            if self.journal_path is not None:
+                self.checkpoint_dir = self.journal_path + ".checkpoints"
+            else:
+                self.checkpoint_dir = tempfile.mkdtemp(prefix="accelops-hpo-")
+        return self.checkpoint_dir
+
+    def optimize(self, objective, n_workers: int = 1, max_budget_total=None, n_trials: int | None = None,
+                 timeout_per_trial: float | None = None, executor: str = "auto") -> TrialResult | None:
+        """Run trials until the optimiser has nothing left, ``n_trials`` trials were started
+        or the budget of the started trials reaches ``max_budget_total`` (both counted over
+        the whole study), then wait for the running ones. ``executor``: "auto" (in-process
+        for one worker, else "process"), "inline", "process" or "ray". Returns ``best()``."""
+        if not callable(objective):
+            raise TypeError(f"objective must be callable, got {objective!r}")
+        if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
+            raise ValueError(f"n_workers must be a positive int, got {n_workers!r}")
+        if timeout_per_trial is not None and not timeout_per_trial > 0:
+            raise ValueError(f"timeout_per_trial must be > 0 seconds, got {timeout_per_trial!r}")
+        if max_budget_total is None and n_trials is None and _endless(self.optimizer):
+            raise ValueError(f"{type(self.optimizer).__name__} never runs out of trials: give n_trials or "
+                             "max_budget_total")
+        if executor == "auto":
+            executor = "inline" if n_workers == 1 else "process"
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be 'auto', 'inline', 'process' or 'ray', got {executor!r}")
+        ckpt = accepts_checkpoint(objective)
+        ex = EXECUTORS[executor](objective, n_workers, timeout_per_trial)
+        try:
+            while True:
+                while ex.n_running < n_workers:
+                    trial = self._next(max_budget_total, n_trials)
+                    if trial is None:
+                        break
+                    task = {"trial_id": trial.id, "config": trial.config, "budget": trial.budget,
+                            "checkpoint_dir": (os.path.join(self._checkpoint_root(), f"config_{trial.config_id}")
+                                               if ckpt else None)}
+                    ex.submit(task)
+                if ex.n_running == 0:
+                    break
+                for res in ex.wait():
+                    self._finish({**res, "time": time.time()})
+        finally:
+            ex.shutdown()
+            # what was still running is re-queued by the next optimize (or a resume)
+            self._requeue = sorted(self.optimizer.running.values(), key=lambda t: t.id)
+        return self.best()
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()
+
+    # -- results -------------------------------------------------------------------------
+    def best(self) -> TrialResult | None:
+        """The lowest loss among successful trials at the largest budget that has one."""
+        ok = [r for r in self.results if r.ok]
+        if not ok:
+            return None
+        top = max(r.budget for r in ok)
+        return min((r for r in ok if r.budget == top), key=lambda r: r.loss)
+
+    @property
+    def failures(self) -> list[TrialResult]:
+        return [r for r in self.results if not r.ok]
+
+    def __repr__(self):
+        best = self.best()
+        return (f"Study({type(self.optimizer).__name__}, {len(self.results)} results, "
+                f"best={None if best is None else best.loss})")
+
+
+def _endless(opt) -> bool:
+    from .optimizers import GridSearch
+    from .hyperband import Hyperband
+    if isinstance(opt, GridSearch):
+        return False
+    if isinstance(opt, Hyperband):
+        return opt.n_brackets is None
+    return True

@@ -1,0 +1,71 @@
+"""Objectives for tests/test_hpo_study.py, in their own light module so that worker
+processes (which unpickle them by module name) import little."""
+import json
+import math
+import os
+import signal
+import time
+
+
+def quadratic(config, budget):
+    """Smooth in x (and layers), noisier at small budgets, deterministic."""
+    x = config["x"]
+    noise = 0.3 * math.sin(37.0 * x + config["k"] * 1.3) / budget
+    return (x - 0.3) ** 2 + 0.05 * config["k"] + noise
+
+
+def with_failures(config, budget):
+    if config["k"] == 3:
+        raise RuntimeError(f"k=3 does not train (x={config['x']:.3f})")
+    if config["x"] > 0.8:
+        return float("nan")
+    if config["x"] < 0.1:
+        return {"accuracy": 0.5}  # no "loss" key
+    return {"loss": quadratic(config, budget), "pid": os.getpid()}
+
+
+def sleepy(config, budget):
+    time.sleep(0.05)
+    return {"loss": quadratic(config, budget), "pid": os.getpid()}
+
+
+def misbehaving(config, budget):
+    """For the process pool: x < 0.2 hangs, 0.2 <= x < 0.3 kills its own worker."""
+    if config["x"] < 0.2:
+        time.sleep(60)
+    if config["x"] < 0.3:
+        os._exit(3)
+    return quadratic(config, budget)
+
+
+def slow(config, budget):
+    time.sleep(0.25)
+    return quadratic(config, budget)
+
+
+class KillAt:
+    """Runs ``quadratic`` and SIGKILLs its own process at the n-th call (inline executor)."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def __call__(self, config, budget):
+        self.calls += 1
+        if self.calls == self.n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return quadratic(config, budget)
+
+
+def resumable(config, budget, checkpoint_dir):
+    """Trains 'budget' steps, continuing from the checkpoint of a lower rung if any;
+    reports the steps it actually ran as 'work'."""
+    path = os.path.join(checkpoint_dir, "state.json")
+    done = 0
+    if os.path.exists(path):
+        with open(path) as f:
+            done = json.load(f)["steps"]
+    work = budget - done
+    assert work >= 0, (done, budget)
+    with open(path, "w") as f:
+        json.dump({"steps": budget}, f)
+    return {"loss": quadratic(config, budget), "work": work, "resumed_from": done}
