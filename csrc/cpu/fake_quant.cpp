@@ -201,6 +201,12 @@ __attribute__((target("avx2,fma"))) void lsq_backward_avx2(const float* x, const
 // 14 ms with huge pages). torch offers the same for all its allocations behind
 // THP_MEM_ALLOC_ENABLE=1. Advice only: without THP nothing changes. Declared in ops.h:
 // the comm family's buffers are just as memory-bound.
+#ifdef MADV_POPULATE_WRITE
+constexpr int kMadvPopulateWrite = MADV_POPULATE_WRITE;
+#else
+constexpr int kMadvPopulateWrite = 23;  // Linux's value; older libc headers lack the name
+#endif
+
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
@@ -211,6 +217,12 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 #ifdef MADV_HUGEPAGE
     if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 #endif
+    // Fault the whole output in with one call, before any thread writes it: demand faults
+    // taken by two threads at once serialise on the address-space lock and measured
+    // 9-37 ms for a 32 MiB output here, one populate call 6 ms. Fails harmlessly
+    // (EINVAL) on kernels before 5.14, which then fault on first touch as before.
+    const uintptr_t first_page = p & ~uintptr_t(4095);
+    madvise(reinterpret_cast<void*>(first_page), p + bytes - first_page, kMadvPopulateWrite);
   }
   return t;
 }
