@@ -334,6 +334,8 @@ def _ddp_worker(rank, world, port, result_dir):
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from accelops.distributed import BucketedAllReducer
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -361,14 +363,30 @@ def _ddp_worker(rank, world, port, result_dir):
             errors.append(f"reduced {sum(reduced)} elements, the model has {unique} unique")
         for (n, p), p_ref in zip(model.named_parameters(), reference.parameters()):
             if not torch.allclose(p.grad, p_ref.grad, rtol=1e-5, atol=1e-7):
-                errors.append(f"{n}: max diff {(p.grad - p_ref.grad).abs().max().item()}")
+                errors.append(f"DDP {n}: max diff {(p.grad - p_ref.grad).abs().max().item()}")
+
+        # accelops' own reducer on the same shared model: each shared tensor in one bucket
+        # slot (hooked once however many blocks use it), gradients the same as DDP's.
+        torch.manual_seed(0)
+        model = TransformerLM(cfg())
+        share_parameters(model, "alternate", tie_embeddings=True)
+        reducer = BucketedAllReducer(model, bucket_cap_mb=0.05, first_bucket_mb=0.01)
+        _, loss = model(*data[rank])
+        loss.backward()
+        reducer.finish()
+        if sum(reducer.bucket_sizes) != unique:
+            errors.append(f"reducer buckets hold {sum(reducer.bucket_sizes)} elements, the model has {unique} unique")
+        for (n, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+            if not torch.allclose(p.grad, p_ref.grad, rtol=1e-5, atol=1e-7):
+                errors.append(f"reducer {n}: max diff {(p.grad - p_ref.grad).abs().max().item()}")
+        reducer.remove()
         with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
             f.write("\n".join(errors) if errors else "ok")
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_reduces_shared_parameters_once_with_correct_grads():
+def test_ddp_and_reducer_reduce_shared_parameters_once_with_correct_grads():
     with tempfile.TemporaryDirectory() as d:
         run_forked_ranks(_ddp_worker, d)
         for r in range(2):
