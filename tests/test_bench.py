@@ -12,6 +12,7 @@ METHODS = {"ternary", "int8", "fp32", "bf16", "int_mm", "ref_ternary_compiled", 
            "torchao", "torchao_compiled"}
 COMM_OPS = {"bucket_flatten", "bucket_unflatten_", "cast_div", "topk_compress_", "topk_decompress", "sign_compress_",
             "sign_decompress", "int8_compress_", "int8_decompress", "orthogonalize_"}
+LM_VARIANTS = ["fp32", "int8 post-training", "bitlinear", "qat-int8", "qat-int8, deployed int8", "alternate sharing"]
 
 
 def test_quick_bench_appends_rows_with_metadata(tmp_path):
@@ -77,3 +78,20 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
         assert r["check"]["ok"] and r["speedup_vs_reference"] > 0
     assert "Targets:" in (tmp_path / "comm_summary_quick.md").read_text()
     assert "accelops int8_linear" in proc.stdout
+
+    # The lm family: every variant trained (or derived) and evaluated on the shared corpus,
+    # or one row saying why not when ../shared is not beside the repository.
+    lm = [json.loads(line) for line in (tmp_path / "lm_quick.jsonl").read_text().splitlines()]
+    lm_summary = (tmp_path / "lm_summary_quick.md").read_text()
+    if (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").is_file():
+        assert [r["variant"] for r in lm] == LM_VARIANTS
+        for r in lm:
+            assert r["status"] == "ok" and r["quick"] is True and r["threads"] == 1
+            assert 0 < r["val_loss"] < 10 and abs(r["val_bpc"] * 0.6931471805599453 - r["val_loss"]) < 1e-9
+            assert r["eval_tokens_per_s"] > 0 and r["unique_parameters"] <= r["parameters"]
+        by = {r["variant"]: r for r in lm}
+        assert by["alternate sharing"]["block_params_vs_fp32"] == 0.5
+        assert by["bitlinear"]["deployed_bytes"] < by["int8 post-training"]["deployed_bytes"] < by["fp32"]["deployed_bytes"]
+        assert "bits/char" in lm_summary
+    else:
+        assert [r["status"] for r in lm] == ["skipped"] and "skipped" in lm_summary
