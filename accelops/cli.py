@@ -13,6 +13,7 @@ def main(argv=None) -> int:
 
     add_arguments(sub.add_parser("train", help="train a character-level TransformerLM / RNNLM from a config file "
                                                "(under torchrun: data-parallel)"))
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command == "info":
         from . import info
@@ -21,7 +22,7 @@ def main(argv=None) -> int:
     elif args.command == "train":
         from .train.run import run_args
 
-        return run_args(args)
+        return run_args(args, argv[argv.index("train") + 1:])
     return 0
 
 

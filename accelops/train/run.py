@@ -235,10 +235,12 @@ def run(config: dict) -> dict:
         result = trainer.fit()
     finally:
         trainer.close()
-    if trainer.is_main:
-        val = result["val_loss"]
-        extra = "" if val is None else f", val loss {val:.4f} ({val / math.log(2):.4f} bits/char)"
-        print(f"accelops train: step {result['step']}, train loss {result['loss']}{extra}", file=sys.stderr)
+    # Every rank reports (the losses are means over ranks, so the lines agree): a multi-node
+    # run shows on each node that it trained the same model as the others.
+    val = result["val_loss"]
+    extra = "" if val is None else f", val loss {val:.4f} ({val / math.log(2):.4f} bits/char)"
+    where = f" [rank {trainer.rank}/{trainer.world_size}]" if trainer.world_size > 1 else ""
+    print(f"accelops train{where}: step {result['step']}, train loss {result['loss']}{extra}", file=sys.stderr)
     return result
 
 
@@ -248,10 +250,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
     parser.add_argument("--no-resume", action="store_true",
                         help="do not resume from checkpoint_dir (it must then hold no checkpoints)")
+    from .launch import add_arguments as add_launch_arguments
+
+    add_launch_arguments(parser)
     return parser
 
 
-def run_args(args) -> int:
+def run_args(args, argv=None) -> int:
+    """argv: the command line args were parsed from (needed to start workers when launch
+    flags ask for several processes)."""
+    from . import launch
+
+    try:
+        relaunch = launch.wanted(args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if relaunch:
+        if argv is None:
+            raise ConfigError("launch flags (--nnodes / --nproc-per-node) need the command line: call "
+                              "run_args(args, argv)")
+        return launch.relaunch(args, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = apply_overrides(load_config(args.config), args.overrides)
     if args.no_resume:
@@ -263,4 +281,5 @@ def run_args(args) -> int:
 def main(argv=None) -> int:
     parser = add_arguments(argparse.ArgumentParser(prog="accelops train",
                                                    description="train a character-level language model"))
-    return run_args(parser.parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_args(parser.parse_args(argv), argv)
