@@ -95,3 +95,24 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
         assert "bits/char" in lm_summary
     else:
         assert [r["status"] for r in lm] == ["skipped"] and "skipped" in lm_summary
+
+    # The hpo family: every optimiser on every problem at equal budget (peers skipped, with the
+    # reason, where they are not installed), and the time BOHB takes to choose a configuration.
+    hpo = [json.loads(line) for line in (tmp_path / "hpo_quick.jsonl").read_text().splitlines()]
+    regret = [r for r in hpo if r.get("kind") == "regret"]
+    assert {r["problem"] for r in regret} == {"branin", "hartmann6", "digits_mlp"}
+    assert {r["optimizer"] for r in regret} == {"random", "hyperband", "bohb", "hpbandster_bohb", "optuna_tpe_hb"}
+    assert len({r["run_id"] for r in hpo}) == 1 and all(r["quick"] is True for r in hpo)
+    for r in regret:
+        if r["accelops"]:
+            assert r["status"] == "ok", r.get("reason")
+            assert len(r["final_regret"]) == 2 and min(r["final_regret"]) >= 0
+            assert r["budget_spent_mean"] <= r["total_budget"]
+            assert len(r["curve"]["median"]) == len(r["curve"]["budget"])
+        else:
+            assert r["status"] == "ok" or (r["status"] == "skipped" and "not importable" in r["reason"]), r
+    ask = [r for r in hpo if r.get("kind") == "ask_time" and r["optimizer"] == "bohb"]
+    assert ask and all(r["status"] == "ok" and r["observations"] == 100 for r in ask)
+    assert all(0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] for r in ask)
+    assert "Targets:" in (tmp_path / "hpo_summary_quick.md").read_text()
+    assert (tmp_path / "hpo_regret_quick.png").is_file()
