@@ -1,11 +1,12 @@
 """Training: Trainer (one process or torchrun/DDP, accumulation, autocast, accelops gradient
 compression, atomic checksummed checkpoints that resume exactly), character-level text
-data, TrainObjective (the trainer as an accelops.hpo objective), and the `accelops train CONFIG` / `torchrun -m accelops.train CONFIG` entry point."""
+data, TrainObjective (the trainer as an accelops.hpo objective), ray_fit (Ray Train workers), and the `accelops train CONFIG` / `torchrun -m accelops.train CONFIG` entry point."""
 from .checkpoint import (CheckpointError, CheckpointWarning, latest_checkpoint, list_checkpoints, load_checkpoint,
                          save_checkpoint)
 from .data import CharVocab, TokenWindows, load_char_corpus
 from .trainer import PRECISIONS, Trainer
+from .ray_train import ray_fit
 from .tuning import TrainObjective
 
-__all__ = ["Trainer", "TrainObjective", "PRECISIONS", "CharVocab", "TokenWindows", "load_char_corpus", "CheckpointError",
+__all__ = ["Trainer", "TrainObjective", "ray_fit", "PRECISIONS", "CharVocab", "TokenWindows", "load_char_corpus", "CheckpointError",
            "CheckpointWarning", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints"]

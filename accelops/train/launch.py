@@ -25,11 +25,16 @@ __all__ = ["add_arguments", "wanted", "child_argv", "torchrun_argv", "relaunch",
 
 # flag -> takes a value; stripped from the command line the workers get.
 _FLAGS = {"--nnodes": True, "--nproc-per-node": True, "--rdzv-endpoint": True, "--rdzv-id": True,
-          "--rdzv-conf": True, "--max-restarts": True, "--local-addr": True}
+          "--rdzv-conf": True, "--max-restarts": True, "--local-addr": True, "--launcher": True,
+          "--num-workers": True}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("launch (torchrun's elastic agent; leave out to run in this process)")
+    group = parser.add_argument_group("launch (torchrun's elastic agent or Ray Train; leave out to run in this "
+                                      "process)")
+    group.add_argument("--launcher", choices=("torchrun", "ray"), default="torchrun",
+                       help="ray: run the trainer in Ray Train workers (pip install 'accelops[ray]')")
+    group.add_argument("--num-workers", type=int, default=2, metavar="N", help="Ray Train workers (--launcher ray)")
     group.add_argument("--nnodes", default=None, metavar="N|MIN:MAX",
                        help="number of nodes (each runs this same command); needs --rdzv-endpoint when > 1")
     group.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
@@ -57,6 +62,8 @@ def _max_nodes(nnodes) -> int:
 def wanted(args) -> bool:
     """True when the command asks for more than this one process and we are not already a
     worker that torchrun started (then the flags were meant for the agent, which ran)."""
+    if getattr(args, "launcher", "torchrun") == "ray":
+        return False
     if os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("WORLD_SIZE"):
         return False
     nproc = getattr(args, "nproc_per_node", None)

@@ -244,6 +244,24 @@ def run(config: dict) -> dict:
     return result
 
 
+def _run_ray(args) -> int:
+    from .ray_train import ray_fit, require_ray
+
+    if args.nnodes is not None or args.nproc_per_node is not None:
+        raise ConfigError("--launcher ray places its workers itself: use --num-workers, not --nnodes / "
+                          "--nproc-per-node")
+    if args.num_workers < 1:
+        raise ConfigError(f"--num-workers must be >= 1, got {args.num_workers}")
+    require_ray()  # the message naming the extra, before the config is read
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    config = apply_overrides(load_config(args.config), args.overrides)
+    result = ray_fit(config, args.num_workers)
+    m = result.metrics or {}
+    print(f"accelops train [ray, {args.num_workers} workers]: step {m.get('step')}, train loss {m.get('loss')}, "
+          f"val loss {m.get('val_loss')}; checkpoint {result.checkpoint}", file=sys.stderr)
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("config", help="a JSON or TOML file (see accelops/train/run.py)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -265,6 +283,8 @@ def run_args(args, argv=None) -> int:
         relaunch = launch.wanted(args)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if getattr(args, "launcher", "torchrun") == "ray":
+        return _run_ray(args)
     if relaunch:
         if argv is None:
             raise ConfigError("launch flags (--nnodes / --nproc-per-node) need the command line: call "
