@@ -1,5 +1,6 @@
-"""Trainer: one process or torchrun (DDP), gradient accumulation with no_sync, autocast
-(GradScaler for fp16), accelops compression hooks, and checkpoints that resume exactly."""
+"""Trainer: one process or torchrun (DDP, or the FSDP / ZeRO-1 / pipeline strategies of
+accelops.train.strategies), gradient accumulation with no_sync, autocast (GradScaler for
+fp16), accelops compression hooks, and checkpoints that resume exactly."""
 from __future__ import annotations
 
 import contextlib
@@ -18,6 +19,7 @@ from torch.utils.data import DistributedSampler, default_collate
 
 from .checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                          prune_checkpoints, save_checkpoint)
+from .strategies import make_strategy
 
 try:
     import numpy as np
@@ -187,6 +189,15 @@ class Trainer:
     loss_fn: (model, batch) -> scalar loss; default model(*batch) giving loss or
         (logits, loss).
     metadata: anything torch.save-able stored in every checkpoint (e.g. the config).
+    strategy: "ddp" (default), "fsdp" (FSDP2 per block, sharded DCP checkpoints that load on
+        another world size), "zero1" (ZeroRedundancyOptimizer over DDP) or "pipeline" (one
+        stage per rank, cut at block boundaries); see accelops.train.strategies. With one
+        process every strategy trains as a plain single process. pipeline_schedule ("gpipe" |
+        "1f1b"), n_microbatches (default accumulate_grad_batches) and pipeline_split (the
+        block where each stage after the first starts; default: balanced on measured
+        per-block time) apply to "pipeline"; fsdp_cpu_offload to "fsdp".
+    dist_timeout: seconds a collective waits for the other ranks before it fails (when this
+        trainer initialises the process group; torch's default otherwise).
     """
 
     def __init__(self, model, optimizer, train_data, val_data=None, *, precision: str = "32",
@@ -195,7 +206,9 @@ class Trainer:
                  eval_every: int | None = 200, eval_batches: int | None = None, checkpoint_every: int | None = None,
                  keep_last: int = 3, batch_size: int = 32, scheduler=None, seed: int = 0, shuffle: bool = True,
                  log_every: int = 10, device=None, distributed="auto", ddp_kwargs: dict | None = None,
-                 loss_fn=None, progress: bool = True, metadata=None):
+                 loss_fn=None, progress: bool = True, metadata=None, strategy: str = "ddp",
+                 pipeline_schedule: str = "1f1b", n_microbatches: int | None = None, pipeline_split=None,
+                 fsdp_cpu_offload: bool = False, dist_timeout: float | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -220,6 +233,14 @@ class Trainer:
         if distributed not in ("auto", True, False):
             raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
         self._check_optimizer(model, optimizer)
+        if dist_timeout is not None and (isinstance(dist_timeout, bool) or not isinstance(dist_timeout, (int, float))
+                                         or not dist_timeout > 0):
+            raise ValueError(f"dist_timeout must be a positive number of seconds or None, got {dist_timeout!r}")
+        self._dist_timeout = dist_timeout
+        self._strategy = make_strategy(strategy, compression=compression, precision=precision, loss_fn=loss_fn,
+                                       pipeline_schedule=pipeline_schedule, n_microbatches=n_microbatches,
+                                       pipeline_split=pipeline_split, fsdp_cpu_offload=fsdp_cpu_offload)
+        self.strategy = strategy
         if metadata is not None:
             try:  # checkpoints load with weights_only=True: find out now, not at the resume
                 buf = io.BytesIO()
@@ -250,7 +271,7 @@ class Trainer:
 
         self.ddp = None
         self.hook_state = None
-        if self.distributed:
+        if self.distributed and self._strategy.uses_ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             kw = dict(ddp_kwargs or {})
@@ -271,8 +292,11 @@ class Trainer:
         if precision == "16-mixed":
             self.scaler = torch.amp.GradScaler(self.device.type)
         self._autocast_dtype = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[precision]
+        self._strategy.setup(self)   # fsdp: shards the model; zero1: swaps the optimizer; pipeline: the stages
 
-        self._stream = _BatchStream(train_data, batch_size, self.rank, self.world_size, seed, shuffle)
+        # pipeline stages all read the same batches: the data-parallel rank and world are the strategy's
+        self._stream = _BatchStream(train_data, batch_size, self._strategy.dp_rank, self._strategy.dp_world, seed,
+                                    shuffle)
         self.step = 0
         self.history: list[dict] = []   # a dict per optimizer step run in this process (rank 0: global means)
         self.evals: list[dict] = []
@@ -312,7 +336,9 @@ class Trainer:
         use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        kw = {} if self._dist_timeout is None else {"timeout": __import__("datetime").timedelta(
+            seconds=self._dist_timeout)}
+        dist.init_process_group("nccl" if use_cuda else "gloo", **kw)
         self._owns_group = True
         return True
 
@@ -362,6 +388,11 @@ class Trainer:
     def _maybe_resume(self, resume: bool) -> None:
         # Rank 0 picks the checkpoint (its warnings are the only ones) and tells the others, so
         # every rank loads the same file; an error there is raised on every rank, not left to hang.
+        if self._dir_checkpoints():  # fsdp / pipeline: a directory per checkpoint, written by every rank
+            path = self._strategy.find(self, resume)
+            if path is not None:
+                self._strategy.load(self, path)
+            return
         choice = None
         if self.is_main:
             try:
@@ -396,23 +427,32 @@ class Trainer:
             raise ValueError(f"checkpoint {path!r} was written by a run of {state['world_size']} process(es), this "
                              f"run has {self.world_size}: the data position, RNG and communication-hook states are "
                              "per rank. Resume with the same number of processes")
+        self._strategy.check_checkpoint(state, path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_common_state(state, path, state["rank_states"][self.rank])
+
+    def _load_common_state(self, state: dict, path: str, rank_state: dict | None) -> None:
+        """What every checkpoint holds besides the model and optimizer (the strategies' too);
+        rank_state None: this rank's RNG was not saved (fsdp on a new world size), seed it."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"checkpoint {path!r} has format {state.get('format')!r}, this trainer reads "
+                                  f"{CHECKPOINT_FORMAT}")
         saved = state["trainer"]
         mine = self._trainer_config()
         changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v]
         if changed and self.is_main:
             warnings.warn(f"resuming {path!r} with different settings ({'; '.join(changed)}): the run continues "
                           "but will not repeat the uninterrupted one", stacklevel=3)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             if state["scheduler"] is None:
                 raise ValueError(f"checkpoint {path!r} has no scheduler state but this trainer has a scheduler")
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
-        mine_rank = state["rank_states"][self.rank]
+        mine_rank = rank_state or {}
         if self.hook_state is not None:
-            if mine_rank["hook"] is None:
+            if mine_rank.get("hook") is None:
                 warnings.warn(f"checkpoint {path!r} has no communication-hook state (saved without compression): "
                               "the hook starts afresh", stacklevel=3)
             else:
@@ -421,7 +461,7 @@ class Trainer:
         self.step = self._last_saved = int(state["step"])
         self._last_eval = state.get("last_eval")
         self._elapsed_before = float(state.get("elapsed_s", 0.0))
-        self._pending_rng = mine_rank["rng"]
+        self._pending_rng = mine_rank.get("rng")
         self.resumed_from = path
         if self.is_main:
             log.info("resumed from %s (step %d)", path, self.step)
@@ -435,6 +475,11 @@ class Trainer:
         """Writes the checkpoint of the current step (rank 0; every rank must call it) -> its path."""
         if self.checkpoint_dir is None:
             raise ValueError("checkpoint_dir is None: nothing to save to")
+        if self._dir_checkpoints():
+            path = self._strategy.save(self)
+            self._last_saved = self.step
+            return path
+        self._strategy.before_save(self)  # zero1: consolidates the optimizer state on rank 0
         mine = {"rng": _rng_state(self.device),
                 "hook": None if self.hook_state is None else _to_cpu(self.hook_state.state_dict())}
         if self.distributed:
@@ -444,14 +489,8 @@ class Trainer:
             ranks = [mine]
         path = None
         if self.is_main:
-            state = {
-                "format": CHECKPOINT_FORMAT, "step": self.step, "world_size": self.world_size,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-                "scaler": None if self.scaler is None else self.scaler.state_dict(),
-                "data": self._stream.state_dict(), "rank_states": ranks, "trainer": self._trainer_config(),
-                "elapsed_s": self._elapsed(), "last_eval": self._last_eval, "metadata": self.metadata,
-            }
+            state = self._checkpoint_common_state()
+            state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), rank_states=ranks)
             path = save_checkpoint(checkpoint_path(self.checkpoint_dir, self.step), state)
             prune_checkpoints(self.checkpoint_dir, self.keep_last)
             log.info("saved %s", path)
@@ -459,6 +498,22 @@ class Trainer:
             dist.barrier()
         self._last_saved = self.step
         return path
+
+    def _checkpoint_common_state(self) -> dict:
+        """What every checkpoint holds besides the model, optimizer and per-rank states."""
+        return {
+            "format": CHECKPOINT_FORMAT, "step": self.step, "world_size": self.world_size,
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "data": self._stream.state_dict(), "trainer": self._trainer_config(),
+            "elapsed_s": self._elapsed(), "last_eval": self._last_eval, "metadata": self.metadata,
+            "strategy": self._strategy.describe(),
+        }
+
+    def _dir_checkpoints(self) -> bool:
+        # fsdp always writes DCP directories (so one process reads what several wrote);
+        # pipeline writes a file per stage when it has stages.
+        return self._strategy.dir_checkpoints and (self.distributed or self._strategy.name == "fsdp")
 
     # ------------------------------------------------------------------ training
 
@@ -468,6 +523,8 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
 
     def _train_step(self):
+        if self._strategy.owns_step and self.distributed:  # pipeline: the schedule runs the micro-batches
+            return self._strategy.train_step(self)
         model = self.ddp if self.ddp is not None else self.model
         model.train()
         accum = self.accumulate_grad_batches
@@ -475,8 +532,8 @@ class Trainer:
         for i in range(accum):
             batch = _to_device(self._stream.next(), self.device)
             tokens += _tokens_in(batch)
-            sync = self.ddp is None or i == accum - 1
-            with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
+            sync = i == accum - 1
+            with (contextlib.nullcontext() if sync else self._strategy.no_sync(self)):
                 with self._autocast():
                     loss = self.loss_fn(model, batch)
                 scaled = loss / accum if accum > 1 else loss
@@ -500,7 +557,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
-        return total, lr, grad_norm, tokens * self.world_size
+        return total, lr, grad_norm, tokens * self._strategy.dp_world
 
     def _elapsed(self) -> float:
         return self._elapsed_before + (time.perf_counter() - self._t_start if hasattr(self, "_t_start") else 0.0)
@@ -530,6 +587,26 @@ class Trainer:
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
 
+    def _eval_with(self, fn):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return fn()
+        finally:
+            self.model.train(was_training)
+
+    def _eval_totals(self, mine) -> torch.Tensor:
+        """(sum of loss x tokens, tokens) over this rank's validation samples `mine`."""
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for s in range(0, len(mine), self.batch_size):
+            batch = _to_device(default_collate([self.val_data[i] for i in mine[s:s + self.batch_size]]), self.device)
+            with self._autocast():
+                loss = self.loss_fn(self.model, batch)
+            weight = _tokens_in(batch) or 1
+            total[0] += loss.double() * weight
+            total[1] += weight
+        return total
+
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean loss over val_data (or eval_batches batches a rank, evenly spaced), averaged over
@@ -538,25 +615,14 @@ class Trainer:
             return None
         n = len(self.val_data)
         if self.eval_batches is not None:
-            k = min(n, self.eval_batches * self.batch_size * self.world_size)
+            k = min(n, self.eval_batches * self.batch_size * self._strategy.dp_world)
             indices = [i * n // k for i in range(k)]
         else:
             indices = list(range(n))
-        mine = indices[self.rank::self.world_size]
-        was_training = self.model.training
-        self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        try:
-            for s in range(0, len(mine), self.batch_size):
-                batch = _to_device(default_collate([self.val_data[i] for i in mine[s:s + self.batch_size]]),
-                                   self.device)
-                with self._autocast():
-                    loss = self.loss_fn(self.model, batch)
-                weight = _tokens_in(batch) or 1
-                total[0] += loss.double() * weight
-                total[1] += weight
-        finally:
-            self.model.train(was_training)
+        if self._strategy.owns_eval and self.distributed:  # fsdp: equal forwards a rank; pipeline: via the stages
+            total = self._eval_with(lambda: self._strategy.eval_totals(self, indices))
+        else:
+            total = self._eval_with(lambda: self._eval_totals(indices[self.rank::self.world_size]))
         if self.distributed:
             dist.all_reduce(total)
         if total[1] == 0:
@@ -656,6 +722,11 @@ class Trainer:
                 self.evaluate()
             if self.checkpoint_dir is not None and self._last_saved != self.step:
                 self.save_checkpoint()
+        except Exception as exc:
+            clearer = self._strategy.comm_failure(self, exc)  # a dead peer: say so, and where to resume
+            if clearer is None:
+                raise
+            raise clearer from exc
         finally:
             if self._bar is not None:
                 self._bar.close()

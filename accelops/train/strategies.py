@@ -1,0 +1,828 @@
+"""Parallelism strategies of the Trainer: "ddp" (the default), "fsdp", "zero1", "pipeline".
+
+accelops adds glue and checks around PyTorch's own engines and never a transport of its own:
+
+- "ddp": DistributedDataParallel (the Trainer's original path), one checkpoint file.
+- "fsdp": FSDP2 (`torch.distributed.fsdp.fully_shard`) per model block, then the root;
+  MixedPrecisionPolicy from `precision`; optional CPUOffloadPolicy. Checkpoints are
+  torch.distributed.checkpoint directories (each rank writes its own shards, no rank gathers
+  the model) that load on another world size.
+- "zero1": `torch.distributed.optim.ZeroRedundancyOptimizer` over DDP: the optimizer state is
+  sharded, parameters and gradients are replicated. The checkpoint consolidates the optimizer
+  state on rank 0 into the ordinary checkpoint file.
+- "pipeline": `torch.distributed.pipelining` (PipelineStage + ScheduleGPipe / Schedule1F1B),
+  one stage per rank, the model cut at block boundaries. Checkpoints hold a file per stage.
+
+The Trainer calls a Strategy at a few clear points (set-up, no_sync, the step for pipeline,
+evaluation, checkpoints, failures); everything strategy-specific lives here.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import statistics
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import default_collate
+
+from .checkpoint import CheckpointError, CheckpointWarning, _fsync_dir, atomic_write, load_checkpoint, save_checkpoint
+
+__all__ = ["STRATEGIES", "PIPELINE_SCHEDULES", "make_strategy", "full_model_state_dict", "balance_stages",
+           "list_dir_checkpoints"]
+
+log = logging.getLogger("accelops.train")
+
+STRATEGIES = ("ddp", "fsdp", "zero1", "pipeline")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")
+_DIR_NAME = re.compile(r"^step-(\d{8,})\.(dcp|pp)$")
+_MANIFEST = "manifest.json"
+_TRAINER_FILE = "trainer.ckpt"
+
+
+def _to_device(batch, device):
+    from .trainer import _to_device as move
+
+    return move(batch, device)
+
+
+# --------------------------------------------------------------------------- the choice and its checks
+
+def make_strategy(strategy, *, compression=None, precision="32", loss_fn=None, pipeline_schedule="1f1b",
+                  n_microbatches=None, pipeline_split=None, fsdp_cpu_offload=False):
+    """Validates the strategy and its combination with the other Trainer options -> a Strategy
+    (not yet set up: Strategy.setup(trainer) does that once the process group exists)."""
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if pipeline_schedule not in PIPELINE_SCHEDULES:
+        raise ValueError(f"pipeline_schedule must be one of {PIPELINE_SCHEDULES}, got {pipeline_schedule!r}")
+    if n_microbatches is not None and (isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int)
+                                       or n_microbatches < 1):
+        raise ValueError(f"n_microbatches must be a positive int or None, got {n_microbatches!r}")
+    if not isinstance(fsdp_cpu_offload, bool):
+        raise ValueError(f"fsdp_cpu_offload must be True or False, got {fsdp_cpu_offload!r}")
+    if strategy != "pipeline":
+        for name, value, default in (("pipeline_split", pipeline_split, None), ("n_microbatches", n_microbatches, None),
+                                     ("pipeline_schedule", pipeline_schedule, "1f1b")):
+            if value != default:
+                raise ValueError(f"{name}={value!r} applies to strategy='pipeline', not strategy={strategy!r}")
+    if strategy != "fsdp" and fsdp_cpu_offload:
+        raise ValueError(f"fsdp_cpu_offload=True applies to strategy='fsdp', not strategy={strategy!r}")
+    if compression is not None and strategy in ("fsdp", "pipeline"):
+        what = ("FSDP reduce-scatters the gradients itself" if strategy == "fsdp"
+                else "the pipeline sends activations between stages, it all-reduces no gradients")
+        raise ValueError(f"compression={compression!r} is a DDP communication hook and cannot be combined with "
+                         f"strategy={strategy!r}: {what}. Use strategy='ddp' or 'zero1' for compression")
+    if strategy in ("fsdp", "pipeline") and precision == "16-mixed":
+        raise ValueError(f"precision='16-mixed' (fp16 with a GradScaler) is not supported with strategy="
+                         f"{strategy!r}: use precision='bf16-mixed' or '32'")
+    if strategy == "pipeline" and loss_fn is not None:
+        raise ValueError("strategy='pipeline' computes the loss on the last stage with the model's own loss "
+                         "(cross-entropy of accelops.models): loss_fn cannot be combined with it")
+    if strategy == "fsdp":
+        return FSDPStrategy(precision, fsdp_cpu_offload)
+    if strategy == "zero1":
+        return Zero1Strategy()
+    if strategy == "pipeline":
+        return PipelineStrategy(pipeline_schedule, n_microbatches, pipeline_split)
+    return DDPStrategy()
+
+
+# --------------------------------------------------------------------------- base: DDP
+
+class DDPStrategy:
+    """The Trainer's original path. Also the base class: its methods are what a strategy
+    that changes nothing at a given point does."""
+
+    name = "ddp"
+    uses_ddp = True       # the Trainer wraps the model in DDP (and registers compression hooks)
+    owns_step = False     # the Trainer's own micro-batch loop runs the step
+    owns_eval = False
+    dir_checkpoints = False  # the Trainer's single checkpoint file
+
+    def __init__(self):
+        self.dp_rank, self.dp_world = 0, 1
+
+    def setup(self, trainer) -> None:
+        self.dp_rank, self.dp_world = trainer.rank, trainer.world_size
+
+    def no_sync(self, trainer):
+        return trainer.ddp.no_sync() if trainer.ddp is not None else contextlib.nullcontext()
+
+    def before_save(self, trainer) -> None:
+        """Called on every rank before rank 0 reads optimizer.state_dict()."""
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+    def check_checkpoint(self, state: dict, path: str) -> None:
+        saved = state.get("strategy", {"name": "ddp"})
+        saved = saved.get("name") if isinstance(saved, dict) else saved
+        if saved != self.name:
+            raise ValueError(f"checkpoint {path!r} was written with strategy={saved!r}, this run has strategy="
+                             f"{self.name!r}: the optimizer (and model) state is laid out differently. Resume "
+                             f"with strategy={saved!r}")
+
+    def comm_failure(self, trainer, exc: BaseException) -> BaseException | None:
+        """A clearer error for a failed collective (a peer died or timed out), or None."""
+        if not trainer.distributed:
+            return None
+        text = f"{type(exc).__name__}: {exc}"
+        markers = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe",
+                   "DistBackendError", "DistNetworkError")
+        if not (isinstance(exc, getattr(dist, "DistError", ())) or any(m.lower() in text.lower() for m in markers)):
+            return None
+        last = trainer._last_saved
+        where = ("no checkpoint was written yet" if last is None or trainer.checkpoint_dir is None
+                 else f"the last checkpoint (step {last}) in {trainer.checkpoint_dir!r} is intact: run again to resume")
+        return RuntimeError(f"rank {trainer.rank}/{trainer.world_size}: a collective failed during step "
+                            f"{trainer.step + 1} under strategy={self.name!r} (a peer rank died, or did not answer "
+                            f"within the process group's timeout); {where}. Cause: {text.splitlines()[0][:400]}")
+
+
+# --------------------------------------------------------------------------- helpers shared by fsdp and pipeline
+
+def _names_by_group(model, optimizer) -> list[list[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+
+
+def _check_fresh_optimizer(optimizer, strategy) -> None:
+    if any(len(s) for s in optimizer.state.values()):
+        raise ValueError(f"strategy={strategy!r} rebuilds the optimizer's parameter lists: pass an optimizer that "
+                         "has not stepped yet (its state is restored from checkpoints by the Trainer)")
+
+
+def _gather_rank_states(trainer, mine):
+    if trainer.distributed:
+        ranks = [None] * trainer.world_size if trainer.is_main else None
+        dist.gather_object(mine, ranks, dst=0)
+        return ranks
+    return [mine]
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def list_dir_checkpoints(directory, kind: str) -> list[tuple[int, str]]:
+    """(step, path) of the `kind` ("dcp" | "pp") checkpoint directories, newest first."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        m = _DIR_NAME.match(name)
+        if m and m.group(2) == kind and os.path.isdir(os.path.join(directory, name)):
+            found.append((int(m.group(1)), os.path.join(directory, name)))
+    return sorted(found, reverse=True)
+
+
+def verify_dir_checkpoint(path: str) -> dict:
+    """The manifest of a checkpoint directory, after checking that every file it lists has its
+    size and SHA-256; CheckpointError naming the directory and the problem otherwise."""
+    manifest_path = os.path.join(path, _MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise CheckpointError(f"checkpoint {path!r} is incomplete: it has no {_MANIFEST} (the write did not finish)")
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+    except (ValueError, KeyError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path!r} has an unreadable {_MANIFEST}: {exc}") from exc
+    for name, (size, digest) in files.items():
+        fp = os.path.join(path, name)
+        if not os.path.isfile(fp):
+            raise CheckpointError(f"checkpoint {path!r} is incomplete: {name!r} is missing")
+        if os.path.getsize(fp) != size:
+            raise CheckpointError(f"checkpoint {path!r} is truncated or corrupt: {name!r} has "
+                                  f"{os.path.getsize(fp)} bytes, the manifest says {size}")
+        if _sha256(fp) != digest:
+            raise CheckpointError(f"checkpoint {path!r} is corrupt: the SHA-256 of {name!r} does not match its "
+                                  "manifest (the file changed after it was written)")
+    return manifest
+
+
+def latest_dir_checkpoint(directory, kind: str):
+    """(path, manifest) of the newest good `kind` directory, warning about each newer bad
+    one; (None, None) when there is none; CheckpointError when all are bad."""
+    failures = []
+    for _, path in list_dir_checkpoints(directory, kind):
+        try:
+            manifest = verify_dir_checkpoint(path)
+        except CheckpointError as exc:
+            failures.append(str(exc))
+            continue
+        for reason in failures:
+            warnings.warn(f"{reason}; skipping it and resuming from {path!r} instead", CheckpointWarning,
+                          stacklevel=3)
+        return path, manifest
+    if failures:
+        raise CheckpointError(f"no usable checkpoint in {os.fspath(directory)!r}: " + "; ".join(failures)
+                              + ". Move the directory away (or pass resume=False with an empty directory) to "
+                              "start afresh")
+    return None, None
+
+
+class _DirCheckpoints:
+    """Checkpoints as directories step-NNNNNNNN.<kind>: every rank writes its part into
+    step-NNNNNNNN.<kind>.tmp, rank 0 adds the trainer state and a manifest (size and SHA-256
+    of every file), fsyncs and renames the directory into place, so a crash leaves either the
+    previous set of checkpoints or the new one; a directory without a good manifest is
+    refused and the previous one used."""
+
+    kind = "dcp"
+    dir_checkpoints = True
+
+    def _write_parts(self, trainer, tmp: str) -> None:  # pragma: no cover - per strategy
+        raise NotImplementedError
+
+    def _read_parts(self, trainer, path: str, trainer_state: dict) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _rank_state(self, trainer) -> dict:
+        from .trainer import _rng_state
+
+        return {"rng": _rng_state(trainer.device)}
+
+    def save(self, trainer) -> str | None:
+        d = trainer.checkpoint_dir
+        final = os.path.join(d, f"step-{trainer.step:08d}.{self.kind}")
+        tmp = final + ".tmp"
+        if trainer.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        self._barrier(trainer)
+        self._write_parts(trainer, tmp)
+        ranks = _gather_rank_states(trainer, self._rank_state(trainer))
+        if trainer.is_main:
+            state = trainer._checkpoint_common_state()
+            state.update(rank_states=ranks, strategy=self.describe())
+            save_checkpoint(os.path.join(tmp, _TRAINER_FILE), state)
+            files = {}
+            for root, _, names in os.walk(tmp):
+                for name in names:
+                    fp = os.path.join(root, name)
+                    rel = os.path.relpath(fp, tmp)
+                    with open(fp, "rb") as f:  # the ranks' writers may not have fsynced
+                        os.fsync(f.fileno())
+                    files[rel] = (os.path.getsize(fp), _sha256(fp))
+            atomic_write(os.path.join(tmp, _MANIFEST),
+                         json.dumps({"step": trainer.step, "world_size": trainer.world_size, "kind": self.kind,
+                                     "files": files}, indent=1).encode())
+            _fsync_dir(tmp)
+            old = None
+            if os.path.exists(final):  # a resumed run rewriting a step: swap, then drop the old one
+                old = final + ".old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            _fsync_dir(d)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+            self._prune(d, trainer.keep_last)
+            log.info("saved %s", final)
+        self._barrier(trainer)
+        return final if trainer.is_main else None
+
+    @staticmethod
+    def _barrier(trainer):
+        if trainer.distributed:
+            dist.barrier()
+
+    def _prune(self, directory: str, keep: int) -> None:
+        for _, path in list_dir_checkpoints(directory, self.kind)[keep:]:
+            shutil.rmtree(path, ignore_errors=True)
+        for name in os.listdir(directory):
+            if name.endswith((f".{self.kind}.tmp", f".{self.kind}.old")):
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+    def find(self, trainer, resume: bool):
+        """Rank 0 chooses (warnings there only), every rank learns the choice -> path or None."""
+        choice = None
+        if trainer.is_main:
+            try:
+                if not resume:
+                    found = list_dir_checkpoints(trainer.checkpoint_dir, self.kind)
+                    if found:
+                        raise ValueError(f"checkpoint_dir {trainer.checkpoint_dir!r} already holds checkpoints "
+                                         f"(newest: step {found[0][0]}) and resume=False: pass resume=True to "
+                                         "continue that run, or use an empty directory")
+                    choice = ("fresh", None)
+                else:
+                    path, _ = latest_dir_checkpoint(trainer.checkpoint_dir, self.kind)
+                    choice = ("fresh", None) if path is None else ("resume", path)
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                choice = ("error", (type(exc).__name__, str(exc)))
+        kind, value = trainer._broadcast(choice)
+        if kind == "error":
+            cls = {"ValueError": ValueError, "CheckpointError": CheckpointError}.get(value[0], RuntimeError)
+            raise cls(value[1])
+        return value
+
+    def load(self, trainer, path: str) -> None:
+        state = load_checkpoint(os.path.join(path, _TRAINER_FILE))
+        self.check_checkpoint(state, path)
+        self._check_world(trainer, state, path)
+        self._read_parts(trainer, path, state)
+        trainer._load_common_state(state, path, rank_state=self._pick_rank_state(trainer, state))
+
+    def _check_world(self, trainer, state, path) -> None:
+        if state["world_size"] != trainer.world_size:
+            raise ValueError(f"checkpoint {path!r} was written by a run of {state['world_size']} process(es), this "
+                             f"run has {trainer.world_size}: strategy={self.name!r} resumes on the same number of "
+                             "processes only")
+
+    def _pick_rank_state(self, trainer, state):
+        return state["rank_states"][trainer.rank]
+
+
+# --------------------------------------------------------------------------- fsdp
+
+class FSDPStrategy(_DirCheckpoints, DDPStrategy):
+    name = "fsdp"
+    uses_ddp = False
+    owns_eval = True
+    kind = "dcp"
+
+    def __init__(self, precision: str, cpu_offload: bool):
+        super().__init__()
+        self.precision, self.cpu_offload = precision, cpu_offload
+        self.sharded_blocks = 0
+
+    def describe(self) -> dict:
+        return {"name": self.name, "cpu_offload": self.cpu_offload}
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        if not trainer.distributed:
+            # One process: nothing to shard. The checkpoints are still DCP directories, so a
+            # single-process run reads (and writes) what a sharded run wrote.
+            if self.cpu_offload:
+                warnings.warn("fsdp_cpu_offload=True has no effect in a single-process run", stacklevel=4)
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        model, optimizer = trainer.model, trainer.optimizer
+        _check_fresh_optimizer(optimizer, self.name)
+        groups = _names_by_group(model, optimizer)
+        mesh = init_device_mesh(trainer.device.type, (trainer.world_size,))
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if self.precision == "bf16-mixed" else MixedPrecisionPolicy())
+        if self.cpu_offload and trainer.device.type == "cpu":
+            warnings.warn("fsdp_cpu_offload=True on a CPU run: parameters and optimizer state already live in "
+                          "host memory, so the offload policy moves nothing", stacklevel=4)
+        offload = CPUOffloadPolicy() if self.cpu_offload and trainer.device.type != "cpu" else OffloadPolicy()
+        blocks = getattr(model, "blocks", None)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) and not self._shares_across(model, blocks):
+            for block in blocks:
+                fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload)
+            self.sharded_blocks = len(blocks)
+        elif isinstance(blocks, torch.nn.ModuleList) and len(blocks):
+            warnings.warn("the model's blocks share parameters (accelops.sharing): FSDP shards the model as one "
+                          "unit (the whole model is gathered for each forward)", stacklevel=4)
+        fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        params = dict(model.named_parameters())
+        for group, names in zip(optimizer.param_groups, groups):
+            group["params"] = [params[n] for n in names]
+
+    @staticmethod
+    def _shares_across(model, blocks) -> bool:
+        owner = {}
+        for i, block in enumerate(blocks):
+            for p in block.parameters():
+                if owner.setdefault(id(p), i) != i:
+                    return True
+        inside = set(owner)
+        rest = [p for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith("blocks.")]
+        return any(id(p) in inside for p in rest)
+
+    def no_sync(self, trainer):
+        if not trainer.distributed:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def ctx():
+            trainer.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                trainer.model.set_requires_gradient_sync(True)
+        return ctx()
+
+    def eval_totals(self, trainer, indices):
+        # FSDP's forward all-gathers: every rank runs the same number of forwards (a rank
+        # with fewer batches repeats its last one with weight 0).
+        w, r, b = trainer.world_size, trainer.rank, trainer.batch_size
+        mine = indices[r::w]
+        n = max(-(-len(indices[k::w]) // b) for k in range(w))
+        total = torch.zeros(2, dtype=torch.float64, device=trainer.device)
+        for i in range(n):
+            chunk = mine[i * b:(i + 1) * b]
+            weight_on = bool(chunk)
+            if not chunk:
+                chunk = mine[-b:] if mine else indices[:1]
+            batch = _to_device(default_collate([trainer.val_data[j] for j in chunk]), trainer.device)
+            with trainer._autocast():
+                loss = trainer.loss_fn(trainer.model, batch)
+            if weight_on:
+                from .trainer import _tokens_in
+
+                weight = _tokens_in(batch) or 1
+                total[0] += loss.double() * weight
+                total[1] += weight
+        return total
+
+    # DCP: each rank saves and loads only its shards; the metadata lets another world size
+    # read them (DCP reshards on load).
+    def _write_parts(self, trainer, tmp):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "dcp"),
+                 no_dist=not trainer.distributed)
+
+    def _read_parts(self, trainer, path, trainer_state):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=os.path.join(path, "dcp"), no_dist=not trainer.distributed)
+        set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+
+    def _check_world(self, trainer, state, path):
+        if state["world_size"] != trainer.world_size and trainer.is_main:
+            warnings.warn(f"checkpoint {path!r} was written by {state['world_size']} process(es), this run has "
+                          f"{trainer.world_size}: the model and optimizer are resharded; the data position is kept "
+                          "as (epoch, batch), which repeats the uninterrupted run when batch_size x world size is "
+                          "unchanged; ranks beyond the saved ones start from fresh RNG seeds (dropout masks differ)",
+                          stacklevel=5)
+
+    def _pick_rank_state(self, trainer, state):
+        ranks = state["rank_states"]
+        return ranks[trainer.rank] if trainer.rank < len(ranks) and len(ranks) == trainer.world_size else None
+
+
+# --------------------------------------------------------------------------- zero1
+
+class Zero1Strategy(DDPStrategy):
+    """DDP for the gradients (with its compression hooks, which ZeRO leaves alone: it only
+    partitions the optimizer step), ZeroRedundancyOptimizer for the optimizer state."""
+
+    name = "zero1"
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        if not trainer.distributed:
+            return
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        old = trainer.optimizer
+        _check_fresh_optimizer(old, self.name)
+        import inspect
+
+        accepted = set(inspect.signature(type(old).__init__).parameters) - {"self", "params"}
+        # a group also holds keys the constructor does not take (AdamW's decoupled_weight_decay,
+        # a scheduler's initial_lr): those ride on the groups, not the constructor
+        groups = [dict(g) for g in old.param_groups]
+        zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=type(old),
+                                       **{k: v for k, v in groups[0].items() if k in accepted})
+        for k, v in groups[0].items():
+            if k != "params":
+                zero.param_groups[0].setdefault(k, v)
+        for g in groups[1:]:
+            zero.add_param_group(g)
+        if trainer.scheduler is not None:
+            if getattr(trainer.scheduler, "optimizer", None) is not old:
+                raise ValueError("strategy='zero1' replaces the optimizer with a ZeroRedundancyOptimizer: the "
+                                 "scheduler must be built on the optimizer passed to the Trainer")
+            trainer.scheduler.optimizer = zero
+            step = zero.step
+
+            def tracked(*args, **kwargs):  # what LRScheduler's own patch of optimizer.step records
+                zero._opt_called = True
+                return step(*args, **kwargs)
+
+            tracked._wrapped_by_lr_sched = True
+            zero.step = tracked
+        trainer.optimizer = zero
+
+    def before_save(self, trainer) -> None:
+        if trainer.distributed:
+            trainer.optimizer.consolidate_state_dict(to=0)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+class _Stage(torch.nn.Module):
+    """One pipeline stage of a TransformerLM / RNNLM: the embeddings on the first, blocks
+    [lo, hi), the final norm and the LM head on the last. It holds the model's own modules."""
+
+    def __init__(self, model, lo: int, hi: int, first: bool, last: bool):
+        super().__init__()
+        self.first, self.last = first, last
+        self.tok_emb = model.tok_emb if first else None
+        self.pos_emb = getattr(model, "pos_emb", None) if first else None
+        self.drop = model.drop if first else None
+        self.blocks = torch.nn.ModuleList(model.blocks[lo:hi])
+        self.norm = model.norm if last else None
+        self.lm_head = model.lm_head if last else None
+        self.lo, self.hi = lo, hi
+
+    def forward(self, x):
+        if self.first:
+            h = self.tok_emb(x)
+            if self.pos_emb is not None:
+                h = h + self.pos_emb(torch.arange(x.shape[1], device=x.device))
+            x = self.drop(h)
+        for block in self.blocks:
+            x = block(x)
+        if self.last:
+            x = torch.nn.functional.linear(self.norm(x), self.lm_head.weight)
+        return x
+
+
+def balance_stages(costs_blocks, n_stages: int, first_cost: float = 0.0, last_cost: float = 0.0) -> list[int]:
+    """Contiguous split of blocks with the given costs into n_stages minimising the costliest
+    stage (the first also pays first_cost, the last last_cost) -> the block index where each
+    stage after the first starts (len n_stages - 1)."""
+    n = len(costs_blocks)
+    prefix = [0.0]
+    for c in costs_blocks:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[s][i]: the smallest max-cost of putting blocks [0, i) into stages 0..s-1
+    best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, n_stages + 1):
+        for i in range(n + 1):
+            for j in range(i + 1):
+                cost = prefix[i] - prefix[j] + (first_cost if s == 1 else 0.0) \
+                    + (last_cost if s == n_stages else 0.0)
+                val = max(best[s - 1][j], cost)
+                if val < best[s][i] - 1e-12:
+                    best[s][i], cut[s][i] = val, j
+    bounds, i = [], n
+    for s in range(n_stages, 1, -1):
+        i = cut[s][i]
+        bounds.append(i)
+    return bounds[::-1]
+
+
+class PipelineStrategy(_DirCheckpoints, DDPStrategy):
+    name = "pipeline"
+    uses_ddp = False
+    owns_step = True
+    owns_eval = True
+    kind = "pp"
+
+    def __init__(self, schedule: str, n_microbatches, split):
+        super().__init__()
+        self.schedule_name, self.n_microbatches_opt, self.split_opt = schedule, n_microbatches, split
+        self.split = None
+        self.block_costs = None
+        self.stage = None
+
+    def describe(self) -> dict:
+        return {"name": self.name, "schedule": self.schedule_name, "split": self.split}
+
+    def setup(self, trainer) -> None:
+        from ..models._base import LanguageModel
+
+        self.dp_rank, self.dp_world = 0, 1   # every stage reads the same batches
+        model = trainer.model
+        if not isinstance(model, LanguageModel) or not isinstance(getattr(model, "blocks", None),
+                                                                  torch.nn.ModuleList):
+            raise ValueError("strategy='pipeline' splits accelops.models' TransformerLM / RNNLM at block "
+                             f"boundaries; got a {type(model).__name__}")
+        n_stages, n_layers = trainer.world_size, len(model.blocks)
+        if trainer.accumulate_grad_batches * trainer.batch_size % self._n_micro(trainer):
+            raise ValueError(f"n_microbatches={self._n_micro(trainer)} must divide the step's "
+                             f"accumulate_grad_batches x batch_size = "
+                             f"{trainer.accumulate_grad_batches * trainer.batch_size} samples")
+        if not trainer.distributed:
+            if self.split_opt is not None and list(self.split_opt) != []:
+                raise ValueError(f"pipeline_split={self.split_opt!r} needs {len(self.split_opt) + 1} processes, "
+                                 "this run has 1")
+            self.split = []
+            return
+        if self.schedule_name == "1f1b" and self._n_micro(trainer) < n_stages:
+            raise ValueError(f"pipeline_schedule='1f1b' needs at least as many micro-batches as stages: "
+                             f"{self._n_micro(trainer)} micro-batches (n_microbatches, else accumulate_grad_batches) "
+                             f"for {n_stages} stages")
+        if model.lm_head is None:
+            raise ValueError("strategy='pipeline' cannot split a model with tie_embeddings=True (the embedding is "
+                             "used by the first and the last stage): build it untied")
+        if self._shares(model):
+            raise ValueError("strategy='pipeline' cannot split a model whose blocks share parameters "
+                             "(accelops.sharing): each stage must own its weights")
+        if self.split_opt is not None:
+            split = list(self.split_opt)
+            if len(split) != n_stages - 1 or any(isinstance(s, bool) or not isinstance(s, int) for s in split) \
+                    or split != sorted(split) or (split and (split[0] < 0 or split[-1] > n_layers)):
+                raise ValueError(f"pipeline_split must list the {n_stages - 1} block index(es) where stages 1..."
+                                 f"{n_stages - 1} start, non-decreasing in [0, {n_layers}]; got {self.split_opt!r}")
+        else:
+            split = trainer._broadcast(self._profile_split(trainer, n_stages) if trainer.is_main else None)
+        self.split = split
+        bounds = [0, *split, n_layers]
+        r = trainer.rank
+        self.stage_module = _Stage(model, bounds[r], bounds[r + 1], r == 0, r == n_stages - 1)
+        mine = {id(p) for p in self.stage_module.parameters()}
+        for group in trainer.optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) in mine]
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        self.stage = PipelineStage(self.stage_module, r, n_stages, trainer.device)
+        cls = ScheduleGPipe if self.schedule_name == "gpipe" else Schedule1F1B
+        self.schedule = cls(self.stage, self._n_micro(trainer), loss_fn=type(model).loss)
+        if trainer.is_main:
+            log.info("pipeline: %d stages, blocks %s, %s schedule, %d micro-batches", n_stages,
+                     [f"{bounds[i]}:{bounds[i + 1]}" for i in range(n_stages)], self.schedule_name,
+                     self._n_micro(trainer))
+
+    @staticmethod
+    def _shares(model) -> bool:
+        seen = set()
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                return True
+            seen.add(id(p))
+        return False
+
+    def _n_micro(self, trainer) -> int:
+        return self.n_microbatches_opt or trainer.accumulate_grad_batches
+
+    def _profile_split(self, trainer, n_stages):
+        """Times forward+backward of the embeddings, each block and the head on one batch of
+        the training data (median of 3 after a warm-up) and balances the stages on it."""
+        model = trainer.model
+        tokens, targets = default_collate([trainer.train_data[i] for i in range(min(trainer.batch_size,
+                                                                                    len(trainer.train_data)))])
+        tokens, targets = tokens.to(trainer.device), targets.to(trainer.device)
+        was = model.training
+        model.train()
+        parts = [_Stage(model, 0, 0, True, False)] + [_Stage(model, i, i + 1, False, False)
+                                                      for i in range(len(model.blocks))] \
+            + [_Stage(model, 0, 0, False, True)]
+        costs = []
+        with torch.no_grad():
+            x = parts[0](tokens)
+        inputs = [tokens]
+        for part in parts[1:]:
+            inputs.append(x)
+            with torch.no_grad():
+                x = part(x)
+        for k, (part, inp) in enumerate(zip(parts, inputs)):
+            times = []
+            for _ in range(4):
+                inp_ = inp if k == 0 else inp.detach().requires_grad_(True)
+                t0 = time.perf_counter()
+                with trainer._autocast():
+                    out = part(inp_)
+                    loss = type(model).loss(out, targets) if k == len(parts) - 1 else out.float().square().mean()
+                loss.backward()
+                times.append(time.perf_counter() - t0)
+            costs.append(statistics.median(times[1:]))
+        model.zero_grad(set_to_none=True)
+        model.train(was)
+        self.block_costs = costs
+        split = balance_stages(costs[1:-1], n_stages, costs[0], costs[-1])
+        log.info("pipeline: measured forward+backward ms (embeddings, blocks..., head) %s -> split %s",
+                 [round(c * 1e3, 2) for c in costs], split)
+        return split
+
+    def train_step(self, trainer):
+        if not trainer.distributed:
+            return None  # the Trainer's own loop
+        accum = trainer.accumulate_grad_batches
+        batches = [trainer._stream.next() for _ in range(accum)]
+        tokens = torch.cat([b[0] for b in batches]).to(trainer.device)
+        targets = torch.cat([b[1] for b in batches]).to(trainer.device)
+        r, n = trainer.rank, trainer.world_size
+        losses = []
+        self.stage_module.train()
+        with trainer._autocast():
+            if r == 0:
+                self.schedule.step(tokens)
+            elif r == n - 1:
+                self.schedule.step(target=targets, losses=losses)
+            else:
+                self.schedule.step()
+        # The schedule's loss is each micro-batch's mean and its gradients are divided by the
+        # number of micro-batches (scale_grads): the mean over micro-batches is the loss of
+        # single-process training over the same samples.
+        loss = torch.stack([x.detach().float() for x in losses]).mean() if losses else \
+            torch.zeros((), device=trainer.device)
+        dist.broadcast(loss, src=n - 1)  # every rank holds it, so the Trainer's mean over ranks is it
+        grad_norm = None
+        params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        if trainer.grad_clip is not None:
+            grads = [p.grad for p in params if p.grad is not None]
+            sq = torch.zeros((), dtype=torch.float32, device=trainer.device)
+            for g in grads:
+                sq += g.detach().float().square().sum()
+            dist.all_reduce(sq)
+            grad_norm = sq.sqrt()
+            coef = torch.clamp(trainer.grad_clip / (grad_norm + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(coef.to(g.dtype))
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        if trainer.scheduler is not None:
+            trainer.scheduler.step()
+        return loss, lr, grad_norm, tokens.numel()
+
+    @torch.no_grad()
+    def eval_totals(self, trainer, indices):
+        # Forward only, batch by batch through the stages with plain send/recv (batches of
+        # any size; the schedule's micro-batching wants fixed shapes).
+        r, n, dev = trainer.rank, trainer.world_size, trainer.device
+        dim = trainer.model.config.dim
+        total = torch.zeros(2, dtype=torch.float64, device=dev)
+        self.stage_module.eval()
+        try:
+            for s in range(0, len(indices), trainer.batch_size):
+                tokens, targets = default_collate([trainer.val_data[i] for i in indices[s:s + trainer.batch_size]])
+                tokens, targets = tokens.to(dev), targets.to(dev)
+                with trainer._autocast():
+                    if r == 0:
+                        x = self.stage_module(tokens)
+                    else:
+                        x = torch.empty(*tokens.shape, dim, dtype=torch.float32, device=dev)
+                        dist.recv(x, src=r - 1)
+                        x = self.stage_module(x)
+                    if r < n - 1:
+                        dist.send(x.float().contiguous(), dst=r + 1)
+                    else:
+                        loss = type(trainer.model).loss(x, targets)
+                        total[0] += loss.double() * tokens.numel()
+                        total[1] += tokens.numel()
+        finally:
+            self.stage_module.train()
+        dist.broadcast(total, src=n - 1)
+        return total / n   # the Trainer all-reduces (sums) the totals over ranks
+
+    def _write_parts(self, trainer, tmp):
+        opt = trainer.optimizer
+        state = {"stage": trainer.rank, "split": self.split, "model": self.stage_module.state_dict(),
+                 "optimizer": opt.state_dict()}
+        save_checkpoint(os.path.join(tmp, f"stage-{trainer.rank}.ckpt"), state)
+
+    def _read_parts(self, trainer, path, trainer_state):
+        saved = trainer_state.get("strategy", {}).get("split")
+        if saved != self.split:
+            raise ValueError(f"checkpoint {path!r} was written with pipeline_split={saved!r}, this run splits at "
+                             f"{self.split!r}: pass pipeline_split={saved!r} to resume it")
+        if not trainer.distributed:
+            return
+        state = load_checkpoint(os.path.join(path, f"stage-{trainer.rank}.ckpt"))
+        self.stage_module.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+
+    def save(self, trainer):
+        if not trainer.distributed:
+            raise AssertionError("single-process pipeline runs use the Trainer's checkpoints")
+        return super().save(trainer)
+
+
+def full_model_state_dict(trainer) -> dict | None:
+    """The whole model's state_dict on rank 0 (None on the others) whatever the strategy;
+    every rank must call it (it gathers: for inspection and tests, not for checkpoints)."""
+    s = trainer._strategy
+    if s.name == "fsdp" and trainer.distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if trainer.is_main else None
+    if s.name == "pipeline" and trainer.distributed:
+        mine = {k: v.detach().cpu() for k, v in s.stage_module.state_dict().items()}
+        parts = _gather_rank_states(trainer, (s.stage_module.lo, mine))
+        if not trainer.is_main:
+            return None
+        out = {}
+        for lo, sd in parts:
+            for k, v in sd.items():
+                if k.startswith("blocks."):
+                    i, rest = k[len("blocks."):].split(".", 1)
+                    k = f"blocks.{lo + int(i)}.{rest}"
+                out[k] = v
+        return out
+    return {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()} if trainer.is_main else None
