@@ -27,6 +27,7 @@ TransformerLM or RNNLM trained on a text file, everything set by a JSON or TOML 
 
     [train]                 # Trainer arguments (max_steps, batch_size, precision, compression, ...)
     max_steps = 2000
+    strategy = "ddp"        # "ddp" | "fsdp" | "zero1" | "pipeline" (or --strategy); pipeline_schedule, ...
     batch_size = 32
     checkpoint_dir = "runs/shakespeare/ckpt"
     log_dir = "runs/shakespeare"
@@ -255,6 +256,8 @@ def _run_ray(args) -> int:
     require_ray()  # the message naming the extra, before the config is read
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = apply_overrides(load_config(args.config), args.overrides)
+    if getattr(args, "strategy", None) is not None:
+        config.setdefault("train", {})["strategy"] = args.strategy
     result = ray_fit(config, args.num_workers)
     m = result.metrics or {}
     print(f"accelops train [ray, {args.num_workers} workers]: step {m.get('step')}, train loss {m.get('loss')}, "
@@ -266,6 +269,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("config", help="a JSON or TOML file (see accelops/train/run.py)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+    parser.add_argument("--strategy", default=None, choices=("ddp", "fsdp", "zero1", "pipeline"),
+                        help="parallelism strategy (sets train.strategy; see the README's 'Parallelism strategies')")
     parser.add_argument("--no-resume", action="store_true",
                         help="do not resume from checkpoint_dir (it must then hold no checkpoints)")
     from .launch import add_arguments as add_launch_arguments
@@ -294,6 +299,8 @@ def run_args(args, argv=None) -> int:
     config = apply_overrides(load_config(args.config), args.overrides)
     if args.no_resume:
         config.setdefault("train", {})["resume"] = False
+    if getattr(args, "strategy", None) is not None:
+        config.setdefault("train", {})["strategy"] = args.strategy
     run(config)
     return 0
 

@@ -130,6 +130,34 @@ class DDPStrategy:
                              f"{self.name!r}: the optimizer (and model) state is laid out differently. Resume "
                              f"with strategy={saved!r}")
 
+    kind = "file"
+
+    def check_foreign(self, trainer) -> None:
+        """ValueError when checkpoint_dir holds checkpoints of another strategy (or of the
+        pipeline on another number of processes): resuming would silently start afresh."""
+        from .checkpoint import list_checkpoints
+
+        d = trainer.checkpoint_dir
+        mine = self.kind if trainer._dir_checkpoints() else "file"
+        for kind, owner in (("file", "'ddp' or 'zero1' (or 'pipeline' on one process)"), ("dcp", "'fsdp'"),
+                            ("pp", "'pipeline'")):
+            if kind == mine:
+                continue
+            found = list_checkpoints(d) if kind == "file" else list_dir_checkpoints(d, kind)
+            if not found:
+                continue
+            world = "?"
+            try:
+                world = (load_checkpoint(found[0][1]) if kind == "file" else
+                         json.load(open(os.path.join(found[0][1], _MANIFEST))))["world_size"]
+            except Exception:  # noqa: BLE001 - only for the message
+                pass
+            raise ValueError(f"checkpoint_dir {d!r} holds checkpoints of strategy={owner} (newest "
+                             f"{os.path.basename(found[0][1])!r}, written by a run of {world} process(es)); this run "
+                             f"(strategy={self.name!r}) has {trainer.world_size} process(es) and reads "
+                             f"{'its own ' + mine if mine != 'file' else 'checkpoint files'}: resume with the "
+                             "strategy and number of processes that wrote them, or use another directory")
+
     def comm_failure(self, trainer, exc: BaseException) -> BaseException | None:
         """A clearer error for a failed collective (a peer died or timed out), or None."""
         if not trainer.distributed:
@@ -313,6 +341,7 @@ class _DirCheckpoints:
         choice = None
         if trainer.is_main:
             try:
+                self.check_foreign(trainer)
                 if not resume:
                     found = list_dir_checkpoints(trainer.checkpoint_dir, self.kind)
                     if found:
@@ -349,6 +378,16 @@ class _DirCheckpoints:
 
 
 # --------------------------------------------------------------------------- fsdp
+
+@contextlib.contextmanager
+def _quiet_single(trainer):
+    # DCP warns that it "assumes" a single process when there is no process group: here that
+    # is the intent (one process reading or writing a checkpoint any world size can load).
+    with warnings.catch_warnings():
+        if not trainer.distributed:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
 
 class FSDPStrategy(_DirCheckpoints, DDPStrategy):
     name = "fsdp"
@@ -452,8 +491,9 @@ class FSDPStrategy(_DirCheckpoints, DDPStrategy):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "dcp"),
-                 no_dist=not trainer.distributed)
+        with _quiet_single(trainer):
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "dcp"),
+                     no_dist=not trainer.distributed)
 
     def _read_parts(self, trainer, path, trainer_state):
         import torch.distributed.checkpoint as dcp
@@ -461,7 +501,8 @@ class FSDPStrategy(_DirCheckpoints, DDPStrategy):
 
         model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=os.path.join(path, "dcp"), no_dist=not trainer.distributed)
+        with _quiet_single(trainer):
+            dcp.load(state, checkpoint_id=os.path.join(path, "dcp"), no_dist=not trainer.distributed)
         set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
 

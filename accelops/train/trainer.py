@@ -396,6 +396,7 @@ class Trainer:
         choice = None
         if self.is_main:
             try:
+                self._strategy.check_foreign(self)  # a directory of another strategy's checkpoints
                 if not resume:
                     found = list_checkpoints(self.checkpoint_dir)
                     if found:
