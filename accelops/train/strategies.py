@@ -688,6 +688,12 @@ class PipelineStrategy(_DirCheckpoints, DDPStrategy):
         mine = {id(p) for p in self.stage_module.parameters()}
         for group in trainer.optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) in mine]
+        # Every rank built the whole model; it keeps only its stage's weights (the others'
+        # storage is released: trainer.model is not usable whole on any rank afterwards,
+        # accelops.train.strategies.full_model_state_dict gathers it).
+        for p in model.parameters():
+            if id(p) not in mine:
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         self.stage = PipelineStage(self.stage_module, r, n_stages, trainer.device)
