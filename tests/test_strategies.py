@@ -14,6 +14,7 @@ changes who sums what, so it uses the parity tolerance.
 """
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import pickle
@@ -95,6 +96,11 @@ def _main_worker(rank, world, port, out_dir):
             t.fit()
             res[name] = (losses(t), [e["val_loss"] for e in t.evals], full_model_state_dict(t))
             res[name + "-held"] = _held_numbers(t)
+        t = make_trainer(3, strategy="fsdp", precision="bf16-mixed")
+        seen = []
+        t.model.blocks[0].attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
+        t.fit()
+        res["fsdp-bf16"] = (losses(t), seen[0], {p.dtype for g in t.optimizer.param_groups for p in g["params"]})
         t = gru_trainer(3, strategy="pipeline", pipeline_schedule="1f1b", batch_size=8, n_microbatches=4)
         split = t._strategy.split  # chosen from the measured per-block times (rank 0's, broadcast)
         t.fit()
@@ -240,6 +246,16 @@ def tiny_total():
     from .test_train import tiny_model
 
     return sum(p.numel() for p in tiny_model().parameters())
+
+
+def test_fsdp_bf16_mixed_gathers_bf16_weights_and_keeps_fp32_shards(results):
+    got, gathered, sharded = results[0]["fsdp-bf16"]
+    assert gathered == torch.bfloat16 and sharded == {torch.float32}   # MixedPrecisionPolicy(param_dtype=bf16)
+    assert all(math.isfinite(x) for x in got) and results[1]["fsdp-bf16"][0] == got
+    single = make_trainer(3, precision="bf16-mixed", batch_size=8)
+    single.fit()
+    # bf16 rounding of the weights (FSDP) vs of the activations only (autocast): close, not equal
+    assert got == pytest.approx(losses(single), rel=2e-2)
 
 
 def test_pipeline_auto_split_of_a_gru_equals_single_process(results):
