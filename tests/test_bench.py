@@ -116,3 +116,18 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
     assert all(0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] for r in ask)
     assert "Targets:" in (tmp_path / "hpo_summary_quick.md").read_text()
     assert (tmp_path / "hpo_regret_quick.png").is_file()
+
+    # The scaleout family: every strategy trained on 2 gloo ranks, each rank's throughput,
+    # memory (measured and computed) and collective payload recorded.
+    scale = [json.loads(line) for line in (tmp_path / "scaleout_quick.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["rank"]) for r in scale) == sorted(
+        (s, k) for s in ("ddp", "fsdp", "zero1", "pipeline") for k in (0, 1))
+    for r in scale:
+        assert r["status"] == "ok", r.get("reason")
+        assert r["family"] == "scaleout" and r["quick"] is True and r["world_size"] == 2 and r["optimizer"] == "adamw"
+        assert r["tokens_per_s"] > 0 and r["state_bytes"] > 0 and r["payload_bytes_per_step"] > 0
+        assert r["memory_method"] in ("rss_hwm_delta", "unavailable")
+    by = {(r["method"], r["rank"]): r for r in scale}
+    assert by[("fsdp", 0)]["param_bytes"] < by[("ddp", 0)]["param_bytes"]          # sharded weights
+    assert by[("zero1", 0)]["optimizer_state_bytes"] < by[("ddp", 0)]["optimizer_state_bytes"]
+    assert "Targets:" in (tmp_path / "scaleout_summary_quick.md").read_text()

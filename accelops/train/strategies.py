@@ -511,7 +511,7 @@ class FSDPStrategy(_DirCheckpoints, DDPStrategy):
             warnings.warn(f"checkpoint {path!r} was written by {state['world_size']} process(es), this run has "
                           f"{trainer.world_size}: the model and optimizer are resharded; the data position is kept "
                           "as (epoch, batch), which repeats the uninterrupted run when batch_size x world size is "
-                          "unchanged; ranks beyond the saved ones start from fresh RNG seeds (dropout masks differ)",
+                          "unchanged; the RNG states are per rank, so every rank starts from fresh seeds (dropout masks differ)",
                           stacklevel=5)
 
     def _pick_rank_state(self, trainer, state):
