@@ -481,3 +481,28 @@ def test_killed_rank_fails_the_survivor_clearly_and_keeps_the_checkpoint(tmp_pat
     else:
         (step, path), *_ = list_checkpoints(ckpt)
         assert step == 4 and load_checkpoint(path)["step"] == 4
+
+
+def test_cli_torchrun_two_ranks_fsdp(tmp_path):
+    """`accelops train CONFIG --nproc-per-node 2 --strategy fsdp`: torchrun's agent starts the
+    ranks, the flag reaches them, they write sharded DCP checkpoints of a 2-rank run."""
+    import json
+    import subprocess
+    import sys
+
+    from .test_train import ROOT, _config, _csv_losses
+
+    config = _config(tmp_path, max_steps=4, checkpoint_every=2, eval_every=2)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(config))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "accelops.cli", "train", str(path), "--nproc-per-node", "2",
+                           "--strategy", "fsdp"], env=env, cwd=str(tmp_path), capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps, got = _csv_losses(tmp_path / "log")
+    assert steps == [1, 2, 3, 4] and all(math.isfinite(x) for x in got)
+    (step, newest), _ = list_dir_checkpoints(tmp_path / "ckpt", "dcp")
+    manifest = verify_dir_checkpoint(newest)
+    assert step == 4 and manifest["world_size"] == 2
+    assert sum(n.endswith(".distcp") for n in manifest["files"]) == 2    # one shard file a rank
