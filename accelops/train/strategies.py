@@ -163,9 +163,10 @@ class DDPStrategy:
         if not trainer.distributed:
             return None
         text = f"{type(exc).__name__}: {exc}"
-        markers = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe",
-                   "DistBackendError", "DistNetworkError")
-        if not (isinstance(exc, getattr(dist, "DistError", ())) or any(m.lower() in text.lower() for m in markers)):
+        markers = ("gloo", "nccl", "connection", "timed out", "timeout", "closed by peer", "reset by peer",
+                   "broken pipe", "socket")
+        if not (isinstance(exc, getattr(dist, "DistError", ()))
+                or (isinstance(exc, (RuntimeError, OSError)) and any(m in str(exc).lower() for m in markers))):
             return None
         last = trainer._last_saved
         where = ("no checkpoint was written yet" if last is None or trainer.checkpoint_dir is None
