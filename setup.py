@@ -56,7 +56,7 @@ setup(
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "duckdb>=1.1"],  # duckdb: accelops.results (imported on use)
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "hypothesis", "triton>=3.0"],

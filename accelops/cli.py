@@ -13,6 +13,9 @@ def main(argv=None) -> int:
 
     add_arguments(sub.add_parser("train", help="train a character-level TransformerLM / RNNLM from a config file "
                                                "(under torchrun: data-parallel)"))
+    from .results.cli import add_arguments as add_results_arguments  # argparse only; duckdb loads on use
+
+    add_results_arguments(sub.add_parser("results", help="the benchmark results database: import, query, export"))
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -23,6 +26,10 @@ def main(argv=None) -> int:
         from .train.run import run_args
 
         return run_args(args, argv[argv.index("train") + 1:])
+    elif args.command == "results":
+        from .results.cli import run_args as run_results
+
+        return run_results(args)
     return 0
 
 
