@@ -16,6 +16,10 @@ def main(argv=None) -> int:
     from .results.cli import add_arguments as add_results_arguments  # argparse only; duckdb loads on use
 
     add_results_arguments(sub.add_parser("results", help="the benchmark results database: import, query, export"))
+    from .results.cli import add_report_arguments
+
+    add_report_arguments(sub.add_parser("report", help="HTML report with plots of the results database; --check: "
+                                                       "exit 1 on a performance regression"))
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -30,6 +34,10 @@ def main(argv=None) -> int:
         from .results.cli import run_args as run_results
 
         return run_results(args)
+    elif args.command == "report":
+        from .results.cli import run_report
+
+        return run_report(args)
     return 0
 
 

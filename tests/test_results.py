@@ -359,3 +359,37 @@ def test_history_is_per_machine_window_and_excludes_quick_runs(tmp_path):
     # the window: only the last 2 runs before the newest count (the old slow ones are forgotten)
     (v,) = verdicts_for(tmp_path, history_rows([200, 200, 100, 100], new=(130, 126, 134)), window=2)
     assert v.kind == "regression" and len(v.history) == 2
+
+
+def test_report_writes_html_with_plots_and_check_fails_on_a_regression(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from accelops.cli import main
+
+    db_path = tmp_path / "rep.duckdb"
+    db = ResultsDB(db_path)
+    rows = history_rows(STABLE, new=(130, 126, 134))
+    # each run also measures the fp32 baseline, and one op fails on this machine
+    for r in list(rows):
+        rows.append(dict(r, method="fp32", accelops=False, label="F.linear fp32", median_us=400.0, p20_us=390.0,
+                         p80_us=410.0))
+    rows.append(dict(rows[0], method="int8", label="accelops int8_linear", status="error",
+                     reason="RuntimeError: no kernel", median_us=None))
+    db.write_rows(rows)
+    out = tmp_path / "report"
+    assert main(["report", "--db", str(db_path), "--out", str(out), "--check"]) == 1
+    printed = capsys.readouterr().out
+    assert "regression: matmul label ternary" in printed and "1 regressions" in printed
+    page = (out / "index.html").read_text()
+    fp = fingerprint(MACHINE)
+    for png in (f"matmul_{fp}_ratios.png", f"matmul_{fp}_history.png"):
+        assert (out / png).stat().st_size > 1000 and png in page
+    assert "<b>regression</b>" in page and "commit04..commit05" in page
+    assert "works, 130 us" in page and "<b>error</b>: RuntimeError: no kernel" in page   # the matrix
+    # without --check the report is written and the exit status is 0; --no-html only judges
+    assert main(["report", "--db", str(db_path), "--out", str(out)]) == 0
+    assert main(["report", "--db", str(db_path), "--check", "--no-html"]) == 1
+    capsys.readouterr()
+    calm = tmp_path / "calm.duckdb"
+    ResultsDB(calm).write_rows(history_rows(STABLE, new=(101, 96, 106)))
+    assert main(["report", "--db", str(calm), "--check", "--no-html"]) == 0
+    assert "0 regressions" in capsys.readouterr().out

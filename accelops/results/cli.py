@@ -74,3 +74,42 @@ def run_args(args, out=None) -> int:
         print(f"{len(files)} Parquet files under {args.parquet}", file=out)
         return 0
     raise AssertionError(args.results_command)
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", default=None, help=f"database file (default ${ENV_PATH} or {DEFAULT_PATH})")
+    parser.add_argument("--out", default=None,
+                        help="directory of index.html and its PNGs (default: report/ beside the database)")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when the newest run of any benchmark is a regression (for CI)")
+    parser.add_argument("--no-html", action="store_true", help="with --check: only judge, write no page")
+    parser.add_argument("--window", type=int, default=5, help="previous runs a new run is judged against (default 5)")
+    parser.add_argument("--threshold", type=float, default=0.10,
+                        help="how far beyond the history's p20-p80 band a median must be (default 0.10)")
+    parser.add_argument("--lock-timeout", type=float, default=60.0)
+
+
+def run_report(args, out=None) -> int:
+    from .regress import check
+
+    out = out or sys.stdout
+    if args.window < 1 or not 0 <= args.threshold < 10:
+        raise SystemExit("accelops report: --window must be >= 1 and --threshold in [0, 10)")
+    db = ResultsDB(args.db, lock_timeout=args.lock_timeout)
+    if args.no_html:
+        verdicts = check(db, window=args.window, threshold=args.threshold)
+    else:
+        from .report import write_report
+
+        written = write_report(db, args.out or db.path.parent / "report", window=args.window,
+                               threshold=args.threshold)
+        verdicts = written["verdicts"]
+        print(f"report written to {written['html']} ({len(written['pngs'])} plots)", file=out)
+    regressions = [v for v in verdicts if v.kind == "regression"]
+    for v in verdicts:
+        if v.kind in ("regression", "improvement"):
+            print(v.describe(), file=out)
+    print(f"{len(verdicts)} benchmarks checked: {len(regressions)} regressions, "
+          f"{sum(v.kind == 'improvement' for v in verdicts)} improvements, "
+          f"{sum(v.kind == 'too little history' for v in verdicts)} with too little history", file=out)
+    return 1 if (args.check and regressions) else 0
