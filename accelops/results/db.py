@@ -13,6 +13,7 @@ Why it is safe to share:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -182,6 +183,22 @@ class ResultsDB:
             raise
         return con
 
+    @contextlib.contextmanager
+    def _transaction(self):
+        """A write connection inside one transaction: committed when the block ends,
+        rolled back when it raises; the file is released either way."""
+        con = self._write_connection()
+        try:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        finally:
+            con.close()
+
     def _read_connection(self):
         con = connect(self.path, read_only=True, lock_timeout=self.lock_timeout)
         found = schema_version(con)
@@ -208,28 +225,19 @@ class ResultsDB:
         stored = {"runs": 0, "measurements": 0, "skipped": 0}
         if not groups:
             return stored
-        con = self._write_connection()
-        try:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                for (run_id, family), group in groups.items():
-                    if con.execute("SELECT 1 FROM measurements WHERE run_id = ? AND family = ? LIMIT 1",
-                                   [run_id, family]).fetchone():
-                        stored["skipped"] += 1
-                        continue
-                    if not con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone():
-                        self._insert(con, "runs", [run_record(group[0], source)])
-                        stored["runs"] += 1
-                    records = [measurement_record(row, seq) for seq, row in enumerate(group)]
-                    pair_baselines(records, group)
-                    self._insert(con, "measurements", records)
-                    stored["measurements"] += len(records)
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-        finally:
-            con.close()
+        with self._transaction() as con:
+            for (run_id, family), group in groups.items():
+                if con.execute("SELECT 1 FROM measurements WHERE run_id = ? AND family = ? LIMIT 1",
+                               [run_id, family]).fetchone():
+                    stored["skipped"] += 1
+                    continue
+                if not con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone():
+                    self._insert(con, "runs", [run_record(group[0], source)])
+                    stored["runs"] += 1
+                records = [measurement_record(row, seq) for seq, row in enumerate(group)]
+                pair_baselines(records, group)
+                self._insert(con, "measurements", records)
+                stored["measurements"] += len(records)
         return stored
 
     @staticmethod
@@ -267,29 +275,20 @@ class ResultsDB:
         directory = Path(directory)
         runs_glob = str(directory / "runs" / "**" / "*.parquet")
         meas_glob = str(directory / "measurements" / "**" / "*.parquet")
-        con = self._write_connection()
-        try:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                run_cols = ", ".join(n for n, _ in RUN_COLUMNS)
-                meas_cols = ", ".join(n for n, _ in MEASUREMENT_COLUMNS)
-                con.execute(f"CREATE TEMP TABLE new_runs AS SELECT {run_cols} FROM "
-                            f"read_parquet('{runs_glob}', hive_partitioning = true, union_by_name = true) "
-                            f"WHERE run_id NOT IN (SELECT run_id FROM runs)")
-                n_runs = con.execute("SELECT count(*) FROM new_runs").fetchone()[0]
-                con.execute(f"INSERT INTO runs ({run_cols}) SELECT {run_cols} FROM new_runs")
-                before = con.execute("SELECT count(*) FROM measurements").fetchone()[0]
-                con.execute(f"INSERT INTO measurements ({meas_cols}) SELECT {meas_cols} FROM "
-                            f"read_parquet('{meas_glob}', hive_partitioning = true, union_by_name = true) "
-                            f"WHERE run_id IN (SELECT run_id FROM new_runs)")
-                after = con.execute("SELECT count(*) FROM measurements").fetchone()[0]
-                con.execute("DROP TABLE new_runs")
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-        finally:
-            con.close()
+        with self._transaction() as con:
+            run_cols = ", ".join(n for n, _ in RUN_COLUMNS)
+            meas_cols = ", ".join(n for n, _ in MEASUREMENT_COLUMNS)
+            con.execute(f"CREATE TEMP TABLE new_runs AS SELECT {run_cols} FROM "
+                        f"read_parquet('{runs_glob}', hive_partitioning = true, union_by_name = true) "
+                        f"WHERE run_id NOT IN (SELECT run_id FROM runs)")
+            n_runs = con.execute("SELECT count(*) FROM new_runs").fetchone()[0]
+            con.execute(f"INSERT INTO runs ({run_cols}) SELECT {run_cols} FROM new_runs")
+            before = con.execute("SELECT count(*) FROM measurements").fetchone()[0]
+            con.execute(f"INSERT INTO measurements ({meas_cols}) SELECT {meas_cols} FROM "
+                        f"read_parquet('{meas_glob}', hive_partitioning = true, union_by_name = true) "
+                        f"WHERE run_id IN (SELECT run_id FROM new_runs)")
+            after = con.execute("SELECT count(*) FROM measurements").fetchone()[0]
+            con.execute("DROP TABLE new_runs")
         return {"runs": n_runs, "measurements": after - before}
 
     # ------------------------------------------------------------------ reading
