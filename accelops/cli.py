@@ -20,6 +20,10 @@ def main(argv=None) -> int:
 
     add_report_arguments(sub.add_parser("report", help="HTML report with plots of the results database; --check: "
                                                        "exit 1 on a performance regression"))
+    from .tune import add_arguments as add_tune_arguments
+
+    add_tune_arguments(sub.add_parser("tune", help="measure backends and thread counts of the tuned ops here and "
+                                                   "write the dispatch table accelops.ops consults"))
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -34,6 +38,10 @@ def main(argv=None) -> int:
         from .results.cli import run_args as run_results
 
         return run_results(args)
+    elif args.command == "tune":
+        from .tune import run_args as run_tune
+
+        return run_tune(args)
     elif args.command == "report":
         from .results.cli import run_report
 
