@@ -156,6 +156,7 @@ class MLflowLogger:
         from mlflow.entities import Param
 
         self.client = self._client_cls(tracking_uri=self.tracking_uri)
+        resume_run_id = self.run_id or resume_run_id  # fit() again on the same trainer: the same run
         if resume_run_id is not None:
             try:
                 self.client.get_run(resume_run_id)
