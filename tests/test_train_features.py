@@ -439,6 +439,19 @@ def test_named_losses_are_weighted_logged_and_evaluated(tmp_path):
     assert es.fit()["step"] == 4
 
 
+class TwoHeadWithOutput(TwoHead):
+    def forward(self, tokens, targets):
+        return self.emb(tokens), super().forward(tokens, targets)     # (output, dict of losses)
+
+
+def test_named_losses_from_an_output_tuple():
+    model = TwoHeadWithOutput()
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.5), TRAIN, max_steps=2, batch_size=4, log_every=1,
+                eval_every=None, progress=False)
+    t.fit()
+    assert t.history[0]["loss"] == pytest.approx(t.history[0]["loss_a"] + t.history[0]["loss_b"], rel=1e-5)
+
+
 def test_named_losses_bad_weights_are_clear_errors():
     with pytest.raises(ValueError, match=r"loss_weights has key\(s\) \['loss_c'\].*\['loss_a', 'loss_b'\]"):
         _two_head_trainer(2, loss_weights={"loss_a": 1.0, "loss_c": 2.0}).fit()
