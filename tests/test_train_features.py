@@ -5,6 +5,7 @@ Tiny models and data (those of test_train.py); single process except one forked 
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import math
 import os
@@ -285,6 +286,14 @@ def _es_worker(rank, world, port, out_dir):
         t = make_trainer(40, eval_every=2, eval_batches=1, early_stopping=es)
         out = t.fit()
         res = {"out": out, "losses": losses(t), "evals": t.evals, "params": params(t.model)}
+        two = _two_head_trainer(3, loss_weights={"loss_b": 0.5}, eval_every=3)   # named losses under DDP
+        two.fit()
+        res["two_head"] = (two.history, two.evals)
+        # The DDP reducers go before the process group they use: a gloo group destroyed while
+        # reducers still hold it can hang this process's exit.
+        two.ddp = t.ddp = None
+        del two
+        gc.collect()
         t.close()
     except BaseException:
         res["error"] = traceback.format_exc()
@@ -308,6 +317,16 @@ def test_early_stopping_two_ranks_stop_together():
     assert r0["losses"] == r1["losses"] and r0["evals"] == r1["evals"]
     for k, v in r0["params"].items():
         assert torch.equal(v, r1["params"][k]), k
+    # named losses: components are means over ranks; 2 ranks x 4 = one process's batch of 8
+    single = _two_head_trainer(3, loss_weights={"loss_b": 0.5}, eval_every=3, batch_size=8)
+    single.fit()
+    (h0, e0), (h1, e1) = r0["two_head"], r1["two_head"]
+    keys = ("step", "loss", "loss_a", "loss_b")
+    assert [[h[k] for k in keys] for h in h0] == [[h[k] for k in keys] for h in h1] and e0 == e1
+    for name in ("loss", "loss_a", "loss_b"):
+        assert [h[name] for h in h0] == pytest.approx([h[name] for h in single.history], rel=1e-5), name
+    for name in ("val_loss", "val_loss_a", "val_loss_b"):
+        assert e0[-1][name] == pytest.approx(single.evals[-1][name], rel=1e-5), name
 
 
 # --------------------------------------------------------------------------- lr per param group
@@ -412,8 +431,8 @@ def _two_head_trainer(steps, log_dir=None, **kw):
     model = TwoHead()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     kw.setdefault("eval_every", 2)
-    return Trainer(model, opt, TRAIN, VAL, max_steps=steps, batch_size=4, log_every=2, eval_batches=2,
-                   progress=False, log_dir=log_dir, **kw)
+    kw.setdefault("batch_size", 4)
+    return Trainer(model, opt, TRAIN, VAL, max_steps=steps, log_every=2, progress=False, log_dir=log_dir, **kw)
 
 
 def test_named_losses_are_weighted_logged_and_evaluated(tmp_path):
