@@ -458,6 +458,18 @@ def test_named_losses_are_weighted_logged_and_evaluated(tmp_path):
     assert es.fit()["step"] == 4
 
 
+def test_named_losses_resume_exactly_with_their_columns(tmp_path):
+    kw = dict(loss_weights={"loss_b": 0.5}, eval_every=2, eval_batches=1, checkpoint_every=2)
+    full = _two_head_trainer(6, tmp_path / "full", checkpoint_dir=tmp_path / "full" / "ckpt", **kw)
+    full.fit()
+    _two_head_trainer(4, tmp_path / "cut", checkpoint_dir=tmp_path / "cut" / "ckpt", **kw).fit()
+    resumed = _two_head_trainer(6, tmp_path / "cut", checkpoint_dir=tmp_path / "cut" / "ckpt", **kw)
+    resumed.fit()
+    cols = ("step", "loss", "loss_a", "loss_b", "val_loss", "val_loss_a", "val_loss_b")
+    assert [[r[c] for c in cols] for r in _csv_rows(tmp_path / "cut")] == \
+        [[r[c] for c in cols] for r in _csv_rows(tmp_path / "full")]
+
+
 class TwoHeadWithOutput(TwoHead):
     def forward(self, tokens, targets):
         return self.emb(tokens), super().forward(tokens, targets)     # (output, dict of losses)
