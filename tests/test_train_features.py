@@ -19,13 +19,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from accelops.train import (EarlyStopping, LRFindResult, TokenWindows, Trainer, list_checkpoints, load_char_corpus,
-                            load_checkpoint, lr_find, split_dataset)
+from accelops.train import (EarlyStopping, LRFindResult, Trainer, list_checkpoints, load_char_corpus, load_checkpoint,
+                            lr_find, split_dataset)
 from accelops.train.run import ConfigError, build, run
 
 from .helpers import run_forked_ranks
-from .test_train import SEQ, TEXT, TRAIN, VAL, VOCAB, _config, _csv_losses, losses, make_text, make_trainer, params, \
-    tiny_model
+from .test_train import SEQ, TEXT, TRAIN, VAL, VOCAB, _config, _csv_losses, losses, make_trainer, params, tiny_model
 
 
 @pytest.fixture(autouse=True, scope="module")
