@@ -62,6 +62,7 @@ setup(
         "test": ["pytest", "hypothesis", "triton>=3.0"],
         "bench": ["torchao==0.18.0", "tqdm"],
         "ray": ["ray[train]>=2.50"],  # accelops train --launcher ray / accelops.train.ray_fit
+        "mlflow": ["mlflow>=2.10"],  # Trainer(mlflow=...) / accelops train --mlflow
         "train": ["tqdm", "tomli; python_version < '3.11'"],  # + tensorboard, used when installed
     },
     entry_points={"console_scripts": ["accelops=accelops.cli:main"]},

@@ -16,8 +16,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, default_collate
 
+from .callbacks import EarlyStopping, MLflowLogger, require_mlflow
 from .checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                          prune_checkpoints, save_checkpoint)
+from .losses import WeightedLoss
 
 try:
     import numpy as np
@@ -64,7 +66,8 @@ def _tokens_in(batch) -> int:
 
 def default_loss(model, batch) -> torch.Tensor:
     """model(*batch) for a tuple/list batch (model(**batch) for a dict, model(batch) else);
-    a (logits, loss) result gives its loss. accelops.models' `model(tokens, targets)` fits."""
+    a (logits, loss) result gives its loss, a dict of named losses (or (output, dict)) is
+    returned as it is for the Trainer's loss_weights. accelops.models' `model(tokens, targets)` fits."""
     if isinstance(batch, (list, tuple)):
         out = model(*batch)
     elif isinstance(batch, dict):
@@ -73,6 +76,8 @@ def default_loss(model, batch) -> torch.Tensor:
         out = model(batch)
     if isinstance(out, (list, tuple)):
         out = out[-1]
+    if isinstance(out, dict):
+        return out
     if not isinstance(out, torch.Tensor) or out.dim() != 0:
         raise TypeError("the model must return a scalar loss or (output, loss) for a batch; got "
                         f"{type(out).__name__}{'' if not isinstance(out, torch.Tensor) else tuple(out.shape)}: "
@@ -185,8 +190,10 @@ class Trainer:
         bounds an evaluation to that many batches a rank (evenly spaced over val_data).
     seed: seeds torch, numpy and random (rank r: seed + r) and the data order.
     loss_fn: (model, batch) -> scalar loss; default model(*batch) giving loss or
-        (logits, loss).
+        (logits, loss). Either may give a dict of named losses instead: see loss_weights.
     metadata: anything torch.save-able stored in every checkpoint (e.g. the config).
+    early_stopping, loss_weights, mlflow: see accelops/train/callbacks.py and losses.py
+        (EarlyStopping, WeightedLoss, MLflowLogger) and README "Trainer features".
     """
 
     def __init__(self, model, optimizer, train_data, val_data=None, *, precision: str = "32",
@@ -195,7 +202,8 @@ class Trainer:
                  eval_every: int | None = 200, eval_batches: int | None = None, checkpoint_every: int | None = None,
                  keep_last: int = 3, batch_size: int = 32, scheduler=None, seed: int = 0, shuffle: bool = True,
                  log_every: int = 10, device=None, distributed="auto", ddp_kwargs: dict | None = None,
-                 loss_fn=None, progress: bool = True, metadata=None):
+                 loss_fn=None, progress: bool = True, metadata=None, early_stopping=None, loss_weights=None,
+                 mlflow=None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -236,7 +244,13 @@ class Trainer:
         self.keep_last, self.batch_size, self.seed, self.log_every = keep_last, batch_size, seed, log_every
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
-        self.optimizer, self.scheduler, self.loss_fn = optimizer, scheduler, loss_fn or default_loss
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.loss_fn = WeightedLoss(loss_fn or default_loss, loss_weights)
+        self.early_stopping = EarlyStopping.from_spec(early_stopping)
+        if self.early_stopping is not None and (val_data is None or eval_every is None):
+            raise ValueError("early_stopping is checked at each evaluation: it needs val_data and eval_every")
+        if mlflow:
+            require_mlflow()  # on every rank: a missing extra fails everywhere, not only on rank 0
         self.train_data, self.val_data, self.metadata, self.progress = train_data, val_data, metadata, progress
 
         # ---- processes and device
@@ -245,6 +259,8 @@ class Trainer:
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.is_main = self.rank == 0
+        self._mlflow = MLflowLogger(mlflow, self.log_dir) if mlflow and self.is_main else None
+        self._mlflow_resume = self.last_checkpoint = self.stop_reason = None
         self.device = self._pick_device(device)
         self.model = model.to(self.device)
 
@@ -422,7 +438,10 @@ class Trainer:
         self._last_eval = state.get("last_eval")
         self._elapsed_before = float(state.get("elapsed_s", 0.0))
         self._pending_rng = mine_rank["rng"]
-        self.resumed_from = path
+        if self.early_stopping is not None and state.get("early_stopping") is not None:
+            self.early_stopping.load_state_dict(state["early_stopping"])
+        self._mlflow_resume = state.get("mlflow_run_id")
+        self.resumed_from = self.last_checkpoint = path
         if self.is_main:
             log.info("resumed from %s (step %d)", path, self.step)
 
@@ -451,6 +470,8 @@ class Trainer:
                 "scaler": None if self.scaler is None else self.scaler.state_dict(),
                 "data": self._stream.state_dict(), "rank_states": ranks, "trainer": self._trainer_config(),
                 "elapsed_s": self._elapsed(), "last_eval": self._last_eval, "metadata": self.metadata,
+                "early_stopping": None if self.early_stopping is None else self.early_stopping.state_dict(),
+                "mlflow_run_id": None if self._mlflow is None else self._mlflow.run_id,
             }
             path = save_checkpoint(checkpoint_path(self.checkpoint_dir, self.step), state)
             prune_checkpoints(self.checkpoint_dir, self.keep_last)
@@ -458,6 +479,7 @@ class Trainer:
         if self.distributed:
             dist.barrier()
         self._last_saved = self.step
+        self.last_checkpoint = path
         return path
 
     # ------------------------------------------------------------------ training
@@ -491,7 +513,7 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = [g["lr"] for g in self.optimizer.param_groups]  # one column per group when there are several
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -510,7 +532,8 @@ class Trainer:
         of them) and writes their rows."""
         if not self._pending:
             return
-        losses = torch.stack([p[1] for p in self._pending])
+        names = sorted(self._pending[0][7])  # named loss components (models with several targets)
+        losses = torch.stack([torch.stack([p[1].float(), *(p[7][n] for n in names)]) for p in self._pending])
         if self.distributed:
             dist.all_reduce(losses)
             losses /= self.world_size
@@ -520,10 +543,11 @@ class Trainer:
         tps = tokens / max(now - self._t_flush, 1e-9)
         self._t_flush = now
         rows = []
-        for (step, _, lr, gn, tok, epoch, elapsed), loss in zip(self._pending, losses):
-            rows.append({"step": step, "epoch": epoch, "loss": loss, "lr": lr,
+        for (step, _, lr, gn, tok, epoch, elapsed, _), (loss, *parts) in zip(self._pending, losses):
+            rows.append({"step": step, "epoch": epoch, "loss": loss, "lr": lr[0],
                          "grad_norm": None if gn is None else float(gn), "tokens": tok, "tokens_per_s": tps,
-                         "elapsed_s": elapsed})
+                         "elapsed_s": elapsed, **dict(zip(names, parts)),
+                         **({f"lr-group{i}": v for i, v in enumerate(lr)} if len(lr) > 1 else {})})
         self._pending = []
         self.history.extend(rows)
         self._write(rows)
@@ -546,6 +570,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        comp = None  # weighted sums of the named loss components
         try:
             for s in range(0, len(mine), self.batch_size):
                 batch = _to_device(default_collate([self.val_data[i] for i in mine[s:s + self.batch_size]]),
@@ -555,15 +580,22 @@ class Trainer:
                 weight = _tokens_in(batch) or 1
                 total[0] += loss.double() * weight
                 total[1] += weight
+                parts = self.loss_fn.pop()
+                if parts:
+                    part = torch.stack(list(parts.values())).double() * weight
+                    comp = part if comp is None else comp + part
         finally:
             self.model.train(was_training)
+        names = self.loss_fn.names or ()
+        total = torch.cat([total, comp if comp is not None else total.new_zeros(len(names))])
         if self.distributed:
             dist.all_reduce(total)
         if total[1] == 0:
             raise ValueError("val_data is empty")
         val = (total[0] / total[1]).item()
         self._last_eval = self.step
-        row = {"step": self.step, "val_loss": val, "val_bpc": val / math.log(2)}
+        row = {"step": self.step, "val_loss": val, "val_bpc": val / math.log(2),
+               **{f"val_{n}": (v / total[1]).item() for n, v in zip(names, total[2:])}}
         self.evals.append(row)
         self._write([row])
         if self.is_main:
@@ -583,22 +615,36 @@ class Trainer:
             # Rows past the step we start from were written after the checkpoint (a crash
             # followed): the resumed run writes them again.
             with open(path, newline="") as f:
-                kept = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= self.step]
-        self._csv_file = open(path, "w", newline="")
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        self._csv.writeheader()
-        self._csv.writerows(kept)
-        self._csv_file.flush()
+                reader = csv.DictReader(f)
+                kept = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= self.step]
+                extra = [k for k in reader.fieldnames or () if k not in CSV_FIELDS]
+        self._csv_rewrite(path, list(CSV_FIELDS) + (extra if kept else []), kept)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
             return
         self._tb = SummaryWriter(self.log_dir, purge_step=self.step + 1)
 
+    def _csv_rewrite(self, path, fields, rows) -> None:
+        self._csv_file = open(path, "w", newline="")
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=fields, extrasaction="ignore")
+        self._csv.writeheader()
+        self._csv.writerows(rows)
+        self._csv_file.flush()
+
     def _write(self, rows) -> None:
         if getattr(self, "_csv", None) is not None:
+            new = list(dict.fromkeys(k for row in rows for k in row if k not in self._csv.fieldnames))
+            if new:  # a column first seen now (per-group lr, named losses): rewrite the file with it
+                path = self._csv_file.name
+                self._csv_file.close()
+                with open(path, newline="") as f:
+                    old = list(csv.DictReader(f))
+                self._csv_rewrite(path, list(self._csv.fieldnames) + new, old)
             self._csv.writerows(rows)
             self._csv_file.flush()
+        if getattr(self, "_mlflow", None) is not None:
+            self._mlflow.log_rows(rows)
         if getattr(self, "_tb", None) is not None:
             for row in rows:
                 for key, value in row.items():
@@ -616,9 +662,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
+    def _early_stop(self) -> bool:
+        """After a scheduled evaluation: does early stopping end the run? Rank 0's decision and
+        counters are broadcast, so every rank stops at the same step."""
+        es = self.early_stopping
+        if es is None or not self.evals or self.evals[-1]["step"] != self.step:
+            return False
+        es.update(self.evals[-1], self.step)
+        if self.distributed:
+            es.load_state_dict(self._broadcast(es.state_dict()))
+        if es.stopped and self.is_main:
+            log.info("%s", es.reason)
+        return es.stopped
+
+    def _mlflow_params(self) -> dict:
+        params = dict(self._trainer_config(), max_steps=self.max_steps, eval_every=self.eval_every,
+                      world_size=self.world_size, loss_weights=self.loss_fn.weights)
+        if isinstance(self.metadata, dict) and isinstance(self.metadata.get("config"), dict):
+            params = {"trainer": params, "config": self.metadata["config"]}
+        return params
+
     def fit(self) -> dict:
-        """Trains up to max_steps -> {"step", "loss" (last train loss), "val_loss" (last
-        evaluation), "resumed_from"}."""
+        """Trains up to max_steps (or until early stopping) -> {"step", "loss" (last train
+        loss), "val_loss" (last evaluation), "resumed_from", "stop_reason" (None, or why
+        early stopping ended the run)}."""
         if self._pending_rng is not None:
             _set_rng_state(self._pending_rng, self.device)
             self._pending_rng = None
@@ -626,6 +693,9 @@ class Trainer:
         self._pending = []
         self._bar = None
         self._open_logs()
+        if self._mlflow is not None:
+            self._mlflow.start(self._mlflow_params(), self._mlflow_resume)
+        finished = False
         if self.is_main and self.progress and self.step < self.max_steps:
             try:
                 from tqdm import tqdm
@@ -635,11 +705,13 @@ class Trainer:
                 self._bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step",
                                  dynamic_ncols=True)
         try:
-            while self.step < self.max_steps:
+            stopped = self.early_stopping is not None and self.early_stopping.stopped  # before a resume
+            while self.step < self.max_steps and not stopped:
                 epoch = self._stream.epoch
                 loss, lr, grad_norm, tokens = self._train_step()
                 self.step += 1
-                self._pending.append((self.step, loss, lr, grad_norm, tokens, epoch, self._elapsed()))
+                self._pending.append((self.step, loss, lr, grad_norm, tokens, epoch, self._elapsed(),
+                                      self.loss_fn.pop()))
                 if self._bar is not None:
                     self._bar.update(1)
                 if self.step % self.log_every == 0:
@@ -647,6 +719,8 @@ class Trainer:
                 if self.eval_every is not None and self.step % self.eval_every == 0:
                     self._flush()
                     self.evaluate()
+                    if self._early_stop():
+                        break  # the block after the loop writes the final checkpoint
                 if self.checkpoint_dir is not None and self.checkpoint_every is not None \
                         and self.step % self.checkpoint_every == 0:
                     self._flush()
@@ -656,11 +730,17 @@ class Trainer:
                 self.evaluate()
             if self.checkpoint_dir is not None and self._last_saved != self.step:
                 self.save_checkpoint()
+            finished = True
         finally:
             if self._bar is not None:
                 self._bar.close()
             self._close_logs()
+            self.stop_reason = None if self.early_stopping is None else self.early_stopping.reason
+            if self._mlflow is not None:
+                self._mlflow.finish(self.last_checkpoint, "FINISHED" if finished else "FAILED",
+                                    tags={"accelops.stop_reason": self.stop_reason})
         self._elapsed_before = self._elapsed()
         del self._t_start
         return {"step": self.step, "loss": self.history[-1]["loss"] if self.history else None,
-                "val_loss": self.evals[-1]["val_loss"] if self.evals else None, "resumed_from": self.resumed_from}
+                "val_loss": self.evals[-1]["val_loss"] if self.evals else None, "resumed_from": self.resumed_from,
+                "stop_reason": self.stop_reason}
