@@ -56,12 +56,13 @@ setup(
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "duckdb>=1.1"],  # duckdb: accelops.results (imported on use)
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "hypothesis", "triton>=3.0"],
         "bench": ["torchao==0.18.0", "tqdm"],
         "ray": ["ray[train]>=2.50"],  # accelops train --launcher ray / accelops.train.ray_fit
+        "mlflow": ["mlflow>=2.10"],  # Trainer(mlflow=...) / accelops train --mlflow
         "train": ["tqdm", "tomli; python_version < '3.11'"],  # + tensorboard, used when installed
     },
     entry_points={"console_scripts": ["accelops=accelops.cli:main"]},

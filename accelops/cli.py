@@ -13,6 +13,17 @@ def main(argv=None) -> int:
 
     add_arguments(sub.add_parser("train", help="train a character-level TransformerLM / RNNLM from a config file "
                                                "(under torchrun: data-parallel)"))
+    from .results.cli import add_arguments as add_results_arguments  # argparse only; duckdb loads on use
+
+    add_results_arguments(sub.add_parser("results", help="the benchmark results database: import, query, export"))
+    from .results.cli import add_report_arguments
+
+    add_report_arguments(sub.add_parser("report", help="HTML report with plots of the results database; --check: "
+                                                       "exit 1 on a performance regression"))
+    from .tune import add_arguments as add_tune_arguments
+
+    add_tune_arguments(sub.add_parser("tune", help="measure backends and thread counts of the tuned ops here and "
+                                                   "write the dispatch table accelops.ops consults"))
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -23,6 +34,18 @@ def main(argv=None) -> int:
         from .train.run import run_args
 
         return run_args(args, argv[argv.index("train") + 1:])
+    elif args.command == "results":
+        from .results.cli import run_args as run_results
+
+        return run_results(args)
+    elif args.command == "tune":
+        from .tune import run_args as run_tune
+
+        return run_tune(args)
+    elif args.command == "report":
+        from .results.cli import run_report
+
+        return run_report(args)
     return 0
 
 

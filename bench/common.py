@@ -3,7 +3,9 @@
 Every family times the same way (warm-up, then adaptive repeats, median with p20/p80,
 cold weights: see Timer), records the same metadata (machine, versions, git commit,
 thread count) and appends one JSON object a row to <results-dir>/<family>.jsonl, so rows
-from different runs, machines and families can be compared side by side.
+from different runs, machines and families can be compared side by side. When a family
+finishes, its rows of the run are also stored in the results database
+(<results-dir>/accelops.duckdb, see accelops.results) in one transaction.
 """
 from __future__ import annotations
 
@@ -58,10 +60,17 @@ class Config:
     ms: list[int] | None = None                     # --m: override a family's row counts
     shapes: list[tuple[int, int]] | None = None     # --shapes: override a family's (N, K)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    db: Path | None = None      # --db; None: <results-dir>/accelops.duckdb (accelops_quick.duckdb with --quick)
+    store_db: bool = True       # --no-db: JSON lines only
 
     def results_file(self, family: str) -> Path:
         # --quick rows go to their own file so smoke runs never mix into the real results.
         return self.results_dir / (f"{family}_quick.jsonl" if self.quick else f"{family}.jsonl")
+
+    def database_file(self) -> Path:
+        if self.db is not None:
+            return self.db
+        return self.results_dir / ("accelops_quick.duckdb" if self.quick else "accelops.duckdb")
 
     def summary_file(self, family: str) -> Path:
         return self.results_dir / (f"{family}_summary_quick.md" if self.quick else f"{family}_summary.md")
@@ -103,6 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only these row counts M (default: the family's own)")
     parser.add_argument("--shapes", type=_shape_list, default=None, metavar="NxK[,NxK...]",
                         help="only these weight shapes, N=out_features x K=in_features (default: the family's own)")
+    parser.add_argument("--db", type=Path, default=None,
+                        help="results database the run is stored in (default <results-dir>/accelops.duckdb; "
+                             "accelops_quick.duckdb with --quick)")
+    parser.add_argument("--no-db", action="store_true", help="append JSON lines only, store nothing in the database")
     parser.add_argument("--no-flush", action="store_true",
                         help="hot caches: no L2 flush (CUDA), no rotating weight copies (CPU)")
 
@@ -115,7 +128,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
             raise SystemExit("--device cuda but torch sees no CUDA device")
         device = torch.device(args.device)
     cfg = Config(threads=args.threads, quick=args.quick, results_dir=args.results_dir,
-                 device=device, flush=not args.no_flush, ms=args.m, shapes=args.shapes)
+                 device=device, flush=not args.no_flush, ms=args.m, shapes=args.shapes,
+                 db=getattr(args, "db", None), store_db=not getattr(args, "no_db", False))
     if args.quick:
         cfg.budget_s, cfg.warmup_s, cfg.max_repeats = 0.05, 0.01, 10
     if args.budget is not None:
@@ -207,7 +221,10 @@ def _l3_bytes() -> int | None:
 def machine(device: torch.device) -> dict:
     import accelops
 
+    from accelops.results import machine_info
+
     info = accelops.info(file=io.StringIO())  # the public info, without its printout
+    described = machine_info()
     return {
         "cpu_model": info.get("cpu_model"),
         "cpu_count": os.cpu_count(),
@@ -217,6 +234,9 @@ def machine(device: torch.device) -> dict:
         "cpu_features": info.get("cpu_features"),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "platform": platform.platform(),
+        "memory_bytes": described["memory_bytes"],
+        "gpu_driver": described["gpu_driver"],
+        "fingerprint": described["fingerprint"],
     }
 
 
@@ -556,6 +576,38 @@ def report(cfg: Config, results: list[FamilyResult]) -> int:
         print(result.summary)
         print(f"rows appended to {cfg.results_file(result.family)}; summary written to {path}")
         failures += result.failures
+        if cfg.store_db:
+            failures += store_in_database(cfg, result.family)
     for f in failures:
         print(f"FAILED: {f}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def store_in_database(cfg: Config, family: str) -> list[str]:
+    """Store this run's rows of `family` (read back from its JSON-lines file, which holds
+    everything the family appended, subprocess rows included) in the results database
+    -> failures. The JSON lines stay the crash-safe record: a failed store loses nothing
+    and `accelops results import` can repeat it."""
+    from accelops.results import ResultsDB
+
+    path = cfg.results_file(family)
+    rows = []
+    if path.exists():
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("run_id") == cfg.run_id and row.get("family") == family:
+                    rows.append(row)
+    if not rows:
+        return []
+    db = ResultsDB(cfg.database_file())
+    try:
+        stored = db.write_rows(rows)
+    except Exception as exc:  # noqa: BLE001 - reported as a failure of the run, rows kept in JSON lines
+        return [f"{family}: rows not stored in {db.path}: {type(exc).__name__}: {exc} "
+                f"(they are in {path}; `accelops results import --db {db.path} {path}` stores them)"]
+    print(f"{stored['measurements']} {family} rows stored in {db.path} (run {cfg.run_id})")
+    return []

@@ -131,3 +131,24 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
     assert by[("fsdp", 0)]["param_bytes"] < by[("ddp", 0)]["param_bytes"]          # sharded weights
     assert by[("zero1", 0)]["optimizer_state_bytes"] < by[("ddp", 0)]["optimizer_state_bytes"]
     assert "Targets:" in (tmp_path / "scaleout_summary_quick.md").read_text()
+
+    # The dispatch family: tuned vs default vs exhaustive search on each shape, and the
+    # lookup cost; the user's own dispatch table file is never written by the bench.
+    disp = [json.loads(line) for line in (tmp_path / "dispatch_quick.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in disp} == {"default", "tuned", "best", "dispatch_overhead"}
+    for r in disp:
+        assert r["status"] == "ok" and r["threads"] == 1
+        if r["method"] != "dispatch_overhead":
+            assert r["p20_us"] <= r["median_us"] <= r["p80_us"]
+            assert {c["threads"] for c in r["candidates"]} == {1}
+    assert "tuned vs best" in (tmp_path / "dispatch_summary_quick.md").read_text()
+
+    # Every family's rows of this run are in the results database too, in one run.
+    import duckdb
+
+    con = duckdb.connect(str(tmp_path / "accelops_quick.duckdb"), read_only=True)
+    stored = dict(con.execute("SELECT family, count(*) FROM measurements GROUP BY 1").fetchall())
+    assert set(stored) >= {"matmul", "comm", "fake_quant", "ffn", "lm", "hpo", "dispatch"}
+    assert stored["matmul"] == len(rows) and stored["dispatch"] == len(disp)
+    assert con.execute("SELECT count(DISTINCT run_id) FROM runs").fetchone()[0] == 1
+    con.close()

@@ -394,3 +394,32 @@ def test_torchrun_two_ranks_with_compression(tmp_path):
     hooks = [r["hook"] for r in state["rank_states"]]
     assert [h["hook"] for h in hooks] == ["powersgd", "powersgd"] and [h["rank"] for h in hooks] == [0, 1]
     assert all(h["step"] == 6 for h in hooks)
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+def test_tensorboard_events_hold_the_csv_metrics(tmp_path):
+    """With tensorboard installed (requirements-dev), the same scalars reach an event file
+    as reach metrics.csv: train loss per logged step, val loss per evaluation."""
+    pytest.importorskip("tensorboard", reason="tensorboard is optional; requirements-dev installs it")
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = make_trainer(4, log_dir=str(tmp_path), eval_every=2, eval_batches=1, log_every=1)
+    trainer.fit()
+    trainer.close()
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    train_loss = {e.step: e.value for e in events.Scalars("train/loss")}
+    val_loss = {e.step: e.value for e in events.Scalars("val/val_loss")}
+    csv_train = {int(r["step"]): float(r["loss"]) for r in rows if r["loss"]}
+    csv_val = {int(r["step"]): float(r["val_loss"]) for r in rows if r["val_loss"]}
+    assert sorted(train_loss) == sorted(csv_train) == [1, 2, 3, 4]
+    assert sorted(val_loss) == sorted(csv_val) == [2, 4]
+    for step, value in csv_train.items():   # event files store float32
+        assert train_loss[step] == pytest.approx(value, rel=1e-6)
+    for step, value in csv_val.items():
+        assert val_loss[step] == pytest.approx(value, rel=1e-6)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import int8 as ref
+from . import _tuning
 from . import _validate as check
 from ._backend import choose, extension
 
@@ -90,11 +91,16 @@ def int8_linear(x, w_q, w_scale, bias=None):
     check.bias(bias, n)
     device = check.same_device(x=x, w_q=w_q, w_scale=w_scale, bias=bias)
     backend = choose("int8_linear", device)
+    tuned = None
+    if backend == "native":
+        tuned = _tuning.choice_for("int8_linear", device, (x.numel() // k if k else 0, n, k))
+        if tuned is not None and tuned.backend == "reference":
+            backend = "reference"
     if backend == "reference":
         return ref.int8_linear(x, w_q, w_scale, bias)
     if backend == "triton":
         return _triton().int8_linear(x, w_q, w_scale, bias)
-    return torch.ops.accelops.int8_linear(x, w_q, w_scale, bias)
+    return _tuning.call_with(tuned, torch.ops.accelops.int8_linear, x, w_q, w_scale, bias)
 
 
 # --------------------------------------------------------------------------- registration

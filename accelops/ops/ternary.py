@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import ternary as ref
+from . import _tuning
 from . import _validate as check
 from ._backend import choose, extension
 
@@ -87,11 +88,17 @@ def ternary_matmul(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tenso
     check.bias(bias, n)
     device = check.same_device(x=x, w_packed=w_packed, w_scale=w_scale, bias=bias)
     backend = choose("ternary_matmul", device)
+    tuned = None
+    if backend == "native":
+        k = x.shape[-1]
+        tuned = _tuning.choice_for("ternary_matmul", device, (x.numel() // k if k else 0, n, k))
+        if tuned is not None and tuned.backend == "reference":
+            backend = "reference"
     if backend == "reference":
         return ref.ternary_matmul(x, w_packed, w_scale, bias)
     if backend == "triton":
         return _triton().ternary_matmul(x, w_packed, w_scale, bias)
-    return torch.ops.accelops.ternary_matmul(x, w_packed, w_scale, bias)
+    return _tuning.call_with(tuned, torch.ops.accelops.ternary_matmul, x, w_packed, w_scale, bias)
 
 
 # --------------------------------------------------------------------------- registration

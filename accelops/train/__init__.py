@@ -3,10 +3,14 @@ compression, atomic checksummed checkpoints that resume exactly), character-leve
 data, TrainObjective (the trainer as an accelops.hpo objective), ray_fit (Ray Train workers), and the `accelops train CONFIG` / `torchrun -m accelops.train CONFIG` entry point."""
 from .checkpoint import (CheckpointError, CheckpointWarning, latest_checkpoint, list_checkpoints, load_checkpoint,
                          save_checkpoint)
-from .data import CharVocab, TokenWindows, load_char_corpus
+from .callbacks import EarlyStopping
+from .data import CharVocab, TokenWindows, load_char_corpus, split_dataset
+from .losses import WeightedLoss
+from .lr_find import LRFindResult, lr_find
 from .trainer import PRECISIONS, Trainer
 from .ray_train import ray_fit
 from .tuning import TrainObjective
 
 __all__ = ["Trainer", "TrainObjective", "ray_fit", "PRECISIONS", "CharVocab", "TokenWindows", "load_char_corpus", "CheckpointError",
-           "CheckpointWarning", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints"]
+           "CheckpointWarning", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
+           "lr_find", "LRFindResult", "EarlyStopping", "WeightedLoss", "split_dataset"]

@@ -67,6 +67,7 @@ def _worker_loop(loop_config: dict) -> None:
         while trainer.step < final:
             trainer.max_steps = min(final, (trainer.step // every + 1) * every)
             result = trainer.fit()              # ends with an evaluation and a checkpoint
+            stopped = trainer.stop_reason is not None   # early stopping: the run ends before `final`
             metrics = {"step": trainer.step, "loss": result["loss"], "val_loss": result["val_loss"],
                        "resumed_from": trainer.resumed_from or ""}
             if trainer.is_main:
@@ -76,6 +77,8 @@ def _worker_loop(loop_config: dict) -> None:
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging))
             else:
                 ray.train.report(metrics)
+            if stopped:
+                break
     finally:
         trainer.close()
 

@@ -4,7 +4,7 @@ TransformerLM or RNNLM trained on a text file, everything set by a JSON or TOML 
     [data]
     path = "../shared/data/tinyshakespeare.txt"   # relative paths: from the working directory
     seq_len = 128
-    val_fraction = 0.1
+    val_fraction = 0.1      # the last 10% of the file validates; or val_path = "other.txt" (a whole file)
 
     [model]                 # TransformerLMConfig / RNNLMConfig fields; vocab_size comes from the data,
     type = "transformer"    # max_len defaults to seq_len. type: "transformer" | "rnn"
@@ -31,6 +31,14 @@ TransformerLM or RNNLM trained on a text file, everything set by a JSON or TOML 
     batch_size = 32
     checkpoint_dir = "runs/shakespeare/ckpt"
     log_dir = "runs/shakespeare"
+    seed = 0                # seeds the model's initialisation, dropout and the data order
+    early_stopping = { monitor = "val_loss", patience = 5, min_delta = 0.0, mode = "min" }   # optional
+    mlflow = true           # optional (or --mlflow): a table with tracking_uri, experiment, run_name
+
+    [lr_find]               # optional: settings of `accelops train CONFIG --lr-find` (accelops.train.lr_find)
+    min_lr = 1e-7
+    max_lr = 1.0
+    num_steps = 100
 """
 from __future__ import annotations
 
@@ -41,13 +49,14 @@ import json
 import logging
 import math
 import os
+import random
 import sys
 
 import torch
 
-__all__ = ["load_config", "build", "run", "main", "add_arguments"]
+__all__ = ["load_config", "build", "run", "run_lr_find", "main", "add_arguments", "seed_everything"]
 
-SECTIONS = ("data", "model", "sharing", "optimizer", "scheduler", "train")
+SECTIONS = ("data", "model", "sharing", "optimizer", "scheduler", "train", "lr_find")
 _OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 _SCHEDULES = ("constant", "cosine", "linear")
 
@@ -168,6 +177,17 @@ def build_scheduler(optimizer, sched_cfg: dict, max_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def seed_everything(seed: int) -> None:
+    """Seeds torch (CPU and CUDA), Python's random and numpy (when installed)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    np.random.seed(seed % 2**32)
+
+
 def build(config: dict):
     """config -> (Trainer, CharVocab): data, model (+ sharing), optimizer, scheduler, trainer."""
     from ..sharing import share_parameters
@@ -187,13 +207,21 @@ def build(config: dict):
     if "path" not in data_cfg:
         raise ConfigError("[data] needs path = the text file to train on")
     seq_len = data_cfg.pop("seq_len", 128)
+    val_path = data_cfg.pop("val_path", None)
+    if val_path is not None and "val_fraction" in data_cfg:
+        raise ConfigError("[data] has both val_path and val_fraction: validate on a separate file or on a "
+                          "fraction of path, not both")
     train_data, val_data, vocab = load_char_corpus(data_cfg.pop("path"), seq_len,
-                                                   data_cfg.pop("val_fraction", 0.1), data_cfg.pop("stride", None))
+                                                   None if val_path is not None else data_cfg.pop("val_fraction", 0.1),
+                                                   data_cfg.pop("stride", None), val_path=val_path)
     if data_cfg:
-        raise ConfigError(f"[data] has unknown key(s) {sorted(data_cfg)}; known: path, seq_len, val_fraction, stride")
+        raise ConfigError(f"[data] has unknown key(s) {sorted(data_cfg)}; known: path, seq_len, val_fraction, "
+                          "val_path, stride")
 
     seed = train_cfg.get("seed", 0)
-    torch.manual_seed(seed)  # the model's initialisation; the trainer seeds the rest
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"train.seed must be an int >= 0, got {seed!r}")
+    seed_everything(seed)  # the model's initialisation (and sharing); the trainer seeds the rest again
     model = build_model(model_cfg, len(vocab), seq_len)
     if sharing_cfg:
         if "pattern" not in sharing_cfg:
@@ -241,8 +269,53 @@ def run(config: dict) -> dict:
     val = result["val_loss"]
     extra = "" if val is None else f", val loss {val:.4f} ({val / math.log(2):.4f} bits/char)"
     where = f" [rank {trainer.rank}/{trainer.world_size}]" if trainer.world_size > 1 else ""
-    print(f"accelops train{where}: step {result['step']}, train loss {result['loss']}{extra}", file=sys.stderr)
+    stop = "" if not result.get("stop_reason") else f"; {result['stop_reason']}"
+    print(f"accelops train{where}: step {result['step']}, train loss {result['loss']}{extra}{stop}", file=sys.stderr)
     return result
+
+
+_LR_FIND_KEYS = ("min_lr", "max_lr", "num_steps", "beta", "diverge_threshold", "skip_start", "skip_end")
+
+
+def run_lr_find(config: dict):
+    """`accelops train CONFIG --lr-find`: the learning-rate range test on the config's model,
+    optimizer and training data, in this one process -> (LRFindResult, plot path or None).
+    Prints the suggestion and writes lr_find.png and lr_find.json into [train] log_dir (the
+    working directory without one). Nothing is trained or checkpointed."""
+    from .lr_find import lr_find
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--lr-find runs on one process: run `accelops train CONFIG --lr-find` without torchrun")
+    config = copy.deepcopy(config)
+    options = _section(config, "lr_find")
+    unknown = sorted(set(options) - set(_LR_FIND_KEYS))
+    if unknown:
+        raise ConfigError(f"[lr_find] has unknown key(s) {unknown}; known: {list(_LR_FIND_KEYS)}")
+    train_cfg = config.setdefault("train", {})
+    log_dir = train_cfg.get("log_dir") or "."
+    for key in ("checkpoint_dir", "mlflow", "early_stopping", "resume"):  # nothing is trained or saved
+        train_cfg.pop(key, None)
+    train_cfg["distributed"] = False
+    trainer, _ = build(config)
+    result = lr_find(trainer.model, trainer.optimizer, trainer.train_data, loss_fn=trainer.loss_fn,
+                     batch_size=trainer.batch_size, precision=trainer.precision, grad_clip=trainer.grad_clip,
+                     device=trainer.device, seed=trainer.seed, **options)
+    os.makedirs(log_dir, exist_ok=True)
+    with open(os.path.join(log_dir, "lr_find.json"), "w") as f:
+        json.dump({"lrs": result.lrs, "losses": result.losses, "raw_losses": result.raw_losses,
+                   "suggestion": result.suggestion, "reason": result.reason, "stopped_early": result.stopped_early,
+                   "settings": result.settings}, f, indent=1)
+    plot = None
+    try:
+        plot = result.plot(os.path.join(log_dir, "lr_find.png"))
+    except ImportError as exc:
+        print(f"accelops train --lr-find: no plot: {exc}", file=sys.stderr)
+    if result.suggestion is not None:
+        print(f"accelops train --lr-find: suggested lr {result.suggestion:.3g} (steepest descent of the smoothed "
+              f"loss over {len(result.lrs)} steps; set optimizer.lr); plot {plot}", file=sys.stderr)
+    else:
+        print(f"accelops train --lr-find: no suggestion: {result.reason}; plot {plot}", file=sys.stderr)
+    return result, plot
 
 
 def _run_ray(args) -> int:
@@ -258,6 +331,8 @@ def _run_ray(args) -> int:
     config = apply_overrides(load_config(args.config), args.overrides)
     if getattr(args, "strategy", None) is not None:
         config.setdefault("train", {})["strategy"] = args.strategy
+    if getattr(args, "mlflow", False) and not config.setdefault("train", {}).get("mlflow"):
+        config["train"]["mlflow"] = True
     result = ray_fit(config, args.num_workers)
     m = result.metrics or {}
     print(f"accelops train [ray, {args.num_workers} workers]: step {m.get('step')}, train loss {m.get('loss')}, "
@@ -273,6 +348,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="parallelism strategy (sets train.strategy; see the README's 'Parallelism strategies')")
     parser.add_argument("--no-resume", action="store_true",
                         help="do not resume from checkpoint_dir (it must then hold no checkpoints)")
+    parser.add_argument("--lr-find", action="store_true",
+                        help="run the learning-rate range test instead of training (one process): print the "
+                             "suggested lr, write lr_find.png / lr_find.json into log_dir ([lr_find] settings)")
+    parser.add_argument("--mlflow", action="store_true",
+                        help="log params, metrics and the final checkpoint to MLflow (train.mlflow = true; needs "
+                             "pip install 'accelops[mlflow]')")
     from .launch import add_arguments as add_launch_arguments
 
     add_launch_arguments(parser)
@@ -288,6 +369,9 @@ def run_args(args, argv=None) -> int:
         relaunch = launch.wanted(args)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if getattr(args, "lr_find", False) and (relaunch or getattr(args, "launcher", "torchrun") == "ray"):
+        raise ConfigError("--lr-find runs on one process: drop the launch flags (--nproc-per-node, --nnodes, "
+                          "--launcher ray)")
     if getattr(args, "launcher", "torchrun") == "ray":
         return _run_ray(args)
     if relaunch:
@@ -301,6 +385,11 @@ def run_args(args, argv=None) -> int:
         config.setdefault("train", {})["resume"] = False
     if getattr(args, "strategy", None) is not None:
         config.setdefault("train", {})["strategy"] = args.strategy
+    if getattr(args, "mlflow", False) and not config.setdefault("train", {}).get("mlflow"):
+        config["train"]["mlflow"] = True
+    if getattr(args, "lr_find", False):
+        result, _ = run_lr_find(config)
+        return 0 if result.suggestion is not None else 1
     run(config)
     return 0
 

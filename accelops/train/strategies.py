@@ -56,7 +56,7 @@ def _to_device(batch, device):
 # --------------------------------------------------------------------------- the choice and its checks
 
 def make_strategy(strategy, *, compression=None, precision="32", loss_fn=None, pipeline_schedule="1f1b",
-                  n_microbatches=None, pipeline_split=None, fsdp_cpu_offload=False):
+                  n_microbatches=None, pipeline_split=None, fsdp_cpu_offload=False, loss_weights=None):
     """Validates the strategy and its combination with the other Trainer options -> a Strategy
     (not yet set up: Strategy.setup(trainer) does that once the process group exists)."""
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
@@ -86,6 +86,9 @@ def make_strategy(strategy, *, compression=None, precision="32", loss_fn=None, p
     if strategy == "pipeline" and loss_fn is not None:
         raise ValueError("strategy='pipeline' computes the loss on the last stage with the model's own loss "
                          "(cross-entropy of accelops.models): loss_fn cannot be combined with it")
+    if strategy == "pipeline" and loss_weights is not None:
+        raise ValueError(f"loss_weights={loss_weights!r} weighs named losses of a loss_fn / model returning a dict; "
+                         "strategy='pipeline' computes the model's single cross-entropy on the last stage")
     if strategy == "fsdp":
         return FSDPStrategy(precision, fsdp_cpu_offload)
     if strategy == "zero1":
@@ -465,25 +468,9 @@ class FSDPStrategy(_DirCheckpoints, DDPStrategy):
     def eval_totals(self, trainer, indices):
         # FSDP's forward all-gathers: every rank runs the same number of forwards (a rank
         # with fewer batches repeats its last one with weight 0).
-        w, r, b = trainer.world_size, trainer.rank, trainer.batch_size
-        mine = indices[r::w]
+        w, b = trainer.world_size, trainer.batch_size
         n = max(-(-len(indices[k::w]) // b) for k in range(w))
-        total = torch.zeros(2, dtype=torch.float64, device=trainer.device)
-        for i in range(n):
-            chunk = mine[i * b:(i + 1) * b]
-            weight_on = bool(chunk)
-            if not chunk:
-                chunk = mine[-b:] if mine else indices[:1]
-            batch = _to_device(default_collate([trainer.val_data[j] for j in chunk]), trainer.device)
-            with trainer._autocast():
-                loss = trainer.loss_fn(trainer.model, batch)
-            if weight_on:
-                from .trainer import _tokens_in
-
-                weight = _tokens_in(batch) or 1
-                total[0] += loss.double() * weight
-                total[1] += weight
-        return total
+        return trainer._eval_totals(indices[trainer.rank::w], n_batches=n)
 
     # DCP: each rank saves and loads only its shards; the metadata lets another world size
     # read them (DCP reshards on load).
@@ -791,7 +778,7 @@ class PipelineStrategy(_DirCheckpoints, DDPStrategy):
             coef = torch.clamp(trainer.grad_clip / (grad_norm + 1e-6), max=1.0)
             for g in grads:
                 g.mul_(coef.to(g.dtype))
-        lr = trainer.optimizer.param_groups[0]["lr"]
+        lr = [g["lr"] for g in trainer.optimizer.param_groups]  # as the Trainer's step: one per group
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
         if trainer.scheduler is not None:

@@ -17,9 +17,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, default_collate
 
+from .callbacks import EarlyStopping, MLflowLogger, require_mlflow
 from .checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                          prune_checkpoints, save_checkpoint)
 from .strategies import make_strategy
+from .losses import WeightedLoss
 
 try:
     import numpy as np
@@ -66,7 +68,8 @@ def _tokens_in(batch) -> int:
 
 def default_loss(model, batch) -> torch.Tensor:
     """model(*batch) for a tuple/list batch (model(**batch) for a dict, model(batch) else);
-    a (logits, loss) result gives its loss. accelops.models' `model(tokens, targets)` fits."""
+    a (logits, loss) result gives its loss, a dict of named losses (or (output, dict)) is
+    returned as it is for the Trainer's loss_weights. accelops.models' `model(tokens, targets)` fits."""
     if isinstance(batch, (list, tuple)):
         out = model(*batch)
     elif isinstance(batch, dict):
@@ -75,6 +78,8 @@ def default_loss(model, batch) -> torch.Tensor:
         out = model(batch)
     if isinstance(out, (list, tuple)):
         out = out[-1]
+    if isinstance(out, dict):
+        return out
     if not isinstance(out, torch.Tensor) or out.dim() != 0:
         raise TypeError("the model must return a scalar loss or (output, loss) for a batch; got "
                         f"{type(out).__name__}{'' if not isinstance(out, torch.Tensor) else tuple(out.shape)}: "
@@ -187,7 +192,7 @@ class Trainer:
         bounds an evaluation to that many batches a rank (evenly spaced over val_data).
     seed: seeds torch, numpy and random (rank r: seed + r) and the data order.
     loss_fn: (model, batch) -> scalar loss; default model(*batch) giving loss or
-        (logits, loss).
+        (logits, loss). Either may give a dict of named losses instead: see loss_weights.
     metadata: anything torch.save-able stored in every checkpoint (e.g. the config).
     strategy: "ddp" (default), "fsdp" (FSDP2 per block, sharded DCP checkpoints that load on
         another world size), "zero1" (ZeroRedundancyOptimizer over DDP) or "pipeline" (one
@@ -198,6 +203,8 @@ class Trainer:
         per-block time) apply to "pipeline"; fsdp_cpu_offload to "fsdp".
     dist_timeout: seconds a collective waits for the other ranks before it fails (when this
         trainer initialises the process group; torch's default otherwise).
+    early_stopping, loss_weights, mlflow: see accelops/train/callbacks.py and losses.py
+        (EarlyStopping, WeightedLoss, MLflowLogger) and README "Trainer features".
     """
 
     def __init__(self, model, optimizer, train_data, val_data=None, *, precision: str = "32",
@@ -206,9 +213,9 @@ class Trainer:
                  eval_every: int | None = 200, eval_batches: int | None = None, checkpoint_every: int | None = None,
                  keep_last: int = 3, batch_size: int = 32, scheduler=None, seed: int = 0, shuffle: bool = True,
                  log_every: int = 10, device=None, distributed="auto", ddp_kwargs: dict | None = None,
-                 loss_fn=None, progress: bool = True, metadata=None, strategy: str = "ddp",
-                 pipeline_schedule: str = "1f1b", n_microbatches: int | None = None, pipeline_split=None,
-                 fsdp_cpu_offload: bool = False, dist_timeout: float | None = None):
+                 loss_fn=None, progress: bool = True, metadata=None, early_stopping=None, loss_weights=None,
+                 mlflow=None, strategy: str = "ddp", pipeline_schedule: str = "1f1b", n_microbatches: int | None = None,
+                 pipeline_split=None, fsdp_cpu_offload: bool = False, dist_timeout: float | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -239,7 +246,8 @@ class Trainer:
         self._dist_timeout = dist_timeout
         self._strategy = make_strategy(strategy, compression=compression, precision=precision, loss_fn=loss_fn,
                                        pipeline_schedule=pipeline_schedule, n_microbatches=n_microbatches,
-                                       pipeline_split=pipeline_split, fsdp_cpu_offload=fsdp_cpu_offload)
+                                       pipeline_split=pipeline_split, fsdp_cpu_offload=fsdp_cpu_offload,
+                                       loss_weights=loss_weights)
         self.strategy = strategy
         if metadata is not None:
             try:  # checkpoints load with weights_only=True: find out now, not at the resume
@@ -257,7 +265,13 @@ class Trainer:
         self.keep_last, self.batch_size, self.seed, self.log_every = keep_last, batch_size, seed, log_every
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
-        self.optimizer, self.scheduler, self.loss_fn = optimizer, scheduler, loss_fn or default_loss
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.loss_fn = WeightedLoss(loss_fn or default_loss, loss_weights)
+        self.early_stopping = EarlyStopping.from_spec(early_stopping)
+        if self.early_stopping is not None and (val_data is None or eval_every is None):
+            raise ValueError("early_stopping is checked at each evaluation: it needs val_data and eval_every")
+        if mlflow:
+            require_mlflow()  # on every rank: a missing extra fails everywhere, not only on rank 0
         self.train_data, self.val_data, self.metadata, self.progress = train_data, val_data, metadata, progress
 
         # ---- processes and device
@@ -266,6 +280,8 @@ class Trainer:
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.is_main = self.rank == 0
+        self._mlflow = MLflowLogger(mlflow, self.log_dir) if mlflow and self.is_main else None
+        self._mlflow_resume = self.last_checkpoint = self.stop_reason = None
         self.device = self._pick_device(device)
         self.model = model.to(self.device)
 
@@ -463,7 +479,10 @@ class Trainer:
         self._last_eval = state.get("last_eval")
         self._elapsed_before = float(state.get("elapsed_s", 0.0))
         self._pending_rng = mine_rank.get("rng")
-        self.resumed_from = path
+        if self.early_stopping is not None and state.get("early_stopping") is not None:
+            self.early_stopping.load_state_dict(state["early_stopping"])
+        self._mlflow_resume = state.get("mlflow_run_id")
+        self.resumed_from = self.last_checkpoint = path
         if self.is_main:
             log.info("resumed from %s (step %d)", path, self.step)
 
@@ -479,6 +498,7 @@ class Trainer:
         if self._dir_checkpoints():
             path = self._strategy.save(self)
             self._last_saved = self.step
+            self.last_checkpoint = path
             return path
         self._strategy.before_save(self)  # zero1: consolidates the optimizer state on rank 0
         mine = {"rng": _rng_state(self.device),
@@ -498,6 +518,7 @@ class Trainer:
         if self.distributed:
             dist.barrier()
         self._last_saved = self.step
+        self.last_checkpoint = path
         return path
 
     def _checkpoint_common_state(self) -> dict:
@@ -509,6 +530,8 @@ class Trainer:
             "data": self._stream.state_dict(), "trainer": self._trainer_config(),
             "elapsed_s": self._elapsed(), "last_eval": self._last_eval, "metadata": self.metadata,
             "strategy": self._strategy.describe(),
+            "early_stopping": None if self.early_stopping is None else self.early_stopping.state_dict(),
+            "mlflow_run_id": None if self._mlflow is None else self._mlflow.run_id,
         }
 
     def _dir_checkpoints(self) -> bool:
@@ -549,7 +572,7 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = [g["lr"] for g in self.optimizer.param_groups]  # one column per group when there are several
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -568,7 +591,8 @@ class Trainer:
         of them) and writes their rows."""
         if not self._pending:
             return
-        losses = torch.stack([p[1] for p in self._pending])
+        names = sorted(self._pending[0][7])  # named loss components (models with several targets)
+        losses = torch.stack([torch.stack([p[1].float(), *(p[7][n] for n in names)]) for p in self._pending])
         if self.distributed:
             dist.all_reduce(losses)
             losses /= self.world_size
@@ -578,10 +602,11 @@ class Trainer:
         tps = tokens / max(now - self._t_flush, 1e-9)
         self._t_flush = now
         rows = []
-        for (step, _, lr, gn, tok, epoch, elapsed), loss in zip(self._pending, losses):
-            rows.append({"step": step, "epoch": epoch, "loss": loss, "lr": lr,
+        for (step, _, lr, gn, tok, epoch, elapsed, _), (loss, *parts) in zip(self._pending, losses):
+            rows.append({"step": step, "epoch": epoch, "loss": loss, "lr": lr[0],
                          "grad_norm": None if gn is None else float(gn), "tokens": tok, "tokens_per_s": tps,
-                         "elapsed_s": elapsed})
+                         "elapsed_s": elapsed, **dict(zip(names, parts)),
+                         **({f"lr-group{i}": v for i, v in enumerate(lr)} if len(lr) > 1 else {})})
         self._pending = []
         self.history.extend(rows)
         self._write(rows)
@@ -596,17 +621,30 @@ class Trainer:
         finally:
             self.model.train(was_training)
 
-    def _eval_totals(self, mine) -> torch.Tensor:
-        """(sum of loss x tokens, tokens) over this rank's validation samples `mine`."""
+    def _eval_totals(self, mine, n_batches: int | None = None) -> torch.Tensor:
+        """(sum of loss x tokens, tokens, then each named loss component x tokens) over this
+        rank's validation samples `mine`. n_batches: run that many forwards in all (fsdp:
+        every rank the same number; the extra ones repeat the last batch with weight 0)."""
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for s in range(0, len(mine), self.batch_size):
-            batch = _to_device(default_collate([self.val_data[i] for i in mine[s:s + self.batch_size]]), self.device)
+        comp = None  # weighted sums of the named loss components
+        starts = list(range(0, len(mine), self.batch_size))
+        for k in range(max(len(starts), n_batches or 0)):
+            real = k < len(starts)
+            chunk = mine[starts[k]:starts[k] + self.batch_size] if real else (mine[-self.batch_size:] or [0])
+            batch = _to_device(default_collate([self.val_data[i] for i in chunk]), self.device)
             with self._autocast():
                 loss = self.loss_fn(self.model, batch)
+            parts = self.loss_fn.pop()
+            if not real:
+                continue
             weight = _tokens_in(batch) or 1
             total[0] += loss.double() * weight
             total[1] += weight
-        return total
+            if parts:
+                part = torch.stack(list(parts.values())).double() * weight
+                comp = part if comp is None else comp + part
+        names = self.loss_fn.names or ()
+        return torch.cat([total, comp if comp is not None else total.new_zeros(len(names))])
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -624,13 +662,15 @@ class Trainer:
             total = self._eval_with(lambda: self._strategy.eval_totals(self, indices))
         else:
             total = self._eval_with(lambda: self._eval_totals(indices[self.rank::self.world_size]))
+        names = self.loss_fn.names or ()
         if self.distributed:
             dist.all_reduce(total)
         if total[1] == 0:
             raise ValueError("val_data is empty")
         val = (total[0] / total[1]).item()
         self._last_eval = self.step
-        row = {"step": self.step, "val_loss": val, "val_bpc": val / math.log(2)}
+        row = {"step": self.step, "val_loss": val, "val_bpc": val / math.log(2),
+               **{f"val_{n}": (v / total[1]).item() for n, v in zip(names, total[2:])}}
         self.evals.append(row)
         self._write([row])
         if self.is_main:
@@ -650,22 +690,36 @@ class Trainer:
             # Rows past the step we start from were written after the checkpoint (a crash
             # followed): the resumed run writes them again.
             with open(path, newline="") as f:
-                kept = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= self.step]
-        self._csv_file = open(path, "w", newline="")
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        self._csv.writeheader()
-        self._csv.writerows(kept)
-        self._csv_file.flush()
+                reader = csv.DictReader(f)
+                kept = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= self.step]
+                extra = [k for k in reader.fieldnames or () if k not in CSV_FIELDS]
+        self._csv_rewrite(path, list(CSV_FIELDS) + (extra if kept else []), kept)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
             return
         self._tb = SummaryWriter(self.log_dir, purge_step=self.step + 1)
 
+    def _csv_rewrite(self, path, fields, rows) -> None:
+        self._csv_file = open(path, "w", newline="")
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=fields, extrasaction="ignore")
+        self._csv.writeheader()
+        self._csv.writerows(rows)
+        self._csv_file.flush()
+
     def _write(self, rows) -> None:
         if getattr(self, "_csv", None) is not None:
+            new = list(dict.fromkeys(k for row in rows for k in row if k not in self._csv.fieldnames))
+            if new:  # a column first seen now (per-group lr, named losses): rewrite the file with it
+                path = self._csv_file.name
+                self._csv_file.close()
+                with open(path, newline="") as f:
+                    old = list(csv.DictReader(f))
+                self._csv_rewrite(path, list(self._csv.fieldnames) + new, old)
             self._csv.writerows(rows)
             self._csv_file.flush()
+        if getattr(self, "_mlflow", None) is not None:
+            self._mlflow.log_rows(rows)
         if getattr(self, "_tb", None) is not None:
             for row in rows:
                 for key, value in row.items():
@@ -683,9 +737,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
+    def _early_stop(self) -> bool:
+        """After a scheduled evaluation: does early stopping end the run? Rank 0's decision and
+        counters are broadcast, so every rank stops at the same step."""
+        es = self.early_stopping
+        if es is None or not self.evals or self.evals[-1]["step"] != self.step:
+            return False
+        es.update(self.evals[-1], self.step)
+        if self.distributed:
+            es.load_state_dict(self._broadcast(es.state_dict()))
+        if es.stopped and self.is_main:
+            log.info("%s", es.reason)
+        return es.stopped
+
+    def _mlflow_params(self) -> dict:
+        params = dict(self._trainer_config(), max_steps=self.max_steps, eval_every=self.eval_every,
+                      world_size=self.world_size, loss_weights=self.loss_fn.weights)
+        if isinstance(self.metadata, dict) and isinstance(self.metadata.get("config"), dict):
+            params = {"trainer": params, "config": self.metadata["config"]}
+        return params
+
     def fit(self) -> dict:
-        """Trains up to max_steps -> {"step", "loss" (last train loss), "val_loss" (last
-        evaluation), "resumed_from"}."""
+        """Trains up to max_steps (or until early stopping) -> {"step", "loss" (last train
+        loss), "val_loss" (last evaluation), "resumed_from", "stop_reason" (None, or why
+        early stopping ended the run)}."""
         if self._pending_rng is not None:
             _set_rng_state(self._pending_rng, self.device)
             self._pending_rng = None
@@ -693,6 +768,9 @@ class Trainer:
         self._pending = []
         self._bar = None
         self._open_logs()
+        if self._mlflow is not None:
+            self._mlflow.start(self._mlflow_params(), self._mlflow_resume)
+        finished = False
         if self.is_main and self.progress and self.step < self.max_steps:
             try:
                 from tqdm import tqdm
@@ -702,11 +780,13 @@ class Trainer:
                 self._bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step",
                                  dynamic_ncols=True)
         try:
-            while self.step < self.max_steps:
+            stopped = self.early_stopping is not None and self.early_stopping.stopped  # before a resume
+            while self.step < self.max_steps and not stopped:
                 epoch = self._stream.epoch
                 loss, lr, grad_norm, tokens = self._train_step()
                 self.step += 1
-                self._pending.append((self.step, loss, lr, grad_norm, tokens, epoch, self._elapsed()))
+                self._pending.append((self.step, loss, lr, grad_norm, tokens, epoch, self._elapsed(),
+                                      self.loss_fn.pop()))
                 if self._bar is not None:
                     self._bar.update(1)
                 if self.step % self.log_every == 0:
@@ -714,6 +794,8 @@ class Trainer:
                 if self.eval_every is not None and self.step % self.eval_every == 0:
                     self._flush()
                     self.evaluate()
+                    if self._early_stop():
+                        break  # the block after the loop writes the final checkpoint
                 if self.checkpoint_dir is not None and self.checkpoint_every is not None \
                         and self.step % self.checkpoint_every == 0:
                     self._flush()
@@ -723,6 +805,7 @@ class Trainer:
                 self.evaluate()
             if self.checkpoint_dir is not None and self._last_saved != self.step:
                 self.save_checkpoint()
+            finished = True
         except Exception as exc:
             clearer = self._strategy.comm_failure(self, exc)  # a dead peer: say so, and where to resume
             if clearer is None:
@@ -732,7 +815,12 @@ class Trainer:
             if self._bar is not None:
                 self._bar.close()
             self._close_logs()
+            self.stop_reason = None if self.early_stopping is None else self.early_stopping.reason
+            if self._mlflow is not None:
+                self._mlflow.finish(self.last_checkpoint, "FINISHED" if finished else "FAILED",
+                                    tags={"accelops.stop_reason": self.stop_reason})
         self._elapsed_before = self._elapsed()
         del self._t_start
         return {"step": self.step, "loss": self.history[-1]["loss"] if self.history else None,
-                "val_loss": self.evals[-1]["val_loss"] if self.evals else None, "resumed_from": self.resumed_from}
+                "val_loss": self.evals[-1]["val_loss"] if self.evals else None, "resumed_from": self.resumed_from,
+                "stop_reason": self.stop_reason}

@@ -1,0 +1,115 @@
+"""Regression detection over the results database, in the manner of airspeed velocity:
+each benchmark's newest run on a machine is judged against that machine's recent
+history of the same benchmark.
+
+A benchmark is one (machine fingerprint, family, method, label, case, thread count) of
+non-quick, successful rows with a median time. The rule, on medians and spreads:
+
+- history: the `window` runs before the newest (default 5), at least `min_history` (2);
+- the newest run is a REGRESSION when its median is above the highest p80 of the history
+  by more than `threshold` (10%) *and* its own p20 is above the history's median of
+  medians: a slow outlier in a noisy run (low p20) is not enough, nor is a drift that stays
+  inside the band the history itself spread over;
+- symmetrically an IMPROVEMENT when its median is below the lowest p20 of the history by
+  more than `threshold` and its p80 below the history's median of medians.
+
+The commit range of a regression runs from the newest history run's commit (the last
+good one) to the new run's commit.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Point:
+    run_id: str
+    started: object
+    commit: str | None
+    dirty: bool | None
+    median_us: float
+    p20_us: float
+    p80_us: float
+
+
+@dataclass
+class Verdict:
+    machine: str
+    family: str
+    method: str | None
+    label: str | None
+    config: str | None
+    threads: int | None
+    kind: str                      # "regression" | "improvement" | "ok" | "too little history"
+    new: Point
+    history: list[Point] = field(default_factory=list)
+    band_low_us: float | None = None
+    band_high_us: float | None = None
+    change: float | None = None    # new median / history median of medians - 1
+
+    @property
+    def commit_range(self) -> str:
+        good = self.history[-1].commit if self.history else None
+        return f"{(good or '?')[:10]}..{(self.new.commit or '?')[:10]}{' (dirty)' if self.new.dirty else ''}"
+
+    def describe(self) -> str:
+        case = f"{self.family} {self.label or self.method} [{self.config}] threads={self.threads}"
+        if self.change is None:
+            return f"{self.kind}: {case}"
+        return (f"{self.kind}: {case}: median {self.new.median_us:.4g} us vs history band "
+                f"{self.band_low_us:.4g}-{self.band_high_us:.4g} us ({self.change:+.1%} vs its median), "
+                f"commits {self.commit_range}")
+
+
+def judge(history: list[Point], new: Point, threshold: float = 0.10) -> tuple[str, float, float, float]:
+    """-> (kind, band_low, band_high, change) for one benchmark (history oldest first)."""
+    band_high = max(p.p80_us for p in history)
+    band_low = min(p.p20_us for p in history)
+    centre = statistics.median(p.median_us for p in history)
+    change = new.median_us / centre - 1.0
+    if new.median_us > band_high * (1 + threshold) and new.p20_us > centre:
+        return "regression", band_low, band_high, change
+    if new.median_us < band_low * (1 - threshold) and new.p80_us < centre:
+        return "improvement", band_low, band_high, change
+    return "ok", band_low, band_high, change
+
+
+SERIES_SQL = """
+SELECT r.machine_fingerprint, m.family, m.method, m.label, m.config_key, m.threads,
+       m.run_id, r.started, r.git_commit, r.git_dirty, m.median_us,
+       coalesce(m.p20_us, m.median_us), coalesce(m.p80_us, m.median_us)
+FROM measurements m JOIN runs r USING (run_id)
+WHERE NOT coalesce(r.quick, false) AND coalesce(m.status, 'ok') = 'ok' AND m.median_us > 0
+ORDER BY 1, 2, 3, 4, 5, 6, r.started, m.run_id
+"""
+
+
+def series(db) -> dict[tuple, list[Point]]:
+    """benchmark key -> its points, oldest first (one per run: a run measuring the same
+    case twice keeps its last row)."""
+    _, rows = db.query(SERIES_SQL)
+    out: dict[tuple, list[Point]] = {}
+    for fp, family, method, label, config, threads, run_id, started, commit, dirty, med, p20, p80 in rows:
+        points = out.setdefault((fp, family, method, label, config, threads), [])
+        point = Point(run_id, started, commit, dirty, med, p20, p80)
+        if points and points[-1].run_id == run_id:
+            points[-1] = point
+        else:
+            points.append(point)
+    return out
+
+
+def check(db, window: int = 5, min_history: int = 2, threshold: float = 0.10,
+          machine: str | None = None) -> list[Verdict]:
+    """Judge the newest run of every benchmark (on `machine` only, when given)."""
+    verdicts = []
+    for (fp, family, method, label, config, threads), points in series(db).items():
+        if machine is not None and fp != machine:
+            continue
+        new, history = points[-1], points[:-1][-window:]
+        verdict = Verdict(fp, family, method, label, config, threads, "too little history", new, history)
+        if len(history) >= min_history:
+            verdict.kind, verdict.band_low_us, verdict.band_high_us, verdict.change = judge(history, new, threshold)
+        verdicts.append(verdict)
+    return verdicts

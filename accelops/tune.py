@@ -1,0 +1,247 @@
+"""`accelops tune`: measure every backend and thread count of the tuned ops on this
+machine for a set of shapes, and write the dispatch table that accelops.ops consults
+(accelops/ops/_tuning.py).
+
+Candidates per (op, shape): the registered kernel ("native": the C++ kernel on CPU) at
+1..T torch threads (T = torch.get_num_threads() when tuning), and the pure-PyTorch
+reference at T threads. The C++ kernels' tile sizes are compile-time constants, so
+threads are the CPU configuration there is to choose; on CUDA the native (Triton) kernel
+is measured at its built-in block sizes (no GPU has been lent to this project, so no
+block-size search is implemented yet). Timing: candidates are measured in interleaved
+rounds (one batch of calls each per round, so a change of machine load hits them all
+alike), median and p20/p80 over the batches. The winner is the fastest median, except
+that the default (native at T threads) is kept unless another candidate beats it by
+more than `margin` (2%): a table should not flip choices on noise.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import ops
+from ._machine import machine_info
+from .ops import _tuning
+from .ops._tuning import FORMAT_VERSION, TUNED_OPS
+from .reference import int8 as int8_ref
+from .reference import ternary as ternary_ref
+
+# The matmul benchmark's shapes (bench/bench_matmul.py) and two small layers where the
+# fork/join of a second thread costs more than it brings.
+BENCH_SHAPES = [
+    {"op": op, "M": m, "N": n, "K": k}
+    for op in ("ternary_matmul", "int8_linear")
+    for (n, k) in ((256, 256), (1024, 1024), (4096, 4096), (11008, 4096), (4096, 11008))
+    for m in (1, 32, 512)
+]
+
+
+def _inputs(op: str, shape: dict, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    m, n, k = shape["M"], shape["N"], shape["K"]
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g)
+    if op == "ternary_matmul":
+        wp, ws = ops.quantize_weight_ternary(w)
+        return (lambda: torch.ops.accelops.ternary_matmul(x, wp, ws, None),
+                lambda: ternary_ref.ternary_matmul(x, wp, ws, None))
+    if op == "int8_linear":
+        wq, ws = ops.quantize_weight_int8(w)
+        return (lambda: torch.ops.accelops.int8_linear(x, wq, ws, None),
+                lambda: int8_ref.int8_linear(x, wq, ws, None))
+    raise ValueError(f"op must be one of {sorted(TUNED_OPS)}, got {op!r}")
+
+
+def _time_batch(fn, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def _percentile(values, q):
+    s = sorted(values)
+    pos = (len(s) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def measure(op: str, shape: dict, max_threads: int | None = None, budget_s: float = 0.3, rounds: int = 7,
+            margin: float = 0.02) -> dict:
+    """Time every candidate for one op and shape -> the table entry."""
+    max_threads = max_threads or torch.get_num_threads()
+    native, reference = _inputs(op, shape)
+    candidates = [("native", t, native) for t in range(1, max_threads + 1)] + [("reference", max_threads, reference)]
+    before = torch.get_num_threads()
+    samples = {i: [] for i in range(len(candidates))}
+    calls = {}
+    try:
+        for i, (_, threads, fn) in enumerate(candidates):   # warm-up, and a batch size per candidate
+            torch.set_num_threads(threads)
+            fn()
+            one = _time_batch(fn, 1)
+            calls[i] = max(1, int(budget_s / rounds / max(one, 1e-7)))
+        best_native = min(_time_batch(candidates[i][2], 1) for i in range(max_threads))
+        for _ in range(rounds):
+            for i, (backend, threads, fn) in enumerate(candidates):
+                if backend == "reference" and samples[i] and samples[i][0] > 3 * best_native:
+                    continue  # far slower: a few samples say so, more would only cost time
+                torch.set_num_threads(threads)
+                samples[i].append(_time_batch(fn, calls[i]))
+    finally:
+        torch.set_num_threads(before)
+    results = []
+    for i, (backend, threads, _) in enumerate(candidates):
+        us = [s * 1e6 for s in samples[i]]
+        results.append({"backend": backend, "threads": threads, "median_us": _percentile(us, 0.5),
+                        "p20_us": _percentile(us, 0.2), "p80_us": _percentile(us, 0.8), "samples": len(us)})
+    default = next(r for r in results if r["backend"] == "native" and r["threads"] == max_threads)
+    fastest = min(results, key=lambda r: r["median_us"])
+    winner = fastest if fastest["median_us"] < default["median_us"] * (1 - margin) else default
+    dims = TUNED_OPS[op]
+    return {"op": op, "shape": {d: shape[d] for d in dims}, "max_threads": max_threads,
+            "winner": {"backend": winner["backend"], "threads": winner["threads"]},
+            "default_us": default["median_us"], "winner_us": winner["median_us"], "candidates": results}
+
+
+def shapes_from_model(config: dict, m_values=None) -> list[dict]:
+    """The tuned ops a model config (an `accelops train` config) would call, at M = each of
+    m_values (default: batch_size x seq_len of a training step, and 1 for decoding)."""
+    from .nn.bitlinear import BitLinear
+    from .nn.quantized_linear import Int8Linear
+    from .train.run import build_model
+
+    data = config.get("data", {})
+    seq_len = int(data.get("seq_len", 128))
+    model = build_model(dict(config.get("model", {})), int(data.get("vocab_size", 256)), seq_len)
+    if m_values is None:
+        m_values = sorted({1, int(config.get("train", {}).get("batch_size", 32)) * seq_len})
+    found = []
+    for module in model.modules():
+        op = "ternary_matmul" if isinstance(module, BitLinear) else "int8_linear" if isinstance(module, Int8Linear) \
+            else None
+        if op:
+            found.append((op, module.out_features, module.in_features))
+    return [{"op": op, "M": m, "N": n, "K": k} for op, n, k in sorted(set(found)) for m in m_values]
+
+
+def write_table(entries: list[dict], path=None) -> Path:
+    """Merge `entries` into the table of this machine in the file (other machines' tables
+    and other shapes kept), written atomically."""
+    path = Path(path) if path is not None else _tuning.default_path()
+    info = machine_info()
+    data = {"format": FORMAT_VERSION, "tables": {}}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+            if old.get("format") == FORMAT_VERSION:
+                data = old
+        except (OSError, ValueError):
+            pass  # unreadable: replaced by a fresh one
+    table = data["tables"].setdefault(info["fingerprint"], {"machine": {}, "entries": []})
+    table["machine"] = {k: v for k, v in info.items() if k != "fingerprint"}
+    table["torch"] = torch.__version__
+    table["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    new_keys = {(e["op"], json.dumps(e["shape"], sort_keys=True)) for e in entries}
+    table["entries"] = [e for e in table["entries"]
+                        if (e["op"], json.dumps(e["shape"], sort_keys=True)) not in new_keys] + entries
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def explain(entries: list[dict]) -> dict:
+    """Leave-one-out check of the nearest-neighbour prediction for unseen shapes: each
+    measured shape is predicted from the others of its op -> per op: shapes, how often
+    the prediction picks the measured winner, and the slowdown of the predicted choice
+    against the best measured candidate (mean and worst)."""
+    from .ops._tuning import DispatchTable
+
+    report = {}
+    for op in sorted({e["op"] for e in entries}):
+        mine = [e for e in entries if e["op"] == op]
+        hits, slowdowns = 0, []
+        for i, held in enumerate(mine):
+            others = [e for j, e in enumerate(mine) if j != i]
+            if not others:
+                continue
+            table = DispatchTable.from_json({"entries": others}, "loo")
+            shape = tuple(held["shape"][d] for d in TUNED_OPS[op])
+            choice = table.predict(op, shape)
+            picked = next(c for c in held["candidates"]
+                          if c["backend"] == choice.backend and c["threads"] == choice.threads)
+            best = min(c["median_us"] for c in held["candidates"])
+            hits += (choice.backend, choice.threads) == (held["winner"]["backend"], held["winner"]["threads"])
+            slowdowns.append(picked["median_us"] / best - 1.0)
+        report[op] = {"model": "nearest measured shape in log2(M, N, K) space", "shapes": len(mine),
+                      "loo_winner_agreement": hits / len(slowdowns) if slowdowns else None,
+                      "loo_mean_slowdown": sum(slowdowns) / len(slowdowns) if slowdowns else None,
+                      "loo_worst_slowdown": max(slowdowns) if slowdowns else None}
+    return report
+
+
+def add_arguments(parser) -> None:
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, metavar="CONFIG",
+                     help="an `accelops train` config: tune the ops its quantized layers call")
+    src.add_argument("--shapes", default=None, metavar="FILE",
+                     help='JSON list of {"op": "ternary_matmul"|"int8_linear", "M": .., "N": .., "K": ..}')
+    parser.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(TUNED_OPS)}")
+    parser.add_argument("--m", default=None, help="with --model: row counts M to tune (default: 1 and batch x seq)")
+    parser.add_argument("--threads", type=int, default=None, help="largest thread count tried (default: torch's)")
+    parser.add_argument("--budget", type=float, default=0.3, help="seconds of timing per candidate (default 0.3)")
+    parser.add_argument("--table", default=None, help=f"table file (default ${_tuning.ENV_TABLE} or "
+                                                      f"~/.cache/accelops/dispatch.json)")
+    parser.add_argument("--explain", action="store_true",
+                        help="also report the leave-one-out error of the prediction for unseen shapes")
+
+
+def run_args(args, out=None) -> int:
+    import sys
+
+    out = out or sys.stdout
+    if args.shapes:
+        shapes = json.loads(Path(args.shapes).read_text())
+    elif args.model:
+        from .train.run import load_config
+
+        m_values = [int(v) for v in args.m.split(",")] if args.m else None
+        shapes = shapes_from_model(load_config(args.model), m_values)
+    else:
+        shapes = BENCH_SHAPES
+    if args.ops:
+        wanted = {o.strip() for o in args.ops.split(",")}
+        unknown = wanted - set(TUNED_OPS)
+        if unknown:
+            raise SystemExit(f"accelops tune: --ops {sorted(unknown)} are not tuned ops ({', '.join(TUNED_OPS)})")
+        shapes = [s for s in shapes if s["op"] in wanted]
+    if not shapes:
+        raise SystemExit("accelops tune: no shapes to tune (the model has no ternary/int8 layers?)")
+    entries = []
+    for shape in shapes:
+        if shape.get("op") not in TUNED_OPS:
+            raise SystemExit(f"accelops tune: op must be one of {', '.join(TUNED_OPS)}, got {shape.get('op')!r}")
+        e = measure(shape["op"], shape, args.threads, args.budget)
+        entries.append(e)
+        w = e["winner"]
+        print(f"{e['op']:<15} {json.dumps(e['shape'])}: {w['backend']} x{w['threads']} "
+              f"{e['winner_us']:.1f} us (default {e['default_us']:.1f} us)", file=out, flush=True)
+    path = write_table(entries, args.table)
+    print(f"dispatch table for machine {machine_info()['fingerprint']} written to {path}", file=out)
+    if args.explain:
+        for op, r in explain(entries).items():
+            agree = "n/a" if r["loo_winner_agreement"] is None else f"{r['loo_winner_agreement']:.0%}"
+            mean = "n/a" if r["loo_mean_slowdown"] is None else f"{r['loo_mean_slowdown']:+.1%}"
+            worst = "n/a" if r["loo_worst_slowdown"] is None else f"{r['loo_worst_slowdown']:+.1%}"
+            print(f"{op}: {r['model']}; leave-one-out over {r['shapes']} shapes: picks the measured winner "
+                  f"{agree}, slowdown vs best mean {mean}, worst {worst}", file=out)
+    return 0

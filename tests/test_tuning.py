@@ -1,0 +1,186 @@
+"""Tuned dispatch (accelops/ops/_tuning.py) and `accelops tune` (accelops/tune.py):
+the table's choice is used, unseen shapes take the nearest measured shape's winner, a
+table from another machine is ignored with one warning, ACCELOPS_BACKEND overrides, the
+results do not change, and tuning writes and explains a table. No timing is asserted."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from accelops import ops
+from accelops._machine import machine_info
+from accelops.ops import _tuning
+from accelops.ops._tuning import Choice, DispatchTable
+from accelops.reference import int8 as int8_ref
+from accelops.reference import ternary as ternary_ref
+
+pytestmark = pytest.mark.skipif(ops.ternary.extension()[0] is None, reason="needs the C++ extension")
+
+
+def entry(op, m, n, k, backend, threads):
+    cands = [{"backend": "native", "threads": t, "median_us": 10.0 + t, "p20_us": 9.0, "p80_us": 12.0,
+              "samples": 5} for t in (1, 2)]
+    cands.append({"backend": "reference", "threads": 2, "median_us": 50.0, "p20_us": 45.0, "p80_us": 55.0,
+                  "samples": 2})
+    for c in cands:   # make the named winner the fastest candidate
+        if c["backend"] == backend and c["threads"] == threads:
+            c["median_us"] = 5.0
+    return {"op": op, "shape": {"M": m, "N": n, "K": k}, "winner": {"backend": backend, "threads": threads},
+            "candidates": cands, "default_us": 12.0, "winner_us": 5.0, "max_threads": 2}
+
+
+@pytest.fixture(autouse=True)
+def _no_table(monkeypatch):
+    monkeypatch.delenv("ACCELOPS_BACKEND", raising=False)
+    _tuning.reset(None, loaded=True)   # no table unless a test installs one
+    yield
+    _tuning.reset()
+
+
+def install(entries):
+    table = DispatchTable.from_json({"entries": entries}, machine_info()["fingerprint"])
+    _tuning.reset(table)
+    return table
+
+
+def test_measured_choice_is_used_and_results_do_not_change(monkeypatch):
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 64), torch.randn(32, 64)
+    wp, ws = ops.quantize_weight_ternary(w)
+    wq, wsc = ops.quantize_weight_int8(w)
+    want_t, want_i = ops.ternary_matmul(x, wp, ws), ops.int8_linear(x, wq, wsc)
+    install([entry("ternary_matmul", 3, 32, 64, "reference", 2), entry("int8_linear", 3, 32, 64, "native", 1)])
+    calls = []
+    real_ref = ternary_ref.ternary_matmul
+    monkeypatch.setattr(ternary_ref, "ternary_matmul", lambda *a: calls.append("ref") or real_ref(*a))
+    threads_seen = []
+    real_call_with = _tuning.call_with
+
+    def spy(choice, fn, *args):
+        return real_call_with(choice, lambda *a: threads_seen.append(torch.get_num_threads()) or fn(*a), *args)
+
+    monkeypatch.setattr(_tuning, "call_with", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got_t = ops.ternary_matmul(x, wp, ws)
+        got_i = ops.int8_linear(x, wq, wsc)
+        assert torch.get_num_threads() == 2          # restored after the tuned call
+    finally:
+        torch.set_num_threads(before)
+    assert calls == ["ref"] and threads_seen == [1]
+    assert torch.equal(got_t, want_t) and torch.equal(got_i, want_i)
+
+
+def test_unseen_shapes_take_the_nearest_measured_winner():
+    table = install([entry("int8_linear", 1, 4096, 4096, "native", 1),
+                     entry("int8_linear", 512, 4096, 4096, "native", 2),
+                     entry("int8_linear", 1, 256, 256, "reference", 2)])
+    assert table.lookup("int8_linear", (1, 4096, 4096)) == Choice("native", 1, False, (1, 4096, 4096))
+    near_small = table.lookup("int8_linear", (2, 4096, 4096))
+    assert (near_small.backend, near_small.threads, near_small.predicted) == ("native", 1, True)
+    assert table.lookup("int8_linear", (256, 4096, 4096)).threads == 2      # log2 256 is nearer 512 than 1
+    assert table.lookup("int8_linear", (1, 300, 200)).backend == "reference"
+    assert table.lookup("ternary_matmul", (1, 4096, 4096)) is None           # no entry for the op: default
+
+
+def test_a_table_for_another_machine_is_ignored_with_one_warning(tmp_path, monkeypatch):
+    path = tmp_path / "dispatch.json"
+    path.write_text(json.dumps({"format": 1, "tables": {"0123456789abcdef": {"entries": [
+        entry("int8_linear", 1, 64, 64, "reference", 2)]}}}))
+    monkeypatch.setenv(_tuning.ENV_TABLE, str(path))
+    _tuning.reset()
+    with pytest.warns(RuntimeWarning, match=r"no table for this machine .*0123456789abcdef.*run `accelops tune`"):
+        assert _tuning.active() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # once per process: later calls are silent
+        x = torch.randn(1, 64)
+        wq, ws = ops.quantize_weight_int8(torch.randn(8, 64))
+        ops.int8_linear(x, wq, ws)
+    path.write_text("{not json")
+    _tuning.reset()
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        assert _tuning.active() is None
+
+
+def test_env_override_and_disable(tmp_path, monkeypatch):
+    install([entry("int8_linear", 1, 64, 64, "reference", 2)])
+    cpu = torch.device("cpu")
+    assert _tuning.choice_for("int8_linear", cpu, (1, 64, 64)).backend == "reference"
+    monkeypatch.setenv("ACCELOPS_BACKEND", "cpu")
+    assert _tuning.choice_for("int8_linear", cpu, (1, 64, 64)) is None       # a forced backend wins
+    monkeypatch.delenv("ACCELOPS_BACKEND")
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"format": 1, "tables": {machine_info()["fingerprint"]: {"entries": [
+        entry("int8_linear", 1, 64, 64, "reference", 2)]}}}))
+    monkeypatch.setenv(_tuning.ENV_TABLE, str(path))
+    _tuning.reset()
+    assert _tuning.choice_for("int8_linear", cpu, (1, 64, 64)).backend == "reference"   # read from the file
+    monkeypatch.setenv(_tuning.ENV_DISABLE, "0")
+    _tuning.reset()
+    assert _tuning.choice_for("int8_linear", cpu, (1, 64, 64)) is None
+
+
+def test_call_with_never_exceeds_the_callers_threads():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        seen = _tuning.call_with(Choice("native", 2), torch.get_num_threads)
+        assert seen == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_compiled_graphs_keep_the_default_dispatch():
+    install([entry("int8_linear", 2, 16, 32, "reference", 2)])
+    wq, ws = ops.quantize_weight_int8(torch.randn(16, 32))
+    x = torch.randn(2, 32)
+    fn = torch.compile(lambda a: ops.int8_linear(a, wq, ws), backend="eager", fullgraph=True)
+    assert torch.equal(fn(x), ops.int8_linear(x, wq, ws))
+
+
+def test_tune_measures_writes_merges_and_explains(tmp_path, capsys):
+    from accelops.cli import main
+    from accelops.tune import explain, measure, write_table
+
+    e = measure("ternary_matmul", {"M": 1, "N": 32, "K": 64}, max_threads=2, budget_s=0.01, rounds=2)
+    assert e["shape"] == {"M": 1, "N": 32, "K": 64} and len(e["candidates"]) == 3
+    assert {(c["backend"], c["threads"]) for c in e["candidates"]} == {("native", 1), ("native", 2),
+                                                                       ("reference", 2)}
+    assert e["winner"]["backend"] in ("native", "reference") and e["default_us"] > 0
+    path = tmp_path / "d.json"
+    other = {"format": 1, "tables": {"ffffffffffffffff": {"entries": []}}}
+    path.write_text(json.dumps(other))
+    write_table([e], path)
+    data = json.loads(path.read_text())
+    assert set(data["tables"]) == {"ffffffffffffffff", machine_info()["fingerprint"]}   # others kept
+    write_table([e], path)
+    assert len(data["tables"][machine_info()["fingerprint"]]["entries"]) == 1
+    assert len(json.loads(path.read_text())["tables"][machine_info()["fingerprint"]]["entries"]) == 1
+    report = explain([entry("int8_linear", 1, 64, 64, "native", 1), entry("int8_linear", 2, 64, 64, "native", 1),
+                      entry("int8_linear", 512, 64, 64, "native", 2)])["int8_linear"]
+    assert report["shapes"] == 3 and report["loo_winner_agreement"] == pytest.approx(2 / 3)
+    assert report["loo_worst_slowdown"] > 0
+    shapes = tmp_path / "shapes.json"
+    shapes.write_text(json.dumps([{"op": "int8_linear", "M": 2, "N": 16, "K": 32},
+                                  {"op": "int8_linear", "M": 4, "N": 16, "K": 32}]))
+    assert main(["tune", "--shapes", str(shapes), "--table", str(tmp_path / "cli.json"), "--budget", "0.01",
+                 "--explain"]) == 0
+    printed = capsys.readouterr().out
+    assert "dispatch table for machine" in printed and "leave-one-out over 2 shapes" in printed
+    with pytest.raises(SystemExit, match="not tuned ops"):
+        main(["tune", "--ops", "fused_ffn", "--table", str(tmp_path / "x.json")])
+
+
+def test_tune_finds_a_models_quantized_layers():
+    from accelops.tune import shapes_from_model
+
+    config = {"data": {"seq_len": 16, "vocab_size": 40},
+              "model": {"type": "transformer", "dim": 32, "n_layers": 1, "n_heads": 2, "quant": "bitlinear"},
+              "train": {"batch_size": 4}}
+    shapes = shapes_from_model(config)
+    assert {s["op"] for s in shapes} == {"ternary_matmul"}
+    assert {(s["N"], s["K"]) for s in shapes} >= {(32, 32)} and {s["M"] for s in shapes} == {1, 64}
