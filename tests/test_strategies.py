@@ -101,6 +101,12 @@ def _main_worker(rank, world, port, out_dir):
         t.model.blocks[0].attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
         t.fit()
         res["fsdp-bf16"] = (losses(t), seen[0], {p.dtype for g in t.optimizer.param_groups for p in g["params"]})
+        for name in ("fsdp", "pipeline"):  # the Trainer's early stopping (main's feature) under a strategy
+            t = make_trainer(40, strategy=name, eval_every=2, lr=0.5, accumulate_grad_batches=2,
+                             early_stopping=dict(monitor="val_loss", patience=1),
+                             checkpoint_dir=os.path.join(out_dir, "early-" + name))
+            t.fit()
+            res["early-" + name] = (t.step, t.stop_reason, [e["val_loss"] for e in t.evals])
         t = gru_trainer(3, strategy="pipeline", pipeline_schedule="1f1b", batch_size=8, n_microbatches=4)
         split = t._strategy.split  # chosen from the measured per-block times (rank 0's, broadcast)
         t.fit()
@@ -256,6 +262,13 @@ def test_fsdp_bf16_mixed_gathers_bf16_weights_and_keeps_fp32_shards(results):
     single.fit()
     # bf16 rounding of the weights (FSDP) vs of the activations only (autocast): close, not equal
     assert got == pytest.approx(losses(single), rel=2e-2)
+
+
+@pytest.mark.parametrize("name", ["fsdp", "pipeline"])
+def test_early_stopping_under_a_strategy(results, name):
+    step, reason, vals = results[0]["early-" + name]
+    assert results[1]["early-" + name] == (step, reason, vals)     # every rank stops at the same step
+    assert step < 40 and "early stopping" in reason and vals[-1] >= min(vals[:-1])
 
 
 def test_pipeline_auto_split_of_a_gru_equals_single_process(results):
