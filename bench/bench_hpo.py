@@ -34,7 +34,9 @@ Protocol (one optimiser run = one seed on one problem, everything sequential, on
   the text "np.float64(9.0)", which its ast.literal_eval reader refuses: the worker drops
   every job and the run hangs), so the bench switches Pyro4 to its pickle serializer
   (loopback only). Seeded with numpy's global seed and the ConfigSpace seed.
-- Optuna: TPESampler(seed) (defaults) with HyperbandPruner(min_resource=1,
+- Optuna: TPESampler(seed) (defaults), a study name fixed by the problem and seed (its
+  HyperbandPruner assigns trials to brackets by a hash of the study name, which is a random
+  UUID by default: rows before 2026-12-02T17:40 did not follow from the seed), with HyperbandPruner(min_resource=1,
   max_resource=27, reduction_factor=3), ask/tell; each trial reports its loss at every
   budget step 1, 2, ..., 27 (an epoch of the MLP, a fidelity step of the synthetic
   functions), each step costing 1, until pruned or complete. A trial continues where it
@@ -322,7 +324,10 @@ def run_optuna(problem, seed, rng):
     import optuna
     from optuna.trial import TrialState
 
+    # HyperbandPruner puts trial n in the bracket crc32(f"{study_name}_{n}") picks, and a study's
+    # default name is a fresh UUID: without a fixed name the run does not follow from the seed.
     study = optuna.create_study(
+        study_name=f"accelops-bench-{problem.name}-{seed}",
         sampler=optuna.samplers.TPESampler(seed=seed),
         pruner=optuna.pruners.HyperbandPruner(min_resource=int(problem.min_budget),
                                               max_resource=int(problem.max_budget),
