@@ -36,7 +36,8 @@ Protocol (one optimiser run = one seed on one problem, everything sequential, on
   (loopback only). Seeded with numpy's global seed and the ConfigSpace seed.
 - Optuna: TPESampler(seed) (defaults), a study name fixed by the problem and seed (its
   HyperbandPruner assigns trials to brackets by a hash of the study name, which is a random
-  UUID by default: rows before 2026-12-02T17:40 did not follow from the seed), with HyperbandPruner(min_resource=1,
+  UUID by default: rows before run a5342a96a9a1 did not follow from the seed), with
+  HyperbandPruner(min_resource=1,
   max_resource=27, reduction_factor=3), ask/tell; each trial reports its loss at every
   budget step 1, 2, ..., 27 (an epoch of the MLP, a fidelity step of the synthetic
   functions), each step costing 1, until pruned or complete. A trial continues where it
