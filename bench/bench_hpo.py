@@ -1,18 +1,32 @@
 """Hyperparameter-optimisation family: accelops.hpo's RandomSearch, Hyperband and BOHB
 against HpBandSter's BOHB and Optuna's TPESampler with its HyperbandPruner, at equal total
-budget, 10 seeds each, on multi-fidelity Branin and Hartmann-6 (known optima) and a small
+budget, 30 seeds each (--seeds N), on multi-fidelity Branin and Hartmann-6 (known optima) and a small
 MLP on scikit-learn's digits with epochs as the budget (bench/hpo_problems.py defines
 the problems and their fidelities).
 
 Protocol (one optimiser run = one seed on one problem, everything sequential, one worker):
 
 - Budgets 1..27, eta 3 (four rungs; --quick: 1..9, the MLP 1..3). Each optimiser may
-  spend the problem's total budget (sum of the budgets of the evaluations it starts;
+  spend the problem's total budget (sum of the costs of the evaluations it starts;
   Branin and Hartmann-6: 60 x 27 = 1620, digits MLP: 30 x 27 = 810 epochs); an evaluation
   that would pass it is not run.
+- Cost of an evaluation, the same rule for every optimiser (--accounting):
+  ``resume`` (default): a configuration evaluated again at a larger budget continues its
+  run and costs only the budget it adds (promoted 1 -> 3 -> 9 -> 27: 1 + 2 + 6 + 18 = 27).
+  Every peer here can continue: accelops hands the objective a checkpoint_dir per
+  configuration (Study / TrainObjective resume from it), HpBandSter's Worker.compute gets
+  the configuration's config_id and a working_directory "to store intermediate results on
+  lower budgets that can be reused later for a larger budget" (its documentation), and
+  Optuna's trials report step by step. The MLP's run object is kept per configuration and
+  trained on (the same loss as retraining: training to b epochs is a prefix of training
+  longer); the synthetic functions draw the observation at the new budget.
+  ``full``: accelops and HpBandSter pay every evaluation's full budget (promoted 1 -> 3 ->
+  9 -> 27: 40), Optuna's trials still cost 1 a step: the accounting of the earlier rows
+  in results/hpo.jsonl (those have no "accounting" field), which favoured Optuna.
 - accelops: RandomSearch(budget=27), Hyperband and BOHB with their defaults (paper
-  brackets), driven by ask/tell. An evaluation at budget b costs b, a promoted one too
-  (the synthetic problems have nothing to resume; the MLP is retrained from scratch).
+  brackets), BOHB with hpbandster_compat=True (HpBandSter's brackets), and BOHB with
+  bandwidth_floor=0.25 (TPE's bandwidth floor, see accelops/hpo/bohb.py), driven by
+  ask/tell.
 - HpBandSter BOHB (its defaults) runs in-process as its documentation describes: a
   NameServer on 127.0.0.1 (random port), one Worker thread, the BOHB master, as many
   iterations as the budget needs; results past the budget are cut off. Pyro4's default
@@ -20,7 +34,10 @@ Protocol (one optimiser run = one seed on one problem, everything sequential, on
   the text "np.float64(9.0)", which its ast.literal_eval reader refuses: the worker drops
   every job and the run hangs), so the bench switches Pyro4 to its pickle serializer
   (loopback only). Seeded with numpy's global seed and the ConfigSpace seed.
-- Optuna: TPESampler(seed) (defaults) with HyperbandPruner(min_resource=1,
+- Optuna: TPESampler(seed) (defaults), a study name fixed by the problem and seed (its
+  HyperbandPruner assigns trials to brackets by a hash of the study name, which is a random
+  UUID by default: rows before run a5342a96a9a1 did not follow from the seed), with
+  HyperbandPruner(min_resource=1,
   max_resource=27, reduction_factor=3), ask/tell; each trial reports its loss at every
   budget step 1, 2, ..., 27 (an epoch of the MLP, a fidelity step of the synthetic
   functions), each step costing 1, until pruned or complete. A trial continues where it
@@ -32,7 +49,9 @@ Protocol (one optimiser run = one seed on one problem, everything sequential, on
   budget evaluated so far (Study.best()'s and HpBandSter's rule); its regret is the
   noise-free full-budget value of that configuration minus the optimum (the MLP: minus the
   best full-budget validation loss found by any optimiser in this run). Final regret =
-  regret when the budget is spent. Mean, std and p20/p50/p80 over the seeds.
+  regret when the budget is spent. Mean with a 95% percentile-bootstrap interval, std,
+  p20/p50/p80 and max over the seeds; each target line also gives the bootstrap interval
+  of the difference of the two means (it says "within the noise" when it holds 0).
 - Time to choose a configuration: accelops ask() for a new configuration (not a
   promotion), HpBandSter's config generator get_config, Optuna's study.ask() with the
   suggest calls; median over every choice of the runs. Then a dedicated measurement with
@@ -40,10 +59,11 @@ Protocol (one optimiser run = one seed on one problem, everything sequential, on
   Hartmann-6 space and of the MLP's mixed space): the median over repeated calls.
 
 Targets: accelops BOHB's mean final regret <= HpBandSter BOHB's and <= Optuna's on each
-problem; accelops BOHB's median ask() time <= 5 ms with 500 observations. A peer that is
-not installed gives rows with status "skipped" and the reason.
+problem (reported for the defaults and for bandwidth_floor=0.25); accelops BOHB's median
+ask() time <= 5 ms with 500 observations. A peer that is not installed gives rows with
+status "skipped" and the reason.
 
-    python bench/bench_hpo.py [--quick] [--results-dir DIR]
+    python bench/bench_hpo.py [--quick] [--results-dir DIR] [--seeds N] [--accounting resume|full] [--jobs N]
 """
 from __future__ import annotations
 
@@ -65,16 +85,41 @@ OPTIMIZERS = {  # key: (label, accelops?)
     "random": ("accelops RandomSearch", True),
     "hyperband": ("accelops Hyperband", True),
     "bohb": ("accelops BOHB", True),
+    "bohb_compat": ("accelops BOHB, HpBandSter brackets", True),
+    "bohb_floor": ("accelops BOHB, bandwidth_floor=0.25", True),
     "hpbandster_bohb": ("HpBandSter BOHB", False),
     "optuna_tpe_hb": ("Optuna TPE + HyperbandPruner", False),
 }
 ASK_TARGET_MS = 5.0
+BANDWIDTH_FLOOR = 0.25
+ACCOUNTINGS = ("resume", "full")
+SETTINGS = {"seeds": None, "accounting": "resume"}  # set by main(); None: 30 (--quick: 2)
+BOOTSTRAP = 10_000
 PEER_DISTS = ("hpbandster", "ConfigSpace", "statsmodels", "Pyro4", "optuna")
 
 
 def _percentiles(values):
     v = sorted(values)
     return {"p20": common.percentile(v, 0.2), "p50": common.percentile(v, 0.5), "p80": common.percentile(v, 0.8)}
+
+
+def bootstrap_means(values, n=BOOTSTRAP, seed=0) -> np.ndarray:
+    """Means of ``n`` resamples (with replacement) of ``values``, with a fixed seed."""
+    v = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    return v[rng.integers(0, len(v), size=(n, len(v)))].mean(axis=1)
+
+
+def bootstrap_ci(values, level=0.95):
+    """Percentile bootstrap confidence interval of the mean: [lo, hi]."""
+    m = bootstrap_means(values)
+    return [float(np.quantile(m, (1 - level) / 2)), float(np.quantile(m, (1 + level) / 2))]
+
+
+def bootstrap_diff_ci(a, b, level=0.95):
+    """Percentile bootstrap interval of mean(a) - mean(b) (independent resamples)."""
+    d = bootstrap_means(a, seed=1) - bootstrap_means(b, seed=2)
+    return [float(np.quantile(d, (1 - level) / 2)), float(np.quantile(d, (1 + level) / 2))]
 
 
 # --------------------------------------------------------------------------- peers
@@ -138,33 +183,69 @@ def _noise_rng(problem_index, seed):
     return np.random.default_rng([seed, problem_index, 7])
 
 
-def run_accelops(kind, problem, seed, rng):
+class Runs:
+    """The runs of one optimiser run's configurations, keyed by the optimiser's configuration
+    id. ``accounting="resume"``: a configuration evaluated again at a larger budget continues
+    its run (the MLP keeps training, the synthetic functions draw their observation at the
+    new budget) and costs the budget it adds; "full": every evaluation starts from scratch
+    and costs its budget."""
+
+    def __init__(self, problem, accounting):
+        self.problem, self.accounting = problem, accounting
+        self.runs, self.reached = {}, {}
+
+    def cost(self, key, budget) -> float:
+        if self.accounting == "resume":
+            return max(budget - self.reached.get(key, 0.0), 0.0)
+        return budget
+
+    def evaluate(self, key, config, budget, rng) -> float:
+        if self.accounting == "resume":
+            run = self.runs.setdefault(key, self.problem.start(config))
+            self.reached[key] = max(budget, self.reached.get(key, 0.0))
+            return run.loss(budget, rng)
+        return self.problem.evaluate(config, budget, rng)
+
+
+def make_accelops(kind, problem, seed):
     from accelops import hpo
 
     space = hp.accelops_space(problem.params)
+    args = (space, problem.min_budget, problem.max_budget, problem.eta)
     if kind == "random":
-        opt = hpo.RandomSearch(space, budget=problem.max_budget, seed=seed)
-    elif kind == "hyperband":
-        opt = hpo.Hyperband(space, problem.min_budget, problem.max_budget, problem.eta, seed=seed)
-    else:
-        opt = hpo.BOHB(space, problem.min_budget, problem.max_budget, problem.eta, seed=seed)
+        return hpo.RandomSearch(space, budget=problem.max_budget, seed=seed)
+    if kind == "hyperband":
+        return hpo.Hyperband(*args, seed=seed)
+    if kind == "bohb_compat":
+        return hpo.BOHB(*args, hpbandster_compat=True, seed=seed)
+    if kind == "bohb_floor":
+        return hpo.BOHB(*args, bandwidth_floor=BANDWIDTH_FLOOR, seed=seed)
+    return hpo.BOHB(*args, seed=seed)
+
+
+def run_accelops(kind, problem, seed, rng, accounting="resume"):
+    opt = make_accelops(kind, problem, seed)
+    runs = Runs(problem, accounting)
     evals, choose, spent = [], [], 0.0
     while True:
         t0 = time.perf_counter()
         trial = opt.ask()
         dt = time.perf_counter() - t0
-        if trial is None or spent + trial.budget > problem.total_budget + 1e-9:
+        if trial is None:
+            break
+        cost = runs.cost(trial.config_id, trial.budget)
+        if spent + cost > problem.total_budget + 1e-9:
             break
         if not trial.rung:  # rung 0 (or no rung): a newly chosen configuration
             choose.append(dt)
-        loss = problem.evaluate(trial.config, trial.budget, rng)
+        loss = runs.evaluate(trial.config_id, trial.config, trial.budget, rng)
         opt.tell(trial, loss)
-        spent += trial.budget
-        evals.append((trial.budget, dict(trial.config), loss, trial.budget))
+        spent += cost
+        evals.append((trial.budget, dict(trial.config), loss, cost))
     return {"evals": evals, "choose_s": choose}
 
 
-def _hpbandster_iterations(problem) -> int:
+def _hpbandster_iterations(problem, accounting="resume") -> int:
     """HpBandSter brackets (its 'iterations') needed to spend the total budget."""
     from accelops.hpo import hyperband_brackets
 
@@ -172,23 +253,34 @@ def _hpbandster_iterations(problem) -> int:
     total, n = 0.0, 0
     while total < problem.total_budget:
         p = plans[n % len(plans)]
-        total += sum(s * b for s, b in zip(p.sizes, p.budgets))
+        if accounting == "resume":
+            previous = (0.0,) + tuple(p.budgets[:-1])
+            total += sum(s * (b - a) for s, b, a in zip(p.sizes, p.budgets, previous))
+        else:
+            total += sum(s * b for s, b in zip(p.sizes, p.budgets))
         n += 1
     return n
 
 
-def run_hpbandster(problem, seed, rng):
+def run_hpbandster(problem, seed, rng, accounting="resume"):
     import hpbandster.core.nameserver as hpns
     from hpbandster.core.worker import Worker
     from hpbandster.optimizers import BOHB
 
     evals = []
+    runs = Runs(problem, accounting)
 
     class W(Worker):
-        def compute(self, config, budget, **kwargs):
-            config = hp.plain(config)
-            loss = problem.evaluate(config, float(budget), rng)
-            evals.append((float(budget), config, loss, float(budget)))
+        # HpBandSter passes the configuration's id (the same at every stage of its
+        # successive halving) and a working directory per configuration "to store
+        # intermediate results on lower budgets that can be reused later for a larger
+        # budget" (its Worker.compute doc): the same continuation as accelops' checkpoint_dir.
+        def compute(self, config_id, config, budget, **kwargs):
+            config, budget = hp.plain(config), float(budget)
+            key = tuple(config_id)
+            cost = runs.cost(key, budget)
+            loss = runs.evaluate(key, config, budget, rng)
+            evals.append((budget, config, loss, cost))
             return {"loss": float(loss), "info": {}}
 
     run_id = f"accelops-bench-{problem.name}-{seed}"
@@ -215,7 +307,7 @@ def run_hpbandster(problem, seed, rng):
                 choose.append(time.perf_counter() - t0)
                 return out
             cg.get_config = timed
-            opt.run(n_iterations=_hpbandster_iterations(problem), min_n_workers=1)
+            opt.run(n_iterations=_hpbandster_iterations(problem, accounting), min_n_workers=1)
         finally:
             if opt is not None:
                 opt.shutdown(shutdown_workers=True)
@@ -233,7 +325,10 @@ def run_optuna(problem, seed, rng):
     import optuna
     from optuna.trial import TrialState
 
+    # HyperbandPruner puts trial n in the bracket crc32(f"{study_name}_{n}") picks, and a study's
+    # default name is a fresh UUID: without a fixed name the run does not follow from the seed.
     study = optuna.create_study(
+        study_name=f"accelops-bench-{problem.name}-{seed}",
         sampler=optuna.samplers.TPESampler(seed=seed),
         pruner=optuna.pruners.HyperbandPruner(min_resource=int(problem.min_budget),
                                               max_resource=int(problem.max_budget),
@@ -260,6 +355,48 @@ def run_optuna(problem, seed, rng):
                 break
         study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
     return {"evals": evals, "choose_s": choose}
+
+
+def one_run(problems, pi, key, seed, accounting) -> dict:
+    """One optimiser run (one seed on one problem); an exception is a row, not a crash."""
+    problem, rng = problems[pi], _noise_rng(pi, seed)
+    t0 = time.perf_counter()
+    try:
+        if OPTIMIZERS[key][1]:
+            res = run_accelops(key, problem, seed, rng, accounting)
+        elif key == "hpbandster_bohb":
+            res = run_hpbandster(problem, seed, rng, accounting)
+        else:
+            res = run_optuna(problem, seed, rng)
+        res["status"] = "ok"
+    except Exception as exc:
+        res = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:500]}
+    res["wall_s"] = time.perf_counter() - t0
+    res["seed"] = seed
+    return res
+
+
+_WORKER = {}
+
+
+def _init_worker(quick):
+    from threadpoolctl import threadpool_limits
+
+    _WORKER["limits"] = threadpool_limits(1)
+    _WORKER["quiet"] = _quiet_peers()
+    _WORKER["quiet"].__enter__()
+    with contextlib.suppress(Exception):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+    _WORKER["problems"] = hp.make_problems(quick)
+
+
+def _worker_run(pi, key, seed, accounting):
+    res = one_run(_WORKER["problems"], pi, key, seed, accounting)
+    for e in res.get("evals", ()):  # plain Python values across the process boundary
+        e[1].update(hp.plain(e[1]))
+    return res
 
 
 # --------------------------------------------------------------------------- regret
@@ -432,7 +569,10 @@ def run(cfg: common.Config) -> common.FamilyResult:
     meta["versions"].update({d.lower(): common._version(d) for d in PEER_DISTS})
     out_path = cfg.results_file(FAMILY)
     t_start = time.perf_counter()
-    seeds = list(range(2 if cfg.quick else 10))
+    n_seeds = SETTINGS["seeds"] or (2 if cfg.quick else 30)
+    seeds = list(range(n_seeds))
+    accounting = SETTINGS["accounting"]
+    meta["accounting"] = accounting
     problems = hp.make_problems(cfg.quick)
     skip = {"hpbandster_bohb": import_hpbandster(), "optuna_tpe_hb": import_optuna()}
     if not skip["optuna_tpe_hb"]:
@@ -441,32 +581,35 @@ def run(cfg: common.Config) -> common.FamilyResult:
         optuna.logging.set_verbosity(optuna.logging.ERROR)
 
     runs = {}  # (problem, optimiser) -> list of per-seed results
+    jobs = max(1, int(SETTINGS.get("jobs") or 1))
+    meta["jobs"] = jobs
     with threadpool_limits(1), _quiet_peers():
-        total = len(problems) * len(seeds) * len(OPTIMIZERS)
-        done = 0
-        for pi, problem in enumerate(problems):
-            for key in OPTIMIZERS:
-                if skip.get(key):
-                    continue
-                for seed in seeds:
-                    rng = _noise_rng(pi, seed)
-                    t0 = time.perf_counter()
-                    try:
-                        if key in ("random", "hyperband", "bohb"):
-                            res = run_accelops(key, problem, seed, rng)
-                        elif key == "hpbandster_bohb":
-                            res = run_hpbandster(problem, seed, rng)
-                        else:
-                            res = run_optuna(problem, seed, rng)
-                        res["status"] = "ok"
-                    except Exception as exc:  # a row, not a crash
-                        res = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:500]}
-                    res["wall_s"] = time.perf_counter() - t0
-                    res["seed"] = seed
-                    runs.setdefault((problem.name, key), []).append(res)
-                    done += 1
-                    print(f"hpo: {problem.name} {key} seed {seed}: {res['status']}, {res['wall_s']:.1f} s "
-                          f"({done}/{total})", file=sys.stderr, flush=True)
+        tasks = [(pi, key, seed) for pi in range(len(problems)) for key in OPTIMIZERS if not skip.get(key)
+                 for seed in seeds]
+        total, done = len(tasks), 0
+
+        def record(task, res):
+            nonlocal done
+            pi, key, seed = task
+            runs.setdefault((problems[pi].name, key), []).append(res)
+            done += 1
+            print(f"hpo: {problems[pi].name} {key} seed {seed}: {res['status']}, {res['wall_s']:.1f} s "
+                  f"({done}/{total})", file=sys.stderr, flush=True)
+
+        if jobs == 1:
+            for task in tasks:
+                record(task, one_run(problems, *task, accounting))
+        else:  # independent runs in worker processes (spawned); each result is a function of its task
+            import concurrent.futures as cf
+            import multiprocessing as mp
+
+            with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                        initargs=(cfg.quick,)) as pool:
+                futures = [pool.submit(_worker_run, *task, accounting) for task in tasks]
+                for task, fut in zip(tasks, futures):
+                    record(task, fut.result())
+        for results in runs.values():
+            results.sort(key=lambda r: r["seed"])
 
         # true full-budget values of every incumbent, and the MLP's empirical optimum
         rows, curves = [], {}
@@ -504,9 +647,12 @@ def run(cfg: common.Config) -> common.FamilyResult:
                     final = [regret_curve(r["trace"], values, optimum, [problem.total_budget])[0] for r in results]
                     choose_ms = [t * 1e3 for r in results for t in r["choose_s"]]
                     row.update(status="ok", final_regret=final, final_regret_mean=float(np.mean(final)),
-                               final_regret_std=float(np.std(final)),
+                               final_regret_std=float(np.std(final)), final_regret_ci95=bootstrap_ci(final),
                                **{f"final_regret_{k}": v for k, v in _percentiles(final).items()},
                                evaluations_mean=float(np.mean([len(r["evals"]) for r in results])),
+                               full_budget_evaluations_mean=float(np.mean(
+                                   [sum(abs(e[0] - problem.max_budget) < 1e-9 for e in r["evals"])
+                                    for r in results])),
                                budget_spent_mean=float(np.mean([sum(e[3] for e in r["evals"]) for r in results])),
                                choose_ms_median=common.percentile(sorted(choose_ms), 0.5) if choose_ms else None,
                                choose_ms_p80=common.percentile(sorted(choose_ms), 0.8) if choose_ms else None,
@@ -551,6 +697,14 @@ def summarize(rows, ask_rows, problems, cfg, meta, wall_s, plot_note, n_obs) -> 
            f"Peers: hpbandster {v.get('hpbandster')} (ConfigSpace {v.get('configspace')}, statsmodels "
            f"{v.get('statsmodels')}, Pyro4 {v.get('pyro4')}), optuna {v.get('optuna')}. {rows[0]['seeds']} seeds "
            "per problem and optimiser, one worker, numpy on one thread.", ""]
+    if meta.get("accounting") == "resume":
+        out += ["Accounting `resume`: a configuration evaluated again at a larger budget continues its run and "
+                "costs only the budget it adds, for every optimiser that can continue: accelops (its "
+                "`checkpoint_dir`), HpBandSter (its worker's `config_id` / `working_directory`) and Optuna (a "
+                "trial reports step by step). RandomSearch evaluates each configuration once.", ""]
+    else:
+        out += ["Accounting `full`: accelops and HpBandSter pay every evaluation's budget, a promoted "
+                "configuration starts over; Optuna's trials still continue step by step (cost 1 a step).", ""]
     budgets = "; ".join(f"{p.name}: budgets {p.min_budget:g}..{p.max_budget:g} {p.unit}, eta {p.eta}, total "
                         f"{p.total_budget:g} per run" for p in problems)
     out += [f"Equal total budget per optimiser run ({budgets}). Final regret = full-budget noise-free value of "
@@ -560,15 +714,20 @@ def summarize(rows, ask_rows, problems, cfg, meta, wall_s, plot_note, n_obs) -> 
     table = []
     for r in rows:
         if r["status"] == "ok":
-            table.append([r["problem"], r["label"], _fmt(r["final_regret_mean"]), _fmt(r["final_regret_std"]),
-                          f"{_fmt(r['final_regret_p20'])} / {_fmt(r['final_regret_p50'])} / "
-                          f"{_fmt(r['final_regret_p80'])}",
-                          f"{r['evaluations_mean']:.0f}", f"{r['budget_spent_mean']:.0f}",
+            lo, hi = r["final_regret_ci95"]
+            table.append([r["problem"], r["label"], _fmt(r["final_regret_mean"]), f"{_fmt(lo)} - {_fmt(hi)}",
+                          _fmt(r["final_regret_std"]), f"{_fmt(r['final_regret_p20'])} / "
+                          f"{_fmt(r['final_regret_p50'])} / {_fmt(r['final_regret_p80'])}",
+                          _fmt(max(r["final_regret"])), f"{r['evaluations_mean']:.0f}",
+                          f"{r['full_budget_evaluations_mean']:.0f}", f"{r['budget_spent_mean']:.0f}",
                           f"{_fmt(r['choose_ms_median'])} ms", f"{r['wall_s_mean']:.2f} s"])
         else:
-            table.append([r["problem"], r["label"], f"{r['status']}: {r.get('reason')}", "", "", "", "", "", ""])
-    out += [common.md_table(["problem", "optimiser", "final regret mean", "std", "p20 / p50 / p80",
-                             "evaluations", "budget spent", "time to choose", "wall per run"], table), "", plot_note, ""]
+            table.append([r["problem"], r["label"], f"{r['status']}: {r.get('reason')}", *[""] * 10])
+    out += [common.md_table(["problem", "optimiser", "final regret mean", "95% CI of the mean", "std",
+                             "p20 / p50 / p80", "max", "evaluations", "at full budget", "budget spent",
+                             "time to choose", "wall per run"], table), "",
+            "95% CI: percentile bootstrap of the mean over the seeds (10,000 resamples). \"at full budget\": "
+            "evaluations at the largest budget (Optuna: steps reaching it).", "", plot_note, ""]
 
     out += [f"Time to choose a configuration with {n_obs} full-budget observations in the model (random "
             "configurations; accelops: ask(), HpBandSter: config generator get_config, Optuna: study.ask() + "
@@ -589,17 +748,25 @@ def summarize(rows, ask_rows, problems, cfg, meta, wall_s, plot_note, n_obs) -> 
     # targets
     lines = []
     by = {(r["problem"], r["optimizer"]): r for r in rows}
-    for p in problems:
-        mine = by.get((p.name, "bohb"))
-        for peer in ("hpbandster_bohb", "optuna_tpe_hb"):
-            other = by.get((p.name, peer))
-            if mine is None or mine["status"] != "ok" or other is None or other["status"] != "ok":
-                why = (other or {}).get("reason") if (other or {}).get("status") != "ok" else mine.get("reason")
-                lines.append(f"- {p.name}: accelops BOHB mean final regret <= {OPTIMIZERS[peer][0]}'s: n/a ({why})")
-                continue
-            ok = mine["final_regret_mean"] <= other["final_regret_mean"]
-            lines.append(f"- {p.name}: accelops BOHB mean final regret {_fmt(mine['final_regret_mean'])} <= "
-                         f"{OPTIMIZERS[peer][0]}'s {_fmt(other['final_regret_mean'])}: {'met' if ok else 'MISSED'}")
+    for key in ("bohb", "bohb_floor"):
+        for p in problems:
+            mine = by.get((p.name, key))
+            for peer in ("hpbandster_bohb", "optuna_tpe_hb"):
+                other = by.get((p.name, peer))
+                name = OPTIMIZERS[key][0]
+                if mine is None or mine["status"] != "ok" or other is None or other["status"] != "ok":
+                    why = (other or {}).get("reason") if (other or {}).get("status") != "ok" else \
+                        (mine or {}).get("reason")
+                    lines.append(f"- {p.name}: {name} mean final regret <= {OPTIMIZERS[peer][0]}'s: n/a ({why})")
+                    continue
+                ok = mine["final_regret_mean"] <= other["final_regret_mean"]
+                lo, hi = bootstrap_diff_ci(mine["final_regret"], other["final_regret"])
+                sig = "the difference is within the noise" if lo <= 0 <= hi else \
+                    ("significantly better" if hi < 0 else "significantly worse")
+                lines.append(f"- {p.name}: {name} mean final regret {_fmt(mine['final_regret_mean'])} <= "
+                             f"{OPTIMIZERS[peer][0]}'s {_fmt(other['final_regret_mean'])}: "
+                             f"{'met' if ok else 'MISSED'} (difference {_fmt(lo)} .. {_fmt(hi)}, 95% bootstrap: "
+                             f"{sig})")
     for r in ask_rows:
         if r["optimizer"] == "bohb" and r["status"] == "ok":
             ok = r["median_ms"] <= ASK_TARGET_MS
@@ -612,7 +779,20 @@ def summarize(rows, ask_rows, problems, cfg, meta, wall_s, plot_note, n_obs) -> 
 
 
 def main(argv=None) -> int:
-    return common.family_main(__doc__, run, argv)
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--seeds", type=int, default=None, help="seeds per problem and optimiser (30; --quick: 2)")
+    pre.add_argument("--accounting", choices=ACCOUNTINGS, default="resume",
+                     help="resume (default): a promoted configuration costs the budget it adds; full: every rung")
+    pre.add_argument("--jobs", type=int, default=1,
+                     help="optimiser runs in parallel worker processes (1: in this process); regret does not "
+                          "depend on it, wall and ask times do")
+    known, rest = pre.parse_known_args(argv)
+    if known.seeds is not None and known.seeds < 1:
+        pre.error("--seeds must be >= 1")
+    SETTINGS.update(seeds=known.seeds, accounting=known.accounting, jobs=known.jobs)
+    return common.family_main(__doc__, run, rest)
 
 
 if __name__ == "__main__":

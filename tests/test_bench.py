@@ -101,7 +101,9 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
     hpo = [json.loads(line) for line in (tmp_path / "hpo_quick.jsonl").read_text().splitlines()]
     regret = [r for r in hpo if r.get("kind") == "regret"]
     assert {r["problem"] for r in regret} == {"branin", "hartmann6", "digits_mlp"}
-    assert {r["optimizer"] for r in regret} == {"random", "hyperband", "bohb", "hpbandster_bohb", "optuna_tpe_hb"}
+    assert {r["optimizer"] for r in regret} == {"random", "hyperband", "bohb", "bohb_compat", "bohb_floor",
+                                                "hpbandster_bohb", "optuna_tpe_hb"}
+    assert all(r["accounting"] == "resume" for r in regret)
     assert len({r["run_id"] for r in hpo}) == 1 and all(r["quick"] is True for r in hpo)
     for r in regret:
         if r["accelops"]:
@@ -109,6 +111,8 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
             assert len(r["final_regret"]) == 2 and min(r["final_regret"]) >= 0
             assert r["budget_spent_mean"] <= r["total_budget"]
             assert len(r["curve"]["median"]) == len(r["curve"]["budget"])
+            lo, hi = r["final_regret_ci95"]
+            assert lo <= r["final_regret_mean"] <= hi
         else:
             assert r["status"] == "ok" or (r["status"] == "skipped" and "not importable" in r["reason"]), r
     ask = [r for r in hpo if r.get("kind") == "ask_time" and r["optimizer"] == "bohb"]
@@ -152,3 +156,30 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
     assert stored["matmul"] == len(rows) and stored["dispatch"] == len(disp)
     assert con.execute("SELECT count(DISTINCT run_id) FROM runs").fetchone()[0] == 1
     con.close()
+
+def test_hpo_bench_accounting():
+    """bench_hpo's cost rule: with "resume" a configuration evaluated again at a larger budget
+    continues its run and pays what it adds (the MLP gives the loss of a run trained in one
+    go); with "full" every evaluation pays its budget."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_hpo
+        import hpo_problems
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    mlp = hpo_problems.make_problems(quick=True)[-1]
+    config = {"lr": 0.1, "momentum": 0.5, "weight_decay": 1e-4, "width": 32, "log2_batch": 6, "activation": "relu"}
+    for accounting, want in (("resume", [1, 2, 6]), ("full", [1, 3, 9])):
+        runs, costs, losses = bench_hpo.Runs(mlp, accounting), [], []
+        for budget in (1, 3, 9):
+            costs.append(runs.cost(7, budget))
+            losses.append(runs.evaluate(7, config, budget, None))
+        assert costs == want and runs.cost(8, 9) == 9
+        assert losses[-1] == mlp.evaluate(config, 9, None)
+    problem = hpo_problems.make_problems(quick=False)[0]
+    assert bench_hpo._hpbandster_iterations(problem, "resume") > bench_hpo._hpbandster_iterations(problem, "full")
+    values = [0.0, 1.0, 0.5, 0.25]
+    lo, hi = bench_hpo.bootstrap_ci(values)
+    assert 0.0 <= lo < sum(values) / 4 < hi <= 1.0
+    lo, hi = bench_hpo.bootstrap_diff_ci([5.0, 5.1, 4.9], [1.0, 1.1, 0.9])
+    assert 3.5 < lo <= hi < 4.5

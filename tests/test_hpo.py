@@ -428,6 +428,47 @@ def test_bandwidth_rules():
     assert wide.bw[0] == pytest.approx(2 / 3)  # normal reference says 0.80: clipped to the uniform kernel
 
 
+def test_bandwidth_floor_magic_clip():
+    tight = np.array([[0.5, 0.50, 1.0], [0.5, 0.51, 1.0], [0.5, 0.49, 1.0], [0.5, 0.50, 1.0]])
+    kinds, levels = [CONT, CONT, CAT], [0, 0, 2]
+    plain = KDE.fit(tight, kinds, levels)
+    np.testing.assert_array_equal(KDE.fit(tight, kinds, levels, bandwidth_floor=0.0).bw, plain.bw)  # off
+    floored = KDE.fit(tight, kinds, levels, bandwidth_floor=0.25)
+    np.testing.assert_allclose(floored.bw[:2], [0.25 / 5, 0.25 / 5])  # 0.25 / min(100, n + 1), n = 4
+    assert floored.bw[2] == plain.bw[2]                                 # discrete: untouched
+    wide = np.random.default_rng(0).random((300, 1))
+    w = KDE.fit(wide, [CONT], [0], bandwidth_floor=0.25)
+    assert w.bw[0] == pytest.approx(max(normal_reference_bandwidth(wide)[0], 0.25 / 100))  # n + 1 capped at 100
+    assert KDE.fit(wide, [CONT], [0], bandwidth_floor=0.25).bw[0] == KDE.fit(wide, [CONT], [0]).bw[0]
+
+
+def test_bohb_bandwidth_floor_option():
+    space = SearchSpace({"x": Float(0.0, 1.0), "y": Float(0.0, 1.0)})
+    assert BOHBModel(space, np.random.default_rng(0)).bandwidth_floor == 0.0  # HpBandSter's behaviour
+    for bad in (-0.1, math.nan, math.inf, True, "0.25"):
+        with pytest.raises(ValueError, match="bandwidth_floor"):
+            hpo.BOHB(space, 1, 27, bandwidth_floor=bad)
+    # the good points of the model all sit at (0.3, 0.3): without the floor every
+    # proposal lands on them, with it the proposals look beside them
+    spread = {}
+    for floor in (0.0, 0.25):
+        m = BOHBModel(space, np.random.default_rng(0), random_fraction=0.0, bandwidth_floor=floor)
+        rng = np.random.default_rng(1)
+        for i in range(4):
+            m.observe({"x": 0.3 + 1e-4 * i, "y": 0.3}, 27, 0.0)
+        for _ in range(16):
+            m.observe({"x": float(rng.random()), "y": float(rng.random())}, 27, 1.0)
+        good, _ = m.models[27]
+        assert np.all(good.bw >= (0.25 / 5 if floor else 1e-3) - 1e-12)
+        xs = np.array([[c["x"], c["y"]] for c, _ in (m.sample() for _ in range(200))])
+        spread[floor] = np.median(np.abs(xs - 0.3).max(axis=1))
+    assert spread[0.0] < 0.002 and spread[0.25] > 0.015
+    opt = hpo.BOHB(issue_space(), 9, 729, bandwidth_floor=0.25, seed=4)
+    again = hpo.Optimizer.from_spec(opt.spec())
+    assert again.model.bandwidth_floor == 0.25 and again.spec() == opt.spec()
+    assert run_sequential(again, 120) == run_sequential(opt, 120)
+
+
 def model_space():
     return SearchSpace({"x": Float(0.0, 1.0), "k": Categorical(["a", "b", "c"]),
                         "m": Float(0.0, 1.0, condition=("k", ["a"]))})
