@@ -21,7 +21,7 @@ static PyObject* py_cpu_isas(PyObject*, PyObject*) {
   PyObject* out = PyList_New(0);
   for (accelops::Isa isa : {accelops::Isa::Scalar, accelops::Isa::Avx2, accelops::Isa::AvxVnni,
                             accelops::Isa::Avx512Vnni})
-    if (accelops::cpu_supports(isa)) {
+    if (accelops::cpu_supports(isa) && accelops::has_dot_kernels(isa)) {
       PyObject* name = PyUnicode_FromString(accelops::isa_name(isa));
       PyList_Append(out, name);
       Py_DECREF(name);
@@ -31,7 +31,7 @@ static PyObject* py_cpu_isas(PyObject*, PyObject*) {
 static PyMethodDef accelops_c_methods[] = {
     {"cpu_isa", py_cpu_isa, METH_NOARGS,
      "Instruction set the int8/ternary dot kernels use on this machine (after ACCELOPS_CPU_ISA)."},
-    {"cpu_isas", py_cpu_isas, METH_NOARGS, "Instruction sets this CPU supports, lowest first (ACCELOPS_CPU_ISA values)."},
+    {"cpu_isas", py_cpu_isas, METH_NOARGS, "Instruction-set levels with kernels that this CPU can run, lowest first (ACCELOPS_CPU_ISA values)."},
     {nullptr, nullptr, 0, nullptr}};
 static struct PyModuleDef accelops_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, accelops_c_methods};
 extern "C" PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&accelops_c_module); }

@@ -9,7 +9,7 @@
 // ACCELOPS_CPU_ISA=scalar|avx2|avxvnni|avx512vnni caps both at that level (tests run every
 // path the CPU has on one machine). A level the CPU lacks falls back to the best one it has
 // below it, never above: cpu_isa() (accelops info) reports the level actually in use, and
-// accelops._C.cpu_isas() the levels this CPU supports. Any other value raises.
+// accelops._C.cpu_isas() the levels this CPU can run that have kernels. Any other value raises.
 #pragma once
 #include <cstdlib>
 #include <cstring>
@@ -86,9 +86,13 @@ inline Isa requested_isa() {
                               forced + "'");
 }
 
+// Levels with kernels of their own. AvxVnni (256-bit vpdpbusd, for CPUs with AVX-VNNI but
+// no AVX-512) has none yet: it runs the AVX2 kernels and is reported as avx2.
+inline bool has_dot_kernels(Isa isa) { return isa != Isa::AvxVnni; }
+
 inline Isa active_dot_isa() {
   int level = static_cast<int>(requested_isa());
-  while (level > 0 && !cpu_supports(static_cast<Isa>(level))) --level;
+  while (level > 0 && !(cpu_supports(static_cast<Isa>(level)) && has_dot_kernels(static_cast<Isa>(level)))) --level;
   return static_cast<Isa>(level);
 }
 
