@@ -8,7 +8,14 @@ import torch
 
 from .ops._backend import extension, triton_interpreting, triton_status
 
-_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni", "avxvnni")
+_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni")
+# Linux /proc/cpuinfo spells some flags with an underscore (avx512_vnni, avx_vnni); the
+# names above are the ones ACCELOPS_CPU_ISA and __builtin_cpu_supports use.
+_FLAG_SPELLINGS = {"avx512vnni": ("avx512vnni", "avx512_vnni"), "avxvnni": ("avxvnni", "avx_vnni")}
+
+
+def cpu_features(flags: set[str]) -> list[str]:
+    return [f for f in _FEATURES if any(s in flags for s in _FLAG_SPELLINGS.get(f, (f,)))]
 
 
 def _cpu_flags() -> set[str]:
@@ -63,8 +70,8 @@ def info_dict() -> dict:
         "machine": f"{cpu_model()}, {torch.get_num_threads()} torch threads",
         "cpu_extension": ext is not None,
         "cpu_extension_reason": ext_why,
-        "cpu_isa": ext.cpu_isa() if ext is not None else None,
-        "cpu_features": [f for f in _FEATURES if f in flags],
+        "cpu_isa": ext.cpu_isa() if ext is not None else None,  # of the int8/ternary kernels
+        "cpu_features": cpu_features(flags),
         "triton_available": ok_triton,
         "triton_reason": triton_why,
         "triton_interpret": triton_interpreting(),
@@ -86,7 +93,8 @@ def info(file=None) -> dict:
     print(f"machine: {d['machine']}", file=file)
     print("backends:", file=file)
     line("cpu (C++)", d["cpu_extension"],
-         f"kernels use {d['cpu_isa']}; CPU has {', '.join(d['cpu_features']) or 'no SIMD extensions'}"
+         f"int8/ternary kernels use {d['cpu_isa']}"
+         f"{' (others avx2)' if d['cpu_isa'] == 'avx512vnni' else ''}; CPU has {', '.join(d['cpu_features']) or 'no SIMD extensions'}"
          if d["cpu_extension"] else d["cpu_extension_reason"])
     line("triton", d["triton_available"],
          ("interpreter (TRITON_INTERPRET=1)" if d["triton_interpret"] else

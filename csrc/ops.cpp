@@ -5,12 +5,33 @@
 #include <torch/library.h>
 
 #include "ops.h"
+#include "cpu/cpu_features.h"
 
 // Importing accelops._C loads this library, which runs the registrations below; the module
 // itself only reports which instruction set the kernels picked on this CPU.
-static PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(accelops::cpu_isa_name()); }
+static PyObject* py_cpu_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(accelops::cpu_isa_name());
+  } catch (const std::exception& e) {  // a bad ACCELOPS_CPU_ISA
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+static PyObject* py_cpu_isas(PyObject*, PyObject*) {
+  PyObject* out = PyList_New(0);
+  for (accelops::Isa isa : {accelops::Isa::Scalar, accelops::Isa::Avx2, accelops::Isa::AvxVnni,
+                            accelops::Isa::Avx512Vnni})
+    if (accelops::cpu_supports(isa) && accelops::has_dot_kernels(isa)) {
+      PyObject* name = PyUnicode_FromString(accelops::isa_name(isa));
+      PyList_Append(out, name);
+      Py_DECREF(name);
+    }
+  return out;
+}
 static PyMethodDef accelops_c_methods[] = {
-    {"cpu_isa", py_cpu_isa, METH_NOARGS, "Instruction set the CPU kernels use on this machine."},
+    {"cpu_isa", py_cpu_isa, METH_NOARGS,
+     "Instruction set the int8/ternary dot kernels use on this machine (after ACCELOPS_CPU_ISA)."},
+    {"cpu_isas", py_cpu_isas, METH_NOARGS, "Instruction-set levels with kernels that this CPU can run, lowest first (ACCELOPS_CPU_ISA values)."},
     {nullptr, nullptr, 0, nullptr}};
 static struct PyModuleDef accelops_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, accelops_c_methods};
 extern "C" PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&accelops_c_module); }

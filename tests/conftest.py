@@ -9,15 +9,41 @@ import torch  # noqa: E402
 
 import accelops  # noqa: E402,F401
 
-# Every backend that can run on this machine; "cpu-scalar" is the C++ kernels' portable
-# path (ACCELOPS_CPU_ISA=scalar), so both instruction-set paths are checked here.
-BACKENDS = ["reference", "cpu", "cpu-scalar", "triton"]
+
+def _cpu_isas() -> list[str]:
+    """Instruction-set levels of the C++ kernels this CPU can run, lowest first."""
+    try:
+        import accelops._C as C
+
+        return C.cpu_isas()
+    except Exception:  # no extension: the cpu backends skip or fail on their own
+        return ["scalar"]
+
+
+CPU_ISAS = _cpu_isas()
+AUTO_ISA = CPU_ISAS[-1]  # what "cpu" picks with ACCELOPS_CPU_ISA unset
+# "cpu" runs the widest path this CPU has; "cpu-<isa>" forces a narrower one through
+# ACCELOPS_CPU_ISA, so every path the CPU can run is checked on one machine (on an
+# AVX-512 VNNI machine: avx512vnni as "cpu", then avx2 and scalar).
+ISA_BACKENDS = ["cpu-avx512vnni", "cpu-avx2", "cpu-scalar"]
+BACKENDS = ["reference", "cpu", *ISA_BACKENDS, "triton"]
+
+
+def isa_skip_reason(backend: str) -> str | None:
+    if not backend.startswith("cpu-"):
+        return None
+    isa = backend[len("cpu-"):]
+    if isa not in CPU_ISAS:
+        return f"this CPU cannot run the {isa} kernels (it runs {', '.join(CPU_ISAS)})"
+    if isa == AUTO_ISA and backend != "cpu-scalar":
+        return f"{isa} is the path 'cpu' already runs on this CPU"
+    return None
 
 
 def use_backend(monkeypatch, backend: str) -> None:
-    if backend == "cpu-scalar":
+    if backend.startswith("cpu-"):
         monkeypatch.setenv("ACCELOPS_BACKEND", "cpu")
-        monkeypatch.setenv("ACCELOPS_CPU_ISA", "scalar")
+        monkeypatch.setenv("ACCELOPS_CPU_ISA", backend[len("cpu-"):])
     else:
         monkeypatch.setenv("ACCELOPS_BACKEND", backend)
         monkeypatch.delenv("ACCELOPS_CPU_ISA", raising=False)
@@ -25,6 +51,9 @@ def use_backend(monkeypatch, backend: str) -> None:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
+    reason = isa_skip_reason(request.param)
+    if reason:
+        pytest.skip(reason)
     use_backend(monkeypatch, request.param)
     return request.param
 

@@ -67,6 +67,61 @@ def test_int8_matmul_integer_sums_exact(backend, m, k):
     assert torch.equal(y.double(), expected.double())
 
 
+# Shapes around every path's tiles: K around the 16/32/64-byte vectors and the 2048 chunk,
+# M around the 1/3/4-row tiles, N around the 1/2/3/4-column tiles.
+@pytest.mark.parametrize("k", [1, 15, 63, 64, 65, 2047, 2049])
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 7])
+def test_int8_matmul_tile_edges_exact(backend, m, k):
+    n = 9
+    x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    x_q[0, 0] = -128  # a user's x_q may hold -128
+    w_q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    y = ops.int8_matmul(x_q, torch.ones(m, 1), w_q, torch.ones(n))
+    assert torch.equal(y.double(), (x_q.long() @ w_q.long().t()).double())
+
+
+@pytest.mark.parametrize("xv,wv", [(-128, -128), (127, 127), (-128, 127), (127, -128), (0, -128)])
+def test_int8_matmul_extremes_at_the_contract_limit(backend, xv, wv):
+    """K = 2^31 / 128^2 - 1, every product at its extreme: the largest sums the contract
+    promises (the VNNI path's x + 128 sums pass 2^31 here and must wrap back exactly)."""
+    k = 2**31 // 128**2 - 1
+    x_q = torch.full((3, k), xv, dtype=torch.int8)
+    x_q[1, ::2] = 0
+    w_q = torch.full((5, k), wv, dtype=torch.int8)
+    y = ops.int8_matmul(x_q, torch.ones(3, 1), w_q, torch.ones(5))
+    expected = (x_q.double() @ w_q.double().t()).float()  # the op's own fp32 rounding of the exact sum
+    assert torch.equal(y, expected)
+
+
+def test_int8_matmul_non_contiguous_x_q(backend):
+    w_q = torch.randint(-128, 128, (6, 130), dtype=torch.int8)
+    x_q = torch.randint(-128, 128, (130, 5), dtype=torch.int8).t()
+    assert not x_q.is_contiguous()
+    y = ops.int8_matmul(x_q, torch.ones(5, 1), w_q, torch.ones(6))
+    assert torch.equal(y.double(), (x_q.long() @ w_q.long().t()).double())
+    y = ops.int8_matmul(x_q[:, ::2], torch.ones(5, 1), w_q[:, ::2], torch.ones(6))
+    assert torch.equal(y.double(), (x_q[:, ::2].long() @ w_q[:, ::2].long().t()).double())
+
+
+def test_forced_cpu_isa_is_the_one_in_use(backend):
+    import accelops._C as C
+
+    from .conftest import AUTO_ISA
+
+    if backend.startswith("cpu-"):
+        assert C.cpu_isa() == backend[len("cpu-"):]
+    elif backend == "cpu":
+        assert C.cpu_isa() == AUTO_ISA
+
+
+def test_bad_cpu_isa_is_rejected(monkeypatch):
+    monkeypatch.setenv("ACCELOPS_BACKEND", "cpu")
+    monkeypatch.setenv("ACCELOPS_CPU_ISA", "avx1024")
+    w_q = torch.ones(2, 8, dtype=torch.int8)
+    with pytest.raises((RuntimeError, ValueError), match="ACCELOPS_CPU_ISA must be one of scalar, avx2"):
+        ops.int8_linear(torch.randn(1, 8), w_q, torch.ones(2))
+
+
 @given(
     lead=st.sampled_from([(), (2,), (2, 3)]),
     m=st.sampled_from(MS),

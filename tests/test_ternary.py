@@ -75,6 +75,44 @@ def test_ternary_matmul_integer_sums_exact(backend, m, k):
     assert torch.equal(y, expected)
 
 
+# Shapes around every path's tiles: an odd or even number of 128-blocks (the AVX-512 path
+# takes two a vector), M around the 1/2/4-row tiles, N around the 1/2/4-column tiles.
+@pytest.mark.parametrize("k", [129, 255, 256, 257, 384, 2049, 4096])
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 7])
+def test_ternary_matmul_tile_edges_exact(backend, m, k):
+    n = 7
+    wq = random_ternary(n, k)
+    x = integer_rows(m, k)
+    y = ops.ternary_matmul(x, ops.pack_ternary(wq), torch.ones(1))
+    assert torch.equal(y, (x.double() @ wq.double().t()).float())
+
+
+# Known limit: the AVX2 path keeps 4 x the code sums (codes {0,1,2} times x, up to
+# 4 * 254 K) in int32 and is exact only for K up to 2^31 / 1016 (~2.1 million), the scalar
+# path (code sums in int32) up to 2^31 / 254; the AVX-512 VNNI path keeps its sums modulo
+# 2^32 and reaches the contract's 2^31 / 127. The reference is tested at the smaller K (fp64
+# at K = 2^24 takes 400 MB).
+def _ternary_extreme_k(backend):
+    from .conftest import AUTO_ISA
+
+    isa = backend[len("cpu-"):] if backend.startswith("cpu-") else AUTO_ISA if backend == "cpu" else "other"
+    return 2**24 if isa == "avx512vnni" else 2**21  # 2^24 * 127 < 2^31 (and exact in fp32)
+
+
+@pytest.mark.parametrize("wv", [1, -1])
+def test_ternary_matmul_extremes_at_large_k(backend, wv):
+    if backend == "triton":
+        pytest.skip("interpreting 16M-wide rows is too slow; the Triton kernel accumulates in int32 the same way")
+    k = _ternary_extreme_k(backend)
+    x = torch.full((2, k), 127.0)
+    x[1] = -127.0
+    wq = torch.full((3, k), wv, dtype=torch.int8)
+    wq[2] = 0
+    y = ops.ternary_matmul(x, ops.pack_ternary(wq), torch.ones(1))
+    expected = torch.tensor([[127.0 * wv * k, 127.0 * wv * k, 0.0], [-127.0 * wv * k, -127.0 * wv * k, 0.0]])
+    assert torch.equal(y, expected)
+
+
 @given(
     lead=st.sampled_from([(), (2,), (2, 3)]),
     m=st.sampled_from(MS),
@@ -275,8 +313,18 @@ def test_torch_compile_fullgraph():
 def test_info_reports_backends(capsys):
     d = accelops.info()
     out = capsys.readouterr().out
-    assert d["cpu_extension"] and d["cpu_isa"] in ("avx2", "scalar")
+    assert d["cpu_extension"] and d["cpu_isa"] in ("avx512vnni", "avx2", "scalar")
+    from .conftest import AUTO_ISA
+
+    assert d["cpu_isa"] == AUTO_ISA
     assert "cpu (C++)" in out and "triton" in out and "reference" in out
+
+
+def test_info_cpu_features_read_linux_spellings():
+    from accelops._info import cpu_features
+
+    assert cpu_features({"avx2", "avx512f", "avx512_vnni", "avx_vnni"}) == ["avx2", "avx512f", "avx512vnni", "avxvnni"]
+    assert cpu_features({"avx2", "fma"}) == ["avx2", "fma"]
 
 
 def test_k_zero(backend):

@@ -1,13 +1,25 @@
 // Run-time choice of the widest instruction set this CPU has, so one build of
 // accelops._C runs on any x86-64 (the SIMD paths carry per-function target attributes).
+//
+// Two questions, two functions:
+// * active_isa(): the vector level every kernel may use, Scalar or Avx2 (the fake-quant,
+//   FFN and comm kernels only have those two paths).
+// * active_dot_isa(): the level of the int8 dot-product kernels (int8 and ternary GEMM),
+//   which also have AVX-VNNI (256-bit vpdpbusd) and AVX-512 VNNI (512-bit) paths.
+// ACCELOPS_CPU_ISA=scalar|avx2|avxvnni|avx512vnni caps both at that level (tests run every
+// path the CPU has on one machine). A level the CPU lacks falls back to the best one it has
+// below it, never above: cpu_isa() (accelops info) reports the level actually in use, and
+// accelops._C.cpu_isas() the levels this CPU can run that have kernels. Any other value raises.
 #pragma once
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 
 namespace accelops {
 
-enum class Isa { Scalar = 0, Avx2 = 1 };
+// Ordered: a higher level implies the paths of every lower one.
+enum class Isa { Scalar = 0, Avx2 = 1, AvxVnni = 2, Avx512Vnni = 3 };
 
 inline bool cpu_has_avx2() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -26,6 +38,7 @@ inline bool cpu_has(const char* feature) {
   if (!std::strcmp(feature, "f16c")) return __builtin_cpu_supports("f16c");
   if (!std::strcmp(feature, "avx512f")) return __builtin_cpu_supports("avx512f");
   if (!std::strcmp(feature, "avx512bw")) return __builtin_cpu_supports("avx512bw");
+  if (!std::strcmp(feature, "avx512vl")) return __builtin_cpu_supports("avx512vl");
   if (!std::strcmp(feature, "avx512vnni")) return __builtin_cpu_supports("avx512vnni");
   if (!std::strcmp(feature, "avxvnni")) return __builtin_cpu_supports("avxvnni");
 #endif
@@ -33,13 +46,56 @@ inline bool cpu_has(const char* feature) {
   return false;
 }
 
-// ACCELOPS_CPU_ISA=scalar forces the portable path (tests run both paths on one machine).
-inline Isa active_isa() {
-  const char* forced = std::getenv("ACCELOPS_CPU_ISA");
-  if (forced && std::string(forced) == "scalar") return Isa::Scalar;
-  return cpu_has_avx2() ? Isa::Avx2 : Isa::Scalar;
+// True when this CPU (and OS: __builtin_cpu_supports checks XCR0 for AVX-512 state) can run
+// the paths of `isa`.
+inline bool cpu_supports(Isa isa) {
+  switch (isa) {
+    case Isa::Scalar:
+      return true;
+    case Isa::Avx2:
+      return cpu_has_avx2();
+    case Isa::AvxVnni:
+      return cpu_has_avx2() && cpu_has("avxvnni");
+    case Isa::Avx512Vnni:
+      return cpu_has_avx2() && cpu_has("avx512f") && cpu_has("avx512bw") && cpu_has("avx512vl") &&
+             cpu_has("avx512vnni");
+  }
+  return false;
 }
 
-inline const char* isa_name(Isa isa) { return isa == Isa::Avx2 ? "avx2" : "scalar"; }
+inline const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512Vnni:
+      return "avx512vnni";
+    case Isa::AvxVnni:
+      return "avxvnni";
+    case Isa::Avx2:
+      return "avx2";
+    default:
+      return "scalar";
+  }
+}
+
+// The level ACCELOPS_CPU_ISA asks for (Avx512Vnni, the highest, when unset).
+inline Isa requested_isa() {
+  const char* forced = std::getenv("ACCELOPS_CPU_ISA");
+  if (!forced || !*forced) return Isa::Avx512Vnni;
+  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni})
+    if (std::string(forced) == isa_name(isa)) return isa;
+  throw std::invalid_argument(std::string("ACCELOPS_CPU_ISA must be one of scalar, avx2, avxvnni, avx512vnni, got '") +
+                              forced + "'");
+}
+
+// Levels with kernels of their own. AvxVnni (256-bit vpdpbusd, for CPUs with AVX-VNNI but
+// no AVX-512) has none yet: it runs the AVX2 kernels and is reported as avx2.
+inline bool has_dot_kernels(Isa isa) { return isa != Isa::AvxVnni; }
+
+inline Isa active_dot_isa() {
+  int level = static_cast<int>(requested_isa());
+  while (level > 0 && !(cpu_supports(static_cast<Isa>(level)) && has_dot_kernels(static_cast<Isa>(level)))) --level;
+  return static_cast<Isa>(level);
+}
+
+inline Isa active_isa() { return active_dot_isa() == Isa::Scalar ? Isa::Scalar : Isa::Avx2; }
 
 }  // namespace accelops

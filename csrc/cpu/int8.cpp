@@ -6,6 +6,9 @@
 // int8 x int8 (255 * 127 * 2 > 32767) and, even with the |x| / sign(w, x) trick, leave no
 // headroom to accumulate; both end up bound by the same two multiply pipes, and the
 // vpmaddwd path is exact for every int8 value, -128 included.
+//
+// With AVX-512 VNNI, vpdpbusd does 64 u8 x s8 MACs an instruction straight into int32
+// lanes (see the VNNI section below): one instruction where AVX2 needs two or three.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -23,7 +26,7 @@
 
 namespace accelops {
 
-const char* cpu_isa_name() { return isa_name(active_isa()); }
+const char* cpu_isa_name() { return isa_name(active_dot_isa()); }
 
 // ---------------------------------------------------------------- row quantization
 
@@ -115,7 +118,7 @@ __attribute__((target("avx2,fma"))) static float quantize_row_avx2(const float* 
 }
 
 float quantize_row_int8(const float* x, int64_t k, int64_t kp, int8_t* q, int32_t* qsum, Isa isa) {
-  return isa == Isa::Avx2 ? quantize_row_avx2(x, k, kp, q, qsum) : quantize_row_scalar(x, k, kp, q, qsum);
+  return isa != Isa::Scalar ? quantize_row_avx2(x, k, kp, q, qsum) : quantize_row_scalar(x, k, kp, q, qsum);
 }
 
 void quantize_rows(const at::Tensor& x2d, int64_t kp, int8_t* q, float* scale, int32_t* qsum) {
@@ -281,7 +284,7 @@ struct WidenedPath {
 template <class Path, int MT, int NT>
 static inline void int8_tile(Isa isa, const typename Path::X* x, int64_t ldx, const int8_t* w, int64_t ldw,
                              int64_t k0, int64_t k1, int32_t* acc, int64_t ldacc) {
-  if (isa == Isa::Avx2) return Path::template tile_avx2<MT, NT>(x, ldx, w, ldw, k0, k1, acc, ldacc);
+  if (isa != Isa::Scalar) return Path::template tile_avx2<MT, NT>(x, ldx, w, ldw, k0, k1, acc, ldacc);
   for (int mi = 0; mi < MT; ++mi)
     for (int j = 0; j < NT; ++j) {
       int32_t t = 0;
@@ -321,6 +324,127 @@ static void int8_gemm_i32(const typename Path::X* x, int64_t m, int64_t k, const
       }
       if (finish_columns) finish_columns(n0, n1);
     }
+  });
+}
+
+// ---------------------------------------------------------------- int8 GEMM, AVX-512 VNNI
+
+// vpdpbusd multiplies unsigned bytes by signed bytes, four adjacent pairs summed into each
+// int32 lane. Activations are made unsigned as u = x + 128 (the byte x ^ 0x80), so
+//     sum_k x[k] w[k] = sum_k u[k] w[k] - 128 sum_k w[k],
+// and the correction 128 sum_k w[k] is one more vpdpbusd per weight vector with u = 128,
+// computed in the first row tile of each weight block and shared by the block's other rows
+// (no extra pass over the weights, which would double a GEMV's DRAM traffic).
+// Exact for every int8 x, -128 included: a lane adds four products of at most
+// 255 * 128 = 32640 in magnitude (no saturation: vpdpbusd, not vpdpbusds, never saturates,
+// and the pair sums fit in int32 anyway). The u-sums themselves can pass 2^31 for K above
+// 2^31 / 32640 ~ 65,800, so every sum is kept modulo 2^32 (uint32 arithmetic, vpaddd
+// wraps); the final x.w fits in int32 for the K the contract promises (K < 2^31 / 128^2),
+// so the wrapped result is the exact one.
+#define ACCELOPS_TARGET_AVX512VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+ACCELOPS_TARGET_AVX512VNNI static inline uint32_t hsum_u32_512(__m512i v) {
+  __m256i s = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(t));
+}
+
+// acc[mi, j] += sum_{k in [k0, k1)} u[mi, k] w[j, k] (mod 2^32) for an MT x NT tile; with
+// kCorr, also corr[j] += 128 sum_{k in [k0, k1)} w[j, k] (mod 2^32). The K tail is one
+// masked iteration (masked-off bytes load as 0 and add nothing).
+template <int MT, int NT, bool kCorr>
+ACCELOPS_TARGET_AVX512VNNI static void int8_tile_vnni512(const uint8_t* u, int64_t ldx, const int8_t* w, int64_t ldw,
+                                                        int64_t k0, int64_t k1, uint32_t* acc, int64_t ldacc,
+                                                        uint32_t* corr) {
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i s[MT * NT], c[NT];
+#pragma GCC unroll 16
+  for (int i = 0; i < MT * NT; ++i) s[i] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+  for (int j = 0; j < NT; ++j) c[j] = _mm512_setzero_si512();
+  for (int64_t k = k0; k < k1; k += 64) {
+    const __mmask64 mask = k1 - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k1 - k)) - 1;
+    __m512i wv[NT];
+#pragma GCC unroll 8
+    for (int j = 0; j < NT; ++j) {
+      // A GEMV streams its weights from DRAM once: ask for them ahead of the hardware
+      // prefetcher (as the ternary GEMV does).
+      if (MT == 1) _mm_prefetch(reinterpret_cast<const char*>(w + j * ldw + k + 1024), _MM_HINT_T0);
+      wv[j] = _mm512_maskz_loadu_epi8(mask, w + j * ldw + k);
+      if (kCorr) c[j] = _mm512_dpbusd_epi32(c[j], bias, wv[j]);
+    }
+#pragma GCC unroll 8
+    for (int mi = 0; mi < MT; ++mi) {
+      const __m512i xv = _mm512_maskz_loadu_epi8(mask, u + mi * ldx + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < NT; ++j) s[mi * NT + j] = _mm512_dpbusd_epi32(s[mi * NT + j], xv, wv[j]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MT * NT; ++i) acc[(i / NT) * ldacc + i % NT] += hsum_u32_512(s[i]);
+  if (kCorr)
+#pragma GCC unroll 8
+    for (int j = 0; j < NT; ++j) corr[j] += hsum_u32_512(c[j]);
+}
+
+template <int MT, int NT>
+static inline void int8_tile_vnni(bool first, const uint8_t* u, int64_t ldx, const int8_t* w, int64_t ldw, int64_t k0,
+                                  int64_t k1, uint32_t* acc, int64_t ldacc, uint32_t* corr) {
+  if (first)
+    int8_tile_vnni512<MT, NT, true>(u, ldx, w, ldw, k0, k1, acc, ldacc, corr);
+  else
+    int8_tile_vnni512<MT, NT, false>(u, ldx, w, ldw, k0, k1, acc, ldacc, corr);
+}
+
+// acc [m, n] = x [m, k] . w [n, k]^T from u = x ^ 0x80, blocked like int8_gemm_i32.
+// 4 x 4 tiles: 16 accumulators + 4 weight vectors + 4 corrections + 1 activation of the
+// 32 zmm registers, 8 loads for 16 vpdpbusd.
+static void int8_gemm_vnni(const uint8_t* u, int64_t m, int64_t k, const int8_t* w, int64_t n, int32_t* acc_out,
+                           const std::function<void(int64_t, int64_t)>& finish_columns) {
+  // GEMV: whole rows, so each weight row is one sequential stream (as in ternary_gemm_i32).
+  const int64_t kChunk = m <= 3 ? std::max<int64_t>(k, 1) : 2048;
+  const int64_t nb = m <= 2 ? 32 : 64;
+  const int64_t nblocks = (n + nb - 1) / nb;
+  uint32_t* acc = reinterpret_cast<uint32_t*>(acc_out);
+  at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+    uint32_t corr[64];
+    for (int64_t blk = b; blk < e; ++blk) {
+      const int64_t n0 = blk * nb, n1 = std::min(n, n0 + nb);
+      for (int64_t mi = 0; mi < m; ++mi) std::fill(acc + mi * n + n0, acc + mi * n + n1, 0u);
+      std::fill(corr, corr + (n1 - n0), 0u);
+      for (int64_t k0 = 0; k0 < k; k0 += kChunk) {
+        const int64_t k1 = std::min(k, k0 + kChunk);
+        bool first = true;  // the first row tile of this K chunk also sums the weights
+        int64_t mi = 0;
+        for (; mi + 4 <= m; mi += 4, first = false) {
+          int64_t j = n0;
+          for (; j + 4 <= n1; j += 4)
+            int8_tile_vnni<4, 4>(first, u + mi * k, k, w + j * k, k, k0, k1, acc + mi * n + j, n, corr + (j - n0));
+          for (; j < n1; ++j)
+            int8_tile_vnni<4, 1>(first, u + mi * k, k, w + j * k, k, k0, k1, acc + mi * n + j, n, corr + (j - n0));
+        }
+        for (; mi < m; ++mi, first = false) {
+          int64_t j = n0;
+          for (; j + 4 <= n1; j += 4)
+            int8_tile_vnni<1, 4>(first, u + mi * k, k, w + j * k, k, k0, k1, acc + mi * n + j, n, corr + (j - n0));
+          for (; j < n1; ++j)
+            int8_tile_vnni<1, 1>(first, u + mi * k, k, w + j * k, k, k0, k1, acc + mi * n + j, n, corr + (j - n0));
+        }
+      }
+      // Modulo 2^32, then read as int32: exact, since the true sum fits (see above).
+      for (int64_t mi = 0; mi < m; ++mi)
+        for (int64_t j = n0; j < n1; ++j) acc[mi * n + j] -= corr[j - n0];
+      if (finish_columns) finish_columns(n0, n1);
+    }
+  });
+}
+
+// u[i] = x[i] + 128 as an unsigned byte.
+static void to_unsigned(const int8_t* x, int64_t len, uint8_t* u) {
+  at::parallel_for(0, len, 1 << 20, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) u[i] = static_cast<uint8_t>(x[i]) ^ 0x80u;
   });
 }
 
@@ -373,7 +497,12 @@ static void int8_matmul_impl(const at::Tensor& x2d, bool x_in_range, const float
   std::vector<int32_t> acc(m * n);
   const Epilogue epi(x_scale, w_scale, bias, out2d);
   auto finish = [&](int64_t n0, int64_t n1) { epi.apply(acc.data(), m, n, 0, m, n0, n1); };
-  if (x_in_range) {
+  const Isa isa = active_dot_isa();
+  if (isa == Isa::Avx512Vnni) {  // exact for any int8 x: x_in_range does not matter
+    std::vector<uint8_t> u(m * k);
+    to_unsigned(x2d.data_ptr<int8_t>(), m * k, u.data());
+    int8_gemm_vnni(u.data(), m, k, w.data_ptr<int8_t>(), n, acc.data(), finish);
+  } else if (x_in_range) {
     int8_gemm_i32<SignPath>(x2d.data_ptr<int8_t>(), m, k, w.data_ptr<int8_t>(), n, acc.data(), active_isa(), finish);
   } else {
     at::Tensor x16 = x2d.to(at::kShort).contiguous();
@@ -405,8 +534,9 @@ at::Tensor int8_matmul_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, con
   TORCH_CHECK(xs.numel() == rows, "x_scale must hold one scale per row of x_q (", rows, "), got shape ",
               x_scale.sizes());
   at::Tensor x2d = x_q.reshape({rows, k}).contiguous();
-  // A user's x_q may hold -128, which the sign path cannot take; checking is O(M K).
-  const bool in_range = k == 0 || x2d.min().item<int8_t>() > -128;
+  // A user's x_q may hold -128, which the AVX2 sign path cannot take; checking is O(M K).
+  // The VNNI path takes any int8 and skips the check.
+  const bool in_range = k == 0 || active_dot_isa() == Isa::Avx512Vnni || x2d.min().item<int8_t>() > -128;
   int8_matmul_impl(x2d, in_range, xs.data_ptr<float>(), w_q, w_scale, bias, out2d);
   return out;
 }

@@ -8,6 +8,7 @@
 // are bounded (see ternary_tile_avx2), so int16 lanes never saturate before they are
 // widened to int32: exact for any K.
 // sum_k x[k] is computed once per activation row and shared by all N outputs.
+// With AVX-512 VNNI, vpdpbusd takes the codes and activations straight to int32 (see below).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -111,15 +112,127 @@ static inline void ternary_tile_scalar(const int8_t* x, int64_t ldx, const uint8
 template <int MT, int NT>
 static inline void ternary_tile(Isa isa, const int8_t* x, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t b0,
                                 int64_t b1, int32_t* acc, int64_t ldacc) {
-  if (isa == Isa::Avx2)
+  if (isa != Isa::Scalar)
     ternary_tile_avx2<MT, NT>(x, ldx, w, ldw, b0, b1, acc, ldacc);
   else
     ternary_tile_scalar<MT, NT>(x, ldx, w, ldw, b0, b1, acc, ldacc);
 }
 
+// ---------------------------------------------------------------- AVX-512 VNNI
+
+// vpdpbusd(codes, x) adds c * x for 64 (unsigned code, signed activation) byte pairs into
+// int32 lanes, four pairs a lane, with no int16 stage: the codes {0, 1, 2} are already the
+// unsigned operand, and the sum_k x[k] correction is the one the AVX2 path subtracts.
+// All four slices are shifted down to plain codes (7 operations per 256 weights rather than
+// the AVX2 path's 5 with scaled codes): unscaled sums are kept modulo 2^32 and stay exact
+// for every K the contract allows (the true sum_k w x fits in int32 for K < 2^31 / 127).
+// One zmm holds the packed bytes of two blocks; the activations are rearranged once per
+// call so that the 64 activations of a slice of two blocks are contiguous (pair layout):
+//     xp[pair * 256 + slice * 64 + half * 32 + i] = x[(2 pair + half) * 128 + 32 slice + i].
+#define ACCELOPS_TARGET_AVX512VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+ACCELOPS_TARGET_AVX512VNNI static inline uint32_t hsum_u32_512(__m512i v) {
+  __m256i s = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(t));
+}
+
+// acc[mi, j] += codes(w row j) . x row mi (mod 2^32) over the block pairs [p0, p1); an odd
+// last block is loaded with its upper 32 bytes masked off (its activations are zero).
+// A GEMV tile keeps two accumulators per output so that vpdpbusd's latency is hidden with
+// only four outputs in flight.
+template <int MT, int NT>
+ACCELOPS_TARGET_AVX512VNNI static void ternary_tile_vnni512(const int8_t* x, int64_t ldx, const uint8_t* w, int64_t ldw,
+                                                           int64_t p0, int64_t p1, int64_t nblocks, uint32_t* acc,
+                                                           int64_t ldacc) {
+  constexpr int A = MT == 1 ? 2 : 1;
+  constexpr int64_t kPrefetchBytes = 1024;
+  const __m512i m3 = _mm512_set1_epi8(0x03);
+  __m512i s[MT * NT * A];
+#pragma GCC unroll 16
+  for (int i = 0; i < MT * NT * A; ++i) s[i] = _mm512_setzero_si512();
+  for (int64_t p = p0; p < p1; ++p) {
+    const __mmask64 mask = 2 * p + 2 <= nblocks ? ~__mmask64(0) : __mmask64(0xffffffffu);
+    __m512i xv[MT][4];
+#pragma GCC unroll 8
+    for (int mi = 0; mi < MT; ++mi)
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) xv[mi][q] = _mm512_loadu_si512(x + mi * ldx + p * 256 + q * 64);
+#pragma GCC unroll 8
+    for (int j = 0; j < NT; ++j) {
+      if (MT == 1) _mm_prefetch(reinterpret_cast<const char*>(w + j * ldw + p * 64 + kPrefetchBytes), _MM_HINT_T0);
+      const __m512i b = _mm512_maskz_loadu_epi8(mask, w + j * ldw + p * 64);
+      const __m512i c[4] = {_mm512_and_si512(b, m3), _mm512_and_si512(_mm512_srli_epi16(b, 2), m3),
+                            _mm512_and_si512(_mm512_srli_epi16(b, 4), m3),
+                            _mm512_and_si512(_mm512_srli_epi16(b, 6), m3)};
+#pragma GCC unroll 8
+      for (int mi = 0; mi < MT; ++mi)
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) {
+          __m512i& a = s[(mi * NT + j) * A + (q % A)];
+          a = _mm512_dpbusd_epi32(a, c[q], xv[mi][q]);
+        }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MT * NT * A; ++i) acc[(i / A / NT) * ldacc + (i / A) % NT] += hsum_u32_512(s[i]);
+}
+
+static void ternary_gemm_vnni512(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_t* w_packed,
+                                 int64_t n, int64_t nblocks, int32_t* acc_out,
+                                 const std::function<void(int64_t, int64_t)>& finish_columns) {
+  const int64_t npairs = (nblocks + 1) / 2, ldxp = npairs * 256;
+  const int64_t ldx = nblocks * kTernaryBlockK, ldw = nblocks * kTernaryBlockBytes;
+  std::vector<int8_t> xp(m * ldxp, 0);
+  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(ldxp, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r)
+      for (int64_t blk = 0; blk < nblocks; ++blk)
+        for (int q = 0; q < 4; ++q)
+          std::memcpy(&xp[r * ldxp + (blk / 2) * 256 + q * 64 + (blk % 2) * 32], x_q + r * ldx + blk * 128 + q * 32, 32);
+  });
+  // Blocking as in ternary_gemm_i32: a GEMV streams whole rows, a GEMM takes K in chunks of
+  // 8 pairs (2048 weights) so a 4-row activation slice stays in L1.
+  const int64_t kChunk = m <= 3 ? std::max<int64_t>(npairs, 1) : 8;
+  const int64_t nb = m <= 3 ? 32 : 64;
+  const int64_t ntiles = (n + nb - 1) / nb;
+  uint32_t* acc = reinterpret_cast<uint32_t*>(acc_out);
+  at::parallel_for(0, ntiles, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t n0 = t * nb, n1 = std::min(n, n0 + nb);
+      for (int64_t mi = 0; mi < m; ++mi) std::fill(acc + mi * n + n0, acc + mi * n + n1, 0u);
+      for (int64_t p0 = 0; p0 < npairs; p0 += kChunk) {
+        const int64_t p1 = std::min(npairs, p0 + kChunk);
+        const int8_t* xb = xp.data();
+        int64_t mi = 0;
+        // 4 x 2: 16 activation vectors + 8 accumulators + 4 codes in the 32 zmm registers.
+        for (; mi + 4 <= m; mi += 4) {
+          int64_t j = n0;
+          for (; j + 2 <= n1; j += 2)
+            ternary_tile_vnni512<4, 2>(xb + mi * ldxp, ldxp, w_packed + j * ldw, ldw, p0, p1, nblocks, acc + mi * n + j, n);
+          for (; j < n1; ++j)
+            ternary_tile_vnni512<4, 1>(xb + mi * ldxp, ldxp, w_packed + j * ldw, ldw, p0, p1, nblocks, acc + mi * n + j, n);
+        }
+        for (; mi < m; ++mi) {
+          int64_t j = n0;
+          for (; j + 4 <= n1; j += 4)
+            ternary_tile_vnni512<1, 4>(xb + mi * ldxp, ldxp, w_packed + j * ldw, ldw, p0, p1, nblocks, acc + mi * n + j, n);
+          for (; j < n1; ++j)
+            ternary_tile_vnni512<1, 1>(xb + mi * ldxp, ldxp, w_packed + j * ldw, ldw, p0, p1, nblocks, acc + mi * n + j, n);
+        }
+      }
+      for (int64_t mi = 0; mi < m; ++mi)
+        for (int64_t j = n0; j < n1; ++j) acc[mi * n + j] -= static_cast<uint32_t>(xsum[mi]);
+      if (finish_columns) finish_columns(n0, n1);
+    }
+  });
+}
+
 void ternary_gemm_i32(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_t* w_packed, int64_t n,
                       int64_t nblocks, int32_t* acc, Isa isa,
                       const std::function<void(int64_t, int64_t)>& finish_columns) {
+  if (isa == Isa::Avx512Vnni) return ternary_gemm_vnni512(x_q, xsum, m, w_packed, n, nblocks, acc, finish_columns);
   // GEMM: a K chunk of 16 blocks (2048 weights) keeps a 2-row activation slice in L1 while
   // a block of weight rows (nb * 512 B) stays in L2. GEMV: no chunking, so each weight row
   // is one long sequential stream for the hardware prefetcher (cold weights, M=1: chunked
@@ -249,7 +362,7 @@ at::Tensor ternary_matmul_cpu(const at::Tensor& x, const at::Tensor& w_packed, c
   // The epilogue runs per column tile inside the GEMM's parallel region, while the tile's
   // sums are still in cache.
   const Epilogue epi(xs.data(), w_scale, bias, out2d);
-  ternary_gemm_i32(q.data(), xsum.data(), m, wp.data_ptr<uint8_t>(), n, nblocks, acc.data(), active_isa(),
+  ternary_gemm_i32(q.data(), xsum.data(), m, wp.data_ptr<uint8_t>(), n, nblocks, acc.data(), active_dot_isa(),
                    [&](int64_t n0, int64_t n1) { epi.apply(acc.data(), m, n, 0, m, n0, n1); });
   return out;
 }
