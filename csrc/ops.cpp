@@ -91,6 +91,16 @@ TORCH_LIBRARY(accelops, m) {
       "int8_compress_(Tensor grad, Tensor(a!)? residual, int chunk_size=2048, int seed=0) -> (Tensor q, Tensor scales)");
   m.def("int8_decompress(Tensor q, Tensor scales, int chunk_size=2048) -> Tensor");
   m.def("orthogonalize_(Tensor(a!) m, float eps=1e-8) -> ()");
+  // 8-bit optimizers (accelops/reference/optim.py): one fused step per parameter, states as
+  // uint8 codes + fp32 block absmax, all updated in place; the per-step scalars come from
+  // accelops.reference.optim.adamw_scalars (c1 = 1 - beta1, decay = 1 - lr * wd, ...)
+  m.def(
+      "adamw8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) m_codes, Tensor(c!) m_absmax, "
+      "Tensor(d!) v_codes, Tensor(e!) v_absmax, Tensor m_map, Tensor v_map, float beta1, float c1, float beta2, "
+      "float c2, float decay, float step_size, float bc2_sqrt, float eps, int block_size=256) -> ()");
+  m.def(
+      "sgd8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) codes, Tensor(c!) absmax, Tensor qmap, float lr, "
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool first, int block_size=256) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(accelops, CPU, m) {
@@ -120,4 +130,6 @@ TORCH_LIBRARY_IMPL(accelops, CPU, m) {
   m.impl("int8_compress_", &accelops::int8_compress_cpu);
   m.impl("int8_decompress", &accelops::int8_decompress_cpu);
   m.impl("orthogonalize_", &accelops::orthogonalize_cpu);
+  m.impl("adamw8bit_step_", &accelops::adamw8bit_step_cpu);
+  m.impl("sgd8bit_step_", &accelops::sgd8bit_step_cpu);
 }

@@ -70,6 +70,15 @@ std::tuple<at::Tensor, at::Tensor> int8_compress_cpu(const at::Tensor& grad, con
 at::Tensor int8_decompress_cpu(const at::Tensor& q, const at::Tensor& scales, int64_t chunk_size);
 void orthogonalize_cpu(const at::Tensor& m, double eps);
 
+// 8-bit optimizers (csrc/cpu/optim.cpp)
+void adamw8bit_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes,
+                        const at::Tensor& m_absmax, const at::Tensor& v_codes, const at::Tensor& v_absmax,
+                        const at::Tensor& m_map, const at::Tensor& v_map, double beta1, double c1, double beta2,
+                        double c2, double decay, double step_size, double bc2_sqrt, double eps, int64_t block_size);
+void sgd8bit_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& codes,
+                      const at::Tensor& absmax, const at::Tensor& qmap, double lr, double momentum,
+                      double dampening, double weight_decay, bool nesterov, bool first, int64_t block_size);
+
 // shared helpers (csrc/cpu/fake_quant.cpp)
 // A new contiguous tensor whose large pages are backed by transparent huge pages where the
 // kernel allows it: first-touch 4 KiB page faults of a fresh large output cost more than a

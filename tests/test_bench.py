@@ -152,10 +152,12 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
 
     con = duckdb.connect(str(tmp_path / "accelops_quick.duckdb"), read_only=True)
     stored = dict(con.execute("SELECT family, count(*) FROM measurements GROUP BY 1").fetchall())
-    assert set(stored) >= {"matmul", "comm", "fake_quant", "ffn", "lm", "hpo", "dispatch"}
+    assert set(stored) >= {"matmul", "comm", "fake_quant", "ffn", "lm", "hpo", "dispatch", "optim", "scaleout"}
     assert stored["matmul"] == len(rows) and stored["dispatch"] == len(disp)
     assert con.execute("SELECT count(DISTINCT run_id) FROM runs").fetchone()[0] == 1
     con.close()
+    check_optim_quick(tmp_path)
+
 
 def test_hpo_bench_accounting():
     """bench_hpo's cost rule: with "resume" a configuration evaluated again at a larger budget
@@ -183,3 +185,36 @@ def test_hpo_bench_accounting():
     assert 0.0 <= lo < sum(values) / 4 < hi <= 1.0
     lo, hi = bench_hpo.bootstrap_diff_ci([5.0, 5.1, 4.9], [1.0, 1.1, 0.9])
     assert 3.5 < lo <= hi < 4.5
+
+
+OPTIM_METHODS = {"adamw8bit", "torch_adamw_foreach", "torch_adamw_fused", "sgd8bit", "torch_sgd_foreach"}
+
+
+def check_optim_quick(results_dir: Path, threads: int = 1) -> None:
+    """The optim family's quick rows: each optimizer's step timed (torch's fused AdamW may be
+    skipped, with the reason), accelops' kernel checked bit-exact first, the state-bytes ratio
+    (memory, not time) within its target, and both LM runs (or one skipped row)."""
+    optim = [json.loads(line) for line in (results_dir / "optim_quick.jsonl").read_text().splitlines()]
+    steps = [r for r in optim if r.get("kind") == "step_time"]
+    assert {r["method"] for r in steps} == OPTIM_METHODS
+    assert len({r["run_id"] for r in optim}) == 1 and all(r["quick"] is True for r in optim)
+    for r in steps:
+        assert r["family"] == "optim" and r["threads"] == threads
+        if r["method"] == "torch_adamw_fused" and r["status"] != "ok":
+            assert r["status"] == "skipped" and r["reason"]
+            continue
+        assert r["status"] == "ok", r.get("reason")
+        assert r["p20_us"] <= r["median_us"] <= r["p80_us"] and r["repeats"] >= 3
+        assert {"cpu_model", "cpu_count"} <= set(r["machine"]) and r["versions"]["torch"]
+    by = {r["method"]: r for r in steps}
+    assert by["adamw8bit"]["check"]["ok"]
+    assert by["adamw8bit"]["state_bytes_vs_torch_adamw_foreach"] <= 0.27
+    assert by["sgd8bit"]["time_vs_torch_sgd_foreach"] > 0
+    lm = [r for r in optim if r.get("kind") == "lm"]
+    if (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").is_file():
+        assert [r["method"] for r in lm] == ["lm_torch_adamw", "lm_adamw8bit"]
+        assert all(r["status"] == "ok" and 0 < r["val_loss"] < 10 for r in lm)
+        assert lm[1]["val_loss_vs_torch_adamw"] > 0
+    else:
+        assert [r["status"] for r in lm] == ["skipped"]
+    assert "Targets:" in (results_dir / "optim_summary_quick.md").read_text()

@@ -1,0 +1,415 @@
+// 8-bit optimizer family on the CPU: one fused pass per parameter that dequantizes the
+// block-wise 8-bit states, takes the AdamW (or SGD-momentum) step in fp32, updates the
+// parameter in place and requantizes the states with their new block absmax.
+// accelops/reference/optim.py is the spec; codes, scales and the parameter are bit-identical
+// to it (the build uses -ffp-contract=off; every op below rounds on its own, in the spec's order).
+//
+// Nearest code of a non-linear map without a search: the code is #{i : t_i < x} over the 255
+// fp32 thresholds t_i. Both built-in maps put at most one threshold in any range of floats
+// sharing their top 16 bits (sign, exponent, 7 mantissa bits), so a 64 Ki-entry table indexed
+// by those bits gives lo = #{t_i < smallest float of the range}, and code = lo + (t_lo < x):
+// two table reads instead of an 8-step binary search. The table is built once per map and
+// checked at build time (a map that breaks the property is rejected).
+//
+// Blocks are independent, so the work is split over whole blocks (at::parallel_for); each
+// block is done in two passes over a per-task buffer of block_size floats that stays in L1:
+// the step (writes the parameter and the new fp32 states, reduces absmax), then the requantization.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "../ops.h"
+#include "cpu_features.h"
+
+#define AO_OPT_AVX2 __attribute__((target("avx2")))
+
+namespace accelops {
+namespace {
+
+struct QTable {
+  float map[256];
+  float t[256];           // thresholds t_0..t_254, t_255 = +inf (never below x)
+  uint8_t lut[65536 + 4];  // lo per top-16-bit key; +4 so a 32-bit gather at the last key stays inside
+};
+
+uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+int count_below(const float* t, float x) {  // #{i < 255 : t_i < x}
+  int c = 0;
+  for (int i = 0; i < 255; ++i) c += t[i] < x;
+  return c;
+}
+
+std::unique_ptr<QTable> build_table(const float* map) {
+  auto q = std::make_unique<QTable>();
+  std::memcpy(q->map, map, sizeof(q->map));
+  for (int i = 0; i < 255; ++i) {
+    TORCH_CHECK(map[i] < map[i + 1], "accelops optim: the quantization map must be strictly increasing");
+    q->t[i] = (map[i] + map[i + 1]) * 0.5f;
+  }
+  q->t[255] = std::numeric_limits<float>::infinity();
+  for (uint32_t key = 0; key < 65536; ++key) {
+    const bool negative = key & 0x8000;
+    // the numerically smallest and largest floats whose top 16 bits are `key`
+    const float a = bits_float((key << 16) | (negative ? 0xFFFFu : 0u));
+    const float b = bits_float((key << 16) | (negative ? 0u : 0xFFFFu));
+    const int lo = count_below(q->t, a);
+    if (a == a && b == b) {
+      TORCH_CHECK(count_below(q->t, b) - lo <= 1,
+                  "accelops optim: the quantization map has two thresholds in one 16-bit float range");
+    }
+    q->lut[key] = uint8_t(lo);  // NaN keys: 0, and the kernels force NaN x to code 0 anyway
+  }
+  std::memset(q->lut + 65536, 0, 4);
+  return q;
+}
+
+// One table per distinct map (in practice two: signed and unsigned), built on first use.
+const QTable& table_for(const at::Tensor& qmap) {
+  TORCH_CHECK(qmap.scalar_type() == at::kFloat && qmap.numel() == 256 && qmap.is_contiguous() &&
+                  qmap.device().is_cpu(),
+              "accelops optim: the quantization map must be a contiguous fp32 CPU tensor of 256 values");
+  static std::mutex mu;
+  static std::vector<std::unique_ptr<QTable>> tables;
+  const float* m = qmap.data_ptr<float>();
+  std::lock_guard<std::mutex> lock(mu);
+  for (auto& t : tables)
+    if (!std::memcmp(t->map, m, sizeof(t->map))) return *t;
+  tables.push_back(build_table(m));
+  return *tables.back();
+}
+
+inline uint8_t quantize_one(const QTable& q, float x) {
+  if (x != x) return 0;
+  const int lo = q.lut[float_bits(x) >> 16];
+  return uint8_t(lo + (q.t[lo] < x));
+}
+
+// NaN-sticky absmax: a NaN anywhere in the block makes its scale NaN (as torch.amax).
+struct AbsMax {
+  float v = 0.f;
+  bool nan = false;
+  void add(float x) {
+    const float a = std::fabs(x);
+    if (a != a) nan = true;
+    else if (a > v) v = a;
+  }
+  float get() const { return nan ? std::numeric_limits<float>::quiet_NaN() : v; }
+};
+
+inline float divisor(float absmax) { return absmax > 0.f ? absmax : 1.f; }
+
+struct AdamScalars {
+  float b1, c1, b2, c2, decay, step_size, bc2_sqrt, eps;
+};
+
+struct SgdScalars {
+  float lr, mu, damp_c, wd;
+  bool has_wd, nesterov, first;
+};
+
+template <typename T>
+inline float load_f(const T* p, int64_t i) {
+  return static_cast<float>(p[i]);
+}
+
+// ------------------------------------------------------------------ scalar path
+
+template <typename T>
+void adamw_step_range(T* p, const T* g, int64_t i0, int64_t i1, const QTable& qm, const QTable& qv,
+                      const uint8_t* mc, const uint8_t* vc, float s1, float s2, const AdamScalars& s, float* mbuf,
+                      float* vbuf, AbsMax& a1, AbsMax& a2) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const float gi = load_f(g, i);
+    float pi = load_f(p, i);
+    const float mo = qm.map[mc[i]] * s1;
+    const float vo = qv.map[vc[i]] * s2;
+    const float m = s.b1 * mo + s.c1 * gi;
+    const float v = s.b2 * vo + (s.c2 * gi) * gi;
+    pi = pi * s.decay;
+    const float denom = std::sqrt(v) / s.bc2_sqrt + s.eps;
+    pi = pi - s.step_size * (m / denom);
+    p[i] = static_cast<T>(pi);
+    mbuf[i] = m;
+    vbuf[i] = v;
+    a1.add(m);
+    a2.add(v);
+  }
+}
+
+void quantize_range(const QTable& q, const float* x, int64_t i0, int64_t i1, float div, uint8_t* codes) {
+  for (int64_t i = i0; i < i1; ++i) codes[i] = quantize_one(q, x[i] / div);
+}
+
+template <typename T>
+void sgd_step_range(T* p, const T* g, int64_t i0, int64_t i1, const QTable& q, const uint8_t* c, float s,
+                    const SgdScalars& k, float* buf, AbsMax& a) {
+  for (int64_t i = i0; i < i1; ++i) {
+    float gi = load_f(g, i);
+    float pi = load_f(p, i);
+    if (k.has_wd) gi = gi + k.wd * pi;
+    const float b = k.first ? gi : k.mu * (q.map[c[i]] * s) + k.damp_c * gi;
+    const float d = k.nesterov ? gi + k.mu * b : b;
+    pi = pi - k.lr * d;
+    p[i] = static_cast<T>(pi);
+    buf[i] = b;
+    a.add(b);
+  }
+}
+
+// ------------------------------------------------------------------ AVX2 path (fp32 params)
+
+AO_OPT_AVX2 inline __m256 dequant8(const QTable& q, const uint8_t* c, __m256 scale) {
+  const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
+  return _mm256_mul_ps(_mm256_i32gather_ps(q.map, idx, 4), scale);
+}
+
+AO_OPT_AVX2 inline void absmax8(__m256 x, __m256& amax, __m256& nan) {
+  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.f), x);
+  nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+  amax = _mm256_max_ps(amax, a);  // a NaN lane is caught by `nan`
+}
+
+AO_OPT_AVX2 inline void absmax_finish(__m256 amax, __m256 nan, AbsMax& out) {
+  alignas(32) float a[8];
+  _mm256_store_ps(a, amax);
+  if (_mm256_movemask_ps(nan)) out.nan = true;
+  for (int j = 0; j < 8; ++j)
+    if (a[j] == a[j]) out.add(a[j]);
+}
+
+AO_OPT_AVX2 void quantize_range_avx2(const QTable& q, const float* x, int64_t i0, int64_t i1, float div,
+                                     uint8_t* codes) {
+  const __m256 vdiv = _mm256_set1_ps(div);
+  const __m256i byte = _mm256_set1_epi32(0xFF), one = _mm256_set1_epi32(1);
+  int64_t i = i0;
+  for (; i + 8 <= i1; i += 8) {
+    const __m256 xv = _mm256_div_ps(_mm256_loadu_ps(x + i), vdiv);
+    const __m256i key = _mm256_srli_epi32(_mm256_castps_si256(xv), 16);
+    const __m256i lo =
+        _mm256_and_si256(_mm256_i32gather_epi32(reinterpret_cast<const int*>(q.lut), key, 1), byte);
+    const __m256 tl = _mm256_i32gather_ps(q.t, lo, 4);
+    __m256i code = _mm256_add_epi32(lo, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(tl, xv, _CMP_LT_OQ)), one));
+    code = _mm256_andnot_si256(_mm256_castps_si256(_mm256_cmp_ps(xv, xv, _CMP_UNORD_Q)), code);
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(w, w));
+  }
+  quantize_range(q, x, i, i1, div, codes);
+}
+
+AO_OPT_AVX2 void adamw_block_avx2(float* p, const float* g, int64_t n, const QTable& qm, const QTable& qv,
+                                  const uint8_t* mc, const uint8_t* vc, float s1, float s2, const AdamScalars& s,
+                                  float* mbuf, float* vbuf, AbsMax& a1, AbsMax& a2) {
+  const __m256 vs1 = _mm256_set1_ps(s1), vs2 = _mm256_set1_ps(s2);
+  const __m256 b1 = _mm256_set1_ps(s.b1), c1 = _mm256_set1_ps(s.c1), b2 = _mm256_set1_ps(s.b2),
+               c2 = _mm256_set1_ps(s.c2), decay = _mm256_set1_ps(s.decay), step = _mm256_set1_ps(s.step_size),
+               bc2 = _mm256_set1_ps(s.bc2_sqrt), eps = _mm256_set1_ps(s.eps);
+  __m256 am1 = _mm256_setzero_ps(), am2 = _mm256_setzero_ps(), nan1 = _mm256_setzero_ps(),
+         nan2 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    __m256 pv = _mm256_loadu_ps(p + i);
+    const __m256 mo = dequant8(qm, mc + i, vs1);
+    const __m256 vo = dequant8(qv, vc + i, vs2);
+    const __m256 m = _mm256_add_ps(_mm256_mul_ps(b1, mo), _mm256_mul_ps(c1, gv));
+    const __m256 v = _mm256_add_ps(_mm256_mul_ps(b2, vo), _mm256_mul_ps(_mm256_mul_ps(c2, gv), gv));
+    pv = _mm256_mul_ps(pv, decay);
+    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), bc2), eps);
+    pv = _mm256_sub_ps(pv, _mm256_mul_ps(step, _mm256_div_ps(m, denom)));
+    _mm256_storeu_ps(p + i, pv);
+    _mm256_storeu_ps(mbuf + i, m);
+    _mm256_storeu_ps(vbuf + i, v);
+    absmax8(m, am1, nan1);
+    absmax8(v, am2, nan2);
+  }
+  absmax_finish(am1, nan1, a1);
+  absmax_finish(am2, nan2, a2);
+  adamw_step_range(p, g, i, n, qm, qv, mc, vc, s1, s2, s, mbuf, vbuf, a1, a2);
+}
+
+AO_OPT_AVX2 void sgd_block_avx2(float* p, const float* g, int64_t n, const QTable& q, const uint8_t* c, float s,
+                                const SgdScalars& k, float* buf, AbsMax& a) {
+  const __m256 vs = _mm256_set1_ps(s), lr = _mm256_set1_ps(k.lr), mu = _mm256_set1_ps(k.mu),
+               dc = _mm256_set1_ps(k.damp_c), wd = _mm256_set1_ps(k.wd);
+  __m256 am = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 gv = _mm256_loadu_ps(g + i);
+    __m256 pv = _mm256_loadu_ps(p + i);
+    if (k.has_wd) gv = _mm256_add_ps(gv, _mm256_mul_ps(wd, pv));
+    const __m256 b = k.first ? gv : _mm256_add_ps(_mm256_mul_ps(mu, dequant8(q, c + i, vs)), _mm256_mul_ps(dc, gv));
+    const __m256 d = k.nesterov ? _mm256_add_ps(gv, _mm256_mul_ps(mu, b)) : b;
+    pv = _mm256_sub_ps(pv, _mm256_mul_ps(lr, d));
+    _mm256_storeu_ps(p + i, pv);
+    _mm256_storeu_ps(buf + i, b);
+    absmax8(b, am, nan);
+  }
+  absmax_finish(am, nan, a);
+  sgd_step_range(p, g, i, n, q, c, s, k, buf, a);
+}
+
+// ------------------------------------------------------------------ drivers
+
+int64_t grain_blocks(int64_t block_size) { return std::max<int64_t>(1, (int64_t(1) << 16) / block_size); }
+
+void check_common(const char* op, const at::Tensor& param, const at::Tensor& grad, int64_t block_size) {
+  TORCH_CHECK(block_size > 0 && (block_size & (block_size - 1)) == 0, "accelops.", op,
+              ": block_size must be a positive power of two, got ", block_size);
+  TORCH_CHECK(param.device().is_cpu() && grad.device().is_cpu(), "accelops.", op, ": tensors must be on the CPU");
+  TORCH_CHECK(param.is_contiguous() && grad.is_contiguous(), "accelops.", op, ": param and grad must be contiguous");
+  TORCH_CHECK(param.scalar_type() == at::kFloat || param.scalar_type() == at::kBFloat16 ||
+                  param.scalar_type() == at::kHalf,
+              "accelops.", op, ": param must be float32, bfloat16 or float16, got ", param.scalar_type());
+  TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "accelops.", op, ": grad must have param's dtype ",
+              param.scalar_type(), ", got ", grad.scalar_type());
+  TORCH_CHECK(grad.numel() == param.numel(), "accelops.", op, ": grad has ", grad.numel(),
+              " elements, param has ", param.numel());
+}
+
+void check_state(const char* op, const char* name, const at::Tensor& codes, const at::Tensor& absmax, int64_t n,
+                 int64_t nb) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.numel() == n && codes.is_contiguous() && codes.device().is_cpu(),
+              "accelops.", op, ": ", name, " codes must be a contiguous uint8 CPU tensor of ", n, " elements");
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.numel() == nb && absmax.is_contiguous() &&
+                  absmax.device().is_cpu(),
+              "accelops.", op, ": ", name, " absmax must be a contiguous fp32 CPU tensor of ", nb, " elements");
+}
+
+template <typename T>
+void adamw_run(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& mc_t, const at::Tensor& ma_t,
+               const at::Tensor& vc_t, const at::Tensor& va_t, const QTable& qm, const QTable& qv,
+               const AdamScalars& s, int64_t bs) {
+  const int64_t n = param.numel(), nb = (n + bs - 1) / bs;
+  T* p = param.data_ptr<T>();
+  const T* g = grad.data_ptr<T>();
+  uint8_t* mc = mc_t.data_ptr<uint8_t>();
+  uint8_t* vc = vc_t.data_ptr<uint8_t>();
+  float* ma = ma_t.data_ptr<float>();
+  float* va = va_t.data_ptr<float>();
+  const bool avx2 = std::is_same<T, float>::value && active_isa() == Isa::Avx2;
+  at::parallel_for(0, nb, grain_blocks(bs), [&](int64_t b0, int64_t b1) {
+    std::vector<float> mbuf(static_cast<size_t>(bs)), vbuf(static_cast<size_t>(bs));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t off = b * bs, len = std::min(bs, n - off);
+      AbsMax a1, a2;
+      if constexpr (std::is_same<T, float>::value) {
+        if (avx2) {
+          adamw_block_avx2(p + off, g + off, len, qm, qv, mc + off, vc + off, ma[b], va[b], s, mbuf.data(),
+                           vbuf.data(), a1, a2);
+        } else {
+          adamw_step_range(p + off, g + off, 0, len, qm, qv, mc + off, vc + off, ma[b], va[b], s, mbuf.data(),
+                           vbuf.data(), a1, a2);
+        }
+      } else {
+        adamw_step_range(p + off, g + off, 0, len, qm, qv, mc + off, vc + off, ma[b], va[b], s, mbuf.data(),
+                         vbuf.data(), a1, a2);
+      }
+      const float m_abs = a1.get(), v_abs = a2.get();
+      if (avx2) {
+        quantize_range_avx2(qm, mbuf.data(), 0, len, divisor(m_abs), mc + off);
+        quantize_range_avx2(qv, vbuf.data(), 0, len, divisor(v_abs), vc + off);
+      } else {
+        quantize_range(qm, mbuf.data(), 0, len, divisor(m_abs), mc + off);
+        quantize_range(qv, vbuf.data(), 0, len, divisor(v_abs), vc + off);
+      }
+      ma[b] = m_abs;
+      va[b] = v_abs;
+    }
+  });
+}
+
+template <typename T>
+void sgd_run(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& c_t, const at::Tensor& a_t,
+             const QTable& q, const SgdScalars& k, int64_t bs) {
+  const int64_t n = param.numel(), nb = (n + bs - 1) / bs;
+  T* p = param.data_ptr<T>();
+  const T* g = grad.data_ptr<T>();
+  uint8_t* c = c_t.data_ptr<uint8_t>();
+  float* a = a_t.data_ptr<float>();
+  const bool avx2 = std::is_same<T, float>::value && active_isa() == Isa::Avx2;
+  at::parallel_for(0, nb, grain_blocks(bs), [&](int64_t b0, int64_t b1) {
+    std::vector<float> buf(static_cast<size_t>(bs));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t off = b * bs, len = std::min(bs, n - off);
+      AbsMax am;
+      if constexpr (std::is_same<T, float>::value) {
+        if (avx2) sgd_block_avx2(p + off, g + off, len, q, c + off, a[b], k, buf.data(), am);
+        else sgd_step_range(p + off, g + off, 0, len, q, c + off, a[b], k, buf.data(), am);
+      } else {
+        sgd_step_range(p + off, g + off, 0, len, q, c + off, a[b], k, buf.data(), am);
+      }
+      const float absmax = am.get();
+      if (avx2) quantize_range_avx2(q, buf.data(), 0, len, divisor(absmax), c + off);
+      else quantize_range(q, buf.data(), 0, len, divisor(absmax), c + off);
+      a[b] = absmax;
+    }
+  });
+}
+
+}  // namespace
+
+void adamw8bit_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes,
+                        const at::Tensor& m_absmax, const at::Tensor& v_codes, const at::Tensor& v_absmax,
+                        const at::Tensor& m_map, const at::Tensor& v_map, double beta1, double c1, double beta2,
+                        double c2, double decay, double step_size, double bc2_sqrt, double eps, int64_t block_size) {
+  const char* op = "adamw8bit_step_";
+  check_common(op, param, grad, block_size);
+  const int64_t n = param.numel(), nb = (n + block_size - 1) / block_size;
+  check_state(op, "m", m_codes, m_absmax, n, nb);
+  check_state(op, "v", v_codes, v_absmax, n, nb);
+  if (n == 0) return;
+  const QTable& qm = table_for(m_map);
+  const QTable& qv = table_for(v_map);
+  const AdamScalars s{float(beta1), float(c1), float(beta2), float(c2), float(decay), float(step_size),
+                      float(bc2_sqrt), float(eps)};
+  switch (param.scalar_type()) {
+    case at::kFloat: adamw_run<float>(param, grad, m_codes, m_absmax, v_codes, v_absmax, qm, qv, s, block_size); break;
+    case at::kBFloat16:
+      adamw_run<c10::BFloat16>(param, grad, m_codes, m_absmax, v_codes, v_absmax, qm, qv, s, block_size);
+      break;
+    default: adamw_run<c10::Half>(param, grad, m_codes, m_absmax, v_codes, v_absmax, qm, qv, s, block_size); break;
+  }
+}
+
+void sgd8bit_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& codes,
+                      const at::Tensor& absmax, const at::Tensor& qmap, double lr, double momentum,
+                      double dampening, double weight_decay, bool nesterov, bool first, int64_t block_size) {
+  const char* op = "sgd8bit_step_";
+  check_common(op, param, grad, block_size);
+  const int64_t n = param.numel(), nb = (n + block_size - 1) / block_size;
+  check_state(op, "momentum", codes, absmax, n, nb);
+  if (n == 0) return;
+  const QTable& q = table_for(qmap);
+  const SgdScalars k{float(lr), float(momentum), float(1.0 - dampening), float(weight_decay), weight_decay != 0.0,
+                     nesterov, first};
+  switch (param.scalar_type()) {
+    case at::kFloat: sgd_run<float>(param, grad, codes, absmax, q, k, block_size); break;
+    case at::kBFloat16: sgd_run<c10::BFloat16>(param, grad, codes, absmax, q, k, block_size); break;
+    default: sgd_run<c10::Half>(param, grad, codes, absmax, q, k, block_size); break;
+  }
+}
+
+}  // namespace accelops
