@@ -19,7 +19,7 @@ Per strategy and rank it records:
   all_reduce, broadcast, the pipeline's isends) counted by wrapping them. Payload, not
   wire bytes: a ring all-reduce puts about twice its payload on the wire.
 
-The optimizer is a parameter: OPTIMIZERS below (torch AdamW now), chosen with the
+The optimizer is a parameter: OPTIMIZERS below (torch AdamW, or accelops AdamW8bit), chosen with the
 environment variable ACCELOPS_BENCH_SCALEOUT_OPTIMIZER. The machine's 2 cores are shared
 with other jobs: timings are noisy (the load average is recorded in every row).
 Target: fsdp peak memory per rank <= 0.6 x ddp's.
@@ -50,8 +50,10 @@ WORLD = 2
 TARGET_FSDP_MEMORY = 0.6
 MODEL = dict(dim=512, n_layers=6, n_heads=8, vocab_size=256, seq_len=128, batch=8, micro=4, warmup=2, steps=5)
 QUICK = dict(dim=32, n_layers=2, n_heads=2, vocab_size=64, seq_len=16, batch=8, micro=2, warmup=1, steps=2)
-OPTIMIZERS = {  # name -> (parameters -> optimizer); the lead adds accelops.optim.AdamW8bit here
+OPTIMIZERS = {  # name -> (parameters -> optimizer)
     "adamw": lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1),
+    "adamw8bit": lambda params: __import__("accelops.optim", fromlist=["AdamW8bit"]).AdamW8bit(
+        params, lr=1e-3, weight_decay=0.1),
 }
 TIMEOUT_S = 900
 
