@@ -5,9 +5,10 @@ For every bench shape of the tuned ops (accelops.tune.BENCH_SHAPES; --quick: two
 ones), the run first tunes (every candidate: the C++ kernel at 1..T threads and the
 reference, interleaved rounds), installs the resulting table in this process only (the
 user's own table file is not touched), then times, interleaved again:
-  default  - torch.ops.accelops.<op> at T threads (what runs without a table),
+  default  - accelops.ops.<op> with no table: the kernel at T threads,
   tuned    - accelops.ops.<op> consulting the table (lookup included),
-  best     - the exhaustive search's fastest candidate called directly.
+  best     - the exhaustive search's fastest candidate (accelops.ops.<op> with no table
+             at its thread count, or the reference), each the same public call.
 Targets (issue 9): tuned within 3% of best on every shape; on at least one op, tuned
 beats the default by 10% or more (geometric mean over its shapes). Dispatch cost: the
 median time of accelops.ops.int8_linear on a 1x16x16 problem with the table minus
@@ -62,6 +63,20 @@ def _op_call(op, shape):
         return lambda: ops.ternary_matmul(x, wp, ws)
     wq, ws = ops.quantize_weight_int8(w)
     return lambda: ops.int8_linear(x, wq, ws)
+
+
+def _untuned(fn):
+    def call():
+        _tuning.reset(None, loaded=True)
+        return fn()
+    return call
+
+
+def _tuned(fn, table):
+    def call():
+        _tuning.reset(table)
+        return fn()
+    return call
 
 
 def _with_threads(fn, threads):
@@ -127,11 +142,14 @@ def run(cfg: common.Config) -> common.FamilyResult:
         mine = []
         try:
             for s, e in zip(shapes, entries):
-                native, reference = _inputs(s["op"], s)
+                _, reference = _inputs(s["op"], s)
+                public = _op_call(s["op"], s)
                 best = min(e["candidates"], key=lambda c: c["median_us"])
-                best_fn = reference if best["backend"] == "reference" else native
-                fns = {"default": native, "tuned": _op_call(s["op"], s),
-                       "best": _with_threads(best_fn, best["threads"])}
+                # The same public call (validation included) for default and best, with no
+                # table; the best candidate's thread count set around it.
+                best_fn = reference if best["backend"] == "reference" else public
+                fns = {"default": _untuned(public), "tuned": _tuned(public, table),
+                       "best": _untuned(_with_threads(best_fn, best["threads"]))}
                 timed = _interleaved(fns, budget, rounds)
                 for method, (med, p20, p80) in timed.items():
                     row = {**meta, "family": FAMILY, "op": s["op"], "method": method,

@@ -110,9 +110,16 @@ def test_env_override_and_disable(tmp_path, monkeypatch):
     install([entry("int8_linear", 1, 64, 64, "reference", 2)])
     cpu = torch.device("cpu")
     assert _tuning.choice_for("int8_linear", cpu, (1, 64, 64)).backend == "reference"
-    monkeypatch.setenv("ACCELOPS_BACKEND", "cpu")
-    assert _tuning.choice_for("int8_linear", cpu, (1, 64, 64)) is None       # a forced backend wins
+    monkeypatch.setenv("ACCELOPS_BACKEND", "cpu")                           # a forced backend wins
+    calls = []
+    real_ref = int8_ref.int8_linear
+    monkeypatch.setattr(int8_ref, "int8_linear", lambda *a: calls.append("ref") or real_ref(*a))
+    wq, ws = ops.quantize_weight_int8(torch.randn(64, 64))
+    ops.int8_linear(torch.randn(1, 64), wq, ws)
+    assert calls == []
     monkeypatch.delenv("ACCELOPS_BACKEND")
+    ops.int8_linear(torch.randn(1, 64), wq, ws)
+    assert calls == ["ref"]
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"format": 1, "tables": {machine_info()["fingerprint"]: {"entries": [
         entry("int8_linear", 1, 64, 64, "reference", 2)]}}}))

@@ -89,14 +89,25 @@ def _fallback(op: str, reason: str) -> str:
     return "reference"
 
 
+def choose_and_forced(op: str, device: torch.device) -> tuple[str, bool]:
+    """choose(), and whether ACCELOPS_BACKEND forced it (read once: an environment read
+    costs ~0.7 us, a third of the tuned dispatch's budget per call)."""
+    forced = forced_backend()
+    return _choose(op, device, forced), forced is not None
+
+
 def choose(op: str, device: torch.device) -> str:
+    """The backend that runs `op` for tensors on `device` (see _choose)."""
+    return _choose(op, device, forced_backend())
+
+
+def _choose(op: str, device: torch.device, forced: str | None) -> str:
     """The backend that runs `op` for tensors on `device`: 'reference', 'cpu', 'triton' or 'native'.
 
     'native' means torch.ops.accelops.<op>, whose per-device kernel is the C++ one on CPU
     and the Triton one (registered for CUDA) on GPUs; 'triton' calls the Triton launcher
     directly, which also runs CPU tensors under TRITON_INTERPRET=1 (used by the tests).
     """
-    forced = forced_backend()
     if forced == "reference":
         return "reference"
     if forced == "cpu":

@@ -26,8 +26,6 @@ from pathlib import Path
 
 import torch
 
-from ._backend import forced_backend
-
 ENV_TABLE = "ACCELOPS_DISPATCH_TABLE"
 ENV_DISABLE = "ACCELOPS_TUNED"           # "0": ignore any table
 FORMAT_VERSION = 1
@@ -157,11 +155,12 @@ def reset(table: DispatchTable | None = None, loaded: bool = False) -> None:
 
 
 def choice_for(op: str, device: torch.device, shape: tuple) -> Choice | None:
-    """The tuned choice for this call, or None for the default dispatch."""
+    """The tuned choice for this call, or None for the default dispatch. Callers ask only
+    when ACCELOPS_BACKEND did not force the backend (_backend.choose_and_forced)."""
     if device.type != "cpu" and device.type != "cuda":
         return None
     table = _state["table"] if _state["loaded"] else active()
-    if table is None or torch.compiler.is_compiling() or forced_backend() is not None:
+    if table is None or torch.compiler.is_compiling():
         return None
     return table.lookup(op, shape)
 

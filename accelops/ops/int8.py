@@ -9,7 +9,7 @@ import torch
 from ..reference import int8 as ref
 from . import _tuning
 from . import _validate as check
-from ._backend import choose, extension
+from ._backend import choose, choose_and_forced, extension
 
 __all__ = ["quantize_activation_int8", "quantize_weight_int8", "int8_matmul", "int8_linear"]
 
@@ -90,9 +90,9 @@ def int8_linear(x, w_q, w_scale, bias=None):
         raise ValueError(f"x's last dim must equal w_q's K={k} (in_features), got shape {tuple(x.shape)}")
     check.bias(bias, n)
     device = check.same_device(x=x, w_q=w_q, w_scale=w_scale, bias=bias)
-    backend = choose("int8_linear", device)
+    backend, forced = choose_and_forced("int8_linear", device)
     tuned = None
-    if backend == "native":
+    if backend == "native" and not forced:
         tuned = _tuning.choice_for("int8_linear", device, (x.numel() // k if k else 0, n, k))
         if tuned is not None and tuned.backend == "reference":
             backend = "reference"

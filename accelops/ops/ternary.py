@@ -9,7 +9,7 @@ import torch
 from ..reference import ternary as ref
 from . import _tuning
 from . import _validate as check
-from ._backend import choose, extension
+from ._backend import choose, choose_and_forced, extension
 
 __all__ = ["quantize_weight_ternary", "pack_ternary", "unpack_ternary", "ternary_matmul", "packed_cols"]
 
@@ -87,9 +87,9 @@ def ternary_matmul(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tenso
         raise ValueError(f"w_scale must hold 1 (per tensor) or N={n} (per channel) scales, got shape {tuple(w_scale.shape)}")
     check.bias(bias, n)
     device = check.same_device(x=x, w_packed=w_packed, w_scale=w_scale, bias=bias)
-    backend = choose("ternary_matmul", device)
+    backend, forced = choose_and_forced("ternary_matmul", device)
     tuned = None
-    if backend == "native":
+    if backend == "native" and not forced:
         k = x.shape[-1]
         tuned = _tuning.choice_for("ternary_matmul", device, (x.numel() // k if k else 0, n, k))
         if tuned is not None and tuned.backend == "reference":
