@@ -1,5 +1,7 @@
 """Shared test helpers: inputs with known quantization, error bounds from eager's own error,
 and forked multi-rank runs."""
+import os
+import pickle
 import socket
 import time
 
@@ -59,3 +61,16 @@ def run_forked_ranks(worker, *args, nprocs: int = 2, timeout_s: float = 120) -> 
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"the {nprocs}-rank run did not finish in {timeout_s:g} s")
+
+
+def rank_results(directory, nprocs: int = 2) -> list:
+    """The rank<r>.pkl dicts that forked workers wrote into `directory`, failing the test
+    with the worker's traceback when a rank recorded an "error"."""
+    out = []
+    for r in range(nprocs):
+        with open(os.path.join(directory, f"rank{r}.pkl"), "rb") as f:
+            res = pickle.load(f)
+        if "error" in res:
+            pytest.fail(f"rank {r}:\n{res['error']}")
+        out.append(res)
+    return out

@@ -32,7 +32,7 @@ from accelops.train import CheckpointError, Trainer, list_checkpoints, load_chec
 from accelops.train.strategies import (balance_stages, full_model_state_dict, list_dir_checkpoints,
                                        verify_dir_checkpoint)
 
-from .helpers import free_port, run_forked_ranks
+from .helpers import free_port, rank_results, run_forked_ranks
 from .test_train import TRAIN, VAL, VOCAB, SEQ, losses, make_trainer
 
 LOSS_REL = 1e-5
@@ -201,13 +201,7 @@ def _held_numbers(t):
 def results():
     with tempfile.TemporaryDirectory() as d:
         run_forked_ranks(_main_worker, d, timeout_s=300)
-        out = []
-        for r in range(2):
-            with open(os.path.join(d, f"rank{r}.pkl"), "rb") as f:
-                res = pickle.load(f)
-            if "error" in res:
-                pytest.fail(f"rank {r}:\n{res['error']}")
-            out.append(res)
+        out = rank_results(d)
         return out
 
 

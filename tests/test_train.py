@@ -26,7 +26,7 @@ from accelops.train import (CharVocab, CheckpointError, CheckpointWarning, Token
                             load_char_corpus, load_checkpoint)
 from accelops.train.checkpoint import prune_checkpoints, save_checkpoint
 
-from .helpers import run_forked_ranks
+from .helpers import rank_results, run_forked_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["the", "king", "and", "queen", "of", "a", "fair", "night", "to", "be", "or", "not", "my", "lord"]
@@ -340,13 +340,7 @@ def _ddp_worker(rank, world, port, out_dir):
 def ddp_results():
     with tempfile.TemporaryDirectory() as d:
         run_forked_ranks(_ddp_worker, d)
-        out = []
-        for r in range(2):
-            with open(os.path.join(d, f"rank{r}.pkl"), "rb") as f:
-                res = pickle.load(f)
-            if "error" in res:
-                pytest.fail(f"rank {r}:\n{res['error']}")
-            out.append(res)
+        out = rank_results(d)
         return out
 
 

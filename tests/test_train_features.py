@@ -23,7 +23,7 @@ from accelops.train import (EarlyStopping, LRFindResult, Trainer, list_checkpoin
                             lr_find, split_dataset)
 from accelops.train.run import ConfigError, build, run
 
-from .helpers import run_forked_ranks
+from .helpers import rank_results, run_forked_ranks
 from .test_train import SEQ, TEXT, TRAIN, VAL, VOCAB, _config, _csv_losses, losses, make_trainer, params, tiny_model
 
 
@@ -303,13 +303,7 @@ def _es_worker(rank, world, port, out_dir):
 def test_early_stopping_two_ranks_stop_together():
     with tempfile.TemporaryDirectory() as d:
         run_forked_ranks(_es_worker, d)
-        got = []
-        for r in range(2):
-            with open(os.path.join(d, f"rank{r}.pkl"), "rb") as f:
-                res = pickle.load(f)
-            if "error" in res:
-                pytest.fail(f"rank {r}:\n{res['error']}")
-            got.append(res)
+        got = rank_results(d)
     r0, r1 = got
     assert r0["out"]["step"] == r1["out"]["step"] == 6
     assert r0["out"]["stop_reason"] == r1["out"]["stop_reason"] and "step 6" in r0["out"]["stop_reason"]
