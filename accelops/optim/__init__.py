@@ -61,6 +61,22 @@ def _number(name: str, value) -> float:
     return value
 
 
+
+def _closure_loss(closure):
+    """The loss of `closure` (re-evaluating the model with gradients on), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _group_lr(group) -> float:
+    """A param group's lr, checked at each step (a scheduler may have changed it)."""
+    lr = _number("lr", group["lr"])
+    if lr < 0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    return lr
+
 class _Optimizer8bit(torch.optim.Optimizer):
     """Shared machinery: argument checks, local shards, state layout, state_dict round trip."""
 
@@ -151,14 +167,9 @@ class AdamW8bit(_Optimizer8bit):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
-            lr = _number("lr", group["lr"])
-            if lr < 0:
-                raise ValueError(f"lr must be >= 0, got {lr}")
+            lr = _group_lr(group)
             beta1, beta2 = group["betas"]
             bs = group["block_size"]
             for p in group["params"]:
@@ -221,14 +232,9 @@ class SGD8bit(_Optimizer8bit):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
-            lr = _number("lr", group["lr"])
-            if lr < 0:
-                raise ValueError(f"lr must be >= 0, got {lr}")
+            lr = _group_lr(group)
             mu, damp, wd, nesterov = group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"]
             bs = group["block_size"]
             for p in group["params"]:

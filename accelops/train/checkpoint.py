@@ -130,18 +130,26 @@ def latest_checkpoint(directory, map_location="cpu"):
     when there is none. Each newer file that fails is reported by a CheckpointWarning
     saying why and which one is used instead; CheckpointError when files exist but none
     loads (starting afresh over them would lose the run)."""
-    candidates = list_checkpoints(directory)
+    return newest_good(directory, list_checkpoints(directory), lambda path: load_checkpoint(path, map_location),
+                       stacklevel=2)
+
+
+def newest_good(directory, candidates, open_checkpoint, stacklevel: int = 2):
+    """(path, open_checkpoint(path)) of the first of `candidates` (newest first) that opens,
+    warning about each newer bad one; (None, None) when there are none; CheckpointError when
+    every one is bad (starting afresh over them would lose the run). Shared by the file
+    checkpoints here and the directory checkpoints of the sharded strategies."""
     failures = []
     for _, path in candidates:
         try:
-            state = load_checkpoint(path, map_location)
+            opened = open_checkpoint(path)
         except CheckpointError as exc:
             failures.append(str(exc))
             continue
         for reason in failures:
             warnings.warn(f"{reason}; skipping it and resuming from {path!r} instead", CheckpointWarning,
-                          stacklevel=2)
-        return path, state
+                          stacklevel=stacklevel + 1)
+        return path, opened
     if failures:
         raise CheckpointError(f"no usable checkpoint in {os.fspath(directory)!r}: " + "; ".join(failures)
                               + ". Move the directory away (or pass resume=False with an empty directory) "

@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import default_collate
 
-from .checkpoint import CheckpointError, CheckpointWarning, _fsync_dir, atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, _fsync_dir, atomic_write, load_checkpoint, newest_good,
+                         save_checkpoint)
 
 __all__ = ["STRATEGIES", "PIPELINE_SCHEDULES", "make_strategy", "full_model_state_dict", "balance_stages",
            "list_dir_checkpoints"]
@@ -249,22 +250,7 @@ def verify_dir_checkpoint(path: str) -> dict:
 def latest_dir_checkpoint(directory, kind: str):
     """(path, manifest) of the newest good `kind` directory, warning about each newer bad
     one; (None, None) when there is none; CheckpointError when all are bad."""
-    failures = []
-    for _, path in list_dir_checkpoints(directory, kind):
-        try:
-            manifest = verify_dir_checkpoint(path)
-        except CheckpointError as exc:
-            failures.append(str(exc))
-            continue
-        for reason in failures:
-            warnings.warn(f"{reason}; skipping it and resuming from {path!r} instead", CheckpointWarning,
-                          stacklevel=3)
-        return path, manifest
-    if failures:
-        raise CheckpointError(f"no usable checkpoint in {os.fspath(directory)!r}: " + "; ".join(failures)
-                              + ". Move the directory away (or pass resume=False with an empty directory) to "
-                              "start afresh")
-    return None, None
+    return newest_good(directory, list_dir_checkpoints(directory, kind), verify_dir_checkpoint, stacklevel=3)
 
 
 class _DirCheckpoints:

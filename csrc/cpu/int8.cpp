@@ -23,6 +23,7 @@
 
 #include "../ops.h"
 #include "kernels.h"
+#include "vnni512.h"
 
 namespace accelops {
 
@@ -341,15 +342,6 @@ static void int8_gemm_i32(const typename Path::X* x, int64_t m, int64_t k, const
 // 2^31 / 32640 ~ 65,800, so every sum is kept modulo 2^32 (uint32 arithmetic, vpaddd
 // wraps); the final x.w fits in int32 for the K the contract promises (K < 2^31 / 128^2),
 // so the wrapped result is the exact one.
-#define ACCELOPS_TARGET_AVX512VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
-
-ACCELOPS_TARGET_AVX512VNNI static inline uint32_t hsum_u32_512(__m512i v) {
-  __m256i s = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
-  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
-  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
-  return static_cast<uint32_t>(_mm_cvtsi128_si32(t));
-}
 
 // acc[mi, j] += sum_{k in [k0, k1)} u[mi, k] w[j, k] (mod 2^32) for an MT x NT tile; with
 // kCorr, also corr[j] += 128 sum_{k in [k0, k1)} w[j, k] (mod 2^32). The K tail is one

@@ -21,6 +21,7 @@
 
 #include "../ops.h"
 #include "kernels.h"
+#include "vnni512.h"
 
 namespace accelops {
 
@@ -129,15 +130,6 @@ static inline void ternary_tile(Isa isa, const int8_t* x, int64_t ldx, const uin
 // One zmm holds the packed bytes of two blocks; the activations are rearranged once per
 // call so that the 64 activations of a slice of two blocks are contiguous (pair layout):
 //     xp[pair * 256 + slice * 64 + half * 32 + i] = x[(2 pair + half) * 128 + 32 slice + i].
-#define ACCELOPS_TARGET_AVX512VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
-
-ACCELOPS_TARGET_AVX512VNNI static inline uint32_t hsum_u32_512(__m512i v) {
-  __m256i s = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
-  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
-  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
-  return static_cast<uint32_t>(_mm_cvtsi128_si32(t));
-}
 
 // acc[mi, j] += codes(w row j) . x row mi (mod 2^32) over the block pairs [p0, p1); an odd
 // last block is loaded with its upper 32 bytes masked off (its activations are zero).
