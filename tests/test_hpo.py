@@ -444,7 +444,9 @@ def test_bandwidth_floor_magic_clip():
 
 def test_bohb_bandwidth_floor_option():
     space = SearchSpace({"x": Float(0.0, 1.0), "y": Float(0.0, 1.0)})
-    assert BOHBModel(space, np.random.default_rng(0)).bandwidth_floor == 0.0  # HpBandSter's behaviour
+    assert BOHBModel(space, np.random.default_rng(0)).bandwidth_floor == 0.25  # the default: TPE's floor
+    assert hpo.BOHB(space, 1, 27).model.bandwidth_floor == 0.25
+    assert hpo.BOHB(space, 1, 27, bandwidth_floor=0).model.bandwidth_floor == 0.0  # HpBandSter's KDE
     for bad in (-0.1, math.nan, math.inf, True, "0.25"):
         with pytest.raises(ValueError, match="bandwidth_floor"):
             hpo.BOHB(space, 1, 27, bandwidth_floor=bad)
@@ -463,9 +465,12 @@ def test_bohb_bandwidth_floor_option():
         xs = np.array([[c["x"], c["y"]] for c, _ in (m.sample() for _ in range(200))])
         spread[floor] = np.median(np.abs(xs - 0.3).max(axis=1))
     assert spread[0.0] < 0.002 and spread[0.25] > 0.015
-    opt = hpo.BOHB(issue_space(), 9, 729, bandwidth_floor=0.25, seed=4)
+    opt = hpo.BOHB(issue_space(), 9, 729, bandwidth_floor=0.0, seed=4)
     again = hpo.Optimizer.from_spec(opt.spec())
-    assert again.model.bandwidth_floor == 0.25 and again.spec() == opt.spec()
+    assert again.model.bandwidth_floor == 0.0 and again.spec() == opt.spec()
+    old = opt.spec()
+    del old["kwargs"]["bandwidth_floor"]  # a journal written before the option existed
+    assert hpo.Optimizer.from_spec(old).model.bandwidth_floor == 0.0
     assert run_sequential(again, 120) == run_sequential(opt, 120)
 
 

@@ -127,7 +127,11 @@ class Optimizer:
         kind = _OPTIMIZERS.get(spec["class"])
         if kind is None:
             raise ValueError(f"unknown optimiser class {spec['class']!r} in the journal")
-        return kind(SearchSpace.from_spec(spec["space"]), seed=spec["seed"], **spec["kwargs"])
+        kwargs = dict(spec["kwargs"])
+        if spec["class"] == "BOHB":
+            # a journal from before bandwidth_floor existed ran without it; the default is now on
+            kwargs.setdefault("bandwidth_floor", 0.0)
+        return kind(SearchSpace.from_spec(spec["space"]), seed=spec["seed"], **kwargs)
 
     def _new_trial(self, config: dict, budget, config_id=None, **fields) -> Trial:
         if config_id is None:
