@@ -103,7 +103,10 @@ def run(cfg: common.Config) -> common.FamilyResult:
 def summarize(rows, spec, wall_s) -> str:
     lines = [f"## Memory planner vs measured peak RSS growth, {bench_scaleout.WORLD} gloo ranks", "",
              f"TransformerLM dim {spec['dim']}, {spec['n_layers']} blocks, batch {spec['batch']} x {spec['seq_len']} "
-             f"(4 a rank; pipeline {spec['micro']} micro-batches, 1F1B). Wall {wall_s:.0f} s.", "",
+             f"({spec['batch'] // bench_scaleout.WORLD} a rank; pipeline {spec['micro']} micro-batches, 1F1B). Wall "
+             f"{wall_s:.0f} s." + (" --quick: a tiny model, where the fixed runtime term (40 MiB) is most of the "
+                                   "estimate and its spread decides the ratio." if spec is bench_scaleout.QUICK else ""),
+             "",
              "| quant | optimizer | strategy | estimate (MiB) r0, r1 | measured (MiB) r0, r1 | estimate / measured "
              "r0, r1 | within 15% |", "|---|---|---|---|---|---|---|"]
     by = {}
