@@ -24,6 +24,10 @@ def main(argv=None) -> int:
 
     add_tune_arguments(sub.add_parser("tune", help="measure backends and thread counts of the tuned ops here and "
                                                    "write the dispatch table accelops.ops consults"))
+    from .plan import add_arguments as add_plan_arguments
+
+    add_plan_arguments(sub.add_parser("plan", help="per-device memory of each training strategy (and quant mode), "
+                                                   "what fits, and the strategy / micro-batch / accumulation to use"))
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -42,6 +46,10 @@ def main(argv=None) -> int:
         from .tune import run_args as run_tune
 
         return run_tune(args)
+    elif args.command == "plan":
+        from .plan import run_args as run_plan
+
+        return run_plan(args)
     elif args.command == "report":
         from .results.cli import run_report
 

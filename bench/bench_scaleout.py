@@ -193,7 +193,8 @@ def _worker(rank, port, strategy, spec, optimizer_name, out_dir):
         torch.manual_seed(0)
         model = TransformerLM(TransformerLMConfig(vocab_size=spec["vocab_size"], dim=spec["dim"],
                                                   n_layers=spec["n_layers"], n_heads=spec["n_heads"],
-                                                  max_len=spec["seq_len"], dropout=0.0))
+                                                  max_len=spec["seq_len"], dropout=0.0,
+                                                  quant=spec.get("quant")))
         n_params = sum(p.numel() for p in model.parameters())
         opt = OPTIMIZERS[optimizer_name](model.parameters())
         kw = dict(batch_size=spec["batch"] // WORLD)
