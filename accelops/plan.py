@@ -589,13 +589,13 @@ def format_plan(result: Plan) -> str:
              f"device(s) of {result.device_memory / 2**30:.2f} GiB ({result.usable_memory / 2**30:.2f} GiB usable), "
              f"seq {result.seq_len}, optimizer {result.optimizer}", "",
              "| quant | strategy | micro-batch | params | grads | optim | acts | working | buffers | step tmp | "
-             "runtime | total MiB / device | peak at | fits |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "runtime | total MiB / device | peak at | fits | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in result.estimates:
         lines.append(f"| {e.quant} | {e.strategy} | {e.micro_batch} | {mib(e.params)} | {mib(e.grads)} | "
                      f"{mib(e.optimizer_state)} | {mib(e.activations)} | {mib(e.working_set)} | {mib(e.comm_buffers)} | "
                      f"{mib(e.step_temporary)} | {mib(e.runtime)} | {mib(e.total)} | {e.peak_phase} | "
-                     f"{'yes' if e.fits else 'no'} |" + (f" {e.note}" if e.note else ""))
+                     f"{'yes' if e.fits else 'no'} | {e.note or ''} |")
     lines.append("")
     for q, r in result.recommendations.items():
         head = f"Recommendation (quant {q}, global batch {r.global_batch}): "
