@@ -60,8 +60,10 @@ PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 MiB = 2**20
 # RSS a training process holds above its live tensors. CPU + gloo: measured with
 # bench/bench_scaleout.py (2 ranks, TransformerLM 25.5M; peak RSS growth minus the counted
-# tensors, 40-50 MiB a rank). CUDA: the CUDA context + NCCL's buffers, not measured here (no
-# GPU on this machine kind): the commonly seen ~1 GiB, an assumption.
+# tensors, 40-50 MiB a rank; ~60 MiB a rank on another machine of the same kind with a
+# fresh venv, which tests/test_plan.py measures before it checks the tensor terms). CUDA:
+# the CUDA context + NCCL's buffers, not measured here (no GPU on this machine kind): the
+# commonly seen ~1 GiB, an assumption.
 RUNTIME_OVERHEAD = {"cpu": 40 * MiB, "cuda": 1024 * MiB}
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
