@@ -3,9 +3,14 @@ machine for a set of shapes, and write the dispatch table that accelops.ops cons
 (accelops/ops/_tuning.py).
 
 Candidates per (op, shape): the registered kernel ("native": the C++ kernel on CPU) at
-1..T torch threads (T = torch.get_num_threads() when tuning), and the pure-PyTorch
-reference at T threads. The C++ kernels' tile sizes are compile-time constants, so
-threads are the CPU configuration there is to choose; on CUDA the native (Triton) kernel
+1..T torch threads (T = torch.get_num_threads() when tuning); on the CPU also the same op
+with ATen's int8 GEMM computing the sums ("aten_int_mm": torch._int_mm, oneDNN on x86;
+the accelops quantization and epilogue around it) at 1..T threads; and the pure-PyTorch
+reference at T threads. "aten_int_mm" is only eligible where its result equals the
+kernel's bit for bit on random and extreme inputs of the shape (exactness_failure): on
+x86 without VNNI oneDNN's int8 GEMM may saturate int16 pair sums, and a table must never
+change a result. The C++ kernels' tile sizes are compile-time constants, so threads and
+the GEMM are the CPU configuration there is to choose; on CUDA the native (Triton) kernel
 is measured at its built-in block sizes (no GPU has been lent to this project, so no
 block-size search is implemented yet). Timing: candidates are measured in interleaved
 rounds (one batch of calls each per round, so a change of machine load hits them all
@@ -40,20 +45,60 @@ BENCH_SHAPES = [
 ]
 
 
-def _inputs(op: str, shape: dict, seed: int = 0):
+INT_MM_OPS = {"ternary_matmul": "ternary_matmul_int_mm", "int8_linear": "int8_linear_int_mm"}
+
+
+def _weights(op: str, w: torch.Tensor):
+    if op == "ternary_matmul":
+        return ops.quantize_weight_ternary(w)
+    if op == "int8_linear":
+        return ops.quantize_weight_int8(w)
+    raise ValueError(f"op must be one of {sorted(TUNED_OPS)}, got {op!r}")
+
+
+def _candidate_fns(op: str, x, wq, ws) -> dict:
+    """backend -> a call of that backend on these inputs."""
+    fns = {"native": lambda: getattr(torch.ops.accelops, op)(x, wq, ws, None),
+           "reference": lambda: getattr(ternary_ref if op == "ternary_matmul" else int8_ref, op)(x, wq, ws, None)}
+    if x.device.type == "cpu" and hasattr(torch.ops.accelops, INT_MM_OPS[op]):
+        fns["aten_int_mm"] = lambda: getattr(torch.ops.accelops, INT_MM_OPS[op])(x, wq, ws, None)
+    return fns
+
+
+def _inputs(op: str, shape: dict, seed: int = 0) -> dict:
+    """backend -> a call on random inputs of this shape (the timed candidates)."""
     g = torch.Generator().manual_seed(seed)
     m, n, k = shape["M"], shape["N"], shape["K"]
     x = torch.randn(m, k, generator=g)
     w = torch.randn(n, k, generator=g)
-    if op == "ternary_matmul":
-        wp, ws = ops.quantize_weight_ternary(w)
-        return (lambda: torch.ops.accelops.ternary_matmul(x, wp, ws, None),
-                lambda: ternary_ref.ternary_matmul(x, wp, ws, None))
-    if op == "int8_linear":
-        wq, ws = ops.quantize_weight_int8(w)
-        return (lambda: torch.ops.accelops.int8_linear(x, wq, ws, None),
-                lambda: int8_ref.int8_linear(x, wq, ws, None))
-    raise ValueError(f"op must be one of {sorted(TUNED_OPS)}, got {op!r}")
+    return _candidate_fns(op, x, *_weights(op, w))
+
+
+def exactness_failure(op: str, shape: dict, backend: str) -> str | None:
+    """Why `backend` may not stand in for the kernel at this shape, or None when its result
+    equals the kernel's bit for bit on random inputs and on the extreme ones: every
+    activation and weight at the int8 (or ternary) limit with one sign, and alternating
+    signs, where a GEMM that sums int8 pairs in saturating int16 (vpmaddubsw, as oneDNN
+    does on x86 without VNNI) or accumulates in fewer than 32 bits goes wrong."""
+    m, n, k = shape["M"], shape["N"], shape["K"]
+    g = torch.Generator().manual_seed(1)
+    signs = torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0)
+    cases = [(torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)),
+             (torch.ones(m, k), torch.ones(n, k)),
+             (-torch.ones(m, k), torch.ones(n, k)),
+             (signs.expand(m, k).clone(), -signs.expand(n, k).clone())]
+    for i, (x, w) in enumerate(cases):
+        fns = _candidate_fns(op, x, *_weights(op, w))
+        if backend not in fns:
+            return f"{backend} is not available here"
+        try:
+            got, want = fns[backend](), fns["native"]()
+        except Exception as exc:  # noqa: BLE001 - a candidate that fails is not eligible
+            return f"{backend} failed: {type(exc).__name__}: {exc}"
+        if not torch.equal(got, want):
+            what = ("random inputs", "all +1 x +1", "all -1 x +1", "alternating signs")[i]
+            return f"{backend} differs from the kernel on {what} (max |diff| {(got - want).abs().max().item():.3g})"
+    return None
 
 
 def _time_batch(fn, calls: int) -> float:
@@ -74,8 +119,16 @@ def measure(op: str, shape: dict, max_threads: int | None = None, budget_s: floa
             margin: float = 0.02) -> dict:
     """Time every candidate for one op and shape -> the table entry."""
     max_threads = max_threads or torch.get_num_threads()
-    native, reference = _inputs(op, shape)
-    candidates = [("native", t, native) for t in range(1, max_threads + 1)] + [("reference", max_threads, reference)]
+    fns = _inputs(op, shape)
+    excluded = {}
+    if "aten_int_mm" in fns:
+        why = exactness_failure(op, shape, "aten_int_mm")
+        if why:
+            excluded["aten_int_mm"] = why
+            del fns["aten_int_mm"]
+    threaded = [b for b in ("native", "aten_int_mm") if b in fns]
+    candidates = [(b, t, fns[b]) for b in threaded for t in range(1, max_threads + 1)]
+    candidates.append(("reference", max_threads, fns["reference"]))
     before = torch.get_num_threads()
     samples = {i: [] for i in range(len(candidates))}
     calls = {}
@@ -85,10 +138,10 @@ def measure(op: str, shape: dict, max_threads: int | None = None, budget_s: floa
             fn()
             one = _time_batch(fn, 1)
             calls[i] = max(1, int(budget_s / rounds / max(one, 1e-7)))
-        best_native = min(_time_batch(candidates[i][2], 1) for i in range(max_threads))
+        fastest_one = min(_time_batch(fn, 1) for b, _, fn in candidates if b != "reference")
         for _ in range(rounds):
             for i, (backend, threads, fn) in enumerate(candidates):
-                if backend == "reference" and samples[i] and samples[i][0] > 3 * best_native:
+                if backend == "reference" and samples[i] and samples[i][0] > 3 * fastest_one:
                     continue  # far slower: a few samples say so, more would only cost time
                 torch.set_num_threads(threads)
                 samples[i].append(_time_batch(fn, calls[i]))
@@ -105,7 +158,8 @@ def measure(op: str, shape: dict, max_threads: int | None = None, budget_s: floa
     dims = TUNED_OPS[op]
     return {"op": op, "shape": {d: shape[d] for d in dims}, "max_threads": max_threads,
             "winner": {"backend": winner["backend"], "threads": winner["threads"]},
-            "default_us": default["median_us"], "winner_us": winner["median_us"], "candidates": results}
+            "default_us": default["median_us"], "winner_us": winner["median_us"], "candidates": results,
+            "excluded": excluded}
 
 
 def shapes_from_model(config: dict, m_values=None) -> list[dict]:

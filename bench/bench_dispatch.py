@@ -2,13 +2,13 @@
 against the fixed default dispatch and against exhaustive search, in one run.
 
 For every bench shape of the tuned ops (accelops.tune.BENCH_SHAPES; --quick: two small
-ones), the run first tunes (every candidate: the C++ kernel at 1..T threads and the
-reference, interleaved rounds), installs the resulting table in this process only (the
+ones), the run first tunes (every candidate: the C++ kernel and the same op with ATen's
+int8 GEMM for the sums, each at 1..T threads, and the reference; interleaved rounds), installs the resulting table in this process only (the
 user's own table file is not touched), then times, interleaved again:
   default  - accelops.ops.<op> with no table: the kernel at T threads,
   tuned    - accelops.ops.<op> consulting the table (lookup included),
-  best     - the exhaustive search's fastest candidate (accelops.ops.<op> with no table
-             at its thread count, or the reference), each the same public call.
+  best     - the exhaustive search's fastest candidate (accelops.ops.<op> through a table
+             holding only that choice, or the reference), each the same public call.
 Targets (issue 9): tuned within 3% of best on every shape; on at least one op, tuned
 beats the default by 10% or more (geometric mean over its shapes). Dispatch cost: the
 median time of accelops.ops.int8_linear on a 1x16x16 problem with the table minus
@@ -142,14 +142,19 @@ def run(cfg: common.Config) -> common.FamilyResult:
         mine = []
         try:
             for s, e in zip(shapes, entries):
-                _, reference = _inputs(s["op"], s)
                 public = _op_call(s["op"], s)
                 best = min(e["candidates"], key=lambda c: c["median_us"])
-                # The same public call (validation included) for default and best, with no
-                # table; the best candidate's thread count set around it.
-                best_fn = reference if best["backend"] == "reference" else public
-                fns = {"default": _untuned(public), "tuned": _tuned(public, table),
-                       "best": _untuned(_with_threads(best_fn, best["threads"]))}
+                # The same public call (validation included) for default, tuned and best:
+                # best through a table that holds only its choice for this shape (the
+                # reference, which no table path calls, directly at its thread count).
+                if best["backend"] == "reference":
+                    best_fn = _untuned(_with_threads(_inputs(s["op"], s)["reference"], best["threads"]))
+                else:
+                    only_best = DispatchTable.from_json(
+                        {"entries": [{**e, "winner": {"backend": best["backend"], "threads": best["threads"]}}]},
+                        table.fingerprint)
+                    best_fn = _tuned(public, only_best)
+                fns = {"default": _untuned(public), "tuned": _tuned(public, table), "best": best_fn}
                 timed = _interleaved(fns, budget, rounds)
                 for method, (med, p20, p80) in timed.items():
                     row = {**meta, "family": FAMILY, "op": s["op"], "method": method,

@@ -47,6 +47,9 @@ TORCH_LIBRARY(accelops, m) {
       "int8_matmul(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias=None, "
       "ScalarType? out_dtype=None) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor");
+  // The same results with ATen's int8 GEMM computing the sums (a tuned-dispatch candidate).
+  m.def("int8_linear_int_mm(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor");
+  m.def("ternary_matmul_int_mm(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None) -> Tensor");
   // fake quantization: (y, mask bits) so autograd saves 1 bit per element, not x
   m.def(
       "fake_quantize(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
@@ -112,6 +115,8 @@ TORCH_LIBRARY_IMPL(accelops, CPU, m) {
   m.impl("quantize_weight_int8", &accelops::quantize_weight_int8_cpu);
   m.impl("int8_matmul", &accelops::int8_matmul_cpu);
   m.impl("int8_linear", &accelops::int8_linear_cpu);
+  m.impl("int8_linear_int_mm", &accelops::int8_linear_int_mm_cpu);
+  m.impl("ternary_matmul_int_mm", &accelops::ternary_matmul_int_mm_cpu);
   m.impl("fake_quantize", &accelops::fake_quantize_cpu);
   m.impl("fake_quantize_backward", &accelops::fake_quantize_backward_cpu);
   m.impl("fake_quantize_learnable", &accelops::fake_quantize_learnable_cpu);

@@ -24,6 +24,12 @@ at::Tensor int8_matmul_cpu(const at::Tensor& x_q, const at::Tensor& x_scale, con
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
                            const std::optional<at::Tensor>& bias);
 
+// the same two ops with ATen's int8 GEMM for the sums (csrc/cpu/int_mm.cpp)
+at::Tensor int8_linear_int_mm_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
+                                  const std::optional<at::Tensor>& bias);
+at::Tensor ternary_matmul_int_mm_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                                     const std::optional<at::Tensor>& bias);
+
 // fake-quant family (csrc/cpu/fake_quant.cpp)
 std::tuple<at::Tensor, at::Tensor> fake_quantize_cpu(const at::Tensor& x, const at::Tensor& scale,
                                                      const at::Tensor& zero_point, int64_t quant_min,

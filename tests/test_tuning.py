@@ -154,10 +154,10 @@ def test_tune_measures_writes_merges_and_explains(tmp_path, capsys):
     from accelops.tune import explain, measure, write_table
 
     e = measure("ternary_matmul", {"M": 1, "N": 32, "K": 64}, max_threads=2, budget_s=0.01, rounds=2)
-    assert e["shape"] == {"M": 1, "N": 32, "K": 64} and len(e["candidates"]) == 3
-    assert {(c["backend"], c["threads"]) for c in e["candidates"]} == {("native", 1), ("native", 2),
-                                                                       ("reference", 2)}
-    assert e["winner"]["backend"] in ("native", "reference") and e["default_us"] > 0
+    assert e["shape"] == {"M": 1, "N": 32, "K": 64} and len(e["candidates"]) == 5 and e["excluded"] == {}
+    assert {(c["backend"], c["threads"]) for c in e["candidates"]} == {
+        ("native", 1), ("native", 2), ("aten_int_mm", 1), ("aten_int_mm", 2), ("reference", 2)}
+    assert e["winner"]["backend"] in ("native", "aten_int_mm", "reference") and e["default_us"] > 0
     path = tmp_path / "d.json"
     other = {"format": 1, "tables": {"ffffffffffffffff": {"entries": []}}}
     path.write_text(json.dumps(other))
@@ -191,3 +191,97 @@ def test_tune_finds_a_models_quantized_layers():
     shapes = shapes_from_model(config)
     assert {s["op"] for s in shapes} == {"ternary_matmul"}
     assert {(s["N"], s["K"]) for s in shapes} >= {(32, 32)} and {s["M"] for s in shapes} == {1, 64}
+
+
+# ---------------------------------------------------------------- ATen's int8 GEMM candidate
+
+@pytest.mark.parametrize("op", ["ternary_matmul", "int8_linear"])
+@pytest.mark.parametrize("lead,n,k", [((1,), 7, 130), ((5,), 33, 256), ((2, 3), 64, 300), ((4,), 16, 0),
+                                      ((0,), 8, 32)])
+def test_aten_int_mm_path_is_identical_to_the_kernel(op, lead, n, k):
+    """The ATen-GEMM ops give the kernel's result bit for bit: same quantization, exact
+    int32 sums, same epilogue; with a bias, in every float dtype, odd K included."""
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w = torch.randn(n, k, generator=g)
+    wq, ws = ops.quantize_weight_ternary(w) if op == "ternary_matmul" else ops.quantize_weight_int8(w)
+    bias = torch.randn(n, generator=g)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = (torch.randn(*lead, k, generator=g) * 3).to(dtype)
+        want = getattr(torch.ops.accelops, op)(x, wq, ws, bias.to(dtype))
+        got = getattr(torch.ops.accelops, op + "_int_mm")(x, wq, ws, bias.to(dtype))
+        assert got.dtype == dtype and got.shape == want.shape
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("op", ["ternary_matmul", "int8_linear"])
+def test_aten_int_mm_is_exact_on_extreme_inputs_here(op):
+    """What tune's gate checks: every value at the int8 limit, where a saturating int16
+    pair sum would go wrong. On this machine's GEMM the path is eligible."""
+    from accelops.tune import exactness_failure
+
+    for shape in ({"M": 3, "N": 5, "K": 4096}, {"M": 64, "N": 40, "K": 1000}):
+        assert exactness_failure(op, shape, "aten_int_mm") is None
+
+
+def test_tune_excludes_a_candidate_that_is_not_exact(monkeypatch):
+    """A GEMM that saturates like vpmaddubsw is never chosen: tune records why."""
+    from accelops import tune
+
+    real = tune._candidate_fns
+
+    def saturating(op, x, wq, ws):
+        fns = real(op, x, wq, ws)
+        fns["aten_int_mm"] = lambda: fns["native"]().clamp(-100, 100)   # wrong once sums grow
+        return fns
+
+    monkeypatch.setattr(tune, "_candidate_fns", saturating)
+    e = tune.measure("int8_linear", {"M": 2, "N": 8, "K": 256}, max_threads=2, budget_s=0.01, rounds=2)
+    assert "aten_int_mm" in e["excluded"] and "differs from the kernel" in e["excluded"]["aten_int_mm"]
+    assert {c["backend"] for c in e["candidates"]} == {"native", "reference"}
+
+
+def test_table_choice_of_aten_int_mm_is_dispatched_with_its_threads_and_gradient(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(6, 64, requires_grad=True)
+    w = torch.randn(32, 64)
+    wp, ws = ops.quantize_weight_ternary(w)
+    wq, wsc = ops.quantize_weight_int8(w)
+    want_t, want_i = ops.ternary_matmul(x, wp, ws), ops.int8_linear(x, wq, wsc)
+    (gt_want,) = torch.autograd.grad(want_t.sum() + want_i.sum(), x)
+    install([entry("ternary_matmul", 6, 32, 64, "aten_int_mm", 1), entry("int8_linear", 6, 32, 64, "aten_int_mm", 2)])
+    used = []
+    for name in ("ternary_matmul_int_mm", "int8_linear_int_mm"):
+        real = getattr(torch.ops.accelops, name)
+        monkeypatch.setattr(torch.ops.accelops, name,
+                            lambda *a, _real=real, _n=name: used.append((_n, torch.get_num_threads())) or _real(*a),
+                            raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got_t, got_i = ops.ternary_matmul(x, wp, ws), ops.int8_linear(x, wq, wsc)
+    finally:
+        torch.set_num_threads(before)
+    assert used == [("ternary_matmul_int_mm", 1), ("int8_linear_int_mm", 2)]
+    assert torch.equal(got_t, want_t) and torch.equal(got_i, want_i)
+    (gt_got,) = torch.autograd.grad(got_t.sum() + got_i.sum(), x)
+    assert torch.equal(gt_got, gt_want)
+
+
+@pytest.mark.parametrize("op", ["ternary_matmul_int_mm", "int8_linear_int_mm"])
+def test_aten_int_mm_ops_pass_opcheck(op):
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 40), torch.randn(8, 40)
+    wq, ws = ops.quantize_weight_ternary(w) if op.startswith("ternary") else ops.quantize_weight_int8(w)
+    torch.library.opcheck(getattr(torch.ops.accelops, op), (x, wq, ws, torch.randn(8)),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("op", ["ternary_matmul_int_mm", "int8_linear_int_mm"])
+def test_aten_int_mm_ops_reject_bad_input(op):
+    w = torch.randn(8, 40)
+    wq, ws = ops.quantize_weight_ternary(w) if op.startswith("ternary") else ops.quantize_weight_int8(w)
+    fn = getattr(torch.ops.accelops, op)
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        fn(torch.ones(2, 40, dtype=torch.int32), wq, ws, None)
+    with pytest.raises(RuntimeError, match="K=40|hold K=200"):
+        fn(torch.randn(2, 200), wq, ws, None)

@@ -4,8 +4,9 @@ measured on this machine for that op and shape.
 The table is a JSON file (`$ACCELOPS_DISPATCH_TABLE`, default
 ~/.cache/accelops/dispatch.json) holding one table per machine fingerprint (see
 accelops/_machine.py). Each entry is one measured (op, shape) with the winner among the
-candidates tried (backend "cpu" at 1..n threads, "reference"; "native" at the current
-thread count on CUDA). A shape never measured takes the winner of its nearest measured
+candidates tried (on the CPU: "native", the C++ kernel, and "aten_int_mm", the same op
+with ATen's int8 GEMM for the sums, each at 1..n threads, and "reference"; "native" at
+the current thread count on CUDA). A shape never measured takes the winner of its nearest measured
 neighbour in log2-shape space (same op). A file without a table for this machine is
 ignored with one warning; ACCELOPS_BACKEND still overrides everything; under
 torch.compile the table is not consulted (the compiled graph keeps the default).
@@ -45,7 +46,7 @@ def default_path() -> Path:
 
 @dataclass(frozen=True)
 class Choice:
-    backend: str                 # "native" (the registered kernel) or "reference"
+    backend: str                 # "native" (the registered kernel), "aten_int_mm" or "reference"
     threads: int | None          # torch threads for the call (None: leave as it is)
     predicted: bool = False      # True when taken from a neighbouring shape
     source: tuple | None = None  # the measured shape it came from
