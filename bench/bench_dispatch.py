@@ -19,6 +19,7 @@ without it (target <= 2 us), and the lookup alone.
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import sys
 import time
@@ -37,21 +38,53 @@ FAMILY = "dispatch"
 QUICK_SHAPES = [{"op": "ternary_matmul", "M": 1, "N": 256, "K": 256}, {"op": "int8_linear", "M": 4, "N": 256, "K": 256}]
 
 
-def _interleaved(fns: dict, budget_s: float, rounds: int) -> dict:
-    """name -> (median, p20, p80) in us of batches timed in interleaved rounds."""
-    calls, samples = {}, {k: [] for k in fns}
+def _interleaved(fns: dict, budget_s: float, rounds: int, seed: int = 0, batch_s: float | None = None,
+                 max_rounds: int = 201) -> tuple[dict, dict]:
+    """Batches of each fn timed in interleaved rounds, the order shuffled every round (a
+    fixed order would give one method a systematic place, e.g. always right after the
+    2-thread default had woken the thread pool).
+
+    Without batch_s: `rounds` rounds, each batch budget_s / rounds long. With batch_s:
+    batches about batch_s long and as many rounds as budget_s allows, between `rounds` and
+    max_rounds: short batches taken close together make each round's pair of samples see
+    the same machine state.
+
+    Returns (name -> (median, p20, p80) in us, name -> the per-round samples in us); the
+    ratio of two methods' samples in the same round is a paired measurement that cancels
+    the drift of the machine's load between rounds."""
+    per_call, samples = {}, {k: [] for k in fns}
+    order = list(fns)
+    rng = random.Random(seed)
     for name, fn in fns.items():
         fn()
-        t = time.perf_counter()
-        fn()
-        calls[name] = max(1, int(budget_s / rounds / max(time.perf_counter() - t, 1e-7)))
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        per_call[name] = max(min(times), 1e-7)
+    if batch_s is None:
+        calls = {k: max(1, int(budget_s / rounds / v)) for k, v in per_call.items()}
+    else:
+        calls = {k: max(1, int(batch_s / v)) for k, v in per_call.items()}
+        slowest_batch = max(calls[k] * per_call[k] for k in fns)
+        rounds = max(rounds, min(max_rounds, int(budget_s / slowest_batch)))
     for _ in range(rounds):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name in order:
+            fn = fns[name]
             t = time.perf_counter()
             for _ in range(calls[name]):
                 fn()
             samples[name].append((time.perf_counter() - t) / calls[name] * 1e6)
-    return {k: (_percentile(v, 0.5), _percentile(v, 0.2), _percentile(v, 0.8)) for k, v in samples.items()}
+    summary = {k: (_percentile(v, 0.5), _percentile(v, 0.2), _percentile(v, 0.8)) for k, v in samples.items()}
+    return summary, samples
+
+
+def paired_ratio(a: list, b: list) -> tuple[float, float, float]:
+    """(median, p20, p80) of a[i] / b[i] over rounds: a's time relative to b's."""
+    ratios = [x / y for x, y in zip(a, b)]
+    return _percentile(ratios, 0.5), _percentile(ratios, 0.2), _percentile(ratios, 0.8)
 
 
 def _op_call(op, shape):
@@ -131,6 +164,10 @@ def run(cfg: common.Config) -> common.FamilyResult:
     shapes = QUICK_SHAPES if cfg.quick else BENCH_SHAPES
     budget = 0.02 if cfg.quick else max(0.3, cfg.budget_s / 2)
     rounds = 3 if cfg.quick else 7
+    # More, shorter rounds for the three-way comparison (batches of ~3 ms, 21 to 201
+    # rounds): its verdict is a median of per-round paired ratios, which resolves the 3%
+    # the target asks for only when the pairs are many and taken close together.
+    compare_rounds = 5 if cfg.quick else 21
     out_path = cfg.results_file(FAMILY)
     rows, sections, failures = [], ["## Dispatch benchmark (tuned vs default vs exhaustive search)", ""], []
     for threads in cfg.threads:
@@ -155,7 +192,9 @@ def run(cfg: common.Config) -> common.FamilyResult:
                         table.fingerprint)
                     best_fn = _tuned(public, only_best)
                 fns = {"default": _untuned(public), "tuned": _tuned(public, table), "best": best_fn}
-                timed = _interleaved(fns, budget, rounds)
+                timed, samples = _interleaved(fns, budget, compare_rounds, seed=len(mine), batch_s=0.003)
+                paired = {"tuned_vs_best": paired_ratio(samples["tuned"], samples["best"]),
+                          "default_vs_tuned": paired_ratio(samples["default"], samples["tuned"])}
                 for method, (med, p20, p80) in timed.items():
                     row = {**meta, "family": FAMILY, "op": s["op"], "method": method,
                            "label": {"default": "default dispatch", "tuned": "accelops tuned dispatch",
@@ -164,7 +203,8 @@ def run(cfg: common.Config) -> common.FamilyResult:
                            "median_us": med, "p20_us": p20, "p80_us": p80, "status": "ok",
                            "winner": e["winner"], "best_candidate": {"backend": best["backend"],
                                                                       "threads": best["threads"]},
-                           "candidates": e["candidates"]}
+                           "candidates": e["candidates"],
+                           **{f"{k}_{q}": v for k, r in paired.items() for q, v in zip(("median", "p20", "p80"), r)}}
                     common.append_row(out_path, row)
                     mine.append(row)
             cost = overhead(0.2)
@@ -184,16 +224,23 @@ def summarize(rows, cost) -> list[str]:
     by = {}
     for r in rows:
         by.setdefault((r["op"], r["M"], r["N"], r["K"]), {})[r["method"]] = r
-    lines = ["| op | M | N x K | table's choice | default | tuned | best | tuned vs best | tuned vs default |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["Times are medians over rounds; the ratios are medians of per-round paired ratios "
+             "(p20-p80 in brackets), the three methods' order shuffled every round.", "",
+             "| op | M | N x K | table's choice | best candidate | default | tuned | best | tuned vs best "
+             "| tuned vs default |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     per_op, worst = {}, 0.0
     for (op, m, n, k), d in by.items():
         de, tu, be = d["default"]["median_us"], d["tuned"]["median_us"], d["best"]["median_us"]
-        w = d["tuned"]["winner"]
-        worst = max(worst, tu / be - 1)
-        per_op.setdefault(op, []).append(de / tu)
-        lines.append(f"| {op} | {m} | {n}x{k} | {w['backend']} x{w['threads']} | {common.fmt_time(de)} | "
-                     f"{common.fmt_time(tu)} | {common.fmt_time(be)} | {tu / be:.3f}x | {de / tu:.2f}x |")
+        t = d["tuned"]
+        w, b = t["winner"], t["best_candidate"]
+        tb = (t["tuned_vs_best_median"], t["tuned_vs_best_p20"], t["tuned_vs_best_p80"])
+        dt = (t["default_vs_tuned_median"], t["default_vs_tuned_p20"], t["default_vs_tuned_p80"])
+        worst = max(worst, tb[0] - 1)
+        per_op.setdefault(op, []).append(dt[0])
+        lines.append(f"| {op} | {m} | {n}x{k} | {w['backend']} x{w['threads']} | {b['backend']} x{b['threads']} | "
+                     f"{common.fmt_time(de)} | {common.fmt_time(tu)} | {common.fmt_time(be)} | "
+                     f"{tb[0]:.3f}x [{tb[1]:.3f}-{tb[2]:.3f}] | {dt[0]:.2f}x [{dt[1]:.2f}-{dt[2]:.2f}] |")
     lines.append("")
     for op, speedups in per_op.items():
         geo = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
