@@ -1,5 +1,6 @@
 """Parallelism strategies of accelops.train.Trainer on 2 gloo ranks (CPU, one thread a rank):
-"ddp", "fsdp", "zero1" and "pipeline" training the same TransformerLM (dim 512, 6 blocks,
+"ddp", "fsdp" (default units; fsdp-submodule: a unit per attention and FFN;
+fsdp-submodule-noprefetch: also no backward prefetch), "zero1" and "pipeline" training the same TransformerLM (dim 512, 6 blocks,
 25.5M parameters; --quick: a tiny one) on the same global batch of 8 x 128 tokens (data
 parallel: 4 a rank; pipeline: 8, in 4 micro-batches, 1F1B), with the same optimizer.
 
@@ -45,7 +46,14 @@ if str(BENCH_DIR) not in sys.path:
 import common  # noqa: E402
 
 FAMILY = "scaleout"
-STRATEGIES = ("ddp", "fsdp", "zero1", "pipeline")
+STRATEGIES = ("ddp", "fsdp", "fsdp-submodule", "fsdp-submodule-noprefetch", "zero1", "pipeline")
+# Bench rows -> Trainer arguments: the fsdp variants are the Trainer's FSDP memory settings
+# (one unit per attention / FFN; no backward prefetch), measured beside the default.
+TRAINER_KW = {
+    "fsdp-submodule": dict(strategy="fsdp", fsdp_units="submodule"),
+    "fsdp-submodule-noprefetch": dict(strategy="fsdp", fsdp_units="submodule", fsdp_backward_prefetch=False),
+}
+FSDP_ROWS = tuple(s for s in STRATEGIES if s.startswith("fsdp"))
 WORLD = 2
 TARGET_FSDP_MEMORY = 0.6
 MODEL = dict(dim=512, n_layers=6, n_heads=8, vocab_size=256, seq_len=128, batch=8, micro=4, warmup=2, steps=5)
@@ -200,7 +208,8 @@ def _worker(rank, port, strategy, spec, optimizer_name, out_dir):
         kw = dict(batch_size=spec["batch"] // WORLD)
         if strategy == "pipeline":
             kw = dict(batch_size=spec["batch"], n_microbatches=spec["micro"], pipeline_schedule="1f1b")
-        trainer = Trainer(model, opt, data, strategy=strategy, max_steps=spec["warmup"], eval_every=None,
+        kw.update(TRAINER_KW.get(strategy, dict(strategy=strategy)))
+        trainer = Trainer(model, opt, data, max_steps=spec["warmup"], eval_every=None,
                           log_every=1000, progress=False, dist_timeout=TIMEOUT_S, **kw)
         counter = _Counter()
         if trainer.ddp is not None:
@@ -287,14 +296,17 @@ def summarize(rows, spec, optimizer_name, wall_s) -> str:
                      f"{_mb(r0['state_bytes'])}, {_mb(r1['state_bytes'])} | "
                      f"{_mb(r0['payload_bytes_per_step'])}, {_mb(r1['payload_bytes_per_step'])} | {ratio} |")
     lines.append("")
-    f0 = [by.get(("fsdp", r), {}).get("peak_rss_delta_bytes") for r in range(WORLD)]
-    if None not in f0 and None not in ddp_peak and f0 and ddp_peak:
-        ratio = max(f0) / max(ddp_peak)
-        lines.append(f"Targets: fsdp peak memory per rank {ratio:.2f}x ddp's (target <= {TARGET_FSDP_MEMORY}x): "
-                     f"{'met' if ratio <= TARGET_FSDP_MEMORY else 'MISSED'}"
-                     f"{' (--quick: a tiny model, where the runtime, not the state, fills memory)' if spec is QUICK else ''}.")
-    else:
-        lines.append("Targets: fsdp peak memory vs ddp: not measured (a run failed or memory is unavailable).")
+    quick_note = " (--quick: a tiny model, where the runtime, not the state, fills memory)" if spec is QUICK else ""
+    for name in FSDP_ROWS:
+        f0 = [by.get((name, r), {}).get("peak_rss_delta_bytes") for r in range(WORLD)]
+        if None not in f0 and None not in ddp_peak and f0 and ddp_peak:
+            ratio = max(f0) / max(ddp_peak)
+            lines.append(f"Targets: {name} peak memory per rank {ratio:.2f}x ddp's (target <= "
+                         f"{TARGET_FSDP_MEMORY}x): {'met' if ratio <= TARGET_FSDP_MEMORY else 'MISSED'}{quick_note}.")
+        else:
+            lines.append(f"Targets: {name} peak memory vs ddp: not measured (a run failed or memory is unavailable).")
+    lines.append("fsdp-submodule: `fsdp_units=\"submodule\"` (a unit per attention and FFN); "
+                 "fsdp-submodule-noprefetch: also `fsdp_backward_prefetch=False`.")
     pp = by.get(("pipeline", 0), {})
     if pp.get("split") is not None:
         lines.append(f"Pipeline split (measured per-block time): stage 1 starts at block {pp['split']}.")
@@ -317,7 +329,8 @@ def run(cfg: common.Config, optimizer_name: str | None = None) -> common.FamilyR
                    f"{spec['n_layers']}, {WORLD} ranks", "accelops": True, "threads": 1, "world_size": WORLD,
                    "optimizer": optimizer_name, "model": {k: spec[k] for k in ("dim", "n_layers", "n_heads",
                                                                                "vocab_size", "seq_len")},
-                   "global_batch": spec["batch"], "timed_steps": spec["steps"], "loadavg_1m": os.getloadavg()[0]}
+                   "global_batch": spec["batch"], "timed_steps": spec["steps"], "loadavg_1m": os.getloadavg()[0],
+                   "trainer_kw": TRAINER_KW.get(strategy, {"strategy": strategy})}
             err = res.pop("error", None)
             row.update(res)
             row["status"] = "ok" if err is None else "failed"

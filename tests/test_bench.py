@@ -125,7 +125,8 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
     # memory (measured and computed) and collective payload recorded.
     scale = [json.loads(line) for line in (tmp_path / "scaleout_quick.jsonl").read_text().splitlines()]
     assert sorted((r["method"], r["rank"]) for r in scale) == sorted(
-        (s, k) for s in ("ddp", "fsdp", "zero1", "pipeline") for k in (0, 1))
+        (s, k) for s in ("ddp", "fsdp", "fsdp-submodule", "fsdp-submodule-noprefetch", "zero1", "pipeline")
+        for k in (0, 1))
     for r in scale:
         assert r["status"] == "ok", r.get("reason")
         assert r["family"] == "scaleout" and r["quick"] is True and r["world_size"] == 2 and r["optimizer"] == "adamw"
@@ -133,6 +134,8 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
         assert r["memory_method"] in ("rss_hwm_delta", "unavailable")
     by = {(r["method"], r["rank"]): r for r in scale}
     assert by[("fsdp", 0)]["param_bytes"] < by[("ddp", 0)]["param_bytes"]          # sharded weights
+    assert by[("fsdp-submodule-noprefetch", 0)]["trainer_kw"] == {"strategy": "fsdp", "fsdp_units": "submodule",
+                                                                  "fsdp_backward_prefetch": False}
     assert by[("zero1", 0)]["optimizer_state_bytes"] < by[("ddp", 0)]["optimizer_state_bytes"]
     assert "Targets:" in (tmp_path / "scaleout_summary_quick.md").read_text()
 

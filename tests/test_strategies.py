@@ -72,6 +72,9 @@ PARITY = {
                                                                                 accumulate_grad_batches=2)),
     "zero1": (dict(strategy="zero1", batch_size=4, accumulate_grad_batches=2), dict(batch_size=8,
                                                                                   accumulate_grad_batches=2)),
+    # FSDP's low-memory settings: a unit per attention and FFN, no backward prefetch
+    "fsdp-submodule": (dict(strategy="fsdp", fsdp_units="submodule", fsdp_backward_prefetch=False, batch_size=4,
+                            accumulate_grad_batches=2), dict(batch_size=8, accumulate_grad_batches=2)),
     "pipeline-gpipe": (dict(strategy="pipeline", pipeline_schedule="gpipe", batch_size=4, accumulate_grad_batches=2,
                             pipeline_split=[1]), dict(batch_size=4, accumulate_grad_batches=2)),
     "pipeline-1f1b": (dict(strategy="pipeline", pipeline_schedule="1f1b", batch_size=8, n_microbatches=2),
@@ -96,6 +99,7 @@ def _main_worker(rank, world, port, out_dir):
             t.fit()
             res[name] = (losses(t), [e["val_loss"] for e in t.evals], full_model_state_dict(t))
             res[name + "-held"] = _held_numbers(t)
+            res[name + "-units"] = getattr(t._strategy, "sharded_units", None)
         t = make_trainer(3, strategy="fsdp", precision="bf16-mixed")
         seen = []
         t.model.blocks[0].attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
@@ -111,6 +115,9 @@ def _main_worker(rank, world, port, out_dir):
         split = t._strategy.split  # chosen from the measured per-block times (rank 0's, broadcast)
         t.fit()
         res["pipeline-gru"] = (losses(t), split, full_model_state_dict(t))
+        t = gru_trainer(3, strategy="fsdp", fsdp_units="submodule", fsdp_backward_prefetch=False, batch_size=4)
+        t.fit()
+        res["fsdp-submodule-gru"] = (losses(t), t._strategy.sharded_units, full_model_state_dict(t))
 
         for name, kw in RESUME.items():
             d = os.path.join(out_dir, name)
@@ -232,7 +239,8 @@ def test_strategy_equals_single_process(results, name):
 
 def test_what_each_rank_holds(results):
     total = tiny_total()
-    for name, part in (("fsdp", "params"), ("zero1", "state"), ("pipeline-1f1b", "params")):
+    for name, part in (("fsdp", "params"), ("fsdp-submodule", "params"), ("zero1", "state"),
+                       ("pipeline-1f1b", "params")):
         held = [results[r][name + "-held"] for r in range(2)]
         params, state = [h[0] for h in held], [h[1] for h in held]
         if part == "params":  # each rank holds a part of the weights (and their SGD momentum)
@@ -240,6 +248,36 @@ def test_what_each_rank_holds(results):
             assert state == params
         else:                 # zero1: every weight on every rank, the momentum split between them
             assert params == [total, total] and sum(state) == total and all(0 < x < total for x in state)
+
+
+def test_fsdp_units(results):
+    from .test_train import tiny_model
+
+    n = len(tiny_model().blocks)
+    assert results[0]["fsdp-units"] == [f"blocks.{i}" for i in range(n)] + [""]
+    # submodule: attention and FFN of each block get their own unit (the norms stay in the
+    # block's), then the block, then the root
+    assert results[0]["fsdp-submodule-units"] == [u for i in range(n) for u in
+                                                  (f"blocks.{i}.attn", f"blocks.{i}.ffn", f"blocks.{i}")] + [""]
+
+
+def test_fsdp_large_children_rule():
+    from accelops.train.strategies import FSDPStrategy
+
+    t_block = TransformerLM(TransformerLMConfig(vocab_size=len(VOCAB), dim=16, n_layers=1, n_heads=2,
+                                                max_len=SEQ)).blocks[0]
+    assert [n for n, _ in FSDPStrategy._large_children(t_block)] == ["attn", "ffn"]
+    # an RNN block: the recurrent cell and the output projection (its norm stays in the block)
+    r_block = RNNLM(RNNLMConfig(vocab_size=len(VOCAB), dim=8, hidden=8, n_layers=1, max_len=SEQ, cell="gru")).blocks[0]
+    assert [n for n, _ in FSDPStrategy._large_children(r_block)] == ["rnn", "out_proj"]
+    # a child holding all of a block's parameters is the block: no unit of its own
+    whole = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(8, 8)), torch.nn.ReLU())
+    assert FSDPStrategy._large_children(whole) == []
+    # a parameter shared between two children keeps the block one unit
+    shared = torch.nn.Module()
+    shared.a, shared.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    shared.b.weight = shared.a.weight
+    assert FSDPStrategy._large_children(shared) == []
 
 
 def tiny_total():
@@ -272,6 +310,16 @@ def test_pipeline_auto_split_of_a_gru_equals_single_process(results):
     single.fit()
     assert got == pytest.approx(losses(single), rel=LOSS_REL)
     _assert_weights_close(weights, {k: v.detach() for k, v in single.model.state_dict().items()})
+
+
+def test_fsdp_submodule_units_of_a_gru_equal_single_process(results):
+    single = gru_trainer(3, batch_size=8)
+    single.fit()
+    l0, units, w0 = results[0]["fsdp-submodule-gru"]
+    assert results[1]["fsdp-submodule-gru"][0] == l0
+    assert units == [u for i in range(3) for u in (f"blocks.{i}.rnn", f"blocks.{i}.out_proj", f"blocks.{i}")] + [""]
+    assert l0 == pytest.approx(losses(single), rel=LOSS_REL)
+    _assert_weights_close(w0, {k: v.detach() for k, v in single.model.state_dict().items()})
 
 
 def test_balance_stages():
@@ -340,6 +388,14 @@ def test_bad_combinations_name_both_options():
         make_trainer(1, strategy="fsdp", pipeline_split=[1])
     with pytest.raises(ValueError, match=r"fsdp_cpu_offload=True applies to strategy='fsdp', not strategy='zero1'"):
         make_trainer(1, strategy="zero1", fsdp_cpu_offload=True)
+    with pytest.raises(ValueError, match=r"fsdp_units='submodule' applies to strategy='fsdp', not strategy='ddp'"):
+        make_trainer(1, fsdp_units="submodule")
+    with pytest.raises(ValueError, match=r"fsdp_backward_prefetch=False applies to strategy='fsdp'"):
+        make_trainer(1, strategy="pipeline", fsdp_backward_prefetch=False)
+    with pytest.raises(ValueError, match=r"fsdp_units must be one of \('block', 'submodule'\), got 'layer'"):
+        make_trainer(1, strategy="fsdp", fsdp_units="layer")
+    with pytest.raises(ValueError, match="fsdp_backward_prefetch must be True or False"):
+        make_trainer(1, strategy="fsdp", fsdp_backward_prefetch="no")
     with pytest.raises(ValueError, match=r"16-mixed.*strategy='fsdp'"):
         make_trainer(1, strategy="fsdp", precision="16-mixed")
     with pytest.raises(ValueError, match=r"loss_fn.*strategy='pipeline'|strategy='pipeline'.*loss_fn"):

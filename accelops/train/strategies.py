@@ -3,7 +3,8 @@
 accelops adds glue and checks around PyTorch's own engines and never a transport of its own:
 
 - "ddp": DistributedDataParallel (the Trainer's original path), one checkpoint file.
-- "fsdp": FSDP2 (`torch.distributed.fsdp.fully_shard`) per model block, then the root;
+- "fsdp": FSDP2 (`torch.distributed.fsdp.fully_shard`) per model block (or, with
+  fsdp_units="submodule", also per large child of a block: attention, FFN), then the root;
   MixedPrecisionPolicy from `precision`; optional CPUOffloadPolicy. Checkpoints are
   torch.distributed.checkpoint directories (each rank writes its own shards, no rank gathers
   the model) that load on another world size.
@@ -43,6 +44,7 @@ log = logging.getLogger("accelops.train")
 
 STRATEGIES = ("ddp", "fsdp", "zero1", "pipeline")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")
+FSDP_UNITS = ("block", "submodule")
 _DIR_NAME = re.compile(r"^step-(\d{8,})\.(dcp|pp)$")
 _MANIFEST = "manifest.json"
 _TRAINER_FILE = "trainer.ckpt"
@@ -57,7 +59,8 @@ def _to_device(batch, device):
 # --------------------------------------------------------------------------- the choice and its checks
 
 def make_strategy(strategy, *, compression=None, precision="32", loss_fn=None, pipeline_schedule="1f1b",
-                  n_microbatches=None, pipeline_split=None, fsdp_cpu_offload=False, loss_weights=None):
+                  n_microbatches=None, pipeline_split=None, fsdp_cpu_offload=False, loss_weights=None,
+                  fsdp_units="block", fsdp_backward_prefetch=True):
     """Validates the strategy and its combination with the other Trainer options -> a Strategy
     (not yet set up: Strategy.setup(trainer) does that once the process group exists)."""
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
@@ -69,13 +72,20 @@ def make_strategy(strategy, *, compression=None, precision="32", loss_fn=None, p
         raise ValueError(f"n_microbatches must be a positive int or None, got {n_microbatches!r}")
     if not isinstance(fsdp_cpu_offload, bool):
         raise ValueError(f"fsdp_cpu_offload must be True or False, got {fsdp_cpu_offload!r}")
+    if not isinstance(fsdp_units, str) or fsdp_units not in FSDP_UNITS:
+        raise ValueError(f"fsdp_units must be one of {FSDP_UNITS}, got {fsdp_units!r}")
+    if not isinstance(fsdp_backward_prefetch, bool):
+        raise ValueError(f"fsdp_backward_prefetch must be True or False, got {fsdp_backward_prefetch!r}")
     if strategy != "pipeline":
         for name, value, default in (("pipeline_split", pipeline_split, None), ("n_microbatches", n_microbatches, None),
                                      ("pipeline_schedule", pipeline_schedule, "1f1b")):
             if value != default:
                 raise ValueError(f"{name}={value!r} applies to strategy='pipeline', not strategy={strategy!r}")
-    if strategy != "fsdp" and fsdp_cpu_offload:
-        raise ValueError(f"fsdp_cpu_offload=True applies to strategy='fsdp', not strategy={strategy!r}")
+    if strategy != "fsdp":
+        for name, value, default in (("fsdp_cpu_offload", fsdp_cpu_offload, False), ("fsdp_units", fsdp_units, "block"),
+                                     ("fsdp_backward_prefetch", fsdp_backward_prefetch, True)):
+            if value != default:
+                raise ValueError(f"{name}={value!r} applies to strategy='fsdp', not strategy={strategy!r}")
     if compression is not None and strategy in ("fsdp", "pipeline"):
         what = ("FSDP reduce-scatters the gradients itself" if strategy == "fsdp"
                 else "the pipeline sends activations between stages, it all-reduces no gradients")
@@ -91,7 +101,7 @@ def make_strategy(strategy, *, compression=None, precision="32", loss_fn=None, p
         raise ValueError(f"loss_weights={loss_weights!r} weighs named losses of a loss_fn / model returning a dict; "
                          "strategy='pipeline' computes the model's single cross-entropy on the last stage")
     if strategy == "fsdp":
-        return FSDPStrategy(precision, fsdp_cpu_offload)
+        return FSDPStrategy(precision, fsdp_cpu_offload, fsdp_units, fsdp_backward_prefetch)
     if strategy == "zero1":
         return Zero1Strategy()
     if strategy == "pipeline":
@@ -385,13 +395,16 @@ class FSDPStrategy(_DirCheckpoints, DDPStrategy):
     owns_eval = True
     kind = "dcp"
 
-    def __init__(self, precision: str, cpu_offload: bool):
+    def __init__(self, precision: str, cpu_offload: bool, units: str = "block", backward_prefetch: bool = True):
         super().__init__()
         self.precision, self.cpu_offload = precision, cpu_offload
+        self.units, self.backward_prefetch = units, backward_prefetch
         self.sharded_blocks = 0
+        self.sharded_units: list[str] = []   # qualified names of the modules fully_shard was applied to
 
     def describe(self) -> dict:
-        return {"name": self.name, "cpu_offload": self.cpu_offload}
+        return {"name": self.name, "cpu_offload": self.cpu_offload, "units": self.units,
+                "backward_prefetch": self.backward_prefetch}
 
     def setup(self, trainer) -> None:
         super().setup(trainer)
@@ -415,17 +428,54 @@ class FSDPStrategy(_DirCheckpoints, DDPStrategy):
                           "host memory, so the offload policy moves nothing", stacklevel=4)
         offload = CPUOffloadPolicy() if self.cpu_offload and trainer.device.type != "cpu" else OffloadPolicy()
         blocks = getattr(model, "blocks", None)
+        units = []
         if isinstance(blocks, torch.nn.ModuleList) and len(blocks) and not self._shares_across(model, blocks):
-            for block in blocks:
+            for i, block in enumerate(blocks):
+                if self.units == "submodule":
+                    for name, child in self._large_children(block):
+                        fully_shard(child, mesh=mesh, mp_policy=mp, offload_policy=offload)
+                        units.append((f"blocks.{i}.{name}", child))
                 fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload)
+                units.append((f"blocks.{i}", block))
             self.sharded_blocks = len(blocks)
         elif isinstance(blocks, torch.nn.ModuleList) and len(blocks):
             warnings.warn("the model's blocks share parameters (accelops.sharing): FSDP shards the model as one "
                           "unit (the whole model is gathered for each forward)", stacklevel=4)
         fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        units.append(("", model))
+        self.sharded_units = [name for name, _ in units]
+        if not self.backward_prefetch:
+            # FSDP2's implicit backward prefetch all-gathers the unit that runs next while
+            # this one computes: one more unit's parameters held at the backward's peak. An
+            # explicit prefetch list replaces the implicit one, and a unit prefetching only
+            # itself (already gathered by then) prefetches nothing.
+            for _, module in units:
+                module.set_modules_to_backward_prefetch([module])
         params = dict(model.named_parameters())
         for group, names in zip(optimizer.param_groups, groups):
             group["params"] = [params[n] for n in names]
+
+    @staticmethod
+    def _large_children(block) -> list:
+        """The direct children of a block that get their own FSDP unit under
+        fsdp_units="submodule": those holding at least 10% of the block's parameters
+        (attention, FFN; an RNN cell), while norms and other small ones stay in the block's
+        unit rather than costing a collective each. A child sharing a parameter with another
+        part of the block keeps the whole block one unit (a parameter has one owner)."""
+        total = sum(p.numel() for p in block.parameters())
+        owners = {}
+        for name, child in block.named_children():
+            for p in child.parameters():
+                owners.setdefault(id(p), set()).add(name)
+        direct = {id(p) for p in block.parameters(recurse=False)}
+        if any(len(o) > 1 or pid in direct for pid, o in owners.items()):
+            return []
+        chosen = [(name, child) for name, child in block.named_children()
+                  if total and sum(p.numel() for p in child.parameters()) >= 0.1 * total]
+        # A child holding all of the block's parameters is the block: nothing to split.
+        if len(chosen) == 1 and sum(p.numel() for p in chosen[0][1].parameters()) == total:
+            return []
+        return chosen
 
     @staticmethod
     def _shares_across(model, blocks) -> bool:

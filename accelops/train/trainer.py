@@ -201,7 +201,11 @@ class Trainer:
         process every strategy trains as a plain single process. pipeline_schedule ("gpipe" |
         "1f1b"), n_microbatches (default accumulate_grad_batches) and pipeline_split (the
         block where each stage after the first starts; default: balanced on measured
-        per-block time) apply to "pipeline"; fsdp_cpu_offload to "fsdp".
+        per-block time) apply to "pipeline"; fsdp_cpu_offload, fsdp_units ("block": one FSDP
+        unit per block; "submodule": also one per large child of a block, e.g. attention and
+        FFN, so fewer parameters are gathered at a time) and fsdp_backward_prefetch (False:
+        no all-gather of the next unit during a unit's backward; less memory, less overlap)
+        to "fsdp".
     dist_timeout: seconds a collective waits for the other ranks before it fails (when this
         trainer initialises the process group; torch's default otherwise).
     early_stopping, loss_weights, mlflow: see accelops/train/callbacks.py and losses.py
@@ -216,7 +220,8 @@ class Trainer:
                  log_every: int = 10, device=None, distributed="auto", ddp_kwargs: dict | None = None,
                  loss_fn=None, progress: bool = True, metadata=None, early_stopping=None, loss_weights=None,
                  mlflow=None, strategy: str = "ddp", pipeline_schedule: str = "1f1b", n_microbatches: int | None = None,
-                 pipeline_split=None, fsdp_cpu_offload: bool = False, dist_timeout: float | None = None):
+                 pipeline_split=None, fsdp_cpu_offload: bool = False, fsdp_units: str = "block",
+                 fsdp_backward_prefetch: bool = True, dist_timeout: float | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -248,7 +253,8 @@ class Trainer:
         self._strategy = make_strategy(strategy, compression=compression, precision=precision, loss_fn=loss_fn,
                                        pipeline_schedule=pipeline_schedule, n_microbatches=n_microbatches,
                                        pipeline_split=pipeline_split, fsdp_cpu_offload=fsdp_cpu_offload,
-                                       loss_weights=loss_weights)
+                                       loss_weights=loss_weights, fsdp_units=fsdp_units,
+                                       fsdp_backward_prefetch=fsdp_backward_prefetch)
         self.strategy = strategy
         if metadata is not None:
             try:  # checkpoints load with weights_only=True: find out now, not at the resume
