@@ -9,8 +9,9 @@ the accelops quantization and epilogue around it) at 1..T threads; and the pure-
 reference at T threads. "aten_int_mm" is only eligible where its result equals the
 kernel's bit for bit on random and extreme inputs of the shape (exactness_failure): on
 x86 without VNNI oneDNN's int8 GEMM may saturate int16 pair sums, and a table must never
-change a result. The C++ kernels' tile sizes are compile-time constants, so threads and
-the GEMM are the CPU configuration there is to choose; on CUDA the native (Triton) kernel
+change a result. The C++ kernel at T threads is also timed with each tile configuration
+of TILE_GRID (columns per parallel task, K per pass; set per call through
+accelops._C.set_cpu_tiles, result unchanged). On CUDA the native (Triton) kernel
 is measured at its built-in block sizes (no GPU has been lent to this project, so no
 block-size search is implemented yet). Timing: candidates are measured in interleaved
 rounds (one batch of calls each per round, so a change of machine load hits them all
@@ -45,6 +46,12 @@ BENCH_SHAPES = [
 ]
 
 
+# Tile configurations (n_block, k_chunk) of the C++ kernels tried at the full thread count
+# (0: the kernel's own choice; see CpuTiles in csrc/cpu/kernels.h): columns per parallel
+# task (load balance across threads, weight rows kept in L2) and K per pass (activation
+# slice kept in L1). Measured on the bench shapes, the kernels' defaults were within 5% of
+# the best of these on most shapes and 10-15% behind on a few large GEMMs.
+TILE_GRID = [(nb, kc) for nb in (16, 32, 64, 128) for kc in (0, 4096)]
 INT_MM_OPS = {"ternary_matmul": "ternary_matmul_int_mm", "int8_linear": "int8_linear_int_mm"}
 
 
@@ -127,20 +134,23 @@ def measure(op: str, shape: dict, max_threads: int | None = None, budget_s: floa
             excluded["aten_int_mm"] = why
             del fns["aten_int_mm"]
     threaded = [b for b in ("native", "aten_int_mm") if b in fns]
-    candidates = [(b, t, fns[b]) for b in threaded for t in range(1, max_threads + 1)]
-    candidates.append(("reference", max_threads, fns["reference"]))
+    candidates = [(b, t, None, fns[b]) for b in threaded for t in range(1, max_threads + 1)]
+    # The kernel's tile sizes at the full thread count (where they decide how the columns
+    # split between threads and how much of K a pass keeps in cache).
+    candidates += [("native", max_threads, tiles, _with_tiles(fns["native"], tiles)) for tiles in TILE_GRID]
+    candidates.append(("reference", max_threads, None, fns["reference"]))
     before = torch.get_num_threads()
     samples = {i: [] for i in range(len(candidates))}
     calls = {}
     try:
-        for i, (_, threads, fn) in enumerate(candidates):   # warm-up, and a batch size per candidate
+        for i, (_, threads, _, fn) in enumerate(candidates):   # warm-up, and a batch size per candidate
             torch.set_num_threads(threads)
             fn()
             one = _time_batch(fn, 1)
             calls[i] = max(1, int(budget_s / rounds / max(one, 1e-7)))
-        fastest_one = min(_time_batch(fn, 1) for b, _, fn in candidates if b != "reference")
+        fastest_one = min(_time_batch(fn, 1) for b, _, _, fn in candidates if b != "reference")
         for _ in range(rounds):
-            for i, (backend, threads, fn) in enumerate(candidates):
+            for i, (backend, threads, _, fn) in enumerate(candidates):
                 if backend == "reference" and samples[i] and samples[i][0] > 3 * fastest_one:
                     continue  # far slower: a few samples say so, more would only cost time
                 torch.set_num_threads(threads)
@@ -148,18 +158,39 @@ def measure(op: str, shape: dict, max_threads: int | None = None, budget_s: floa
     finally:
         torch.set_num_threads(before)
     results = []
-    for i, (backend, threads, _) in enumerate(candidates):
+    for i, (backend, threads, tiles, _) in enumerate(candidates):
         us = [s * 1e6 for s in samples[i]]
-        results.append({"backend": backend, "threads": threads, "median_us": _percentile(us, 0.5),
-                        "p20_us": _percentile(us, 0.2), "p80_us": _percentile(us, 0.8), "samples": len(us)})
-    default = next(r for r in results if r["backend"] == "native" and r["threads"] == max_threads)
+        results.append({"backend": backend, "threads": threads, "tiles": _tiles_json(tiles),
+                        "median_us": _percentile(us, 0.5), "p20_us": _percentile(us, 0.2),
+                        "p80_us": _percentile(us, 0.8), "samples": len(us)})
+    default = next(r for r in results if r["backend"] == "native" and r["threads"] == max_threads
+                   and r["tiles"] is None)
     fastest = min(results, key=lambda r: r["median_us"])
     winner = fastest if fastest["median_us"] < default["median_us"] * (1 - margin) else default
     dims = TUNED_OPS[op]
     return {"op": op, "shape": {d: shape[d] for d in dims}, "max_threads": max_threads,
-            "winner": {"backend": winner["backend"], "threads": winner["threads"]},
+            "winner": {"backend": winner["backend"], "threads": winner["threads"], "tiles": winner["tiles"]},
             "default_us": default["median_us"], "winner_us": winner["median_us"], "candidates": results,
             "excluded": excluded}
+
+
+def _tiles_json(tiles):
+    return None if tiles is None else {"n_block": tiles[0], "k_chunk": tiles[1]}
+
+
+def _with_tiles(fn, tiles):
+    """fn under the C++ kernel's tile sizes (n_block, k_chunk), restored afterwards."""
+    from .ops._backend import extension
+
+    ext = extension()[0]
+
+    def call():
+        previous = ext.set_cpu_tiles(*tiles)
+        try:
+            return fn()
+        finally:
+            ext.set_cpu_tiles(*previous)
+    return call
 
 
 def shapes_from_model(config: dict, m_values=None) -> list[dict]:
@@ -231,10 +262,11 @@ def explain(entries: list[dict]) -> dict:
             table = DispatchTable.from_json({"entries": others}, "loo")
             shape = tuple(held["shape"][d] for d in TUNED_OPS[op])
             choice = table.predict(op, shape)
-            picked = next(c for c in held["candidates"]
-                          if c["backend"] == choice.backend and c["threads"] == choice.threads)
+            key = (choice.backend, choice.threads, _tiles_json(choice.tiles))
+            picked = next(c for c in held["candidates"] if (c["backend"], c["threads"], c.get("tiles")) == key)
             best = min(c["median_us"] for c in held["candidates"])
-            hits += (choice.backend, choice.threads) == (held["winner"]["backend"], held["winner"]["threads"])
+            w = held["winner"]
+            hits += key == (w["backend"], w["threads"], w.get("tiles"))
             slowdowns.append(picked["median_us"] / best - 1.0)
         report[op] = {"model": "nearest measured shape in log2(M, N, K) space", "shapes": len(mine),
                       "loo_winner_agreement": hits / len(slowdowns) if slowdowns else None,
@@ -287,7 +319,8 @@ def run_args(args, out=None) -> int:
         e = measure(shape["op"], shape, args.threads, args.budget)
         entries.append(e)
         w = e["winner"]
-        print(f"{e['op']:<15} {json.dumps(e['shape'])}: {w['backend']} x{w['threads']} "
+        tiles = f" tiles {w['tiles']['n_block']}/{w['tiles']['k_chunk']}" if w.get("tiles") else ""
+        print(f"{e['op']:<15} {json.dumps(e['shape'])}: {w['backend']} x{w['threads']}{tiles} "
               f"{e['winner_us']:.1f} us (default {e['default_us']:.1f} us)", file=out, flush=True)
     path = write_table(entries, args.table)
     print(f"dispatch table for machine {machine_info()['fingerprint']} written to {path}", file=out)

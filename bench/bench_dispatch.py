@@ -188,7 +188,8 @@ def run(cfg: common.Config) -> common.FamilyResult:
                     best_fn = _untuned(_with_threads(_inputs(s["op"], s)["reference"], best["threads"]))
                 else:
                     only_best = DispatchTable.from_json(
-                        {"entries": [{**e, "winner": {"backend": best["backend"], "threads": best["threads"]}}]},
+                        {"entries": [{**e, "winner": {"backend": best["backend"], "threads": best["threads"],
+                                                      "tiles": best.get("tiles")}}]},
                         table.fingerprint)
                     best_fn = _tuned(public, only_best)
                 fns = {"default": _untuned(public), "tuned": _tuned(public, table), "best": best_fn}
@@ -202,7 +203,8 @@ def run(cfg: common.Config) -> common.FamilyResult:
                            "accelops": method == "tuned", "threads": threads, "M": s["M"], "N": s["N"], "K": s["K"],
                            "median_us": med, "p20_us": p20, "p80_us": p80, "status": "ok",
                            "winner": e["winner"], "best_candidate": {"backend": best["backend"],
-                                                                      "threads": best["threads"]},
+                                                                      "threads": best["threads"],
+                                                                      "tiles": best.get("tiles")},
                            "candidates": e["candidates"],
                            **{f"{k}_{q}": v for k, r in paired.items() for q, v in zip(("median", "p20", "p80"), r)}}
                     common.append_row(out_path, row)
@@ -218,6 +220,12 @@ def run(cfg: common.Config) -> common.FamilyResult:
         sections += common.run_header(FAMILY, meta, cfg, threads, time.perf_counter() - t0)
         sections += summarize(mine, cost)
     return common.FamilyResult(FAMILY, "\n".join(sections) + "\n", rows, failures)
+
+
+def _label(choice) -> str:
+    """native x2, or native x2 tiles 32/4096 (n_block / k_chunk, 0 = the kernel's own)."""
+    t = choice.get("tiles")
+    return f"{choice['backend']} x{choice['threads']}" + (f" tiles {t['n_block']}/{t['k_chunk']}" if t else "")
 
 
 def summarize(rows, cost) -> list[str]:
@@ -238,7 +246,7 @@ def summarize(rows, cost) -> list[str]:
         dt = (t["default_vs_tuned_median"], t["default_vs_tuned_p20"], t["default_vs_tuned_p80"])
         worst = max(worst, tb[0] - 1)
         per_op.setdefault(op, []).append(dt[0])
-        lines.append(f"| {op} | {m} | {n}x{k} | {w['backend']} x{w['threads']} | {b['backend']} x{b['threads']} | "
+        lines.append(f"| {op} | {m} | {n}x{k} | {_label(w)} | {_label(b)} | "
                      f"{common.fmt_time(de)} | {common.fmt_time(tu)} | {common.fmt_time(be)} | "
                      f"{tb[0]:.3f}x [{tb[1]:.3f}-{tb[2]:.3f}] | {dt[0]:.2f}x [{dt[1]:.2f}-{dt[2]:.2f}] |")
     lines.append("")

@@ -6,6 +6,7 @@
 
 #include "ops.h"
 #include "cpu/cpu_features.h"
+#include "cpu/kernels.h"
 
 // Importing accelops._C loads this library, which runs the registrations below; the module
 // itself only reports which instruction set the kernels picked on this CPU.
@@ -28,7 +29,34 @@ static PyObject* py_cpu_isas(PyObject*, PyObject*) {
     }
   return out;
 }
+// set_cpu_tiles(n_block, k_chunk) -> the previous (n_block, k_chunk) of this thread; 0 = the
+// kernels' own choice (see CpuTiles in cpu/kernels.h). A plain function, not an op: the tuned
+// dispatch calls it around a kernel call, where a dispatcher round trip would cost more than
+// the lookup itself.
+static PyObject* py_set_cpu_tiles(PyObject*, PyObject* args) {
+  long long n_block = 0, k_chunk = 0;
+  if (!PyArg_ParseTuple(args, "LL", &n_block, &k_chunk)) return nullptr;
+  if (n_block != 0 && (n_block < 4 || n_block > accelops::kMaxNBlock || n_block % 4 != 0)) {
+    PyErr_Format(PyExc_ValueError, "set_cpu_tiles: n_block must be 0 (the kernel's choice) or a multiple of 4 in "
+                 "[4, %lld], got %lld", static_cast<long long>(accelops::kMaxNBlock), n_block);
+    return nullptr;
+  }
+  if (k_chunk != 0 && (k_chunk < 256 || k_chunk % 256 != 0)) {
+    PyErr_Format(PyExc_ValueError, "set_cpu_tiles: k_chunk must be 0 (the kernel's choice) or a positive multiple "
+                 "of 256, got %lld", k_chunk);
+    return nullptr;
+  }
+  accelops::CpuTiles& tiles = accelops::cpu_tiles();
+  PyObject* previous = Py_BuildValue("(LL)", static_cast<long long>(tiles.n_block),
+                                     static_cast<long long>(tiles.k_chunk));
+  tiles.n_block = n_block;
+  tiles.k_chunk = k_chunk;
+  return previous;
+}
 static PyMethodDef accelops_c_methods[] = {
+    {"set_cpu_tiles", py_set_cpu_tiles, METH_VARARGS,
+     "set_cpu_tiles(n_block, k_chunk) -> previous (n_block, k_chunk): tile sizes of the int8/ternary CPU kernels "
+     "for this thread (0 = the kernel's choice)."},
     {"cpu_isa", py_cpu_isa, METH_NOARGS,
      "Instruction set the int8/ternary dot kernels use on this machine (after ACCELOPS_CPU_ISA)."},
     {"cpu_isas", py_cpu_isas, METH_NOARGS, "Instruction-set levels with kernels that this CPU can run, lowest first (ACCELOPS_CPU_ISA values)."},

@@ -153,10 +153,16 @@ def test_tune_measures_writes_merges_and_explains(tmp_path, capsys):
     from accelops.cli import main
     from accelops.tune import explain, measure, write_table
 
+    from accelops.tune import TILE_GRID
+
     e = measure("ternary_matmul", {"M": 1, "N": 32, "K": 64}, max_threads=2, budget_s=0.01, rounds=2)
-    assert e["shape"] == {"M": 1, "N": 32, "K": 64} and len(e["candidates"]) == 5 and e["excluded"] == {}
-    assert {(c["backend"], c["threads"]) for c in e["candidates"]} == {
-        ("native", 1), ("native", 2), ("aten_int_mm", 1), ("aten_int_mm", 2), ("reference", 2)}
+    assert e["shape"] == {"M": 1, "N": 32, "K": 64} and len(e["candidates"]) == 5 + len(TILE_GRID)
+    assert e["excluded"] == {}
+    key = lambda c: (c["backend"], c["threads"], None if c["tiles"] is None else (c["tiles"]["n_block"],  # noqa: E731
+                                                                                    c["tiles"]["k_chunk"]))
+    assert {key(c) for c in e["candidates"]} == {
+        ("native", 1, None), ("native", 2, None), ("aten_int_mm", 1, None), ("aten_int_mm", 2, None),
+        ("reference", 2, None)} | {("native", 2, t) for t in TILE_GRID}
     assert e["winner"]["backend"] in ("native", "aten_int_mm", "reference") and e["default_us"] > 0
     path = tmp_path / "d.json"
     other = {"format": 1, "tables": {"ffffffffffffffff": {"entries": []}}}
@@ -265,6 +271,80 @@ def test_table_choice_of_aten_int_mm_is_dispatched_with_its_threads_and_gradient
     assert torch.equal(got_t, want_t) and torch.equal(got_i, want_i)
     (gt_got,) = torch.autograd.grad(got_t.sum() + got_i.sum(), x)
     assert torch.equal(gt_got, gt_want)
+
+
+# --------------------------------------------------------------------------- kernel tile sizes
+
+def _isas():
+    return ops.ternary.extension()[0].cpu_isas()
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512vnni"])
+@pytest.mark.parametrize("m,n,k", [(1, 37, 300), (2, 64, 1000), (5, 130, 2500), (9, 260, 4096), (33, 70, 777),
+                                   (4, 8, 256)])
+def test_tile_sizes_never_change_a_result(monkeypatch, isa, m, n, k):
+    """Every n_block / k_chunk the tuner may pick (and the extremes) gives the kernel's
+    default result bit for bit, on every ISA path this CPU runs (odd N, K tails, M tails)."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU has no {isa} kernels")
+    monkeypatch.setenv("ACCELOPS_CPU_ISA", isa)
+    ext = ops.ternary.extension()[0]
+    assert ext.cpu_isa() == isa
+    torch.manual_seed(m * 1000 + k)
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    wq, ws = ops.quantize_weight_int8(w)
+    wp, tws = ops.quantize_weight_ternary(w)
+    want_i = torch.ops.accelops.int8_linear(x, wq, ws, None)
+    want_t = torch.ops.accelops.ternary_matmul(x, wp, tws, None)
+    for nb in (0, 4, 16, 32, 64, 128, 256):
+        for kc in (0, 256, 1024, 4096):
+            previous = ext.set_cpu_tiles(nb, kc)
+            try:
+                got_i = torch.ops.accelops.int8_linear(x, wq, ws, None)
+                got_t = torch.ops.accelops.ternary_matmul(x, wp, tws, None)
+            finally:
+                ext.set_cpu_tiles(*previous)
+            assert torch.equal(got_i, want_i), (nb, kc)
+            assert torch.equal(got_t, want_t), (nb, kc)
+
+
+def test_set_cpu_tiles_rejects_bad_sizes_and_returns_the_previous():
+    ext = ops.ternary.extension()[0]
+    assert ext.set_cpu_tiles(0, 0) == (0, 0)
+    assert ext.set_cpu_tiles(32, 4096) == (0, 0)
+    assert ext.set_cpu_tiles(0, 0) == (32, 4096)
+    for nb, kc, what in ((3, 0, "n_block"), (260, 0, "n_block"), (512, 0, "n_block"), (-4, 0, "n_block"),
+                         (0, 100, "k_chunk"), (0, -256, "k_chunk"), (0, 255, "k_chunk")):
+        with pytest.raises(ValueError, match=f"{what} must be 0"):
+            ext.set_cpu_tiles(nb, kc)
+    assert ext.set_cpu_tiles(0, 0) == (0, 0)   # a refused call changed nothing
+    with pytest.raises(TypeError):
+        ext.set_cpu_tiles("32", 0)
+
+
+def test_table_choice_of_tile_sizes_is_used_and_restored(monkeypatch):
+    ext = ops.ternary.extension()[0]
+    torch.manual_seed(0)
+    x = torch.randn(6, 300, requires_grad=True)
+    w = torch.randn(40, 300)
+    wp, ws = ops.quantize_weight_ternary(w)
+    want = ops.ternary_matmul(x, wp, ws)
+    (g_want,) = torch.autograd.grad(want.sum(), x)
+    e = entry("ternary_matmul", 6, 40, 300, "native", 2)
+    e["winner"]["tiles"] = {"n_block": 16, "k_chunk": 256}
+    table = install([e])
+    assert table.lookup("ternary_matmul", (6, 40, 300)).tiles == (16, 256)
+    assert table.lookup("ternary_matmul", (7, 40, 300)).tiles == (16, 256)   # predicted from its neighbour
+    seen = []
+    real = torch.ops.accelops.ternary_matmul
+    monkeypatch.setattr(torch.ops.accelops, "ternary_matmul",
+                        lambda *a: seen.append(ext.set_cpu_tiles(16, 256)) or real(*a), raising=False)
+    got = ops.ternary_matmul(x, wp, ws)
+    assert seen == [(16, 256)]                       # the tiles were set for the call ...
+    assert ext.set_cpu_tiles(0, 0) == (0, 0)         # ... and restored after it
+    assert torch.equal(got, want)
+    (g_got,) = torch.autograd.grad(got.sum(), x)
+    assert torch.equal(g_got, g_want)
 
 
 @pytest.mark.parametrize("op", ["ternary_matmul_int_mm", "int8_linear_int_mm"])

@@ -5,8 +5,9 @@ The table is a JSON file (`$ACCELOPS_DISPATCH_TABLE`, default
 ~/.cache/accelops/dispatch.json) holding one table per machine fingerprint (see
 accelops/_machine.py). Each entry is one measured (op, shape) with the winner among the
 candidates tried (on the CPU: "native", the C++ kernel, and "aten_int_mm", the same op
-with ATen's int8 GEMM for the sums, each at 1..n threads, and "reference"; "native" at
-the current thread count on CUDA). A shape never measured takes the winner of its nearest measured
+with ATen's int8 GEMM for the sums, each at 1..n threads, "native" at n threads with each
+tile configuration (n_block, k_chunk) of accelops.tune.TILE_GRID, and "reference";
+"native" at the current thread count on CUDA). A shape never measured takes the winner of its nearest measured
 neighbour in log2-shape space (same op). A file without a table for this machine is
 ignored with one warning; ACCELOPS_BACKEND still overrides everything; under
 torch.compile the table is not consulted (the compiled graph keeps the default).
@@ -50,6 +51,7 @@ class Choice:
     threads: int | None          # torch threads for the call (None: leave as it is)
     predicted: bool = False      # True when taken from a neighbouring shape
     source: tuple | None = None  # the measured shape it came from
+    tiles: tuple | None = None   # (n_block, k_chunk) of the C++ kernel ("native" only; None: its own)
 
 
 class DispatchTable:
@@ -73,7 +75,9 @@ class DispatchTable:
                 continue
             shape = tuple(int(e["shape"][d]) for d in TUNED_OPS[op])
             w = e["winner"]
-            entries.setdefault(op, {})[shape] = Choice(w["backend"], w.get("threads"), False, shape)
+            tiles = w.get("tiles")
+            tiles = (int(tiles["n_block"]), int(tiles["k_chunk"])) if tiles else None
+            entries.setdefault(op, {})[shape] = Choice(w["backend"], w.get("threads"), False, shape, tiles)
         return cls(entries, fingerprint, path)
 
     def predict(self, op: str, shape: tuple) -> Choice | None:
@@ -91,7 +95,7 @@ class DispatchTable:
             if d < best_d:
                 best, best_d = other, d
         c = measured[best]
-        return Choice(c.backend, c.threads, True, best)
+        return Choice(c.backend, c.threads, True, best, c.tiles)
 
     def lookup(self, op: str, shape: tuple) -> Choice | None:
         key = (op, shape)
@@ -167,8 +171,22 @@ def choice_for(op: str, device: torch.device, shape: tuple) -> Choice | None:
 
 
 def call_with(choice: Choice | None, fn, *args):
-    """fn(*args) under the choice's thread count (never more threads than the caller allows)."""
-    if choice is None or not choice.threads:
+    """fn(*args) under the choice's thread count (never more threads than the caller allows)
+    and, for the C++ kernel, its tile sizes (restored afterwards)."""
+    if choice is None:
+        return fn(*args)
+    if choice.tiles is not None and choice.backend == "native" and args[0].device.type == "cpu":
+        ext = _extension()
+        previous = ext.set_cpu_tiles(*choice.tiles)
+        try:
+            return _with_threads(choice, fn, *args)
+        finally:
+            ext.set_cpu_tiles(*previous)
+    return _with_threads(choice, fn, *args)
+
+
+def _with_threads(choice: Choice, fn, *args):
+    if not choice.threads:
         return fn(*args)
     current = torch.get_num_threads()
     threads = min(choice.threads, current)
@@ -179,3 +197,12 @@ def call_with(choice: Choice | None, fn, *args):
         return fn(*args)
     finally:
         torch.set_num_threads(current)
+
+
+def _extension():
+    from ._backend import extension
+
+    module, why = extension()
+    if module is None:
+        raise RuntimeError(f"accelops: the dispatch table chose tile sizes of the C++ kernel, but {why}")
+    return module

@@ -300,8 +300,9 @@ static inline void int8_tile(Isa isa, const typename Path::X* x, int64_t ldx, co
 template <class Path>
 static void int8_gemm_i32(const typename Path::X* x, int64_t m, int64_t k, const int8_t* w, int64_t n,
                           int32_t* acc, Isa isa, const std::function<void(int64_t, int64_t)>& finish_columns) {
-  constexpr int64_t kChunk = 2048;
-  const int64_t nb = m <= 2 ? 32 : 64;
+  const CpuTiles tiles = cpu_tiles();
+  const int64_t kChunk = tiles.k_chunk ? tiles.k_chunk : 2048;
+  const int64_t nb = tiles.n_block ? tiles.n_block : (m <= 2 ? 32 : 64);
   const int64_t nblocks = (n + nb - 1) / nb;
   at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
     for (int64_t blk = b; blk < e; ++blk) {
@@ -396,12 +397,13 @@ static inline void int8_tile_vnni(bool first, const uint8_t* u, int64_t ldx, con
 static void int8_gemm_vnni(const uint8_t* u, int64_t m, int64_t k, const int8_t* w, int64_t n, int32_t* acc_out,
                            const std::function<void(int64_t, int64_t)>& finish_columns) {
   // GEMV: whole rows, so each weight row is one sequential stream (as in ternary_gemm_i32).
-  const int64_t kChunk = m <= 3 ? std::max<int64_t>(k, 1) : 2048;
-  const int64_t nb = m <= 2 ? 32 : 64;
+  const CpuTiles tiles = cpu_tiles();
+  const int64_t kChunk = tiles.k_chunk ? tiles.k_chunk : (m <= 3 ? std::max<int64_t>(k, 1) : 2048);
+  const int64_t nb = tiles.n_block ? tiles.n_block : (m <= 2 ? 32 : 64);
   const int64_t nblocks = (n + nb - 1) / nb;
   uint32_t* acc = reinterpret_cast<uint32_t*>(acc_out);
   at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
-    uint32_t corr[64];
+    uint32_t corr[kMaxNBlock];
     for (int64_t blk = b; blk < e; ++blk) {
       const int64_t n0 = blk * nb, n1 = std::min(n, n0 + nb);
       for (int64_t mi = 0; mi < m; ++mi) std::fill(acc + mi * n + n0, acc + mi * n + n1, 0u);

@@ -13,6 +13,24 @@ constexpr float kQuantEps = 1e-5f;   // floor on a row's absmax (see reference/i
 constexpr int kTernaryBlockK = 128;  // weights per packed block (see reference/ternary.py)
 constexpr int kTernaryBlockBytes = 32;
 
+// Tile sizes of the int8 and ternary GEMM/GEMV kernels, for the calling thread (the
+// kernels read them before they split the work, so worker threads need no copy). 0 keeps
+// each kernel's own choice. Set by accelops._C.set_cpu_tiles around a call when a tuned
+// dispatch table chose them (accelops tune); the result does not depend on them.
+//   n_block: output columns per parallel task (a multiple of 4 in [4, kMaxNBlock]); the
+//            default is 32 for a GEMV and 64 for a GEMM.
+//   k_chunk: K elements per pass over a column block (a multiple of 256); the default is the
+//            whole row for a GEMV (one sequential stream per weight row) and 2048 for a GEMM.
+constexpr int64_t kMaxNBlock = 256;
+struct CpuTiles {
+  int64_t n_block = 0;
+  int64_t k_chunk = 0;
+};
+inline CpuTiles& cpu_tiles() {
+  thread_local CpuTiles tiles;
+  return tiles;
+}
+
 // Sum of the eight int32 lanes of v.
 __attribute__((target("avx2"))) inline int32_t hsum_epi32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));

@@ -186,8 +186,9 @@ static void ternary_gemm_vnni512(const int8_t* x_q, const int32_t* xsum, int64_t
   });
   // Blocking as in ternary_gemm_i32: a GEMV streams whole rows, a GEMM takes K in chunks of
   // 8 pairs (2048 weights) so a 4-row activation slice stays in L1.
-  const int64_t kChunk = m <= 3 ? std::max<int64_t>(npairs, 1) : 8;
-  const int64_t nb = m <= 3 ? 32 : 64;
+  const CpuTiles tiles = cpu_tiles();
+  const int64_t kChunk = tiles.k_chunk ? tiles.k_chunk / 256 : (m <= 3 ? std::max<int64_t>(npairs, 1) : 8);
+  const int64_t nb = tiles.n_block ? tiles.n_block : (m <= 3 ? 32 : 64);
   const int64_t ntiles = (n + nb - 1) / nb;
   uint32_t* acc = reinterpret_cast<uint32_t*>(acc_out);
   at::parallel_for(0, ntiles, 1, [&](int64_t tb, int64_t te) {
@@ -229,9 +230,10 @@ void ternary_gemm_i32(const int8_t* x_q, const int32_t* xsum, int64_t m, const u
   // a block of weight rows (nb * 512 B) stays in L2. GEMV: no chunking, so each weight row
   // is one long sequential stream for the hardware prefetcher (cold weights, M=1: chunked
   // reads measured about 2x slower than the DRAM stream rate).
-  const int64_t kChunkBlocks = m <= 3 ? std::max<int64_t>(nblocks, 1) : 16;
+  const CpuTiles tiles = cpu_tiles();
+  const int64_t kChunkBlocks = tiles.k_chunk ? tiles.k_chunk / kTernaryBlockK : (m <= 3 ? std::max<int64_t>(nblocks, 1) : 16);
   const int64_t ldx = nblocks * kTernaryBlockK, ldw = nblocks * kTernaryBlockBytes;
-  const int64_t nb = m <= 3 ? 32 : 64;
+  const int64_t nb = tiles.n_block ? tiles.n_block : (m <= 3 ? 32 : 64);
   const int64_t ntiles = (n + nb - 1) / nb;
   at::parallel_for(0, ntiles, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
