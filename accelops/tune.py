@@ -11,9 +11,13 @@ kernel's bit for bit on random and extreme inputs of the shape (exactness_failur
 x86 without VNNI oneDNN's int8 GEMM may saturate int16 pair sums, and a table must never
 change a result. The C++ kernel at T threads is also timed with each tile configuration
 of TILE_GRID (columns per parallel task, K per pass; set per call through
-accelops._C.set_cpu_tiles, result unchanged). On CUDA the native (Triton) kernel
-is measured at its built-in block sizes (no GPU has been lent to this project, so no
-block-size search is implemented yet). Timing: candidates are measured in interleaved
+accelops._C.set_cpu_tiles, result unchanged). On CUDA (`--device cuda`) the candidates
+are the native (Triton) kernel with its built-in configuration and with each of
+accelops.kernels.int8.matmul_config_grid (block sizes, GROUP_M, warps, stages; a
+configuration that fails to launch or changes the result is excluded), and the
+reference; the table's configuration is set around the call with matmul_config. (No GPU
+has been lent to this project: the CUDA search is tested under the Triton interpreter
+only, never timed on a GPU.) Timing: candidates are measured in interleaved
 rounds (one batch of calls each per round, so a change of machine load hits them all
 alike), median and p20/p80 over the batches. The winner is the fastest median, except
 that the default (native at T threads) is kept unless another candidate beats it by
@@ -72,12 +76,12 @@ def _candidate_fns(op: str, x, wq, ws) -> dict:
     return fns
 
 
-def _inputs(op: str, shape: dict, seed: int = 0) -> dict:
+def _inputs(op: str, shape: dict, seed: int = 0, device="cpu") -> dict:
     """backend -> a call on random inputs of this shape (the timed candidates)."""
     g = torch.Generator().manual_seed(seed)
     m, n, k = shape["M"], shape["N"], shape["K"]
-    x = torch.randn(m, k, generator=g)
-    w = torch.randn(n, k, generator=g)
+    x = torch.randn(m, k, generator=g).to(device)
+    w = torch.randn(n, k, generator=g).to(device)
     return _candidate_fns(op, x, *_weights(op, w))
 
 
@@ -108,10 +112,14 @@ def exactness_failure(op: str, shape: dict, backend: str) -> str | None:
     return None
 
 
-def _time_batch(fn, calls: int) -> float:
+def _time_batch(fn, calls: int, sync=None) -> float:
+    if sync:
+        sync()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
+    if sync:
+        sync()   # CUDA launches return before the kernel ran
     return (time.perf_counter() - start) / calls
 
 
@@ -123,55 +131,96 @@ def _percentile(values, q):
 
 
 def measure(op: str, shape: dict, max_threads: int | None = None, budget_s: float = 0.3, rounds: int = 7,
-            margin: float = 0.02) -> dict:
-    """Time every candidate for one op and shape -> the table entry."""
+            margin: float = 0.02, device: str = "cpu") -> dict:
+    """Time every candidate for one op and shape on `device` ("cpu" or "cuda") -> the table entry."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("accelops tune --device cuda: torch sees no CUDA device here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"accelops tune: device must be cpu or cuda, got {device}")
     max_threads = max_threads or torch.get_num_threads()
-    fns = _inputs(op, shape)
+    fns = _inputs(op, shape, device=device)
     excluded = {}
     if "aten_int_mm" in fns:
         why = exactness_failure(op, shape, "aten_int_mm")
         if why:
             excluded["aten_int_mm"] = why
             del fns["aten_int_mm"]
-    threaded = [b for b in ("native", "aten_int_mm") if b in fns]
-    candidates = [(b, t, None, fns[b]) for b in threaded for t in range(1, max_threads + 1)]
-    # The kernel's tile sizes at the full thread count (where they decide how the columns
-    # split between threads and how much of K a pass keeps in cache).
-    candidates += [("native", max_threads, tiles, _with_tiles(fns["native"], tiles)) for tiles in TILE_GRID]
-    candidates.append(("reference", max_threads, None, fns["reference"]))
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    # (backend, threads, tiles, config, fn); the default is the first: native, no tiles or config.
+    if device.type == "cpu":
+        threaded = [b for b in ("native", "aten_int_mm") if b in fns]
+        candidates = [(b, t, None, None, fns[b]) for b in threaded for t in range(1, max_threads + 1)]
+        # The default first: the kernel at the full thread count, its own tiles.
+        candidates.sort(key=lambda c: (c[0] != "native" or c[1] != max_threads))
+        # The kernel's tile sizes at the full thread count (where they decide how the columns
+        # split between threads and how much of K a pass keeps in cache).
+        candidates += [("native", max_threads, tiles, None, _with_tiles(fns["native"], tiles)) for tiles in TILE_GRID]
+        candidates.append(("reference", max_threads, None, None, fns["reference"]))
+    else:
+        candidates = [("native", None, None, None, fns["native"])]
+        candidates += _triton_configs(op, shape, fns["native"], excluded)
+        candidates.append(("reference", None, None, None, fns["reference"]))
     before = torch.get_num_threads()
     samples = {i: [] for i in range(len(candidates))}
     calls = {}
     try:
-        for i, (_, threads, _, fn) in enumerate(candidates):   # warm-up, and a batch size per candidate
-            torch.set_num_threads(threads)
+        for i, (_, threads, _, _, fn) in enumerate(candidates):   # warm-up, and a batch size per candidate
+            torch.set_num_threads(threads or before)
             fn()
-            one = _time_batch(fn, 1)
+            one = _time_batch(fn, 1, sync)
             calls[i] = max(1, int(budget_s / rounds / max(one, 1e-7)))
-        fastest_one = min(_time_batch(fn, 1) for b, _, _, fn in candidates if b != "reference")
+        fastest_one = min(_time_batch(c[4], 1, sync) for c in candidates if c[0] != "reference")
         for _ in range(rounds):
-            for i, (backend, threads, _, fn) in enumerate(candidates):
+            for i, (backend, threads, _, _, fn) in enumerate(candidates):
                 if backend == "reference" and samples[i] and samples[i][0] > 3 * fastest_one:
                     continue  # far slower: a few samples say so, more would only cost time
-                torch.set_num_threads(threads)
-                samples[i].append(_time_batch(fn, calls[i]))
+                torch.set_num_threads(threads or before)
+                samples[i].append(_time_batch(fn, calls[i], sync))
     finally:
         torch.set_num_threads(before)
     results = []
-    for i, (backend, threads, tiles, _) in enumerate(candidates):
+    for i, (backend, threads, tiles, config, _) in enumerate(candidates):
         us = [s * 1e6 for s in samples[i]]
-        results.append({"backend": backend, "threads": threads, "tiles": _tiles_json(tiles),
+        results.append({"backend": backend, "threads": threads, "tiles": _tiles_json(tiles), "config": config,
                         "median_us": _percentile(us, 0.5), "p20_us": _percentile(us, 0.2),
                         "p80_us": _percentile(us, 0.8), "samples": len(us)})
-    default = next(r for r in results if r["backend"] == "native" and r["threads"] == max_threads
-                   and r["tiles"] is None)
+    default = results[0]
     fastest = min(results, key=lambda r: r["median_us"])
     winner = fastest if fastest["median_us"] < default["median_us"] * (1 - margin) else default
     dims = TUNED_OPS[op]
-    return {"op": op, "shape": {d: shape[d] for d in dims}, "max_threads": max_threads,
-            "winner": {"backend": winner["backend"], "threads": winner["threads"], "tiles": winner["tiles"]},
+    return {"op": op, "shape": {d: shape[d] for d in dims}, "max_threads": max_threads, "device": device.type,
+            "winner": {"backend": winner["backend"], "threads": winner["threads"], "tiles": winner["tiles"],
+                       "config": winner["config"]},
             "default_us": default["median_us"], "winner_us": winner["median_us"], "candidates": results,
             "excluded": excluded}
+
+
+def _triton_configs(op: str, shape: dict, native, excluded: dict) -> list:
+    """The Triton GEMM under each configuration of matmul_config_grid for this M, as
+    candidates; a configuration that fails to launch (e.g. too much shared memory on this
+    GPU) or changes the result is excluded, with the reason."""
+    from .kernels.int8 import matmul_config, matmul_config_grid
+    from .ops._tuning import TRITON_GEMM
+
+    kind = TRITON_GEMM[op]
+    want = native()
+    out = []
+    for cfg in matmul_config_grid(kind, shape["M"]):
+        def call(cfg=cfg):
+            with matmul_config(kind, cfg):
+                return native()
+        label = json.dumps(cfg, sort_keys=True)
+        try:
+            got = call()
+        except Exception as exc:  # noqa: BLE001 - a configuration this GPU cannot run
+            excluded[label] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+            continue
+        if not torch.equal(got, want):
+            excluded[label] = "differs from the built-in configuration's result"
+            continue
+        out.append(("native", None, None, cfg, call))
+    return out
 
 
 def _tiles_json(tiles):
@@ -262,11 +311,14 @@ def explain(entries: list[dict]) -> dict:
             table = DispatchTable.from_json({"entries": others}, "loo")
             shape = tuple(held["shape"][d] for d in TUNED_OPS[op])
             choice = table.predict(op, shape)
-            key = (choice.backend, choice.threads, _tiles_json(choice.tiles))
-            picked = next(c for c in held["candidates"] if (c["backend"], c["threads"], c.get("tiles")) == key)
+            key = (choice.backend, choice.threads, _tiles_json(choice.tiles),
+                   dict(choice.config[1]) if choice.config else None)
+
+            def key_of(c):
+                return c["backend"], c["threads"], c.get("tiles"), c.get("config")
+            picked = next(c for c in held["candidates"] if key_of(c) == key)
             best = min(c["median_us"] for c in held["candidates"])
-            w = held["winner"]
-            hits += key == (w["backend"], w["threads"], w.get("tiles"))
+            hits += key == key_of(held["winner"])
             slowdowns.append(picked["median_us"] / best - 1.0)
         report[op] = {"model": "nearest measured shape in log2(M, N, K) space", "shapes": len(mine),
                       "loo_winner_agreement": hits / len(slowdowns) if slowdowns else None,
@@ -285,6 +337,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--m", default=None, help="with --model: row counts M to tune (default: 1 and batch x seq)")
     parser.add_argument("--threads", type=int, default=None, help="largest thread count tried (default: torch's)")
     parser.add_argument("--budget", type=float, default=0.3, help="seconds of timing per candidate (default 0.3)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where to tune: cpu (threads, tiles, ATen's GEMM) or cuda (the Triton GEMM's "
+                             "block sizes, warps and stages); default cpu")
     parser.add_argument("--table", default=None, help=f"table file (default ${_tuning.ENV_TABLE} or "
                                                       f"~/.cache/accelops/dispatch.json)")
     parser.add_argument("--explain", action="store_true",
@@ -316,10 +371,11 @@ def run_args(args, out=None) -> int:
     for shape in shapes:
         if shape.get("op") not in TUNED_OPS:
             raise SystemExit(f"accelops tune: op must be one of {', '.join(TUNED_OPS)}, got {shape.get('op')!r}")
-        e = measure(shape["op"], shape, args.threads, args.budget)
+        e = measure(shape["op"], shape, args.threads, args.budget, device=args.device)
         entries.append(e)
         w = e["winner"]
         tiles = f" tiles {w['tiles']['n_block']}/{w['tiles']['k_chunk']}" if w.get("tiles") else ""
+        tiles += f" config {json.dumps(w['config'], sort_keys=True)}" if w.get("config") else ""
         print(f"{e['op']:<15} {json.dumps(e['shape'])}: {w['backend']} x{w['threads']}{tiles} "
               f"{e['winner_us']:.1f} us (default {e['default_us']:.1f} us)", file=out, flush=True)
     path = write_table(entries, args.table)

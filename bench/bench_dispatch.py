@@ -189,7 +189,8 @@ def run(cfg: common.Config) -> common.FamilyResult:
                 else:
                     only_best = DispatchTable.from_json(
                         {"entries": [{**e, "winner": {"backend": best["backend"], "threads": best["threads"],
-                                                      "tiles": best.get("tiles")}}]},
+                                                      "tiles": best.get("tiles"),
+                                                      "config": best.get("config")}}]},
                         table.fingerprint)
                     best_fn = _tuned(public, only_best)
                 fns = {"default": _untuned(public), "tuned": _tuned(public, table), "best": best_fn}

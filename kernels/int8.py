@@ -18,8 +18,11 @@ Bit-exactness with the reference rests on three choices made in the kernels:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import os
+import threading
 
 import torch
 import triton
@@ -215,6 +218,80 @@ def _matmul_config(m: int, n: int, k: int, interpret: bool) -> dict:
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
+# --------------------------------------------------------------------------- tuned configs
+#
+# `accelops tune --device cuda` times the GEMM kernels with each configuration of
+# matmul_config_grid() and the dispatch table sets the winner around one call with
+# matmul_config(): a per-thread override of _matmul_config read by the launcher (the
+# result does not depend on it: integer sums, the same epilogue).
+
+_tuned = threading.local()
+# key -> allowed values, per kernel (tl.dot wants tile dims >= 16; the int8 MMA k is 32)
+CONFIG_KEYS = {
+    "int8": {"BLOCK_M": {16, 32, 64, 128, 256}, "BLOCK_N": {16, 32, 64, 128, 256},
+             "BLOCK_K": {32, 64, 128, 256, 512, 1024}, "GROUP_M": {1, 2, 4, 8, 16},
+             "num_warps": {1, 2, 4, 8, 16}, "num_stages": {1, 2, 3, 4, 5, 6}},
+    "ternary": {"BLOCK_M": {16, 32, 64, 128, 256}, "BLOCK_N": {16, 32, 64, 128, 256},
+                "BLOCKS_PER_STEP": {1, 2, 4, 8, 16}, "GROUP_M": {1, 2, 4, 8, 16},
+                "num_warps": {1, 2, 4, 8, 16}, "num_stages": {1, 2, 3, 4, 5, 6}},
+}
+
+
+def check_matmul_config(kind: str, cfg: dict) -> dict:
+    """cfg with every key of CONFIG_KEYS[kind] at an allowed value, else ValueError."""
+    keys = CONFIG_KEYS[kind]
+    if not isinstance(cfg, dict) or set(cfg) != set(keys):
+        raise ValueError(f"a {kind} GEMM config must have exactly the keys {sorted(keys)}, got "
+                         f"{sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__}")
+    for key, allowed in keys.items():
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+            raise ValueError(f"{kind} GEMM config: {key} must be one of {sorted(allowed)}, got {value!r}")
+    return dict(cfg)
+
+
+@contextlib.contextmanager
+def matmul_config(kind: str, cfg: dict | None):
+    """Within the block, the `kind` ("int8" | "ternary") GEMM launches of this thread use cfg
+    (None: the built-in choice)."""
+    cfg = None if cfg is None else check_matmul_config(kind, cfg)
+    previous = getattr(_tuned, kind, None)
+    setattr(_tuned, kind, cfg)
+    try:
+        yield
+    finally:
+        setattr(_tuned, kind, previous)
+
+
+def tuned_config(kind: str) -> dict | None:
+    return getattr(_tuned, kind, None)
+
+
+def matmul_config_grid(kind: str, m: int) -> list[dict]:
+    """GPU configurations `accelops tune` tries for a GEMM with M rows, around the built-in
+    choice of each M class: decode (M <= 16; weight-bandwidth bound: N tile, K per step,
+    pipeline depth), mid (M <= 64) and large M (tile shape, warps)."""
+    k_key, k_values = (("BLOCK_K", {"small": (128, 256, 512), "mid": (64, 128), "large": (64, 128)})
+                       if kind == "int8" else
+                       ("BLOCKS_PER_STEP", {"small": (1, 2, 4), "mid": (1, 2), "large": (1, 2)}))
+    if m <= 16:
+        space = dict(BLOCK_M=(16,), BLOCK_N=(32, 64, 128), K=k_values["small"], GROUP_M=(1,), num_warps=(4,),
+                     num_stages=(3, 4))
+    elif m <= 64:
+        space = dict(BLOCK_M=(32, 64), BLOCK_N=(64, 128), K=k_values["mid"], GROUP_M=(8,), num_warps=(4,),
+                     num_stages=(3, 4))
+    else:
+        space = dict(BLOCK_M=(64, 128), BLOCK_N=(128, 256), K=k_values["large"], GROUP_M=(8,), num_warps=(4, 8),
+                     num_stages=(3,))
+    names = list(space)
+    grid = []
+    for values in itertools.product(*space.values()):
+        cfg = dict(zip(names, values))
+        cfg[k_key] = cfg.pop("K")
+        grid.append(check_matmul_config(kind, cfg))
+    return grid
+
+
 def _matmul_grid(m: int, n: int, cfg: dict):
     return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
 
@@ -270,7 +347,7 @@ def quantize_weight_int8(w: torch.Tensor):
 def _launch_matmul(x_q2, x_scale1, w_q, w_scale1, bias, y2):
     m, k = x_q2.shape
     n = w_q.shape[0]
-    cfg = _matmul_config(m, n, k, _interpreting())
+    cfg = tuned_config("int8") or _matmul_config(m, n, k, _interpreting())
     has_bias = bias is not None
     _int8_matmul_kernel[_matmul_grid(m, n, cfg)](
         x_q2, w_q, x_scale1, w_scale1, bias.contiguous() if has_bias else w_scale1, y2, m, n, k,

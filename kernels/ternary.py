@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..reference.ternary import BLOCK_BYTES, BLOCK_K, EPS, packed_cols, ternary_scale
+from .int8 import tuned_config
 from .int8 import (_dequant_store, _interpreting, _matmul_grid, _on_device_of, _pow2, _quantize_rows,
                    _RNE_MAGIC, _tile_ids)
 
@@ -224,7 +225,7 @@ def ternary_matmul(x, w_packed, w_scale, bias=None):
         # the reference's formula.
         x_q, x_scale = _quantize_rows(x.reshape(m, k))
         nblocks = w_packed.shape[1] // BLOCK_BYTES
-        cfg = _matmul_config(m, n, nblocks, _interpreting())
+        cfg = tuned_config("ternary") or _matmul_config(m, n, nblocks, _interpreting())
         w_scale1 = w_scale.reshape(-1)
         has_bias = bias is not None
         _ternary_matmul_kernel[_matmul_grid(m, n, cfg)](

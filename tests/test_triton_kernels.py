@@ -409,3 +409,109 @@ def test_kernels_compile_for_gpus(tmp_path):
     for name in ("quantize_rows", "quantize_pack"):
         assert info[name]["div_rn"] and not info[name]["div_approx"], f"{name} must divide with IEEE rounding"
     assert not info["quantize_rows"]["fma"], "an FMA in the quantizer would round once where the reference rounds twice"
+
+
+# --------------------------------------------------------------------------- tuned GEMM configs
+# `accelops tune --device cuda` times the GEMMs under each configuration of
+# matmul_config_grid; the table sets the winner with matmul_config. No configuration may
+# change a result (the interpreter runs the block sizes; warps and stages are GPU-only).
+
+def _distinct_tiles(kind, m):
+    k_key = "BLOCK_K" if kind == "int8" else "BLOCKS_PER_STEP"
+    seen = {}
+    for cfg in K8.matmul_config_grid(kind, m):
+        seen.setdefault((cfg["BLOCK_M"], cfg["BLOCK_N"], cfg[k_key]), cfg)
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("kind", ["int8", "ternary"])
+@pytest.mark.parametrize("m", [1, 40, 130])
+def test_every_tuned_gemm_config_gives_the_same_bits(kind, m):
+    torch.manual_seed(m)
+    n, k = 70, 300
+    x, w = torch.randn(m, k, device=DEVICE), torch.randn(n, k, device=DEVICE)
+    bias = torch.randn(n, device=DEVICE)
+    if kind == "int8":
+        wq, ws = K8.quantize_weight_int8(w)
+        run = lambda: K8.int8_linear(x, wq, ws, bias)  # noqa: E731
+    else:
+        wp, ws = KT.quantize_weight_ternary(w)
+        run = lambda: KT.ternary_matmul(x, wp, ws, bias)  # noqa: E731
+    want = run()
+    configs = _distinct_tiles(kind, m)
+    assert len(configs) >= 4
+    for cfg in configs:
+        with K8.matmul_config(kind, cfg):
+            assert K8.tuned_config(kind) == cfg
+            got = run()
+        assert K8.tuned_config(kind) is None          # restored
+        assert torch.equal(got, want), cfg
+
+
+def test_tuned_gemm_config_is_the_one_launched(spies):
+    torch.manual_seed(0)
+    x, w = torch.randn(20, 64, device=DEVICE), torch.randn(100, 64, device=DEVICE)
+    wq, ws = K8.quantize_weight_int8(w)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=3)
+    with K8.matmul_config("int8", cfg):
+        K8.int8_linear(x, wq, ws)
+    assert spies["_int8_matmul_kernel"].grids[-1] == (triton.cdiv(20, 16) * triton.cdiv(100, 32),)
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4), "exactly the keys"),
+    (dict(BLOCK_M=8, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=3), "BLOCK_M must be one of"),
+    (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=3), "BLOCK_K must be one of"),
+    (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=3, num_stages=3), "num_warps must be one of"),
+    (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=True), "num_stages must be"),
+    ("fast", "exactly the keys"),
+])
+def test_bad_gemm_configs_are_refused(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        with K8.matmul_config("int8", cfg):
+            pass
+    assert K8.tuned_config("int8") is None
+
+
+def test_dispatch_sets_a_tables_gemm_config_only_for_cuda_tensors():
+    from accelops.ops import _tuning
+
+    cfg = K8.matmul_config_grid("int8", 1)[0]
+    choice = _tuning.Choice("native", None, config=("int8", tuple(sorted(cfg.items()))))
+
+    class CudaLike:   # the device check is all call_with reads of the tensor
+        device = torch.device("cuda")
+
+    seen = []
+    _tuning.call_with(choice, lambda *a: seen.append(K8.tuned_config("int8")), CudaLike())
+    _tuning.call_with(choice, lambda *a: seen.append(K8.tuned_config("int8")), torch.zeros(1))
+    assert seen == [cfg, None] and K8.tuned_config("int8") is None
+    table = _tuning.DispatchTable.from_json({"entries": [{"op": "int8_linear", "shape": {"M": 1, "N": 8, "K": 8},
+                                                          "winner": {"backend": "native", "threads": None,
+                                                                     "config": cfg}}]}, "fp")
+    assert table.lookup("int8_linear", (1, 8, 8)).config == choice.config
+    assert table.lookup("int8_linear", (2, 8, 8)).config == choice.config   # predicted
+
+
+def test_tune_triton_candidates_exclude_failing_configs():
+    from accelops.tune import _triton_configs, measure
+
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 64, device=DEVICE), torch.randn(24, 64, device=DEVICE)
+    wq, ws = K8.quantize_weight_int8(w)
+
+    def native():
+        cfg = K8.tuned_config("int8")
+        if cfg is not None and cfg["BLOCK_N"] == 32:
+            raise RuntimeError("out of resources: shared memory")
+        return K8.int8_linear(x, wq, ws)
+
+    excluded = {}
+    got = _triton_configs("int8_linear", {"M": 1, "N": 24, "K": 64}, native, excluded)
+    grid = K8.matmul_config_grid("int8", 1)
+    assert [c[3] for c in got] == [c for c in grid if c["BLOCK_N"] != 32]
+    assert len(excluded) == sum(c["BLOCK_N"] == 32 for c in grid)
+    assert all("out of resources" in why for why in excluded.values())
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            measure("int8_linear", {"M": 1, "N": 8, "K": 8}, device="cuda")

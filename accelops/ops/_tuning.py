@@ -7,7 +7,8 @@ accelops/_machine.py). Each entry is one measured (op, shape) with the winner am
 candidates tried (on the CPU: "native", the C++ kernel, and "aten_int_mm", the same op
 with ATen's int8 GEMM for the sums, each at 1..n threads, "native" at n threads with each
 tile configuration (n_block, k_chunk) of accelops.tune.TILE_GRID, and "reference";
-"native" at the current thread count on CUDA). A shape never measured takes the winner of its nearest measured
+on CUDA "native", the Triton kernel, with its built-in configuration and with each of
+accelops.kernels.int8.matmul_config_grid, and "reference"). A shape never measured takes the winner of its nearest measured
 neighbour in log2-shape space (same op). A file without a table for this machine is
 ignored with one warning; ACCELOPS_BACKEND still overrides everything; under
 torch.compile the table is not consulted (the compiled graph keeps the default).
@@ -36,6 +37,9 @@ TUNED_OPS = {
     "ternary_matmul": ("M", "N", "K"),
     "int8_linear": ("M", "N", "K"),
 }
+# The Triton GEMM whose configuration (block sizes, warps, stages) a CUDA entry may set
+# (accelops.kernels.int8.matmul_config).
+TRITON_GEMM = {"ternary_matmul": "ternary", "int8_linear": "int8"}
 
 
 def default_path() -> Path:
@@ -52,6 +56,7 @@ class Choice:
     predicted: bool = False      # True when taken from a neighbouring shape
     source: tuple | None = None  # the measured shape it came from
     tiles: tuple | None = None   # (n_block, k_chunk) of the C++ kernel ("native" only; None: its own)
+    config: tuple | None = None  # (kind, sorted (key, value) pairs) of the Triton GEMM on CUDA
 
 
 class DispatchTable:
@@ -77,7 +82,9 @@ class DispatchTable:
             w = e["winner"]
             tiles = w.get("tiles")
             tiles = (int(tiles["n_block"]), int(tiles["k_chunk"])) if tiles else None
-            entries.setdefault(op, {})[shape] = Choice(w["backend"], w.get("threads"), False, shape, tiles)
+            config = w.get("config")
+            config = (TRITON_GEMM[op], tuple(sorted((k, int(v)) for k, v in config.items()))) if config else None
+            entries.setdefault(op, {})[shape] = Choice(w["backend"], w.get("threads"), False, shape, tiles, config)
         return cls(entries, fingerprint, path)
 
     def predict(self, op: str, shape: tuple) -> Choice | None:
@@ -95,7 +102,7 @@ class DispatchTable:
             if d < best_d:
                 best, best_d = other, d
         c = measured[best]
-        return Choice(c.backend, c.threads, True, best, c.tiles)
+        return Choice(c.backend, c.threads, True, best, c.tiles, c.config)
 
     def lookup(self, op: str, shape: tuple) -> Choice | None:
         key = (op, shape)
@@ -175,6 +182,13 @@ def call_with(choice: Choice | None, fn, *args):
     and, for the C++ kernel, its tile sizes (restored afterwards)."""
     if choice is None:
         return fn(*args)
+    if choice.config is not None and choice.backend == "native" and args[0].device.type == "cuda":
+        # The Triton GEMM's measured configuration, for this thread's launches in the call.
+        from ..kernels.int8 import matmul_config
+
+        kind, items = choice.config
+        with matmul_config(kind, dict(items)):
+            return fn(*args)
     if choice.tiles is not None and choice.backend == "native" and args[0].device.type == "cpu":
         ext = _extension()
         previous = ext.set_cpu_tiles(*choice.tiles)
