@@ -20,7 +20,9 @@ The estimate is a sum of components, each from something exact or measured:
 - a backward working set (the gradients of one block's activations, or of the logits);
 - communication buffers: DDP's buckets (a second copy of the gradients); FSDP's gathered
   block, one prefetched block, the unsharded gradients of one block and the reduce-scatter
-  output; the pipeline's send/receive buffers;
+  output (fsdp_submodule, the Trainer's fsdp_units="submodule" without backward prefetch:
+  the largest unit of a block instead of the block, and no prefetched one); the
+  pipeline's send/receive buffers;
 - an optimizer-step temporary (torch AdamW on CPU runs its for-loop implementation: about
   two temporaries of the largest parameter);
 - a fixed runtime overhead per device type (RSS above live tensors: gloo, the allocator,
@@ -50,11 +52,15 @@ import torch
 __all__ = ["plan", "Plan", "StrategyEstimate", "Recommendation", "ModelProfile", "profile_model",
            "parse_memory", "STRATEGIES", "OPTIMIZERS", "RUNTIME_OVERHEAD", "add_arguments", "run_args"]
 
-STRATEGIES = ("ddp", "zero1", "fsdp", "fsdp_offload", "pipeline")
+STRATEGIES = ("ddp", "zero1", "fsdp", "fsdp_submodule", "fsdp_offload", "pipeline")
 # Preference when several fit: ddp is the fastest (one all-reduce, overlapped), zero1 costs one
-# parameter broadcast more, fsdp gathers every block twice a step, the pipeline idles in
-# its bubble, offload moves everything over PCIe.
-PREFERENCE = ("ddp", "zero1", "fsdp", "pipeline", "fsdp_offload")
+# parameter broadcast more, fsdp gathers every block twice a step, fsdp_submodule makes
+# twice the collectives without prefetch overlap, the pipeline idles in its bubble, offload
+# moves everything over PCIe.
+PREFERENCE = ("ddp", "zero1", "fsdp", "fsdp_submodule", "pipeline", "fsdp_offload")
+# What each planner strategy is in the Trainer (the ones that are not just strategy=...).
+TRAINER_SETTINGS = {"fsdp_submodule": "strategy='fsdp', fsdp_units='submodule', fsdp_backward_prefetch=False",
+                    "fsdp_offload": "strategy='fsdp', fsdp_cpu_offload=True"}
 OPTIMIZERS = ("adamw", "adamw8bit")
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 MiB = 2**20
@@ -107,6 +113,7 @@ class ModelProfile:
     act_block_const: float          # ... that do not scale with tokens (fake-quantized weights)
     act_rest_per_token: float       # embeddings, final norm, head, loss
     act_rest_const: float
+    unit_params: int = 0            # numel of a block's largest FSDP unit under fsdp_units="submodule"
 
     @property
     def param_bytes(self) -> int:   # fp32 trainable parameters
@@ -169,6 +176,19 @@ def _config_of(model_or_config, vocab_size=None, seq_len=None):
     with torch.device("meta"):  # the trainer's own loader; meta: no memory, no initialisation
         model = build_model(model_cfg, vocab_size, seq_len or file_seq or model_cfg.get("max_len", 256))
     return model.config, file_seq
+
+
+def _largest_submodule_unit(block) -> int:
+    """Trainable numel of the largest FSDP unit of a block under fsdp_units="submodule": each
+    large child (the Trainer's rule) and the rest of the block."""
+    from .train.strategies import FSDPStrategy
+
+    children = FSDPStrategy._large_children(block)
+    total = sum(_tensors_numel(block))
+    if not children:
+        return total
+    sizes = [sum(_tensors_numel(child)) for _, child in children]
+    return max(sizes + [total - sum(sizes)])
 
 
 def _tensors_numel(module) -> list:
@@ -250,7 +270,8 @@ def profile_model(config) -> ModelProfile:
         block_params=_tensors_numel(block), first_params=first, last_params=last,
         block_frozen_bytes=_buffer_bytes(block), other_frozen_bytes=other_frozen,
         act_block_per_token=(per_block[2] - per_block[1]) / t, act_block_const=2 * per_block[1] - per_block[2],
-        act_rest_per_token=(rest[2] - rest[1]) / t, act_rest_const=2 * rest[1] - rest[2])
+        act_rest_per_token=(rest[2] - rest[1]) / t, act_rest_const=2 * rest[1] - rest[2],
+        unit_params=_largest_submodule_unit(block))
     _PROFILES[key] = prof
     return prof
 
@@ -406,12 +427,18 @@ def estimate(prof: ModelProfile, strategy: str, devices: int, micro_batch: int, 
             opt = max(optimizer_state_bytes(part, optimizer) for part in _zero_partition(all_numels, n))
             largest = 4 * max(max(part) for part in _zero_partition(all_numels, n) if part)
             step_tmp = 2 * largest if optimizer == "adamw" else largest
-    else:  # fsdp, fsdp_offload: every block sharded, then the root (embeddings, norm, head)
+    else:  # fsdp, fsdp_submodule, fsdp_offload: every block sharded, then the root (embeddings, norm, head)
         shard = -(-p_bytes // n)
-        block = prof.block_bytes()
-        # the gathered block + the one prefetched, the block's unsharded gradients before
-        # reduce-scatter and its output shard
-        comm = 2 * block + 4 * sum(prof.block_params) + -(-4 * sum(prof.block_params) // n)
+        if strategy == "fsdp_submodule":
+            # one unit (the largest of a block) gathered, none prefetched, its unsharded
+            # gradients and their shard; the block's buffers counted whole
+            unit = 4 * prof.unit_params
+            comm = unit + prof.block_frozen_bytes + unit + -(-unit // n)
+        else:
+            block = prof.block_bytes()
+            # the gathered block + the one prefetched, the block's unsharded gradients before
+            # reduce-scatter and its output shard
+            comm = 2 * block + 4 * sum(prof.block_params) + -(-4 * sum(prof.block_params) // n)
         comm += 4 * (sum(prof.first_params) + sum(prof.last_params))  # the root stays gathered
         params, grads = shard + prof.frozen_bytes, shard
         opt = optimizer_state_bytes(all_numels, optimizer, shards=n)
@@ -424,6 +451,8 @@ def estimate(prof: ModelProfile, strategy: str, devices: int, micro_batch: int, 
                 host = params + grads + opt
                 params = grads = opt = step_tmp = 0
                 note = f"host memory per device: {host / 2**30:.2f} GiB"
+        if strategy == "fsdp_submodule":
+            note = "Trainer: fsdp_units='submodule', fsdp_backward_prefetch=False"
     grads_live = grads if acc else 0
     backward = acts + working + grads_live
     step = grads + step_tmp
@@ -481,7 +510,8 @@ def _recommend(prof, strategies, devices, usable, seq_len, optimizer, global_bat
                                   f"{', '.join(why) + '; ' if why else ''}{s} "
                                   f"{'is the fastest strategy and ' if first and not why else ''}fits with "
                                   f"micro-batch {best.micro_batch} x accumulation {best.accumulation} a device: "
-                                  f"{best.total / 2**30:.2f} GiB of {usable / 2**30:.2f} GiB usable")
+                                  f"{best.total / 2**30:.2f} GiB of {usable / 2**30:.2f} GiB usable"
+                                  + (f" (Trainer: {TRAINER_SETTINGS[s]})" if s in TRAINER_SETTINGS else ""))
         why.append(f"{s} does not fit even with micro-batch 1")
     return Recommendation(None, None, None, global_batch,
                           "; ".join(why) + ": nothing fits; more devices, a quantized model, adamw8bit or shorter "

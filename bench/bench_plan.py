@@ -31,6 +31,9 @@ TOLERANCE = 0.15
 QUANT_RUNS = [("bitlinear", "ddp", "adamw"), ("bitlinear", "fsdp", "adamw"),
               ("qat-int8", "ddp", "adamw"), ("qat-int8", "fsdp", "adamw")]
 QUICK_RUNS = [(None, "ddp", "adamw"), ("bitlinear", "fsdp", "adamw")]
+# bench_scaleout's rows -> the planner's strategy names
+SCALEOUT_TO_PLANNER = {"fsdp-submodule-noprefetch": "fsdp_submodule"}
+PLANNER_STRATEGIES = ("ddp", "zero1", "fsdp", "fsdp_submodule", "pipeline")
 
 
 def estimates(spec: dict, strategy: str, optimizer: str, quant) -> list[int]:
@@ -63,7 +66,10 @@ def measured_scaleout_rows(path: Path, spec: dict) -> dict:
                 or r.get("malloc_mmap_threshold") != bench_scaleout.MMAP_THRESHOLD
                 or any(r.get("model", {}).get(k) != spec[k] for k in keys) or r.get("global_batch") != spec["batch"]):
             continue
-        key = (r["method"], r.get("optimizer", "adamw"), r.get("quant"))
+        strategy = SCALEOUT_TO_PLANNER.get(r["method"], r["method"])
+        if strategy not in PLANNER_STRATEGIES:
+            continue   # a bench variant the planner has no strategy for (fsdp-submodule with prefetch)
+        key = (strategy, r.get("optimizer", "adamw"), r.get("quant"))
         out.setdefault(key, {})[r["rank"]] = (r["peak_rss_delta_bytes"], r.get("run_id"))
     return {k: {rank: v[0] for rank, v in ranks.items()} for k, ranks in out.items()}
 
@@ -112,7 +118,7 @@ def summarize(rows, spec, wall_s) -> str:
     by = {}
     for r in rows:
         by.setdefault((r["quant"], r["optimizer"], r["method"]), []).append(r)
-    order = {s: i for i, s in enumerate(bench_scaleout.STRATEGIES)}
+    order = {s: i for i, s in enumerate(PLANNER_STRATEGIES)}
     for (q, opt, s), rs in sorted(by.items(), key=lambda kv: (str(kv[0][0]), kv[0][1], order.get(kv[0][2], 9))):
         rs.sort(key=lambda r: r["rank"])
         mib = ", ".join(f"{r['estimate_bytes'] / 2**20:.0f}" for r in rs)

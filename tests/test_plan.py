@@ -99,6 +99,27 @@ def test_strategies_order_per_device():
     assert gpipe.activations > 2 * one_f.activations
 
 
+def test_fsdp_submodule_gathers_a_unit_not_a_block():
+    """The Trainer's fsdp_units='submodule' + fsdp_backward_prefetch=False: the largest unit
+    of a TransformerLM block is its FFN (3 x dim x hidden); no prefetched unit."""
+    prof = profile_model(BENCH)
+    assert prof.unit_params == 3 * BENCH.dim * BENCH.hidden
+    block = estimate(prof, "fsdp", 2, 4, 128)
+    unit = estimate(prof, "fsdp_submodule", 2, 4, 128)
+    u = 4 * prof.unit_params
+    root = 4 * (sum(prof.first_params) + sum(prof.last_params))   # the root stays gathered
+    assert unit.comm_buffers == 2 * u + -(-u // 2) + prof.block_frozen_bytes + root
+    assert unit.total < block.total and unit.params == block.params and unit.optimizer_state == block.optimizer_state
+    assert "fsdp_units='submodule'" in unit.note
+    # between the two at micro-batch 1 (4 sequences a device: accumulation 4): only
+    # fsdp_submodule fits, and the recommendation says how to ask the Trainer for it
+    limit = (estimate(prof, "fsdp_submodule", 2, 1, 128, accumulation=4).total
+             + estimate(prof, "fsdp", 2, 1, 128, accumulation=4).total) // 2
+    r = plan(BENCH, devices=2, device_memory=f"{limit}B", headroom=0.0, global_batch=8,
+             strategies=["fsdp", "fsdp_submodule"]).recommendations["None"]
+    assert r.strategy == "fsdp_submodule" and "fsdp_backward_prefetch=False" in r.reason
+
+
 def test_accumulation_keeps_gradients_live():
     prof = profile_model(BENCH)
     one = estimate(prof, "ddp", 2, 4, 128, accumulation=1)
@@ -186,7 +207,8 @@ def test_cli_json_and_table(tmp_path, capsys):
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["devices"] == 2 and out["seq_len"] == 32
-    assert {e["strategy"] for e in out["estimates"]} == {"ddp", "zero1", "fsdp", "fsdp_offload", "pipeline"}
+    assert {e["strategy"] for e in out["estimates"]} == {"ddp", "zero1", "fsdp", "fsdp_submodule", "fsdp_offload",
+                                                         "pipeline"}
     assert out["recommendations"]["None"]["strategy"] == "ddp"
     assert main(["plan", "--model", str(cfg), "--devices", "2", "--quant", "none,bitlinear"]) == 0
     text = capsys.readouterr().out
