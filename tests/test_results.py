@@ -361,6 +361,29 @@ def test_history_is_per_machine_window_and_excludes_quick_runs(tmp_path):
     assert v.kind == "regression" and len(v.history) == 2
 
 
+def test_two_ops_on_the_same_shapes_are_separate_benchmarks_and_pairs(tmp_path):
+    """The dispatch family times ternary_matmul and int8_linear on the same shapes with the
+    same methods: each op is its own series (an int8 run is no ternary regression) and an
+    accelops row pairs with its own op's baseline only."""
+    rows = []
+    for i in range(4):
+        for op, med in (("ternary_matmul", 60.0), ("int8_linear", 180.0)):
+            common = dict(family="dispatch", op=op, git_commit=f"c{i}", date=f"2026-11-{i + 1:02d}T10:00:00+00:00")
+            rows.append(bench_row(f"d{i}", method="tuned", label="accelops tuned dispatch", median=med, **common))
+            rows.append(bench_row(f"d{i}", method="default", label="default dispatch", accelops=False,
+                                  median=med * 1.5, **common))
+    verdicts = verdicts_for(tmp_path, rows)
+    assert sorted((v.op, v.method, v.kind) for v in verdicts) == [
+        ("int8_linear", "default", "ok"), ("int8_linear", "tuned", "ok"),
+        ("ternary_matmul", "default", "ok"), ("ternary_matmul", "tuned", "ok")]
+    assert "dispatch int8_linear accelops tuned dispatch" in [v for v in verdicts if v.op == "int8_linear"
+                                                              and v.method == "tuned"][0].describe()
+    db = ResultsDB(tmp_path / "pairs.duckdb")
+    db.write_rows(rows)
+    _, pairs = db.query("SELECT op, baseline_method, speedup FROM ratios WHERE run_id = 'd0' ORDER BY op")
+    assert pairs == [("int8_linear", "default", 1.5), ("ternary_matmul", "default", 1.5)]
+
+
 def test_report_writes_html_with_plots_and_check_fails_on_a_regression(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from accelops.cli import main

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .rows import measurement_record, pair_baselines, run_record
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # In a checkout (an editable install) the database sits beside the bench's JSON lines; an
 # installed package has no bench/ beside it and uses ./bench/results under the working directory.
 _CHECKOUT = Path(__file__).resolve().parents[2]
@@ -71,13 +71,14 @@ VIEWS = [
        SELECT r.started, r.git_commit, r.git_dirty, r.machine_fingerprint, r.cpu_model, r.cpu_count, r.gpu_name,
               r.torch_version, r.triton_version, r.accelops_version, r.quick, m.*
        FROM measurements m JOIN runs r USING (run_id)""",
-    # each accelops measurement against every other row of the same run, case and threads
+    # each accelops measurement against every other row of the same run, op, case and threads
     """CREATE OR REPLACE VIEW ratios AS
        SELECT a.run_id, a.family, a.op, a.method, a.label, a.threads, a.config, a.median_us,
               b.method AS baseline_method, b.label AS baseline_label, b.median_us AS baseline_median_us,
               b.median_us / a.median_us AS speedup
        FROM measurements a JOIN measurements b
          ON a.run_id = b.run_id AND a.family = b.family AND a.config_key = b.config_key
+        AND (a.op IS NOT DISTINCT FROM b.op OR a.op = a.method OR b.op = b.method)
         AND a.threads IS NOT DISTINCT FROM b.threads AND a.seq <> b.seq
        WHERE a.is_accelops AND NOT coalesce(b.is_accelops, false)
          AND a.median_us > 0 AND b.median_us > 0""",
@@ -91,6 +92,10 @@ MIGRATIONS = {
         f"CREATE TABLE measurements ({_columns_sql(MEASUREMENT_COLUMNS_V1)}, PRIMARY KEY (run_id, family, seq))",
     ],
     2: [f"ALTER TABLE measurements ADD COLUMN {name} {kind}" for name, kind in MEASUREMENT_COLUMNS_V2] + VIEWS,
+    # 3: the ratios view pairs rows of the same op only where both rows name one (op is
+    # stored as the method when a row has none): the dispatch family measures two ops on the
+    # same shapes, and version 2 paired one op's tuned row with the other's default
+    3: VIEWS,
 }
 
 

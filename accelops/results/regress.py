@@ -2,7 +2,7 @@
 each benchmark's newest run on a machine is judged against that machine's recent
 history of the same benchmark.
 
-A benchmark is one (machine fingerprint, family, method, label, case, thread count) of
+A benchmark is one (machine fingerprint, family, op, method, label, case, thread count) of
 non-quick, successful rows with a median time. The rule, on medians and spreads:
 
 - history: the `window` runs before the newest (default 5), at least `min_history` (2);
@@ -37,6 +37,7 @@ class Point:
 class Verdict:
     machine: str
     family: str
+    op: str | None
     method: str | None
     label: str | None
     config: str | None
@@ -54,7 +55,8 @@ class Verdict:
         return f"{(good or '?')[:10]}..{(self.new.commit or '?')[:10]}{' (dirty)' if self.new.dirty else ''}"
 
     def describe(self) -> str:
-        case = f"{self.family} {self.label or self.method} [{self.config}] threads={self.threads}"
+        op = f" {self.op}" if self.op and self.op != self.method else ""
+        case = f"{self.family}{op} {self.label or self.method} [{self.config}] threads={self.threads}"
         if self.change is None:
             return f"{self.kind}: {case}"
         return (f"{self.kind}: {case}: median {self.new.median_us:.4g} us vs history band "
@@ -76,12 +78,12 @@ def judge(history: list[Point], new: Point, threshold: float = 0.10) -> tuple[st
 
 
 SERIES_SQL = """
-SELECT r.machine_fingerprint, m.family, m.method, m.label, m.config_key, m.threads,
+SELECT r.machine_fingerprint, m.family, m.op, m.method, m.label, m.config_key, m.threads,
        m.run_id, r.started, r.git_commit, r.git_dirty, m.median_us,
        coalesce(m.p20_us, m.median_us), coalesce(m.p80_us, m.median_us)
 FROM measurements m JOIN runs r USING (run_id)
 WHERE NOT coalesce(r.quick, false) AND coalesce(m.status, 'ok') = 'ok' AND m.median_us > 0
-ORDER BY 1, 2, 3, 4, 5, 6, r.started, m.run_id
+ORDER BY 1, 2, 3, 4, 5, 6, 7, r.started, m.run_id
 """
 
 
@@ -90,8 +92,8 @@ def series(db) -> dict[tuple, list[Point]]:
     case twice keeps its last row)."""
     _, rows = db.query(SERIES_SQL)
     out: dict[tuple, list[Point]] = {}
-    for fp, family, method, label, config, threads, run_id, started, commit, dirty, med, p20, p80 in rows:
-        points = out.setdefault((fp, family, method, label, config, threads), [])
+    for fp, family, op, method, label, config, threads, run_id, started, commit, dirty, med, p20, p80 in rows:
+        points = out.setdefault((fp, family, op, method, label, config, threads), [])
         point = Point(run_id, started, commit, dirty, med, p20, p80)
         if points and points[-1].run_id == run_id:
             points[-1] = point
@@ -104,11 +106,11 @@ def check(db, window: int = 5, min_history: int = 2, threshold: float = 0.10,
           machine: str | None = None) -> list[Verdict]:
     """Judge the newest run of every benchmark (on `machine` only, when given)."""
     verdicts = []
-    for (fp, family, method, label, config, threads), points in series(db).items():
+    for (fp, family, op, method, label, config, threads), points in series(db).items():
         if machine is not None and fp != machine:
             continue
         new, history = points[-1], points[:-1][-window:]
-        verdict = Verdict(fp, family, method, label, config, threads, "too little history", new, history)
+        verdict = Verdict(fp, family, op, method, label, config, threads, "too little history", new, history)
         if len(history) >= min_history:
             verdict.kind, verdict.band_low_us, verdict.band_high_us, verdict.change = judge(history, new, threshold)
         verdicts.append(verdict)

@@ -28,6 +28,7 @@ SELECT l.machine, a.family, a.run_id, r.git_commit, a.label, a.config_key, a.thr
 FROM measurements a JOIN runs r USING (run_id)
 JOIN latest l ON l.machine = r.machine_fingerprint AND l.family = a.family AND l.started = r.started
 JOIN measurements b ON b.run_id = a.run_id AND b.family = a.family AND b.config_key = a.config_key
+     AND (b.op IS NOT DISTINCT FROM a.op OR a.op = a.method OR b.op = b.method)
      AND b.threads IS NOT DISTINCT FROM a.threads AND NOT coalesce(b.is_accelops, false)
 WHERE a.is_accelops AND a.median_us > 0 AND b.median_us > 0 AND coalesce(a.status, 'ok') = 'ok'
       AND coalesce(b.status, 'ok') = 'ok'
@@ -151,14 +152,16 @@ def write_report(db, out_dir, window: int = 5, threshold: float = 0.10) -> dict:
     by_family = defaultdict(list)
     for row in ratio_rows:
         by_family[(row[1], row[0])].append(row)
-    history = defaultdict(list)
-    for (fp, family, method, label, config, threads), points in all_series(db).items():
-        history[(family, fp)].append(((label or method, config, threads), points))
-    accelops_series = defaultdict(list)
     _, accel_keys = db.query("SELECT DISTINCT family, label FROM measurements WHERE is_accelops")
     accel_labels = {(f, lab) for f, lab in accel_keys}
-    for key, items in history.items():
-        accelops_series[key] = [it for it in items if (key[0], it[0][0]) in accel_labels]
+    accelops_series = defaultdict(list)
+    for (fp, family, op, method, label, config, threads), points in all_series(db).items():
+        if (family, label or method) not in accel_labels:
+            continue
+        name = label or method
+        if op and op != method:   # e.g. the dispatch family: two ops on the same shapes
+            name = f"{op} {name}"
+        accelops_series[(family, fp)].append(((name, config, threads), points))
 
     families = sorted({f for f, _ in by_family} | {f for f, _ in accelops_series})
     for family in families:
