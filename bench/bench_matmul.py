@@ -22,6 +22,10 @@ from tqdm import tqdm
 
 import accelops.reference as R
 from accelops import ops
+from accelops._machine import machine_info
+from accelops.ops import _tuning
+from accelops.ops._tuning import DispatchTable
+from accelops.tune import measure
 
 import common
 
@@ -45,6 +49,10 @@ BITNET_LABEL = "bitnet.cpp I2_S (measured separately, not in this run)"
 METHODS = [
     ("ternary", "accelops ternary_matmul"),
     ("int8", "accelops int8_linear"),
+    # The same ops through a dispatch table that `accelops tune` measured for the case on
+    # this machine just before (threads, tile sizes, ATen's int8 GEMM: accelops.tune).
+    ("ternary_tuned", "accelops ternary_matmul, tuned (accelops tune)"),
+    ("int8_tuned", "accelops int8_linear, tuned (accelops tune)"),
     ("fp32", "F.linear fp32"),
     ("bf16", "F.linear bf16"),
     ("int_mm", "torch._int_mm (int8 GEMM only)"),
@@ -54,7 +62,9 @@ METHODS = [
     ("torchao_compiled", "torchao int8 dynamic (torch.compile)"),
 ]
 LABELS = dict(METHODS)
-ACCELOPS = {"ternary": "ternary_matmul", "int8": "int8_linear"}
+ACCELOPS = {"ternary": "ternary_matmul", "int8": "int8_linear", "ternary_tuned": "ternary_matmul",
+            "int8_tuned": "int8_linear"}
+TUNED = {"ternary_tuned": "ternary_matmul", "int8_tuned": "int8_linear"}
 
 
 # --------------------------------------------------------------------------- correctness
@@ -86,8 +96,8 @@ def rel_err(y: torch.Tensor, y_true: torch.Tensor) -> float:
 
 # Methods that read the same weights share their copies.
 WEIGHT_GROUP = {
-    "ternary": "ternary", "ref_ternary_compiled": "ternary",
-    "int8": "int8", "ref_int8_compiled": "int8", "int_mm": "int8",
+    "ternary": "ternary", "ref_ternary_compiled": "ternary", "ternary_tuned": "ternary",
+    "int8": "int8", "ref_int8_compiled": "int8", "int_mm": "int8", "int8_tuned": "int8",
     "fp32": "fp32", "bf16": "bf16",
     "torchao": "torchao", "torchao_compiled": "torchao",
 }
@@ -139,7 +149,26 @@ class Shape:
         return len(self.copies.get(WEIGHT_GROUP[key], ()))
 
 
-def build_calls(s: Shape, x: torch.Tensor, x_bf16, x_q, x_scale):
+def with_table(fn, table):
+    """fn consulting `table` (the process's table otherwise none: the default rows)."""
+    def call():
+        _tuning.reset(table)
+        try:
+            return fn()
+        finally:
+            _tuning.reset(None, loaded=True)
+    return call
+
+
+def tune_case(cfg, op: str, m: int, n: int, k: int, threads: int):
+    """accelops tune for this one case, on this machine now -> (table, its winner)."""
+    shape = {"op": op, "M": m, "N": n, "K": k}
+    budget, rounds = (0.01, 2) if cfg.quick else (0.2, 5)
+    entry = measure(op, shape, threads, budget, rounds, device=cfg.device.type)
+    return DispatchTable.from_json({"entries": [entry]}, machine_info()["fingerprint"]), entry["winner"]
+
+
+def build_calls(s: Shape, x: torch.Tensor, x_bf16, x_q, x_scale, tables=None):
     """key -> (callable, to_float(y) giving an output comparable with F.linear, or None),
     or key -> the reason the method does not run here."""
     m = x.shape[0]
@@ -151,6 +180,8 @@ def build_calls(s: Shape, x: torch.Tensor, x_bf16, x_q, x_scale):
     make = {
         "ternary": lambda wp, ws: lambda: ops.ternary_matmul(x, wp, ws),
         "int8": lambda wq, ws: lambda: ops.int8_linear(x, wq, ws),
+        "ternary_tuned": lambda wp, ws: with_table(lambda: ops.ternary_matmul(x, wp, ws), tables["ternary_tuned"]),
+        "int8_tuned": lambda wq, ws: with_table(lambda: ops.int8_linear(x, wq, ws), tables["int8_tuned"]),
         "fp32": lambda w: lambda: F.linear(x, w),
         "bf16": lambda w: lambda: F.linear(x_bf16, w),
         # An int8 linear layer's weight is stored [N, K]; its transpose is the column-major
@@ -193,9 +224,17 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
     w_packed, w_tscale = s.copies["ternary"][0]
     w_q, w_qscale = s.copies["int8"][0]
     y_ref = {"ternary": R.ternary_matmul(x, w_packed, w_tscale), "int8": R.int8_linear(x, w_q, w_qscale)}
+    tables, winners = {}, {}
+    for key, op in TUNED.items():
+        progress.set_postfix_str(f"{threads}t N={s.n} K={s.k} M={m} tune {op}")
+        tables[key], winners[key] = tune_case(cfg, op, m, s.n, s.k, threads)
     checks = {
         "ternary": compare_to_reference(ops.ternary_matmul(x, w_packed, w_tscale), y_ref["ternary"]),
         "int8": compare_to_reference(ops.int8_linear(x, w_q, w_qscale), y_ref["int8"]),
+        "ternary_tuned": compare_to_reference(
+            with_table(lambda: ops.ternary_matmul(x, w_packed, w_tscale), tables["ternary_tuned"])(), y_ref["ternary"]),
+        "int8_tuned": compare_to_reference(
+            with_table(lambda: ops.int8_linear(x, w_q, w_qscale), tables["int8_tuned"])(), y_ref["int8"]),
     }
     for c in checks.values():
         c["against"] = "accelops.reference"
@@ -204,7 +243,7 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
     info_against = {"ref_ternary_compiled": "ternary", "ref_int8_compiled": "int8"}
 
     rows = []
-    for key, call in build_calls(s, x, x_bf16, x_q, x_scale).items():
+    for key, call in build_calls(s, x, x_bf16, x_q, x_scale, tables).items():
         progress.set_postfix_str(f"{threads}t N={s.n} K={s.k} M={m} {key}")
         row = {
             **meta, "family": FAMILY, "method": key, "label": LABELS[key],
@@ -216,6 +255,8 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
         }
         if key in checks:
             row["check"] = checks[key]
+        if key in winners:
+            row["tuned_choice"] = winners[key]
         if isinstance(call, str):
             row.update(status="skipped", reason=call)
         elif key in checks and not checks[key]["ok"]:
@@ -267,6 +308,14 @@ def _cell(row: dict | None) -> str:
     return {"skipped": "n/a", "wrong": "**WRONG**", "error": "error"}[row["status"]]
 
 
+def _choice(row: dict | None) -> str:
+    w = (row or {}).get("tuned_choice")
+    if not w:
+        return "-"
+    t = w.get("tiles")
+    return f"{w['backend']} x{w['threads']}" + (f" tiles {t['n_block']}/{t['k_chunk']}" if t else "")
+
+
 def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
     by = {(r["N"], r["K"], r["M"], r["method"]): r for r in rows}
     shapes = list(dict.fromkeys((r["N"], r["K"]) for r in rows))
@@ -297,17 +346,23 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
     out.append("")
 
     # Times of every method, then accelops' speed-up against each baseline.
-    short = {"ternary": "ternary_matmul", "int8": "int8_linear", "fp32": "F.linear fp32", "bf16": "F.linear bf16",
+    short = {"ternary": "ternary_matmul", "int8": "int8_linear", "ternary_tuned": "ternary_matmul tuned",
+             "int8_tuned": "int8_linear tuned", "fp32": "F.linear fp32", "bf16": "F.linear bf16",
              "int_mm": "torch._int_mm", "ref_ternary_compiled": "compiled ref. ternary",
              "ref_int8_compiled": "compiled ref. int8", "torchao": "torchao", "torchao_compiled": "torchao compiled"}
     baselines = [("fp32", "fp32"), ("int_mm", "_int_mm"), ("torchao", "torchao"), ("torchao_compiled", "torchao compiled")]
-    times, speedups = [], []
+    times, speedups, tuned_rows = [], [], []
     for n, k in shapes:
         for m in ms:
             r = lambda key: by.get((n, k, m, key))  # noqa: E731
             times.append([f"{n}x{k}", m] + [_cell(r(key)) for key, _ in METHODS])
             speedups.append([f"{n}x{k}", m] + [_fmt_ratio(_ratio(r(b), r(mine)))
                                                for mine in ("ternary", "int8") for b, _ in baselines])
+            tuned_rows.append([f"{n}x{k}", m] + [_choice(r(key)) for key in TUNED]
+                              + [_fmt_ratio(_ratio(r(plain), r(key))) for key, plain in
+                                 (("ternary_tuned", "ternary"), ("int8_tuned", "int8"))]
+                              + [_fmt_ratio(_ratio(r(b), r(key))) for key in TUNED
+                                 for b in ("fp32", "torchao_compiled")])
             if bitnet:
                 ref_us = bitnet.get((n, k)) if m == 1 else None
                 t = r("ternary")
@@ -316,8 +371,13 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
     time_headers = ["N x K", "M"] + [short[key] for key, _ in METHODS] + ([BITNET_LABEL] if bitnet else [])
     speed_headers = ["N x K", "M"] + [f"{mine} vs {label}" for mine in ("ternary", "int8") for _, label in baselines]
     speed_headers += ["ternary vs bitnet.cpp (not in this run)"] if bitnet else []
+    tuned_headers = ["N x K", "M", "ternary: table's choice", "int8: table's choice", "ternary tuned vs default",
+                     "int8 tuned vs default", "ternary tuned vs fp32", "ternary tuned vs torchao compiled",
+                     "int8 tuned vs fp32", "int8 tuned vs torchao compiled"]
     out += ["Median time per call:", "", common.md_table(time_headers, times), "",
-            "Speed-up of accelops (baseline time / accelops time):", "", common.md_table(speed_headers, speedups), ""]
+            "Speed-up of accelops (baseline time / accelops time):", "", common.md_table(speed_headers, speedups), "",
+            "Tuned dispatch (a table `accelops tune` measured for each case just before, hot weights; timed "
+            "like the others, cold):", "", common.md_table(tuned_headers, tuned_rows), ""]
 
     # Targets.
     targets = []
@@ -336,6 +396,9 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
             target("int8_linear vs fp32 F.linear", n, k, 512, _ratio(r(512, "fp32"), r(512, "int8")), 3)
         for m in ms:
             target("int8_linear vs torchao compiled", n, k, m, _ratio(r(m, "torchao_compiled"), r(m, "int8")), 1)
+        for m in ms:
+            target("int8_linear tuned vs torchao compiled", n, k, m,
+                   _ratio(r(m, "torchao_compiled"), r(m, "int8_tuned")), 1)
         if bitnet and (n, k) in bitnet and 1 in ms:
             t = r(1, "ternary")
             ratio = bitnet[(n, k)] / t["median_us"] if t and t["status"] == "ok" else None
@@ -375,6 +438,9 @@ def run(cfg: common.Config) -> common.FamilyResult:
         print(f"note: {torchao_why}; torchao rows say so", file=sys.stderr)
     meta = common.run_metadata(cfg)
     timer = common.Timer(cfg)
+    # The default rows are the fixed dispatch: no table (a user's ~/.cache one included);
+    # the tuned rows install their own per call.
+    _tuning.reset(None, loaded=True)
     shapes, ms = (QUICK_SHAPES, QUICK_MS) if cfg.quick else (SHAPES, MS)
     shapes, ms = cfg.shapes or shapes, cfg.ms or ms
     out_path = cfg.results_file(FAMILY)
@@ -394,6 +460,7 @@ def run(cfg: common.Config) -> common.FamilyResult:
                 del s
             summaries.append(summarize(rows, cfg, threads, time.perf_counter() - t0))
             all_rows += rows
+    _tuning.reset()
     failures = [f"{r['label']} N={r['N']} K={r['K']} M={r['M']} {r['threads']}t: {r['status']}: {r.get('reason')}"
                 for r in all_rows if r["accelops"] and r["status"] not in ("ok", "skipped")]
     summary = "\n".join(["## Matmul benchmark", "", *summaries])

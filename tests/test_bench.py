@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = {"ternary", "int8", "fp32", "bf16", "int_mm", "ref_ternary_compiled", "ref_int8_compiled",
+METHODS = {"ternary", "int8", "ternary_tuned", "int8_tuned", "fp32", "bf16", "int_mm", "ref_ternary_compiled", "ref_int8_compiled",
            "torchao", "torchao_compiled"}
 COMM_OPS = {"bucket_flatten", "bucket_unflatten_", "cast_div", "topk_compress_", "topk_decompress", "sign_compress_",
             "sign_decompress", "int8_compress_", "int8_decompress", "orthogonalize_"}
@@ -46,6 +46,10 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
 
     by = {(r["method"], r["M"]): r for r in rows}
     assert by[("int_mm", 1)]["status"] == "skipped"  # torch._int_mm needs M > 16
+    for key in ("ternary_tuned", "int8_tuned"):   # a table tuned for the case, its choice recorded
+        for m in (1, 32):
+            assert by[(key, m)]["status"] == "ok" and by[(key, m)]["check"]["ok"]
+            assert by[(key, m)]["tuned_choice"]["backend"] in ("native", "aten_int_mm", "reference")
     for key in ("ternary", "int8"):
         for m in (1, 32):
             r = by[(key, m)]
