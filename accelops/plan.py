@@ -452,7 +452,7 @@ def estimate(prof: ModelProfile, strategy: str, devices: int, micro_batch: int, 
                 params = grads = opt = step_tmp = 0
                 note = f"host memory per device: {host / 2**30:.2f} GiB"
         if strategy == "fsdp_submodule":
-            note = "Trainer: fsdp_units='submodule', fsdp_backward_prefetch=False"
+            note = f"Trainer: {TRAINER_SETTINGS[strategy]}"
     grads_live = grads if acc else 0
     backward = acts + working + grads_live
     step = grads + step_tmp

@@ -229,17 +229,14 @@ def _tiles_json(tiles):
 
 def _with_tiles(fn, tiles):
     """fn under the C++ kernel's tile sizes (n_block, k_chunk), restored afterwards."""
-    from .ops._backend import extension
-
-    ext = extension()[0]
-
     def call():
-        previous = ext.set_cpu_tiles(*tiles)
-        try:
+        with _tuning.cpu_tiles(tiles):
             return fn()
-        finally:
-            ext.set_cpu_tiles(*previous)
     return call
+
+
+def _candidate_key(c: dict) -> tuple:
+    return c["backend"], c["threads"], c.get("tiles"), c.get("config")
 
 
 def shapes_from_model(config: dict, m_values=None) -> list[dict]:
@@ -313,12 +310,9 @@ def explain(entries: list[dict]) -> dict:
             choice = table.predict(op, shape)
             key = (choice.backend, choice.threads, _tiles_json(choice.tiles),
                    dict(choice.config[1]) if choice.config else None)
-
-            def key_of(c):
-                return c["backend"], c["threads"], c.get("tiles"), c.get("config")
-            picked = next(c for c in held["candidates"] if key_of(c) == key)
+            picked = next(c for c in held["candidates"] if _candidate_key(c) == key)
             best = min(c["median_us"] for c in held["candidates"])
-            hits += key == key_of(held["winner"])
+            hits += key == _candidate_key(held["winner"])
             slowdowns.append(picked["median_us"] / best - 1.0)
         report[op] = {"model": "nearest measured shape in log2(M, N, K) space", "shapes": len(mine),
                       "loo_winner_agreement": hits / len(slowdowns) if slowdowns else None,
@@ -373,10 +367,7 @@ def run_args(args, out=None) -> int:
             raise SystemExit(f"accelops tune: op must be one of {', '.join(TUNED_OPS)}, got {shape.get('op')!r}")
         e = measure(shape["op"], shape, args.threads, args.budget, device=args.device)
         entries.append(e)
-        w = e["winner"]
-        tiles = f" tiles {w['tiles']['n_block']}/{w['tiles']['k_chunk']}" if w.get("tiles") else ""
-        tiles += f" config {json.dumps(w['config'], sort_keys=True)}" if w.get("config") else ""
-        print(f"{e['op']:<15} {json.dumps(e['shape'])}: {w['backend']} x{w['threads']}{tiles} "
+        print(f"{e['op']:<15} {json.dumps(e['shape'])}: {_tuning.describe(e['winner'])} "
               f"{e['winner_us']:.1f} us (default {e['default_us']:.1f} us)", file=out, flush=True)
     path = write_table(entries, args.table)
     print(f"dispatch table for machine {machine_info()['fingerprint']} written to {path}", file=out)

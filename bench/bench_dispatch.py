@@ -223,12 +223,6 @@ def run(cfg: common.Config) -> common.FamilyResult:
     return common.FamilyResult(FAMILY, "\n".join(sections) + "\n", rows, failures)
 
 
-def _label(choice) -> str:
-    """native x2, or native x2 tiles 32/4096 (n_block / k_chunk, 0 = the kernel's own)."""
-    t = choice.get("tiles")
-    return f"{choice['backend']} x{choice['threads']}" + (f" tiles {t['n_block']}/{t['k_chunk']}" if t else "")
-
-
 def summarize(rows, cost) -> list[str]:
     by = {}
     for r in rows:
@@ -247,7 +241,7 @@ def summarize(rows, cost) -> list[str]:
         dt = (t["default_vs_tuned_median"], t["default_vs_tuned_p20"], t["default_vs_tuned_p80"])
         worst = max(worst, tb[0] - 1)
         per_op.setdefault(op, []).append(dt[0])
-        lines.append(f"| {op} | {m} | {n}x{k} | {_label(w)} | {_label(b)} | "
+        lines.append(f"| {op} | {m} | {n}x{k} | {_tuning.describe(w)} | {_tuning.describe(b)} | "
                      f"{common.fmt_time(de)} | {common.fmt_time(tu)} | {common.fmt_time(be)} | "
                      f"{tb[0]:.3f}x [{tb[1]:.3f}-{tb[2]:.3f}] | {dt[0]:.2f}x [{dt[1]:.2f}-{dt[2]:.2f}] |")
     lines.append("")

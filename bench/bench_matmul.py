@@ -149,17 +149,6 @@ class Shape:
         return len(self.copies.get(WEIGHT_GROUP[key], ()))
 
 
-def with_table(fn, table):
-    """fn consulting `table` (the process's table otherwise none: the default rows)."""
-    def call():
-        _tuning.reset(table)
-        try:
-            return fn()
-        finally:
-            _tuning.reset(None, loaded=True)
-    return call
-
-
 def tune_case(cfg, op: str, m: int, n: int, k: int, threads: int):
     """accelops tune for this one case, on this machine now -> (table, its winner)."""
     shape = {"op": op, "M": m, "N": n, "K": k}
@@ -180,8 +169,8 @@ def build_calls(s: Shape, x: torch.Tensor, x_bf16, x_q, x_scale, tables=None):
     make = {
         "ternary": lambda wp, ws: lambda: ops.ternary_matmul(x, wp, ws),
         "int8": lambda wq, ws: lambda: ops.int8_linear(x, wq, ws),
-        "ternary_tuned": lambda wp, ws: with_table(lambda: ops.ternary_matmul(x, wp, ws), tables["ternary_tuned"]),
-        "int8_tuned": lambda wq, ws: with_table(lambda: ops.int8_linear(x, wq, ws), tables["int8_tuned"]),
+        "ternary_tuned": lambda wp, ws: common.through_table(lambda: ops.ternary_matmul(x, wp, ws), tables["ternary_tuned"]),
+        "int8_tuned": lambda wq, ws: common.through_table(lambda: ops.int8_linear(x, wq, ws), tables["int8_tuned"]),
         "fp32": lambda w: lambda: F.linear(x, w),
         "bf16": lambda w: lambda: F.linear(x_bf16, w),
         # An int8 linear layer's weight is stored [N, K]; its transpose is the column-major
@@ -232,9 +221,9 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
         "ternary": compare_to_reference(ops.ternary_matmul(x, w_packed, w_tscale), y_ref["ternary"]),
         "int8": compare_to_reference(ops.int8_linear(x, w_q, w_qscale), y_ref["int8"]),
         "ternary_tuned": compare_to_reference(
-            with_table(lambda: ops.ternary_matmul(x, w_packed, w_tscale), tables["ternary_tuned"])(), y_ref["ternary"]),
+            common.through_table(lambda: ops.ternary_matmul(x, w_packed, w_tscale), tables["ternary_tuned"])(), y_ref["ternary"]),
         "int8_tuned": compare_to_reference(
-            with_table(lambda: ops.int8_linear(x, w_q, w_qscale), tables["int8_tuned"])(), y_ref["int8"]),
+            common.through_table(lambda: ops.int8_linear(x, w_q, w_qscale), tables["int8_tuned"])(), y_ref["int8"]),
     }
     for c in checks.values():
         c["against"] = "accelops.reference"
@@ -310,10 +299,7 @@ def _cell(row: dict | None) -> str:
 
 def _choice(row: dict | None) -> str:
     w = (row or {}).get("tuned_choice")
-    if not w:
-        return "-"
-    t = w.get("tiles")
-    return f"{w['backend']} x{w['threads']}" + (f" tiles {t['n_block']}/{t['k_chunk']}" if t else "")
+    return _tuning.describe(w) if w else "-"
 
 
 def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:

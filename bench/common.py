@@ -392,6 +392,20 @@ def copies_for(cfg: Config, weight_bytes: int) -> int:
     return max(2, min(64, -(-cold // max(weight_bytes, 1))))
 
 
+def through_table(fn, table):
+    """fn consulting dispatch table `table` (accelops tune's); afterwards the process has
+    none, so calls outside it take the fixed default dispatch."""
+    from accelops.ops import _tuning
+
+    def call():
+        _tuning.reset(table)
+        try:
+            return fn()
+        finally:
+            _tuning.reset(None, loaded=True)
+    return call
+
+
 def rotating(fns: list):
     """One callable that calls fns[0], fns[1], ... in turn (one per weight copy)."""
     if len(fns) == 1:

@@ -19,6 +19,7 @@ neighbour search once.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -190,13 +191,30 @@ def call_with(choice: Choice | None, fn, *args):
         with matmul_config(kind, dict(items)):
             return fn(*args)
     if choice.tiles is not None and choice.backend == "native" and args[0].device.type == "cpu":
-        ext = _extension()
-        previous = ext.set_cpu_tiles(*choice.tiles)
-        try:
+        with cpu_tiles(choice.tiles):
             return _with_threads(choice, fn, *args)
-        finally:
-            ext.set_cpu_tiles(*previous)
     return _with_threads(choice, fn, *args)
+
+
+@contextlib.contextmanager
+def cpu_tiles(tiles: tuple):
+    """Within the block, this thread's C++ int8/ternary kernels use tiles (n_block, k_chunk)."""
+    ext = _extension()
+    previous = ext.set_cpu_tiles(*tiles)
+    try:
+        yield
+    finally:
+        ext.set_cpu_tiles(*previous)
+
+
+def describe(winner: dict) -> str:
+    """A table entry's choice in words: 'native x2', 'native x2 tiles 32/4096', ..."""
+    text = f"{winner['backend']} x{winner['threads']}"
+    if winner.get("tiles"):
+        text += f" tiles {winner['tiles']['n_block']}/{winner['tiles']['k_chunk']}"
+    if winner.get("config"):
+        text += f" config {json.dumps(winner['config'], sort_keys=True)}"
+    return text
 
 
 def _with_threads(choice: Choice, fn, *args):
