@@ -24,10 +24,13 @@ Protocol (one optimiser run = one seed on one problem, everything sequential, on
   9 -> 27: 40), Optuna's trials still cost 1 a step: the accounting of the earlier rows
   in results/hpo.jsonl (those have no "accounting" field), which favoured Optuna.
 - accelops: RandomSearch(budget=27), Hyperband and BOHB with their defaults (paper
-  brackets; BOHB's bandwidth_floor=0.25, TPE's bandwidth floor, see accelops/hpo/bohb.py),
-  BOHB with hpbandster_compat=True (HpBandSter's brackets), and BOHB with
-  bandwidth_floor=0 (HpBandSter's KDE exactly), driven by ask/tell. Rows before
-  2026-12-02 (no "bandwidth_floor" field): "bohb" had the floor off and "bohb_floor" on.
+  brackets; BOHB's bandwidth_floor=0.25, kde="univariate", random_placement="cheapest",
+  see accelops/hpo/bohb.py), BOHB with hpbandster_compat=True (HpBandSter's brackets),
+  BOHB with the defaults of 2026-12-02 (kde="multivariate", random_placement="every") and
+  BOHB with HpBandSter's algorithm exactly (also bandwidth_floor=0), driven by ask/tell.
+  Rows before 2026-12-02 (no "bandwidth_floor" field): "bohb" had the floor off and
+  "bohb_floor" on; rows before 2026-12-03 (no "kde" field): "bohb" was multivariate with
+  random_placement="every", and "bohb_nofloor" is today's "bohb_hpbandster".
 - HpBandSter BOHB (its defaults) runs in-process as its documentation describes: a
   NameServer on 127.0.0.1 (random port), one Worker thread, the BOHB master, as many
   iterations as the budget needs; results past the budget are cut off. Pyro4's default
@@ -60,7 +63,7 @@ Protocol (one optimiser run = one seed on one problem, everything sequential, on
   Hartmann-6 space and of the MLP's mixed space): the median over repeated calls.
 
 Targets: accelops BOHB's mean final regret <= HpBandSter BOHB's and <= Optuna's on each
-problem (reported for the defaults and for bandwidth_floor=0); accelops BOHB's median
+problem (reported for the defaults and for HpBandSter's algorithm); accelops BOHB's median
 ask() time <= 5 ms with 500 observations. A peer that is not installed gives rows with
 status "skipped" and the reason.
 
@@ -87,7 +90,10 @@ OPTIMIZERS = {  # key: (label, accelops?)
     "hyperband": ("accelops Hyperband", True),
     "bohb": ("accelops BOHB", True),
     "bohb_compat": ("accelops BOHB, HpBandSter brackets", True),
-    "bohb_nofloor": ("accelops BOHB, bandwidth_floor=0 (HpBandSter's KDE)", True),
+    "bohb_multivariate": ("accelops BOHB, kde='multivariate', random_placement='every' (the defaults "
+                          "before 2026-12-03)", True),
+    "bohb_hpbandster": ("accelops BOHB, HpBandSter's algorithm (bandwidth_floor=0, kde='multivariate', "
+                        "random_placement='every')", True),
     "hpbandster_bohb": ("HpBandSter BOHB", False),
     "optuna_tpe_hb": ("Optuna TPE + HyperbandPruner", False),
 }
@@ -218,8 +224,10 @@ def make_accelops(kind, problem, seed):
         return hpo.Hyperband(*args, seed=seed)
     if kind == "bohb_compat":
         return hpo.BOHB(*args, hpbandster_compat=True, seed=seed)
-    if kind == "bohb_nofloor":
-        return hpo.BOHB(*args, bandwidth_floor=0.0, seed=seed)
+    if kind == "bohb_multivariate":
+        return hpo.BOHB(*args, kde="multivariate", random_placement="every", seed=seed)
+    if kind == "bohb_hpbandster":
+        return hpo.BOHB(*args, bandwidth_floor=0.0, kde="multivariate", random_placement="every", seed=seed)
     return hpo.BOHB(*args, seed=seed)
 
 
@@ -638,7 +646,9 @@ def run(cfg: common.Config) -> common.FamilyResult:
                        "optimum_kind": "known" if problem.optimum is not None else "best found in this run",
                        "seeds": len(seeds)}
                 if key.startswith("bohb"):
-                    row["bandwidth_floor"] = make_accelops(key, problem, 0).model.bandwidth_floor
+                    made = make_accelops(key, problem, 0)
+                    row.update(bandwidth_floor=made.model.bandwidth_floor, kde=made.model.kde,
+                               random_placement=made.random_placement)
                 results = runs.get((problem.name, key))
                 if skip.get(key):
                     row.update(status="skipped", reason=skip[key])
@@ -750,7 +760,7 @@ def summarize(rows, ask_rows, problems, cfg, meta, wall_s, plot_note, n_obs) -> 
     # targets
     lines = []
     by = {(r["problem"], r["optimizer"]): r for r in rows}
-    for key in ("bohb", "bohb_nofloor"):
+    for key in ("bohb", "bohb_hpbandster"):
         for p in problems:
             mine = by.get((p.name, key))
             for peer in ("hpbandster_bohb", "optuna_tpe_hb"):

@@ -375,7 +375,7 @@ def test_optimizer_spec_round_trip():
 # BOHB: kernels, bandwidths, model building, proposals
 # ---------------------------------------------------------------------------------------
 
-from accelops.hpo.bohb import CAT, CONT, KDE, ORD, BOHBModel, normal_reference_bandwidth  # noqa: E402
+from accelops.hpo.bohb import CAT, CONT, KDE, ORD, BOHBModel, normal_reference_bandwidth, random_shares  # noqa: E402
 
 
 def phi(z):
@@ -412,6 +412,96 @@ def test_kde_mixed_product_by_hand():
     row0 = phi(0.5) / 0.2 * 0.9 * (0.5 * 0.7 * 0.3)
     row1 = phi(1.5) / 0.2 * 0.1 * (0.5 * 0.7 * 0.3)
     assert kde.pdf([x])[0] == pytest.approx((row0 + row1) / 2, rel=1e-12)
+
+
+def test_kde_univariate_product_of_one_parameter_densities_by_hand():
+    data = [[0.5, 1, 0], [0.1, 0, 2]]
+    kinds, levels, bw = [CONT, CAT, ORD], [0, 2, 3], [0.2, 0.1, 0.3]
+    kde = KDE(data, kinds, levels, bw, univariate=True)
+    x = [0.4, 1, 1]
+    cont = (phi(0.5) / 0.2 + phi(1.5) / 0.2) / 2
+    cat = (0.9 + 0.1) / 2
+    ordinal = (0.5 * 0.7 * 0.3 + 0.5 * 0.7 * 0.3) / 2
+    assert kde.pdf([x])[0] == pytest.approx(cont * cat * ordinal, rel=1e-12)
+    # unlike the product kernel it scores a mix of two data points' coordinates as high as the points
+    mixed = [[0.5, 0, 2], [0.1, 1, 0]]
+    np.testing.assert_allclose(kde.pdf(mixed), kde.pdf(data), rtol=1e-12)
+    multi = KDE(data, kinds, levels, bw)
+    assert multi.pdf(mixed)[0] < 0.2 * multi.pdf(data)[0]
+    # fit passes it through with the same bandwidths
+    fitted = KDE.fit(np.random.default_rng(0).random((9, 2)), [CONT, CONT], [0, 0], univariate=True)
+    assert fitted.univariate
+    np.testing.assert_array_equal(fitted.bw, KDE.fit(fitted.data, [CONT, CONT], [0, 0]).bw)
+
+
+def test_bohb_univariate_candidates_mix_good_points_per_parameter():
+    space = SearchSpace({"x": Float(0.0, 1.0), "y": Float(0.0, 1.0), "k": Categorical(["a", "b", "c"])})
+    m = BOHBModel(space, np.random.default_rng(0), num_samples=4000)
+    data = np.array([[0.2, 0.2, 0], [0.8, 0.8, 2]], dtype=float)
+    multi = m.propose(KDE(data, [CONT, CONT, CAT], [0, 0, 3], [1e-4, 1e-4, 1e-3]))
+    uni = m.propose(KDE(data, [CONT, CONT, CAT], [0, 0, 3], [1e-4, 1e-4, 1e-3], univariate=True))
+    for cand in (multi, uni):  # every coordinate stays at a good point's coordinate
+        assert np.all(np.minimum(np.abs(cand[:, :2] - 0.2), np.abs(cand[:, :2] - 0.8)) < 0.02)
+    mixes = lambda c: np.mean(np.abs(c[:, 0] - c[:, 1]) > 0.5)  # noqa: E731
+    assert mixes(multi) == 0.0                       # whole points
+    assert mixes(uni) == pytest.approx(0.5, abs=0.05)  # each parameter from its own good point
+    assert np.mean((uni[:, 2] == 0) != (uni[:, 0] < 0.5)) == pytest.approx(0.5, abs=0.05)
+    with pytest.raises(ValueError, match="kde must be one of"):
+        BOHBModel(space, np.random.default_rng(0), kde="gaussian")
+
+
+@given(min_budget=st.sampled_from([1, 2, 3]), ratio=st.sampled_from([1, 3, 9, 27, 81, 100]),
+       eta=st.sampled_from([2, 3, 4]), fraction=st.floats(0.0, 1.0), compat=st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_random_shares_keep_the_random_fraction_of_an_iteration(min_budget, ratio, eta, fraction, compat):
+    plans = hpo.hyperband_brackets(min_budget, min_budget * ratio, eta, hpbandster_compat=compat)
+    new = sum(p.sizes[0] for p in plans)
+    every = random_shares(plans, fraction, "every")
+    assert all(v == fraction for v in every.values())
+    cheap = random_shares(plans, fraction, "cheapest")
+    assert set(cheap) == {p.budgets[0] for p in plans}
+    assert all(0.0 <= v <= 1.0 + 1e-12 for v in cheap.values())
+    assert sum(cheap[p.budgets[0]] * p.sizes[0] for p in plans) == pytest.approx(fraction * new)
+    ordered = [cheap[b] for b in sorted(cheap)]  # the cheapest brackets fill first
+    assert all(a >= b - 1e-12 for a, b in zip(ordered, ordered[1:]))
+    assert all(a == pytest.approx(1.0) for a, b in zip(ordered, ordered[1:]) if b > 0)
+
+
+def test_bohb_random_placement():
+    space = issue_space()
+    opt = hpo.BOHB(space, 1, 27, seed=0)
+    assert (opt.model.kde, opt.random_placement) == ("univariate", "cheapest")
+    # budgets 1..27, eta 3: 27 + 12 + 6 + 4 = 49 new configurations per iteration, a third of
+    # them (16.3) at random, all in the bracket that starts at budget 1
+    assert opt.random_shares == {1: pytest.approx(49 / 3 / 27), 3: 0.0, 9: 0.0, 27: 0.0}
+    assert hpo.BOHB(space, 1, 27, random_placement="every").random_shares == {b: 1 / 3 for b in (1, 3, 9, 27)}
+    assert hpo.BOHB(space, 27, 27).random_shares == {27: 1 / 3}  # one bracket: HpBandSter's rule
+    with pytest.raises(ValueError, match="random_placement must be one of"):
+        hpo.BOHB(space, 1, 27, random_placement="cheap")
+    log = run_sequential(opt, 600)
+    assert len(log) == 600 and opt.model.model_budget is not None
+    by_budget = {}
+    for t in opt.trials.values():
+        if t.rung == 0 and t.id > 200:  # new configurations once the model exists
+            by_budget.setdefault(t.budget, []).append(t.info["model_based"])
+    for b in (3, 9, 27):
+        assert by_budget[b] and all(by_budget[b]), b              # expensive brackets: all model-based
+    assert 0.45 < 1 - np.mean(by_budget[1]) < 0.75                # budget 1: about 60% random
+
+
+def test_bohb_hpbandster_options_and_old_journals():
+    space = issue_space()
+    hpb = hpo.BOHB(space, 9, 729, bandwidth_floor=0.0, kde="multivariate", random_placement="every", seed=4)
+    again = hpo.Optimizer.from_spec(hpb.spec())
+    assert (again.model.kde, again.random_placement) == ("multivariate", "every") and again.spec() == hpb.spec()
+    assert run_sequential(again, 150) == run_sequential(hpb, 150)
+    old = hpo.BOHB(space, 9, 729, seed=4).spec()
+    for key in ("kde", "random_placement", "bandwidth_floor"):  # a journal from before these options
+        del old["kwargs"][key]
+    was = hpo.Optimizer.from_spec(old)
+    assert (was.model.kde, was.random_placement, was.model.bandwidth_floor) == ("multivariate", "every", 0.0)
+    assert run_sequential(was, 150) == run_sequential(
+        hpo.BOHB(space, 9, 729, bandwidth_floor=0.0, kde="multivariate", random_placement="every", seed=4), 150)
 
 
 def test_bandwidth_rules():

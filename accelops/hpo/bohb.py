@@ -77,7 +77,8 @@ class KDE:
     a discrete dimension (data hold its index 0..c-1); ``bw``: bandwidth per dimension.
     """
 
-    def __init__(self, data, kinds, levels, bw):
+    def __init__(self, data, kinds, levels, bw, univariate: bool = False):
+        self.univariate = bool(univariate)
         self.data = np.asarray(data, dtype=np.float64)
         if self.data.ndim != 2:
             raise ValueError(f"KDE: data must be 2-D, got shape {self.data.shape}")
@@ -93,9 +94,10 @@ class KDE:
         self._disc = np.flatnonzero(self.kinds != CONT)
 
     @classmethod
-    def fit(cls, data, kinds, levels, min_bandwidth=1e-3, bandwidth_floor=0.0) -> "KDE":
+    def fit(cls, data, kinds, levels, min_bandwidth=1e-3, bandwidth_floor=0.0, univariate=False) -> "KDE":
         """Normal-reference bandwidths, clipped to [min_bandwidth, (c - 1) / c] for discrete ones;
-        continuous ones also at least ``bandwidth_floor / min(100, n + 1)`` (see the module doc)."""
+        continuous ones also at least ``bandwidth_floor / min(100, n + 1)`` (see the module doc).
+        ``univariate``: the density is a product of one-parameter KDEs (same bandwidths)."""
         data = np.asarray(data, dtype=np.float64)
         kinds = np.asarray(kinds, dtype=np.int64)
         levels = np.asarray(levels, dtype=np.int64)
@@ -107,7 +109,23 @@ class KDE:
         disc = kinds != CONT
         upper = np.where(levels > 1, (levels - 1) / np.maximum(levels, 1), 1.0)
         bw[disc] = np.clip(bw[disc], min_bandwidth, np.maximum(upper[disc], min_bandwidth))
-        return cls(data, kinds, levels, bw)
+        return cls(data, kinds, levels, bw, univariate)
+
+    def _dim_log_kernels(self, x: np.ndarray, j: int) -> np.ndarray | None:
+        """log kernel of dimension j between every query row and every data row: [m, n]
+        (None: a one-value discrete dimension, whose kernel is 1)."""
+        h = self.bw[j]
+        if self.kinds[j] == CONT:
+            z = (x[:, j, None] - self.data[None, :, j]) / h
+            return -0.5 * z * z - (math.log(h) + _LOG_SQRT_2PI)
+        c = self.levels[j]
+        if c <= 1:
+            return None
+        diff = np.abs(x[:, j, None] - self.data[None, :, j])
+        same = diff == 0
+        if self.kinds[j] == CAT:
+            return np.where(same, math.log(1 - h), math.log(h / (c - 1)))
+        return np.where(same, math.log(1 - h), math.log(0.5 * (1 - h)) + diff * math.log(h))
 
     def log_kernels(self, x: np.ndarray) -> np.ndarray:
         """log of the product kernel between every query row and every data row: [m, n]."""
@@ -120,25 +138,31 @@ class KDE:
             acc -= 0.5 * np.einsum("mnj,mnj->mn", z, z)
             acc -= float(np.sum(np.log(h))) + self._cont.size * _LOG_SQRT_2PI
         for j in self._disc:
-            h, c = self.bw[j], self.levels[j]
-            if c <= 1:
-                continue  # one value: the kernel is 1
-            diff = np.abs(x[:, j, None] - self.data[None, :, j])
-            same = diff == 0
-            if self.kinds[j] == CAT:
-                acc += np.where(same, math.log(1 - h), math.log(h / (c - 1)))
-            else:
-                acc += np.where(same, math.log(1 - h), math.log(0.5 * (1 - h)) + diff * math.log(h))
+            k = self._dim_log_kernels(x, j)
+            if k is not None:
+                acc += k
         return acc
 
     def logpdf(self, x) -> np.ndarray:
-        acc = self.log_kernels(x)
-        top = acc.max(axis=1, keepdims=True)
-        top = np.where(np.isfinite(top), top, 0.0)
-        return (top[:, 0] + np.log(np.exp(acc - top).sum(axis=1))) - math.log(self.data.shape[0])
+        x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+        if not self.univariate:
+            return _log_mean_exp(self.log_kernels(x))
+        out = np.zeros(x.shape[0])
+        for j in range(self.data.shape[1]):
+            k = self._dim_log_kernels(x, j)
+            if k is not None:
+                out += _log_mean_exp(k)
+        return out
 
     def pdf(self, x) -> np.ndarray:
         return np.exp(self.logpdf(x))
+
+
+def _log_mean_exp(acc: np.ndarray) -> np.ndarray:
+    """log(mean(exp(acc), axis=1)), stable."""
+    top = acc.max(axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    return (top[:, 0] + np.log(np.exp(acc - top).sum(axis=1))) - math.log(acc.shape[1])
 
 
 def _truncated_normal(rng, mu, sigma):
@@ -154,6 +178,8 @@ def _truncated_normal(rng, mu, sigma):
 
 
 DEFAULT_BANDWIDTH_FLOOR = 0.25  # TPE's magic clip (module doc); 0: HpBandSter's KDE
+KDE_KINDS = ("univariate", "multivariate")       # the first is the default (module doc)
+RANDOM_PLACEMENTS = ("cheapest", "every")         # the first is the default (module doc)
 
 
 class BOHBModel:
@@ -161,8 +187,10 @@ class BOHBModel:
 
     def __init__(self, space: SearchSpace, rng: np.random.Generator, top_n_percent=15, num_samples=64,
                  random_fraction=1 / 3, bandwidth_factor=3, min_bandwidth=1e-3, min_points_in_model=None,
-                 bandwidth_floor=DEFAULT_BANDWIDTH_FLOOR):
+                 bandwidth_floor=DEFAULT_BANDWIDTH_FLOOR, kde="univariate"):
         d = len(space)
+        if kde not in KDE_KINDS:
+            raise ValueError(f"kde must be one of {KDE_KINDS}, got {kde!r}")
         if not 0 < top_n_percent < 100:
             raise ValueError(f"top_n_percent must be in (0, 100), got {top_n_percent!r}")
         if not (isinstance(num_samples, int) and num_samples >= 1):
@@ -185,6 +213,7 @@ class BOHBModel:
         self.random_fraction, self.bandwidth_factor = random_fraction, bandwidth_factor
         self.min_bandwidth, self.min_points_in_model = min_bandwidth, int(min_points_in_model)
         self.bandwidth_floor = float(bandwidth_floor)
+        self.kde = kde
         self.kinds = np.array([_KIND[k] for k in space.kinds], dtype=np.int64)
         self.levels = space.n_levels.copy()
         self._disc = self.kinds != CONT
@@ -248,14 +277,21 @@ class BOHBModel:
         bad = self.impute(data[order[n_good:n_good + n_bad]])
         if good.shape[0] <= d or bad.shape[0] <= d:
             return
-        self.models[budget] = (KDE.fit(good, self.kinds, self.levels, self.min_bandwidth, self.bandwidth_floor),
-                               KDE.fit(bad, self.kinds, self.levels, self.min_bandwidth, self.bandwidth_floor))
+        univariate = self.kde == "univariate"
+        self.models[budget] = tuple(KDE.fit(part, self.kinds, self.levels, self.min_bandwidth, self.bandwidth_floor,
+                                            univariate) for part in (good, bad))
 
     # -- proposing -----------------------------------------------------------------------
     def propose(self, good: KDE) -> np.ndarray:
-        """``num_samples`` candidate vectors drawn around random good points: [m, d]."""
+        """``num_samples`` candidate vectors drawn around random good points: [m, d]. A
+        univariate model draws each parameter around its own random good point (its density
+        is a product of one-parameter KDEs), a multivariate one a whole point at a time."""
         rng, m = self.rng, self.num_samples
-        centres = good.data[rng.integers(0, good.data.shape[0], size=m)]
+        n, d = good.data.shape
+        if good.univariate:
+            centres = good.data[rng.integers(0, n, size=(m, d)), np.arange(d)[None, :]]
+        else:
+            centres = good.data[rng.integers(0, n, size=m)]
         cand = centres.copy()
         cont = good._cont
         if cont.size:
@@ -277,9 +313,13 @@ class BOHBModel:
                 cand[:, j] = np.minimum((cdf < rng.random(m)[:, None]).sum(axis=1), c - 1)
         return cand
 
-    def sample(self) -> tuple[dict, dict]:
+    def sample(self, random_fraction: float | None = None) -> tuple[dict, dict]:
+        """A new configuration: at random with probability ``random_fraction`` (None: the
+        model's; BOHB passes its bracket's share) or while there is no model, else the best
+        of ``num_samples`` candidates by l/g."""
+        p = self.random_fraction if random_fraction is None else random_fraction
         # Same short-circuit as HpBandSter: no random draw is spent while there is no model.
-        if not self.models or self.rng.random() < self.random_fraction:
+        if not self.models or self.rng.random() < p:
             return self.space.sample(self.rng), {"model_based": False}
         budget = max(self.models)
         good, bad = self.models[budget]
@@ -289,30 +329,56 @@ class BOHBModel:
         return self.from_vector(cand[best]), {"model_based": True, "model_budget": budget}
 
 
+def random_shares(plans, random_fraction: float, placement: str) -> dict:
+    """Probability that a new configuration of the bracket starting at each budget is drawn
+    at random. "every": ``random_fraction`` in every bracket (HpBandSter). "cheapest": the
+    same expected number of random configurations per Hyperband iteration,
+    ``random_fraction`` x its new configurations, given to the brackets with the smallest
+    first budget first (module doc)."""
+    if placement not in RANDOM_PLACEMENTS:
+        raise ValueError(f"random_placement must be one of {RANDOM_PLACEMENTS}, got {placement!r}")
+    if placement == "every":
+        return {p.budgets[0]: random_fraction for p in plans}
+    quota = random_fraction * sum(p.sizes[0] for p in plans)
+    shares = {}
+    for p in sorted(plans, key=lambda p: p.budgets[0]):
+        take = min(quota, p.sizes[0])
+        shares[p.budgets[0]] = take / p.sizes[0]
+        quota = max(quota - take, 0.0)
+    return shares
+
+
 class BOHB(Hyperband):
-    """Hyperband's schedule with configurations proposed by BOHB's KDE model (HpBandSter's
-    algorithm and defaults, plus TPE's bandwidth floor ``bandwidth_floor=0.25``: pass 0 for
-    HpBandSter's KDE exactly; see the module doc). ``seed`` drives every random choice."""
+    """Hyperband's schedule with configurations proposed by BOHB's KDE model: HpBandSter's
+    algorithm and defaults with three departures that measured better (module doc):
+    ``bandwidth_floor=0.25`` (TPE's bandwidth floor), ``kde="univariate"`` (TPE's product of
+    one-parameter densities) and ``random_placement="cheapest"`` (the random third of the
+    configurations goes to the cheapest brackets). ``bandwidth_floor=0, kde="multivariate",
+    random_placement="every"`` is HpBandSter's BOHB exactly (with ``hpbandster_compat=True``
+    its brackets too). ``seed`` drives every random choice."""
 
     def __init__(self, space: SearchSpace, min_budget, max_budget, eta=3, hpbandster_compat: bool = False,
                  n_brackets: int | None = None, top_n_percent=15, num_samples=64, random_fraction=1 / 3,
                  bandwidth_factor=3, min_bandwidth=1e-3, min_points_in_model=None,
-                 bandwidth_floor=DEFAULT_BANDWIDTH_FLOOR, seed=None):
+                 bandwidth_floor=DEFAULT_BANDWIDTH_FLOOR, kde="univariate", random_placement="cheapest",
+                 seed=None):
         super().__init__(space, min_budget, max_budget, eta, hpbandster_compat, n_brackets, seed)
         self.model = BOHBModel(space, self.rng, top_n_percent=top_n_percent, num_samples=num_samples,
                                random_fraction=random_fraction, bandwidth_factor=bandwidth_factor,
                                min_bandwidth=min_bandwidth, min_points_in_model=min_points_in_model,
-                               bandwidth_floor=bandwidth_floor)
+                               bandwidth_floor=bandwidth_floor, kde=kde)
+        self.random_placement = random_placement
+        self.random_shares = random_shares(self.plans, self.model.random_fraction, random_placement)
 
     def _kwargs(self):
         m = self.model
         return {**super()._kwargs(), "top_n_percent": m.top_n_percent, "num_samples": m.num_samples,
                 "random_fraction": m.random_fraction, "bandwidth_factor": m.bandwidth_factor,
                 "min_bandwidth": m.min_bandwidth, "min_points_in_model": m.min_points_in_model,
-                "bandwidth_floor": m.bandwidth_floor}
+                "bandwidth_floor": m.bandwidth_floor, "kde": m.kde, "random_placement": self.random_placement}
 
     def _sample_config(self, budget):
-        return self.model.sample()
+        return self.model.sample(self.random_shares[budget])
 
     def _tell(self, trial, loss):
         self.model.observe(trial.config, trial.budget, loss)

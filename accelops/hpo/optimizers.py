@@ -129,8 +129,11 @@ class Optimizer:
             raise ValueError(f"unknown optimiser class {spec['class']!r} in the journal")
         kwargs = dict(spec["kwargs"])
         if spec["class"] == "BOHB":
-            # a journal from before bandwidth_floor existed ran without it; the default is now on
+            # a journal from before an option existed ran without it (HpBandSter's behaviour);
+            # the defaults now differ, so an old study resumes as it ran
             kwargs.setdefault("bandwidth_floor", 0.0)
+            kwargs.setdefault("kde", "multivariate")
+            kwargs.setdefault("random_placement", "every")
         return kind(SearchSpace.from_spec(spec["space"]), seed=spec["seed"], **kwargs)
 
     def _new_trial(self, config: dict, budget, config_id=None, **fields) -> Trial:
