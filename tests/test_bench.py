@@ -225,3 +225,43 @@ def check_optim_quick(results_dir: Path, threads: int = 1) -> None:
     else:
         assert [r["status"] for r in lm] == ["skipped"]
     assert "Targets:" in (results_dir / "optim_summary_quick.md").read_text()
+
+
+def test_hpo_dev_harness(tmp_path):
+    """bench/hpo_dev.py: refuses the evaluation seeds and bad variants, runs BOHB exactly as
+    bench_hpo does (same evaluations for the same seed), and reports one row per variant."""
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_hpo
+        import hpo_dev
+        import hpo_problems
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from accelops import hpo
+
+    assert hpo_dev.parse_seeds("100:103") == [100, 101, 102] and hpo_dev.parse_seeds("150,120") == [150, 120]
+    for bad in ("0:10", "99,100", "5"):
+        with pytest.raises(ValueError, match="evaluation seeds"):
+            hpo_dev.parse_seeds(bad)
+    with pytest.raises(ValueError, match="names no seed"):
+        hpo_dev.parse_seeds("200:100")
+    assert hpo_dev.parse_variant('floor0={"bandwidth_floor": 0}') == ("floor0", {"bandwidth_floor": 0})
+    for bad in ("floor0", '=[1]', 'x=[1]'):
+        with pytest.raises(ValueError):
+            hpo_dev.parse_variant(bad)
+
+    problem = hpo_problems.make_problems(quick=True)[0]
+    want = bench_hpo.run_accelops("bohb", problem, 123, bench_hpo._noise_rng(0, 123))["evals"]
+    space = hpo_problems.accelops_space(problem.params)
+    opt = hpo.BOHB(space, problem.min_budget, problem.max_budget, problem.eta, seed=123)
+    assert hpo_dev.run_optimizer(opt, problem, bench_hpo._noise_rng(0, 123))["evals"] == want
+
+    rows = hpo_dev.compare({"defaults": {}, "hpbandster": {"bandwidth_floor": 0.0, "kde": "multivariate",
+                                                            "random_placement": "every"}},
+                           [0, 1], [100, 101], peers=(), cache_path=str(tmp_path / "cache.json"), jobs=1, quick=True)
+    assert [(r["problem"], r["name"]) for r in rows] == [
+        ("branin", "defaults"), ("branin", "hpbandster"), ("hartmann6", "defaults"), ("hartmann6", "hpbandster")]
+    assert all(r["mean"] >= 0 and r["seeds"] == 2 and r["full_budget"] > 0 for r in rows)
+    assert (tmp_path / "cache.json").is_file()
