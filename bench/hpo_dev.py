@@ -52,6 +52,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
     name, sep, kwargs = text.partition("=")
     if not sep or not name:
         raise ValueError(f"--variant {text!r}: expected NAME=JSON")
+    if name in PEERS:
+        raise ValueError(f"--variant {text!r}: {name!r} is a peer's name")
     value = json.loads(kwargs)
     if not isinstance(value, dict):
         raise ValueError(f"--variant {text!r}: the JSON must be an object of BOHB keyword arguments")
@@ -74,11 +76,11 @@ def _init(quick: bool):
 
 def _run(task):
     """One optimiser run -> (problem index, name, seed, final true value, full-budget evaluations)."""
-    pi, name, seed, kwargs = task
+    pi, name, seed, kwargs = task  # kwargs None: the peer ``name``
     problem, rng = _PROBLEMS[pi], bh._noise_rng(pi, seed)
-    if name == "optuna":
+    if kwargs is None and name == "optuna":
         res = bh.run_optuna(problem, seed, rng)
-    elif name == "hpbandster":
+    elif kwargs is None:
         with bh._quiet_peers():
             res = bh.run_hpbandster(problem, seed, rng)
     else:
@@ -113,6 +115,9 @@ def compare(variants: dict, problems: list[int], seeds: list[int], peers=("optun
     for peer in peers:
         if peer not in PEERS:
             raise ValueError(f"unknown peer {peer!r}; choose from {PEERS}")
+    clash = sorted(set(variants) & set(PEERS))
+    if clash:
+        raise ValueError(f"variant name(s) {clash} are peer names; rename them")
     cache = {}
     if cache_path and os.path.exists(cache_path):
         with open(cache_path) as f:

@@ -248,7 +248,7 @@ def test_hpo_dev_harness(tmp_path):
     with pytest.raises(ValueError, match="names no seed"):
         hpo_dev.parse_seeds("200:100")
     assert hpo_dev.parse_variant('floor0={"bandwidth_floor": 0}') == ("floor0", {"bandwidth_floor": 0})
-    for bad in ("floor0", '=[1]', 'x=[1]'):
+    for bad in ("floor0", '=[1]', 'x=[1]', 'optuna={}'):
         with pytest.raises(ValueError):
             hpo_dev.parse_variant(bad)
 
@@ -258,10 +258,13 @@ def test_hpo_dev_harness(tmp_path):
     opt = hpo.BOHB(space, problem.min_budget, problem.max_budget, problem.eta, seed=123)
     assert hpo_dev.run_optimizer(opt, problem, bench_hpo._noise_rng(0, 123))["evals"] == want
 
-    rows = hpo_dev.compare({"defaults": {}, "hpbandster": {"bandwidth_floor": 0.0, "kde": "multivariate",
+    with pytest.raises(ValueError, match="peer names"):
+        hpo_dev.compare({"hpbandster": {}}, [0], [100], peers=(), quick=True)
+    rows = hpo_dev.compare({"defaults": {}, "hpbandster_algorithm": {"bandwidth_floor": 0.0, "kde": "multivariate",
                                                             "random_placement": "every"}},
                            [0, 1], [100, 101], peers=(), cache_path=str(tmp_path / "cache.json"), jobs=1, quick=True)
     assert [(r["problem"], r["name"]) for r in rows] == [
-        ("branin", "defaults"), ("branin", "hpbandster"), ("hartmann6", "defaults"), ("hartmann6", "hpbandster")]
+        ("branin", "defaults"), ("branin", "hpbandster_algorithm"), ("hartmann6", "defaults"),
+        ("hartmann6", "hpbandster_algorithm")]
     assert all(r["mean"] >= 0 and r["seeds"] == 2 and r["full_budget"] > 0 for r in rows)
     assert (tmp_path / "cache.json").is_file()
