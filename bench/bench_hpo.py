@@ -236,7 +236,12 @@ def make_accelops(kind, problem, seed):
 
 
 def run_accelops(kind, problem, seed, rng, accounting="resume"):
-    opt = make_accelops(kind, problem, seed)
+    return run_optimizer(make_accelops(kind, problem, seed), problem, rng, accounting)
+
+
+def run_optimizer(opt, problem, rng, accounting="resume"):
+    """Drive an accelops optimiser by ask/tell until it stops or the next evaluation would pass
+    the problem's total budget (bench/hpo_dev.py runs its variants through this too)."""
     runs = Runs(problem, accounting)
     evals, choose, spent = [], [], 0.0
     while True:

@@ -31,6 +31,7 @@ import hpo_problems as hp
 
 EVALUATION_SEEDS = 100  # bench_hpo uses seeds 0..99
 PEERS = ("optuna", "hpbandster")
+run_optimizer = bh.run_optimizer  # the benchmark's own ask/tell loop, budget and cost rule
 _PROBLEMS: list = []
 
 
@@ -92,20 +93,6 @@ def _run(task):
     incumbent = bh.incumbent_trace(res["evals"])[-1][1]
     full = sum(abs(e[0] - problem.max_budget) < 1e-9 for e in res["evals"])
     return pi, name, seed, float(problem.true_value(incumbent)), int(full)
-
-
-def run_optimizer(opt, problem, rng) -> dict:
-    """bench_hpo.run_accelops for an optimiser built here (same budget and cost rule)."""
-    runs, evals, spent = bh.Runs(problem, "resume"), [], 0.0
-    while (trial := opt.ask()) is not None:
-        cost = runs.cost(trial.config_id, trial.budget)
-        if spent + cost > problem.total_budget + 1e-9:
-            break
-        loss = runs.evaluate(trial.config_id, trial.config, trial.budget, rng)
-        opt.tell(trial, loss)
-        spent += cost
-        evals.append((trial.budget, dict(trial.config), loss, cost))
-    return {"evals": evals}
 
 
 def compare(variants: dict, problems: list[int], seeds: list[int], peers=("optuna",), cache_path=None,
