@@ -14,8 +14,10 @@ Every executor calls ``run_objective`` on a task dict and hands back outcome dic
   closures). A trial past its timeout has its worker killed (SIGKILL) and replaced; a
   worker that dies (segfault, os._exit, out of memory) fails only its trial.
 - ``RayExecutor``: one Ray task per trial; Ray is imported only when asked for. A trial
-  past its timeout is cancelled with ``ray.cancel(force=True)``. Checkpoint directories
-  must then be on storage that every node sees.
+  past its timeout is cancelled with ``ray.cancel(force=True)``; a task whose worker dies
+  is not retried and fails its trial. The timeout counts from submission (Ray does not say
+  when a task starts), so give the cluster at least ``n_workers`` free CPUs. Checkpoint
+  directories must then be on storage that every node sees.
 """
 from __future__ import annotations
 
@@ -250,7 +252,11 @@ class RayExecutor:
         if not ray.is_initialized():
             ray.init()  # joins the cluster at RAY_ADDRESS when it is set
         self.n_workers, self.timeout = n_workers, timeout
-        self._remote = ray.remote(_ray_task)
+        # max_retries=0: Ray re-runs a task whose worker died (3 times by default); a trial
+        # that kills its worker would then run again and again, and a checkpoint-aware one
+        # would continue from a half-written state. Like the process pool, a dead worker
+        # fails its trial once and the study goes on.
+        self._remote = ray.remote(max_retries=0)(_ray_task)
         self._objective = ray.put(objective)
         self._running = {}  # ObjectRef -> (task, started)
 
