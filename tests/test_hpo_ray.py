@@ -68,3 +68,10 @@ def test_ray_checkpoint_aware_objective_resumes_promoted_trials(tmp_path):
     study.optimize(objectives.resumable, n_workers=2, executor="ray")
     assert sorted(r.budget for r in study.results) == [1] * 9 + [3] * 3 + [9]
     assert sum(r.info["work"] for r in study.results) == 6 * 1 + 2 * 3 + 9
+
+
+def test_ray_warns_when_the_cluster_has_fewer_cpus_than_workers():
+    study = hpo.Study(hpo.RandomSearch(small_space(), budget=1, seed=0))
+    with pytest.warns(UserWarning, match=r"2 CPUs for n_workers=3.*counts from submission"):
+        study.optimize(objectives.quadratic, n_trials=3, n_workers=3, timeout_per_trial=30.0, executor="ray")
+    assert all(r.ok for r in study.results)

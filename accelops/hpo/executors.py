@@ -16,7 +16,8 @@ Every executor calls ``run_objective`` on a task dict and hands back outcome dic
 - ``RayExecutor``: one Ray task per trial; Ray is imported only when asked for. A trial
   past its timeout is cancelled with ``ray.cancel(force=True)``; a task whose worker dies
   is not retried and fails its trial. The timeout counts from submission (Ray does not say
-  when a task starts), so give the cluster at least ``n_workers`` free CPUs. Checkpoint
+  when a task starts), so give the cluster at least ``n_workers``
+  CPUs (a warning says so when it has fewer and a timeout is set). Checkpoint
   directories must then be on storage that every node sees.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ import multiprocessing.connection
 import os
 import time
 import traceback
+import warnings
 
 __all__ = ["InlineExecutor", "ProcessExecutor", "RayExecutor", "run_objective", "accepts_checkpoint"]
 
@@ -252,6 +254,11 @@ class RayExecutor:
         if not ray.is_initialized():
             ray.init()  # joins the cluster at RAY_ADDRESS when it is set
         self.n_workers, self.timeout = n_workers, timeout
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if timeout is not None and cpus < n_workers:
+            warnings.warn(f"executor='ray': the cluster has {cpus:g} CPUs for n_workers={n_workers}; trials "
+                          f"beyond {cpus:g} wait in Ray's queue, and a trial's timeout ({timeout:g} s) counts "
+                          f"from submission, so waiting ones may time out before they start", stacklevel=3)
         # max_retries=0: Ray re-runs a task whose worker died (3 times by default); a trial
         # that kills its worker would then run again and again, and a checkpoint-aware one
         # would continue from a half-written state. Like the process pool, a dead worker
