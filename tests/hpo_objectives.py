@@ -69,3 +69,17 @@ def resumable(config, budget, checkpoint_dir):
     with open(path, "w") as f:
         json.dump({"steps": budget}, f)
     return {"loss": quadratic(config, budget), "work": work, "resumed_from": done}
+
+
+def _refuse_to_load():
+    raise RuntimeError("this objective cannot be loaded in a worker")
+
+
+class LoadsOnlyHere:
+    """Pickles fine, fails to unpickle (as a notebook's function does in a worker process)."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+    def __call__(self, config, budget):
+        return quadratic(config, budget)

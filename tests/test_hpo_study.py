@@ -193,6 +193,34 @@ def test_process_pool_needs_a_picklable_objective():
         hpo.Study(hpo.RandomSearch(small_space(), seed=0)).optimize(lambda c, b: 0.0, n_trials=2, n_workers=2)
 
 
+def test_process_pool_objective_the_workers_cannot_load(tmp_path):
+    study = hpo.Study(hpo.RandomSearch(small_space(), budget=1, seed=0), journal=tmp_path / "l.jsonl")
+    with pytest.raises(hpo.ObjectiveLoadError, match="could not load the objective .*cannot be loaded in a worker"):
+        study.optimize(objectives.LoadsOnlyHere(), n_trials=4, n_workers=2)
+    assert study.results == []  # no trial is recorded as failed: none ran
+    resumed = hpo.Study.resume(tmp_path / "l.jsonl")
+    resumed.optimize(objectives.quadratic, n_trials=4)  # the asked trials are run again, inline
+    assert len(resumed.results) == 4 and all(r.ok for r in resumed.results)
+
+
+def test_process_pool_refuses_an_objective_from_an_interactive_main():
+    code = textwrap.dedent("""
+        from accelops import hpo
+        def objective(config, budget):
+            return config["x"]
+        study = hpo.Study(hpo.RandomSearch(hpo.SearchSpace({"x": hpo.Float(0.0, 1.0)}), budget=1, seed=0))
+        try:
+            study.optimize(objective, n_trials=2, n_workers=2)
+        except TypeError as e:
+            print("refused:", e, len(study.results))
+        print("inline:", study.optimize(objective, n_trials=2).loss >= 0)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert "refused: executor='process': the objective 'objective' is defined in an interactive __main__" \
+        in out.stdout, out.stdout + out.stderr
+    assert "move it into a module" in out.stdout and "inline: True" in out.stdout
+
+
 def test_ray_executor_clear_error_when_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, installed or not
     with pytest.raises(ImportError, match="executor='ray' needs Ray"):

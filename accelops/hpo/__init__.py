@@ -6,6 +6,7 @@ This subpackage stands alone: it imports the standard library and numpy only and
 objectives, not models (the trainer meets it through an adapter).
 """
 from .bohb import BOHB
+from .executors import ObjectiveLoadError
 from .hyperband import Hyperband, hyperband_brackets
 from .optimizers import GridSearch, Optimizer, RandomSearch, Trial
 from .space import Categorical, Float, Int, Ordinal, SearchSpace
@@ -16,4 +17,4 @@ _OPTIMIZERS = {c.__name__: c for c in (RandomSearch, GridSearch, Hyperband, BOHB
 
 __all__ = ["SearchSpace", "Float", "Int", "Categorical", "Ordinal", "Trial", "Optimizer",
            "RandomSearch", "GridSearch", "Hyperband", "BOHB", "hyperband_brackets",
-           "Study", "TrialResult"]
+           "Study", "TrialResult", "ObjectiveLoadError"]

@@ -11,8 +11,11 @@ Every executor calls ``run_objective`` on a task dict and hands back outcome dic
   'forkserver' method where the platform has it (else 'spawn'), never 'fork', so a study
   whose objectives use threads or CUDA is safe. The objective is pickled to the workers:
   it must be a module-level function or another picklable callable (no lambdas or
-  closures). A trial past its timeout has its worker killed (SIGKILL) and replaced; a
-  worker that dies (segfault, os._exit, out of memory) fails only its trial.
+  closures) in a module the workers can import: one from an interactive ``__main__`` (a
+  notebook, ``python -c``) is refused up front, and a worker that cannot unpickle it
+  raises ``ObjectiveLoadError`` in the study (every trial would fail the same way). A
+  trial past its timeout has its worker killed (SIGKILL) and replaced; a worker that dies
+  (segfault, os._exit, out of memory) fails only its trial.
 - ``RayExecutor``: one Ray task per trial; Ray is imported only when asked for. A trial
   past its timeout is cancelled with ``ray.cancel(force=True)``; a task whose worker dies
   is not retried and fails its trial. The timeout counts from submission (Ray does not say
@@ -27,11 +30,14 @@ import math
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import pickle
+import sys
 import time
 import traceback
 import warnings
 
-__all__ = ["InlineExecutor", "ProcessExecutor", "RayExecutor", "run_objective", "accepts_checkpoint"]
+__all__ = ["InlineExecutor", "ProcessExecutor", "RayExecutor", "ObjectiveLoadError", "run_objective",
+           "accepts_checkpoint"]
 
 
 def accepts_checkpoint(objective) -> bool:
@@ -116,7 +122,17 @@ class InlineExecutor:
         pass
 
 
-def _worker_main(conn, objective):
+class ObjectiveLoadError(RuntimeError):
+    """The worker processes cannot load the objective (raised by the study, not a trial failure:
+    every trial would fail the same way)."""
+
+
+def _worker_main(conn, payload):
+    try:
+        objective = pickle.loads(payload)
+    except BaseException as e:  # noqa: BLE001 -- reported to the parent, which raises it
+        conn.send({"load_error": f"{type(e).__name__}: {e}"})
+        return
     while True:
         try:
             task = conn.recv()
@@ -125,6 +141,31 @@ def _worker_main(conn, objective):
         if task is None:
             return
         conn.send(run_objective(objective, task))
+
+
+def _in_interactive_main(objective) -> bool:
+    """True when ``objective`` (or its class) lives in a ``__main__`` without a source file
+    (a notebook, ``python -c``, the REPL): pickle refers to it by name, and worker processes
+    cannot import that module to find it."""
+    owner = objective if hasattr(objective, "__qualname__") else type(objective)
+    if getattr(owner, "__module__", None) != "__main__":
+        return False
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    return not (isinstance(path, str) and os.path.exists(path))
+
+
+def _pickle_objective(objective) -> bytes:
+    if _in_interactive_main(objective):
+        raise TypeError(f"executor='process': the objective {getattr(objective, '__qualname__', objective)!r} "
+                        "is defined in an interactive __main__ (a notebook, python -c or the REPL), which "
+                        "worker processes cannot import; move it into a module (a .py file) and import it, "
+                        "or use executor='inline' (n_workers=1) or executor='ray' (Ray pickles it by value)")
+    try:
+        return pickle.dumps(objective)
+    except Exception as e:
+        raise TypeError("executor='process' pickles the objective to its workers: it must be a "
+                        "module-level function or another picklable callable, not a lambda or a "
+                        f"closure ({type(e).__name__}: {e})") from e
 
 
 def _context():
@@ -138,16 +179,14 @@ def _context():
 
 
 class _Worker:
-    def __init__(self, ctx, objective):
+    def __init__(self, ctx, payload: bytes):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, objective), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, payload), daemon=True)
         try:
             self.proc.start()
-        except Exception as e:
+        except Exception:
             self.conn.close()
-            raise TypeError("executor='process' pickles the objective to its workers: it must be a "
-                            "module-level function or another picklable callable, not a lambda or a "
-                            f"closure ({type(e).__name__}: {e})") from e
+            raise
         finally:
             child.close()
         self.task = None
@@ -166,6 +205,7 @@ class ProcessExecutor:
         if n_workers < 1:
             raise ValueError(f"n_workers must be >= 1, got {n_workers}")
         self.objective, self.n_workers, self.timeout = objective, n_workers, timeout
+        self._payload = _pickle_objective(objective)  # once, and clear errors before any trial starts
         self._ctx = _context()
         self._workers: list[_Worker] = []
 
@@ -179,7 +219,7 @@ class ProcessExecutor:
             w = idle[0]
         else:
             assert len(self._workers) < self.n_workers
-            w = _Worker(self._ctx, self.objective)
+            w = _Worker(self._ctx, self._payload)
             self._workers.append(w)
         w.task, w.started = task, time.monotonic()
         w.deadline = None if self.timeout is None else w.started + self.timeout
@@ -216,6 +256,11 @@ class ProcessExecutor:
                             "error": f"the worker process died (exit code {w.proc.exitcode})"})
                 self._retire(w)
                 continue
+            if "load_error" in res:
+                self._retire(w)
+                raise ObjectiveLoadError(
+                    f"executor='process': a worker process could not load the objective ({res['load_error']}); "
+                    "it must be importable from a module in the workers (the trial was not run)")
             w.task = None
             out.append(res)
         now = time.monotonic()
