@@ -29,12 +29,14 @@ Protocol (one optimiser run = one seed on one problem, everything sequential, on
   in results/hpo.jsonl (those have no "accounting" field), which favoured Optuna.
 - accelops: RandomSearch(budget=27), Hyperband and BOHB with their defaults (paper
   brackets; BOHB's bandwidth_floor=0.25, kde="univariate", random_placement="cheapest",
-  see accelops/hpo/bohb.py), BOHB with hpbandster_compat=True (HpBandSter's brackets),
-  BOHB with the defaults of 2026-12-02 (kde="multivariate", random_placement="every") and
-  BOHB with HpBandSter's algorithm exactly (also bandwidth_floor=0), driven by ask/tell.
+  bandwidth="adaptive", see accelops/hpo/bohb.py), BOHB with hpbandster_compat=True
+  (HpBandSter's brackets), BOHB with the defaults of 2026-12-03 (bandwidth="fixed"), of
+  2026-12-02 (also kde="multivariate", random_placement="every") and BOHB with HpBandSter's
+  algorithm exactly (also bandwidth_floor=0), driven by ask/tell.
   Rows before 2026-12-02 (no "bandwidth_floor" field): "bohb" had the floor off and
   "bohb_floor" on; rows before 2026-12-03 (no "kde" field): "bohb" was multivariate with
-  random_placement="every", and "bohb_nofloor" is today's "bohb_hpbandster".
+  random_placement="every", and "bohb_nofloor" is today's "bohb_hpbandster"; rows before
+  2026-12-04 (no "bandwidth" field in the options): every BOHB row had bandwidth="fixed".
 - HpBandSter BOHB (its defaults) runs in-process as its documentation describes: a
   NameServer on 127.0.0.1 (random port), one Worker thread, the BOHB master, as many
   iterations as the budget needs; results past the budget are cut off. Pyro4's default
@@ -94,10 +96,11 @@ OPTIMIZERS = {  # key: (label, accelops?)
     "hyperband": ("accelops Hyperband", True),
     "bohb": ("accelops BOHB", True),
     "bohb_compat": ("accelops BOHB, HpBandSter brackets", True),
-    "bohb_multivariate": ("accelops BOHB, kde='multivariate', random_placement='every' (the defaults "
-                          "before 2026-12-03)", True),
+    "bohb_fixed": ("accelops BOHB, bandwidth='fixed' (the defaults of 2026-12-03)", True),
+    "bohb_multivariate": ("accelops BOHB, kde='multivariate', random_placement='every', bandwidth='fixed' "
+                          "(the defaults before 2026-12-03)", True),
     "bohb_hpbandster": ("accelops BOHB, HpBandSter's algorithm (bandwidth_floor=0, kde='multivariate', "
-                        "random_placement='every')", True),
+                        "random_placement='every', bandwidth='fixed')", True),
     "hpbandster_bohb": ("HpBandSter BOHB", False),
     "optuna_tpe_hb": ("Optuna TPE + HyperbandPruner", False),
 }
@@ -228,10 +231,13 @@ def make_accelops(kind, problem, seed):
         return hpo.Hyperband(*args, seed=seed)
     if kind == "bohb_compat":
         return hpo.BOHB(*args, hpbandster_compat=True, seed=seed)
+    if kind == "bohb_fixed":
+        return hpo.BOHB(*args, bandwidth="fixed", seed=seed)
     if kind == "bohb_multivariate":
-        return hpo.BOHB(*args, kde="multivariate", random_placement="every", seed=seed)
+        return hpo.BOHB(*args, kde="multivariate", random_placement="every", bandwidth="fixed", seed=seed)
     if kind == "bohb_hpbandster":
-        return hpo.BOHB(*args, bandwidth_floor=0.0, kde="multivariate", random_placement="every", seed=seed)
+        return hpo.BOHB(*args, bandwidth_floor=0.0, kde="multivariate", random_placement="every", bandwidth="fixed",
+                        seed=seed)
     return hpo.BOHB(*args, seed=seed)
 
 
@@ -657,7 +663,7 @@ def run(cfg: common.Config) -> common.FamilyResult:
                 if key.startswith("bohb"):
                     made = make_accelops(key, problem, 0)
                     row.update(bandwidth_floor=made.model.bandwidth_floor, kde=made.model.kde,
-                               random_placement=made.random_placement)
+                               random_placement=made.random_placement, bandwidth=made.model.bandwidth)
                 results = runs.get((problem.name, key))
                 if skip.get(key):
                     row.update(status="skipped", reason=skip[key])

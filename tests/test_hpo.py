@@ -491,17 +491,94 @@ def test_bohb_random_placement():
 
 def test_bohb_hpbandster_options_and_old_journals():
     space = issue_space()
-    hpb = hpo.BOHB(space, 9, 729, bandwidth_floor=0.0, kde="multivariate", random_placement="every", seed=4)
+    hpb = hpo.BOHB(space, 9, 729, bandwidth_floor=0.0, kde="multivariate", random_placement="every",
+                   bandwidth="fixed", seed=4)
     again = hpo.Optimizer.from_spec(hpb.spec())
-    assert (again.model.kde, again.random_placement) == ("multivariate", "every") and again.spec() == hpb.spec()
+    assert (again.model.kde, again.random_placement, again.model.bandwidth) == ("multivariate", "every", "fixed")
+    assert again.spec() == hpb.spec()
     assert run_sequential(again, 150) == run_sequential(hpb, 150)
     old = hpo.BOHB(space, 9, 729, seed=4).spec()
-    for key in ("kde", "random_placement", "bandwidth_floor"):  # a journal from before these options
+    for key in ("kde", "random_placement", "bandwidth_floor", "bandwidth"):  # a journal from before these options
         del old["kwargs"][key]
     was = hpo.Optimizer.from_spec(old)
-    assert (was.model.kde, was.random_placement, was.model.bandwidth_floor) == ("multivariate", "every", 0.0)
+    assert (was.model.kde, was.random_placement, was.model.bandwidth_floor, was.model.bandwidth) == \
+        ("multivariate", "every", 0.0, "fixed")
     assert run_sequential(was, 150) == run_sequential(
-        hpo.BOHB(space, 9, 729, bandwidth_floor=0.0, kde="multivariate", random_placement="every", seed=4), 150)
+        hpo.BOHB(space, 9, 729, bandwidth_floor=0.0, kde="multivariate", random_placement="every", bandwidth="fixed",
+                 seed=4), 150)
+    with pytest.raises(ValueError, match="bandwidth must be one of"):
+        hpo.BOHB(space, 9, 729, bandwidth="knn")
+
+
+def test_adaptive_bandwidths_by_hand():
+    # two close points and an isolated one in 2 continuous dimensions, plus a categorical one
+    data = np.array([[0.50, 0.50, 0], [0.52, 0.50, 1], [0.10, 0.90, 2]])
+    kinds, levels, bw = [CONT, CONT, CAT], [0, 0, 3], np.array([0.2, 0.4, 0.3])
+    kde = KDE(data, kinds, levels, bw)
+    np.testing.assert_array_equal(kde.point_bw, [[0.2, 0.4]] * 3)   # fixed until adapted
+    kde.adapt(floor=0.01)
+    r_close = math.sqrt(((0.02 / 0.2) ** 2 + 0.0) / 2)            # RMS distance in bandwidths
+    np.testing.assert_allclose(kde.point_bw, [[0.2 * r_close, 0.4 * r_close]] * 2 + [[0.2, 0.4]])
+    x = np.array([[0.51, 0.45, 1], [0.2, 0.8, 2]])
+    want = np.zeros(2)
+    for i in range(3):
+        k = 1.0
+        for j in range(2):
+            h = kde.point_bw[i, j]
+            k = k * np.exp(-0.5 * ((x[:, j] - data[i, j]) / h) ** 2) / (math.sqrt(2 * math.pi) * h)
+        k = k * np.where(x[:, 2] == data[i, 2], 1 - 0.3, 0.3 / 2)
+        want += k / 3
+    np.testing.assert_allclose(kde.pdf(x), want, rtol=1e-12)
+    uni = KDE(data, kinds, levels, bw, univariate=True)
+    uni.adapt(floor=0.01)
+    want_uni = np.ones(2)
+    for j in range(2):
+        h = uni.point_bw[:, j]
+        want_uni *= (np.exp(-0.5 * ((x[:, j, None] - data[None, :, j]) / h) ** 2) / (math.sqrt(2 * math.pi) * h)).mean(1)
+    want_uni *= np.where(x[:, 2, None] == data[None, :, 2], 0.7, 0.15).mean(1)
+    np.testing.assert_allclose(uni.pdf(x), want_uni, rtol=1e-12)
+
+
+def test_adaptive_bandwidth_floor_and_fit():
+    dup = np.array([[0.3, 0.7], [0.3, 0.7], [0.9, 0.1], [0.6, 0.2]])
+    fixed = KDE.fit(dup, [CONT, CONT], [0, 0], bandwidth_floor=0.25)
+    adapted = KDE.fit(dup, [CONT, CONT], [0, 0], bandwidth_floor=0.25, adaptive=True)
+    np.testing.assert_array_equal(adapted.bw, fixed.bw)           # the fixed bandwidths are unchanged
+    floor = 0.25 / 5
+    np.testing.assert_allclose(adapted.point_bw[:2], [[floor, floor]] * 2)  # duplicates: down to the floor
+    assert np.all(adapted.point_bw <= fixed.bw) and np.all(adapted.point_bw >= floor)
+    # without a bandwidth floor, min_bandwidth is the lower bound
+    assert np.allclose(KDE.fit(dup, [CONT, CONT], [0, 0], min_bandwidth=1e-3, adaptive=True).point_bw[:2], 1e-3)
+
+
+def test_unit_steps_and_the_integer_floor():
+    space = hpo.SearchSpace({"a": hpo.Float(0.0, 1.0), "b": hpo.Int(5, 8), "w": hpo.Int(16, 256, log=True),
+                             "c": hpo.Categorical(["x", "y"]), "one": hpo.Int(3, 3)})
+    w = space.params["w"]
+    np.testing.assert_allclose(space.unit_steps, [0.0, 0.25, w.to_unit(256) - w.to_unit(255), 0.5, 1.0])
+    b = space.params["b"]
+    assert b.to_unit(6) - b.to_unit(5) == pytest.approx(space.unit_steps[1])
+    # two good points on the same integer value: the float narrows to the floor, the integer
+    # stays at one step (0.25; here the fixed bandwidth, 0.229, is smaller and is kept)
+    data = np.array([[0.40, b.to_unit(6)], [0.40, b.to_unit(6)], [0.9, b.to_unit(8)], [0.1, b.to_unit(5)]])
+    kde = KDE.fit(data, [CONT, CONT], [0, 0], bandwidth_floor=0.25, adaptive=True, steps=space.unit_steps[:2])
+    assert kde.point_bw[0, 0] == pytest.approx(0.25 / 5)
+    assert kde.point_bw[0, 1] == pytest.approx(min(0.25, kde.bw[1])) and kde.point_bw[0, 1] > 0.2
+    assert np.all(kde.point_bw[2:] == kde.bw[None, :])
+
+
+def test_adaptive_proposals_stay_near_close_points():
+    space = hpo.SearchSpace({"x": hpo.Float(0.0, 1.0), "y": hpo.Float(0.0, 1.0)})
+    m = BOHBModel(space, np.random.default_rng(0), num_samples=3000, kde="multivariate")
+    good = KDE(np.array([[0.3, 0.3], [0.3, 0.301], [0.8, 0.8]]), [CONT, CONT], [0, 0], [0.1, 0.1])
+    good.adapt(floor=0.002)
+    fixed = KDE(good.data, good.kinds, good.levels, good.bw)
+    # the close pair's kernels narrow to the floor (RMS distance 0.001 / 0.1 / sqrt(2) bandwidths
+    # is below it), times bandwidth_factor 3: their candidates stay within 0.02; the isolated
+    # point keeps 0.1 (times 3), as every point does with fixed bandwidths
+    near = (np.abs(m.propose(good) - 0.3).max(axis=1) < 0.02).mean()
+    assert near == pytest.approx(2 / 3, abs=0.04)
+    assert (np.abs(m.propose(fixed) - 0.3).max(axis=1) < 0.02).mean() < 0.05
 
 
 def test_bandwidth_rules():

@@ -134,6 +134,7 @@ class Optimizer:
             kwargs.setdefault("bandwidth_floor", 0.0)
             kwargs.setdefault("kde", "multivariate")
             kwargs.setdefault("random_placement", "every")
+            kwargs.setdefault("bandwidth", "fixed")
         return kind(SearchSpace.from_spec(spec["space"]), seed=spec["seed"], **kwargs)
 
     def _new_trial(self, config: dict, budget, config_id=None, **fields) -> Trial:

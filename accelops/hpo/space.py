@@ -67,6 +67,7 @@ class Param:
 
     kind = "param"
     n_levels = 0  # 0: continuous in the model (Float, Int); c: c discrete levels
+    unit_step = 0.0  # the smallest distance between two values in the unit cube (0: continuous)
 
     def __init__(self, default=None, condition=None):
         self.name: str | None = None
@@ -199,6 +200,12 @@ class Int(Param):
         self.low, self.high, self.log = int(low), int(high), bool(log)
         lo, hi = self.low - 0.5, self.high + 0.5
         self._a, self._b = (math.log(lo), math.log(hi)) if log else (lo, hi)
+        if self.high == self.low:
+            self.unit_step = 1.0
+        elif log:  # the steps shrink with the value: the last one is the smallest
+            self.unit_step = (math.log(self.high) - math.log(self.high - 1)) / (self._b - self._a)
+        else:
+            self.unit_step = 1.0 / (self._b - self._a)
         self._check_default()
 
     def contains(self, value) -> bool:
@@ -248,6 +255,7 @@ class _Discrete(Param):
         self.values = values
         self._index = {k: i for i, k in enumerate(keys)}
         self.n_levels = len(values)
+        self.unit_step = 1.0 / len(values)
         self._check_default()
 
     def index(self, value) -> int:
@@ -339,6 +347,7 @@ class SearchSpace:
         self.order = self._topological_order()
         self.kinds = [p.kind for p in self.params.values()]
         self.n_levels = np.array([p.n_levels for p in self.params.values()], dtype=np.int64)
+        self.unit_steps = np.array([p.unit_step for p in self.params.values()], dtype=np.float64)
 
     def _topological_order(self) -> list[str]:
         order, state = [], {}
