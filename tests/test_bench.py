@@ -105,8 +105,9 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
     hpo = [json.loads(line) for line in (tmp_path / "hpo_quick.jsonl").read_text().splitlines()]
     regret = [r for r in hpo if r.get("kind") == "regret"]
     assert {r["problem"] for r in regret} == {"branin", "hartmann6", "digits_mlp"}
-    assert {r["optimizer"] for r in regret} == {"random", "hyperband", "bohb", "bohb_compat", "bohb_multivariate", "bohb_hpbandster",
-                                                "hpbandster_bohb", "optuna_tpe_hb"}
+    assert {r["optimizer"] for r in regret} == {"random", "hyperband", "bohb", "bohb_compat", "bohb_fixed",
+                                                "bohb_multivariate", "bohb_hpbandster", "hpbandster_bohb",
+                                                "optuna_tpe_hb"}
     assert all(r["accounting"] == "resume" for r in regret)
     assert len({r["run_id"] for r in hpo}) == 1 and all(r["quick"] is True for r in hpo)
     for r in regret:
