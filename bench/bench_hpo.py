@@ -8,7 +8,8 @@ Protocol (one optimiser run = one seed on one problem, everything sequential, on
 
 - Seeds 0..N-1 (N = 100 by default; 30 before 2026-12-03, where every target missed was
   within the noise). These are the evaluation seeds: BOHB's options were chosen on seeds
-  100..499 (development), so N <= 100 keeps the two apart.
+  100 and up (development: 100..499, and 500..2499 for bandwidth="adaptive"; bench/hpo_dev.py
+  refuses 0..99), so N <= 100 keeps the two apart.
 
 - Budgets 1..27, eta 3 (four rungs; --quick: 1..9, the MLP 1..3). Each optimiser may
   spend the problem's total budget (sum of the costs of the evaluations it starts;

@@ -79,8 +79,8 @@ capped at the fixed bandwidth; Branin 0.091, Hartmann-6 0.330) and their geometr
 the fixed bandwidth (0.087, 0.233), the largest coordinate distance instead of the RMS
 (0.088, 0.194).
 
-The options before ``bandwidth`` were chosen on development seeds (100..499, never the evaluation seeds 0..99) of
-bench/bench_hpo.py, with every listed HpBandSter default (random_fraction, top_n_percent,
+``kde`` and ``random_placement`` were chosen on development seeds (100..499, never the
+evaluation seeds 0..99) of bench/bench_hpo.py, with every listed HpBandSter default (random_fraction, top_n_percent,
 num_samples, bandwidth_factor, min_bandwidth, min_points_in_model) unchanged. Mean final
 regret over seeds 100..299 / 300..499, HpBandSter's KDE with the floor -> both options:
 Hartmann-6 0.275 / 0.287 -> 0.186 / 0.182 (Optuna 0.240 / 0.270), Branin 0.099 / 0.108 ->
