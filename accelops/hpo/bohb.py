@@ -148,9 +148,16 @@ class KDE:
             raise ValueError(f"KDE: bandwidths must be > 0, got {self.bw}")
         self._cont = np.flatnonzero(self.kinds == CONT)
         self._disc = np.flatnonzero(self.kinds != CONT)
+        self._cont_pos = {int(j): a for a, j in enumerate(self._cont)}  # dimension -> column of point_bw
         # [n, number of continuous dimensions]: the bandwidth of each point's kernel in each
         # continuous dimension (the same ``bw`` for every point unless ``adapt`` narrowed it)
-        self.point_bw = np.broadcast_to(self.bw[self._cont], (self.data.shape[0], self._cont.size)).copy()
+        self._set_point_bw(np.broadcast_to(self.bw[self._cont], (self.data.shape[0], self._cont.size)).copy())
+
+    def _set_point_bw(self, point_bw: np.ndarray) -> None:
+        # the logs are needed by every logpdf call (each ask scores num_samples candidates)
+        self.point_bw = point_bw
+        self._log_point_bw = np.log(point_bw)
+        self._log_norm = self._log_point_bw.sum(axis=1) + self._cont.size * _LOG_SQRT_2PI
 
     @classmethod
     def fit(cls, data, kinds, levels, min_bandwidth=1e-3, bandwidth_floor=0.0, univariate=False,
@@ -195,17 +202,16 @@ class KDE:
         np.fill_diagonal(dist, np.inf)
         r = np.minimum(dist.min(axis=1), 1.0)
         fixed = self.bw[c][None, :]
-        self.point_bw = np.clip(fixed * r[:, None], np.minimum(lowest[None, :], fixed), fixed)
+        self._set_point_bw(np.clip(fixed * r[:, None], np.minimum(lowest[None, :], fixed), fixed))
 
     def _dim_log_kernels(self, x: np.ndarray, j: int) -> np.ndarray | None:
         """log kernel of dimension j between every query row and every data row: [m, n]
         (None: a one-value discrete dimension, whose kernel is 1)."""
-        h = self.bw[j]
         if self.kinds[j] == CONT:
-            hp = self.point_bw[None, :, int(np.searchsorted(self._cont, j))]
-            z = (x[:, j, None] - self.data[None, :, j]) / hp
-            return -0.5 * z * z - (np.log(hp) + _LOG_SQRT_2PI)
-        c = self.levels[j]
+            a = self._cont_pos[j]
+            z = (x[:, j, None] - self.data[None, :, j]) / self.point_bw[None, :, a]
+            return -0.5 * z * z - (self._log_point_bw[None, :, a] + _LOG_SQRT_2PI)
+        c, h = self.levels[j], self.bw[j]
         if c <= 1:
             return None
         diff = np.abs(x[:, j, None] - self.data[None, :, j])
@@ -223,7 +229,7 @@ class KDE:
             h = self.point_bw  # [n, continuous dimensions]
             z = (x[:, None, self._cont] - self.data[None, :, self._cont]) / h[None]
             acc -= 0.5 * np.einsum("mnj,mnj->mn", z, z)
-            acc -= np.log(h).sum(axis=1)[None, :] + self._cont.size * _LOG_SQRT_2PI
+            acc -= self._log_norm[None, :]
         for j in self._disc:
             k = self._dim_log_kernels(x, j)
             if k is not None:
