@@ -463,7 +463,7 @@ def test_convert_tiny_transformer(mode):
     tokens = _tokens()
     bytes_before = _weight_bytes(model, LINEAR_NAMES)
 
-    report = convert(model, mode)
+    report = convert(model, mode, quantize_output=True)  # lm_head too (kept by default in the ternary modes)
 
     assert isinstance(report, ConvertReport) and report.mode == mode
     assert [s.fqn for s in report.swapped] == LINEAR_NAMES and report.num_swapped == 15
@@ -500,7 +500,7 @@ def test_convert_equals_model_built_from_references(monkeypatch, mode, per_chann
     ref = copy.deepcopy(model)
     ref_mode = "int8" if mode == "int8" else "ternary"
     _swap_all_linears(ref, lambda lin: _RefQuantLinear(lin, ref_mode, per_channel))
-    convert(model, mode, per_channel=per_channel)
+    convert(model, mode, per_channel=per_channel, quantize_output=True)
     tokens = _tokens()
     with torch.no_grad():
         # BitLinear's fake quantization is the ternary inference computation, to the bit
@@ -515,7 +515,7 @@ def test_convert_filter_skips_lm_head():
         seen.append((type(module), fqn))
         return fqn != "lm_head"
 
-    report = convert(model, "ternary", filter=keep)
+    report = convert(model, "ternary", filter=keep, quantize_output=True)
     assert seen == [(nn.Linear, n) for n in LINEAR_NAMES]
     assert report.num_swapped == 14 and type(model.lm_head) is nn.Linear
     assert report.skipped == [("lm_head", "filter returned False")]
@@ -524,7 +524,7 @@ def test_convert_filter_skips_lm_head():
 
 def test_convert_bitlinear_model_to_ternary_uses_from_bitlinear(backend):
     model = TinyLM().eval()
-    convert(model, "bitlinear", per_channel=True)
+    convert(model, "bitlinear", per_channel=True, quantize_output=True)
     tokens = _tokens()
     with torch.no_grad():
         y_bit = model(tokens)
@@ -566,7 +566,7 @@ def test_convert_to_linear_round_trip():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_convert_low_precision_models_keep_dtype(mode, dtype):
     model = TinyLM().to(dtype)
-    report = convert(model, mode)
+    report = convert(model, mode, quantize_output=True)
     assert report.num_swapped == 15
     y = model(_tokens())
     assert y.dtype == dtype and torch.isfinite(y).all()

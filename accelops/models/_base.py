@@ -31,8 +31,10 @@ def make_linear(quant, in_features: int, out_features: int, bias: bool) -> nn.Mo
 
 def make_ffn(quant, dim: int, hidden: int, activation: str, bias: bool) -> nn.Module:
     if quant == "qat-int8":
-        # FusedFFN has no QAT mode: the unfused FFN with QATLinear projections (same
-        # gate_proj/up_proj/down_proj names, so the state_dict matches the fused one).
+        # The unfused FFN with QATLinear projections (same gate_proj/up_proj/down_proj names,
+        # so the state_dict matches the fused one), not FusedFFN(quant="qat-int8"): QATLinear
+        # sums the int8 codes exactly, so to_int8() gives bit-identical outputs; the fused op
+        # multiplies dequantized values in fp32 and would differ by rounding.
         ffn = FFN(dim, hidden, activation, bias=bias)
         convert(ffn, "qat-int8")
         return ffn

@@ -1,18 +1,42 @@
-"""convert(model, mode): swap a model's nn.Linear layers for accelops layers in place."""
+"""convert(model, mode): swap a model's linear layers for accelops layers in place.
+
+What it converts: plain nn.Linear, transformers' Conv1D (GPT-2 and the models built on it:
+a linear layer whose weight is stored transposed, [in, out]), accelops' FusedFFN (as one
+unit, so the fused kernel is kept and runs the mode asked for), and the training layers
+into their inference forms (BitLinear -> TernaryLinear, QATLinear -> Int8Linear).
+
+convert is atomic: every layer is planned, checked and built before the first one is put
+into the model, so an error (a NaN weight, a QATLinear with no int8 form) leaves the model
+as it was and names the layer by its qualified name.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
 from .bitlinear import BitLinear
+from .ffn import KERNELS as FFN_KERNELS
+from .ffn import FusedFFN
 from .qat import QATLinear
 from .quantized_linear import Int8Linear, TernaryLinear
 
 __all__ = ["convert", "ConvertReport", "Swap", "MODES"]
 
 MODES = ("bitlinear", "ternary", "int8", "dynamic-int8", "qat-int8", "int8-from-qat")
+# Modes whose new layers hold a quantized copy of the weight (the float weight is freed);
+# the others ("bitlinear", "qat-int8") share the float Parameters with the layer they replace.
+_COPYING = ("ternary", "int8", "dynamic-int8", "int8-from-qat")
+# The output head (LM head) stays in its precision by default in the ternary modes (BitNet
+# b1.58 keeps it in higher precision: at a large vocabulary it carries most of the error);
+# the int8 modes quantize it, as torchao's quantize_ does with every nn.Linear.
+_QUANTIZE_OUTPUT_DEFAULT = {"bitlinear": False, "ternary": False, "int8": True, "dynamic-int8": True,
+                            "qat-int8": True, "int8-from-qat": True}
+# FusedFFN quant mode that each convert mode gives a FusedFFN of quant None.
+_FFN_MODE = {"bitlinear": "bitlinear", "ternary": "ternary", "int8": "int8", "dynamic-int8": "int8",
+             "qat-int8": "qat-int8"}
 
 
 @dataclass
@@ -22,18 +46,26 @@ class Swap:
     to_type: str
     in_features: int
     out_features: int
+    runs: str = ""  # the kernel the new layer's forward runs
+    note: str = ""
 
 
 @dataclass
 class ConvertReport:
-    """What convert() swapped. bytes_before / bytes_after count every tensor the swapped
-    layers hold (weights, scales, bias), each shared layer once."""
+    """What convert() swapped and skipped (with the reason), and the bytes.
+
+    bytes_before / bytes_after: the tensors the swapped layers hold (weights, scales,
+    biases); model_bytes_before / model_bytes_after: every parameter and buffer of the
+    model. Both count each storage once, so shared and tied tensors are counted once and
+    `model_bytes_before - model_bytes_after` is what the conversion freed."""
 
     mode: str
     swapped: list[Swap] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (fqn, why)
     bytes_before: int = 0
     bytes_after: int = 0
+    model_bytes_before: int = 0
+    model_bytes_after: int = 0
 
     @property
     def num_swapped(self) -> int:
@@ -46,15 +78,20 @@ class ConvertReport:
 
     def __str__(self) -> str:
         lines = [
-            f"convert(mode={self.mode!r}): swapped {self.num_swapped} layer(s), "
-            f"weights {_mib(self.bytes_before)} -> {_mib(self.bytes_after)} ({self.compression:.2f}x smaller)"
+            f"convert(mode={self.mode!r}): swapped {self.num_swapped} layer(s), skipped {len(self.skipped)}; "
+            f"swapped layers {_mib(self.bytes_before)} -> {_mib(self.bytes_after)} ({self.compression:.2f}x smaller); "
+            f"model {_mib(self.model_bytes_before)} -> {_mib(self.model_bytes_after)}"
         ]
+        if not self.swapped:
+            lines.append("  nothing was converted" + (": see the skipped layers below" if self.skipped else
+                                                        ": the model holds no nn.Linear, Conv1D or FusedFFN"))
         if self.swapped:
-            rows = [("fqn", "from", "to", "in", "out")]
-            rows += [(s.fqn, s.from_type, s.to_type, str(s.in_features), str(s.out_features)) for s in self.swapped]
-            widths = [max(len(r[i]) for r in rows) for i in range(5)]
+            rows = [("fqn", "from", "to", "in", "out", "runs")]
+            rows += [(s.fqn, s.from_type, s.to_type, str(s.in_features), str(s.out_features),
+                      s.runs + (f" ({s.note})" if s.note else "")) for s in self.swapped]
+            widths = [max(len(r[i]) for r in rows) for i in range(6)]
             for r in rows:
-                lines.append("  " + "  ".join(c.ljust(w) if i < 3 else c.rjust(w)
+                lines.append("  " + "  ".join(c.rjust(w) if i in (3, 4) else c.ljust(w)
                                               for i, (c, w) in enumerate(zip(r, widths))).rstrip())
         for fqn, why in self.skipped:
             lines.append(f"  skipped {fqn}: {why}")
@@ -65,46 +102,363 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.3f} MiB"
 
 
-def _bytes(module: nn.Module) -> int:
-    tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-    return sum(t.numel() * t.element_size() for t in tensors)
+# --------------------------------------------------------------------------- bytes
+
+def _storage_key(t: torch.Tensor):
+    if t.device.type == "meta":
+        return ("meta", id(t))
+    return (t.device.type, t.device.index, t.untyped_storage().data_ptr())
 
 
-def _swap_for(module: nn.Module, mode: str, per_channel: bool, qat: dict):
-    """-> (a function making the new module, None) or (None, why it is not swapped)."""
-    if type(module) is QATLinear:
+def _storage_bytes(t: torch.Tensor) -> int:
+    if t.device.type == "meta":
+        return t.numel() * t.element_size()
+    return t.untyped_storage().nbytes()
+
+
+def _unique_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        key = _storage_key(t)
+        if key not in seen:
+            seen.add(key)
+            total += _storage_bytes(t)
+    return total
+
+
+def _module_tensors(module: nn.Module):
+    return list(module.parameters()) + list(module.buffers())
+
+
+# --------------------------------------------------------------------------- Conv1D
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers.pytorch_utils.Conv1D (GPT-2, GPT, ...), recognised without importing
+    transformers: y = x @ weight + bias with weight [nx, nf] = [in, out]."""
+    if type(module).__name__ != "Conv1D":
+        return False
+    w = getattr(module, "weight", None)
+    nx, nf = getattr(module, "nx", None), getattr(module, "nf", None)
+    return isinstance(w, torch.Tensor) and w.dim() == 2 and tuple(w.shape) == (nx, nf)
+
+
+def _conv1d_as_linear(conv: nn.Module, share_bias: bool) -> nn.Linear:
+    """An nn.Linear computing what `conv` computes: weight = conv.weight^T, as a new
+    Parameter (a transposed copy: a Parameter cannot be shared across the transpose)."""
+    w = conv.weight
+    bias = getattr(conv, "bias", None)
+    linear = nn.Linear(conv.nx, conv.nf, bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
+    if bias is not None:
+        linear.bias = bias if share_bias else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+    linear.train(conv.training)
+    return linear
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    if _is_conv1d(module):
+        return module.nx, module.nf
+    if isinstance(module, FusedFFN):
+        return module.dim, module.dim
+    return module.in_features, module.out_features
+
+
+# --------------------------------------------------------------------------- what runs
+
+def _runs(module: nn.Module) -> str:
+    if isinstance(module, TernaryLinear):
+        return "ternary_matmul"
+    if isinstance(module, Int8Linear):
+        return "int8_linear"
+    if isinstance(module, BitLinear):
+        return "BitLinear (ternary fake-quant, straight-through)"
+    if isinstance(module, QATLinear):
+        if module.activation == "per_token" and module.weight_bits == "int8":
+            return "int8_matmul (QAT, straight-through)"
+        return f"F.linear of fake-quantized {module.weight_bits} weights ({module.activation} activations)"
+    if isinstance(module, FusedFFN):
+        return FFN_KERNELS[module.quant]
+    return type(module).__name__
+
+
+# --------------------------------------------------------------------------- planning
+
+@dataclass
+class _Plan:
+    """One layer object to replace (reachable under one or more names)."""
+
+    old: nn.Module
+    fqn: str  # its first qualified name
+    make: Callable[[], nn.Module]
+    note: str = ""
+    sites: list = field(default_factory=list)  # (parent, attribute name, fqn)
+
+
+class _Planner:
+    def __init__(self, model, mode, filter, per_channel, qat, quantize_output, untie):
+        self.model, self.mode, self.filter = model, mode, filter
+        self.per_channel, self.qat = per_channel, qat
+        self.quantize_output, self.untie = quantize_output, untie
+        self.plans: dict[int, _Plan] = {}
+        self.skipped: list[tuple[str, str]] = []
+        self.holders = self._parameter_holders(model)
+        self.heads = self._output_heads(model)
+
+    # --- model facts
+    @staticmethod
+    def _parameter_holders(model) -> dict[int, dict[int, str]]:
+        """id(parameter) -> {id(module holding it directly): that module's first name}."""
+        holders: dict[int, dict[int, str]] = {}
+        for name, m in model.named_modules(remove_duplicate=False):
+            for p in m._parameters.values():
+                if p is not None:
+                    holders.setdefault(id(p), {}).setdefault(id(m), name)
+        return holders
+
+    @staticmethod
+    def _output_heads(model) -> set[int]:
+        heads = set()
+        get = getattr(model, "get_output_embeddings", None)
+        if callable(get):
+            try:
+                head = get()
+            except Exception:  # noqa: BLE001 - a model without a head may raise; then there is none
+                head = None
+            if isinstance(head, nn.Module):
+                heads.add(id(head))
+        for name, m in model.named_modules():
+            if name.rsplit(".", 1)[-1] in ("lm_head", "output_projection"):
+                heads.add(id(m))
+        return heads
+
+    def _tied_to(self, module: nn.Module, weights) -> str | None:
+        """The name of another module holding one of `weights` (a tie), or None."""
+        for w in weights:
+            for mid, name in self.holders.get(id(w), {}).items():
+                if mid != id(module):
+                    return name
+        return None
+
+    # --- the walk
+    def walk(self, parent: nn.Module, prefix: str, visited: set) -> None:
+        if id(parent) in visited:
+            return  # a shared container: its layers were planned on the first visit
+        visited.add(id(parent))
+        # _modules rather than named_children(), which yields a module held twice only once
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            fqn = prefix + name
+            if id(child) in self.plans:
+                self.plans[id(child)].sites.append((parent, name, fqn))
+                continue
+            decision = self._decide(child, fqn)
+            if decision is None:
+                self.walk(child, fqn + ".", visited)
+                continue
+            kind, value, note = decision
+            if kind == "skip":
+                self.skipped.append((fqn, value))
+                continue
+            plan = _Plan(child, fqn, value, note)
+            plan.sites.append((parent, name, fqn))
+            self.plans[id(child)] = plan
+
+    def _ask_filter(self, module, fqn) -> bool:
+        if self.filter is None:
+            return True
+        keep = self.filter(module, fqn)
+        if not isinstance(keep, bool):
+            raise TypeError(f"filter must return a bool, got {type(keep).__name__} for {fqn!r}")
+        return keep
+
+    def _decide(self, m: nn.Module, fqn: str):
+        """None: not a layer convert handles (recurse into it); ("skip", why, "") or
+        ("swap", make, note)."""
+        mode = self.mode
+        if isinstance(m, FusedFFN):
+            return self._decide_ffn(m, fqn)
+        if type(m) in (TernaryLinear, Int8Linear):
+            article = "an" if type(m) is Int8Linear else "a"
+            return "skip", f"already {article} {type(m).__name__} (an inference layer; nothing left to convert)", ""
+        if type(m) is QATLinear:
+            if mode != "int8-from-qat":
+                return "skip", (f"already a QATLinear; mode={mode!r} converts only plain nn.Linear "
+                                "(use mode='int8-from-qat')"), ""
+            if not self._ask_filter(m, fqn):
+                return "skip", "filter returned False", ""
+            return self._untie_or_skip(m, m.to_int8_linear)
+        if type(m) is BitLinear:
+            if mode != "ternary":
+                return "skip", (f"already a BitLinear; mode={mode!r} converts only plain nn.Linear "
+                                "(use mode='ternary')"), ""
+            if not self._ask_filter(m, fqn):
+                return "skip", "filter returned False", ""
+            return self._untie_or_skip(m, lambda: _on_meta_or(m, lambda: TernaryLinear.from_bitlinear(m),
+                                                              _empty_ternary, m.per_channel))
+        conv = _is_conv1d(m)
+        if type(m) is not nn.Linear and not conv:
+            if isinstance(m, nn.Linear):
+                # Subclasses such as nn.MultiheadAttention's out_proj are read through `.weight` by
+                # their owner, not called, so swapping them would silently change nothing or break.
+                return "skip", f"{type(m).__name__} is a subclass of nn.Linear, not nn.Linear", ""
+            return None
         if mode == "int8-from-qat":
-            return (lambda m: m.to_int8_linear()), None
-        return None, f"already a QATLinear; mode={mode!r} converts only plain nn.Linear (use mode='int8-from-qat')"
-    if mode == "int8-from-qat":
-        if type(module) is nn.Linear:
-            return None, "a plain nn.Linear, not a QATLinear (mode='int8-from-qat' converts QATLinear only)"
-        if isinstance(module, nn.Linear):
-            return None, f"{type(module).__name__} is not a QATLinear"
-        return None, None
-    if type(module) is BitLinear:
-        if mode == "ternary":
-            return (lambda m: TernaryLinear.from_bitlinear(m)), None
-        return None, f"already a BitLinear; mode={mode!r} converts only plain nn.Linear (use mode='ternary')"
-    if type(module) is nn.Linear:
-        if mode == "bitlinear":
-            return (lambda m: BitLinear.from_linear(m, per_channel=per_channel)), None
-        if mode == "ternary":
-            return (lambda m: TernaryLinear.from_linear(m, per_channel=per_channel)), None
-        if mode == "qat-int8":
-            return (lambda m: QATLinear.from_linear(m, **qat)), None
-        return (lambda m: Int8Linear.from_linear(m)), None  # "int8" and "dynamic-int8": the same layer
-    if isinstance(module, nn.Linear):
-        # Subclasses such as nn.MultiheadAttention's out_proj are read through `.weight` by
-        # their owner, not called, so swapping them would silently change nothing or break.
-        return None, f"{type(module).__name__} is a subclass of nn.Linear, not nn.Linear"
-    return None, None
+            kind = "a Conv1D" if conv else "a plain nn.Linear"
+            return "skip", f"{kind}, not a QATLinear (mode='int8-from-qat' converts QATLinear only)", ""
+        is_head = id(m) in self.heads
+        quantize_output = _QUANTIZE_OUTPUT_DEFAULT[mode] if self.quantize_output is None else self.quantize_output
+        if is_head and not quantize_output:
+            default = self.quantize_output is None
+            return "skip", (f"the output head stays {m.weight.dtype} "
+                            + (f"by default in mode {mode!r} (BitNet keeps the LM head in higher precision)"
+                               if default else "(quantize_output=False)")
+                            + ("; quantize_output=True converts it" if default else "")), ""
+        if not self._ask_filter(m, fqn):
+            return "skip", "filter returned False", ""
+        copying = mode in _COPYING
+        tied = self._tied_to(m, [m.weight])
+        if tied is not None and (copying or conv) and not self.untie:
+            return "skip", (f"its weight is tied to {tied}.weight; converting it would untie the two (a quantized "
+                            "copy beside the float weight); untie=True converts it anyway"), ""
+        note = ""
+        if tied is not None and (copying or conv):
+            note = f"untied from {tied}.weight (untie=True)"
+        elif tied is not None:
+            note = f"still tied to {tied}.weight (the new layer shares the Parameter)"
+        if conv:
+            extra = "Conv1D weight transposed into a new Parameter" if not copying else "from Conv1D"
+            note = f"{note}; {extra}" if note else extra
 
+            def source():
+                return _conv1d_as_linear(m, share_bias=not copying)
+        else:
+            def source():
+                return m
+        return "swap", self._maker(m, source), note
+
+    def _untie_or_skip(self, m, make):
+        """A training layer into its inference form (a quantized copy): refuse to untie silently."""
+        tied = self._tied_to(m, [m.weight])
+        if tied is None:
+            return "swap", make, ""
+        if not self.untie:
+            return "skip", (f"its weight is tied to {tied}.weight; converting it would untie the two (a quantized "
+                            "copy beside the float weight); untie=True converts it anyway"), ""
+        return "swap", make, f"untied from {tied}.weight (untie=True)"
+
+    def _maker(self, m, source):
+        mode, per_channel, qat = self.mode, self.per_channel, self.qat
+        if mode == "bitlinear":
+            return lambda: BitLinear.from_linear(source(), per_channel=per_channel)
+        if mode == "qat-int8":
+            return lambda: QATLinear.from_linear(source(), **qat)
+        if mode == "ternary":
+            return lambda: _on_meta_or(m, lambda: TernaryLinear.from_linear(source(), per_channel=per_channel),
+                                       _empty_ternary, per_channel)
+        return lambda: _on_meta_or(m, lambda: Int8Linear.from_linear(source()), _empty_int8, None)
+
+    def _decide_ffn(self, ffn: FusedFFN, fqn: str):
+        mode, q = self.mode, ffn.quant
+        if q is None and mode in _FFN_MODE:
+            target = _FFN_MODE[mode]
+        elif q == "bitlinear" and mode == "ternary":
+            target = "ternary"
+        elif q == "qat-int8" and mode == "int8-from-qat":
+            target = "int8"
+        else:
+            return "skip", f"a FusedFFN with quant={q!r}: mode={mode!r} does not apply to it", ""
+        if target == "qat-int8" and self.qat["activation"] != "per_token":
+            return "skip", ("a FusedFFN quantizes activations per token only; activation='per_tensor' needs the "
+                            "unfused FFN (FusedFFN.to_module()) before convert"), ""
+        if target == "int8" and q == "qat-int8" and ffn.qat_weight != "int8":
+            raise ValueError(f"{fqn} is a FusedFFN(quant='qat-int8', qat_weight={ffn.qat_weight!r}): only int8 "
+                             "weights have an exact Int8Linear form; skip it with filter=")
+        projections = [(n, getattr(ffn, n)) for n in ("gate_proj", "up_proj", "down_proj") if getattr(ffn, n) is not None]
+        answers = {n: self._ask_filter(p, f"{fqn}.{n}") for n, p in projections}
+        if len(set(answers.values())) > 1:
+            raise ValueError(f"filter returned {answers} for the projections of the FusedFFN {fqn}: a fused FFN "
+                             "converts as one unit, so the filter must give all its projections the same answer")
+        if not all(answers.values()):
+            return "skip", "filter returned False for its projections", ""
+        copying = target in ("ternary", "int8")
+        for n, p in projections:
+            tied = self._tied_to(p, [p.weight])
+            if tied is not None and copying and not self.untie:
+                return "skip", (f"{n}.weight is tied to {tied}.weight; converting would untie them; untie=True "
+                                "converts it anyway"), ""
+        per_channel = ffn.per_channel if q == "bitlinear" else self.per_channel
+        kw = {"qat_weight": self.qat["weight"], "group_size": self.qat["group_size"]} if target == "qat-int8" else {}
+
+        def make():
+            if target == "int8" and q == "qat-int8":
+                return _ffn_int8_from_qat(ffn)
+            if ffn.up_proj.weight.device.type == "meta" and copying:
+                new = FusedFFN(ffn.dim, ffn.hidden, ffn.activation, bias=ffn.up_proj.bias is not None, quant=target,
+                               per_channel=per_channel, device="meta")
+                new.train(ffn.training)
+                return new
+            return FusedFFN.from_module(ffn, activation=ffn.activation, quant=target, per_channel=per_channel, **kw)
+        return "swap", make, f"FusedFFN quant={q!r} -> {target!r}"
+
+
+def _ffn_int8_from_qat(ffn: FusedFFN) -> FusedFFN:
+    new = FusedFFN(ffn.dim, ffn.hidden, ffn.activation, bias=False, quant="int8", device="meta")
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        layer = getattr(ffn, name)
+        if layer is not None:
+            setattr(new, name, layer.to_int8_linear())
+    new.train(ffn.training)
+    return new
+
+
+def _empty_ternary(m, per_channel):
+    in_f, out_f = _features(m)
+    new = TernaryLinear(in_f, out_f, bias=getattr(m, "bias", None) is not None, per_channel=per_channel,
+                        device="meta")
+    new.train(m.training)
+    return new
+
+
+def _empty_int8(m, _):
+    in_f, out_f = _features(m)
+    new = Int8Linear(in_f, out_f, bias=getattr(m, "bias", None) is not None, device="meta")
+    new.train(m.training)
+    return new
+
+
+def _on_meta_or(m, build, empty, arg):
+    """A meta-device layer has no values to quantize: build the new layer empty on the meta
+    device (fill it with load_state_dict / accelops.load, as for any meta model)."""
+    if m.weight.device.type == "meta":
+        return empty(m, arg)
+    return build()
+
+
+def _check_finite(plan: _Plan) -> None:
+    for pname, p in plan.old.named_parameters():
+        if p.device.type == "meta" or not p.is_floating_point():
+            continue
+        if not bool(torch.isfinite(p).all()):
+            bad = "NaN" if bool(torch.isnan(p).any()) else "Inf"
+            raise ValueError(f"{plan.fqn}.{pname} holds {bad} values; convert changed nothing (fix or skip the "
+                             "layer with filter=)")
+
+
+# --------------------------------------------------------------------------- convert
 
 def convert(model: nn.Module, mode: str, filter: Callable[[nn.Module, str], bool] | None = None,
             per_channel: bool = False, *, activation: str = "per_token", weight: str = "int8",
-            group_size: int = 128) -> ConvertReport:
-    """Swap `model`'s nn.Linear layers in place, recursing through its children.
+            group_size: int = 128, quantize_output: bool | None = None, untie: bool = False) -> ConvertReport:
+    """Swap `model`'s linear layers in place, recursing through its children; atomic (an
+    error leaves the model unchanged and names the layer).
+
+    Layers converted: nn.Linear (not its subclasses), transformers' Conv1D (GPT-2; its
+    transposed weight is handled), accelops' FusedFFN as one unit (it keeps the fused
+    kernel and runs the mode asked for: FusedFFN(quant=...)), and the training layers into
+    their inference forms (BitLinear with "ternary", QATLinear with "int8-from-qat").
 
     mode: "bitlinear" (training layer sharing the latent weight and bias Parameters),
     "ternary" (packed inference layer; a BitLinear is converted with its own per_channel)
@@ -114,11 +468,25 @@ def convert(model: nn.Module, mode: str, filter: Callable[[nn.Module, str], bool
     `activation` ("per_token" or "per_tensor"), `weight` ("int8" or "int4") and `group_size`
     (int4); "int8-from-qat" turns trained QATLinear layers (int8 weights, per-token
     activations) into Int8Linear layers whose outputs equal theirs bit for bit (others raise).
-    filter(module, fqn) -> bool is asked about each swappable layer; only those it returns
-    True for are swapped. per_channel applies to
-    "bitlinear" and "ternary" from nn.Linear. New layers live on the original's device and
-    return outputs in the input's dtype. A layer object reachable under several names is
-    swapped once and the new one put at every name, so sharing survives.
+
+    quantize_output: whether the output head (model.get_output_embeddings(), or a layer
+    named lm_head) is converted. None (default): not in "bitlinear" / "ternary" (BitNet
+    keeps the LM head in higher precision), yes in the int8 modes (as torchao does).
+    untie: a weight tied to another module (an LM head tied to the token embedding) is
+    skipped with the reason in copying modes (ternary / int8 would keep a quantized copy
+    beside the float weight, silently untying the two); untie=True converts it anyway.
+    The sharing modes ("bitlinear", "qat-int8") keep ties: the new layer shares the Parameter.
+    A Conv1D's weight is transposed into a new Parameter in the sharing modes (build the
+    optimizer after convert).
+
+    filter(module, fqn) -> bool is asked about each convertible layer (each projection of a
+    FusedFFN, which must all get the same answer); only those it returns True for are
+    swapped. per_channel applies to "bitlinear" and "ternary" from float layers. New layers
+    live on the original's device and return outputs in the input's dtype; on the meta device
+    the copying modes build empty layers (load a state_dict into them). A layer object
+    reachable under several names is swapped once and the new one put at every name, so
+    sharing survives. The report lists what was swapped, what each new layer runs, what
+    was skipped and why, and the bytes (each storage counted once).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -126,6 +494,10 @@ def convert(model: nn.Module, mode: str, filter: Callable[[nn.Module, str], bool
         raise TypeError(f"filter must be callable as filter(module, fqn) -> bool, got {type(filter).__name__}")
     if not isinstance(per_channel, bool):
         raise TypeError(f"per_channel must be a bool, got {per_channel!r}")
+    if quantize_output is not None and not isinstance(quantize_output, bool):
+        raise TypeError(f"quantize_output must be None or a bool, got {quantize_output!r}")
+    if not isinstance(untie, bool):
+        raise TypeError(f"untie must be a bool, got {untie!r}")
     qat = {"activation": activation, "weight": weight, "group_size": group_size}
     if mode == "qat-int8":
         QATLinear(1, 1, activation=activation, weight=weight, group_size=group_size, device="meta")  # checks them
@@ -133,13 +505,12 @@ def convert(model: nn.Module, mode: str, filter: Callable[[nn.Module, str], bool
         raise ValueError(f"activation, weight and group_size apply to mode='qat-int8' only, got mode={mode!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(model, nn.Linear):
+    if isinstance(model, nn.Linear) or _is_conv1d(model) or isinstance(model, FusedFFN):
         raise ValueError(
             f"model is itself a {type(model).__name__}: convert swaps children in place and cannot replace the "
             "object you hold; wrap it (nn.Sequential(layer)) or call TernaryLinear/Int8Linear/BitLinear.from_linear"
         )
     if mode == "int8-from-qat":
-        # Refuse before swapping anything, so a bad layer leaves the model as it was.
         for fqn, m in model.named_modules():
             if type(m) is QATLinear and (m.activation != "per_token" or m.weight_bits != "int8"):
                 if filter is None or filter(m, fqn):
@@ -148,44 +519,32 @@ def convert(model: nn.Module, mode: str, filter: Callable[[nn.Module, str], bool
                         "activation='per_token', weight='int8' has an exact Int8Linear form (Int8Linear quantizes "
                         "activations per token and weights per output channel); skip it with filter="
                     )
+
     report = ConvertReport(mode=mode)
-    replaced: dict[int, nn.Module] = {}  # id(old) -> new, so a shared layer stays shared
-    _convert_children(model, "", mode, filter, per_channel, qat, report, replaced, set())
-    return report
+    report.model_bytes_before = _unique_bytes(_module_tensors(model))
+    planner = _Planner(model, mode, filter, per_channel, qat, quantize_output, untie)
+    planner.walk(model, "", set())
+    plans = list(planner.plans.values())
 
+    # Check and build everything before touching the model.
+    for plan in plans:
+        _check_finite(plan)
+    built: dict[int, nn.Module] = {}
+    for plan in plans:
+        try:
+            built[id(plan.old)] = plan.make()
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise type(e)(f"{plan.fqn} ({type(plan.old).__name__}): {e}; convert changed nothing") from e
 
-def _convert_children(parent, prefix, mode, filter, per_channel, qat, report, replaced, visited):
-    if id(parent) in visited:
-        return  # a shared container: its layers were swapped on the first visit
-    visited.add(id(parent))
-    # _modules rather than named_children(), which yields a module held twice only once
-    for name, child in list(parent._modules.items()):
-        if child is None:
-            continue
-        fqn = prefix + name
-        if id(child) in replaced:
-            new = replaced[id(child)]
+    report.bytes_before = _unique_bytes(t for plan in plans for t in _module_tensors(plan.old))
+    report.bytes_after = _unique_bytes(t for new in built.values() for t in _module_tensors(new))
+    for plan in plans:
+        new = built[id(plan.old)]
+        in_f, out_f = _features(plan.old)
+        for parent, name, fqn in plan.sites:
             setattr(parent, name, new)
-            report.swapped.append(Swap(fqn, type(child).__name__, type(new).__name__,
-                                       child.in_features, child.out_features))
-            continue
-        make, why = _swap_for(child, mode, per_channel, qat)
-        if make is None:
-            if why is not None:
-                report.skipped.append((fqn, why))
-            _convert_children(child, fqn + ".", mode, filter, per_channel, qat, report, replaced, visited)
-            continue
-        if filter is not None:
-            keep = filter(child, fqn)
-            if not isinstance(keep, bool):
-                raise TypeError(f"filter must return a bool, got {type(keep).__name__} for {fqn!r}")
-            if not keep:
-                report.skipped.append((fqn, "filter returned False"))
-                continue
-        new = make(child)
-        replaced[id(child)] = new
-        setattr(parent, name, new)
-        report.swapped.append(Swap(fqn, type(child).__name__, type(new).__name__,
-                                   child.in_features, child.out_features))
-        report.bytes_before += _bytes(child)
-        report.bytes_after += _bytes(new)
+            report.swapped.append(Swap(fqn, type(plan.old).__name__, type(new).__name__, in_f, out_f,
+                                       _runs(new), plan.note))
+    report.skipped = planner.skipped
+    report.model_bytes_after = _unique_bytes(_module_tensors(model))
+    return report

@@ -14,12 +14,22 @@ from .. import ops
 from ..reference import ffn as ref_ffn
 from ..reference.bitlinear import straight_through
 from .bitlinear import BitLinear
-from .quantized_linear import Int8Linear
+from .qat import QATLinear
+from .quantized_linear import Int8Linear, TernaryLinear
 
 __all__ = ["FusedFFN", "FFN", "QUANT_MODES"]
 
-QUANT_MODES = (None, "bitlinear", "int8")
-_LAYERS = {None: nn.Linear, "bitlinear": BitLinear, "int8": Int8Linear}
+QUANT_MODES = (None, "bitlinear", "ternary", "int8", "qat-int8")
+_LAYERS = {None: nn.Linear, "bitlinear": BitLinear, "ternary": TernaryLinear, "int8": Int8Linear,
+           "qat-int8": QATLinear}
+# What each mode's forward runs, in words (convert()'s report prints it).
+KERNELS = {
+    None: "fused_ffn",
+    "bitlinear": "fused_ffn(ternary fake-quant weights, int8 fake-quant activations)",
+    "ternary": "ternary_matmul x3 + ffn_activation",
+    "int8": "int8_linear x3 + ffn_activation",
+    "qat-int8": "fused_ffn(int8 fake-quant weights, int8 fake-quant activations)",
+}
 
 
 def _check(activation, quant=None):
@@ -90,27 +100,47 @@ class FusedFFN(nn.Module):
         ternary fake-quantized weights (straight-through to the latent weights) and applies
         per-token int8 fake-quant to x and h inside (act_quant=True); equal to composing the
         three BitLinear layers unfused, up to fp32 rounding.
+    quant="ternary": TernaryLinear projections (packed BitNet b1.58 inference): ternary_matmul
+        for the three projections (exact int32 sums), accelops.ops.ffn_activation in between.
+        Equal to three TernaryLinear layers unfused, bit for bit.
     quant="int8": Int8Linear projections (W8A8 inference): int8_linear for the three
         projections, accelops.ops.ffn_activation for the fused activation in between.
         Weights are frozen int8 buffers; gradients reach x only (straight-through).
+    quant="qat-int8": QATLinear projections (int8 quantization-aware training, per-token
+        activations): the fused op gets their fake-quantized weights (`qat_weight` "int8" per
+        output channel or "int4" per group of `group_size`, straight-through) and fake-quantizes
+        x and h per token to int8 inside (act_quant=True), as three QATLinear layers do to
+        their inputs, up to fp32 rounding (QATLinear sums the int8 codes exactly; the fused op
+        multiplies their dequantized values in fp32).
+
+    Ternary and int8 layers (and their fused modes) are inference forms: gradients reach x
+    (straight-through) and the biases, not the quantized weights.
 
     `gate_proj` is None for activation 'gelu' (not gated).
     """
 
     def __init__(self, dim: int, hidden: int, activation: str = "swiglu", bias: bool = False, quant=None,
-                 per_channel: bool = False, *, device=None, dtype=None):
+                 per_channel: bool = False, *, qat_weight: str = "int8", group_size: int = 128, device=None,
+                 dtype=None):
         super().__init__()
         _check(activation, quant)
         _positive("dim", dim)
         _positive("hidden", hidden)
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, got {bias!r}")
+        if not isinstance(per_channel, bool):
+            raise TypeError(f"per_channel must be a bool, got {per_channel!r}")
+        if quant != "qat-int8" and (qat_weight, group_size) != ("int8", 128):
+            raise ValueError(f"qat_weight and group_size apply to quant='qat-int8' only, got quant={quant!r}")
         self.dim, self.hidden, self.activation, self.quant = dim, hidden, activation, quant
         self.per_channel = per_channel
+        self.qat_weight, self.group_size = qat_weight, group_size
         cls = _LAYERS[quant]
         kw = {"bias": bias, "device": device, "dtype": dtype}
-        if quant == "bitlinear":
+        if quant in ("bitlinear", "ternary"):
             kw["per_channel"] = per_channel
+        if quant == "qat-int8":
+            kw.update(activation="per_token", weight=qat_weight, group_size=group_size)
         self.gate_proj = cls(dim, hidden, **kw) if ref_ffn.gated(activation) else None
         self.up_proj = cls(dim, hidden, **kw)
         self.down_proj = cls(hidden, dim, **kw)
@@ -126,11 +156,15 @@ class FusedFFN(nn.Module):
         return (None if self.gate_proj is None else self.gate_proj.bias, self.up_proj.bias, self.down_proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quant == "int8":
-            return self._forward_int8(x)
+        if self.quant in ("int8", "ternary"):
+            return self._forward_inference(x)
         if self.quant == "bitlinear":
             # p.dequantized_weight(): the BitLinear's own (cached when it is shared) quantization
             weights = [None if p is None else straight_through(p.dequantized_weight(), p.weight).to(x.dtype)
+                       for p in (self.gate_proj, self.up_proj, self.down_proj)]
+            return ops.fused_ffn(x, *weights, self._bias(), self.activation, act_quant=True)
+        if self.quant == "qat-int8":
+            weights = [None if p is None else p.fake_quantized_weight().to(x.dtype)
                        for p in (self.gate_proj, self.up_proj, self.down_proj)]
             return ops.fused_ffn(x, *weights, self._bias(), self.activation, act_quant=True)
         weights = [None if p is None else p.weight for p in (self.gate_proj, self.up_proj, self.down_proj)]
@@ -143,27 +177,33 @@ class FusedFFN(nn.Module):
             bias = None if bias is None else tuple(cast(b) for b in bias)
         return ops.fused_ffn(x, *weights, bias, self.activation)
 
-    def _forward_int8(self, x):
-        def proj(layer, t):
-            return ops.int8_linear(t, layer.w_q, layer.w_scale, layer.bias)
-
-        u = proj(self.up_proj, x)
-        g = proj(self.gate_proj, x) if self.gate_proj is not None else None
-        return proj(self.down_proj, ops.ffn_activation(g, u, self.activation))
+    def _forward_inference(self, x):
+        # Each projection is its layer's own forward (int8_linear / ternary_matmul, which
+        # checks x against the layer's in_features); the activation in between is fused.
+        u = self.up_proj(x)
+        g = self.gate_proj(x) if self.gate_proj is not None else None
+        return self.down_proj(ops.ffn_activation(g, u, self.activation))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, hidden={self.hidden}, activation={self.activation!r}, quant={self.quant!r}"
+        extra = f", qat_weight={self.qat_weight!r}" if self.quant == "qat-int8" else ""
+        if self.quant == "qat-int8" and self.qat_weight == "int4":
+            extra += f", group_size={self.group_size}"
+        if self.quant in ("bitlinear", "ternary") and self.per_channel:
+            extra += ", per_channel=True"
+        return f"dim={self.dim}, hidden={self.hidden}, activation={self.activation!r}, quant={self.quant!r}{extra}"
 
     # ------------------------------------------------------------------ conversions
 
     @classmethod
     def from_module(cls, mlp: nn.Module, activation: str | None = None, quant=None,
-                    per_channel: bool = False) -> "FusedFFN":
+                    per_channel: bool = False, *, qat_weight: str = "int8", group_size: int = 128) -> "FusedFFN":
         """A FusedFFN built from a Llama-style MLP (gate_proj / up_proj / down_proj nn.Linear,
         gate_proj absent or None for 'gelu'). activation defaults to what mlp.act_fn says
         (nn.SiLU -> 'swiglu', exact nn.GELU -> 'geglu' with a gate, 'gelu' without); pass it
-        when act_fn is something else. quant=None and 'bitlinear' share mlp's Parameters
-        (no copy: ties and optimizer references carry over); 'int8' quantizes them."""
+        when act_fn is something else. quant=None, 'bitlinear' and 'qat-int8' share mlp's
+        Parameters (no copy: ties and optimizer references carry over); 'ternary' and 'int8'
+        quantize them (a BitLinear projection becomes the TernaryLinear of its own
+        quantization)."""
         _check(activation or "swiglu", quant)
         up, down = getattr(mlp, "up_proj", None), getattr(mlp, "down_proj", None)
         gate = getattr(mlp, "gate_proj", None)
@@ -184,7 +224,8 @@ class FusedFFN(nn.Module):
                 gate is not None and (gate.in_features, gate.out_features) != (dim, hidden)):
             raise ValueError(f"mlp's projections do not form an FFN of dim {dim}, hidden {hidden}: "
                              f"down_proj is {down.in_features} -> {down.out_features}")
-        new = cls(dim, hidden, activation, bias=False, quant=quant, per_channel=per_channel, device="meta")
+        new = cls(dim, hidden, activation, bias=False, quant=quant, per_channel=per_channel, qat_weight=qat_weight,
+                  group_size=group_size, device="meta")
         for name, layer in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
             if layer is None:
                 continue
@@ -192,6 +233,11 @@ class FusedFFN(nn.Module):
                 converted = layer
             elif quant == "bitlinear":
                 converted = BitLinear.from_linear(layer, per_channel=per_channel)
+            elif quant == "ternary":
+                converted = (TernaryLinear.from_bitlinear(layer) if isinstance(layer, BitLinear)
+                             else TernaryLinear.from_linear(layer, per_channel=per_channel))
+            elif quant == "qat-int8":
+                converted = QATLinear.from_linear(layer, weight=qat_weight, group_size=group_size)
             else:
                 converted = Int8Linear.from_linear(layer)
             setattr(new, name, converted)
@@ -200,7 +246,8 @@ class FusedFFN(nn.Module):
 
     def to_module(self, dtype: torch.dtype | None = None) -> FFN:
         """The unfused FFN with nn.Linear children. quant=None and 'bitlinear' share this
-        module's (latent) Parameters; 'int8' gives dequantized copies (in `dtype`)."""
+        module's (latent) Parameters; 'qat-int8' shares them too; 'ternary' and 'int8' give
+        dequantized copies (in `dtype`)."""
         bias = self.up_proj.bias is not None
         new = FFN(self.dim, self.hidden, self.activation, bias=bias, device="meta")
         for name in ("gate_proj", "up_proj", "down_proj"):
@@ -209,7 +256,7 @@ class FusedFFN(nn.Module):
                 continue
             if self.quant is None:
                 linear = layer
-            elif self.quant == "bitlinear":
+            elif self.quant in ("bitlinear", "qat-int8"):
                 linear = layer.to_linear()
             else:
                 linear = layer.to_linear(dtype)

@@ -172,8 +172,12 @@ def choice_for(op: str, device: torch.device, shape: tuple) -> Choice | None:
     when ACCELOPS_BACKEND did not force the backend (_backend.choose_and_forced)."""
     if device.type != "cpu" and device.type != "cuda":
         return None
+    # Before active(): dynamo cannot trace its lock, so a process whose first accelops call
+    # was inside torch.compile failed with "Unsupported context manager".
+    if torch.compiler.is_compiling():
+        return None
     table = _state["table"] if _state["loaded"] else active()
-    if table is None or torch.compiler.is_compiling():
+    if table is None:
         return None
     return table.lookup(op, shape)
 
