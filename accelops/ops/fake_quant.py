@@ -92,8 +92,11 @@ def _check_values(scale: torch.Tensor, zero_point: torch.Tensor | None, quant_mi
     asynchronous device assert on accelerators, so the step never waits for the device."""
     if torch.compiler.is_compiling():
         return  # the kernels' own checks still reject bad values at run time
+    # The kernels multiply by 1/scale: a subnormal scale (below ~2.9e-39) has an infinite fp32
+    # reciprocal, and 0 * inf made inputs 0.0 and -0.0 NaN on every backend.
     if scale.device.type != "cpu":
-        torch._assert_async(((scale > 0) & torch.isfinite(scale)).all(), "fake_quantize: scale must be positive and finite")
+        torch._assert_async(((scale > 0) & torch.isfinite(scale) & torch.isfinite(1.0 / scale)).all(),
+                            "fake_quantize: scale must be positive and finite, with a finite reciprocal")
         if zero_point is not None:
             torch._assert_async(((zero_point >= quant_min) & (zero_point <= quant_max)).all(),
                                 "fake_quantize: zero_point outside [quant_min, quant_max]")
@@ -103,6 +106,11 @@ def _check_values(scale: torch.Tensor, zero_point: torch.Tensor | None, quant_mi
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"scale must be positive and finite, got {scale[i].item()} (index {i}): a zero or "
                          "negative scale has no inverse")
+    tiny = ~torch.isfinite(1.0 / scale)
+    if bool(tiny.any()):
+        i = int(tiny.nonzero()[0, 0])
+        raise ValueError(f"scale {scale[i].item()!r} (index {i}) is too small: its fp32 reciprocal is infinite "
+                         f"(the smallest usable scale is {1.0 / torch.finfo(torch.float32).max:.3e})")
     if zero_point is not None:
         out = (zero_point < quant_min) | (zero_point > quant_max)
         if bool(out.any()):

@@ -54,6 +54,7 @@ def _check_weight(w_q, w_scale):
     n = w_q.shape[0]
     if w_scale.dim() != 1 or w_scale.shape[0] != n:
         raise ValueError(f"w_scale must have shape ({n},), one scale per row of w_q, got {tuple(w_scale.shape)}")
+    ref.check_k(w_q.shape[1])
     return n, w_q.shape[1]
 
 

@@ -15,6 +15,17 @@ import torch
 
 EPS = 1e-5  # floor on a row's absmax: an all-zero row gets zeros and a finite scale
 QMAX = 127.0
+# The largest K whose int8 x int8 sums fit int32 for any int8 codes: K * 128 * 128 < 2^31.
+# Beyond it a sum can wrap (K = 140000 of 127 * 127 gave -16,038,640 for 2,258,060,000),
+# so every backend, this reference included, refuses larger K instead of answering wrongly.
+MAX_K = 2**31 // (128 * 128) - 1  # 131071
+
+
+def check_k(k: int) -> None:
+    if k > MAX_K:
+        raise ValueError(f"K={k} exceeds the int8 GEMM's exact-accumulation limit K <= {MAX_K} (int32 sums of "
+                         "up to K * 128 * 128 must stay below 2^31); split the reduction into chunks of at most "
+                         f"{MAX_K} and add the float results")
 
 
 def _absmax_quantize(x: torch.Tensor, dim: int):
@@ -70,6 +81,7 @@ def dequantize_epilogue(acc, x_scale, w_scale, bias, out_dtype):
 
 def int8_matmul(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.float32):
     """W8A8: x_q [..., K] int8 with x_scale [..., 1], w_q [N, K] int8 with w_scale [N]."""
+    check_k(x_q.shape[-1])
     lead = x_q.shape[:-1]
     acc = int_dot(x_q.reshape(lead.numel(), x_q.shape[-1]), w_q)
     y = dequantize_epilogue(acc, x_scale.reshape(-1), w_scale, bias, out_dtype)
