@@ -5,6 +5,7 @@ model's nn.Linear layers for them, and count_parameters() (sizes, sharing-aware)
 from .bitlinear import BitLinear
 from .ffn import FFN, FusedFFN
 from .convert import MODES, ConvertReport, Swap, convert
+from .serialize import load, save
 from .counting import ParameterCount, count_parameters
 from .observers import FakeQuantize, MinMaxObserver, MovingAverageMinMaxObserver
 from .qat import QATLinear
@@ -12,4 +13,4 @@ from .quantized_linear import Int8Linear, TernaryLinear
 
 __all__ = ["BitLinear", "TernaryLinear", "Int8Linear", "QATLinear", "MinMaxObserver", "MovingAverageMinMaxObserver",
            "FakeQuantize", "FusedFFN", "FFN", "convert", "ConvertReport", "Swap", "MODES", "ParameterCount",
-           "count_parameters"]
+           "count_parameters", "save", "load"]
