@@ -652,7 +652,11 @@ def run_args(args) -> int:
                       device_type=args.device_type, headroom=args.headroom, n_microbatches=args.n_microbatches,
                       pipeline_schedule=args.pipeline_schedule, vocab_size=args.vocab_size)
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"accelops plan: {exc}", file=sys.stderr)
+        from .cli import debug_enabled, one_line
+
+        if debug_enabled():  # ACCELOPS_DEBUG=1: the traceback, as every accelops command gives it
+            raise
+        print(f"accelops plan: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
     return 0

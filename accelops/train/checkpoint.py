@@ -134,11 +134,16 @@ def latest_checkpoint(directory, map_location="cpu"):
                        stacklevel=2)
 
 
-def newest_good(directory, candidates, open_checkpoint, stacklevel: int = 2):
+_AFRESH = ". Move the directory away (or pass resume=False with an empty directory) to start afresh"
+
+
+def newest_good(directory, candidates, open_checkpoint, stacklevel: int = 2, using: str = "resuming from",
+                advice: str = _AFRESH):
     """(path, open_checkpoint(path)) of the first of `candidates` (newest first) that opens,
-    warning about each newer bad one; (None, None) when there are none; CheckpointError when
-    every one is bad (starting afresh over them would lose the run). Shared by the file
-    checkpoints here and the directory checkpoints of the sharded strategies."""
+    warning about each newer bad one ("skipping it and <using> <path> instead"); (None, None)
+    when there are none; CheckpointError (ending with `advice`) when every one is bad
+    (starting afresh over them would lose the run). Shared by the file checkpoints here, the
+    directory checkpoints of the sharded strategies and load_model."""
     failures = []
     for _, path in candidates:
         try:
@@ -147,13 +152,11 @@ def newest_good(directory, candidates, open_checkpoint, stacklevel: int = 2):
             failures.append(str(exc))
             continue
         for reason in failures:
-            warnings.warn(f"{reason}; skipping it and resuming from {path!r} instead", CheckpointWarning,
+            warnings.warn(f"{reason}; skipping it and {using} {path!r} instead", CheckpointWarning,
                           stacklevel=stacklevel + 1)
         return path, opened
     if failures:
-        raise CheckpointError(f"no usable checkpoint in {os.fspath(directory)!r}: " + "; ".join(failures)
-                              + ". Move the directory away (or pass resume=False with an empty directory) "
-                              "to start afresh")
+        raise CheckpointError(f"no usable checkpoint in {os.fspath(directory)!r}: " + "; ".join(failures) + advice)
     return None, None
 
 

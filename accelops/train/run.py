@@ -1,8 +1,8 @@
 """`accelops train CONFIG` and `torchrun -m accelops.train CONFIG`: a character-level
 TransformerLM or RNNLM trained on a text file, everything set by a JSON or TOML file.
 
-    [data]
-    path = "../shared/data/tinyshakespeare.txt"   # relative paths: from the working directory
+    [data]                  # a relative path: the working directory's file, else the one beside this config
+    path = "../shared/data/tinyshakespeare.txt"   # (for a config in the repository root)
     seq_len = 128
     val_fraction = 0.1      # the last 10% of the file validates; or val_path = "other.txt" (a whole file)
 
@@ -25,7 +25,7 @@ TransformerLM or RNNLM trained on a text file, everything set by a JSON or TOML 
     name = "cosine"
     warmup_steps = 50
 
-    [train]                 # Trainer arguments (max_steps, batch_size, precision, compression, ...)
+    [train]                 # Trainer keyword arguments (max_steps, batch_size, precision, compression, ...)
     max_steps = 2000
     strategy = "ddp"        # "ddp" | "fsdp" | "zero1" | "pipeline" (or --strategy); pipeline_schedule, ...
     batch_size = 32
@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -54,7 +55,8 @@ import sys
 
 import torch
 
-__all__ = ["load_config", "build", "run", "run_lr_find", "main", "add_arguments", "seed_everything"]
+__all__ = ["load_config", "build", "run", "run_lr_find", "main", "add_arguments", "seed_everything", "ConfigError",
+           "resolve_data_paths"]
 
 SECTIONS = ("data", "model", "sharing", "optimizer", "scheduler", "train", "lr_find")
 _OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -125,6 +127,146 @@ def _none(value):
     return None if isinstance(value, str) and value.lower() in ("none", "null", "fp32", "") else value
 
 
+# --------------------------------------------------------------------------- value types
+
+# What a config value may be, from the annotation of the argument it becomes ("int | None").
+# TOML and JSON give str, int, float, bool, tables and lists, so these words are all a config
+# can be checked against; an annotation naming anything else is left to the code that uses it.
+_KINDS = {"int": "an int", "float": "a number", "str": "a string", "bool": "true or false", "dict": "a table",
+          "list": "a list", "tuple": "a list", "None": "null"}
+
+
+def _kinds(annotation):
+    """An annotation (a type, or its text under `from __future__ import annotations`) -> the
+    set of _KINDS words it allows, or None when it names something else."""
+    if annotation is inspect.Parameter.empty:
+        return None
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    words = {w.strip().replace("NoneType", "None") for w in text.split("|")}
+    return words if words <= set(_KINDS) else None
+
+
+def _fits(value, kinds) -> bool:
+    for kind in kinds:
+        if (kind == "None" and value is None) or (kind == "bool" and isinstance(value, bool)) \
+                or (kind == "str" and isinstance(value, str)) or (kind == "dict" and isinstance(value, dict)) \
+                or (kind in ("list", "tuple") and isinstance(value, (list, tuple))):
+            return True
+        if kind in ("int", "float") and not isinstance(value, bool) \
+                and isinstance(value, int if kind == "int" else (int, float)):
+            return True
+    return False
+
+
+def _describe(value) -> str:
+    kind = {bool: "true/false", int: "an int", float: "a float", str: "a string", list: "a list",
+            dict: "a table", type(None): "null"}.get(type(value), type(value).__name__)
+    return f"{value!r} ({kind})"
+
+
+def check_types(section: str, values: dict, kinds: dict) -> None:
+    """ConfigError naming section.key and the type expected for the first value of `values`
+    whose kind is not among kinds[key] (keys without kinds are not checked)."""
+    for key, value in values.items():
+        allowed = kinds.get(key)
+        if allowed is None or _fits(value, allowed):
+            continue
+        want = " or ".join(dict.fromkeys(_KINDS[k] for k in ("int", "float", "str", "bool", "dict", "list", "tuple",
+                                                             "None") if k in allowed))
+        hint = ""
+        if isinstance(value, str) and _fits(_unquoted(value), allowed):
+            hint = f": write {key} = {value.strip()} without quotes"
+        raise ConfigError(f"{section}.{key} must be {want}, got {_describe(value)}{hint}")
+
+
+def _unquoted(text: str):
+    """What a quoted TOML/JSON value would have been without the quotes (or the text itself)."""
+    try:
+        return json.loads(text.strip().lower() if text.strip().lower() in ("true", "false") else text)
+    except ValueError:
+        return text
+
+
+def _signature_kinds(fn) -> dict:
+    """{argument: allowed kinds} from fn's annotations (unannotated arguments: not checked)."""
+    out = {}
+    for name, p in inspect.signature(fn).parameters.items():
+        kinds = _kinds(p.annotation)
+        if kinds is not None:
+            out[name] = kinds
+    return out
+
+
+def _default_kinds(fn) -> dict:
+    """{argument: allowed kinds} from the defaults of fn's arguments (torch's optimizers
+    annotate lr as float | Tensor): a float or int default takes a number, a bool one a bool."""
+    out = {}
+    for name, p in inspect.signature(fn).parameters.items():
+        if isinstance(p.default, bool):
+            out[name] = {"bool"}
+        elif isinstance(p.default, (int, float)):
+            out[name] = {"float"}
+    return out
+
+
+_DATA_KINDS = {"path": {"str"}, "seq_len": {"int"}, "val_fraction": {"float"}, "val_path": {"str", "None"},
+               "stride": {"int", "None"}}
+# Trainer arguments a config cannot set: accelops train makes them from other sections.
+_TRAIN_RESERVED = {"scheduler": "is built from the [scheduler] section",
+                   "metadata": "is written by accelops train (the config and the vocabulary)",
+                   "loss_fn": "is a Python callable: pass it to accelops.train.Trainer in Python"}
+
+
+def unknown_keys(section: str, unknown, known, extra: str = "") -> ConfigError:
+    """The error for keys a section does not have: each with the nearest known key when
+    one is close (a typo), then every known key."""
+    import difflib
+
+    close = {k: difflib.get_close_matches(k, list(known), n=1) for k in unknown}
+    hint = "; ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in close.items() if m)
+    return ConfigError(f"[{section}] has unknown key(s) {sorted(unknown)}{extra}{' (' + hint + ')' if hint else ''}; "
+                       f"known: {sorted(known)}")
+
+
+def _check_train_section(train_cfg: dict) -> None:
+    """[train] holds Trainer keyword arguments: an unknown key is listed with the known ones
+    (as [model] and [data] do), a value of the wrong type names the key and the type."""
+    from .trainer import Trainer
+
+    params = {n: p for n, p in inspect.signature(Trainer.__init__).parameters.items() if p.kind == p.KEYWORD_ONLY}
+    for key in train_cfg:
+        if key in _TRAIN_RESERVED:
+            raise ConfigError(f"train.{key} cannot be set in a config: it {_TRAIN_RESERVED[key]}")
+    known = sorted(set(params) - set(_TRAIN_RESERVED))
+    unknown = sorted(set(train_cfg) - set(known))
+    if unknown:
+        raise unknown_keys("train", unknown, known)
+    check_types("train", train_cfg, {n: k for n, p in params.items() if (k := _kinds(p.annotation)) is not None})
+
+
+def resolve_data_paths(config: dict, config_path) -> dict:
+    """The [data] path and val_path of a config read from `config_path`, for `accelops train`:
+    a relative path names the file in the working directory when there is one (what it has
+    always meant, so no existing config changes), else the file beside the config, so a
+    config finds its data wherever it is run from. FileNotFoundError naming both places when
+    neither has it."""
+    data = config.get("data")
+    if not isinstance(data, dict):
+        return config
+    base = os.path.dirname(os.path.abspath(os.fspath(config_path)))
+    for key in ("path", "val_path"):
+        value = data.get(key)
+        if not isinstance(value, str) or not value or os.path.isabs(value) or os.path.exists(value):
+            continue
+        beside = os.path.join(base, value)
+        if not os.path.exists(beside):
+            where = (f"in the working directory {os.getcwd()!r}, which holds the config file too" if base == os.getcwd()
+                     else f"in the working directory {os.getcwd()!r} nor beside the config file in {base!r}")
+            raise FileNotFoundError(f"data.{key} {value!r} is not a file: not {where}")
+        data[key] = beside
+    return config
+
+
 def build_model(model_cfg: dict, vocab_size: int, seq_len: int):
     from ..models import RNNLM, RNNLMConfig, TransformerLM, TransformerLMConfig
 
@@ -143,10 +285,15 @@ def build_model(model_cfg: dict, vocab_size: int, seq_len: int):
     fields = {f.name for f in dataclasses.fields(cfg_cls)}
     unknown = sorted(set(model_cfg) - fields)
     if unknown:
-        raise ConfigError(f"[model] has unknown key(s) {unknown} for type {kind!r}; known: {sorted(fields)}")
+        raise unknown_keys("model", unknown, fields, f" for type {kind!r}")
+    check_types("model", model_cfg, {f.name: k for f in dataclasses.fields(cfg_cls) if (k := _kinds(f.type))})
     if model_cfg["max_len"] < seq_len:
         raise ConfigError(f"model.max_len={model_cfg['max_len']} is shorter than data.seq_len={seq_len}")
-    return model_cls(cfg_cls(**model_cfg))
+    try:
+        config = cfg_cls(**model_cfg)
+    except (ValueError, TypeError) as exc:  # the dataclass's own checks (dim divisible by n_heads, ...)
+        raise ConfigError(f"[model] {exc}") from exc
+    return model_cls(config)
 
 
 def build_scheduler(optimizer, sched_cfg: dict, max_steps: int):
@@ -204,6 +351,16 @@ def build(config: dict):
     sched_cfg = _section(config, "scheduler")
     train_cfg = _section(config, "train")
 
+    # Every key and type is checked before the data is read (a typo should not wait for it).
+    if "compression" in train_cfg:
+        train_cfg["compression"] = _none(train_cfg["compression"])
+    if "grad_clip" in train_cfg:
+        train_cfg["grad_clip"] = _none(train_cfg["grad_clip"])
+    _check_train_section(train_cfg)
+    unknown = sorted(set(data_cfg) - set(_DATA_KINDS))
+    if unknown:
+        raise unknown_keys("data", unknown, _DATA_KINDS)
+    check_types("data", data_cfg, _DATA_KINDS)
     if "path" not in data_cfg:
         raise ConfigError("[data] needs path = the text file to train on")
     seq_len = data_cfg.pop("seq_len", 128)
@@ -214,9 +371,6 @@ def build(config: dict):
     train_data, val_data, vocab = load_char_corpus(data_cfg.pop("path"), seq_len,
                                                    None if val_path is not None else data_cfg.pop("val_fraction", 0.1),
                                                    data_cfg.pop("stride", None), val_path=val_path)
-    if data_cfg:
-        raise ConfigError(f"[data] has unknown key(s) {sorted(data_cfg)}; known: path, seq_len, val_fraction, "
-                          "val_path, stride")
 
     seed = train_cfg.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -226,6 +380,7 @@ def build(config: dict):
     if sharing_cfg:
         if "pattern" not in sharing_cfg:
             raise ConfigError("[sharing] needs pattern = 'alternate' | 'sequential' | 'sandwich' | [[groups]]")
+        check_types("sharing", sharing_cfg, _signature_kinds(share_parameters))
         report = share_parameters(model, sharing_cfg.pop("pattern"), **sharing_cfg)
         if os.environ.get("RANK", "0") == "0":
             logging.getLogger("accelops.train").info("%s", report)
@@ -233,6 +388,7 @@ def build(config: dict):
     name = optim_cfg.pop("name", "adamw")
     if name not in _OPTIMIZERS:
         raise ConfigError(f"optimizer.name must be one of {sorted(_OPTIMIZERS)}, got {name!r}")
+    check_types("optimizer", optim_cfg, _default_kinds(_OPTIMIZERS[name]))
     if "betas" in optim_cfg:
         optim_cfg["betas"] = tuple(optim_cfg["betas"])
     optim_cfg.setdefault("lr", 1e-3)
@@ -243,10 +399,6 @@ def build(config: dict):
 
     max_steps = train_cfg.get("max_steps", 1000)
     scheduler = build_scheduler(optimizer, sched_cfg, max_steps)
-    if "compression" in train_cfg:
-        train_cfg["compression"] = _none(train_cfg["compression"])
-    if "grad_clip" in train_cfg:
-        train_cfg["grad_clip"] = _none(train_cfg["grad_clip"])
     metadata = {"config": config, "vocab": "".join(vocab.chars)}
     try:
         trainer = Trainer(model, optimizer, train_data, val_data, scheduler=scheduler, metadata=metadata,
@@ -291,6 +443,7 @@ def run_lr_find(config: dict):
     unknown = sorted(set(options) - set(_LR_FIND_KEYS))
     if unknown:
         raise ConfigError(f"[lr_find] has unknown key(s) {unknown}; known: {list(_LR_FIND_KEYS)}")
+    check_types("lr_find", options, _signature_kinds(lr_find))
     train_cfg = config.setdefault("train", {})
     log_dir = train_cfg.get("log_dir") or "."
     for key in ("checkpoint_dir", "mlflow", "early_stopping", "resume"):  # nothing is trained or saved
@@ -328,7 +481,7 @@ def _run_ray(args) -> int:
         raise ConfigError(f"--num-workers must be >= 1, got {args.num_workers}")
     require_ray()  # the message naming the extra, before the config is read
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = apply_overrides(load_config(args.config), args.overrides)
+    config = resolve_data_paths(apply_overrides(load_config(args.config), args.overrides), args.config)
     if getattr(args, "strategy", None) is not None:
         config.setdefault("train", {})["strategy"] = args.strategy
     if getattr(args, "mlflow", False) and not config.setdefault("train", {}).get("mlflow"):
@@ -380,7 +533,7 @@ def run_args(args, argv=None) -> int:
                               "run_args(args, argv)")
         return launch.relaunch(args, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = apply_overrides(load_config(args.config), args.overrides)
+    config = resolve_data_paths(apply_overrides(load_config(args.config), args.overrides), args.config)
     if args.no_resume:
         config.setdefault("train", {})["resume"] = False
     if getattr(args, "strategy", None) is not None:
@@ -395,7 +548,15 @@ def run_args(args, argv=None) -> int:
 
 
 def main(argv=None) -> int:
+    """`python -m accelops.train` (what torchrun runs on every rank). Without argv (a program
+    reading sys.argv) a user error prints one line on stderr and returns 2, as `accelops`
+    does (see accelops.cli.run_reporting); with argv (Python callers, tests) it raises."""
     parser = add_arguments(argparse.ArgumentParser(prog="accelops train",
                                                    description="train a character-level language model"))
-    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        from ..cli import run_reporting
+
+        argv = sys.argv[1:]
+        return run_reporting("accelops train", "train", lambda: run_args(parser.parse_args(argv), argv))
+    argv = list(argv)
     return run_args(parser.parse_args(argv), argv)
