@@ -67,11 +67,44 @@ class ConfigError(ValueError):
     """A configuration file that cannot be used (the message names the key)."""
 
 
+# Bounds on what a config may hold, so a hostile or broken file gets one clear error: a
+# file nested 100,000 deep raised a raw RecursionError (~200 KB of traceback), and a 10 MB
+# string was echoed whole into an error message.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 16
+MAX_CONFIG_STRING = 4096
+
+
+def check_config_shape(config, source: str) -> None:
+    """Refuse nesting deeper than MAX_CONFIG_DEPTH and strings longer than MAX_CONFIG_STRING
+    anywhere in `config` (iteratively: no recursion limit to hit), naming the key."""
+    stack = [(config, "", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{source}: {where or 'the config'} nests deeper than {MAX_CONFIG_DEPTH} levels")
+        if isinstance(value, str) and len(value) > MAX_CONFIG_STRING:
+            raise ConfigError(f"{source}: {where} is a string of {len(value):,} characters (at most "
+                              f"{MAX_CONFIG_STRING:,}): {value[:40]!r}...")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                key = str(k)
+                if len(key) > 200:
+                    raise ConfigError(f"{source}: a key of {len(key):,} characters under {where or 'the top level'}")
+                stack.append((v, f"{where}.{key}" if where else key, depth + 1))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                stack.append((v, f"{where}[{i}]", depth + 1))
+
+
 def load_config(path) -> dict:
     """A JSON (.json) or TOML (any other suffix) file -> dict of its sections."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} not found")
+    size = os.path.getsize(path)
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path!r} is {size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -88,10 +121,18 @@ def load_config(path) -> dict:
                                       "package; or write the config as .json") from None
             config = tomllib.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-        raise ConfigError(f"config file {path!r} does not parse: {exc}") from exc
+        raise ConfigError(f"config file {path!r} does not parse: {_clip(str(exc))}") from exc
+    except RecursionError:
+        raise ConfigError(f"config file {path!r} nests too deep to parse (at most {MAX_CONFIG_DEPTH} levels "
+                          "are allowed)") from None
     if not isinstance(config, dict):
         raise ConfigError(f"config file {path!r} must hold a table/object of sections, got {type(config).__name__}")
+    check_config_shape(config, f"config file {path!r}")
     return config
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
 
 
 def apply_overrides(config: dict, overrides) -> dict:
@@ -109,6 +150,7 @@ def apply_overrides(config: dict, overrides) -> dict:
         except ValueError:
             parsed = value
         config.setdefault(section, {})[name] = parsed
+    check_config_shape(config, "the config with its overrides")
     return config
 
 
