@@ -19,6 +19,14 @@ the crash) are run first by the next ``optimize``. With one worker the trial seq
 then identical to an uninterrupted run with the same seed, as it is for a plain ask/tell
 loop. The limits of ``optimize`` (``n_trials``, ``max_budget_total``) count the whole
 study, journal included, so calling it again with the same arguments finishes the run.
+
+A journal has one writer at a time (journal.py): ``Study(opt, journal=...)`` and
+``Study.resume(journal)`` take its lock and fail at once with JournalLockedError, naming
+the PID and host of the holder, when another study has it. The lock is released when
+``optimize`` returns (or raises), by ``close()`` / the end of a ``with`` block, and by the
+OS when the process dies; the next ``optimize`` takes it again and refuses with a
+ValueError if the journal changed in between. ``Study.resume(journal, read_only=True)``
+takes no lock (to look at a journal that may be being written) and cannot optimize.
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ import tempfile
 import time
 
 from .executors import EXECUTORS, accepts_checkpoint
-from .journal import VERSION, JournalWriter, read_journal, to_json
+from .journal import VERSION, JournalWriter, finite_loss, read_journal, to_json
 from .optimizers import Optimizer, Trial
 
 __all__ = ["Study", "TrialResult"]
@@ -82,16 +90,16 @@ class Study:
         self.n_started = 0
         self.created = time.time()
         self._requeue: list[Trial] = []
-        self._writer = None
+        self._writer, self._read_only = None, False
         if self.journal_path is not None:
-            if os.path.exists(self.journal_path) and os.path.getsize(self.journal_path) > 0:
-                raise FileExistsError(f"journal {self.journal_path!r} already exists: continue it with "
-                                      "hpo.Study.resume(journal) or choose another path")
-            if os.path.exists(self.journal_path):
-                os.remove(self.journal_path)
-            self._writer = JournalWriter(self.journal_path)
-            self._write({"type": "study", "version": VERSION, "optimizer": optimizer.spec(),
-                         "time": self.created})
+            # takes the journal's lock, then refuses a non-empty journal (FileExistsError)
+            self._writer = JournalWriter(self.journal_path, create=True)
+            try:
+                self._write({"type": "study", "version": VERSION, "optimizer": optimizer.spec(),
+                             "time": self.created})
+            except BaseException:
+                self._writer.close()
+                raise
 
     # -- journal -------------------------------------------------------------------------
     def _write(self, record):
@@ -99,10 +107,27 @@ class Study:
             self._writer.write(record)
 
     @classmethod
-    def resume(cls, journal, optimizer: Optimizer | None = None, checkpoint_dir=None) -> "Study":
+    def resume(cls, journal, optimizer: Optimizer | None = None, checkpoint_dir=None,
+               read_only: bool = False) -> "Study":
         """Rebuild a study from its journal (see the module doc). A torn last line is ignored
-        with a warning; any other damage is a ValueError."""
+        with a warning; any other damage is a ValueError. Takes the journal's lock
+        (JournalLockedError if another study holds it) unless ``read_only``."""
         path = os.fspath(journal)
+        # Locked before reading, so no other writer can append between the read and our writes.
+        writer = None if read_only else JournalWriter(path, create=False)
+        try:
+            self, keep = cls._replay(path, optimizer, checkpoint_dir)
+            if writer is not None:
+                writer.cut(keep)  # drop a torn last line before appending
+        except BaseException:
+            if writer is not None:
+                writer.close()
+            raise
+        self._writer, self._read_only = writer, read_only
+        return self
+
+    @classmethod
+    def _replay(cls, path, optimizer, checkpoint_dir) -> tuple["Study", int]:
         records, keep = read_journal(path)
         if not records or records[0].get("type") != "study":
             raise ValueError(f"{path}: not a study journal (no header line)")
@@ -122,7 +147,7 @@ class Study:
         self.results, self.started = [], {}
         self.budget_started, self.n_started = 0.0, 0
         self.created = header.get("time", time.time())
-        self._requeue, self._writer = [], None
+        self._requeue, self._writer, self._read_only = [], None, True
         for i, rec in enumerate(records[1:], start=2):
             kind = rec.get("type")
             if kind == "ask":
@@ -137,8 +162,7 @@ class Study:
             else:
                 raise ValueError(f"{path}: line {i}: unknown record type {kind!r}")
         self._requeue = sorted(optimizer.running.values(), key=lambda t: t.id)
-        self._writer = JournalWriter(path, keep=keep)
-        return self
+        return self, keep
 
     def _started(self, trial, when):
         self.started[trial.id] = when
@@ -150,9 +174,16 @@ class Study:
         trial = self.optimizer.trials[tid]
         status = rec["status"]
         loss = rec["loss"] if status == "ok" else None
+        error = rec.get("error")
+        if write and status == "ok":
+            # The executors already fail a NaN/inf loss; this keeps any other way one could
+            # arrive out of best() and the journal (which refuses to write it), the same way.
+            bad, loss = loss, to_json(loss)  # numpy scalars to Python, non-finite to None
+            if not finite_loss(loss):
+                status, loss, error = "failed", None, f"the objective returned a non-finite loss ({bad!r})"
         self.optimizer.tell(trial, math.inf if loss is None else loss)
         now = rec.get("time", time.time())
-        res = TrialResult(trial=trial, status=status, loss=loss, error=rec.get("error"),
+        res = TrialResult(trial=trial, status=status, loss=loss, error=error,
                           duration=rec.get("duration", 0.0), info=rec.get("info") or {},
                           started=self.started.get(tid, now), finished=now)
         self.results.append(res)
@@ -203,6 +234,20 @@ class Study:
             executor = "inline" if n_workers == 1 else "process"
         if executor not in EXECUTORS:
             raise ValueError(f"executor must be 'auto', 'inline', 'process' or 'ray', got {executor!r}")
+        if self._read_only:
+            raise ValueError(f"{self.journal_path}: this study was resumed read_only; continue it with "
+                             "hpo.Study.resume(journal)")
+        if self._writer is not None:
+            # released at the end of the last optimize or by close(): take it again, and
+            # refuse if another study wrote the journal meanwhile (our state would be stale)
+            self._writer.reopen()
+        try:
+            return self._optimize(objective, n_workers, max_budget_total, n_trials, timeout_per_trial, executor)
+        finally:
+            if self._writer is not None:
+                self._writer.close()  # the run is over: the journal is whole, let others resume it
+
+    def _optimize(self, objective, n_workers, max_budget_total, n_trials, timeout_per_trial, executor):
         ckpt = accepts_checkpoint(objective)
         ex = EXECUTORS[executor](objective, n_workers, timeout_per_trial)
         try:
@@ -226,8 +271,15 @@ class Study:
         return self.best()
 
     def close(self):
+        """Release the journal (file and lock); a later ``optimize`` takes it again."""
         if self._writer is not None:
             self._writer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # -- results -------------------------------------------------------------------------
     def best(self) -> TrialResult | None:
