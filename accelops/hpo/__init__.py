@@ -8,6 +8,7 @@ objectives, not models (the trainer meets it through an adapter).
 from .bohb import BOHB
 from .executors import ObjectiveLoadError
 from .hyperband import Hyperband, hyperband_brackets
+from .journal import JournalLockedError
 from .optimizers import GridSearch, Optimizer, RandomSearch, Trial
 from .space import Categorical, Float, Int, Ordinal, SearchSpace
 from .study import Study, TrialResult
@@ -17,4 +18,4 @@ _OPTIMIZERS = {c.__name__: c for c in (RandomSearch, GridSearch, Hyperband, BOHB
 
 __all__ = ["SearchSpace", "Float", "Int", "Categorical", "Ordinal", "Trial", "Optimizer",
            "RandomSearch", "GridSearch", "Hyperband", "BOHB", "hyperband_brackets",
-           "Study", "TrialResult", "ObjectiveLoadError"]
+           "Study", "TrialResult", "ObjectiveLoadError", "JournalLockedError"]
