@@ -580,6 +580,10 @@ def plot_curves(path, problems, curves):
 
 # --------------------------------------------------------------------------- the family
 
+def _nan_as_null(values) -> list:
+    return [None if math.isnan(v) else float(v) for v in values]
+
+
 def _fmt(x, digits=3):
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -652,14 +656,22 @@ def run(cfg: common.Config) -> common.FamilyResult:
             if optimum is None:
                 optimum = min(problem.cache.values()) if problem.cache else math.nan
             problem.reference = optimum
+            # no full-budget evaluation in this run (the MLP): no optimum, written as null with
+            # the reason (rows refuse NaN)
+            optimum_or_null = optimum if math.isfinite(optimum) else None
+            if problem.optimum is not None:
+                optimum_kind = "known"
+            elif optimum_or_null is not None:
+                optimum_kind = "best found in this run"
+            else:
+                optimum_kind = "none: no configuration reached the full budget in this run"
             values = problem.cache
             grid = np.unique(np.geomspace(problem.min_budget, problem.total_budget, 60).round(6))
             for key, (label, is_accelops) in OPTIMIZERS.items():
                 row = {**meta, "family": FAMILY, "kind": "regret", "problem": problem.name, "optimizer": key,
                        "label": label, "accelops": is_accelops, "min_budget": problem.min_budget,
                        "max_budget": problem.max_budget, "eta": problem.eta, "total_budget": problem.total_budget,
-                       "budget_unit": problem.unit, "optimum": optimum,
-                       "optimum_kind": "known" if problem.optimum is not None else "best found in this run",
+                       "budget_unit": problem.unit, "optimum": optimum_or_null, "optimum_kind": optimum_kind,
                        "seeds": len(seeds)}
                 if key.startswith("bohb"):
                     made = make_accelops(key, problem, 0)
@@ -673,26 +685,38 @@ def run(cfg: common.Config) -> common.FamilyResult:
                     row.update(status="error", reason=bad.get("reason", "no result"))
                 else:
                     final = [regret_curve(r["trace"], values, optimum, [problem.total_budget])[0] for r in results]
-                    choose_ms = [t * 1e3 for r in results for t in r["choose_s"]]
-                    row.update(status="ok", final_regret=final, final_regret_mean=float(np.mean(final)),
-                               final_regret_std=float(np.std(final)), final_regret_ci95=bootstrap_ci(final),
-                               **{f"final_regret_{k}": v for k, v in _percentiles(final).items()},
-                               evaluations_mean=float(np.mean([len(r["evals"]) for r in results])),
-                               full_budget_evaluations_mean=float(np.mean(
-                                   [sum(abs(e[0] - problem.max_budget) < 1e-9 for e in r["evals"])
-                                    for r in results])),
-                               budget_spent_mean=float(np.mean([sum(e[3] for e in r["evals"]) for r in results])),
-                               choose_ms_median=common.percentile(sorted(choose_ms), 0.5) if choose_ms else None,
-                               choose_ms_p80=common.percentile(sorted(choose_ms), 0.8) if choose_ms else None,
-                               configs_chosen_mean=float(np.mean([len(r["choose_s"]) for r in results])),
-                               wall_s_mean=float(np.mean([r["wall_s"] for r in results])))
-                    curve = [regret_curve(r["trace"], values, optimum, grid) for r in results]
-                    curves[(problem.name, key)] = {"grid": grid.tolist(), "regret": curve}
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        row["curve"] = {"budget": grid.tolist(),
-                                        "median": np.nanmedian(np.asarray(curve, dtype=float), axis=0).tolist(),
-                                        "mean": np.nanmean(np.asarray(curve, dtype=float), axis=0).tolist()}
+                    undefined = sum(not math.isfinite(f) for f in final)
+                    if undefined:
+                        # a seed with no finished evaluation by the total budget (or no optimum to
+                        # measure against) has no regret: an error row with the reason, not NaN
+                        row.update(status="error", reason=f"final regret undefined for {undefined} of {len(final)} "
+                                                          "seeds: no incumbent by the total budget, or no optimum")
+                    else:
+                        choose_ms = [t * 1e3 for r in results for t in r["choose_s"]]
+                        row.update(status="ok", final_regret=final, final_regret_mean=float(np.mean(final)),
+                                   final_regret_std=float(np.std(final)), final_regret_ci95=bootstrap_ci(final),
+                                   **{f"final_regret_{k}": v for k, v in _percentiles(final).items()},
+                                   evaluations_mean=float(np.mean([len(r["evals"]) for r in results])),
+                                   full_budget_evaluations_mean=float(np.mean(
+                                       [sum(abs(e[0] - problem.max_budget) < 1e-9 for e in r["evals"])
+                                        for r in results])),
+                                   budget_spent_mean=float(np.mean([sum(e[3] for e in r["evals"]) for r in results])),
+                                   choose_ms_median=common.percentile(sorted(choose_ms), 0.5) if choose_ms else None,
+                                   choose_ms_p80=common.percentile(sorted(choose_ms), 0.8) if choose_ms else None,
+                                   configs_chosen_mean=float(np.mean([len(r["choose_s"]) for r in results])),
+                                   wall_s_mean=float(np.mean([r["wall_s"] for r in results])))
+                        curve = [regret_curve(r["trace"], values, optimum, grid) for r in results]
+                        curves[(problem.name, key)] = {"grid": grid.tolist(), "regret": curve}
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            median = np.nanmedian(np.asarray(curve, dtype=float), axis=0)
+                            mean = np.nanmean(np.asarray(curve, dtype=float), axis=0)
+                        # before any seed's first evaluation finishes the regret is undefined: null
+                        # (rows refuse NaN), and the reason beside it
+                        row["curve"] = {"budget": grid.tolist(), "median": _nan_as_null(median),
+                                        "mean": _nan_as_null(mean)}
+                        if any(math.isnan(v) for v in median):
+                            row["curve"]["null"] = "no seed had finished an evaluation by that budget: no regret"
                 row["loadavg_1m"] = os.getloadavg()[0]
                 common.append_row(out_path, row)
                 rows.append(row)

@@ -17,6 +17,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -276,11 +277,33 @@ def run_metadata(cfg: Config) -> dict:
     }
 
 
+def non_finite_fields(value, name: str = "") -> list[str]:
+    """The paths (e.g. "curve.median[3]") of the NaN and infinite floats in a row."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [name]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in non_finite_fields(v, f"{name}.{k}" if name else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in non_finite_fields(v, f"{name}[{i}]")]
+    return []
+
+
 def append_row(path: Path, row: dict) -> None:
-    """Rows are appended as each one finishes: an interrupted run keeps what it measured."""
+    """Rows are appended as each one finishes: an interrupted run keeps what it measured.
+
+    A NaN or infinite value is refused (ValueError naming the fields): json.dumps would
+    write it as NaN/Infinity, which is no JSON, and every comparison with it is false, so a
+    NaN median would pass the regression check. A value that is undefined on purpose is
+    written as null, with the reason in a field of its own (bench_hpo's regret curves)."""
+    bad = non_finite_fields(row)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"{path}: {row.get('family')} row ({row.get('label') or row.get('method')}) not written: "
+                         f"NaN or infinite value in {shown}; write null with the reason instead")
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(row, allow_nan=False) + "\n"   # the check above, again, for any type it missed
     with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(text)
 
 
 # --------------------------------------------------------------------------- timing
@@ -605,21 +628,22 @@ def store_in_database(cfg: Config, family: str) -> list[str]:
     from accelops.results import ResultsDB
 
     path = cfg.results_file(family)
-    rows = []
+    rows, where = [], []
     if path.exists():
         with open(path) as f:
-            for line in f:
+            for number, line in enumerate(f, 1):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if row.get("run_id") == cfg.run_id and row.get("family") == family:
+                if isinstance(row, dict) and row.get("run_id") == cfg.run_id and row.get("family") == family:
                     rows.append(row)
+                    where.append(f"{path}:{number}")   # a refused row is named by its line
     if not rows:
         return []
     db = ResultsDB(cfg.database_file())
     try:
-        stored = db.write_rows(rows)
+        stored = db.write_rows(rows, where=where)
     except Exception as exc:  # noqa: BLE001 - reported as a failure of the run, rows kept in JSON lines
         return [f"{family}: rows not stored in {db.path}: {type(exc).__name__}: {exc} "
                 f"(they are in {path}; `accelops results import --db {db.path} {path}` stores them)"]

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .db import DEFAULT_PATH, ENV_PATH, ResultsDB
+from .db import DEFAULT_PATH, ENV_PATH, DatabaseWriteError, ResultsDB
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +51,11 @@ def run_args(args, out=None) -> int:
         if not paths:
             print(f"no *.jsonl files in {db.path.parent}", file=sys.stderr)
             return 1
-        stored = db.import_jsonl(paths)
+        try:
+            stored = db.import_jsonl(paths)
+        except DatabaseWriteError as exc:   # a full disk, a file deleted meanwhile: the message is the story
+            print(f"accelops results import: error: {exc}", file=sys.stderr)
+            return 1
         for w in stored["warnings"]:
             print(f"warning: {w}", file=sys.stderr)
         print(f"{db.path}: imported {stored['runs']} runs, {stored['measurements']} measurements from "
@@ -81,7 +85,8 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help="directory of index.html and its PNGs (default: report/ beside the database)")
     parser.add_argument("--check", action="store_true",
-                        help="exit 1 when the newest run of any benchmark is a regression (for CI)")
+                        help="exit 1 when the newest run of any benchmark is a regression, or has a NaN or "
+                             "infinite time (for CI)")
     parser.add_argument("--no-html", action="store_true", help="with --check: only judge, write no page")
     parser.add_argument("--window", type=int, default=5, help="previous runs a new run is judged against (default 5)")
     parser.add_argument("--threshold", type=float, default=0.10,
@@ -106,10 +111,18 @@ def run_report(args, out=None) -> int:
         verdicts = written["verdicts"]
         print(f"report written to {written['html']} ({len(written['pngs'])} plots)", file=out)
     regressions = [v for v in verdicts if v.kind == "regression"]
+    # a newest run with a NaN or infinite time cannot be judged: it fails the check too,
+    # since a broken measurement would otherwise hide any slow-down
+    invalid = [v for v in verdicts if v.kind == "invalid"]
     for v in verdicts:
-        if v.kind in ("regression", "improvement"):
+        if v.kind in ("regression", "invalid", "improvement"):
             print(v.describe(), file=out)
-    print(f"{len(verdicts)} benchmarks checked: {len(regressions)} regressions, "
-          f"{sum(v.kind == 'improvement' for v in verdicts)} improvements, "
-          f"{sum(v.kind == 'too little history' for v in verdicts)} with too little history", file=out)
-    return 1 if (args.check and regressions) else 0
+    for v in verdicts:
+        for note in v.notes:
+            print(f"note: {v.case}: {note}", file=out)
+    left_out = sum(len(v.notes) for v in verdicts)
+    print(f"{len(verdicts)} benchmarks checked: {len(regressions)} regressions, {len(invalid)} invalid (NaN or "
+          f"infinite time in the newest run), {sum(v.kind == 'improvement' for v in verdicts)} improvements, "
+          f"{sum(v.kind == 'too little history' for v in verdicts)} with too little history"
+          + (f"; {left_out} history points left out (NaN or infinite times)" if left_out else ""), file=out)
+    return 1 if (args.check and (regressions or invalid)) else 0

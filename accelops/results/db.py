@@ -10,17 +10,22 @@ Why it is safe to share:
   discarded on the next open).
 - The schema carries its version (table `schema_info`); opening an older database
   migrates it forward in one transaction, a newer one is refused rather than misread.
+- Every row is checked against its columns' types before the transaction starts: a field
+  a column cannot hold is refused with its file, line and name, and nothing is written.
+- A write that fails (a full disk) raises its cause, not the failed ROLLBACK after it; a
+  database file deleted or replaced while a write ran is reported, not a success.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import time
 from pathlib import Path
 
-from .rows import measurement_record, pair_baselines, run_record
+from .rows import check_row, measurement_record, pair_baselines, run_record
 
 SCHEMA_VERSION = 3
 # In a checkout (an editable install) the database sits beside the bench's JSON lines; an
@@ -36,6 +41,39 @@ class DatabaseLocked(RuntimeError):
 
 class SchemaError(RuntimeError):
     """The database file is not one this version of accelops can read."""
+
+
+class DatabaseWriteError(RuntimeError):
+    """A write did not land: the disk is full, or the file was deleted during it. The
+    message says what was kept and what was lost."""
+
+
+# DuckDB reports a full disk as the C library's text for ENOSPC inside its own error (an
+# IOException, or a TransactionException when the commit's log write fails).
+_DISK_FULL = os.strerror(errno.ENOSPC)
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    return _DISK_FULL.lower() in str(exc).lower()
+
+
+def _disk_full_error(path: Path, exc: BaseException) -> DatabaseWriteError:
+    detail = " ".join(str(exc).split())
+    return DatabaseWriteError(
+        f"results database {path}: the disk is full ({detail}). Nothing of this write was stored (DuckDB rolled "
+        f"it back) and the runs stored before are safe. Free space on {path.parent} and repeat it: the bench's "
+        f"JSON lines still hold every row (`accelops results import`).")
+
+
+def _rollback_quietly(con) -> None:
+    """ROLLBACK after a failure, never hiding it: a failed COMMIT has already ended the
+    transaction, and the ROLLBACK then fails with 'no transaction is active'."""
+    import duckdb
+
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass
 
 
 RUN_COLUMNS = (
@@ -128,6 +166,8 @@ def connect(path, read_only: bool = False, lock_timeout: float = 60.0):
         try:
             return duckdb.connect(str(path), read_only=read_only)
         except duckdb.IOException as exc:
+            if _is_disk_full(exc):
+                raise _disk_full_error(path, exc) from exc
             if not _is_lock_error(exc):
                 raise SchemaError(f"results database {path} cannot be opened: {exc}") from exc
             if time.monotonic() >= deadline:
@@ -166,7 +206,7 @@ def migrate(con, target: int = SCHEMA_VERSION) -> int:
         con.execute("INSERT OR REPLACE INTO schema_info VALUES ('version', ?)", [str(target)])
         con.execute("COMMIT")
     except BaseException:
-        con.execute("ROLLBACK")
+        _rollback_quietly(con)
         raise
     return found
 
@@ -183,26 +223,64 @@ class ResultsDB:
         con = connect(self.path, read_only=False, lock_timeout=self.lock_timeout)
         try:
             migrate(con)
-        except BaseException:
+        except BaseException as exc:
             con.close()
+            if isinstance(exc, Exception) and _is_disk_full(exc):
+                raise _disk_full_error(self.path, exc) from exc
             raise
         return con
 
     @contextlib.contextmanager
     def _transaction(self):
         """A write connection inside one transaction: committed when the block ends,
-        rolled back when it raises; the file is released either way."""
+        rolled back when it raises; the file is released either way. Raises
+        DatabaseWriteError when the disk is full or the file was deleted meanwhile."""
         con = self._write_connection()
+        # Our own descriptor of the file keeps its inode allocated (not reused), so comparing
+        # it with what the path names once DuckDB is done tells whether the file was deleted
+        # or replaced during the write: DuckDB goes on writing into a deleted file and reports
+        # success. It is closed after DuckDB's connection, because closing any descriptor of a
+        # file drops all of this process's POSIX locks on it, DuckDB's included.
         try:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                yield con
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-        finally:
+            held = os.open(self.path, os.O_RDONLY)
+        except OSError:
             con.close()
+            raise
+        try:
+            opened = os.fstat(held)
+            try:
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    yield con
+                except BaseException as exc:
+                    _rollback_quietly(con)
+                    if isinstance(exc, Exception) and _is_disk_full(exc):
+                        raise _disk_full_error(self.path, exc) from exc
+                    raise
+                try:
+                    con.execute("COMMIT")
+                except Exception as exc:
+                    _rollback_quietly(con)
+                    if _is_disk_full(exc):
+                        raise _disk_full_error(self.path, exc) from exc
+                    raise
+            finally:
+                con.close()
+            self._check_same_file(held, opened)
+        finally:
+            os.close(held)
+
+    def _check_same_file(self, held: int, opened: os.stat_result) -> None:
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            now = None
+        if os.fstat(held).st_nlink == 0 or now is None or (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+            what = "deleted" if now is None else "replaced by another file"
+            raise DatabaseWriteError(
+                f"results database {self.path} was {what} while this write was running: what the write stored "
+                f"went into the deleted file and is lost. The bench's JSON lines still hold the rows: repeat the "
+                f"import (`accelops results import --db {self.path} ...`).")
 
     def _read_connection(self):
         con = connect(self.path, read_only=True, lock_timeout=self.lock_timeout)
@@ -217,15 +295,21 @@ class ResultsDB:
 
     # ------------------------------------------------------------------ writing
 
-    def write_rows(self, rows: list[dict], source: str = "bench") -> dict:
+    def write_rows(self, rows: list[dict], source: str = "bench", where: list[str] | None = None) -> dict:
         """Store bench rows (each carrying its run's metadata) -> {"runs", "measurements",
         "skipped"}. Rows are grouped by (run id, family); a group already in the database
         is skipped, so writing or importing the same rows twice stores them once. All
-        groups go in one transaction."""
+        groups go in one transaction. Every row is checked first: a field its column cannot
+        hold raises ValueError naming the row (where[i], e.g. "file:line", else its index)
+        and the field, and nothing is written."""
+        for i, row in enumerate(rows):
+            try:
+                check_row(row)
+            except ValueError as exc:   # rows.RowError included
+                label = where[i] if where is not None else f"row {i}"
+                raise ValueError(f"{label}: {exc}") from exc
         groups: dict[tuple[str, str], list[dict]] = {}
         for row in rows:
-            if "run_id" not in row or "family" not in row:
-                raise ValueError(f"bench row without run_id/family: {sorted(row)[:8]}...")
             groups.setdefault((str(row["run_id"]), row["family"]), []).append(row)
         stored = {"runs": 0, "measurements": 0, "skipped": 0}
         if not groups:
@@ -254,8 +338,11 @@ class ResultsDB:
     def import_jsonl(self, paths) -> dict:
         """Import bench/results/<family>.jsonl files (the results written before the
         database existed); already imported runs are skipped. A torn last line (a bench
-        killed mid-write) is skipped with its file and line in the returned "warnings"."""
-        rows, warnings = [], []
+        killed mid-write) is skipped with its file and line in the returned "warnings"; any
+        other bad line (not JSON, or a field its column cannot hold: a bad date, "fast" as a
+        median, an integer beyond 64 bits) refuses the whole import, naming file, line and
+        field, and nothing is written."""
+        rows, where, warnings = [], [], []
         for path in paths:
             path = Path(path)
             with open(path) as f:
@@ -265,12 +352,13 @@ class ResultsDB:
                     continue
                 try:
                     rows.append(json.loads(line))
+                    where.append(f"{path}:{number}")
                 except json.JSONDecodeError as exc:
                     if number == len(lines):
                         warnings.append(f"{path}:{number}: torn last line skipped ({exc.msg})")
                         continue
                     raise ValueError(f"{path}:{number}: not a JSON row ({exc.msg})") from exc
-        stored = self.write_rows(rows, source="import")
+        stored = self.write_rows(rows, source="import", where=where)
         stored["warnings"] = warnings
         return stored
 

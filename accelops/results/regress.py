@@ -15,9 +15,15 @@ non-quick, successful rows with a median time. The rule, on medians and spreads:
 
 The commit range of a regression runs from the newest history run's commit (the last
 good one) to the new run's commit.
+
+Non-finite times (NaN or an infinity, which JSON lines written with json.dumps could hold)
+would make every comparison false and so pass any slow-down. A history point with one is
+left out of the history, with a note naming its run (the window then reaches one run
+further back); a new run with one is INVALID, which fails the check like a regression.
 """
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 
@@ -32,6 +38,10 @@ class Point:
     p20_us: float
     p80_us: float
 
+    def non_finite(self) -> list[str]:
+        """The names of this point's times that are NaN or infinite."""
+        return [name for name in ("median_us", "p20_us", "p80_us") if not math.isfinite(getattr(self, name))]
+
 
 @dataclass
 class Verdict:
@@ -42,21 +52,30 @@ class Verdict:
     label: str | None
     config: str | None
     threads: int | None
-    kind: str                      # "regression" | "improvement" | "ok" | "too little history"
+    kind: str                      # "regression" | "improvement" | "ok" | "too little history" | "invalid"
     new: Point
     history: list[Point] = field(default_factory=list)
     band_low_us: float | None = None
     band_high_us: float | None = None
     change: float | None = None    # new median / history median of medians - 1
+    notes: list[str] = field(default_factory=list)   # e.g. history points left out, and why
 
     @property
     def commit_range(self) -> str:
         good = self.history[-1].commit if self.history else None
         return f"{(good or '?')[:10]}..{(self.new.commit or '?')[:10]}{' (dirty)' if self.new.dirty else ''}"
 
-    def describe(self) -> str:
+    @property
+    def case(self) -> str:
         op = f" {self.op}" if self.op and self.op != self.method else ""
-        case = f"{self.family}{op} {self.label or self.method} [{self.config}] threads={self.threads}"
+        return f"{self.family}{op} {self.label or self.method} [{self.config}] threads={self.threads}"
+
+    def describe(self) -> str:
+        case = self.case
+        if self.kind == "invalid":
+            bad = ", ".join(f"{name} = {getattr(self.new, name)}" for name in self.new.non_finite())
+            return (f"invalid: {case}: the newest run {self.new.run_id} (commit {(self.new.commit or '?')[:10]}) "
+                    f"has {bad}: it cannot be judged (a broken measurement)")
         if self.change is None:
             return f"{self.kind}: {case}"
         return (f"{self.kind}: {case}: median {self.new.median_us:.4g} us vs history band "
@@ -77,12 +96,14 @@ def judge(history: list[Point], new: Point, threshold: float = 0.10) -> tuple[st
     return "ok", band_low, band_high, change
 
 
+# Non-finite medians are selected too (-inf would fail `> 0`), so that check() sees them.
 SERIES_SQL = """
 SELECT r.machine_fingerprint, m.family, m.op, m.method, m.label, m.config_key, m.threads,
        m.run_id, r.started, r.git_commit, r.git_dirty, m.median_us,
        coalesce(m.p20_us, m.median_us), coalesce(m.p80_us, m.median_us)
 FROM measurements m JOIN runs r USING (run_id)
-WHERE NOT coalesce(r.quick, false) AND coalesce(m.status, 'ok') = 'ok' AND m.median_us > 0
+WHERE NOT coalesce(r.quick, false) AND coalesce(m.status, 'ok') = 'ok'
+      AND (m.median_us > 0 OR NOT isfinite(m.median_us))
 ORDER BY 1, 2, 3, 4, 5, 6, 7, r.started, m.run_id
 """
 
@@ -104,14 +125,32 @@ def series(db) -> dict[tuple, list[Point]]:
 
 def check(db, window: int = 5, min_history: int = 2, threshold: float = 0.10,
           machine: str | None = None) -> list[Verdict]:
-    """Judge the newest run of every benchmark (on `machine` only, when given)."""
+    """Judge the newest run of every benchmark (on `machine` only, when given). A newest run
+    with a non-finite time is "invalid"; history points with one are left out, each with a
+    note in the verdict's `notes`."""
     verdicts = []
     for (fp, family, op, method, label, config, threads), points in series(db).items():
         if machine is not None and fp != machine:
             continue
-        new, history = points[-1], points[:-1][-window:]
-        verdict = Verdict(fp, family, op, method, label, config, threads, "too little history", new, history)
-        if len(history) >= min_history:
+        # the `window` newest finite runs before the newest; the non-finite ones met on the
+        # way back are noted (older ones would not have counted anyway)
+        new, notes, history = points[-1], [], []
+        for p in reversed(points[:-1]):
+            if len(history) == window:
+                break
+            bad = p.non_finite()
+            if bad:
+                notes.append(f"history run {p.run_id} (commit {(p.commit or '?')[:10]}) left out: "
+                             + ", ".join(f"{name} = {getattr(p, name)}" for name in bad))
+            else:
+                history.append(p)
+        history.reverse()
+        notes.reverse()
+        verdict = Verdict(fp, family, op, method, label, config, threads, "too little history", new, history,
+                          notes=notes)
+        if new.non_finite():
+            verdict.kind = "invalid"
+        elif len(history) >= min_history:
             verdict.kind, verdict.band_low_us, verdict.band_high_us, verdict.change = judge(history, new, threshold)
         verdicts.append(verdict)
     return verdicts

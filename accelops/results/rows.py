@@ -49,67 +49,131 @@ IDENTITY_FIELDS = ("family", "op", "method", "label", "backend", "accelops", "st
 BYTES_FIELDS = ("bytes_moved", "bytes")
 
 
+class RowError(ValueError):
+    """A field of a bench row that its database column cannot hold. The database refuses
+    the row rather than store NULL or a cast in its place (a median of "fast" is not an
+    unmeasured median); the importer adds the file and line."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"field {field!r}: {reason}")
+        self.field = field
+
+
+INT32 = (-(1 << 31), (1 << 31) - 1)     # DuckDB INTEGER
+INT64 = (-(1 << 63), (1 << 63) - 1)     # DuckDB BIGINT
+
+
 def _json(value) -> str | None:
     if value is None:
         return None
+    # allow_nan: rows written before bench/common.py refused NaN (hpo regret curves) keep them
     return json.dumps(value, sort_keys=True, default=str, allow_nan=True)
 
 
-def _int(value):
-    if isinstance(value, bool) or value is None:
+def _int(value, field: str, bounds=INT64):
+    """An integer column's value: None, an int, or a float with an integer value; anything
+    else (a string, a bool, 1.5, 2**70 in a BIGINT) is refused with the field's name."""
+    if value is None:
         return None
-    if isinstance(value, int):
-        return value
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value)
-    return None
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RowError(field, f"expected an integer, got {value!r}")
+    if not bounds[0] <= value <= bounds[1]:
+        raise RowError(field, f"{value} is out of the column's range [{bounds[0]}, {bounds[1]}]")
+    return value
 
 
-def _float(value):
-    if isinstance(value, bool) or value is None:
+def _float(value, field: str):
+    """A DOUBLE column's value: None or a number. NaN and infinities are numbers and kept
+    (the regression check flags them); a string or a bool is refused."""
+    if value is None:
         return None
-    if isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RowError(field, f"expected a number, got {value!r}")
+    try:
         return float(value)
-    return None
+    except OverflowError:
+        raise RowError(field, f"{value} is too large for a DOUBLE") from None
 
 
-def parse_time(text) -> datetime | None:
+def _bool(value, field: str):
+    if value is None or isinstance(value, bool):
+        return value
+    raise RowError(field, f"expected true or false, got {value!r}")
+
+
+def _text(value, field: str):
+    """A VARCHAR column's value: strings as they are, numbers as their text; a list or an
+    object has no single text and is refused."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise RowError(field, f"expected a string, got {value!r}")
+
+
+def _object(value, field: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RowError(field, f"expected an object, got {value!r}")
+    return value
+
+
+def parse_time(text, field: str = "date") -> datetime | None:
     """ISO-8601 (bench writes UTC with an offset) -> naive UTC datetime."""
     if not text:
         return None
-    t = datetime.fromisoformat(str(text))
+    try:
+        t = datetime.fromisoformat(text) if isinstance(text, str) else None
+    except ValueError:
+        t = None
+    if t is None:
+        raise RowError(field, f"expected an ISO-8601 time such as 2026-12-01T10:00:00+00:00, got {text!r}")
     if t.tzinfo is not None:
         t = t.astimezone(timezone.utc).replace(tzinfo=None)
     return t
 
 
+def _first_text(row: dict, keys):
+    """The first of `keys` with a value (the `op` column takes op, else method, ...)."""
+    key = next((k for k in keys if row.get(k)), None)
+    return None if key is None else _text(row[key], key)
+
+
 def run_record(row: dict, source: str) -> dict:
-    """The `runs` record of the run a bench row belongs to."""
-    machine = dict(row.get("machine") or {})
-    versions = row.get("versions") or {}
-    gpu = machine.get("gpu_name", machine.get("gpu"))
+    """The `runs` record of the run a bench row belongs to (RowError: a field its column
+    cannot hold)."""
+    machine = dict(_object(row.get("machine"), "machine"))
+    versions = _object(row.get("versions"), "versions")
+    features = machine.get("cpu_features") or []
+    if not isinstance(features, (list, tuple)) or not all(isinstance(f, str) for f in features):
+        raise RowError("machine.cpu_features", f"expected a list of strings, got {features!r}")
+    gpu_key = "gpu_name" if "gpu_name" in machine else "gpu"
+    isa_key = "accelops_cpu_isa" if "accelops_cpu_isa" in machine else "cpu_isa"
     return {
         "run_id": str(row["run_id"]),
         "started": parse_time(row.get("date")),
-        "git_commit": row.get("git_commit"),
-        "git_dirty": row.get("git_dirty"),
-        "machine_fingerprint": machine.get("fingerprint") or fingerprint(machine),
-        "cpu_model": machine.get("cpu_model"),
-        "cpu_count": _int(machine.get("cpu_count")),
-        "cpu_features": list(machine.get("cpu_features") or []),
-        "cpu_isa": machine.get("accelops_cpu_isa", machine.get("cpu_isa")),
-        "memory_bytes": _int(machine.get("memory_bytes")),
-        "gpu_name": gpu,
-        "gpu_driver": machine.get("gpu_driver"),
-        "platform": machine.get("platform"),
-        "device": row.get("device"),
-        "accelops_version": versions.get("accelops"),
-        "torch_version": versions.get("torch"),
-        "triton_version": versions.get("triton"),
-        "python_version": versions.get("python"),
+        "git_commit": _text(row.get("git_commit"), "git_commit"),
+        "git_dirty": _bool(row.get("git_dirty"), "git_dirty"),
+        "machine_fingerprint": _text(machine.get("fingerprint"), "machine.fingerprint") or fingerprint(machine),
+        "cpu_model": _text(machine.get("cpu_model"), "machine.cpu_model"),
+        "cpu_count": _int(machine.get("cpu_count"), "machine.cpu_count", INT32),
+        "cpu_features": list(features),
+        "cpu_isa": _text(machine.get(isa_key), f"machine.{isa_key}"),
+        "memory_bytes": _int(machine.get("memory_bytes"), "machine.memory_bytes"),
+        "gpu_name": _text(machine.get(gpu_key), f"machine.{gpu_key}"),
+        "gpu_driver": _text(machine.get("gpu_driver"), "machine.gpu_driver"),
+        "platform": _text(machine.get("platform"), "machine.platform"),
+        "device": _text(row.get("device"), "device"),
+        "accelops_version": _text(versions.get("accelops"), "versions.accelops"),
+        "torch_version": _text(versions.get("torch"), "versions.torch"),
+        "triton_version": _text(versions.get("triton"), "versions.triton"),
+        "python_version": _text(versions.get("python"), "versions.python"),
         "versions": _json(versions),
-        "quick": bool(row.get("quick", False)),
-        "env": _json(row.get("env") or {}),
+        "quick": bool(_bool(row.get("quick"), "quick")),
+        "env": _json(_object(row.get("env"), "env")),
         "source": source,
     }
 
@@ -125,54 +189,67 @@ def config_of(row: dict) -> dict:
 
 
 def measurement_record(row: dict, seq: int) -> dict:
-    """The `measurements` record of one bench row (seq: its position in the run's family)."""
+    """The `measurements` record of one bench row (seq: its position in the run's family;
+    RowError: a field its column cannot hold)."""
     config = config_of(row)
     used = set(RUN_FIELDS) | set(IDENTITY_FIELDS) | set(MEASUREMENT_FIELDS) | set(config)
-    is_accelops = row.get("accelops")
-    device = row.get("device")
-    backend = row.get("backend")
+    is_accelops = _bool(row.get("accelops"), "accelops")
+    device = _text(row.get("device"), "device")
+    backend = _text(row.get("backend"), "backend")
     if backend is None and is_accelops is not None:
         backend = ("cpu" if device == "cpu" else device) if is_accelops else "baseline"
     shape = row.get("shape")
-    bytes_moved = next((_int(row[k]) for k in BYTES_FIELDS if _int(row.get(k)) is not None), None)
+    bytes_key = next((k for k in BYTES_FIELDS if row.get(k) is not None), None)
+    bytes_moved = None if bytes_key is None else _int(row[bytes_key], bytes_key)
     used.update(k for k in BYTES_FIELDS if k in row)
-    median = _float(row.get("median_us"))
-    ratio = _float(row.get("speedup_vs_reference"))
+    median = _float(row.get("median_us"), "median_us")
+    ratio = _float(row.get("speedup_vs_reference"), "speedup_vs_reference")
     baseline_label = baseline_median = None
     if ratio is not None and median is not None:
         baseline_label, baseline_median = "reference", median * ratio
     return {
         "run_id": str(row["run_id"]),
-        "family": row.get("family"),
+        "family": _text(row.get("family"), "family"),
         "seq": seq,
-        "op": row.get("op") or row.get("method") or row.get("variant") or row.get("optimizer"),
-        "method": row.get("method") or row.get("variant") or row.get("optimizer"),
-        "label": row.get("label"),
+        "op": _first_text(row, ("op", "method", "variant", "optimizer")),
+        "method": _first_text(row, ("method", "variant", "optimizer")),
+        "label": _text(row.get("label"), "label"),
         "backend": backend,
         "is_accelops": is_accelops,
-        "status": row.get("status"),
-        "threads": _int(row.get("threads")),
+        "status": _text(row.get("status"), "status"),
+        "threads": _int(row.get("threads"), "threads", INT32),
         "device": device,
-        "dtype": row.get("dtype") or row.get("x_dtype"),
-        "m": _int(row.get("M")),
-        "n": _int(row.get("N")),
-        "k": _int(row.get("K")),
+        "dtype": _first_text(row, ("dtype", "x_dtype")),
+        "m": _int(row.get("M"), "M"),
+        "n": _int(row.get("N"), "N"),
+        "k": _int(row.get("K"), "K"),
         "shape": None if shape is None else "x".join(map(str, shape)) if isinstance(shape, (list, tuple)) else str(shape),
         "config": _json(config),
         "config_key": _json(config),
         "median_us": median,
-        "p20_us": _float(row.get("p20_us")),
-        "p80_us": _float(row.get("p80_us")),
-        "min_us": _float(row.get("min_us")),
-        "repeats": _int(row.get("repeats")),
-        "peak_mem_bytes": _int(row.get("peak_mem_bytes")),
+        "p20_us": _float(row.get("p20_us"), "p20_us"),
+        "p80_us": _float(row.get("p80_us"), "p80_us"),
+        "min_us": _float(row.get("min_us"), "min_us"),
+        "repeats": _int(row.get("repeats"), "repeats", INT32),
+        "peak_mem_bytes": _int(row.get("peak_mem_bytes"), "peak_mem_bytes"),
         "bytes_moved": bytes_moved,
         "baseline_label": baseline_label,
         "baseline_median_us": baseline_median,
         "ratio": ratio,
-        "loadavg_1m": _float(row.get("loadavg_1m")),
+        "loadavg_1m": _float(row.get("loadavg_1m"), "loadavg_1m"),
         "extra": _json({k: v for k, v in row.items() if k not in used}),
     }
+
+
+def check_row(row) -> None:
+    """Raise RowError naming the first field of `row` the database cannot store as its
+    column's type (or ValueError when it is no bench row at all), before anything is written."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object (a bench row), got {type(row).__name__}")
+    if "run_id" not in row or "family" not in row:
+        raise ValueError(f"bench row without run_id/family: {sorted(row)[:8]}...")
+    run_record(row, "check")
+    measurement_record(row, 0)
 
 
 def pair_baselines(records: list[dict], rows: list[dict]) -> None:
