@@ -23,7 +23,7 @@ DEBUG_ENV = "ACCELOPS_DEBUG"
 _USER_ERRORS = (ValueError, TypeError, ImportError, FileNotFoundError, FileExistsError, IsADirectoryError,
                 NotADirectoryError, PermissionError)
 _USER_ERRORS_BY_NAME = (("accelops.train.checkpoint", "CheckpointError"), ("accelops.results.db", "SchemaError"),
-                        ("accelops.results.db", "DatabaseLocked"))
+                        ("accelops.results.db", "DatabaseLocked"), ("accelops.results.db", "DatabaseWriteError"))
 
 
 def debug_enabled() -> bool:

@@ -746,17 +746,22 @@ def write_report(db, out_dir, window: int = 5, threshold: float = 0.10) -> dict:
     body, pngs = [], []
 
     verdicts = check(db, window=window, threshold=threshold)
-    flagged = [v for v in verdicts if v.kind in ("regression", "improvement")]
+    flagged = [v for v in verdicts if v.kind in ("regression", "invalid", "improvement")]
     body.append("<h2>Regression check</h2>")
     body.append(f"<p>Rule: the newest run of a benchmark is a regression when its median is more than "
                 f"{threshold:.0%} above the highest p80 of the previous {window} runs on the same machine and its "
                 f"p20 is above their median (accelops.results.regress). {len(verdicts)} benchmarks: "
                 f"{sum(v.kind == 'regression' for v in verdicts)} regressions, "
+                f"{sum(v.kind == 'invalid' for v in verdicts)} invalid (a non-finite newest measurement), "
                 f"{sum(v.kind == 'improvement' for v in verdicts)} improvements, "
                 f"{sum(v.kind == 'too little history' for v in verdicts)} with too little history.</p>")
     if flagged:
         body.append("<ul>" + "".join(f"<li><b>{v.kind}</b>: {html.escape(v.describe())}</li>" for v in flagged)
                     + "</ul>")
+    notes = [(v, n) for v in verdicts for n in getattr(v, "notes", ())]
+    if notes:  # history points left out (non-finite), so a reader sees what the check did not use
+        body.append("<ul>" + "".join(f"<li>note: {html.escape(v.describe())}: {html.escape(n)}</li>"
+                                     for v, n in notes) + "</ul>")
 
     family = None
     count = defaultdict(int)
