@@ -5,7 +5,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps-dev
 BDEPS  := $(VENV)/.deps-bench
-SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h) setup.py
+# csrc/cuda too: a CUDA build of torch compiles accelops._C_cuda from them (setup.py)
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h) setup.py
 BUILT  := $(VENV)/.built
 
 .PHONY: build test bench info clean

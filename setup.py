@@ -55,8 +55,10 @@ setup(
     package_dir={"accelops.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    license="BSD-3-Clause",
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "duckdb>=1.1"],  # duckdb: accelops.results (imported on use)
+    # duckdb: accelops.results; safetensors: accelops.save / accelops.load (both imported on use)
+    install_requires=["torch>=2.4", "numpy", "duckdb>=1.1", "safetensors>=0.4"],
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "hypothesis", "triton>=3.0"],
