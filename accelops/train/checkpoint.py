@@ -284,19 +284,18 @@ def newest_good(directory, candidates, open_checkpoint, stacklevel: int = 2):
     return None, None
 
 
-def prune_checkpoints(directory, keep: int) -> list[str]:
-    """Deletes all but the `keep` newest checkpoints and any temporary files that a crash
-    left behind -> the deleted paths."""
-    directory = os.fspath(directory)
+def prune_checkpoints(directory, keep: int, up_to: int | None = None) -> list[str]:
+    """Deletes all but the `keep` newest checkpoints of steps <= `up_to` (all steps when None)
+    -> the deleted paths.
+
+    Only checkpoint files are touched, never a temporary file: one may belong to a run
+    writing at this moment (the Trainer's directory lock rules that out, then removes the
+    ones a crash left behind: see accelops.train.dirs). A checkpoint of a later step than
+    `up_to` is not this run's to judge: it is one the run did not resume from (it failed its
+    checksum), and counting it among the newest would delete the checkpoints just written."""
     removed = []
-    for _, path in list_checkpoints(directory)[keep:]:
+    found = [(step, path) for step, path in list_checkpoints(directory) if up_to is None or step <= up_to]
+    for _, path in found[keep:]:
         os.unlink(path)
         removed.append(path)
-    for name in os.listdir(directory):
-        if ".ckpt.tmp-" in name and name.split(".tmp-")[-1] != str(os.getpid()):
-            try:
-                os.unlink(os.path.join(directory, name))
-                removed.append(os.path.join(directory, name))
-            except OSError:
-                pass
     return removed
