@@ -200,7 +200,7 @@ def test_corrupt_checkpoint_is_refused_and_previous_used(tmp_path):
 
     # a truncated file (a copy cut short, a full disk) is named as such
     newest.write_bytes(newest.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match=r"truncated: \d+ of \d+ payload bytes"):
+    with pytest.raises(CheckpointError, match=r"truncated: 1000 bytes with no b'ACCKPT02' trailer"):
         load_checkpoint(newest)
     # every checkpoint bad: refuse rather than silently start over
     (d / "step-00000002.ckpt").write_bytes(b"garbage")
@@ -217,7 +217,10 @@ def test_checkpoint_files_are_atomic_and_pruned(tmp_path):
     (tmp_path / "step-00000009.ckpt.tmp-999999").write_bytes(b"half a checkpoint")  # a crash mid-write
     assert [s for s, _ in list_checkpoints(tmp_path)] == [5, 4, 3, 2, 1]   # the temp file is no checkpoint
     prune_checkpoints(tmp_path, keep=2)
-    assert sorted(os.listdir(tmp_path)) == ["step-00000004.ckpt", "step-00000005.ckpt"]
+    # checkpoints only: a temporary file may be another run's save in progress (the Trainer's
+    # directory lock removes a dead run's, see test_train_faults.py)
+    assert sorted(os.listdir(tmp_path)) == ["step-00000004.ckpt", "step-00000005.ckpt",
+                                            "step-00000009.ckpt.tmp-999999"]
     assert load_checkpoint(tmp_path / "step-00000005.ckpt") == {"step": 5}
     (tmp_path / "other.bin").write_bytes(b"x" * 100)
     with pytest.raises(CheckpointError, match="not an accelops checkpoint"):

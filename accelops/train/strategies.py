@@ -319,7 +319,7 @@ class _DirCheckpoints:
             _fsync_dir(d)
             if old:
                 shutil.rmtree(old, ignore_errors=True)
-            self._prune(d, trainer.keep_last)
+            self._prune(d, trainer.keep_last, trainer.step)
             log.info("saved %s", final)
         self._barrier(trainer)
         return final if trainer.is_main else None
@@ -329,8 +329,13 @@ class _DirCheckpoints:
         if trainer.distributed:
             dist.barrier()
 
-    def _prune(self, directory: str, keep: int) -> None:
-        for _, path in list_dir_checkpoints(directory, self.kind)[keep:]:
+    def _prune(self, directory: str, keep: int, up_to: int) -> None:
+        # Steps above up_to: checkpoints this run did not resume from (bad ones); counting them
+        # among the newest would delete the ones just written. The .tmp / .old directories are
+        # a dead run's: rank 0 holds the directory's lock (accelops.train.dirs), no other run
+        # writes here.
+        found = [(step, path) for step, path in list_dir_checkpoints(directory, self.kind) if step <= up_to]
+        for _, path in found[keep:]:
             shutil.rmtree(path, ignore_errors=True)
         for name in os.listdir(directory):
             if name.endswith((f".{self.kind}.tmp", f".{self.kind}.old")):

@@ -11,6 +11,9 @@ import logging
 import math
 import os
 import random
+import shutil
+import signal
+import threading
 import time
 import warnings
 
@@ -19,6 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler, default_collate
 
 from .callbacks import EarlyStopping, MLflowLogger, require_mlflow
+from .dirs import DirectoryLock, DirectoryLocked, check_writable
 from .checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                          prune_checkpoints, save_checkpoint)
 from .strategies import make_strategy
@@ -37,6 +41,9 @@ PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 CHECKPOINT_FORMAT = 1
 CSV_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "val_loss",
               "val_bpc")
+
+
+_HALT_SIGNAL, _HALT_LOG_ERROR = 1, 2  # why fit stops early (see Trainer._halt_agreed)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -328,10 +335,15 @@ class Trainer:
         self._last_saved = self._last_eval = None
         self._pending_rng = None
 
+        self._dir_lock = None
+        self._stop_signal = self._log_error = None
+        self._prepare_dirs()  # before the resume: a run that does not hold the directory must not read it
         if self.checkpoint_dir is not None:
-            if self.is_main:
-                os.makedirs(self.checkpoint_dir, exist_ok=True)
-            self._maybe_resume(resume)
+            try:
+                self._maybe_resume(resume)
+            except BaseException:
+                self._release_dirs()
+                raise
         if self._pending_rng is None:
             self._seed_everything()
 
@@ -397,12 +409,70 @@ class Trainer:
         """Destroys the process group if this trainer created it (torchrun runs). The DDP
         wrapper goes first: a DDP reducer still holding a destroyed gloo group could hang the
         process at exit (seen about once in six 2-rank runs). No barrier: close() also runs
-        after a failed step, when the peer may be dead."""
+        after a failed step, when the peer may be dead. Also releases the checkpoint directory."""
+        self._release_dirs()
         if self._owns_group and dist.is_initialized():
             self.ddp = None
             gc.collect()
             dist.destroy_process_group()
             self._owns_group = False
+
+    # ------------------------------------------------------------------ directories
+
+    def _prepare_dirs(self) -> None:
+        """Before step 1: every directory this rank writes is writable (checkpoint_dir on rank 0,
+        on every rank where all ranks write their shards; log_dir on rank 0), and rank 0 holds
+        checkpoint_dir's lock for the run (it alone creates, renames and prunes checkpoints: the
+        other ranks of fsdp / pipeline write only into the temporary directory it made for the
+        save under way). A failure on any rank is raised on every rank; the others would wait
+        in the next collective otherwise."""
+        mine = None
+        try:
+            if self.checkpoint_dir is not None and (self.is_main or self._dir_checkpoints()):
+                check_writable(self.checkpoint_dir, "checkpoint_dir")
+            if self.checkpoint_dir is not None and self.is_main:
+                lock = DirectoryLock(self.checkpoint_dir)
+                lock.acquire()
+                self._dir_lock = lock
+                self._warn_if_no_room()
+            if self.log_dir is not None and self.is_main:
+                check_writable(self.log_dir, "log_dir")
+        except Exception as exc:  # noqa: BLE001 - raised on every rank below
+            self._release_dirs()
+            mine = exc
+        if self.distributed:  # always: a log_dir given to rank 0 alone must not make the ranks disagree
+            report = None if mine is None else (self.rank, type(mine).__name__, getattr(mine, "errno", None),
+                                                str(mine))
+            reports = [None] * self.world_size
+            dist.all_gather_object(reports, report)
+            if mine is None:
+                failed = next((r for r in reports if r is not None), None)
+                if failed is not None:
+                    self._release_dirs()
+                    rank, name, code, text = failed
+                    text = f"rank {rank}: {text}"
+                    raise (DirectoryLocked(text) if name == "DirectoryLocked" else
+                           OSError(code, text) if code is not None else RuntimeError(text))
+        if mine is not None:
+            raise mine
+        self._dirs_ready = True
+
+    def _release_dirs(self) -> None:
+        self._dirs_ready = False
+        lock, self._dir_lock = getattr(self, "_dir_lock", None), None
+        if lock is not None:
+            lock.release()
+
+    def _warn_if_no_room(self) -> None:
+        # A checkpoint holds at least the model's state: with less free space than that, the
+        # first save fails for certain. Only a warning: compressing file systems may fit it.
+        tensors = [*self.model.parameters(), *self.model.buffers()]  # no state_dict(): fsdp's may gather
+        need = sum(t.numel() * t.element_size() for t in tensors)
+        free = shutil.disk_usage(self.checkpoint_dir).free
+        if free < need:
+            warnings.warn(f"checkpoint_dir {self.checkpoint_dir!r} has {free / 2**20:.1f} MiB free, less than the "
+                          f"model's {need / 2**20:.1f} MiB that every checkpoint holds: the first save will fail",
+                          RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -525,7 +595,7 @@ class Trainer:
             state = self._checkpoint_common_state()
             state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), rank_states=ranks)
             path = save_checkpoint(checkpoint_path(self.checkpoint_dir, self.step), state)
-            prune_checkpoints(self.checkpoint_dir, self.keep_last)
+            prune_checkpoints(self.checkpoint_dir, self.keep_last, up_to=self.step)
             log.info("saved %s", path)
         if self.distributed:
             dist.barrier()
@@ -720,6 +790,21 @@ class Trainer:
         self._csv_file.flush()
 
     def _write(self, rows) -> None:
+        try:
+            self._write_files(rows)
+        except OSError as exc:
+            # A full or read-only log directory: no more metrics, but the training so far is
+            # not lost with them: fit() stops at the next check, after a checkpoint, and raises
+            # this error (the first one; what closing the broken files says is only logged).
+            if self._log_error is None:
+                self._log_error = exc
+            log.error("writing the metrics in %r failed (%s): training stops after writing a checkpoint",
+                      self.log_dir, exc)
+            self._close_logs(quiet=True)
+        if getattr(self, "_mlflow", None) is not None:
+            self._mlflow.log_rows(rows)
+
+    def _write_files(self, rows) -> None:
         if getattr(self, "_csv", None) is not None:
             new = list(dict.fromkeys(k for row in rows for k in row if k not in self._csv.fieldnames))
             if new:  # a column first seen now (per-group lr, named losses): rewrite the file with it
@@ -730,8 +815,6 @@ class Trainer:
                 self._csv_rewrite(path, list(self._csv.fieldnames) + new, old)
             self._csv.writerows(rows)
             self._csv_file.flush()
-        if getattr(self, "_mlflow", None) is not None:
-            self._mlflow.log_rows(rows)
         if getattr(self, "_tb", None) is not None:
             for row in rows:
                 for key, value in row.items():
@@ -739,13 +822,26 @@ class Trainer:
                         self._tb.add_scalar(f"train/{key}" if not key.startswith("val") else f"val/{key}",
                                             value, row["step"])
 
-    def _close_logs(self) -> None:
+    def _close_logs(self, quiet: bool = False) -> None:
+        """Closes the metrics files. quiet: an error is already on its way (or the files are
+        known broken), so what closing them raises is logged, not raised over it."""
+        handles = []
         if getattr(self, "_csv", None) is not None:
-            self._csv_file.close()
-            self._csv = None
+            handles.append(self._csv_file)
         if getattr(self, "_tb", None) is not None:
-            self._tb.close()
-            self._tb = None
+            handles.append(self._tb)
+        self._csv = self._tb = None
+        first = None
+        for handle in handles:  # both closed even when the first fails
+            try:
+                handle.close()
+            except Exception as exc:  # noqa: BLE001 - raised below unless quiet
+                if quiet:
+                    log.warning("closing the metrics in %r failed as well: %s", self.log_dir, exc)
+                elif first is None:
+                    first = exc
+        if first is not None:
+            raise first
 
     # ------------------------------------------------------------------ the loop
 
@@ -769,20 +865,108 @@ class Trainer:
             params = {"trainer": params, "config": self.metadata["config"]}
         return params
 
+    # ------------------------------------------------------------------ stopping early
+
+    def _install_signal_handlers(self) -> dict:
+        """SIGINT and SIGTERM (what schedulers, torchrun and `timeout` send) ask fit() to stop
+        after the step under way, with a checkpoint -> the handlers they replace. Only in the
+        main thread (Python allows no other), and never over a signal that is ignored on
+        purpose (nohup, a background job) or whose handler was not set from Python (it could
+        not be put back)."""
+        self._stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            old = signal.getsignal(signum)
+            if old is None or old == signal.SIG_IGN:
+                continue
+            previous[signum] = old
+            signal.signal(signum, self._on_signal)
+        return previous
+
+    def _on_signal(self, signum, frame) -> None:
+        # Only a flag: the loop checks it between steps (a step cut in the middle would leave
+        # the model, optimizer and data position out of step with each other).
+        if self._stop_signal is None:
+            self._stop_signal = signum
+        elif signum == signal.SIGINT:  # Ctrl-C again: the user will not wait for the checkpoint
+            raise KeyboardInterrupt("SIGINT a second time: stopped at once, without a checkpoint")
+        # A repeated SIGTERM is not an order to hurry: launchers relay the scheduler's signal
+        # to the workers that the scheduler itself signalled (srun, then torchrun).
+
+    def _halt_agreed(self) -> int:
+        """0 to go on, or why every rank stops after this step: _HALT_SIGNAL, _HALT_LOG_ERROR.
+        One process: checked after every step. Several: after every log_every-th step (when
+        the losses are all-reduced anyway), with one small MAX all-reduce, so that all ranks
+        stop at the same step and write one checkpoint together, whichever rank was signalled
+        (or, for a metrics error, rank 0, the one that writes them)."""
+        mine = (_HALT_LOG_ERROR if self._log_error is not None else
+                _HALT_SIGNAL if self._stop_signal is not None else 0)
+        if not self.distributed:
+            return mine
+        if self.step % self.log_every:
+            return 0
+        flag = torch.tensor([mine], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def _halt(self, why: int) -> None:
+        """Raises the reason fit() stopped early; the checkpoint of this step is written."""
+        if self.checkpoint_dir is None:
+            saved = "no checkpoint_dir: nothing was saved"
+        else:  # rank 0 knows the path; the others, the directory
+            where = repr(self.last_checkpoint) if self.last_checkpoint else f"in {self.checkpoint_dir!r}"
+            saved = f"the checkpoint of step {self.step} is written ({where}): run again to resume"
+        if self._log_error is not None:  # rank 0: the real error, with what was done about it
+            exc = self._log_error
+            exc.add_note(f"accelops: writing the metrics in {self.log_dir!r} failed, so training stopped after "
+                         f"step {self.step}; {saved}")
+            raise exc
+        if why == _HALT_LOG_ERROR:
+            raise RuntimeError(f"rank {self.rank}/{self.world_size}: rank 0 could not write the metrics in "
+                               f"{self.log_dir!r} (its error says why); training stopped after step {self.step}; "
+                               f"{saved}")
+        name = signal.Signals(self._stop_signal).name if self._stop_signal is not None else "a signal to another rank"
+        # KeyboardInterrupt itself, not a subclass: Python ends a program on an uncaught one by
+        # SIGINT (exit status 130) only for that exact type, and a stop asked by a signal should
+        # end it as Ctrl-C always did. What a caller may want to know rides on attributes.
+        exc = KeyboardInterrupt(f"stopped by {name} after step {self.step}; {saved}")
+        exc.signum, exc.step = self._stop_signal, self.step
+        exc.checkpoint = self.last_checkpoint if self.checkpoint_dir is not None else None
+        raise exc
+
+    # ------------------------------------------------------------------ fit
+
     def fit(self) -> dict:
         """Trains up to max_steps (or until early stopping) -> {"step", "loss" (last train
         loss), "val_loss" (last evaluation), "resumed_from", "stop_reason" (None, or why
-        early stopping ended the run)}."""
+        early stopping ended the run)}.
+
+        SIGINT or SIGTERM stops it after the step under way: a checkpoint is written, then
+        KeyboardInterrupt raised, as Ctrl-C did (its attributes signum (None on a rank that
+        stopped because another was signalled), step and checkpoint (the path, rank 0) say
+        how). An error writing the metrics (a full or read-only log_dir) likewise writes a
+        checkpoint, then raises that error."""
+        if not self._dirs_ready:  # a second fit(): the first one released checkpoint_dir
+            self._prepare_dirs()
         if self._pending_rng is not None:
             _set_rng_state(self._pending_rng, self.device)
             self._pending_rng = None
         self._t_start = self._t_flush = time.perf_counter()
         self._pending = []
         self._bar = None
-        self._open_logs()
-        if self._mlflow is not None:
-            self._mlflow.start(self._mlflow_params(), self._mlflow_resume)
+        self._log_error = None
         finished = False
+        previous_handlers = {}
+        try:
+            self._open_logs()
+            if self._mlflow is not None:
+                self._mlflow.start(self._mlflow_params(), self._mlflow_resume)
+        except BaseException:
+            self._close_logs(quiet=True)
+            self._release_dirs()
+            raise
         if self.is_main and self.progress and self.step < self.max_steps:
             try:
                 from tqdm import tqdm
@@ -792,6 +976,8 @@ class Trainer:
                 self._bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step",
                                  dynamic_ncols=True)
         try:
+            previous_handlers = self._install_signal_handlers()
+            halt = 0
             stopped = self.early_stopping is not None and self.early_stopping.stopped  # before a resume
             while self.step < self.max_steps and not stopped:
                 epoch = self._stream.epoch
@@ -812,11 +998,25 @@ class Trainer:
                         and self.step % self.checkpoint_every == 0:
                     self._flush()
                     self.save_checkpoint()
+                halt = self._halt_agreed()
+                if halt:
+                    break
             self._flush()
-            if self.val_data is not None and self._last_eval != self.step:
+            if halt:
+                log.warning("stopping after step %d (%s): writing a checkpoint first", self.step,
+                            "an error writing the metrics" if halt == _HALT_LOG_ERROR else "a signal")
+            elif self.val_data is not None and self._last_eval != self.step:
                 self.evaluate()
             if self.checkpoint_dir is not None and self._last_saved != self.step:
-                self.save_checkpoint()
+                try:
+                    self.save_checkpoint()
+                except Exception as exc:
+                    if self._log_error is not None:  # the same full disk, often: say what came first
+                        exc.add_note(f"accelops: this checkpoint was being written because writing the metrics in "
+                                     f"{self.log_dir!r} had failed first: {self._log_error!r}")
+                    raise
+            if halt or self._log_error is not None:  # a metrics error in the final evaluation too
+                self._halt(halt or _HALT_LOG_ERROR)
             finished = True
         except Exception as exc:
             clearer = self._strategy.comm_failure(self, exc)  # a dead peer: say so, and where to resume
@@ -824,12 +1024,18 @@ class Trainer:
                 raise
             raise clearer from exc
         finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
             if self._bar is not None:
                 self._bar.close()
-            self._close_logs()
+            try:
+                self._close_logs(quiet=not finished)  # never over the error on its way out
+            finally:
+                self._release_dirs()
             self.stop_reason = None if self.early_stopping is None else self.early_stopping.reason
             if self._mlflow is not None:
-                self._mlflow.finish(self.last_checkpoint, "FINISHED" if finished else "FAILED",
+                status = "FINISHED" if finished else "KILLED" if self._stop_signal is not None else "FAILED"
+                self._mlflow.finish(self.last_checkpoint, status,
                                     tags={"accelops.stop_reason": self.stop_reason})
         self._elapsed_before = self._elapsed()
         del self._t_start
