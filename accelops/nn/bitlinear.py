@@ -13,6 +13,18 @@ from ..reference.ternary import quantize_weight_ternary_values
 __all__ = ["BitLinear"]
 
 
+def check_in_features(layer: nn.Module, x) -> None:
+    """nn.Linear's K check as a ValueError naming both K. The layers need their own: the
+    packed ternary layout would take an x whose K fits the last 128-block's padding as
+    zero-padded (a result, silently wrong), and BitLinear's GEMM raises about matrix shapes.
+    A non-tensor or 0-d x is left to the ops' own checks."""
+    if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] != layer.in_features:
+        raise ValueError(
+            f"{type(layer).__name__}: x's last dim must equal in_features={layer.in_features}, got K={x.shape[-1]} "
+            f"(x of shape {tuple(x.shape)})"
+        )
+
+
 def save_quantized_operands(ctx, x, weight, bias, x_q, x_scale, w_q, w_scale) -> None:
     """What quantized_linear_backward needs: the int codes and their scales (not fp32
     copies) and the shapes/dtypes of the float inputs."""
@@ -99,6 +111,7 @@ class BitLinear(nn.Linear):
         self.per_channel = per_channel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_in_features(self, x)
         quantized = (self._cached("wq"), self._cached("scale")) if self._caching() else None
         return _BitLinearFunction.apply(x, self.weight, self.bias, self.per_channel, quantized)
 
