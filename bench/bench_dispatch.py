@@ -93,7 +93,7 @@ def _op_call(op, shape):
     x, w = torch.randn(shape["M"], shape["K"], generator=g), torch.randn(shape["N"], shape["K"], generator=g)
     if op == "ternary_matmul":
         wp, ws = ops.quantize_weight_ternary(w)
-        return lambda: ops.ternary_matmul(x, wp, ws)
+        return lambda: ops.ternary_matmul(x, wp, ws, k=shape["K"])
     wq, ws = ops.quantize_weight_int8(w)
     return lambda: ops.int8_linear(x, wq, ws)
 

@@ -167,9 +167,10 @@ def build_calls(s: Shape, x: torch.Tensor, x_bf16, x_q, x_scale, tables=None):
     ref_t = torch.compile(R.ternary_matmul)
     ref_i = torch.compile(R.int8_linear)
     make = {
-        "ternary": lambda wp, ws: lambda: ops.ternary_matmul(x, wp, ws),
+        "ternary": lambda wp, ws: lambda: ops.ternary_matmul(x, wp, ws, k=s.k),
         "int8": lambda wq, ws: lambda: ops.int8_linear(x, wq, ws),
-        "ternary_tuned": lambda wp, ws: common.through_table(lambda: ops.ternary_matmul(x, wp, ws), tables["ternary_tuned"]),
+        "ternary_tuned": lambda wp, ws: common.through_table(lambda: ops.ternary_matmul(x, wp, ws, k=s.k),
+                                                             tables["ternary_tuned"]),
         "int8_tuned": lambda wq, ws: common.through_table(lambda: ops.int8_linear(x, wq, ws), tables["int8_tuned"]),
         "fp32": lambda w: lambda: F.linear(x, w),
         "bf16": lambda w: lambda: F.linear(x_bf16, w),
@@ -218,10 +219,11 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
         progress.set_postfix_str(f"{threads}t N={s.n} K={s.k} M={m} tune {op}")
         tables[key], winners[key] = tune_case(cfg, op, m, s.n, s.k, threads)
     checks = {
-        "ternary": compare_to_reference(ops.ternary_matmul(x, w_packed, w_tscale), y_ref["ternary"]),
+        "ternary": compare_to_reference(ops.ternary_matmul(x, w_packed, w_tscale, k=s.k), y_ref["ternary"]),
         "int8": compare_to_reference(ops.int8_linear(x, w_q, w_qscale), y_ref["int8"]),
         "ternary_tuned": compare_to_reference(
-            common.through_table(lambda: ops.ternary_matmul(x, w_packed, w_tscale), tables["ternary_tuned"])(), y_ref["ternary"]),
+            common.through_table(lambda: ops.ternary_matmul(x, w_packed, w_tscale, k=s.k), tables["ternary_tuned"])(),
+            y_ref["ternary"]),
         "int8_tuned": compare_to_reference(
             common.through_table(lambda: ops.int8_linear(x, w_q, w_qscale), tables["int8_tuned"])(), y_ref["int8"]),
     }

@@ -160,11 +160,49 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
 
     con = duckdb.connect(str(tmp_path / "accelops_quick.duckdb"), read_only=True)
     stored = dict(con.execute("SELECT family, count(*) FROM measurements GROUP BY 1").fetchall())
-    assert set(stored) >= {"matmul", "comm", "fake_quant", "ffn", "lm", "hpo", "dispatch", "optim", "scaleout"}
+    assert set(stored) >= {"matmul", "comm", "fake_quant", "ffn", "lm", "hpo", "dispatch", "optim", "scaleout", "layers"}
     assert stored["matmul"] == len(rows) and stored["dispatch"] == len(disp)
     assert con.execute("SELECT count(DISTINCT run_id) FROM runs").fetchone()[0] == 1
     con.close()
     check_optim_quick(tmp_path)
+    check_layers_quick(tmp_path)
+
+
+LAYER_METHODS = {"bitlinear_eval", "ternary_linear", "linear", "bitlinear_train"}
+
+
+def check_layers_quick(results_dir: Path, threads: int = 1) -> None:
+    """The layers family's quick rows: BitLinear eval checked bit-exact against TernaryLinear
+    and its training forward, then every layer timed at M=1, BitLinear eval and TernaryLinear
+    also in alternating batches (the paired ratio the 1.5x target is judged on)."""
+    layers = [json.loads(line) for line in (results_dir / "layers_quick.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in layers} == LAYER_METHODS
+    assert len({r["run_id"] for r in layers}) == 1
+    for r in layers:
+        assert r["family"] == "layers" and r["quick"] is True and r["threads"] == threads and r["M"] == 1
+        assert r["status"] == "ok", r.get("reason")
+        assert r["p20_us"] <= r["median_us"] <= r["p80_us"] and r["repeats"] >= 3
+        assert {"cpu_model", "cpu_count"} <= set(r["machine"]) and r["versions"]["torch"]
+    bit_eval = next(r for r in layers if r["method"] == "bitlinear_eval")
+    assert bit_eval["check"]["ok"] and bit_eval["check"]["equal_ternary_linear"]
+    assert bit_eval["check"]["equal_training_forward"]
+    pair = bit_eval["paired_vs_ternary_linear"]
+    assert 0 < pair["p20"] <= pair["median"] <= pair["p80"] and pair["rounds"] >= 5
+    summary = (results_dir / "layers_summary_quick.md").read_text()
+    assert "Targets:" in summary and "BitLinear eval vs TernaryLinear" in summary
+
+
+def test_layers_bench_quick(tmp_path):
+    """bench_layers alone (the full smoke run above covers it too, with every family)."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("ACCELOPS_BACKEND", None)
+    proc = subprocess.run(
+        [sys.executable, "bench/run.py", "--quick", "--only", "layers", "--threads", "1", "--results-dir", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check_layers_quick(tmp_path)
 
 
 def test_hpo_bench_accounting():

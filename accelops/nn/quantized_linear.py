@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import ops
 from ..reference.ternary import packed_cols
-from .bitlinear import BitLinear
+from .bitlinear import BitLinear, check_in_features
 
 __all__ = ["TernaryLinear", "Int8Linear"]
 
@@ -149,7 +149,10 @@ class TernaryLinear(_QuantizedLinear):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.ternary_matmul(x, self.w_packed, self.w_scale, self.bias)
+        check_in_features(self, x)
+        # k: w_packed's shape alone would take an x whose K fits the padding of the last
+        # 128-block (K=4000 for in_features=4096) as zero-padded.
+        return ops.ternary_matmul(x, self.w_packed, self.w_scale, self.bias, k=self.in_features)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -206,6 +209,7 @@ class Int8Linear(_QuantizedLinear):
         self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_in_features(self, x)
         return ops.int8_linear(x, self.w_q, self.w_scale, self.bias)
 
     @property

@@ -4,6 +4,8 @@ and the packed layout.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..reference import ternary as ref
@@ -14,6 +16,9 @@ from ._backend import choose, choose_and_forced, extension
 __all__ = ["quantize_weight_ternary", "pack_ternary", "unpack_ternary", "ternary_matmul", "packed_cols"]
 
 packed_cols = ref.packed_cols
+
+# Four 2-bit codes of 1 (zero weights): what the packing writes into the padding.
+_PACKED_ZEROS = 0x55
 
 
 def _triton():
@@ -75,10 +80,64 @@ def unpack_ternary(w_packed: torch.Tensor, k: int) -> torch.Tensor:
     return torch.ops.accelops.unpack_ternary(w_packed, k)
 
 
-def ternary_matmul(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None):
-    """y = ternary(W) @ int8(x) with exact int32 sums, dequantized: x [..., K] -> y [..., N] in x's dtype."""
+def _check_k(k) -> None:
+    # SymInt: a K taken from a shape under torch.compile with dynamic shapes
+    if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)) or k < 0:
+        raise ValueError(f"k must be a non-negative int (the in_features w_packed was packed for), got {k!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _padding_mask(r: int, device: torch.device) -> torch.Tensor:
+    """uint8 [32]: in each byte of a packed block, the 2-bit fields of the weights at
+    in-block positions >= r (weight 32 j + i of a block sits in byte i, bits 2 j .. 2 j + 1).
+    Built once per (r, device): on CUDA a fresh one would cost a host-to-device copy a call."""
+    mask = [sum(3 << (2 * j) for j in range(4) if 32 * j + i >= r) for i in range(ref.BLOCK_BYTES)]
+    return torch.tensor(mask, dtype=torch.uint8, device=device)
+
+
+def _check_padding(w_packed: torch.Tensor, k: int) -> None:
+    """Without k, w_packed's shape only says K <= ceil(K/128)*128: an x whose K stops inside
+    the last 128-block would be read as zero-padded. The weights a packing for this x's K
+    would pad are all zero (code 1), so any other code there means w_packed holds a larger K."""
+    r = k % ref.BLOCK_K
+    if r == 0 or w_packed.numel() == 0:
+        return  # no padding to hold anything
+    if w_packed.device.type == "meta" or torch.compiler.is_compiling():
+        return  # no data to read / a data-dependent branch cannot be traced: pass k= there
+    last = w_packed[:, -ref.BLOCK_BYTES:]  # the last block only: N x 32 bytes
+    stray = (last ^ _PACKED_ZEROS) & _padding_mask(r, w_packed.device)
+    if bool(stray.any()):  # the one host sync (on CUDA) that a call without k adds
+        padded = ref.packed_cols(k) // ref.BLOCK_BYTES * ref.BLOCK_K
+        raise ValueError(
+            f"w_packed was packed for a larger K than x's: x has K={k}, but w_packed (shape "
+            f"{tuple(w_packed.shape)}, padded K={padded}) holds nonzero weights among positions {k}..{padded - 1}, "
+            f"which a packing for K={k} leaves zero; "
+            f"pass k=<the in_features it was packed for> to ternary_matmul to check K exactly"
+        )
+
+
+def ternary_matmul(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                   *, k: int | None = None):
+    """y = ternary(W) @ int8(x) with exact int32 sums, dequantized: x [..., K] -> y [..., N] in x's dtype.
+
+    `k`: the K (in_features) w_packed was packed for. w_packed's shape gives only
+    ceil(K/128)*128, so an x of K=100 would fit a weight packed for K=128 and be read as
+    zero-padded. With k, x.shape[-1] must equal k (ValueError naming both) and w_packed must
+    have packed_cols(k) columns: shape checks only, nothing read. Without k, the weights of
+    the last 128-block at positions >= x.shape[-1] must all be zero codes (as a packing for
+    x's K pads them); otherwise ValueError. That reads N x 32 bytes and, on CUDA, waits for
+    the device once; it is skipped under torch.compile, and cannot tell a larger K whose
+    trailing weights all quantized to 0: callers that know K (layers) pass k=.
+    """
     check.float_tensor("x", x)
     check.at_least_1d("x", x)
+    if k is not None:
+        _check_k(k)
+        if x.shape[-1] != k:
+            raise ValueError(
+                f"x's last dim must equal k={k} (the in_features w_packed was packed for), got K={x.shape[-1]} "
+                f"(x of shape {tuple(x.shape)})"
+            )
     _check_packed(w_packed, x.shape[-1])
     n = w_packed.shape[0]
     check.tensor("w_scale", w_scale)
@@ -87,11 +146,13 @@ def ternary_matmul(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tenso
         raise ValueError(f"w_scale must hold 1 (per tensor) or N={n} (per channel) scales, got shape {tuple(w_scale.shape)}")
     check.bias(bias, n)
     device = check.same_device(x=x, w_packed=w_packed, w_scale=w_scale, bias=bias)
+    if k is None:
+        _check_padding(w_packed, x.shape[-1])
     backend, forced = choose_and_forced("ternary_matmul", device)
     tuned = None
     if backend == "native" and not forced:
-        k = x.shape[-1]
-        tuned = _tuning.choice_for("ternary_matmul", device, (x.numel() // k if k else 0, n, k))
+        kx = x.shape[-1]
+        tuned = _tuning.choice_for("ternary_matmul", device, (x.numel() // kx if kx else 0, n, kx))
         if tuned is not None and tuned.backend == "reference":
             backend = "reference"
     if backend == "reference":

@@ -11,6 +11,11 @@ into four 32-lane vectors of codes that line up with four consecutive 32-byte sl
 the activations, which is what an AVX2 / 256-bit SIMD dot wants; a GPU thread decodes a
 byte with the same shifts.
 
+The shape gives K only rounded up to 128: a weight packed for K = 128 has the columns of
+one packed for K = 100. The reference reads as many weights as x has (x is the K), so
+ops.ternary_matmul takes `k=` (the K it was packed for) to check x against, and without it
+refuses an x whose K leaves non-zero codes in the padding of the last block.
+
 Matmul: y = (sum_k x_q[k] * Wq[k]) * x_scale * w_scale + bias, with x_q the per-token int8
 quantization of x (see reference/int8.py) and exact int32 accumulation.
 """
