@@ -83,3 +83,26 @@ class LoadsOnlyHere:
 
     def __call__(self, config, budget):
         return quadratic(config, budget)
+
+
+class Naps:
+    """Sleeps ``run_s`` per trial, or 60 s (it hangs) where ``hang[0] <= x < hang[1]``,
+    after ``load_s`` of loading wherever it is unpickled (a worker process, a Ray task), as an
+    objective that imports torch or reads a data set would. It writes its pid to the
+    trial's checkpoint directory before it sleeps (so a test can check that a hung trial's
+    process was killed) and reports its own start and end (time.time()) as info."""
+
+    def __init__(self, load_s, run_s, hang=(0.0, 0.0)):
+        self.load_s, self.run_s, self.hang = load_s, run_s, hang
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        time.sleep(self.load_s)
+
+    def __call__(self, config, budget, checkpoint_dir):
+        start = time.time()
+        with open(os.path.join(checkpoint_dir, "pid"), "w") as f:
+            f.write(str(os.getpid()))
+        lo, hi = self.hang
+        time.sleep(60 if lo <= config["x"] < hi else self.run_s)
+        return {"loss": quadratic(config, budget), "start": start, "end": time.time()}

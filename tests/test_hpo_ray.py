@@ -1,8 +1,10 @@
 """accelops.hpo.Study with executor="ray": the same trials and losses as the process pool,
-timeouts cancel the Ray task, a task whose worker dies fails only its trial, and
-checkpoint-aware objectives resume promoted trials. Ray is optional: without it these are
+timeouts cancel the Ray task and count from the task's start (not while it is queued), a
+task whose worker dies fails only its trial, and checkpoint-aware objectives resume
+promoted trials. Ray is optional: without it these are
 skipped with the reason and test_hpo_study.py checks the error message instead."""
 import os
+import warnings
 
 import pytest
 
@@ -10,6 +12,7 @@ ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'ray[
 
 from accelops import hpo  # noqa: E402
 from tests import hpo_objectives as objectives  # noqa: E402
+from tests.test_hpo_study import process_is_gone  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,8 +73,25 @@ def test_ray_checkpoint_aware_objective_resumes_promoted_trials(tmp_path):
     assert sum(r.info["work"] for r in study.results) == 6 * 1 + 2 * 3 + 9
 
 
-def test_ray_warns_when_the_cluster_has_fewer_cpus_than_workers():
-    study = hpo.Study(hpo.RandomSearch(small_space(), budget=1, seed=0))
-    with pytest.warns(UserWarning, match=r"2 CPUs for n_workers=3.*counts from submission"):
-        study.optimize(objectives.quadratic, n_trials=3, n_workers=3, timeout_per_trial=30.0, executor="ray")
-    assert all(r.ok for r in study.results)
+def test_ray_timeout_counts_from_the_trials_start(tmp_path):
+    """Six trials at once on two CPUs: four wait in Ray's queue, for longer than the 4 s
+    timeout, and trials that run 1.5 s from their own start are not timeouts; the one that
+    hangs still is, and its Ray worker is killed. No warning about the queue either."""
+    timeout = 4.0
+    opt = hpo.GridSearch(small_space(), budget=1, resolution={"x": 6, "k": 1})  # x = 0, 0.2, ..., 1
+    study = hpo.Study(opt, checkpoint_dir=tmp_path)
+    objective = objectives.Naps(load_s=0.5, run_s=1.5, hang=(0.0, 0.1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        study.optimize(objective, n_workers=6, timeout_per_trial=timeout, executor="ray")
+    by_x = {round(r.config["x"], 1): r for r in study.results}
+    assert sorted(by_x) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    hung = by_x.pop(0.0)
+    assert all(r.ok for r in by_x.values()), [(x, r.status, r.error) for x, r in by_x.items()]
+    assert hung.status == "timeout" and "Ray task cancelled" in hung.error, hung.error
+    assert hung.duration >= timeout
+    with open(tmp_path / f"config_{hung.trial.config_id}" / "pid") as f:
+        assert process_is_gone(int(f.read()))
+    # some waited in the queue: from submission they ran past the timeout
+    assert max(r.info["end"] - r.started for r in by_x.values()) > timeout
+    assert not [w for w in caught if "executor='ray'" in str(w.message)]

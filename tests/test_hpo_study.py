@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -186,6 +187,46 @@ def test_process_pool_timeout_kills_and_crash_fails_one_trial():
         assert by_x[x].status == "timeout" and "worker killed" in by_x[x].error
     assert by_x[0.2].status == "failed" and "worker process died (exit code 3)" in by_x[0.2].error
     assert all(by_x[x].ok for x in by_x if x >= 0.3)
+
+
+def process_is_gone(pid, within=30.0):
+    """True once ``pid`` no longer runs (no such process, or a zombie waiting to be reaped)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        except OSError:  # no /proc (not Linux): os.kill said it still exists
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+def test_process_pool_timeout_counts_from_the_trials_start(tmp_path):
+    """A trial's timeout starts when its worker starts it, not at submission: every new worker
+    takes 3 s to load the objective (longer than the 2.5 s timeout), and trials that run 0.5 s
+    from their own start are not timeouts; the one that hangs still is, and its worker is
+    killed. One worker, so every trial after the first waits for the one before."""
+    timeout = 2.5
+    opt = hpo.GridSearch(small_space(), budget=1, resolution={"x": 4, "k": 1})  # x = 0, 1/3, 2/3, 1
+    study = hpo.Study(opt, checkpoint_dir=tmp_path)
+    objective = objectives.Naps(load_s=3.0, run_s=0.5, hang=(0.3, 0.4))
+    study.optimize(objective, n_workers=1, timeout_per_trial=timeout, executor="process")
+    by_x = {round(r.config["x"], 1): r for r in study.results}
+    assert sorted(by_x) == [0.0, 0.3, 0.7, 1.0]
+    hung = by_x.pop(0.3)
+    assert all(r.ok for r in by_x.values()), [(x, r.status, r.error) for x, r in by_x.items()]
+    assert hung.status == "timeout" and "worker killed" in hung.error, hung.error
+    assert hung.duration >= timeout
+    with open(tmp_path / f"config_{hung.trial.config_id}" / "pid") as f:
+        assert process_is_gone(int(f.read()))
+    for x in (0.0, 0.7):  # each waited for a new worker: from submission, past the timeout
+        assert by_x[x].info["end"] - by_x[x].started > timeout
 
 
 def test_process_pool_needs_a_picklable_objective():

@@ -3,6 +3,9 @@ on Ray.
 
 Every executor calls ``run_objective`` on a task dict and hands back outcome dicts
 ``{"trial_id", "status": "ok"|"failed"|"timeout", "loss", "error", "duration", "info"}``.
+Trial timeouts count from the moment the trial starts running, not from its submission:
+the time a trial waits for a worker (a process starting and loading the objective, a Ray
+task queued for a free CPU) is not the trial's.
 
 - ``InlineExecutor``: one trial at a time in the calling process. It cannot stop a running
   trial: one that returns after ``timeout`` seconds is recorded as a timeout (its loss is
@@ -18,10 +21,9 @@ Every executor calls ``run_objective`` on a task dict and hands back outcome dic
   (segfault, os._exit, out of memory) fails only its trial.
 - ``RayExecutor``: one Ray task per trial; Ray is imported only when asked for. A trial
   past its timeout is cancelled with ``ray.cancel(force=True)``; a task whose worker dies
-  is not retried and fails its trial. The timeout counts from submission (Ray does not say
-  when a task starts), so give the cluster at least ``n_workers``
-  CPUs (a warning says so when it has fewer and a timeout is set). Checkpoint
-  directories must then be on storage that every node sees.
+  is not retried and fails its trial. Each task first yields a marker that tells the driver
+  it has started (see ``_ray_task``); a trial queued for a free CPU waits without a
+  deadline. Checkpoint directories must then be on storage that every node sees.
 """
 from __future__ import annotations
 
@@ -34,7 +36,6 @@ import pickle
 import sys
 import time
 import traceback
-import warnings
 
 __all__ = ["InlineExecutor", "ProcessExecutor", "RayExecutor", "ObjectiveLoadError", "run_objective",
            "accepts_checkpoint"]
@@ -127,6 +128,9 @@ class ObjectiveLoadError(RuntimeError):
     every trial would fail the same way)."""
 
 
+_STARTED = "started"  # a worker's message (or a Ray task's first value) before it runs the trial
+
+
 def _worker_main(conn, payload):
     try:
         objective = pickle.loads(payload)
@@ -140,6 +144,7 @@ def _worker_main(conn, payload):
             return
         if task is None:
             return
+        conn.send(_STARTED)  # the parent starts the trial's timeout when it reads this
         conn.send(run_objective(objective, task))
 
 
@@ -190,8 +195,8 @@ class _Worker:
         finally:
             child.close()
         self.task = None
-        self.deadline = None
-        self.started = None
+        self.started = None  # time.monotonic() in the parent when the worker said it started the task
+        self.deadline = None  # started + timeout
 
     def kill(self):
         if self.proc.is_alive():
@@ -221,8 +226,10 @@ class ProcessExecutor:
             assert len(self._workers) < self.n_workers
             w = _Worker(self._ctx, self._payload)
             self._workers.append(w)
-        w.task, w.started = task, time.monotonic()
-        w.deadline = None if self.timeout is None else w.started + self.timeout
+        # No deadline yet: a new worker may take seconds to start and unpickle the objective
+        # (its imports: torch, a data set), which is not the trial's time. The deadline is set
+        # when the worker reports that it has started the trial.
+        w.task, w.started, w.deadline = task, None, None
         w.conn.send(task)
 
     def _retire(self, w):
@@ -230,6 +237,13 @@ class ProcessExecutor:
         self._workers.remove(w)
 
     def wait(self):
+        """Block until at least one trial has finished (or timed out); return their outcomes."""
+        out = []
+        while not out:  # a round may only see workers report that they started a trial
+            out = self._wait_once()
+        return out
+
+    def _wait_once(self):
         busy = [w for w in self._workers if w.task is not None]
         deadlines = [w.deadline for w in busy if w.deadline is not None]
         wait_for = None if not deadlines else max(0.0, min(deadlines) - time.monotonic())
@@ -252,9 +266,16 @@ class ProcessExecutor:
                 task = w.task
                 w.proc.join(1)
                 out.append({"trial_id": task["trial_id"], "status": "failed", "loss": None, "info": {},
-                            "duration": time.monotonic() - w.started,
+                            "duration": 0.0 if w.started is None else time.monotonic() - w.started,
                             "error": f"the worker process died (exit code {w.proc.exitcode})"})
                 self._retire(w)
+                continue
+            if res == _STARTED:
+                # Reading it in the parent, not a timestamp from the worker: one clock for
+                # start and deadline. The parent reads it late only when it is busy, which
+                # gives the trial more time, never less.
+                w.started = time.monotonic()
+                w.deadline = None if self.timeout is None else w.started + self.timeout
                 continue
             if "load_error" in res:
                 self._retire(w)
@@ -285,7 +306,16 @@ class ProcessExecutor:
 
 
 def _ray_task(objective, task):
-    return run_objective(objective, task)
+    # A streaming generator task: Ray hands each yielded value to the driver as soon as it
+    # is yielded, and ray.wait() on the generator wakes when it arrives. The first value says
+    # the task has started (its arguments, the objective included, are loaded), the second is
+    # the outcome. The driver starts the trial's timeout when it sees the first, by its own
+    # clock (the worker may be on another node, whose clock is not the driver's). Simpler and
+    # sturdier than the alternatives: no extra actor to keep alive, no file that every node
+    # must see, no polling of Ray's state API (which needs the dashboard), and a worker that
+    # dies still fails the trial through the same ObjectRef (WorkerCrashedError).
+    yield _STARTED
+    yield run_objective(objective, task)
 
 
 class RayExecutor:
@@ -298,54 +328,69 @@ class RayExecutor:
         self._ray = ray
         if not ray.is_initialized():
             ray.init()  # joins the cluster at RAY_ADDRESS when it is set
+        # A cluster with fewer CPUs than n_workers queues the extra trials in Ray; their
+        # timeouts start when they do (see _ray_task), so that costs time, not trials.
         self.n_workers, self.timeout = n_workers, timeout
-        cpus = ray.cluster_resources().get("CPU", 0)
-        if timeout is not None and cpus < n_workers:
-            warnings.warn(f"executor='ray': the cluster has {cpus:g} CPUs for n_workers={n_workers}; trials "
-                          f"beyond {cpus:g} wait in Ray's queue, and a trial's timeout ({timeout:g} s) counts "
-                          f"from submission, so waiting ones may time out before they start", stacklevel=3)
         # max_retries=0: Ray re-runs a task whose worker died (3 times by default); a trial
         # that kills its worker would then run again and again, and a checkpoint-aware one
         # would continue from a half-written state. Like the process pool, a dead worker
         # fails its trial once and the study goes on.
-        self._remote = ray.remote(max_retries=0)(_ray_task)
+        self._remote = ray.remote(max_retries=0, num_returns="streaming")(_ray_task)
         self._objective = ray.put(objective)
-        self._running = {}  # ObjectRef -> (task, started)
+        # ObjectRefGenerator -> (task, started): started is the driver's time.monotonic() when
+        # the task's start marker arrived, None while it is queued (no deadline yet)
+        self._running = {}
 
     @property
     def n_running(self):
         return len(self._running)
 
     def submit(self, task):
-        self._running[self._remote.remote(self._objective, task)] = (task, time.monotonic())
+        self._running[self._remote.remote(self._objective, task)] = (task, None)
 
     def wait(self):
+        """Block until at least one trial has finished (or timed out); return their outcomes."""
+        out = []
+        while not out:  # a round may only see tasks report that they started
+            out = self._wait_once()
+        return out
+
+    def _wait_once(self):
         ray = self._ray
-        wait_for = None
-        if self.timeout is not None:
-            first = min(started for _, started in self._running.values())
-            wait_for = max(0.0, first + self.timeout - time.monotonic())
+        wait_for = None  # with no trial started there is no deadline: wait for a start or an outcome
+        starts = [started for _, started in self._running.values() if started is not None]
+        if self.timeout is not None and starts:
+            wait_for = max(0.0, min(starts) + self.timeout - time.monotonic())
         ready, _ = ray.wait(list(self._running), num_returns=1, timeout=wait_for)
         out = []
-        for ref in ready:
-            task, started = self._running.pop(ref)
+        for gen in ready:
+            task, started = self._running[gen]
             try:
-                out.append(ray.get(ref))
+                value = ray.get(next(gen))
             except Exception as e:  # noqa: BLE001 -- a lost worker fails its trial only
+                del self._running[gen]
                 out.append({"trial_id": task["trial_id"], "status": "failed", "loss": None, "info": {},
-                            "duration": time.monotonic() - started, "error": f"{type(e).__name__}: {e}"})
+                            "duration": 0.0 if started is None else time.monotonic() - started,
+                            "error": f"{type(e).__name__}: {e}"})
+                continue
+            if started is None:
+                assert value == _STARTED, value
+                self._running[gen] = (task, time.monotonic())
+            else:
+                del self._running[gen]
+                out.append(value)
         now = time.monotonic()
         if self.timeout is not None:
-            for ref, (task, started) in list(self._running.items()):
-                if now - started >= self.timeout:
-                    ray.cancel(ref, force=True)
-                    del self._running[ref]
+            for gen, (task, started) in list(self._running.items()):
+                if started is not None and now - started >= self.timeout:
+                    ray.cancel(gen, force=True)
+                    del self._running[gen]
                     out.append(_timeout_result(task, self.timeout, now - started, " (Ray task cancelled)"))
         return out
 
     def shutdown(self):
-        for ref in self._running:
-            self._ray.cancel(ref, force=True)
+        for gen in self._running:
+            self._ray.cancel(gen, force=True)
         self._running = {}
 
 
