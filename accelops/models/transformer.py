@@ -85,7 +85,8 @@ class TransformerLM(LanguageModel):
     """Decoder-only LM: token embedding (+ learned position embedding, or rotary embeddings in
     the attention), config.n_layers pre-norm blocks (causal attention, FFN), final norm, LM
     head (the token embedding when config.tie_embeddings). `logits = model(tokens)`,
-    `logits, loss = model(tokens, targets)`.
+    `logits, loss = model(tokens, targets)`. TransformerLM.from_hf_bitnet(path) loads a
+    transformers BitNet checkpoint.
 
     quant=None / "bitlinear" / "qat-int8" train; "int8" is the inference form
     (model.to_int8() from a trained fp32 or qat-int8 model). Build on the meta device and
@@ -118,3 +119,11 @@ class TransformerLM(LanguageModel):
         for block in self.blocks:
             x = block(x, rope)
         return self.norm(x)
+
+    @classmethod
+    def from_hf_bitnet(cls, path_or_state_dict, config=None) -> "TransformerLM":
+        """A TransformerLM holding a transformers BitNetForCausalLM checkpoint (a directory
+        written by save_pretrained, or its state dict with config=). See accelops.models.hf."""
+        from .hf import from_hf_bitnet
+
+        return from_hf_bitnet(path_or_state_dict, config)
