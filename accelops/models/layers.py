@@ -1,5 +1,5 @@
-"""The pieces of TransformerLM's newer architectures: norms, rotary position embeddings and
-the unfused FFN (squared ReLU, BitNet's sub-layer norm)."""
+"""The pieces of TransformerLM's newer architectures: norms, rotary position embeddings,
+the unfused FFN (squared ReLU, BitNet's sub-layer norm) and the static key/value cache."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +8,7 @@ from torch import nn
 
 from ..reference import ffn as ref_ffn
 
-__all__ = ["make_norm", "rope_cos_sin", "apply_rope", "UnfusedFFN"]
+__all__ = ["make_norm", "rope_cos_sin", "apply_rope", "UnfusedFFN", "KVCache"]
 
 
 def make_norm(kind: str, size: int, eps: float) -> nn.Module:
@@ -82,3 +82,56 @@ class UnfusedFFN(nn.Module):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
+
+
+# --------------------------------------------------------------------------- key/value cache
+
+class KVCache:
+    """Preallocated keys and values of every layer for generation: per layer two tensors of
+    the static shape [batch, n_kv_heads, size, head_dim], allocated on the first write (in
+    the keys' dtype and device). A step writes the keys / values of positions [batch, t] of
+    each row into those slots (a scatter: rows may stand at different positions), so every
+    decode step has the same shapes whatever the position. Writing a position outside
+    [0, size) raises instead of growing: generation never writes past its cache."""
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, size: int, head_dim: int):
+        self.shape = (batch, n_kv_heads, size, head_dim)
+        self.size = size
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+
+    def layer(self, index: int, positions: torch.Tensor) -> "_LayerCache":
+        """What layer `index` sees of the cache in a step writing positions [batch, t]. By
+        depth, not by module: blocks shared by several depths (accelops.sharing) still get a
+        cache each."""
+        return _LayerCache(self, index, positions)
+
+    def check_positions(self, positions: torch.Tensor) -> None:
+        """ValueError unless every position lies in [0, size) (one host sync: call it once a
+        step, not once a layer)."""
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= self.size:
+            raise ValueError(f"KV cache write at positions [{lo}, {hi}] outside its {self.size} slots")
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Write k, v [batch, n_kv_heads, t, head_dim] at positions [batch, t]; -> the layer's
+        whole (keys, values) [batch, n_kv_heads, size, head_dim]."""
+        if tuple(k.shape[:2]) != self.shape[:2] or k.shape[3] != self.shape[3] or k.shape != v.shape:
+            raise ValueError(f"k/v of shape {tuple(k.shape)} do not fit a KV cache of shape {self.shape}")
+        if self.keys[layer] is None:
+            self.keys[layer] = k.new_zeros(self.shape)
+            self.values[layer] = v.new_zeros(self.shape)
+        index = positions[:, None, :, None].expand(k.shape)
+        self.keys[layer].scatter_(2, index, k)
+        self.values[layer].scatter_(2, index, v)
+        return self.keys[layer], self.values[layer]
+
+
+class _LayerCache:
+    __slots__ = ("cache", "index", "positions")
+
+    def __init__(self, cache: KVCache, index: int, positions: torch.Tensor):
+        self.cache, self.index, self.positions = cache, index, positions
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        return self.cache.update(self.index, k, v, self.positions)

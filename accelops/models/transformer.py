@@ -7,7 +7,7 @@ from torch import nn
 
 from ._base import LanguageModel, make_ffn, make_linear
 from .config import TransformerLMConfig
-from .layers import apply_rope, make_norm, rope_cos_sin
+from .layers import KVCache, apply_rope, make_norm, rope_cos_sin
 
 __all__ = ["TransformerLM", "CausalSelfAttention", "TransformerBlock"]
 
@@ -36,9 +36,12 @@ class CausalSelfAttention(nn.Module):
         self.attn_sub_norm = sub_norm
         self.o_proj = make_linear(quant, dim, dim, bias)
 
-    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, cache=None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [batch, t, dim]. rope: (cos, sin) of the positions of x (computed for 0 .. t-1 when
-        None)."""
+        None). cache (generation: a KVCache layer view): with mask None, x is a prompt from
+        position 0, attended causally and written to the cache; with mask [batch, 1, t, size]
+        (True = may attend), x's keys/values are written at their positions and x attends to
+        the whole cache under the mask."""
         b, t, _ = x.shape
         hd = self.head_dim
         q = self.q_proj(x).view(b, t, self.n_heads, hd).transpose(1, 2)
@@ -48,8 +51,15 @@ class CausalSelfAttention(nn.Module):
             if rope is None:  # called on its own (a pipeline stage): positions 0 .. t-1
                 rope = rope_cos_sin(torch.arange(t, device=x.device), hd, self.rope_theta, q.dtype)
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is None:
+            if cache is not None:
+                cache.update(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True, enable_gqa=gqa)
+        else:
+            k, v = cache.update(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(b, t, self.dim)
         if self.attn_sub_norm is not None:
             y = self.attn_sub_norm(y)
@@ -76,8 +86,8 @@ class TransformerBlock(nn.Module):
                             make_norm(cfg.norm, cfg.hidden, cfg.norm_eps) if cfg.ffn_sub_norm else None)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), rope))
+    def forward(self, x: torch.Tensor, rope=None, cache=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, mask))
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
@@ -85,12 +95,12 @@ class TransformerLM(LanguageModel):
     """Decoder-only LM: token embedding (+ learned position embedding, or rotary embeddings in
     the attention), config.n_layers pre-norm blocks (causal attention, FFN), final norm, LM
     head (the token embedding when config.tie_embeddings). `logits = model(tokens)`,
-    `logits, loss = model(tokens, targets)`. TransformerLM.from_hf_bitnet(path) loads a
-    transformers BitNet checkpoint.
+    `logits, loss = model(tokens, targets)`, `model.generate(prompt, max_new_tokens)`.
 
     quant=None / "bitlinear" / "qat-int8" train; "int8" is the inference form
     (model.to_int8() from a trained fp32 or qat-int8 model). Build on the meta device and
     call to_empty() then init_weights() to allocate without initialising twice.
+    TransformerLM.from_hf_bitnet(path) loads a transformers BitNet checkpoint.
     """
 
     def __init__(self, config: TransformerLMConfig):
@@ -107,8 +117,11 @@ class TransformerLM(LanguageModel):
         if self.tok_emb.weight.device.type != "meta":
             self.init_weights()
 
-    def _hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(tokens.shape[1], device=tokens.device)
+    def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states. positions [batch, t] (default 0 .. t-1); cache and mask as in
+        CausalSelfAttention.forward (generation)."""
+        pos = torch.arange(tokens.shape[1], device=tokens.device) if positions is None else positions
         x = self.tok_emb(tokens)
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)
@@ -116,9 +129,21 @@ class TransformerLM(LanguageModel):
         cfg = self.config
         # computed once a forward and shared by the layers
         rope = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype) if cfg.pos_emb == "rope" else None
-        for block in self.blocks:
-            x = block(x, rope)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, None if cache is None else cache.layer(i, pos), mask)
         return self.norm(x)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, tokens, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_token_id: int | None = None, seed: int | None = None,
+                 stream=None) -> torch.Tensor:
+        """Continue each prompt by up to max_new_tokens tokens with a preallocated KV cache;
+        -> [batch, n] the new tokens (n <= max_new_tokens). See accelops.models.generate."""
+        from .generate import generate
+
+        return generate(self, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_token_id=eos_token_id, seed=seed, stream=stream)
 
     @classmethod
     def from_hf_bitnet(cls, path_or_state_dict, config=None) -> "TransformerLM":
