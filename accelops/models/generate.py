@@ -82,7 +82,7 @@ def _prompts(tokens, vocab_size: int, max_len: int) -> list[torch.Tensor]:
     return prompts
 
 
-def _check_sampling(temperature, top_k, top_p, vocab_size):
+def _check_sampling(temperature, top_k, top_p):
     if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) or not math.isfinite(temperature) \
             or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
@@ -145,7 +145,7 @@ def generate(model, tokens, max_new_tokens: int, temperature: float = 1.0, top_k
         raise ValueError(f"max_new_tokens={n_new} runs past the model's context: the longest prompt has {longest} "
                          f"tokens and prompt + new tokens must fit max_len={cfg.max_len} (at most "
                          f"{cfg.max_len - longest} new tokens)")
-    _check_sampling(temperature, top_k, top_p, cfg.vocab_size)
+    _check_sampling(temperature, top_k, top_p)
     if eos_token_id is not None:
         _int("eos_token_id", eos_token_id, 0)
         if eos_token_id >= cfg.vocab_size:
