@@ -130,6 +130,10 @@ def main(argv=None) -> int:
 
     add_plan_arguments(sub.add_parser("plan", help="per-device memory of each training strategy (and quant mode), "
                                                    "what fits, and the strategy / micro-batch / accumulation to use"))
+    from .generate_cli import add_arguments as add_generate_arguments  # argparse only; torch loads on use
+
+    add_generate_arguments(sub.add_parser("generate", help="continue a prompt with a model trained by `accelops train` "
+                                                           "(KV-cached generation; prints tokens/s)"))
     program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -163,6 +167,10 @@ def _dispatch(args, argv) -> int:
         from .results.cli import run_report
 
         return run_report(args)
+    elif args.command == "generate":
+        from .generate_cli import run_args as run_generate
+
+        return run_generate(args)
     return 0
 
 

@@ -231,3 +231,180 @@ def test_rnnlm_trains_under_cpu_autocast(cell, dtype):
     loss.backward()
     assert torch.isfinite(loss) and logits.shape == (2, 5, 11)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------- architecture options
+
+BITNET_ARCH = dict(pos_emb="rope", rope_theta=500000.0, norm="rmsnorm", n_kv_heads=2, activation="relu2",
+                   attn_sub_norm=True, ffn_sub_norm=True)
+
+
+def test_default_architecture_keeps_its_state_dict():
+    # existing checkpoints load: the defaults are the original model, name for name
+    sd = TransformerLM(tiny_transformer()).state_dict()
+    assert "pos_emb.weight" in sd and "blocks.0.norm1.bias" in sd and "norm.bias" in sd
+    assert sd["blocks.0.attn.k_proj.weight"].shape == (32, 32)
+    assert not any("sub_norm" in k for k in sd)
+    block = TransformerLM(tiny_transformer()).blocks[0]
+    assert type(block.norm1) is nn.LayerNorm and type(block.ffn) is FusedFFN
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("tie", [False, True])
+def test_bitnet_architecture_trains_and_round_trips(quant, tie):
+    cfg = tiny_transformer(quant=quant, tie_embeddings=tie, attn_bias=True, **BITNET_ARCH)
+    model = TransformerLM(cfg)
+    assert model.pos_emb is None and type(model.norm) is nn.RMSNorm
+    tokens, targets = batch()
+    logits, loss = model(tokens, targets)
+    assert logits.shape == (B, T, V) and torch.isfinite(loss)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.blocks[0].attn.k_proj.bias is not None and model.blocks[0].ffn.up_proj.bias is None
+    fresh = TransformerLM(cfg)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh(tokens), logits)
+    # causal with rotary positions too
+    model.eval()
+    changed = tokens.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % V
+    assert torch.equal(model(tokens)[:, :7], model(changed)[:, :7])
+
+
+def test_relu2_and_ffn_sub_norm_run_unfused():
+    from accelops.models.layers import UnfusedFFN
+
+    model = TransformerLM(tiny_transformer(norm="rmsnorm", activation="relu2", ffn_sub_norm=True, norm_eps=1e-6))
+    ffn = model.blocks[0].ffn
+    assert type(ffn) is UnfusedFFN and ffn.ffn_sub_norm.eps == 1e-6
+    x = torch.randn(2, 5, 32)
+    g, u = x @ ffn.gate_proj.weight.T, x @ ffn.up_proj.weight.T
+    h = torch.relu(g) ** 2 * u
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * ffn.ffn_sub_norm.weight
+    torch.testing.assert_close(ffn(x), h @ ffn.down_proj.weight.T)
+    # swiglu with a sub-norm is unfused as well; without, it stays fused
+    assert type(TransformerLM(tiny_transformer(ffn_sub_norm=True)).blocks[0].ffn) is UnfusedFFN
+    assert type(TransformerLM(tiny_transformer(activation="relu2")).blocks[0].ffn) is UnfusedFFN
+
+
+def test_grouped_query_attention_equals_repeated_heads():
+    # GQA with 2 key/value heads == MHA whose k/v heads are each repeated for their group
+    gqa = TransformerLM(tiny_transformer(n_kv_heads=2, pos_emb="rope")).eval()
+    mha = TransformerLM(tiny_transformer(pos_emb="rope")).eval()
+    sd = gqa.state_dict()
+    hd = 8
+    for i in range(2):
+        for p in ("k_proj", "v_proj"):
+            w = sd[f"blocks.{i}.attn.{p}.weight"]  # [2 * hd, dim]
+            sd[f"blocks.{i}.attn.{p}.weight"] = w.view(2, hd, 32).repeat_interleave(2, dim=0).reshape(4 * hd, 32)
+    mha.load_state_dict(sd)
+    tokens, _ = batch()
+    torch.testing.assert_close(mha(tokens), gqa(tokens))
+    assert gqa.blocks[0].attn.k_proj.weight.shape == (16, 32)
+
+
+def test_rope_depends_on_relative_positions_only():
+    from accelops.models.layers import apply_rope, rope_cos_sin
+
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(i, j):
+        cq, sq = rope_cos_sin(torch.tensor([i]), 16, 10000.0, torch.float32)
+        ck, sk = rope_cos_sin(torch.tensor([j]), 16, 10000.0, torch.float32)
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+
+    torch.testing.assert_close(score(5, 2), score(13, 10))
+    assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+def test_blocks_run_alone_with_rope():
+    # a pipeline stage calls block(x): the attention then computes the rotary angles itself
+    model = TransformerLM(tiny_transformer(**BITNET_ARCH)).eval()
+    tokens, _ = batch()
+    x = model.tok_emb(tokens)
+    for block in model.blocks:
+        x = block(x)
+    torch.testing.assert_close(model.head(model.norm(x)), model(tokens))
+
+
+def test_new_architecture_converts_to_int8_and_ternary():
+    import accelops
+    from accelops.nn import TernaryLinear
+
+    tokens, _ = batch()
+    model = TransformerLM(tiny_transformer(**BITNET_ARCH)).eval()
+    ref = model(tokens)
+    int8 = TransformerLM(tiny_transformer(**BITNET_ARCH)).eval()
+    int8.load_state_dict(model.state_dict())
+    int8.to_int8()
+    assert type(int8.blocks[0].ffn.gate_proj) is Int8Linear and type(int8.blocks[0].attn.k_proj) is Int8Linear
+    assert (int8(tokens) - ref).norm() / ref.norm() < 0.05
+    report = accelops.convert(model, "ternary")
+    assert type(model.blocks[1].ffn.down_proj) is TernaryLinear and type(model.blocks[1].attn.o_proj) is TernaryLinear
+    assert report.num_swapped == 2 * 7 and torch.isfinite(model(tokens)).all()
+
+
+def test_trainer_config_takes_the_new_options():
+    from accelops.train.run import build_model
+
+    model = build_model(dict(dim=32, n_layers=1, n_heads=4, pos_emb="rope", norm="rmsnorm", n_kv_heads=1,
+                             activation="relu2", attn_sub_norm=True, ffn_sub_norm=True, rope_theta=1e4), V, 16)
+    assert model.config.kv_heads == 1 and model.pos_emb is None
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(n_kv_heads=3), ValueError, r"n_kv_heads \(3\) must divide n_heads \(4\)"),
+    (dict(n_kv_heads=0), ValueError, "n_kv_heads must be a positive int"),
+    (dict(pos_emb="alibi"), ValueError, "pos_emb must be one of"),
+    (dict(rope_theta=0), ValueError, "rope_theta must be a finite number > 0"),
+    (dict(rope_theta=float("inf")), ValueError, "rope_theta"),
+    (dict(dim=36, n_heads=4, pos_emb="rope"), ValueError, "even head size"),
+    (dict(norm="batchnorm"), ValueError, "norm must be one of"),
+    (dict(norm_eps=-1e-5), ValueError, "norm_eps"),
+    (dict(attn_sub_norm=1), TypeError, "attn_sub_norm must be a bool"),
+    (dict(mlp_bias="yes"), TypeError, "mlp_bias must be a bool or None"),
+    (dict(activation="relu"), ValueError, "relu2"),
+])
+def test_architecture_config_errors(kw, err, match):
+    with pytest.raises(err, match=match):
+        tiny_transformer(**kw)
+
+
+def test_bitnet_2b4t_shape():
+    cfg = TransformerLMConfig.bitnet_2b4t()
+    assert (cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.hidden, cfg.max_len) == \
+        (128256, 2560, 30, 20, 5, 6912, 4096)
+    assert (cfg.activation, cfg.pos_emb, cfg.rope_theta, cfg.norm, cfg.norm_eps) == \
+        ("relu2", "rope", 500000.0, "rmsnorm", 1e-5)
+    assert cfg.tie_embeddings and cfg.attn_sub_norm and cfg.ffn_sub_norm and not cfg.attention_bias
+    assert TransformerLMConfig.bitnet_2b4t(n_layers=2).n_layers == 2
+    with torch.device("meta"):
+        model = TransformerLM(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    # 128256 x 2560 embedding (tied) + 30 x (attention 2560 x (2560 + 2 x 640 + 2560) + FFN 3 x 2560 x 6912
+    # + norms 3 x 2560 + 6912) + the final norm
+    assert n == 128256 * 2560 + 30 * (2560 * 6400 + 3 * 2560 * 6912 + 3 * 2560 + 6912) + 2560
+
+
+def test_bitnet_2b4t_against_transformers_bitnet_config():
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.BitNetConfig()
+    cfg = TransformerLMConfig.bitnet_2b4t()
+    assert (hf.vocab_size, hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads,
+            hf.intermediate_size, hf.hidden_act, hf.rms_norm_eps, hf.attention_bias) == \
+        (cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.hidden, cfg.activation, cfg.norm_eps,
+         cfg.attention_bias)
+    assert hf.rope_parameters["rope_theta"] == cfg.rope_theta
+    # the two documented differences: the 2B4T checkpoint's config.json has 4096 positions and tied embeddings
+    assert (hf.max_position_embeddings, hf.tie_word_embeddings) == (2048, False)
+
+
+def test_rope_model_trains_under_cpu_autocast():
+    model = TransformerLM(tiny_transformer(**BITNET_ARCH))
+    tokens, targets = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(tokens, targets)
+    loss.backward()
+    assert torch.isfinite(loss) and logits.shape == (B, T, V)

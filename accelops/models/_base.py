@@ -12,6 +12,7 @@ from torch import nn
 from .. import ops
 from ..nn import (FFN, BitLinear, FusedFFN, Int8Linear, ParameterCount, QATLinear, TernaryLinear, convert,
                   count_parameters)
+from .layers import UnfusedFFN
 
 INIT_STD = 0.02
 # Projections that write into the residual stream: GPT-2 scales their init by
@@ -29,7 +30,14 @@ def make_linear(quant, in_features: int, out_features: int, bias: bool) -> nn.Mo
     return QATLinear(in_features, out_features, bias=bias)  # "qat-int8": per-token, int8 (exact Int8Linear form)
 
 
-def make_ffn(quant, dim: int, hidden: int, activation: str, bias: bool) -> nn.Module:
+def make_ffn(quant, dim: int, hidden: int, activation: str, bias: bool,
+             sub_norm: nn.Module | None = None) -> nn.Module:
+    if activation == "relu2" or sub_norm is not None:
+        # The fused op has no squared ReLU and no norm between the activation and down_proj:
+        # three projections of the kind quant picks, the rest in plain PyTorch.
+        gate = None if activation == "gelu" else make_linear(quant, dim, hidden, bias)
+        return UnfusedFFN(gate, make_linear(quant, dim, hidden, bias), make_linear(quant, hidden, dim, bias),
+                          activation, sub_norm)
     if quant == "qat-int8":
         # The unfused FFN with QATLinear projections (same gate_proj/up_proj/down_proj names,
         # so the state_dict matches the fused one), not FusedFFN(quant="qat-int8"): QATLinear
@@ -124,7 +132,7 @@ class LanguageModel(nn.Module):
             std = resid_std if name.rsplit(".", 1)[-1] in RESIDUAL_PROJECTIONS else INIT_STD
             if isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, 0.0, INIT_STD)
-            elif isinstance(m, (nn.LayerNorm, nn.LSTM, nn.GRU)):
+            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.LSTM, nn.GRU)):
                 m.reset_parameters()
             elif isinstance(m, nn.Linear):  # BitLinear and QATLinear too
                 nn.init.normal_(m.weight, 0.0, std)

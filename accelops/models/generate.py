@@ -1,0 +1,210 @@
+"""Text generation for TransformerLM with a preallocated key/value cache.
+
+    new = model.generate(prompt, max_new_tokens=50)                       # greedy: temperature=0
+    new = model.generate([p1, p2], 50, temperature=0.8, top_p=0.9, seed=0)  # prompts of any lengths
+
+How it runs: one forward over the prompts (the prefill, causal over the prompt as in
+model(tokens), writing every layer's keys and values into the cache), then one forward a
+token (the decode step). The cache is allocated once, per layer [batch, n_kv_heads, size,
+head_dim] with size = longest prompt + max_new_tokens - 1 (the last token is never fed
+back), and a decode step attends over all of it under a mask, so every step has the same
+shapes whatever the position (it could be compiled once); writes outside it raise.
+
+Prompts of different lengths: right padding and per-row positions. Each row keeps its
+own positions 0, 1, ... (so its tokens are those it would get alone); the prefill runs the
+padded batch, each row's first new token comes from its last real prompt position, and
+row b's decode steps write at positions len_b, len_b + 1, ..., overwriting the keys the
+padding left there. A row never attends past its own position, so it never sees padding.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .layers import KVCache
+
+__all__ = ["generate", "sample"]
+
+
+# --------------------------------------------------------------------------- checks
+
+def _int(name: str, value, lo: int | None = None) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value!r}")
+    return int(value)
+
+
+def _prompts(tokens, vocab_size: int, max_len: int) -> list[torch.Tensor]:
+    """tokens (a [batch, seq] or [seq] integer tensor, or a list of prompts, each a 1-D integer
+    tensor or a list of ints) -> the prompts as 1-D int64 CPU tensors, checked."""
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must hold integer token ids, got a tensor of {tokens.dtype}")
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be a [batch, seq] or [seq] tensor, got shape {tuple(tokens.shape)}")
+        prompts = list(tokens.detach().cpu().long())
+    elif isinstance(tokens, (list, tuple)):
+        if tokens and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in tokens):
+            tokens = [tokens]  # one prompt as a list of ints
+        prompts = []
+        for i, p in enumerate(tokens):
+            if isinstance(p, torch.Tensor):
+                if p.dim() != 1 or p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
+                    raise ValueError(f"tokens[{i}] must be a 1-D integer tensor, got {p.dtype} of shape "
+                                     f"{tuple(p.shape)}")
+                prompts.append(p.detach().cpu().long())
+            elif isinstance(p, (list, tuple)) and all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                                      for t in p):
+                prompts.append(torch.tensor(list(p), dtype=torch.long))
+            else:
+                raise ValueError(f"tokens[{i}] must be a 1-D integer tensor or a list of ints, got "
+                                 f"{type(p).__name__}")
+    else:
+        raise ValueError(f"tokens must be an integer tensor or a list of prompts, got {type(tokens).__name__}")
+    if not prompts:
+        raise ValueError("tokens must hold at least one prompt, got an empty batch")
+    for i, p in enumerate(prompts):
+        if p.numel() == 0:
+            raise ValueError(f"tokens: prompt {i} is empty; a prompt needs at least one token (e.g. a BOS token)")
+        if p.numel() > max_len:
+            raise ValueError(f"tokens: prompt {i} has {p.numel()} tokens, longer than the model's context "
+                             f"max_len={max_len}")
+        lo, hi = int(p.min()), int(p.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"tokens: prompt {i} holds ids in [{lo}, {hi}], outside the vocabulary "
+                             f"[0, vocab_size={vocab_size})")
+    return prompts
+
+
+def _check_sampling(temperature, top_k, top_p):
+    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None:
+        _int("top_k", top_k, 1)
+    if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool)
+                              or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+
+
+# --------------------------------------------------------------------------- sampling
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of each row of logits [batch, vocab] -> [batch] int64. temperature 0:
+    argmax (the first of equal maxima). Otherwise softmax(logits / temperature) restricted to
+    the top_k most likely tokens, then to the smallest set of most likely tokens whose
+    probability reaches top_p (nucleus; the most likely token always stays), renormalised."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the more likely ones before it already reach top_p
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+# --------------------------------------------------------------------------- generate
+
+def generate(model, tokens, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, eos_token_id: int | None = None, seed: int | None = None,
+             stream=None) -> torch.Tensor:
+    """Continue each prompt by max_new_tokens tokens (fewer when every row has produced
+    eos_token_id) -> the new tokens, [batch, n] int64 on the model's device; after a row's
+    eos_token_id the row holds eos_token_id.
+
+    tokens: a [batch, seq] or [seq] integer tensor, or a list of prompts of any lengths
+        (each a 1-D tensor or a list of ints; see the module docstring for how they batch).
+    max_new_tokens: >= 1; the longest prompt plus max_new_tokens must fit the context
+        (config.max_len).
+    temperature: 0 is greedy (argmax); > 0 samples from softmax(logits / temperature).
+    top_k, top_p: restrict sampling to the k most likely tokens / the nucleus of mass top_p
+        (in (0, 1]). seed: sampling is reproducible with it (a generator of its own; without
+        it, torch's global generator). stream: called after every step with that step's
+        tokens, a [batch] int64 CPU tensor.
+    The model runs in eval mode (dropout off) under torch.inference_mode; its mode is
+    restored afterwards. Bad arguments: ValueError naming the argument."""
+    cfg = model.config
+    prompts = _prompts(tokens, cfg.vocab_size, cfg.max_len)
+    n_new = _int("max_new_tokens", max_new_tokens, 1)
+    longest = max(p.numel() for p in prompts)
+    if longest + n_new > cfg.max_len:
+        raise ValueError(f"max_new_tokens={n_new} runs past the model's context: the longest prompt has {longest} "
+                         f"tokens and prompt + new tokens must fit max_len={cfg.max_len} (at most "
+                         f"{cfg.max_len - longest} new tokens)")
+    _check_sampling(temperature, top_k, top_p)
+    if eos_token_id is not None:
+        _int("eos_token_id", eos_token_id, 0)
+        if eos_token_id >= cfg.vocab_size:
+            raise ValueError(f"eos_token_id must lie in [0, vocab_size={cfg.vocab_size}), got {eos_token_id}")
+    if seed is not None:
+        _int("seed", seed)
+    if stream is not None and not callable(stream):
+        raise ValueError(f"stream must be a callable (called with each step's tokens) or None, got "
+                         f"{type(stream).__name__}")
+
+    device = model.tok_emb.weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return _run(model, prompts, n_new, temperature, top_k, top_p, eos_token_id, seed, stream, device)
+    finally:
+        model.train(was_training)
+
+
+def _run(model, prompts, n_new, temperature, top_k, top_p, eos_token_id, seed, stream, device):
+    cfg = model.config
+    batch, longest = len(prompts), max(p.numel() for p in prompts)
+    lengths = torch.tensor([p.numel() for p in prompts], device=device)
+    padded = torch.zeros(batch, longest, dtype=torch.long)  # right padding (any valid id: never attended to)
+    for i, p in enumerate(prompts):
+        padded[i, :p.numel()] = p
+    padded = padded.to(device)
+    generator = None
+    if seed is not None and temperature > 0:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    cache = KVCache(cfg.n_layers, batch, cfg.kv_heads, longest + n_new - 1, cfg.head_dim)
+    slots = torch.arange(cache.size, device=device)
+    rows = torch.arange(batch, device=device)
+
+    def next_tokens(hidden_last):
+        return sample(model.head(hidden_last), temperature, top_k, top_p, generator)
+
+    # Prefill: the prompts, causal over themselves; only each row's last real position goes
+    # through the LM head (a [batch, vocab] matmul instead of [batch, seq, vocab]).
+    positions = torch.arange(longest, device=device).expand(batch, longest)
+    cache.check_positions(positions)
+    hidden = model._hidden(padded, positions=positions, cache=cache)
+    token = next_tokens(hidden[rows, lengths - 1])
+    out = [token]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    for step in range(1, n_new + 1):
+        if eos_token_id is not None:
+            done |= token == eos_token_id
+        if stream is not None:
+            stream(token.cpu())
+        if step == n_new or (eos_token_id is not None and bool(done.all())):
+            break
+        positions = (lengths + step - 1)[:, None]  # [batch, 1]: where each row's last token goes
+        cache.check_positions(positions)
+        mask = (slots <= positions[:, :, None])[:, None]  # [batch, 1, 1, size]: itself and before
+        hidden = model._hidden(token[:, None], positions=positions, cache=cache, mask=mask)
+        token = next_tokens(hidden[:, -1])
+        if eos_token_id is not None:
+            token = token.masked_fill(done, eos_token_id)
+        out.append(token)
+    return torch.stack(out, dim=1)
