@@ -61,3 +61,33 @@ def backend(request, monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# --------------------------------------------------------------------------- test tiers
+# `make test-fast` deselects these (-m "not slow and not distributed and not ray"); `make
+# test` (CI) runs everything. Marked here, by file and by name, rather than test by test, so
+# a new test in one of these files gets its tier without anyone remembering the marker; a
+# test elsewhere that is slow carries @pytest.mark.slow itself.
+_TIER_FILES = {
+    "ray": ("test_hpo_ray.py", "test_ray_train.py"),
+    "distributed": ("test_distributed.py", "test_strategies.py", "test_launch.py"),
+    "slow": ("test_cuda_sources.py", "test_cli_errors.py", "test_cli_generate.py", "test_report_plots.py",
+             "test_bench.py"),
+}
+# Tests measured above ~5 s on 2 loaded cores, or that start ranks, outside the files above.
+_TIER_NAMES = {
+    "distributed": ("two_ranks", "torchrun", "2_ranks", "rendezvous"),
+    "slow": ("convergence", "test_kernels_compile_for_gpus", "training_loss_goes_down", "over_100_seeds",
+             "mlflow", "sigkill", "sigterm"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        filename = item.path.name
+        for marker, files in _TIER_FILES.items():
+            if filename in files:
+                item.add_marker(getattr(pytest.mark, marker))
+        for marker, fragments in _TIER_NAMES.items():
+            if any(f in item.name for f in fragments):
+                item.add_marker(getattr(pytest.mark, marker))
