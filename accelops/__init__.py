@@ -4,6 +4,6 @@ __version__ = "0.1.0"
 from . import ops  # noqa: E402  (registers fakes and autograd for the torch.ops.accelops ops)
 from ._info import info  # noqa: E402
 from .nn import convert, load, save  # noqa: E402
-from .plan import plan  # noqa: E402  (the function; the module stays importable as accelops.plan)
+from .planner import plan  # noqa: E402  (the function; its module is accelops.planner)
 
 __all__ = ["ops", "info", "convert", "save", "load", "plan", "__version__"]

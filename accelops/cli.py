@@ -126,7 +126,7 @@ def main(argv=None) -> int:
 
     add_tune_arguments(sub.add_parser("tune", help="measure backends and thread counts of the tuned ops here and "
                                                    "write the dispatch table accelops.ops consults"))
-    from .plan import add_arguments as add_plan_arguments
+    from .planner import add_arguments as add_plan_arguments
 
     add_plan_arguments(sub.add_parser("plan", help="per-device memory of each training strategy (and quant mode), "
                                                    "what fits, and the strategy / micro-batch / accumulation to use"))
@@ -160,7 +160,7 @@ def _dispatch(args, argv) -> int:
 
         return run_tune(args)
     elif args.command == "plan":
-        from .plan import run_args as run_plan
+        from .planner import run_args as run_plan
 
         return run_plan(args)
     elif args.command == "report":

@@ -1,4 +1,4 @@
-"""The memory planner (accelops.plan) against measured peak memory: per strategy, optimizer,
+"""The memory planner (accelops.plan, accelops/planner.py) against measured peak memory: per strategy, optimizer,
 quant mode and rank, the planner's per-device estimate / the measured peak RSS growth of
 bench_scaleout's 2-rank gloo workers (TransformerLM dim 512, 6 blocks, 25.5M parameters,
 global batch 8 x 128 tokens: 4 a rank; pipeline 4 micro-batches of 2, 1F1B).
@@ -40,7 +40,7 @@ def estimates(spec: dict, strategy: str, optimizer: str, quant) -> list[int]:
     """The planner's bytes for each rank of bench_scaleout's set-up (the pipeline's ranks
     are its stages)."""
     from accelops.models import TransformerLMConfig
-    from accelops.plan import estimate, profile_model
+    from accelops.planner import estimate, profile_model
 
     cfg = TransformerLMConfig(vocab_size=spec["vocab_size"], dim=spec["dim"], n_layers=spec["n_layers"],
                               n_heads=spec["n_heads"], max_len=spec["seq_len"], quant=quant)

@@ -1,4 +1,4 @@
-"""accelops.plan: the component arithmetic against a real model and optimizer, the
+"""accelops.planner (accelops.plan): the component arithmetic against a real model and optimizer, the
 activation estimate against saved_tensors_hooks, the strategies' order, the
 recommendation, bad input, the CLI, and one real 2-rank measurement."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ import accelops
 from accelops.cli import main
 from accelops.models import TransformerLM, TransformerLMConfig
 from accelops.optim import AdamW8bit
-from accelops.plan import (_saved_bytes, estimate, optimizer_state_bytes, parse_memory, plan, profile_model)
+from accelops.planner import (_saved_bytes, estimate, optimizer_state_bytes, parse_memory, plan, profile_model)
 
 ROOT = Path(__file__).resolve().parents[1]
 # dim 64: the FFN's 64 x 256 weights are above AdamW8bit's MIN_8BIT_SIZE, the norms below it
@@ -241,7 +241,7 @@ def test_estimate_within_15_percent_of_measured_peak_on_2_ranks():
             pytest.skip("peak RSS is not measurable here (/proc/self/clear_refs)")
         return {r["rank"]: r["peak_rss_delta_bytes"] for r in res}
 
-    runtime = sys.modules["accelops.plan"].RUNTIME_OVERHEAD["cpu"]
+    runtime = sys.modules["accelops.planner"].RUNTIME_OVERHEAD["cpu"]
     tiny = dict(dim=32, n_layers=1, n_heads=4, vocab_size=256, seq_len=128, batch=8, micro=4, warmup=2, steps=1)
     tiny_est = bench_plan.estimates(tiny, "ddp", "adamw", None)
     measured_runtime = {rank: peak - (tiny_est[rank] - runtime) for rank, peak in measure(tiny, "ddp").items()}
