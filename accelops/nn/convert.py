@@ -283,21 +283,20 @@ class _Planner:
         if type(m) in (TernaryLinear, Int8Linear):
             article = "an" if type(m) is Int8Linear else "a"
             return "skip", f"already {article} {type(m).__name__} (an inference layer; nothing left to convert)", ""
-        if type(m) is QATLinear:
-            if mode != "int8-from-qat":
-                return "skip", (f"already a QATLinear; mode={mode!r} converts only plain nn.Linear "
-                                "(use mode='int8-from-qat')"), ""
+        # A training layer converts only into its own inference form, in that form's mode.
+        inference_forms = {
+            QATLinear: ("int8-from-qat", m.to_int8_linear if type(m) is QATLinear else None),
+            BitLinear: ("ternary", lambda: _on_meta_or(m, lambda: TernaryLinear.from_bitlinear(m), _empty_ternary,
+                                                       m.per_channel)),
+        }
+        if type(m) in inference_forms:
+            its_mode, make = inference_forms[type(m)]
+            if mode != its_mode:
+                return "skip", (f"already a {type(m).__name__}; mode={mode!r} converts only plain nn.Linear "
+                                f"(use mode={its_mode!r})"), ""
             if not self._ask_filter(m, fqn):
                 return "skip", "filter returned False", ""
-            return self._untie_or_skip(m, m.to_int8_linear)
-        if type(m) is BitLinear:
-            if mode != "ternary":
-                return "skip", (f"already a BitLinear; mode={mode!r} converts only plain nn.Linear "
-                                "(use mode='ternary')"), ""
-            if not self._ask_filter(m, fqn):
-                return "skip", "filter returned False", ""
-            return self._untie_or_skip(m, lambda: _on_meta_or(m, lambda: TernaryLinear.from_bitlinear(m),
-                                                              _empty_ternary, m.per_channel))
+            return self._untie_or_skip(m, make)
         conv = _is_conv1d(m)
         if type(m) is not nn.Linear and not conv:
             if isinstance(m, nn.Linear):
