@@ -1,9 +1,11 @@
-"""Objectives for tests/test_hpo_study.py, in their own light module so that worker
+"""Objectives for the tests/test_hpo_*.py studies, in their own light module so that worker
 processes (which unpickle them by module name) import little."""
 import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 
 
@@ -106,3 +108,23 @@ class Naps:
         lo, hi = self.hang
         time.sleep(60 if lo <= config["x"] < hi else self.run_s)
         return {"loss": quadratic(config, budget), "start": start, "end": time.time()}
+
+
+class SpawnsAndSleeps:
+    """A trial that starts a process of its own (as one that runs a data loader or a tool
+    would), writes ``"<its pid> <the child's pid>"`` to ``pids`` in its checkpoint directory,
+    then sleeps ``run_s``. The child sleeps 120 s, so it is gone sooner only if it was killed."""
+
+    def __init__(self, run_s):
+        self.run_s = run_s
+
+    def __call__(self, config, budget, checkpoint_dir):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        path = os.path.join(checkpoint_dir, "pids")
+        with open(path + ".tmp", "w") as f:
+            f.write(f"{os.getpid()} {child.pid}")
+        os.replace(path + ".tmp", path)  # a reader never sees half of it
+        time.sleep(self.run_s)
+        child.kill()
+        child.wait()
+        return quadratic(config, budget)

@@ -18,7 +18,12 @@ task queued for a free CPU) is not the trial's.
   notebook, ``python -c``) is refused up front, and a worker that cannot unpickle it
   raises ``ObjectiveLoadError`` in the study (every trial would fail the same way). A
   trial past its timeout has its worker killed (SIGKILL) and replaced; a worker that dies
-  (segfault, os._exit, out of memory) fails only its trial.
+  (segfault, os._exit, out of memory) fails only its trial. Each worker runs in a process
+  group of its own, which it shares with the processes its trials start (unless they leave
+  it, e.g. ``start_new_session=True``): "killing a worker" is SIGKILL to that group. The
+  workers die with the study's process however it ends, SIGKILL included (see
+  ``_die_with_the_study``), so a resumed study never runs a trial beside a leftover one in
+  the same checkpoint directory.
 - ``RayExecutor``: one Ray task per trial; Ray is imported only when asked for. A trial
   past its timeout is cancelled with ``ray.cancel(force=True)``; a task whose worker dies
   is not retried and fails its trial. Each task first yields a marker that tells the driver
@@ -33,7 +38,9 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import pickle
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -131,7 +138,39 @@ class ObjectiveLoadError(RuntimeError):
 _STARTED = "started"  # a worker's message (or a Ray task's first value) before it runs the trial
 
 
-def _worker_main(conn, payload):
+def _die_with_the_study(lifeline):
+    """Blocks until the study's process ends, then SIGKILLs this worker's process group: the
+    worker and what its trial started. (Runs in a daemon thread of the worker.)
+
+    The study holds the only write end of ``lifeline`` and never writes to it, so a read
+    returns EOF exactly when that process is gone, however it ended (SIGKILL included: the
+    kernel closes its files) and on any OS. Simpler and sturdier than the alternatives:
+    ``prctl(PR_SET_PDEATHSIG)`` is Linux-only and watches the *parent*, which for a
+    forkserver worker is the fork server, and the fork server outlives the study while any
+    of its children live (they hold its liveness pipe); polling ``os.getppid()`` has the
+    same problem and a delay. The limit of a thread: it needs the GIL, so an objective stuck
+    in C code that holds the GIL for long is killed when that code lets go of it."""
+    try:
+        lifeline.recv_bytes()
+    except BaseException:  # noqa: BLE001 -- EOF (the study is gone) or a broken pipe: the same
+        pass
+    if hasattr(os, "killpg") and os.getpgrp() == os.getpid():  # never the study's group
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(1)
+
+
+def _worker_main(conn, lifeline, payload):
+    # A group (and session) of its own, before anything else: the processes its trials start
+    # join it, so one killpg() ends them all, from the study or from _die_with_the_study; and
+    # signals for the study's terminal or job (Ctrl-C, `timeout`'s SIGTERM to its group) reach
+    # only the study, which stops the trials itself (Study.optimize), never half of them.
+    if hasattr(os, "setsid"):
+        try:
+            os.setsid()
+        except OSError:  # already a group leader (cannot happen to a forked child): keep going
+            pass
+    threading.Thread(target=_die_with_the_study, args=(lifeline,), daemon=True,
+                     name="accelops-hpo-lifeline").start()
     try:
         objective = pickle.loads(payload)
     except BaseException as e:  # noqa: BLE001 -- reported to the parent, which raises it
@@ -186,23 +225,37 @@ def _context():
 class _Worker:
     def __init__(self, ctx, payload: bytes):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, payload), daemon=True)
+        # The worker's lifeline (see _die_with_the_study): this process keeps the write end,
+        # the only one (forkserver and spawn hand a child only the descriptors it is given,
+        # unlike 'fork', which _context() never uses), and closes it in kill().
+        lifeline, self.lifeline = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=_worker_main, args=(child, lifeline, payload), daemon=True)
         try:
             self.proc.start()
-        except Exception:
+        except BaseException:
             self.conn.close()
+            self.lifeline.close()
             raise
         finally:
             child.close()
+            lifeline.close()
         self.task = None
         self.started = None  # time.monotonic() in the parent when the worker said it started the task
         self.deadline = None  # started + timeout
 
     def kill(self):
+        """SIGKILL to the worker's process group (the worker and what its trial started),
+        then to the worker itself in case it had not made its group yet; waits for it."""
+        if hasattr(os, "killpg") and self.proc.pid is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:  # no such group: every member is gone, or the worker had not made it yet
+                pass
         if self.proc.is_alive():
             self.proc.kill()
         self.proc.join()
         self.conn.close()
+        self.lifeline.close()
 
 
 class ProcessExecutor:

@@ -27,6 +27,13 @@ the PID and host of the holder, when another study has it. The lock is released 
 OS when the process dies; the next ``optimize`` takes it again and refuses with a
 ValueError if the journal changed in between. ``Study.resume(journal, read_only=True)``
 takes no lock (to look at a journal that may be being written) and cannot optimize.
+
+Stopping: Ctrl-C (SIGINT) or SIGTERM (what schedulers and `timeout` send) during
+``optimize`` raises KeyboardInterrupt in it, which kills the running trials, leaves the
+journal ready to resume (the killed trials are re-run first) and, uncaught, ends the
+program as Ctrl-C does (exit status 130). ``optimize`` handles SIGTERM only while it runs,
+in the main thread, and not where SIGTERM is ignored; it puts the previous handler back.
+Process workers die with the study's process however it ends, SIGKILL included.
 """
 from __future__ import annotations
 
@@ -34,7 +41,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
 
 from .executors import EXECUTORS, accepts_checkpoint
@@ -250,7 +259,12 @@ class Study:
     def _optimize(self, objective, n_workers, max_budget_total, n_trials, timeout_per_trial, executor):
         ckpt = accepts_checkpoint(objective)
         ex = EXECUTORS[executor](objective, n_workers, timeout_per_trial)
+        # After the executor is made: ray.init() sets SIGTERM handlers of its own in the driver
+        # (a Python one that calls sys.exit, then its C++ core's, which aborts the process with
+        # no clean-up); ours goes over both for the run, and the Python one is put back.
+        sigterm = _SigtermAsInterrupt(self.journal_path)
         try:
+            sigterm.install()
             while True:
                 while ex.n_running < n_workers:
                     trial = self._next(max_budget_total, n_trials)
@@ -265,9 +279,14 @@ class Study:
                 for res in ex.wait():
                     self._finish({**res, "time": time.time()})
         finally:
-            ex.shutdown()
-            # what was still running is re-queued by the next optimize (or a resume)
-            self._requeue = sorted(self.optimizer.running.values(), key=lambda t: t.id)
+            sigterm.stopping = True  # a SIGTERM from here on waits until the trials are killed
+            try:
+                ex.shutdown()
+                # what was still running is re-queued by the next optimize (or a resume)
+                self._requeue = sorted(self.optimizer.running.values(), key=lambda t: t.id)
+            finally:
+                sigterm.restore()
+        sigterm.raise_pending()  # one that came while the run was finishing
         return self.best()
 
     def close(self):
@@ -298,6 +317,60 @@ class Study:
         best = self.best()
         return (f"Study({type(self.optimizer).__name__}, {len(self.results)} results, "
                 f"best={None if best is None else best.loss})")
+
+
+class _SigtermAsInterrupt:
+    """For one ``optimize``: SIGTERM raises KeyboardInterrupt, as SIGINT does, so that it
+    stops the study the way Ctrl-C always did (running trials killed, journal resumable)
+    instead of ending the process on the spot, which left the process workers running.
+
+    KeyboardInterrupt itself, not a subclass, as the Trainer raises for the same signal:
+    uncaught, Python ends the program by SIGINT (exit status 130) only for that exact type.
+    Only the first SIGTERM raises; one that comes while the study is already stopping (a
+    launcher relays the scheduler's signal, which the scheduler also sent itself) must not
+    cut short the killing of the workers: it is dropped while an interrupt is on its way
+    out, and raised after the clean-up when the run was ending normally."""
+
+    def __init__(self, journal_path):
+        self.journal_path = journal_path
+        self.previous = None  # the handler we replaced; None while ours is not installed
+        self.stopping = False
+        self.pending = False
+
+    def install(self):
+        # Only the main thread may set handlers (Python's rule); a handler not set from
+        # Python (None) could not be put back; an ignored SIGTERM is ignored on purpose.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        old = signal.getsignal(signal.SIGTERM)
+        if old is None or old == signal.SIG_IGN:
+            return
+        signal.signal(signal.SIGTERM, self._handle)
+        self.previous = old
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+    def _handle(self, signum, frame):
+        if self.stopping:
+            self.pending = True
+            return
+        self.stopping = True
+        raise self._interrupt()
+
+    def raise_pending(self):
+        if self.pending:
+            raise self._interrupt()
+
+    def _interrupt(self):
+        resume = ("" if self.journal_path is None else
+                  f": hpo.Study.resume({self.journal_path!r}) and optimize() continue it, running "
+                  "the trials that this stop kills first")
+        exc = KeyboardInterrupt(f"the study was stopped by SIGTERM{resume}")
+        exc.signum = signal.SIGTERM
+        return exc
 
 
 def _endless(opt) -> bool:
