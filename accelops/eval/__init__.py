@@ -1,6 +1,8 @@
 """accelops.eval: an evaluation suite on real NLP data (docs/eval.md).
 
-data: strict loaders for the data sets' formats; metrics: the tasks' standard metrics."""
+data: strict loaders for the data sets' formats; metrics: the tasks' standard metrics;
+tokenize: a byte-level BPE tokenizer trained on a task's training split (it needs the
+`tokenizers` library, so it is imported on use: `from accelops.eval.tokenize import Tokenizer`)."""
 from . import data, metrics
 from .data import DataFormatError, data_path, data_root
 
