@@ -116,7 +116,8 @@ class LMText:
     line, tokens separated by spaces, blank lines kept). `tokens` follows the convention of
     the published WikiText counts (and pytorch/examples' word_language_model): each line's
     whitespace-separated tokens, then EOS, blank lines included. `text` is the file's text
-    as read (bits per character are per character of it)."""
+    as read and num_chars its length (accelops.eval.tasks.WikiText2 counts the characters of
+    the lines normalised to single spaces instead: the text its model reads)."""
 
     path: str
     lines: list[str]
