@@ -66,6 +66,7 @@ setup(
         "ray": ["ray[train]>=2.50"],  # accelops train --launcher ray / accelops.train.ray_fit
         "mlflow": ["mlflow>=2.10"],  # Trainer(mlflow=...) / accelops train --mlflow
         "train": ["tqdm", "tomli; python_version < '3.11'"],  # + tensorboard, used when installed
+        "eval": ["tokenizers>=0.15"],  # accelops.eval.tokenize (imported on use)
     },
     entry_points={"console_scripts": ["accelops=accelops.cli:main"]},
 )
