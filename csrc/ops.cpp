@@ -65,10 +65,6 @@ static struct PyModuleDef accelops_c_module = {PyModuleDef_HEAD_INIT, "_C", null
 extern "C" PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&accelops_c_module); }
 
 TORCH_LIBRARY(accelops, m) {
-  m.def("pack_ternary(Tensor wq) -> Tensor");
-  m.def("unpack_ternary(Tensor w_packed, int k) -> Tensor");
-  m.def("quantize_weight_ternary(Tensor w, bool per_channel=False) -> (Tensor, Tensor)");
-  m.def("ternary_matmul(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None) -> Tensor");
   m.def("quantize_activation_int8(Tensor x) -> (Tensor, Tensor)");
   m.def("quantize_weight_int8(Tensor w) -> (Tensor, Tensor)");
   m.def(
@@ -76,8 +72,8 @@ TORCH_LIBRARY(accelops, m) {
       "ScalarType? out_dtype=None) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor");
   // The same results with ATen's int8 GEMM computing the sums (a tuned-dispatch candidate).
+  // (The ternary family's schemas are defined in Python: accelops/ops/ternary.py.)
   m.def("int8_linear_int_mm(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor");
-  m.def("ternary_matmul_int_mm(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None) -> Tensor");
   // fake quantization: (y, mask bits) so autograd saves 1 bit per element, not x
   m.def(
       "fake_quantize(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
