@@ -109,7 +109,9 @@ _warned: set[str] = set()
 
 
 def _fallback(op: str, reason: str) -> str:
-    if op not in _warned:
+    # Not while torch.compile traces: dynamo cannot trace warnings.warn, so fullgraph=True
+    # would fail where the reference runs fine; the first eager call warns instead.
+    if op not in _warned and not torch.compiler.is_compiling():
         _warned.add(op)
         warnings.warn(f"accelops.{op}: falling back to the PyTorch reference: {reason}", RuntimeWarning, stacklevel=3)
     return "reference"

@@ -14,6 +14,8 @@ CUDA, m) (csrc/cuda_ops.cpp), a choice made once in _backend.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 # Imported for its side effect first: it loads accelops._C before the namespace is claimed
@@ -24,9 +26,18 @@ from . import _backend
 
 
 def _claim() -> torch.library.Library:
-    # FRAGMENT while csrc/ops.cpp still defines the other families' schemas in its
-    # TORCH_LIBRARY block, which owns the namespace.
-    return torch.library.Library("accelops", "FRAGMENT")
+    # "DEF": this module owns the namespace, as a TORCH_LIBRARY block would; a second
+    # definition of any accelops op, in C++ or Python, is an error.
+    try:
+        return torch.library.Library("accelops", "DEF")
+    except RuntimeError as exc:
+        if _backend.extension()[0] is None:
+            raise
+        raise ImportError(
+            "accelops._C still defines the accelops op schemas itself: it was built from sources older than "
+            "accelops/ops/_library.py (the schemas now live in Python); rebuild it with `make build` or "
+            "`python setup.py build_ext --inplace`"
+        ) from exc
 
 
 LIB = _claim()
@@ -34,12 +45,41 @@ LIB = _claim()
 OPS: list[str] = []
 
 
+def _contiguous(out):
+    if isinstance(out, torch.Tensor):
+        return out.contiguous()
+    if isinstance(out, tuple):
+        return tuple(_contiguous(o) for o in out)
+    return out
+
+
+def _check_signature(schema: str, reference) -> None:
+    """The reference must take the schema's arguments: same names, in order, with the
+    schema's default exactly where it has one. The dispatcher calls a Python kernel with the
+    arguments as the caller wrote them: defaults left out, keywords kept."""
+    arguments = torch._C.parse_schema(f"accelops::{schema}").arguments
+    params = list(inspect.signature(reference).parameters.values())
+    want = [(a.name, a.default_value if a.has_default_value() else "<none>") for a in arguments]
+    got = [(p.name, "<none>" if p.default is inspect.Parameter.empty else p.default) for p in params]
+    if want != got:
+        raise TypeError(f"the reference kernel of {schema!r} takes {got} (name, default); the schema wants {want}")
+
+
 def define(schema: str, reference) -> str:
     """Defines accelops::<name> from `schema` with `reference` as its default kernel
     (CompositeExplicitAutograd: every device without a kernel of its own, autograd
     excluded, which the family registers separately). -> "accelops::<name>"."""
     name = schema.split("(", 1)[0].strip()
+    _check_signature(schema, reference)
+
+    def default_kernel(*args, **kwargs):
+        # Contiguous outputs, as the fakes promise and the C++ kernels give: the reference's
+        # follow its inputs' strides, and a compiled graph asserts the fake's strides. A
+        # no-op (no copy) on outputs that are contiguous already.
+        return _contiguous(reference(*args, **kwargs))
+
+    default_kernel.__name__ = f"{name}_reference"
     LIB.define(schema)
-    LIB.impl(name, reference, "CompositeExplicitAutograd")
+    LIB.impl(name, default_kernel, "CompositeExplicitAutograd")
     OPS.append(name)
     return f"accelops::{name}"
