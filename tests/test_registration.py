@@ -93,8 +93,10 @@ def _args(name: str) -> tuple:
         s = RO.adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
         return (p, g, mc, ma, vc, va, O.qmap(True, "cpu"), O.qmap(False, "cpu"), s["beta1"], s["c1"], s["beta2"],
                 s["c2"], s["decay"], s["step_size"], s["bc2_sqrt"], s["eps"], 128)
-    c, a = O.new_state(p, 128)
-    return (p, g, c, a, O.qmap(True, "cpu"), 0.1, 0.9, 0.0, 0.01, True, False, 128)
+    if name == "sgd8bit_step_":
+        c, a = O.new_state(p, 128)
+        return (p, g, c, a, O.qmap(True, "cpu"), 0.1, 0.9, 0.0, 0.01, True, False, 128)
+    raise KeyError(f"no sample call for accelops::{name}: add one here (and the op to OPS)")
 
 
 def _tensors(value) -> list:
