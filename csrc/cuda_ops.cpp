@@ -1,16 +1,17 @@
 // CUDA implementations of the accelops ops: TORCH_LIBRARY_IMPL(accelops, CUDA, m) over the
 // plain C kernels of csrc/cuda (declared in csrc/cuda/accelops_cuda.h). Built into
-// accelops._C_cuda only when torch has CUDA (setup.py); the schemas are those of
-// csrc/ops.cpp, which accelops._C defines.
+// accelops._C_cuda only when torch has CUDA (setup.py); the schemas are defined in Python
+// (accelops/ops/<family>.py, through accelops/ops/_library.py).
 //
 // This file does the torch side only: argument checks (the same messages as csrc/cpu),
 // contiguity, dtype conversion of scales and bias to fp32, output and workspace
 // allocation from the caching allocator, the device guard and the current stream. The
 // arithmetic, and with it bit-exactness against accelops/reference, is in the kernels.
 //
-// Importing accelops._C_cuda runs the registrations below; its one function, ops(), names
-// the ops registered here so Python can leave those to this module and register Triton
-// kernels for the rest only.
+// Importing accelops._C_cuda runs the registrations below; accelops/ops/_backend.py imports
+// it only when triton is missing (Triton's kernels are the CUDA ones otherwise). Its one
+// function, ops(), names the ops registered here, which the backend choice then sends to
+// torch.ops.accelops on CUDA tensors (the others fall back to the reference).
 #include <Python.h>
 
 #include <ATen/ATen.h>

@@ -1,6 +1,7 @@
-// The accelops op schemas and their CPU implementations. CUDA implementations are
-// registered by accelops._C_cuda (csrc/cuda_ops.cpp) or from Python (Triton kernels);
-// fake (meta) implementations and autograd live in accelops/ops/.
+// The CPU implementations of the accelops ops (TORCH_LIBRARY_IMPL only). The schemas, fakes,
+// autograd and default (reference) kernels are Python's (accelops/ops/); CUDA
+// implementations are registered by accelops._C_cuda (csrc/cuda_ops.cpp) or from Python
+// (Triton kernels). See csrc/README.md for adding a kernel.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -64,76 +65,11 @@ static PyMethodDef accelops_c_methods[] = {
 static struct PyModuleDef accelops_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, accelops_c_methods};
 extern "C" PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&accelops_c_module); }
 
-TORCH_LIBRARY(accelops, m) {
-  m.def("pack_ternary(Tensor wq) -> Tensor");
-  m.def("unpack_ternary(Tensor w_packed, int k) -> Tensor");
-  m.def("quantize_weight_ternary(Tensor w, bool per_channel=False) -> (Tensor, Tensor)");
-  m.def("ternary_matmul(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None) -> Tensor");
-  m.def("quantize_activation_int8(Tensor x) -> (Tensor, Tensor)");
-  m.def("quantize_weight_int8(Tensor w) -> (Tensor, Tensor)");
-  m.def(
-      "int8_matmul(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias=None, "
-      "ScalarType? out_dtype=None) -> Tensor");
-  m.def("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor");
-  // The same results with ATen's int8 GEMM computing the sums (a tuned-dispatch candidate).
-  m.def("int8_linear_int_mm(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor");
-  m.def("ternary_matmul_int_mm(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None) -> Tensor");
-  // fake quantization: (y, mask bits) so autograd saves 1 bit per element, not x
-  m.def(
-      "fake_quantize(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
-      "int? axis=None) -> (Tensor, Tensor)");
-  m.def("fake_quantize_backward(Tensor grad, Tensor mask) -> Tensor");
-  m.def(
-      "fake_quantize_learnable(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
-      "int? axis=None, float grad_factor=1.0) -> Tensor");
-  m.def(
-      "fake_quantize_learnable_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int quant_min, "
-      "int quant_max, int? axis=None, float grad_factor=1.0) -> (Tensor, Tensor, Tensor)");
-  // Fused FFN: returns (y, g, u); g and u are the pre-activation projections, saved for
-  // backward when save=True (empty [0] tensors otherwise, and g is empty for 'gelu').
-  m.def(
-      "fused_ffn(Tensor x, Tensor? w_gate, Tensor w_up, Tensor w_down, Tensor? b_gate=None, Tensor? b_up=None, "
-      "Tensor? b_down=None, str activation=\"swiglu\", bool save=False, bool act_quant=False) "
-      "-> (Tensor, Tensor, Tensor)");
-  // -> (dx, dw_gate, dw_up, dw_down, db_gate, db_up, db_down); absent ones are empty [0].
-  m.def(
-      "fused_ffn_backward(Tensor dy, Tensor x, Tensor g, Tensor u, Tensor? w_gate, Tensor w_up, Tensor w_down, "
-      "str activation, bool has_b_gate, bool has_b_up, bool has_b_down, bool act_quant, bool need_dx, "
-      "bool need_dw) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // The same gradients from float32 CPU tensors when g and u die with this call: it writes
-  // dg/du over them and returns their pages to the OS block by block (lower peak memory).
-  m.def(
-      "fused_ffn_backward_consume_(Tensor dy, Tensor x, Tensor(a!) g, Tensor(b!) u, Tensor? w_gate, Tensor w_up, "
-      "Tensor w_down, str activation, bool has_b_gate, bool has_b_up, bool has_b_down, bool act_quant, "
-      "bool need_dx, bool need_dw) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("ffn_activation(Tensor? g, Tensor u, str activation=\"swiglu\") -> Tensor");
-  // communication: bucket packing and gradient compression (accelops/reference/comm.py);
-  // the compressors update their error-feedback residual in place
-  m.def("bucket_flatten(Tensor[] tensors, ScalarType? dtype=None, float? divisor=None) -> Tensor");
-  m.def("bucket_unflatten_(Tensor flat, Tensor(a!)[] tensors, float? divisor=None) -> ()");
-  m.def("cast_div(Tensor x, float divisor, ScalarType dtype) -> Tensor");
-  m.def(
-      "topk_compress_(Tensor grad, Tensor(a!)? residual, int k, str method=\"exact\", int sample_size=4096, "
-      "int seed=0) -> (Tensor values, Tensor indices)");
-  m.def("topk_decompress(Tensor values, Tensor indices, int numel) -> Tensor");
-  m.def("sign_compress_(Tensor grad, Tensor(a!)? residual, int chunk_size=2048) -> (Tensor bits, Tensor scales)");
-  m.def("sign_decompress(Tensor bits, Tensor scales, int numel, int chunk_size=2048) -> Tensor");
-  m.def(
-      "int8_compress_(Tensor grad, Tensor(a!)? residual, int chunk_size=2048, int seed=0) -> (Tensor q, Tensor scales)");
-  m.def("int8_decompress(Tensor q, Tensor scales, int chunk_size=2048) -> Tensor");
-  m.def("orthogonalize_(Tensor(a!) m, float eps=1e-8) -> ()");
-  // 8-bit optimizers (accelops/reference/optim.py): one fused step per parameter, states as
-  // uint8 codes + fp32 block absmax, all updated in place; the per-step scalars come from
-  // accelops.reference.optim.adamw_scalars (c1 = 1 - beta1, decay = 1 - lr * wd, ...)
-  m.def(
-      "adamw8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) m_codes, Tensor(c!) m_absmax, "
-      "Tensor(d!) v_codes, Tensor(e!) v_absmax, Tensor m_map, Tensor v_map, float beta1, float c1, float beta2, "
-      "float c2, float decay, float step_size, float bc2_sqrt, float eps, int block_size=256) -> ()");
-  m.def(
-      "sgd8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) codes, Tensor(c!) absmax, Tensor qmap, float lr, "
-      "float momentum, float dampening, float weight_decay, bool nesterov, bool first, int block_size=256) -> ()");
-}
-
+// The schemas (with the reference as every op's default kernel, the fakes and the autograd)
+// are defined in Python, one family per module: accelops/ops/<family>.py, through
+// accelops/ops/_library.py. This file only adds the CPU kernels. Loading it before the
+// Python definitions is fine (a kernel may be registered before its schema); the schema
+// inferred from each function's C++ signature is checked against the Python one either way.
 TORCH_LIBRARY_IMPL(accelops, CPU, m) {
   m.impl("pack_ternary", &accelops::pack_ternary_cpu);
   m.impl("unpack_ternary", &accelops::unpack_ternary_cpu);

@@ -1,8 +1,16 @@
 """Test set-up: Triton runs its kernels on CPU tensors through its interpreter, which must
 be switched on before triton is first imported."""
 import os
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# ACCELOPS_TEST_NO_EXTENSION=1: run as if accelops._C (and accelops._C_cuda) were not built;
+# tests/test_registration.py runs the opcheck and compile tests that way in a subprocess. A
+# None entry in sys.modules makes the import raise ImportError, as a missing module does.
+if os.environ.get("ACCELOPS_TEST_NO_EXTENSION") == "1":
+    sys.modules["accelops._C"] = None
+    sys.modules["accelops._C_cuda"] = None
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

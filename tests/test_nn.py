@@ -121,6 +121,27 @@ def test_bitlinear_saves_int8_tensors_for_backward():
     )
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_bitlinear_matmul_is_the_layers_forward_and_backward(quantized):
+    """accelops.ops.bitlinear_matmul: what BitLinear runs in training, as a function."""
+    from accelops.reference.ternary import quantize_weight_ternary_values
+
+    layer = BitLinear(130, 12, per_channel=True)
+    x = torch.randn(2, 3, 130)
+    y, grads = grads_after_backward(layer, x)
+    w, b, xl = _leaf(layer.weight), _leaf(layer.bias), _leaf(x)
+    q = quantize_weight_ternary_values(w.detach(), True) if quantized else None
+    y_op = accelops.ops.bitlinear_matmul(xl, w, b, True, quantized=q)
+    (y_op * torch.linspace(-1, 1, 12)).sum().backward()
+    assert torch.equal(y_op.detach(), y)
+    for got, want in zip((xl.grad, w.grad, b.grad), grads):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="K=130"):
+        accelops.ops.bitlinear_matmul(torch.randn(3, 129), w)
+    with pytest.raises(ValueError, match=r"shape \(12,\)"):
+        accelops.ops.bitlinear_matmul(x, w, torch.zeros(13))
+
+
 def test_bitlinear_is_an_nn_linear_and_loads_its_state_dict():
     torch.manual_seed(1)
     lin = nn.Linear(70, 9)

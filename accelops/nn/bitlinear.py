@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..reference.int8 import dequantize_epilogue
+# The training matmul and its autograd live with the other ops (accelops/ops/bitlinear.py).
+from ..ops.bitlinear import _BitLinearFunction  # noqa: F401  (the layer's autograd, for tests to spy on)
+from ..ops.bitlinear import bitlinear_matmul
 from ..reference.ternary import quantize_weight_ternary as quantize_weight_ternary_reference
 from ..reference.ternary import quantize_weight_ternary_values
 
@@ -24,62 +26,6 @@ def check_in_features(layer: nn.Module, x) -> None:
             f"{type(layer).__name__}: x's last dim must equal in_features={layer.in_features}, got K={x.shape[-1]} "
             f"(x of shape {tuple(x.shape)})"
         )
-
-
-def save_quantized_operands(ctx, x, weight, bias, x_q, x_scale, w_q, w_scale) -> None:
-    """What quantized_linear_backward needs: the int codes and their scales (not fp32
-    copies) and the shapes/dtypes of the float inputs."""
-    ctx.save_for_backward(x_q, x_scale, w_q, w_scale)
-    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-    ctx.w_dtype = weight.dtype
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def quantized_linear_backward(ctx, grad_y):
-    """Straight-through gradients of y = dequant(x_q) dequant(w_q)^T + b with respect to
-    (x, weight, bias), in fp32 from the saved codes (see save_quantized_operands)."""
-    x_q, x_scale, w_q, w_scale = ctx.saved_tensors
-    g = grad_y.reshape(-1, grad_y.shape[-1]).float()
-    grad_x = grad_w = grad_b = None
-    # fp32 like the forward, whatever autocast state .backward() is called in
-    with torch.autocast(device_type=g.device.type, enabled=False):
-        if ctx.needs_input_grad[0]:
-            w_deq = w_q.float() * w_scale.reshape(-1, 1)
-            grad_x = (g @ w_deq).reshape(ctx.x_shape).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = (g.t() @ (x_q.float() * x_scale)).to(ctx.w_dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_b = g.sum(0).to(ctx.bias_dtype)
-    return grad_x, grad_w, grad_b
-
-
-class _BitLinearFunction(torch.autograd.Function):
-    """Quantizes once per call and saves only the int8 tensors and their scales for
-    backward: 3 MiB against the reference formulation's 48 MiB at M=2048, K=N=1024."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, per_channel, quantized=None):
-        k = x.shape[-1]
-        lead = x.shape[:-1]
-        # Weights: the reference's quantization measured no slower than the C++ op plus an
-        # unpack, and it yields the unpacked Wq this GEMM needs. Activations: the op (the
-        # C++ kernel on CPU, 5-8x faster than the reference and bit-identical to it).
-        # `quantized`: (Wq, scale) already computed by BitLinear's per-version cache.
-        wq, w_scale = quantize_weight_ternary_values(weight, per_channel) if quantized is None else quantized
-        x_q, x_scale = ops.quantize_activation_int8(x.reshape(-1, k))
-        # The products are integers and every partial sum stays below 127 * K < 2^24 for
-        # K < 132105, so this fp32 GEMM yields the exact int32 sums of the inference kernel;
-        # with the shared epilogue the output equals TernaryLinear's, not just approximates it.
-        # Autocast would run this GEMM in bf16/fp16 and round the sums to 8-11 bits.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            acc = torch.mm(x_q.float(), wq.float().t())
-            y = dequantize_epilogue(acc, x_scale, w_scale, bias, x.dtype)
-        save_quantized_operands(ctx, x, weight, bias, x_q, x_scale, wq, w_scale)
-        return y.reshape(*lead, wq.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        return (*quantized_linear_backward(ctx, grad_y), None, None)
 
 
 class BitLinear(nn.Linear):
@@ -126,8 +72,14 @@ class BitLinear(nn.Linear):
         if self._inference(x):
             w_packed, w_scale = self._packed_weight()
             return ops.ternary_matmul(x, w_packed, w_scale, self.bias, k=self.in_features)
-        quantized = (self._cached("wq"), self._cached("scale")) if self._caching() else None
-        return _BitLinearFunction.apply(x, self.weight, self.bias, self.per_channel, quantized)
+        if self._caching():
+            quantized = (self._cached("wq"), self._cached("scale"))
+        else:
+            # Outside the autograd Function (whose forward runs without grad too), so that
+            # the quantizer is this module's and tests can count its calls.
+            with torch.no_grad():
+                quantized = quantize_weight_ternary_values(self.weight, self.per_channel)
+        return bitlinear_matmul(x, self.weight, self.bias, self.per_channel, quantized=quantized)
 
     def _inference(self, x) -> bool:
         """Whether the packed kernel may run: no gradient is asked of this call. A weight that

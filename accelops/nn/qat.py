@@ -30,7 +30,7 @@ from torch import nn
 
 from .. import ops
 from ..reference.int8 import EPS
-from .bitlinear import quantized_linear_backward, save_quantized_operands
+from ..ops.bitlinear import quantized_linear_backward, save_quantized_operands
 from .observers import FakeQuantize, MovingAverageMinMaxObserver
 from .quantized_linear import Int8Linear
 

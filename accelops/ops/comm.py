@@ -3,19 +3,7 @@ a (compressed) all-reduce. accelops/reference/comm.py is the spec; this module v
 the inputs and dispatches to torch.ops.accelops.<op> (C++ on CPU, CUDA kernels on GPU)
 or to the reference.
 
-Registered op schemas (csrc/ops.cpp):
-    bucket_flatten(Tensor[] tensors, ScalarType? dtype=None, float? divisor=None) -> Tensor
-    bucket_unflatten_(Tensor flat, Tensor(a!)[] tensors, float? divisor=None) -> ()
-    cast_div(Tensor x, float divisor, ScalarType dtype) -> Tensor
-    topk_compress_(Tensor grad, Tensor(a!)? residual, int k, str method="exact", int sample_size=4096,
-                   int seed=0) -> (Tensor values, Tensor indices)
-    topk_decompress(Tensor values, Tensor indices, int numel) -> Tensor
-    sign_compress_(Tensor grad, Tensor(a!)? residual, int chunk_size=2048) -> (Tensor bits, Tensor scales)
-    sign_decompress(Tensor bits, Tensor scales, int numel, int chunk_size=2048) -> Tensor
-    int8_compress_(Tensor grad, Tensor(a!)? residual, int chunk_size=2048, int seed=0) -> (Tensor q, Tensor scales)
-    int8_decompress(Tensor q, Tensor scales, int chunk_size=2048) -> Tensor
-    orthogonalize_(Tensor(a!) m, float eps=1e-8) -> ()
-An op the loaded extension does not define runs on the reference.
+The op schemas, default (reference) kernels and fakes are registered at the bottom (_register).
 """
 from __future__ import annotations
 
@@ -25,7 +13,8 @@ import torch
 
 from ..reference import comm as ref
 from . import _validate as check
-from ._backend import choose, cuda_extension_ops, extension
+from ._backend import choose
+from ._library import define
 
 __all__ = [
     "bucket_flatten", "bucket_unflatten_", "cast_div",
@@ -40,23 +29,14 @@ GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _native(name: str):
-    """torch.ops.accelops.<name> when the loaded extension defines it, else None."""
-    if extension()[0] is None:
-        return None
-    return getattr(torch.ops.accelops, name, None)
-
-
 def _backend(name: str, device: torch.device):
-    """The callable to run: the registered op, or None for the reference."""
+    """The callable to run: the registered op, or None to call the reference directly.
+    The family has no Triton kernels: on a GPU the op runs accelops._C_cuda's kernel when
+    that module is in use (GPU builds without triton), else its default kernel, the
+    reference."""
     if choose(name, device) == "reference":
         return None
-    if device.type == "cuda" and name not in cuda_extension_ops():
-        # No Triton kernels in this family: on a GPU the op runs accelops._C_cuda's kernel
-        # when that module is in use (GPU builds without triton), else the reference. The
-        # registered op would have no CUDA kernel to dispatch to.
-        return None
-    return _native(name)
+    return getattr(torch.ops.accelops, name)
 
 
 # --------------------------------------------------------------------------- validation
@@ -315,11 +295,38 @@ def orthogonalize_(m: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- registration
 
+# The family's ops: schema and default (reference) kernel, fake. The C++ CPU kernels are
+# csrc/cpu/comm.cpp, registered in csrc/ops.cpp; the CUDA ones csrc/cuda/comm.cu,
+# registered in csrc/cuda_ops.cpp (used when triton is missing, see _backend).
+
+def _bucket_unflatten_reference(flat, tensors, divisor=None):
+    ref.bucket_unflatten_(flat, tensors, divisor)  # the schema returns nothing
+
+
+def _orthogonalize_reference(m, eps=1e-8):
+    ref.orthogonalize_(m, eps)  # the schema returns nothing
+
+
 def _register() -> None:
-    """Fake (meta) kernels, so the ops trace under torch.compile: every output's shape
-    follows from the inputs' shapes and the int arguments (top-k returns exactly k slots)."""
-    if extension()[0] is None:
-        return
+    """Schemas and fake (meta) kernels, so the ops trace under torch.compile: every
+    output's shape follows from the inputs' shapes and the int arguments (top-k returns
+    exactly k slots). The compressors update their error-feedback residual in place."""
+    define("bucket_flatten(Tensor[] tensors, ScalarType? dtype=None, float? divisor=None) -> Tensor",
+           ref.bucket_flatten)
+    define("bucket_unflatten_(Tensor flat, Tensor(a!)[] tensors, float? divisor=None) -> ()",
+           _bucket_unflatten_reference)
+    define("cast_div(Tensor x, float divisor, ScalarType dtype) -> Tensor", ref.cast_div)
+    define("topk_compress_(Tensor grad, Tensor(a!)? residual, int k, str method=\"exact\", int sample_size=4096, "
+           "int seed=0) -> (Tensor values, Tensor indices)", ref.topk_compress_)
+    define("topk_decompress(Tensor values, Tensor indices, int numel) -> Tensor", ref.topk_decompress)
+    define("sign_compress_(Tensor grad, Tensor(a!)? residual, int chunk_size=2048) -> (Tensor bits, Tensor scales)",
+           ref.sign_compress_)
+    define("sign_decompress(Tensor bits, Tensor scales, int numel, int chunk_size=2048) -> Tensor",
+           ref.sign_decompress)
+    define("int8_compress_(Tensor grad, Tensor(a!)? residual, int chunk_size=2048, int seed=0) -> "
+           "(Tensor q, Tensor scales)", ref.int8_compress_)
+    define("int8_decompress(Tensor q, Tensor scales, int chunk_size=2048) -> Tensor", ref.int8_decompress)
+    define("orthogonalize_(Tensor(a!) m, float eps=1e-8) -> ()", _orthogonalize_reference)
 
     @torch.library.register_fake("accelops::bucket_flatten")
     def _(tensors, dtype=None, divisor=None):

@@ -15,7 +15,8 @@ import torch
 
 from ..reference import fake_quant as ref
 from . import _validate as check
-from ._backend import choose, extension
+from ._backend import choose, register_triton_kernels
+from ._library import define
 
 __all__ = ["fake_quantize", "fake_quantize_learnable"]
 
@@ -156,7 +157,7 @@ class _Reference:
     """The reference under the ops' signatures."""
 
     @staticmethod
-    def fake_quantize(x, scale, zero_point, quant_min, quant_max, axis):
+    def fake_quantize(x, scale, zero_point, quant_min, quant_max, axis=None):
         y, mask = ref.fake_quantize_with_mask(x, scale, zero_point, quant_min, quant_max, axis)
         return y, ref.pack_mask(mask)
 
@@ -217,9 +218,19 @@ def fake_quantize_learnable(x: torch.Tensor, scale: torch.Tensor, zero_point: to
 
 # --------------------------------------------------------------------------- registration
 
+# The family's ops: schema and default (reference) kernel, fake, autograd, CUDA kernels.
+# The C++ CPU kernels are csrc/cpu/fake_quant.cpp, registered in csrc/ops.cpp.
+
 def _register() -> None:
-    if extension()[0] is None:
-        return
+    # fake_quantize returns (y, mask bits) so that autograd saves 1 bit per element, not x.
+    define("fake_quantize(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
+           "int? axis=None) -> (Tensor, Tensor)", _Reference.fake_quantize)
+    define("fake_quantize_backward(Tensor grad, Tensor mask) -> Tensor", _Reference.fake_quantize_backward)
+    define("fake_quantize_learnable(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
+           "int? axis=None, float grad_factor=1.0) -> Tensor", _Reference.fake_quantize_learnable)
+    define("fake_quantize_learnable_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, "
+           "int quant_min, int quant_max, int? axis=None, float grad_factor=1.0) -> (Tensor, Tensor, Tensor)",
+           _Reference.fake_quantize_learnable_backward)
 
     @torch.library.register_fake("accelops::fake_quantize")
     def _(x, scale, zero_point, quant_min, quant_max, axis=None):
@@ -261,13 +272,8 @@ def _register() -> None:
 
     torch.library.register_autograd("accelops::fake_quantize_learnable", lsq_backward, setup_context=lsq_setup)
 
-    from ._backend import triton_status
-
-    if triton_status()[0] and torch.cuda.is_available():
-        kernels = _triton()
-        for name in ("fake_quantize", "fake_quantize_backward", "fake_quantize_learnable",
-                     "fake_quantize_learnable_backward"):
-            torch.library.register_kernel(f"accelops::{name}", "cuda", getattr(kernels, name))
+    register_triton_kernels("fake_quant", ("fake_quantize", "fake_quantize_backward", "fake_quantize_learnable",
+                                           "fake_quantize_learnable_backward"))
 
 
 _register()

@@ -22,7 +22,8 @@ import torch
 
 from ..reference import ffn as ref
 from . import _validate as check
-from ._backend import choose, extension
+from ._backend import choose, register_triton_kernels
+from ._library import define
 
 __all__ = ["fused_ffn", "ffn_activation", "ACTIVATIONS"]
 
@@ -253,9 +254,40 @@ def _backward(kernel, needs, dy, x, g, u, w_gate, w_up, w_down, activation, act_
     return out
 
 
+# The family's ops: schema and default (reference) kernel, fake, autograd, CUDA kernels.
+# The C++ CPU kernels are csrc/cpu/ffn.cpp, registered in csrc/ops.cpp.
+
+def _fused_ffn_reference(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, activation="swiglu",
+                         save=False, act_quant=False):
+    y, g, u = ref.fused_ffn_with_projections(x, w_gate, w_up, w_down, (b_gate, b_up, b_down), activation,
+                                             act_quant)
+    # Two separate empty tensors: outputs of an op must not alias one another.
+    return y, g if save and g is not None else x.new_empty((0,)), u if save else x.new_empty((0,))
+
+
+def _ffn_activation_reference(g, u, activation="swiglu"):
+    return ref.ffn_activation(g, u, activation)
+
+
 def _register() -> None:
-    if extension()[0] is None:
-        return
+    # (y, g, u): g and u are the pre-activation projections, saved for backward when
+    # save=True (empty [0] tensors otherwise, and g is empty for 'gelu').
+    define("fused_ffn(Tensor x, Tensor? w_gate, Tensor w_up, Tensor w_down, Tensor? b_gate=None, "
+           "Tensor? b_up=None, Tensor? b_down=None, str activation=\"swiglu\", bool save=False, "
+           "bool act_quant=False) -> (Tensor, Tensor, Tensor)", _fused_ffn_reference)
+    # -> (dx, dw_gate, dw_up, dw_down, db_gate, db_up, db_down); absent ones are empty [0].
+    define("fused_ffn_backward(Tensor dy, Tensor x, Tensor g, Tensor u, Tensor? w_gate, Tensor w_up, "
+           "Tensor w_down, str activation, bool has_b_gate, bool has_b_up, bool has_b_down, bool act_quant, "
+           "bool need_dx, bool need_dw) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+           ref.fused_ffn_backward)
+    # The same gradients from float32 CPU tensors when g and u die with this call: the C++
+    # kernel writes dg/du over them and returns their pages to the OS block by block (lower
+    # peak memory). The reference may leave them as they are: the schema allows, not asks.
+    define("fused_ffn_backward_consume_(Tensor dy, Tensor x, Tensor(a!) g, Tensor(b!) u, Tensor? w_gate, "
+           "Tensor w_up, Tensor w_down, str activation, bool has_b_gate, bool has_b_up, bool has_b_down, "
+           "bool act_quant, bool need_dx, bool need_dw) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+           ref.fused_ffn_backward)
+    define("ffn_activation(Tensor? g, Tensor u, str activation=\"swiglu\") -> Tensor", _ffn_activation_reference)
 
     @torch.library.register_fake("accelops::fused_ffn")
     def _(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, activation="swiglu", save=False,
@@ -334,13 +366,7 @@ def _register() -> None:
 
     torch.library.register_autograd("accelops::ffn_activation", backward_activation, setup_context=setup_activation)
 
-    from ._backend import triton_status
-
-    if triton_status()[0] and torch.cuda.is_available():
-        kernels = _triton()
-        torch.library.register_kernel("accelops::fused_ffn", "cuda", kernels.fused_ffn)
-        torch.library.register_kernel("accelops::fused_ffn_backward", "cuda", kernels.fused_ffn_backward)
-        torch.library.register_kernel("accelops::ffn_activation", "cuda", kernels.ffn_activation)
+    register_triton_kernels("ffn", ("fused_ffn", "fused_ffn_backward", "ffn_activation"))
 
 
 _register()

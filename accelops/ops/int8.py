@@ -9,7 +9,8 @@ import torch
 from ..reference import int8 as ref
 from . import _tuning
 from . import _validate as check
-from ._backend import choose, choose_and_forced, extension
+from ._backend import choose, choose_and_forced, register_triton_kernels
+from ._library import define
 
 __all__ = ["quantize_activation_int8", "quantize_weight_int8", "int8_matmul", "int8_linear"]
 
@@ -110,10 +111,21 @@ def int8_linear(x, w_q, w_scale, bias=None):
 
 
 # --------------------------------------------------------------------------- registration
+# The family's ops: schema and default (reference) kernel, fake, autograd, CUDA kernels.
+# The C++ CPU kernels are csrc/cpu/int8.cpp and int_mm.cpp, registered in csrc/ops.cpp.
+
+def _int8_matmul_reference(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=None):
+    return ref.int8_matmul(x_q, x_scale, w_q, w_scale, bias, torch.float32 if out_dtype is None else out_dtype)
+
 
 def _register() -> None:
-    if extension()[0] is None:
-        return
+    define("quantize_activation_int8(Tensor x) -> (Tensor, Tensor)", ref.quantize_activation_int8)
+    define("quantize_weight_int8(Tensor w) -> (Tensor, Tensor)", ref.quantize_weight_int8)
+    define("int8_matmul(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias=None, "
+           "ScalarType? out_dtype=None) -> Tensor", _int8_matmul_reference)
+    define("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor", ref.int8_linear)
+    # The same results with ATen's int8 GEMM computing the sums (a tuned-dispatch candidate).
+    define("int8_linear_int_mm(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor", ref.int8_linear)
 
     @torch.library.register_fake("accelops::quantize_activation_int8")
     def _(x):
@@ -156,12 +168,7 @@ def _register() -> None:
     for name in ("accelops::int8_linear", "accelops::int8_linear_int_mm"):
         torch.library.register_autograd(name, backward, setup_context=setup_context)
 
-    from ._backend import triton_status
-
-    if triton_status()[0] and torch.cuda.is_available():
-        kernels = _triton()
-        for name in ("quantize_activation_int8", "quantize_weight_int8", "int8_matmul", "int8_linear"):
-            torch.library.register_kernel(f"accelops::{name}", "cuda", getattr(kernels, name))
+    register_triton_kernels("int8", ("quantize_activation_int8", "quantize_weight_int8", "int8_matmul", "int8_linear"))
 
 
 _register()

@@ -4,14 +4,7 @@ states (uint8 codes + one fp32 absmax per block). accelops/reference/optim.py is
 torch.ops.accelops.<op> (C++ on CPU, Triton on CUDA), the Triton launcher, or the reference.
 accelops.optim.AdamW8bit / SGD8bit are the optimizers built on these.
 
-Registered op schemas (csrc/ops.cpp):
-    adamw8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) m_codes, Tensor(c!) m_absmax,
-                    Tensor(d!) v_codes, Tensor(e!) v_absmax, Tensor m_map, Tensor v_map, float beta1,
-                    float c1, float beta2, float c2, float decay, float step_size, float bc2_sqrt,
-                    float eps, int block_size=256) -> ()
-    sgd8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) codes, Tensor(c!) absmax, Tensor qmap,
-                  float lr, float momentum, float dampening, float weight_decay, bool nesterov,
-                  bool first, int block_size=256) -> ()
+The op schemas, default (reference) kernels and fakes are registered at the bottom (_register).
 """
 from __future__ import annotations
 
@@ -21,7 +14,8 @@ import torch
 
 from ..reference import optim as ref
 from . import _validate as check
-from ._backend import choose, extension, triton_status
+from ._backend import choose, register_triton_kernels
+from ._library import define
 
 __all__ = ["adamw8bit_step_", "sgd8bit_step_", "qmap", "new_state", "DEFAULT_BLOCK"]
 
@@ -101,8 +95,6 @@ def _impl(op: str, device: torch.device):
     """('native', torch op) / ('triton', launcher) / ('reference', None)."""
     backend = choose(op, device)
     if backend == "native":
-        if device.type == "cuda" and not triton_status()[0]:
-            return "reference", None
         return "native", getattr(torch.ops.accelops, op)
     if backend == "triton":
         return "triton", getattr(_triton(), op)
@@ -151,9 +143,27 @@ def sgd8bit_step_(param: torch.Tensor, grad: torch.Tensor, codes, absmax, *, lr:
 
 # --------------------------------------------------------------------------- registration
 
+# The family's ops: schema and default (reference) kernel, fake, CUDA kernels. The C++
+# CPU kernels are csrc/cpu/optim.cpp, registered in csrc/ops.cpp.
+
+def _adamw8bit_reference(param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, v_map, beta1, c1, beta2, c2,
+                         decay, step_size, bc2_sqrt, eps, block_size=DEFAULT_BLOCK):
+    scalars = {"beta1": beta1, "c1": c1, "beta2": beta2, "c2": c2, "decay": decay, "step_size": step_size,
+               "bc2_sqrt": bc2_sqrt, "eps": eps}
+    ref.adamw8bit_step_(param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, v_map, scalars, block_size)
+
+
 def _register() -> None:
-    if extension()[0] is None:
-        return
+    # One fused step per parameter, states as uint8 codes + fp32 block absmax, all updated
+    # in place; the per-step scalars come from accelops.reference.optim.adamw_scalars
+    # (c1 = 1 - beta1, decay = 1 - lr * wd, ...).
+    define("adamw8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) m_codes, Tensor(c!) m_absmax, "
+           "Tensor(d!) v_codes, Tensor(e!) v_absmax, Tensor m_map, Tensor v_map, float beta1, float c1, "
+           "float beta2, float c2, float decay, float step_size, float bc2_sqrt, float eps, int block_size=256) -> ()",
+           _adamw8bit_reference)
+    define("sgd8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) codes, Tensor(c!) absmax, Tensor qmap, "
+           "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool first, "
+           "int block_size=256) -> ()", ref.sgd8bit_step_)
 
     @torch.library.register_fake("accelops::adamw8bit_step_")
     def _(param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, v_map, beta1, c1, beta2, c2, decay, step_size,
@@ -164,10 +174,7 @@ def _register() -> None:
     def _(param, grad, codes, absmax, qmap, lr, momentum, dampening, weight_decay, nesterov, first, block_size=256):
         return None
 
-    if triton_status()[0] and torch.cuda.is_available():
-        kernels = _triton()
-        for name in ("adamw8bit_step_", "sgd8bit_step_"):
-            torch.library.register_kernel(f"accelops::{name}", "cuda", getattr(kernels, name))
+    register_triton_kernels("optim", ("adamw8bit_step_", "sgd8bit_step_"))
 
 
 _register()

@@ -11,7 +11,8 @@ import torch
 from ..reference import ternary as ref
 from . import _tuning
 from . import _validate as check
-from ._backend import choose, choose_and_forced, extension
+from ._backend import choose, choose_and_forced, extension, register_triton_kernels  # noqa: F401 (extension: tests)
+from ._library import define
 
 __all__ = ["quantize_weight_ternary", "pack_ternary", "unpack_ternary", "ternary_matmul", "packed_cols"]
 
@@ -168,10 +169,19 @@ def ternary_matmul(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tenso
 
 
 # --------------------------------------------------------------------------- registration
+# The family's ops: schema and default (reference) kernel, fake, autograd, CUDA kernels.
+# The C++ CPU kernels are csrc/cpu/ternary.cpp and int_mm.cpp, registered in csrc/ops.cpp.
 
 def _register() -> None:
-    if extension()[0] is None:
-        return  # the schemas live in the extension; without it every call takes the reference
+    define("pack_ternary(Tensor wq) -> Tensor", ref.pack_ternary)
+    define("unpack_ternary(Tensor w_packed, int k) -> Tensor", ref.unpack_ternary)
+    define("quantize_weight_ternary(Tensor w, bool per_channel=False) -> (Tensor, Tensor)",
+           ref.quantize_weight_ternary)
+    define("ternary_matmul(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None) -> Tensor",
+           ref.ternary_matmul)
+    # The same results with ATen's int8 GEMM computing the sums (a tuned-dispatch candidate).
+    define("ternary_matmul_int_mm(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None) -> Tensor",
+           ref.ternary_matmul)
 
     @torch.library.register_fake("accelops::pack_ternary")
     def _(wq):
@@ -216,14 +226,7 @@ def _register() -> None:
     for name in ("accelops::ternary_matmul", "accelops::ternary_matmul_int_mm"):
         torch.library.register_autograd(name, backward, setup_context=setup_context)
 
-    from ._backend import triton_status
-
-    if triton_status()[0] and torch.cuda.is_available():
-        kernels = _triton()
-        torch.library.register_kernel("accelops::ternary_matmul", "cuda", kernels.ternary_matmul)
-        torch.library.register_kernel("accelops::pack_ternary", "cuda", kernels.pack_ternary)
-        torch.library.register_kernel("accelops::unpack_ternary", "cuda", kernels.unpack_ternary)
-        torch.library.register_kernel("accelops::quantize_weight_ternary", "cuda", kernels.quantize_weight_ternary)
+    register_triton_kernels("ternary", ("ternary_matmul", "pack_ternary", "unpack_ternary", "quantize_weight_ternary"))
 
 
 _register()

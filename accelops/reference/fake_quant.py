@@ -83,9 +83,9 @@ def unpack_mask(bits: torch.Tensor, shape) -> torch.Tensor:
     return flat.bool().reshape(shape)
 
 
-def fake_quantize_backward(grad: torch.Tensor, mask_bits: torch.Tensor) -> torch.Tensor:
-    mask = unpack_mask(mask_bits, grad.shape)
-    return grad * mask  # a multiply, as torch's: NaN * 0 stays NaN
+def fake_quantize_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """dy * mask, with `mask` the packed bits (pack_mask) of the forward's mask."""
+    return grad * unpack_mask(mask, grad.shape)  # a multiply, as torch's: NaN * 0 stays NaN
 
 
 # --------------------------------------------------------------------------- learnable (LSQ)

@@ -47,6 +47,13 @@ def fake_quant_int8(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_ffn(x, w_gate, w_up, w_down, bias=None, activation: str = "swiglu", act_quant: bool = False):
+    return fused_ffn_with_projections(x, w_gate, w_up, w_down, bias, activation, act_quant)[0]
+
+
+def fused_ffn_with_projections(x, w_gate, w_up, w_down, bias=None, activation: str = "swiglu",
+                               act_quant: bool = False):
+    """-> (y, g, u): fused_ffn's output and the pre-activation projections g = x Wg^T + bg
+    (None for 'gelu') and u = x Wu^T + bu that the fused op saves for its backward."""
     b_gate, b_up, b_down = (None, None, None) if bias is None else tuple(bias)
     xin = fake_quant_int8(x) if act_quant else x
     u = F.linear(xin, w_up, b_up)
@@ -54,7 +61,7 @@ def fused_ffn(x, w_gate, w_up, w_down, bias=None, activation: str = "swiglu", ac
     h = ffn_activation(g, u, activation)
     if act_quant:
         h = fake_quant_int8(h)
-    return F.linear(h, w_down, b_down)
+    return F.linear(h, w_down, b_down), g, u
 
 
 def ffn_activation_backward(g: torch.Tensor | None, u: torch.Tensor, dh: torch.Tensor, activation: str):
@@ -71,3 +78,48 @@ def ffn_activation_backward(g: torch.Tensor | None, u: torch.Tensor, dh: torch.T
     cdf = 0.5 * (1.0 + torch.erf(g * 0.7071067811865476))
     pdf = torch.exp(-0.5 * g * g) * 0.3989422804014327
     return dh * u * (cdf + g * pdf), dh * g * cdf
+
+
+def fused_ffn_backward(dy, x, g, u, w_gate, w_up, w_down, activation: str, has_b_gate: bool, has_b_up: bool,
+                       has_b_down: bool, act_quant: bool, need_dx: bool, need_dw: bool):
+    """The gradients of fused_ffn from the saved projections g and u (g unused for 'gelu'),
+    as the fused backward op returns them: (dx, dWg, dWu, dWd, dbg, dbu, dbd), dx and the
+    weight gradients in x's dtype, the bias gradients in fp32, each one not asked for
+    (need_dx, need_dw, has_b_*; dWg for 'gelu') an empty [0] tensor. Computed in fp32,
+    with h recomputed as the forward computes it and act_quant's straight-through rule."""
+    is_gated = gated(activation)
+    d, hidden = x.shape[-1], w_up.shape[0]
+    m = x.shape[:-1].numel()
+    dy2 = dy.reshape(m, d).float()
+    g2 = g.reshape(m, hidden) if is_gated else None
+    u2 = u.reshape(m, hidden)
+    dg, du = ffn_activation_backward(None if g2 is None else g2.float(), u2.float(), dy2 @ w_down.float(),
+                                     activation)
+
+    def none(dtype=x.dtype):
+        return x.new_empty((0,), dtype=dtype)
+
+    dx = none()
+    if need_dx:
+        dxf = du @ w_up.float()
+        if is_gated:
+            dxf = dxf + dg @ w_gate.float()
+        dx = dxf.reshape(x.shape).to(x.dtype)
+    dwg, dwu, dwd = none(), none(), none()
+    dbg, dbu, dbd = none(torch.float32), none(torch.float32), none(torch.float32)
+    if need_dw:
+        x2 = x.reshape(m, d)
+        xin = (fake_quant_int8(x2) if act_quant else x2).float()
+        h = ffn_activation(g2, u2, activation)
+        hin = (fake_quant_int8(h) if act_quant else h).float()
+        dwd = (dy2.t() @ hin).to(x.dtype)
+        dwu = (du.t() @ xin).to(x.dtype)
+        if is_gated:
+            dwg = (dg.t() @ xin).to(x.dtype)
+        if has_b_down:
+            dbd = dy2.sum(0)
+        if has_b_up:
+            dbu = du.sum(0)
+        if has_b_gate:
+            dbg = dg.sum(0)
+    return dx, dwg, dwu, dwd, dbg, dbu, dbd
