@@ -13,7 +13,7 @@ import torch
 
 from accelops import hpo
 from accelops.train import load_char_corpus
-from accelops.train.run import ConfigError
+from accelops.train.config import ConfigError
 from accelops.train.tuning import TrainObjective, apply_hyperparameters
 
 WORDS = ["the", "king", "and", "queen", "of", "a", "fair", "night", "to", "be", "or", "not", "my", "lord"]

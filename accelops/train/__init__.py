@@ -13,7 +13,7 @@ from .losses import WeightedLoss
 from .lr_find import LRFindResult, lr_find
 from .trainer import PRECISIONS, Trainer
 from .ray_train import ray_fit
-from .run import ConfigError
+from .config import ConfigError
 from .tuning import TrainObjective
 
 __all__ = ["Trainer", "TrainObjective", "ray_fit", "PRECISIONS", "CharVocab", "TokenWindows", "load_char_corpus", "CheckpointError",

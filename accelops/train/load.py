@@ -115,7 +115,7 @@ def _check_trainer_state(state, path: str) -> None:
 def _build(state: dict, path: str):
     from ..sharing import share_parameters
     from .data import CharVocab
-    from .run import ConfigError, _section, build_model
+    from .config import ConfigError, build_model, section
 
     meta = state.get("metadata")
     if not (isinstance(meta, dict) and isinstance(meta.get("config"), dict) and isinstance(meta.get("vocab"), str)):
@@ -125,9 +125,9 @@ def _build(state: dict, path: str):
     config = meta["config"]
     try:
         vocab = CharVocab(meta["vocab"])
-        seq_len = _section(config, "data").get("seq_len", 128)
-        model = build_model(_section(config, "model"), len(vocab), seq_len)
-        sharing = _section(config, "sharing")
+        seq_len = section(config, "data").get("seq_len", 128)
+        model = build_model(section(config, "model"), len(vocab), seq_len)
+        sharing = section(config, "sharing")
         if sharing:  # the shared (tied) parameters are part of the architecture the weights fit
             share_parameters(model, sharing.pop("pattern"), **sharing)
     except (ConfigError, ValueError, TypeError, KeyError) as exc:
