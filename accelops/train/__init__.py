@@ -14,7 +14,7 @@ from .lr_find import LRFindResult, lr_find
 from .trainer import PRECISIONS, Trainer
 from .ray_train import ray_fit
 from .config import ConfigError
-from .tuning import TrainObjective
+from .hpo_objective import TrainObjective
 
 __all__ = ["Trainer", "TrainObjective", "ray_fit", "PRECISIONS", "CharVocab", "TokenWindows", "load_char_corpus", "CheckpointError",
            "CheckpointWarning", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",

@@ -3,7 +3,7 @@ Study's per-configuration checkpoint directory resumes a promoted configuration 
 lower rung stopped, and the result is the validation loss.
 
     from accelops import hpo
-    from accelops.train.tuning import TrainObjective
+    from accelops.train.hpo_objective import TrainObjective
 
     base = {"data": {"path": "corpus.txt", "seq_len": 128},
             "model": {"type": "transformer", "dim": 128, "n_layers": 4, "n_heads": 4},
