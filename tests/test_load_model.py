@@ -18,9 +18,9 @@ import torch
 from accelops.models import TransformerLM, TransformerLMConfig
 from accelops.train import (CharVocab, CheckpointError, CheckpointWarning, Trainer, TokenWindows, list_checkpoints,
                             load_checkpoint, load_model)
-from accelops.train.checkpoint import save_checkpoint
+from accelops.train.checkpoint import list_dir_checkpoints, save_checkpoint
 from accelops.train.config import build
-from accelops.train.strategies import full_model_state_dict, list_dir_checkpoints
+from accelops.train.strategies import full_model_state_dict
 
 from .helpers import rank_results, run_forked_ranks
 

@@ -29,8 +29,8 @@ import torch
 
 from accelops.models import RNNLM, RNNLMConfig, TransformerLM, TransformerLMConfig
 from accelops.train import CheckpointError, Trainer, list_checkpoints, load_checkpoint
-from accelops.train.strategies import (balance_stages, full_model_state_dict, list_dir_checkpoints,
-                                       verify_dir_checkpoint)
+from accelops.train.checkpoint import list_dir_checkpoints, verify_dir_checkpoint
+from accelops.train.strategies import balance_stages, full_model_state_dict
 
 from .helpers import free_port, rank_results, run_forked_ranks
 from .test_train import TRAIN, VAL, VOCAB, SEQ, losses, make_trainer

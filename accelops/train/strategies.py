@@ -20,12 +20,8 @@ evaluation, checkpoints, failures); everything strategy-specific lives here.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
-import re
-import shutil
 import statistics
 import time
 import warnings
@@ -34,20 +30,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import default_collate
 
-from .checkpoint import (CheckpointError, _fsync_dir, atomic_write, load_checkpoint, newest_good,
-                         save_checkpoint)
+from .checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["STRATEGIES", "PIPELINE_SCHEDULES", "make_strategy", "full_model_state_dict", "balance_stages",
-           "list_dir_checkpoints"]
+__all__ = ["STRATEGIES", "PIPELINE_SCHEDULES", "make_strategy", "full_model_state_dict", "balance_stages"]
 
 log = logging.getLogger("accelops.train")
 
 STRATEGIES = ("ddp", "fsdp", "zero1", "pipeline")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 FSDP_UNITS = ("block", "submodule")
-_DIR_NAME = re.compile(r"^step-(\d{8,})\.(dcp|pp)$")
-_MANIFEST = "manifest.json"
-_TRAINER_FILE = "trainer.ckpt"
 
 
 def _to_device(batch, device):
@@ -119,75 +110,38 @@ class DDPStrategy:
     uses_ddp = True       # the Trainer wraps the model in DDP (and registers compression hooks)
     owns_step = False     # the Trainer's own micro-batch loop runs the step
     owns_eval = False
-    dir_checkpoints = False  # the Trainer's single checkpoint file
 
     def __init__(self):
         self.dp_rank, self.dp_world = 0, 1
+        self.env = self.model = self.optimizer = None
 
     def setup(self, trainer) -> None:
         self.dp_rank, self.dp_world = trainer.rank, trainer.world_size
+        self.env, self.model, self.optimizer = trainer.env, trainer.model, trainer.optimizer
 
     def no_sync(self, trainer):
         return trainer.ddp.no_sync() if trainer.ddp is not None else contextlib.nullcontext()
 
-    def before_save(self, trainer) -> None:
+    def before_save(self) -> None:
         """Called on every rank before rank 0 reads optimizer.state_dict()."""
 
     def describe(self) -> dict:
         return {"name": self.name}
 
-    def check_checkpoint(self, state: dict, path: str) -> None:
-        saved = state.get("strategy", {"name": "ddp"})
-        saved = saved.get("name") if isinstance(saved, dict) else saved
-        if saved != self.name:
-            raise ValueError(f"checkpoint {path!r} was written with strategy={saved!r}, this run has strategy="
-                             f"{self.name!r}: the optimizer (and model) state is laid out differently. Resume "
-                             f"with strategy={saved!r}")
+    reshards_on_load = False   # a sharded checkpoint of another world size loads (fsdp)
 
-    kind = "file"
+    @property
+    def checkpoint_layout(self) -> str:
+        """How its checkpoints are laid out (accelops.train.checkpoint): "file", "dcp" or "pp"."""
+        return "file"
 
-    def check_foreign(self, trainer) -> None:
-        """ValueError when checkpoint_dir holds checkpoints of another strategy (or of the
-        pipeline on another number of processes): resuming would silently start afresh."""
-        from .checkpoint import list_checkpoints
+    def write_shards(self, directory: str) -> None:
+        """A sharded layout: writes this rank's part of a checkpoint into directory."""
+        raise NotImplementedError(f"strategy={self.name!r} writes checkpoint files, not shards")
 
-        d = trainer.checkpoint_dir
-        mine = self.kind if trainer._dir_checkpoints() else "file"
-        for kind, owner in (("file", "'ddp' or 'zero1' (or 'pipeline' on one process)"), ("dcp", "'fsdp'"),
-                            ("pp", "'pipeline'")):
-            if kind == mine:
-                continue
-            found = list_checkpoints(d) if kind == "file" else list_dir_checkpoints(d, kind)
-            if not found:
-                continue
-            world = "?"
-            try:
-                world = (load_checkpoint(found[0][1]) if kind == "file" else
-                         json.load(open(os.path.join(found[0][1], _MANIFEST))))["world_size"]
-            except Exception:  # noqa: BLE001 - only for the message
-                pass
-            raise ValueError(f"checkpoint_dir {d!r} holds checkpoints of strategy={owner} (newest "
-                             f"{os.path.basename(found[0][1])!r}, written by a run of {world} process(es)); this run "
-                             f"(strategy={self.name!r}) has {trainer.world_size} process(es) and reads "
-                             f"{'its own ' + mine if mine != 'file' else 'checkpoint files'}: resume with the "
-                             "strategy and number of processes that wrote them, or use another directory")
-
-    def comm_failure(self, trainer, exc: BaseException) -> BaseException | None:
-        """A clearer error for a failed collective (a peer died or timed out), or None."""
-        if not trainer.distributed:
-            return None
-        text = f"{type(exc).__name__}: {exc}"
-        markers = ("gloo", "nccl", "connection", "timed out", "timeout", "closed by peer", "reset by peer",
-                   "broken pipe", "socket")
-        if not (isinstance(exc, getattr(dist, "DistError", ()))
-                or (isinstance(exc, (RuntimeError, OSError)) and any(m in str(exc).lower() for m in markers))):
-            return None
-        last = trainer._last_saved
-        where = ("no checkpoint was written yet" if last is None or trainer.checkpoint_dir is None
-                 else f"the last checkpoint (step {last}) in {trainer.checkpoint_dir!r} is intact: run again to resume")
-        return RuntimeError(f"rank {trainer.rank}/{trainer.world_size}: a collective failed during step "
-                            f"{trainer.step + 1} under strategy={self.name!r} (a peer rank died, or did not answer "
-                            f"within the process group's timeout); {where}. Cause: {text.splitlines()[0][:400]}")
+    def read_shards(self, directory: str, trainer_state: dict) -> None:
+        """A sharded layout: loads this rank's part of the checkpoint in directory."""
+        raise NotImplementedError(f"strategy={self.name!r} reads checkpoint files, not shards")
 
 
 # --------------------------------------------------------------------------- helpers shared by fsdp and pipeline
@@ -203,202 +157,26 @@ def _check_fresh_optimizer(optimizer, strategy) -> None:
                          "has not stepped yet (its state is restored from checkpoints by the Trainer)")
 
 
-def _gather_rank_states(trainer, mine):
-    if trainer.distributed:
-        ranks = [None] * trainer.world_size if trainer.is_main else None
-        dist.gather_object(mine, ranks, dst=0)
-        return ranks
-    return [mine]
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def list_dir_checkpoints(directory, kind: str) -> list[tuple[int, str]]:
-    """(step, path) of the `kind` ("dcp" | "pp") checkpoint directories, newest first."""
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        return []
-    found = []
-    for name in os.listdir(directory):
-        m = _DIR_NAME.match(name)
-        if m and m.group(2) == kind and os.path.isdir(os.path.join(directory, name)):
-            found.append((int(m.group(1)), os.path.join(directory, name)))
-    return sorted(found, reverse=True)
-
-
-def verify_dir_checkpoint(path: str) -> dict:
-    """The manifest of a checkpoint directory, after checking that every file it lists has its
-    size and SHA-256; CheckpointError naming the directory and the problem otherwise."""
-    manifest_path = os.path.join(path, _MANIFEST)
-    if not os.path.isfile(manifest_path):
-        raise CheckpointError(f"checkpoint {path!r} is incomplete: it has no {_MANIFEST} (the write did not finish)")
-    try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        files = manifest["files"]
-    except (ValueError, KeyError, OSError) as exc:
-        raise CheckpointError(f"checkpoint {path!r} has an unreadable {_MANIFEST}: {exc}") from exc
-    for name, (size, digest) in files.items():
-        fp = os.path.join(path, name)
-        if not os.path.isfile(fp):
-            raise CheckpointError(f"checkpoint {path!r} is incomplete: {name!r} is missing")
-        if os.path.getsize(fp) != size:
-            raise CheckpointError(f"checkpoint {path!r} is truncated or corrupt: {name!r} has "
-                                  f"{os.path.getsize(fp)} bytes, the manifest says {size}")
-        if _sha256(fp) != digest:
-            raise CheckpointError(f"checkpoint {path!r} is corrupt: the SHA-256 of {name!r} does not match its "
-                                  "manifest (the file changed after it was written)")
-    return manifest
-
-
-def latest_dir_checkpoint(directory, kind: str):
-    """(path, manifest) of the newest good `kind` directory, warning about each newer bad
-    one; (None, None) when there is none; CheckpointError when all are bad."""
-    return newest_good(directory, list_dir_checkpoints(directory, kind), verify_dir_checkpoint, stacklevel=3)
-
-
-class _DirCheckpoints:
-    """Checkpoints as directories step-NNNNNNNN.<kind>: every rank writes its part into
-    step-NNNNNNNN.<kind>.tmp, rank 0 adds the trainer state and a manifest (size and SHA-256
-    of every file), fsyncs and renames the directory into place, so a crash leaves either the
-    previous set of checkpoints or the new one; a directory without a good manifest is
-    refused and the previous one used."""
-
-    kind = "dcp"
-    dir_checkpoints = True
-
-    def _write_parts(self, trainer, tmp: str) -> None:  # pragma: no cover - per strategy
-        raise NotImplementedError
-
-    def _read_parts(self, trainer, path: str, trainer_state: dict) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    def _rank_state(self, trainer) -> dict:
-        from .trainer import _rng_state
-
-        return {"rng": _rng_state(trainer.device)}
-
-    def save(self, trainer) -> str | None:
-        d = trainer.checkpoint_dir
-        final = os.path.join(d, f"step-{trainer.step:08d}.{self.kind}")
-        tmp = final + ".tmp"
-        if trainer.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        self._barrier(trainer)
-        self._write_parts(trainer, tmp)
-        ranks = _gather_rank_states(trainer, self._rank_state(trainer))
-        if trainer.is_main:
-            state = trainer._checkpoint_common_state()
-            state.update(rank_states=ranks, strategy=self.describe())
-            save_checkpoint(os.path.join(tmp, _TRAINER_FILE), state)
-            files = {}
-            for root, _, names in os.walk(tmp):
-                for name in names:
-                    fp = os.path.join(root, name)
-                    rel = os.path.relpath(fp, tmp)
-                    with open(fp, "rb") as f:  # the ranks' writers may not have fsynced
-                        os.fsync(f.fileno())
-                    files[rel] = (os.path.getsize(fp), _sha256(fp))
-            atomic_write(os.path.join(tmp, _MANIFEST),
-                         json.dumps({"step": trainer.step, "world_size": trainer.world_size, "kind": self.kind,
-                                     "files": files}, indent=1).encode())
-            _fsync_dir(tmp)
-            old = None
-            if os.path.exists(final):  # a resumed run rewriting a step: swap, then drop the old one
-                old = final + ".old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            _fsync_dir(d)
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
-            self._prune(d, trainer.keep_last, trainer.step)
-            log.info("saved %s", final)
-        self._barrier(trainer)
-        return final if trainer.is_main else None
-
-    @staticmethod
-    def _barrier(trainer):
-        if trainer.distributed:
-            dist.barrier()
-
-    def _prune(self, directory: str, keep: int, up_to: int) -> None:
-        # Steps above up_to: checkpoints this run did not resume from (bad ones); counting them
-        # among the newest would delete the ones just written. The .tmp / .old directories are
-        # a dead run's: rank 0 holds the directory's lock (accelops.train.dirs), no other run
-        # writes here.
-        found = [(step, path) for step, path in list_dir_checkpoints(directory, self.kind) if step <= up_to]
-        for _, path in found[keep:]:
-            shutil.rmtree(path, ignore_errors=True)
-        for name in os.listdir(directory):
-            if name.endswith((f".{self.kind}.tmp", f".{self.kind}.old")):
-                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-
-    def find(self, trainer, resume: bool):
-        """Rank 0 chooses (warnings there only), every rank learns the choice -> path or None."""
-        choice = None
-        if trainer.is_main:
-            try:
-                self.check_foreign(trainer)
-                if not resume:
-                    found = list_dir_checkpoints(trainer.checkpoint_dir, self.kind)
-                    if found:
-                        raise ValueError(f"checkpoint_dir {trainer.checkpoint_dir!r} already holds checkpoints "
-                                         f"(newest: step {found[0][0]}) and resume=False: pass resume=True to "
-                                         "continue that run, or use an empty directory")
-                    choice = ("fresh", None)
-                else:
-                    path, _ = latest_dir_checkpoint(trainer.checkpoint_dir, self.kind)
-                    choice = ("fresh", None) if path is None else ("resume", path)
-            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-                choice = ("error", (type(exc).__name__, str(exc)))
-        kind, value = trainer._broadcast(choice)
-        if kind == "error":
-            cls = {"ValueError": ValueError, "CheckpointError": CheckpointError}.get(value[0], RuntimeError)
-            raise cls(value[1])
-        return value
-
-    def load(self, trainer, path: str) -> None:
-        state = load_checkpoint(os.path.join(path, _TRAINER_FILE))
-        self.check_checkpoint(state, path)
-        self._check_world(trainer, state, path)
-        self._read_parts(trainer, path, state)
-        trainer._load_common_state(state, path, rank_state=self._pick_rank_state(trainer, state))
-
-    def _check_world(self, trainer, state, path) -> None:
-        if state["world_size"] != trainer.world_size:
-            raise ValueError(f"checkpoint {path!r} was written by a run of {state['world_size']} process(es), this "
-                             f"run has {trainer.world_size}: strategy={self.name!r} resumes on the same number of "
-                             "processes only")
-
-    def _pick_rank_state(self, trainer, state):
-        return state["rank_states"][trainer.rank]
-
-
 # --------------------------------------------------------------------------- fsdp
 
 @contextlib.contextmanager
-def _quiet_single(trainer):
+def _quiet_single(distributed: bool):
     # DCP warns that it "assumes" a single process when there is no process group: here that
     # is the intent (one process reading or writing a checkpoint any world size can load).
     with warnings.catch_warnings():
-        if not trainer.distributed:
+        if not distributed:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
 
 
-class FSDPStrategy(_DirCheckpoints, DDPStrategy):
+class FSDPStrategy(DDPStrategy):
     name = "fsdp"
     uses_ddp = False
     owns_eval = True
-    kind = "dcp"
+    # DCP reshards on load: a checkpoint loads on another world size
+    reshards_on_load = True
+    # DCP directories even on one process, so one process reads what several wrote
+    checkpoint_layout = "dcp"
 
     def __init__(self, precision: str, cpu_offload: bool, units: str = "block", backward_prefetch: bool = True):
         super().__init__()
@@ -515,37 +293,25 @@ class FSDPStrategy(_DirCheckpoints, DDPStrategy):
 
     # DCP: each rank saves and loads only its shards; the metadata lets another world size
     # read them (DCP reshards on load).
-    def _write_parts(self, trainer, tmp):
+    def write_shards(self, directory):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
-        with _quiet_single(trainer):
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "dcp"),
-                     no_dist=not trainer.distributed)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        with _quiet_single(self.env.distributed):
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(directory, "dcp"),
+                     no_dist=not self.env.distributed)
 
-    def _read_parts(self, trainer, path, trainer_state):
+    def read_shards(self, directory, trainer_state):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        with _quiet_single(trainer):
-            dcp.load(state, checkpoint_id=os.path.join(path, "dcp"), no_dist=not trainer.distributed)
-        set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
+        with _quiet_single(self.env.distributed):
+            dcp.load(state, checkpoint_id=os.path.join(directory, "dcp"), no_dist=not self.env.distributed)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
-
-    def _check_world(self, trainer, state, path):
-        if state["world_size"] != trainer.world_size and trainer.is_main:
-            warnings.warn(f"checkpoint {path!r} was written by {state['world_size']} process(es), this run has "
-                          f"{trainer.world_size}: the model and optimizer are resharded; the data position is kept "
-                          "as (epoch, batch), which repeats the uninterrupted run when batch_size x world size is "
-                          "unchanged; the RNG states are per rank, so every rank starts from fresh seeds (dropout masks differ)",
-                          stacklevel=5)
-
-    def _pick_rank_state(self, trainer, state):
-        ranks = state["rank_states"]
-        return ranks[trainer.rank] if trainer.rank < len(ranks) and len(ranks) == trainer.world_size else None
 
 
 # --------------------------------------------------------------------------- zero1
@@ -590,11 +356,11 @@ class Zero1Strategy(DDPStrategy):
 
             tracked._wrapped_by_lr_sched = True
             zero.step = tracked
-        trainer.optimizer = zero
+        trainer.optimizer = self.optimizer = zero
 
-    def before_save(self, trainer) -> None:
-        if trainer.distributed:
-            trainer.optimizer.consolidate_state_dict(to=0)
+    def before_save(self) -> None:
+        if self.env.distributed:
+            self.optimizer.consolidate_state_dict(to=0)
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -655,12 +421,16 @@ def balance_stages(costs_blocks, n_stages: int, first_cost: float = 0.0, last_co
     return bounds[::-1]
 
 
-class PipelineStrategy(_DirCheckpoints, DDPStrategy):
+class PipelineStrategy(DDPStrategy):
     name = "pipeline"
     uses_ddp = False
     owns_step = True
     owns_eval = True
-    kind = "pp"
+
+    @property
+    def checkpoint_layout(self) -> str:
+        # a file per stage when there are stages; one process writes the Trainer's file
+        return "pp" if self.env.distributed else "file"
 
     def __init__(self, schedule: str, n_microbatches, split):
         super().__init__()
@@ -675,6 +445,7 @@ class PipelineStrategy(_DirCheckpoints, DDPStrategy):
     def setup(self, trainer) -> None:
         from ..models._base import LanguageModel
 
+        super().setup(trainer)
         self.dp_rank, self.dp_world = 0, 1   # every stage reads the same batches
         model = trainer.model
         if not isinstance(model, LanguageModel) or not isinstance(getattr(model, "blocks", None),
@@ -709,7 +480,7 @@ class PipelineStrategy(_DirCheckpoints, DDPStrategy):
                 raise ValueError(f"pipeline_split must list the {n_stages - 1} block index(es) where stages 1..."
                                  f"{n_stages - 1} start, non-decreasing in [0, {n_layers}]; got {self.split_opt!r}")
         else:
-            split = trainer._broadcast(self._profile_split(trainer, n_stages) if trainer.is_main else None)
+            split = trainer.env.broadcast(self._profile_split(trainer, n_stages) if trainer.is_main else None)
         self.split = split
         bounds = [0, *split, n_layers]
         r = trainer.rank
@@ -856,27 +627,20 @@ class PipelineStrategy(_DirCheckpoints, DDPStrategy):
         dist.broadcast(total, src=n - 1)
         return total / n   # the Trainer all-reduces (sums) the totals over ranks
 
-    def _write_parts(self, trainer, tmp):
-        opt = trainer.optimizer
-        state = {"stage": trainer.rank, "split": self.split, "model": self.stage_module.state_dict(),
-                 "optimizer": opt.state_dict()}
-        save_checkpoint(os.path.join(tmp, f"stage-{trainer.rank}.ckpt"), state)
+    def write_shards(self, directory):
+        rank = self.env.rank
+        state = {"stage": rank, "split": self.split, "model": self.stage_module.state_dict(),
+                 "optimizer": self.optimizer.state_dict()}
+        save_checkpoint(os.path.join(directory, f"stage-{rank}.ckpt"), state)
 
-    def _read_parts(self, trainer, path, trainer_state):
+    def read_shards(self, directory, trainer_state):
         saved = trainer_state.get("strategy", {}).get("split")
         if saved != self.split:
-            raise ValueError(f"checkpoint {path!r} was written with pipeline_split={saved!r}, this run splits at "
-                             f"{self.split!r}: pass pipeline_split={saved!r} to resume it")
-        if not trainer.distributed:
-            return
-        state = load_checkpoint(os.path.join(path, f"stage-{trainer.rank}.ckpt"))
+            raise ValueError(f"checkpoint {directory!r} was written with pipeline_split={saved!r}, this run splits "
+                             f"at {self.split!r}: pass pipeline_split={saved!r} to resume it")
+        state = load_checkpoint(os.path.join(directory, f"stage-{self.env.rank}.ckpt"))
         self.stage_module.load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
-
-    def save(self, trainer):
-        if not trainer.distributed:
-            raise AssertionError("single-process pipeline runs use the Trainer's checkpoints")
-        return super().save(trainer)
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def full_model_state_dict(trainer) -> dict | None:
@@ -890,7 +654,7 @@ def full_model_state_dict(trainer) -> dict | None:
         return sd if trainer.is_main else None
     if s.name == "pipeline" and trainer.distributed:
         mine = {k: v.detach().cpu() for k, v in s.stage_module.state_dict().items()}
-        parts = _gather_rank_states(trainer, (s.stage_module.lo, mine))
+        parts = trainer.env.gather((s.stage_module.lo, mine))
         if not trainer.is_main:
             return None
         out = {}

@@ -23,8 +23,8 @@ from torch.utils.data import DistributedSampler, default_collate
 
 from .callbacks import EarlyStopping, MLflowLogger, require_mlflow
 from .dirs import DirectoryLock, DirectoryLocked, check_writable
-from .checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
-                         prune_checkpoints, save_checkpoint)
+from .checkpoint import CHECKPOINT_FORMAT, Checkpointer
+from .dist_env import DistEnv, collective_failure
 from .strategies import make_strategy
 from .losses import WeightedLoss
 
@@ -38,7 +38,6 @@ __all__ = ["Trainer", "PRECISIONS"]
 log = logging.getLogger("accelops.train")
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
-CHECKPOINT_FORMAT = 1
 CSV_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "val_loss",
               "val_bpc")
 
@@ -297,6 +296,7 @@ class Trainer:
         self._mlflow = MLflowLogger(mlflow, self.log_dir) if mlflow and self.is_main else None
         self._mlflow_resume = self.last_checkpoint = self.stop_reason = None
         self.device = self._pick_device(device)
+        self.env = DistEnv(self.distributed, self.rank, self.world_size, self.device)
         self.model = model.to(self.device)
 
         self.ddp = None
@@ -335,6 +335,8 @@ class Trainer:
         self._last_saved = self._last_eval = None
         self._pending_rng = None
 
+        self.checkpointer = (None if self.checkpoint_dir is None else
+                             Checkpointer(self.checkpoint_dir, keep_last, self._strategy, self.env))
         self._dir_lock = None
         self._stop_signal = self._log_error = None
         self._prepare_dirs()  # before the resume: a run that does not hold the directory must not read it
@@ -428,7 +430,7 @@ class Trainer:
         in the next collective otherwise."""
         mine = None
         try:
-            if self.checkpoint_dir is not None and (self.is_main or self._dir_checkpoints()):
+            if self.checkpoint_dir is not None and (self.is_main or self.checkpointer.every_rank_writes):
                 check_writable(self.checkpoint_dir, "checkpoint_dir")
             if self.checkpoint_dir is not None and self.is_main:
                 lock = DirectoryLock(self.checkpoint_dir)
@@ -476,67 +478,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _broadcast(self, obj):
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def _maybe_resume(self, resume: bool) -> None:
-        # Rank 0 picks the checkpoint (its warnings are the only ones) and tells the others, so
-        # every rank loads the same file; an error there is raised on every rank, not left to hang.
-        if self._dir_checkpoints():  # fsdp / pipeline: a directory per checkpoint, written by every rank
-            path = self._strategy.find(self, resume)
-            if path is not None:
-                self._strategy.load(self, path)
-            return
-        choice = None
-        if self.is_main:
-            try:
-                self._strategy.check_foreign(self)  # a directory of another strategy's checkpoints
-                if not resume:
-                    found = list_checkpoints(self.checkpoint_dir)
-                    if found:
-                        raise ValueError(f"checkpoint_dir {self.checkpoint_dir!r} already holds checkpoints (newest: "
-                                         f"step {found[0][0]}) and resume=False: pass resume=True to continue that "
-                                         "run, or use an empty directory")
-                    choice = ("fresh", None)
-                else:
-                    path, state = latest_checkpoint(self.checkpoint_dir)
-                    choice = ("fresh", None) if path is None else ("resume", path)
-            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-                choice = ("error", (type(exc).__name__, str(exc)))
-        choice = self._broadcast(choice)
-        kind, value = choice
-        if kind == "error":
-            cls = {"ValueError": ValueError, "CheckpointError": CheckpointError}.get(value[0], RuntimeError)
-            raise cls(value[1])
-        if kind == "fresh":
-            return
-        if not self.is_main:
-            state = load_checkpoint(value)
-        self._load_state(state, value)
+        found = self.checkpointer.resume(resume, self.model, self.optimizer)
+        if found is not None:
+            path, state, rank_state = found
+            self._restore(state, path, rank_state)
 
-    def _load_state(self, state: dict, path: str) -> None:
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"checkpoint {path!r} has format {state.get('format')!r}, this trainer reads "
-                                  f"{CHECKPOINT_FORMAT}")
-        if state["world_size"] != self.world_size:
-            raise ValueError(f"checkpoint {path!r} was written by a run of {state['world_size']} process(es), this "
-                             f"run has {self.world_size}: the data position, RNG and communication-hook states are "
-                             "per rank. Resume with the same number of processes")
-        self._strategy.check_checkpoint(state, path)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._load_common_state(state, path, state["rank_states"][self.rank])
-
-    def _load_common_state(self, state: dict, path: str, rank_state: dict | None) -> None:
-        """What every checkpoint holds besides the model and optimizer (the strategies' too);
-        rank_state None: this rank's RNG was not saved (fsdp on a new world size), seed it."""
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"checkpoint {path!r} has format {state.get('format')!r}, this trainer reads "
-                                  f"{CHECKPOINT_FORMAT}")
+    def _restore(self, state: dict, path: str, rank_state: dict | None) -> None:
+        """The trainer's part of a checkpoint (what _trainer_state wrote; the Checkpointer has
+        loaded the model, optimizer and shards); rank_state None: this rank's RNG was not
+        saved (fsdp on a new world size), it is seeded afresh."""
         saved = state["trainer"]
         mine = self._trainer_config()
         changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v]
@@ -577,33 +528,14 @@ class Trainer:
         """Writes the checkpoint of the current step (rank 0; every rank must call it) -> its path."""
         if self.checkpoint_dir is None:
             raise ValueError("checkpoint_dir is None: nothing to save to")
-        if self._dir_checkpoints():
-            path = self._strategy.save(self)
-            self._last_saved = self.step
-            self.last_checkpoint = path
-            return path
-        self._strategy.before_save(self)  # zero1: consolidates the optimizer state on rank 0
-        mine = {"rng": _rng_state(self.device),
-                "hook": None if self.hook_state is None else _to_cpu(self.hook_state.state_dict())}
-        if self.distributed:
-            ranks = [None] * self.world_size if self.is_main else None
-            dist.gather_object(mine, ranks, dst=0)
-        else:
-            ranks = [mine]
-        path = None
-        if self.is_main:
-            state = self._checkpoint_common_state()
-            state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), rank_states=ranks)
-            path = save_checkpoint(checkpoint_path(self.checkpoint_dir, self.step), state)
-            prune_checkpoints(self.checkpoint_dir, self.keep_last, up_to=self.step)
-            log.info("saved %s", path)
-        if self.distributed:
-            dist.barrier()
+        rank_state = {"rng": _rng_state(self.device),
+                      "hook": None if self.hook_state is None else _to_cpu(self.hook_state.state_dict())}
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, self._trainer_state, rank_state)
         self._last_saved = self.step
         self.last_checkpoint = path
         return path
 
-    def _checkpoint_common_state(self) -> dict:
+    def _trainer_state(self) -> dict:
         """What every checkpoint holds besides the model, optimizer and per-rank states."""
         return {
             "format": CHECKPOINT_FORMAT, "step": self.step, "world_size": self.world_size,
@@ -615,11 +547,6 @@ class Trainer:
             "early_stopping": None if self.early_stopping is None else self.early_stopping.state_dict(),
             "mlflow_run_id": None if self._mlflow is None else self._mlflow.run_id,
         }
-
-    def _dir_checkpoints(self) -> bool:
-        # fsdp always writes DCP directories (so one process reads what several wrote);
-        # pipeline writes a file per stage when it has stages.
-        return self._strategy.dir_checkpoints and (self.distributed or self._strategy.name == "fsdp")
 
     # ------------------------------------------------------------------ training
 
@@ -853,7 +780,7 @@ class Trainer:
             return False
         es.update(self.evals[-1], self.step)
         if self.distributed:
-            es.load_state_dict(self._broadcast(es.state_dict()))
+            es.load_state_dict(self.env.broadcast(es.state_dict()))
         if es.stopped and self.is_main:
             log.info("%s", es.reason)
         return es.stopped
@@ -1019,7 +946,9 @@ class Trainer:
                 self._halt(halt or _HALT_LOG_ERROR)
             finished = True
         except Exception as exc:
-            clearer = self._strategy.comm_failure(self, exc)  # a dead peer: say so, and where to resume
+            # a dead peer: say so, and where to resume
+            clearer = collective_failure(exc, self.env, self.strategy, self.step, self._last_saved,
+                                         self.checkpoint_dir)
             if clearer is None:
                 raise
             raise clearer from exc
