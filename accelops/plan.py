@@ -181,9 +181,9 @@ def _config_of(model_or_config, vocab_size=None, seq_len=None):
 def _largest_submodule_unit(block) -> int:
     """Trainable numel of the largest FSDP unit of a block under fsdp_units="submodule": each
     large child (the Trainer's rule) and the rest of the block."""
-    from .train.strategies import FSDPStrategy
+    from .train.parallel.fsdp import large_children
 
-    children = FSDPStrategy._large_children(block)
+    children = large_children(block)
     total = sum(_tensors_numel(block))
     if not children:
         return total

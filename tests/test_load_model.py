@@ -20,7 +20,7 @@ from accelops.train import (CharVocab, CheckpointError, CheckpointWarning, Train
                             load_checkpoint, load_model)
 from accelops.train.checkpoint import list_dir_checkpoints, save_checkpoint
 from accelops.train.config import build
-from accelops.train.strategies import full_model_state_dict
+from accelops.train.parallel import full_model_state_dict
 
 from .helpers import rank_results, run_forked_ranks
 

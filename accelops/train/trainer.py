@@ -1,10 +1,12 @@
 """Trainer: one process or torchrun (DDP, or the FSDP / ZeRO-1 / pipeline strategies of
-accelops.train.strategies), gradient accumulation with no_sync, autocast (GradScaler for
-fp16), accelops compression hooks, and checkpoints that resume exactly."""
+accelops.train.parallel), gradient accumulation with no_sync, autocast (GradScaler for
+fp16), accelops compression hooks, and checkpoints that resume exactly
+(accelops.train.checkpoint)."""
 from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import gc
 import io
 import logging
@@ -25,7 +27,8 @@ from .callbacks import EarlyStopping, MLflowLogger, require_mlflow
 from .dirs import DirectoryLock, DirectoryLocked, check_writable
 from .checkpoint import CHECKPOINT_FORMAT, Checkpointer
 from .dist_env import DistEnv, collective_failure
-from .strategies import make_strategy
+from .parallel import TrainingSetup, make_strategy
+from .batches import default_loss, to_device, tokens_in
 from .losses import WeightedLoss
 
 try:
@@ -33,7 +36,7 @@ try:
 except ImportError:  # numpy is optional: its RNG is saved only when it is there
     np = None
 
-__all__ = ["Trainer", "PRECISIONS"]
+__all__ = ["Trainer", "PRECISIONS", "default_loss"]
 
 log = logging.getLogger("accelops.train")
 
@@ -46,53 +49,6 @@ _HALT_SIGNAL, _HALT_LOG_ERROR = 1, 2  # why fit stops early (see Trainer._halt_a
 
 
 # --------------------------------------------------------------------------- helpers
-
-def _to_device(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
-def _tokens_in(batch) -> int:
-    first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values())) \
-        if isinstance(batch, dict) else batch
-    return first.numel() if isinstance(first, torch.Tensor) else 0
-
-
-def default_loss(model, batch) -> torch.Tensor:
-    """model(*batch) for a tuple/list batch (model(**batch) for a dict, model(batch) else);
-    a (logits, loss) result gives its loss, a dict of named losses (or (output, dict)) is
-    returned as it is for the Trainer's loss_weights. accelops.models' `model(tokens, targets)` fits."""
-    if isinstance(batch, (list, tuple)):
-        out = model(*batch)
-    elif isinstance(batch, dict):
-        out = model(**batch)
-    else:
-        out = model(batch)
-    if isinstance(out, (list, tuple)):
-        out = out[-1]
-    if isinstance(out, dict):
-        return out
-    if not isinstance(out, torch.Tensor) or out.dim() != 0:
-        raise TypeError("the model must return a scalar loss or (output, loss) for a batch; got "
-                        f"{type(out).__name__}{'' if not isinstance(out, torch.Tensor) else tuple(out.shape)}: "
-                        "pass loss_fn=(model, batch) -> loss")
-    return out
-
 
 def _rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -113,6 +69,10 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         np.random.set_state((s["name"], s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["gauss"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _autocast(device_type: str, dtype):
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device_type, dtype=dtype)
 
 
 def _tuplify(x):
@@ -203,7 +163,7 @@ class Trainer:
     metadata: anything torch.save-able stored in every checkpoint (e.g. the config).
     strategy: "ddp" (default), "fsdp" (FSDP2 per block, sharded DCP checkpoints that load on
         another world size), "zero1" (ZeroRedundancyOptimizer over DDP) or "pipeline" (one
-        stage per rank, cut at block boundaries); see accelops.train.strategies. With one
+        stage per rank, cut at block boundaries); see accelops.train.parallel. With one
         process every strategy trains as a plain single process. pipeline_schedule ("gpipe" |
         "1f1b"), n_microbatches (default accumulate_grad_batches) and pipeline_split (the
         block where each stage after the first starts; default: balanced on measured
@@ -256,7 +216,7 @@ class Trainer:
                                          or not dist_timeout > 0):
             raise ValueError(f"dist_timeout must be a positive number of seconds or None, got {dist_timeout!r}")
         self._dist_timeout = dist_timeout
-        self._strategy = make_strategy(strategy, compression=compression, precision=precision, loss_fn=loss_fn,
+        self.parallel = make_strategy(strategy, compression=compression, precision=precision, loss_fn=loss_fn,
                                        pipeline_schedule=pipeline_schedule, n_microbatches=n_microbatches,
                                        pipeline_split=pipeline_split, fsdp_cpu_offload=fsdp_cpu_offload,
                                        loss_weights=loss_weights, fsdp_units=fsdp_units,
@@ -299,21 +259,7 @@ class Trainer:
         self.env = DistEnv(self.distributed, self.rank, self.world_size, self.device)
         self.model = model.to(self.device)
 
-        self.ddp = None
-        self.hook_state = None
-        if self.distributed and self._strategy.uses_ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            kw = dict(ddp_kwargs or {})
-            if self.device.type == "cuda":
-                kw.setdefault("device_ids", [self.device.index])
-            self.ddp = DDP(self.model, **kw)
-            if compression is not None:
-                from ..distributed import register_compression
-
-                name, options = self._compression_spec(compression)
-                self.hook_state = register_compression(self.ddp, name, **options)
-        elif compression is not None:
+        if compression is not None and not self.distributed:  # (fsdp and pipeline refuse it outright)
             warnings.warn("compression applies to DDP's gradient all-reduce; this run is a single process, so "
                           "it is ignored", stacklevel=2)
         self.compression = compression
@@ -321,11 +267,20 @@ class Trainer:
         self.scaler = None
         if precision == "16-mixed":
             self.scaler = torch.amp.GradScaler(self.device.type)
-        self._autocast_dtype = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[precision]
-        self._strategy.setup(self)   # fsdp: shards the model; zero1: swaps the optimizer; pipeline: the stages
+        # a function of the device and dtype, not a bound method: the strategy keeps it, and a
+        # reference back to the Trainer would keep an abandoned Trainer (and the lock on its
+        # checkpoint_dir) alive until the cycle collector ran
+        dtype = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[precision]
+        self._autocast = functools.partial(_autocast, self.device.type, dtype)
+        # ddp / zero1: wraps the model in DDP (zero1 also swaps the optimizer); fsdp: shards the
+        # model; pipeline: keeps this rank's stage
+        self.optimizer = self.parallel.setup(TrainingSetup(
+            env=self.env, model=self.model, optimizer=optimizer, scheduler=scheduler, train_data=train_data,
+            batch_size=batch_size, accumulate_grad_batches=accumulate_grad_batches, autocast=self._autocast,
+            ddp_kwargs=ddp_kwargs, compression=compression))
 
         # pipeline stages all read the same batches: the data-parallel rank and world are the strategy's
-        self._stream = _BatchStream(train_data, batch_size, self._strategy.dp_rank, self._strategy.dp_world, seed,
+        self._stream = _BatchStream(train_data, batch_size, self.parallel.dp_rank, self.parallel.dp_world, seed,
                                     shuffle)
         self.step = 0
         self.history: list[dict] = []   # a dict per optimizer step run in this process (rank 0: global means)
@@ -336,7 +291,7 @@ class Trainer:
         self._pending_rng = None
 
         self.checkpointer = (None if self.checkpoint_dir is None else
-                             Checkpointer(self.checkpoint_dir, keep_last, self._strategy, self.env))
+                             Checkpointer(self.checkpoint_dir, keep_last, self.parallel, self.env))
         self._dir_lock = None
         self._stop_signal = self._log_error = None
         self._prepare_dirs()  # before the resume: a run that does not hold the directory must not read it
@@ -350,6 +305,23 @@ class Trainer:
             self._seed_everything()
 
     # ------------------------------------------------------------------ set-up
+
+    @property
+    def ddp(self):
+        """The DistributedDataParallel wrapper of ddp / zero1 runs on several processes (None
+        otherwise). Setting it to None drops it (before the process group goes)."""
+        return self.parallel.ddp
+
+    @ddp.setter
+    def ddp(self, value) -> None:
+        if value is not None:
+            raise ValueError("Trainer.ddp can only be dropped (set to None): the strategy wraps the model")
+        self.parallel.release()
+
+    @property
+    def hook_state(self):
+        """The state of DDP's gradient-compression hook (None without compression)."""
+        return self.parallel.hook_state
 
     @staticmethod
     def _check_optimizer(model, optimizer):
@@ -391,15 +363,6 @@ class Trainer:
                                 else torch.cuda.current_device())
         return torch.device("cpu")
 
-    @staticmethod
-    def _compression_spec(compression):
-        if isinstance(compression, str):
-            return compression, {}
-        if isinstance(compression, dict) and isinstance(compression.get("name"), str):
-            options = dict(compression)
-            return options.pop("name"), options
-        raise TypeError(f"compression must be a hook name or a dict {{'name': ..., **options}}, got {compression!r}")
-
     def _seed_everything(self) -> None:
         s = self.seed + self.rank
         torch.manual_seed(s)
@@ -414,7 +377,7 @@ class Trainer:
         after a failed step, when the peer may be dead. Also releases the checkpoint directory."""
         self._release_dirs()
         if self._owns_group and dist.is_initialized():
-            self.ddp = None
+            self.parallel.release()
             gc.collect()
             dist.destroy_process_group()
             self._owns_group = False
@@ -501,12 +464,7 @@ class Trainer:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         mine_rank = rank_state or {}
-        if self.hook_state is not None:
-            if mine_rank.get("hook") is None:
-                warnings.warn(f"checkpoint {path!r} has no communication-hook state (saved without compression): "
-                              "the hook starts afresh", stacklevel=3)
-            else:
-                self.hook_state.load_state_dict(mine_rank["hook"])
+        self.parallel.load_rank_state(mine_rank, path)  # ddp / zero1: the communication hook's state
         self._stream.load_state_dict(state["data"])
         self.step = self._last_saved = int(state["step"])
         self._last_eval = state.get("last_eval")
@@ -528,8 +486,7 @@ class Trainer:
         """Writes the checkpoint of the current step (rank 0; every rank must call it) -> its path."""
         if self.checkpoint_dir is None:
             raise ValueError("checkpoint_dir is None: nothing to save to")
-        rank_state = {"rng": _rng_state(self.device),
-                      "hook": None if self.hook_state is None else _to_cpu(self.hook_state.state_dict())}
+        rank_state = {"rng": _rng_state(self.device), **self.parallel.rank_state_dict()}
         path = self.checkpointer.save(self.step, self.model, self.optimizer, self._trainer_state, rank_state)
         self._last_saved = self.step
         self.last_checkpoint = path
@@ -543,44 +500,28 @@ class Trainer:
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "data": self._stream.state_dict(), "trainer": self._trainer_config(),
             "elapsed_s": self._elapsed(), "last_eval": self._last_eval, "metadata": self.metadata,
-            "strategy": self._strategy.describe(),
+            "strategy": self.parallel.describe(),
             "early_stopping": None if self.early_stopping is None else self.early_stopping.state_dict(),
             "mlflow_run_id": None if self._mlflow is None else self._mlflow.run_id,
         }
 
     # ------------------------------------------------------------------ training
 
-    def _autocast(self):
-        if self._autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
+    def autocast(self):
+        """The context the forwards run in: torch.autocast to the precision's dtype (or nothing)."""
+        return self._autocast()
 
     def _train_step(self):
-        if self._strategy.owns_step and self.distributed:  # pipeline: the schedule runs the micro-batches
-            return self._strategy.train_step(self)
-        model = self.ddp if self.ddp is not None else self.model
-        model.train()
         accum = self.accumulate_grad_batches
-        total, tokens = None, 0
-        for i in range(accum):
-            batch = _to_device(self._stream.next(), self.device)
-            tokens += _tokens_in(batch)
-            sync = i == accum - 1
-            with (contextlib.nullcontext() if sync else self._strategy.no_sync(self)):
-                with self._autocast():
-                    loss = self.loss_fn(model, batch)
-                scaled = loss / accum if accum > 1 else loss
-                if self.scaler is not None:
-                    self.scaler.scale(scaled).backward()
-                else:
-                    scaled.backward()
-            d = scaled.detach().float()
-            total = d if total is None else total + d
+        if self.parallel.runs_step:  # pipeline: the schedule runs the step's micro-batches
+            total, tokens = self.parallel.forward_backward([self._stream.next() for _ in range(accum)])
+        else:
+            total, tokens = self._forward_backward(accum)
         grad_norm = None
         if self.grad_clip is not None:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            grad_norm = self.parallel.clip_grad_norm(self.grad_clip)
         lr = [g["lr"] for g in self.optimizer.param_groups]  # one column per group when there are several
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -590,7 +531,29 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
-        return total, lr, grad_norm, tokens * self._strategy.dp_world
+        return total, lr, grad_norm, tokens * self.parallel.dp_world
+
+    def _forward_backward(self, accum: int):
+        """The step's micro-batches through the model, gradients accumulated (synchronised by
+        the strategy on the last one only) -> (mean loss, tokens this rank read)."""
+        model = self.parallel.training_module
+        model.train()
+        total, tokens = None, 0
+        for i in range(accum):
+            batch = to_device(self._stream.next(), self.device)
+            tokens += tokens_in(batch)
+            sync = i == accum - 1
+            with (contextlib.nullcontext() if sync else self.parallel.no_sync()):
+                with self.autocast():
+                    loss = self.loss_fn(model, batch)
+                scaled = loss / accum if accum > 1 else loss
+                if self.scaler is not None:
+                    self.scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            d = scaled.detach().float()
+            total = d if total is None else total + d
+        return total, tokens
 
     def _elapsed(self) -> float:
         return self._elapsed_before + (time.perf_counter() - self._t_start if hasattr(self, "_t_start") else 0.0)
@@ -640,13 +603,13 @@ class Trainer:
         for k in range(max(len(starts), n_batches or 0)):
             real = k < len(starts)
             chunk = mine[starts[k]:starts[k] + self.batch_size] if real else (mine[-self.batch_size:] or [0])
-            batch = _to_device(default_collate([self.val_data[i] for i in chunk]), self.device)
-            with self._autocast():
+            batch = to_device(default_collate([self.val_data[i] for i in chunk]), self.device)
+            with self.autocast():
                 loss = self.loss_fn(self.model, batch)
             parts = self.loss_fn.pop()
             if not real:
                 continue
-            weight = _tokens_in(batch) or 1
+            weight = tokens_in(batch) or 1
             total[0] += loss.double() * weight
             total[1] += weight
             if parts:
@@ -663,14 +626,12 @@ class Trainer:
             return None
         n = len(self.val_data)
         if self.eval_batches is not None:
-            k = min(n, self.eval_batches * self.batch_size * self._strategy.dp_world)
+            k = min(n, self.eval_batches * self.batch_size * self.parallel.dp_world)
             indices = [i * n // k for i in range(k)]
         else:
             indices = list(range(n))
-        if self._strategy.owns_eval and self.distributed:  # fsdp: equal forwards a rank; pipeline: via the stages
-            total = self._eval_with(lambda: self._strategy.eval_totals(self, indices))
-        else:
-            total = self._eval_with(lambda: self._eval_totals(indices[self.rank::self.world_size]))
+        # this rank's share (fsdp: equal forwards a rank; pipeline: through the stages)
+        total = self._eval_with(lambda: self.parallel.eval_totals(self.val_data, indices, self._eval_totals))
         names = self.loss_fn.names or ()
         if self.distributed:
             dist.all_reduce(total)
