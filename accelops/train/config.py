@@ -31,7 +31,7 @@ A character-level TransformerLM or RNNLM trained on a text file, everything set 
     name = "cosine"
     warmup_steps = 50
 
-    [train]                 # Trainer keyword arguments (max_steps, batch_size, precision, compression, ...)
+    [train]                 # the Trainer's keywords (trainer_config.KEYWORDS): max_steps, batch_size, ...
     max_steps = 2000
     strategy = "ddp"        # "ddp" | "fsdp" | "zero1" | "pipeline" (or --strategy); pipeline_schedule, ...
     batch_size = 32
@@ -58,6 +58,8 @@ import os
 import random
 
 import torch
+
+from .trainer_config import KEYWORDS, TrainerConfig
 
 __all__ = ["ConfigError", "SECTIONS", "load_config", "apply_overrides", "check_config_shape", "section", "check_types",
            "unknown_keys", "resolve_data_paths", "build_model", "build_optimizer", "build_scheduler", "seed_everything",
@@ -259,7 +261,8 @@ def _default_kinds(fn) -> dict:
 
 _DATA_KINDS = {"path": {"str"}, "seq_len": {"int"}, "val_fraction": {"float"}, "val_path": {"str", "None"},
                "stride": {"int", "None"}}
-# Trainer arguments a config cannot set: accelops train makes them from other sections.
+# Trainer arguments (not TrainerConfig settings) that a config cannot set: accelops train makes
+# them from other sections.
 _TRAIN_RESERVED = {"scheduler": "is built from the [scheduler] section",
                    "metadata": "is written by accelops train (the config and the vocabulary)",
                    "loss_fn": "is a Python callable: pass it to accelops.train.Trainer in Python"}
@@ -277,19 +280,18 @@ def unknown_keys(section: str, unknown, known, extra: str = "") -> ConfigError:
 
 
 def _check_train_section(train_cfg: dict) -> None:
-    """[train] holds Trainer keyword arguments: an unknown key is listed with the known ones
-    (as [model] and [data] do), a value of the wrong type names the key and the type."""
-    from .trainer import Trainer
-
-    params = {n: p for n, p in inspect.signature(Trainer.__init__).parameters.items() if p.kind == p.KEYWORD_ONLY}
+    """[train] holds the Trainer's keyword arguments (accelops.train.trainer_config.KEYWORDS):
+    an unknown key is listed with the known ones (as [model] and [data] do), a value of the
+    wrong type names the key and the type its TrainerConfig field is annotated with."""
     for key in train_cfg:
         if key in _TRAIN_RESERVED:
             raise ConfigError(f"train.{key} cannot be set in a config: it {_TRAIN_RESERVED[key]}")
-    known = sorted(set(params) - set(_TRAIN_RESERVED))
+    known = sorted(KEYWORDS)
     unknown = sorted(set(train_cfg) - set(known))
     if unknown:
         raise unknown_keys("train", unknown, known)
-    check_types("train", train_cfg, {n: k for n, p in params.items() if (k := _kinds(p.annotation)) is not None})
+    check_types("train", train_cfg, {n: k for n in KEYWORDS
+                                     if (k := _kinds(TrainerConfig.keyword_annotation(n))) is not None})
 
 
 def resolve_data_paths(config: dict, config_path) -> dict:
@@ -460,12 +462,13 @@ def build(config: dict):
     scheduler = build_scheduler(optimizer, sched_cfg, max_steps)
     metadata = {"config": config, "vocab": "".join(vocab.chars)}
     try:
-        trainer = Trainer(model, optimizer, train_data, val_data, scheduler=scheduler, metadata=metadata,
-                          **train_cfg)
+        trainer_config = TrainerConfig.from_keywords(**train_cfg)
     except TypeError as exc:
         if "unexpected keyword" in str(exc):
             raise ConfigError(f"[train]: {exc}") from exc
         raise
+    trainer = Trainer(model, optimizer, train_data, val_data, config=trainer_config, scheduler=scheduler,
+                      metadata=metadata)
     return trainer, vocab
 
 

@@ -30,17 +30,17 @@ from .dist_env import DistEnv, collective_failure
 from .parallel import TrainingSetup, make_strategy
 from .batches import default_loss, to_device, tokens_in
 from .losses import WeightedLoss
+from .trainer_config import PRECISIONS, TrainerConfig
 
 try:
     import numpy as np
 except ImportError:  # numpy is optional: its RNG is saved only when it is there
     np = None
 
-__all__ = ["Trainer", "PRECISIONS", "default_loss"]
+__all__ = ["Trainer", "TrainerConfig", "PRECISIONS", "default_loss"]
 
 log = logging.getLogger("accelops.train")
 
-PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 CSV_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "val_loss",
               "val_bpc")
 
@@ -123,105 +123,67 @@ class _BatchStream:
         self._order = None
 
 
-def _check_positive_int(name, value, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-
-
 # --------------------------------------------------------------------------- trainer
 
 class Trainer:
     """Trains `model` with `optimizer` on `train_data` (a map-style dataset of batches'
-    samples, e.g. accelops.train.TokenWindows), evaluating on `val_data`.
+    samples, e.g. accelops.train.TokenWindows), evaluating on `val_data`, as `config` (a
+    TrainerConfig: accelops/train/trainer_config.py documents every setting) says:
+
+        Trainer(model, optimizer, train_data, val_data, config=TrainerConfig(...))
+
+    or, the same settings spelled flat, Trainer(model, optimizer, train_data, val_data,
+    max_steps=2000, checkpoint_dir="runs/ckpt", ...): each keyword of
+    accelops.train.trainer_config.KEYWORDS (with config= too, keywords change that config).
 
     One process, or one of torchrun's processes: with torch.distributed initialised, or
     WORLD_SIZE in the environment (then the process group is initialised here, NCCL on a
-    GPU, gloo on the CPU), the model is wrapped in DistributedDataParallel, each rank reads
-    its DistributedSampler shard and rank 0 alone logs, shows progress and writes
-    checkpoints (checkpoint_dir must be one directory all ranks see).
+    GPU, gloo on the CPU), the model is wrapped in DistributedDataParallel (or sharded or
+    split by another strategy: accelops.train.parallel), each rank reads its
+    DistributedSampler shard and rank 0 alone logs, shows progress and writes checkpoints
+    (checkpoint_dir must be one directory all ranks see; accelops.train.checkpoint).
 
-    max_steps: optimizer steps in all (a resumed run continues up to it). One step is
-        accumulate_grad_batches micro-batches of batch_size samples per rank; DDP
-        synchronises only the last (no_sync before it).
-    precision: "32", "bf16-mixed" (autocast to bf16) or "16-mixed" (autocast to fp16 with
-        a GradScaler).
-    grad_clip: clip the gradients' global norm to this (after unscaling), or None.
-    compression: an accelops.distributed hook for DDP's all-reduce: a name ("powersgd",
-        "topk", "int8", "sign", "bf16", "fp16") or a dict {"name": ..., **options}.
+    The arguments that are not plain settings:
     scheduler: an LR scheduler stepped once per optimizer step (or None).
-    checkpoint_dir: where checkpoints go, every checkpoint_every steps (default
-        eval_every) and at the end, the newest keep_last kept. resume=True continues from
-        the newest good one there; resume=False refuses a directory that holds any.
-    log_dir: metrics.csv (and TensorBoard events when tensorboard is installed).
-    eval_every: steps between evaluations on val_data (and at the end); eval_batches
-        bounds an evaluation to that many batches a rank (evenly spaced over val_data).
-    seed: seeds torch, numpy and random (rank r: seed + r) and the data order.
     loss_fn: (model, batch) -> scalar loss; default model(*batch) giving loss or
         (logits, loss). Either may give a dict of named losses instead: see loss_weights.
     metadata: anything torch.save-able stored in every checkpoint (e.g. the config).
-    strategy: "ddp" (default), "fsdp" (FSDP2 per block, sharded DCP checkpoints that load on
-        another world size), "zero1" (ZeroRedundancyOptimizer over DDP) or "pipeline" (one
-        stage per rank, cut at block boundaries); see accelops.train.parallel. With one
-        process every strategy trains as a plain single process. pipeline_schedule ("gpipe" |
-        "1f1b"), n_microbatches (default accumulate_grad_batches) and pipeline_split (the
-        block where each stage after the first starts; default: balanced on measured
-        per-block time) apply to "pipeline"; fsdp_cpu_offload, fsdp_units ("block": one FSDP
-        unit per block; "submodule": also one per large child of a block, e.g. attention and
-        FFN, so fewer parameters are gathered at a time) and fsdp_backward_prefetch (False:
-        no all-gather of the next unit during a unit's backward; less memory, less overlap)
-        to "fsdp".
-    dist_timeout: seconds a collective waits for the other ranks before it fails (when this
-        trainer initialises the process group; torch's default otherwise).
-    early_stopping, loss_weights, mlflow: see accelops/train/callbacks.py and losses.py
-        (EarlyStopping, WeightedLoss, MLflowLogger) and README "Trainer features".
+
+    The settings are also attributes (trainer.max_steps, trainer.batch_size, ...: the
+    running values; max_steps may be raised between fit() calls); trainer.config is the
+    TrainerConfig the trainer was built from, trainer.parallel its Strategy.
     """
 
-    def __init__(self, model, optimizer, train_data, val_data=None, *, precision: str = "32",
-                 accumulate_grad_batches: int = 1, grad_clip: float | None = None, compression=None,
-                 checkpoint_dir=None, resume: bool = True, log_dir=None, max_steps: int = 1000,
-                 eval_every: int | None = 200, eval_batches: int | None = None, checkpoint_every: int | None = None,
-                 keep_last: int = 3, batch_size: int = 32, scheduler=None, seed: int = 0, shuffle: bool = True,
-                 log_every: int = 10, device=None, distributed="auto", ddp_kwargs: dict | None = None,
-                 loss_fn=None, progress: bool = True, metadata=None, early_stopping=None, loss_weights=None,
-                 mlflow=None, strategy: str = "ddp", pipeline_schedule: str = "1f1b", n_microbatches: int | None = None,
-                 pipeline_split=None, fsdp_cpu_offload: bool = False, fsdp_units: str = "block",
-                 fsdp_backward_prefetch: bool = True, dist_timeout: float | None = None):
+    def __init__(self, model, optimizer, train_data, val_data=None, *, config: TrainerConfig | None = None,
+                 scheduler=None, loss_fn=None, metadata=None, **keywords):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        for name, value in (("accumulate_grad_batches", accumulate_grad_batches), ("max_steps", max_steps),
-                            ("keep_last", keep_last), ("batch_size", batch_size), ("log_every", log_every)):
-            _check_positive_int(name, value)
-        for name, value in (("eval_every", eval_every), ("eval_batches", eval_batches),
-                            ("checkpoint_every", checkpoint_every)):
-            _check_positive_int(name, value, allow_none=True)
-        if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float))
-                                      or not grad_clip > 0 or not math.isfinite(grad_clip)):
-            raise ValueError(f"grad_clip must be a positive finite number or None, got {grad_clip!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        # The keyword form is this same config: each section checks its values as it is made.
+        if config is None:
+            config = TrainerConfig.from_keywords(**keywords)
+        elif not isinstance(config, TrainerConfig):
+            raise TypeError(f"config must be an accelops.train.TrainerConfig, got {type(config).__name__}")
+        elif keywords:
+            config = config.replace(**keywords)
+        self.config = config
+        step_cfg, schedule, ckpt, logs = config.step, config.schedule, config.checkpoint, config.logging
+        par = config.parallel
         for name, data in (("train_data", train_data), ("val_data", val_data)):
             if data is not None and not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
                 raise TypeError(f"{name} must be a map-style dataset (with __len__ and __getitem__), got "
                                 f"{type(data).__name__}: the trainer orders and resumes the data itself")
-        if distributed not in ("auto", True, False):
-            raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
         self._check_optimizer(model, optimizer)
-        if dist_timeout is not None and (isinstance(dist_timeout, bool) or not isinstance(dist_timeout, (int, float))
-                                         or not dist_timeout > 0):
-            raise ValueError(f"dist_timeout must be a positive number of seconds or None, got {dist_timeout!r}")
-        self._dist_timeout = dist_timeout
-        self.parallel = make_strategy(strategy, compression=compression, precision=precision, loss_fn=loss_fn,
-                                       pipeline_schedule=pipeline_schedule, n_microbatches=n_microbatches,
-                                       pipeline_split=pipeline_split, fsdp_cpu_offload=fsdp_cpu_offload,
-                                       loss_weights=loss_weights, fsdp_units=fsdp_units,
-                                       fsdp_backward_prefetch=fsdp_backward_prefetch)
-        self.strategy = strategy
+        self._dist_timeout = par.dist_timeout
+        # The strategy's options and their combination with the others are checked here, before
+        # any process group exists; it is set up below, once the model is on its device.
+        self.parallel = make_strategy(par.strategy, compression=par.compression, precision=step_cfg.precision,
+                                      loss_fn=loss_fn, pipeline_schedule=par.pipeline.schedule,
+                                      n_microbatches=par.pipeline.n_microbatches, pipeline_split=par.pipeline.split,
+                                      fsdp_cpu_offload=par.fsdp.cpu_offload, loss_weights=step_cfg.loss_weights,
+                                      fsdp_units=par.fsdp.units, fsdp_backward_prefetch=par.fsdp.backward_prefetch)
+        self.strategy = par.strategy
         if metadata is not None:
             try:  # checkpoints load with weights_only=True: find out now, not at the resume
                 buf = io.BytesIO()
@@ -232,56 +194,60 @@ class Trainer:
                 raise TypeError("metadata must be made of plain types (dict, list, str, numbers, tensors) so "
                                 f"checkpoints load with weights_only=True: {exc}") from None
 
-        self.precision, self.accumulate_grad_batches, self.grad_clip = precision, accumulate_grad_batches, grad_clip
-        self.max_steps, self.eval_every, self.eval_batches = max_steps, eval_every, eval_batches
-        self.checkpoint_every = checkpoint_every if checkpoint_every is not None else eval_every
-        self.keep_last, self.batch_size, self.seed, self.log_every = keep_last, batch_size, seed, log_every
-        self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
-        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        # The settings the run reads, as attributes (max_steps may be raised between fit() calls).
+        self.precision, self.grad_clip = step_cfg.precision, step_cfg.grad_clip
+        self.accumulate_grad_batches = step_cfg.accumulate_grad_batches
+        self.max_steps, self.eval_every, self.eval_batches = schedule.max_steps, schedule.eval_every, \
+            schedule.eval_batches
+        self.log_every, self.batch_size, self.seed = schedule.log_every, config.data.batch_size, config.seed
+        self.checkpoint_every = ckpt.every if ckpt.every is not None else schedule.eval_every
+        self.keep_last = ckpt.keep_last
+        self.checkpoint_dir = None if ckpt.dir is None else os.fspath(ckpt.dir)
+        self.log_dir = None if logs.dir is None else os.fspath(logs.dir)
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.loss_fn = WeightedLoss(loss_fn or default_loss, loss_weights)
-        self.early_stopping = EarlyStopping.from_spec(early_stopping)
-        if self.early_stopping is not None and (val_data is None or eval_every is None):
+        self.loss_fn = WeightedLoss(loss_fn or default_loss, step_cfg.loss_weights)
+        self.early_stopping = EarlyStopping.from_spec(config.early_stopping)
+        if self.early_stopping is not None and (val_data is None or schedule.eval_every is None):
             raise ValueError("early_stopping is checked at each evaluation: it needs val_data and eval_every")
-        if mlflow:
+        if logs.mlflow:
             require_mlflow()  # on every rank: a missing extra fails everywhere, not only on rank 0
-        self.train_data, self.val_data, self.metadata, self.progress = train_data, val_data, metadata, progress
+        self.train_data, self.val_data, self.metadata, self.progress = train_data, val_data, metadata, logs.progress
 
         # ---- processes and device
         self._owns_group = False
-        self.distributed = self._setup_distributed(distributed, device)
+        self.distributed = self._setup_distributed(par.distributed, par.device)
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.is_main = self.rank == 0
-        self._mlflow = MLflowLogger(mlflow, self.log_dir) if mlflow and self.is_main else None
+        self._mlflow = MLflowLogger(logs.mlflow, self.log_dir) if logs.mlflow and self.is_main else None
         self._mlflow_resume = self.last_checkpoint = self.stop_reason = None
-        self.device = self._pick_device(device)
+        self.device = self._pick_device(par.device)
         self.env = DistEnv(self.distributed, self.rank, self.world_size, self.device)
         self.model = model.to(self.device)
 
-        if compression is not None and not self.distributed:  # (fsdp and pipeline refuse it outright)
+        if par.compression is not None and not self.distributed:  # (fsdp and pipeline refuse it outright)
             warnings.warn("compression applies to DDP's gradient all-reduce; this run is a single process, so "
                           "it is ignored", stacklevel=2)
-        self.compression = compression
+        self.compression = par.compression
 
         self.scaler = None
-        if precision == "16-mixed":
+        if step_cfg.precision == "16-mixed":
             self.scaler = torch.amp.GradScaler(self.device.type)
         # a function of the device and dtype, not a bound method: the strategy keeps it, and a
         # reference back to the Trainer would keep an abandoned Trainer (and the lock on its
         # checkpoint_dir) alive until the cycle collector ran
-        dtype = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[precision]
+        dtype = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[step_cfg.precision]
         self._autocast = functools.partial(_autocast, self.device.type, dtype)
         # ddp / zero1: wraps the model in DDP (zero1 also swaps the optimizer); fsdp: shards the
         # model; pipeline: keeps this rank's stage
         self.optimizer = self.parallel.setup(TrainingSetup(
             env=self.env, model=self.model, optimizer=optimizer, scheduler=scheduler, train_data=train_data,
-            batch_size=batch_size, accumulate_grad_batches=accumulate_grad_batches, autocast=self._autocast,
-            ddp_kwargs=ddp_kwargs, compression=compression))
+            batch_size=self.batch_size, accumulate_grad_batches=self.accumulate_grad_batches,
+            autocast=self._autocast, ddp_kwargs=par.ddp_kwargs, compression=par.compression))
 
         # pipeline stages all read the same batches: the data-parallel rank and world are the strategy's
-        self._stream = _BatchStream(train_data, batch_size, self.parallel.dp_rank, self.parallel.dp_world, seed,
-                                    shuffle)
+        self._stream = _BatchStream(train_data, self.batch_size, self.parallel.dp_rank, self.parallel.dp_world,
+                                    self.seed, config.data.shuffle)
         self.step = 0
         self.history: list[dict] = []   # a dict per optimizer step run in this process (rank 0: global means)
         self.evals: list[dict] = []
@@ -291,13 +257,13 @@ class Trainer:
         self._pending_rng = None
 
         self.checkpointer = (None if self.checkpoint_dir is None else
-                             Checkpointer(self.checkpoint_dir, keep_last, self.parallel, self.env))
+                             Checkpointer(self.checkpoint_dir, self.keep_last, self.parallel, self.env))
         self._dir_lock = None
         self._stop_signal = self._log_error = None
         self._prepare_dirs()  # before the resume: a run that does not hold the directory must not read it
         if self.checkpoint_dir is not None:
             try:
-                self._maybe_resume(resume)
+                self._maybe_resume(ckpt.resume)
             except BaseException:
                 self._release_dirs()
                 raise
