@@ -21,11 +21,10 @@ import shutil
 
 from .files import CheckpointError, atomic_write, fsync_dir, newest_good
 
-__all__ = ["DIR_KINDS", "DIR_NAME", "MANIFEST", "TRAINER_FILE", "dir_checkpoint_path", "list_dir_checkpoints",
+__all__ = ["DIR_NAME", "MANIFEST", "TRAINER_FILE", "dir_checkpoint_path", "list_dir_checkpoints",
            "verify_dir_checkpoint", "latest_dir_checkpoint", "start_dir_checkpoint", "commit_dir_checkpoint",
            "prune_dir_checkpoints"]
 
-DIR_KINDS = ("dcp", "pp")
 DIR_NAME = re.compile(r"^step-(\d{8,})\.(dcp|pp)$")
 MANIFEST = "manifest.json"
 TRAINER_FILE = "trainer.ckpt"
