@@ -150,11 +150,11 @@ def _config_of(model_or_config, vocab_size=None, seq_len=None):
                         f"{type(model_or_config).__name__}: the estimate counts the blocks of model.blocks")
     file_seq = None
     if isinstance(model_or_config, (str, os.PathLike)):
-        from .train.run import _section, load_config
+        from .train.config import load_config, section
 
         full = load_config(model_or_config)
-        model_cfg = _section(full, "model", required=True)
-        data = _section(full, "data")
+        model_cfg = section(full, "model", required=True)
+        data = section(full, "data")
         file_seq = data.get("seq_len")
         if vocab_size is None and "vocab_size" not in model_cfg and data.get("path"):
             # the training run's vocabulary is every character of the text (CharVocab)
@@ -171,7 +171,7 @@ def _config_of(model_or_config, vocab_size=None, seq_len=None):
     if vocab_size is None:
         raise ValueError("the model's vocab_size is unknown: give it in the [model] table, as vocab_size=, or a "
                          "[data] path to read it from")
-    from .train.run import build_model
+    from .train.config import build_model
 
     with torch.device("meta"):  # the trainer's own loader; meta: no memory, no initialisation
         model = build_model(model_cfg, vocab_size, seq_len or file_seq or model_cfg.get("max_len", 256))
@@ -181,9 +181,9 @@ def _config_of(model_or_config, vocab_size=None, seq_len=None):
 def _largest_submodule_unit(block) -> int:
     """Trainable numel of the largest FSDP unit of a block under fsdp_units="submodule": each
     large child (the Trainer's rule) and the rest of the block."""
-    from .train.strategies import FSDPStrategy
+    from .train.parallel.fsdp import large_children
 
-    children = FSDPStrategy._large_children(block)
+    children = large_children(block)
     total = sum(_tensors_numel(block))
     if not children:
         return total

@@ -244,7 +244,7 @@ def shapes_from_model(config: dict, m_values=None) -> list[dict]:
     m_values (default: batch_size x seq_len of a training step, and 1 for decoding)."""
     from .nn.bitlinear import BitLinear
     from .nn.quantized_linear import Int8Linear
-    from .train.run import build_model
+    from .train.config import build_model
 
     data = config.get("data", {})
     seq_len = int(data.get("seq_len", 128))
@@ -347,7 +347,7 @@ def run_args(args, out=None) -> int:
     if args.shapes:
         shapes = json.loads(Path(args.shapes).read_text())
     elif args.model:
-        from .train.run import load_config
+        from .train.config import load_config
 
         m_values = [int(v) for v in args.m.split(",")] if args.m else None
         shapes = shapes_from_model(load_config(args.model), m_values)

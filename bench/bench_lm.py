@@ -129,7 +129,7 @@ def train(model, setup: Setup, train_data, seed: int) -> dict:
     """Trains with accelops.train.Trainer (AdamW, cosine schedule with warm-up) -> train
     stats. No evaluation inside: every variant is evaluated the same way afterwards."""
     from accelops.train import Trainer
-    from accelops.train.run import build_scheduler
+    from accelops.train.config import build_scheduler
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=setup.lr, betas=(0.9, 0.95), weight_decay=0.1)
     scheduler = build_scheduler(optimizer, {"name": "cosine", "warmup_steps": setup.warmup_steps,

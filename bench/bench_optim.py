@@ -145,7 +145,7 @@ def _lm_setup(quick: bool):
 
 def _train_lm(model, opt, setup, train_data, seed):
     from accelops.train import Trainer
-    from accelops.train.run import build_scheduler
+    from accelops.train.config import build_scheduler
 
     scheduler = build_scheduler(opt, {"name": "cosine", "warmup_steps": setup.warmup_steps, "min_lr_ratio": 0.1},
                                 setup.steps)

@@ -163,7 +163,7 @@ def _state_bytes(trainer) -> dict:
         return t.to_local() if isinstance(t, DTensor) else t
 
     if trainer.strategy == "pipeline":
-        params = list(trainer._strategy.stage_module.parameters())
+        params = list(trainer.parallel.stage_module.parameters())
     elif trainer.strategy == "fsdp":
         params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     else:
@@ -230,7 +230,7 @@ def _worker(rank, port, strategy, spec, optimizer_name, out_dir):
                    peak_rss_delta_bytes=(common._proc_status_kib("VmHWM") - base) * 1024 if measured else None,
                    memory_method="rss_hwm_delta" if measured else "unavailable",
                    malloc_mmap_threshold=MMAP_THRESHOLD if mmap_fixed else "glibc default (dynamic)",
-                   loss=trainer.history[-1]["loss"], split=getattr(trainer._strategy, "split", None),
+                   loss=trainer.history[-1]["loss"], split=getattr(trainer.parallel, "split", None),
                    **_state_bytes(trainer))
         trainer.close()
     except BaseException:  # noqa: BLE001 - reported in the row

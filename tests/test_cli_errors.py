@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from accelops.train import ConfigError, list_checkpoints, load_checkpoint
-from accelops.train.run import build
+from accelops.train.config import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "to be or not to be, that is the question.\n" * 40
@@ -109,7 +109,7 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_every_traceback(tmp_path):
     _toml(tmp_path / "typo.toml", _config(tmp_path, model={"nlayers": 2}))
     proc = cli(tmp_path, "train", "typo.toml", ACCELOPS_DEBUG="1")
     assert proc.returncode == 1 and "Traceback" in proc.stderr
-    assert "accelops.train.run.ConfigError: [model] has unknown key(s) ['nlayers']" in proc.stderr
+    assert "accelops.train.config.ConfigError: [model] has unknown key(s) ['nlayers']" in proc.stderr
 
 
 def test_the_python_api_raises_the_typed_errors(tmp_path, monkeypatch):

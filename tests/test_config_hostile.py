@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from accelops.train.run import ConfigError, apply_overrides, load_config
+from accelops.train.config import ConfigError, apply_overrides, load_config
 
 
 def test_deeply_nested_json_is_a_config_error(tmp_path):

@@ -1,4 +1,4 @@
-"""accelops.train.tuning.TrainObjective: the trainer as an accelops.hpo objective. A tiny
+"""accelops.train.hpo_objective.TrainObjective: the trainer as an accelops.hpo objective. A tiny
 transformer on a few hundred characters, Hyperband with two rungs: the promoted
 configuration resumes from its checkpoint (fewer steps run than the budgets add up to)
 and ends where one uninterrupted run to the top budget ends."""
@@ -13,8 +13,8 @@ import torch
 
 from accelops import hpo
 from accelops.train import load_char_corpus
-from accelops.train.run import ConfigError
-from accelops.train.tuning import TrainObjective, apply_hyperparameters
+from accelops.train.config import ConfigError
+from accelops.train.hpo_objective import TrainObjective, apply_hyperparameters
 
 WORDS = ["the", "king", "and", "queen", "of", "a", "fair", "night", "to", "be", "or", "not", "my", "lord"]
 

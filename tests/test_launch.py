@@ -13,7 +13,8 @@ import uuid
 import pytest
 
 from accelops.train import launch
-from accelops.train.run import ConfigError, add_arguments, run_args
+from accelops.train.config import ConfigError
+from accelops.train.run import add_arguments, run_args
 
 LINE = re.compile(r"accelops train \[rank (\d)/(\d)\]: step (\d+), train loss (\S+)")
 

@@ -1,4 +1,4 @@
-"""accelops.train.load_model: a model trained by the real Trainer (accelops.train.run.build),
+"""accelops.train.load_model: a model trained by the real Trainer (accelops.train.config.build),
 back from its checkpoint file, its run's checkpoint_dir, or the sharded directories of the
 fsdp (DCP) and pipeline strategies, with its vocabulary; greedy next-token text through that
 vocabulary; safe loading (weights_only, DCP metadata) and clear refusals of bad inputs."""
@@ -18,9 +18,9 @@ import torch
 from accelops.models import TransformerLM, TransformerLMConfig
 from accelops.train import (CharVocab, CheckpointError, CheckpointWarning, Trainer, TokenWindows, list_checkpoints,
                             load_checkpoint, load_model)
-from accelops.train.checkpoint import save_checkpoint
-from accelops.train.run import build
-from accelops.train.strategies import full_model_state_dict, list_dir_checkpoints
+from accelops.train.checkpoint import list_dir_checkpoints, save_checkpoint
+from accelops.train.config import build
+from accelops.train.parallel import full_model_state_dict
 
 from .helpers import rank_results, run_forked_ranks
 

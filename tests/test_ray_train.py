@@ -10,7 +10,8 @@ import pytest
 
 from accelops.train import ray_fit
 from accelops.train.ray_train import require_ray
-from accelops.train.run import ConfigError, add_arguments, run_args
+from accelops.train.config import ConfigError
+from accelops.train.run import add_arguments, run_args
 
 
 def config_for(tmp_path, steps):

@@ -29,8 +29,8 @@ import torch
 
 from accelops.models import RNNLM, RNNLMConfig, TransformerLM, TransformerLMConfig
 from accelops.train import CheckpointError, Trainer, list_checkpoints, load_checkpoint
-from accelops.train.strategies import (balance_stages, full_model_state_dict, list_dir_checkpoints,
-                                       verify_dir_checkpoint)
+from accelops.train.checkpoint import list_dir_checkpoints, verify_dir_checkpoint
+from accelops.train.parallel import balance_stages, full_model_state_dict
 
 from .helpers import free_port, rank_results, run_forked_ranks
 from .test_train import TRAIN, VAL, VOCAB, SEQ, losses, make_trainer
@@ -99,7 +99,7 @@ def _main_worker(rank, world, port, out_dir):
             t.fit()
             res[name] = (losses(t), [e["val_loss"] for e in t.evals], full_model_state_dict(t))
             res[name + "-held"] = _held_numbers(t)
-            res[name + "-units"] = getattr(t._strategy, "sharded_units", None)
+            res[name + "-units"] = getattr(t.parallel, "sharded_units", None)
         t = make_trainer(3, strategy="fsdp", precision="bf16-mixed")
         seen = []
         t.model.blocks[0].attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
@@ -112,12 +112,12 @@ def _main_worker(rank, world, port, out_dir):
             t.fit()
             res["early-" + name] = (t.step, t.stop_reason, [e["val_loss"] for e in t.evals])
         t = gru_trainer(3, strategy="pipeline", pipeline_schedule="1f1b", batch_size=8, n_microbatches=4)
-        split = t._strategy.split  # chosen from the measured per-block times (rank 0's, broadcast)
+        split = t.parallel.split  # chosen from the measured per-block times (rank 0's, broadcast)
         t.fit()
         res["pipeline-gru"] = (losses(t), split, full_model_state_dict(t))
         t = gru_trainer(3, strategy="fsdp", fsdp_units="submodule", fsdp_backward_prefetch=False, batch_size=4)
         t.fit()
-        res["fsdp-submodule-gru"] = (losses(t), t._strategy.sharded_units, full_model_state_dict(t))
+        res["fsdp-submodule-gru"] = (losses(t), t.parallel.sharded_units, full_model_state_dict(t))
 
         for name, kw in RESUME.items():
             d = os.path.join(out_dir, name)
@@ -194,7 +194,7 @@ def _held_numbers(t):
     from torch.distributed.tensor import DTensor
 
     if t.strategy == "pipeline":
-        params = list(t._strategy.stage_module.parameters())
+        params = list(t.parallel.stage_module.parameters())
     else:
         params = list(t.model.parameters())
     local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
@@ -262,22 +262,22 @@ def test_fsdp_units(results):
 
 
 def test_fsdp_large_children_rule():
-    from accelops.train.strategies import FSDPStrategy
+    from accelops.train.parallel.fsdp import large_children
 
     t_block = TransformerLM(TransformerLMConfig(vocab_size=len(VOCAB), dim=16, n_layers=1, n_heads=2,
                                                 max_len=SEQ)).blocks[0]
-    assert [n for n, _ in FSDPStrategy._large_children(t_block)] == ["attn", "ffn"]
+    assert [n for n, _ in large_children(t_block)] == ["attn", "ffn"]
     # an RNN block: the recurrent cell and the output projection (its norm stays in the block)
     r_block = RNNLM(RNNLMConfig(vocab_size=len(VOCAB), dim=8, hidden=8, n_layers=1, max_len=SEQ, cell="gru")).blocks[0]
-    assert [n for n, _ in FSDPStrategy._large_children(r_block)] == ["rnn", "out_proj"]
+    assert [n for n, _ in large_children(r_block)] == ["rnn", "out_proj"]
     # a child holding all of a block's parameters is the block: no unit of its own
     whole = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(8, 8)), torch.nn.ReLU())
-    assert FSDPStrategy._large_children(whole) == []
+    assert large_children(whole) == []
     # a parameter shared between two children keeps the block one unit
     shared = torch.nn.Module()
     shared.a, shared.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
     shared.b.weight = shared.a.weight
-    assert FSDPStrategy._large_children(shared) == []
+    assert large_children(shared) == []
 
 
 def tiny_total():

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from accelops.train import (EarlyStopping, LRFindResult, Trainer, list_checkpoints, load_char_corpus, load_checkpoint,
                             lr_find, split_dataset)
-from accelops.train.run import ConfigError, build, run
+from accelops.train.config import ConfigError, build
+from accelops.train.run import run
 
 from .helpers import rank_results, run_forked_ranks
 from .test_train import SEQ, TEXT, TRAIN, VAL, VOCAB, _config, _csv_losses, losses, make_trainer, params, tiny_model

@@ -194,7 +194,7 @@ class MLflowLogger:
         if checkpoint_path is not None:
             self.client.set_tag(self.run_id, "accelops.checkpoint", os.path.abspath(checkpoint_path))
             if self.log_checkpoint:
-                # fsdp / pipeline checkpoints are directories (accelops.train.strategies)
+                # fsdp / pipeline checkpoints are directories (accelops.train.checkpoint.sharded)
                 log = self.client.log_artifacts if os.path.isdir(checkpoint_path) else self.client.log_artifact
                 log(self.run_id, checkpoint_path, artifact_path="checkpoints")
         self.client.set_terminated(self.run_id, status=status)

@@ -23,7 +23,8 @@ import warnings
 
 import torch
 
-from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, newest_good
+from .checkpoint import (CHECKPOINT_FORMAT, DIR_NAME, MANIFEST, TRAINER_FILE, CheckpointError, list_checkpoints,
+                         list_dir_checkpoints, load_checkpoint, newest_good, verify_dir_checkpoint)
 
 __all__ = ["load_model"]
 
@@ -71,17 +72,13 @@ def load_model(checkpoint, device="cpu"):
 def _is_dir_checkpoint(path: str) -> bool:
     """One sharded checkpoint (by its name, or by its manifest when it was renamed), not a
     directory of checkpoints."""
-    from .strategies import _DIR_NAME, _MANIFEST
-
-    return _DIR_NAME.match(os.path.basename(os.path.normpath(path))) is not None \
-        or os.path.isfile(os.path.join(path, _MANIFEST))
+    return DIR_NAME.match(os.path.basename(os.path.normpath(path))) is not None \
+        or os.path.isfile(os.path.join(path, MANIFEST))
 
 
 def _newest_in(directory: str) -> str:
     """The newest checkpoint of a run's checkpoint_dir (file or directory, whatever the
     strategy) that opens, as the Trainer's resume picks it."""
-    from .strategies import list_dir_checkpoints, verify_dir_checkpoint
-
     candidates = sorted(list_checkpoints(directory) + list_dir_checkpoints(directory, "dcp")
                         + list_dir_checkpoints(directory, "pp"), reverse=True)
     if not candidates:
@@ -95,8 +92,6 @@ def _newest_in(directory: str) -> str:
 
 
 def _check_trainer_state(state, path: str) -> None:
-    from .trainer import CHECKPOINT_FORMAT
-
     if not isinstance(state, dict):
         raise CheckpointError(f"{path!r} is not a Trainer checkpoint: it holds a {type(state).__name__}")
     if "stage" in state and "split" in state:
@@ -115,7 +110,7 @@ def _check_trainer_state(state, path: str) -> None:
 def _build(state: dict, path: str):
     from ..sharing import share_parameters
     from .data import CharVocab
-    from .run import ConfigError, _section, build_model
+    from .config import ConfigError, build_model, section
 
     meta = state.get("metadata")
     if not (isinstance(meta, dict) and isinstance(meta.get("config"), dict) and isinstance(meta.get("vocab"), str)):
@@ -125,9 +120,9 @@ def _build(state: dict, path: str):
     config = meta["config"]
     try:
         vocab = CharVocab(meta["vocab"])
-        seq_len = _section(config, "data").get("seq_len", 128)
-        model = build_model(_section(config, "model"), len(vocab), seq_len)
-        sharing = _section(config, "sharing")
+        seq_len = section(config, "data").get("seq_len", 128)
+        model = build_model(section(config, "model"), len(vocab), seq_len)
+        sharing = section(config, "sharing")
         if sharing:  # the shared (tied) parameters are part of the architecture the weights fit
             share_parameters(model, sharing.pop("pattern"), **sharing)
     except (ConfigError, ValueError, TypeError, KeyError) as exc:
@@ -141,12 +136,10 @@ def _build(state: dict, path: str):
 def _open_dir_checkpoint(path: str):
     """(trainer state, a function loading the weights into a freshly built model) of a
     step-NNNNNNNN.dcp / .pp directory, after checking its manifest."""
-    from .strategies import _TRAINER_FILE, verify_dir_checkpoint
-
     manifest = verify_dir_checkpoint(path)  # every file there has the size and SHA-256 its manifest says
-    state = load_checkpoint(os.path.join(path, _TRAINER_FILE))
+    state = load_checkpoint(os.path.join(path, TRAINER_FILE))
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path!r}: {_TRAINER_FILE} holds a {type(state).__name__}, not a trainer state")
+        raise CheckpointError(f"{path!r}: {TRAINER_FILE} holds a {type(state).__name__}, not a trainer state")
     if manifest.get("kind") == "pp":
         return state, lambda model: model.load_state_dict(_pipeline_weights(path, state))
     if manifest.get("kind") == "dcp":

@@ -125,7 +125,8 @@ def lr_find(model, optimizer, train_data, *, loss_fn=None, loss_weights=None, ba
 
     Runs in this process only: under torch.distributed with several ranks it raises
     RuntimeError (run it before launching, or on one rank before init_process_group)."""
-    from .trainer import PRECISIONS, _to_device, default_loss
+    from .batches import default_loss, to_device
+    from .trainer import PRECISIONS
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -183,7 +184,7 @@ def lr_find(model, optimizer, train_data, *, loss_fn=None, loss_weights=None, ba
             if len(order) < batch_size:
                 order += (torch.randperm(n, generator=gen) if shuffle else torch.arange(n)).tolist()
             picked, order = order[:batch_size], order[batch_size:]
-            batch = _to_device(default_collate([train_data[j] for j in picked]), device)
+            batch = to_device(default_collate([train_data[j] for j in picked]), device)
             ctx = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else \
                 contextlib.nullcontext()
             with ctx:

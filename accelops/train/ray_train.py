@@ -43,7 +43,7 @@ def _worker_loop(loop_config: dict) -> None:
     import ray.train
 
     from .checkpoint import list_checkpoints
-    from .run import build
+    from .config import build
 
     config = copy.deepcopy(loop_config["config"])
     shared_dir = loop_config["checkpoint_dir"]          # one directory all workers see

@@ -1,10 +1,12 @@
 """Trainer: one process or torchrun (DDP, or the FSDP / ZeRO-1 / pipeline strategies of
-accelops.train.strategies), gradient accumulation with no_sync, autocast (GradScaler for
-fp16), accelops compression hooks, and checkpoints that resume exactly."""
+accelops.train.parallel), gradient accumulation with no_sync, autocast (GradScaler for
+fp16), accelops compression hooks, and checkpoints that resume exactly
+(accelops.train.checkpoint)."""
 from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import gc
 import io
 import logging
@@ -23,22 +25,22 @@ from torch.utils.data import DistributedSampler, default_collate
 
 from .callbacks import EarlyStopping, MLflowLogger, require_mlflow
 from .dirs import DirectoryLock, DirectoryLocked, check_writable
-from .checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
-                         prune_checkpoints, save_checkpoint)
-from .strategies import make_strategy
+from .checkpoint import CHECKPOINT_FORMAT, Checkpointer
+from .dist_env import DistEnv, collective_failure
+from .parallel import TrainingSetup, make_strategy
+from .batches import default_loss, to_device, tokens_in
 from .losses import WeightedLoss
+from .trainer_config import PRECISIONS, TrainerConfig
 
 try:
     import numpy as np
 except ImportError:  # numpy is optional: its RNG is saved only when it is there
     np = None
 
-__all__ = ["Trainer", "PRECISIONS"]
+__all__ = ["Trainer", "TrainerConfig", "PRECISIONS", "default_loss"]
 
 log = logging.getLogger("accelops.train")
 
-PRECISIONS = ("32", "bf16-mixed", "16-mixed")
-CHECKPOINT_FORMAT = 1
 CSV_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "val_loss",
               "val_bpc")
 
@@ -47,53 +49,6 @@ _HALT_SIGNAL, _HALT_LOG_ERROR = 1, 2  # why fit stops early (see Trainer._halt_a
 
 
 # --------------------------------------------------------------------------- helpers
-
-def _to_device(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
-def _tokens_in(batch) -> int:
-    first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values())) \
-        if isinstance(batch, dict) else batch
-    return first.numel() if isinstance(first, torch.Tensor) else 0
-
-
-def default_loss(model, batch) -> torch.Tensor:
-    """model(*batch) for a tuple/list batch (model(**batch) for a dict, model(batch) else);
-    a (logits, loss) result gives its loss, a dict of named losses (or (output, dict)) is
-    returned as it is for the Trainer's loss_weights. accelops.models' `model(tokens, targets)` fits."""
-    if isinstance(batch, (list, tuple)):
-        out = model(*batch)
-    elif isinstance(batch, dict):
-        out = model(**batch)
-    else:
-        out = model(batch)
-    if isinstance(out, (list, tuple)):
-        out = out[-1]
-    if isinstance(out, dict):
-        return out
-    if not isinstance(out, torch.Tensor) or out.dim() != 0:
-        raise TypeError("the model must return a scalar loss or (output, loss) for a batch; got "
-                        f"{type(out).__name__}{'' if not isinstance(out, torch.Tensor) else tuple(out.shape)}: "
-                        "pass loss_fn=(model, batch) -> loss")
-    return out
-
 
 def _rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -114,6 +69,10 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         np.random.set_state((s["name"], s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["gauss"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _autocast(device_type: str, dtype):
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device_type, dtype=dtype)
 
 
 def _tuplify(x):
@@ -164,105 +123,67 @@ class _BatchStream:
         self._order = None
 
 
-def _check_positive_int(name, value, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-
-
 # --------------------------------------------------------------------------- trainer
 
 class Trainer:
     """Trains `model` with `optimizer` on `train_data` (a map-style dataset of batches'
-    samples, e.g. accelops.train.TokenWindows), evaluating on `val_data`.
+    samples, e.g. accelops.train.TokenWindows), evaluating on `val_data`, as `config` (a
+    TrainerConfig: accelops/train/trainer_config.py documents every setting) says:
+
+        Trainer(model, optimizer, train_data, val_data, config=TrainerConfig(...))
+
+    or, the same settings spelled flat, Trainer(model, optimizer, train_data, val_data,
+    max_steps=2000, checkpoint_dir="runs/ckpt", ...): each keyword of
+    accelops.train.trainer_config.KEYWORDS (with config= too, keywords change that config).
 
     One process, or one of torchrun's processes: with torch.distributed initialised, or
     WORLD_SIZE in the environment (then the process group is initialised here, NCCL on a
-    GPU, gloo on the CPU), the model is wrapped in DistributedDataParallel, each rank reads
-    its DistributedSampler shard and rank 0 alone logs, shows progress and writes
-    checkpoints (checkpoint_dir must be one directory all ranks see).
+    GPU, gloo on the CPU), the model is wrapped in DistributedDataParallel (or sharded or
+    split by another strategy: accelops.train.parallel), each rank reads its
+    DistributedSampler shard and rank 0 alone logs, shows progress and writes checkpoints
+    (checkpoint_dir must be one directory all ranks see; accelops.train.checkpoint).
 
-    max_steps: optimizer steps in all (a resumed run continues up to it). One step is
-        accumulate_grad_batches micro-batches of batch_size samples per rank; DDP
-        synchronises only the last (no_sync before it).
-    precision: "32", "bf16-mixed" (autocast to bf16) or "16-mixed" (autocast to fp16 with
-        a GradScaler).
-    grad_clip: clip the gradients' global norm to this (after unscaling), or None.
-    compression: an accelops.distributed hook for DDP's all-reduce: a name ("powersgd",
-        "topk", "int8", "sign", "bf16", "fp16") or a dict {"name": ..., **options}.
+    The arguments that are not plain settings:
     scheduler: an LR scheduler stepped once per optimizer step (or None).
-    checkpoint_dir: where checkpoints go, every checkpoint_every steps (default
-        eval_every) and at the end, the newest keep_last kept. resume=True continues from
-        the newest good one there; resume=False refuses a directory that holds any.
-    log_dir: metrics.csv (and TensorBoard events when tensorboard is installed).
-    eval_every: steps between evaluations on val_data (and at the end); eval_batches
-        bounds an evaluation to that many batches a rank (evenly spaced over val_data).
-    seed: seeds torch, numpy and random (rank r: seed + r) and the data order.
     loss_fn: (model, batch) -> scalar loss; default model(*batch) giving loss or
         (logits, loss). Either may give a dict of named losses instead: see loss_weights.
     metadata: anything torch.save-able stored in every checkpoint (e.g. the config).
-    strategy: "ddp" (default), "fsdp" (FSDP2 per block, sharded DCP checkpoints that load on
-        another world size), "zero1" (ZeroRedundancyOptimizer over DDP) or "pipeline" (one
-        stage per rank, cut at block boundaries); see accelops.train.strategies. With one
-        process every strategy trains as a plain single process. pipeline_schedule ("gpipe" |
-        "1f1b"), n_microbatches (default accumulate_grad_batches) and pipeline_split (the
-        block where each stage after the first starts; default: balanced on measured
-        per-block time) apply to "pipeline"; fsdp_cpu_offload, fsdp_units ("block": one FSDP
-        unit per block; "submodule": also one per large child of a block, e.g. attention and
-        FFN, so fewer parameters are gathered at a time) and fsdp_backward_prefetch (False:
-        no all-gather of the next unit during a unit's backward; less memory, less overlap)
-        to "fsdp".
-    dist_timeout: seconds a collective waits for the other ranks before it fails (when this
-        trainer initialises the process group; torch's default otherwise).
-    early_stopping, loss_weights, mlflow: see accelops/train/callbacks.py and losses.py
-        (EarlyStopping, WeightedLoss, MLflowLogger) and README "Trainer features".
+
+    The settings are also attributes (trainer.max_steps, trainer.batch_size, ...: the
+    running values; max_steps may be raised between fit() calls); trainer.config is the
+    TrainerConfig the trainer was built from, trainer.parallel its Strategy.
     """
 
-    def __init__(self, model, optimizer, train_data, val_data=None, *, precision: str = "32",
-                 accumulate_grad_batches: int = 1, grad_clip: float | None = None, compression=None,
-                 checkpoint_dir=None, resume: bool = True, log_dir=None, max_steps: int = 1000,
-                 eval_every: int | None = 200, eval_batches: int | None = None, checkpoint_every: int | None = None,
-                 keep_last: int = 3, batch_size: int = 32, scheduler=None, seed: int = 0, shuffle: bool = True,
-                 log_every: int = 10, device=None, distributed="auto", ddp_kwargs: dict | None = None,
-                 loss_fn=None, progress: bool = True, metadata=None, early_stopping=None, loss_weights=None,
-                 mlflow=None, strategy: str = "ddp", pipeline_schedule: str = "1f1b", n_microbatches: int | None = None,
-                 pipeline_split=None, fsdp_cpu_offload: bool = False, fsdp_units: str = "block",
-                 fsdp_backward_prefetch: bool = True, dist_timeout: float | None = None):
+    def __init__(self, model, optimizer, train_data, val_data=None, *, config: TrainerConfig | None = None,
+                 scheduler=None, loss_fn=None, metadata=None, **keywords):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        for name, value in (("accumulate_grad_batches", accumulate_grad_batches), ("max_steps", max_steps),
-                            ("keep_last", keep_last), ("batch_size", batch_size), ("log_every", log_every)):
-            _check_positive_int(name, value)
-        for name, value in (("eval_every", eval_every), ("eval_batches", eval_batches),
-                            ("checkpoint_every", checkpoint_every)):
-            _check_positive_int(name, value, allow_none=True)
-        if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float))
-                                      or not grad_clip > 0 or not math.isfinite(grad_clip)):
-            raise ValueError(f"grad_clip must be a positive finite number or None, got {grad_clip!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        # The keyword form is this same config: each section checks its values as it is made.
+        if config is None:
+            config = TrainerConfig.from_keywords(**keywords)
+        elif not isinstance(config, TrainerConfig):
+            raise TypeError(f"config must be an accelops.train.TrainerConfig, got {type(config).__name__}")
+        elif keywords:
+            config = config.replace(**keywords)
+        self.config = config
+        step_cfg, schedule, ckpt, logs = config.step, config.schedule, config.checkpoint, config.logging
+        par = config.parallel
         for name, data in (("train_data", train_data), ("val_data", val_data)):
             if data is not None and not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
                 raise TypeError(f"{name} must be a map-style dataset (with __len__ and __getitem__), got "
                                 f"{type(data).__name__}: the trainer orders and resumes the data itself")
-        if distributed not in ("auto", True, False):
-            raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
         self._check_optimizer(model, optimizer)
-        if dist_timeout is not None and (isinstance(dist_timeout, bool) or not isinstance(dist_timeout, (int, float))
-                                         or not dist_timeout > 0):
-            raise ValueError(f"dist_timeout must be a positive number of seconds or None, got {dist_timeout!r}")
-        self._dist_timeout = dist_timeout
-        self._strategy = make_strategy(strategy, compression=compression, precision=precision, loss_fn=loss_fn,
-                                       pipeline_schedule=pipeline_schedule, n_microbatches=n_microbatches,
-                                       pipeline_split=pipeline_split, fsdp_cpu_offload=fsdp_cpu_offload,
-                                       loss_weights=loss_weights, fsdp_units=fsdp_units,
-                                       fsdp_backward_prefetch=fsdp_backward_prefetch)
-        self.strategy = strategy
+        self._dist_timeout = par.dist_timeout
+        # The strategy's options and their combination with the others are checked here, before
+        # any process group exists; it is set up below, once the model is on its device.
+        self.parallel = make_strategy(par.strategy, compression=par.compression, precision=step_cfg.precision,
+                                      loss_fn=loss_fn, pipeline_schedule=par.pipeline.schedule,
+                                      n_microbatches=par.pipeline.n_microbatches, pipeline_split=par.pipeline.split,
+                                      fsdp_cpu_offload=par.fsdp.cpu_offload, loss_weights=step_cfg.loss_weights,
+                                      fsdp_units=par.fsdp.units, fsdp_backward_prefetch=par.fsdp.backward_prefetch)
+        self.strategy = par.strategy
         if metadata is not None:
             try:  # checkpoints load with weights_only=True: find out now, not at the resume
                 buf = io.BytesIO()
@@ -273,60 +194,60 @@ class Trainer:
                 raise TypeError("metadata must be made of plain types (dict, list, str, numbers, tensors) so "
                                 f"checkpoints load with weights_only=True: {exc}") from None
 
-        self.precision, self.accumulate_grad_batches, self.grad_clip = precision, accumulate_grad_batches, grad_clip
-        self.max_steps, self.eval_every, self.eval_batches = max_steps, eval_every, eval_batches
-        self.checkpoint_every = checkpoint_every if checkpoint_every is not None else eval_every
-        self.keep_last, self.batch_size, self.seed, self.log_every = keep_last, batch_size, seed, log_every
-        self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
-        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        # The settings the run reads, as attributes (max_steps may be raised between fit() calls).
+        self.precision, self.grad_clip = step_cfg.precision, step_cfg.grad_clip
+        self.accumulate_grad_batches = step_cfg.accumulate_grad_batches
+        self.max_steps, self.eval_every, self.eval_batches = schedule.max_steps, schedule.eval_every, \
+            schedule.eval_batches
+        self.log_every, self.batch_size, self.seed = schedule.log_every, config.data.batch_size, config.seed
+        self.checkpoint_every = ckpt.every if ckpt.every is not None else schedule.eval_every
+        self.keep_last = ckpt.keep_last
+        self.checkpoint_dir = None if ckpt.dir is None else os.fspath(ckpt.dir)
+        self.log_dir = None if logs.dir is None else os.fspath(logs.dir)
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.loss_fn = WeightedLoss(loss_fn or default_loss, loss_weights)
-        self.early_stopping = EarlyStopping.from_spec(early_stopping)
-        if self.early_stopping is not None and (val_data is None or eval_every is None):
+        self.loss_fn = WeightedLoss(loss_fn or default_loss, step_cfg.loss_weights)
+        self.early_stopping = EarlyStopping.from_spec(config.early_stopping)
+        if self.early_stopping is not None and (val_data is None or schedule.eval_every is None):
             raise ValueError("early_stopping is checked at each evaluation: it needs val_data and eval_every")
-        if mlflow:
+        if logs.mlflow:
             require_mlflow()  # on every rank: a missing extra fails everywhere, not only on rank 0
-        self.train_data, self.val_data, self.metadata, self.progress = train_data, val_data, metadata, progress
+        self.train_data, self.val_data, self.metadata, self.progress = train_data, val_data, metadata, logs.progress
 
         # ---- processes and device
         self._owns_group = False
-        self.distributed = self._setup_distributed(distributed, device)
+        self.distributed = self._setup_distributed(par.distributed, par.device)
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.is_main = self.rank == 0
-        self._mlflow = MLflowLogger(mlflow, self.log_dir) if mlflow and self.is_main else None
+        self._mlflow = MLflowLogger(logs.mlflow, self.log_dir) if logs.mlflow and self.is_main else None
         self._mlflow_resume = self.last_checkpoint = self.stop_reason = None
-        self.device = self._pick_device(device)
+        self.device = self._pick_device(par.device)
+        self.env = DistEnv(self.distributed, self.rank, self.world_size, self.device)
         self.model = model.to(self.device)
 
-        self.ddp = None
-        self.hook_state = None
-        if self.distributed and self._strategy.uses_ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            kw = dict(ddp_kwargs or {})
-            if self.device.type == "cuda":
-                kw.setdefault("device_ids", [self.device.index])
-            self.ddp = DDP(self.model, **kw)
-            if compression is not None:
-                from ..distributed import register_compression
-
-                name, options = self._compression_spec(compression)
-                self.hook_state = register_compression(self.ddp, name, **options)
-        elif compression is not None:
+        if par.compression is not None and not self.distributed:  # (fsdp and pipeline refuse it outright)
             warnings.warn("compression applies to DDP's gradient all-reduce; this run is a single process, so "
                           "it is ignored", stacklevel=2)
-        self.compression = compression
+        self.compression = par.compression
 
         self.scaler = None
-        if precision == "16-mixed":
+        if step_cfg.precision == "16-mixed":
             self.scaler = torch.amp.GradScaler(self.device.type)
-        self._autocast_dtype = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[precision]
-        self._strategy.setup(self)   # fsdp: shards the model; zero1: swaps the optimizer; pipeline: the stages
+        # a function of the device and dtype, not a bound method: the strategy keeps it, and a
+        # reference back to the Trainer would keep an abandoned Trainer (and the lock on its
+        # checkpoint_dir) alive until the cycle collector ran
+        dtype = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[step_cfg.precision]
+        self._autocast = functools.partial(_autocast, self.device.type, dtype)
+        # ddp / zero1: wraps the model in DDP (zero1 also swaps the optimizer); fsdp: shards the
+        # model; pipeline: keeps this rank's stage
+        self.optimizer = self.parallel.setup(TrainingSetup(
+            env=self.env, model=self.model, optimizer=optimizer, scheduler=scheduler, train_data=train_data,
+            batch_size=self.batch_size, accumulate_grad_batches=self.accumulate_grad_batches,
+            autocast=self._autocast, ddp_kwargs=par.ddp_kwargs, compression=par.compression))
 
         # pipeline stages all read the same batches: the data-parallel rank and world are the strategy's
-        self._stream = _BatchStream(train_data, batch_size, self._strategy.dp_rank, self._strategy.dp_world, seed,
-                                    shuffle)
+        self._stream = _BatchStream(train_data, self.batch_size, self.parallel.dp_rank, self.parallel.dp_world,
+                                    self.seed, config.data.shuffle)
         self.step = 0
         self.history: list[dict] = []   # a dict per optimizer step run in this process (rank 0: global means)
         self.evals: list[dict] = []
@@ -335,12 +256,14 @@ class Trainer:
         self._last_saved = self._last_eval = None
         self._pending_rng = None
 
+        self.checkpointer = (None if self.checkpoint_dir is None else
+                             Checkpointer(self.checkpoint_dir, self.keep_last, self.parallel, self.env))
         self._dir_lock = None
         self._stop_signal = self._log_error = None
         self._prepare_dirs()  # before the resume: a run that does not hold the directory must not read it
         if self.checkpoint_dir is not None:
             try:
-                self._maybe_resume(resume)
+                self._maybe_resume(ckpt.resume)
             except BaseException:
                 self._release_dirs()
                 raise
@@ -348,6 +271,23 @@ class Trainer:
             self._seed_everything()
 
     # ------------------------------------------------------------------ set-up
+
+    @property
+    def ddp(self):
+        """The DistributedDataParallel wrapper of ddp / zero1 runs on several processes (None
+        otherwise). Setting it to None drops it (before the process group goes)."""
+        return self.parallel.ddp
+
+    @ddp.setter
+    def ddp(self, value) -> None:
+        if value is not None:
+            raise ValueError("Trainer.ddp can only be dropped (set to None): the strategy wraps the model")
+        self.parallel.release()
+
+    @property
+    def hook_state(self):
+        """The state of DDP's gradient-compression hook (None without compression)."""
+        return self.parallel.hook_state
 
     @staticmethod
     def _check_optimizer(model, optimizer):
@@ -389,15 +329,6 @@ class Trainer:
                                 else torch.cuda.current_device())
         return torch.device("cpu")
 
-    @staticmethod
-    def _compression_spec(compression):
-        if isinstance(compression, str):
-            return compression, {}
-        if isinstance(compression, dict) and isinstance(compression.get("name"), str):
-            options = dict(compression)
-            return options.pop("name"), options
-        raise TypeError(f"compression must be a hook name or a dict {{'name': ..., **options}}, got {compression!r}")
-
     def _seed_everything(self) -> None:
         s = self.seed + self.rank
         torch.manual_seed(s)
@@ -412,7 +343,7 @@ class Trainer:
         after a failed step, when the peer may be dead. Also releases the checkpoint directory."""
         self._release_dirs()
         if self._owns_group and dist.is_initialized():
-            self.ddp = None
+            self.parallel.release()
             gc.collect()
             dist.destroy_process_group()
             self._owns_group = False
@@ -428,7 +359,7 @@ class Trainer:
         in the next collective otherwise."""
         mine = None
         try:
-            if self.checkpoint_dir is not None and (self.is_main or self._dir_checkpoints()):
+            if self.checkpoint_dir is not None and (self.is_main or self.checkpointer.every_rank_writes):
                 check_writable(self.checkpoint_dir, "checkpoint_dir")
             if self.checkpoint_dir is not None and self.is_main:
                 lock = DirectoryLock(self.checkpoint_dir)
@@ -476,67 +407,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _broadcast(self, obj):
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def _maybe_resume(self, resume: bool) -> None:
-        # Rank 0 picks the checkpoint (its warnings are the only ones) and tells the others, so
-        # every rank loads the same file; an error there is raised on every rank, not left to hang.
-        if self._dir_checkpoints():  # fsdp / pipeline: a directory per checkpoint, written by every rank
-            path = self._strategy.find(self, resume)
-            if path is not None:
-                self._strategy.load(self, path)
-            return
-        choice = None
-        if self.is_main:
-            try:
-                self._strategy.check_foreign(self)  # a directory of another strategy's checkpoints
-                if not resume:
-                    found = list_checkpoints(self.checkpoint_dir)
-                    if found:
-                        raise ValueError(f"checkpoint_dir {self.checkpoint_dir!r} already holds checkpoints (newest: "
-                                         f"step {found[0][0]}) and resume=False: pass resume=True to continue that "
-                                         "run, or use an empty directory")
-                    choice = ("fresh", None)
-                else:
-                    path, state = latest_checkpoint(self.checkpoint_dir)
-                    choice = ("fresh", None) if path is None else ("resume", path)
-            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-                choice = ("error", (type(exc).__name__, str(exc)))
-        choice = self._broadcast(choice)
-        kind, value = choice
-        if kind == "error":
-            cls = {"ValueError": ValueError, "CheckpointError": CheckpointError}.get(value[0], RuntimeError)
-            raise cls(value[1])
-        if kind == "fresh":
-            return
-        if not self.is_main:
-            state = load_checkpoint(value)
-        self._load_state(state, value)
+        found = self.checkpointer.resume(resume, self.model, self.optimizer)
+        if found is not None:
+            path, state, rank_state = found
+            self._restore(state, path, rank_state)
 
-    def _load_state(self, state: dict, path: str) -> None:
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"checkpoint {path!r} has format {state.get('format')!r}, this trainer reads "
-                                  f"{CHECKPOINT_FORMAT}")
-        if state["world_size"] != self.world_size:
-            raise ValueError(f"checkpoint {path!r} was written by a run of {state['world_size']} process(es), this "
-                             f"run has {self.world_size}: the data position, RNG and communication-hook states are "
-                             "per rank. Resume with the same number of processes")
-        self._strategy.check_checkpoint(state, path)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._load_common_state(state, path, state["rank_states"][self.rank])
-
-    def _load_common_state(self, state: dict, path: str, rank_state: dict | None) -> None:
-        """What every checkpoint holds besides the model and optimizer (the strategies' too);
-        rank_state None: this rank's RNG was not saved (fsdp on a new world size), seed it."""
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"checkpoint {path!r} has format {state.get('format')!r}, this trainer reads "
-                                  f"{CHECKPOINT_FORMAT}")
+    def _restore(self, state: dict, path: str, rank_state: dict | None) -> None:
+        """The trainer's part of a checkpoint (what _trainer_state wrote; the Checkpointer has
+        loaded the model, optimizer and shards); rank_state None: this rank's RNG was not
+        saved (fsdp on a new world size), it is seeded afresh."""
         saved = state["trainer"]
         mine = self._trainer_config()
         changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v]
@@ -550,12 +430,7 @@ class Trainer:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         mine_rank = rank_state or {}
-        if self.hook_state is not None:
-            if mine_rank.get("hook") is None:
-                warnings.warn(f"checkpoint {path!r} has no communication-hook state (saved without compression): "
-                              "the hook starts afresh", stacklevel=3)
-            else:
-                self.hook_state.load_state_dict(mine_rank["hook"])
+        self.parallel.load_rank_state(mine_rank, path)  # ddp / zero1: the communication hook's state
         self._stream.load_state_dict(state["data"])
         self.step = self._last_saved = int(state["step"])
         self._last_eval = state.get("last_eval")
@@ -577,33 +452,13 @@ class Trainer:
         """Writes the checkpoint of the current step (rank 0; every rank must call it) -> its path."""
         if self.checkpoint_dir is None:
             raise ValueError("checkpoint_dir is None: nothing to save to")
-        if self._dir_checkpoints():
-            path = self._strategy.save(self)
-            self._last_saved = self.step
-            self.last_checkpoint = path
-            return path
-        self._strategy.before_save(self)  # zero1: consolidates the optimizer state on rank 0
-        mine = {"rng": _rng_state(self.device),
-                "hook": None if self.hook_state is None else _to_cpu(self.hook_state.state_dict())}
-        if self.distributed:
-            ranks = [None] * self.world_size if self.is_main else None
-            dist.gather_object(mine, ranks, dst=0)
-        else:
-            ranks = [mine]
-        path = None
-        if self.is_main:
-            state = self._checkpoint_common_state()
-            state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), rank_states=ranks)
-            path = save_checkpoint(checkpoint_path(self.checkpoint_dir, self.step), state)
-            prune_checkpoints(self.checkpoint_dir, self.keep_last, up_to=self.step)
-            log.info("saved %s", path)
-        if self.distributed:
-            dist.barrier()
+        rank_state = {"rng": _rng_state(self.device), **self.parallel.rank_state_dict()}
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, self._trainer_state, rank_state)
         self._last_saved = self.step
         self.last_checkpoint = path
         return path
 
-    def _checkpoint_common_state(self) -> dict:
+    def _trainer_state(self) -> dict:
         """What every checkpoint holds besides the model, optimizer and per-rank states."""
         return {
             "format": CHECKPOINT_FORMAT, "step": self.step, "world_size": self.world_size,
@@ -611,49 +466,28 @@ class Trainer:
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "data": self._stream.state_dict(), "trainer": self._trainer_config(),
             "elapsed_s": self._elapsed(), "last_eval": self._last_eval, "metadata": self.metadata,
-            "strategy": self._strategy.describe(),
+            "strategy": self.parallel.describe(),
             "early_stopping": None if self.early_stopping is None else self.early_stopping.state_dict(),
             "mlflow_run_id": None if self._mlflow is None else self._mlflow.run_id,
         }
 
-    def _dir_checkpoints(self) -> bool:
-        # fsdp always writes DCP directories (so one process reads what several wrote);
-        # pipeline writes a file per stage when it has stages.
-        return self._strategy.dir_checkpoints and (self.distributed or self._strategy.name == "fsdp")
-
     # ------------------------------------------------------------------ training
 
-    def _autocast(self):
-        if self._autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
+    def autocast(self):
+        """The context the forwards run in: torch.autocast to the precision's dtype (or nothing)."""
+        return self._autocast()
 
     def _train_step(self):
-        if self._strategy.owns_step and self.distributed:  # pipeline: the schedule runs the micro-batches
-            return self._strategy.train_step(self)
-        model = self.ddp if self.ddp is not None else self.model
-        model.train()
         accum = self.accumulate_grad_batches
-        total, tokens = None, 0
-        for i in range(accum):
-            batch = _to_device(self._stream.next(), self.device)
-            tokens += _tokens_in(batch)
-            sync = i == accum - 1
-            with (contextlib.nullcontext() if sync else self._strategy.no_sync(self)):
-                with self._autocast():
-                    loss = self.loss_fn(model, batch)
-                scaled = loss / accum if accum > 1 else loss
-                if self.scaler is not None:
-                    self.scaler.scale(scaled).backward()
-                else:
-                    scaled.backward()
-            d = scaled.detach().float()
-            total = d if total is None else total + d
+        if self.parallel.runs_step:  # pipeline: the schedule runs the step's micro-batches
+            total, tokens = self.parallel.forward_backward([self._stream.next() for _ in range(accum)])
+        else:
+            total, tokens = self._forward_backward(accum)
         grad_norm = None
         if self.grad_clip is not None:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            grad_norm = self.parallel.clip_grad_norm(self.grad_clip)
         lr = [g["lr"] for g in self.optimizer.param_groups]  # one column per group when there are several
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -663,7 +497,29 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
-        return total, lr, grad_norm, tokens * self._strategy.dp_world
+        return total, lr, grad_norm, tokens * self.parallel.dp_world
+
+    def _forward_backward(self, accum: int):
+        """The step's micro-batches through the model, gradients accumulated (synchronised by
+        the strategy on the last one only) -> (mean loss, tokens this rank read)."""
+        model = self.parallel.training_module
+        model.train()
+        total, tokens = None, 0
+        for i in range(accum):
+            batch = to_device(self._stream.next(), self.device)
+            tokens += tokens_in(batch)
+            sync = i == accum - 1
+            with (contextlib.nullcontext() if sync else self.parallel.no_sync()):
+                with self.autocast():
+                    loss = self.loss_fn(model, batch)
+                scaled = loss / accum if accum > 1 else loss
+                if self.scaler is not None:
+                    self.scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            d = scaled.detach().float()
+            total = d if total is None else total + d
+        return total, tokens
 
     def _elapsed(self) -> float:
         return self._elapsed_before + (time.perf_counter() - self._t_start if hasattr(self, "_t_start") else 0.0)
@@ -713,13 +569,13 @@ class Trainer:
         for k in range(max(len(starts), n_batches or 0)):
             real = k < len(starts)
             chunk = mine[starts[k]:starts[k] + self.batch_size] if real else (mine[-self.batch_size:] or [0])
-            batch = _to_device(default_collate([self.val_data[i] for i in chunk]), self.device)
-            with self._autocast():
+            batch = to_device(default_collate([self.val_data[i] for i in chunk]), self.device)
+            with self.autocast():
                 loss = self.loss_fn(self.model, batch)
             parts = self.loss_fn.pop()
             if not real:
                 continue
-            weight = _tokens_in(batch) or 1
+            weight = tokens_in(batch) or 1
             total[0] += loss.double() * weight
             total[1] += weight
             if parts:
@@ -736,14 +592,12 @@ class Trainer:
             return None
         n = len(self.val_data)
         if self.eval_batches is not None:
-            k = min(n, self.eval_batches * self.batch_size * self._strategy.dp_world)
+            k = min(n, self.eval_batches * self.batch_size * self.parallel.dp_world)
             indices = [i * n // k for i in range(k)]
         else:
             indices = list(range(n))
-        if self._strategy.owns_eval and self.distributed:  # fsdp: equal forwards a rank; pipeline: via the stages
-            total = self._eval_with(lambda: self._strategy.eval_totals(self, indices))
-        else:
-            total = self._eval_with(lambda: self._eval_totals(indices[self.rank::self.world_size]))
+        # this rank's share (fsdp: equal forwards a rank; pipeline: through the stages)
+        total = self._eval_with(lambda: self.parallel.eval_totals(self.val_data, indices, self._eval_totals))
         names = self.loss_fn.names or ()
         if self.distributed:
             dist.all_reduce(total)
@@ -853,7 +707,7 @@ class Trainer:
             return False
         es.update(self.evals[-1], self.step)
         if self.distributed:
-            es.load_state_dict(self._broadcast(es.state_dict()))
+            es.load_state_dict(self.env.broadcast(es.state_dict()))
         if es.stopped and self.is_main:
             log.info("%s", es.reason)
         return es.stopped
@@ -1019,7 +873,9 @@ class Trainer:
                 self._halt(halt or _HALT_LOG_ERROR)
             finished = True
         except Exception as exc:
-            clearer = self._strategy.comm_failure(self, exc)  # a dead peer: say so, and where to resume
+            # a dead peer: say so, and where to resume
+            clearer = collective_failure(exc, self.env, self.strategy, self.step, self._last_saved,
+                                         self.checkpoint_dir)
             if clearer is None:
                 raise
             raise clearer from exc

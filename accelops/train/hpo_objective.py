@@ -3,7 +3,7 @@ Study's per-configuration checkpoint directory resumes a promoted configuration 
 lower rung stopped, and the result is the validation loss.
 
     from accelops import hpo
-    from accelops.train.tuning import TrainObjective
+    from accelops.train.hpo_objective import TrainObjective
 
     base = {"data": {"path": "corpus.txt", "seq_len": 128},
             "model": {"type": "transformer", "dim": 128, "n_layers": 4, "n_heads": 4},
@@ -16,12 +16,12 @@ lower rung stopped, and the result is the validation loss.
     opt = hpo.BOHB(space, min_budget=100, max_budget=2700, eta=3, seed=0)
     best = hpo.Study(opt, journal="runs/hpo.jsonl").optimize(objective, n_workers=2, max_budget_total=100_000)
 
-``base`` is an ``accelops train`` configuration (see accelops/train/run.py); a
+``base`` is an ``accelops train`` configuration (see accelops/train/config.py); a
 hyperparameter named ``"section.key"`` sets that key of that section (the names
 ``--set section.key=value`` takes), so the search space can reach every model, optimizer,
 scheduler and trainer setting. ``objective(config, budget, checkpoint_dir)``:
 
-- builds the run with ``accelops.train.run.build`` from ``base`` with the configuration
+- builds the run with ``accelops.train.config.build`` from ``base`` with the configuration
   applied, ``checkpoint_dir`` as the trainer's checkpoint directory and ``resume=True``;
 - trains up to ``budget`` optimizer steps (``unit="epochs"``: ``budget`` epochs of the
   training data, rounded to whole steps, at least one). A configuration promoted to a
@@ -55,7 +55,7 @@ UNITS = ("steps", "epochs")
 
 def apply_hyperparameters(base: dict, config: dict) -> dict:
     """A copy of ``base`` with each ``"section.key": value`` of ``config`` set."""
-    from .run import SECTIONS, ConfigError
+    from .config import SECTIONS, ConfigError
 
     out = copy.deepcopy(base)
     for name, value in config.items():
@@ -123,7 +123,7 @@ class TrainObjective:
     def _run(self, config, budget, checkpoint_dir) -> dict:
         import torch
 
-        from .run import build
+        from .config import build
 
         if self.threads is not None:
             torch.set_num_threads(self.threads)

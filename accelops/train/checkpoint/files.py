@@ -1,4 +1,4 @@
-"""Checkpoint files that are either whole or refused.
+"""Checkpoint files that are either whole or refused (one file: step-NNNNNNNN.ckpt).
 
 A file is the payload, a torch.save of the trainer's state, followed by an 88-byte ASCII
 trailer: b"ACCKPT02", the payload length (16 hex digits) and its SHA-256 (64 hex digits).
@@ -28,7 +28,7 @@ import warnings
 import torch
 
 __all__ = ["CheckpointError", "CheckpointWarning", "save_checkpoint", "load_checkpoint", "list_checkpoints",
-           "latest_checkpoint", "prune_checkpoints", "checkpoint_path"]
+           "latest_checkpoint", "prune_checkpoints", "checkpoint_path", "newest_good", "atomic_write", "fsync_dir"]
 
 MAGIC = b"ACCKPT01"
 _HEADER = struct.Struct("<8sQ32s")  # the previous format's header: magic, payload bytes, sha256(payload)
@@ -53,7 +53,8 @@ def checkpoint_path(directory, step: int) -> str:
     return os.path.join(os.fspath(directory), f"step-{step:08d}.ckpt")
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
+    """fsync a directory, so that a rename into it survives a crash (where the platform can)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # platforms without directory handles (Windows): rename is what we have
@@ -85,7 +86,7 @@ def _atomic_file(path):
         except OSError:
             pass
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def atomic_write(path, data: bytes) -> None:
