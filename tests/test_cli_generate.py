@@ -13,7 +13,7 @@ import torch
 
 from accelops.cli import main
 from accelops.train import CheckpointError, load_model
-from accelops.train.run import build
+from accelops.train.config import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CYCLE = "quant bf16\n"  # every character has one successor: greedy decoding must continue the cycle

@@ -347,7 +347,7 @@ def test_new_architecture_converts_to_int8_and_ternary():
 
 
 def test_trainer_config_takes_the_new_options():
-    from accelops.train.run import build_model
+    from accelops.train.config import build_model
 
     model = build_model(dict(dim=32, n_layers=1, n_heads=4, pos_emb="rope", norm="rmsnorm", n_kv_heads=1,
                              activation="relu2", attn_sub_norm=True, ffn_sub_norm=True, rope_theta=1e4), V, 16)

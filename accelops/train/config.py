@@ -2,7 +2,7 @@
 apply_overrides, check_config_shape), checking it (ConfigError names the key and what it
 must be) and building what it describes (build_model, build_optimizer, build_scheduler,
 build: the model, optimizer, scheduler, data and Trainer). No command line here: that is
-accelops/train/run.py, which imports this module (as do accelops.plan, accelops.tune,
+accelops/train/run.py, which imports this module (as do accelops.planner, accelops.tune,
 load_model and the HPO objective).
 
 A character-level TransformerLM or RNNLM trained on a text file, everything set by the file:

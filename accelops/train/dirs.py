@@ -30,7 +30,7 @@ __all__ = ["DirectoryLock", "DirectoryLocked", "check_writable", "LOCK_NAME"]
 log = logging.getLogger("accelops.train")
 
 LOCK_NAME = "accelops.lock"
-# What a writer that died mid-save leaves: save_checkpoint's temporary file (see checkpoint.py).
+# What a writer that died mid-save leaves: save_checkpoint's temporary file (see checkpoint/files.py).
 _STALE_TMP = re.compile(r"^step-\d{8,}\.ckpt\.tmp-\d+$")
 
 
