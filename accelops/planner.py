@@ -33,7 +33,7 @@ Trainer frees gradients after each step, backward builds them while it frees
 activations): peak = params + optimizer state + buffers + runtime + max(activations +
 working set, gradients + step temporary); with accumulation > 1 (and in the pipeline,
 which accumulates over micro-batches) the gradients are live during the next forward and
-both count. Checked against measured peak RSS in bench/bench_plan.py (README, "Memory and
+both count. Checked against measured peak RSS in bench/bench_plan.py (docs/results.md, "Memory and
 strategy planner").
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """accelops report's plots are readable at 100% zoom.
 
 Built from this repository's own results (bench/results/*.jsonl imported into a temporary
-database, as the README's "Results database" section says): every benchmark family gets a
+database, as docs/results.md's "Results database" section says): every benchmark family gets a
 plot; no PNG is larger than 1600 px a side; no text is smaller than 9 pt, cut short with
 '~' or drawn over another label; history plots have a legend. And on synthetic rows: two
 machines of the same CPU model get different names, cases that differ only at the end of

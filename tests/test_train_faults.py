@@ -420,7 +420,7 @@ def test_checkpoint_save_and_load_peak_near_one_state(tmp_path):
         assert out.returncode == 0, out.stderr
         peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_over_state"]
     # one state's worth (made, or mapped and read) and little more; the former in-memory
-    # save and load peaked at 3.0x (README "Reliability")
+    # save and load peaked at 3.0x (docs/training.md, "Reliability")
     assert peaks["save"] < 1.3 and peaks["load"] < 1.3, peaks
 
 

@@ -87,7 +87,7 @@ Hartmann-6 0.275 / 0.287 -> 0.186 / 0.182 (Optuna 0.240 / 0.270), Branin 0.099 /
 0.107 / 0.100 (Optuna 0.091 / 0.090; Branin's regret is dominated by picking the incumbent
 among noisy full-budget results, every variant tried landed within the noise of Optuna),
 digits MLP (seeds 100..139) 0.0514 -> 0.0511 (Optuna 0.054). Either option alone gained
-less on Hartmann-6 (univariate 0.244, cheapest 0.259). The evaluation is in the README.
+less on Hartmann-6 (univariate 0.244, cheapest 0.259). The evaluation is in docs/hpo.md.
 ``bandwidth_floor=0, kde="multivariate", random_placement="every", bandwidth="fixed"`` is
 HpBandSter's algorithm exactly; a journal written before an option existed resumes with
 HpBandSter's value for it.

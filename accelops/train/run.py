@@ -102,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
     parser.add_argument("--strategy", default=None, choices=("ddp", "fsdp", "zero1", "pipeline"),
-                        help="parallelism strategy (sets train.strategy; see the README's 'Parallelism strategies')")
+                        help="parallelism strategy (sets train.strategy; see docs/training.md, 'Parallelism strategies')")
     parser.add_argument("--no-resume", action="store_true",
                         help="do not resume from checkpoint_dir (it must then hold no checkpoints)")
     parser.add_argument("--lr-find", action="store_true",
