@@ -104,7 +104,8 @@ def run_case(cfg, timer, meta, n, k, m, threads, out_path, progress) -> list[dic
         else:
             copies = [layer] + [copy.deepcopy(layer) for _ in range(extra)]
         row = {**meta, "family": FAMILY, "op": "linear_layer", "method": key, "label": label, "accelops": is_accelops,
-               "threads": threads, "M": m, "N": n, "K": k, "dtype": "float32", "weight_copies": len(copies),
+               "threads": threads, "M": m, "N": n, "K": k, "dtype": "float32",
+               **common.cold_fields(cfg, _bytes_read(key, layer), len(copies)),
                "status": "ok"}
         if key == "bitlinear_eval":
             row["check"] = check

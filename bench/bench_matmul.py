@@ -199,9 +199,45 @@ def build_calls(s: Shape, x: torch.Tensor, x_bf16, x_q, x_scale, tables=None):
     return calls
 
 
+# --------------------------------------------------------------------------- memory limit
+
+STREAM_KEY = "stream_read"
+STREAM_LABEL = "streaming read of the M=1 case's bytes (memory limit)"
+
+
+def stream_read_row(cfg, timer, meta, s: Shape, threads: int, out_path, progress) -> dict:
+    """The memory limit of the ternary GEMV: a read of as many bytes as ternary_matmul reads at
+    M=1 (the packed weight and an fp32 x row), cold the same way (a rotation of copies through
+    >= max(2x L3, 1 GiB)), by torch.amax over an int64 view. Of the reads tried on a 2-core
+    Zen 4 (sum over int32/int64/fp32 views, amax over uint8/int64/fp32 views) it was within a
+    few % of the fastest at 1 thread and the fastest at 2 (torch splits it across the threads
+    as the kernels split N). This row's time over the ternary M=1 row's is the fraction of the
+    machine's read bandwidth the kernel reached (the target: >= 0.7)."""
+    nbytes = s.bytes["ternary"] + s.k * 4
+    padded = -(-nbytes // 64) * 64
+    copies = common.copies_for(cfg, padded)
+    buf = torch.ones(copies * padded, dtype=torch.uint8)  # written once: every page is real
+    views = [buf[i * padded:(i + 1) * padded].view(torch.int64) for i in range(copies)]
+    row = {**meta, "family": FAMILY, "method": STREAM_KEY, "label": STREAM_LABEL, "accelops": False,
+           "threads": threads, "M": 1, "N": s.n, "K": s.k, "x_dtype": "float32", "bytes_moved": padded,
+           "weight_bytes": padded, **common.cold_fields(cfg, padded, copies),
+           "cache_flush_bytes": timer.flush_bytes, "budget_s": cfg.budget_s, "status": "ok",
+           "how": "torch.amax over an int64 view of a rotating copy"}
+    progress.set_postfix_str(f"{threads}t N={s.n} K={s.k} {STREAM_KEY}")
+    if cfg.device.type != "cpu":
+        row.update(status="skipped", reason="the CPU's memory limit: measured on CPU runs only")
+    else:
+        row.update(common.time_call(common.rotating([lambda v=v: v.amax() for v in views]), timer))
+        row["gb_per_s"] = padded / row["median_us"] / 1e3
+    del views, buf
+    row["loadavg_1m"] = os.getloadavg()[0]
+    common.append_row(out_path, row)
+    return row
+
+
 # --------------------------------------------------------------------------- one case
 
-def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progress) -> list[dict]:
+def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progress, stream=None) -> list[dict]:
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(m)
     x = torch.randn(m, s.k, generator=g).to(cfg.device)
@@ -240,7 +276,7 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
             **meta, "family": FAMILY, "method": key, "label": LABELS[key],
             "accelops": key in ACCELOPS, "threads": threads, "M": m, "N": s.n, "K": s.k,
             "x_dtype": str(x.dtype if key != "bf16" else x_bf16.dtype).replace("torch.", ""),
-            "weight_bytes": s.weight_bytes(key), "weight_copies": s.n_copies(key),
+            "weight_bytes": s.weight_bytes(key), **common.cold_fields(cfg, s.weight_bytes(key), s.n_copies(key)),
             "cache_flush_bytes": timer.flush_bytes,
             "budget_s": cfg.budget_s, "status": "ok",
         }
@@ -270,6 +306,11 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
                 row.update(timer.measure(fn, seconds))
             except Exception as exc:  # a baseline that cannot run here is a row, not a crash
                 row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
+        if key == "ternary" and m == 1 and stream and stream["status"] == "ok" and row["status"] == "ok":
+            # The fraction of the read bandwidth measured just before on the same bytes.
+            row["stream_read_us"] = stream["median_us"]
+            row["bandwidth_fraction"] = stream["median_us"] / row["median_us"]
+            row["gb_per_s"] = stream["bytes_moved"] / row["median_us"] / 1e3
         # Other processes on the machine show up here; a 1-minute load above the core count
         # means this row's threads waited for a core (flagged in the summary).
         row["loadavg_1m"] = os.getloadavg()[0]
@@ -326,8 +367,13 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
     elif cfg.device.type == "cuda":
         flush = f"L2 flushed before each repeat ({common.fmt_bytes(common.CUDA_FLUSH_BYTES)} written)"
     else:
+        target = common.cold_target_bytes(cfg)
+        short_of = sorted({r["method"] for r in rows if r.get("status") == "ok" and r.get("cold") is False})
         flush = ("cold weights: each method rotates through copies of its weights so that each call "
-                 "reads them from DRAM, as a layer of a model does (copies in the jsonl)")
+                 "reads them from DRAM, as a layer of a model does: at least "
+                 f"{common.fmt_bytes(target)} (max(2x L3, 1 GiB)) of copies between two reads of one "
+                 "(copies and bytes in the jsonl: weight_copies, cold_bytes)"
+                 + (f"; short of that, capped by memory or copy count: {', '.join(short_of)}" if short_of else ""))
     out.append(f"Median of adaptive repeats after warm-up, {flush}; x is fp32 (bf16 for F.linear bf16). "
                "Speed-up = baseline time / accelops time (>1: accelops faster). p20/p80, repeats, peak "
                f"memory and errors are in the detail table and in {cfg.results_file(FAMILY).name}.")
@@ -367,6 +413,22 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
             "Tuned dispatch (a table `accelops tune` measured for each case just before, hot weights; timed "
             "like the others, cold):", "", common.md_table(tuned_headers, tuned_rows), ""]
 
+    # Memory limit at M=1: the ternary GEMV against a streaming read of the same bytes.
+    mem_rows = []
+    for n, k in shapes:
+        st, t = by.get((n, k, 1, STREAM_KEY)), by.get((n, k, 1, "ternary"))
+        if st is None or st["status"] != "ok":
+            continue
+        ok = t is not None and t["status"] == "ok"
+        mem_rows.append([f"{n}x{k}", common.fmt_bytes(st["bytes_moved"]), common.fmt_time(st["median_us"]),
+                         f"{st['gb_per_s']:.1f}", _cell(t), f"{t['gb_per_s']:.1f}" if ok and "gb_per_s" in t else "-",
+                         f"{st['median_us'] / t['median_us']:.2f}" if ok else "-"])
+    if mem_rows:
+        out += ["Memory limit at M=1: ternary_matmul against a streaming read of the bytes it reads (packed "
+                "weight + x row), cold the same way (torch.amax over an int64 view of rotating copies):", "",
+                common.md_table(["N x K", "bytes", "streaming read", "GB/s", "ternary_matmul M=1", "GB/s",
+                                 "fraction of bandwidth"], mem_rows), ""]
+
     # Targets.
     targets = []
 
@@ -378,6 +440,9 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
         r = lambda m, key: by.get((n, k, m, key))  # noqa: E731
         if 1 in ms:
             target("ternary_matmul vs fp32 F.linear", n, k, 1, _ratio(r(1, "fp32"), r(1, "ternary")), 5)
+        if 1 in ms and r(1, STREAM_KEY):
+            target("ternary_matmul M=1: fraction of the streaming read's bandwidth", n, k, 1,
+                   _ratio(r(1, STREAM_KEY), r(1, "ternary")), 0.7)
         if 32 in ms:
             target("ternary_matmul vs torch._int_mm", n, k, 32, _ratio(r(32, "int_mm"), r(32, "ternary")), 1)
         if 512 in ms:
@@ -433,7 +498,7 @@ def run(cfg: common.Config) -> common.FamilyResult:
     shapes, ms = cfg.shapes or shapes, cfg.ms or ms
     out_path = cfg.results_file(FAMILY)
     summaries, all_rows = [], []
-    with torch.no_grad(), tqdm(total=len(cfg.threads) * len(shapes) * len(ms) * len(METHODS),
+    with torch.no_grad(), tqdm(total=len(cfg.threads) * len(shapes) * (len(ms) * len(METHODS) + 1),
                                desc=FAMILY, file=sys.stderr, dynamic_ncols=True) as progress:
         for threads in cfg.threads:
             # Same count for every method in a pass. F.linear at M=1 stays single-threaded
@@ -443,8 +508,11 @@ def run(cfg: common.Config) -> common.FamilyResult:
             rows = []
             for n, k in shapes:
                 s = Shape(cfg, n, k, torchao_why)
+                stream = stream_read_row(cfg, timer, meta, s, threads, out_path, progress)
+                rows.append(stream)
+                progress.update(1)
                 for m in ms:
-                    rows += run_case(cfg, timer, meta, s, m, threads, out_path, progress)
+                    rows += run_case(cfg, timer, meta, s, m, threads, out_path, progress, stream)
                 del s
             summaries.append(summarize(rows, cfg, threads, time.perf_counter() - t0))
             all_rows += rows

@@ -206,17 +206,43 @@ def versions() -> dict:
     }
 
 
+def _cache_size(text: str) -> int:
+    """sysfs cache size ("32768K", "1M", "512") -> bytes."""
+    text = text.strip()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * mult
+
+
 def _l3_bytes() -> int | None:
+    """One L3 instance's size, as cpu0 sees it."""
     base = Path("/sys/devices/system/cpu/cpu0/cache")
     for index in sorted(base.glob("index*")):
         try:
             if (index / "level").read_text().strip() == "3":
-                size = (index / "size").read_text().strip()  # e.g. "32768K"
-                mult = {"K": 1 << 10, "M": 1 << 20}.get(size[-1], 1)
-                return int(size.rstrip("KM")) * mult
+                return _cache_size((index / "size").read_text())
         except (OSError, ValueError):
             continue
     return None
+
+
+def _l3_total_bytes() -> int | None:
+    """All L3 instances of the machine together (each CCD / socket has its own; one shared by
+    several CPUs counted once), or None where sysfs does not say."""
+    sizes = {}
+    for index in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cache/index*"):
+        try:
+            if (index / "level").read_text().strip() == "3":
+                sizes[(index / "shared_cpu_list").read_text().strip()] = _cache_size((index / "size").read_text())
+        except (OSError, ValueError):
+            continue
+    return sum(sizes.values()) or None
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def machine(device: torch.device) -> dict:
@@ -231,6 +257,7 @@ def machine(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "l3_bytes": _l3_bytes(),
+        "l3_total_bytes": _l3_total_bytes(),
         "accelops_cpu_isa": info.get("cpu_isa"),
         "cpu_features": info.get("cpu_features"),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -326,7 +353,8 @@ class Timer:
     interpreter and dispatcher (a 10-element add_ took 117 us after a 64 MB sweep instead of
     ~3 us), which would swamp the M=1 times; so the CPU callables rotate through copies of
     their weights instead (`copies_for`, `rotating`): each call reads weights that have not
-    been touched for >= 2x L3 of traffic, as every layer of a model does, while code stays hot.
+    been touched for >= max(2x the machine's L3, 1 GiB) of traffic, as every layer of a model
+    does, while code stays hot.
     """
 
     def __init__(self, cfg: Config):
@@ -406,13 +434,48 @@ class Timer:
         }
 
 
-def copies_for(cfg: Config, weight_bytes: int) -> int:
-    """How many copies of a weight the CPU callables rotate through: enough that >= 2x L3
-    of other weights pass between two reads of one copy (at least 2, at most 64)."""
+# Cold weights on the CPU: between two reads of one weight copy, at least this much other
+# data is read. 2x the machine's whole L3 (all instances: a 2-socket Xeon reports 480 MiB), and
+# never less than 1 GiB, so that no cache level or memory-side cache of any machine the bench
+# runs on can still hold the copy.
+COLD_MIN_BYTES = 1 << 30
+COLD_L3_FACTOR = 2
+COLD_MEMORY_SHARE = 16   # the rotating copies of one weight take at most 1/16 of the memory
+COLD_MAX_COPIES = 4096   # tiny weights: Python-side overhead per copy, and they are not memory bound
+QUICK_MAX_COPIES = 64    # --quick: tiny shapes, smoke test only
+
+
+def cold_target_bytes(cfg: Config) -> int:
+    """Bytes that must pass between two reads of one weight copy (0: not cold, --no-flush or
+    CUDA, which flushes its L2 instead)."""
     if cfg.device.type != "cpu" or not cfg.flush:
+        return 0
+    return max(COLD_MIN_BYTES, COLD_L3_FACTOR * (_l3_total_bytes() or _l3_bytes() or (32 << 20)))
+
+
+def copies_for(cfg: Config, weight_bytes: int) -> int:
+    """How many copies of a weight the CPU callables rotate through, so that >=
+    cold_target_bytes pass between two reads of one copy: ceil(target / weight bytes),
+    at least 2, capped at 1/COLD_MEMORY_SHARE of the machine's memory (and COLD_MAX_COPIES,
+    QUICK_MAX_COPIES with --quick). Rows record what they got (`cold_bytes`, see cold_fields)."""
+    target = cold_target_bytes(cfg)
+    if not target:
         return 1
-    cold = 2 * (_l3_bytes() or (32 << 20))
-    return max(2, min(64, -(-cold // max(weight_bytes, 1))))
+    weight_bytes = max(weight_bytes, 1)
+    copies = -(-target // weight_bytes)
+    memory = _memory_bytes()
+    if memory:
+        copies = min(copies, memory // COLD_MEMORY_SHARE // weight_bytes)
+    return max(2, min(QUICK_MAX_COPIES if cfg.quick else COLD_MAX_COPIES, copies))
+
+
+def cold_fields(cfg: Config, weight_bytes: int | None, copies: int) -> dict:
+    """What a row records about its cold weights: the copies rotated, the bytes they hold
+    (what passes between two reads of one copy, the copy itself included) and the target."""
+    target = cold_target_bytes(cfg)
+    rotated = (weight_bytes or 0) * copies
+    return {"weight_copies": copies, "cold_bytes": rotated, "cold_target_bytes": target,
+            "cold": bool(target) and rotated >= target}
 
 
 def through_table(fn, table):

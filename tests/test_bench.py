@@ -9,26 +9,30 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"ternary", "int8", "ternary_tuned", "int8_tuned", "fp32", "bf16", "int_mm", "ref_ternary_compiled", "ref_int8_compiled",
-           "torchao", "torchao_compiled"}
+           "torchao", "torchao_compiled", "stream_read"}
 COMM_OPS = {"bucket_flatten", "bucket_unflatten_", "cast_div", "topk_compress_", "topk_decompress", "sign_compress_",
             "sign_decompress", "int8_compress_", "int8_decompress", "orthogonalize_"}
 LM_VARIANTS = ["fp32", "int8 post-training", "bitlinear", "qat-int8", "qat-int8, deployed int8", "alternate sharing"]
 
 
-def test_quick_bench_appends_rows_with_metadata(tmp_path):
-    results = tmp_path / "matmul_quick.jsonl"
-    results.write_text('{"earlier": "row"}\n')  # rows are appended, never overwritten
+def _run_quick(tmp_path, *only, timeout=600):
     env = dict(os.environ)
     # conftest turns the Triton interpreter on for the tests; the bench must run the real
     # backends (on a GPU machine the interpreter would take CUDA tensors through Python).
     env.pop("TRITON_INTERPRET", None)
     env.pop("ACCELOPS_BACKEND", None)
     proc = subprocess.run(
-        [sys.executable, "bench/run.py", "--quick", "--threads", "1", "--results-dir", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "bench/run.py", "--quick", *(("--only", *only) if only else ()), "--threads", "1",
+         "--results-dir", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
+
+def check_matmul_quick(tmp_path) -> list[dict]:
+    """The matmul family's quick rows (after a row written before the run) -> the run's rows."""
+    results = tmp_path / "matmul_quick.jsonl"
     lines = results.read_text().splitlines()
     assert json.loads(lines[0]) == {"earlier": "row"}
     rows = [json.loads(line) for line in lines[1:]]
@@ -55,17 +59,46 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
             r = by[(key, m)]
             assert r["status"] == "ok", r.get("reason")
             assert r["check"]["ok"] and r["check"]["against"] == "accelops.reference"
+    # The memory limit of the M=1 case: one streaming read of the ternary case's bytes (packed
+    # weight + an fp32 x row) per shape and thread count, and the ternary row's fraction of it.
+    assert [r["method"] for r in rows].count("stream_read") == 1
+    stream, tern = by[("stream_read", 1)], by[("ternary", 1)]
+    assert stream["status"] == "ok" and stream["gb_per_s"] > 0 and not stream["accelops"]
+    assert stream["bytes_moved"] >= tern["weight_bytes"] + tern["K"] * 4
+    assert tern["stream_read_us"] == stream["median_us"]
+    assert tern["bandwidth_fraction"] == stream["median_us"] / tern["median_us"]
     for r in rows:
         if r["status"] == "ok":
             assert r["p20_us"] <= r["median_us"] <= r["p80_us"]
             assert r["repeats"] >= 3
-            assert "peak_mem_bytes" in r and r["rel_err_vs_fp32_linear"] >= 0
+            assert "peak_mem_bytes" in r
+            assert r["method"] == "stream_read" or r["rel_err_vs_fp32_linear"] >= 0
+            # cold weights: each row says how many copies rotate, the bytes they hold and the
+            # target (max(2x L3, 1 GiB); --quick caps the copies of its tiny weights at 64)
+            assert r["weight_copies"] >= 2 and r["cold_target_bytes"] >= 1 << 30
+            assert r["cold_bytes"] == r["weight_copies"] * r["weight_bytes"]
         elif r["method"].startswith("torchao"):
             # Only acceptable if torchao is absent here, and then the row says so.
             assert r["status"] == "skipped" and "torchao" in r["reason"]
 
     summary = (tmp_path / "matmul_summary_quick.md").read_text()
     assert "ternary vs fp32" in summary and "Targets:" in summary
+    assert "Memory limit at M=1" in summary and "streaming read" in summary
+    return rows
+
+
+def test_matmul_bench_quick(tmp_path):
+    """bench_matmul alone (the full smoke run below covers it too, with every family)."""
+    (tmp_path / "matmul_quick.jsonl").write_text('{"earlier": "row"}\n')  # rows are appended, never overwritten
+    proc = _run_quick(tmp_path, "matmul")
+    check_matmul_quick(tmp_path)
+    assert "accelops ternary_matmul" in proc.stdout
+
+
+def test_quick_bench_appends_rows_with_metadata(tmp_path):
+    (tmp_path / "matmul_quick.jsonl").write_text('{"earlier": "row"}\n')  # rows are appended, never overwritten
+    proc = _run_quick(tmp_path)
+    rows = check_matmul_quick(tmp_path)
 
     # The comm family: each kernel checked against its pure-PyTorch reference, both timed.
     comm = [json.loads(line) for line in (tmp_path / "comm_quick.jsonl").read_text().splitlines()]

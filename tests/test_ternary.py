@@ -99,8 +99,11 @@ def _ternary_extreme_k(backend):
     return 2**24 if isa == "avx512vnni" else 2**21  # 2^24 * 127 < 2^31 (and exact in fp32)
 
 
+# m = 1 takes the GEMV kernels, whose AVX-512 path folds scaled per-slice sums in windows
+# of 2^13 pairs (2^24 weights: eight windows); m = 2 the GEMM tiles.
+@pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("wv", [1, -1])
-def test_ternary_matmul_extremes_at_large_k(backend, wv):
+def test_ternary_matmul_extremes_at_large_k(backend, wv, m):
     if backend == "triton":
         pytest.skip("interpreting 16M-wide rows is too slow; the Triton kernel accumulates in int32 the same way")
     k = _ternary_extreme_k(backend)
@@ -108,9 +111,23 @@ def test_ternary_matmul_extremes_at_large_k(backend, wv):
     x[1] = -127.0
     wq = torch.full((3, k), wv, dtype=torch.int8)
     wq[2] = 0
-    y = ops.ternary_matmul(x, ops.pack_ternary(wq), torch.ones(1))
+    y = ops.ternary_matmul(x[:m], ops.pack_ternary(wq), torch.ones(1))
     expected = torch.tensor([[127.0 * wv * k, 127.0 * wv * k, 0.0], [-127.0 * wv * k, -127.0 * wv * k, 0.0]])
-    assert torch.equal(y, expected)
+    assert torch.equal(y, expected[:m])
+
+
+# M = 1 takes the GEMV kernels: four weight rows a tile (N around 4), column blocks of 32
+# split across threads (N around 32 and several blocks), an odd or even number of 128-blocks
+# (the AVX-512 path takes two a vector), and x rows of any sign pattern.
+@pytest.mark.parametrize("k", [1, 129, 255, 256, 384, 2049, 4096, 11008])
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 31, 33, 70, 257])
+def test_ternary_gemv_edges_exact(backend, n, k):
+    wq = random_ternary(n, k)
+    x = integer_rows(1, k)
+    y = ops.ternary_matmul(x, ops.pack_ternary(wq), torch.ones(1))
+    assert torch.equal(y, (x.double() @ wq.double().t()).float())
+    y1 = ops.ternary_matmul(x[0], ops.pack_ternary(wq), torch.ones(1))  # 1-D x: M = 1 too
+    assert torch.equal(y1, y[0])
 
 
 @given(

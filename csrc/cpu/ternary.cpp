@@ -222,14 +222,254 @@ static void ternary_gemm_vnni512(const int8_t* x_q, const int32_t* xsum, int64_t
   });
 }
 
+// ---------------------------------------------------------------- GEMV (M = 1)
+//
+// At M = 1 every weight byte is used once, so the call is as fast as the weights stream
+// from DRAM, provided the decode-and-dot keeps well ahead of the memory (measured on a
+// Zen 4, 1 core: a cold streaming read 23-27 GB/s; the GEMM tiles' GEMV decoded at 25 GB/s
+// from L2 and reached 8 GB/s cold). What the GEMV does differently:
+// * Four weight rows a tile, so the activations loaded for a block serve four rows and each
+//   accumulator sees one dot product per four rows (latency hidden without unrolling K).
+// * Software prefetch into L2 (prefetcht1) kGemvPrefetchBytes ahead in the thread's
+//   contiguous range of rows: a tile reads four interleaved streams, which the hardware
+//   prefetchers followed badly (cold 4096x4096, 1 thread: 8 GB/s without, 18-21 GB/s with;
+//   prefetcht0 instead: 9 GB/s; 16 KB ahead was the best of 4, 8 and 16 KB and of one to
+//   four tiles ahead on the bench shapes, 4 KB 40% slower on 11008-wide rows).
+// * AVX-512 VNNI: the codes are decoded with one AND each and no shift, left in place in
+//   their byte (slice q scaled by 4^q, at most 2 * 64 = 128, still an unsigned byte), with
+//   one accumulator per slice; the scales are divided out (exact arithmetic shifts) when a
+//   window of pairs is folded. 9 vector operations per 256 weights instead of 12; and
+//   vpdpbusd is issued in place (see dpbusd_inplace), which GCC 12 does not do for the
+//   intrinsic. 45 GB/s from L2 on 1 Zen 4 core (the GEMM tile: 25).
+// * One horizontal reduction per four rows (a transpose-and-add tree), the sum_k x[k]
+//   correction and the epilogue per column block, as in the GEMM.
+// Each thread takes one contiguous range of column blocks (at::parallel_for), so its weights
+// are one sequential range of memory.
+constexpr int kGemvRows = 4;
+constexpr int64_t kGemvPrefetchBytes = 16 << 10;
+
+// The prefetch distance for a tile of `tile_bytes` at `tile` whose thread reads up to `end`:
+// kGemvPrefetchBytes, less near the end so that no line past the thread's range is asked
+// for (the last tiles then prefetch lines they or their neighbours already hold).
+static inline int64_t gemv_prefetch_distance(const uint8_t* tile, int64_t tile_bytes, const uint8_t* end) {
+  return std::max<int64_t>(0, std::min<int64_t>(kGemvPrefetchBytes, end - (tile + tile_bytes)));
+}
+
+// acc += u8 . s8 (vpdpbusd), accumulating in place. GCC 12 compiles _mm512_dpbusd_epi32 in an
+// unrolled loop with a register copy (and often a stack store) of the accumulator per
+// instruction: 25 GB/s instead of 45 from L2 for the GEMV tile below.
+ACCELOPS_TARGET_AVX512VNNI static inline void dpbusd_inplace(__m512i& acc, __m512i u8, __m512i s8) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+}
+
+// [sum of a, sum of b, sum of c, sum of d] (int32 lanes modulo 2^32): one tree for four rows.
+ACCELOPS_TARGET_AVX512VNNI static inline __m128i hsum4_u32_512(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+// One pair of blocks (256 weights) of R rows into s[r][slice]; `tail`: the odd last block,
+// whose upper 32 bytes lie past the row (masked off; their activations are zero).
+template <int R, bool kTail>
+ACCELOPS_TARGET_AVX512VNNI static inline __attribute__((always_inline)) void gemv_pair_vnni512(
+    const int8_t* xp, const uint8_t* w, int64_t ldw, int64_t p, int64_t pf, __m512i (&s)[R][4]) {
+  const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c), m2 = _mm512_set1_epi8(0x30),
+                m3 = _mm512_set1_epi8(static_cast<char>(0xc0));
+  const int8_t* xq = xp + p * 256;
+  const __m512i x0 = _mm512_loadu_si512(xq), x1 = _mm512_loadu_si512(xq + 64), x2 = _mm512_loadu_si512(xq + 128),
+                x3 = _mm512_loadu_si512(xq + 192);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* wr = w + r * ldw + p * 64;
+    _mm_prefetch(reinterpret_cast<const char*>(wr + pf), _MM_HINT_T1);
+    const __m512i b = kTail ? _mm512_maskz_loadu_epi8(__mmask64(0xffffffffu), wr) : _mm512_loadu_si512(wr);
+    dpbusd_inplace(s[r][0], _mm512_and_si512(b, m0), x0);
+    dpbusd_inplace(s[r][1], _mm512_and_si512(b, m1), x1);
+    dpbusd_inplace(s[r][2], _mm512_and_si512(b, m2), x2);
+    dpbusd_inplace(s[r][3], _mm512_and_si512(b, m3), x3);
+  }
+}
+
+// folded[r] += codes(w row r) . x over the pairs [p0, p1) of R rows (mod 2^32), plus the odd
+// last block when `tail`. The accumulators are locals of this function alone: with the
+// window loop of gemv_tile_vnni512 around them, GCC kept them on the stack.
+// Exactness: a lane of the slice-3 accumulator gains at most 4 * 128 * 128 = 2^16 a pair,
+// so a window of up to 2^15 - 1 pairs cannot overflow int32 and the shifts that divide the
+// scales out are exact.
+template <int R>
+ACCELOPS_TARGET_AVX512VNNI __attribute__((noinline)) static void gemv_window_vnni512(
+    const int8_t* xp, const uint8_t* w, int64_t ldw, int64_t p0, int64_t p1, bool tail, int64_t pf,
+    __m512i* folded) {
+  __m512i s[R][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) s[r][q] = _mm512_setzero_si512();
+  for (int64_t p = p0; p < p1; ++p) gemv_pair_vnni512<R, false>(xp, w, ldw, p, pf, s);
+  if (tail) gemv_pair_vnni512<R, true>(xp, w, ldw, p1, pf, s);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+    folded[r] = _mm512_add_epi32(
+        folded[r], _mm512_add_epi32(_mm512_add_epi32(s[r][0], _mm512_srai_epi32(s[r][1], 2)),
+                                    _mm512_add_epi32(_mm512_srai_epi32(s[r][2], 4), _mm512_srai_epi32(s[r][3], 6))));
+}
+
+// out[r] = codes(w row r) . x (mod 2^32) for R rows, x in the pair layout of
+// ternary_gemm_vnni512: windows of 2^13 pairs (2^21 weights) folded into sums kept modulo
+// 2^32 like the GEMM's (exact for every K the contract allows).
+template <int R>
+ACCELOPS_TARGET_AVX512VNNI static void gemv_tile_vnni512(const int8_t* xp, const uint8_t* w, int64_t ldw,
+                                                        int64_t nblocks, int64_t pf, uint32_t* out) {
+  constexpr int64_t kFoldPairs = 1 << 13;
+  const int64_t full = nblocks / 2;
+  __m512i folded[R];
+  for (int r = 0; r < R; ++r) folded[r] = _mm512_setzero_si512();
+  int64_t p0 = 0;
+  for (; p0 + kFoldPairs < full; p0 += kFoldPairs)
+    gemv_window_vnni512<R>(xp, w, ldw, p0, p0 + kFoldPairs, false, pf, folded);
+  gemv_window_vnni512<R>(xp, w, ldw, p0, full, nblocks % 2 != 0, pf, folded);
+  if constexpr (R == 4) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), hsum4_u32_512(folded[0], folded[1], folded[2], folded[3]));
+  } else {
+    for (int r = 0; r < R; ++r) out[r] = hsum_u32_512(folded[r]);
+  }
+}
+
+static void ternary_gemv_vnni512(const int8_t* x_q, int32_t xsum, const uint8_t* w_packed, int64_t n,
+                                 int64_t nblocks, int32_t* acc_out,
+                                 const std::function<void(int64_t, int64_t)>& finish_columns) {
+  const int64_t npairs = (nblocks + 1) / 2, ldw = nblocks * kTernaryBlockBytes;
+  std::vector<int8_t> xp(npairs * 256, 0);
+  for (int64_t blk = 0; blk < nblocks; ++blk)
+    for (int q = 0; q < 4; ++q)
+      std::memcpy(&xp[(blk / 2) * 256 + q * 64 + (blk % 2) * 32], x_q + blk * 128 + q * 32, 32);
+  const CpuTiles tiles = cpu_tiles();  // k_chunk does not apply: a GEMV streams whole rows
+  const int64_t nb = tiles.n_block ? tiles.n_block : 32;
+  const int64_t ntiles = (n + nb - 1) / nb;
+  uint32_t* acc = reinterpret_cast<uint32_t*>(acc_out);
+  at::parallel_for(0, ntiles, 1, [&](int64_t tb, int64_t te) {
+    const uint8_t* end = w_packed + std::min(n, te * nb) * ldw;
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t n0 = t * nb, n1 = std::min(n, n0 + nb);
+      int64_t j = n0;
+      for (; j + kGemvRows <= n1; j += kGemvRows) {
+        const uint8_t* w = w_packed + j * ldw;
+        gemv_tile_vnni512<kGemvRows>(xp.data(), w, ldw, nblocks, gemv_prefetch_distance(w, kGemvRows * ldw, end),
+                                     acc + j);
+      }
+      for (; j < n1; ++j) {
+        const uint8_t* w = w_packed + j * ldw;
+        gemv_tile_vnni512<1>(xp.data(), w, ldw, nblocks, gemv_prefetch_distance(w, ldw, end), acc + j);
+      }
+      for (j = n0; j < n1; ++j) acc[j] -= static_cast<uint32_t>(xsum);
+      if (finish_columns) finish_columns(n0, n1);
+    }
+  });
+}
+
+// AVX2: the GEMM tile's decode (5 operations a block: one shift, four ANDs; codes of slices
+// 1 and 3 scaled by 4, int16 accumulators widened every kWiden blocks), four rows a tile.
+// vpmaddubsw, the int16 adds and the ANDs leave this path bound by vector ALU throughput
+// (about 27 GB/s from L2 on a Zen 4 core), so at one thread it is close to, not far above,
+// the DRAM rate.
+template <int R>
+__attribute__((target("avx2"))) static inline __attribute__((always_inline)) void gemv_block_avx2(
+    const int8_t* x, const uint8_t* w, int64_t ldw, int64_t b, int64_t pf, __m256i (&lo)[R], __m256i (&hi)[R]) {
+  const __m256i lo_mask = _mm256_set1_epi8(0x03), hi_mask = _mm256_set1_epi8(0x0c);
+  const __m256i* xb = reinterpret_cast<const __m256i*>(x + b * 128);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* wr = w + r * ldw + b * 32;
+    // Every block, so every other one asks for a line already asked for: measured as fast
+    // as one prefetch a line (which needs two blocks a step and spills accumulators).
+    _mm_prefetch(reinterpret_cast<const char*>(wr + pf), _MM_HINT_T1);
+    const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr));
+    const __m256i q = _mm256_srli_epi16(p, 4);
+    lo[r] = _mm256_add_epi16(lo[r], _mm256_add_epi16(
+                                        _mm256_maddubs_epi16(_mm256_and_si256(p, lo_mask), _mm256_loadu_si256(xb)),
+                                        _mm256_maddubs_epi16(_mm256_and_si256(q, lo_mask), _mm256_loadu_si256(xb + 2))));
+    hi[r] = _mm256_add_epi16(hi[r], _mm256_add_epi16(
+                                        _mm256_maddubs_epi16(_mm256_and_si256(p, hi_mask), _mm256_loadu_si256(xb + 1)),
+                                        _mm256_maddubs_epi16(_mm256_and_si256(q, hi_mask), _mm256_loadu_si256(xb + 3))));
+  }
+}
+
+// s32[r] += 4 * codes(w row r) . x over the blocks [b0, b1) (at most kWiden of them). The
+// int16 accumulators are locals of this function alone, as in gemv_window_vnni512.
+template <int R>
+__attribute__((target("avx2"), noinline)) static void gemv_window_avx2(const int8_t* x, const uint8_t* w,
+                                                                      int64_t ldw, int64_t b0, int64_t b1, int64_t pf,
+                                                                      __m256i* s32) {
+  __m256i lo[R], hi[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
+  for (int64_t b = b0; b < b1; ++b) gemv_block_avx2<R>(x, w, ldw, b, pf, lo, hi);
+  const __m256i ones16 = _mm256_set1_epi16(1), fours16 = _mm256_set1_epi16(4);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+    s32[r] = _mm256_add_epi32(s32[r], _mm256_add_epi32(_mm256_madd_epi16(lo[r], fours16),
+                                                       _mm256_madd_epi16(hi[r], ones16)));
+}
+
+// out[r] = codes(w row r) . x for R rows (exact for K up to 2^31 / 1016, as the GEMM tile).
+template <int R>
+__attribute__((target("avx2"))) static void gemv_tile_avx2(const int8_t* x, const uint8_t* w, int64_t ldw,
+                                                          int64_t nblocks, int64_t pf, int32_t* out) {
+  constexpr int64_t kWiden = 8;  // blocks an int16 accumulator takes (see ternary_tile_avx2)
+  __m256i s32[R];
+  for (int r = 0; r < R; ++r) s32[r] = _mm256_setzero_si256();
+  for (int64_t bs = 0; bs < nblocks; bs += kWiden)
+    gemv_window_avx2<R>(x, w, ldw, bs, std::min(nblocks, bs + kWiden), pf, s32);
+  // s32 holds 4 * the dot product: an exact multiple of 4, so the division is exact.
+  if constexpr (R == 4) {
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s32[0], s32[1]), _mm256_hadd_epi32(s32[2], s32[3]));
+    const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_srai_epi32(t, 2));
+  } else {
+    for (int r = 0; r < R; ++r) out[r] = hsum_epi32(s32[r]) / 4;
+  }
+}
+
+static void ternary_gemv_avx2(const int8_t* x_q, int32_t xsum, const uint8_t* w_packed, int64_t n, int64_t nblocks,
+                              int32_t* acc, const std::function<void(int64_t, int64_t)>& finish_columns) {
+  const int64_t ldw = nblocks * kTernaryBlockBytes;
+  const CpuTiles tiles = cpu_tiles();  // k_chunk does not apply: a GEMV streams whole rows
+  const int64_t nb = tiles.n_block ? tiles.n_block : 32;
+  const int64_t ntiles = (n + nb - 1) / nb;
+  at::parallel_for(0, ntiles, 1, [&](int64_t tb, int64_t te) {
+    const uint8_t* end = w_packed + std::min(n, te * nb) * ldw;
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t n0 = t * nb, n1 = std::min(n, n0 + nb);
+      int64_t j = n0;
+      for (; j + kGemvRows <= n1; j += kGemvRows) {
+        const uint8_t* w = w_packed + j * ldw;
+        gemv_tile_avx2<kGemvRows>(x_q, w, ldw, nblocks, gemv_prefetch_distance(w, kGemvRows * ldw, end), acc + j);
+      }
+      for (; j < n1; ++j) {
+        const uint8_t* w = w_packed + j * ldw;
+        gemv_tile_avx2<1>(x_q, w, ldw, nblocks, gemv_prefetch_distance(w, ldw, end), acc + j);
+      }
+      for (j = n0; j < n1; ++j) acc[j] -= xsum;
+      if (finish_columns) finish_columns(n0, n1);
+    }
+  });
+}
+
 void ternary_gemm_i32(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_t* w_packed, int64_t n,
                       int64_t nblocks, int32_t* acc, Isa isa,
                       const std::function<void(int64_t, int64_t)>& finish_columns) {
+  if (m == 1 && nblocks > 0 && isa == Isa::Avx512Vnni)
+    return ternary_gemv_vnni512(x_q, xsum[0], w_packed, n, nblocks, acc, finish_columns);
+  if (m == 1 && nblocks > 0 && isa != Isa::Scalar)
+    return ternary_gemv_avx2(x_q, xsum[0], w_packed, n, nblocks, acc, finish_columns);
   if (isa == Isa::Avx512Vnni) return ternary_gemm_vnni512(x_q, xsum, m, w_packed, n, nblocks, acc, finish_columns);
   // GEMM: a K chunk of 16 blocks (2048 weights) keeps a 2-row activation slice in L1 while
-  // a block of weight rows (nb * 512 B) stays in L2. GEMV: no chunking, so each weight row
-  // is one long sequential stream for the hardware prefetcher (cold weights, M=1: chunked
-  // reads measured about 2x slower than the DRAM stream rate).
+  // a block of weight rows (nb * 512 B) stays in L2. M = 2, 3 (M = 1 took the GEMV above): no
+  // chunking, so each weight row is one long sequential stream for the hardware prefetcher
+  // (cold weights, M=1: chunked reads measured about 2x slower than the DRAM stream rate).
   const CpuTiles tiles = cpu_tiles();
   const int64_t kChunkBlocks = tiles.k_chunk ? tiles.k_chunk / kTernaryBlockK : (m <= 3 ? std::max<int64_t>(nblocks, 1) : 16);
   const int64_t ldx = nblocks * kTernaryBlockK, ldw = nblocks * kTernaryBlockBytes;
