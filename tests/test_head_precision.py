@@ -272,3 +272,15 @@ def test_ternary_untied_head_runs_its_kernel():
     assert type(model.lm_head) is TernaryLinear
     h = torch.randn(2, 64)
     assert torch.equal(model.head(h), model.lm_head(h))
+
+
+def test_converting_again_leaves_the_converted_ends_alone():
+    model = hf_bitnet()
+    convert(model, "ternary", head="int8")
+    report = convert(model, "ternary", head="int8")
+    assert report.num_swapped == 0 and type(model.lm_head) is TiedHead
+    assert "a TiedHead, not an nn.Linear" in dict(report.skipped)["lm_head"]
+    model = bitnet_tlm()
+    convert(model, "ternary", head="bf16")
+    report = convert(model, "ternary", head="bf16")
+    assert report.num_swapped == 0 and "not an nn.Embedding" in dict(report.skipped)["tok_emb"]

@@ -485,8 +485,9 @@ class _EndsPlanner:
         if e is not None and emb is None:
             raise ValueError("embedding=: the model has no input embedding (model.get_input_embeddings() or a "
                              "layer named tok_emb / embed_tokens / wte)")
-        weight = getattr(emb, "weight", None) if emb is not None else None
-        tied = structural or (head is not None and weight is not None and getattr(head, "weight", None) is weight)
+        # the Parameters themselves (a converted layer's .weight property would dequantize a copy)
+        weight = _own_weight(emb)
+        tied = structural or (weight is not None and _own_weight(head) is weight)
         out: dict[int, tuple] = {}
         if tied and not (h is not None and e is not None and h != e):
             self._tied(out, h or e, head, head_fqn, emb, emb_fqn, structural, followed="embedding" if e is None
@@ -511,8 +512,8 @@ class _EndsPlanner:
 
     @staticmethod
     def _keep(module, what: str, arg: str) -> tuple:
-        w = getattr(module, "weight", None)
-        dtype = str(w.dtype).removeprefix("torch.") if isinstance(w, torch.Tensor) else "as it is"
+        w = _own_weight(module)
+        dtype = str(w.dtype).removeprefix("torch.") if w is not None else f"a {type(module).__name__}"
         return "skip", f"the {what} stays {dtype} ({arg}='fp32')", ""
 
     def _head_alone(self, head, fqn, precision, note) -> tuple:
@@ -575,6 +576,10 @@ class _EndsPlanner:
             out[id(head)] = ("swap", lambda: TiedHead.of(make_emb()),
                              f"tied to {emb_fqn}: {emb_fqn}.attend(h) on its {precision} weight{also}")
         out[id(emb)] = ("swap", make_emb, note)
+
+
+def _own_weight(module) -> nn.Parameter | None:
+    return module._parameters.get("weight") if isinstance(module, nn.Module) else None
 
 
 def _embedding_maker(emb: nn.Embedding, precision: str):
