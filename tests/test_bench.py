@@ -15,7 +15,7 @@ COMM_OPS = {"bucket_flatten", "bucket_unflatten_", "cast_div", "topk_compress_",
 LM_VARIANTS = ["fp32", "int8 post-training", "bitlinear", "qat-int8", "qat-int8, deployed int8", "alternate sharing"]
 
 
-def _run_quick(tmp_path, *only, timeout=600):
+def _run_quick(tmp_path, *only, timeout=900):  # every family: generate adds ~2 min
     env = dict(os.environ)
     # conftest turns the Triton interpreter on for the tests; the bench must run the real
     # backends (on a GPU machine the interpreter would take CUDA tensors through Python).
@@ -199,6 +199,54 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
     con.close()
     check_optim_quick(tmp_path)
     check_layers_quick(tmp_path)
+    check_generate_quick(tmp_path)
+
+
+GENERATE_ENGINES = {"accelops", "accelops_hf", "hf_bf16", "hf_fp32", "torchao"}
+
+
+def check_generate_quick(results_dir: Path, threads: int = 1) -> None:
+    """The generate family's quick rows: every engine at batch 1 and 4 (torchao skipped with the
+    reason where it is not importable), each checked greedy against its own no-cache forward
+    before timing, with TTFT, prefill and decode tokens/s, peak RSS and model bytes; the
+    accelops engine's decode-step breakdown."""
+    rows = [json.loads(line) for line in (results_dir / "generate_quick.jsonl").read_text().splitlines()]
+    assert {r["engine"] for r in rows} == GENERATE_ENGINES
+    assert sorted((r["engine"], r["batch"]) for r in rows) == sorted((e, b) for e in GENERATE_ENGINES for b in (1, 4))
+    assert len({r["run_id"] for r in rows}) == 1
+    for r in rows:
+        assert r["family"] == "generate" and r["quick"] is True and r["threads"] == threads and r["shape"] == "tiny"
+        if r["engine"] == "torchao" and r["status"] != "ok":
+            assert r["status"] == "skipped" and "torchao" in r["reason"]
+            continue
+        assert r["status"] == "ok", r.get("reason")
+        assert r["check"]["ok"]
+        assert 0 < r["ttft_p20_s"] <= r["ttft_s"] <= r["ttft_p80_s"]
+        assert r["decode_step_p20_s"] <= r["decode_step_s"] <= r["decode_step_p80_s"]
+        assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
+        assert r["peak_rss_bytes"] > 0 and r["model_bytes"] > 0
+        assert {"cpu_model", "cpu_count"} <= set(r["machine"]) and r["versions"]["torch"]
+    by = {(r["engine"], r["batch"]): r for r in rows}
+    # int8 tied head/embedding and packed ternary layers: smaller than the bf16 model
+    assert by[("accelops", 1)]["model_bytes"] < by[("hf_bf16", 1)]["model_bytes"] < by[("hf_fp32", 1)]["model_bytes"]
+    bd = by[("accelops", 1)]["breakdown"]
+    assert {"ternary matmuls", "LM head (int8_linear)", "norms", "sampling (argmax)"} <= set(bd["parts_s"])
+    assert 0 <= bd["outside_matmuls_fraction"] <= 1 and "skipped" in bd["compiled"]
+    summary = (results_dir / "generate_summary_quick.md").read_text()
+    assert "Targets" in summary and "Decode step of the accelops engine" in summary
+
+
+def test_generate_bench_quick(tmp_path):
+    """bench_generate alone (the full smoke run above covers it too, with every family)."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("ACCELOPS_BACKEND", None)
+    proc = subprocess.run(
+        [sys.executable, "bench/run.py", "--quick", "--only", "generate", "--threads", "1", "--results-dir",
+         str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check_generate_quick(tmp_path)
 
 
 LAYER_METHODS = {"bitlinear_eval", "ternary_linear", "linear", "bitlinear_train"}

@@ -91,8 +91,27 @@ class LanguageModel(nn.Module):
         return logits, self.loss(logits, targets)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight)
+        """Final hidden states -> logits: lm_head(h), or with tied embeddings h @ tok_emb.weight^T
+        (a converted tok_emb, Int8Embedding / Bf16Embedding, runs its attend(h): int8_linear or
+        a bf16 GEMM on the one weight that serves both)."""
+        if self.lm_head is not None:
+            return self.lm_head(h)
+        if type(self.tok_emb) is nn.Embedding:
+            return F.linear(h, self.tok_emb.weight)
+        return self.tok_emb.attend(h)
+
+    # transformers' names, which accelops.convert(head=..., embedding=...) reads
+    def get_input_embeddings(self) -> nn.Module:
+        return self.tok_emb
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """lm_head, or None when the embeddings are tied (head() then reads tok_emb)."""
+        return self.lm_head
+
+    @property
+    def head_reads_input_embeddings(self) -> bool:
+        """True when tied: there is no head module, head() computes with tok_emb's weight."""
+        return self.lm_head is None
 
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

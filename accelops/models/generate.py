@@ -18,6 +18,7 @@ padding left there. A row never attends past its own position, so it never sees 
 """
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 
@@ -156,7 +157,8 @@ def generate(model, tokens, max_new_tokens: int, temperature: float = 1.0, top_k
         raise ValueError(f"stream must be a callable (called with each step's tokens) or None, got "
                          f"{type(stream).__name__}")
 
-    device = model.tok_emb.weight.device
+    # tok_emb's first tensor (a converted Int8Embedding's .weight would dequantize it whole)
+    device = next(itertools.chain(model.tok_emb.parameters(), model.tok_emb.buffers())).device
     was_training = model.training
     model.eval()
     try:

@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from .bitlinear import BitLinear
+from .embedding import Bf16Embedding, Bf16Linear, Int8Embedding, TiedHead
 from .ffn import KERNELS as FFN_KERNELS
 from .ffn import FusedFFN
 from .qat import QATLinear
 from .quantized_linear import Int8Linear, TernaryLinear
 
-__all__ = ["convert", "ConvertReport", "Swap", "MODES"]
+__all__ = ["convert", "ConvertReport", "Swap", "MODES", "PRECISIONS"]
 
 MODES = ("bitlinear", "ternary", "int8", "dynamic-int8", "qat-int8", "int8-from-qat")
 # Modes whose new layers hold a quantized copy of the weight (the float weight is freed);
@@ -34,6 +35,11 @@ _COPYING = ("ternary", "int8", "dynamic-int8", "int8-from-qat")
 # the int8 modes quantize it, as torchao's quantize_ does with every nn.Linear.
 _QUANTIZE_OUTPUT_DEFAULT = {"bitlinear": False, "ternary": False, "int8": True, "dynamic-int8": True,
                             "qat-int8": True, "int8-from-qat": True}
+# convert(head=, embedding=): the precision of the output head and of the input (token)
+# embedding, in the inference modes. "fp32": left as it is.
+PRECISIONS = ("fp32", "bf16", "int8")
+_INFERENCE_MODES = ("ternary", "int8", "dynamic-int8", "int8-from-qat")
+_EMBEDDING_CLASS = {"int8": Int8Embedding, "bf16": Bf16Embedding}
 # FusedFFN quant mode that each convert mode gives a FusedFFN of quant None.
 _FFN_MODE = {"bitlinear": "bitlinear", "ternary": "ternary", "int8": "int8", "dynamic-int8": "int8",
              "qat-int8": "qat-int8"}
@@ -162,6 +168,8 @@ def _features(module: nn.Module) -> tuple[int, int]:
         return module.nx, module.nf
     if isinstance(module, FusedFFN):
         return module.dim, module.dim
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
     return module.in_features, module.out_features
 
 
@@ -180,6 +188,15 @@ def _runs(module: nn.Module) -> str:
         return f"F.linear of fake-quantized {module.weight_bits} weights ({module.activation} activations)"
     if isinstance(module, FusedFFN):
         return FFN_KERNELS[module.quant]
+    if isinstance(module, Int8Embedding):
+        return "int8 rows gathered and dequantized"
+    if isinstance(module, Bf16Embedding):
+        return "bf16 rows gathered"
+    if isinstance(module, Bf16Linear):
+        return "bf16 F.linear"
+    if isinstance(module, TiedHead):
+        return ("int8_linear on the embedding's w_q / w_scale" if module.precision == "int8"
+                else "bf16 F.linear on the embedding's weight")
     return type(module).__name__
 
 
@@ -197,7 +214,7 @@ class _Plan:
 
 
 class _Planner:
-    def __init__(self, model, mode, filter, per_channel, qat, quantize_output, untie):
+    def __init__(self, model, mode, filter, per_channel, qat, quantize_output, untie, head=None, embedding=None):
         self.model, self.mode, self.filter = model, mode, filter
         self.per_channel, self.qat = per_channel, qat
         self.quantize_output, self.untie = quantize_output, untie
@@ -205,6 +222,8 @@ class _Planner:
         self.skipped: list[tuple[str, str]] = []
         self.holders = self._parameter_holders(model)
         self.heads = self._output_heads(model)
+        # id(module) -> the decision for the head and the embedding when head= / embedding= are given
+        self.ends: dict[int, tuple] = _EndsPlanner(self, head, embedding).plan() if (head or embedding) else {}
 
     # --- model facts
     @staticmethod
@@ -278,6 +297,8 @@ class _Planner:
         """None: not a layer convert handles (recurse into it); ("skip", why, "") or
         ("swap", make, note)."""
         mode = self.mode
+        if id(m) in self.ends:
+            return self.ends[id(m)]
         if isinstance(m, FusedFFN):
             return self._decide_ffn(m, fqn)
         if type(m) in (TernaryLinear, Int8Linear):
@@ -403,6 +424,177 @@ class _Planner:
         return "swap", make, f"FusedFFN quant={q!r} -> {target!r}"
 
 
+class _EndsPlanner:
+    """The decisions for convert(head=, embedding=): the output head and the input (token)
+    embedding in the precision asked for. A tied pair (transformers: lm_head sharing
+    embed_tokens' weight; TransformerLM: no lm_head, head() reads tok_emb) keeps ONE weight:
+    the embedding becomes an Int8Embedding / Bf16Embedding and the head a TiedHead holding
+    that same module; giving only one of head= / embedding= sets both. Different precisions
+    for a tied pair untie it, which needs untie=True (and a head module to hold the copy)."""
+
+    def __init__(self, planner: _Planner, head: str | None, embedding: str | None):
+        self.p, self.head_p, self.emb_p = planner, head, embedding
+
+    def _named(self, module):
+        for name, m in self.p.model.named_modules():
+            if m is module:
+                return name
+        return None
+
+    def _head(self):
+        """(head module or None, its name)."""
+        model = self.p.model
+        heads = [(n, m) for n, m in model.named_modules() if id(m) in self.p.heads]
+        get = getattr(model, "get_output_embeddings", None)
+        if callable(get):
+            head = get()
+            if isinstance(head, nn.Module):
+                return head, self._named(head)
+        if len({id(m) for _, m in heads}) > 1:
+            raise ValueError(f"head=: the model has several output heads ({', '.join(n for n, _ in heads)}); "
+                             "convert them with filter= and quantize_output=True instead")
+        return (heads[0][1], heads[0][0]) if heads else (None, None)
+
+    def _embedding(self):
+        model = self.p.model
+        get = getattr(model, "get_input_embeddings", None)
+        if callable(get):
+            try:
+                emb = get()
+            except Exception:  # noqa: BLE001 - a model without one may raise (NotImplementedError)
+                emb = None
+            if isinstance(emb, nn.Module):
+                return emb, self._named(emb)
+        for name, m in model.named_modules():
+            if name.rsplit(".", 1)[-1] in ("tok_emb", "embed_tokens", "wte", "word_embeddings"):
+                return m, name
+        return None, None
+
+    def _asked(self, module, fqn) -> bool:
+        return self.p._ask_filter(module, fqn)
+
+    def plan(self) -> dict:
+        head, head_fqn = self._head()
+        emb, emb_fqn = self._embedding()
+        h, e = self.head_p, self.emb_p
+        structural = (head is None and emb is not None
+                      and getattr(self.p.model, "head_reads_input_embeddings", False) is True)
+        if h is not None and head is None and not structural:
+            raise ValueError("head=: the model has no output head (model.get_output_embeddings() or a layer named "
+                             "lm_head / output_projection)")
+        if e is not None and emb is None:
+            raise ValueError("embedding=: the model has no input embedding (model.get_input_embeddings() or a "
+                             "layer named tok_emb / embed_tokens / wte)")
+        # the Parameters themselves (a converted layer's .weight property would dequantize a copy)
+        weight = _own_weight(emb)
+        tied = structural or (weight is not None and _own_weight(head) is weight)
+        out: dict[int, tuple] = {}
+        if tied and not (h is not None and e is not None and h != e):
+            self._tied(out, h or e, head, head_fqn, emb, emb_fqn, structural, followed="embedding" if e is None
+                       else "head" if h is None else None)
+            return out
+        if tied:  # h and e differ
+            if structural:
+                raise ValueError(f"head={h!r}, embedding={e!r}: the model's head reads its input embedding (tied "
+                                 "embeddings, no head module), so both take one precision; give one of them")
+            if not self.p.untie:
+                why = (f"tied to {emb_fqn}.weight: head={h!r} and embedding={e!r} would untie them (two copies); "
+                       "untie=True converts each on its own, one precision for both keeps the tie")
+                out[id(head)] = ("skip", why, "")
+                out[id(emb)] = ("skip", why.replace(f"tied to {emb_fqn}.weight", f"tied to {head_fqn}.weight"), "")
+                return out
+        untied_note = f"untied from {emb_fqn}.weight (untie=True)" if tied else ""
+        if h is not None:
+            out[id(head)] = self._head_alone(head, head_fqn, h, untied_note)
+        if e is not None:
+            out[id(emb)] = self._embedding_alone(emb, emb_fqn, e, untied_note.replace(emb_fqn, head_fqn or ""))
+        return out
+
+    @staticmethod
+    def _keep(module, what: str, arg: str) -> tuple:
+        w = _own_weight(module)
+        dtype = str(w.dtype).removeprefix("torch.") if w is not None else f"a {type(module).__name__}"
+        return "skip", f"the {what} stays {dtype} ({arg}='fp32')", ""
+
+    def _head_alone(self, head, fqn, precision, note) -> tuple:
+        if precision == "fp32":
+            return self._keep(head, "output head", "head")
+        if type(head) is not nn.Linear:
+            return "skip", f"a {type(head).__name__}, not an nn.Linear: head= converts a float nn.Linear head", ""
+        if not self._asked(head, fqn):
+            return "skip", "filter returned False", ""
+        if precision == "int8":
+            return "swap", lambda: _on_meta_or(head, lambda: Int8Linear.from_linear(head), _empty_int8, None), note
+
+        def make():
+            if head.weight.device.type == "meta":
+                return Bf16Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+            return Bf16Linear.from_linear(head)
+        return "swap", make, note
+
+    def _embedding_alone(self, emb, fqn, precision, note) -> tuple:
+        if precision == "fp32":
+            return self._keep(emb, "input embedding", "embedding")
+        if type(emb) is not nn.Embedding:
+            return "skip", f"a {type(emb).__name__}, not an nn.Embedding: embedding= converts an nn.Embedding", ""
+        if not self._asked(emb, fqn):
+            return "skip", "filter returned False", ""
+        return "swap", _embedding_maker(emb, precision), note
+
+    def _tied(self, out, precision, head, head_fqn, emb, emb_fqn, structural, followed) -> None:
+        arg = "head" if followed == "embedding" else "embedding"
+        also = f"; {arg}={precision!r} sets both" if followed else ""
+        if precision == "fp32":
+            if head is not None:
+                out[id(head)] = ("skip", f"the output head stays (tied to {emb_fqn}.weight; {arg}='fp32')", "")
+            out[id(emb)] = self._keep(emb, "input embedding" + (" (and the tied head)" if structural else ""), arg)
+            return
+        bad = None
+        if type(emb) is not nn.Embedding:
+            bad = f"{emb_fqn} is a {type(emb).__name__}, not an nn.Embedding"
+        elif head is not None and type(head) is not nn.Linear:
+            bad = f"{head_fqn} is a {type(head).__name__}, not an nn.Linear"
+        elif not (self._asked(emb, emb_fqn) and (head is None or self._asked(head, head_fqn))):
+            bad = "filter returned False"
+        if bad:
+            if head is not None:
+                out[id(head)] = ("skip", f"{bad}: the tied head and embedding convert together", "")
+            out[id(emb)] = ("skip", f"{bad}: the tied head and embedding convert together", "")
+            return
+        built = {}
+        make_one = _embedding_maker(emb, precision)
+
+        def make_emb():
+            if "emb" not in built:
+                built["emb"] = make_one()
+            return built["emb"]
+        kernel = "int8_linear" if precision == "int8" else "a bf16 GEMM"
+        if structural:
+            note = f"tied: also the model's head, {kernel} on this one {precision} weight{also}"
+        else:
+            note = f"tied to {head_fqn}: one {precision} weight serves both{also}"
+            out[id(head)] = ("swap", lambda: TiedHead.of(make_emb()),
+                             f"tied to {emb_fqn}: {emb_fqn}.attend(h) on its {precision} weight{also}")
+        out[id(emb)] = ("swap", make_emb, note)
+
+
+def _own_weight(module) -> nn.Parameter | None:
+    return module._parameters.get("weight") if isinstance(module, nn.Module) else None
+
+
+def _embedding_maker(emb: nn.Embedding, precision: str):
+    cls = _EMBEDDING_CLASS[precision]
+
+    def make():
+        w = emb.weight
+        if w.device.type == "meta":
+            new = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, device="meta", dtype=w.dtype)
+            new.train(emb.training)
+            return new
+        return cls.from_embedding(emb)
+    return make
+
+
 def _ffn_int8_from_qat(ffn: FusedFFN) -> FusedFFN:
     new = FusedFFN(ffn.dim, ffn.hidden, ffn.activation, bias=False, quant="int8", device="meta")
     for name in ("gate_proj", "up_proj", "down_proj"):
@@ -450,7 +642,8 @@ def _check_finite(plan: _Plan) -> None:
 
 def convert(model: nn.Module, mode: str, filter: Callable[[nn.Module, str], bool] | None = None,
             per_channel: bool = False, *, activation: str = "per_token", weight: str = "int8",
-            group_size: int = 128, quantize_output: bool | None = None, untie: bool = False) -> ConvertReport:
+            group_size: int = 128, quantize_output: bool | None = None, untie: bool = False,
+            head: str | None = None, embedding: str | None = None) -> ConvertReport:
     """Swap `model`'s linear layers in place, recursing through its children; atomic (an
     error leaves the model unchanged and names the layer).
 
@@ -475,6 +668,17 @@ def convert(model: nn.Module, mode: str, filter: Callable[[nn.Module, str], bool
     skipped with the reason in copying modes (ternary / int8 would keep a quantized copy
     beside the float weight, silently untying the two); untie=True converts it anyway.
     The sharing modes ("bitlinear", "qat-int8") keep ties: the new layer shares the Parameter.
+
+    head, embedding: the precision of the output head and of the input (token) embedding in
+    the inference modes: "fp32" (left as it is), "bf16" (Bf16Linear / Bf16Embedding: weight
+    stored and multiplied in bf16) or "int8" (Int8Linear / Int8Embedding: int8 rows, one
+    fp32 scale a row, the head as dynamic W8A8 int8_linear). None: the head follows
+    quantize_output (which cannot be given with head=), the embedding stays. A tied head and
+    embedding keep ONE weight: the embedding becomes Int8Embedding / Bf16Embedding and the
+    head a TiedHead running the embedding's attend(h) on it (a TransformerLM with tied
+    embeddings has no head module: its head() calls tok_emb.attend); giving one of head= /
+    embedding= sets both (the report says so); two different precisions untie them, which
+    needs untie=True. At the 2B4T shape head="int8" reads 0.33 GB a token instead of 1.3 GB.
     A Conv1D's weight is transposed into a new Parameter in the sharing modes (build the
     optimizer after convert).
 
@@ -497,6 +701,15 @@ def convert(model: nn.Module, mode: str, filter: Callable[[nn.Module, str], bool
         raise TypeError(f"quantize_output must be None or a bool, got {quantize_output!r}")
     if not isinstance(untie, bool):
         raise TypeError(f"untie must be a bool, got {untie!r}")
+    for name, value in (("head", head), ("embedding", embedding)):
+        if value is not None and value not in PRECISIONS:
+            raise ValueError(f"{name} must be None or one of {PRECISIONS}, got {value!r}")
+    if (head is not None or embedding is not None) and mode not in _INFERENCE_MODES:
+        raise ValueError(f"head= and embedding= apply to the inference modes {_INFERENCE_MODES}, got mode={mode!r} "
+                         "(a training mode keeps the head and embedding trainable)")
+    if head is not None and quantize_output is not None:
+        raise ValueError("give head= or quantize_output=, not both: head='int8'/'bf16'/'fp32' sets the output head's "
+                         "precision whatever the mode, quantize_output=True converts it in the mode's format")
     qat = {"activation": activation, "weight": weight, "group_size": group_size}
     if mode == "qat-int8":
         QATLinear(1, 1, activation=activation, weight=weight, group_size=group_size, device="meta")  # checks them
@@ -521,7 +734,7 @@ def convert(model: nn.Module, mode: str, filter: Callable[[nn.Module, str], bool
 
     report = ConvertReport(mode=mode)
     report.model_bytes_before = _unique_bytes(_module_tensors(model))
-    planner = _Planner(model, mode, filter, per_channel, qat, quantize_output, untie)
+    planner = _Planner(model, mode, filter, per_channel, qat, quantize_output, untie, head, embedding)
     planner.walk(model, "", set())
     plans = list(planner.plans.values())
 

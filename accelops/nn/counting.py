@@ -11,6 +11,7 @@ from torch import nn
 
 from ..reference.ternary import packed_cols
 from .bitlinear import BitLinear
+from .embedding import Int8Embedding
 from .qat import QATLinear
 from .quantized_linear import Int8Linear, TernaryLinear
 
@@ -72,6 +73,9 @@ def _weights(module: nn.Module):
         qw = getattr(module, module._qweight_name)
         nbytes = qw.numel() * qw.element_size() + module.w_scale.numel() * module.w_scale.element_size()
         out.append((qw, module.in_features * module.out_features, nbytes))
+    elif isinstance(module, Int8Embedding):
+        nbytes = module.w_q.numel() + module.w_scale.numel() * module.w_scale.element_size()
+        out.append((module.w_q, module.w_q.numel(), nbytes))
     for name, p in module.named_parameters(recurse=False):
         if p is None:
             continue

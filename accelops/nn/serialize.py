@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import __version__
 from .bitlinear import BitLinear
+from .embedding import Bf16Embedding, Bf16Linear, Int8Embedding, TiedHead
 from .ffn import FFN, FusedFFN, infer_activation
 from .qat import QATLinear
 from .quantized_linear import Int8Linear, TernaryLinear
@@ -62,7 +63,12 @@ def _linear_kwargs(m) -> dict:
 @dataclass(frozen=True)
 class _Layer:
     kwargs: Callable[[nn.Module], dict]
-    replaces: str  # "linear" or "ffn"
+    replaces: str  # "linear", "ffn" or "embedding"
+
+
+def _embedding_kwargs(m) -> dict:
+    return {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim, "padding_idx": m.padding_idx,
+            "dtype": str(m.dtype).removeprefix("torch.")}
 
 
 _TABLE: dict[type, _Layer] = {
@@ -77,6 +83,13 @@ _TABLE: dict[type, _Layer] = {
                                 "group_size": m.group_size}, "ffn"),
     FFN: _Layer(lambda m: {"dim": m.dim, "hidden": m.hidden, "activation": m.activation,
                            "bias": m.up_proj.bias is not None}, "ffn"),
+    Int8Embedding: _Layer(_embedding_kwargs, "embedding"),
+    Bf16Embedding: _Layer(_embedding_kwargs, "embedding"),
+    Bf16Linear: _Layer(_linear_kwargs, "linear"),
+    # Built with a placeholder embedding; the tied one (recorded at the embedding's name, and
+    # under also_at at "<head>.embedding") is put in its place, so the tie is restored.
+    TiedHead: _Layer(lambda m: {"in_features": m.in_features, "out_features": m.out_features,
+                                "precision": m.precision}, "linear"),
 }
 _BY_NAME = {cls.__name__: cls for cls in _TABLE}
 
@@ -90,7 +103,7 @@ def _is_conv1d(m: nn.Module) -> bool:
 def _as_linear(m) -> dict | None:
     """The linear shape {in_features, out_features, bias} of a module a linear accelops layer
     can replace, or None when it is not such a module."""
-    if isinstance(m, (nn.Linear, TernaryLinear, Int8Linear)):
+    if isinstance(m, (nn.Linear, TernaryLinear, Int8Linear, Bf16Linear, TiedHead)):
         return _linear_kwargs(m)
     if _is_conv1d(m):
         return {"in_features": m.weight.shape[0], "out_features": m.weight.shape[1], "bias": m.bias is not None}
@@ -109,7 +122,14 @@ def _as_ffn(m) -> dict | None:
             "bias": up["bias"]}
 
 
+def _as_embedding(m) -> dict | None:
+    if isinstance(m, (nn.Embedding, Int8Embedding, Bf16Embedding)):
+        return {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim}
+    return None
+
+
 _SHAPE_OF = {"linear": (_as_linear, "nn.Linear, transformers Conv1D or an accelops linear layer"),
+             "embedding": (_as_embedding, "nn.Embedding or an accelops embedding"),
              "ffn": (_as_ffn, "a Llama-style MLP (up_proj, down_proj, gate_proj when gated), FFN or FusedFFN")}
 
 
