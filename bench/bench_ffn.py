@@ -212,7 +212,7 @@ def _fmt(r):
 
 def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
     meta = rows[0]
-    mach, ver = meta["machine"], meta["versions"]
+    mach = meta["machine"]
     t, d, h = meta["T"], meta["D"], meta["H"]
     by = {(r["mode"], r["method"]): r for r in rows}
     out = common.run_header(FAMILY, meta, cfg, threads, wall_s, versions=("torch", "python"))[:-1]

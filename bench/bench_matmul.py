@@ -350,7 +350,7 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
     shapes = list(dict.fromkeys((r["N"], r["K"]) for r in rows))
     ms = sorted({r["M"] for r in rows})
     meta = rows[0]
-    mach, ver = meta["machine"], meta["versions"]
+    mach = meta["machine"]
     bitnet = BITNET_US.get(threads, {}) if cfg.device.type == "cpu" else {}
     if not any(shape in bitnet for shape in shapes):
         bitnet = {}

@@ -5,8 +5,6 @@ NaN containment, FSDP2 and ZeRO-1 on 2 gloo ranks, and convergence."""
 import copy
 import datetime
 import io
-import math
-import os
 
 import pytest
 import torch

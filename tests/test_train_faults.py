@@ -21,8 +21,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
-import time
 import traceback
 
 import pytest
