@@ -130,6 +130,40 @@ def test_ternary_gemv_edges_exact(backend, n, k):
     assert torch.equal(y1, y[0])
 
 
+# The AVX-VNNI GEMV (256-bit vpdpbusd): ACCELOPS_CPU_ISA=avxvnni runs it on a CPU with
+# AVX-VNNI, and on one with AVX-512 VNNI but no AVX-VNNI through the EVEX form of the same
+# instruction. Not a level of conftest's backends: it has no GEMM kernels (cpu_isas()).
+def _avxvnni_gemv(monkeypatch):
+    import io
+
+    from .conftest import CPU_ISAS, use_backend
+
+    if "avx512vnni" not in CPU_ISAS and "avxvnni" not in accelops.info(file=io.StringIO())["cpu_features"]:
+        pytest.skip("this CPU has neither AVX-VNNI nor AVX-512 VNNI")
+    use_backend(monkeypatch, "cpu-avxvnni")
+
+
+@pytest.mark.parametrize("k", [1, 129, 255, 256, 384, 4096, 11008])
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 33, 257])
+def test_ternary_gemv_avxvnni_exact(monkeypatch, n, k):
+    _avxvnni_gemv(monkeypatch)
+    wq = random_ternary(n, k)
+    x = integer_rows(1, k)
+    y = ops.ternary_matmul(x, ops.pack_ternary(wq), torch.ones(1))
+    assert torch.equal(y, (x.double() @ wq.double().t()).float())
+
+
+@pytest.mark.parametrize("wv", [1, -1])
+def test_ternary_gemv_avxvnni_extremes_at_large_k(monkeypatch, wv):
+    _avxvnni_gemv(monkeypatch)
+    k = 2**24  # sums kept modulo 2^32, folded every 2^16 blocks: exact to the contract's 2^31 / 127
+    x = torch.full((1, k), -127.0)
+    wq = torch.full((3, k), wv, dtype=torch.int8)
+    wq[2] = 0
+    y = ops.ternary_matmul(x, ops.pack_ternary(wq), torch.ones(1))
+    assert torch.equal(y, torch.tensor([[-127.0 * wv * k, -127.0 * wv * k, 0.0]]))
+
+
 @given(
     lead=st.sampled_from([(), (2,), (2, 3)]),
     m=st.sampled_from(MS),
