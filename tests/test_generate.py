@@ -219,6 +219,7 @@ def test_the_cache_is_sized_and_never_written_past(monkeypatch):
     (dict(eos_token_id=V), r"eos_token_id must lie in \[0, vocab_size=37\)"),
     (dict(seed="1"), "seed must be an int"),
     (dict(stream=5), "stream must be a callable"),
+    (dict(compile=1), "compile must be a bool"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, match):
     model = make_model()
@@ -234,3 +235,21 @@ def test_generate_does_not_touch_the_weights_or_grad_state():
     model.generate(prompts(4)[0], 5, temperature=1.0, seed=0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager_and_the_no_cache_argmax():
+    """generate(compile=True): the decode steps through torch.compile give the eager tokens,
+    which equal the no-cache argmax; a second call of the same shapes does not recompile."""
+    from torch._dynamo.utils import counters
+
+    model = make_model("rope-gqa-rmsnorm-relu2")
+    accelops.convert(model, "ternary", head="int8")
+    batch = prompts(5, 11, 1)
+    out = model.generate(batch, 12, temperature=0, compile=True)
+    assert torch.equal(out, model.generate(batch, 12, temperature=0))
+    for row, p in zip(out, batch):
+        assert row.tolist() == greedy_without_cache(model, p, 12)
+    graphs = counters["stats"]["unique_graphs"]
+    assert torch.equal(model.generate(batch, 12, temperature=0, compile=True), out)
+    assert counters["stats"]["unique_graphs"] == graphs

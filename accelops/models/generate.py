@@ -122,7 +122,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
 
 def generate(model, tokens, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos_token_id: int | None = None, seed: int | None = None,
-             stream=None) -> torch.Tensor:
+             stream=None, compile: bool = False) -> torch.Tensor:
     """Continue each prompt by max_new_tokens tokens (fewer when every row has produced
     eos_token_id) -> the new tokens, [batch, n] int64 on the model's device; after a row's
     eos_token_id the row holds eos_token_id.
@@ -136,6 +136,13 @@ def generate(model, tokens, max_new_tokens: int, temperature: float = 1.0, top_k
         (in (0, 1]). seed: sampling is reproducible with it (a generator of its own; without
         it, torch's global generator). stream: called after every step with that step's
         tokens, a [batch] int64 CPU tensor.
+    compile: run the decode steps (the layers with the cache; not the prefill, head or
+        sampling) through torch.compile(dynamic=False). The first call of each shape (batch,
+        longest prompt + max_new_tokens, model) compiles, which takes seconds to a minute;
+        later calls of that shape reuse it. Measured 1.17x (2B4T shape) to 1.4x (dim 1024,
+        8 layers) faster a decode step on a 2-core Zen 4; greedy output equals the no-cache
+        argmax (tested), though a near-tie between two logits may resolve differently than
+        eager (the compiled norms round differently).
     The model runs in eval mode (dropout off) under torch.inference_mode; its mode is
     restored afterwards. Bad arguments: ValueError naming the argument."""
     cfg = model.config
@@ -153,6 +160,8 @@ def generate(model, tokens, max_new_tokens: int, temperature: float = 1.0, top_k
             raise ValueError(f"eos_token_id must lie in [0, vocab_size={cfg.vocab_size}), got {eos_token_id}")
     if seed is not None:
         _int("seed", seed)
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be a bool, got {compile!r}")
     if stream is not None and not callable(stream):
         raise ValueError(f"stream must be a callable (called with each step's tokens) or None, got "
                          f"{type(stream).__name__}")
@@ -163,12 +172,30 @@ def generate(model, tokens, max_new_tokens: int, temperature: float = 1.0, top_k
     model.eval()
     try:
         with torch.inference_mode():
-            return _run(model, prompts, n_new, temperature, top_k, top_p, eos_token_id, seed, stream, device)
+            return _run(model, prompts, n_new, temperature, top_k, top_p, eos_token_id, seed, stream, device,
+                        _compiled_decode() if compile else _decode)
     finally:
         model.train(was_training)
 
 
-def _run(model, prompts, n_new, temperature, top_k, top_p, eos_token_id, seed, stream, device):
+def _decode(model, token, positions, cache, mask):
+    """One decode step's layers: -> the final hidden states [batch, 1, dim]."""
+    return model._hidden(token, positions=positions, cache=cache, mask=mask)
+
+
+_COMPILED = None
+
+
+def _compiled_decode():
+    # One compiled function for every model: dynamo guards on the model and the shapes, so
+    # each (model, batch, cache size) compiles once and is reused by later calls.
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_decode, dynamic=False)
+    return _COMPILED
+
+
+def _run(model, prompts, n_new, temperature, top_k, top_p, eos_token_id, seed, stream, device, decode=_decode):
     cfg = model.config
     batch, longest = len(prompts), max(p.numel() for p in prompts)
     lengths = torch.tensor([p.numel() for p in prompts], device=device)
@@ -204,7 +231,7 @@ def _run(model, prompts, n_new, temperature, top_k, top_p, eos_token_id, seed, s
         positions = (lengths + step - 1)[:, None]  # [batch, 1]: where each row's last token goes
         cache.check_positions(positions)
         mask = (slots <= positions[:, :, None])[:, None]  # [batch, 1, 1, size]: itself and before
-        hidden = model._hidden(token[:, None], positions=positions, cache=cache, mask=mask)
+        hidden = decode(model, token[:, None], positions, cache, mask)
         token = next_tokens(hidden[:, -1])
         if eos_token_id is not None:
             token = token.masked_fill(done, eos_token_id)

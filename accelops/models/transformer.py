@@ -137,13 +137,13 @@ class TransformerLM(LanguageModel):
 
     def generate(self, tokens, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | None = None, seed: int | None = None,
-                 stream=None) -> torch.Tensor:
+                 stream=None, compile: bool = False) -> torch.Tensor:
         """Continue each prompt by up to max_new_tokens tokens with a preallocated KV cache;
         -> [batch, n] the new tokens (n <= max_new_tokens). See accelops.models.generate."""
         from .generate import generate
 
         return generate(self, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_token_id=eos_token_id, seed=seed, stream=stream)
+                        eos_token_id=eos_token_id, seed=seed, stream=stream, compile=compile)
 
     @classmethod
     def from_hf_bitnet(cls, path_or_state_dict, config=None) -> "TransformerLM":
