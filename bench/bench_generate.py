@@ -20,7 +20,9 @@ time to first token (TTFT: prefill + first token; median of repeats), prefill to
 the steps), peak resident memory during generation (VmHWM after a reset, model included),
 model bytes (every parameter and buffer, each storage once). Before timing, each engine's
 greedy tokens are checked against its own no-cache forward (a near-tie within the engine's
-rounding counts as agreement: bf16 and int8 change which of two close logits wins).
+rounding counts as agreement: bf16 and int8 change which of two close logits wins); an
+accelops engine that fails is not timed, a peer is timed and the table shows by how much
+(in standard deviations of the logits) its chosen token trailed the forward's best.
 
 The decode-step breakdown (accelops engine, batch 1): manual timers on the modules of one
 decode step (ternary matmuls, the int8 head, attention with RoPE and the cache, norms, the
@@ -297,9 +299,11 @@ def worker(spec: dict) -> list[dict]:
     prompts = torch.randint(3, shape["vocab_size"], (max(spec["batches"]), prompt_len), generator=g)
     tol = {"hf_bf16": 0.1, "accelops_hf": 0.05, "accelops": 0.05, "torchao": 0.05}.get(spec["engine"], 1e-3)
     base["check"] = check_greedy(generate, forward, prompts[:1, :min(prompt_len, 32)], min(3, new), tol)
-    if not base["check"]["ok"]:
+    if not base["check"]["ok"] and spec["engine"].startswith("accelops"):
         why = f"greedy tokens disagree with the no-cache forward: {base['check']}"
         return [{**base, "batch": b, "status": "wrong", "reason": why} for b in spec["batches"]]
+    # A peer whose generate disagrees with its own forward by more than the tolerance is still
+    # timed (its speed is what a user of it gets); the table shows the check's result.
     rows = []
     for batch in spec["batches"]:
         row = {**base, "batch": batch, "loadavg_1m": os.getloadavg()[0]}
@@ -569,7 +573,8 @@ def summarize(rows, cfg, s, meta, wall_s) -> str:
                           f"{_fmt(r['decode_tokens_per_s'])} ({_fmt(r['batch'] / r['decode_step_p80_s'])}-"
                           f"{_fmt(r['batch'] / r['decode_step_p20_s'])})",
                           f"{_fmt(r['ttft_s'])} s", common.fmt_bytes(r["peak_rss_bytes"]),
-                          common.fmt_bytes(r["model_bytes"]), "ok" if r["check"]["ok"] else "WRONG",
+                          common.fmt_bytes(r["model_bytes"]),
+                          "ok" if r["check"]["ok"] else f"off by {_fmt(r['check']['max_gap_in_std'])} std",
                           _fmt(r.get("loadavg_1m"), ".1f")])
         out += [common.md_table(["engine", "batch", "prefill tok/s", "decode tok/s (p80-p20 step)", "TTFT",
                                  "peak RSS", "model bytes", "greedy check", "load"], table), ""]

@@ -139,7 +139,8 @@ def generate(model, tokens, max_new_tokens: int, temperature: float = 1.0, top_k
     compile: run the decode steps (the layers with the cache; not the prefill, head or
         sampling) through torch.compile(dynamic=False). The first call of each shape (batch,
         longest prompt + max_new_tokens, model) compiles, which takes seconds to a minute;
-        later calls of that shape reuse it. Measured 1.17x (2B4T shape) to 1.4x (dim 1024,
+        later calls of that shape reuse it (past torch._dynamo's recompile limit, 8 shapes
+        by default, further shapes run eagerly). Measured 1.17x (2B4T shape) to 1.4x (dim 1024,
         8 layers) faster a decode step on a 2-core Zen 4; greedy output equals the no-cache
         argmax (tested), though a near-tie between two logits may resolve differently than
         eager (the compiled norms round differently).
