@@ -9,7 +9,7 @@ BDEPS  := $(VENV)/.deps-bench
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h) setup.py
 BUILT  := $(VENV)/.built
 
-.PHONY: build test test-fast bench info clean
+.PHONY: build test test-fast format bench info clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test: $(BUILT)
 # The quick tier (under 5 minutes on 2 cores): everything but the slow, multi-rank and Ray tests.
 test-fast: $(BUILT)
 	$(BIN)/python -m pytest -q -m "not slow and not distributed and not ray" tests
+
+# Import order and layout by ruff (pyproject.toml); tests/test_lint.py checks both.
+format: $(DEPS)
+	$(BIN)/ruff check --select I --fix .
+	$(BIN)/ruff format .
 
 bench: $(BUILT) $(BDEPS)
 	$(BIN)/python bench/run.py

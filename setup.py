@@ -3,13 +3,13 @@
 Nothing is compiled at import time; `pip install --no-build-isolation -e .` (or the
 Makefile) builds `accelops._C` once, against the torch already installed.
 """
+
 import glob
 import os
 
+import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -1,4 +1,5 @@
 """accelops: low-bit (ternary, INT8) and distributed-training kernels for PyTorch."""
+
 __version__ = "0.1.0"
 
 from . import ops  # noqa: E402  (defines the torch.ops.accelops ops: schemas, fakes, autograd)

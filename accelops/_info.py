@@ -1,4 +1,5 @@
 """What accelops can run on this machine, and why any backend is missing."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -92,14 +93,27 @@ def info(file=None) -> dict:
     print(f"accelops {d['accelops']}  torch {d['torch']}  triton {d['triton'] or '-'}  python {d['python']}", file=file)
     print(f"machine: {d['machine']}", file=file)
     print("backends:", file=file)
-    line("cpu (C++)", d["cpu_extension"],
-         f"int8/ternary kernels use {d['cpu_isa']}"
-         f"{' (others avx2)' if d['cpu_isa'] == 'avx512vnni' else ''}; CPU has {', '.join(d['cpu_features']) or 'no SIMD extensions'}"
-         if d["cpu_extension"] else d["cpu_extension_reason"])
-    line("triton", d["triton_available"],
-         ("interpreter (TRITON_INTERPRET=1)" if d["triton_interpret"] else
-          "runs on CUDA tensors" if d["cuda_available"] else "no GPU here: runs only under TRITON_INTERPRET=1")
-         if d["triton_available"] else d["triton_reason"])
+    line(
+        "cpu (C++)",
+        d["cpu_extension"],
+        f"int8/ternary kernels use {d['cpu_isa']}"
+        f"{' (others avx2)' if d['cpu_isa'] == 'avx512vnni' else ''}; CPU has {', '.join(d['cpu_features']) or 'no SIMD extensions'}"
+        if d["cpu_extension"]
+        else d["cpu_extension_reason"],
+    )
+    line(
+        "triton",
+        d["triton_available"],
+        (
+            "interpreter (TRITON_INTERPRET=1)"
+            if d["triton_interpret"]
+            else "runs on CUDA tensors"
+            if d["cuda_available"]
+            else "no GPU here: runs only under TRITON_INTERPRET=1"
+        )
+        if d["triton_available"]
+        else d["triton_reason"],
+    )
     line("cuda", d["cuda_available"], d["cuda_device"] or "torch sees no CUDA device")
     line("cuda ext", d["cuda_extension"], d["cuda_extension_reason"])
     line("reference", True, "pure PyTorch, always available")

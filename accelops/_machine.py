@@ -8,6 +8,7 @@ or a driver updated does not cut a machine's history in two; results from bench 
 written before this module existed (which recorded no memory size) get the same
 fingerprint as new rows from the same machine.
 """
+
 from __future__ import annotations
 
 import hashlib

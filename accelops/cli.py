@@ -7,6 +7,7 @@ Any other exception is a bug in accelops: it keeps its traceback (exit 1). ACCEL
 shows the traceback of every error. Called from Python with an argv list, main() raises
 instead (the typed exception), as the functions behind it do.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,10 +21,22 @@ DEBUG_ENV = "ACCELOPS_DEBUG"
 # ValueError / TypeError are what accelops' argument and config validation raises. The
 # classes of modules that may not be loaded are looked up only when they are (importing
 # torch to classify a results-database error would cost seconds).
-_USER_ERRORS = (ValueError, TypeError, ImportError, FileNotFoundError, FileExistsError, IsADirectoryError,
-                NotADirectoryError, PermissionError)
-_USER_ERRORS_BY_NAME = (("accelops.train.checkpoint", "CheckpointError"), ("accelops.results.db", "SchemaError"),
-                        ("accelops.results.db", "DatabaseLocked"), ("accelops.results.db", "DatabaseWriteError"))
+_USER_ERRORS = (
+    ValueError,
+    TypeError,
+    ImportError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+_USER_ERRORS_BY_NAME = (
+    ("accelops.train.checkpoint", "CheckpointError"),
+    ("accelops.results.db", "SchemaError"),
+    ("accelops.results.db", "DatabaseLocked"),
+    ("accelops.results.db", "DatabaseWriteError"),
+)
 
 
 def debug_enabled() -> bool:
@@ -68,11 +81,15 @@ def _workers_failed(exc: BaseException):
     codes = {rank: getattr(failure, "exitcode", None) for rank, failure in sorted(failures.items())}
     stopped = [r for r, c in codes.items() if c == -signal.SIGTERM]
     failed = {r: c for r, c in codes.items() if r not in stopped} or codes
-    parts = [f"rank {r} " + (f"killed by signal {-c}" if isinstance(c, int) and c < 0 else f"exit code {c}")
-             for r, c in failed.items()]
+    parts = [
+        f"rank {r} " + (f"killed by signal {-c}" if isinstance(c, int) and c < 0 else f"exit code {c}")
+        for r, c in failed.items()
+    ]
     after = f"; torchrun stopped rank(s) {', '.join(map(str, stopped))} after that" if failed is not codes else ""
-    return (f"worker process(es) failed: {', '.join(parts)}{after}; each failed rank's error is above",
-            2 if set(failed.values()) == {2} else 1)
+    return (
+        f"worker process(es) failed: {', '.join(parts)}{after}; each failed rank's error is above",
+        2 if set(failed.values()) == {2} else 1,
+    )
 
 
 def run_reporting(prog: str, command: str | None, fn) -> int:
@@ -86,7 +103,7 @@ def run_reporting(prog: str, command: str | None, fn) -> int:
         if debug_enabled() or exc.code is None or isinstance(exc.code, int):
             raise
         message = str(exc.code)
-        message = message[len(prog) + 2:] if message.startswith(prog + ": ") else message
+        message = message[len(prog) + 2 :] if message.startswith(prog + ": ") else message
         print(f"{_prog(prog)}: error: {one_line(Exception(message))}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - sorted below; the rest re-raised with their traceback
@@ -106,34 +123,57 @@ def main(argv=None) -> int:
     """The `accelops` command line. argv None (the program: sys.argv) reports user errors on
     one line and returns 2; an argv list (Python callers) lets them raise."""
     parser = argparse.ArgumentParser(
-        prog="accelops", description="accelops: low-bit and distributed kernels for PyTorch",
+        prog="accelops",
+        description="accelops: low-bit and distributed kernels for PyTorch",
         epilog=f"A user error prints one line 'accelops COMMAND: error: ...' and exits 2; {DEBUG_ENV}=1 shows "
-               "the traceback.")
+        "the traceback.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions and the backends available on this machine")
     from .train.run import add_arguments  # light: torch and argparse only; the trainer loads on use
 
-    add_arguments(sub.add_parser("train", help="train a character-level TransformerLM / RNNLM from a config file "
-                                               "(under torchrun: data-parallel)"))
+    add_arguments(
+        sub.add_parser(
+            "train",
+            help="train a character-level TransformerLM / RNNLM from a config file (under torchrun: data-parallel)",
+        )
+    )
     from .results.cli import add_arguments as add_results_arguments  # argparse only; duckdb loads on use
 
     add_results_arguments(sub.add_parser("results", help="the benchmark results database: import, query, export"))
     from .results.cli import add_report_arguments
 
-    add_report_arguments(sub.add_parser("report", help="HTML report with plots of the results database; --check: "
-                                                       "exit 1 on a performance regression"))
+    add_report_arguments(
+        sub.add_parser(
+            "report", help="HTML report with plots of the results database; --check: exit 1 on a performance regression"
+        )
+    )
     from .tune import add_arguments as add_tune_arguments
 
-    add_tune_arguments(sub.add_parser("tune", help="measure backends and thread counts of the tuned ops here and "
-                                                   "write the dispatch table accelops.ops consults"))
+    add_tune_arguments(
+        sub.add_parser(
+            "tune",
+            help="measure backends and thread counts of the tuned ops here and "
+            "write the dispatch table accelops.ops consults",
+        )
+    )
     from .planner import add_arguments as add_plan_arguments
 
-    add_plan_arguments(sub.add_parser("plan", help="per-device memory of each training strategy (and quant mode), "
-                                                   "what fits, and the strategy / micro-batch / accumulation to use"))
+    add_plan_arguments(
+        sub.add_parser(
+            "plan",
+            help="per-device memory of each training strategy (and quant mode), "
+            "what fits, and the strategy / micro-batch / accumulation to use",
+        )
+    )
     from .generate_cli import add_arguments as add_generate_arguments  # argparse only; torch loads on use
 
-    add_generate_arguments(sub.add_parser("generate", help="continue a prompt with a model trained by `accelops train` "
-                                                           "(KV-cached generation; prints tokens/s)"))
+    add_generate_arguments(
+        sub.add_parser(
+            "generate",
+            help="continue a prompt with a model trained by `accelops train` (KV-cached generation; prints tokens/s)",
+        )
+    )
     program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -150,7 +190,7 @@ def _dispatch(args, argv) -> int:
     elif args.command == "train":
         from .train.run import run_args
 
-        return run_args(args, argv[argv.index("train") + 1:])
+        return run_args(args, argv[argv.index("train") + 1 :])
     elif args.command == "results":
         from .results.cli import run_args as run_results
 

@@ -36,6 +36,7 @@ which accumulates over micro-batches) the gradients are live during the next for
 both count. Checked against measured peak RSS in bench/bench_plan.py (docs/results.md, "Memory and
 strategy planner").
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,8 +50,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["plan", "Plan", "StrategyEstimate", "Recommendation", "ModelProfile", "profile_model",
-           "parse_memory", "STRATEGIES", "OPTIMIZERS", "RUNTIME_OVERHEAD", "add_arguments", "run_args"]
+__all__ = [
+    "plan",
+    "Plan",
+    "StrategyEstimate",
+    "Recommendation",
+    "ModelProfile",
+    "profile_model",
+    "parse_memory",
+    "STRATEGIES",
+    "OPTIMIZERS",
+    "RUNTIME_OVERHEAD",
+    "add_arguments",
+    "run_args",
+]
 
 STRATEGIES = ("ddp", "zero1", "fsdp", "fsdp_submodule", "fsdp_offload", "pipeline")
 # Preference when several fit: ddp is the fastest (one all-reduce, overlapped), zero1 costs one
@@ -59,8 +72,10 @@ STRATEGIES = ("ddp", "zero1", "fsdp", "fsdp_submodule", "fsdp_offload", "pipelin
 # moves everything over PCIe.
 PREFERENCE = ("ddp", "zero1", "fsdp", "fsdp_submodule", "pipeline", "fsdp_offload")
 # What each planner strategy is in the Trainer (the ones that are not just strategy=...).
-TRAINER_SETTINGS = {"fsdp_submodule": "strategy='fsdp', fsdp_units='submodule', fsdp_backward_prefetch=False",
-                    "fsdp_offload": "strategy='fsdp', fsdp_cpu_offload=True"}
+TRAINER_SETTINGS = {
+    "fsdp_submodule": "strategy='fsdp', fsdp_units='submodule', fsdp_backward_prefetch=False",
+    "fsdp_offload": "strategy='fsdp', fsdp_cpu_offload=True",
+}
 OPTIMIZERS = ("adamw", "adamw8bit")
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 MiB = 2**20
@@ -71,8 +86,22 @@ MiB = 2**20
 # the CUDA context + NCCL's buffers, not measured here (no GPU on this machine kind): the
 # commonly seen ~1 GiB, an assumption.
 RUNTIME_OVERHEAD = {"cpu": 40 * MiB, "cuda": 1024 * MiB}
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_memory(value) -> int:
@@ -85,8 +114,10 @@ def parse_memory(value) -> int:
         raise TypeError(f"device_memory must be a string like '24GB' or a number of bytes, got {value!r}")
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"device_memory {value!r} is not a memory size: expected a number and a unit of "
-                         f"B, KB, MB, GB, TB (powers of 10) or KiB, MiB, GiB, TiB (powers of 2), e.g. '24GB'")
+        raise ValueError(
+            f"device_memory {value!r} is not a memory size: expected a number and a unit of "
+            f"B, KB, MB, GB, TB (powers of 10) or KiB, MiB, GiB, TiB (powers of 2), e.g. '24GB'"
+        )
     n = float(m.group(1)) * _UNITS[m.group(2).lower()]
     if n <= 0:
         raise ValueError(f"device_memory must be positive, got {value!r}")
@@ -94,6 +125,7 @@ def parse_memory(value) -> int:
 
 
 # --------------------------------------------------------------------------- the model's profile
+
 
 @dataclass
 class ModelProfile:
@@ -104,19 +136,19 @@ class ModelProfile:
     dim: int
     vocab_size: int
     n_params: int
-    block_params: list              # numel of each trainable tensor of one block
-    first_params: list              # trainable tensors outside the blocks before them (embeddings)
-    last_params: list               # ... after them (final norm, LM head)
-    block_frozen_bytes: int         # buffers of one block (int8 weights of quant="int8", observers)
+    block_params: list  # numel of each trainable tensor of one block
+    first_params: list  # trainable tensors outside the blocks before them (embeddings)
+    last_params: list  # ... after them (final norm, LM head)
+    block_frozen_bytes: int  # buffers of one block (int8 weights of quant="int8", observers)
     other_frozen_bytes: int
-    act_block_per_token: float      # saved-for-backward bytes of one block per token
-    act_block_const: float          # ... that do not scale with tokens (fake-quantized weights)
-    act_rest_per_token: float       # embeddings, final norm, head, loss
+    act_block_per_token: float  # saved-for-backward bytes of one block per token
+    act_block_const: float  # ... that do not scale with tokens (fake-quantized weights)
+    act_rest_per_token: float  # embeddings, final norm, head, loss
     act_rest_const: float
-    unit_params: int = 0            # numel of a block's largest FSDP unit under fsdp_units="submodule"
+    unit_params: int = 0  # numel of a block's largest FSDP unit under fsdp_units="submodule"
 
     @property
-    def param_bytes(self) -> int:   # fp32 trainable parameters
+    def param_bytes(self) -> int:  # fp32 trainable parameters
         return 4 * (self.n_layers * sum(self.block_params) + sum(self.first_params) + sum(self.last_params))
 
     @property
@@ -128,8 +160,9 @@ class ModelProfile:
 
     def activations(self, tokens: int, n_blocks: int | None = None, head: bool = True) -> float:
         n = self.n_layers if n_blocks is None else n_blocks
-        return (n * (self.act_block_per_token * tokens + self.act_block_const)
-                + (self.act_rest_per_token * tokens + self.act_rest_const if head else 0.0))
+        return n * (self.act_block_per_token * tokens + self.act_block_const) + (
+            self.act_rest_per_token * tokens + self.act_rest_const if head else 0.0
+        )
 
     def all_params(self) -> list:
         return self.first_params + self.block_params * self.n_layers + self.last_params
@@ -146,8 +179,10 @@ def _config_of(model_or_config, vocab_size=None, seq_len=None):
     if isinstance(model_or_config, LanguageModel):
         return model_or_config.config, None
     if isinstance(model_or_config, torch.nn.Module):
-        raise TypeError(f"plan() needs an accelops language model (TransformerLM, RNNLM) or its config, got "
-                        f"{type(model_or_config).__name__}: the estimate counts the blocks of model.blocks")
+        raise TypeError(
+            f"plan() needs an accelops language model (TransformerLM, RNNLM) or its config, got "
+            f"{type(model_or_config).__name__}: the estimate counts the blocks of model.blocks"
+        )
     file_seq = None
     if isinstance(model_or_config, (str, os.PathLike)):
         from .train.config import load_config, section
@@ -163,14 +198,18 @@ def _config_of(model_or_config, vocab_size=None, seq_len=None):
     elif isinstance(model_or_config, dict):
         model_cfg = dict(model_or_config)
     else:
-        raise TypeError(f"model must be a TransformerLMConfig/RNNLMConfig, a language model, a [model] dict or a "
-                        f"config file path, got {type(model_or_config).__name__}")
+        raise TypeError(
+            f"model must be a TransformerLMConfig/RNNLMConfig, a language model, a [model] dict or a "
+            f"config file path, got {type(model_or_config).__name__}"
+        )
     model_cfg = dict(model_cfg)
     if vocab_size is None:
         vocab_size = model_cfg.get("vocab_size")
     if vocab_size is None:
-        raise ValueError("the model's vocab_size is unknown: give it in the [model] table, as vocab_size=, or a "
-                         "[data] path to read it from")
+        raise ValueError(
+            "the model's vocab_size is unknown: give it in the [model] table, as vocab_size=, or a "
+            "[data] path to read it from"
+        )
     from .train.config import build_model
 
     with torch.device("meta"):  # the trainer's own loader; meta: no memory, no initialisation
@@ -265,18 +304,27 @@ def profile_model(config) -> ModelProfile:
     rest = {b: measured[1, b] - per_block[b] for b in (1, 2)}
     prof = ModelProfile(
         name=f"{cls.__name__} dim {config.dim}, {config.n_layers} blocks, quant {config.quant}",
-        n_layers=config.n_layers, dim=config.dim, vocab_size=config.vocab_size,
+        n_layers=config.n_layers,
+        dim=config.dim,
+        vocab_size=config.vocab_size,
         n_params=sum(p.numel() for p in meta.parameters()),
-        block_params=_tensors_numel(block), first_params=first, last_params=last,
-        block_frozen_bytes=_buffer_bytes(block), other_frozen_bytes=other_frozen,
-        act_block_per_token=(per_block[2] - per_block[1]) / t, act_block_const=2 * per_block[1] - per_block[2],
-        act_rest_per_token=(rest[2] - rest[1]) / t, act_rest_const=2 * rest[1] - rest[2],
-        unit_params=_largest_submodule_unit(block))
+        block_params=_tensors_numel(block),
+        first_params=first,
+        last_params=last,
+        block_frozen_bytes=_buffer_bytes(block),
+        other_frozen_bytes=other_frozen,
+        act_block_per_token=(per_block[2] - per_block[1]) / t,
+        act_block_const=2 * per_block[1] - per_block[2],
+        act_rest_per_token=(rest[2] - rest[1]) / t,
+        act_rest_const=2 * rest[1] - rest[2],
+        unit_params=_largest_submodule_unit(block),
+    )
     _PROFILES[key] = prof
     return prof
 
 
 # --------------------------------------------------------------------------- optimizer state
+
 
 def optimizer_state_bytes(numels, optimizer: str, shards: int = 1) -> int:
     """State bytes of `optimizer` for parameters of these sizes, each sharded `shards` ways
@@ -306,6 +354,7 @@ def _zero_partition(numels, world: int) -> list:
 
 # --------------------------------------------------------------------------- the estimate
 
+
 @dataclass
 class StrategyEstimate:
     """Per-device peak of one strategy (bytes; the worst device: the pipeline's stages differ)."""
@@ -313,26 +362,37 @@ class StrategyEstimate:
     strategy: str
     quant: str | None
     optimizer: str
-    micro_batch: int          # sequences a device runs forward at once
+    micro_batch: int  # sequences a device runs forward at once
     accumulation: int
     params: int
     grads: int
     optimizer_state: int
     activations: int
-    working_set: int          # backward's gradients of one block's (or the logits') activations
+    working_set: int  # backward's gradients of one block's (or the logits') activations
     comm_buffers: int
     step_temporary: int
     runtime: int
     total: int
-    peak_phase: str           # "backward" or "optimizer step"
+    peak_phase: str  # "backward" or "optimizer step"
     fits: bool = False
-    host_bytes: int = 0       # fsdp_offload: what lives in host memory instead
+    host_bytes: int = 0  # fsdp_offload: what lives in host memory instead
     per_stage: list = field(default_factory=list)  # pipeline: the total of every stage
     note: str = ""
 
     def breakdown(self) -> dict:
-        return {k: getattr(self, k) for k in ("params", "grads", "optimizer_state", "activations", "working_set",
-                                              "comm_buffers", "step_temporary", "runtime")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "params",
+                "grads",
+                "optimizer_state",
+                "activations",
+                "working_set",
+                "comm_buffers",
+                "step_temporary",
+                "runtime",
+            )
+        }
 
 
 @dataclass
@@ -350,12 +410,12 @@ class Plan:
     n_params: int
     devices: int
     device_memory: int
-    usable_memory: int        # device_memory * (1 - headroom)
+    usable_memory: int  # device_memory * (1 - headroom)
     device_type: str
     seq_len: int
     optimizer: str
-    estimates: list           # StrategyEstimate for every strategy and quant mode
-    recommendations: dict     # quant mode -> Recommendation
+    estimates: list  # StrategyEstimate for every strategy and quant mode
+    recommendations: dict  # quant mode -> Recommendation
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -367,9 +427,19 @@ class Plan:
         raise KeyError(f"no estimate for strategy {strategy!r}, quant {quant!r}")
 
 
-def estimate(prof: ModelProfile, strategy: str, devices: int, micro_batch: int, seq_len: int,
-             optimizer: str = "adamw", accumulation: int = 1, device_type: str = "cpu",
-             n_microbatches: int = 4, schedule: str = "1f1b", quant=None) -> StrategyEstimate:
+def estimate(
+    prof: ModelProfile,
+    strategy: str,
+    devices: int,
+    micro_batch: int,
+    seq_len: int,
+    optimizer: str = "adamw",
+    accumulation: int = 1,
+    device_type: str = "cpu",
+    n_microbatches: int = 4,
+    schedule: str = "1f1b",
+    quant=None,
+) -> StrategyEstimate:
     """Per-device peak bytes of one strategy. micro_batch: sequences a device runs forward
     at once (the pipeline: a micro-batch, of which the schedule runs n_microbatches a step)."""
     n = devices
@@ -385,14 +455,19 @@ def estimate(prof: ModelProfile, strategy: str, devices: int, micro_batch: int, 
     acc = accumulation > 1
     if strategy == "pipeline":
         if prof.n_layers < n:
-            raise ValueError(f"strategy 'pipeline' needs at least one block a stage: the model has {prof.n_layers} "
-                             f"blocks for {n} devices")
+            raise ValueError(
+                f"strategy 'pipeline' needs at least one block a stage: the model has {prof.n_layers} "
+                f"blocks for {n} devices"
+            )
         cuts = [round(i * prof.n_layers / n) for i in range(n + 1)]
         stages = []
         for s in range(n):
             blocks = cuts[s + 1] - cuts[s]
-            numels = (prof.first_params if s == 0 else []) + prof.block_params * blocks + \
-                (prof.last_params if s == n - 1 else [])
+            numels = (
+                (prof.first_params if s == 0 else [])
+                + prof.block_params * blocks
+                + (prof.last_params if s == n - 1 else [])
+            )
             params = 4 * sum(numels) + blocks * prof.block_frozen_bytes
             grads = 4 * sum(numels)
             opt = optimizer_state_bytes(numels, optimizer)
@@ -404,14 +479,32 @@ def estimate(prof: ModelProfile, strategy: str, devices: int, micro_batch: int, 
             tmp = (2 if optimizer == "adamw" else 1) * 4 * max(numels)
             # the pipeline accumulates gradients over micro-batches: they are live with activations
             total = params + grads + opt + comm + runtime + max(acts + working, tmp)
-            stages.append(dict(params=params, grads=grads, optimizer_state=opt, activations=int(acts),
-                               working_set=int(working), comm_buffers=comm, step_temporary=tmp, total=int(total),
-                               peak_phase="backward" if acts + working >= tmp else "optimizer step"))
+            stages.append(
+                dict(
+                    params=params,
+                    grads=grads,
+                    optimizer_state=opt,
+                    activations=int(acts),
+                    working_set=int(working),
+                    comm_buffers=comm,
+                    step_temporary=tmp,
+                    total=int(total),
+                    peak_phase="backward" if acts + working >= tmp else "optimizer step",
+                )
+            )
         worst = max(stages, key=lambda d: d["total"])
-        return StrategyEstimate(strategy, quant, optimizer, micro_batch, accumulation, runtime=runtime,
-                                fits=False, per_stage=[d["total"] for d in stages],
-                                note=f"{n} stages at block boundaries {cuts[1:-1]}, {schedule}, {n_microbatches} "
-                                     "micro-batches", **worst)
+        return StrategyEstimate(
+            strategy,
+            quant,
+            optimizer,
+            micro_batch,
+            accumulation,
+            runtime=runtime,
+            fits=False,
+            per_stage=[d["total"] for d in stages],
+            note=f"{n} stages at block boundaries {cuts[1:-1]}, {schedule}, {n_microbatches} micro-batches",
+            **worst,
+        )
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     acts = prof.activations(tokens)
@@ -457,9 +550,25 @@ def estimate(prof: ModelProfile, strategy: str, devices: int, micro_batch: int, 
     backward = acts + working + grads_live
     step = grads + step_tmp
     total = params + opt + comm + runtime + max(backward, step)
-    return StrategyEstimate(strategy, quant, optimizer, micro_batch, accumulation, params, grads, opt, int(acts),
-                            int(working), int(comm), int(step_tmp), runtime, int(total),
-                            "backward" if backward >= step else "optimizer step", host_bytes=int(host), note=note)
+    return StrategyEstimate(
+        strategy,
+        quant,
+        optimizer,
+        micro_batch,
+        accumulation,
+        params,
+        grads,
+        opt,
+        int(acts),
+        int(working),
+        int(comm),
+        int(step_tmp),
+        runtime,
+        int(total),
+        "backward" if backward >= step else "optimizer step",
+        host_bytes=int(host),
+        note=note,
+    )
 
 
 def _positive(name, value):
@@ -467,12 +576,15 @@ def _positive(name, value):
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _recommend(prof, strategies, devices, usable, seq_len, optimizer, global_batch, device_type, n_micro, schedule,
-               quant) -> Recommendation:
+def _recommend(
+    prof, strategies, devices, usable, seq_len, optimizer, global_batch, device_type, n_micro, schedule, quant
+) -> Recommendation:
     data_parallel = [s for s in PREFERENCE if s in strategies and s != "pipeline"]
     if global_batch % devices and any(s != "pipeline" for s in strategies):
-        raise ValueError(f"global_batch {global_batch} must be divisible by devices {devices} (data-parallel "
-                         f"strategies split it evenly)")
+        raise ValueError(
+            f"global_batch {global_batch} must be divisible by devices {devices} (data-parallel "
+            f"strategies split it evenly)"
+        )
     why = []
     for s in PREFERENCE:
         if s not in strategies:
@@ -488,10 +600,15 @@ def _recommend(prof, strategies, devices, usable, seq_len, optimizer, global_bat
                 micro = global_batch // acc // n_micro
                 e = estimate(prof, s, devices, micro, seq_len, optimizer, acc, device_type, n_micro, schedule, quant)
                 if e.total <= usable:
-                    return Recommendation(s, micro, acc, global_batch,
-                                          f"{', '.join(why) + '; ' if why else ''}pipeline fits with micro-batches "
-                                          f"of {micro} ({n_micro} a step, accumulation {acc}): "
-                                          f"{e.total / 2**30:.2f} GiB a device")
+                    return Recommendation(
+                        s,
+                        micro,
+                        acc,
+                        global_batch,
+                        f"{', '.join(why) + '; ' if why else ''}pipeline fits with micro-batches "
+                        f"of {micro} ({n_micro} a step, accumulation {acc}): "
+                        f"{e.total / 2**30:.2f} GiB a device",
+                    )
             why.append("pipeline: does not fit even with micro-batches of 1")
             continue
         per_device = global_batch // devices
@@ -499,29 +616,53 @@ def _recommend(prof, strategies, devices, usable, seq_len, optimizer, global_bat
         for micro in range(per_device, 0, -1):  # the largest micro-batch that fits: fewest accumulation steps
             if per_device % micro:
                 continue
-            e = estimate(prof, s, devices, micro, seq_len, optimizer, per_device // micro, device_type, n_micro,
-                         schedule, quant)
+            e = estimate(
+                prof, s, devices, micro, seq_len, optimizer, per_device // micro, device_type, n_micro, schedule, quant
+            )
             if e.total <= usable:
                 best = e
                 break
         if best is not None:
             first = s == data_parallel[0] if data_parallel else True
-            return Recommendation(s, best.micro_batch, best.accumulation, global_batch,
-                                  f"{', '.join(why) + '; ' if why else ''}{s} "
-                                  f"{'is the fastest strategy and ' if first and not why else ''}fits with "
-                                  f"micro-batch {best.micro_batch} x accumulation {best.accumulation} a device: "
-                                  f"{best.total / 2**30:.2f} GiB of {usable / 2**30:.2f} GiB usable"
-                                  + (f" (Trainer: {TRAINER_SETTINGS[s]})" if s in TRAINER_SETTINGS else ""))
+            return Recommendation(
+                s,
+                best.micro_batch,
+                best.accumulation,
+                global_batch,
+                f"{', '.join(why) + '; ' if why else ''}{s} "
+                f"{'is the fastest strategy and ' if first and not why else ''}fits with "
+                f"micro-batch {best.micro_batch} x accumulation {best.accumulation} a device: "
+                f"{best.total / 2**30:.2f} GiB of {usable / 2**30:.2f} GiB usable"
+                + (f" (Trainer: {TRAINER_SETTINGS[s]})" if s in TRAINER_SETTINGS else ""),
+            )
         why.append(f"{s} does not fit even with micro-batch 1")
-    return Recommendation(None, None, None, global_batch,
-                          "; ".join(why) + ": nothing fits; more devices, a quantized model, adamw8bit or shorter "
-                          "sequences would shrink it")
+    return Recommendation(
+        None,
+        None,
+        None,
+        global_batch,
+        "; ".join(why) + ": nothing fits; more devices, a quantized model, adamw8bit or shorter "
+        "sequences would shrink it",
+    )
 
 
-def plan(model_or_config, devices: int = 1, device_memory="24GB", *, quant="same", optimizer: str = "adamw",
-         seq_len: int | None = None, batch_size: int | None = None, global_batch: int | None = None,
-         strategies=STRATEGIES, device_type: str = "cpu", headroom: float = 0.1, n_microbatches: int = 4,
-         pipeline_schedule: str = "1f1b", vocab_size: int | None = None) -> Plan:
+def plan(
+    model_or_config,
+    devices: int = 1,
+    device_memory="24GB",
+    *,
+    quant="same",
+    optimizer: str = "adamw",
+    seq_len: int | None = None,
+    batch_size: int | None = None,
+    global_batch: int | None = None,
+    strategies=STRATEGIES,
+    device_type: str = "cpu",
+    headroom: float = 0.1,
+    n_microbatches: int = 4,
+    pipeline_schedule: str = "1f1b",
+    vocab_size: int | None = None,
+) -> Plan:
     """Per-device memory of every strategy (and quant mode) and a recommendation.
 
     model_or_config: TransformerLMConfig / RNNLMConfig, an accelops language model, a
@@ -584,25 +725,51 @@ def plan(model_or_config, devices: int = 1, device_memory="24GB", *, quant="same
                 micro = max(1, batch_size * devices // n_microbatches)  # the same global batch as the others
             else:
                 micro = batch_size
-            e = estimate(prof, s, devices, micro, seq_len, optimizer, 1, device_type, n_microbatches,
-                         pipeline_schedule, q)
+            e = estimate(
+                prof, s, devices, micro, seq_len, optimizer, 1, device_type, n_microbatches, pipeline_schedule, q
+            )
             e.fits = e.total <= usable
             estimates.append(e)
-        recs[str(q)] = _recommend(prof, strategies, devices, usable, seq_len, optimizer, global_batch, device_type,
-                                  n_microbatches, pipeline_schedule, q)
-    return Plan(prof.name if len(quants) == 1 else prof.name.rsplit(", quant", 1)[0], prof.n_params, devices, mem,
-                usable, device_type, seq_len, optimizer, estimates, recs)
+        recs[str(q)] = _recommend(
+            prof,
+            strategies,
+            devices,
+            usable,
+            seq_len,
+            optimizer,
+            global_batch,
+            device_type,
+            n_microbatches,
+            pipeline_schedule,
+            q,
+        )
+    return Plan(
+        prof.name if len(quants) == 1 else prof.name.rsplit(", quant", 1)[0],
+        prof.n_params,
+        devices,
+        mem,
+        usable,
+        device_type,
+        seq_len,
+        optimizer,
+        estimates,
+        recs,
+    )
 
 
 # --------------------------------------------------------------------------- the command
+
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="config file (the `accelops train` format: a [model] table)")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--device-memory", default="24GB", help="e.g. 24GB (10^9 bytes), 24GiB, 512MiB")
     p.add_argument("--device-type", default="cpu", choices=sorted(RUNTIME_OVERHEAD))
-    p.add_argument("--quant", default="same", help="the config's (same), 'all', or comma-separated of none, "
-                                                   "bitlinear, int8, qat-int8")
+    p.add_argument(
+        "--quant",
+        default="same",
+        help="the config's (same), 'all', or comma-separated of none, bitlinear, int8, qat-int8",
+    )
     p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     p.add_argument("--seq-len", type=int, default=None, help="default: data.seq_len of the config, or max_len")
     p.add_argument("--batch-size", type=int, default=None, help="sequences a device runs at once in the table")
@@ -617,25 +784,31 @@ def add_arguments(p) -> None:
 
 def format_plan(result: Plan) -> str:
     mib = lambda b: f"{b / MiB:,.0f}"  # noqa: E731
-    lines = [f"{result.model}: {result.n_params / 1e6:.1f}M parameters, {result.devices} {result.device_type} "
-             f"device(s) of {result.device_memory / 2**30:.2f} GiB ({result.usable_memory / 2**30:.2f} GiB usable), "
-             f"seq {result.seq_len}, optimizer {result.optimizer}", "",
-             "| quant | strategy | micro-batch | params | grads | optim | acts | working | buffers | step tmp | "
-             "runtime | total MiB / device | peak at | fits | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{result.model}: {result.n_params / 1e6:.1f}M parameters, {result.devices} {result.device_type} "
+        f"device(s) of {result.device_memory / 2**30:.2f} GiB ({result.usable_memory / 2**30:.2f} GiB usable), "
+        f"seq {result.seq_len}, optimizer {result.optimizer}",
+        "",
+        "| quant | strategy | micro-batch | params | grads | optim | acts | working | buffers | step tmp | "
+        "runtime | total MiB / device | peak at | fits | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for e in result.estimates:
-        lines.append(f"| {e.quant} | {e.strategy} | {e.micro_batch} | {mib(e.params)} | {mib(e.grads)} | "
-                     f"{mib(e.optimizer_state)} | {mib(e.activations)} | {mib(e.working_set)} | {mib(e.comm_buffers)} | "
-                     f"{mib(e.step_temporary)} | {mib(e.runtime)} | {mib(e.total)} | {e.peak_phase} | "
-                     f"{'yes' if e.fits else 'no'} | {e.note or ''} |")
+        lines.append(
+            f"| {e.quant} | {e.strategy} | {e.micro_batch} | {mib(e.params)} | {mib(e.grads)} | "
+            f"{mib(e.optimizer_state)} | {mib(e.activations)} | {mib(e.working_set)} | {mib(e.comm_buffers)} | "
+            f"{mib(e.step_temporary)} | {mib(e.runtime)} | {mib(e.total)} | {e.peak_phase} | "
+            f"{'yes' if e.fits else 'no'} | {e.note or ''} |"
+        )
     lines.append("")
     for q, r in result.recommendations.items():
         head = f"Recommendation (quant {q}, global batch {r.global_batch}): "
         if r.strategy is None:
             lines.append(head + "none. " + r.reason)
         else:
-            lines.append(head + f"{r.strategy}, micro-batch {r.micro_batch}, accumulation {r.accumulation}. "
-                         + r.reason)
+            lines.append(
+                head + f"{r.strategy}, micro-batch {r.micro_batch}, accumulation {r.accumulation}. " + r.reason
+            )
     return "\n".join(lines)
 
 
@@ -646,11 +819,22 @@ def run_args(args) -> int:
     if quant not in ("same", "all"):
         quant = [q.strip() for q in quant.split(",") if q.strip()]
     try:
-        result = plan(args.model, args.devices, args.device_memory, quant=quant, optimizer=args.optimizer,
-                      seq_len=args.seq_len, batch_size=args.batch_size, global_batch=args.global_batch,
-                      strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
-                      device_type=args.device_type, headroom=args.headroom, n_microbatches=args.n_microbatches,
-                      pipeline_schedule=args.pipeline_schedule, vocab_size=args.vocab_size)
+        result = plan(
+            args.model,
+            args.devices,
+            args.device_memory,
+            quant=quant,
+            optimizer=args.optimizer,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            global_batch=args.global_batch,
+            strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
+            device_type=args.device_type,
+            headroom=args.headroom,
+            n_microbatches=args.n_microbatches,
+            pipeline_schedule=args.pipeline_schedule,
+            vocab_size=args.vocab_size,
+        )
     except (ValueError, TypeError, FileNotFoundError) as exc:
         from .cli import debug_enabled, one_line
 

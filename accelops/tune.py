@@ -23,6 +23,7 @@ alike), median and p20/p80 over the batches. The winner is the fastest median, e
 that the default (native at T threads) is kept unless another candidate beats it by
 more than `margin` (2%): a table should not flip choices on noise.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,10 @@ def _weights(op: str, w: torch.Tensor):
 
 def _candidate_fns(op: str, x, wq, ws) -> dict:
     """backend -> a call of that backend on these inputs."""
-    fns = {"native": lambda: getattr(torch.ops.accelops, op)(x, wq, ws, None),
-           "reference": lambda: getattr(ternary_ref if op == "ternary_matmul" else int8_ref, op)(x, wq, ws, None)}
+    fns = {
+        "native": lambda: getattr(torch.ops.accelops, op)(x, wq, ws, None),
+        "reference": lambda: getattr(ternary_ref if op == "ternary_matmul" else int8_ref, op)(x, wq, ws, None),
+    }
     if x.device.type == "cpu" and hasattr(torch.ops.accelops, INT_MM_OPS[op]):
         fns["aten_int_mm"] = lambda: getattr(torch.ops.accelops, INT_MM_OPS[op])(x, wq, ws, None)
     return fns
@@ -94,10 +97,12 @@ def exactness_failure(op: str, shape: dict, backend: str) -> str | None:
     m, n, k = shape["M"], shape["N"], shape["K"]
     g = torch.Generator().manual_seed(1)
     signs = torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0)
-    cases = [(torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)),
-             (torch.ones(m, k), torch.ones(n, k)),
-             (-torch.ones(m, k), torch.ones(n, k)),
-             (signs.expand(m, k).clone(), -signs.expand(n, k).clone())]
+    cases = [
+        (torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)),
+        (torch.ones(m, k), torch.ones(n, k)),
+        (-torch.ones(m, k), torch.ones(n, k)),
+        (signs.expand(m, k).clone(), -signs.expand(n, k).clone()),
+    ]
     for i, (x, w) in enumerate(cases):
         fns = _candidate_fns(op, x, *_weights(op, w))
         if backend not in fns:
@@ -119,7 +124,7 @@ def _time_batch(fn, calls: int, sync=None) -> float:
     for _ in range(calls):
         fn()
     if sync:
-        sync()   # CUDA launches return before the kernel ran
+        sync()  # CUDA launches return before the kernel ran
     return (time.perf_counter() - start) / calls
 
 
@@ -130,8 +135,15 @@ def _percentile(values, q):
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def measure(op: str, shape: dict, max_threads: int | None = None, budget_s: float = 0.3, rounds: int = 7,
-            margin: float = 0.02, device: str = "cpu") -> dict:
+def measure(
+    op: str,
+    shape: dict,
+    max_threads: int | None = None,
+    budget_s: float = 0.3,
+    rounds: int = 7,
+    margin: float = 0.02,
+    device: str = "cpu",
+) -> dict:
     """Time every candidate for one op and shape on `device` ("cpu" or "cuda") -> the table entry."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -152,7 +164,7 @@ def measure(op: str, shape: dict, max_threads: int | None = None, budget_s: floa
         threaded = [b for b in ("native", "aten_int_mm") if b in fns]
         candidates = [(b, t, None, None, fns[b]) for b in threaded for t in range(1, max_threads + 1)]
         # The default first: the kernel at the full thread count, its own tiles.
-        candidates.sort(key=lambda c: (c[0] != "native" or c[1] != max_threads))
+        candidates.sort(key=lambda c: c[0] != "native" or c[1] != max_threads)
         # The kernel's tile sizes at the full thread count (where they decide how the columns
         # split between threads and how much of K a pass keeps in cache).
         candidates += [("native", max_threads, tiles, None, _with_tiles(fns["native"], tiles)) for tiles in TILE_GRID]
@@ -165,7 +177,7 @@ def measure(op: str, shape: dict, max_threads: int | None = None, budget_s: floa
     samples = {i: [] for i in range(len(candidates))}
     calls = {}
     try:
-        for i, (_, threads, _, _, fn) in enumerate(candidates):   # warm-up, and a batch size per candidate
+        for i, (_, threads, _, _, fn) in enumerate(candidates):  # warm-up, and a batch size per candidate
             torch.set_num_threads(threads or before)
             fn()
             one = _time_batch(fn, 1, sync)
@@ -182,18 +194,38 @@ def measure(op: str, shape: dict, max_threads: int | None = None, budget_s: floa
     results = []
     for i, (backend, threads, tiles, config, _) in enumerate(candidates):
         us = [s * 1e6 for s in samples[i]]
-        results.append({"backend": backend, "threads": threads, "tiles": _tiles_json(tiles), "config": config,
-                        "median_us": _percentile(us, 0.5), "p20_us": _percentile(us, 0.2),
-                        "p80_us": _percentile(us, 0.8), "samples": len(us)})
+        results.append(
+            {
+                "backend": backend,
+                "threads": threads,
+                "tiles": _tiles_json(tiles),
+                "config": config,
+                "median_us": _percentile(us, 0.5),
+                "p20_us": _percentile(us, 0.2),
+                "p80_us": _percentile(us, 0.8),
+                "samples": len(us),
+            }
+        )
     default = results[0]
     fastest = min(results, key=lambda r: r["median_us"])
     winner = fastest if fastest["median_us"] < default["median_us"] * (1 - margin) else default
     dims = TUNED_OPS[op]
-    return {"op": op, "shape": {d: shape[d] for d in dims}, "max_threads": max_threads, "device": device.type,
-            "winner": {"backend": winner["backend"], "threads": winner["threads"], "tiles": winner["tiles"],
-                       "config": winner["config"]},
-            "default_us": default["median_us"], "winner_us": winner["median_us"], "candidates": results,
-            "excluded": excluded}
+    return {
+        "op": op,
+        "shape": {d: shape[d] for d in dims},
+        "max_threads": max_threads,
+        "device": device.type,
+        "winner": {
+            "backend": winner["backend"],
+            "threads": winner["threads"],
+            "tiles": winner["tiles"],
+            "config": winner["config"],
+        },
+        "default_us": default["median_us"],
+        "winner_us": winner["median_us"],
+        "candidates": results,
+        "excluded": excluded,
+    }
 
 
 def _triton_configs(op: str, shape: dict, native, excluded: dict) -> list:
@@ -207,9 +239,11 @@ def _triton_configs(op: str, shape: dict, native, excluded: dict) -> list:
     want = native()
     out = []
     for cfg in matmul_config_grid(kind, shape["M"]):
+
         def call(cfg=cfg):
             with matmul_config(kind, cfg):
                 return native()
+
         label = json.dumps(cfg, sort_keys=True)
         try:
             got = call()
@@ -229,9 +263,11 @@ def _tiles_json(tiles):
 
 def _with_tiles(fn, tiles):
     """fn under the C++ kernel's tile sizes (n_block, k_chunk), restored afterwards."""
+
     def call():
         with _tuning.cpu_tiles(tiles):
             return fn()
+
     return call
 
 
@@ -253,8 +289,13 @@ def shapes_from_model(config: dict, m_values=None) -> list[dict]:
         m_values = sorted({1, int(config.get("train", {}).get("batch_size", 32)) * seq_len})
     found = []
     for module in model.modules():
-        op = "ternary_matmul" if isinstance(module, BitLinear) else "int8_linear" if isinstance(module, Int8Linear) \
+        op = (
+            "ternary_matmul"
+            if isinstance(module, BitLinear)
+            else "int8_linear"
+            if isinstance(module, Int8Linear)
             else None
+        )
         if op:
             found.append((op, module.out_features, module.in_features))
     return [{"op": op, "M": m, "N": n, "K": k} for op, n, k in sorted(set(found)) for m in m_values]
@@ -278,8 +319,9 @@ def write_table(entries: list[dict], path=None) -> Path:
     table["torch"] = torch.__version__
     table["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     new_keys = {(e["op"], json.dumps(e["shape"], sort_keys=True)) for e in entries}
-    table["entries"] = [e for e in table["entries"]
-                        if (e["op"], json.dumps(e["shape"], sort_keys=True)) not in new_keys] + entries
+    table["entries"] = [
+        e for e in table["entries"] if (e["op"], json.dumps(e["shape"], sort_keys=True)) not in new_keys
+    ] + entries
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w") as f:
@@ -308,36 +350,57 @@ def explain(entries: list[dict]) -> dict:
             table = DispatchTable.from_json({"entries": others}, "loo")
             shape = tuple(held["shape"][d] for d in TUNED_OPS[op])
             choice = table.predict(op, shape)
-            key = (choice.backend, choice.threads, _tiles_json(choice.tiles),
-                   dict(choice.config[1]) if choice.config else None)
+            key = (
+                choice.backend,
+                choice.threads,
+                _tiles_json(choice.tiles),
+                dict(choice.config[1]) if choice.config else None,
+            )
             picked = next(c for c in held["candidates"] if _candidate_key(c) == key)
             best = min(c["median_us"] for c in held["candidates"])
             hits += key == _candidate_key(held["winner"])
             slowdowns.append(picked["median_us"] / best - 1.0)
-        report[op] = {"model": "nearest measured shape in log2(M, N, K) space", "shapes": len(mine),
-                      "loo_winner_agreement": hits / len(slowdowns) if slowdowns else None,
-                      "loo_mean_slowdown": sum(slowdowns) / len(slowdowns) if slowdowns else None,
-                      "loo_worst_slowdown": max(slowdowns) if slowdowns else None}
+        report[op] = {
+            "model": "nearest measured shape in log2(M, N, K) space",
+            "shapes": len(mine),
+            "loo_winner_agreement": hits / len(slowdowns) if slowdowns else None,
+            "loo_mean_slowdown": sum(slowdowns) / len(slowdowns) if slowdowns else None,
+            "loo_worst_slowdown": max(slowdowns) if slowdowns else None,
+        }
     return report
 
 
 def add_arguments(parser) -> None:
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, metavar="CONFIG",
-                     help="an `accelops train` config: tune the ops its quantized layers call")
-    src.add_argument("--shapes", default=None, metavar="FILE",
-                     help='JSON list of {"op": "ternary_matmul"|"int8_linear", "M": .., "N": .., "K": ..}')
+    src.add_argument(
+        "--model",
+        default=None,
+        metavar="CONFIG",
+        help="an `accelops train` config: tune the ops its quantized layers call",
+    )
+    src.add_argument(
+        "--shapes",
+        default=None,
+        metavar="FILE",
+        help='JSON list of {"op": "ternary_matmul"|"int8_linear", "M": .., "N": .., "K": ..}',
+    )
     parser.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(TUNED_OPS)}")
     parser.add_argument("--m", default=None, help="with --model: row counts M to tune (default: 1 and batch x seq)")
     parser.add_argument("--threads", type=int, default=None, help="largest thread count tried (default: torch's)")
     parser.add_argument("--budget", type=float, default=0.3, help="seconds of timing per candidate (default 0.3)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                        help="where to tune: cpu (threads, tiles, ATen's GEMM) or cuda (the Triton GEMM's "
-                             "block sizes, warps and stages); default cpu")
-    parser.add_argument("--table", default=None, help=f"table file (default ${_tuning.ENV_TABLE} or "
-                                                      f"~/.cache/accelops/dispatch.json)")
-    parser.add_argument("--explain", action="store_true",
-                        help="also report the leave-one-out error of the prediction for unseen shapes")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where to tune: cpu (threads, tiles, ATen's GEMM) or cuda (the Triton GEMM's "
+        "block sizes, warps and stages); default cpu",
+    )
+    parser.add_argument(
+        "--table", default=None, help=f"table file (default ${_tuning.ENV_TABLE} or ~/.cache/accelops/dispatch.json)"
+    )
+    parser.add_argument(
+        "--explain", action="store_true", help="also report the leave-one-out error of the prediction for unseen shapes"
+    )
 
 
 def run_args(args, out=None) -> int:
@@ -367,8 +430,12 @@ def run_args(args, out=None) -> int:
             raise SystemExit(f"accelops tune: op must be one of {', '.join(TUNED_OPS)}, got {shape.get('op')!r}")
         e = measure(shape["op"], shape, args.threads, args.budget, device=args.device)
         entries.append(e)
-        print(f"{e['op']:<15} {json.dumps(e['shape'])}: {_tuning.describe(e['winner'])} "
-              f"{e['winner_us']:.1f} us (default {e['default_us']:.1f} us)", file=out, flush=True)
+        print(
+            f"{e['op']:<15} {json.dumps(e['shape'])}: {_tuning.describe(e['winner'])} "
+            f"{e['winner_us']:.1f} us (default {e['default_us']:.1f} us)",
+            file=out,
+            flush=True,
+        )
     path = write_table(entries, args.table)
     print(f"dispatch table for machine {machine_info()['fingerprint']} written to {path}", file=out)
     if args.explain:
@@ -376,6 +443,9 @@ def run_args(args, out=None) -> int:
             agree = "n/a" if r["loo_winner_agreement"] is None else f"{r['loo_winner_agreement']:.0%}"
             mean = "n/a" if r["loo_mean_slowdown"] is None else f"{r['loo_mean_slowdown']:+.1%}"
             worst = "n/a" if r["loo_worst_slowdown"] is None else f"{r['loo_worst_slowdown']:+.1%}"
-            print(f"{op}: {r['model']}; leave-one-out over {r['shapes']} shapes: picks the measured winner "
-                  f"{agree}, slowdown vs best mean {mean}, worst {worst}", file=out)
+            print(
+                f"{op}: {r['model']}; leave-one-out over {r['shapes']} shapes: picks the measured winner "
+                f"{agree}, slowdown vs best mean {mean}, worst {worst}",
+                file=out,
+            )
     return 0

@@ -16,6 +16,7 @@ without it (target <= 2 us), and the lookup alone.
 
     python bench/bench_dispatch.py [--quick] [--threads 2] [--results-dir DIR]
 """
+
 from __future__ import annotations
 
 import math
@@ -24,22 +25,22 @@ import statistics
 import sys
 import time
 
+import common
 import torch
 
 from accelops import ops
+from accelops._machine import machine_info
 from accelops.ops import _tuning
 from accelops.ops._tuning import DispatchTable
 from accelops.tune import BENCH_SHAPES, _inputs, _percentile, measure
-from accelops._machine import machine_info
-
-import common
 
 FAMILY = "dispatch"
 QUICK_SHAPES = [{"op": "ternary_matmul", "M": 1, "N": 256, "K": 256}, {"op": "int8_linear", "M": 4, "N": 256, "K": 256}]
 
 
-def _interleaved(fns: dict, budget_s: float, rounds: int, seed: int = 0, batch_s: float | None = None,
-                 max_rounds: int = 201) -> tuple[dict, dict]:
+def _interleaved(
+    fns: dict, budget_s: float, rounds: int, seed: int = 0, batch_s: float | None = None, max_rounds: int = 201
+) -> tuple[dict, dict]:
     """Batches of each fn timed in interleaved rounds, the order shuffled every round (a
     fixed order would give one method a systematic place, e.g. always right after the
     2-thread default had woken the thread pool).
@@ -102,6 +103,7 @@ def _untuned(fn):
     def call():
         _tuning.reset(None, loaded=True)
         return fn()
+
     return call
 
 
@@ -109,6 +111,7 @@ def _tuned(fn, table):
     def call():
         _tuning.reset(table)
         return fn()
+
     return call
 
 
@@ -120,6 +123,7 @@ def _with_threads(fn, threads):
             return fn()
         finally:
             torch.set_num_threads(before)
+
     return call
 
 
@@ -128,8 +132,18 @@ def overhead(budget_s: float) -> dict:
     wq, ws = ops.quantize_weight_int8(torch.randn(16, 16))
     call = lambda: ops.int8_linear(x, wq, ws)  # noqa: E731
     fp = machine_info()["fingerprint"]
-    table = DispatchTable.from_json({"entries": [{"op": "int8_linear", "shape": {"M": 1, "N": 16, "K": 16},
-                                                  "winner": {"backend": "native", "threads": None}}]}, fp)
+    table = DispatchTable.from_json(
+        {
+            "entries": [
+                {
+                    "op": "int8_linear",
+                    "shape": {"M": 1, "N": 16, "K": 16},
+                    "winner": {"backend": "native", "threads": None},
+                }
+            ]
+        },
+        fp,
+    )
 
     def without():
         _tuning.reset(None, loaded=True)
@@ -155,8 +169,12 @@ def overhead(budget_s: float) -> dict:
         table.lookup("int8_linear", (1, 16, 16))
     lookup_us = (time.perf_counter() - t) / n * 1e6
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"call_without_us": med["without"], "call_with_us": med["with"],
-            "overhead_us": med["with"] - med["without"], "lookup_us": lookup_us}
+    return {
+        "call_without_us": med["without"],
+        "call_with_us": med["with"],
+        "overhead_us": med["with"] - med["without"],
+        "lookup_us": lookup_us,
+    }
 
 
 def run(cfg: common.Config) -> common.FamilyResult:
@@ -188,34 +206,76 @@ def run(cfg: common.Config) -> common.FamilyResult:
                     best_fn = _untuned(_with_threads(_inputs(s["op"], s)["reference"], best["threads"]))
                 else:
                     only_best = DispatchTable.from_json(
-                        {"entries": [{**e, "winner": {"backend": best["backend"], "threads": best["threads"],
-                                                      "tiles": best.get("tiles"),
-                                                      "config": best.get("config")}}]},
-                        table.fingerprint)
+                        {
+                            "entries": [
+                                {
+                                    **e,
+                                    "winner": {
+                                        "backend": best["backend"],
+                                        "threads": best["threads"],
+                                        "tiles": best.get("tiles"),
+                                        "config": best.get("config"),
+                                    },
+                                }
+                            ]
+                        },
+                        table.fingerprint,
+                    )
                     best_fn = _tuned(public, only_best)
                 fns = {"default": _untuned(public), "tuned": _tuned(public, table), "best": best_fn}
                 timed, samples = _interleaved(fns, budget, compare_rounds, seed=len(mine), batch_s=0.003)
-                paired = {"tuned_vs_best": paired_ratio(samples["tuned"], samples["best"]),
-                          "default_vs_tuned": paired_ratio(samples["default"], samples["tuned"])}
+                paired = {
+                    "tuned_vs_best": paired_ratio(samples["tuned"], samples["best"]),
+                    "default_vs_tuned": paired_ratio(samples["default"], samples["tuned"]),
+                }
                 for method, (med, p20, p80) in timed.items():
-                    row = {**meta, "family": FAMILY, "op": s["op"], "method": method,
-                           "label": {"default": "default dispatch", "tuned": "accelops tuned dispatch",
-                                     "best": "exhaustive-search best"}[method],
-                           "accelops": method == "tuned", "threads": threads, "M": s["M"], "N": s["N"], "K": s["K"],
-                           "median_us": med, "p20_us": p20, "p80_us": p80, "status": "ok",
-                           "winner": e["winner"], "best_candidate": {"backend": best["backend"],
-                                                                      "threads": best["threads"],
-                                                                      "tiles": best.get("tiles")},
-                           "candidates": e["candidates"],
-                           **{f"{k}_{q}": v for k, r in paired.items() for q, v in zip(("median", "p20", "p80"), r)}}
+                    row = {
+                        **meta,
+                        "family": FAMILY,
+                        "op": s["op"],
+                        "method": method,
+                        "label": {
+                            "default": "default dispatch",
+                            "tuned": "accelops tuned dispatch",
+                            "best": "exhaustive-search best",
+                        }[method],
+                        "accelops": method == "tuned",
+                        "threads": threads,
+                        "M": s["M"],
+                        "N": s["N"],
+                        "K": s["K"],
+                        "median_us": med,
+                        "p20_us": p20,
+                        "p80_us": p80,
+                        "status": "ok",
+                        "winner": e["winner"],
+                        "best_candidate": {
+                            "backend": best["backend"],
+                            "threads": best["threads"],
+                            "tiles": best.get("tiles"),
+                        },
+                        "candidates": e["candidates"],
+                        **{f"{k}_{q}": v for k, r in paired.items() for q, v in zip(("median", "p20", "p80"), r)},
+                    }
                     common.append_row(out_path, row)
                     mine.append(row)
             cost = overhead(0.2)
         finally:
             _tuning.reset()
-        cost_row = {**meta, "family": FAMILY, "op": "int8_linear", "method": "dispatch_overhead",
-                    "label": "table lookup cost per call", "accelops": True, "threads": threads, "M": 1, "N": 16,
-                    "K": 16, "status": "ok", **cost}
+        cost_row = {
+            **meta,
+            "family": FAMILY,
+            "op": "int8_linear",
+            "method": "dispatch_overhead",
+            "label": "table lookup cost per call",
+            "accelops": True,
+            "threads": threads,
+            "M": 1,
+            "N": 16,
+            "K": 16,
+            "status": "ok",
+            **cost,
+        }
         common.append_row(out_path, cost_row)
         rows += mine + [cost_row]
         sections += common.run_header(FAMILY, meta, cfg, threads, time.perf_counter() - t0)
@@ -227,11 +287,14 @@ def summarize(rows, cost) -> list[str]:
     by = {}
     for r in rows:
         by.setdefault((r["op"], r["M"], r["N"], r["K"]), {})[r["method"]] = r
-    lines = ["Times are medians over rounds; the ratios are medians of per-round paired ratios "
-             "(p20-p80 in brackets), the three methods' order shuffled every round.", "",
-             "| op | M | N x K | table's choice | best candidate | default | tuned | best | tuned vs best "
-             "| tuned vs default |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "Times are medians over rounds; the ratios are medians of per-round paired ratios "
+        "(p20-p80 in brackets), the three methods' order shuffled every round.",
+        "",
+        "| op | M | N x K | table's choice | best candidate | default | tuned | best | tuned vs best "
+        "| tuned vs default |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     per_op, worst = {}, 0.0
     for (op, m, n, k), d in by.items():
         de, tu, be = d["default"]["median_us"], d["tuned"]["median_us"], d["best"]["median_us"]
@@ -241,18 +304,24 @@ def summarize(rows, cost) -> list[str]:
         dt = (t["default_vs_tuned_median"], t["default_vs_tuned_p20"], t["default_vs_tuned_p80"])
         worst = max(worst, tb[0] - 1)
         per_op.setdefault(op, []).append(dt[0])
-        lines.append(f"| {op} | {m} | {n}x{k} | {_tuning.describe(w)} | {_tuning.describe(b)} | "
-                     f"{common.fmt_time(de)} | {common.fmt_time(tu)} | {common.fmt_time(be)} | "
-                     f"{tb[0]:.3f}x [{tb[1]:.3f}-{tb[2]:.3f}] | {dt[0]:.2f}x [{dt[1]:.2f}-{dt[2]:.2f}] |")
+        lines.append(
+            f"| {op} | {m} | {n}x{k} | {_tuning.describe(w)} | {_tuning.describe(b)} | "
+            f"{common.fmt_time(de)} | {common.fmt_time(tu)} | {common.fmt_time(be)} | "
+            f"{tb[0]:.3f}x [{tb[1]:.3f}-{tb[2]:.3f}] | {dt[0]:.2f}x [{dt[1]:.2f}-{dt[2]:.2f}] |"
+        )
     lines.append("")
     for op, speedups in per_op.items():
         geo = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
-        lines.append(f"- {op}: tuned vs default, geometric mean over {len(speedups)} shapes: {geo:.3f}x "
-                     f"({'>= 1.10x: met' if geo >= 1.10 else 'below 1.10x'})")
+        lines.append(
+            f"- {op}: tuned vs default, geometric mean over {len(speedups)} shapes: {geo:.3f}x "
+            f"({'>= 1.10x: met' if geo >= 1.10 else 'below 1.10x'})"
+        )
     lines.append(f"- worst tuned vs exhaustive best: {worst:+.1%} ({'<= 3%: met' if worst <= 0.03 else 'MISSED'})")
-    lines.append(f"- dispatch cost: accelops.ops.int8_linear 1x16x16 {cost['call_without_us']:.2f} us without a table,"
-                 f" {cost['call_with_us']:.2f} us with one ({cost['overhead_us']:+.2f} us; target <= 2 us); "
-                 f"lookup alone {cost['lookup_us']:.2f} us")
+    lines.append(
+        f"- dispatch cost: accelops.ops.int8_linear 1x16x16 {cost['call_without_us']:.2f} us without a table,"
+        f" {cost['call_with_us']:.2f} us with one ({cost['overhead_us']:+.2f} us; target <= 2 us); "
+        f"lookup alone {cost['lookup_us']:.2f} us"
+    )
     return lines + [""]
 
 

@@ -9,19 +9,19 @@ reported as WRONG and not timed. Speed-up = baseline time / accelops time, same 
 
     python bench/bench_fake_quant.py [--quick] [--threads 1,2] [--results-dir DIR]
 """
+
 from __future__ import annotations
 
 import os
 import sys
 import time
 
+import common
 import torch
 from tqdm import tqdm
 
 from accelops import ops
 from accelops.reference import fake_quant as R
-
-import common
 
 FAMILY = "fake_quant"
 SHAPES = [(4096, 4096), (11008, 4096)]  # a weight per channel (axis 0), or activations per tensor
@@ -64,7 +64,8 @@ def _forward_fns(case, scale, zero):
     else:
         mine = lambda x, s, z: ops.fake_quantize_learnable(x, s, z, QMIN, QMAX, axis=0)  # noqa: E731
         theirs = lambda x, s, z: torch._fake_quantize_learnable_per_channel_affine(  # noqa: E731
-            x, s, z, 0, QMIN, QMAX, 1.0)
+            x, s, z, 0, QMIN, QMAX, 1.0
+        )
     return {"accelops": mine, "torch": theirs, "torch_compiled": torch.compile(theirs, dynamic=False)}
 
 
@@ -72,9 +73,11 @@ def _call(fn, pass_, case, x, scale, zero, grad):
     """A zero-argument callable running one pass; it returns what the pass produces."""
     learnable = case == "lsq_per_channel"
     if pass_ == "fwd":
+
         def run():
             with torch.no_grad():
                 return fn(x, scale, zero)
+
         return run
     xg = x.detach().requires_grad_()
     sg = scale.detach().requires_grad_() if learnable else scale
@@ -84,6 +87,7 @@ def _call(fn, pass_, case, x, scale, zero, grad):
     def run():
         # autograd.grad, not .backward(): no accumulation into .grad between repeats
         return torch.autograd.grad(fn(xg, sg, zg), inputs, grad)
+
     return run
 
 
@@ -125,10 +129,21 @@ def run_case(cfg, timer, meta, shape, case, threads, out_path, progress) -> list
         for key, call in calls.items():
             label, is_accelops = METHODS[key]
             progress.set_postfix_str(f"{threads}t {shape} {case} {pass_} {key}")
-            row = {**meta, "family": FAMILY, "method": key, "label": label, "accelops": is_accelops,
-                   "case": case, "pass": pass_, "threads": threads, "shape": list(shape),
-                   "dtype": "float32", "bytes": x.numel() * x.element_size(), "budget_s": cfg.budget_s,
-                   "status": "ok"}
+            row = {
+                **meta,
+                "family": FAMILY,
+                "method": key,
+                "label": label,
+                "accelops": is_accelops,
+                "case": case,
+                "pass": pass_,
+                "threads": threads,
+                "shape": list(shape),
+                "dtype": "float32",
+                "bytes": x.numel() * x.element_size(),
+                "budget_s": cfg.budget_s,
+                "status": "ok",
+            }
             if is_accelops:
                 row["check"] = check
             if is_accelops and not check["ok"]:
@@ -159,7 +174,9 @@ def _cell(row):
     if row is None:
         return "-"
     if row["status"] == "ok":
-        return f"{common.fmt_time(row['median_us'])} ({common.fmt_time(row['p20_us'])} - {common.fmt_time(row['p80_us'])})"
+        return (
+            f"{common.fmt_time(row['median_us'])} ({common.fmt_time(row['p20_us'])} - {common.fmt_time(row['p80_us'])})"
+        )
     return {"wrong": "**WRONG**", "error": "error", "skipped": "n/a"}[row["status"]]
 
 
@@ -168,34 +185,66 @@ def summarize(rows, cfg, threads, wall_s) -> str:
     shapes = list(dict.fromkeys(tuple(r["shape"]) for r in rows))
     meta = rows[0]
     out = common.run_header(FAMILY, meta, cfg, threads, wall_s, versions=("torch", "triton")) + [
-           "fp32 tensors; median (p20 - p80) of adaptive repeats after warm-up. fwd+bwd = forward and "
-           "torch.autograd.grad of x (and of scale and zero point for LSQ). Speed-up = baseline / accelops. "
-           "accelops asks for transparent huge pages for its large outputs (first-touch page faults of a "
-           "fresh 64 MiB tensor cost more than the kernel on a VM); torch does so only with "
-           f"THP_MEM_ALLOC_ENABLE=1, which was {common.thp_note(meta)} "
-           "in this run.", ""]
+        "fp32 tensors; median (p20 - p80) of adaptive repeats after warm-up. fwd+bwd = forward and "
+        "torch.autograd.grad of x (and of scale and zero point for LSQ). Speed-up = baseline / accelops. "
+        "accelops asks for transparent huge pages for its large outputs (first-touch page faults of a "
+        "fresh 64 MiB tensor cost more than the kernel on a VM); torch does so only with "
+        f"THP_MEM_ALLOC_ENABLE=1, which was {common.thp_note(meta)} "
+        "in this run.",
+        "",
+    ]
     table, mem, targets = [], [], []
     for shape in shapes:
         for case, desc in CASES:
             for pass_ in PASSES:
                 r = lambda key: by.get((shape, case, pass_, key))  # noqa: E731
-                table.append([f"{shape[0]}x{shape[1]}", desc, pass_, _cell(r("accelops")), _cell(r("torch")),
-                              _cell(r("torch_compiled")), _fmt(_ratio(r("torch"), r("accelops"))),
-                              _fmt(_ratio(r("torch_compiled"), r("accelops")))])
-                mem.append([f"{shape[0]}x{shape[1]}", desc, pass_]
-                           + [common.fmt_bytes((r(k) or {}).get("peak_mem_bytes")) for k in METHODS])
+                table.append(
+                    [
+                        f"{shape[0]}x{shape[1]}",
+                        desc,
+                        pass_,
+                        _cell(r("accelops")),
+                        _cell(r("torch")),
+                        _cell(r("torch_compiled")),
+                        _fmt(_ratio(r("torch"), r("accelops"))),
+                        _fmt(_ratio(r("torch_compiled"), r("accelops"))),
+                    ]
+                )
+                mem.append(
+                    [f"{shape[0]}x{shape[1]}", desc, pass_]
+                    + [common.fmt_bytes((r(k) or {}).get("peak_mem_bytes")) for k in METHODS]
+                )
                 if case == "per_channel" and pass_ == "fwd+bwd":
                     ratio = _ratio(r("torch"), r("accelops"))
                     mark = "-" if ratio is None else ("✓" if ratio >= 4 else "✗")
-                    targets.append(["per-channel fake_quantize fwd+bwd vs torch", f"{shape[0]}x{shape[1]}",
-                                    _fmt(ratio), ">= 4x", mark])
-    out += [common.md_table(["shape", "case", "pass", "accelops", "torch eager", "torch.compile",
-                             "vs eager", "vs compiled"], table), ""]
+                    targets.append(
+                        [
+                            "per-channel fake_quantize fwd+bwd vs torch",
+                            f"{shape[0]}x{shape[1]}",
+                            _fmt(ratio),
+                            ">= 4x",
+                            mark,
+                        ]
+                    )
+    out += [
+        common.md_table(
+            ["shape", "case", "pass", "accelops", "torch eager", "torch.compile", "vs eager", "vs compiled"], table
+        ),
+        "",
+    ]
     hits = sum(t[-1] == "✓" for t in targets)
-    out += [f"Targets: {hits} of {len(targets)} met.", "",
-            common.md_table(["target", "shape", "speed-up", "goal", ""], targets), ""]
-    out += ["Peak memory growth during one call (output and saved tensors included):", "",
-            common.md_table(["shape", "case", "pass"] + [METHODS[k][0] for k in METHODS], mem), ""]
+    out += [
+        f"Targets: {hits} of {len(targets)} met.",
+        "",
+        common.md_table(["target", "shape", "speed-up", "goal", ""], targets),
+        "",
+    ]
+    out += [
+        "Peak memory growth during one call (output and saved tensors included):",
+        "",
+        common.md_table(["shape", "case", "pass"] + [METHODS[k][0] for k in METHODS], mem),
+        "",
+    ]
     out += common.memory_note(rows)
     return "\n".join(out)
 
@@ -218,8 +267,11 @@ def run(cfg: common.Config) -> common.FamilyResult:
                     rows += run_case(cfg, timer, meta, shape, case, threads, out_path, progress)
             summaries.append(summarize(rows, cfg, threads, time.perf_counter() - t0))
             all_rows += rows
-    failures = [f"{r['label']} {r['case']} {r['pass']} {r['shape']} {r['threads']}t: {r['status']}: {r.get('reason')}"
-                for r in all_rows if r["accelops"] and r["status"] not in ("ok", "skipped")]
+    failures = [
+        f"{r['label']} {r['case']} {r['pass']} {r['shape']} {r['threads']}t: {r['status']}: {r.get('reason')}"
+        for r in all_rows
+        if r["accelops"] and r["status"] not in ("ok", "skipped")
+    ]
     summary = "\n".join(["## Fake-quant benchmark", "", *summaries])
     return common.FamilyResult(FAMILY, summary, all_rows, failures)
 

@@ -24,6 +24,7 @@ ru_maxrss minus that RSS and says so in the row.
     python bench/bench_ffn.py [--quick] [--threads 1,2] [--results-dir DIR]
 (or through bench/run.py, which runs every family)
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,12 +37,11 @@ import sys
 import time
 from pathlib import Path
 
+import common
 import torch
 
-import common
-
 FAMILY = "ffn"
-SHAPE = (4096, 1024, 2816)      # tokens, dim, hidden
+SHAPE = (4096, 1024, 2816)  # tokens, dim, hidden
 QUICK_SHAPE = (64, 32, 48)
 ACTIVATION = "swiglu"
 DTYPE = torch.float32
@@ -58,6 +58,7 @@ MEM_GOAL, MEM_ISSUE = 0.5, 0.7
 
 
 # --------------------------------------------------------------------------- set-up
+
 
 def build(method: str, t: int, d: int, h: int, seed: int = 0):
     """-> (module, x, dy, eager reference module) on the CPU; `module` is the one to run."""
@@ -103,8 +104,11 @@ def check_fused(t: int, d: int, h: int) -> dict:
     module, x, dy, ref = build("fused", t, d, h)
     ref64 = copy.deepcopy(ref).double()
     out = {}
-    for name, m, xx, dd in (("fused", module, x, dy), ("eager", ref, x, dy),
-                            ("fp64", ref64, x.detach().double().requires_grad_(True), dy.double())):
+    for name, m, xx, dd in (
+        ("fused", module, x, dy),
+        ("eager", ref, x, dy),
+        ("fp64", ref64, x.detach().double().requires_grad_(True), dy.double()),
+    ):
         y = m(xx)
         grads = torch.autograd.grad(y, [xx, *(ref64 if name == "fp64" else ref).parameters()], dd)
         out[name] = [y.detach().double(), *(g.double() for g in grads)]
@@ -114,11 +118,17 @@ def check_fused(t: int, d: int, h: int) -> dict:
 
     fused_err, eager_err = rel(out["fused"], out["fp64"]), rel(out["eager"], out["fp64"])
     ok = fused_err <= 2 * eager_err + 1e-6
-    return {"ok": ok, "max_rel_err_fused": fused_err, "max_rel_err_eager": eager_err,
-            "against": "fp64 eager MLP (output and every gradient)", "rule": "fused <= 2 x eager + 1e-6"}
+    return {
+        "ok": ok,
+        "max_rel_err_fused": fused_err,
+        "max_rel_err_eager": eager_err,
+        "against": "fp64 eager MLP (output and every gradient)",
+        "rule": "fused <= 2 x eager + 1e-6",
+    }
 
 
 # --------------------------------------------------------------------------- memory (child process)
+
 
 def _status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
@@ -148,24 +158,38 @@ def memory_child(method: str, mode: str, t: int, d: int, h: int, threads: int) -
     else:
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     del y
-    return {"peak_mem_bytes": max(peak_kib - base_kib, 0) * 1024, "peak_mem_method": how,
-            "rss_before_bytes": base_kib * 1024}
+    return {
+        "peak_mem_bytes": max(peak_kib - base_kib, 0) * 1024,
+        "peak_mem_method": how,
+        "rss_before_bytes": base_kib * 1024,
+    }
 
 
 MEMORY_METHODS = {
-    "vmhwm_reset": ("fresh subprocess with MALLOC_MMAP_THRESHOLD_=65536; after an untimed warm-up step, the "
-                    "high-water mark is reset (/proc/self/clear_refs 5) and the row is VmHWM minus VmRSS just "
-                    "before the measured step (weights, inputs and dy already exist; the output is included)"),
-    "ru_maxrss": ("fresh subprocess with MALLOC_MMAP_THRESHOLD_=65536; ru_maxrss minus VmRSS before the step "
-                  "(clear_refs not writable here, so the warm-up's peak may be included)"),
+    "vmhwm_reset": (
+        "fresh subprocess with MALLOC_MMAP_THRESHOLD_=65536; after an untimed warm-up step, the "
+        "high-water mark is reset (/proc/self/clear_refs 5) and the row is VmHWM minus VmRSS just "
+        "before the measured step (weights, inputs and dy already exist; the output is included)"
+    ),
+    "ru_maxrss": (
+        "fresh subprocess with MALLOC_MMAP_THRESHOLD_=65536; ru_maxrss minus VmRSS before the step "
+        "(clear_refs not writable here, so the warm-up's peak may be included)"
+    ),
 }
 
 
 def measure_memory(method: str, mode: str, shape, threads: int) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", method, mode,
-           *(str(v) for v in shape), str(threads)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_memory-child",
+        method,
+        mode,
+        *(str(v) for v in shape),
+        str(threads),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"memory child failed: {proc.stderr[-1500:]}")
@@ -173,6 +197,7 @@ def measure_memory(method: str, mode: str, shape, threads: int) -> dict:
 
 
 # --------------------------------------------------------------------------- timing
+
 
 def time_round_robin(fns: dict, cfg: common.Config) -> dict:
     """Interleaved repeats: every round calls each variant once (order rotated each round)."""
@@ -187,7 +212,7 @@ def time_round_robin(fns: dict, cfg: common.Config) -> dict:
     rounds = max(3 if cfg.quick else 7, min(cfg.max_repeats, rounds))
     times = {k: [] for k in keys}
     for r in range(rounds):
-        order = keys[r % len(keys):] + keys[:r % len(keys)]
+        order = keys[r % len(keys) :] + keys[: r % len(keys)]
         for k in order:
             s = time.perf_counter()
             fns[k]()
@@ -195,12 +220,18 @@ def time_round_robin(fns: dict, cfg: common.Config) -> dict:
     out = {}
     for k, ts in times.items():
         ts.sort()
-        out[k] = {"median_us": common.percentile(ts, 0.5) * 1e6, "p20_us": common.percentile(ts, 0.2) * 1e6,
-                  "p80_us": common.percentile(ts, 0.8) * 1e6, "min_us": ts[0] * 1e6, "repeats": rounds}
+        out[k] = {
+            "median_us": common.percentile(ts, 0.5) * 1e6,
+            "p20_us": common.percentile(ts, 0.2) * 1e6,
+            "p80_us": common.percentile(ts, 0.8) * 1e6,
+            "min_us": ts[0] * 1e6,
+            "repeats": rounds,
+        }
     return out
 
 
 # --------------------------------------------------------------------------- summary
+
 
 def _ratio(a, b):
     return None if a is None or b is None or not b else a / b
@@ -219,11 +250,17 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
     loads = [r["loadavg_1m"] for r in rows]
     cores = mach["cpu_affinity"] or mach["cpu_count"] or 1
     if max(loads) > cores:
-        out.append(f"**The machine was busy** (1-minute load average {min(loads):.1f} to {max(loads):.1f} on {cores} "
-                   "cores): the variants were timed round-robin so the load hits each alike, but absolute times "
-                   "are inflated and the spread is wide.")
-    out += ["", f"Shape: {t} tokens, dim {d}, hidden {h}, {str(DTYPE).replace('torch.', '')}, {ACTIVATION}. "
-            "Ratios are accelops / baseline (below 1: accelops faster or smaller).", ""]
+        out.append(
+            f"**The machine was busy** (1-minute load average {min(loads):.1f} to {max(loads):.1f} on {cores} "
+            "cores): the variants were timed round-robin so the load hits each alike, but absolute times "
+            "are inflated and the spread is wide."
+        )
+    out += [
+        "",
+        f"Shape: {t} tokens, dim {d}, hidden {h}, {str(DTYPE).replace('torch.', '')}, {ACTIVATION}. "
+        "Ratios are accelops / baseline (below 1: accelops faster or smaller).",
+        "",
+    ]
     table = []
     for mode in MODES:
         for key, label in METHODS:
@@ -234,16 +271,38 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
                 table.append([mode, label, r["status"], r.get("reason", "")[:80], "", "", "", "", ""])
                 continue
             f = by.get((mode, "fused"))
-            table.append([
-                mode, label, common.fmt_time(r["median_us"]),
-                f"{common.fmt_time(r['p20_us'])} - {common.fmt_time(r['p80_us'])}", r["repeats"],
-                common.fmt_bytes(r.get("peak_mem_bytes")),
-                _fmt(_ratio(f["median_us"], r["median_us"])) if key != "fused" and f and f["status"] == "ok" else "",
-                _fmt(_ratio(f.get("peak_mem_bytes"), r.get("peak_mem_bytes"))) if key != "fused" and f else "",
-                f"{r['loadavg_1m']:.1f}" if "loadavg_1m" in r else "",
-            ])
-    out += [common.md_table(["mode", "variant", "median", "p20 - p80", "rounds", "peak memory",
-                             "fused time ratio", "fused memory ratio", "load"], table), ""]
+            table.append(
+                [
+                    mode,
+                    label,
+                    common.fmt_time(r["median_us"]),
+                    f"{common.fmt_time(r['p20_us'])} - {common.fmt_time(r['p80_us'])}",
+                    r["repeats"],
+                    common.fmt_bytes(r.get("peak_mem_bytes")),
+                    _fmt(_ratio(f["median_us"], r["median_us"]))
+                    if key != "fused" and f and f["status"] == "ok"
+                    else "",
+                    _fmt(_ratio(f.get("peak_mem_bytes"), r.get("peak_mem_bytes"))) if key != "fused" and f else "",
+                    f"{r['loadavg_1m']:.1f}" if "loadavg_1m" in r else "",
+                ]
+            )
+    out += [
+        common.md_table(
+            [
+                "mode",
+                "variant",
+                "median",
+                "p20 - p80",
+                "rounds",
+                "peak memory",
+                "fused time ratio",
+                "fused memory ratio",
+                "load",
+            ],
+            table,
+        ),
+        "",
+    ]
 
     targets = []
 
@@ -260,15 +319,21 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
     target("training step peak memory vs eager (team goal)", m_ratio, MEM_GOAL)
     target("training step peak memory vs eager (issue)", m_ratio, MEM_ISSUE)
     if ok(f) and ok(c):
-        target("training step time vs torch.compile (information)", _ratio(f["median_us"], c["median_us"]),
-               TIME_ISSUE)
+        target("training step time vs torch.compile (information)", _ratio(f["median_us"], c["median_us"]), TIME_ISSUE)
     hits = sum(row[-1] == "✓" for row in targets)
-    out += [f"Targets: {hits} of {len(targets)} met.", "",
-            common.md_table(["target", "ratio", "goal", ""], targets), ""]
+    out += [
+        f"Targets: {hits} of {len(targets)} met.",
+        "",
+        common.md_table(["target", "ratio", "goal", ""], targets),
+        "",
+    ]
     check = f.get("check") if f else None
     if check:
-        out += [f"Correctness (before timing): fused max relative error {check['max_rel_err_fused']:.2e}, eager "
-                f"{check['max_rel_err_eager']:.2e}, against {check['against']}: {'ok' if check['ok'] else 'FAILED'}.", ""]
+        out += [
+            f"Correctness (before timing): fused max relative error {check['max_rel_err_fused']:.2e}, eager "
+            f"{check['max_rel_err_eager']:.2e}, against {check['against']}: {'ok' if check['ok'] else 'FAILED'}.",
+            "",
+        ]
     how = next((r.get("peak_mem_method") for r in rows if r.get("peak_mem_method")), None)
     if how:
         out += [f"Peak memory: {MEMORY_METHODS[how]}.", ""]
@@ -276,6 +341,7 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
 
 
 # --------------------------------------------------------------------------- entry points
+
 
 def run(cfg: common.Config) -> common.FamilyResult:
     if cfg.device.type != "cpu":
@@ -308,9 +374,21 @@ def run(cfg: common.Config) -> common.FamilyResult:
             except Exception as exc:
                 timed, errors = {}, {k: f"{type(exc).__name__}: {exc}"[:500] for k in fns}
             for key, label in METHODS:
-                row = {**meta, "family": FAMILY, "method": key, "label": label, "accelops": key == "fused",
-                       "mode": mode, "threads": threads, "T": t, "D": d, "H": h,
-                       "dtype": str(DTYPE).replace("torch.", ""), "activation": ACTIVATION, "status": "ok"}
+                row = {
+                    **meta,
+                    "family": FAMILY,
+                    "method": key,
+                    "label": label,
+                    "accelops": key == "fused",
+                    "mode": mode,
+                    "threads": threads,
+                    "T": t,
+                    "D": d,
+                    "H": h,
+                    "dtype": str(DTYPE).replace("torch.", ""),
+                    "activation": ACTIVATION,
+                    "status": "ok",
+                }
                 if key == "fused":
                     row["check"] = check
                 if key in errors:
@@ -324,13 +402,19 @@ def run(cfg: common.Config) -> common.FamilyResult:
                 row["loadavg_1m"] = os.getloadavg()[0]
                 common.append_row(out_path, row)
                 rows.append(row)
-                print(f"ffn {threads}t {mode:7s} {key:8s} {common.fmt_time(row.get('median_us'))} "
-                      f"peak {common.fmt_bytes(row.get('peak_mem_bytes'))}", file=sys.stderr)
+                print(
+                    f"ffn {threads}t {mode:7s} {key:8s} {common.fmt_time(row.get('median_us'))} "
+                    f"peak {common.fmt_bytes(row.get('peak_mem_bytes'))}",
+                    file=sys.stderr,
+                )
             del fns
         summaries.append(summarize(rows, cfg, threads, time.perf_counter() - t_start))
         all_rows += rows
-    failures = [f"{r['label']} {r['mode']} {r['threads']}t: {r['status']}: {r.get('reason')}"
-                for r in all_rows if r["accelops"] and r["status"] not in ("ok", "skipped")]
+    failures = [
+        f"{r['label']} {r['mode']} {r['threads']}t: {r['status']}: {r.get('reason')}"
+        for r in all_rows
+        if r["accelops"] and r["status"] not in ("ok", "skipped")
+    ]
     summary = "\n".join(["## FFN benchmark", "", *summaries])
     return common.FamilyResult(FAMILY, summary, all_rows, failures)
 

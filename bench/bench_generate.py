@@ -38,6 +38,7 @@ table only when its greedy tokens equal the eager ones.
 --engines and --batch are also read from ACCELOPS_BENCH_GENERATE_SHAPE / _ENGINES / _BATCH
 when the family runs from bench/run.py.)
 """
+
 from __future__ import annotations
 
 import json
@@ -48,9 +49,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import common
+import torch
 
 FAMILY = "generate"
 HERE = Path(__file__).resolve()
@@ -74,6 +74,7 @@ TARGETS = {"vs bitnet.cpp I2_S": 1.2, "vs transformers bf16": 10.0}
 
 
 # =========================================================================== worker side
+
 
 def _status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
@@ -121,16 +122,17 @@ def _fill_random_(model, std: float = 0.02) -> None:
             continue
         done.add(id(m))
         if isinstance(m, TernaryLinear):
-            w_packed, w_scale = ops.quantize_weight_ternary(torch.randn(m.out_features, m.in_features) * std,
-                                                            m.per_channel)
+            w_packed, w_scale = ops.quantize_weight_ternary(
+                torch.randn(m.out_features, m.in_features) * std, m.per_channel
+            )
             m.w_packed.copy_(w_packed)
             m.w_scale.copy_(w_scale)
         elif isinstance(m, (Int8Linear, Int8Embedding)):
             rows = m.w_q.shape[0]
             for s in range(0, rows, 8192):  # per-row scales: chunks of rows quantize the same
                 w_q, w_scale = ops.quantize_weight_int8(torch.randn(min(8192, rows - s), m.w_q.shape[1]) * std)
-                m.w_q[s:s + 8192].copy_(w_q)
-                m.w_scale[s:s + 8192].copy_(w_scale)
+                m.w_q[s : s + 8192].copy_(w_q)
+                m.w_scale[s : s + 8192].copy_(w_scale)
         else:
             for pname, p in m.named_parameters(recurse=False):
                 if "norm" in name or "norm" in pname:
@@ -143,11 +145,20 @@ def _hf_config(shape: dict, max_len: int):
     import transformers
 
     return transformers.BitNetConfig(
-        vocab_size=shape["vocab_size"], hidden_size=shape["dim"], intermediate_size=shape["hidden"],
-        num_hidden_layers=shape["n_layers"], num_attention_heads=shape["n_heads"],
-        num_key_value_heads=shape["n_kv_heads"], max_position_embeddings=max_len, rms_norm_eps=1e-5,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=None, pad_token_id=0,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+        vocab_size=shape["vocab_size"],
+        hidden_size=shape["dim"],
+        intermediate_size=shape["hidden"],
+        num_hidden_layers=shape["n_layers"],
+        num_attention_heads=shape["n_heads"],
+        num_key_value_heads=shape["n_kv_heads"],
+        max_position_embeddings=max_len,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=None,
+        pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    )
 
 
 def _hf_model(shape: dict, max_len: int, dtype: torch.dtype):
@@ -215,6 +226,7 @@ def build(engine: str, shape: dict, max_len: int):
             start = time.perf_counter()
             out = model.generate(prompts, n, temperature=0, stream=lambda tok: stamps.append(time.perf_counter()))
             return out, start, stamps
+
         return model, generate, lambda ids: model(ids), f"{report.num_swapped} layers swapped"
 
     if engine in ("hf_bf16", "hf_fp32", "accelops_hf", "torchao"):
@@ -246,9 +258,17 @@ def build(engine: str, shape: dict, max_len: int):
         def generate(prompts, n):
             streamer = _Stamps()
             start = time.perf_counter()
-            out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
-                                 min_new_tokens=n, do_sample=False, streamer=streamer, pad_token_id=0)
-            return out[:, prompts.shape[1]:], start, streamer.stamps
+            out = model.generate(
+                prompts,
+                attention_mask=torch.ones_like(prompts),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                streamer=streamer,
+                pad_token_id=0,
+            )
+            return out[:, prompts.shape[1] :], start, streamer.stamps
+
         return model, generate, forward, note
     raise ValueError(f"unknown engine {engine!r}")
 
@@ -263,16 +283,27 @@ def check_greedy(generate, forward, prompts, n: int, tol: float) -> dict:
     token must be the argmax, or within tol x (the logits' std) of the max (a near-tie)."""
     tokens, _, _ = generate(prompts, n)
     seq = torch.cat([prompts, tokens[:, :-1]], dim=1)
-    logits = forward(seq)[:, prompts.shape[1] - 1:].float()
+    logits = forward(seq)[:, prompts.shape[1] - 1 :].float()
     picked = logits.gather(-1, tokens[..., None])[..., 0]
     best = logits.max(dim=-1).values
     if not torch.isfinite(logits).all():
-        return {"ok": False, "exact_argmax": False, "max_gap_in_std": None, "tolerance_in_std": tol, "tokens": n,
-                "why": "the no-cache forward gives non-finite logits"}
+        return {
+            "ok": False,
+            "exact_argmax": False,
+            "max_gap_in_std": None,
+            "tolerance_in_std": tol,
+            "tokens": n,
+            "why": "the no-cache forward gives non-finite logits",
+        }
     gap = (best - picked) / logits.std(dim=-1)
     exact = bool(torch.equal(logits.argmax(dim=-1), tokens))
-    return {"ok": bool((gap <= tol).all()), "exact_argmax": exact, "max_gap_in_std": float(gap.max()),
-            "tolerance_in_std": tol, "tokens": n}
+    return {
+        "ok": bool((gap <= tol).all()),
+        "exact_argmax": exact,
+        "max_gap_in_std": float(gap.max()),
+        "tolerance_in_std": tol,
+        "tokens": n,
+    }
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -286,19 +317,31 @@ def worker(spec: dict) -> list[dict]:
     torch.manual_seed(0)
     shape = SHAPES[spec["shape"]]
     prompt_len, new = spec["prompt"], spec["new"]
-    base = {"engine": spec["engine"], "threads": spec["threads"], "prompt_tokens": prompt_len, "new_tokens": new,
-            "shape": spec["shape"], **{f"model_{k}": v for k, v in shape.items()}}
+    base = {
+        "engine": spec["engine"],
+        "threads": spec["threads"],
+        "prompt_tokens": prompt_len,
+        "new_tokens": new,
+        "shape": spec["shape"],
+        **{f"model_{k}": v for k, v in shape.items()},
+    }
     t0 = time.perf_counter()
     try:
         model, generate, forward, note = build(spec["engine"], shape, prompt_len + new + 8)
     except _Skip as e:
         return [{**base, "batch": b, "status": "skipped", "reason": str(e)} for b in spec["batches"]]
-    base.update({"build_s": time.perf_counter() - t0, "note": note,
-                 "build_peak_rss_bytes": _status_kib("VmHWM") * 1024, "model_bytes": _model_bytes(model)})
+    base.update(
+        {
+            "build_s": time.perf_counter() - t0,
+            "note": note,
+            "build_peak_rss_bytes": _status_kib("VmHWM") * 1024,
+            "model_bytes": _model_bytes(model),
+        }
+    )
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, shape["vocab_size"], (max(spec["batches"]), prompt_len), generator=g)
     tol = {"hf_bf16": 0.1, "accelops_hf": 0.05, "accelops": 0.05, "torchao": 0.05}.get(spec["engine"], 1e-3)
-    base["check"] = check_greedy(generate, forward, prompts[:1, :min(prompt_len, 32)], min(3, new), tol)
+    base["check"] = check_greedy(generate, forward, prompts[:1, : min(prompt_len, 32)], min(3, new), tol)
     if not base["check"]["ok"] and spec["engine"].startswith("accelops"):
         why = f"greedy tokens disagree with the no-cache forward: {base['check']}"
         return [{**base, "batch": b, "status": "wrong", "reason": why} for b in spec["batches"]]
@@ -324,8 +367,11 @@ def time_generate(generate, prompts, new: int, spec: dict) -> dict:
     for _ in range(spec["ttft_repeats"]):
         _, start, stamps = generate(prompts, first_n)
         ttft.append(stamps[0] - start)
-    method = ("VmHWM after clear_refs 5 + malloc_trim, before the timed generate" if _reset_peak()
-              else "VmHWM of the whole process (clear_refs not writable)")
+    method = (
+        "VmHWM after clear_refs 5 + malloc_trim, before the timed generate"
+        if _reset_peak()
+        else "VmHWM of the whole process (clear_refs not writable)"
+    )
     steps, totals = [], []
     for _ in range(spec["runs"]):
         _, start, stamps = generate(prompts, new)
@@ -336,17 +382,26 @@ def time_generate(generate, prompts, new: int, spec: dict) -> dict:
         totals.append(stamps[-1] - start)
     t, st = _percentiles(ttft), _percentiles(steps)
     return {
-        "status": "ok", "peak_rss_bytes": _status_kib("VmHWM") * 1024, "peak_rss_method": method,
-        "ttft_s": t["median"], "ttft_p20_s": t["p20"], "ttft_p80_s": t["p80"],
+        "status": "ok",
+        "peak_rss_bytes": _status_kib("VmHWM") * 1024,
+        "peak_rss_method": method,
+        "ttft_s": t["median"],
+        "ttft_p20_s": t["p20"],
+        "ttft_p80_s": t["p80"],
         "prefill_tokens_per_s": batch * prompt_len / t["median"],
-        "decode_step_s": st["median"], "decode_step_p20_s": st["p20"], "decode_step_p80_s": st["p80"],
+        "decode_step_s": st["median"],
+        "decode_step_p20_s": st["p20"],
+        "decode_step_p80_s": st["p80"],
         "decode_tokens_per_s": batch / st["median"],
         "decode_tokens_per_s_mean": batch * len(steps) / sum(steps),
-        "generate_s": statistics.median(totals), "ttft_repeats": len(ttft), "decode_steps": len(steps),
+        "generate_s": statistics.median(totals),
+        "ttft_repeats": len(ttft),
+        "decode_steps": len(steps),
     }
 
 
 # --------------------------------------------------------------------------- decode-step breakdown
+
 
 def _decode_state(model, prompts, n_steps):
     """A prefilled cache and the inputs of the next decode steps, as generate's loop makes them."""
@@ -390,10 +445,14 @@ class _Timers:
         from accelops.models.transformer import CausalSelfAttention
         from accelops.nn import Int8Embedding, Int8Linear, TernaryLinear
 
-        self.kinds = [(TernaryLinear, "ternary matmuls"), (Int8Linear, "int8 matmuls"),
-                      ((nn.RMSNorm, nn.LayerNorm), "norms"),
-                      (CausalSelfAttention, "attention (RoPE, cache write, SDPA over the cache)"),
-                      (UnfusedFFN, "FFN activation (relu2 * up)"), ((Int8Embedding, nn.Embedding), "embedding")]
+        self.kinds = [
+            (TernaryLinear, "ternary matmuls"),
+            (Int8Linear, "int8 matmuls"),
+            ((nn.RMSNorm, nn.LayerNorm), "norms"),
+            (CausalSelfAttention, "attention (RoPE, cache write, SDPA over the cache)"),
+            (UnfusedFFN, "FFN activation (relu2 * up)"),
+            ((Int8Embedding, nn.Embedding), "embedding"),
+        ]
         self.totals: dict[str, float] = {}
         self.stack: list[list] = []
         self.handles = []
@@ -413,6 +472,7 @@ class _Timers:
             self.totals[cat] = self.totals.get(cat, 0.0) + elapsed - children
             if self.stack:
                 self.stack[-1][1] += elapsed
+
         return hook
 
     def close(self):
@@ -424,6 +484,7 @@ class _Timers:
 def breakdown(model, prompt, n_steps: int, try_compile: bool) -> dict:
     """Where a decode step's time goes (accelops TransformerLM, batch 1), and whether
     torch.compile of the step is faster (kept only when its tokens equal eager's)."""
+
     def eager(token, positions, mask, cache):
         return model._hidden(token, positions=positions, cache=cache, mask=mask)
 
@@ -455,14 +516,19 @@ def breakdown(model, prompt, n_steps: int, try_compile: bool) -> dict:
     per_step = per_step[1:]
     names = list(per_step[0]["parts"])
     parts = {k: statistics.median(d["parts"].get(k, 0.0) for d in per_step) for k in names}
-    out = {"step_s": step_s, "step_p20_s": common.percentile(sorted(wall), 0.2),
-           "step_p80_s": common.percentile(sorted(wall), 0.8), "steps": n_steps,
-           "hooked_step_s": statistics.median(d["wall"] for d in per_step), "parts_s": parts,
-           "outside_matmuls_fraction": statistics.median(d["outside"] for d in per_step),
-           "note": "each part: its median over the steps, timed with forward hooks (exclusive of timed children) in "
-                   "steps timed whole as well; 'other' = a hooked step's wall time minus its parts (hook overhead "
-                   "included); outside_matmuls_fraction = the median over steps of 1 - (ternary + int8 matmuls + "
-                   "head) / step"}
+    out = {
+        "step_s": step_s,
+        "step_p20_s": common.percentile(sorted(wall), 0.2),
+        "step_p80_s": common.percentile(sorted(wall), 0.8),
+        "steps": n_steps,
+        "hooked_step_s": statistics.median(d["wall"] for d in per_step),
+        "parts_s": parts,
+        "outside_matmuls_fraction": statistics.median(d["outside"] for d in per_step),
+        "note": "each part: its median over the steps, timed with forward hooks (exclusive of timed children) in "
+        "steps timed whole as well; 'other' = a hooked step's wall time minus its parts (hook overhead "
+        "included); outside_matmuls_fraction = the median over steps of 1 - (ternary + int8 matmuls + "
+        "head) / step",
+    }
     if not try_compile:
         out["compiled"] = {"skipped": "not tried in --quick (compiling takes ~30 s even for a tiny model)"}
         return out
@@ -475,15 +541,21 @@ def breakdown(model, prompt, n_steps: int, try_compile: bool) -> dict:
 
         def compiled(token, positions, mask, cache):
             return compiled_hidden(token, positions=positions, cache=cache, mask=mask)
+
         t0 = time.perf_counter()
         _steps(model, prompt, 2, compiled)
         compile_s = time.perf_counter() - t0
         times, same = _paired(model, prompt, n_steps, {"eager": eager, "compiled": compiled})
         ratios = sorted(e / c for e, c in zip(times["eager"], times["compiled"]))
-        out["compiled"] = {"step_s": statistics.median(times["compiled"]), "eager_step_s": statistics.median(times["eager"]),
-                           "compile_and_warm_s": compile_s, "same_tokens": same,
-                           "speedup": common.percentile(ratios, 0.5), "speedup_p20": common.percentile(ratios, 0.2),
-                           "speedup_p80": common.percentile(ratios, 0.8)}
+        out["compiled"] = {
+            "step_s": statistics.median(times["compiled"]),
+            "eager_step_s": statistics.median(times["eager"]),
+            "compile_and_warm_s": compile_s,
+            "same_tokens": same,
+            "speedup": common.percentile(ratios, 0.5),
+            "speedup_p20": common.percentile(ratios, 0.2),
+            "speedup_p80": common.percentile(ratios, 0.8),
+        }
     except Exception as exc:  # noqa: BLE001 - reported, not fatal
         out["compiled"] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
     return out
@@ -500,7 +572,7 @@ def _paired(model, prompt, n_steps, fns: dict):
         positions = torch.full((prompt.shape[0], 1), length + step)
         mask = (slots <= positions[:, :, None])[:, None]
         got = {}
-        for name in (list(fns) if step % 2 == 0 else list(fns)[::-1]):
+        for name in list(fns) if step % 2 == 0 else list(fns)[::-1]:
             t0 = time.perf_counter()
             hidden = fns[name](token[:, None], positions, mask, cache)
             got[name] = model.head(hidden[:, -1]).argmax(dim=-1)
@@ -511,6 +583,7 @@ def _paired(model, prompt, n_steps, fns: dict):
 
 
 # =========================================================================== driver side
+
 
 def _list(value: str | None, default: list) -> list:
     return [v.strip() for v in value.split(",") if v.strip()] if value else default
@@ -526,10 +599,17 @@ def settings(cfg: common.Config) -> dict:
         raise SystemExit(f"--engines: unknown {unknown}; known {list(ENGINES)}")
     batches = [int(b) for b in _list(os.environ.get("ACCELOPS_BENCH_GENERATE_BATCH"), ["1", "4"])]
     big = shape == "2b4t"
-    return {"shape": shape, "engines": engines, "batches": batches,
-            "prompt": 8 if cfg.quick else 128, "new": 6 if cfg.quick else 128,
-            "ttft_repeats": 2 if (cfg.quick or big) else 3, "runs": 1 if (cfg.quick or big) else 2,
-            "breakdown_steps": 4 if cfg.quick else 16, "compile": not cfg.quick}
+    return {
+        "shape": shape,
+        "engines": engines,
+        "batches": batches,
+        "prompt": 8 if cfg.quick else 128,
+        "new": 6 if cfg.quick else 128,
+        "ttft_repeats": 2 if (cfg.quick or big) else 3,
+        "runs": 1 if (cfg.quick or big) else 2,
+        "breakdown_steps": 4 if cfg.quick else 16,
+        "compile": not cfg.quick,
+    }
 
 
 def run_worker(spec: dict, timeout: float) -> list[dict]:
@@ -538,8 +618,14 @@ def run_worker(spec: dict, timeout: float) -> list[dict]:
     env.pop("TRITON_INTERPRET", None)
     failed = [{"batch": b} for b in spec["batches"]]
     try:
-        proc = subprocess.run([sys.executable, str(HERE), "--worker", json.dumps(spec)], env=env,
-                              capture_output=True, text=True, timeout=timeout, cwd=str(common.REPO_ROOT))
+        proc = subprocess.run(
+            [sys.executable, str(HERE), "--worker", json.dumps(spec)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=str(common.REPO_ROOT),
+        )
     except subprocess.TimeoutExpired:
         return [{**f, "status": "error", "reason": f"timed out after {timeout:.0f} s"} for f in failed]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
@@ -559,61 +645,104 @@ def summarize(rows, cfg, s, meta, wall_s) -> str:
     for threads in sorted({r["threads"] for r in rows}):
         out += common.run_header(FAMILY, meta, cfg, threads, wall_s, versions=("torch", "torchao", "python"))
         shape = SHAPES[s["shape"]]
-        out += [f"Shape {s['shape']}: vocab {shape['vocab_size']}, dim {shape['dim']}, {shape['n_layers']} layers, "
-                f"{shape['n_heads']} heads / {shape['n_kv_heads']} KV heads, FFN {shape['hidden']} (relu2, sub-norms, "
-                f"tied embeddings); random weights; prompt {s['prompt']}, {s['new']} new tokens, greedy. Load: the 1-minute "
-                f"load average when each row's timing started (2 cores; other work shares the machine).", ""]
+        out += [
+            f"Shape {s['shape']}: vocab {shape['vocab_size']}, dim {shape['dim']}, {shape['n_layers']} layers, "
+            f"{shape['n_heads']} heads / {shape['n_kv_heads']} KV heads, FFN {shape['hidden']} (relu2, sub-norms, "
+            f"tied embeddings); random weights; prompt {s['prompt']}, {s['new']} new tokens, greedy. Load: the 1-minute "
+            f"load average when each row's timing started (2 cores; other work shares the machine).",
+            "",
+        ]
         table = []
         for r in (r for r in rows if r["threads"] == threads):
             if r.get("status") != "ok":
-                table.append([r["engine"], r.get("batch"), r["status"], (r.get("reason") or "")[:120], "", "", "",
-                              "", ""])
+                table.append(
+                    [r["engine"], r.get("batch"), r["status"], (r.get("reason") or "")[:120], "", "", "", "", ""]
+                )
                 continue
-            table.append([r["engine"], r["batch"], _fmt(r["prefill_tokens_per_s"], ".1f"),
-                          f"{_fmt(r['decode_tokens_per_s'])} ({_fmt(r['batch'] / r['decode_step_p80_s'])}-"
-                          f"{_fmt(r['batch'] / r['decode_step_p20_s'])})",
-                          f"{_fmt(r['ttft_s'])} s", common.fmt_bytes(r["peak_rss_bytes"]),
-                          common.fmt_bytes(r["model_bytes"]),
-                          "ok" if r["check"]["ok"] else f"off by {_fmt(r['check']['max_gap_in_std'])} std",
-                          _fmt(r.get("loadavg_1m"), ".1f")])
-        out += [common.md_table(["engine", "batch", "prefill tok/s", "decode tok/s (p80-p20 step)", "TTFT",
-                                 "peak RSS", "model bytes", "greedy check", "load"], table), ""]
+            table.append(
+                [
+                    r["engine"],
+                    r["batch"],
+                    _fmt(r["prefill_tokens_per_s"], ".1f"),
+                    f"{_fmt(r['decode_tokens_per_s'])} ({_fmt(r['batch'] / r['decode_step_p80_s'])}-"
+                    f"{_fmt(r['batch'] / r['decode_step_p20_s'])})",
+                    f"{_fmt(r['ttft_s'])} s",
+                    common.fmt_bytes(r["peak_rss_bytes"]),
+                    common.fmt_bytes(r["model_bytes"]),
+                    "ok" if r["check"]["ok"] else f"off by {_fmt(r['check']['max_gap_in_std'])} std",
+                    _fmt(r.get("loadavg_1m"), ".1f"),
+                ]
+            )
+        out += [
+            common.md_table(
+                [
+                    "engine",
+                    "batch",
+                    "prefill tok/s",
+                    "decode tok/s (p80-p20 step)",
+                    "TTFT",
+                    "peak RSS",
+                    "model bytes",
+                    "greedy check",
+                    "load",
+                ],
+                table,
+            ),
+            "",
+        ]
         by = {(r["engine"], r["batch"]): r for r in rows if r["threads"] == threads and r.get("status") == "ok"}
         acc, bf16 = by.get(("accelops", 1)), by.get(("hf_bf16", 1))
         if acc:
             tps = acc["decode_tokens_per_s"]
-            lines = [f"Targets (batch 1; issue 25, reference numbers from an Intel Xeon, not this machine): accelops "
-                     f"ternary decodes {tps:.2f} tok/s = {tps / REFERENCE['bitnet.cpp I2_S']:.2f}x bitnet.cpp I2_S's "
-                     f"10.88 (target >= 1.2x)"]
+            lines = [
+                f"Targets (batch 1; issue 25, reference numbers from an Intel Xeon, not this machine): accelops "
+                f"ternary decodes {tps:.2f} tok/s = {tps / REFERENCE['bitnet.cpp I2_S']:.2f}x bitnet.cpp I2_S's "
+                f"10.88 (target >= 1.2x)"
+            ]
             if bf16:
                 ratio = tps / bf16["decode_tokens_per_s"]
-                lines.append(f"{ratio:.1f}x transformers bf16 measured here (target >= 10x: "
-                             f"{'met' if ratio >= TARGETS['vs transformers bf16'] else 'MISSED'})")
+                lines.append(
+                    f"{ratio:.1f}x transformers bf16 measured here (target >= 10x: "
+                    f"{'met' if ratio >= TARGETS['vs transformers bf16'] else 'MISSED'})"
+                )
             out += ["; ".join(lines) + ".", ""]
             bd = acc.get("breakdown")
             if bd:
                 parts = sorted(bd["parts_s"].items(), key=lambda kv: -kv[1])
-                out += [f"Decode step of the accelops engine (batch 1, {bd['steps']} steps): {bd['step_s'] * 1e3:.1f} ms "
-                        f"median ({bd['hooked_step_s'] * 1e3:.1f} ms with the timing hooks); outside the matmuls "
-                        f"{bd['outside_matmuls_fraction'] * 100:.1f}% (target <= 15%).", ""]
-                out += [common.md_table(["part", "ms / step", "share of the hooked step"],
-                                        [[k, f"{v * 1e3:.2f}", f"{v / bd['hooked_step_s'] * 100:.1f}%"]
-                                         for k, v in parts]), ""]
+                out += [
+                    f"Decode step of the accelops engine (batch 1, {bd['steps']} steps): {bd['step_s'] * 1e3:.1f} ms "
+                    f"median ({bd['hooked_step_s'] * 1e3:.1f} ms with the timing hooks); outside the matmuls "
+                    f"{bd['outside_matmuls_fraction'] * 100:.1f}% (target <= 15%).",
+                    "",
+                ]
+                out += [
+                    common.md_table(
+                        ["part", "ms / step", "share of the hooked step"],
+                        [[k, f"{v * 1e3:.2f}", f"{v / bd['hooked_step_s'] * 100:.1f}%"] for k, v in parts],
+                    ),
+                    "",
+                ]
                 c = bd.get("compiled", {})
                 if "skipped" in c:
                     out += [f"torch.compile of the decode step: {c['skipped']}.", ""]
                 elif "error" in c:
                     out += [f"torch.compile of the decode step failed: {c['error']}", ""]
                 elif c:
-                    out += [f"torch.compile(model._hidden) decode step: {c['step_s'] * 1e3:.1f} ms vs eager "
-                            f"{c['eager_step_s'] * 1e3:.1f} ms, each position run by both in turn (speedup "
-                            f"{c['speedup']:.2f}x, p20-p80 {c['speedup_p20']:.2f}-{c['speedup_p80']:.2f}), compile + "
-                            f"warm-up {c['compile_and_warm_s']:.0f} s, "
-                            f"same greedy tokens: {c['same_tokens']}.", ""]
-    out += ["Decode tok/s = batch / median decode-step time (in brackets: at the p80 and p20 step times); "
-            "TTFT = prompt in to first token out (median over repeats); prefill tok/s = batch x prompt / TTFT; "
-            "peak RSS = the process's resident high-water mark during generation (model included), each engine "
-            "in its own process; model bytes = parameters and buffers, each storage once.", ""]
+                    out += [
+                        f"torch.compile(model._hidden) decode step: {c['step_s'] * 1e3:.1f} ms vs eager "
+                        f"{c['eager_step_s'] * 1e3:.1f} ms, each position run by both in turn (speedup "
+                        f"{c['speedup']:.2f}x, p20-p80 {c['speedup_p20']:.2f}-{c['speedup_p80']:.2f}), compile + "
+                        f"warm-up {c['compile_and_warm_s']:.0f} s, "
+                        f"same greedy tokens: {c['same_tokens']}.",
+                        "",
+                    ]
+    out += [
+        "Decode tok/s = batch / median decode-step time (in brackets: at the p80 and p20 step times); "
+        "TTFT = prompt in to first token out (median over repeats); prefill tok/s = batch x prompt / TTFT; "
+        "peak RSS = the process's resident high-water mark during generation (model included), each engine "
+        "in its own process; model bytes = parameters and buffers, each storage once.",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -625,23 +754,50 @@ def run(cfg: common.Config) -> common.FamilyResult:
     rows, failures = [], []
     for threads in cfg.threads:
         for engine in s["engines"]:
-            spec = {"engine": engine, "threads": threads, "batches": s["batches"], "shape": s["shape"],
-                    "prompt": s["prompt"], "new": s["new"], "ttft_repeats": s["ttft_repeats"], "runs": s["runs"],
-                    "breakdown": True, "breakdown_steps": s["breakdown_steps"],
-                    "compile": s["compile"]}
-            print(f"generate: {engine}, batch {s['batches']}, {threads} thread(s), shape {s['shape']} ...",
-                  file=sys.stderr, flush=True)
+            spec = {
+                "engine": engine,
+                "threads": threads,
+                "batches": s["batches"],
+                "shape": s["shape"],
+                "prompt": s["prompt"],
+                "new": s["new"],
+                "ttft_repeats": s["ttft_repeats"],
+                "runs": s["runs"],
+                "breakdown": True,
+                "breakdown_steps": s["breakdown_steps"],
+                "compile": s["compile"],
+            }
+            print(
+                f"generate: {engine}, batch {s['batches']}, {threads} thread(s), shape {s['shape']} ...",
+                file=sys.stderr,
+                flush=True,
+            )
             for row in run_worker(spec, timeout):
-                row = {**meta, "family": FAMILY, "engine": engine, "threads": threads, "shape": s["shape"],
-                       "label": ENGINES[engine], **row}
+                row = {
+                    **meta,
+                    "family": FAMILY,
+                    "engine": engine,
+                    "threads": threads,
+                    "shape": s["shape"],
+                    "label": ENGINES[engine],
+                    **row,
+                }
                 common.append_row(cfg.results_file(FAMILY), row)
                 rows.append(row)
                 if row["status"] in ("wrong", "error") and engine.startswith("accelops"):
-                    failures.append(f"generate {engine} batch {row['batch']} {threads}t: {row['status']}: "
-                                    f"{row.get('reason')}")
-                print(f"generate: {engine} batch {row['batch']}: {row['status']}"
-                      + (f", decode {row['decode_tokens_per_s']:.2f} tok/s, TTFT {row['ttft_s']:.2f} s"
-                         if row["status"] == "ok" else f" ({row.get('reason', '')[:200]})"), file=sys.stderr, flush=True)
+                    failures.append(
+                        f"generate {engine} batch {row['batch']} {threads}t: {row['status']}: {row.get('reason')}"
+                    )
+                print(
+                    f"generate: {engine} batch {row['batch']}: {row['status']}"
+                    + (
+                        f", decode {row['decode_tokens_per_s']:.2f} tok/s, TTFT {row['ttft_s']:.2f} s"
+                        if row["status"] == "ok"
+                        else f" ({row.get('reason', '')[:200]})"
+                    ),
+                    file=sys.stderr,
+                    flush=True,
+                )
     text = "## Text generation\n\n" + summarize(rows, cfg, s, meta, time.perf_counter() - start)
     return common.FamilyResult(FAMILY, text, rows, failures)
 
@@ -651,15 +807,18 @@ def main(argv=None) -> int:
     if argv[:1] == ["--worker"]:
         print(json.dumps(worker(json.loads(argv[1]))))
         return 0
-    for flag, env in (("--shape", "ACCELOPS_BENCH_GENERATE_SHAPE"), ("--engines", "ACCELOPS_BENCH_GENERATE_ENGINES"),
-                      ("--batch", "ACCELOPS_BENCH_GENERATE_BATCH")):
+    for flag, env in (
+        ("--shape", "ACCELOPS_BENCH_GENERATE_SHAPE"),
+        ("--engines", "ACCELOPS_BENCH_GENERATE_ENGINES"),
+        ("--batch", "ACCELOPS_BENCH_GENERATE_BATCH"),
+    ):
         if flag in argv:
             i = argv.index(flag)
             if i + 1 >= len(argv):
                 print(f"{flag} needs a value", file=sys.stderr)
                 return 2
             os.environ[env] = argv[i + 1]
-            del argv[i:i + 2]
+            del argv[i : i + 2]
     return common.family_main(__doc__, run, argv)
 
 

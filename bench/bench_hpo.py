@@ -76,6 +76,7 @@ status "skipped" and the reason.
 
     python bench/bench_hpo.py [--quick] [--results-dir DIR] [--seeds N] [--accounting resume|full] [--jobs N]
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,10 +87,9 @@ import sys
 import time
 import warnings
 
-import numpy as np
-
 import common
 import hpo_problems as hp
+import numpy as np
 
 FAMILY = "hpo"
 OPTIMIZERS = {  # key: (label, accelops?)
@@ -98,10 +98,16 @@ OPTIMIZERS = {  # key: (label, accelops?)
     "bohb": ("accelops BOHB", True),
     "bohb_compat": ("accelops BOHB, HpBandSter brackets", True),
     "bohb_fixed": ("accelops BOHB, bandwidth='fixed' (the defaults of 2026-12-03)", True),
-    "bohb_multivariate": ("accelops BOHB, kde='multivariate', random_placement='every', bandwidth='fixed' "
-                          "(the defaults before 2026-12-03)", True),
-    "bohb_hpbandster": ("accelops BOHB, HpBandSter's algorithm (bandwidth_floor=0, kde='multivariate', "
-                        "random_placement='every', bandwidth='fixed')", True),
+    "bohb_multivariate": (
+        "accelops BOHB, kde='multivariate', random_placement='every', bandwidth='fixed' "
+        "(the defaults before 2026-12-03)",
+        True,
+    ),
+    "bohb_hpbandster": (
+        "accelops BOHB, HpBandSter's algorithm (bandwidth_floor=0, kde='multivariate', "
+        "random_placement='every', bandwidth='fixed')",
+        True,
+    ),
     "hpbandster_bohb": ("HpBandSter BOHB", False),
     "optuna_tpe_hb": ("Optuna TPE + HyperbandPruner", False),
 }
@@ -138,13 +144,14 @@ def bootstrap_diff_ci(a, b, level=0.95):
 
 # --------------------------------------------------------------------------- peers
 
+
 def import_hpbandster():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import ConfigSpace  # noqa: F401
-            import Pyro4  # noqa: F401
             import hpbandster.core.nameserver  # noqa: F401
+            import Pyro4  # noqa: F401
             from hpbandster.optimizers import BOHB  # noqa: F401
             from hpbandster.optimizers.config_generators.bohb import BOHB as CG  # noqa: F401
         return None
@@ -155,6 +162,7 @@ def import_hpbandster():
 def import_optuna():
     try:
         import optuna  # noqa: F401
+
         return None
     except Exception as exc:
         return f"optuna not importable: {type(exc).__name__}: {exc}"
@@ -192,6 +200,7 @@ def _pyro_pickle():
 # --------------------------------------------------------------------------- optimiser runs
 # Each returns {"evals": [(budget, config, loss)] in the order they finished,
 # "choose_s": [seconds per configuration chosen]}.
+
 
 def _noise_rng(problem_index, seed):
     return np.random.default_rng([seed, problem_index, 7])
@@ -237,8 +246,9 @@ def make_accelops(kind, problem, seed):
     if kind == "bohb_multivariate":
         return hpo.BOHB(*args, kde="multivariate", random_placement="every", bandwidth="fixed", seed=seed)
     if kind == "bohb_hpbandster":
-        return hpo.BOHB(*args, bandwidth_floor=0.0, kde="multivariate", random_placement="every", bandwidth="fixed",
-                        seed=seed)
+        return hpo.BOHB(
+            *args, bandwidth_floor=0.0, kde="multivariate", random_placement="every", bandwidth="fixed", seed=seed
+        )
     return hpo.BOHB(*args, seed=seed)
 
 
@@ -316,12 +326,23 @@ def run_hpbandster(problem, seed, rng, accounting="resume"):
         worker = opt = None
         try:
             # a logger of its own: without one, Worker calls logging.basicConfig(level=DEBUG)
-            worker = W(nameserver=host, nameserver_port=port, run_id=run_id,
-                       logger=logging.getLogger("hpbandster.bench_worker"))
+            worker = W(
+                nameserver=host,
+                nameserver_port=port,
+                run_id=run_id,
+                logger=logging.getLogger("hpbandster.bench_worker"),
+            )
             worker.run(background=True)
-            opt = BOHB(configspace=cs, run_id=run_id, nameserver=host, nameserver_port=port,
-                       min_budget=problem.min_budget, max_budget=problem.max_budget, eta=problem.eta,
-                       ping_interval=1)
+            opt = BOHB(
+                configspace=cs,
+                run_id=run_id,
+                nameserver=host,
+                nameserver_port=port,
+                min_budget=problem.min_budget,
+                max_budget=problem.max_budget,
+                eta=problem.eta,
+                ping_interval=1,
+            )
             cg = opt.config_generator
             choose, original = [], cg.get_config
 
@@ -330,6 +351,7 @@ def run_hpbandster(problem, seed, rng, accounting="resume"):
                 out = original(budget)
                 choose.append(time.perf_counter() - t0)
                 return out
+
             cg.get_config = timed
             opt.run(n_iterations=_hpbandster_iterations(problem, accounting), min_n_workers=1)
         finally:
@@ -342,7 +364,7 @@ def run_hpbandster(problem, seed, rng, accounting="resume"):
             break
         spent += e[3]
         kept.append(e)
-    return {"evals": kept, "choose_s": choose[:len(kept)] if choose else []}
+    return {"evals": kept, "choose_s": choose[: len(kept)] if choose else []}
 
 
 def run_optuna(problem, seed, rng):
@@ -354,9 +376,10 @@ def run_optuna(problem, seed, rng):
     study = optuna.create_study(
         study_name=f"accelops-bench-{problem.name}-{seed}",
         sampler=optuna.samplers.TPESampler(seed=seed),
-        pruner=optuna.pruners.HyperbandPruner(min_resource=int(problem.min_budget),
-                                              max_resource=int(problem.max_budget),
-                                              reduction_factor=problem.eta))
+        pruner=optuna.pruners.HyperbandPruner(
+            min_resource=int(problem.min_budget), max_resource=int(problem.max_budget), reduction_factor=problem.eta
+        ),
+    )
     evals, choose, spent = [], [], 0
     top = int(problem.max_budget)
     while spent < problem.total_budget:
@@ -425,6 +448,7 @@ def _worker_run(pi, key, seed, accounting):
 
 # --------------------------------------------------------------------------- regret
 
+
 def incumbent_trace(evals):
     """-> [(cumulative cost, incumbent config)] after each evaluation (incumbent: the
     lowest loss at the largest budget evaluated so far). An evaluation is (budget, config,
@@ -454,6 +478,7 @@ def regret_curve(trace, values, optimum, grid):
 
 # --------------------------------------------------------------------------- ask-time at N observations
 
+
 def ask_time_rows(cfg, problem, n_obs, repeats, meta, skip):
     """Each optimiser's time to choose a configuration with ``n_obs`` full-budget
     observations in its model (random configurations of ``problem``'s space)."""
@@ -464,16 +489,26 @@ def ask_time_rows(cfg, problem, n_obs, repeats, meta, skip):
     configs = [space.sample(rng) for _ in range(n_obs)]
     losses = [problem.true_value(c) if problem.optimum is not None else float(rng.random()) for c in configs]
     rows = []
-    base = {**meta, "family": FAMILY, "kind": "ask_time", "problem": problem.name, "observations": n_obs,
-            "dims": len(problem.params)}
+    base = {
+        **meta,
+        "family": FAMILY,
+        "kind": "ask_time",
+        "problem": problem.name,
+        "observations": n_obs,
+        "dims": len(problem.params),
+    }
 
     def row(key, times, extra=None, status="ok", reason=None):
-        r = {**base, "optimizer": key, "label": OPTIMIZERS[key][0], "accelops": OPTIMIZERS[key][1],
-             "status": status}
+        r = {**base, "optimizer": key, "label": OPTIMIZERS[key][0], "accelops": OPTIMIZERS[key][1], "status": status}
         if status == "ok":
             ms = sorted(t * 1e3 for t in times)
-            r.update(median_ms=common.percentile(ms, 0.5), p20_ms=common.percentile(ms, 0.2),
-                     p80_ms=common.percentile(ms, 0.8), repeats=len(ms), **(extra or {}))
+            r.update(
+                median_ms=common.percentile(ms, 0.5),
+                p20_ms=common.percentile(ms, 0.2),
+                p80_ms=common.percentile(ms, 0.8),
+                repeats=len(ms),
+                **(extra or {}),
+            )
         else:
             r["reason"] = reason
         rows.append(r)
@@ -489,8 +524,14 @@ def ask_time_rows(cfg, problem, n_obs, repeats, meta, skip):
         times.append(time.perf_counter() - t0)
         model_based.append(bool(trial.info.get("model_based")))
     mb = sorted(t * 1e3 for t, m in zip(times, model_based) if m)
-    row("bohb", times, {"model_based_fraction": float(np.mean(model_based)),
-                        "model_based_median_ms": common.percentile(mb, 0.5) if mb else None})
+    row(
+        "bohb",
+        times,
+        {
+            "model_based_fraction": float(np.mean(model_based)),
+            "model_based_median_ms": common.percentile(mb, 0.5) if mb else None,
+        },
+    )
 
     if skip.get("hpbandster_bohb"):
         row("hpbandster_bohb", None, status="skipped", reason=skip["hpbandster_bohb"])
@@ -512,8 +553,14 @@ def ask_time_rows(cfg, problem, n_obs, repeats, meta, skip):
                 times.append(time.perf_counter() - t0)
                 picks.append(bool(info.get("model_based_pick")))
             mb = sorted(t * 1e3 for t, m in zip(times, picks) if m)
-            row("hpbandster_bohb", times, {"model_based_fraction": float(np.mean(picks)),
-                                           "model_based_median_ms": common.percentile(mb, 0.5) if mb else None})
+            row(
+                "hpbandster_bohb",
+                times,
+                {
+                    "model_based_fraction": float(np.mean(picks)),
+                    "model_based_median_ms": common.percentile(mb, 0.5) if mb else None,
+                },
+            )
         except Exception as exc:
             row("hpbandster_bohb", None, status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
 
@@ -525,8 +572,12 @@ def ask_time_rows(cfg, problem, n_obs, repeats, meta, skip):
 
             dists = hp.optuna_distributions(problem.params)
             study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
-            study.add_trials([optuna.trial.create_trial(params=hp.plain(c), distributions=dists, value=loss)
-                              for c, loss in zip(configs, losses)])
+            study.add_trials(
+                [
+                    optuna.trial.create_trial(params=hp.plain(c), distributions=dists, value=loss)
+                    for c, loss in zip(configs, losses)
+                ]
+            )
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
@@ -543,6 +594,7 @@ def ask_time_rows(cfg, problem, n_obs, repeats, meta, skip):
 
 
 # --------------------------------------------------------------------------- plots
+
 
 def plot_curves(path, problems, curves):
     import matplotlib
@@ -563,8 +615,7 @@ def plot_curves(path, problems, curves):
                 med = np.nanmedian(runs, axis=0)
                 lo, hi = np.nanpercentile(runs, 20, axis=0), np.nanpercentile(runs, 80, axis=0)
             floor = 1e-6
-            line, = ax.plot(grid, np.maximum(med, floor), label=label, lw=1.6,
-                            ls="-" if OPTIMIZERS[key][1] else "--")
+            (line,) = ax.plot(grid, np.maximum(med, floor), label=label, lw=1.6, ls="-" if OPTIMIZERS[key][1] else "--")
             ax.fill_between(grid, np.maximum(lo, floor), np.maximum(hi, floor), color=line.get_color(), alpha=0.12)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -579,6 +630,7 @@ def plot_curves(path, problems, curves):
 
 
 # --------------------------------------------------------------------------- the family
+
 
 def _nan_as_null(values) -> list:
     return [None if math.isnan(v) else float(v) for v in values]
@@ -612,8 +664,9 @@ def run(cfg: common.Config) -> common.FamilyResult:
     jobs = max(1, int(SETTINGS.get("jobs") or 1))
     meta["jobs"] = jobs
     with threadpool_limits(1), _quiet_peers():
-        tasks = [(pi, key, seed) for pi in range(len(problems)) for key in OPTIMIZERS if not skip.get(key)
-                 for seed in seeds]
+        tasks = [
+            (pi, key, seed) for pi in range(len(problems)) for key in OPTIMIZERS if not skip.get(key) for seed in seeds
+        ]
         total, done = len(tasks), 0
 
         def record(task, res):
@@ -621,8 +674,11 @@ def run(cfg: common.Config) -> common.FamilyResult:
             pi, key, seed = task
             runs.setdefault((problems[pi].name, key), []).append(res)
             done += 1
-            print(f"hpo: {problems[pi].name} {key} seed {seed}: {res['status']}, {res['wall_s']:.1f} s "
-                  f"({done}/{total})", file=sys.stderr, flush=True)
+            print(
+                f"hpo: {problems[pi].name} {key} seed {seed}: {res['status']}, {res['wall_s']:.1f} s ({done}/{total})",
+                file=sys.stderr,
+                flush=True,
+            )
 
         if jobs == 1:
             for task in tasks:
@@ -631,8 +687,9 @@ def run(cfg: common.Config) -> common.FamilyResult:
             import concurrent.futures as cf
             import multiprocessing as mp
 
-            with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                        initargs=(cfg.quick,)) as pool:
+            with cf.ProcessPoolExecutor(
+                jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(cfg.quick,)
+            ) as pool:
                 futures = [pool.submit(_worker_run, *task, accounting) for task in tasks]
                 for task, fut in zip(tasks, futures):
                     record(task, fut.result())
@@ -668,15 +725,31 @@ def run(cfg: common.Config) -> common.FamilyResult:
             values = problem.cache
             grid = np.unique(np.geomspace(problem.min_budget, problem.total_budget, 60).round(6))
             for key, (label, is_accelops) in OPTIMIZERS.items():
-                row = {**meta, "family": FAMILY, "kind": "regret", "problem": problem.name, "optimizer": key,
-                       "label": label, "accelops": is_accelops, "min_budget": problem.min_budget,
-                       "max_budget": problem.max_budget, "eta": problem.eta, "total_budget": problem.total_budget,
-                       "budget_unit": problem.unit, "optimum": optimum_or_null, "optimum_kind": optimum_kind,
-                       "seeds": len(seeds)}
+                row = {
+                    **meta,
+                    "family": FAMILY,
+                    "kind": "regret",
+                    "problem": problem.name,
+                    "optimizer": key,
+                    "label": label,
+                    "accelops": is_accelops,
+                    "min_budget": problem.min_budget,
+                    "max_budget": problem.max_budget,
+                    "eta": problem.eta,
+                    "total_budget": problem.total_budget,
+                    "budget_unit": problem.unit,
+                    "optimum": optimum_or_null,
+                    "optimum_kind": optimum_kind,
+                    "seeds": len(seeds),
+                }
                 if key.startswith("bohb"):
                     made = make_accelops(key, problem, 0)
-                    row.update(bandwidth_floor=made.model.bandwidth_floor, kde=made.model.kde,
-                               random_placement=made.random_placement, bandwidth=made.model.bandwidth)
+                    row.update(
+                        bandwidth_floor=made.model.bandwidth_floor,
+                        kde=made.model.kde,
+                        random_placement=made.random_placement,
+                        bandwidth=made.model.bandwidth,
+                    )
                 results = runs.get((problem.name, key))
                 if skip.get(key):
                     row.update(status="skipped", reason=skip[key])
@@ -689,22 +762,32 @@ def run(cfg: common.Config) -> common.FamilyResult:
                     if undefined:
                         # a seed with no finished evaluation by the total budget (or no optimum to
                         # measure against) has no regret: an error row with the reason, not NaN
-                        row.update(status="error", reason=f"final regret undefined for {undefined} of {len(final)} "
-                                                          "seeds: no incumbent by the total budget, or no optimum")
+                        row.update(
+                            status="error",
+                            reason=f"final regret undefined for {undefined} of {len(final)} "
+                            "seeds: no incumbent by the total budget, or no optimum",
+                        )
                     else:
                         choose_ms = [t * 1e3 for r in results for t in r["choose_s"]]
-                        row.update(status="ok", final_regret=final, final_regret_mean=float(np.mean(final)),
-                                   final_regret_std=float(np.std(final)), final_regret_ci95=bootstrap_ci(final),
-                                   **{f"final_regret_{k}": v for k, v in _percentiles(final).items()},
-                                   evaluations_mean=float(np.mean([len(r["evals"]) for r in results])),
-                                   full_budget_evaluations_mean=float(np.mean(
-                                       [sum(abs(e[0] - problem.max_budget) < 1e-9 for e in r["evals"])
-                                        for r in results])),
-                                   budget_spent_mean=float(np.mean([sum(e[3] for e in r["evals"]) for r in results])),
-                                   choose_ms_median=common.percentile(sorted(choose_ms), 0.5) if choose_ms else None,
-                                   choose_ms_p80=common.percentile(sorted(choose_ms), 0.8) if choose_ms else None,
-                                   configs_chosen_mean=float(np.mean([len(r["choose_s"]) for r in results])),
-                                   wall_s_mean=float(np.mean([r["wall_s"] for r in results])))
+                        row.update(
+                            status="ok",
+                            final_regret=final,
+                            final_regret_mean=float(np.mean(final)),
+                            final_regret_std=float(np.std(final)),
+                            final_regret_ci95=bootstrap_ci(final),
+                            **{f"final_regret_{k}": v for k, v in _percentiles(final).items()},
+                            evaluations_mean=float(np.mean([len(r["evals"]) for r in results])),
+                            full_budget_evaluations_mean=float(
+                                np.mean(
+                                    [sum(abs(e[0] - problem.max_budget) < 1e-9 for e in r["evals"]) for r in results]
+                                )
+                            ),
+                            budget_spent_mean=float(np.mean([sum(e[3] for e in r["evals"]) for r in results])),
+                            choose_ms_median=common.percentile(sorted(choose_ms), 0.5) if choose_ms else None,
+                            choose_ms_p80=common.percentile(sorted(choose_ms), 0.8) if choose_ms else None,
+                            configs_chosen_mean=float(np.mean([len(r["choose_s"]) for r in results])),
+                            wall_s_mean=float(np.mean([r["wall_s"] for r in results])),
+                        )
                         curve = [regret_curve(r["trace"], values, optimum, grid) for r in results]
                         curves[(problem.name, key)] = {"grid": grid.tolist(), "regret": curve}
                         with warnings.catch_warnings():
@@ -713,8 +796,11 @@ def run(cfg: common.Config) -> common.FamilyResult:
                             mean = np.nanmean(np.asarray(curve, dtype=float), axis=0)
                         # before any seed's first evaluation finishes the regret is undefined: null
                         # (rows refuse NaN), and the reason beside it
-                        row["curve"] = {"budget": grid.tolist(), "median": _nan_as_null(median),
-                                        "mean": _nan_as_null(mean)}
+                        row["curve"] = {
+                            "budget": grid.tolist(),
+                            "median": _nan_as_null(median),
+                            "mean": _nan_as_null(mean),
+                        }
                         if any(math.isnan(v) for v in median):
                             row["curve"]["null"] = "no seed had finished an evaluation by that budget: no regret"
                 row["loadavg_1m"] = os.getloadavg()[0]
@@ -737,65 +823,129 @@ def run(cfg: common.Config) -> common.FamilyResult:
         plot_note = f"Regret curves not drawn: {type(exc).__name__}: {exc}"
     wall = time.perf_counter() - t_start
     summary = summarize(rows, ask_rows, problems, cfg, meta, wall, plot_note, n_obs)
-    failures = [f"{r['problem']} {r['optimizer']}: {r['status']}: {r.get('reason')}"
-                for r in rows + ask_rows if r["accelops"] and r["status"] not in ("ok", "skipped")]
+    failures = [
+        f"{r['problem']} {r['optimizer']}: {r['status']}: {r.get('reason')}"
+        for r in rows + ask_rows
+        if r["accelops"] and r["status"] not in ("ok", "skipped")
+    ]
     return common.FamilyResult(FAMILY, summary, rows + ask_rows, failures)
 
 
 def summarize(rows, ask_rows, problems, cfg, meta, wall_s, plot_note, n_obs) -> str:
     head = common.run_header(FAMILY, meta, cfg, 1, wall_s, versions=("python",))
     v = meta["versions"]
-    out = ["## Hyperparameter optimisation benchmark", "", *head,
-           f"Peers: hpbandster {v.get('hpbandster')} (ConfigSpace {v.get('configspace')}, statsmodels "
-           f"{v.get('statsmodels')}, Pyro4 {v.get('pyro4')}), optuna {v.get('optuna')}. {rows[0]['seeds']} seeds "
-           "per problem and optimiser, one worker, numpy on one thread.", ""]
+    out = [
+        "## Hyperparameter optimisation benchmark",
+        "",
+        *head,
+        f"Peers: hpbandster {v.get('hpbandster')} (ConfigSpace {v.get('configspace')}, statsmodels "
+        f"{v.get('statsmodels')}, Pyro4 {v.get('pyro4')}), optuna {v.get('optuna')}. {rows[0]['seeds']} seeds "
+        "per problem and optimiser, one worker, numpy on one thread.",
+        "",
+    ]
     if meta.get("accounting") == "resume":
-        out += ["Accounting `resume`: a configuration evaluated again at a larger budget continues its run and "
-                "costs only the budget it adds, for every optimiser that can continue: accelops (its "
-                "`checkpoint_dir`), HpBandSter (its worker's `config_id` / `working_directory`) and Optuna (a "
-                "trial reports step by step). RandomSearch evaluates each configuration once.", ""]
+        out += [
+            "Accounting `resume`: a configuration evaluated again at a larger budget continues its run and "
+            "costs only the budget it adds, for every optimiser that can continue: accelops (its "
+            "`checkpoint_dir`), HpBandSter (its worker's `config_id` / `working_directory`) and Optuna (a "
+            "trial reports step by step). RandomSearch evaluates each configuration once.",
+            "",
+        ]
     else:
-        out += ["Accounting `full`: accelops and HpBandSter pay every evaluation's budget, a promoted "
-                "configuration starts over; Optuna's trials still continue step by step (cost 1 a step).", ""]
-    budgets = "; ".join(f"{p.name}: budgets {p.min_budget:g}..{p.max_budget:g} {p.unit}, eta {p.eta}, total "
-                        f"{p.total_budget:g} per run" for p in problems)
-    out += [f"Equal total budget per optimiser run ({budgets}). Final regret = full-budget noise-free value of "
-            "the incumbent minus the optimum when the budget is spent (digits MLP: minus the best full-budget "
-            f"validation loss found in this run, {_fmt(getattr(problems[-1], 'reference', None), 5)}). "
-            "Time to choose: median over every new configuration of the runs.", ""]
+        out += [
+            "Accounting `full`: accelops and HpBandSter pay every evaluation's budget, a promoted "
+            "configuration starts over; Optuna's trials still continue step by step (cost 1 a step).",
+            "",
+        ]
+    budgets = "; ".join(
+        f"{p.name}: budgets {p.min_budget:g}..{p.max_budget:g} {p.unit}, eta {p.eta}, total {p.total_budget:g} per run"
+        for p in problems
+    )
+    out += [
+        f"Equal total budget per optimiser run ({budgets}). Final regret = full-budget noise-free value of "
+        "the incumbent minus the optimum when the budget is spent (digits MLP: minus the best full-budget "
+        f"validation loss found in this run, {_fmt(getattr(problems[-1], 'reference', None), 5)}). "
+        "Time to choose: median over every new configuration of the runs.",
+        "",
+    ]
     table = []
     for r in rows:
         if r["status"] == "ok":
             lo, hi = r["final_regret_ci95"]
-            table.append([r["problem"], r["label"], _fmt(r["final_regret_mean"]), f"{_fmt(lo)} - {_fmt(hi)}",
-                          _fmt(r["final_regret_std"]), f"{_fmt(r['final_regret_p20'])} / "
-                          f"{_fmt(r['final_regret_p50'])} / {_fmt(r['final_regret_p80'])}",
-                          _fmt(max(r["final_regret"])), f"{r['evaluations_mean']:.0f}",
-                          f"{r['full_budget_evaluations_mean']:.0f}", f"{r['budget_spent_mean']:.0f}",
-                          f"{_fmt(r['choose_ms_median'])} ms", f"{r['wall_s_mean']:.2f} s"])
+            table.append(
+                [
+                    r["problem"],
+                    r["label"],
+                    _fmt(r["final_regret_mean"]),
+                    f"{_fmt(lo)} - {_fmt(hi)}",
+                    _fmt(r["final_regret_std"]),
+                    f"{_fmt(r['final_regret_p20'])} / {_fmt(r['final_regret_p50'])} / {_fmt(r['final_regret_p80'])}",
+                    _fmt(max(r["final_regret"])),
+                    f"{r['evaluations_mean']:.0f}",
+                    f"{r['full_budget_evaluations_mean']:.0f}",
+                    f"{r['budget_spent_mean']:.0f}",
+                    f"{_fmt(r['choose_ms_median'])} ms",
+                    f"{r['wall_s_mean']:.2f} s",
+                ]
+            )
         else:
             table.append([r["problem"], r["label"], f"{r['status']}: {r.get('reason')}", *[""] * 10])
-    out += [common.md_table(["problem", "optimiser", "final regret mean", "95% CI of the mean", "std",
-                             "p20 / p50 / p80", "max", "evaluations", "at full budget", "budget spent",
-                             "time to choose", "wall per run"], table), "",
-            "95% CI: percentile bootstrap of the mean over the seeds (10,000 resamples). \"at full budget\": "
-            "evaluations at the largest budget (Optuna: steps reaching it).", "", plot_note, ""]
+    out += [
+        common.md_table(
+            [
+                "problem",
+                "optimiser",
+                "final regret mean",
+                "95% CI of the mean",
+                "std",
+                "p20 / p50 / p80",
+                "max",
+                "evaluations",
+                "at full budget",
+                "budget spent",
+                "time to choose",
+                "wall per run",
+            ],
+            table,
+        ),
+        "",
+        '95% CI: percentile bootstrap of the mean over the seeds (10,000 resamples). "at full budget": '
+        "evaluations at the largest budget (Optuna: steps reaching it).",
+        "",
+        plot_note,
+        "",
+    ]
 
-    out += [f"Time to choose a configuration with {n_obs} full-budget observations in the model (random "
-            "configurations; accelops: ask(), HpBandSter: config generator get_config, Optuna: study.ask() + "
-            "suggest calls):", ""]
+    out += [
+        f"Time to choose a configuration with {n_obs} full-budget observations in the model (random "
+        "configurations; accelops: ask(), HpBandSter: config generator get_config, Optuna: study.ask() + "
+        "suggest calls):",
+        "",
+    ]
     table = []
     for r in ask_rows:
         if r["status"] == "ok":
             mbf = r.get("model_based_fraction")
-            table.append([r["problem"], f"{r['dims']}", r["label"],
-                          f"{_fmt(r['median_ms'])} ms ({_fmt(r['p20_ms'])} - {_fmt(r['p80_ms'])})",
-                          "-" if mbf is None else f"{mbf:.2f}", f"{_fmt(r.get('model_based_median_ms'))} ms"
-                          if r.get("model_based_median_ms") is not None else "-", r["repeats"]])
+            table.append(
+                [
+                    r["problem"],
+                    f"{r['dims']}",
+                    r["label"],
+                    f"{_fmt(r['median_ms'])} ms ({_fmt(r['p20_ms'])} - {_fmt(r['p80_ms'])})",
+                    "-" if mbf is None else f"{mbf:.2f}",
+                    f"{_fmt(r.get('model_based_median_ms'))} ms" if r.get("model_based_median_ms") is not None else "-",
+                    r["repeats"],
+                ]
+            )
         else:
             table.append([r["problem"], f"{r['dims']}", r["label"], f"{r['status']}: {r.get('reason')}", "", "", ""])
-    out += [common.md_table(["space", "dims", "optimiser", "median (p20 - p80)", "model-based share",
-                             "model-based median", "calls"], table), ""]
+    out += [
+        common.md_table(
+            ["space", "dims", "optimiser", "median (p20 - p80)", "model-based share", "model-based median", "calls"],
+            table,
+        ),
+        "",
+    ]
 
     # targets
     lines = []
@@ -807,25 +957,38 @@ def summarize(rows, ask_rows, problems, cfg, meta, wall_s, plot_note, n_obs) -> 
                 other = by.get((p.name, peer))
                 name = OPTIMIZERS[key][0]
                 if mine is None or mine["status"] != "ok" or other is None or other["status"] != "ok":
-                    why = (other or {}).get("reason") if (other or {}).get("status") != "ok" else \
-                        (mine or {}).get("reason")
+                    why = (
+                        (other or {}).get("reason")
+                        if (other or {}).get("status") != "ok"
+                        else (mine or {}).get("reason")
+                    )
                     lines.append(f"- {p.name}: {name} mean final regret <= {OPTIMIZERS[peer][0]}'s: n/a ({why})")
                     continue
                 ok = mine["final_regret_mean"] <= other["final_regret_mean"]
                 lo, hi = bootstrap_diff_ci(mine["final_regret"], other["final_regret"])
-                sig = "the difference is within the noise" if lo <= 0 <= hi else \
-                    ("significantly better" if hi < 0 else "significantly worse")
-                lines.append(f"- {p.name}: {name} mean final regret {_fmt(mine['final_regret_mean'])} <= "
-                             f"{OPTIMIZERS[peer][0]}'s {_fmt(other['final_regret_mean'])}: "
-                             f"{'met' if ok else 'MISSED'} (difference {_fmt(lo)} .. {_fmt(hi)}, 95% bootstrap: "
-                             f"{sig})")
+                sig = (
+                    "the difference is within the noise"
+                    if lo <= 0 <= hi
+                    else ("significantly better" if hi < 0 else "significantly worse")
+                )
+                lines.append(
+                    f"- {p.name}: {name} mean final regret {_fmt(mine['final_regret_mean'])} <= "
+                    f"{OPTIMIZERS[peer][0]}'s {_fmt(other['final_regret_mean'])}: "
+                    f"{'met' if ok else 'MISSED'} (difference {_fmt(lo)} .. {_fmt(hi)}, 95% bootstrap: "
+                    f"{sig})"
+                )
     for r in ask_rows:
         if r["optimizer"] == "bohb" and r["status"] == "ok":
             ok = r["median_ms"] <= ASK_TARGET_MS
-            mark = ("met" if ok else "MISSED") if r["observations"] >= 500 else \
-                f"{'met' if ok else 'MISSED'} at {r['observations']} observations (--quick; the target is at 500)"
-            lines.append(f"- {r['problem']} space: accelops BOHB median ask() {_fmt(r['median_ms'])} ms <= "
-                         f"{ASK_TARGET_MS:g} ms with {r['observations']} observations: {mark}")
+            mark = (
+                ("met" if ok else "MISSED")
+                if r["observations"] >= 500
+                else f"{'met' if ok else 'MISSED'} at {r['observations']} observations (--quick; the target is at 500)"
+            )
+            lines.append(
+                f"- {r['problem']} space: accelops BOHB median ask() {_fmt(r['median_ms'])} ms <= "
+                f"{ASK_TARGET_MS:g} ms with {r['observations']} observations: {mark}"
+            )
     out += ["Targets:", "", *lines, ""]
     return "\n".join(out)
 
@@ -835,11 +998,19 @@ def main(argv=None) -> int:
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--seeds", type=int, default=None, help="seeds per problem and optimiser (100; --quick: 2)")
-    pre.add_argument("--accounting", choices=ACCOUNTINGS, default="resume",
-                     help="resume (default): a promoted configuration costs the budget it adds; full: every rung")
-    pre.add_argument("--jobs", type=int, default=1,
-                     help="optimiser runs in parallel worker processes (1: in this process); regret does not "
-                          "depend on it, wall and ask times do")
+    pre.add_argument(
+        "--accounting",
+        choices=ACCOUNTINGS,
+        default="resume",
+        help="resume (default): a promoted configuration costs the budget it adds; full: every rung",
+    )
+    pre.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="optimiser runs in parallel worker processes (1: in this process); regret does not "
+        "depend on it, wall and ask times do",
+    )
     known, rest = pre.parse_known_args(argv)
     if known.seeds is not None and known.seeds < 1:
         pre.error("--seeds must be >= 1")

@@ -14,6 +14,7 @@ machine the load moves between two rows timed one after the other.
     python bench/bench_layers.py [--quick] [--threads 1,2] [--results-dir DIR]
 (or through bench/run.py, which runs every family)
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,19 +22,18 @@ import os
 import sys
 import time
 
+import common
 import torch
+from bench_dispatch import _interleaved, paired_ratio
 from torch import nn
 from tqdm import tqdm
 
 from accelops.nn import BitLinear, TernaryLinear
 
-import common
-from bench_dispatch import _interleaved, paired_ratio
-
 FAMILY = "layers"
 SHAPES = [(32000, 512), (4096, 4096)]  # (N, K): the issue's vocabulary head, a 7B-class projection
 MS = [1]
-QUICK_SHAPES = [(256, 320)]            # K not a multiple of 128: the padded packed layout
+QUICK_SHAPES = [(256, 320)]  # K not a multiple of 128: the padded packed layout
 TARGET_VS_TERNARY = 1.5
 
 # key -> (label, accelops?)
@@ -60,20 +60,27 @@ def _layers(n: int, k: int, device) -> dict:
     with torch.no_grad():
         linear.weight.copy_(torch.randn(n, k, generator=g) / k**0.5)
     bit = BitLinear.from_linear(linear).eval()
-    return {"bitlinear_eval": bit, "ternary_linear": TernaryLinear.from_bitlinear(bit), "linear": linear,
-            "bitlinear_train": bit}
+    return {
+        "bitlinear_eval": bit,
+        "ternary_linear": TernaryLinear.from_bitlinear(bit),
+        "linear": linear,
+        "bitlinear_train": bit,
+    }
 
 
 def _call(key: str, layer, x):
     if key == "bitlinear_train":
+
         def run():
             with torch.enable_grad():  # weight requires grad: the training path
                 return layer(x)
+
         return run
 
     def run():
         with torch.no_grad():
             return layer(x)
+
     return run
 
 
@@ -82,10 +89,12 @@ def _check(layers: dict, x) -> dict:
         fast = layers["bitlinear_eval"](x)
         tern = layers["ternary_linear"](x)
     train = layers["bitlinear_train"](x).detach()
-    return {"ok": bool(torch.equal(fast, tern) and torch.equal(fast, train)),
-            "equal_ternary_linear": bool(torch.equal(fast, tern)),
-            "equal_training_forward": bool(torch.equal(fast, train)),
-            "against": "TernaryLinear and BitLinear's training forward, bit-exact"}
+    return {
+        "ok": bool(torch.equal(fast, tern) and torch.equal(fast, train)),
+        "equal_ternary_linear": bool(torch.equal(fast, tern)),
+        "equal_training_forward": bool(torch.equal(fast, train)),
+        "against": "TernaryLinear and BitLinear's training forward, bit-exact",
+    }
 
 
 def run_case(cfg, timer, meta, n, k, m, threads, out_path, progress) -> list[dict]:
@@ -103,10 +112,21 @@ def run_case(cfg, timer, meta, n, k, m, threads, out_path, progress) -> list[dic
             copies = [layer] + [BitLinear.from_linear(layer).eval() for _ in range(extra)]
         else:
             copies = [layer] + [copy.deepcopy(layer) for _ in range(extra)]
-        row = {**meta, "family": FAMILY, "op": "linear_layer", "method": key, "label": label, "accelops": is_accelops,
-               "threads": threads, "M": m, "N": n, "K": k, "dtype": "float32",
-               **common.cold_fields(cfg, _bytes_read(key, layer), len(copies)),
-               "status": "ok"}
+        row = {
+            **meta,
+            "family": FAMILY,
+            "op": "linear_layer",
+            "method": key,
+            "label": label,
+            "accelops": is_accelops,
+            "threads": threads,
+            "M": m,
+            "N": n,
+            "K": k,
+            "dtype": "float32",
+            **common.cold_fields(cfg, _bytes_read(key, layer), len(copies)),
+            "status": "ok",
+        }
         if key == "bitlinear_eval":
             row["check"] = check
         if key == "bitlinear_eval" and not check["ok"]:
@@ -132,8 +152,12 @@ def run_case(cfg, timer, meta, n, k, m, threads, out_path, progress) -> list[dic
         _, samples = _interleaved(pair, cfg.budget_s, 5 if cfg.quick else 21, batch_s=0.003)
         med, p20, p80 = paired_ratio(samples["bitlinear_eval"], samples["ternary_linear"])
         eval_row = next(r for r in rows if r["method"] == "bitlinear_eval")
-        eval_row["paired_vs_ternary_linear"] = {"median": med, "p20": p20, "p80": p80,
-                                                "rounds": len(samples["bitlinear_eval"])}
+        eval_row["paired_vs_ternary_linear"] = {
+            "median": med,
+            "p20": p20,
+            "p80": p80,
+            "rounds": len(samples["bitlinear_eval"]),
+        }
     for row in rows:
         common.append_row(out_path, row)
     return rows
@@ -150,8 +174,9 @@ def _cell(row):
     if row is None:
         return "-"
     if row["status"] == "ok":
-        return (f"{common.fmt_time(row['median_us'])} "
-                f"({common.fmt_time(row['p20_us'])} - {common.fmt_time(row['p80_us'])})")
+        return (
+            f"{common.fmt_time(row['median_us'])} ({common.fmt_time(row['p20_us'])} - {common.fmt_time(row['p80_us'])})"
+        )
     return {"wrong": "**WRONG**", "error": "error"}.get(row["status"], row["status"])
 
 
@@ -161,7 +186,9 @@ def summarize(rows, cfg, threads, wall_s) -> str:
     out = common.run_header(FAMILY, rows[0], cfg, threads, wall_s, versions=("torch",)) + [
         "fp32 input; median (p20 - p80) of adaptive repeats, weights cold (rotating copies). "
         "Ratios are time over time: BitLinear eval's time / the other's; paired: the median "
-        "(p20-p80) of per-round ratios of alternating short batches of the two.", ""]
+        "(p20-p80) of per-round ratios of alternating short batches of the two.",
+        "",
+    ]
     fmt = lambda r: "-" if r is None else f"{r:.2f}x"  # noqa: E731
     table, targets = [], []
     for n, k, m in cases:
@@ -169,17 +196,48 @@ def summarize(rows, cfg, threads, wall_s) -> str:
         vs_tern, vs_lin = _ratio(r("bitlinear_eval"), r("ternary_linear")), _ratio(r("bitlinear_eval"), r("linear"))
         pair = (r("bitlinear_eval") or {}).get("paired_vs_ternary_linear")
         paired = "-" if pair is None else f"{pair['median']:.2f}x [{pair['p20']:.2f}-{pair['p80']:.2f}]"
-        table.append([f"{k}x{n}", m, _cell(r("bitlinear_eval")), _cell(r("ternary_linear")), _cell(r("linear")),
-                      _cell(r("bitlinear_train")), fmt(vs_tern), paired, fmt(vs_lin)])
+        table.append(
+            [
+                f"{k}x{n}",
+                m,
+                _cell(r("bitlinear_eval")),
+                _cell(r("ternary_linear")),
+                _cell(r("linear")),
+                _cell(r("bitlinear_train")),
+                fmt(vs_tern),
+                paired,
+                fmt(vs_lin),
+            ]
+        )
         if m == 1:
             mark = "-" if pair is None else ("✓" if pair["median"] <= TARGET_VS_TERNARY else "✗")
-            targets.append(["BitLinear eval vs TernaryLinear (paired)", f"{k}x{n}", m, paired,
-                            f"<= {TARGET_VS_TERNARY}x", mark])
-    out += [common.md_table(["in x out", "M", "BitLinear eval", "TernaryLinear", "nn.Linear", "BitLinear training fwd",
-                             "eval / TernaryLinear", "paired", "eval / nn.Linear"], table), ""]
+            targets.append(
+                ["BitLinear eval vs TernaryLinear (paired)", f"{k}x{n}", m, paired, f"<= {TARGET_VS_TERNARY}x", mark]
+            )
+    out += [
+        common.md_table(
+            [
+                "in x out",
+                "M",
+                "BitLinear eval",
+                "TernaryLinear",
+                "nn.Linear",
+                "BitLinear training fwd",
+                "eval / TernaryLinear",
+                "paired",
+                "eval / nn.Linear",
+            ],
+            table,
+        ),
+        "",
+    ]
     hits = sum(t[-1] == "✓" for t in targets)
-    out += [f"Targets: {hits} of {len(targets)} met.", "",
-            common.md_table(["target", "in x out", "M", "time ratio", "goal", ""], targets), ""]
+    out += [
+        f"Targets: {hits} of {len(targets)} met.",
+        "",
+        common.md_table(["target", "in x out", "M", "time ratio", "goal", ""], targets),
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -201,8 +259,11 @@ def run(cfg: common.Config) -> common.FamilyResult:
                     rows += run_case(cfg, timer, meta, n, k, m, threads, out_path, progress)
             summaries.append(summarize(rows, cfg, threads, time.perf_counter() - t0))
             all_rows += rows
-    failures = [f"{r['label']} {r['K']}x{r['N']} M={r['M']} {r['threads']}t: {r['status']}: {r.get('reason')}"
-                for r in all_rows if r["accelops"] and r["status"] != "ok"]
+    failures = [
+        f"{r['label']} {r['K']}x{r['N']} M={r['M']} {r['threads']}t: {r['status']}: {r.get('reason')}"
+        for r in all_rows
+        if r["accelops"] and r["status"] != "ok"
+    ]
     summary = "\n".join(["## Layers benchmark (BitLinear inference)", "", *summaries])
     return common.FamilyResult(FAMILY, summary, all_rows, failures)
 

@@ -8,6 +8,7 @@ both measured in this run at the same thread count.
     python bench/bench_matmul.py [--quick] [--threads 1,2] [--results-dir DIR]
 (or through bench/run.py, which runs every family)
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,6 +16,7 @@ import os
 import sys
 import time
 
+import common
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,12 +29,10 @@ from accelops.ops import _tuning
 from accelops.ops._tuning import DispatchTable
 from accelops.tune import measure
 
-import common
-
 FAMILY = "matmul"
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): attention/up/down projections
-MS = [1, 32, 512]                                        # decode, small batch, prefill
+MS = [1, 32, 512]  # decode, small batch, prefill
 # K=320 is not a multiple of 128, so the packed ternary layout's padding path is exercised.
 QUICK_SHAPES = [(256, 320)]
 QUICK_MS = [1, 32]
@@ -62,12 +62,17 @@ METHODS = [
     ("torchao_compiled", "torchao int8 dynamic (torch.compile)"),
 ]
 LABELS = dict(METHODS)
-ACCELOPS = {"ternary": "ternary_matmul", "int8": "int8_linear", "ternary_tuned": "ternary_matmul",
-            "int8_tuned": "int8_linear"}
+ACCELOPS = {
+    "ternary": "ternary_matmul",
+    "int8": "int8_linear",
+    "ternary_tuned": "ternary_matmul",
+    "int8_tuned": "int8_linear",
+}
 TUNED = {"ternary_tuned": "ternary_matmul", "int8_tuned": "int8_linear"}
 
 
 # --------------------------------------------------------------------------- correctness
+
 
 def compare_to_reference(y: torch.Tensor, y_ref: torch.Tensor, rel_ulps: int = 4) -> dict:
     """The tests' contract: same NaN pattern, and every element within a few rounding steps
@@ -82,8 +87,12 @@ def compare_to_reference(y: torch.Tensor, y_ref: torch.Tensor, rel_ulps: int = 4
     diff = (a - b).abs()
     ulps = (diff / (eps * b.abs()).clamp_min(1e-300)).max().item() if diff.numel() else 0.0
     ok = bool((diff <= rel_ulps * eps * b.abs() + 1e-30).all())
-    return {"ok": ok, "max_rel_ulps": ulps, "max_abs_diff": diff.max().item() if diff.numel() else 0.0,
-            "tolerance": f"{rel_ulps} ulps of {y.dtype}"}
+    return {
+        "ok": ok,
+        "max_rel_ulps": ulps,
+        "max_abs_diff": diff.max().item() if diff.numel() else 0.0,
+        "tolerance": f"{rel_ulps} ulps of {y.dtype}",
+    }
 
 
 def rel_err(y: torch.Tensor, y_true: torch.Tensor) -> float:
@@ -96,10 +105,17 @@ def rel_err(y: torch.Tensor, y_true: torch.Tensor) -> float:
 
 # Methods that read the same weights share their copies.
 WEIGHT_GROUP = {
-    "ternary": "ternary", "ref_ternary_compiled": "ternary", "ternary_tuned": "ternary",
-    "int8": "int8", "ref_int8_compiled": "int8", "int_mm": "int8", "int8_tuned": "int8",
-    "fp32": "fp32", "bf16": "bf16",
-    "torchao": "torchao", "torchao_compiled": "torchao",
+    "ternary": "ternary",
+    "ref_ternary_compiled": "ternary",
+    "ternary_tuned": "ternary",
+    "int8": "int8",
+    "ref_int8_compiled": "int8",
+    "int_mm": "int8",
+    "int8_tuned": "int8",
+    "fp32": "fp32",
+    "bf16": "bf16",
+    "torchao": "torchao",
+    "torchao_compiled": "torchao",
 }
 
 
@@ -133,8 +149,10 @@ class Shape:
                 base["torchao"] = (model,)
             except Exception as exc:
                 self.torchao_why = f"torchao quantize_ failed: {type(exc).__name__}: {exc}"
-        self.bytes = {group: common.tensor_bytes(*(a[0].weight if isinstance(a, nn.Module) else a for a in args))
-                      for group, args in base.items()}
+        self.bytes = {
+            group: common.tensor_bytes(*(a[0].weight if isinstance(a, nn.Module) else a for a in args))
+            for group, args in base.items()
+        }
         self.copies = {}
         for group, args in base.items():
             extra = common.copies_for(cfg, self.bytes[group]) - 1
@@ -169,8 +187,9 @@ def build_calls(s: Shape, x: torch.Tensor, x_bf16, x_q, x_scale, tables=None):
     make = {
         "ternary": lambda wp, ws: lambda: ops.ternary_matmul(x, wp, ws, k=s.k),
         "int8": lambda wq, ws: lambda: ops.int8_linear(x, wq, ws),
-        "ternary_tuned": lambda wp, ws: common.through_table(lambda: ops.ternary_matmul(x, wp, ws, k=s.k),
-                                                             tables["ternary_tuned"]),
+        "ternary_tuned": lambda wp, ws: common.through_table(
+            lambda: ops.ternary_matmul(x, wp, ws, k=s.k), tables["ternary_tuned"]
+        ),
         "int8_tuned": lambda wq, ws: common.through_table(lambda: ops.int8_linear(x, wq, ws), tables["int8_tuned"]),
         "fp32": lambda w: lambda: F.linear(x, w),
         "bf16": lambda w: lambda: F.linear(x_bf16, w),
@@ -217,12 +236,26 @@ def stream_read_row(cfg, timer, meta, s: Shape, threads: int, out_path, progress
     padded = -(-nbytes // 64) * 64
     copies = common.copies_for(cfg, padded)
     buf = torch.ones(copies * padded, dtype=torch.uint8)  # written once: every page is real
-    views = [buf[i * padded:(i + 1) * padded].view(torch.int64) for i in range(copies)]
-    row = {**meta, "family": FAMILY, "method": STREAM_KEY, "label": STREAM_LABEL, "accelops": False,
-           "threads": threads, "M": 1, "N": s.n, "K": s.k, "x_dtype": "float32", "bytes_moved": padded,
-           "weight_bytes": padded, **common.cold_fields(cfg, padded, copies),
-           "cache_flush_bytes": timer.flush_bytes, "budget_s": cfg.budget_s, "status": "ok",
-           "how": "torch.amax over an int64 view of a rotating copy"}
+    views = [buf[i * padded : (i + 1) * padded].view(torch.int64) for i in range(copies)]
+    row = {
+        **meta,
+        "family": FAMILY,
+        "method": STREAM_KEY,
+        "label": STREAM_LABEL,
+        "accelops": False,
+        "threads": threads,
+        "M": 1,
+        "N": s.n,
+        "K": s.k,
+        "x_dtype": "float32",
+        "bytes_moved": padded,
+        "weight_bytes": padded,
+        **common.cold_fields(cfg, padded, copies),
+        "cache_flush_bytes": timer.flush_bytes,
+        "budget_s": cfg.budget_s,
+        "status": "ok",
+        "how": "torch.amax over an int64 view of a rotating copy",
+    }
     progress.set_postfix_str(f"{threads}t N={s.n} K={s.k} {STREAM_KEY}")
     if cfg.device.type != "cpu":
         row.update(status="skipped", reason="the CPU's memory limit: measured on CPU runs only")
@@ -236,6 +269,7 @@ def stream_read_row(cfg, timer, meta, s: Shape, threads: int, out_path, progress
 
 
 # --------------------------------------------------------------------------- one case
+
 
 def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progress, stream=None) -> list[dict]:
     torch._dynamo.reset()
@@ -259,9 +293,11 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
         "int8": compare_to_reference(ops.int8_linear(x, w_q, w_qscale), y_ref["int8"]),
         "ternary_tuned": compare_to_reference(
             common.through_table(lambda: ops.ternary_matmul(x, w_packed, w_tscale, k=s.k), tables["ternary_tuned"])(),
-            y_ref["ternary"]),
+            y_ref["ternary"],
+        ),
         "int8_tuned": compare_to_reference(
-            common.through_table(lambda: ops.int8_linear(x, w_q, w_qscale), tables["int8_tuned"])(), y_ref["int8"]),
+            common.through_table(lambda: ops.int8_linear(x, w_q, w_qscale), tables["int8_tuned"])(), y_ref["int8"]
+        ),
     }
     for c in checks.values():
         c["against"] = "accelops.reference"
@@ -273,12 +309,21 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
     for key, call in build_calls(s, x, x_bf16, x_q, x_scale, tables).items():
         progress.set_postfix_str(f"{threads}t N={s.n} K={s.k} M={m} {key}")
         row = {
-            **meta, "family": FAMILY, "method": key, "label": LABELS[key],
-            "accelops": key in ACCELOPS, "threads": threads, "M": m, "N": s.n, "K": s.k,
+            **meta,
+            "family": FAMILY,
+            "method": key,
+            "label": LABELS[key],
+            "accelops": key in ACCELOPS,
+            "threads": threads,
+            "M": m,
+            "N": s.n,
+            "K": s.k,
             "x_dtype": str(x.dtype if key != "bf16" else x_bf16.dtype).replace("torch.", ""),
-            "weight_bytes": s.weight_bytes(key), **common.cold_fields(cfg, s.weight_bytes(key), s.n_copies(key)),
+            "weight_bytes": s.weight_bytes(key),
+            **common.cold_fields(cfg, s.weight_bytes(key), s.n_copies(key)),
             "cache_flush_bytes": timer.flush_bytes,
-            "budget_s": cfg.budget_s, "status": "ok",
+            "budget_s": cfg.budget_s,
+            "status": "ok",
         }
         if key in checks:
             row["check"] = checks[key]
@@ -298,8 +343,10 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
                 row["first_call_s"] = time.perf_counter() - start  # includes compilation
                 row["rel_err_vs_fp32_linear"] = rel_err(to_float(y) if to_float else y, y_fp32)
                 if key in info_against:
-                    row["check_info"] = {**compare_to_reference(y, y_ref[info_against[key]]),
-                                         "against": "accelops.reference (eager)"}
+                    row["check_info"] = {
+                        **compare_to_reference(y, y_ref[info_against[key]]),
+                        "against": "accelops.reference (eager)",
+                    }
                 del y
                 peak, how, seconds = common.peak_memory(fn, timer)
                 row["peak_mem_bytes"], row["peak_mem_method"] = peak, how
@@ -321,6 +368,7 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
 
 
 # --------------------------------------------------------------------------- summary
+
 
 def _ratio(base: dict | None, mine: dict | None) -> float | None:
     if not base or not mine or base.get("status") != "ok" or mine.get("status") != "ok":
@@ -358,9 +406,11 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
     loads = [r["loadavg_1m"] for r in rows]
     cores = mach["cpu_affinity"] or mach["cpu_count"] or 1
     if max(loads) > cores:
-        out.append(f"**Warning: the machine was busy** (1-minute load average {min(loads):.1f} to {max(loads):.1f} on "
-                   f"{cores} cores while rows were measured): other processes competed for the cores, and "
-                   "multi-threaded times in particular include waits for a core. Compare with care.")
+        out.append(
+            f"**Warning: the machine was busy** (1-minute load average {min(loads):.1f} to {max(loads):.1f} on "
+            f"{cores} cores while rows were measured): other processes competed for the cores, and "
+            "multi-threaded times in particular include waits for a core. Compare with care."
+        )
     out.append("")
     if not cfg.flush:
         flush = "hot caches (--no-flush)"
@@ -369,49 +419,95 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
     else:
         target = common.cold_target_bytes(cfg)
         short_of = sorted({r["method"] for r in rows if r.get("status") == "ok" and r.get("cold") is False})
-        flush = ("cold weights: each method rotates through copies of its weights so that each call "
-                 "reads them from DRAM, as a layer of a model does: at least "
-                 f"{common.fmt_bytes(target)} (max(2x L3, 1 GiB)) of copies between two reads of one "
-                 "(copies and bytes in the jsonl: weight_copies, cold_bytes)"
-                 + (f"; short of that, capped by memory or copy count: {', '.join(short_of)}" if short_of else ""))
-    out.append(f"Median of adaptive repeats after warm-up, {flush}; x is fp32 (bf16 for F.linear bf16). "
-               "Speed-up = baseline time / accelops time (>1: accelops faster). p20/p80, repeats, peak "
-               f"memory and errors are in the detail table and in {cfg.results_file(FAMILY).name}.")
+        flush = (
+            "cold weights: each method rotates through copies of its weights so that each call "
+            "reads them from DRAM, as a layer of a model does: at least "
+            f"{common.fmt_bytes(target)} (max(2x L3, 1 GiB)) of copies between two reads of one "
+            "(copies and bytes in the jsonl: weight_copies, cold_bytes)"
+            + (f"; short of that, capped by memory or copy count: {', '.join(short_of)}" if short_of else "")
+        )
+    out.append(
+        f"Median of adaptive repeats after warm-up, {flush}; x is fp32 (bf16 for F.linear bf16). "
+        "Speed-up = baseline time / accelops time (>1: accelops faster). p20/p80, repeats, peak "
+        f"memory and errors are in the detail table and in {cfg.results_file(FAMILY).name}."
+    )
     out.append("")
 
     # Times of every method, then accelops' speed-up against each baseline.
-    short = {"ternary": "ternary_matmul", "int8": "int8_linear", "ternary_tuned": "ternary_matmul tuned",
-             "int8_tuned": "int8_linear tuned", "fp32": "F.linear fp32", "bf16": "F.linear bf16",
-             "int_mm": "torch._int_mm", "ref_ternary_compiled": "compiled ref. ternary",
-             "ref_int8_compiled": "compiled ref. int8", "torchao": "torchao", "torchao_compiled": "torchao compiled"}
-    baselines = [("fp32", "fp32"), ("int_mm", "_int_mm"), ("torchao", "torchao"), ("torchao_compiled", "torchao compiled")]
+    short = {
+        "ternary": "ternary_matmul",
+        "int8": "int8_linear",
+        "ternary_tuned": "ternary_matmul tuned",
+        "int8_tuned": "int8_linear tuned",
+        "fp32": "F.linear fp32",
+        "bf16": "F.linear bf16",
+        "int_mm": "torch._int_mm",
+        "ref_ternary_compiled": "compiled ref. ternary",
+        "ref_int8_compiled": "compiled ref. int8",
+        "torchao": "torchao",
+        "torchao_compiled": "torchao compiled",
+    }
+    baselines = [
+        ("fp32", "fp32"),
+        ("int_mm", "_int_mm"),
+        ("torchao", "torchao"),
+        ("torchao_compiled", "torchao compiled"),
+    ]
     times, speedups, tuned_rows = [], [], []
     for n, k in shapes:
         for m in ms:
             r = lambda key: by.get((n, k, m, key))  # noqa: E731
             times.append([f"{n}x{k}", m] + [_cell(r(key)) for key, _ in METHODS])
-            speedups.append([f"{n}x{k}", m] + [_fmt_ratio(_ratio(r(b), r(mine)))
-                                               for mine in ("ternary", "int8") for b, _ in baselines])
-            tuned_rows.append([f"{n}x{k}", m] + [_choice(r(key)) for key in TUNED]
-                              + [_fmt_ratio(_ratio(r(plain), r(key))) for key, plain in
-                                 (("ternary_tuned", "ternary"), ("int8_tuned", "int8"))]
-                              + [_fmt_ratio(_ratio(r(b), r(key))) for key in TUNED
-                                 for b in ("fp32", "torchao_compiled")])
+            speedups.append(
+                [f"{n}x{k}", m]
+                + [_fmt_ratio(_ratio(r(b), r(mine))) for mine in ("ternary", "int8") for b, _ in baselines]
+            )
+            tuned_rows.append(
+                [f"{n}x{k}", m]
+                + [_choice(r(key)) for key in TUNED]
+                + [
+                    _fmt_ratio(_ratio(r(plain), r(key)))
+                    for key, plain in (("ternary_tuned", "ternary"), ("int8_tuned", "int8"))
+                ]
+                + [_fmt_ratio(_ratio(r(b), r(key))) for key in TUNED for b in ("fp32", "torchao_compiled")]
+            )
             if bitnet:
                 ref_us = bitnet.get((n, k)) if m == 1 else None
                 t = r("ternary")
                 times[-1].append(common.fmt_time(ref_us) if ref_us else "-")
-                speedups[-1].append(_fmt_ratio(ref_us / t["median_us"]) if ref_us and t and t["status"] == "ok" else "-")
+                speedups[-1].append(
+                    _fmt_ratio(ref_us / t["median_us"]) if ref_us and t and t["status"] == "ok" else "-"
+                )
     time_headers = ["N x K", "M"] + [short[key] for key, _ in METHODS] + ([BITNET_LABEL] if bitnet else [])
     speed_headers = ["N x K", "M"] + [f"{mine} vs {label}" for mine in ("ternary", "int8") for _, label in baselines]
     speed_headers += ["ternary vs bitnet.cpp (not in this run)"] if bitnet else []
-    tuned_headers = ["N x K", "M", "ternary: table's choice", "int8: table's choice", "ternary tuned vs default",
-                     "int8 tuned vs default", "ternary tuned vs fp32", "ternary tuned vs torchao compiled",
-                     "int8 tuned vs fp32", "int8 tuned vs torchao compiled"]
-    out += ["Median time per call:", "", common.md_table(time_headers, times), "",
-            "Speed-up of accelops (baseline time / accelops time):", "", common.md_table(speed_headers, speedups), "",
-            "Tuned dispatch (a table `accelops tune` measured for each case just before, hot weights; timed "
-            "like the others, cold):", "", common.md_table(tuned_headers, tuned_rows), ""]
+    tuned_headers = [
+        "N x K",
+        "M",
+        "ternary: table's choice",
+        "int8: table's choice",
+        "ternary tuned vs default",
+        "int8 tuned vs default",
+        "ternary tuned vs fp32",
+        "ternary tuned vs torchao compiled",
+        "int8 tuned vs fp32",
+        "int8 tuned vs torchao compiled",
+    ]
+    out += [
+        "Median time per call:",
+        "",
+        common.md_table(time_headers, times),
+        "",
+        "Speed-up of accelops (baseline time / accelops time):",
+        "",
+        common.md_table(speed_headers, speedups),
+        "",
+        "Tuned dispatch (a table `accelops tune` measured for each case just before, hot weights; timed "
+        "like the others, cold):",
+        "",
+        common.md_table(tuned_headers, tuned_rows),
+        "",
+    ]
 
     # Memory limit at M=1: the ternary GEMV against a streaming read of the same bytes.
     mem_rows = []
@@ -420,14 +516,28 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
         if st is None or st["status"] != "ok":
             continue
         ok = t is not None and t["status"] == "ok"
-        mem_rows.append([f"{n}x{k}", common.fmt_bytes(st["bytes_moved"]), common.fmt_time(st["median_us"]),
-                         f"{st['gb_per_s']:.1f}", _cell(t), f"{t['gb_per_s']:.1f}" if ok and "gb_per_s" in t else "-",
-                         f"{st['median_us'] / t['median_us']:.2f}" if ok else "-"])
+        mem_rows.append(
+            [
+                f"{n}x{k}",
+                common.fmt_bytes(st["bytes_moved"]),
+                common.fmt_time(st["median_us"]),
+                f"{st['gb_per_s']:.1f}",
+                _cell(t),
+                f"{t['gb_per_s']:.1f}" if ok and "gb_per_s" in t else "-",
+                f"{st['median_us'] / t['median_us']:.2f}" if ok else "-",
+            ]
+        )
     if mem_rows:
-        out += ["Memory limit at M=1: ternary_matmul against a streaming read of the bytes it reads (packed "
-                "weight + x row), cold the same way (torch.amax over an int64 view of rotating copies):", "",
-                common.md_table(["N x K", "bytes", "streaming read", "GB/s", "ternary_matmul M=1", "GB/s",
-                                 "fraction of bandwidth"], mem_rows), ""]
+        out += [
+            "Memory limit at M=1: ternary_matmul against a streaming read of the bytes it reads (packed "
+            "weight + x row), cold the same way (torch.amax over an int64 view of rotating copies):",
+            "",
+            common.md_table(
+                ["N x K", "bytes", "streaming read", "GB/s", "ternary_matmul M=1", "GB/s", "fraction of bandwidth"],
+                mem_rows,
+            ),
+            "",
+        ]
 
     # Targets.
     targets = []
@@ -441,8 +551,14 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
         if 1 in ms:
             target("ternary_matmul vs fp32 F.linear", n, k, 1, _ratio(r(1, "fp32"), r(1, "ternary")), 5)
         if 1 in ms and r(1, STREAM_KEY):
-            target("ternary_matmul M=1: fraction of the streaming read's bandwidth", n, k, 1,
-                   _ratio(r(1, STREAM_KEY), r(1, "ternary")), 0.7)
+            target(
+                "ternary_matmul M=1: fraction of the streaming read's bandwidth",
+                n,
+                k,
+                1,
+                _ratio(r(1, STREAM_KEY), r(1, "ternary")),
+                0.7,
+            )
         if 32 in ms:
             target("ternary_matmul vs torch._int_mm", n, k, 32, _ratio(r(32, "int_mm"), r(32, "ternary")), 1)
         if 512 in ms:
@@ -450,15 +566,25 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
         for m in ms:
             target("int8_linear vs torchao compiled", n, k, m, _ratio(r(m, "torchao_compiled"), r(m, "int8")), 1)
         for m in ms:
-            target("int8_linear tuned vs torchao compiled", n, k, m,
-                   _ratio(r(m, "torchao_compiled"), r(m, "int8_tuned")), 1)
+            target(
+                "int8_linear tuned vs torchao compiled",
+                n,
+                k,
+                m,
+                _ratio(r(m, "torchao_compiled"), r(m, "int8_tuned")),
+                1,
+            )
         if bitnet and (n, k) in bitnet and 1 in ms:
             t = r(1, "ternary")
             ratio = bitnet[(n, k)] / t["median_us"] if t and t["status"] == "ok" else None
             target(f"ternary_matmul vs {BITNET_LABEL}", n, k, 1, ratio, 1)
     hits = sum(t[-1] == "✓" for t in targets)
-    out += [f"Targets: {hits} of {len(targets)} met.", "",
-            common.md_table(["target", "N x K", "M", "speed-up", "goal", ""], targets), ""]
+    out += [
+        f"Targets: {hits} of {len(targets)} met.",
+        "",
+        common.md_table(["target", "N x K", "M", "speed-up", "goal", ""], targets),
+        "",
+    ]
 
     # Detail: every row.
     detail = []
@@ -470,20 +596,38 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
                     continue
                 if row["status"] == "ok":
                     spread = f"{common.fmt_time(row['p20_us'])} - {common.fmt_time(row['p80_us'])}"
-                    detail.append([f"{n}x{k}", m, label, common.fmt_time(row["median_us"]), spread, row["repeats"],
-                                   common.fmt_bytes(row["weight_bytes"]), common.fmt_bytes(row["peak_mem_bytes"]),
-                                   f"{row['rel_err_vs_fp32_linear']:.2e}"])
+                    detail.append(
+                        [
+                            f"{n}x{k}",
+                            m,
+                            label,
+                            common.fmt_time(row["median_us"]),
+                            spread,
+                            row["repeats"],
+                            common.fmt_bytes(row["weight_bytes"]),
+                            common.fmt_bytes(row["peak_mem_bytes"]),
+                            f"{row['rel_err_vs_fp32_linear']:.2e}",
+                        ]
+                    )
                 else:
                     detail.append([f"{n}x{k}", m, label, _cell(row), row.get("reason", ""), "", "", "", ""])
-    out += ["<details><summary>All rows</summary>", "",
-            common.md_table(["N x K", "M", "method", "median", "p20 - p80", "repeats", "weights",
-                             "peak memory", "rel. error vs fp32"], detail),
-            "", "</details>", ""]
+    out += [
+        "<details><summary>All rows</summary>",
+        "",
+        common.md_table(
+            ["N x K", "M", "method", "median", "p20 - p80", "repeats", "weights", "peak memory", "rel. error vs fp32"],
+            detail,
+        ),
+        "",
+        "</details>",
+        "",
+    ]
     out += common.memory_note(rows)
     return "\n".join(out)
 
 
 # --------------------------------------------------------------------------- entry points
+
 
 def run(cfg: common.Config) -> common.FamilyResult:
     _, torchao_why = common.import_torchao()
@@ -498,8 +642,15 @@ def run(cfg: common.Config) -> common.FamilyResult:
     shapes, ms = cfg.shapes or shapes, cfg.ms or ms
     out_path = cfg.results_file(FAMILY)
     summaries, all_rows = [], []
-    with torch.no_grad(), tqdm(total=len(cfg.threads) * len(shapes) * (len(ms) * len(METHODS) + 1),
-                               desc=FAMILY, file=sys.stderr, dynamic_ncols=True) as progress:
+    with (
+        torch.no_grad(),
+        tqdm(
+            total=len(cfg.threads) * len(shapes) * (len(ms) * len(METHODS) + 1),
+            desc=FAMILY,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        ) as progress,
+    ):
         for threads in cfg.threads:
             # Same count for every method in a pass. F.linear at M=1 stays single-threaded
             # (MKL GEMV) whatever this says; that is what a user gets.
@@ -517,8 +668,11 @@ def run(cfg: common.Config) -> common.FamilyResult:
             summaries.append(summarize(rows, cfg, threads, time.perf_counter() - t0))
             all_rows += rows
     _tuning.reset()
-    failures = [f"{r['label']} N={r['N']} K={r['K']} M={r['M']} {r['threads']}t: {r['status']}: {r.get('reason')}"
-                for r in all_rows if r["accelops"] and r["status"] not in ("ok", "skipped")]
+    failures = [
+        f"{r['label']} N={r['N']} K={r['K']} M={r['M']} {r['threads']}t: {r['status']}: {r.get('reason')}"
+        for r in all_rows
+        if r["accelops"] and r["status"] not in ("ok", "skipped")
+    ]
     summary = "\n".join(["## Matmul benchmark", "", *summaries])
     return common.FamilyResult(FAMILY, summary, all_rows, failures)
 

@@ -17,6 +17,7 @@ torch.optim, in the same run and thread count.
     python bench/bench_optim.py [--quick] [--threads 2] [--results-dir DIR]
     ACCELOPS_BENCH_OPTIM_LM_STEPS=N overrides the LM's step count (default 800)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,9 +26,8 @@ import os
 import sys
 import time
 
-import torch
-
 import common
+import torch
 
 FAMILY = "optim"
 STATE_TARGET = 0.27
@@ -47,8 +47,7 @@ def _params(quick: bool, seed: int = 0):
 
 
 def _state_bytes(opt) -> int:
-    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-               if torch.is_tensor(v))
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
 
 
 def _check_kernel() -> dict:
@@ -68,11 +67,22 @@ def _check_kernel() -> dict:
         for t in (1, 2):
             g = torch.randn(n, generator=gen) * 1e-2
             if impl == "kernel":
-                ops.adamw8bit_step_(p, g, mc, ma, vc, va, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-                                    weight_decay=0.01, step=t)
+                ops.adamw8bit_step_(
+                    p, g, mc, ma, vc, va, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=t
+                )
             else:
-                R.adamw8bit_step_(p, g, mc, ma, vc, va, R.signed_map(), R.unsigned_map(),
-                                  R.adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, t), 256)
+                R.adamw8bit_step_(
+                    p,
+                    g,
+                    mc,
+                    ma,
+                    vc,
+                    va,
+                    R.signed_map(),
+                    R.unsigned_map(),
+                    R.adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, t),
+                    256,
+                )
         out[impl] = (p, mc, ma, vc, va)
     ok = all(torch.equal(a, b) for a, b in zip(out["kernel"], out["reference"]))
     return {"ok": ok, "against": "accelops.reference, bit-exact (param, codes, absmax), 2 steps, 1M elements"}
@@ -83,13 +93,28 @@ def _optimizers():
 
     return [
         ("adamw8bit", "accelops AdamW8bit", True, "adamw", lambda ps: AdamW8bit(ps, lr=1e-3, weight_decay=0.01)),
-        ("torch_adamw_foreach", "torch AdamW(foreach=True)", False, "adamw",
-         lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, foreach=True, fused=False)),
-        ("torch_adamw_fused", "torch AdamW(fused=True)", False, "adamw",
-         lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True)),
+        (
+            "torch_adamw_foreach",
+            "torch AdamW(foreach=True)",
+            False,
+            "adamw",
+            lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, foreach=True, fused=False),
+        ),
+        (
+            "torch_adamw_fused",
+            "torch AdamW(fused=True)",
+            False,
+            "adamw",
+            lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True),
+        ),
         ("sgd8bit", "accelops SGD8bit", True, "sgd", lambda ps: SGD8bit(ps, lr=1e-2, momentum=0.9)),
-        ("torch_sgd_foreach", "torch SGD(momentum=0.9, foreach=True)", False, "sgd",
-         lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=True)),
+        (
+            "torch_sgd_foreach",
+            "torch SGD(momentum=0.9, foreach=True)",
+            False,
+            "sgd",
+            lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=True),
+        ),
     ]
 
 
@@ -100,9 +125,20 @@ def run_step_times(cfg, timer, meta, threads, out_path) -> list[dict]:
     n_params = sum(p.numel() for p in params)
     case = f"{len(params)} fp32 tensors x {params[0].numel():,} = {n_params / 1e6:.1f}M params"
     for method, label, is_accelops, kind, make in _optimizers():
-        row = {**meta, "family": FAMILY, "kind": "step_time", "method": method, "label": label,
-               "accelops": is_accelops, "optimizer": kind, "case": case, "params": n_params, "threads": threads,
-               "budget_s": cfg.budget_s, "status": "ok"}
+        row = {
+            **meta,
+            "family": FAMILY,
+            "kind": "step_time",
+            "method": method,
+            "label": label,
+            "accelops": is_accelops,
+            "optimizer": kind,
+            "case": case,
+            "params": n_params,
+            "threads": threads,
+            "budget_s": cfg.budget_s,
+            "status": "ok",
+        }
         if is_accelops and kind == "adamw":
             row["check"] = check
         try:
@@ -119,8 +155,11 @@ def run_step_times(cfg, timer, meta, threads, out_path) -> list[dict]:
         row["loadavg_1m"] = os.getloadavg()[0]
         rows.append(row)
     by = {r["method"]: r for r in rows}
-    for mine, base in (("adamw8bit", "torch_adamw_foreach"), ("adamw8bit", "torch_adamw_fused"),
-                       ("sgd8bit", "torch_sgd_foreach")):
+    for mine, base in (
+        ("adamw8bit", "torch_adamw_foreach"),
+        ("adamw8bit", "torch_adamw_fused"),
+        ("sgd8bit", "torch_sgd_foreach"),
+    ):
         a, b = by[mine], by[base]
         if a["status"] == "ok" and b["status"] == "ok":
             a[f"time_vs_{base}"] = a["median_us"] / b["median_us"]
@@ -132,26 +171,62 @@ def run_step_times(cfg, timer, meta, threads, out_path) -> list[dict]:
 
 # --------------------------------------------------------------------------- LM
 
+
 def _lm_setup(quick: bool):
     import bench_lm
 
     if quick:
-        return bench_lm.Setup(dim=32, n_layers=2, n_heads=2, hidden=64, seq_len=32, batch_size=8, steps=4, lr=3e-3,
-                              warmup_steps=1, log_every=2, val_windows=16)
+        return bench_lm.Setup(
+            dim=32,
+            n_layers=2,
+            n_heads=2,
+            hidden=64,
+            seq_len=32,
+            batch_size=8,
+            steps=4,
+            lr=3e-3,
+            warmup_steps=1,
+            log_every=2,
+            val_windows=16,
+        )
     steps = int(os.environ.get("ACCELOPS_BENCH_OPTIM_LM_STEPS", "800"))
-    return bench_lm.Setup(dim=128, n_layers=6, n_heads=4, hidden=352, seq_len=64, batch_size=32, steps=steps,
-                          lr=3e-3, warmup_steps=50, log_every=50, val_windows=None)
+    return bench_lm.Setup(
+        dim=128,
+        n_layers=6,
+        n_heads=4,
+        hidden=352,
+        seq_len=64,
+        batch_size=32,
+        steps=steps,
+        lr=3e-3,
+        warmup_steps=50,
+        log_every=50,
+        val_windows=None,
+    )
 
 
 def _train_lm(model, opt, setup, train_data, seed):
     from accelops.train import Trainer
     from accelops.train.config import build_scheduler
 
-    scheduler = build_scheduler(opt, {"name": "cosine", "warmup_steps": setup.warmup_steps, "min_lr_ratio": 0.1},
-                                setup.steps)
-    trainer = Trainer(model, opt, train_data, None, scheduler=scheduler, max_steps=setup.steps, eval_every=None,
-                      batch_size=setup.batch_size, grad_clip=1.0, seed=seed, log_every=setup.log_every,
-                      progress=sys.stderr.isatty(), distributed=False)
+    scheduler = build_scheduler(
+        opt, {"name": "cosine", "warmup_steps": setup.warmup_steps, "min_lr_ratio": 0.1}, setup.steps
+    )
+    trainer = Trainer(
+        model,
+        opt,
+        train_data,
+        None,
+        scheduler=scheduler,
+        max_steps=setup.steps,
+        eval_every=None,
+        batch_size=setup.batch_size,
+        grad_clip=1.0,
+        seed=seed,
+        log_every=setup.log_every,
+        progress=sys.stderr.isatty(),
+        distributed=False,
+    )
     try:
         result = trainer.fit()
     finally:
@@ -161,13 +236,20 @@ def _train_lm(model, opt, setup, train_data, seed):
 
 def run_lm(cfg, meta, threads, out_path) -> list[dict]:
     import bench_lm
+
     from accelops.optim import AdamW8bit
     from accelops.train import load_char_corpus
 
     data_path = bench_lm._data_path(None)
     setup = _lm_setup(cfg.quick)
-    base = {**meta, "family": FAMILY, "kind": "lm", "threads": threads, "setup": dataclasses.asdict(setup),
-            "data": str(data_path)}
+    base = {
+        **meta,
+        "family": FAMILY,
+        "kind": "lm",
+        "threads": threads,
+        "setup": dataclasses.asdict(setup),
+        "data": str(data_path),
+    }
     if not data_path.is_file():
         row = {**base, "method": "lm", "status": "skipped", "reason": f"no corpus at {data_path}"}
         common.append_row(out_path, row)
@@ -176,10 +258,17 @@ def run_lm(cfg, meta, threads, out_path) -> list[dict]:
     val = val_data if setup.val_windows is None else bench_lm._Subset(val_data, setup.val_windows)
     rows = []
     for method, label, make in (
-            ("lm_torch_adamw", "torch AdamW", lambda ps: torch.optim.AdamW(ps, lr=setup.lr, betas=(0.9, 0.95),
-                                                                            weight_decay=0.1)),
-            ("lm_adamw8bit", "accelops AdamW8bit", lambda ps: AdamW8bit(ps, lr=setup.lr, betas=(0.9, 0.95),
-                                                                         weight_decay=0.1))):
+        (
+            "lm_torch_adamw",
+            "torch AdamW",
+            lambda ps: torch.optim.AdamW(ps, lr=setup.lr, betas=(0.9, 0.95), weight_decay=0.1),
+        ),
+        (
+            "lm_adamw8bit",
+            "accelops AdamW8bit",
+            lambda ps: AdamW8bit(ps, lr=setup.lr, betas=(0.9, 0.95), weight_decay=0.1),
+        ),
+    ):
         row = {**base, "method": method, "label": label, "accelops": method == "lm_adamw8bit", "status": "ok"}
         try:
             model = bench_lm.build_model(setup, len(vocab), None, None, seed=0)
@@ -207,53 +296,88 @@ def run_lm(cfg, meta, threads, out_path) -> list[dict]:
 
 # --------------------------------------------------------------------------- summary
 
+
 def _cell(row):
     if row["status"] == "ok":
-        return (f"{common.fmt_time(row['median_us'])} ({common.fmt_time(row['p20_us'])} - "
-                f"{common.fmt_time(row['p80_us'])})")
+        return (
+            f"{common.fmt_time(row['median_us'])} ({common.fmt_time(row['p20_us'])} - {common.fmt_time(row['p80_us'])})"
+        )
     return {"wrong": "**WRONG**", "error": "error", "skipped": "n/a"}[row["status"]] + (
-        f" ({row.get('reason', '')[:80]})" if row["status"] != "wrong" else "")
+        f" ({row.get('reason', '')[:80]})" if row["status"] != "wrong" else ""
+    )
 
 
 def summarize(step_rows, lm_rows, cfg, threads, wall_s, meta) -> str:
     out = common.run_header(FAMILY, meta, cfg, threads, wall_s, versions=("torch", "python")) + [
         "Timings are noisy: this 2-core machine is shared with other engineers' jobs (load average in each row's "
-        f"`loadavg_1m`; {step_rows[0]['loadavg_1m']:.1f} at the first row).", ""]
+        f"`loadavg_1m`; {step_rows[0]['loadavg_1m']:.1f} at the first row).",
+        "",
+    ]
     by = {r["method"]: r for r in step_rows}
     table = []
     for r in step_rows:
         ratio = ""
         if r["method"] == "adamw8bit":
-            ratio = ", ".join(f"{r[k]:.3f}x vs {k[len('time_vs_torch_'):]}" for k in r if k.startswith("time_vs_"))
+            ratio = ", ".join(f"{r[k]:.3f}x vs {k[len('time_vs_torch_') :]}" for k in r if k.startswith("time_vs_"))
         if r["method"] == "sgd8bit" and "time_vs_torch_sgd_foreach" in r:
             ratio = f"{r['time_vs_torch_sgd_foreach']:.3f}x vs sgd_foreach"
-        table.append([r["label"], _cell(r), ratio or "-", common.fmt_bytes(r.get("state_bytes")),
-                      common.fmt_bytes(r.get("peak_mem_bytes"))])
-    out += [f"Step time, {step_rows[0]['case']}, {threads} threads:", "",
-            common.md_table(["optimizer", "step median (p20 - p80)", "time ratio", "state bytes",
-                             "peak mem of a step"], table), ""]
+        table.append(
+            [
+                r["label"],
+                _cell(r),
+                ratio or "-",
+                common.fmt_bytes(r.get("state_bytes")),
+                common.fmt_bytes(r.get("peak_mem_bytes")),
+            ]
+        )
+    out += [
+        f"Step time, {step_rows[0]['case']}, {threads} threads:",
+        "",
+        common.md_table(
+            ["optimizer", "step median (p20 - p80)", "time ratio", "state bytes", "peak mem of a step"], table
+        ),
+        "",
+    ]
     mine, ref = by["adamw8bit"], by["torch_adamw_foreach"]
     lines = []
     if mine["status"] == "ok" and ref["status"] == "ok":
         s, t = mine["state_bytes_vs_torch_adamw_foreach"], mine["time_vs_torch_adamw_foreach"]
-        lines.append(f"state bytes {s:.3f}x torch AdamW (<= {STATE_TARGET}x: {'met' if s <= STATE_TARGET else 'MISSED'})")
-        lines.append(f"step time {t:.3f}x torch AdamW foreach (<= {TIME_TARGET}x: "
-                     f"{'met' if t <= TIME_TARGET else 'MISSED'})")
+        lines.append(
+            f"state bytes {s:.3f}x torch AdamW (<= {STATE_TARGET}x: {'met' if s <= STATE_TARGET else 'MISSED'})"
+        )
+        lines.append(
+            f"step time {t:.3f}x torch AdamW foreach (<= {TIME_TARGET}x: {'met' if t <= TIME_TARGET else 'MISSED'})"
+        )
     if lm_rows and lm_rows[-1].get("val_loss_vs_torch_adamw") is not None:
         a, b = lm_rows[1], lm_rows[0]
         st = a["setup"]
-        out += [f"TransformerLM on {os.path.basename(a['data'])}: dim {st['dim']}, {st['n_layers']} layers, "
-                f"{st['n_heads']} heads, FFN {st['hidden']}, context {st['seq_len']}, {st['steps']} steps of "
-                f"{st['batch_size']} x {st['seq_len']} characters, lr {st['lr']:g} cosine (warm-up "
-                f"{st['warmup_steps']}), betas (0.9, 0.95), weight decay 0.1, clip 1, seed 0 for both; validation "
-                f"over {a['val_tokens']:,} characters.", "",
-                common.md_table(["optimizer", "val loss", "vs torch AdamW", "state bytes", "train time"],
-                                [[r["label"], f"{r['val_loss']:.4f}",
-                                  f"{r['val_loss'] / b['val_loss']:.4f}x", common.fmt_bytes(r["state_bytes"]),
-                                  f"{r['train_s']:.0f} s"] for r in (b, a)]), ""]
+        out += [
+            f"TransformerLM on {os.path.basename(a['data'])}: dim {st['dim']}, {st['n_layers']} layers, "
+            f"{st['n_heads']} heads, FFN {st['hidden']}, context {st['seq_len']}, {st['steps']} steps of "
+            f"{st['batch_size']} x {st['seq_len']} characters, lr {st['lr']:g} cosine (warm-up "
+            f"{st['warmup_steps']}), betas (0.9, 0.95), weight decay 0.1, clip 1, seed 0 for both; validation "
+            f"over {a['val_tokens']:,} characters.",
+            "",
+            common.md_table(
+                ["optimizer", "val loss", "vs torch AdamW", "state bytes", "train time"],
+                [
+                    [
+                        r["label"],
+                        f"{r['val_loss']:.4f}",
+                        f"{r['val_loss'] / b['val_loss']:.4f}x",
+                        common.fmt_bytes(r["state_bytes"]),
+                        f"{r['train_s']:.0f} s",
+                    ]
+                    for r in (b, a)
+                ],
+            ),
+            "",
+        ]
         v = a["val_loss_vs_torch_adamw"]
-        lines.append(f"LM val loss {v:.4f}x torch AdamW's (<= {LM_TARGET}x: {'met' if v <= LM_TARGET else 'MISSED'}), "
-                     f"LM state bytes {a['state_bytes_vs_torch_adamw']:.3f}x (norms and small tensors keep fp32 states)")
+        lines.append(
+            f"LM val loss {v:.4f}x torch AdamW's (<= {LM_TARGET}x: {'met' if v <= LM_TARGET else 'MISSED'}), "
+            f"LM state bytes {a['state_bytes_vs_torch_adamw']:.3f}x (norms and small tensors keep fp32 states)"
+        )
     elif lm_rows:
         out += [f"LM: {lm_rows[0]['status']}: {lm_rows[0].get('reason') or lm_rows[-1].get('reason')}", ""]
     out += ["Targets: " + "; ".join(lines) + ".", ""]
@@ -271,11 +395,15 @@ def run(cfg: common.Config) -> common.FamilyResult:
     step_rows = run_step_times(cfg, timer, meta, threads, out_path)
     gc.collect()
     lm_rows = run_lm(cfg, meta, threads, out_path)
-    summary = "## 8-bit optimizers benchmark\n\n" + summarize(step_rows, lm_rows, cfg, threads,
-                                                            time.perf_counter() - t0, meta)
+    summary = "## 8-bit optimizers benchmark\n\n" + summarize(
+        step_rows, lm_rows, cfg, threads, time.perf_counter() - t0, meta
+    )
     rows = step_rows + lm_rows
-    failures = [f"{r['method']}: {r['status']}: {r.get('reason')}" for r in rows
-                if r.get("accelops") and r["status"] not in ("ok", "skipped")]
+    failures = [
+        f"{r['method']}: {r['status']}: {r.get('reason')}"
+        for r in rows
+        if r.get("accelops") and r["status"] not in ("ok", "skipped")
+    ]
     return common.FamilyResult(FAMILY, summary, rows, failures)
 
 

@@ -27,6 +27,7 @@ Target: fsdp peak memory per rank <= 0.6 x ddp's.
 
     python bench/bench_scaleout.py [--quick]      # or: python bench/run.py --only scaleout
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -61,7 +62,8 @@ QUICK = dict(dim=32, n_layers=2, n_heads=2, vocab_size=64, seq_len=16, batch=8, 
 OPTIMIZERS = {  # name -> (parameters -> optimizer)
     "adamw": lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1),
     "adamw8bit": lambda params: __import__("accelops.optim", fromlist=["AdamW8bit"]).AdamW8bit(
-        params, lr=1e-3, weight_decay=0.1),
+        params, lr=1e-3, weight_decay=0.1
+    ),
 }
 TIMEOUT_S = 900
 
@@ -75,8 +77,14 @@ def _free_port() -> int:
 class _Counter:
     """Bytes handed to torch.distributed's Python collectives while installed."""
 
-    NAMES = ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor", "reduce_scatter_tensor",
-             "all_reduce", "broadcast")
+    NAMES = (
+        "all_gather_single",
+        "reduce_scatter_single",
+        "all_gather_into_tensor",
+        "reduce_scatter_tensor",
+        "all_reduce",
+        "broadcast",
+    )
 
     def __init__(self):
         import torch.distributed as dist
@@ -99,6 +107,7 @@ class _Counter:
                 if op.op is dist.isend:
                     self.add(op.tensor, "isend")
             return batch(p2p_ops, *args, **kwargs)
+
         schedules._batch_p2p = batch_counted
 
     def add(self, tensor, name="ddp_bucket_allreduce"):
@@ -120,6 +129,7 @@ class _Counter:
                 t = args[0] if args else kwargs.get("tensor")
             self.add(t, fn.__name__)
             return fn(*args, **kwargs)
+
         counted.__name__ = fn.__name__
         return counted
 
@@ -169,18 +179,27 @@ def _state_bytes(trainer) -> dict:
     else:
         params = list(trainer.model.parameters())
     pbytes = sum(local(p).numel() * local(p).element_size() for p in params)
-    grads = pbytes * (2 if trainer.ddp is not None else 1)   # DDP's buckets: a second copy of the gradients
+    grads = pbytes * (2 if trainer.ddp is not None else 1)  # DDP's buckets: a second copy of the gradients
     opt = trainer.optimizer.optim if trainer.strategy == "zero1" else trainer.optimizer
-    obytes = sum(local(v).numel() * local(v).element_size() for st in opt.state.values() for v in st.values()
-                 if isinstance(v, torch.Tensor))
-    return {"param_bytes": pbytes, "grad_bytes": grads, "optimizer_state_bytes": obytes,
-            "state_bytes": pbytes + grads + obytes}
+    obytes = sum(
+        local(v).numel() * local(v).element_size()
+        for st in opt.state.values()
+        for v in st.values()
+        if isinstance(v, torch.Tensor)
+    )
+    return {
+        "param_bytes": pbytes,
+        "grad_bytes": grads,
+        "optimizer_state_bytes": obytes,
+        "state_bytes": pbytes + grads + obytes,
+    }
 
 
 def _worker(rank, port, strategy, spec, optimizer_name, out_dir):
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     res = {"rank": rank}
     try:
         import torch.distributed as dist
@@ -199,18 +218,34 @@ def _worker(rank, port, strategy, spec, optimizer_name, out_dir):
                 f.write("5")
         base = common._proc_status_kib("VmRSS")
         torch.manual_seed(0)
-        model = TransformerLM(TransformerLMConfig(vocab_size=spec["vocab_size"], dim=spec["dim"],
-                                                  n_layers=spec["n_layers"], n_heads=spec["n_heads"],
-                                                  max_len=spec["seq_len"], dropout=0.0,
-                                                  quant=spec.get("quant")))
+        model = TransformerLM(
+            TransformerLMConfig(
+                vocab_size=spec["vocab_size"],
+                dim=spec["dim"],
+                n_layers=spec["n_layers"],
+                n_heads=spec["n_heads"],
+                max_len=spec["seq_len"],
+                dropout=0.0,
+                quant=spec.get("quant"),
+            )
+        )
         n_params = sum(p.numel() for p in model.parameters())
         opt = OPTIMIZERS[optimizer_name](model.parameters())
         kw = dict(batch_size=spec["batch"] // WORLD)
         if strategy == "pipeline":
             kw = dict(batch_size=spec["batch"], n_microbatches=spec["micro"], pipeline_schedule="1f1b")
         kw.update(TRAINER_KW.get(strategy, dict(strategy=strategy)))
-        trainer = Trainer(model, opt, data, max_steps=spec["warmup"], eval_every=None,
-                          log_every=1000, progress=False, dist_timeout=TIMEOUT_S, **kw)
+        trainer = Trainer(
+            model,
+            opt,
+            data,
+            max_steps=spec["warmup"],
+            eval_every=None,
+            log_every=1000,
+            progress=False,
+            dist_timeout=TIMEOUT_S,
+            **kw,
+        )
         counter = _Counter()
         if trainer.ddp is not None:
             trainer.ddp.register_comm_hook(None, _ddp_python_allreduce_hook())
@@ -223,15 +258,20 @@ def _worker(rank, port, strategy, spec, optimizer_name, out_dir):
         dist.barrier()
         seconds = time.perf_counter() - t0
         barrier_bytes = 0  # the barrier is an all_reduce of one element, not counted (dist.barrier is C++)
-        res.update(seconds=seconds, payload_bytes_per_step=(counter.bytes - barrier_bytes) / spec["steps"],
-                   collective_calls_per_step=counter.calls / spec["steps"], n_params=n_params,
-                   payload_bytes_per_step_by_call={k: v / spec["steps"] for k, v in counter.by_call.items()},
-                   tokens_per_s=spec["steps"] * spec["batch"] * spec["seq_len"] / seconds,
-                   peak_rss_delta_bytes=(common._proc_status_kib("VmHWM") - base) * 1024 if measured else None,
-                   memory_method="rss_hwm_delta" if measured else "unavailable",
-                   malloc_mmap_threshold=MMAP_THRESHOLD if mmap_fixed else "glibc default (dynamic)",
-                   loss=trainer.history[-1]["loss"], split=getattr(trainer.parallel, "split", None),
-                   **_state_bytes(trainer))
+        res.update(
+            seconds=seconds,
+            payload_bytes_per_step=(counter.bytes - barrier_bytes) / spec["steps"],
+            collective_calls_per_step=counter.calls / spec["steps"],
+            n_params=n_params,
+            payload_bytes_per_step_by_call={k: v / spec["steps"] for k, v in counter.by_call.items()},
+            tokens_per_s=spec["steps"] * spec["batch"] * spec["seq_len"] / seconds,
+            peak_rss_delta_bytes=(common._proc_status_kib("VmHWM") - base) * 1024 if measured else None,
+            memory_method="rss_hwm_delta" if measured else "unavailable",
+            malloc_mmap_threshold=MMAP_THRESHOLD if mmap_fixed else "glibc default (dynamic)",
+            loss=trainer.history[-1]["loss"],
+            split=getattr(trainer.parallel, "split", None),
+            **_state_bytes(trainer),
+        )
         trainer.close()
     except BaseException:  # noqa: BLE001 - reported in the row
         import traceback
@@ -273,17 +313,19 @@ def _mb(x):
 
 def summarize(rows, spec, optimizer_name, wall_s) -> str:
     by = {(r["method"], r["rank"]): r for r in rows}
-    lines = [f"## Parallelism strategies, {WORLD} gloo ranks, 1 thread a rank",
-             "",
-             f"TransformerLM dim {spec['dim']}, {spec['n_layers']} blocks, "
-             f"{rows[0].get('n_params', 0) / 1e6:.1f}M parameters, optimizer {optimizer_name}; global batch "
-             f"{spec['batch']} x {spec['seq_len']} tokens a step ({spec['steps']} timed steps after "
-             f"{spec['warmup']} warm-up); pipeline: 1F1B, {spec['micro']} micro-batches. Timings are noisy: the "
-             f"2 cores are shared with other jobs (load average in the rows). Wall {wall_s:.0f} s.",
-             "",
-             "| strategy | tokens/s | peak RSS growth / rank (MiB) r0, r1 | params+grads+optim / rank (MiB) r0, r1 "
-             "| collective payload / rank / step (MiB) r0, r1 | vs ddp peak memory |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"## Parallelism strategies, {WORLD} gloo ranks, 1 thread a rank",
+        "",
+        f"TransformerLM dim {spec['dim']}, {spec['n_layers']} blocks, "
+        f"{rows[0].get('n_params', 0) / 1e6:.1f}M parameters, optimizer {optimizer_name}; global batch "
+        f"{spec['batch']} x {spec['seq_len']} tokens a step ({spec['steps']} timed steps after "
+        f"{spec['warmup']} warm-up); pipeline: 1F1B, {spec['micro']} micro-batches. Timings are noisy: the "
+        f"2 cores are shared with other jobs (load average in the rows). Wall {wall_s:.0f} s.",
+        "",
+        "| strategy | tokens/s | peak RSS growth / rank (MiB) r0, r1 | params+grads+optim / rank (MiB) r0, r1 "
+        "| collective payload / rank / step (MiB) r0, r1 | vs ddp peak memory |",
+        "|---|---|---|---|---|---|",
+    ]
     ddp_peak = [by.get(("ddp", r), {}).get("peak_rss_delta_bytes") for r in range(WORLD)]
     for s in STRATEGIES:
         r0, r1 = by.get((s, 0), {}), by.get((s, 1), {})
@@ -292,21 +334,27 @@ def summarize(rows, spec, optimizer_name, wall_s) -> str:
             continue
         peaks = [r0["peak_rss_delta_bytes"], r1["peak_rss_delta_bytes"]]
         ratio = "-" if None in peaks or None in ddp_peak else f"{max(peaks) / max(ddp_peak):.2f}x"
-        lines.append(f"| {s} | {r0['tokens_per_s']:,.0f} | {_mb(peaks[0])}, {_mb(peaks[1])} | "
-                     f"{_mb(r0['state_bytes'])}, {_mb(r1['state_bytes'])} | "
-                     f"{_mb(r0['payload_bytes_per_step'])}, {_mb(r1['payload_bytes_per_step'])} | {ratio} |")
+        lines.append(
+            f"| {s} | {r0['tokens_per_s']:,.0f} | {_mb(peaks[0])}, {_mb(peaks[1])} | "
+            f"{_mb(r0['state_bytes'])}, {_mb(r1['state_bytes'])} | "
+            f"{_mb(r0['payload_bytes_per_step'])}, {_mb(r1['payload_bytes_per_step'])} | {ratio} |"
+        )
     lines.append("")
     quick_note = " (--quick: a tiny model, where the runtime, not the state, fills memory)" if spec is QUICK else ""
     for name in FSDP_ROWS:
         f0 = [by.get((name, r), {}).get("peak_rss_delta_bytes") for r in range(WORLD)]
         if None not in f0 and None not in ddp_peak and f0 and ddp_peak:
             ratio = max(f0) / max(ddp_peak)
-            lines.append(f"Targets: {name} peak memory per rank {ratio:.2f}x ddp's (target <= "
-                         f"{TARGET_FSDP_MEMORY}x): {'met' if ratio <= TARGET_FSDP_MEMORY else 'MISSED'}{quick_note}.")
+            lines.append(
+                f"Targets: {name} peak memory per rank {ratio:.2f}x ddp's (target <= "
+                f"{TARGET_FSDP_MEMORY}x): {'met' if ratio <= TARGET_FSDP_MEMORY else 'MISSED'}{quick_note}."
+            )
         else:
             lines.append(f"Targets: {name} peak memory vs ddp: not measured (a run failed or memory is unavailable).")
-    lines.append("fsdp-submodule: `fsdp_units=\"submodule\"` (a unit per attention and FFN); "
-                 "fsdp-submodule-noprefetch: also `fsdp_backward_prefetch=False`.")
+    lines.append(
+        'fsdp-submodule: `fsdp_units="submodule"` (a unit per attention and FFN); '
+        "fsdp-submodule-noprefetch: also `fsdp_backward_prefetch=False`."
+    )
     pp = by.get(("pipeline", 0), {})
     if pp.get("split") is not None:
         lines.append(f"Pipeline split (measured per-block time): stage 1 starts at block {pp['split']}.")
@@ -325,12 +373,21 @@ def run(cfg: common.Config, optimizer_name: str | None = None) -> common.FamilyR
     for strategy in STRATEGIES:
         print(f"scaleout: {strategy} on {WORLD} gloo ranks", file=sys.stderr)
         for res in _launch(strategy, spec, optimizer_name):
-            row = {**meta, "family": FAMILY, "method": strategy, "case": f"TransformerLM {spec['dim']}x"
-                   f"{spec['n_layers']}, {WORLD} ranks", "accelops": True, "threads": 1, "world_size": WORLD,
-                   "optimizer": optimizer_name, "model": {k: spec[k] for k in ("dim", "n_layers", "n_heads",
-                                                                               "vocab_size", "seq_len")},
-                   "global_batch": spec["batch"], "timed_steps": spec["steps"], "loadavg_1m": os.getloadavg()[0],
-                   "trainer_kw": TRAINER_KW.get(strategy, {"strategy": strategy})}
+            row = {
+                **meta,
+                "family": FAMILY,
+                "method": strategy,
+                "case": f"TransformerLM {spec['dim']}x{spec['n_layers']}, {WORLD} ranks",
+                "accelops": True,
+                "threads": 1,
+                "world_size": WORLD,
+                "optimizer": optimizer_name,
+                "model": {k: spec[k] for k in ("dim", "n_layers", "n_heads", "vocab_size", "seq_len")},
+                "global_batch": spec["batch"],
+                "timed_steps": spec["steps"],
+                "loadavg_1m": os.getloadavg()[0],
+                "trainer_kw": TRAINER_KW.get(strategy, {"strategy": strategy}),
+            }
             err = res.pop("error", None)
             row.update(res)
             row["status"] = "ok" if err is None else "failed"

@@ -24,6 +24,7 @@ counters; None without namespaces) and bytes_per_step (wire where measured, else
 Used by bench/bench_comm.py through run(quick, threads); also runs on its own:
     python bench/comm_ddp.py [--quick] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 
-WIDTH, LAYERS, BATCH = 2048, 4, 32            # 4 * (2048 * 2048 + 2048) = 16,785,408 parameters
+WIDTH, LAYERS, BATCH = 2048, 4, 32  # 4 * (2048 * 2048 + 2048) = 16,785,408 parameters
 QUICK = (256, 4, 8)
 POWERSGD_RANK = 4
 TOPK_RATIO = 0.01
@@ -75,6 +76,7 @@ HOOK_OPTIONS = {"topk": {"ratio": TOPK_RATIO}, "powersgd": {"rank": POWERSGD_RAN
 
 
 # =========================================================================== one rank (child process)
+
 
 def _mlp(width: int, layers: int):
     import torch.nn as nn
@@ -125,8 +127,13 @@ def rank_main(args) -> None:
     torch.set_num_threads(args.threads)
     if args.ifname:
         os.environ["GLOO_SOCKET_IFNAME"] = args.ifname
-    dist.init_process_group("gloo", init_method=f"tcp://{args.addr}:{args.port}", rank=args.rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{args.addr}:{args.port}",
+        rank=args.rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=300),
+    )
     rank = args.rank
     width, layers, batch = QUICK if args.quick else (WIDTH, LAYERS, BATCH)
     torch.manual_seed(0)
@@ -165,8 +172,9 @@ def rank_main(args) -> None:
                     if key.endswith("1bucket"):
                         wrapped = DDP(model, bucket_cap_mb=100)
                     group = dist.new_group(timeout=datetime.timedelta(seconds=120))
-                    psgd = torch_psgd.PowerSGDState(process_group=group, matrix_approximation_rank=POWERSGD_RANK,
-                                                    start_powerSGD_iter=2)
+                    psgd = torch_psgd.PowerSGDState(
+                        process_group=group, matrix_approximation_rank=POWERSGD_RANK, start_powerSGD_iter=2
+                    )
                     wrapped.register_comm_hook(psgd, torch_psgd.powerSGD_hook)
                     payload = _powersgd_payload(model, POWERSGD_RANK)
                 else:
@@ -188,7 +196,7 @@ def rank_main(args) -> None:
 
     def timed_rounds(keys, rounds, warmup):
         for r in range(warmup + rounds):
-            order = keys[r % len(keys):] + keys[:r % len(keys)]
+            order = keys[r % len(keys) :] + keys[: r % len(keys)]
             for key in order:
                 if key in errors:
                     continue
@@ -208,12 +216,19 @@ def rank_main(args) -> None:
                         wire[key].append((tx1 - tx0) / args.count_divisor)
 
     keys = [k for k in setups if k not in errors]
-    if keys:   # torch's PowerSGD compresses from its step 2 on: 3 warm-up steps at least
+    if keys:  # torch's PowerSGD compresses from its step 2 on: 3 warm-up steps at least
         timed_rounds(keys, args.rounds, max(args.warmup, 3) if any(k in SEPARATE for k in keys) else args.warmup)
 
     if rank == 0:
-        out = {"params": n_params, "width": width, "layers": layers, "batch": batch,
-               "probe_allreduce_bytes": probe.numel() * 4, "probe_allreduce_s": probe_s, "methods": {}}
+        out = {
+            "params": n_params,
+            "width": width,
+            "layers": layers,
+            "batch": batch,
+            "probe_allreduce_bytes": probe.numel() * 4,
+            "probe_allreduce_s": probe_s,
+            "methods": {},
+        }
         for key in args.methods.split(","):
             entry = {"times_s": times.get(key, []), "wire": wire.get(key, [])}
             if key in errors:
@@ -229,6 +244,7 @@ def rank_main(args) -> None:
 
 
 # =========================================================================== links (parent)
+
 
 def _run(cmd, check=True):
     return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=60)
@@ -266,8 +282,25 @@ class Netns:
                     _run(["ip", "-n", ns, "addr", "add", addr, "dev", v])
                     _run(["ip", "-n", ns, "link", "set", v, "up"])
                     # Both directions shaped: the all-reduce sends both ways at once.
-                    _run(["tc", "-n", ns, "qdisc", "add", "dev", v, "root", "tbf", "rate", LINK_RATE,
-                          "burst", "256kb", "latency", "20ms"])
+                    _run(
+                        [
+                            "tc",
+                            "-n",
+                            ns,
+                            "qdisc",
+                            "add",
+                            "dev",
+                            v,
+                            "root",
+                            "tbf",
+                            "rate",
+                            LINK_RATE,
+                            "burst",
+                            "256kb",
+                            "latency",
+                            "20ms",
+                        ]
+                    )
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -282,8 +315,10 @@ class Netns:
         if self.kind == "loopback":
             pre = ["ip", "netns", "exec", self.names[0]]
             return [(pre, "127.0.0.1", "lo", "lo"), (pre, "127.0.0.1", "lo", None)]
-        return [(["ip", "netns", "exec", self.names[0]], "10.77.0.1", self.veth[0], self.veth[0]),
-                (["ip", "netns", "exec", self.names[1]], "10.77.0.1", self.veth[1], None)]
+        return [
+            (["ip", "netns", "exec", self.names[0]], "10.77.0.1", self.veth[0], self.veth[0]),
+            (["ip", "netns", "exec", self.names[1]], "10.77.0.1", self.veth[1], None),
+        ]
 
 
 def can_use_netns() -> str | None:
@@ -302,13 +337,23 @@ def can_use_netns() -> str | None:
     return None
 
 
-def _launch(link: str, netns: Netns | None, quick: bool, threads: int, methods: list[str],
-            rounds: int, warmup: int, timeout_s: float = 3600) -> dict:
+def _launch(
+    link: str,
+    netns: Netns | None,
+    quick: bool,
+    threads: int,
+    methods: list[str],
+    rounds: int,
+    warmup: int,
+    timeout_s: float = 3600,
+) -> dict:
     """Runs the methods on 2 rank processes -> rank 0's result. TimeoutError after timeout_s."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.json")
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        )
         env.pop("TRITON_INTERPRET", None)
         env["OMP_NUM_THREADS"] = str(threads)
         port = _free_port()
@@ -317,13 +362,31 @@ def _launch(link: str, netns: Netns | None, quick: bool, threads: int, methods: 
             divisor = 1
         else:
             per_rank = netns.ranks()
-            divisor = 2 if link == "loopback" else 1   # both ranks' traffic crosses one lo
+            divisor = 2 if link == "loopback" else 1  # both ranks' traffic crosses one lo
         procs = []
         for rank, (pre, addr, ifname, count) in enumerate(per_rank):
-            cmd = pre + [sys.executable, str(Path(__file__).resolve()), "--_rank", str(rank), "--addr", addr,
-                         "--port", str(port), "--threads", str(threads), "--methods", ",".join(methods),
-                         "--rounds", str(rounds), "--warmup", str(warmup), "--out", out,
-                         "--count-divisor", str(divisor)]
+            cmd = pre + [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--_rank",
+                str(rank),
+                "--addr",
+                addr,
+                "--port",
+                str(port),
+                "--threads",
+                str(threads),
+                "--methods",
+                ",".join(methods),
+                "--rounds",
+                str(rounds),
+                "--warmup",
+                str(warmup),
+                "--out",
+                out,
+                "--count-divisor",
+                str(divisor),
+            ]
             if ifname:
                 cmd += ["--ifname", ifname]
             if count:
@@ -343,8 +406,9 @@ def _launch(link: str, netns: Netns | None, quick: bool, threads: int, methods: 
         if hung:
             raise TimeoutError(f"{link}: {','.join(methods)}: no result within {timeout_s:.0f} s (hung); killed")
         if not os.path.exists(out):
-            tail = "\n".join(f"rank {r} (exit {p.returncode}): {log[-1500:]}" for r, (p, log) in
-                             enumerate(zip(procs, logs)))
+            tail = "\n".join(
+                f"rank {r} (exit {p.returncode}): {log[-1500:]}" for r, (p, log) in enumerate(zip(procs, logs))
+            )
             raise RuntimeError(f"{link}: no result; {tail}")
         return json.loads(Path(out).read_text())
 
@@ -373,13 +437,20 @@ def run(quick: bool, threads: int) -> list[dict]:
     for link, kind in links:
         base = {"link": link, "threads": threads, "quick": quick, "ranks": 2, "backend": "gloo"}
         if kind == "1gbit" and why_not:
-            rows.append({**base, "method": None, "label": None, "status": "skipped",
-                         "reason": f"{LINK_RATE} link skipped: {why_not}"})
+            rows.append(
+                {
+                    **base,
+                    "method": None,
+                    "label": None,
+                    "status": "skipped",
+                    "reason": f"{LINK_RATE} link skipped: {why_not}",
+                }
+            )
             print(f"comm_ddp: {LINK_RATE} link skipped: {why_not}", file=sys.stderr)
             continue
         main_methods = [k for k in methods if k not in SEPARATE]
         try:
-            with (Netns(kind) if not why_not else contextlib.nullcontext()) as ns:
+            with Netns(kind) if not why_not else contextlib.nullcontext() as ns:
                 base["netns"] = ns is not None
                 res = _launch(link, ns, quick, threads, main_methods, rounds, warmup)
                 print(f"comm_ddp: {link}: main methods done", file=sys.stderr)
@@ -387,17 +458,29 @@ def run(quick: bool, threads: int) -> list[dict]:
                     try:
                         part = _launch(link, ns, quick, threads, [key], rounds, warmup, timeout_s=SEPARATE_TIMEOUT_S)
                         res["methods"].update(part["methods"])
-                        break                           # the one-bucket fallback only after a hang
+                        break  # the one-bucket fallback only after a hang
                     except Exception as exc:
                         res["methods"][key] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
                         print(f"comm_ddp: {link}: {key}: {exc}"[:300], file=sys.stderr)
         except Exception as exc:
-            rows.append({**base, "method": None, "label": None, "status": "error",
-                         "reason": f"{type(exc).__name__}: {exc}"[:2000]})
+            rows.append(
+                {
+                    **base,
+                    "method": None,
+                    "label": None,
+                    "status": "error",
+                    "reason": f"{type(exc).__name__}: {exc}"[:2000],
+                }
+            )
             continue
-        base.update(params=res["params"], model=f"MLP {res['layers']} x Linear({res['width']}, {res['width']})",
-                    batch_per_rank=res["batch"], rounds=rounds, warmup_rounds=warmup,
-                    link_probe_mb_s=res["probe_allreduce_bytes"] / res["probe_allreduce_s"] / 1e6)
+        base.update(
+            params=res["params"],
+            model=f"MLP {res['layers']} x Linear({res['width']}, {res['width']})",
+            batch_per_rank=res["batch"],
+            rounds=rounds,
+            warmup_rounds=warmup,
+            link_probe_mb_s=res["probe_allreduce_bytes"] / res["probe_allreduce_s"] / 1e6,
+        )
         link_rows = []
         for key, label, is_accelops in METHODS:
             if key not in res["methods"]:
@@ -410,12 +493,20 @@ def run(quick: bool, threads: int) -> list[dict]:
                 t = entry["times_s"]
                 wire = entry["wire"]
                 wire_b = int(_percentile(wire, 0.5)) if wire else None
-                row.update(status="ok", median_us=_percentile(t, 0.5) * 1e6, p20_us=_percentile(t, 0.2) * 1e6,
-                           p80_us=_percentile(t, 0.8) * 1e6, min_us=min(t) * 1e6, steps=len(t),
-                           payload_bytes_per_step=entry.get("payload"), wire_bytes_per_step=wire_b,
-                           bytes_per_step=wire_b if wire_b is not None else entry.get("payload"),
-                           bytes_method="wire (interface tx counter, median)" if wire_b is not None
-                           else "payload (bytes handed to collectives)")
+                row.update(
+                    status="ok",
+                    median_us=_percentile(t, 0.5) * 1e6,
+                    p20_us=_percentile(t, 0.2) * 1e6,
+                    p80_us=_percentile(t, 0.8) * 1e6,
+                    min_us=min(t) * 1e6,
+                    steps=len(t),
+                    payload_bytes_per_step=entry.get("payload"),
+                    wire_bytes_per_step=wire_b,
+                    bytes_per_step=wire_b if wire_b is not None else entry.get("payload"),
+                    bytes_method="wire (interface tx counter, median)"
+                    if wire_b is not None
+                    else "payload (bytes handed to collectives)",
+                )
             link_rows.append(row)
         ddp = next((r for r in link_rows if r["method"] == "ddp" and r["status"] == "ok"), None)
         for row in link_rows:
@@ -434,18 +525,32 @@ def _x(ratio, digits):
 def check_target(rows: list[dict]) -> dict | None:
     """The issue's target on the slow link: the fastest accelops hook among those sending at
     least 16x fewer bytes than DDP must take at most 0.5x DDP's step time."""
-    slow = [r for r in rows if r["link"] == LINK_RATE and r.get("status") == "ok" and r.get("accelops")
-            and r["method"] != "reducer" and r.get("bytes_vs_ddp") is not None]
+    slow = [
+        r
+        for r in rows
+        if r["link"] == LINK_RATE
+        and r.get("status") == "ok"
+        and r.get("accelops")
+        and r["method"] != "reducer"
+        and r.get("bytes_vs_ddp") is not None
+    ]
     if not slow:
         return None
     few = [r for r in slow if r["bytes_vs_ddp"] >= 16]
     best = min(few or slow, key=lambda r: r["median_us"])
     met = bool(few) and best["time_vs_ddp"] <= 0.5
-    text = (f"Target ({LINK_RATE}: an accelops hook at <= 0.5x DDP's step time with >= 16x fewer bytes): "
-            f"{best['label']}: {best['time_vs_ddp']:.2f}x time, {best['bytes_vs_ddp']:.1f}x fewer bytes: "
-            f"{'met' if met else 'NOT met'}")
-    return {"met": met, "method": best["method"], "time_vs_ddp": best["time_vs_ddp"],
-            "bytes_vs_ddp": best["bytes_vs_ddp"], "text": text}
+    text = (
+        f"Target ({LINK_RATE}: an accelops hook at <= 0.5x DDP's step time with >= 16x fewer bytes): "
+        f"{best['label']}: {best['time_vs_ddp']:.2f}x time, {best['bytes_vs_ddp']:.1f}x fewer bytes: "
+        f"{'met' if met else 'NOT met'}"
+    )
+    return {
+        "met": met,
+        "method": best["method"],
+        "time_vs_ddp": best["time_vs_ddp"],
+        "bytes_vs_ddp": best["bytes_vs_ddp"],
+        "text": text,
+    }
 
 
 def summary(rows: list[dict]) -> str:
@@ -459,9 +564,11 @@ def summary(rows: list[dict]) -> str:
             lines += [f"{r['status']}: {r['reason']}" for r in skipped]
             continue
         first = link_rows[0]
-        lines.append(f"{first['model']}, {first['params']:,} parameters, batch {first['batch_per_rank']} per rank, "
-                     f"2 gloo ranks, {first['threads']} thread(s) each; probe all-reduce "
-                     f"{first['link_probe_mb_s']:.0f} MB/s")
+        lines.append(
+            f"{first['model']}, {first['params']:,} parameters, batch {first['batch_per_rank']} per rank, "
+            f"2 gloo ranks, {first['threads']} thread(s) each; probe all-reduce "
+            f"{first['link_probe_mb_s']:.0f} MB/s"
+        )
         lines.append("")
         lines.append("| method | median | p20 - p80 | bytes/step/rank | vs DDP time | DDP bytes / bytes |")
         lines.append("| --- | --- | --- | --- | --- | --- |")
@@ -469,9 +576,11 @@ def summary(rows: list[dict]) -> str:
             if r["status"] != "ok":
                 lines.append(f"| {r['label']} | {r['status']}: {r.get('reason', '')[:80]} | | | | |")
                 continue
-            lines.append(f"| {r['label']} | {r['median_us'] / 1e3:.1f} ms | {r['p20_us'] / 1e3:.1f} - "
-                         f"{r['p80_us'] / 1e3:.1f} ms | {r['bytes_per_step'] / 1e6:.3g} MB | "
-                         f"{_x(r.get('time_vs_ddp'), 2)} | {_x(r.get('bytes_vs_ddp'), 1)} |")
+            lines.append(
+                f"| {r['label']} | {r['median_us'] / 1e3:.1f} ms | {r['p20_us'] / 1e3:.1f} - "
+                f"{r['p80_us'] / 1e3:.1f} ms | {r['bytes_per_step'] / 1e6:.3g} MB | "
+                f"{_x(r.get('time_vs_ddp'), 2)} | {_x(r.get('bytes_vs_ddp'), 1)} |"
+            )
         lines.append("")
     target = check_target(rows)
     if target:

@@ -7,6 +7,7 @@ from different runs, machines and families can be compared side by side. When a 
 finishes, its rows of the run are also stored in the results database
 (<results-dir>/accelops.duckdb, see accelops.results) in one transaction.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,23 +47,24 @@ torch._inductor.config.compile_threads = 1
 
 # --------------------------------------------------------------------------- configuration
 
+
 @dataclass
 class Config:
     threads: list[int]
     quick: bool = False
     results_dir: Path = DEFAULT_RESULTS_DIR
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    budget_s: float = 1.0       # seconds of timed repeats per row (L2 flushes included)
-    warmup_s: float = 0.2       # extra warm-up for fast calls, after the two untimed calls
-    min_repeats: int = 3        # p20/p80 need a few samples even when one call takes seconds
-    slow_s: float = 2.0         # a call this long is timed with as few calls as possible
+    budget_s: float = 1.0  # seconds of timed repeats per row (L2 flushes included)
+    warmup_s: float = 0.2  # extra warm-up for fast calls, after the two untimed calls
+    min_repeats: int = 3  # p20/p80 need a few samples even when one call takes seconds
+    slow_s: float = 2.0  # a call this long is timed with as few calls as possible
     max_repeats: int = 1000
-    flush: bool = True          # cold weights: L2 flush on CUDA, rotating weight copies on CPU
-    ms: list[int] | None = None                     # --m: override a family's row counts
-    shapes: list[tuple[int, int]] | None = None     # --shapes: override a family's (N, K)
+    flush: bool = True  # cold weights: L2 flush on CUDA, rotating weight copies on CPU
+    ms: list[int] | None = None  # --m: override a family's row counts
+    shapes: list[tuple[int, int]] | None = None  # --shapes: override a family's (N, K)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    db: Path | None = None      # --db; None: <results-dir>/accelops.duckdb (accelops_quick.duckdb with --quick)
-    store_db: bool = True       # --no-db: JSON lines only
+    db: Path | None = None  # --db; None: <results-dir>/accelops.duckdb (accelops_quick.duckdb with --quick)
+    store_db: bool = True  # --no-db: JSON lines only
 
     def results_file(self, family: str) -> Path:
         # --quick rows go to their own file so smoke runs never mix into the real results.
@@ -99,26 +101,54 @@ def _shape_list(text: str) -> list[tuple[int, int]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny shapes and few repeats (smoke test, CI); rows go to <family>_quick.jsonl")
-    parser.add_argument("--threads", type=_int_list, default=[2],
-                        help="torch thread count(s), e.g. 2 or 1,2: the suite runs once per count (default 2)")
-    parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR,
-                        help=f"where rows are appended and summaries written (default {DEFAULT_RESULTS_DIR})")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="auto: cuda when a GPU is present, else cpu")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="seconds of timed repeats per row (default 1.0, 0.05 with --quick)")
-    parser.add_argument("--m", type=_int_list, default=None, metavar="M[,M...]",
-                        help="only these row counts M (default: the family's own)")
-    parser.add_argument("--shapes", type=_shape_list, default=None, metavar="NxK[,NxK...]",
-                        help="only these weight shapes, N=out_features x K=in_features (default: the family's own)")
-    parser.add_argument("--db", type=Path, default=None,
-                        help="results database the run is stored in (default <results-dir>/accelops.duckdb; "
-                             "accelops_quick.duckdb with --quick)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes and few repeats (smoke test, CI); rows go to <family>_quick.jsonl",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_int_list,
+        default=[2],
+        help="torch thread count(s), e.g. 2 or 1,2: the suite runs once per count (default 2)",
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=DEFAULT_RESULTS_DIR,
+        help=f"where rows are appended and summaries written (default {DEFAULT_RESULTS_DIR})",
+    )
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when a GPU is present, else cpu"
+    )
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds of timed repeats per row (default 1.0, 0.05 with --quick)"
+    )
+    parser.add_argument(
+        "--m",
+        type=_int_list,
+        default=None,
+        metavar="M[,M...]",
+        help="only these row counts M (default: the family's own)",
+    )
+    parser.add_argument(
+        "--shapes",
+        type=_shape_list,
+        default=None,
+        metavar="NxK[,NxK...]",
+        help="only these weight shapes, N=out_features x K=in_features (default: the family's own)",
+    )
+    parser.add_argument(
+        "--db",
+        type=Path,
+        default=None,
+        help="results database the run is stored in (default <results-dir>/accelops.duckdb; "
+        "accelops_quick.duckdb with --quick)",
+    )
     parser.add_argument("--no-db", action="store_true", help="append JSON lines only, store nothing in the database")
-    parser.add_argument("--no-flush", action="store_true",
-                        help="hot caches: no L2 flush (CUDA), no rotating weight copies (CPU)")
+    parser.add_argument(
+        "--no-flush", action="store_true", help="hot caches: no L2 flush (CUDA), no rotating weight copies (CPU)"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -128,9 +158,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("--device cuda but torch sees no CUDA device")
         device = torch.device(args.device)
-    cfg = Config(threads=args.threads, quick=args.quick, results_dir=args.results_dir,
-                 device=device, flush=not args.no_flush, ms=args.m, shapes=args.shapes,
-                 db=getattr(args, "db", None), store_db=not getattr(args, "no_db", False))
+    cfg = Config(
+        threads=args.threads,
+        quick=args.quick,
+        results_dir=args.results_dir,
+        device=device,
+        flush=not args.no_flush,
+        ms=args.m,
+        shapes=args.shapes,
+        db=getattr(args, "db", None),
+        store_db=not getattr(args, "no_db", False),
+    )
     if args.quick:
         cfg.budget_s, cfg.warmup_s, cfg.max_repeats = 0.05, 0.01, 10
     if args.budget is not None:
@@ -141,12 +179,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
 @dataclass
 class FamilyResult:
     family: str
-    summary: str                                   # markdown, printed and written to <family>_summary.md
+    summary: str  # markdown, printed and written to <family>_summary.md
     rows: list[dict]
-    failures: list[str] = field(default_factory=list)   # accelops rows that are wrong or crashed
+    failures: list[str] = field(default_factory=list)  # accelops rows that are wrong or crashed
 
 
 # --------------------------------------------------------------------------- quiet imports
+
 
 @contextlib.contextmanager
 def quiet_stderr():
@@ -186,6 +225,7 @@ def import_torchao():
 
 
 # --------------------------------------------------------------------------- metadata
+
 
 def _version(dist: str) -> str | None:
     try:
@@ -247,7 +287,6 @@ def _memory_bytes() -> int | None:
 
 def machine(device: torch.device) -> dict:
     import accelops
-
     from accelops.results import machine_info
 
     info = accelops.info(file=io.StringIO())  # the public info, without its printout
@@ -272,8 +311,9 @@ def git_state() -> dict:
     def git(*args):
         # --no-optional-locks: do not refresh the index, so the bench never writes to .git
         # while others work in the same checkout.
-        out = subprocess.run(["git", "--no-optional-locks", *args], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["git", "--no-optional-locks", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30
+        )
         return out.stdout.strip() if out.returncode == 0 else None
 
     try:
@@ -284,8 +324,14 @@ def git_state() -> dict:
     return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
-ENV_RECORDED = ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS", "ACCELOPS_BACKEND", "ACCELOPS_CPU_ISA",
-                "MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD")
+ENV_RECORDED = (
+    "THP_MEM_ALLOC_ENABLE",
+    "OMP_NUM_THREADS",
+    "ACCELOPS_BACKEND",
+    "ACCELOPS_CPU_ISA",
+    "MALLOC_MMAP_THRESHOLD_",
+    "LD_PRELOAD",
+)
 
 
 def run_metadata(cfg: Config) -> dict:
@@ -325,15 +371,18 @@ def append_row(path: Path, row: dict) -> None:
     bad = non_finite_fields(row)
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise ValueError(f"{path}: {row.get('family')} row ({row.get('label') or row.get('method')}) not written: "
-                         f"NaN or infinite value in {shown}; write null with the reason instead")
+        raise ValueError(
+            f"{path}: {row.get('family')} row ({row.get('label') or row.get('method')}) not written: "
+            f"NaN or infinite value in {shown}; write null with the reason instead"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(row, allow_nan=False) + "\n"   # the check above, again, for any type it missed
+    text = json.dumps(row, allow_nan=False) + "\n"  # the check above, again, for any type it missed
     with open(path, "a") as f:
         f.write(text)
 
 
 # --------------------------------------------------------------------------- timing
+
 
 def percentile(sorted_values: list[float], q: float) -> float:
     """Linear interpolation between closest ranks (numpy's default)."""
@@ -440,9 +489,9 @@ class Timer:
 # runs on can still hold the copy.
 COLD_MIN_BYTES = 1 << 30
 COLD_L3_FACTOR = 2
-COLD_MEMORY_SHARE = 16   # the rotating copies of one weight take at most 1/16 of the memory
-COLD_MAX_COPIES = 4096   # tiny weights: Python-side overhead per copy, and they are not memory bound
-QUICK_MAX_COPIES = 64    # --quick: tiny shapes, smoke test only
+COLD_MEMORY_SHARE = 16  # the rotating copies of one weight take at most 1/16 of the memory
+COLD_MAX_COPIES = 4096  # tiny weights: Python-side overhead per copy, and they are not memory bound
+QUICK_MAX_COPIES = 64  # --quick: tiny shapes, smoke test only
 
 
 def cold_target_bytes(cfg: Config) -> int:
@@ -474,8 +523,12 @@ def cold_fields(cfg: Config, weight_bytes: int | None, copies: int) -> dict:
     (what passes between two reads of one copy, the copy itself included) and the target."""
     target = cold_target_bytes(cfg)
     rotated = (weight_bytes or 0) * copies
-    return {"weight_copies": copies, "cold_bytes": rotated, "cold_target_bytes": target,
-            "cold": bool(target) and rotated >= target}
+    return {
+        "weight_copies": copies,
+        "cold_bytes": rotated,
+        "cold_target_bytes": target,
+        "cold": bool(target) and rotated >= target,
+    }
 
 
 def through_table(fn, table):
@@ -489,6 +542,7 @@ def through_table(fn, table):
             return fn()
         finally:
             _tuning.reset(None, loaded=True)
+
     return call
 
 
@@ -576,7 +630,6 @@ def peak_memory(fn, timer: Timer) -> tuple[int | None, str, float]:
     return max(peak, 0) * 1024, "rss_hwm_delta", seconds
 
 
-
 def time_call(call, timer: Timer) -> dict:
     """One row's measurements of `call`: the first call's time, peak memory, then the
     timer's repeats (median, p20/p80, ...)."""
@@ -590,6 +643,7 @@ def time_call(call, timer: Timer) -> dict:
     row["peak_mem_bytes"], row["peak_mem_method"] = peak, how
     row.update(timer.measure(call, seconds))
     return row
+
 
 def tensor_bytes(*tensors) -> int:
     """Storage bytes, looking inside tensor subclasses (torchao's quantized weights)."""
@@ -606,6 +660,7 @@ def tensor_bytes(*tensors) -> int:
 
 
 # --------------------------------------------------------------------------- formatting
+
 
 def fmt_time(us: float | None) -> str:
     if us is None:
@@ -627,18 +682,23 @@ def fmt_bytes(n: int | None) -> str:
     return f"{n / (1 << 30):.3g} GiB"
 
 
-def run_header(family: str, meta: dict, cfg, threads: int, wall_s: float,
-               versions=("torch", "triton", "python")) -> list[str]:
+def run_header(
+    family: str, meta: dict, cfg, threads: int, wall_s: float, versions=("torch", "triton", "python")
+) -> list[str]:
     """The first lines of a family's summary for one thread count: a heading, then the
     machine, versions, commit, date and run id of the rows."""
     mach, ver = meta["machine"], meta["versions"]
     commit = (meta["git_commit"] or "unknown")[:10] + (" (uncommitted changes)" if meta["git_dirty"] else "")
     libs = ", ".join(f"{name} {ver.get(name)}" for name in versions)
-    return [f"### {family}, {threads} thread{'s' if threads > 1 else ''}, {cfg.device.type}"
-            + (" (--quick: tiny shapes, not comparable)" if cfg.quick else ""), "",
-            f"{mach['gpu'] or mach['cpu_model']}, {mach['cpu_count']} cores, torch threads {threads}; accelops CPU "
-            f"ISA {mach['accelops_cpu_isa']}. accelops {ver['accelops']} at {commit}, {libs}. {meta['date']}, "
-            f"run {meta['run_id']}, {wall_s / 60:.1f} min.", ""]
+    return [
+        f"### {family}, {threads} thread{'s' if threads > 1 else ''}, {cfg.device.type}"
+        + (" (--quick: tiny shapes, not comparable)" if cfg.quick else ""),
+        "",
+        f"{mach['gpu'] or mach['cpu_model']}, {mach['cpu_count']} cores, torch threads {threads}; accelops CPU "
+        f"ISA {mach['accelops_cpu_isa']}. accelops {ver['accelops']} at {commit}, {libs}. {meta['date']}, "
+        f"run {meta['run_id']}, {wall_s / 60:.1f} min.",
+        "",
+    ]
 
 
 def memory_note(rows: list[dict]) -> list[str]:
@@ -701,14 +761,16 @@ def store_in_database(cfg: Config, family: str) -> list[str]:
                     continue
                 if isinstance(row, dict) and row.get("run_id") == cfg.run_id and row.get("family") == family:
                     rows.append(row)
-                    where.append(f"{path}:{number}")   # a refused row is named by its line
+                    where.append(f"{path}:{number}")  # a refused row is named by its line
     if not rows:
         return []
     db = ResultsDB(cfg.database_file())
     try:
         stored = db.write_rows(rows, where=where)
     except Exception as exc:  # noqa: BLE001 - reported as a failure of the run, rows kept in JSON lines
-        return [f"{family}: rows not stored in {db.path}: {type(exc).__name__}: {exc} "
-                f"(they are in {path}; `accelops results import --db {db.path} {path}` stores them)"]
+        return [
+            f"{family}: rows not stored in {db.path}: {type(exc).__name__}: {exc} "
+            f"(they are in {path}; `accelops results import --db {db.path} {path}` stores them)"
+        ]
     print(f"{stored['measurements']} {family} rows stored in {db.path} (run {cfg.run_id})")
     return []

@@ -14,6 +14,7 @@ validation loss, since its optimum is not known), its standard error, the median
 mean number of full-budget evaluations. Seeds below 100 are refused: they are the
 evaluation seeds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,9 @@ import os
 import sys
 import time
 
-import numpy as np
-
 import bench_hpo as bh
 import hpo_problems as hp
+import numpy as np
 
 EVALUATION_SEEDS = 100  # bench_hpo uses seeds 0..99
 PEERS = ("optuna", "hpbandster")
@@ -95,8 +95,9 @@ def _run(task):
     return pi, name, seed, float(problem.true_value(incumbent)), int(full)
 
 
-def compare(variants: dict, problems: list[int], seeds: list[int], peers=("optuna",), cache_path=None,
-            jobs=2, quick=False) -> list[dict]:
+def compare(
+    variants: dict, problems: list[int], seeds: list[int], peers=("optuna",), cache_path=None, jobs=2, quick=False
+) -> list[dict]:
     """-> one row per (problem, variant or peer): mean, se, median of the final regret, mean
     full-budget evaluations."""
     for peer in peers:
@@ -111,8 +112,7 @@ def compare(variants: dict, problems: list[int], seeds: list[int], peers=("optun
             cache = json.load(f)
     tag = "quick/" if quick else ""
     tasks = [(pi, v, s, kw) for pi in problems for v, kw in variants.items() for s in seeds]
-    tasks += [(pi, p, s, None) for pi in problems for p in peers for s in seeds
-              if f"{tag}{pi}/{p}/{s}" not in cache]
+    tasks += [(pi, p, s, None) for pi in problems for p in peers for s in seeds if f"{tag}{pi}/{p}/{s}" not in cache]
     results = {}
     ctx = mp.get_context("fork")
     with ctx.Pool(max(1, jobs), initializer=_init, initargs=(quick,)) as pool:
@@ -133,9 +133,17 @@ def compare(variants: dict, problems: list[int], seeds: list[int], peers=("optun
         for name in list(variants) + list(peers):
             vals = [results.get((pi, name, s)) or tuple(cache[f"{tag}{pi}/{name}/{s}"]) for s in seeds]
             regret = np.array([v[0] for v in vals]) - optimum
-            rows.append({"problem": problem.name, "name": name, "mean": float(regret.mean()),
-                         "se": float(regret.std() / math.sqrt(len(regret))), "median": float(np.median(regret)),
-                         "full_budget": float(np.mean([v[1] for v in vals])), "seeds": len(seeds)})
+            rows.append(
+                {
+                    "problem": problem.name,
+                    "name": name,
+                    "mean": float(regret.mean()),
+                    "se": float(regret.std() / math.sqrt(len(regret))),
+                    "median": float(np.median(regret)),
+                    "full_budget": float(np.mean([v[1] for v in vals])),
+                    "seeds": len(seeds),
+                }
+            )
     return rows
 
 
@@ -161,11 +169,20 @@ def main(argv=None) -> int:
         ap.error(str(exc))
     os.makedirs(os.path.dirname(args.cache) or ".", exist_ok=True)
     t0 = time.perf_counter()
-    rows = compare(variants, [names.index(p) for p in wanted], seeds,
-                   tuple(p for p in args.peers.split(",") if p), args.cache, args.jobs, args.quick)
+    rows = compare(
+        variants,
+        [names.index(p) for p in wanted],
+        seeds,
+        tuple(p for p in args.peers.split(",") if p),
+        args.cache,
+        args.jobs,
+        args.quick,
+    )
     for r in rows:
-        print(f"{r['problem']:10s} {r['name']:24s} mean {r['mean']:.4f} se {r['se']:.4f} "
-              f"p50 {r['median']:.4f} full-budget evaluations {r['full_budget']:.1f}")
+        print(
+            f"{r['problem']:10s} {r['name']:24s} mean {r['mean']:.4f} se {r['se']:.4f} "
+            f"p50 {r['median']:.4f} full-budget evaluations {r['full_budget']:.1f}"
+        )
     print(f"{len(seeds)} seeds, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0
 

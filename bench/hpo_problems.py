@@ -38,6 +38,7 @@ re-evaluations continue one run). Its minimum is not known: regret is measured a
 the best validation loss at the full budget that any optimiser found in the same run of
 the benchmark (stated in the summary).
 """
+
 from __future__ import annotations
 
 import math
@@ -123,6 +124,7 @@ def config_key(config: dict) -> tuple:
 
 # --------------------------------------------------------------------------- problems
 
+
 @dataclass
 class Problem:
     name: str
@@ -130,8 +132,8 @@ class Problem:
     min_budget: float
     max_budget: float
     eta: int
-    total_budget: float          # per optimiser run, in budget units
-    optimum: float | None        # None: the best full-budget loss found (empirical)
+    total_budget: float  # per optimiser run, in budget units
+    optimum: float | None  # None: the best full-budget loss found (empirical)
     description: str = ""
     unit: str = "budget units"
     cache: dict = field(default_factory=dict)
@@ -180,16 +182,23 @@ class _SyntheticRun:
 
 def branin(c, z):
     x1, x2 = c["x1"], c["x2"]
-    b = 5.1 / (4 * math.pi ** 2) - 0.01 * (1 - z)
+    b = 5.1 / (4 * math.pi**2) - 0.01 * (1 - z)
     cc = 5 / math.pi - 0.1 * (1 - z)
     t = 1 / (8 * math.pi) + 0.05 * (1 - z)
-    return (x2 - b * x1 ** 2 + cc * x1 - 6) ** 2 + 10 * (1 - t) * math.cos(x1) + 10
+    return (x2 - b * x1**2 + cc * x1 - 6) ** 2 + 10 * (1 - t) * math.cos(x1) + 10
 
 
-_H_A = np.array([[10, 3, 17, 3.5, 1.7, 8], [0.05, 10, 17, 0.1, 8, 14],
-                 [3, 3.5, 1.7, 10, 17, 8], [17, 8, 0.05, 10, 0.1, 14]])
-_H_P = 1e-4 * np.array([[1312, 1696, 5569, 124, 8283, 5886], [2329, 4135, 8307, 3736, 1004, 9991],
-                        [2348, 1451, 3522, 2883, 3047, 6650], [4047, 8828, 8732, 5743, 1091, 381]])
+_H_A = np.array(
+    [[10, 3, 17, 3.5, 1.7, 8], [0.05, 10, 17, 0.1, 8, 14], [3, 3.5, 1.7, 10, 17, 8], [17, 8, 0.05, 10, 0.1, 14]]
+)
+_H_P = 1e-4 * np.array(
+    [
+        [1312, 1696, 5569, 124, 8283, 5886],
+        [2329, 4135, 8307, 3736, 1004, 9991],
+        [2348, 1451, 3522, 2883, 3047, 6650],
+        [4047, 8828, 8732, 5743, 1091, 381],
+    ]
+)
 _H_ALPHA = np.array([1.0, 1.2, 3.0, 3.2])
 
 
@@ -205,17 +214,31 @@ HARTMANN6_MIN = -3.322368011391339
 
 # --------------------------------------------------------------------------- digits MLP
 
+
 class DigitsMLP(Problem):
     SEED = 0
     CAP = 10.0
 
     def __init__(self, max_budget, total_budget):
-        params = [P("lr", "float", 1e-3, 1.0, log=True), P("momentum", "float", 0.0, 0.95),
-                  P("weight_decay", "float", 1e-6, 1e-1, log=True), P("width", "int", 16, 256, log=True),
-                  P("log2_batch", "int", 5, 8), P("activation", "cat", choices=("relu", "tanh"))]
-        super().__init__("digits_mlp", params, 1, max_budget, 3, total_budget, None,
-                         "one-hidden-layer MLP on sklearn digits, budget = epochs, loss = validation cross-entropy",
-                         unit="epochs")
+        params = [
+            P("lr", "float", 1e-3, 1.0, log=True),
+            P("momentum", "float", 0.0, 0.95),
+            P("weight_decay", "float", 1e-6, 1e-1, log=True),
+            P("width", "int", 16, 256, log=True),
+            P("log2_batch", "int", 5, 8),
+            P("activation", "cat", choices=("relu", "tanh")),
+        ]
+        super().__init__(
+            "digits_mlp",
+            params,
+            1,
+            max_budget,
+            3,
+            total_budget,
+            None,
+            "one-hidden-layer MLP on sklearn digits, budget = epochs, loss = validation cross-entropy",
+            unit="epochs",
+        )
         from sklearn.datasets import load_digits
 
         x, y = load_digits(return_X_y=True)
@@ -260,7 +283,7 @@ class _MLPRun:
         order = self.rng.permutation(n)
         params = [self.w1, self.b1, self.w2, self.b2]
         for s in range(0, n - bs + 1, bs):
-            idx = order[s:s + bs]
+            idx = order[s : s + bs]
             x, y = p.xtr[idx], p.ytr[idx]
             a = x @ self.w1 + self.b1
             h = self._act(a)
@@ -310,9 +333,18 @@ def make_problems(quick: bool) -> list[Problem]:
     b = [P("x1", "float", -5.0, 10.0), P("x2", "float", 0.0, 15.0)]
     h = [P(f"x{i}", "float", 0.0, 1.0) for i in range(1, 7)]
     return [
-        Synthetic("branin", b, branin, BRANIN_MIN, 1.0, top, syn_total,
-                  "multi-fidelity Branin (2-d), minimum 0.397887"),
-        Synthetic("hartmann6", h, hartmann6, HARTMANN6_MIN, 0.05, top, syn_total,
-                  "multi-fidelity Hartmann-6 (6-d), minimum -3.32237"),
+        Synthetic(
+            "branin", b, branin, BRANIN_MIN, 1.0, top, syn_total, "multi-fidelity Branin (2-d), minimum 0.397887"
+        ),
+        Synthetic(
+            "hartmann6",
+            h,
+            hartmann6,
+            HARTMANN6_MIN,
+            0.05,
+            top,
+            syn_total,
+            "multi-fidelity Hartmann-6 (6-d), minimum -3.32237",
+        ),
         DigitsMLP(top if not quick else 3, mlp_total if not quick else 3 * 3),
     ]

@@ -8,6 +8,7 @@
 Rows are appended to <results-dir>/<family>.jsonl (never overwritten); each family's
 markdown summary is printed and written to <results-dir>/<family>_summary.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,15 +26,16 @@ import common  # noqa: E402
 
 def discover() -> dict[str, Path]:
     """family name -> file, for every bench_<family>.py next to this script."""
-    return {p.stem[len("bench_"):]: p for p in sorted(BENCH_DIR.glob("bench_*.py"))}
+    return {p.stem[len("bench_") :]: p for p in sorted(BENCH_DIR.glob("bench_*.py"))}
 
 
 def main(argv=None) -> int:
     families = discover()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_arguments(parser)
-    parser.add_argument("--only", default=None,
-                        help=f"comma-separated families to run (found: {', '.join(families) or 'none'})")
+    parser.add_argument(
+        "--only", default=None, help=f"comma-separated families to run (found: {', '.join(families) or 'none'})"
+    )
     args = parser.parse_args(argv)
     chosen = list(families)
     if args.only:
@@ -49,9 +51,11 @@ def main(argv=None) -> int:
         module = importlib.import_module(f"bench_{family}")
         results.append(module.run(cfg))
     status = common.report(cfg, results)
-    print(f"bench/run.py: {', '.join(chosen)} took {(time.perf_counter() - start) / 60:.1f} min "
-          f"(threads {','.join(map(str, cfg.threads))}, device {cfg.device.type}"
-          f"{', quick' if cfg.quick else ''})")
+    print(
+        f"bench/run.py: {', '.join(chosen)} took {(time.perf_counter() - start) / 60:.1f} min "
+        f"(threads {','.join(map(str, cfg.threads))}, device {cfg.device.type}"
+        f"{', quick' if cfg.quick else ''})"
+    )
     return status
 
 

@@ -15,6 +15,7 @@ division; Triton's `/` is approximate on GPUs); rounding half to even is floor-b
 (v - floor(v) is exact, ties go to the even neighbour), valid for any magnitude, with no
 multiply-add pair the GPU compiler could contract into one FMA.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .int8 import _interpreting, _on_device_of
+
 
 @triton.jit
 def _load_block(x_ptr, s_ptr, inv_ptr, z_ptr, offs, ok, channels, inner):
@@ -52,8 +54,22 @@ def _fq_core(x, s, inv, z, qmin, qmax):
 
 
 @triton.jit
-def _fake_quantize_kernel(x_ptr, y_ptr, mask_ptr, s_ptr, inv_ptr, z_ptr, n, channels, inner, qmin, qmax,
-                          WRITE_MASK: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+def _fake_quantize_kernel(
+    x_ptr,
+    y_ptr,
+    mask_ptr,
+    s_ptr,
+    inv_ptr,
+    z_ptr,
+    n,
+    channels,
+    inner,
+    qmin,
+    qmax,
+    WRITE_MASK: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
@@ -91,8 +107,23 @@ def _fake_quantize_backward_kernel(g_ptr, mask_ptr, dx_ptr, n, BLOCK: tl.constex
 
 
 @triton.jit
-def _lsq_backward_kernel(x_ptr, g_ptr, dx_ptr, ds_ptr, dz_ptr, s_ptr, inv_ptr, z_ptr, n, channels, inner,
-                         qmin, qmax, grad_factor, BLOCK: tl.constexpr):
+def _lsq_backward_kernel(
+    x_ptr,
+    g_ptr,
+    dx_ptr,
+    ds_ptr,
+    dz_ptr,
+    s_ptr,
+    inv_ptr,
+    z_ptr,
+    n,
+    channels,
+    inner,
+    qmin,
+    qmax,
+    grad_factor,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
@@ -122,7 +153,7 @@ def _geometry(x: torch.Tensor, axis):
     if axis is None:
         return 1, max(x.numel(), 1)
     inner = 1
-    for d in x.shape[axis + 1:]:
+    for d in x.shape[axis + 1 :]:
         inner *= d
     return max(x.shape[axis], 1), max(inner, 1)
 
@@ -143,8 +174,21 @@ def _launch_forward(x, s, inv, z, quant_min, quant_max, axis, write_mask):
         block = _block(n)
         out_bf16 = x.dtype == torch.bfloat16
         _fake_quantize_kernel[(triton.cdiv(n, block),)](
-            xc, y.view(torch.int16) if out_bf16 else y, mask, s, inv, z, n, channels, inner, float(quant_min),
-            float(quant_max), WRITE_MASK=write_mask, OUT_BF16=out_bf16, BLOCK=block)
+            xc,
+            y.view(torch.int16) if out_bf16 else y,
+            mask,
+            s,
+            inv,
+            z,
+            n,
+            channels,
+            inner,
+            float(quant_min),
+            float(quant_max),
+            WRITE_MASK=write_mask,
+            OUT_BF16=out_bf16,
+            BLOCK=block,
+        )
     return y, mask
 
 
@@ -191,8 +235,22 @@ def fake_quantize_learnable_backward(grad, x, scale, zero_point, quant_min, quan
         channels, inner = _geometry(x, axis)
         block = _block(n)
         _lsq_backward_kernel[(triton.cdiv(n, block),)](
-            xc, gc, dx, ds, dz, s, inv, z, n, channels, inner, float(quant_min), float(quant_max),
-            float(grad_factor), BLOCK=block)
+            xc,
+            gc,
+            dx,
+            ds,
+            dz,
+            s,
+            inv,
+            z,
+            n,
+            channels,
+            inner,
+            float(quant_min),
+            float(quant_max),
+            float(grad_factor),
+            BLOCK=block,
+        )
     dims = tuple(range(x.dim())) if axis is None else tuple(d for d in range(x.dim()) if d != axis)
     if dims:  # sum(dim=()) would reduce everything
         ds, dz = ds.sum(dim=dims), dz.sum(dim=dims)

@@ -17,6 +17,7 @@ are torch GEMMs on those.
 fp32 dots use input_precision="ieee" (Triton's default on GPUs is TF32, ~1e-3 relative,
 far from eager fp32's error). Tile sizes for GPUs are untuned (no GPU here to measure on).
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,8 +35,14 @@ def _config(m: int, n: int, k: int) -> dict:
     # Interpreter: every program costs milliseconds of Python, so tiles as large as the
     # (small, tested) problem. GPU: 64 x 64 output tiles with two accumulators (gate, up).
     if _interpreting():
-        return {"BLOCK_M": _pow2(m, 16, 64), "BLOCK_N": _pow2(n, 16, 64), "BLOCK_K": _pow2(k, 16, 128),
-                "GROUP_M": 8, "num_warps": 4, "num_stages": 1}
+        return {
+            "BLOCK_M": _pow2(m, 16, 64),
+            "BLOCK_N": _pow2(n, 16, 64),
+            "BLOCK_K": _pow2(k, 16, 128),
+            "GROUP_M": 8,
+            "num_warps": 4,
+            "num_stages": 1,
+        }
     return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 
 
@@ -65,11 +72,33 @@ def _cast(v, dt: tl.constexpr, RNE: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_act_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_ptr, M, H, D,
-                        stride_xm, stride_xd, stride_wh, stride_wd,
-                        ACT: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, SAVE: tl.constexpr,
-                        IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr):
+def _gate_up_act_kernel(
+    x_ptr,
+    wg_ptr,
+    wu_ptr,
+    bg_ptr,
+    bu_ptr,
+    h_ptr,
+    g_ptr,
+    u_ptr,
+    M,
+    H,
+    D,
+    stride_xm,
+    stride_xd,
+    stride_wh,
+    stride_wd,
+    ACT: tl.constexpr,
+    HAS_BG: tl.constexpr,
+    HAS_BU: tl.constexpr,
+    SAVE: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """h[M, H] = act(x Wg^T + bg, x Wu^T + bu); g and u stored too when SAVE. h, g, u are
     contiguous [M, H]; Wg and Wu share their strides."""
     GATED: tl.constexpr = ACT != 2
@@ -132,11 +161,30 @@ def _gate_up_act_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, h_ptr, g_ptr, u_p
 
 
 @triton.jit
-def _act_backward_kernel(dy_ptr, wd_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, M, H, D,
-                         stride_dym, stride_dyd, stride_wdd, stride_wdh,
-                         ACT: tl.constexpr, WRITE_H: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr):
+def _act_backward_kernel(
+    dy_ptr,
+    wd_ptr,
+    g_ptr,
+    u_ptr,
+    h_ptr,
+    dg_ptr,
+    du_ptr,
+    M,
+    H,
+    D,
+    stride_dym,
+    stride_dyd,
+    stride_wdd,
+    stride_wdh,
+    ACT: tl.constexpr,
+    WRITE_H: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """dh = dy Wd ([M, D] x [D, H]) tile by tile; then, in registers, h (recomputed, if
     WRITE_H), dg and du from the saved g and u. g, u, h, dg, du are contiguous [M, H]."""
     GATED: tl.constexpr = ACT != 2
@@ -225,8 +273,9 @@ def _grid(m: int, n: int, cfg: dict):
 
 
 @_on_device_of
-def fused_ffn(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, activation="swiglu", save=False,
-              act_quant=False):
+def fused_ffn(
+    x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, activation="swiglu", save=False, act_quant=False
+):
     act = _act_code(activation)
     gated = act != 2
     d, h_dim = x.shape[-1], w_up.shape[0]
@@ -243,22 +292,43 @@ def fused_ffn(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, acti
     if m and h_dim:
         cfg = _config(m, h_dim, d)
         _gate_up_act_kernel[_grid(m, h_dim, cfg)](
-            x2, w_gate, w_up, b_gate if b_gate is not None else w_up, b_up if b_up is not None else w_up,
-            h, g if save and gated else h, u if save else h, m, h_dim, d,
-            x2.stride(0), x2.stride(1), w_up.stride(0), w_up.stride(1),
-            ACT=act, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, SAVE=save, **_precision(x.dtype), **cfg,
+            x2,
+            w_gate,
+            w_up,
+            b_gate if b_gate is not None else w_up,
+            b_up if b_up is not None else w_up,
+            h,
+            g if save and gated else h,
+            u if save else h,
+            m,
+            h_dim,
+            d,
+            x2.stride(0),
+            x2.stride(1),
+            w_up.stride(0),
+            w_up.stride(1),
+            ACT=act,
+            HAS_BG=b_gate is not None,
+            HAS_BU=b_up is not None,
+            SAVE=save,
+            **_precision(x.dtype),
+            **cfg,
         )
     if act_quant and m:
         h = _fake_quant_rows(h)
     y = torch.nn.functional.linear(h, w_down, b_down).reshape(*lead, d)
     hidden = (*lead, h_dim)
-    return (y, g.reshape(hidden) if save and gated else x.new_empty((0,)),
-            u.reshape(hidden) if save else x.new_empty((0,)))
+    return (
+        y,
+        g.reshape(hidden) if save and gated else x.new_empty((0,)),
+        u.reshape(hidden) if save else x.new_empty((0,)),
+    )
 
 
 @_on_device_of
-def fused_ffn_backward(dy, x, g, u, w_gate, w_up, w_down, activation, has_b_gate, has_b_up, has_b_down, act_quant,
-                       need_dx, need_dw):
+def fused_ffn_backward(
+    dy, x, g, u, w_gate, w_up, w_down, activation, has_b_gate, has_b_up, has_b_down, act_quant, need_dx, need_dw
+):
     act = _act_code(activation)
     gated = act != 2
     d, h_dim = x.shape[-1], w_up.shape[0]
@@ -274,9 +344,24 @@ def fused_ffn_backward(dy, x, g, u, w_gate, w_up, w_down, activation, has_b_gate
     if m and h_dim:
         cfg = _config(m, h_dim, d)
         _act_backward_kernel[_grid(m, h_dim, cfg)](
-            dy2, w_down, g2 if gated else u2, u2, h if need_dw else du, dg, du, m, h_dim, d,
-            dy2.stride(0), dy2.stride(1), w_down.stride(0), w_down.stride(1),
-            ACT=act, WRITE_H=need_dw, **_precision(x.dtype), **cfg,
+            dy2,
+            w_down,
+            g2 if gated else u2,
+            u2,
+            h if need_dw else du,
+            dg,
+            du,
+            m,
+            h_dim,
+            d,
+            dy2.stride(0),
+            dy2.stride(1),
+            w_down.stride(0),
+            w_down.stride(1),
+            ACT=act,
+            WRITE_H=need_dw,
+            **_precision(x.dtype),
+            **cfg,
         )
     elif m:
         du.zero_()
@@ -321,6 +406,7 @@ def _ffn_activation(u, g, activation):
     n = u.numel()
     if n:
         block = _pow2(n, 16, 1 << 16) if _interpreting() else 1024
-        _activation_kernel[(triton.cdiv(n, block),)](g_c, u_c, h, n, ACT=act, RNE=_precision(u.dtype)["UPCAST"],
-                                                      BLOCK=block)
+        _activation_kernel[(triton.cdiv(n, block),)](
+            g_c, u_c, h, n, ACT=act, RNE=_precision(u.dtype)["UPCAST"], BLOCK=block
+        )
     return h

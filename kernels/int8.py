@@ -16,6 +16,7 @@ Bit-exactness with the reference rests on three choices made in the kernels:
   * int8 x int8 products are summed by `tl.dot` into an int32 accumulator, which is exact
     (|sum| <= 128 * 128 * K fits int32 for K < 131072).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,8 +54,22 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 
 @triton.jit
-def _dequant_store(acc, offs_m, offs_n, M, N, xs_ptr, stride_xs, ws_ptr, stride_ws, bias_ptr,
-                   y_ptr, stride_ym, stride_yn, HAS_BIAS: tl.constexpr):
+def _dequant_store(
+    acc,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    xs_ptr,
+    stride_xs,
+    ws_ptr,
+    stride_ws,
+    bias_ptr,
+    y_ptr,
+    stride_ym,
+    stride_yn,
+    HAS_BIAS: tl.constexpr,
+):
     # The reference epilogue, in its order: (acc * x_scale) * w_scale + bias, all fp32, one cast.
     m_ok = offs_m < M
     n_ok = offs_n < N
@@ -89,9 +104,20 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
-def _quantize_rows_int8_kernel(x_ptr, q_ptr, scale_ptr, M, K,
-                               stride_xm, stride_xk, stride_qm, stride_qk,
-                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr):
+def _quantize_rows_int8_kernel(
+    x_ptr,
+    q_ptr,
+    scale_ptr,
+    M,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_qm,
+    stride_qk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+):
     """Per-row absmax int8 quantization of BLOCK_M rows. A row that fits one chunk
     (ONE_CHUNK: K <= BLOCK_K) is read once and kept in registers; a longer one is read twice,
     for its absmax and then to round it."""
@@ -145,11 +171,30 @@ def _quantize_rows_int8_kernel(x_ptr, q_ptr, scale_ptr, M, K,
 
 
 @triton.jit
-def _int8_matmul_kernel(a_ptr, b_ptr, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K,
-                        stride_am, stride_ak, stride_bn, stride_bk, stride_xs, stride_ws,
-                        stride_ym, stride_yn,
-                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _int8_matmul_kernel(
+    a_ptr,
+    b_ptr,
+    xs_ptr,
+    ws_ptr,
+    bias_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bn,
+    stride_bk,
+    stride_xs,
+    stride_ws,
+    stride_ym,
+    stride_yn,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """y[M, N] = dequant(a[M, K] @ b[N, K]^T): int8 tensor-core dot into int32, scales and
     bias applied in the epilogue while the tile is still in registers."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -171,8 +216,9 @@ def _int8_matmul_kernel(a_ptr, b_ptr, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K,
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    _dequant_store(acc, offs_m, offs_n, M, N, xs_ptr, stride_xs, ws_ptr, stride_ws, bias_ptr,
-                   y_ptr, stride_ym, stride_yn, HAS_BIAS)
+    _dequant_store(
+        acc, offs_m, offs_n, M, N, xs_ptr, stride_xs, ws_ptr, stride_ws, bias_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS
+    )
 
 
 # --------------------------------------------------------------------------- configs
@@ -209,8 +255,14 @@ def _matmul_config(m: int, n: int, k: int, interpret: bool) -> dict:
     Interpreter: tiles as large as the problem (capped), so few Python-level iterations.
     """
     if interpret:
-        return {"BLOCK_M": _pow2(m, 16, 128), "BLOCK_N": _pow2(n, 16, 128), "BLOCK_K": _pow2(k, 32, 1024),
-                "GROUP_M": 8, "num_warps": 4, "num_stages": 1}
+        return {
+            "BLOCK_M": _pow2(m, 16, 128),
+            "BLOCK_N": _pow2(n, 16, 128),
+            "BLOCK_K": _pow2(k, 32, 1024),
+            "GROUP_M": 8,
+            "num_warps": 4,
+            "num_stages": 1,
+        }
     if m <= 16:
         return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
     if m <= 64:
@@ -228,12 +280,22 @@ def _matmul_config(m: int, n: int, k: int, interpret: bool) -> dict:
 _tuned = threading.local()
 # key -> allowed values, per kernel (tl.dot wants tile dims >= 16; the int8 MMA k is 32)
 CONFIG_KEYS = {
-    "int8": {"BLOCK_M": {16, 32, 64, 128, 256}, "BLOCK_N": {16, 32, 64, 128, 256},
-             "BLOCK_K": {32, 64, 128, 256, 512, 1024}, "GROUP_M": {1, 2, 4, 8, 16},
-             "num_warps": {1, 2, 4, 8, 16}, "num_stages": {1, 2, 3, 4, 5, 6}},
-    "ternary": {"BLOCK_M": {16, 32, 64, 128, 256}, "BLOCK_N": {16, 32, 64, 128, 256},
-                "BLOCKS_PER_STEP": {1, 2, 4, 8, 16}, "GROUP_M": {1, 2, 4, 8, 16},
-                "num_warps": {1, 2, 4, 8, 16}, "num_stages": {1, 2, 3, 4, 5, 6}},
+    "int8": {
+        "BLOCK_M": {16, 32, 64, 128, 256},
+        "BLOCK_N": {16, 32, 64, 128, 256},
+        "BLOCK_K": {32, 64, 128, 256, 512, 1024},
+        "GROUP_M": {1, 2, 4, 8, 16},
+        "num_warps": {1, 2, 4, 8, 16},
+        "num_stages": {1, 2, 3, 4, 5, 6},
+    },
+    "ternary": {
+        "BLOCK_M": {16, 32, 64, 128, 256},
+        "BLOCK_N": {16, 32, 64, 128, 256},
+        "BLOCKS_PER_STEP": {1, 2, 4, 8, 16},
+        "GROUP_M": {1, 2, 4, 8, 16},
+        "num_warps": {1, 2, 4, 8, 16},
+        "num_stages": {1, 2, 3, 4, 5, 6},
+    },
 }
 
 
@@ -241,8 +303,10 @@ def check_matmul_config(kind: str, cfg: dict) -> dict:
     """cfg with every key of CONFIG_KEYS[kind] at an allowed value, else ValueError."""
     keys = CONFIG_KEYS[kind]
     if not isinstance(cfg, dict) or set(cfg) != set(keys):
-        raise ValueError(f"a {kind} GEMM config must have exactly the keys {sorted(keys)}, got "
-                         f"{sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__}")
+        raise ValueError(
+            f"a {kind} GEMM config must have exactly the keys {sorted(keys)}, got "
+            f"{sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__}"
+        )
     for key, allowed in keys.items():
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
@@ -271,18 +335,23 @@ def matmul_config_grid(kind: str, m: int) -> list[dict]:
     """GPU configurations `accelops tune` tries for a GEMM with M rows, around the built-in
     choice of each M class: decode (M <= 16; weight-bandwidth bound: N tile, K per step,
     pipeline depth), mid (M <= 64) and large M (tile shape, warps)."""
-    k_key, k_values = (("BLOCK_K", {"small": (128, 256, 512), "mid": (64, 128), "large": (64, 128)})
-                       if kind == "int8" else
-                       ("BLOCKS_PER_STEP", {"small": (1, 2, 4), "mid": (1, 2), "large": (1, 2)}))
+    k_key, k_values = (
+        ("BLOCK_K", {"small": (128, 256, 512), "mid": (64, 128), "large": (64, 128)})
+        if kind == "int8"
+        else ("BLOCKS_PER_STEP", {"small": (1, 2, 4), "mid": (1, 2), "large": (1, 2)})
+    )
     if m <= 16:
-        space = dict(BLOCK_M=(16,), BLOCK_N=(32, 64, 128), K=k_values["small"], GROUP_M=(1,), num_warps=(4,),
-                     num_stages=(3, 4))
+        space = dict(
+            BLOCK_M=(16,), BLOCK_N=(32, 64, 128), K=k_values["small"], GROUP_M=(1,), num_warps=(4,), num_stages=(3, 4)
+        )
     elif m <= 64:
-        space = dict(BLOCK_M=(32, 64), BLOCK_N=(64, 128), K=k_values["mid"], GROUP_M=(8,), num_warps=(4,),
-                     num_stages=(3, 4))
+        space = dict(
+            BLOCK_M=(32, 64), BLOCK_N=(64, 128), K=k_values["mid"], GROUP_M=(8,), num_warps=(4,), num_stages=(3, 4)
+        )
     else:
-        space = dict(BLOCK_M=(64, 128), BLOCK_N=(128, 256), K=k_values["large"], GROUP_M=(8,), num_warps=(4, 8),
-                     num_stages=(3,))
+        space = dict(
+            BLOCK_M=(64, 128), BLOCK_N=(128, 256), K=k_values["large"], GROUP_M=(8,), num_warps=(4, 8), num_stages=(3,)
+        )
     names = list(space)
     grid = []
     for values in itertools.product(*space.values()):
@@ -302,6 +371,7 @@ def _matmul_grid(m: int, n: int, cfg: dict):
 def _on_device_of(fn):
     """Launch on the device of the first tensor argument: Triton launches on the current
     CUDA device, which need not be the tensors' one."""
+
     @functools.wraps(fn)
     def wrapper(first, *args, **kwargs):
         if first.is_cuda:
@@ -318,15 +388,18 @@ def _quantize_rows(x2: torch.Tensor):
     if k == 0:
         # The reference's empty-row scale is EPS / QMAX evaluated in Python (fp64) and then
         # cast; the kernel would divide in fp32 and could differ in the last bit.
-        return (torch.zeros((m, 0), dtype=torch.int8, device=x2.device),
-                torch.full((m,), EPS / QMAX, dtype=torch.float32, device=x2.device))
+        return (
+            torch.zeros((m, 0), dtype=torch.int8, device=x2.device),
+            torch.full((m,), EPS / QMAX, dtype=torch.float32, device=x2.device),
+        )
     q = torch.empty((m, k), dtype=torch.int8, device=x2.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x2.device)
     if m:
         cfg = _quantize_config(m, k, _interpreting())
         grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
-        _quantize_rows_int8_kernel[grid](x2, q, scale, m, k, x2.stride(0), x2.stride(1), q.stride(0), q.stride(1),
-                                         **cfg)
+        _quantize_rows_int8_kernel[grid](
+            x2, q, scale, m, k, x2.stride(0), x2.stride(1), q.stride(0), q.stride(1), **cfg
+        )
     return q, scale
 
 
@@ -350,10 +423,25 @@ def _launch_matmul(x_q2, x_scale1, w_q, w_scale1, bias, y2):
     cfg = tuned_config("int8") or _matmul_config(m, n, k, _interpreting())
     has_bias = bias is not None
     _int8_matmul_kernel[_matmul_grid(m, n, cfg)](
-        x_q2, w_q, x_scale1, w_scale1, bias.contiguous() if has_bias else w_scale1, y2, m, n, k,
-        x_q2.stride(0), x_q2.stride(1), w_q.stride(0), w_q.stride(1), x_scale1.stride(0), w_scale1.stride(0),
-        y2.stride(0), y2.stride(1),
-        HAS_BIAS=has_bias, **cfg,
+        x_q2,
+        w_q,
+        x_scale1,
+        w_scale1,
+        bias.contiguous() if has_bias else w_scale1,
+        y2,
+        m,
+        n,
+        k,
+        x_q2.stride(0),
+        x_q2.stride(1),
+        w_q.stride(0),
+        w_q.stride(1),
+        x_scale1.stride(0),
+        w_scale1.stride(0),
+        y2.stride(0),
+        y2.stride(1),
+        HAS_BIAS=has_bias,
+        **cfg,
     )
 
 

@@ -17,6 +17,7 @@ plain GPU `/` and sqrt are approximate), and GPU launches pass enable_fp_fusion=
 a * b + c is contracted into an FMA. The absmax reduction keeps NaN explicitly (a GPU max
 may drop it). bf16 stores round to nearest even by hand (the interpreter's cast truncates).
 """
+
 from __future__ import annotations
 
 import torch
@@ -78,9 +79,31 @@ def _requantize(x, ok, rows, nb, offs, codes_ptr, absmax_ptr, t_ptr):
 
 
 @triton.jit
-def _adamw8bit_kernel(p_ptr, g_ptr, mc_ptr, ma_ptr, vc_ptr, va_ptr, mmap_ptr, vmap_ptr, mt_ptr, vt_ptr, n, nb,
-                      b1, c1, b2, c2, decay, step_size, bc2_sqrt, eps,
-                      BS: tl.constexpr, ROWS: tl.constexpr, P_KIND: tl.constexpr):
+def _adamw8bit_kernel(
+    p_ptr,
+    g_ptr,
+    mc_ptr,
+    ma_ptr,
+    vc_ptr,
+    va_ptr,
+    mmap_ptr,
+    vmap_ptr,
+    mt_ptr,
+    vt_ptr,
+    n,
+    nb,
+    b1,
+    c1,
+    b2,
+    c2,
+    decay,
+    step_size,
+    bc2_sqrt,
+    eps,
+    BS: tl.constexpr,
+    ROWS: tl.constexpr,
+    P_KIND: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
     offs = rows[:, None] * BS + tl.arange(0, BS)[None, :]
@@ -102,9 +125,26 @@ def _adamw8bit_kernel(p_ptr, g_ptr, mc_ptr, ma_ptr, vc_ptr, va_ptr, mmap_ptr, vm
 
 
 @triton.jit
-def _sgd8bit_kernel(p_ptr, g_ptr, c_ptr, a_ptr, map_ptr, t_ptr, n, nb, lr, mu, damp_c, wd,
-                    HAS_WD: tl.constexpr, NESTEROV: tl.constexpr, FIRST: tl.constexpr,
-                    BS: tl.constexpr, ROWS: tl.constexpr, P_KIND: tl.constexpr):
+def _sgd8bit_kernel(
+    p_ptr,
+    g_ptr,
+    c_ptr,
+    a_ptr,
+    map_ptr,
+    t_ptr,
+    n,
+    nb,
+    lr,
+    mu,
+    damp_c,
+    wd,
+    HAS_WD: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    FIRST: tl.constexpr,
+    BS: tl.constexpr,
+    ROWS: tl.constexpr,
+    P_KIND: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
     offs = rows[:, None] * BS + tl.arange(0, BS)[None, :]
@@ -139,8 +179,12 @@ def _padded_thresholds(qmap: torch.Tensor) -> torch.Tensor:
     t = _TABLES.get(key)
     if t is None:
         q = qmap.to(torch.float32)
-        t = torch.cat([(q[:-1] + q[1:]) * torch.tensor(0.5, dtype=torch.float32, device=q.device),
-                       torch.full((1,), float("inf"), device=q.device)]).contiguous()
+        t = torch.cat(
+            [
+                (q[:-1] + q[1:]) * torch.tensor(0.5, dtype=torch.float32, device=q.device),
+                torch.full((1,), float("inf"), device=q.device),
+            ]
+        ).contiguous()
         _TABLES[key] = t
     return t
 
@@ -174,8 +218,25 @@ def _check(param, grad, block_size):
 
 
 @_on_device_of
-def adamw8bit_step_(param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, v_map, beta1, c1, beta2, c2,
-                    decay, step_size, bc2_sqrt, eps, block_size=256):
+def adamw8bit_step_(
+    param,
+    grad,
+    m_codes,
+    m_absmax,
+    v_codes,
+    v_absmax,
+    m_map,
+    v_map,
+    beta1,
+    c1,
+    beta2,
+    c2,
+    decay,
+    step_size,
+    bc2_sqrt,
+    eps,
+    block_size=256,
+):
     _check(param, grad, block_size)
     n = param.numel()
     if n == 0:
@@ -183,16 +244,38 @@ def adamw8bit_step_(param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, v_
     nb = triton.cdiv(n, block_size)
     rows = _rows(nb, block_size)
     _adamw8bit_kernel[(triton.cdiv(nb, rows),)](
-        _view(param), _view(grad), m_codes, m_absmax, v_codes, v_absmax, m_map.contiguous(), v_map.contiguous(),
-        _padded_thresholds(m_map), _padded_thresholds(v_map), n, nb, float(beta1), float(c1), float(beta2),
-        float(c2), float(decay), float(step_size), float(bc2_sqrt), float(eps),
-        BS=block_size, ROWS=rows, P_KIND=_kind(param), **_options())
+        _view(param),
+        _view(grad),
+        m_codes,
+        m_absmax,
+        v_codes,
+        v_absmax,
+        m_map.contiguous(),
+        v_map.contiguous(),
+        _padded_thresholds(m_map),
+        _padded_thresholds(v_map),
+        n,
+        nb,
+        float(beta1),
+        float(c1),
+        float(beta2),
+        float(c2),
+        float(decay),
+        float(step_size),
+        float(bc2_sqrt),
+        float(eps),
+        BS=block_size,
+        ROWS=rows,
+        P_KIND=_kind(param),
+        **_options(),
+    )
     return None
 
 
 @_on_device_of
-def sgd8bit_step_(param, grad, codes, absmax, qmap, lr, momentum, dampening, weight_decay, nesterov, first,
-                  block_size=256):
+def sgd8bit_step_(
+    param, grad, codes, absmax, qmap, lr, momentum, dampening, weight_decay, nesterov, first, block_size=256
+):
     _check(param, grad, block_size)
     n = param.numel()
     if n == 0:
@@ -200,8 +283,24 @@ def sgd8bit_step_(param, grad, codes, absmax, qmap, lr, momentum, dampening, wei
     nb = triton.cdiv(n, block_size)
     rows = _rows(nb, block_size)
     _sgd8bit_kernel[(triton.cdiv(nb, rows),)](
-        _view(param), _view(grad), codes, absmax, qmap.contiguous(), _padded_thresholds(qmap), n, nb,
-        float(lr), float(momentum), float(1.0 - dampening), float(weight_decay),
-        HAS_WD=weight_decay != 0, NESTEROV=bool(nesterov), FIRST=bool(first),
-        BS=block_size, ROWS=rows, P_KIND=_kind(param), **_options())
+        _view(param),
+        _view(grad),
+        codes,
+        absmax,
+        qmap.contiguous(),
+        _padded_thresholds(qmap),
+        n,
+        nb,
+        float(lr),
+        float(momentum),
+        float(1.0 - dampening),
+        float(weight_decay),
+        HAS_WD=weight_decay != 0,
+        NESTEROV=bool(nesterov),
+        FIRST=bool(first),
+        BS=block_size,
+        ROWS=rows,
+        P_KIND=_kind(param),
+        **_options(),
+    )
     return None

@@ -10,6 +10,7 @@ Packed layout, restated for the index arithmetic below: weight k = 128 b + 32 j 
 holds the four weights k = 128 (c // 32) + 32 j + (c % 32), j = 0..3, and the j-th
 "plane" of a run of whole blocks is the 32-weight slices that start 32 j into each block.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,14 +18,22 @@ import triton
 import triton.language as tl
 
 from ..reference.ternary import BLOCK_BYTES, BLOCK_K, EPS, packed_cols, ternary_scale
-from .int8 import tuned_config
-from .int8 import (_dequant_store, _interpreting, _matmul_grid, _on_device_of, _pow2, _quantize_rows,
-                   _RNE_MAGIC, _tile_ids)
+from .int8 import (
+    _RNE_MAGIC,
+    _dequant_store,
+    _interpreting,
+    _matmul_grid,
+    _on_device_of,
+    _pow2,
+    _quantize_rows,
+    _tile_ids,
+    tuned_config,
+)
 
 _EPS = tl.constexpr(EPS)
 # Constants of the layout, as constexpr so the kernels can use them.
-_PK = tl.constexpr(BLOCK_K)        # weights per packed block (128)
-_PB = tl.constexpr(BLOCK_BYTES)    # bytes per packed block (32)
+_PK = tl.constexpr(BLOCK_K)  # weights per packed block (128)
+_PB = tl.constexpr(BLOCK_BYTES)  # bytes per packed block (32)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -43,22 +52,34 @@ def _byte_tile(pid_n, pid_c, N, NBYTES, BLOCK_N: tl.constexpr, BLOCK_C: tl.const
 
 
 @triton.jit
-def _pack_ternary_kernel(wq_ptr, out_ptr, N, K, NBYTES, stride_wn, stride_wk, stride_on,
-                         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+def _pack_ternary_kernel(
+    wq_ptr, out_ptr, N, K, NBYTES, stride_wn, stride_wk, stride_on, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr
+):
     """int8 {-1, 0, 1} [N, K] -> packed bytes; weights past K read as 0, i.e. code 1."""
     rows, row_ok, cols, mask, k_base = _byte_tile(tl.program_id(0), tl.program_id(1), N, NBYTES, BLOCK_N, BLOCK_C)
     packed = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.int32)
     for j in tl.static_range(4):
         k = k_base + j * 32
-        wq = tl.load(wq_ptr + rows[:, None] * stride_wn + k[None, :] * stride_wk,
-                     mask=mask & (k < K)[None, :], other=0)
+        wq = tl.load(wq_ptr + rows[:, None] * stride_wn + k[None, :] * stride_wk, mask=mask & (k < K)[None, :], other=0)
         packed = packed | ((wq.to(tl.int32) + 1) << (2 * j))
     tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :], packed.to(tl.uint8), mask=mask)
 
 
 @triton.jit
-def _quantize_pack_ternary_kernel(w_ptr, scale_ptr, out_ptr, N, K, NBYTES, stride_wn, stride_wk, stride_s,
-                                  stride_on, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+def _quantize_pack_ternary_kernel(
+    w_ptr,
+    scale_ptr,
+    out_ptr,
+    N,
+    K,
+    NBYTES,
+    stride_wn,
+    stride_wk,
+    stride_s,
+    stride_on,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Float [N, K] -> packed bytes of clamp(round_half_even(w / max(scale, EPS)), -1, 1) + 1;
     the int8 Wq never touches memory. stride_s is 0 for a per-tensor scale."""
     rows, row_ok, cols, mask, k_base = _byte_tile(tl.program_id(0), tl.program_id(1), N, NBYTES, BLOCK_N, BLOCK_C)
@@ -66,8 +87,9 @@ def _quantize_pack_ternary_kernel(w_ptr, scale_ptr, out_ptr, N, K, NBYTES, strid
     packed = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.int32)
     for j in tl.static_range(4):
         k = k_base + j * 32
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + k[None, :] * stride_wk,
-                    mask=mask & (k < K)[None, :], other=0.0).to(tl.float32)
+        w = tl.load(
+            w_ptr + rows[:, None] * stride_wn + k[None, :] * stride_wk, mask=mask & (k < K)[None, :], other=0.0
+        ).to(tl.float32)
         # Clamping before rounding equals rounding then clamping (the bounds are integers)
         # and keeps |v| inside the round-half-even trick's range whatever w / scale is.
         v = tl.clamp(tl.fdiv(w, denom[:, None], ieee_rounding=True), -1.0, 1.0)
@@ -77,8 +99,9 @@ def _quantize_pack_ternary_kernel(w_ptr, scale_ptr, out_ptr, N, K, NBYTES, strid
 
 
 @triton.jit
-def _unpack_ternary_kernel(p_ptr, out_ptr, N, K, NBYTES, stride_pn, stride_pc, stride_on,
-                           BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+def _unpack_ternary_kernel(
+    p_ptr, out_ptr, N, K, NBYTES, stride_pn, stride_pc, stride_on, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr
+):
     """Packed bytes -> int8 [N, K]: each byte is loaded once and yields its four weights."""
     rows, row_ok, cols, mask, k_base = _byte_tile(tl.program_id(0), tl.program_id(1), N, NBYTES, BLOCK_N, BLOCK_C)
     byte = tl.load(p_ptr + rows[:, None] * stride_pn + cols[None, :] * stride_pc, mask=mask, other=0x55)
@@ -90,11 +113,31 @@ def _unpack_ternary_kernel(p_ptr, out_ptr, N, K, NBYTES, stride_pn, stride_pc, s
 
 
 @triton.jit
-def _ternary_matmul_kernel(a_ptr, p_ptr, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K, NBLOCKS,
-                           stride_am, stride_ak, stride_pn, stride_pc, stride_xs, stride_ws,
-                           stride_ym, stride_yn,
-                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCKS_PER_STEP: tl.constexpr, GROUP_M: tl.constexpr):
+def _ternary_matmul_kernel(
+    a_ptr,
+    p_ptr,
+    xs_ptr,
+    ws_ptr,
+    bias_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    NBLOCKS,
+    stride_am,
+    stride_ak,
+    stride_pn,
+    stride_pc,
+    stride_xs,
+    stride_ws,
+    stride_ym,
+    stride_yn,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCKS_PER_STEP: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """y[M, N] = dequant(x_q[M, K] @ Wq[N, K]^T) with Wq decoded from the packed bytes in
     registers, never stored.
 
@@ -128,8 +171,9 @@ def _ternary_matmul_kernel(a_ptr, p_ptr, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, 
             acc = tl.dot(a, w, acc, out_dtype=tl.int32)
         p_ptrs += R * stride_pc
 
-    _dequant_store(acc, offs_m, offs_n, M, N, xs_ptr, stride_xs, ws_ptr, stride_ws, bias_ptr,
-                   y_ptr, stride_ym, stride_yn, HAS_BIAS)
+    _dequant_store(
+        acc, offs_m, offs_n, M, N, xs_ptr, stride_xs, ws_ptr, stride_ws, bias_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS
+    )
 
 
 # --------------------------------------------------------------------------- configs
@@ -157,8 +201,14 @@ def _matmul_config(m: int, n: int, nblocks: int, interpret: bool) -> dict:
     Interpreter: large tiles and up to 1024 weights a step, so few Python-level iterations.
     """
     if interpret:
-        return {"BLOCK_M": _pow2(m, 16, 128), "BLOCK_N": _pow2(n, 16, 128), "BLOCKS_PER_STEP": _pow2(nblocks, 1, 8),
-                "GROUP_M": 8, "num_warps": 4, "num_stages": 1}
+        return {
+            "BLOCK_M": _pow2(m, 16, 128),
+            "BLOCK_N": _pow2(n, 16, 128),
+            "BLOCKS_PER_STEP": _pow2(nblocks, 1, 8),
+            "GROUP_M": 8,
+            "num_warps": 4,
+            "num_stages": 1,
+        }
     if m <= 16:
         return {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCKS_PER_STEP": 2, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
     if m <= 64:
@@ -182,7 +232,8 @@ def pack_ternary(wq: torch.Tensor) -> torch.Tensor:
     if out.numel():
         cfg = _bytes_config(n, nbytes, _interpreting())
         _pack_ternary_kernel[_bytes_grid(n, nbytes, cfg)](
-            wq, out, n, k, nbytes, wq.stride(0), wq.stride(1), out.stride(0), **cfg)
+            wq, out, n, k, nbytes, wq.stride(0), wq.stride(1), out.stride(0), **cfg
+        )
     return out
 
 
@@ -194,7 +245,8 @@ def unpack_ternary(w_packed: torch.Tensor, k: int) -> torch.Tensor:
     if out.numel():
         cfg = _bytes_config(n, nbytes, _interpreting())
         _unpack_ternary_kernel[_bytes_grid(n, nbytes, cfg)](
-            w_packed, out, n, k, nbytes, w_packed.stride(0), w_packed.stride(1), out.stride(0), **cfg)
+            w_packed, out, n, k, nbytes, w_packed.stride(0), w_packed.stride(1), out.stride(0), **cfg
+        )
     return out
 
 
@@ -210,7 +262,8 @@ def quantize_weight_ternary(w: torch.Tensor, per_channel: bool = False):
     if out.numel():
         cfg = _bytes_config(n, nbytes, _interpreting())
         _quantize_pack_ternary_kernel[_bytes_grid(n, nbytes, cfg)](
-            w, scale, out, n, k, nbytes, w.stride(0), w.stride(1), 1 if per_channel else 0, out.stride(0), **cfg)
+            w, scale, out, n, k, nbytes, w.stride(0), w.stride(1), 1 if per_channel else 0, out.stride(0), **cfg
+        )
     return out, scale
 
 
@@ -229,11 +282,26 @@ def ternary_matmul(x, w_packed, w_scale, bias=None):
         w_scale1 = w_scale.reshape(-1)
         has_bias = bias is not None
         _ternary_matmul_kernel[_matmul_grid(m, n, cfg)](
-            x_q, w_packed, x_scale, w_scale1, bias.contiguous() if has_bias else w_scale1, y, m, n, k, nblocks,
-            x_q.stride(0), x_q.stride(1), w_packed.stride(0), w_packed.stride(1), x_scale.stride(0),
+            x_q,
+            w_packed,
+            x_scale,
+            w_scale1,
+            bias.contiguous() if has_bias else w_scale1,
+            y,
+            m,
+            n,
+            k,
+            nblocks,
+            x_q.stride(0),
+            x_q.stride(1),
+            w_packed.stride(0),
+            w_packed.stride(1),
+            x_scale.stride(0),
             # A single per-tensor scale is read through stride 0 by every column.
             0 if w_scale1.numel() == 1 else w_scale1.stride(0),
-            y.stride(0), y.stride(1),
-            HAS_BIAS=has_bias, **cfg,
+            y.stride(0),
+            y.stride(1),
+            HAS_BIAS=has_bias,
+            **cfg,
         )
     return y.reshape(*lead, n)

@@ -1,5 +1,6 @@
 """Test set-up: Triton runs its kernels on CPU tensors through its interpreter, which must
 be switched on before triton is first imported."""
+
 import os
 import sys
 
@@ -40,7 +41,7 @@ BACKENDS = ["reference", "cpu", *ISA_BACKENDS, "triton"]
 def isa_skip_reason(backend: str) -> str | None:
     if not backend.startswith("cpu-"):
         return None
-    isa = backend[len("cpu-"):]
+    isa = backend[len("cpu-") :]
     if isa not in CPU_ISAS:
         return f"this CPU cannot run the {isa} kernels (it runs {', '.join(CPU_ISAS)})"
     if isa == AUTO_ISA and backend != "cpu-scalar":
@@ -51,7 +52,7 @@ def isa_skip_reason(backend: str) -> str | None:
 def use_backend(monkeypatch, backend: str) -> None:
     if backend.startswith("cpu-"):
         monkeypatch.setenv("ACCELOPS_BACKEND", "cpu")
-        monkeypatch.setenv("ACCELOPS_CPU_ISA", backend[len("cpu-"):])
+        monkeypatch.setenv("ACCELOPS_CPU_ISA", backend[len("cpu-") :])
     else:
         monkeypatch.setenv("ACCELOPS_BACKEND", backend)
         monkeypatch.delenv("ACCELOPS_CPU_ISA", raising=False)
@@ -79,14 +80,26 @@ def _seed():
 _TIER_FILES = {
     "ray": ("test_hpo_ray.py", "test_ray_train.py"),
     "distributed": ("test_distributed.py", "test_strategies.py", "test_launch.py"),
-    "slow": ("test_cuda_sources.py", "test_cli_errors.py", "test_cli_generate.py", "test_report_plots.py",
-             "test_bench.py"),
+    "slow": (
+        "test_cuda_sources.py",
+        "test_cli_errors.py",
+        "test_cli_generate.py",
+        "test_report_plots.py",
+        "test_bench.py",
+    ),
 }
 # Tests measured above ~5 s on 2 loaded cores, or that start ranks, outside the files above.
 _TIER_NAMES = {
     "distributed": ("two_ranks", "torchrun", "2_ranks", "rendezvous"),
-    "slow": ("convergence", "test_kernels_compile_for_gpus", "training_loss_goes_down", "over_100_seeds",
-             "mlflow", "sigkill", "sigterm"),
+    "slow": (
+        "convergence",
+        "test_kernels_compile_for_gpus",
+        "training_loss_goes_down",
+        "over_100_seeds",
+        "mlflow",
+        "sigkill",
+        "sigterm",
+    ),
 }
 
 

@@ -1,5 +1,6 @@
 """Shared test helpers: inputs with known quantization, error bounds from eager's own error,
 and forked multi-rank runs."""
+
 import os
 import pickle
 import socket
@@ -53,8 +54,7 @@ def run_forked_ranks(worker, *args, nprocs: int = 2, timeout_s: float = 120) -> 
     failing the test (and killing them) past `timeout_s`. Fork, not spawn: a spawned child
     spends 5-10 s importing torch on a 2-core machine. Workers must set their thread count
     before any op (OpenMP pools do not survive a fork); the parent holds no process group."""
-    ctx = mp.start_processes(worker, args=(nprocs, free_port(), *args), nprocs=nprocs, join=False,
-                             start_method="fork")
+    ctx = mp.start_processes(worker, args=(nprocs, free_port(), *args), nprocs=nprocs, join=False, start_method="fork")
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:

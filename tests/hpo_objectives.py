@@ -1,5 +1,6 @@
 """Objectives for the tests/test_hpo_*.py studies, in their own light module so that worker
 processes (which unpickle them by module name) import little."""
+
 import json
 import math
 import os

@@ -1,6 +1,7 @@
 """Smoke test of the benchmark suite: `bench/run.py --quick` on tiny shapes, through the same
 code path as `make bench` (correctness checks, compiled baselines, torchao, timing, memory,
 recording, summary), writing to a temporary results directory. No timing is asserted."""
+
 import json
 import os
 import subprocess
@@ -8,10 +9,32 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = {"ternary", "int8", "ternary_tuned", "int8_tuned", "fp32", "bf16", "int_mm", "ref_ternary_compiled", "ref_int8_compiled",
-           "torchao", "torchao_compiled", "stream_read"}
-COMM_OPS = {"bucket_flatten", "bucket_unflatten_", "cast_div", "topk_compress_", "topk_decompress", "sign_compress_",
-            "sign_decompress", "int8_compress_", "int8_decompress", "orthogonalize_"}
+METHODS = {
+    "ternary",
+    "int8",
+    "ternary_tuned",
+    "int8_tuned",
+    "fp32",
+    "bf16",
+    "int_mm",
+    "ref_ternary_compiled",
+    "ref_int8_compiled",
+    "torchao",
+    "torchao_compiled",
+    "stream_read",
+}
+COMM_OPS = {
+    "bucket_flatten",
+    "bucket_unflatten_",
+    "cast_div",
+    "topk_compress_",
+    "topk_decompress",
+    "sign_compress_",
+    "sign_decompress",
+    "int8_compress_",
+    "int8_decompress",
+    "orthogonalize_",
+}
 LM_VARIANTS = ["fp32", "int8 post-training", "bitlinear", "qat-int8", "qat-int8, deployed int8", "alternate sharing"]
 
 
@@ -22,9 +45,21 @@ def _run_quick(tmp_path, *only, timeout=900):  # every family: generate adds ~2 
     env.pop("TRITON_INTERPRET", None)
     env.pop("ACCELOPS_BACKEND", None)
     proc = subprocess.run(
-        [sys.executable, "bench/run.py", "--quick", *(("--only", *only) if only else ()), "--threads", "1",
-         "--results-dir", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        [
+            sys.executable,
+            "bench/run.py",
+            "--quick",
+            *(("--only", *only) if only else ()),
+            "--threads",
+            "1",
+            "--results-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -50,7 +85,7 @@ def check_matmul_quick(tmp_path) -> list[dict]:
 
     by = {(r["method"], r["M"]): r for r in rows}
     assert by[("int_mm", 1)]["status"] == "skipped"  # torch._int_mm needs M > 16
-    for key in ("ternary_tuned", "int8_tuned"):   # a table tuned for the case, its choice recorded
+    for key in ("ternary_tuned", "int8_tuned"):  # a table tuned for the case, its choice recorded
         for m in (1, 32):
             assert by[(key, m)]["status"] == "ok" and by[(key, m)]["check"]["ok"]
             assert by[(key, m)]["tuned_choice"]["backend"] in ("native", "aten_int_mm", "reference")
@@ -128,7 +163,11 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
             assert r["eval_tokens_per_s"] > 0 and r["unique_parameters"] <= r["parameters"]
         by = {r["variant"]: r for r in lm}
         assert by["alternate sharing"]["block_params_vs_fp32"] == 0.5
-        assert by["bitlinear"]["deployed_bytes"] < by["int8 post-training"]["deployed_bytes"] < by["fp32"]["deployed_bytes"]
+        assert (
+            by["bitlinear"]["deployed_bytes"]
+            < by["int8 post-training"]["deployed_bytes"]
+            < by["fp32"]["deployed_bytes"]
+        )
         assert "bits/char" in lm_summary
     else:
         assert [r["status"] for r in lm] == ["skipped"] and "skipped" in lm_summary
@@ -138,9 +177,17 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
     hpo = [json.loads(line) for line in (tmp_path / "hpo_quick.jsonl").read_text().splitlines()]
     regret = [r for r in hpo if r.get("kind") == "regret"]
     assert {r["problem"] for r in regret} == {"branin", "hartmann6", "digits_mlp"}
-    assert {r["optimizer"] for r in regret} == {"random", "hyperband", "bohb", "bohb_compat", "bohb_fixed",
-                                                "bohb_multivariate", "bohb_hpbandster", "hpbandster_bohb",
-                                                "optuna_tpe_hb"}
+    assert {r["optimizer"] for r in regret} == {
+        "random",
+        "hyperband",
+        "bohb",
+        "bohb_compat",
+        "bohb_fixed",
+        "bohb_multivariate",
+        "bohb_hpbandster",
+        "hpbandster_bohb",
+        "optuna_tpe_hb",
+    }
     assert all(r["accounting"] == "resume" for r in regret)
     assert len({r["run_id"] for r in hpo}) == 1 and all(r["quick"] is True for r in hpo)
     for r in regret:
@@ -163,17 +210,22 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
     # memory (measured and computed) and collective payload recorded.
     scale = [json.loads(line) for line in (tmp_path / "scaleout_quick.jsonl").read_text().splitlines()]
     assert sorted((r["method"], r["rank"]) for r in scale) == sorted(
-        (s, k) for s in ("ddp", "fsdp", "fsdp-submodule", "fsdp-submodule-noprefetch", "zero1", "pipeline")
-        for k in (0, 1))
+        (s, k)
+        for s in ("ddp", "fsdp", "fsdp-submodule", "fsdp-submodule-noprefetch", "zero1", "pipeline")
+        for k in (0, 1)
+    )
     for r in scale:
         assert r["status"] == "ok", r.get("reason")
         assert r["family"] == "scaleout" and r["quick"] is True and r["world_size"] == 2 and r["optimizer"] == "adamw"
         assert r["tokens_per_s"] > 0 and r["state_bytes"] > 0 and r["payload_bytes_per_step"] > 0
         assert r["memory_method"] in ("rss_hwm_delta", "unavailable")
     by = {(r["method"], r["rank"]): r for r in scale}
-    assert by[("fsdp", 0)]["param_bytes"] < by[("ddp", 0)]["param_bytes"]          # sharded weights
-    assert by[("fsdp-submodule-noprefetch", 0)]["trainer_kw"] == {"strategy": "fsdp", "fsdp_units": "submodule",
-                                                                  "fsdp_backward_prefetch": False}
+    assert by[("fsdp", 0)]["param_bytes"] < by[("ddp", 0)]["param_bytes"]  # sharded weights
+    assert by[("fsdp-submodule-noprefetch", 0)]["trainer_kw"] == {
+        "strategy": "fsdp",
+        "fsdp_units": "submodule",
+        "fsdp_backward_prefetch": False,
+    }
     assert by[("zero1", 0)]["optimizer_state_bytes"] < by[("ddp", 0)]["optimizer_state_bytes"]
     assert "Targets:" in (tmp_path / "scaleout_summary_quick.md").read_text()
 
@@ -193,7 +245,18 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
 
     con = duckdb.connect(str(tmp_path / "accelops_quick.duckdb"), read_only=True)
     stored = dict(con.execute("SELECT family, count(*) FROM measurements GROUP BY 1").fetchall())
-    assert set(stored) >= {"matmul", "comm", "fake_quant", "ffn", "lm", "hpo", "dispatch", "optim", "scaleout", "layers"}
+    assert set(stored) >= {
+        "matmul",
+        "comm",
+        "fake_quant",
+        "ffn",
+        "lm",
+        "hpo",
+        "dispatch",
+        "optim",
+        "scaleout",
+        "layers",
+    }
     assert stored["matmul"] == len(rows) and stored["dispatch"] == len(disp)
     assert con.execute("SELECT count(DISTINCT run_id) FROM runs").fetchone()[0] == 1
     con.close()
@@ -242,8 +305,22 @@ def test_generate_bench_quick(tmp_path):
     env.pop("TRITON_INTERPRET", None)
     env.pop("ACCELOPS_BACKEND", None)
     proc = subprocess.run(
-        [sys.executable, "bench/run.py", "--quick", "--only", "generate", "--threads", "1", "--results-dir",
-         str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "bench/run.py",
+            "--quick",
+            "--only",
+            "generate",
+            "--threads",
+            "1",
+            "--results-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     check_generate_quick(tmp_path)
@@ -279,8 +356,22 @@ def test_layers_bench_quick(tmp_path):
     env.pop("TRITON_INTERPRET", None)
     env.pop("ACCELOPS_BACKEND", None)
     proc = subprocess.run(
-        [sys.executable, "bench/run.py", "--quick", "--only", "layers", "--threads", "1", "--results-dir", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "bench/run.py",
+            "--quick",
+            "--only",
+            "layers",
+            "--threads",
+            "1",
+            "--results-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     check_layers_quick(tmp_path)
@@ -368,7 +459,7 @@ def test_hpo_dev_harness(tmp_path):
     with pytest.raises(ValueError, match="names no seed"):
         hpo_dev.parse_seeds("200:100")
     assert hpo_dev.parse_variant('floor0={"bandwidth_floor": 0}') == ("floor0", {"bandwidth_floor": 0})
-    for bad in ("floor0", '=[1]', 'x=[1]', 'optuna={}'):
+    for bad in ("floor0", "=[1]", "x=[1]", "optuna={}"):
         with pytest.raises(ValueError):
             hpo_dev.parse_variant(bad)
 
@@ -380,11 +471,23 @@ def test_hpo_dev_harness(tmp_path):
 
     with pytest.raises(ValueError, match="peer names"):
         hpo_dev.compare({"hpbandster": {}}, [0], [100], peers=(), quick=True)
-    rows = hpo_dev.compare({"defaults": {}, "hpbandster_algorithm": {"bandwidth_floor": 0.0, "kde": "multivariate",
-                                                            "random_placement": "every"}},
-                           [0, 1], [100, 101], peers=(), cache_path=str(tmp_path / "cache.json"), jobs=1, quick=True)
+    rows = hpo_dev.compare(
+        {
+            "defaults": {},
+            "hpbandster_algorithm": {"bandwidth_floor": 0.0, "kde": "multivariate", "random_placement": "every"},
+        },
+        [0, 1],
+        [100, 101],
+        peers=(),
+        cache_path=str(tmp_path / "cache.json"),
+        jobs=1,
+        quick=True,
+    )
     assert [(r["problem"], r["name"]) for r in rows] == [
-        ("branin", "defaults"), ("branin", "hpbandster_algorithm"), ("hartmann6", "defaults"),
-        ("hartmann6", "hpbandster_algorithm")]
+        ("branin", "defaults"),
+        ("branin", "hpbandster_algorithm"),
+        ("hartmann6", "defaults"),
+        ("hartmann6", "hpbandster_algorithm"),
+    ]
     assert all(r["mean"] >= 0 and r["seeds"] == 2 and r["full_budget"] > 0 for r in rows)
     assert (tmp_path / "cache.json").is_file()

@@ -1,6 +1,7 @@
 """Issue 22, item 6: BitLinear at inference (no gradient asked) runs the packed ternary
 kernel on a cached packed weight: the same output as its training forward and as
 TernaryLinear.from_bitlinear, bit for bit, with the cache following the weight."""
+
 import copy
 import io
 import pickle

@@ -1,6 +1,7 @@
 """`accelops generate`: text from a checkpoint of `accelops train` (a model that learned a
 character cycle continues it), tokens/s on stderr, --convert, and user errors as one line
 with exit code 2 (run for real in a subprocess) or typed exceptions from main(argv)."""
+
 from __future__ import annotations
 
 import os
@@ -30,11 +31,20 @@ def _one_thread():
 def _train(tmp_path: Path, **model) -> str:
     text = tmp_path / "cycle.txt"
     text.write_text(CYCLE * 120, encoding="utf-8")
-    config = {"data": {"path": str(text), "seq_len": 32},
-              "model": {"type": "transformer", "dim": 32, "n_layers": 2, "n_heads": 2, **model},
-              "optimizer": {"name": "adamw", "lr": 1e-2},
-              "train": {"max_steps": 30, "batch_size": 8, "eval_every": 30, "eval_batches": 1, "progress": False,
-                        "checkpoint_dir": str(tmp_path / "ckpt"), "log_dir": str(tmp_path / "log")}}
+    config = {
+        "data": {"path": str(text), "seq_len": 32},
+        "model": {"type": "transformer", "dim": 32, "n_layers": 2, "n_heads": 2, **model},
+        "optimizer": {"name": "adamw", "lr": 1e-2},
+        "train": {
+            "max_steps": 30,
+            "batch_size": 8,
+            "eval_every": 30,
+            "eval_batches": 1,
+            "progress": False,
+            "checkpoint_dir": str(tmp_path / "ckpt"),
+            "log_dir": str(tmp_path / "log"),
+        },
+    }
     trainer, _ = build(config)
     try:
         trainer.fit()
@@ -51,10 +61,12 @@ def ckpt(tmp_path_factory):
 
 def cli(*args):
     env = {k: v for k, v in os.environ.items() if k not in ("ACCELOPS_DEBUG", "WORLD_SIZE", "RANK")}
-    env.update(PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-               OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "accelops.cli", "generate", *args], env=env, capture_output=True,
-                          text=True, timeout=300)
+    env.update(
+        PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]), OMP_NUM_THREADS="1"
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "accelops.cli", "generate", *args], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def assert_one_line(proc, *fragments):
@@ -69,7 +81,7 @@ def assert_one_line(proc, *fragments):
 def test_greedy_continues_the_cycle(ckpt):
     proc = cli(ckpt, "--prompt", "quant b", "--max-new-tokens", "20", "--temperature", "0")
     assert proc.returncode == 0, proc.stderr
-    expected = (CYCLE * 4)[len("quant b"):][:20]
+    expected = (CYCLE * 4)[len("quant b") :][:20]
     assert proc.stdout == "quant b" + expected + "\n"
     assert "20 tokens in" in proc.stderr and "tokens/s" in proc.stderr
     # the same as the API on the same checkpoint
@@ -78,8 +90,22 @@ def test_greedy_continues_the_cycle(ckpt):
 
 
 def test_sampling_options_and_convert(ckpt, capsys):
-    args = ["generate", ckpt, "--prompt", "bf", "--max-new-tokens", "12", "--temperature", "0.7", "--top-k", "3",
-            "--top-p", "0.9", "--seed", "5"]
+    args = [
+        "generate",
+        ckpt,
+        "--prompt",
+        "bf",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0.7",
+        "--top-k",
+        "3",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "5",
+    ]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert main(args) == 0
@@ -91,17 +117,19 @@ def test_sampling_options_and_convert(ckpt, capsys):
 
 def test_user_errors_are_one_line(ckpt, tmp_path):
     assert_one_line(cli(ckpt, "--prompt", "quant?"), "character '?' is not in the vocabulary")
-    assert_one_line(cli(ckpt, "--prompt", "q", "--max-new-tokens", "40"), "max_new_tokens=40 runs past",
-                    "max_len=32")
+    assert_one_line(cli(ckpt, "--prompt", "q", "--max-new-tokens", "40"), "max_new_tokens=40 runs past", "max_len=32")
     assert_one_line(cli(str(tmp_path / "nope"), "--prompt", "q"), "does not exist")
 
 
-@pytest.mark.parametrize("extra, match", [
-    (["--top-p", "1.5"], "top_p must be a number in"),
-    (["--temperature", "-1"], "temperature must be a finite number >= 0"),
-    (["--top-k", "0"], "top_k must be >= 1"),
-    (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--top-p", "1.5"], "top_p must be a number in"),
+        (["--temperature", "-1"], "temperature must be a finite number >= 0"),
+        (["--top-k", "0"], "top_k must be >= 1"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    ],
+)
 def test_bad_options_raise_from_python(ckpt, extra, match):
     with pytest.raises(ValueError, match=match):
         main(["generate", ckpt, "--prompt", "q", *extra])
@@ -129,11 +157,21 @@ def test_foreign_checkpoints(tmp_path):
 def test_rnn_checkpoints_are_refused(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(CYCLE * 20, encoding="utf-8")
-    trainer, _ = build({"data": {"path": str(text), "seq_len": 8},
-                        "model": {"type": "rnn", "dim": 8, "hidden": 8, "n_layers": 1},
-                        "train": {"max_steps": 1, "batch_size": 2, "eval_every": 1, "eval_batches": 1,
-                                  "progress": False, "checkpoint_dir": str(tmp_path / "ckpt"),
-                                  "log_dir": str(tmp_path / "log")}})
+    trainer, _ = build(
+        {
+            "data": {"path": str(text), "seq_len": 8},
+            "model": {"type": "rnn", "dim": 8, "hidden": 8, "n_layers": 1},
+            "train": {
+                "max_steps": 1,
+                "batch_size": 2,
+                "eval_every": 1,
+                "eval_batches": 1,
+                "progress": False,
+                "checkpoint_dir": str(tmp_path / "ckpt"),
+                "log_dir": str(tmp_path / "log"),
+            },
+        }
+    )
     try:
         trainer.fit()
     finally:

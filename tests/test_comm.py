@@ -1,6 +1,7 @@
 """Communication family: bucket packing and gradient compression, every backend against
 accelops/reference/comm.py (bit for bit where the spec is exact), plus the properties the
 spec promises (error feedback, unbiased stochastic rounding, NaN never hidden)."""
+
 import math
 
 import pytest
@@ -18,8 +19,18 @@ from .conftest import use_backend
 BACKENDS = ["reference", "cpu", "cpu-scalar"]
 GRAD_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 WIRE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-OPS = ["bucket_flatten", "bucket_unflatten_", "cast_div", "topk_compress_", "topk_decompress", "sign_compress_",
-       "sign_decompress", "int8_compress_", "int8_decompress", "orthogonalize_"]
+OPS = [
+    "bucket_flatten",
+    "bucket_unflatten_",
+    "cast_div",
+    "topk_compress_",
+    "topk_decompress",
+    "sign_compress_",
+    "sign_decompress",
+    "int8_compress_",
+    "int8_decompress",
+    "orthogonalize_",
+]
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SIZES = [1, 2, 7, 8, 9, 15, 17, 63, 100, 257, 2047, 2048, 2049, 4099]
 CHUNKS = [1, 3, 8, 13, 100, 2048]
@@ -31,8 +42,9 @@ def backend(request, monkeypatch):
     use_backend(monkeypatch, request.param)
     if request.param != "reference":
         for name in OPS:  # otherwise ops.comm would silently run the op's default kernel, the reference
-            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"accelops::{name}", "CPU"), \
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"accelops::{name}", "CPU"), (
                 f"the extension registers no CPU kernel for accelops::{name}"
+            )
     return request.param
 
 
@@ -45,8 +57,12 @@ def native(request, monkeypatch):
 
 # --------------------------------------------------------------------------- helpers
 
-_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
-             torch.float16: torch.int16}
+_INT_VIEW = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -59,8 +75,10 @@ def same(a: torch.Tensor, b: torch.Tensor) -> None:
     assert torch.equal(nan, torch.isnan(b)), "NaN in different places"
     ai, bi = a.view(_INT_VIEW[a.dtype])[~nan], b.view(_INT_VIEW[b.dtype])[~nan]
     diff = (ai != bi).nonzero()
-    assert diff.numel() == 0, (f"{diff.numel()} elements differ, first at {int(diff[0])}: "
-                               f"{a[~nan][diff[0]].item()} vs {b[~nan][diff[0]].item()}")
+    assert diff.numel() == 0, (
+        f"{diff.numel()} elements differ, first at {int(diff[0])}: "
+        f"{a[~nan][diff[0]].item()} vs {b[~nan][diff[0]].item()}"
+    )
 
 
 def random_bits(n: int, dtype: torch.dtype, gen) -> torch.Tensor:
@@ -68,8 +86,11 @@ def random_bits(n: int, dtype: torch.dtype, gen) -> torch.Tensor:
     wide = torch.randint(-(2**31), 2**31, (n,), generator=gen, dtype=torch.int64)
     if dtype == torch.float64:
         return (wide * (2**32) + torch.randint(0, 2**32, (n,), generator=gen)).view(torch.float64)
-    return wide.to(torch.int32).view(torch.float32).to(dtype) if dtype == torch.float32 else \
-        wide.to(torch.int16).view(dtype)
+    return (
+        wide.to(torch.int32).view(torch.float32).to(dtype)
+        if dtype == torch.float32
+        else wide.to(torch.int16).view(dtype)
+    )
 
 
 def make_values(n: int, dtype: torch.dtype, kind: str, gen) -> torch.Tensor:
@@ -81,7 +102,8 @@ def make_values(n: int, dtype: torch.dtype, kind: str, gen) -> torch.Tensor:
     if kind == "special" and n:
         idx = torch.randint(0, n, (max(1, n // 50),), generator=gen)
         x[idx] = torch.tensor([NAN, INF, -INF, -0.0, 0.0, 1e30], dtype=torch.float64)[
-            torch.randint(0, 6, idx.shape, generator=gen)]
+            torch.randint(0, 6, idx.shape, generator=gen)
+        ]
     return x.to(dtype)
 
 
@@ -107,19 +129,24 @@ def magnitudes(acc):
 
 # --------------------------------------------------------------------------- buckets
 
-@given(sizes=st.lists(st.sampled_from([0, 1, 3, 8, 9, 33, 1000, 4099]), min_size=1, max_size=6),
-       src=st.lists(st.sampled_from(GRAD_DTYPES), min_size=6, max_size=6),
-       dtype=st.sampled_from(GRAD_DTYPES + [None]),
-       divisor=st.sampled_from([None, 1, 2, 3.0, 7, 0.3, 8]),
-       kind=st.sampled_from(["bits", "normal", "special"]),
-       seed=st.integers(0, 2**16))
+
+@given(
+    sizes=st.lists(st.sampled_from([0, 1, 3, 8, 9, 33, 1000, 4099]), min_size=1, max_size=6),
+    src=st.lists(st.sampled_from(GRAD_DTYPES), min_size=6, max_size=6),
+    dtype=st.sampled_from(GRAD_DTYPES + [None]),
+    divisor=st.sampled_from([None, 1, 2, 3.0, 7, 0.3, 8]),
+    kind=st.sampled_from(["bits", "normal", "special"]),
+    seed=st.integers(0, 2**16),
+)
 @SETTINGS
 def test_bucket_flatten_matches_reference(backend, sizes, src, dtype, divisor, kind, seed):
     gen = torch.Generator().manual_seed(seed)
     if dtype is None:
         src = [src[0]] * len(sizes)
-    tensors = [make_values(n, dt, kind, gen).reshape(-1, 1) if n % 3 == 0 else make_values(n, dt, kind, gen)
-               for n, dt in zip(sizes, src)]
+    tensors = [
+        make_values(n, dt, kind, gen).reshape(-1, 1) if n % 3 == 0 else make_values(n, dt, kind, gen)
+        for n, dt in zip(sizes, src)
+    ]
     flat = ops.bucket_flatten(tensors, dtype, divisor)
     same(flat, R.bucket_flatten(tensors, dtype, divisor))
 
@@ -144,12 +171,14 @@ def test_outputs_larger_than_the_caches(native):
     same(ops.int8_decompress(q, scales, 1000), R.int8_decompress(q, scales, 1000))
 
 
-@given(sizes=st.lists(st.sampled_from([0, 1, 3, 8, 9, 33, 1000, 4099]), min_size=1, max_size=6),
-       dst=st.lists(st.sampled_from(GRAD_DTYPES), min_size=6, max_size=6),
-       flat_dtype=st.sampled_from(GRAD_DTYPES),
-       divisor=st.sampled_from([None, 1, 2, 3.0, 0.3]),
-       kind=st.sampled_from(["bits", "normal", "special"]),
-       seed=st.integers(0, 2**16))
+@given(
+    sizes=st.lists(st.sampled_from([0, 1, 3, 8, 9, 33, 1000, 4099]), min_size=1, max_size=6),
+    dst=st.lists(st.sampled_from(GRAD_DTYPES), min_size=6, max_size=6),
+    flat_dtype=st.sampled_from(GRAD_DTYPES),
+    divisor=st.sampled_from([None, 1, 2, 3.0, 0.3]),
+    kind=st.sampled_from(["bits", "normal", "special"]),
+    seed=st.integers(0, 2**16),
+)
 @SETTINGS
 def test_bucket_unflatten_matches_reference(backend, sizes, dst, flat_dtype, divisor, kind, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -182,10 +211,14 @@ def test_bucket_round_trip_many_tensors(native):
     assert all(torch.equal(a, b) for a, b in zip(back, grads))
 
 
-@given(shape=st.sampled_from([(1,), (7,), (8,), (33,), (5, 9), (2, 3, 17), (0, 4), (4099,)]),
-       src=st.sampled_from(GRAD_DTYPES), dtype=st.sampled_from(WIRE_DTYPES),
-       divisor=st.sampled_from([1, 2, 3, 7.0, 0.3, 1e-30, 1e30]),
-       kind=st.sampled_from(["bits", "normal", "special"]), seed=st.integers(0, 2**16))
+@given(
+    shape=st.sampled_from([(1,), (7,), (8,), (33,), (5, 9), (2, 3, 17), (0, 4), (4099,)]),
+    src=st.sampled_from(GRAD_DTYPES),
+    dtype=st.sampled_from(WIRE_DTYPES),
+    divisor=st.sampled_from([1, 2, 3, 7.0, 0.3, 1e-30, 1e30]),
+    kind=st.sampled_from(["bits", "normal", "special"]),
+    seed=st.integers(0, 2**16),
+)
 @SETTINGS
 def test_cast_div_matches_reference(backend, shape, src, dtype, divisor, kind, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -207,6 +240,7 @@ def test_cast_div_rounds_once_like_torch(backend):
 
 
 # --------------------------------------------------------------------------- top-k
+
 
 def check_topk(grad, residual, k, method="exact", sample_size=4096, seed=0):
     """Mine against the reference: same number sent, same multiset of magnitudes, values
@@ -239,22 +273,38 @@ def check_topk(grad, residual, k, method="exact", sample_size=4096, seed=0):
     return values, indices
 
 
-@given(n=st.sampled_from(SIZES), k_pick=st.sampled_from(["1", "n", "1%", "half", "random"]),
-       dtype=st.sampled_from(GRAD_DTYPES), feedback=st.booleans(),
-       kind=st.sampled_from(["normal", "ties", "special"]), seed=st.integers(0, 2**16))
+@given(
+    n=st.sampled_from(SIZES),
+    k_pick=st.sampled_from(["1", "n", "1%", "half", "random"]),
+    dtype=st.sampled_from(GRAD_DTYPES),
+    feedback=st.booleans(),
+    kind=st.sampled_from(["normal", "ties", "special"]),
+    seed=st.integers(0, 2**16),
+)
 @SETTINGS
 def test_topk_exact_matches_reference(backend, n, k_pick, dtype, feedback, kind, seed):
     gen = torch.Generator().manual_seed(seed)
-    k = {"1": 1, "n": n, "1%": max(1, n // 100), "half": max(1, n // 2),
-         "random": int(torch.randint(1, n + 1, (), generator=gen))}[k_pick]
+    k = {
+        "1": 1,
+        "n": n,
+        "1%": max(1, n // 100),
+        "half": max(1, n // 2),
+        "random": int(torch.randint(1, n + 1, (), generator=gen)),
+    }[k_pick]
     grad = make_values(n, dtype, kind, gen)
     residual = torch.randn(n, generator=gen) * 0.1 if feedback else None
     check_topk(grad, residual, k)
 
 
-@given(n=st.sampled_from(SIZES + [10007]), k_pick=st.sampled_from(["1", "n", "1%", "10%"]),
-       sample_size=st.sampled_from([1, 7, 64, 4096, 100000]), sample_seed=st.integers(0, 1000),
-       feedback=st.booleans(), kind=st.sampled_from(["normal", "ties", "special"]), seed=st.integers(0, 2**16))
+@given(
+    n=st.sampled_from(SIZES + [10007]),
+    k_pick=st.sampled_from(["1", "n", "1%", "10%"]),
+    sample_size=st.sampled_from([1, 7, 64, 4096, 100000]),
+    sample_seed=st.integers(0, 1000),
+    feedback=st.booleans(),
+    kind=st.sampled_from(["normal", "ties", "special"]),
+    seed=st.integers(0, 2**16),
+)
 @SETTINGS
 def test_topk_sampled_matches_reference(backend, n, k_pick, sample_size, sample_seed, feedback, kind, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -299,8 +349,12 @@ def test_topk_nan_counts_as_largest(backend):
     assert torch.isnan(dense[[1, 7]]).all() and dense[3] == INF and dense[5] == -INF
 
 
-@given(ranks=st.sampled_from([1, 2, 3]), n=st.sampled_from([1, 9, 100, 4099]),
-       layout=st.sampled_from(["compressed", "duplicates", "padded"]), seed=st.integers(0, 2**16))
+@given(
+    ranks=st.sampled_from([1, 2, 3]),
+    n=st.sampled_from([1, 9, 100, 4099]),
+    layout=st.sampled_from(["compressed", "duplicates", "padded"]),
+    seed=st.integers(0, 2**16),
+)
 @SETTINGS
 def test_topk_decompress_matches_reference(backend, ranks, n, layout, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -310,9 +364,12 @@ def test_topk_decompress_matches_reference(backend, ranks, n, layout, seed):
         values = make_values(ranks * k, torch.float32, "special", gen).reshape(ranks, k)
         values[:, 0] = -0.0
     else:
-        payloads = [ops.topk_compress_(torch.randn(n, generator=gen), None, k,
-                                       "sampled" if layout == "padded" else "exact", 16, r)
-                    for r in range(ranks)]
+        payloads = [
+            ops.topk_compress_(
+                torch.randn(n, generator=gen), None, k, "sampled" if layout == "padded" else "exact", 16, r
+            )
+            for r in range(ranks)
+        ]
         values = torch.stack([p[0] for p in payloads])
         indices = torch.stack([p[1] for p in payloads])
     if ranks == 1 and seed % 2:
@@ -322,8 +379,15 @@ def test_topk_decompress_matches_reference(backend, ranks, n, layout, seed):
 
 # --------------------------------------------------------------------------- sign
 
-@given(n=st.sampled_from(SIZES), chunk=st.sampled_from(CHUNKS), dtype=st.sampled_from(GRAD_DTYPES),
-       feedback=st.booleans(), kind=st.sampled_from(["normal", "ties", "special"]), seed=st.integers(0, 2**16))
+
+@given(
+    n=st.sampled_from(SIZES),
+    chunk=st.sampled_from(CHUNKS),
+    dtype=st.sampled_from(GRAD_DTYPES),
+    feedback=st.booleans(),
+    kind=st.sampled_from(["normal", "ties", "special"]),
+    seed=st.integers(0, 2**16),
+)
 @SETTINGS
 def test_sign_compress_matches_reference(backend, n, chunk, dtype, feedback, kind, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -371,8 +435,12 @@ def test_sign_nan_and_inf_chunks(backend):
     assert torch.isnan(dense[:8]).all() and not torch.isnan(dense[8:]).any()
 
 
-@given(ranks=st.sampled_from([1, 2, 3, 5]), n=st.sampled_from(SIZES), chunk=st.sampled_from(CHUNKS),
-       seed=st.integers(0, 2**16))
+@given(
+    ranks=st.sampled_from([1, 2, 3, 5]),
+    n=st.sampled_from(SIZES),
+    chunk=st.sampled_from(CHUNKS),
+    seed=st.integers(0, 2**16),
+)
 @SETTINGS
 def test_sign_decompress_matches_reference(backend, ranks, n, chunk, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -385,9 +453,16 @@ def test_sign_decompress_matches_reference(backend, ranks, n, chunk, seed):
 
 # --------------------------------------------------------------------------- int8
 
-@given(n=st.sampled_from(SIZES), chunk=st.sampled_from(CHUNKS), dtype=st.sampled_from(GRAD_DTYPES),
-       feedback=st.booleans(), kind=st.sampled_from(["normal", "ties", "special"]),
-       qseed=st.sampled_from([0, 1, 12345, 2**40 + 3]), seed=st.integers(0, 2**16))
+
+@given(
+    n=st.sampled_from(SIZES),
+    chunk=st.sampled_from(CHUNKS),
+    dtype=st.sampled_from(GRAD_DTYPES),
+    feedback=st.booleans(),
+    kind=st.sampled_from(["normal", "ties", "special"]),
+    qseed=st.sampled_from([0, 1, 12345, 2**40 + 3]),
+    seed=st.integers(0, 2**16),
+)
 @SETTINGS
 def test_int8_compress_matches_reference(backend, n, chunk, dtype, feedback, kind, qseed, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -420,8 +495,12 @@ def test_int8_large_bucket(native, chunk):
     same(ops.int8_decompress(*stacked, chunk), R.int8_decompress(*stacked, chunk))
 
 
-@given(ranks=st.sampled_from([1, 2, 3, 5]), n=st.sampled_from(SIZES), chunk=st.sampled_from(CHUNKS),
-       seed=st.integers(0, 2**16))
+@given(
+    ranks=st.sampled_from([1, 2, 3, 5]),
+    n=st.sampled_from(SIZES),
+    chunk=st.sampled_from(CHUNKS),
+    seed=st.integers(0, 2**16),
+)
 @SETTINGS
 def test_int8_decompress_matches_reference(backend, ranks, n, chunk, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -458,6 +537,7 @@ def test_int8_rounding_is_unbiased(backend):
 
 
 # --------------------------------------------------------------------------- error feedback
+
 
 @pytest.mark.parametrize("scheme", ["topk", "topk-sampled", "sign", "int8"])
 def test_error_feedback_invariant(backend, scheme):
@@ -499,8 +579,14 @@ def test_results_do_not_depend_on_thread_count(backend):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             res = torch.ones(grad.numel())
-            outs.append([*ops.topk_compress_(grad, res, 4000), *ops.sign_compress_(grad, res, 70_001),
-                         *ops.int8_compress_(grad, res, 2048, 3), res])
+            outs.append(
+                [
+                    *ops.topk_compress_(grad, res, 4000),
+                    *ops.sign_compress_(grad, res, 70_001),
+                    *ops.int8_compress_(grad, res, 2048, 3),
+                    res,
+                ]
+            )
     finally:
         torch.set_num_threads(old)
     for a, b in zip(*outs):
@@ -508,6 +594,7 @@ def test_results_do_not_depend_on_thread_count(backend):
 
 
 # --------------------------------------------------------------------------- PowerSGD
+
 
 def orth_error(m: torch.Tensor, eps: float = 1e-8) -> tuple[float, float]:
     """(kernel's error, reference's own error), both max |. - fp64 reference|."""
@@ -517,8 +604,10 @@ def orth_error(m: torch.Tensor, eps: float = 1e-8) -> tuple[float, float]:
     return float((mine.double() - gold).abs().max()), float((theirs.double() - gold).abs().max())
 
 
-@given(shape=st.sampled_from([(1, 1), (5, 1), (7, 3), (64, 4), (4096, 4), (3, 100, 8), (2, 2, 33, 2), (16400, 2)]),
-       seed=st.integers(0, 2**16))
+@given(
+    shape=st.sampled_from([(1, 1), (5, 1), (7, 3), (64, 4), (4096, 4), (3, 100, 8), (2, 2, 33, 2), (16400, 2)]),
+    seed=st.integers(0, 2**16),
+)
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_orthogonalize_error_within_twice_reference(backend, shape, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -535,8 +624,7 @@ def test_orthogonalize_float64_and_in_place(backend):
     m = torch.randn(6, 500, 5, generator=gen, dtype=torch.float64)
     out = ops.orthogonalize_(m)
     assert out is m
-    expected = R.orthogonalize_(torch.randn(6, 500, 5, generator=torch.Generator().manual_seed(8),
-                                            dtype=torch.float64))
+    expected = R.orthogonalize_(torch.randn(6, 500, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64))
     assert torch.allclose(m, expected, rtol=0, atol=1e-12)
 
 
@@ -551,6 +639,7 @@ def test_orthogonalize_nan_reaches_later_columns_only(backend):
 
 
 # --------------------------------------------------------------------------- bad input
+
 
 def test_bad_bucket_input():
     x = torch.randn(4)
@@ -673,8 +762,7 @@ def test_bad_orthogonalize_input():
         ops.orthogonalize_([[1.0]])
 
 
-@given(k=st.integers(-3, 30), chunk=st.integers(-2, 40), seed=st.integers(-2, 2**62),
-       sample=st.integers(-2, 50))
+@given(k=st.integers(-3, 30), chunk=st.integers(-2, 40), seed=st.integers(-2, 2**62), sample=st.integers(-2, 50))
 @settings(max_examples=40, deadline=None)
 def test_any_int_argument_works_or_raises_value_error(k, chunk, seed, sample):
     g = torch.randn(25)
@@ -706,6 +794,7 @@ def test_native_ops_check_their_arguments_too():
 
 
 # --------------------------------------------------------------------------- registration
+
 
 def test_opcheck():
     A = torch.ops.accelops

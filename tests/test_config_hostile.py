@@ -1,4 +1,5 @@
 """Hostile config files get one clear ConfigError (issue 23, item 10, config part)."""
+
 from __future__ import annotations
 
 import pytest

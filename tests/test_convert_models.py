@@ -2,6 +2,7 @@
 models built from configs with random weights (Llama, Qwen2, GPT-2 with its Conv1D, BitNet),
 the output head, tied weights, atomicity and the report's account of what runs.
 Regression tests for issue 22, items 1, 3, 4 and 5."""
+
 from __future__ import annotations
 
 import copy
@@ -38,15 +39,24 @@ def _llama(tie=False, cls_name="Llama"):
     torch.manual_seed(0)
     cfg_cls = getattr(transformers, f"{cls_name}Config")
     model_cls = getattr(transformers, f"{cls_name}ForCausalLM")
-    cfg = cfg_cls(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie)
+    cfg = cfg_cls(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
     return model_cls(cfg).eval()
 
 
 def _gpt2():
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0,
-                                  eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
@@ -61,6 +71,7 @@ def _unique_bytes(model):
 
 
 # --------------------------------------------------------------------------- 1. FusedFFN
+
 
 def test_bitlinear_reaches_the_fused_ffn():
     """Before: the FusedFFN's projections were swapped for BitLinear but FusedFFN.forward read
@@ -172,6 +183,7 @@ def test_filter_must_agree_on_a_fused_ffn():
 
 # --------------------------------------------------------------------------- 3. Conv1D
 
+
 def test_gpt2_conv1d_int8_keeps_the_tie():
     """Before: only lm_head was swapped (untied from wte, growing the model); the 8 Conv1D
     layers were skipped without a line."""
@@ -181,14 +193,17 @@ def test_gpt2_conv1d_int8_keeps_the_tie():
         y0 = model(tokens).logits
     size_before = _unique_bytes(model)
     report = convert(model, "int8")
-    conv_names = [f"transformer.h.{i}.{p}" for i in range(2)
-                  for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    conv_names = [
+        f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
     assert [s.fqn for s in report.swapped] == conv_names
     assert all(s.from_type == "Conv1D" and s.to_type == "Int8Linear" for s in report.swapped)
     c_fc = model.transformer.h[0].mlp.c_fc
     assert (c_fc.in_features, c_fc.out_features) == (64, 256)
-    assert report.skipped == [("lm_head", report.skipped[0][1])] and "tied to transformer.wte.weight" in \
-        report.skipped[0][1]
+    assert (
+        report.skipped == [("lm_head", report.skipped[0][1])]
+        and "tied to transformer.wte.weight" in report.skipped[0][1]
+    )
     assert model.lm_head.weight is model.transformer.wte.weight  # the tie is kept
     assert report.model_bytes_before == size_before
     assert report.model_bytes_after == _unique_bytes(model) < size_before
@@ -222,8 +237,10 @@ def test_gpt2_conv1d_every_mode(mode):
     report = convert(model, mode)
     new = model.transformer.h[0].attn.c_attn
     # qat-int8 quantizes the output head too (int8 modes), sharing the tied Parameter
-    assert report.num_swapped == (9 if mode == "qat-int8" else 8) and type(new) is {"bitlinear": BitLinear, "qat-int8": QATLinear,
-                                                     "ternary": TernaryLinear}[mode]
+    assert (
+        report.num_swapped == (9 if mode == "qat-int8" else 8)
+        and type(new) is {"bitlinear": BitLinear, "qat-int8": QATLinear, "ternary": TernaryLinear}[mode]
+    )
     if mode != "ternary":
         # the transposed weight is a new Parameter; the bias Parameter is shared
         assert torch.equal(new.weight.detach(), w.t()) and new.bias is b
@@ -261,6 +278,7 @@ def test_conv1d_layer_outputs_match_its_linear_form():
 
 # --------------------------------------------------------------------------- 4. output heads
 
+
 @pytest.mark.parametrize("name", ["Llama", "Qwen2", "BitNet"])
 def test_hugging_face_reports_tell_the_truth(name):
     model = _llama(cls_name=name)
@@ -297,6 +315,7 @@ def test_tied_llama_head_is_kept_tied():
 
 # --------------------------------------------------------------------------- 5. atomic, repeat, meta
 
+
 def test_nan_weight_leaves_the_model_unchanged_and_names_the_layer():
     """Before: the model was left half converted and the error did not name the layer."""
     model = _tlm()
@@ -322,7 +341,9 @@ def test_a_failing_build_leaves_the_model_unchanged(monkeypatch):
 
     original = Int8Linear.from_linear
     monkeypatch.setattr(Int8Linear, "from_linear", staticmethod(boom))
-    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn\.v_proj \(Linear\): out of memory; convert changed nothing"):
+    with pytest.raises(
+        RuntimeError, match=r"blocks\.0\.attn\.v_proj \(Linear\): out of memory; convert changed nothing"
+    ):
         convert(model, "int8")
     assert [type(m) for m in model.modules()] == before
 

@@ -12,6 +12,7 @@ Wall time: the three compiles run as concurrent processes started by one fixture
 ~30 s on two idle cores, ~65 s measured on two cores shared with other jobs. These tests
 need nvcc on PATH and skip, saying so, without it.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,10 +34,15 @@ CXX = shutil.which("g++")
 CC = shutil.which("gcc")
 # The two architectures the kernels are written for (dp4a everywhere, A100 and H100 tuning).
 NVCC_FLAGS = [
-    "-c", "-std=c++17", "-O3",
-    "-gencode", "arch=compute_80,code=sm_80",
-    "-gencode", "arch=compute_90,code=sm_90",
-    "-Xcompiler", "-Wall",
+    "-c",
+    "-std=c++17",
+    "-O3",
+    "-gencode",
+    "arch=compute_80,code=sm_80",
+    "-gencode",
+    "arch=compute_90,code=sm_90",
+    "-Xcompiler",
+    "-Wall",
 ]
 TIMEOUT_S = 600
 
@@ -48,8 +54,12 @@ def _cuda_include_dir() -> Path | None:
     if NVCC is None:
         return None
     try:
-        dry = subprocess.run([NVCC, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-                             capture_output=True, text=True, timeout=60)
+        dry = subprocess.run(
+            [NVCC, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         for line in (dry.stdout + dry.stderr).splitlines():
             if "INCLUDES=" in line:
                 for inc in re.findall(r'-I"?([^"\s]+)', line):
@@ -86,8 +96,17 @@ def _glue_command() -> tuple[list[str] | None, str]:
     py_inc = sysconfig.get_paths()["include"]
     # CPU wheels lack the generated c10/cuda/impl/cuda_cmake_macros.h; this define skips it
     # (the HIP build's switch). Only syntax is checked: nothing is linked against c10_cuda.
-    return [CXX, "-std=c++17", "-fsyntax-only", "-Wall", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
-            *[f"-I{p}" for p in torch_inc], f"-I{py_inc}", f"-I{cuda_inc}", str(GLUE)], ""
+    return [
+        CXX,
+        "-std=c++17",
+        "-fsyntax-only",
+        "-Wall",
+        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+        *[f"-I{p}" for p in torch_inc],
+        f"-I{py_inc}",
+        f"-I{cuda_inc}",
+        str(GLUE),
+    ], ""
 
 
 class _Job:
@@ -114,8 +133,10 @@ class _Job:
 def builds(tmp_path_factory):
     """Starts every slow compile at once, so they overlap on the available cores."""
     out = tmp_path_factory.mktemp("cuda_build")
-    jobs = {src.name: (_Job([NVCC, *NVCC_FLAGS, str(src), "-o", str(out / f"{src.stem}.o")], ROOT),
-                       out / f"{src.stem}.o") for src in CU_SOURCES}
+    jobs = {
+        src.name: (_Job([NVCC, *NVCC_FLAGS, str(src), "-o", str(out / f"{src.stem}.o")], ROOT), out / f"{src.stem}.o")
+        for src in CU_SOURCES
+    }
     glue_cmd, why = _glue_command()
     glue = _Job(glue_cmd, ROOT) if glue_cmd is not None else why
     yield {"objects": jobs, "glue": glue}
@@ -192,7 +213,9 @@ def test_header_compiles_without_torch(tmp_path, language):
     # Included twice (the guard), and every function's address taken (the declarations are
     # complete and usable).
     calls = "\n".join(f"  (void)&{name};" for name in sorted(_header_functions()))
-    tu.write_text(f'#include "accelops_cuda.h"\n#include "accelops_cuda.h"\nint main(void) {{\n{calls}\n  return 0;\n}}\n')
+    tu.write_text(
+        f'#include "accelops_cuda.h"\n#include "accelops_cuda.h"\nint main(void) {{\n{calls}\n  return 0;\n}}\n'
+    )
     cmd = [compiler, std, "-fsyntax-only", "-Wall", "-Wextra", "-Werror", f"-I{CUDA_DIR}", f"-I{cuda_inc}", str(tu)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}{res.stderr}"

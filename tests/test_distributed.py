@@ -7,6 +7,7 @@ Launches: correctness (reducer vs DDP, hooks vs references, error feedback, no_s
 checkpoint/resume, world size 1, bad input), convergence (sklearn digits), repeated runs
 (50 per hook) and faults (a peer that stalls, a peer that dies).
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,6 +39,7 @@ STALL_TIMEOUT_S = 2.0
 
 
 # =========================================================================== launcher
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -101,9 +103,11 @@ def result(runs: list[dict], check: str, ranks=None) -> list:
         if ranks is not None and r not in ranks:
             continue
         if check not in res:
-            pytest.fail(f"rank {r} never finished check {check!r} (exit code {res['_exitcode']}, "
-                        f"{'hung and killed' if res['_hung'] else 'exited'}); finished: "
-                        f"{[k for k in res if not k.startswith('_')]}")
+            pytest.fail(
+                f"rank {r} never finished check {check!r} (exit code {res['_exitcode']}, "
+                f"{'hung and killed' if res['_hung'] else 'exited'}); finished: "
+                f"{[k for k in res if not k.startswith('_')]}"
+            )
         status, value, _ = res[check]
         if status != "ok":
             pytest.fail(f"rank {r}, check {check!r}:\n{value}")
@@ -112,6 +116,7 @@ def result(runs: list[dict], check: str, ranks=None) -> list:
 
 
 # =========================================================================== models and helpers
+
 
 def mlp(sizes=(24, 32, 32, 8), seed=0) -> nn.Sequential:
     torch.manual_seed(seed)
@@ -139,7 +144,7 @@ class Awkward(nn.Module):
         h = h + self.mid(h.bfloat16()).float()
         if rank == 0:
             h = h + self.only_rank0(h)
-        return self.head(h) + F.linear(h, self.enc.weight.t())   # enc.weight a second time
+        return self.head(h) + F.linear(h, self.enc.weight.t())  # enc.weight a second time
 
 
 def grads(model) -> list:
@@ -152,8 +157,9 @@ def assert_same_grads(a, b, what):
         if x is None or y is None:
             assert x is None and y is None, f"{what}: parameter {i}: grad None on one side only"
         else:
-            assert x.dtype == y.dtype and torch.equal(x, y), \
+            assert x.dtype == y.dtype and torch.equal(x, y), (
                 f"{what}: parameter {i} differs, max {(x.float() - y.float()).abs().max().item():.3g}"
+            )
 
 
 def gather_objects(obj, world):
@@ -176,6 +182,7 @@ def ddp(module, **kw):
 
 
 # =========================================================================== correctness checks
+
 
 def check_reducer_matches_ddp(rank, world):
     """BucketedAllReducer without compression == DDP, bit for bit, over 3 SGD steps."""
@@ -213,7 +220,7 @@ def check_reducer_matches_ddp(rank, world):
         assert_same_grads(ga, gb, f"awkward step {step}")
         names = [n for n, _ in a.named_parameters()]
         assert ga[names.index("unused.weight")] is None
-        assert ga[names.index("only_rank0.weight")] is not None     # used on rank 0 only: averaged
+        assert ga[names.index("only_rank0.weight")] is not None  # used on rank 0 only: averaged
         opt_a.step(), opt_b.step()
         opt_a.zero_grad(), opt_b.zero_grad()
     # 3. without find_unused_parameters: the same values; a parameter no rank used gets zeros
@@ -276,7 +283,7 @@ def check_reducer_overlaps_backward(rank, world):
         opt.step()
     assert reducer.compression.step == 3 and params_in_sync(model, world)
 
-    model = mlp(seed=rank)                                   # different weights on each rank
+    model = mlp(seed=rank)  # different weights on each rank
     BucketedAllReducer(model).broadcast_parameters()
     assert params_in_sync(model, world)
     return True
@@ -288,7 +295,7 @@ def check_no_sync(rank, world):
     from accelops.distributed import BucketedAllReducer
 
     torch.manual_seed(5)
-    data = [torch.randn(2, 8, 24) for _ in range(world)]          # [micro, batch, features] per rank
+    data = [torch.randn(2, 8, 24) for _ in range(world)]  # [micro, batch, features] per rank
     a, b, c = mlp(), mlp(), mlp()
     model_ddp = ddp(a)
     reducer = BucketedAllReducer(b, bucket_cap_mb=0.004, first_bucket_mb=0.002)
@@ -298,7 +305,7 @@ def check_no_sync(rank, world):
     (model_ddp(mine[1]).square().mean() / 2).backward()
     with reducer.no_sync():
         (b(mine[0]).square().mean() / 2).backward()
-        reducer.finish()                                         # a no-op under no_sync
+        reducer.finish()  # a no-op under no_sync
     (b(mine[1]).square().mean() / 2).backward()
     reducer.finish()
     assert_same_grads(grads(a), grads(b), "no_sync vs DDP")
@@ -310,11 +317,14 @@ def check_no_sync(rank, world):
 
 # ---- hooks at the level of one bucket, against the references
 
+
 def _fake_params():
     """Two buckets' worth of parameters: a matrix, a vector, a 3-D tensor, a vector."""
     torch.manual_seed(2)
-    return [[nn.Parameter(torch.zeros(40, 24)), nn.Parameter(torch.zeros(40))],
-            [nn.Parameter(torch.zeros(16, 4, 10)), nn.Parameter(torch.zeros(16))]]
+    return [
+        [nn.Parameter(torch.zeros(40, 24)), nn.Parameter(torch.zeros(40))],
+        [nn.Parameter(torch.zeros(16, 4, 10)), nn.Parameter(torch.zeros(16))],
+    ]
 
 
 def _bucket_grads(rank, step, index, numel):
@@ -337,8 +347,17 @@ def _run_state(state, buckets, steps, rank):
             n = sum(p.numel() for p in params)
             buf = _bucket_grads(rank, step, index, n)
             ins.append(buf.clone())
-            futs.append(state(Bucket(index, buf, params, tuple(f"b{index}p{i}" for i in range(len(params))),
-                                     index == len(buckets) - 1)))
+            futs.append(
+                state(
+                    Bucket(
+                        index,
+                        buf,
+                        params,
+                        tuple(f"b{index}p{i}" for i in range(len(params))),
+                        index == len(buckets) - 1,
+                    )
+                )
+            )
         out.append([(i, f.wait().clone()) for i, f in zip(ins, futs)])
     return out
 
@@ -363,8 +382,8 @@ def _expected_chunked(name, state, buckets, steps, world):
             for i, (offset, size) in enumerate(_segments(params)):
                 codes, scales = [], []
                 for r in range(world):
-                    res = residuals[(r, index)][offset:offset + size] if state.error_feedback else None
-                    seg = bufs[r][offset:offset + size].clone()
+                    res = residuals[(r, index)][offset : offset + size] if state.error_feedback else None
+                    seg = bufs[r][offset : offset + size].clone()
                     if name == "int8":
                         seed = state.param_seed(f"b{index}p{i}", step, r)
                         c, s = ref.int8_compress_(seg, res, state.chunk_size, seed)
@@ -373,11 +392,13 @@ def _expected_chunked(name, state, buckets, steps, world):
                     codes.append(c)
                     scales.append(s)
                 if name == "int8":
-                    out[offset:offset + size] = ref.int8_decompress(torch.stack(codes), torch.stack(scales),
-                                                                    state.chunk_size)
+                    out[offset : offset + size] = ref.int8_decompress(
+                        torch.stack(codes), torch.stack(scales), state.chunk_size
+                    )
                 else:
-                    out[offset:offset + size] = ref.sign_decompress(torch.stack(codes), torch.stack(scales), size,
-                                                                    state.chunk_size)
+                    out[offset : offset + size] = ref.sign_decompress(
+                        torch.stack(codes), torch.stack(scales), size, state.chunk_size
+                    )
             per_bucket.append(out)
         expected.append(per_bucket)
     return expected, residuals
@@ -393,8 +414,14 @@ def _expected_topk(state, buckets, steps, world):
             k = max(1, math.ceil(state.ratio * n))
             vals, idxs = [], []
             for r in range(world):
-                v, i = ref.topk_compress_(_bucket_grads(r, step, index, n), residuals[(r, index)], k,
-                                          state.method, state.sample_size, state.bucket_seed(index, step, r))
+                v, i = ref.topk_compress_(
+                    _bucket_grads(r, step, index, n),
+                    residuals[(r, index)],
+                    k,
+                    state.method,
+                    state.sample_size,
+                    state.bucket_seed(index, step, r),
+                )
                 vals.append(v)
                 idxs.append(i)
             per_bucket.append(ref.topk_decompress(torch.stack(vals), torch.stack(idxs), n))
@@ -419,18 +446,18 @@ def _expected_powersgd(rank_r, q0, buckets, steps, world):
                     key = f"b{index}p{i}"
                     rows, cols = p.shape[0], size // p.shape[0]
                     q = ref.orthogonalize_(qs[key].clone(), 1e-8)
-                    ms = [a[offset:offset + size].view(rows, cols) for a in accs]
+                    ms = [a[offset : offset + size].view(rows, cols) for a in accs]
                     pm = ref.orthogonalize_(sum(m @ q for m in ms), 1e-8)
                     qn = sum(m.t() @ pm for m in ms) / world
-                    out[offset:offset + size] = (pm @ qn.t()).reshape(-1)
+                    out[offset : offset + size] = (pm @ qn.t()).reshape(-1)
                     qs[key] = qn
                 else:
-                    out[offset:offset + size] = sum(a[offset:offset + size] for a in accs) / world
+                    out[offset : offset + size] = sum(a[offset : offset + size] for a in accs) / world
             for r in range(world):
                 residuals[(r, index)] = accs[r] - out
                 for p, (offset, size) in zip(params, _segments(params)):
                     if p.dim() < 2:
-                        residuals[(r, index)][offset:offset + size] = 0
+                        residuals[(r, index)][offset : offset + size] = 0
             per_bucket.append(out)
         expected.append(per_bucket)
     return expected, residuals
@@ -450,12 +477,20 @@ def check_hooks_match_reference(rank, world):
     steps = 3
     buckets = _fake_params()
     report = {}
-    for name, opts in [("bf16", {}), ("fp16", {}), ("int8", {}), ("int8", {"error_feedback": True}),
-                       ("topk", {"ratio": 0.05}), ("topk", {"ratio": 0.05, "method": "sampled", "sample_size": 64}),
-                       ("sign", {}), ("sign", {"chunk_size": 64}), ("powersgd", {"rank": 3})]:
+    for name, opts in [
+        ("bf16", {}),
+        ("fp16", {}),
+        ("int8", {}),
+        ("int8", {"error_feedback": True}),
+        ("topk", {"ratio": 0.05}),
+        ("topk", {"ratio": 0.05, "method": "sampled", "sample_size": 64}),
+        ("sign", {}),
+        ("sign", {"chunk_size": 64}),
+        ("powersgd", {"rank": 3}),
+    ]:
         state = make_state(name, **opts)
         q0 = {}
-        if name == "powersgd":   # start from known Q matrices, loaded as a checkpoint would be
+        if name == "powersgd":  # start from known Q matrices, loaded as a checkpoint would be
             g = torch.Generator().manual_seed(9)
             q0 = {"b0p0": torch.randn(24, 3, generator=g), "b1p0": torch.randn(40, 3, generator=g)}
             sd = state.state_dict()
@@ -505,8 +540,12 @@ def check_error_feedback_invariant(rank, world):
     steps = 4
     buckets = _fake_params()
     worst = {}
-    for name, opts in [("topk", {"ratio": 0.02}), ("sign", {}), ("int8", {"error_feedback": True}),
-                       ("powersgd", {"rank": 2})]:
+    for name, opts in [
+        ("topk", {"ratio": 0.02}),
+        ("sign", {}),
+        ("int8", {"error_feedback": True}),
+        ("powersgd", {"rank": 2}),
+    ]:
         state = make_state(name, **opts)
         got = _run_state(state, buckets, steps, rank)
         residuals = gather_objects(_state_residuals(state, buckets), world)
@@ -518,7 +557,7 @@ def check_error_feedback_invariant(rank, world):
             err = ((sent + kept - total).norm() / total.norm()).item()
             worst[name] = max(worst.get(name, 0.0), err)
             assert err < 1e-5, (name, index, err)
-            if name == "topk":   # each rank sent k elements a step; the others wait in its residual
+            if name == "topk":  # each rank sent k elements a step; the others wait in its residual
                 mine = state.state_dict()["residuals"]
                 assert all(torch.isfinite(v).all() for v in mine.values())
     return worst
@@ -550,7 +589,7 @@ def _train_resumable(hook, opts, rank, steps=6, resume_at=None):
         opt.zero_grad()
         wrapped(torch.randn(16, 24, generator=g)).square().mean().backward()
         opt.step()
-    assert state.step == steps          # the loaded step counter carries on
+    assert state.step == steps  # the loaded step counter carries on
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -596,7 +635,7 @@ def check_world_size_one(rank, world):
     state saved there cannot be loaded on 2 ranks."""
     from accelops.distributed import BucketedAllReducer, make_state, register_compression
 
-    singles = [dist.new_group(ranks=[r]) for r in range(world)]   # every rank creates every group
+    singles = [dist.new_group(ranks=[r]) for r in range(world)]  # every rank creates every group
     mine = singles[rank]
     x = torch.randn(16, 24)
     plain = mlp()
@@ -663,6 +702,7 @@ def check_bad_input(rank, world):
 
 # =========================================================================== convergence (sklearn digits)
 
+
 def _digits():
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -690,7 +730,7 @@ def _train_digits(hook, opts, rank, world, epochs=30, batch=64, lr=0.4):
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
         for i in range(0, n - world * batch + 1, world * batch):
-            idx = perm[i + rank * batch:i + (rank + 1) * batch]
+            idx = perm[i + rank * batch : i + (rank + 1) * batch]
             opt.zero_grad()
             F.cross_entropy(wrapped(xtr[idx]), ytr[idx]).backward()
             opt.step()
@@ -700,11 +740,14 @@ def _train_digits(hook, opts, rank, world, epochs=30, batch=64, lr=0.4):
 
 
 def check_convergence(rank, world):
-    return {name: _train_digits(name, opts, rank, world)
-            for name, opts in [(None, {}), ("topk", {"ratio": 0.01}), ("sign", {}), ("powersgd", {"rank": 4})]}
+    return {
+        name: _train_digits(name, opts, rank, world)
+        for name, opts in [(None, {}), ("topk", {"ratio": 0.01}), ("sign", {}), ("powersgd", {"rank": 4})]
+    }
 
 
 # =========================================================================== repeated runs
+
 
 class ThreeDtypes(nn.Module):
     """fp32, bf16 and fp64 layers: DDP buckets by dtype, so even its default caps give 3
@@ -748,6 +791,7 @@ def check_repeated_runs(rank, world):
 
 # =========================================================================== faults
 
+
 def timed_outcome(step, catch=Exception):
     """-> (what step() raised as "Type: message", or "no error"; the seconds it took)."""
     t0 = time.monotonic()
@@ -782,6 +826,7 @@ def check_stalled_peer_reducer(rank, world):
     reducer = BucketedAllReducer(model, process_group=group, timeout=STALL_TIMEOUT_S)
     out = None
     if rank == 0:
+
         def step():
             model(torch.randn(8, 24)).sum().backward()
             reducer.finish()
@@ -800,8 +845,9 @@ def check_peer_dies(rank, world):
     wrapped = ddp(model, bucket_cap_mb=0.1)
     register_compression(wrapped, "powersgd", rank=2, timeout=30)
     x = torch.randn(8, 24)
-    wrapped(x).sum().backward()                      # one good step
-    if rank == 1:                                    # dies once the later layers' buckets are launched
+    wrapped(x).sum().backward()  # one good step
+    if rank == 1:  # dies once the later layers' buckets are launched
+
         def die_in_backward(module, args, out):
             out.register_hook(lambda grad: os._exit(3))
 
@@ -811,12 +857,25 @@ def check_peer_dies(rank, world):
 
 # One launch runs them all, in this order: its start-up (processes, imports, DDP's first
 # construction) costs several seconds on a 2-core machine. The peer that dies goes last.
-CHECKS = ["reducer_matches_ddp", "reducer_overlaps_backward", "no_sync", "hooks_match_reference",
-          "error_feedback_invariant", "checkpoint_resume", "world_size_one", "bad_input", "convergence",
-          "repeated_runs", "stalled_peer_hook", "stalled_peer_reducer", "peer_dies"]
+CHECKS = [
+    "reducer_matches_ddp",
+    "reducer_overlaps_backward",
+    "no_sync",
+    "hooks_match_reference",
+    "error_feedback_invariant",
+    "checkpoint_resume",
+    "world_size_one",
+    "bad_input",
+    "convergence",
+    "repeated_runs",
+    "stalled_peer_hook",
+    "stalled_peer_reducer",
+    "peer_dies",
+]
 
 
 # =========================================================================== tests
+
 
 @pytest.fixture(scope="module")
 def runs():
@@ -825,7 +884,7 @@ def runs():
 
 def test_reducer_matches_ddp(runs):
     sizes = result(runs, "reducer_matches_ddp")[0]
-    assert len(sizes["{'bucket_cap_mb': 0.002, 'first_bucket_mb': 0.001}"]) > 2   # several buckets in flight
+    assert len(sizes["{'bucket_cap_mb': 0.002, 'first_bucket_mb': 0.001}"]) > 2  # several buckets in flight
     assert len(sizes["awkward"]) > 2
 
 
@@ -860,7 +919,7 @@ def test_bad_input_distributed(runs):
 
 def test_convergence_digits(runs):
     acc = result(runs, "convergence")
-    assert acc[0] == acc[1]                                   # both ranks hold the same model
+    assert acc[0] == acc[1]  # both ranks hold the same model
     acc = acc[0]
     assert acc[None] > 90, acc
     for name in CONVERGENCE:
@@ -880,11 +939,12 @@ def test_faults_raise_clear_errors(runs):
         assert STALL_TIMEOUT_S * 0.9 <= seconds < STALL_TIMEOUT_S + 15, seconds
     message, seconds = result(runs, "peer_dies", ranks=[0])[0]
     assert "peer process died" in message, message
-    assert seconds < 15, seconds                              # well within the 30 s timeout
+    assert seconds < 15, seconds  # well within the 30 s timeout
     assert runs[1]["_exitcode"] == 3
 
 
 # =========================================================================== without a process group
+
 
 @pytest.mark.parametrize("ratio", [0, -0.5, 1.5, float("nan"), float("inf")])
 def test_topk_ratio_outside_0_1(ratio):

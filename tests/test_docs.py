@@ -1,6 +1,7 @@
 """The documentation's relative links resolve: every `[text](path#anchor)` in README.md,
 CONTRIBUTING.md and docs/*.md names a file that exists and, for a Markdown file, a heading
 of it (GitHub's anchors), and the README links every page under docs/."""
+
 import re
 from pathlib import Path
 
@@ -71,5 +72,7 @@ def test_readme_links_every_docs_page():
 
 def test_anchor_ids_follow_github():
     assert anchors(ROOT / "docs" / "training.md") >= {
-        "training", "parallelism-strategies",
-        "real-evaluation-a-character-level-lm-on-tiny-shakespeare-benchbench_lmpy"}
+        "training",
+        "parallelism-strategies",
+        "real-evaluation-a-character-level-lm-on-tiny-shakespeare-benchbench_lmpy",
+    }

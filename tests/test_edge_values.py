@@ -1,5 +1,6 @@
 """Numerical edge values that used to give silently wrong answers (issue 23, items 7, 8):
 int8 GEMMs past the int32 accumulation limit, and fake-quant scales with no fp32 inverse."""
+
 from __future__ import annotations
 
 import pytest
@@ -45,8 +46,9 @@ def test_fake_quantize_refuses_a_scale_without_a_finite_reciprocal(backend, scal
     with pytest.raises(ValueError, match=r"scale .* is too small: its fp32 reciprocal is infinite"):
         ops.fake_quantize(x, scale, 0, -128, 127)
     with pytest.raises(ValueError, match=r"is too small"):
-        ops.fake_quantize(x.reshape(3, 1), torch.tensor([1.0, scale, 1.0]), torch.zeros(3, dtype=torch.int32),
-                          -128, 127, axis=0)
+        ops.fake_quantize(
+            x.reshape(3, 1), torch.tensor([1.0, scale, 1.0]), torch.zeros(3, dtype=torch.int32), -128, 127, axis=0
+        )
     with pytest.raises(ValueError, match=r"is too small"):
         ops.fake_quantize_learnable(x, torch.tensor([scale]), torch.zeros(1), -128, 127)
 

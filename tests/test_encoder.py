@@ -1,18 +1,24 @@
 """accelops.models.encoder: the encoder form of the transformer (bidirectional attention
 under a padding mask) and its task heads: shapes, padding invariance, bidirectionality,
 losses, quant modes through convert / to_int8, sharing, and the errors."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from accelops import convert
-from accelops.models import (BidirectionalSelfAttention, EncoderForQuestionAnswering,
-                             EncoderForSequenceClassification, EncoderForTokenClassification, TransformerEncoder,
-                             TransformerLM, TransformerLMConfig)
+from accelops.models import (
+    BidirectionalSelfAttention,
+    EncoderForQuestionAnswering,
+    EncoderForSequenceClassification,
+    EncoderForTokenClassification,
+    TransformerEncoder,
+    TransformerLM,
+    TransformerLMConfig,
+)
 from accelops.nn import Int8Linear, TernaryLinear
 from accelops.sharing import share_parameters
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,8 +34,9 @@ VOCAB = 50
 ARCHS = {
     "default": {},
     "llama": dict(pos_emb="rope", norm="rmsnorm", n_kv_heads=2),
-    "bitnet": dict(pos_emb="rope", norm="rmsnorm", n_kv_heads=2, activation="relu2", attn_sub_norm=True,
-                   ffn_sub_norm=True),
+    "bitnet": dict(
+        pos_emb="rope", norm="rmsnorm", n_kv_heads=2, activation="relu2", attn_sub_norm=True, ffn_sub_norm=True
+    ),
 }
 
 
@@ -41,8 +48,12 @@ def cfg(**kw):
 
 def build(kind, config, **kw):
     torch.manual_seed(0)
-    cls = {"encoder": TransformerEncoder, "sequence": EncoderForSequenceClassification,
-           "token": EncoderForTokenClassification, "span": EncoderForQuestionAnswering}[kind]
+    cls = {
+        "encoder": TransformerEncoder,
+        "sequence": EncoderForSequenceClassification,
+        "token": EncoderForTokenClassification,
+        "span": EncoderForQuestionAnswering,
+    }[kind]
     if kind in ("sequence", "token"):
         kw.setdefault("num_labels", 5)
     return cls(config, **kw).eval()

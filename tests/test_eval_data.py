@@ -1,5 +1,6 @@
 """accelops.eval.data: the loaders read the real files with the counts their SOURCE.txt and
 the data README give, and refuse malformed files naming the file, the line and the reason."""
+
 import json
 from pathlib import Path
 
@@ -8,11 +9,13 @@ import pytest
 from accelops.eval import data as D
 
 ROOT = D.data_root()
-needs_data = pytest.mark.skipif(not (ROOT / "README.md").exists(),
-                                reason=f"evaluation data not found at {ROOT} (set {D.DATA_ENV})")
+needs_data = pytest.mark.skipif(
+    not (ROOT / "README.md").exists(), reason=f"evaluation data not found at {ROOT} (set {D.DATA_ENV})"
+)
 
 
 # --------------------------------------------------------------------------- paths
+
 
 def test_data_root_env_and_argument(monkeypatch, tmp_path):
     monkeypatch.setenv(D.DATA_ENV, str(tmp_path))
@@ -35,6 +38,7 @@ def test_missing_file(tmp_path):
 
 
 # --------------------------------------------------------------------------- the real files
+
 
 @needs_data
 def test_wikitext2_counts():
@@ -60,10 +64,14 @@ def test_banking77_counts():
 
 
 @needs_data
-@pytest.mark.parametrize("split,sentences,words", [
-    ("dev", 2001, 25147), ("test", 2077, 25094),
-    pytest.param("train", 12544, 204577, marks=pytest.mark.slow),  # 14 MB: ~3 s on 2 cores
-])
+@pytest.mark.parametrize(
+    "split,sentences,words",
+    [
+        ("dev", 2001, 25147),
+        ("test", 2077, 25094),
+        pytest.param("train", 12544, 204577, marks=pytest.mark.slow),  # 14 MB: ~3 s on 2 cores
+    ],
+)
 def test_ud_ewt_counts(split, sentences, words):
     sents = D.load_conllu(D.data_path("ud_english_ewt", f"en_ewt-ud-{split}.conllu"))
     assert len(sents) == sentences
@@ -81,10 +89,14 @@ def test_ud_ewt_first_dev_sentence():
 
 
 @needs_data
-@pytest.mark.parametrize("name,sentences,tokens", [
-    ("wnut17train.conll", 3394, 62730), ("emerging.dev.conll", 1009, 15733),
-    ("emerging.test.annotated", 1287, 23394),
-])
+@pytest.mark.parametrize(
+    "name,sentences,tokens",
+    [
+        ("wnut17train.conll", 3394, 62730),
+        ("emerging.dev.conll", 1009, 15733),
+        ("emerging.test.annotated", 1287, 23394),
+    ],
+)
 def test_wnut17_counts(name, sentences, tokens):
     types = ["corporation", "creative-work", "group", "location", "person", "product"]
     sents = D.load_conll_bio(D.data_path("wnut17", name), entity_types=types)
@@ -107,6 +119,7 @@ def test_squad_and_xquad_counts_and_split():
 
 
 # --------------------------------------------------------------------------- malformed files
+
 
 def write(tmp_path, name, text):
     p = tmp_path / name
@@ -135,14 +148,17 @@ def test_lm_text_counts_blank_lines(tmp_path):
     assert t.tokens == [D.EOS, "a", "b", D.EOS, D.EOS] and t.num_chars == len(" \n a b \n\n")
 
 
-@pytest.mark.parametrize("body,line,reason", [
-    ("text,category\nhi,a\nho\n", 3, "1 fields, the header has 2"),
-    ("text,category\nhi,a,extra\n", 2, "3 fields"),
-    ("text,category\n,a\n", 2, "empty 'text'"),
-    ("text,category\nhi,\n", 2, "empty 'category'"),
-    ("text,category\nhi,a\n\nho,b\n", 3, "a blank line"),
-    ('text,category\n"multi\nline",a\nhi,zzz\n', 4, "label 'zzz' is not in the label set"),
-])
+@pytest.mark.parametrize(
+    "body,line,reason",
+    [
+        ("text,category\nhi,a\nho\n", 3, "1 fields, the header has 2"),
+        ("text,category\nhi,a,extra\n", 2, "3 fields"),
+        ("text,category\n,a\n", 2, "empty 'text'"),
+        ("text,category\nhi,\n", 2, "empty 'category'"),
+        ("text,category\nhi,a\n\nho,b\n", 3, "a blank line"),
+        ('text,category\n"multi\nline",a\nhi,zzz\n', 4, "label 'zzz' is not in the label set"),
+    ],
+)
 def test_classification_malformed(tmp_path, body, line, reason):
     p = write(tmp_path, "t.csv", body)
     with pytest.raises(D.DataFormatError, match=rf"t\.csv:{line}: {reason}"):
@@ -150,8 +166,9 @@ def test_classification_malformed(tmp_path, body, line, reason):
 
 
 def test_classification_header_and_tsv(tmp_path):
-    with pytest.raises(D.DataFormatError,
-                       match=r"t\.csv:1: the header \['sentence', 'category'\] has no column 'text'"):
+    with pytest.raises(
+        D.DataFormatError, match=r"t\.csv:1: the header \['sentence', 'category'\] has no column 'text'"
+    ):
         D.load_classification(write(tmp_path, "t.csv", "sentence,category\nhi,a\n"))
     d = D.load_classification(write(tmp_path, "t.tsv", "label\ttext\nx\thello, world\n"), label_column="label")
     assert d.texts == ["hello, world"] and d.labels == ["x"] and d.label_names == ["x"]
@@ -188,19 +205,28 @@ def test_conllu_reads_words_not_ranges_or_empty_nodes(tmp_path):
     assert (s[0].sent_id, s[0].text, s[0].line, s[1].line) == ("s1", "I don't", 1, 9)
 
 
-@pytest.mark.parametrize("lines,line,reason", [
-    (["1\tI\tI\tPRON\tPRP\t_\t0\troot\t_"], 1, "9 tab-separated fields"),
-    (["1\tI\tI\tPRON\tPRP\t_\t0\troot\t_\t_", "3\tx\tx\tX\t_\t_\t1\tdep\t_\t_"], 2, "word id 3 out of order"),
-    (["1\tI\tI\tPRONOUN\tPRP\t_\t0\troot\t_\t_"], 1, "UPOS 'PRONOUN' is not one of the 17"),
-    (["1\tI\tI\tPRON\tPRP\t_\t5\troot\t_\t_"], 1, "HEAD 5 is not a word of this 1-word sentence"),
-    (["1\tI\tI\tPRON\tPRP\t_\t_\troot\t_\t_"], 1, "HEAD '_' is not a word id"),
-    (["1\tI\tI\tPRON\tPRP\t_\t0\troot\t_\t_", "# late", "2\tx\tx\tX\t_\t_\t1\tdep\t_\t_"], 2,
-     "a comment line inside a sentence"),
-    (["1\tI\tI\tPRON\tPRP\t_\t0\troot\t_\t_", "\t", "1\tx\tx\tX\t_\t_\t0\tdep\t_\t_"], 2,
-     "a sentence break .* holds whitespace"),
-    (["2-1\tx\t_\t_\t_\t_\t_\t_\t_\t_"], 1, "multi-word token range 2-1"),
-    (["a\tI\tI\tPRON\tPRP\t_\t0\troot\t_\t_"], 1, "ID 'a' is not a word id"),
-])
+@pytest.mark.parametrize(
+    "lines,line,reason",
+    [
+        (["1\tI\tI\tPRON\tPRP\t_\t0\troot\t_"], 1, "9 tab-separated fields"),
+        (["1\tI\tI\tPRON\tPRP\t_\t0\troot\t_\t_", "3\tx\tx\tX\t_\t_\t1\tdep\t_\t_"], 2, "word id 3 out of order"),
+        (["1\tI\tI\tPRONOUN\tPRP\t_\t0\troot\t_\t_"], 1, "UPOS 'PRONOUN' is not one of the 17"),
+        (["1\tI\tI\tPRON\tPRP\t_\t5\troot\t_\t_"], 1, "HEAD 5 is not a word of this 1-word sentence"),
+        (["1\tI\tI\tPRON\tPRP\t_\t_\troot\t_\t_"], 1, "HEAD '_' is not a word id"),
+        (
+            ["1\tI\tI\tPRON\tPRP\t_\t0\troot\t_\t_", "# late", "2\tx\tx\tX\t_\t_\t1\tdep\t_\t_"],
+            2,
+            "a comment line inside a sentence",
+        ),
+        (
+            ["1\tI\tI\tPRON\tPRP\t_\t0\troot\t_\t_", "\t", "1\tx\tx\tX\t_\t_\t0\tdep\t_\t_"],
+            2,
+            "a sentence break .* holds whitespace",
+        ),
+        (["2-1\tx\t_\t_\t_\t_\t_\t_\t_\t_"], 1, "multi-word token range 2-1"),
+        (["a\tI\tI\tPRON\tPRP\t_\t0\troot\t_\t_"], 1, "ID 'a' is not a word id"),
+    ],
+)
 def test_conllu_malformed(tmp_path, lines, line, reason):
     p = write(tmp_path, "b.conllu", "\n".join(lines) + "\n\n")
     with pytest.raises(D.DataFormatError, match=rf"b\.conllu:{line}: {reason}"):
@@ -208,29 +234,40 @@ def test_conllu_malformed(tmp_path, lines, line, reason):
 
 
 def test_conll_bio_tab_only_breaks_and_docstart(tmp_path):
-    p = write(tmp_path, "w.conll", "-DOCSTART-\tO\n\nEmpire\tB-location\nState\tI-location\n\t\n"
-                                   "x\tI-person\n \nlast\tO")
+    p = write(
+        tmp_path, "w.conll", "-DOCSTART-\tO\n\nEmpire\tB-location\nState\tI-location\n\t\nx\tI-person\n \nlast\tO"
+    )
     s = D.load_conll_bio(p)
     assert [x.tokens for x in s] == [["Empire", "State"], ["x"], ["last"]]
     assert [x.tags for x in s] == [["B-location", "I-location"], ["I-person"], ["O"]]
     assert [x.line for x in s] == [3, 6, 8]
 
 
-@pytest.mark.parametrize("body,line,reason", [
-    ("a\tO\nb\n", 2, "a token without a tag"),
-    ("a\tO\nb\tB_person\n", 2, "tag 'B_person' is not O, B-<type> or I-<type>"),
-    ("a\tO\nb\tB-\n", 2, "tag 'B-'"),
-    ("a\tO\n\tB-person\n", 2, "an empty token"),
-    ("a\tO\nb\tB-animal\n", 2, "entity type 'animal' is not in the label set"),
-])
+@pytest.mark.parametrize(
+    "body,line,reason",
+    [
+        ("a\tO\nb\n", 2, "a token without a tag"),
+        ("a\tO\nb\tB_person\n", 2, "tag 'B_person' is not O, B-<type> or I-<type>"),
+        ("a\tO\nb\tB-\n", 2, "tag 'B-'"),
+        ("a\tO\n\tB-person\n", 2, "an empty token"),
+        ("a\tO\nb\tB-animal\n", 2, "entity type 'animal' is not in the label set"),
+    ],
+)
 def test_conll_bio_malformed(tmp_path, body, line, reason):
     with pytest.raises(D.DataFormatError, match=rf"w\.conll:{line}: {reason}"):
         D.load_conll_bio(write(tmp_path, "w.conll", body), entity_types=["person"])
 
 
 def squad_doc(answers, context="The cat sat.", qid="q1"):
-    return {"version": "1.1", "data": [{"title": "T", "paragraphs": [
-        {"context": context, "qas": [{"id": qid, "question": "Who sat?", "answers": answers}]}]}]}
+    return {
+        "version": "1.1",
+        "data": [
+            {
+                "title": "T",
+                "paragraphs": [{"context": context, "qas": [{"id": qid, "question": "Who sat?", "answers": answers}]}],
+            }
+        ],
+    }
 
 
 def test_squad_reads_spans(tmp_path):
@@ -239,16 +276,28 @@ def test_squad_reads_spans(tmp_path):
     assert (a.text, a.start, a.end) == ("cat", 4, 7) and d.gold_answers() == {"q1": ["cat"]}
 
 
-@pytest.mark.parametrize("answers,where,reason", [
-    ([{"text": "cat", "answer_start": 10}], r"data\[0\]\.paragraphs\[0\]\.qas\[0\]\.answers\[0\]",
-     r"answer span \[10, 13\) lies outside its context of 12 characters"),
-    ([{"text": "cat", "answer_start": 0}], r"data\[0\]\.paragraphs\[0\]\.qas\[0\]\.answers\[0\]",
-     "answer 'cat' is not the context's text at answer_start=0"),
-    ([{"text": "cat", "answer_start": "4"}], r"data\[0\]\.paragraphs\[0\]\.qas\[0\]\.answers\[0\]\.answer_start",
-     "expected int, got str"),
-    ([{"text": "cat"}], r"data\[0\]\.paragraphs\[0\]\.qas\[0\]\.answers\[0\]", "no 'answer_start' field"),
-    ([], r"data\[0\]\.paragraphs\[0\]\.qas\[0\]\.answers", "no answers"),
-])
+@pytest.mark.parametrize(
+    "answers,where,reason",
+    [
+        (
+            [{"text": "cat", "answer_start": 10}],
+            r"data\[0\]\.paragraphs\[0\]\.qas\[0\]\.answers\[0\]",
+            r"answer span \[10, 13\) lies outside its context of 12 characters",
+        ),
+        (
+            [{"text": "cat", "answer_start": 0}],
+            r"data\[0\]\.paragraphs\[0\]\.qas\[0\]\.answers\[0\]",
+            "answer 'cat' is not the context's text at answer_start=0",
+        ),
+        (
+            [{"text": "cat", "answer_start": "4"}],
+            r"data\[0\]\.paragraphs\[0\]\.qas\[0\]\.answers\[0\]\.answer_start",
+            "expected int, got str",
+        ),
+        ([{"text": "cat"}], r"data\[0\]\.paragraphs\[0\]\.qas\[0\]\.answers\[0\]", "no 'answer_start' field"),
+        ([], r"data\[0\]\.paragraphs\[0\]\.qas\[0\]\.answers", "no answers"),
+    ],
+)
 def test_squad_malformed(tmp_path, answers, where, reason):
     p = write(tmp_path, "s.json", json.dumps(squad_doc(answers)))
     with pytest.raises(D.DataFormatError, match=rf"s\.json:{where}: {reason}"):
@@ -266,12 +315,14 @@ def test_squad_bad_json_and_duplicate_ids(tmp_path):
 
 def test_split_squad_by_xquad_checks_subset(tmp_path):
     squad = D.load_squad(write(tmp_path, "s.json", json.dumps(squad_doc([{"text": "cat", "answer_start": 4}]))))
-    other = D.load_squad(write(tmp_path, "x.json", json.dumps(
-        squad_doc([{"text": "cat", "answer_start": 4}], qid="zz"))))
+    other = D.load_squad(
+        write(tmp_path, "x.json", json.dumps(squad_doc([{"text": "cat", "answer_start": 4}], qid="zz")))
+    )
     with pytest.raises(ValueError, match="1 question.* not in"):
         D.split_squad_by_xquad(squad, other)
-    changed = D.load_squad(write(tmp_path, "y.json", json.dumps(
-        squad_doc([{"text": "cat", "answer_start": 4}], context="The cat sat!"))))
+    changed = D.load_squad(
+        write(tmp_path, "y.json", json.dumps(squad_doc([{"text": "cat", "answer_start": 4}], context="The cat sat!")))
+    )
     with pytest.raises(ValueError, match="question q1: its context"):
         D.split_squad_by_xquad(squad, changed)
     assert D.split_squad_by_xquad(squad, squad).paragraphs == []

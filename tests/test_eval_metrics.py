@@ -1,5 +1,6 @@
 """accelops.eval.metrics against hand-worked cases (and scikit-learn / a transcription of
 seqeval's chunk rules on random inputs)."""
+
 import math
 import random
 
@@ -7,8 +8,8 @@ import pytest
 
 from accelops.eval import metrics as M
 
-
 # --------------------------------------------------------------------------- language modelling
+
 
 def test_lm_scores_hand_worked():
     # 10 tokens each predicted with p = 1/4: NLL = 10 ln 4
@@ -21,14 +22,16 @@ def test_lm_scores_hand_worked():
     assert M.lm_scores(0.0, 3).word_perplexity is None and M.perplexity(0.0, 3) == 1.0
 
 
-@pytest.mark.parametrize("nll,count", [(-1.0, 3), (float("nan"), 3), (float("inf"), 3), (1.0, 0), (1.0, 2.5),
-                                       (True, 3)])
+@pytest.mark.parametrize(
+    "nll,count", [(-1.0, 3), (float("nan"), 3), (float("inf"), 3), (1.0, 0), (1.0, 2.5), (True, 3)]
+)
 def test_lm_scores_refuse_bad_inputs(nll, count):
     with pytest.raises(ValueError):
         M.lm_scores(nll, count)
 
 
 # --------------------------------------------------------------------------- classification
+
 
 def test_classification_hand_worked():
     s = M.classification_scores(["a", "a", "b", "c"], ["a", "b", "b", "a"])
@@ -67,6 +70,7 @@ def test_classification_matches_sklearn():
 
 # --------------------------------------------------------------------------- POS
 
+
 def test_token_and_sequence_accuracy():
     gold = [["DET", "NOUN", "VERB"], ["INTJ"]]
     pred = [["DET", "NOUN", "NOUN"], ["INTJ"]]
@@ -78,14 +82,18 @@ def test_token_and_sequence_accuracy():
 
 # --------------------------------------------------------------------------- entities
 
-@pytest.mark.parametrize("tags,entities", [
-    (["B-PER", "I-PER", "O", "B-LOC"], [("PER", 0, 1), ("LOC", 3, 3)]),
-    (["I-PER", "I-PER", "O", "I-LOC"], [("PER", 0, 1), ("LOC", 3, 3)]),  # I- without B- starts one
-    (["B-PER", "I-LOC", "I-LOC"], [("PER", 0, 0), ("LOC", 1, 2)]),  # a type change ends and starts
-    (["B-PER", "B-PER", "I-PER"], [("PER", 0, 0), ("PER", 1, 2)]),  # B- after B- starts a new one
-    (["O", "O"], []),
-    (["B-creative-work", "I-creative-work"], [("creative-work", 0, 1)]),  # types may hold hyphens
-])
+
+@pytest.mark.parametrize(
+    "tags,entities",
+    [
+        (["B-PER", "I-PER", "O", "B-LOC"], [("PER", 0, 1), ("LOC", 3, 3)]),
+        (["I-PER", "I-PER", "O", "I-LOC"], [("PER", 0, 1), ("LOC", 3, 3)]),  # I- without B- starts one
+        (["B-PER", "I-LOC", "I-LOC"], [("PER", 0, 0), ("LOC", 1, 2)]),  # a type change ends and starts
+        (["B-PER", "B-PER", "I-PER"], [("PER", 0, 0), ("PER", 1, 2)]),  # B- after B- starts a new one
+        (["O", "O"], []),
+        (["B-creative-work", "I-creative-work"], [("creative-work", 0, 1)]),  # types may hold hyphens
+    ],
+)
 def test_bio_entities_hand_worked(tags, entities):
     assert M.bio_entities(tags) == entities
 
@@ -129,6 +137,7 @@ def test_entity_scores_refuse_bad_tags():
 def _seqeval_get_entities(seq):
     """seqeval.metrics.sequence_labeling.get_entities (default, prefix mode), transcribed
     rule by rule from its source, for a randomised cross-check of bio_entities."""
+
     def end_of_chunk(prev_tag, tag, prev_type, type_):
         end = prev_tag in ("E", "S")
         end |= prev_tag == "B" and tag in ("B", "S", "O")
@@ -163,15 +172,19 @@ def test_bio_entities_match_seqeval_rules_on_random_tags():
 
 # --------------------------------------------------------------------------- SQuAD
 
-@pytest.mark.parametrize("raw,normalised", [
-    ("The  Quick, Brown fox!", "quick brown fox"),
-    ("an apple a day", "apple day"),
-    ("Theater of Anna", "theater of anna"),  # articles only as whole words
-    ("state-of-the-art", "stateoftheart"),  # punctuation goes before the articles are looked for
-    ("\u201cquoted\u201d \u2013 x", "\u201cquoted\u201d \u2013 x"),  # only ASCII punctuation is removed
-    ("A", ""),
-    ("1,000.5 km", "10005 km"),
-])
+
+@pytest.mark.parametrize(
+    "raw,normalised",
+    [
+        ("The  Quick, Brown fox!", "quick brown fox"),
+        ("an apple a day", "apple day"),
+        ("Theater of Anna", "theater of anna"),  # articles only as whole words
+        ("state-of-the-art", "stateoftheart"),  # punctuation goes before the articles are looked for
+        ("\u201cquoted\u201d \u2013 x", "\u201cquoted\u201d \u2013 x"),  # only ASCII punctuation is removed
+        ("A", ""),
+        ("1,000.5 km", "10005 km"),
+    ],
+)
 def test_normalize_answer_hand_worked(raw, normalised):
     assert M.normalize_answer(raw) == normalised
 

@@ -1,6 +1,7 @@
 """accelops.eval.tasks: the tasks' encodings and prediction paths (checked with oracle
 models that output the gold answers: the metrics must then be perfect), the errors for a
 model that cannot do the task, and a tiny end-to-end run on the real BANKING77."""
+
 import json
 import math
 from types import SimpleNamespace
@@ -12,11 +13,14 @@ from torch import nn
 pytest.importorskip("tokenizers")
 
 from accelops.eval import data as D  # noqa: E402
-from accelops.eval.tasks import (IGNORE_INDEX, Banking77, Squad, TaskMismatch, UDPos, WikiText2, Wnut17,  # noqa: E402
-                                 fit)
+from accelops.eval.tasks import IGNORE_INDEX, Banking77, Squad, TaskMismatch, UDPos, WikiText2, Wnut17, fit  # noqa: E402
 from accelops.eval.tokenize import TokenizerMismatch  # noqa: E402
-from accelops.models import (EncoderForQuestionAnswering, EncoderForTokenClassification, TransformerLM,  # noqa: E402
-                             TransformerLMConfig)
+from accelops.models import (  # noqa: E402
+    EncoderForQuestionAnswering,
+    EncoderForTokenClassification,
+    TransformerLM,
+    TransformerLMConfig,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -43,20 +47,26 @@ class Oracle(nn.Module):
 
 # --------------------------------------------------------------------------- synthetic data
 
+
 def conllu(sentences):
     out = []
     for words, tags in sentences:
-        out += [f"{i}\t{w}\t{w}\t{t}\t_\t_\t{0 if i == 1 else 1}\tdep\t_\t_" for i, (w, t) in
-                enumerate(zip(words, tags), 1)] + [""]
+        out += [
+            f"{i}\t{w}\t{w}\t{t}\t_\t_\t{0 if i == 1 else 1}\tdep\t_\t_" for i, (w, t) in enumerate(zip(words, tags), 1)
+        ] + [""]
     return "\n".join(out) + "\n"
 
 
-POS = [(["The", "cat", "sat", "."], ["DET", "NOUN", "VERB", "PUNCT"]),
-       (["Dogs", "bark", "loudly", "!"], ["NOUN", "VERB", "ADV", "PUNCT"]),
-       (["I", "saw", "Paris", "yesterday"], ["PRON", "VERB", "PROPN", "NOUN"])]
-NER = [(["Empire", "State", "Building", "is", "tall"], ["B-location", "I-location", "I-location", "O", "O"]),
-       (["I", "love", "Apple", "phones"], ["O", "O", "B-corporation", "O"]),
-       (["watch", "Star", "Wars", "with", "Ann"], ["O", "B-creative-work", "I-creative-work", "O", "B-person"])]
+POS = [
+    (["The", "cat", "sat", "."], ["DET", "NOUN", "VERB", "PUNCT"]),
+    (["Dogs", "bark", "loudly", "!"], ["NOUN", "VERB", "ADV", "PUNCT"]),
+    (["I", "saw", "Paris", "yesterday"], ["PRON", "VERB", "PROPN", "NOUN"]),
+]
+NER = [
+    (["Empire", "State", "Building", "is", "tall"], ["B-location", "I-location", "I-location", "O", "O"]),
+    (["I", "love", "Apple", "phones"], ["O", "O", "B-corporation", "O"]),
+    (["watch", "Star", "Wars", "with", "Ann"], ["O", "B-creative-work", "I-creative-work", "O", "B-person"]),
+]
 
 
 @pytest.fixture(scope="module")
@@ -67,27 +77,50 @@ def root(tmp_path_factory):
         (r / "ud_english_ewt" / f"en_ewt-ud-{split}.conllu").write_text(conllu(POS))
     (r / "wnut17").mkdir()
     for name in Wnut17.FILES.values():
-        (r / "wnut17" / name).write_text("\n\t\n".join("\n".join(f"{w}\t{t}" for w, t in zip(*s)) for s in NER)
-                                          + "\n")
+        (r / "wnut17" / name).write_text("\n\t\n".join("\n".join(f"{w}\t{t}" for w, t in zip(*s)) for s in NER) + "\n")
     paragraphs = [
-        {"context": "The Broncos beat the Panthers in Santa Clara, California in February 2016.",
-         "qas": [{"id": "q1", "question": "Who beat the Panthers?", "answers": [{"text": "Broncos",
-                                                                                  "answer_start": 4}]},
-                 {"id": "q2", "question": "Where was the game?",
-                  "answers": [{"text": "Santa Clara, California", "answer_start": 33}]}]},
-        {"context": " ".join(["filler words here"] * 20) + " and the answer is Denver Broncos today.",
-         "qas": [{"id": "q3", "question": "Which team?",
-                  "answers": [{"text": "Denver Broncos", "answer_start": 20 * 18 - 1 + 19}]}]},
+        {
+            "context": "The Broncos beat the Panthers in Santa Clara, California in February 2016.",
+            "qas": [
+                {"id": "q1", "question": "Who beat the Panthers?", "answers": [{"text": "Broncos", "answer_start": 4}]},
+                {
+                    "id": "q2",
+                    "question": "Where was the game?",
+                    "answers": [{"text": "Santa Clara, California", "answer_start": 33}],
+                },
+            ],
+        },
+        {
+            "context": " ".join(["filler words here"] * 20) + " and the answer is Denver Broncos today.",
+            "qas": [
+                {
+                    "id": "q3",
+                    "question": "Which team?",
+                    "answers": [{"text": "Denver Broncos", "answer_start": 20 * 18 - 1 + 19}],
+                }
+            ],
+        },
     ] + [  # paragraphs XQuAD does not use: the training pool
-        {"context": f"Von Miller{i} was the most valuable player.",
-         "qas": [{"id": f"q{4 + i}", "question": "Who was MVP?",
-                  "answers": [{"text": f"Von Miller{i}", "answer_start": 0}]}]} for i in range(3)]
+        {
+            "context": f"Von Miller{i} was the most valuable player.",
+            "qas": [
+                {
+                    "id": f"q{4 + i}",
+                    "question": "Who was MVP?",
+                    "answers": [{"text": f"Von Miller{i}", "answer_start": 0}],
+                }
+            ],
+        }
+        for i in range(3)
+    ]
     (r / "squad_v1.1").mkdir()
-    (r / "squad_v1.1" / "dev-v1.1.json").write_text(json.dumps(
-        {"version": "1.1", "data": [{"title": "T", "paragraphs": paragraphs}]}))
+    (r / "squad_v1.1" / "dev-v1.1.json").write_text(
+        json.dumps({"version": "1.1", "data": [{"title": "T", "paragraphs": paragraphs}]})
+    )
     (r / "xquad_en").mkdir()
-    (r / "xquad_en" / "xquad.en.json").write_text(json.dumps(
-        {"version": "1.1", "data": [{"title": "T", "paragraphs": paragraphs[:2]}]}))
+    (r / "xquad_en" / "xquad.en.json").write_text(
+        json.dumps({"version": "1.1", "data": [{"title": "T", "paragraphs": paragraphs[:2]}]})
+    )
     (r / "wikitext-2").mkdir()
     text = " \n = Title = \n \n the cat sat on the mat . \n a dog <unk> barked . \n \n"
     (r / "wikitext-2" / "valid.txt").write_text(text * 5)
@@ -101,6 +134,7 @@ def test_squad_fixture_offsets_are_right(root):
 
 
 # --------------------------------------------------------------------------- tagging
+
 
 @pytest.mark.parametrize("cls", [UDPos, Wnut17])
 def test_tagging_labels_sit_on_first_pieces(cls, root):
@@ -146,6 +180,7 @@ def test_tagging_cut_words_are_counted(root):
 
 # --------------------------------------------------------------------------- QA
 
+
 def test_squad_splits_keep_xquad_out_of_training(root):
     task = Squad(root, dev_fraction=0.1)
     train, dev = {q.id for q in task.train.questions}, {q.id for q in task.split("dev").questions}
@@ -181,6 +216,7 @@ def test_squad_oracle_recovers_the_answers(root, max_len):
 
 # --------------------------------------------------------------------------- language modelling
 
+
 def test_wikitext_windows_predict_every_token_once(root):
     task = WikiText2(root)
     # 6 lines: " ", " = Title = ", " ", " the cat sat on the mat . ", " a dog <unk> barked . ", " "
@@ -214,18 +250,22 @@ def test_wikitext_uniform_model_scores_by_hand(root):
 
 # --------------------------------------------------------------------------- errors
 
+
 def test_wrong_head_labels_or_vocabulary(root):
     task = UDPos(root)
     tok = task.train_tokenizer(300)
     cfg = dict(dim=16, n_layers=1, n_heads=2, max_len=32)
-    with pytest.raises(TaskMismatch, match="task 'ud_pos' needs a model with a 'token' head, got model "
-                                           "EncoderForQuestionAnswering with head 'span'"):
+    with pytest.raises(
+        TaskMismatch,
+        match="task 'ud_pos' needs a model with a 'token' head, got model EncoderForQuestionAnswering with head 'span'",
+    ):
         task.evaluate(EncoderForQuestionAnswering(TransformerLMConfig(vocab_size=tok.vocab_size, **cfg)), tok, "dev")
     with pytest.raises(TaskMismatch, match="task 'ud_pos' has 17 labels, model has num_labels=5"):
         task.evaluate(EncoderForTokenClassification(TransformerLMConfig(vocab_size=tok.vocab_size, **cfg), 5), tok)
     other = EncoderForTokenClassification(TransformerLMConfig(vocab_size=tok.vocab_size + 1, **cfg), 17)
-    with pytest.raises(TokenizerMismatch, match=f"vocabulary of {tok.vocab_size} tokens but model has "
-                                                f"vocab_size={tok.vocab_size + 1}"):
+    with pytest.raises(
+        TokenizerMismatch, match=f"vocabulary of {tok.vocab_size} tokens but model has vocab_size={tok.vocab_size + 1}"
+    ):
         task.evaluate(other, tok)
     with pytest.raises(TaskMismatch, match="task 'wikitext2' needs a language model"):
         WikiText2(root).evaluate(task.build_model(tok, **cfg), tok)
@@ -236,6 +276,7 @@ def test_wrong_head_labels_or_vocabulary(root):
 
 
 # --------------------------------------------------------------------------- end to end
+
 
 @pytest.mark.skipif(not (D.data_root() / "banking77").exists(), reason="evaluation data not found")
 def test_banking77_end_to_end(tmp_path):

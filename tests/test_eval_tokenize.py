@@ -1,5 +1,6 @@
 """accelops.eval.tokenize: a byte-level BPE tokenizer trained with the `tokenizers` library,
 saved and loaded, and checked against a model's vocabulary."""
+
 import json
 
 import pytest
@@ -7,12 +8,16 @@ import pytest
 pytest.importorskip("tokenizers")
 
 from accelops.eval import data as D  # noqa: E402
-from accelops.eval.tokenize import (BOS, EOS, PAD, SPECIAL_TOKENS, Tokenizer, TokenizerMismatch,  # noqa: E402
-                                    check_vocab)
+from accelops.eval.tokenize import BOS, EOS, PAD, SPECIAL_TOKENS, Tokenizer, TokenizerMismatch, check_vocab  # noqa: E402
 
-TEXTS = ["I am still waiting on my card?", "What can I do if my card still hasn't arrived after 2 weeks?",
-         "My card was declined at the shop.", "Where is my new card? It has been a week.",
-         "Can I top up with a cheque?", "The exchange rate was wrong on my card payment."] * 5
+TEXTS = [
+    "I am still waiting on my card?",
+    "What can I do if my card still hasn't arrived after 2 weeks?",
+    "My card was declined at the shop.",
+    "Where is my new card? It has been a week.",
+    "Can I top up with a cheque?",
+    "The exchange rate was wrong on my card payment.",
+] * 5
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +101,12 @@ def test_check_vocab_names_both(tok, tmp_path):
     model = TransformerLM(TransformerLMConfig(vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2, max_len=8))
     check_vocab(tok, model)
     check_vocab(tok, tok.vocab_size)
-    other = TransformerLM(TransformerLMConfig(vocab_size=tok.vocab_size + 5, dim=16, n_layers=1, n_heads=2,
-                                              max_len=8))
-    with pytest.raises(TokenizerMismatch, match=rf"tokenizer \({tmp_path}/t\) has a vocabulary of {tok.vocab_size} "
-                                                rf"tokens but model has vocab_size={tok.vocab_size + 5}"):
+    other = TransformerLM(TransformerLMConfig(vocab_size=tok.vocab_size + 5, dim=16, n_layers=1, n_heads=2, max_len=8))
+    with pytest.raises(
+        TokenizerMismatch,
+        match=rf"tokenizer \({tmp_path}/t\) has a vocabulary of {tok.vocab_size} "
+        rf"tokens but model has vocab_size={tok.vocab_size + 5}",
+    ):
         check_vocab(tok, other)
     with pytest.raises(TypeError, match="no config.vocab_size"):
         check_vocab(tok, object())

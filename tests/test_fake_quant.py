@@ -1,4 +1,5 @@
 """Fake-quant family: every backend against torch.fake_quantize_* and the reference."""
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -191,8 +192,9 @@ def test_bad_scale_is_a_value_error(backend, scale):
     with pytest.raises(ValueError, match="scale must be positive"):
         ops.fake_quantize(torch.randn(4), scale, 0, -128, 127)
     with pytest.raises(ValueError, match="scale must be positive"):
-        ops.fake_quantize(torch.randn(2, 3), torch.tensor([0.1, scale]), torch.zeros(2, dtype=torch.int32), -128,
-                          127, axis=0)
+        ops.fake_quantize(
+            torch.randn(2, 3), torch.tensor([0.1, scale]), torch.zeros(2, dtype=torch.int32), -128, 127, axis=0
+        )
 
 
 def test_bad_range_and_zero_point(backend):
@@ -227,8 +229,12 @@ def test_bad_shapes_and_types(backend):
         ops.fake_quantize(x, 0.1, 0, -128, 127, axis=0)
 
 
-@given(scale=st.floats(allow_nan=True, allow_infinity=True, width=32),
-       qmin=st.integers(-300, 300), qmax=st.integers(-300, 300), zero=st.integers(-400, 400))
+@given(
+    scale=st.floats(allow_nan=True, allow_infinity=True, width=32),
+    qmin=st.integers(-300, 300),
+    qmax=st.integers(-300, 300),
+    zero=st.integers(-400, 400),
+)
 @SETTINGS
 def test_any_qparams_either_work_or_raise_value_error(backend, scale, qmin, qmax, zero):
     x = torch.randn(5, 3)
@@ -271,9 +277,11 @@ def test_learnable_matches_torch(backend, shape, axis_pick, qrange, grad_factor,
     zero = torch.empty(c).uniform_(qmin - 3, qmax + 3, generator=gen)  # outside the range too
     g = torch.randn(shape, generator=gen)
     if axis is None:
+
         def theirs(a, s, z):
             return torch._fake_quantize_learnable_per_tensor_affine(a, s, z, qmin, qmax, grad_factor)
     else:
+
         def theirs(a, s, z):
             return torch._fake_quantize_learnable_per_channel_affine(a, s, z, axis, qmin, qmax, grad_factor)
 
@@ -317,8 +325,10 @@ def test_opcheck():
     sl = s.clone().requires_grad_()
     zl = z.float().requires_grad_()
     torch.library.opcheck(torch.ops.accelops.fake_quantize_learnable.default, (x, sl, zl, -128, 127, 0, 0.5))
-    torch.library.opcheck(torch.ops.accelops.fake_quantize_learnable_backward.default,
-                          (torch.randn(6, 20), x.detach(), s, z.float(), -128, 127, 0, 0.5))
+    torch.library.opcheck(
+        torch.ops.accelops.fake_quantize_learnable_backward.default,
+        (torch.randn(6, 20), x.detach(), s, z.float(), -128, 127, 0, 0.5),
+    )
 
 
 def test_compiles_fullgraph_in_a_model():

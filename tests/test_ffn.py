@@ -1,6 +1,7 @@
 """Fused FFN family: every backend against accelops.reference.ffn, with float error judged
 against eager PyTorch's own error versus an fp64 computation; the op registration
 (opcheck, torch.compile), what backward saves, and the FusedFFN module."""
+
 import copy
 import io
 
@@ -27,13 +28,14 @@ SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[Healt
 
 def _inputs(lead, d, h, activation, dtype=torch.float32, bias=False, requires_grad=True):
     """x [*lead, D] and weights scaled so every projection is O(1)."""
+
     def leaf(*shape, scale=1.0):
         return (torch.randn(*shape) * scale).to(dtype).requires_grad_(requires_grad)
 
     x = leaf(*lead, d)
-    w_gate = leaf(h, d, scale=d ** -0.5) if RF.gated(activation) else None
-    w_up = leaf(h, d, scale=d ** -0.5)
-    w_down = leaf(d, h, scale=h ** -0.5)
+    w_gate = leaf(h, d, scale=d**-0.5) if RF.gated(activation) else None
+    w_up = leaf(h, d, scale=d**-0.5)
+    w_down = leaf(d, h, scale=h**-0.5)
     b = None
     if bias:
         b = (leaf(h, scale=0.5) if RF.gated(activation) else None, leaf(h, scale=0.5), leaf(d, scale=0.5))
@@ -51,7 +53,9 @@ def _run(fn, args, activation, dy=None):
     if dy is None:
         dy = torch.randn(y.shape).to(y.dtype)
     leaves = _flat(*args)
-    grads = torch.autograd.grad(y, leaves, dy, allow_unused=True) if y.numel() else [torch.zeros_like(t) for t in leaves]
+    grads = (
+        torch.autograd.grad(y, leaves, dy, allow_unused=True) if y.numel() else [torch.zeros_like(t) for t in leaves]
+    )
     return y, dy, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
 
 
@@ -104,8 +108,10 @@ def test_matches_reference_within_eager_error(backend, activation, dtype):
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-@pytest.mark.parametrize("lead,d,h", [((3,), 1, 7), ((3,), 9, 1), ((1,), 1, 1), ((0,), 8, 16), ((2, 0, 3), 8, 16),
-                                      ((2, 3, 2), 17, 33), ((), 12, 20)])
+@pytest.mark.parametrize(
+    "lead,d,h",
+    [((3,), 1, 7), ((3,), 9, 1), ((1,), 1, 1), ((0,), 8, 16), ((2, 0, 3), 8, 16), ((2, 3, 2), 17, 33), ((), 12, 20)],
+)
 def test_odd_shapes(backend, activation, lead, d, h):
     assert_within_eager_error(_inputs(lead, d, h, activation, bias=True), activation)
 
@@ -219,6 +225,7 @@ def test_blocks_larger_than_one_agree():
 
 def _backward_kernels(monkeypatch):
     from accelops.ops import ffn as ffn_ops
+
     used = []
     real = ffn_ops._backward
 
@@ -274,8 +281,11 @@ def test_held_outputs_are_never_consumed(monkeypatch):
 def test_consuming_backward_under_saved_tensor_hooks(hooks):
     args = _inputs((600,), 8, 24, "geglu", bias=True)
     expected = _run(lambda *a: ops.fused_ffn(*a[:4], a[4], a[5]), args, "geglu")
-    ctx = (torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if hooks == "identity"
-           else torch.autograd.graph.save_on_cpu())
+    ctx = (
+        torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+        if hooks == "identity"
+        else torch.autograd.graph.save_on_cpu()
+    )
     with ctx:
         got = _run(lambda *a: ops.fused_ffn(*a[:4], a[4], a[5]), args, "geglu", dy=expected[1])
     for a, b in zip(expected[2], got[2]):
@@ -286,12 +296,14 @@ def test_consuming_backward_opcheck():
     x, w_gate, w_up, w_down, b = _inputs((600,), 8, 12, "swiglu", bias=True, requires_grad=False)
     y, g, u = torch.ops.accelops.fused_ffn(x, w_gate, w_up, w_down, *b, "swiglu", True, False)
     op = torch.ops.accelops.fused_ffn_backward_consume_.default
-    torch.library.opcheck(op, (torch.randn_like(y), x, g, u, w_gate, w_up, w_down, "swiglu", True, True, True,
-                               False, True, True))
+    torch.library.opcheck(
+        op, (torch.randn_like(y), x, g, u, w_gate, w_up, w_down, "swiglu", True, True, True, False, True, True)
+    )
     xg, _, wu, wd, _ = _inputs((5,), 8, 12, "gelu", requires_grad=False)
     y, g, u = torch.ops.accelops.fused_ffn(xg, None, wu, wd, None, None, None, "gelu", True, False)
-    torch.library.opcheck(op, (torch.randn_like(y), xg, g, u, None, wu, wd, "gelu", False, False, False, True,
-                               True, False))
+    torch.library.opcheck(
+        op, (torch.randn_like(y), xg, g, u, None, wu, wd, "gelu", False, False, False, True, True, False)
+    )
 
 
 # ------------------------------------------------------------------ bad input
@@ -305,19 +317,33 @@ def _bad_cases():
         (dict(good, x=x.long()), {}, TypeError, r"x must be float32, bfloat16 or float16, got torch.int64"),
         (dict(good, w_up=w_up[:, :7]), {}, ValueError, r"w_up must have shape \(H, D=8\)"),
         (dict(good, w_gate=w_gate[:15]), {}, ValueError, r"w_gate must have shape \(16, 8\)"),
-        (dict(good, w_down=w_down.t()), {}, ValueError, r"w_down must have shape \(8, 16\) \[dim, hidden\], got \(16, 8\)"),
+        (
+            dict(good, w_down=w_down.t()),
+            {},
+            ValueError,
+            r"w_down must have shape \(8, 16\) \[dim, hidden\], got \(16, 8\)",
+        ),
         (dict(good, w_down=w_down.double()), {}, TypeError, r"w_down must be float32, bfloat16 or float16"),
         (dict(good, w_up=w_up.half()), {}, TypeError, r"w_up must have x's dtype torch.float32, got torch.float16"),
         (dict(good, w_gate=None), {}, ValueError, r"w_gate is required for the gated activation 'swiglu'"),
         (good, {"activation": "gelu"}, ValueError, r"w_gate must be None for activation 'gelu'"),
-        (good, {"activation": "relu"}, ValueError, r"activation must be one of \('swiglu', 'geglu', 'gelu'\), got 'relu'"),
+        (
+            good,
+            {"activation": "relu"},
+            ValueError,
+            r"activation must be one of \('swiglu', 'geglu', 'gelu'\), got 'relu'",
+        ),
         (good, {"bias": hb}, TypeError, r"bias must be None or a sequence of three"),
         (good, {"bias": (hb, hb)}, TypeError, r"bias must be None or a sequence of three"),
         (good, {"bias": (hb, hb, hb)}, ValueError, r"bias b_down must have shape \(8,\), got \(16,\)"),
         (good, {"bias": (hb[:3], None, None)}, ValueError, r"bias b_gate must have shape \(16,\), got \(3,\)"),
         (good, {"bias": (None, hb.half(), None)}, TypeError, r"bias b_up must have x's dtype"),
-        (dict(good, w_gate=None), {"activation": "gelu", "bias": (hb, None, None)}, ValueError,
-         r"b_gate must be None for activation 'gelu'"),
+        (
+            dict(good, w_gate=None),
+            {"activation": "gelu", "bias": (hb, None, None)},
+            ValueError,
+            r"b_gate must be None for activation 'gelu'",
+        ),
         (dict(good, x=x.to("meta")), {}, ValueError, r"w_gate is on cpu but x is on meta"),
         (dict(good, w_up=w_up.tolist()), {}, TypeError, r"w_up must be a torch.Tensor, got list"),
     ]
@@ -330,8 +356,11 @@ def test_bad_input_messages(case):
         ops.fused_ffn(tensors["x"], tensors["w_gate"], tensors["w_up"], tensors["w_down"], **kwargs)
 
 
-@given(which=st.sampled_from(["w_gate", "w_up", "w_down"]), dim=st.sampled_from([0, 1]),
-       delta=st.sampled_from([-3, -1, 1, 5]))
+@given(
+    which=st.sampled_from(["w_gate", "w_up", "w_down"]),
+    dim=st.sampled_from([0, 1]),
+    delta=st.sampled_from([-3, -1, 1, 5]),
+)
 @settings(max_examples=20, deadline=None)
 def test_any_weight_shape_mismatch_names_the_weight(which, dim, delta):
     x, w_gate, w_up, w_down, _ = _inputs((2,), 8, 16, "geglu", requires_grad=False)
@@ -369,12 +398,48 @@ def _opcheck_cases():
         (fwd, (x, w_gate, w_up, w_down, *b, "swiglu", True, False)),
         (fwd, (x, w_gate, w_up, w_down, None, None, None, "geglu", True, True)),
         (fwd, (xg, None, wu_g, wd_g, None, bg[1], bg[2], "gelu", False, False)),
-        (bwd, (torch.randn_like(y), d(x), g, u, d(w_gate), d(w_up), d(w_down), "swiglu", True, False, True, False,
-               True, True)),
-        (bwd, (torch.randn_like(y), d(x), g, u, d(w_gate), d(w_up), d(w_down), "swiglu", False, False, False, True,
-               False, True)),
-        (torch.ops.accelops.ffn_activation.default, (torch.randn(3, 5, requires_grad=True),
-                                                     torch.randn(3, 5, requires_grad=True), "geglu")),
+        (
+            bwd,
+            (
+                torch.randn_like(y),
+                d(x),
+                g,
+                u,
+                d(w_gate),
+                d(w_up),
+                d(w_down),
+                "swiglu",
+                True,
+                False,
+                True,
+                False,
+                True,
+                True,
+            ),
+        ),
+        (
+            bwd,
+            (
+                torch.randn_like(y),
+                d(x),
+                g,
+                u,
+                d(w_gate),
+                d(w_up),
+                d(w_down),
+                "swiglu",
+                False,
+                False,
+                False,
+                True,
+                False,
+                True,
+            ),
+        ),
+        (
+            torch.ops.accelops.ffn_activation.default,
+            (torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True), "geglu"),
+        ),
     ]
 
 

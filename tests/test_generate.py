@@ -1,6 +1,7 @@
 """TransformerLM.generate: the KV-cache path equals the no-cache forward (logits, and greedy
 tokens on fp32, int8 and ternary models, batches of prompts of different lengths), sampling
 options, eos, streaming, the cache bounds and the argument errors."""
+
 import copy
 
 import pytest
@@ -12,8 +13,9 @@ from accelops.models.generate import sample
 from accelops.models.layers import KVCache
 
 V = 37
-BITNET_ARCH = dict(pos_emb="rope", n_kv_heads=2, norm="rmsnorm", activation="relu2", attn_sub_norm=True,
-                   ffn_sub_norm=True)
+BITNET_ARCH = dict(
+    pos_emb="rope", n_kv_heads=2, norm="rmsnorm", activation="relu2", attn_sub_norm=True, ffn_sub_norm=True
+)
 ARCHS = {"default": {}, "rope-gqa-rmsnorm-relu2": BITNET_ARCH}
 
 
@@ -37,7 +39,7 @@ def greedy_without_cache(model, prompt, n):
     with torch.no_grad():
         for _ in range(n):
             seq = torch.cat([seq, model(seq[None])[0, -1].argmax()[None]])
-    return seq[len(prompt):].tolist()
+    return seq[len(prompt) :].tolist()
 
 
 def prompts(*lengths, seed=1):
@@ -74,7 +76,7 @@ def test_cached_logits_equal_the_forward(arch):
         for i in range(p, 20):
             pos = torch.tensor([[i]])
             mask = (torch.arange(20) <= pos[:, :, None])[:, None]
-            h = model._hidden(seq[:, i:i + 1], positions=pos, cache=cache, mask=mask)
+            h = model._hidden(seq[:, i : i + 1], positions=pos, cache=cache, mask=mask)
             torch.testing.assert_close(model.head(h)[:, 0], ref[:, i], rtol=1e-5, atol=1e-5)
 
 
@@ -143,7 +145,7 @@ def test_eos_stops_rows_and_the_batch():
     eos = int(free[0, 3])  # what row 0 says at its 4th step
     out = model.generate(batch, 12, temperature=0, eos_token_id=eos)
     first = (free[0] == eos).nonzero()[0].item()
-    assert out[0, :first + 1].tolist() == free[0, :first + 1].tolist()
+    assert out[0, : first + 1].tolist() == free[0, : first + 1].tolist()
     assert (out[0, first:] == eos).all()
     # row 1 continues unaffected until it emits eos itself
     hit = (free[1] == eos).nonzero()
@@ -194,33 +196,41 @@ def test_the_cache_is_sized_and_never_written_past(monkeypatch):
     assert model.generate(prompts(40)[0], 8, temperature=0).shape == (1, 8)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(tokens=torch.zeros(1, 49, dtype=torch.long)), "tokens: prompt 0 has 49 tokens, longer than the model's "
-                                                        "context max_len=48"),
-    (dict(max_new_tokens=46), r"max_new_tokens=46 runs past the model's context.*at most 45 new tokens"),
-    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
-    (dict(max_new_tokens=2.0), "max_new_tokens must be an int"),
-    (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(top_p=-0.1), "top_p"),
-    (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
-    (dict(temperature=float("nan")), "temperature"),
-    (dict(top_k=0), "top_k must be >= 1"),
-    (dict(tokens=torch.zeros(1, 0, dtype=torch.long)), "tokens: prompt 0 is empty"),
-    (dict(tokens=[[1, 2], []]), "tokens: prompt 1 is empty"),
-    (dict(tokens=[]), "at least one prompt"),
-    (dict(tokens=torch.tensor([[1, V]])), r"tokens: prompt 0 holds ids in \[1, 37\], outside the vocabulary "
-                                          r"\[0, vocab_size=37\)"),
-    (dict(tokens=[[3, -1]]), r"outside the vocabulary"),
-    (dict(tokens=torch.ones(1, 3)), "tokens must hold integer token ids"),
-    (dict(tokens=torch.ones(1, 2, 3, dtype=torch.long)), r"tokens must be a \[batch, seq\] or \[seq\] tensor"),
-    (dict(tokens=[[1.5, 2]]), r"tokens\[0\] must be a 1-D integer tensor or a list of ints"),
-    (dict(tokens="hello"), "tokens must be an integer tensor or a list of prompts"),
-    (dict(eos_token_id=V), r"eos_token_id must lie in \[0, vocab_size=37\)"),
-    (dict(seed="1"), "seed must be an int"),
-    (dict(stream=5), "stream must be a callable"),
-    (dict(compile=1), "compile must be a bool"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            dict(tokens=torch.zeros(1, 49, dtype=torch.long)),
+            "tokens: prompt 0 has 49 tokens, longer than the model's context max_len=48",
+        ),
+        (dict(max_new_tokens=46), r"max_new_tokens=46 runs past the model's context.*at most 45 new tokens"),
+        (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (dict(max_new_tokens=2.0), "max_new_tokens must be an int"),
+        (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_p=-0.1), "top_p"),
+        (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_k=0), "top_k must be >= 1"),
+        (dict(tokens=torch.zeros(1, 0, dtype=torch.long)), "tokens: prompt 0 is empty"),
+        (dict(tokens=[[1, 2], []]), "tokens: prompt 1 is empty"),
+        (dict(tokens=[]), "at least one prompt"),
+        (
+            dict(tokens=torch.tensor([[1, V]])),
+            r"tokens: prompt 0 holds ids in \[1, 37\], outside the vocabulary "
+            r"\[0, vocab_size=37\)",
+        ),
+        (dict(tokens=[[3, -1]]), r"outside the vocabulary"),
+        (dict(tokens=torch.ones(1, 3)), "tokens must hold integer token ids"),
+        (dict(tokens=torch.ones(1, 2, 3, dtype=torch.long)), r"tokens must be a \[batch, seq\] or \[seq\] tensor"),
+        (dict(tokens=[[1.5, 2]]), r"tokens\[0\] must be a 1-D integer tensor or a list of ints"),
+        (dict(tokens="hello"), "tokens must be an integer tensor or a list of prompts"),
+        (dict(eos_token_id=V), r"eos_token_id must lie in \[0, vocab_size=37\)"),
+        (dict(seed="1"), "seed must be an int"),
+        (dict(stream=5), "stream must be a callable"),
+        (dict(compile=1), "compile must be a bool"),
+    ],
+)
 def test_bad_arguments_name_the_argument(kwargs, match):
     model = make_model()
     args = dict(tokens=torch.tensor([[1, 2, 3], [4, 5, 6]]), max_new_tokens=4)

@@ -3,6 +3,7 @@ bf16 or int8 (issue 25). A tied pair keeps ONE weight (Int8Embedding / Bf16Embed
 head as TiedHead or, in a tied TransformerLM, head() -> tok_emb.attend); logits stay close
 to fp32's, greedy generation still equals the no-cache argmax, state_dict and
 accelops.save / load round trips keep the tie, and the report says what happened."""
+
 from __future__ import annotations
 
 import copy
@@ -14,8 +15,16 @@ from torch import nn
 
 import accelops
 from accelops.models import TransformerLM, TransformerLMConfig
-from accelops.nn import (Bf16Embedding, Bf16Linear, Int8Embedding, Int8Linear, TernaryLinear, TiedHead,
-                         count_parameters, convert)
+from accelops.nn import (
+    Bf16Embedding,
+    Bf16Linear,
+    Int8Embedding,
+    Int8Linear,
+    TernaryLinear,
+    TiedHead,
+    convert,
+    count_parameters,
+)
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -30,8 +39,9 @@ def _cos(a, b):
 def bitnet_tlm(tie=True, seed=0):
     """A small TransformerLM of the 2B4T architecture (tied by default, as 2B4T)."""
     torch.manual_seed(seed)
-    cfg = TransformerLMConfig.bitnet_2b4t(vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=96,
-                                          max_len=48, tie_embeddings=tie)
+    cfg = TransformerLMConfig.bitnet_2b4t(
+        vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=96, max_len=48, tie_embeddings=tie
+    )
     model = TransformerLM(cfg).eval()
     with torch.no_grad():  # clear winners among the logits, so greedy equality tests the cache
         for name, p in model.named_parameters():
@@ -42,10 +52,21 @@ def bitnet_tlm(tie=True, seed=0):
 
 def hf_bitnet(tie=True, seed=0):
     torch.manual_seed(seed)
-    model = transformers.BitNetForCausalLM(transformers.BitNetConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=None, pad_token_id=0,
-        tie_word_embeddings=tie)).eval()
+    model = transformers.BitNetForCausalLM(
+        transformers.BitNetConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=1,
+            eos_token_id=None,
+            pad_token_id=0,
+            tie_word_embeddings=tie,
+        )
+    ).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name:
@@ -64,10 +85,11 @@ def greedy_without_cache(model, prompt, n):
     with torch.no_grad():
         for _ in range(n):
             seq = torch.cat([seq, model(seq[None])[0, -1].argmax()[None]])
-    return seq[len(prompt):].tolist()
+    return seq[len(prompt) :].tolist()
 
 
 # --------------------------------------------------------------------------- the layers
+
 
 def test_int8_embedding_lookup_and_attend():
     torch.manual_seed(0)
@@ -106,6 +128,7 @@ def test_bf16_layers_keep_their_precision():
 
 # --------------------------------------------------------------------------- TransformerLM
 
+
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_transformer_lm_head_precision(precision, tie):
@@ -123,8 +146,10 @@ def test_transformer_lm_head_precision(precision, tie):
         swap = report.swapped[0]
         assert swap.fqn == "tok_emb" and swap.to_type == cls.__name__
         assert "tied: also the model's head" in swap.note and f"head={precision!r} sets both" in swap.note
-        assert not any(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() == V * 64
-                       for t in model.state_dict().values())  # the fp32 weight is gone
+        assert not any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() == V * 64
+            for t in model.state_dict().values()
+        )  # the fp32 weight is gone
     else:
         assert type(model.lm_head) is (Int8Linear if precision == "int8" else Bf16Linear)
         assert type(model.tok_emb) is nn.Embedding  # embedding= not given: it stays
@@ -172,6 +197,7 @@ def test_parameter_count_of_the_int8_embedding():
 
 
 # --------------------------------------------------------------------------- transformers
+
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
 def test_hf_tied_head_keeps_one_weight_and_generates(precision):
@@ -227,6 +253,7 @@ def test_argument_errors():
 
 
 # --------------------------------------------------------------------------- round trips
+
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
 @pytest.mark.parametrize("arch", ["tlm", "hf"])

@@ -1,6 +1,7 @@
 """accelops.models.hf: transformers' BitNetForCausalLM checkpoints (written by transformers
 itself, random weights) load into TransformerLM and give the same logits; wrong shapes,
 missing and foreign tensors and the packed format are refused naming the tensor."""
+
 import dataclasses
 
 import pytest
@@ -15,9 +16,18 @@ V = 61
 
 
 def hf_bitnet(tie=False, seed=0, **kw):
-    cfg = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
-               tie_word_embeddings=tie)
+    cfg = dict(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=tie,
+    )
     cfg.update(kw)
     torch.manual_seed(seed)
     model = transformers.BitNetForCausalLM(transformers.BitNetConfig(**cfg)).eval()
@@ -45,8 +55,14 @@ def test_logits_equal_transformers(saved, tie):
     hf, path = saved[tie]
     model = TransformerLM.from_hf_bitnet(path)
     cfg = model.config
-    assert (cfg.pos_emb, cfg.norm, cfg.kv_heads, cfg.activation, cfg.tie_embeddings, cfg.rope_theta) == \
-        ("rope", "rmsnorm", 2, "relu2", tie, 500000.0)
+    assert (cfg.pos_emb, cfg.norm, cfg.kv_heads, cfg.activation, cfg.tie_embeddings, cfg.rope_theta) == (
+        "rope",
+        "rmsnorm",
+        2,
+        "relu2",
+        tie,
+        500000.0,
+    )
     assert not model.training and (model.lm_head is None) == tie
     tokens = torch.randint(0, V, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -83,8 +99,11 @@ def test_wrong_shape_names_the_tensor(saved):
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.(down|gate|up)_proj\.weight has shape .* needs"):
         TransformerLM.from_hf_bitnet(path, cfg)
     other = hf_bitnet(num_key_value_heads=4)
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight has shape \(32, 32\).*"
-                                         r"needs \(16, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.layers\.0\.self_attn\.k_proj\.weight has shape \(32, 32\).*"
+        r"needs \(16, 32\)",
+    ):
         TransformerLM.from_hf_bitnet(other.state_dict(), hf.config)
 
 
@@ -95,8 +114,11 @@ def test_missing_and_foreign_tensors(saved):
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.ffn_sub_norm\.weight is missing"):
         TransformerLM.from_hf_bitnet(sd, hf.config)
     sd = dict(hf.state_dict(), **{"model.layers.2.input_layernorm.weight": torch.ones(32)})
-    with pytest.raises(ValueError, match=r"model\.layers\.2\.input_layernorm\.weight is not a weight of a BitNet "
-                                         r"model of this config"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.layers\.2\.input_layernorm\.weight is not a weight of a BitNet "
+        r"model of this config",
+    ):
         TransformerLM.from_hf_bitnet(sd, hf.config)
     sd = dict(hf.state_dict())
     del sd["lm_head.weight"]

@@ -2,6 +2,7 @@
 LlamaForCausalLM and BitNetForCausalLM, accelops.convert(model, "ternary" / "int8"), then
 greedy model.generate(...) (transformers' KV cache) equals a no-cache argmax loop (no eos
 token, so every step is compared)."""
+
 import pytest
 import torch
 
@@ -14,15 +15,37 @@ V = 53
 
 
 def llama():
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=None, pad_token_id=0))
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=1,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    )
 
 
 def bitnet():
-    return transformers.BitNetForCausalLM(transformers.BitNetConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=None, pad_token_id=0))
+    return transformers.BitNetForCausalLM(
+        transformers.BitNetConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=1,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    )
 
 
 def greedy_without_cache(model, ids, n):

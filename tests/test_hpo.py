@@ -1,5 +1,6 @@
 """accelops.hpo: search spaces, bracket arithmetic, the optimisers' ask/tell and BOHB's
 kernel density estimators (the Study, its journal and executors: test_hpo_study.py)."""
+
 import math
 
 import numpy as np
@@ -12,19 +13,22 @@ from accelops.hpo.space import Categorical, Float, Int, Ordinal, SearchSpace
 
 
 def issue_space():
-    return hpo.SearchSpace({
-        "lr": hpo.Float(1e-5, 1e-1, log=True),
-        "layers": hpo.Int(1, 8),
-        "act": hpo.Categorical(["relu", "gelu"]),
-        "width": hpo.Ordinal([64, 128, 256]),
-        "optimizer": hpo.Categorical(["sgd", "adam"]),
-        "momentum": hpo.Float(0.0, 0.99, condition=("optimizer", ["sgd"])),
-    })
+    return hpo.SearchSpace(
+        {
+            "lr": hpo.Float(1e-5, 1e-1, log=True),
+            "layers": hpo.Int(1, 8),
+            "act": hpo.Categorical(["relu", "gelu"]),
+            "width": hpo.Ordinal([64, 128, 256]),
+            "optimizer": hpo.Categorical(["sgd", "adam"]),
+            "momentum": hpo.Float(0.0, 0.99, condition=("optimizer", ["sgd"])),
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------
 # search space
 # ---------------------------------------------------------------------------------------
+
 
 @st.composite
 def spaces(draw):
@@ -46,7 +50,7 @@ def spaces(draw):
         elif kind == "cat":
             p = Categorical(list(range(draw(st.integers(1, 5)))) + ["x"])
         else:
-            p = Ordinal([2 ** k for k in range(draw(st.integers(1, 6)))])
+            p = Ordinal([2**k for k in range(draw(st.integers(1, 6)))])
         cats = [nm for nm, q in params.items() if isinstance(q, Categorical)]
         if cats and draw(st.booleans()):
             parent = draw(st.sampled_from(cats))
@@ -61,7 +65,7 @@ def test_space_samples_are_valid_and_round_trip(space, seed):
     rng = np.random.default_rng(seed)
     for _ in range(5):
         config = space.sample(rng)
-        space.validate(config)                       # samples are valid
+        space.validate(config)  # samples are valid
         assert set(config) == set(space.active(config))
         u = space.to_unit(config)
         assert u.shape == (len(space),)
@@ -106,8 +110,14 @@ def test_int_unit_cells_round_trip(low, span, log):
 
 def test_space_issue_example_and_defaults():
     space = issue_space()
-    assert space.default() == {"lr": pytest.approx(1e-3), "layers": 5, "act": "relu", "width": 64,
-                               "optimizer": "sgd", "momentum": pytest.approx(0.495)}
+    assert space.default() == {
+        "lr": pytest.approx(1e-3),
+        "layers": 5,
+        "act": "relu",
+        "width": 64,
+        "optimizer": "sgd",
+        "momentum": pytest.approx(0.495),
+    }
     assert Float(1e-4, 1e-2, log=True).from_unit(0.5) == pytest.approx(1e-3)
     c = {"lr": 1e-3, "layers": 2, "act": "gelu", "width": 128, "optimizer": "adam"}
     u = space.to_unit(c)
@@ -116,26 +126,35 @@ def test_space_issue_example_and_defaults():
     assert SearchSpace.from_spec(space.spec()) == space
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: Float(1.0, 1.0), "empty range"),
-    (lambda: Float(2.0, 1.0), "empty range"),
-    (lambda: Int(3, 2), "empty range"),
-    (lambda: Float(0.0, 1.0, log=True), "includes 0 or less"),
-    (lambda: Float(-1.0, 1.0, log=True), "includes 0 or less"),
-    (lambda: Int(0, 10, log=True), "includes 0 or less"),
-    (lambda: Float(0.0, math.inf), "finite"),
-    (lambda: Categorical([]), "empty"),
-    (lambda: Categorical(["a", "a"]), "duplicate"),
-    (lambda: Float(0, 1, default=2.0), "default"),
-    (lambda: SearchSpace({"x": Float(0, 1, condition=("nope", [1]))}), "unknown parent 'nope'"),
-    (lambda: SearchSpace({"o": Categorical(["a", "b"]), "x": Float(0, 1, condition=("o", ["c"]))}),
-     "can never be taken by parent 'o'"),
-    (lambda: SearchSpace({"o": Categorical(["a", "b"]), "x": Float(0, 1, condition=("o", []))}), "no values"),
-    (lambda: SearchSpace({"a": Categorical([1, 2], condition=("b", [1])),
-                          "b": Categorical([1, 2], condition=("a", [1]))}), "cycle"),
-    (lambda: SearchSpace({"a": Categorical([1, 2], condition=("a", [1]))}), "cycle"),
-    (lambda: SearchSpace({}), "non-empty"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: Float(1.0, 1.0), "empty range"),
+        (lambda: Float(2.0, 1.0), "empty range"),
+        (lambda: Int(3, 2), "empty range"),
+        (lambda: Float(0.0, 1.0, log=True), "includes 0 or less"),
+        (lambda: Float(-1.0, 1.0, log=True), "includes 0 or less"),
+        (lambda: Int(0, 10, log=True), "includes 0 or less"),
+        (lambda: Float(0.0, math.inf), "finite"),
+        (lambda: Categorical([]), "empty"),
+        (lambda: Categorical(["a", "a"]), "duplicate"),
+        (lambda: Float(0, 1, default=2.0), "default"),
+        (lambda: SearchSpace({"x": Float(0, 1, condition=("nope", [1]))}), "unknown parent 'nope'"),
+        (
+            lambda: SearchSpace({"o": Categorical(["a", "b"]), "x": Float(0, 1, condition=("o", ["c"]))}),
+            "can never be taken by parent 'o'",
+        ),
+        (lambda: SearchSpace({"o": Categorical(["a", "b"]), "x": Float(0, 1, condition=("o", []))}), "no values"),
+        (
+            lambda: SearchSpace(
+                {"a": Categorical([1, 2], condition=("b", [1])), "b": Categorical([1, 2], condition=("a", [1]))}
+            ),
+            "cycle",
+        ),
+        (lambda: SearchSpace({"a": Categorical([1, 2], condition=("a", [1]))}), "cycle"),
+        (lambda: SearchSpace({}), "non-empty"),
+    ],
+)
 def test_space_bad_input(make, match):
     with pytest.raises(ValueError, match=match):
         make()
@@ -193,6 +212,7 @@ def test_space_grid():
 # bracket arithmetic
 # ---------------------------------------------------------------------------------------
 
+
 def table(plans):
     return [(p.s, p.sizes, p.budgets) for p in plans]
 
@@ -208,7 +228,12 @@ def test_brackets_paper_table():
     ]
     # the issue's budgets: same sizes, budgets x9
     assert [p.sizes for p in hpo.hyperband_brackets(9, 729, 3)] == [
-        (81, 27, 9, 3, 1), (34, 11, 3, 1), (15, 5, 1), (8, 2), (5,)]
+        (81, 27, 9, 3, 1),
+        (34, 11, 3, 1),
+        (15, 5, 1),
+        (8, 2),
+        (5,),
+    ]
     assert hpo.hyperband_brackets(9, 729, 3)[0].budgets == (9, 27, 81, 243, 729)
     # R = 27: n = ceil(4 / (s + 1) * 3^s) = 27, 12, 6, 4
     assert [p.sizes for p in hpo.hyperband_brackets(1, 27, 3)] == [(27, 9, 3, 1), (12, 4, 1), (6, 2), (4,)]
@@ -226,7 +251,11 @@ def test_brackets_hpbandster_compat_table():
         (0, (5,), (81,)),
     ]
     assert [p.sizes for p in hpo.hyperband_brackets(1, 27, 3, hpbandster_compat=True)] == [
-        (27, 9, 3, 1), (9, 3, 1), (6, 2), (4,)]
+        (27, 9, 3, 1),
+        (9, 3, 1),
+        (6, 2),
+        (4,),
+    ]
 
 
 def test_brackets_uneven_ratio_and_bad_input():
@@ -245,6 +274,7 @@ def test_brackets_uneven_ratio_and_bad_input():
 # ---------------------------------------------------------------------------------------
 # ask/tell: Hyperband's schedule, random and grid search
 # ---------------------------------------------------------------------------------------
+
 
 def toy_loss(config, budget):
     """Lower for lr near 1e-3 and more layers; less noisy at larger budgets."""
@@ -336,11 +366,14 @@ def test_tell_errors():
         opt.tell(opt.ask(), "bad")
 
 
-@pytest.mark.parametrize("make", [
-    lambda s: hpo.RandomSearch(issue_space(), budget=729, seed=s),
-    lambda s: hpo.Hyperband(issue_space(), min_budget=9, max_budget=729, eta=3, seed=s),
-    lambda s: hpo.GridSearch(issue_space(), budget=729, resolution=3, shuffle=True, seed=s),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s: hpo.RandomSearch(issue_space(), budget=729, seed=s),
+        lambda s: hpo.Hyperband(issue_space(), min_budget=9, max_budget=729, eta=3, seed=s),
+        lambda s: hpo.GridSearch(issue_space(), budget=729, resolution=3, shuffle=True, seed=s),
+    ],
+)
 def test_optimisers_reproducible_with_seed(make):
     a, b, c = run_sequential(make(0), 60), run_sequential(make(0), 60), run_sequential(make(1), 60)
     assert a == b and a != c
@@ -392,8 +425,9 @@ def test_kde_continuous_by_hand():
 
 def test_kde_categorical_aitchison_aitken_by_hand():
     kde = KDE([[0], [0], [2]], [CAT], [3], [0.3])
-    np.testing.assert_allclose(kde.pdf([[0], [1], [2]]),
-                               [(0.7 + 0.7 + 0.15) / 3, 0.15, (0.15 + 0.15 + 0.7) / 3], rtol=1e-12)
+    np.testing.assert_allclose(
+        kde.pdf([[0], [1], [2]]), [(0.7 + 0.7 + 0.15) / 3, 0.15, (0.15 + 0.15 + 0.7) / 3], rtol=1e-12
+    )
     # a probability over the c values
     assert kde.pdf([[0], [1], [2]]).sum() == pytest.approx(1.0)
 
@@ -401,7 +435,7 @@ def test_kde_categorical_aitchison_aitken_by_hand():
 def test_kde_ordinal_wang_ryzin_by_hand():
     h = 0.4
     kde = KDE([[0], [3]], [ORD], [4], [h])
-    want = [(0.6 + 0.5 * 0.6 * h ** 3) / 2, (0.5 * 0.6 * h + 0.5 * 0.6 * h ** 2) / 2]
+    want = [(0.6 + 0.5 * 0.6 * h**3) / 2, (0.5 * 0.6 * h + 0.5 * 0.6 * h**2) / 2]
     np.testing.assert_allclose(kde.pdf([[0], [1]]), want, rtol=1e-12)
 
 
@@ -443,15 +477,20 @@ def test_bohb_univariate_candidates_mix_good_points_per_parameter():
     for cand in (multi, uni):  # every coordinate stays at a good point's coordinate
         assert np.all(np.minimum(np.abs(cand[:, :2] - 0.2), np.abs(cand[:, :2] - 0.8)) < 0.02)
     mixes = lambda c: np.mean(np.abs(c[:, 0] - c[:, 1]) > 0.5)  # noqa: E731
-    assert mixes(multi) == 0.0                       # whole points
+    assert mixes(multi) == 0.0  # whole points
     assert mixes(uni) == pytest.approx(0.5, abs=0.05)  # each parameter from its own good point
     assert np.mean((uni[:, 2] == 0) != (uni[:, 0] < 0.5)) == pytest.approx(0.5, abs=0.05)
     with pytest.raises(ValueError, match="kde must be one of"):
         BOHBModel(space, np.random.default_rng(0), kde="gaussian")
 
 
-@given(min_budget=st.sampled_from([1, 2, 3]), ratio=st.sampled_from([1, 3, 9, 27, 81, 100]),
-       eta=st.sampled_from([2, 3, 4]), fraction=st.floats(0.0, 1.0), compat=st.booleans())
+@given(
+    min_budget=st.sampled_from([1, 2, 3]),
+    ratio=st.sampled_from([1, 3, 9, 27, 81, 100]),
+    eta=st.sampled_from([2, 3, 4]),
+    fraction=st.floats(0.0, 1.0),
+    compat=st.booleans(),
+)
 @settings(max_examples=60, deadline=None)
 def test_random_shares_keep_the_random_fraction_of_an_iteration(min_budget, ratio, eta, fraction, compat):
     plans = hpo.hyperband_brackets(min_budget, min_budget * ratio, eta, hpbandster_compat=compat)
@@ -485,14 +524,15 @@ def test_bohb_random_placement():
         if t.rung == 0 and t.id > 200:  # new configurations once the model exists
             by_budget.setdefault(t.budget, []).append(t.info["model_based"])
     for b in (3, 9, 27):
-        assert by_budget[b] and all(by_budget[b]), b              # expensive brackets: all model-based
-    assert 0.45 < 1 - np.mean(by_budget[1]) < 0.75                # budget 1: about 60% random
+        assert by_budget[b] and all(by_budget[b]), b  # expensive brackets: all model-based
+    assert 0.45 < 1 - np.mean(by_budget[1]) < 0.75  # budget 1: about 60% random
 
 
 def test_bohb_hpbandster_options_and_old_journals():
     space = issue_space()
-    hpb = hpo.BOHB(space, 9, 729, bandwidth_floor=0.0, kde="multivariate", random_placement="every",
-                   bandwidth="fixed", seed=4)
+    hpb = hpo.BOHB(
+        space, 9, 729, bandwidth_floor=0.0, kde="multivariate", random_placement="every", bandwidth="fixed", seed=4
+    )
     again = hpo.Optimizer.from_spec(hpb.spec())
     assert (again.model.kde, again.random_placement, again.model.bandwidth) == ("multivariate", "every", "fixed")
     assert again.spec() == hpb.spec()
@@ -501,11 +541,18 @@ def test_bohb_hpbandster_options_and_old_journals():
     for key in ("kde", "random_placement", "bandwidth_floor", "bandwidth"):  # a journal from before these options
         del old["kwargs"][key]
     was = hpo.Optimizer.from_spec(old)
-    assert (was.model.kde, was.random_placement, was.model.bandwidth_floor, was.model.bandwidth) == \
-        ("multivariate", "every", 0.0, "fixed")
+    assert (was.model.kde, was.random_placement, was.model.bandwidth_floor, was.model.bandwidth) == (
+        "multivariate",
+        "every",
+        0.0,
+        "fixed",
+    )
     assert run_sequential(was, 150) == run_sequential(
-        hpo.BOHB(space, 9, 729, bandwidth_floor=0.0, kde="multivariate", random_placement="every", bandwidth="fixed",
-                 seed=4), 150)
+        hpo.BOHB(
+            space, 9, 729, bandwidth_floor=0.0, kde="multivariate", random_placement="every", bandwidth="fixed", seed=4
+        ),
+        150,
+    )
     with pytest.raises(ValueError, match="bandwidth must be one of"):
         hpo.BOHB(space, 9, 729, bandwidth="knn")
 
@@ -515,9 +562,9 @@ def test_adaptive_bandwidths_by_hand():
     data = np.array([[0.50, 0.50, 0], [0.52, 0.50, 1], [0.10, 0.90, 2]])
     kinds, levels, bw = [CONT, CONT, CAT], [0, 0, 3], np.array([0.2, 0.4, 0.3])
     kde = KDE(data, kinds, levels, bw)
-    np.testing.assert_array_equal(kde.point_bw, [[0.2, 0.4]] * 3)   # fixed until adapted
+    np.testing.assert_array_equal(kde.point_bw, [[0.2, 0.4]] * 3)  # fixed until adapted
     kde.adapt(floor=0.01)
-    r_close = math.sqrt(((0.02 / 0.2) ** 2 + 0.0) / 2)            # RMS distance in bandwidths
+    r_close = math.sqrt(((0.02 / 0.2) ** 2 + 0.0) / 2)  # RMS distance in bandwidths
     np.testing.assert_allclose(kde.point_bw, [[0.2 * r_close, 0.4 * r_close]] * 2 + [[0.2, 0.4]])
     x = np.array([[0.51, 0.45, 1], [0.2, 0.8, 2]])
     want = np.zeros(2)
@@ -534,7 +581,9 @@ def test_adaptive_bandwidths_by_hand():
     want_uni = np.ones(2)
     for j in range(2):
         h = uni.point_bw[:, j]
-        want_uni *= (np.exp(-0.5 * ((x[:, j, None] - data[None, :, j]) / h) ** 2) / (math.sqrt(2 * math.pi) * h)).mean(1)
+        want_uni *= (np.exp(-0.5 * ((x[:, j, None] - data[None, :, j]) / h) ** 2) / (math.sqrt(2 * math.pi) * h)).mean(
+            1
+        )
     want_uni *= np.where(x[:, 2, None] == data[None, :, 2], 0.7, 0.15).mean(1)
     np.testing.assert_allclose(uni.pdf(x), want_uni, rtol=1e-12)
 
@@ -543,7 +592,7 @@ def test_adaptive_bandwidth_floor_and_fit():
     dup = np.array([[0.3, 0.7], [0.3, 0.7], [0.9, 0.1], [0.6, 0.2]])
     fixed = KDE.fit(dup, [CONT, CONT], [0, 0], bandwidth_floor=0.25)
     adapted = KDE.fit(dup, [CONT, CONT], [0, 0], bandwidth_floor=0.25, adaptive=True)
-    np.testing.assert_array_equal(adapted.bw, fixed.bw)           # the fixed bandwidths are unchanged
+    np.testing.assert_array_equal(adapted.bw, fixed.bw)  # the fixed bandwidths are unchanged
     floor = 0.25 / 5
     np.testing.assert_allclose(adapted.point_bw[:2], [[floor, floor]] * 2)  # duplicates: down to the floor
     assert np.all(adapted.point_bw <= fixed.bw) and np.all(adapted.point_bw >= floor)
@@ -552,8 +601,15 @@ def test_adaptive_bandwidth_floor_and_fit():
 
 
 def test_unit_steps_and_the_integer_floor():
-    space = hpo.SearchSpace({"a": hpo.Float(0.0, 1.0), "b": hpo.Int(5, 8), "w": hpo.Int(16, 256, log=True),
-                             "c": hpo.Categorical(["x", "y"]), "one": hpo.Int(3, 3)})
+    space = hpo.SearchSpace(
+        {
+            "a": hpo.Float(0.0, 1.0),
+            "b": hpo.Int(5, 8),
+            "w": hpo.Int(16, 256, log=True),
+            "c": hpo.Categorical(["x", "y"]),
+            "one": hpo.Int(3, 3),
+        }
+    )
     w = space.params["w"]
     np.testing.assert_allclose(space.unit_steps, [0.0, 0.25, w.to_unit(256) - w.to_unit(255), 0.5, 1.0])
     b = space.params["b"]
@@ -586,10 +642,10 @@ def test_bandwidth_rules():
     n, d = data.shape
     want = 1.06 * data.std(axis=0) * n ** (-1 / (4 + d))
     np.testing.assert_allclose(normal_reference_bandwidth(data), want)
-    assert normal_reference_bandwidth(np.array([[0.0], [1.0]]))[0] == pytest.approx(1.06 * 0.5 * 2 ** -0.2)
+    assert normal_reference_bandwidth(np.array([[0.0], [1.0]]))[0] == pytest.approx(1.06 * 0.5 * 2**-0.2)
     kde = KDE.fit(data, [CONT, CONT, CAT], [0, 0, 2], min_bandwidth=1e-3)
     assert kde.bw[0] == pytest.approx(want[0])
-    assert kde.bw[1] == 1e-3                     # constant column: min_bandwidth
+    assert kde.bw[1] == 1e-3  # constant column: min_bandwidth
     assert kde.bw[2] == pytest.approx(min(want[2], 0.5))  # categorical: at most (c - 1) / c
     wide = KDE.fit(np.array([[0.0], [2.0], [0.0], [2.0]]), [CAT], [3])
     assert wide.bw[0] == pytest.approx(2 / 3)  # normal reference says 0.80: clipped to the uniform kernel
@@ -602,7 +658,7 @@ def test_bandwidth_floor_magic_clip():
     np.testing.assert_array_equal(KDE.fit(tight, kinds, levels, bandwidth_floor=0.0).bw, plain.bw)  # off
     floored = KDE.fit(tight, kinds, levels, bandwidth_floor=0.25)
     np.testing.assert_allclose(floored.bw[:2], [0.25 / 5, 0.25 / 5])  # 0.25 / min(100, n + 1), n = 4
-    assert floored.bw[2] == plain.bw[2]                                 # discrete: untouched
+    assert floored.bw[2] == plain.bw[2]  # discrete: untouched
     wide = np.random.default_rng(0).random((300, 1))
     w = KDE.fit(wide, [CONT], [0], bandwidth_floor=0.25)
     assert w.bw[0] == pytest.approx(max(normal_reference_bandwidth(wide)[0], 0.25 / 100))  # n + 1 capped at 100
@@ -642,8 +698,9 @@ def test_bohb_bandwidth_floor_option():
 
 
 def model_space():
-    return SearchSpace({"x": Float(0.0, 1.0), "k": Categorical(["a", "b", "c"]),
-                        "m": Float(0.0, 1.0, condition=("k", ["a"]))})
+    return SearchSpace(
+        {"x": Float(0.0, 1.0), "k": Categorical(["a", "b", "c"]), "m": Float(0.0, 1.0, condition=("k", ["a"]))}
+    )
 
 
 def test_bohb_model_from_largest_budget_with_enough_points():

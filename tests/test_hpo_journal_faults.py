@@ -2,6 +2,7 @@
 second writer (another process, or another Study in this one) runs into at once and that
 a SIGKILLed writer does not keep; NaN, +-Infinity and missing losses are refused on read
 with the file and line, and never written."""
+
 import json
 import math
 import os
@@ -76,8 +77,12 @@ print("results", len(study.results))
 
 
 def start_writer(mode, journal, gate):
-    return subprocess.Popen([sys.executable, "-c", WRITER, ROOT, mode, str(journal), str(gate)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", WRITER, ROOT, mode, str(journal), str(gate)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_started(proc, gate):

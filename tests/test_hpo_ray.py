@@ -3,6 +3,7 @@ timeouts cancel the Ray task and count from the task's start (not while it is qu
 task whose worker dies fails only its trial, and checkpoint-aware objectives resume
 promoted trials. Ray is optional: without it these are
 skipped with the reason and test_hpo_study.py checks the error message instead."""
+
 import os
 import warnings
 
@@ -21,8 +22,12 @@ def local_ray():
     starting its own); the tests' objectives are importable by the workers through the
     repository root on their PYTHONPATH."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}},
+    )
     yield
     ray.shutdown()
 

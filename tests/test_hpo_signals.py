@@ -3,6 +3,7 @@ Ctrl-C does: KeyboardInterrupt, the running trials killed, the journal resumable
 process workers and the processes their trials started die with the study, also when it is
 SIGKILLed, so a resumed study never runs a trial in the same checkpoint directory as a
 leftover one. Each study runs in a subprocess that the test signals."""
+
 import glob
 import json
 import os
@@ -80,10 +81,14 @@ def start_study(tmp_path, objective, n_workers, executor, own_handler=False):
     journal = str(tmp_path / "study.jsonl")
     # Its output goes to a file, not a pipe: processes it leaves behind would hold a pipe open.
     with open(tmp_path / "out.txt", "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", STUDY, journal, objective, str(n_workers), executor,
-                                 str(int(own_handler))],
-                                env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", STUDY, journal, objective, str(n_workers), executor, str(int(own_handler))],
+            env={**os.environ, "PYTHONPATH": ROOT},
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     proc.output = tmp_path / "out.txt"
     return proc, journal
 
@@ -109,7 +114,7 @@ def running_trials(proc, journal, name, n, leftovers) -> dict:
             with open(path) as f:
                 pids = [int(p) for p in f.read().split()]
             if pids:  # else made but not written yet
-                found[int(os.path.basename(os.path.dirname(path))[len("config_"):])] = pids
+                found[int(os.path.basename(os.path.dirname(path))[len("config_") :])] = pids
         if len(found) >= n:
             leftovers.extend(p for pids in found.values() for p in pids)
             return found
@@ -168,8 +173,7 @@ def test_sigterm_ends_a_study_as_sigint_does(tmp_path, leftovers):
         proc.send_signal(sig)
         out = finish(proc)
         last = out.strip().splitlines()[-1]
-        seen[sig] = (proc.returncode, last.split(":")[0],
-                     "interrupted; SIGTERM handler restored: True" in out)
+        seen[sig] = (proc.returncode, last.split(":")[0], "interrupted; SIGTERM handler restored: True" in out)
         recs = [json.loads(line) for line in open(journal)]  # every line whole
         assert [r["type"] for r in recs] == ["study", "ask"], out
         resume_and_finish(journal, running)

@@ -1,5 +1,6 @@
 """accelops.hpo.Study: journal, crash-safe resume, reproducibility, failures, timeouts,
 the process-pool executor and checkpoint-aware objectives (the Ray executor: test_hpo_ray.py)."""
+
 import json
 import math
 import os
@@ -80,8 +81,13 @@ def test_resume_after_sigkill_matches_plain_run(tmp_path):
         study.optimize(o.KillAt(40), max_budget_total={BUDGET})
         print("not killed")
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": ROOT})
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     assert proc.returncode == -9, proc.stdout + proc.stderr
     recs = [json.loads(x) for x in journal.read_text().splitlines()]
     asked = [r["trial"]["id"] for r in recs if r["type"] == "ask"]
@@ -257,8 +263,9 @@ def test_process_pool_refuses_an_objective_from_an_interactive_main():
         print("inline:", study.optimize(objective, n_trials=2).loss >= 0)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert "refused: executor='process': the objective 'objective' is defined in an interactive __main__" \
-        in out.stdout, out.stdout + out.stderr
+    assert (
+        "refused: executor='process': the objective 'objective' is defined in an interactive __main__" in out.stdout
+    ), out.stdout + out.stderr
     assert "move it into a module" in out.stdout and "inline: True" in out.stdout
 
 
@@ -276,8 +283,7 @@ def test_checkpoint_aware_objective_resumes_promoted_trials(tmp_path):
     assert [r.budget for r in study.results] == [1] * 9 + [3] * 3 + [9]
     assert sum(r.info["work"] for r in study.results) == 6 * 1 + 2 * 3 + 9
     assert [r.info["resumed_from"] for r in study.results[9:]] == [1, 1, 1, 3]
-    assert set(os.listdir(tmp_path / "c.jsonl.checkpoints")) == {f"config_{r.trial.config_id}"
-                                                                  for r in study.results}
+    assert set(os.listdir(tmp_path / "c.jsonl.checkpoints")) == {f"config_{r.trial.config_id}" for r in study.results}
 
 
 # ---------------------------------------------------------------------------------------

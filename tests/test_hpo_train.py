@@ -2,6 +2,7 @@
 transformer on a few hundred characters, Hyperband with two rungs: the promoted
 configuration resumes from its checkpoint (fewer steps run than the budgets add up to)
 and ends where one uninterrupted run to the top budget ends."""
+
 from __future__ import annotations
 
 import math
@@ -32,21 +33,22 @@ def base_config(tmp_path):
     text = " ".join(rng.choice(WORDS) for _ in range(200))
     path = tmp_path / "corpus.txt"
     path.write_text(text, encoding="utf-8")
-    return {"data": {"path": str(path), "seq_len": 16},
-            "model": {"type": "transformer", "dim": 16, "n_layers": 1, "n_heads": 2},
-            "optimizer": {"name": "adamw"},
-            "scheduler": {"name": "cosine", "warmup_steps": 2},
-            "train": {"batch_size": 4, "eval_batches": 2, "log_every": 1}}
+    return {
+        "data": {"path": str(path), "seq_len": 16},
+        "model": {"type": "transformer", "dim": 16, "n_layers": 1, "n_heads": 2},
+        "optimizer": {"name": "adamw"},
+        "scheduler": {"name": "cosine", "warmup_steps": 2},
+        "train": {"batch_size": 4, "eval_batches": 2, "log_every": 1},
+    }
 
 
-SPACE = hpo.SearchSpace({"optimizer.lr": hpo.Float(1e-3, 3e-2, log=True),
-                         "model.dropout": hpo.Float(0.0, 0.2)})
+SPACE = hpo.SearchSpace({"optimizer.lr": hpo.Float(1e-3, 3e-2, log=True), "model.dropout": hpo.Float(0.0, 0.2)})
 
 
 def test_hyperband_promotion_resumes_from_the_checkpoint(tmp_path):
     objective = TrainObjective(base_config(tmp_path), max_budget=9, threads=1)
     opt = hpo.Hyperband(SPACE, min_budget=3, max_budget=9, eta=3, n_brackets=1, seed=0)
-    assert [p.sizes for p in opt.plans[:1]] == [(3, 1)]      # one bracket, rungs of 3 and 1
+    assert [p.sizes for p in opt.plans[:1]] == [(3, 1)]  # one bracket, rungs of 3 and 1
     study = hpo.Study(opt, journal=tmp_path / "study.jsonl")
     best = study.optimize(objective)
     assert len(study.results) == 4 and not study.failures
@@ -77,9 +79,9 @@ def test_objective_pickles_and_epochs_are_whole_passes(tmp_path):
     objective = TrainObjective(base_config(tmp_path), max_budget=2, unit="epochs", threads=1)
     clone = pickle.loads(pickle.dumps(objective))  # what the process executor sends its workers
     windows, _, _ = load_char_corpus(tmp_path / "corpus.txt", 16)
-    per_epoch = len(windows) // 4                     # whole batches of 4 windows
+    per_epoch = len(windows) // 4  # whole batches of 4 windows
     assert per_epoch > 5
-    out = clone({"optimizer.lr": 0.01}, 1)            # no checkpoint directory: a temporary one
+    out = clone({"optimizer.lr": 0.01}, 1)  # no checkpoint directory: a temporary one
     assert out["steps"] == out["steps_run"] == per_epoch and math.isfinite(out["loss"])
     assert clone({"optimizer.lr": 0.01}, 0.5)["steps"] == round(per_epoch / 2)
     with pytest.raises(ValueError, match="larger than max_budget"):
@@ -89,7 +91,7 @@ def test_objective_pickles_and_epochs_are_whole_passes(tmp_path):
 def test_bad_arguments(tmp_path):
     base = base_config(tmp_path)
     assert apply_hyperparameters(base, {"model.dim": 8})["model"]["dim"] == 8
-    assert base["model"]["dim"] == 16                 # the base is not changed
+    assert base["model"]["dim"] == 16  # the base is not changed
     with pytest.raises(ConfigError, match="section.key"):
         apply_hyperparameters(base, {"lr": 0.1})
     with pytest.raises(ConfigError, match="section.key"):

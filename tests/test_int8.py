@@ -1,4 +1,5 @@
 """INT8 family: every backend against accelops.reference.int8."""
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -109,7 +110,7 @@ def test_forced_cpu_isa_is_the_one_in_use(backend):
     from .conftest import AUTO_ISA
 
     if backend.startswith("cpu-"):
-        assert C.cpu_isa() == backend[len("cpu-"):]
+        assert C.cpu_isa() == backend[len("cpu-") :]
     elif backend == "cpu":
         assert C.cpu_isa() == AUTO_ISA
 
@@ -237,7 +238,10 @@ def _opcheck_cases():
         (torch.ops.accelops.quantize_weight_int8, (w,)),
         (torch.ops.accelops.int8_matmul, (x_q, x_scale, w_q, w_scale, torch.randn(12), torch.bfloat16)),
         (torch.ops.accelops.int8_matmul, (x_q, x_scale, w_q, w_scale)),
-        (torch.ops.accelops.int8_linear, (x.clone().requires_grad_(), w_q, w_scale, torch.randn(12, requires_grad=True))),
+        (
+            torch.ops.accelops.int8_linear,
+            (x.clone().requires_grad_(), w_q, w_scale, torch.randn(12, requires_grad=True)),
+        ),
     ]
 
 

@@ -1,6 +1,7 @@
 """Issue 22, item 2: an x whose K differs from the K a layer or a packed weight was made for
 is refused, including a smaller K that fits the padding of the packed layout's last
 128-block (K=4000 on in_features=4096), which used to be read as zero-padded."""
+
 import io
 
 import pytest
@@ -52,8 +53,11 @@ def test_issue_repro_op_k100_on_weights_packed_for_128(backend):
 def test_op_without_k_refuses_weights_in_the_padding(backend, k_w, k_x):
     packed = ops.pack_ternary(_nonzero_ternary(5, k_w))
     assert packed.shape[1] == ops.packed_cols(k_x)  # the shapes alone agree
-    with pytest.raises(ValueError, match=rf"x has K={k_x}, .*padded K={ops.packed_cols(k_w) * 4}\) .*"
-                                         rf"positions {k_x}\.\.{ops.packed_cols(k_w) * 4 - 1}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"x has K={k_x}, .*padded K={ops.packed_cols(k_w) * 4}\) .*"
+        rf"positions {k_x}\.\.{ops.packed_cols(k_w) * 4 - 1}",
+    ):
         ops.ternary_matmul(torch.randn(3, k_x), packed, torch.ones(1))
 
 
@@ -157,8 +161,11 @@ def test_op_refuses_exactly_the_mismatches_it_can_see(backend, k_w, data, zero_t
 
 def _layers(k, n):
     lin = nn.Linear(k, n)
-    return {"TernaryLinear": TernaryLinear.from_linear(lin), "Int8Linear": Int8Linear.from_linear(lin),
-            "BitLinear": BitLinear.from_linear(nn.Linear(k, n))}
+    return {
+        "TernaryLinear": TernaryLinear.from_linear(lin),
+        "Int8Linear": Int8Linear.from_linear(lin),
+        "BitLinear": BitLinear.from_linear(nn.Linear(k, n)),
+    }
 
 
 @pytest.mark.parametrize("name", ["TernaryLinear", "Int8Linear", "BitLinear"])
@@ -168,8 +175,11 @@ def test_layers_refuse_another_k(backend, name, k_x):
     x = torch.randn(2, 3, k_x)
     for grad in (True, False):  # BitLinear: the training path and the packed inference path
         with torch.set_grad_enabled(grad):
-            with pytest.raises(ValueError, match=rf"{name}: x's last dim must equal in_features=128, got K={k_x} "
-                                                 rf"\(x of shape \(2, 3, {k_x}\)\)"):
+            with pytest.raises(
+                ValueError,
+                match=rf"{name}: x's last dim must equal in_features=128, got K={k_x} "
+                rf"\(x of shape \(2, 3, {k_x}\)\)",
+            ):
                 layer(x)
 
 

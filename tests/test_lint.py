@@ -1,5 +1,7 @@
-"""The code passes the repository's ruff lint configuration (pyproject.toml: pycodestyle
-errors and warnings, pyflakes). CI runs this with the rest of `make test`."""
+"""The code passes the repository's ruff configuration (pyproject.toml): the lint
+(pycodestyle errors and warnings, pyflakes, import order) and `ruff format`'s layout.
+CI runs this with the rest of `make test`; `make format` fixes both."""
+
 from __future__ import annotations
 
 import shutil
@@ -21,8 +23,9 @@ def _ruff():
     pytest.fail("ruff is not installed: it is in requirements-dev.txt (make test installs it)")
 
 
-@pytest.mark.parametrize("args", [["check", "."]], ids=["lint"])
+@pytest.mark.parametrize("args", [["check", "."], ["format", "--check", "--diff", "."]], ids=["lint", "format"])
 def test_ruff(args):
     proc = subprocess.run(_ruff() + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (f"ruff {' '.join(args)} found problems (`ruff check --fix` fixes most):\n"
-                                  f"{proc.stdout[-4000:]}{proc.stderr[-2000:]}")
+    assert proc.returncode == 0, (
+        f"ruff {' '.join(args)} found problems (`make format` fixes most):\n{proc.stdout[-4000:]}{proc.stderr[-2000:]}"
+    )

@@ -2,6 +2,7 @@
 back from its checkpoint file, its run's checkpoint_dir, or the sharded directories of the
 fsdp (DCP) and pipeline strategies, with its vocabulary; greedy next-token text through that
 vocabulary; safe loading (weights_only, DCP metadata) and clear refusals of bad inputs."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +17,16 @@ import pytest
 import torch
 
 from accelops.models import TransformerLM, TransformerLMConfig
-from accelops.train import (CharVocab, CheckpointError, CheckpointWarning, Trainer, TokenWindows, list_checkpoints,
-                            load_checkpoint, load_model)
+from accelops.train import (
+    CharVocab,
+    CheckpointError,
+    CheckpointWarning,
+    TokenWindows,
+    Trainer,
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+)
 from accelops.train.checkpoint import list_dir_checkpoints, save_checkpoint
 from accelops.train.config import build
 from accelops.train.parallel import full_model_state_dict
@@ -42,13 +51,22 @@ def _config(tmp_path, **train):
     tmp_path = Path(tmp_path)
     text = tmp_path / "cycle.txt"
     text.write_text(CYCLE * 120, encoding="utf-8")
-    t = dict(max_steps=20, batch_size=8, eval_every=10, eval_batches=1, checkpoint_dir=str(tmp_path / "ckpt"),
-             log_dir=str(tmp_path / "log"), progress=False)
+    t = dict(
+        max_steps=20,
+        batch_size=8,
+        eval_every=10,
+        eval_batches=1,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        log_dir=str(tmp_path / "log"),
+        progress=False,
+    )
     t.update(train)
-    return {"data": {"path": str(text), "seq_len": SEQ},
-            "model": {"type": "transformer", "dim": 32, "n_layers": 2, "n_heads": 2},
-            "optimizer": {"name": "adamw", "lr": 1e-2},
-            "train": t}
+    return {
+        "data": {"path": str(text), "seq_len": SEQ},
+        "model": {"type": "transformer", "dim": 32, "n_layers": 2, "n_heads": 2},
+        "optimizer": {"name": "adamw", "lr": 1e-2},
+        "train": t,
+    }
 
 
 def _train(config):
@@ -66,9 +84,9 @@ def greedy(model, vocab, prompt: str, n: int) -> str:
     ids = vocab.encode(prompt)[None]
     with torch.no_grad():
         for _ in range(n):
-            nxt = model(ids[:, -model.config.max_len:])[0, -1].argmax()
+            nxt = model(ids[:, -model.config.max_len :])[0, -1].argmax()
             ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-    return vocab.decode(ids[0, len(prompt):])
+    return vocab.decode(ids[0, len(prompt) :])
 
 
 def _same_weights(model, weights):
@@ -80,13 +98,13 @@ def _same_weights(model, weights):
 
 def test_round_trip_from_a_run_directory_and_greedy_text(tmp_path):
     trainer, vocab, weights = _train(_config(tmp_path))
-    model, loaded_vocab = load_model(tmp_path / "ckpt")             # the run's checkpoint_dir: the newest
+    model, loaded_vocab = load_model(tmp_path / "ckpt")  # the run's checkpoint_dir: the newest
     assert isinstance(model, TransformerLM) and not model.training
     assert next(model.parameters()).device == torch.device("cpu")
     assert isinstance(loaded_vocab, CharVocab) and loaded_vocab.chars == vocab.chars
     _same_weights(model, weights)
     # the text the trained model writes, through the vocabulary that came back with it
-    assert greedy(model, loaded_vocab, "qua", 2 * len(CYCLE)) == (CYCLE * 3)[3:3 + 2 * len(CYCLE)]
+    assert greedy(model, loaded_vocab, "qua", 2 * len(CYCLE)) == (CYCLE * 3)[3 : 3 + 2 * len(CYCLE)]
     assert loaded_vocab.decode(loaded_vocab.encode(CYCLE)) == CYCLE
     trainer.model.eval()
     ids = vocab.encode(CYCLE)[None]
@@ -133,7 +151,7 @@ def test_refuses_missing_foreign_corrupt_and_non_accelops_train_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"checkpoint '.*nowhere\.ckpt' does not exist"):
         load_model(tmp_path / "nowhere.ckpt")
     foreign = tmp_path / "model.pt"
-    torch.save({"weight": torch.zeros(2)}, foreign)                  # a plain torch file
+    torch.save({"weight": torch.zeros(2)}, foreign)  # a plain torch file
     with pytest.raises(CheckpointError, match=r"model\.pt' is not an accelops checkpoint"):
         load_model(foreign)
     short = tmp_path / "short.ckpt"
@@ -153,8 +171,16 @@ def test_refuses_missing_foreign_corrupt_and_non_accelops_train_files(tmp_path):
     vocab = CharVocab.from_text(CYCLE)
     ids = vocab.encode(CYCLE * 10)
     model = TransformerLM(TransformerLMConfig(vocab_size=len(vocab), dim=16, n_layers=1, n_heads=2, max_len=SEQ))
-    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), TokenWindows(ids, SEQ), max_steps=1,
-                batch_size=2, eval_every=None, checkpoint_dir=tmp_path / "plain", progress=False)
+    t = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        TokenWindows(ids, SEQ),
+        max_steps=1,
+        batch_size=2,
+        eval_every=None,
+        checkpoint_dir=tmp_path / "plain",
+        progress=False,
+    )
     t.fit()
     with pytest.raises(CheckpointError, match=r"step-00000001\.ckpt' has no config and vocabulary.*load_checkpoint"):
         load_model(tmp_path / "plain")
@@ -166,8 +192,8 @@ def test_fsdp_dcp_directory_in_one_process(tmp_path):
         _, vocab, weights = _train(_config(tmp_path, strategy="fsdp", max_steps=4, eval_every=2))
     dirs = list_dir_checkpoints(tmp_path / "ckpt", "dcp")
     assert [s for s, _ in dirs] == [4, 2]
-    renamed = tmp_path / "final"                                    # known by its manifest, not its name
-    for where in (tmp_path / "ckpt", dirs[0][1], renamed):          # the run's directory, or the checkpoint
+    renamed = tmp_path / "final"  # known by its manifest, not its name
+    for where in (tmp_path / "ckpt", dirs[0][1], renamed):  # the run's directory, or the checkpoint
         if where == renamed:
             os.rename(dirs[0][1], renamed)
         model, loaded_vocab = load_model(where)
@@ -179,7 +205,7 @@ def test_dcp_metadata_is_not_unpickled_blindly(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _train(_config(tmp_path, strategy="fsdp", max_steps=2, eval_every=2))
-    (_, ckpt), = list_dir_checkpoints(tmp_path / "ckpt", "dcp")
+    ((_, ckpt),) = list_dir_checkpoints(tmp_path / "ckpt", "dcp")
     marker = tmp_path / "ran"
     meta = os.path.join(ckpt, "dcp", ".metadata")
     with open(meta, "wb") as f:
@@ -187,8 +213,10 @@ def test_dcp_metadata_is_not_unpickled_blindly(tmp_path):
     # ... and the manifest rewritten to match, so the checksums cannot be what stops it
     manifest_path = os.path.join(ckpt, "manifest.json")
     manifest = json.load(open(manifest_path))
-    manifest["files"][os.path.join("dcp", ".metadata")] = [os.path.getsize(meta),
-                                                           hashlib.sha256(open(meta, "rb").read()).hexdigest()]
+    manifest["files"][os.path.join("dcp", ".metadata")] = [
+        os.path.getsize(meta),
+        hashlib.sha256(open(meta, "rb").read()).hexdigest(),
+    ]
     json.dump(manifest, open(manifest_path, "w"))
     with pytest.raises(CheckpointError, match=r"DCP metadata .*\.metadata' is refused: .*_touch is not part of"):
         load_model(ckpt)
@@ -197,15 +225,18 @@ def test_dcp_metadata_is_not_unpickled_blindly(tmp_path):
 
 def _sharded_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)  # first: OpenMP pools do not survive the fork
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     res = {}
     try:
         import torch.distributed as dist
 
         dist.init_process_group("gloo")
-        for name, kw in (("fsdp", dict(strategy="fsdp")),
-                         ("pipeline", dict(strategy="pipeline", pipeline_split=[1], accumulate_grad_batches=2))):
+        for name, kw in (
+            ("fsdp", dict(strategy="fsdp")),
+            ("pipeline", dict(strategy="pipeline", pipeline_split=[1], accumulate_grad_batches=2)),
+        ):
             d = os.path.join(out_dir, name)
             os.makedirs(d, exist_ok=True)
             config = _config(d, max_steps=2, eval_every=2, batch_size=4, **kw)

@@ -1,5 +1,6 @@
 """accelops.models: TransformerLM and RNNLM under every quant, tied and untied: build,
 forward/backward, loss, causality, state_dict round trip, errors, sizes, int8 conversion."""
+
 import dataclasses
 import math
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from accelops.models import QUANTS, RNNLM, RNNLMConfig, TransformerLM, TransformerLMConfig
-from accelops.nn import BitLinear, FFN, FusedFFN, Int8Linear, QATLinear
+from accelops.nn import FFN, BitLinear, FusedFFN, Int8Linear, QATLinear
 
 V, T, B = 37, 12, 2
 
@@ -26,12 +27,16 @@ def tiny_rnn(**kw):
     return RNNLMConfig(**cfg)
 
 
-CONFIGS = (
-    [pytest.param(TransformerLM, tiny_transformer(quant=q, tie_embeddings=tie), id=f"transformer-{q}-tied{tie}")
-     for q in QUANTS for tie in (False, True)]
-    + [pytest.param(RNNLM, tiny_rnn(quant=q, tie_embeddings=tie, cell=cell), id=f"rnn-{cell}-{q}-tied{tie}")
-       for cell in ("lstm", "gru") for q in QUANTS for tie in (False, True)]
-)
+CONFIGS = [
+    pytest.param(TransformerLM, tiny_transformer(quant=q, tie_embeddings=tie), id=f"transformer-{q}-tied{tie}")
+    for q in QUANTS
+    for tie in (False, True)
+] + [
+    pytest.param(RNNLM, tiny_rnn(quant=q, tie_embeddings=tie, cell=cell), id=f"rnn-{cell}-{q}-tied{tie}")
+    for cell in ("lstm", "gru")
+    for q in QUANTS
+    for tie in (False, True)
+]
 
 
 def batch(seq=T):
@@ -93,15 +98,18 @@ def test_bad_input(cls, cfg):
         model(tokens, targets[:, :-1])
 
 
-@pytest.mark.parametrize("kw, err, match", [
-    (dict(dim=30, n_heads=4), ValueError, r"dim \(30\) must be divisible by n_heads \(4\)"),
-    (dict(quant="int4"), ValueError, "quant must be one of"),
-    (dict(dropout=1.0), ValueError, "dropout"),
-    (dict(n_layers=0), ValueError, "n_layers must be a positive int"),
-    (dict(vocab_size=2.5), ValueError, "vocab_size"),
-    (dict(activation="relu"), ValueError, "activation must be one of"),
-    (dict(tie_embeddings=1), TypeError, "tie_embeddings must be a bool"),
-])
+@pytest.mark.parametrize(
+    "kw, err, match",
+    [
+        (dict(dim=30, n_heads=4), ValueError, r"dim \(30\) must be divisible by n_heads \(4\)"),
+        (dict(quant="int4"), ValueError, "quant must be one of"),
+        (dict(dropout=1.0), ValueError, "dropout"),
+        (dict(n_layers=0), ValueError, "n_layers must be a positive int"),
+        (dict(vocab_size=2.5), ValueError, "vocab_size"),
+        (dict(activation="relu"), ValueError, "activation must be one of"),
+        (dict(tie_embeddings=1), TypeError, "tie_embeddings must be a bool"),
+    ],
+)
 def test_transformer_config_errors(kw, err, match):
     with pytest.raises(err, match=match):
         tiny_transformer(**kw)
@@ -118,8 +126,12 @@ def test_rnn_config_errors():
 
 
 def test_layers_follow_quant():
-    kinds = {None: (nn.Linear, FusedFFN), "bitlinear": (BitLinear, FusedFFN), "int8": (Int8Linear, FusedFFN),
-             "qat-int8": (QATLinear, FFN)}
+    kinds = {
+        None: (nn.Linear, FusedFFN),
+        "bitlinear": (BitLinear, FusedFFN),
+        "int8": (Int8Linear, FusedFFN),
+        "qat-int8": (QATLinear, FFN),
+    }
     for q, (linear, ffn) in kinds.items():
         block = TransformerLM(tiny_transformer(quant=q)).blocks[0]
         assert all(type(getattr(block.attn, n)) is linear for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -235,8 +247,15 @@ def test_rnnlm_trains_under_cpu_autocast(cell, dtype):
 
 # ---------------------------------------------------------------------------- architecture options
 
-BITNET_ARCH = dict(pos_emb="rope", rope_theta=500000.0, norm="rmsnorm", n_kv_heads=2, activation="relu2",
-                   attn_sub_norm=True, ffn_sub_norm=True)
+BITNET_ARCH = dict(
+    pos_emb="rope",
+    rope_theta=500000.0,
+    norm="rmsnorm",
+    n_kv_heads=2,
+    activation="relu2",
+    attn_sub_norm=True,
+    ffn_sub_norm=True,
+)
 
 
 def test_default_architecture_keeps_its_state_dict():
@@ -349,24 +368,41 @@ def test_new_architecture_converts_to_int8_and_ternary():
 def test_trainer_config_takes_the_new_options():
     from accelops.train.config import build_model
 
-    model = build_model(dict(dim=32, n_layers=1, n_heads=4, pos_emb="rope", norm="rmsnorm", n_kv_heads=1,
-                             activation="relu2", attn_sub_norm=True, ffn_sub_norm=True, rope_theta=1e4), V, 16)
+    model = build_model(
+        dict(
+            dim=32,
+            n_layers=1,
+            n_heads=4,
+            pos_emb="rope",
+            norm="rmsnorm",
+            n_kv_heads=1,
+            activation="relu2",
+            attn_sub_norm=True,
+            ffn_sub_norm=True,
+            rope_theta=1e4,
+        ),
+        V,
+        16,
+    )
     assert model.config.kv_heads == 1 and model.pos_emb is None
 
 
-@pytest.mark.parametrize("kw, err, match", [
-    (dict(n_kv_heads=3), ValueError, r"n_kv_heads \(3\) must divide n_heads \(4\)"),
-    (dict(n_kv_heads=0), ValueError, "n_kv_heads must be a positive int"),
-    (dict(pos_emb="alibi"), ValueError, "pos_emb must be one of"),
-    (dict(rope_theta=0), ValueError, "rope_theta must be a finite number > 0"),
-    (dict(rope_theta=float("inf")), ValueError, "rope_theta"),
-    (dict(dim=36, n_heads=4, pos_emb="rope"), ValueError, "even head size"),
-    (dict(norm="batchnorm"), ValueError, "norm must be one of"),
-    (dict(norm_eps=-1e-5), ValueError, "norm_eps"),
-    (dict(attn_sub_norm=1), TypeError, "attn_sub_norm must be a bool"),
-    (dict(mlp_bias="yes"), TypeError, "mlp_bias must be a bool or None"),
-    (dict(activation="relu"), ValueError, "relu2"),
-])
+@pytest.mark.parametrize(
+    "kw, err, match",
+    [
+        (dict(n_kv_heads=3), ValueError, r"n_kv_heads \(3\) must divide n_heads \(4\)"),
+        (dict(n_kv_heads=0), ValueError, "n_kv_heads must be a positive int"),
+        (dict(pos_emb="alibi"), ValueError, "pos_emb must be one of"),
+        (dict(rope_theta=0), ValueError, "rope_theta must be a finite number > 0"),
+        (dict(rope_theta=float("inf")), ValueError, "rope_theta"),
+        (dict(dim=36, n_heads=4, pos_emb="rope"), ValueError, "even head size"),
+        (dict(norm="batchnorm"), ValueError, "norm must be one of"),
+        (dict(norm_eps=-1e-5), ValueError, "norm_eps"),
+        (dict(attn_sub_norm=1), TypeError, "attn_sub_norm must be a bool"),
+        (dict(mlp_bias="yes"), TypeError, "mlp_bias must be a bool or None"),
+        (dict(activation="relu"), ValueError, "relu2"),
+    ],
+)
 def test_architecture_config_errors(kw, err, match):
     with pytest.raises(err, match=match):
         tiny_transformer(**kw)
@@ -374,10 +410,22 @@ def test_architecture_config_errors(kw, err, match):
 
 def test_bitnet_2b4t_shape():
     cfg = TransformerLMConfig.bitnet_2b4t()
-    assert (cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.hidden, cfg.max_len) == \
-        (128256, 2560, 30, 20, 5, 6912, 4096)
-    assert (cfg.activation, cfg.pos_emb, cfg.rope_theta, cfg.norm, cfg.norm_eps) == \
-        ("relu2", "rope", 500000.0, "rmsnorm", 1e-5)
+    assert (cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.hidden, cfg.max_len) == (
+        128256,
+        2560,
+        30,
+        20,
+        5,
+        6912,
+        4096,
+    )
+    assert (cfg.activation, cfg.pos_emb, cfg.rope_theta, cfg.norm, cfg.norm_eps) == (
+        "relu2",
+        "rope",
+        500000.0,
+        "rmsnorm",
+        1e-5,
+    )
     assert cfg.tie_embeddings and cfg.attn_sub_norm and cfg.ffn_sub_norm and not cfg.attention_bias
     assert TransformerLMConfig.bitnet_2b4t(n_layers=2).n_layers == 2
     with torch.device("meta"):
@@ -392,10 +440,27 @@ def test_bitnet_2b4t_against_transformers_bitnet_config():
     transformers = pytest.importorskip("transformers")
     hf = transformers.BitNetConfig()
     cfg = TransformerLMConfig.bitnet_2b4t()
-    assert (hf.vocab_size, hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads,
-            hf.intermediate_size, hf.hidden_act, hf.rms_norm_eps, hf.attention_bias) == \
-        (cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.hidden, cfg.activation, cfg.norm_eps,
-         cfg.attention_bias)
+    assert (
+        hf.vocab_size,
+        hf.hidden_size,
+        hf.num_hidden_layers,
+        hf.num_attention_heads,
+        hf.num_key_value_heads,
+        hf.intermediate_size,
+        hf.hidden_act,
+        hf.rms_norm_eps,
+        hf.attention_bias,
+    ) == (
+        cfg.vocab_size,
+        cfg.dim,
+        cfg.n_layers,
+        cfg.n_heads,
+        cfg.kv_heads,
+        cfg.hidden,
+        cfg.activation,
+        cfg.norm_eps,
+        cfg.attention_bias,
+    )
     assert hf.rope_parameters["rope_theta"] == cfg.rope_theta
     # the two documented differences: the 2B4T checkpoint's config.json has 4096 positions and tied embeddings
     assert (hf.max_position_embeddings, hf.tie_word_embeddings) == (2048, False)

@@ -1,5 +1,6 @@
 """Drop-in layers (BitLinear, TernaryLinear, Int8Linear) and convert(), against
 accelops.reference (reference/bitlinear.py for BitLinear's forward and STE backward)."""
+
 import copy
 import io
 
@@ -194,8 +195,9 @@ def test_bitlinear_eval_equals_its_ternary_conversion(backend, per_channel):
 
 
 def _bit_model():
-    return nn.Sequential(BitLinear(32, 48), nn.GELU(), BitLinear(48, 40, per_channel=True), nn.ReLU(),
-                         BitLinear(40, 8, bias=False))
+    return nn.Sequential(
+        BitLinear(32, 48), nn.GELU(), BitLinear(48, 40, per_channel=True), nn.ReLU(), BitLinear(40, 8, bias=False)
+    )
 
 
 def test_bitlinear_torch_compile_fullgraph_eager_backend():
@@ -310,20 +312,30 @@ def test_quantized_layers_load_a_float_linear_state_dict():
 
 def test_mismatched_state_dict_names_key_and_shapes():
     sd = TernaryLinear.from_linear(nn.Linear(300, 8)).state_dict()  # 3 blocks of 128 -> 96 bytes a row
-    with pytest.raises(RuntimeError, match=r"size mismatch for w_packed: TernaryLinear\(in_features=200, "
-                                           r".*expects shape \(8, 64\) .*the checkpoint has \(8, 96\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"size mismatch for w_packed: TernaryLinear\(in_features=200, "
+        r".*expects shape \(8, 64\) .*the checkpoint has \(8, 96\)",
+    ):
         TernaryLinear(200, 8).load_state_dict(sd)
-    with pytest.raises(RuntimeError, match=r"size mismatch for w_scale: .*expects shape \(8,\) "
-                                           r"\(\[out_features\], per_channel=True\), the checkpoint has \(1,\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"size mismatch for w_scale: .*expects shape \(8,\) "
+        r"\(\[out_features\], per_channel=True\), the checkpoint has \(1,\)",
+    ):
         TernaryLinear(300, 8, per_channel=True).load_state_dict(sd)
     nested = nn.Sequential(nn.ReLU(), TernaryLinear(300, 9))
     with pytest.raises(RuntimeError, match=r"size mismatch for 1\.w_packed: .*expects shape \(9, 96\)"):
         nested.load_state_dict({"1." + k: v for k, v in sd.items()})
     bad = dict(sd, w_packed=sd["w_packed"].to(torch.int8))
-    with pytest.raises(RuntimeError, match=r"dtype mismatch for w_packed: .* expects torch.uint8, the checkpoint has torch.int8"):
+    with pytest.raises(
+        RuntimeError, match=r"dtype mismatch for w_packed: .* expects torch.uint8, the checkpoint has torch.int8"
+    ):
         TernaryLinear(300, 8).load_state_dict(bad)
     sd8 = Int8Linear.from_linear(nn.Linear(30, 4)).state_dict()
-    with pytest.raises(RuntimeError, match=r"size mismatch for w_q: Int8Linear\(.*expects shape \(4, 31\) .*has \(4, 30\)"):
+    with pytest.raises(
+        RuntimeError, match=r"size mismatch for w_q: Int8Linear\(.*expects shape \(4, 31\) .*has \(4, 30\)"
+    ):
         Int8Linear(31, 4).load_state_dict(sd8)
 
 
@@ -431,8 +443,11 @@ class TinyLM(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-LINEAR_NAMES = [f"blocks.{i}.{p}" for i in range(2)
-                for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")] + ["lm_head"]
+LINEAR_NAMES = [
+    f"blocks.{i}.{p}"
+    for i in range(2)
+    for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+] + ["lm_head"]
 TARGET = {"bitlinear": BitLinear, "ternary": TernaryLinear, "int8": Int8Linear}
 
 
@@ -490,7 +505,11 @@ def test_convert_tiny_transformer(mode):
     assert [s.fqn for s in report.swapped] == LINEAR_NAMES and report.num_swapped == 15
     first = report.swapped[0]
     assert (first.from_type, first.to_type, first.in_features, first.out_features) == (
-        "Linear", TARGET[mode].__name__, D, D)
+        "Linear",
+        TARGET[mode].__name__,
+        D,
+        D,
+    )
     down = report.swapped[6]
     assert (down.fqn, down.in_features, down.out_features) == ("blocks.0.down_proj", HIDDEN, D)
     mods = dict(model.named_modules())
@@ -498,7 +517,8 @@ def test_convert_tiny_transformer(mode):
     assert {n: type(m) for n, m in mods.items() if n not in LINEAR_NAMES} == other_types  # nothing else touched
     assert report.bytes_before == bytes_before
     assert report.bytes_after == _weight_bytes(model, LINEAR_NAMES) + sum(
-        sum(b.numel() * b.element_size() for b in mods[n].buffers()) for n in LINEAR_NAMES)
+        sum(b.numel() * b.element_size() for b in mods[n].buffers()) for n in LINEAR_NAMES
+    )
     expected_ratio = {"bitlinear": (1.0, 1.0), "ternary": (8.0, 16.0), "int8": (3.5, 4.0)}[mode]
     assert expected_ratio[0] <= report.compression <= expected_ratio[1]
     text = str(report)
@@ -626,7 +646,9 @@ def test_convert_keeps_shared_layers_shared_and_skips_linear_subclasses():
     mha = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
     report = convert(mha, "ternary")
     assert [s.fqn for s in report.swapped] == ["1"]
-    assert report.skipped == [("0.out_proj", "NonDynamicallyQuantizableLinear is a subclass of nn.Linear, not nn.Linear")]
+    assert report.skipped == [
+        ("0.out_proj", "NonDynamicallyQuantizableLinear is a subclass of nn.Linear, not nn.Linear")
+    ]
     model = nn.Sequential(BitLinear(8, 8))
     report = convert(model, "int8")
     assert report.num_swapped == 0 and "use mode='ternary'" in report.skipped[0][1]

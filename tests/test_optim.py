@@ -2,6 +2,7 @@
 reference (codes, scales, parameters), the quantization maps, opcheck, the optimizers'
 semantics (vs torch.optim where the states are fp32), state_dict round trips, bad input,
 NaN containment, FSDP2 and ZeRO-1 on 2 gloo ranks, and convergence."""
+
 import copy
 import datetime
 import io
@@ -49,8 +50,9 @@ def _adam_run(n, dtype, bs, steps, seed, scale=0.1, wd=0.01, impl=None):
             s = R.adamw_scalars(3e-3, 0.9, 0.999, 1e-8, wd, t)
             R.adamw8bit_step_(p, g, mc, ma, vc, va, R.signed_map(), R.unsigned_map(), s, bs)
         else:
-            ops.adamw8bit_step_(p, g, mc, ma, vc, va, lr=3e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-                                weight_decay=wd, step=t, block_size=bs)
+            ops.adamw8bit_step_(
+                p, g, mc, ma, vc, va, lr=3e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd, step=t, block_size=bs
+            )
     return p, mc, ma, vc, va
 
 
@@ -63,12 +65,24 @@ def _sgd_run(n, dtype, bs, steps, seed, nesterov, dampening, wd, impl=None):
         if impl is None:
             R.sgd8bit_step_(p, g, c, a, R.signed_map(), 0.05, 0.9, dampening, wd, nesterov, t == 1, bs)
         else:
-            ops.sgd8bit_step_(p, g, c, a, lr=0.05, momentum=0.9, dampening=dampening, weight_decay=wd,
-                              nesterov=nesterov, first=t == 1, block_size=bs)
+            ops.sgd8bit_step_(
+                p,
+                g,
+                c,
+                a,
+                lr=0.05,
+                momentum=0.9,
+                dampening=dampening,
+                weight_decay=wd,
+                nesterov=nesterov,
+                first=t == 1,
+                block_size=bs,
+            )
     return p, c, a
 
 
 # =========================================================================== maps
+
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_map_properties(signed):
@@ -119,11 +133,12 @@ def test_quantize_roundtrip_error_is_relative():
     codes, absmax = R.quantize_blockwise(x, R.signed_map())
     y = R.dequantize_blockwise(codes, absmax, R.signed_map())
     blocks = x.view(-1, 256)
-    rel = ((y - x).view(-1, 256).abs() / blocks.abs().amax(1, keepdim=True))
+    rel = (y - x).view(-1, 256).abs() / blocks.abs().amax(1, keepdim=True)
     assert float(rel.max()) < 0.01  # at most ~half the top decade's step of the block absmax
 
 
 # =========================================================================== backends vs reference
+
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -150,14 +165,18 @@ def test_sgd_step_matches_reference(monkeypatch, backend_name, nesterov, dampeni
 
 
 @HYP
-@given(n=st.one_of(st.sampled_from([1, 255, 256, 257, 513, 4095]), st.integers(1, 20_000)),
-       log_bs=st.integers(0, 11), seed=st.integers(0, 2 ** 16), log_scale=st.integers(-12, 4))
+@given(
+    n=st.one_of(st.sampled_from([1, 255, 256, 257, 513, 4095]), st.integers(1, 20_000)),
+    log_bs=st.integers(0, 11),
+    seed=st.integers(0, 2**16),
+    log_scale=st.integers(-12, 4),
+)
 def test_adamw_hypothesis_all_backends(monkeypatch, n, log_bs, seed, log_scale):
-    bs = 2 ** log_bs
-    want = _adam_run(n, torch.float32, bs, 2, seed, scale=10.0 ** log_scale)
+    bs = 2**log_bs
+    want = _adam_run(n, torch.float32, bs, 2, seed, scale=10.0**log_scale)
     for b in KERNEL_BACKENDS:
         use_backend(monkeypatch, b)
-        got = _adam_run(n, torch.float32, bs, 2, seed, scale=10.0 ** log_scale, impl="ops")
+        got = _adam_run(n, torch.float32, bs, 2, seed, scale=10.0**log_scale, impl="ops")
         for name, x, y in zip(("param", "m_codes", "m_absmax", "v_codes", "v_absmax"), got, want):
             assert_same(x, y, f"{b} n={n} bs={bs} {name}")
 
@@ -171,8 +190,15 @@ def test_quantization_edges_exact(monkeypatch, backend_name, signed):
     q = R.signed_map()
     t = R.thresholds(q)
     inf = torch.tensor(float("inf"))
-    vals = torch.cat([t, torch.nextafter(t, inf), torch.nextafter(t, -inf), q, torch.tensor([0.0, -0.0, 1e-30,
-                      -1e-30, 1e-45, 0.99999994, -0.99999994])])
+    vals = torch.cat(
+        [
+            t,
+            torch.nextafter(t, inf),
+            torch.nextafter(t, -inf),
+            q,
+            torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-45, 0.99999994, -0.99999994]),
+        ]
+    )
     blocks = vals.split(255)
     g = torch.cat([torch.cat([torch.ones(1), b, torch.zeros(255 - b.numel())]) for b in blocks])
     p = torch.zeros_like(g)
@@ -195,8 +221,9 @@ def test_nan_stays_in_its_block(monkeypatch, backend_name):
     ops.adamw8bit_step_(p, g, mc, ma, vc, va, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
     assert torch.isnan(p[300]) and int(torch.isnan(p).sum()) == 1
     assert torch.isnan(ma[1]) and torch.isnan(va[1]) and bool(torch.isfinite(ma[[0, 2, 3]]).all())
-    ops.adamw8bit_step_(p, torch.randn(n), mc, ma, vc, va, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-                        weight_decay=0.0, step=2)
+    ops.adamw8bit_step_(
+        p, torch.randn(n), mc, ma, vc, va, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=2
+    )
     nan = torch.isnan(p)
     assert bool(nan[256:512].all()) and not bool(nan[:256].any()) and not bool(nan[512:].any())
 
@@ -209,13 +236,46 @@ def test_opcheck():
         mc, ma = O.new_state(p, 128)
         vc, va = O.new_state(p, 128)
         s = R.adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
-        torch.library.opcheck(A.adamw8bit_step_.default,
-                              (p, g, mc, ma, vc, va, O.qmap(True, "cpu"), O.qmap(False, "cpu"), s["beta1"], s["c1"],
-                               s["beta2"], s["c2"], s["decay"], s["step_size"], s["bc2_sqrt"], s["eps"], 128))
+        torch.library.opcheck(
+            A.adamw8bit_step_.default,
+            (
+                p,
+                g,
+                mc,
+                ma,
+                vc,
+                va,
+                O.qmap(True, "cpu"),
+                O.qmap(False, "cpu"),
+                s["beta1"],
+                s["c1"],
+                s["beta2"],
+                s["c2"],
+                s["decay"],
+                s["step_size"],
+                s["bc2_sqrt"],
+                s["eps"],
+                128,
+            ),
+        )
         c, a = O.new_state(p, 128)
-        torch.library.opcheck(A.sgd8bit_step_.default,
-                              (p.to(torch.bfloat16), g.to(torch.bfloat16), c, a, O.qmap(True, "cpu"), 0.1, 0.9,
-                               0.0, 0.01, True, False, 128))
+        torch.library.opcheck(
+            A.sgd8bit_step_.default,
+            (
+                p.to(torch.bfloat16),
+                g.to(torch.bfloat16),
+                c,
+                a,
+                O.qmap(True, "cpu"),
+                0.1,
+                0.9,
+                0.0,
+                0.01,
+                True,
+                False,
+                128,
+            ),
+        )
 
 
 def test_ops_bad_input():
@@ -238,11 +298,13 @@ def test_ops_bad_input():
     with pytest.raises(ValueError, match="step must be an int >= 1"):
         ops.adamw8bit_step_(p, p.clone(), mc, ma, vc, va, **{**kw, "step": 0})
     with pytest.raises(RuntimeError, match="block_size must be a positive power of two"):
-        torch.ops.accelops.sgd8bit_step_(p, p.clone(), mc, ma, O.qmap(True, "cpu"), 0.1, 0.9, 0.0, 0.0, False,
-                                         False, 96)
+        torch.ops.accelops.sgd8bit_step_(
+            p, p.clone(), mc, ma, O.qmap(True, "cpu"), 0.1, 0.9, 0.0, 0.0, False, False, 96
+        )
 
 
 # =========================================================================== the optimizers
+
 
 def _mlp(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
@@ -261,7 +323,7 @@ def _train(model, opt, steps, x, y, batch=64):
     losses = []
     for i in range(steps):
         j = (i * batch) % x.shape[0]
-        xb, yb = x[j:j + batch].to(next(model.parameters()).dtype), y[j:j + batch]
+        xb, yb = x[j : j + batch].to(next(model.parameters()).dtype), y[j : j + batch]
         loss = (model(xb).float() - yb).pow(2).mean()
         opt.zero_grad()
         loss.backward()
@@ -278,18 +340,21 @@ def test_adamw8bit_fp32_states_match_torch_adamw(monkeypatch, backend_name):
     x, y = _data()
     a, b = _mlp(), _mlp()
     _train(a, torch.optim.AdamW(a.parameters(), lr=1e-3, weight_decay=0.05), 20, x, y)
-    _train(b, AdamW8bit(b.parameters(), lr=1e-3, weight_decay=0.05, min_8bit_size=10 ** 9), 20, x, y)
+    _train(b, AdamW8bit(b.parameters(), lr=1e-3, weight_decay=0.05, min_8bit_size=10**9), 20, x, y)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-6)
 
 
 def test_sgd8bit_fp32_states_match_torch_sgd():
     x, y = _data()
-    for kw in (dict(momentum=0.9, nesterov=True, weight_decay=1e-3), dict(momentum=0.9, dampening=0.2),
-               dict(momentum=0.0)):
+    for kw in (
+        dict(momentum=0.9, nesterov=True, weight_decay=1e-3),
+        dict(momentum=0.9, dampening=0.2),
+        dict(momentum=0.0),
+    ):
         a, b = _mlp(), _mlp()
         _train(a, torch.optim.SGD(a.parameters(), lr=0.01, **kw), 20, x, y)
-        _train(b, SGD8bit(b.parameters(), lr=0.01, min_8bit_size=10 ** 9, **kw), 20, x, y)
+        _train(b, SGD8bit(b.parameters(), lr=0.01, min_8bit_size=10**9, **kw), 20, x, y)
         for pa, pb in zip(a.parameters(), b.parameters()):
             torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
 
@@ -310,8 +375,12 @@ def test_state_layout_and_bytes():
     for o in (ref, one):
         o.param_groups[0]["params"][0].grad = torch.randn(1 << 20)
         o.step()
-    ref_bytes = sum(v.numel() * v.element_size() for s in ref.state.values() for v in s.values()
-                    if torch.is_tensor(v) and v.dim() > 0)
+    ref_bytes = sum(
+        v.numel() * v.element_size()
+        for s in ref.state.values()
+        for v in s.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    )
     assert one.state_bytes() / ref_bytes <= 0.27
 
 
@@ -438,12 +507,18 @@ def test_lr_scheduler_and_closure():
 
 # =========================================================================== 2 gloo ranks
 
+
 def _init(rank, world, port):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     return dist
 
 
@@ -499,8 +574,9 @@ def _zero_worker(rank, world, port):
     try:
         model = _dist_model()
         ref = copy.deepcopy(model)
-        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=AdamW8bit, lr=1e-2, weight_decay=0.01,
-                                       min_8bit_size=0)
+        zero = ZeroRedundancyOptimizer(
+            model.parameters(), optimizer_class=AdamW8bit, lr=1e-2, weight_decay=0.01, min_8bit_size=0
+        )
         ref_opt = AdamW8bit(ref.parameters(), lr=1e-2, weight_decay=0.01, min_8bit_size=0)
         x, y = _dist_data()
         for _ in range(3):

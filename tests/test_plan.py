@@ -1,6 +1,7 @@
 """accelops.planner (accelops.plan): the component arithmetic against a real model and optimizer, the
 activation estimate against saved_tensors_hooks, the strategies' order, the
 recommendation, bad input, the CLI, and one real 2-rank measurement."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,7 @@ import accelops
 from accelops.cli import main
 from accelops.models import TransformerLM, TransformerLMConfig
 from accelops.optim import AdamW8bit
-from accelops.planner import (_saved_bytes, estimate, optimizer_state_bytes, parse_memory, plan, profile_model)
+from accelops.planner import _saved_bytes, estimate, optimizer_state_bytes, parse_memory, plan, profile_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # dim 64: the FFN's 64 x 256 weights are above AdamW8bit's MIN_8BIT_SIZE, the norms below it
@@ -26,8 +27,9 @@ BENCH = TransformerLMConfig(vocab_size=256, dim=512, n_layers=6, n_heads=8, max_
 
 
 def _state_bytes(opt) -> int:
-    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-               if isinstance(v, torch.Tensor))
+    return sum(
+        v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)
+    )
 
 
 def _one_step(model, opt):
@@ -91,8 +93,10 @@ def test_strategies_order_per_device():
     assert estimate(prof, "fsdp", 4, 4, 128).total < total["fsdp"]
     assert estimate(prof, "ddp", 4, 4, 128).total == total["ddp"]
     # AdamW8bit holds ~1/4 of AdamW's state
-    assert estimate(prof, "ddp", 2, 4, 128, "adamw8bit").optimizer_state < \
-        0.26 * estimate(prof, "ddp", 2, 4, 128).optimizer_state
+    assert (
+        estimate(prof, "ddp", 2, 4, 128, "adamw8bit").optimizer_state
+        < 0.26 * estimate(prof, "ddp", 2, 4, 128).optimizer_state
+    )
     # GPipe keeps every micro-batch in flight, 1F1B at most n_stages + 1 on the first stage
     gpipe = estimate(prof, "pipeline", 2, 2, 128, n_microbatches=8, schedule="gpipe")
     one_f = estimate(prof, "pipeline", 2, 2, 128, n_microbatches=8, schedule="1f1b")
@@ -107,16 +111,19 @@ def test_fsdp_submodule_gathers_a_unit_not_a_block():
     block = estimate(prof, "fsdp", 2, 4, 128)
     unit = estimate(prof, "fsdp_submodule", 2, 4, 128)
     u = 4 * prof.unit_params
-    root = 4 * (sum(prof.first_params) + sum(prof.last_params))   # the root stays gathered
+    root = 4 * (sum(prof.first_params) + sum(prof.last_params))  # the root stays gathered
     assert unit.comm_buffers == 2 * u + -(-u // 2) + prof.block_frozen_bytes + root
     assert unit.total < block.total and unit.params == block.params and unit.optimizer_state == block.optimizer_state
     assert "fsdp_units='submodule'" in unit.note
     # between the two at micro-batch 1 (4 sequences a device: accumulation 4): only
     # fsdp_submodule fits, and the recommendation says how to ask the Trainer for it
-    limit = (estimate(prof, "fsdp_submodule", 2, 1, 128, accumulation=4).total
-             + estimate(prof, "fsdp", 2, 1, 128, accumulation=4).total) // 2
-    r = plan(BENCH, devices=2, device_memory=f"{limit}B", headroom=0.0, global_batch=8,
-             strategies=["fsdp", "fsdp_submodule"]).recommendations["None"]
+    limit = (
+        estimate(prof, "fsdp_submodule", 2, 1, 128, accumulation=4).total
+        + estimate(prof, "fsdp", 2, 1, 128, accumulation=4).total
+    ) // 2
+    r = plan(
+        BENCH, devices=2, device_memory=f"{limit}B", headroom=0.0, global_batch=8, strategies=["fsdp", "fsdp_submodule"]
+    ).recommendations["None"]
     assert r.strategy == "fsdp_submodule" and "fsdp_backward_prefetch=False" in r.reason
 
 
@@ -124,9 +131,13 @@ def test_accumulation_keeps_gradients_live():
     prof = profile_model(BENCH)
     one = estimate(prof, "ddp", 2, 4, 128, accumulation=1)
     two = estimate(prof, "ddp", 2, 4, 128, accumulation=2)
-    assert two.total - one.total == pytest.approx(one.grads + one.activations + one.working_set
-                                                  - max(one.activations + one.working_set,
-                                                        one.grads + one.step_temporary), abs=1)
+    assert two.total - one.total == pytest.approx(
+        one.grads
+        + one.activations
+        + one.working_set
+        - max(one.activations + one.working_set, one.grads + one.step_temporary),
+        abs=1,
+    )
 
 
 def test_recommendation():
@@ -144,8 +155,7 @@ def test_recommendation():
     small = plan(BENCH, devices=2, device_memory="450MiB", headroom=0.0, global_batch=8)
     assert small.recommendations["None"].strategy == "zero1"
     assert "ddp does not fit" in small.recommendations["None"].reason
-    sharded = plan(BENCH, devices=2, device_memory="450MiB", headroom=0.0, global_batch=8,
-                   strategies=["ddp", "fsdp"])
+    sharded = plan(BENCH, devices=2, device_memory="450MiB", headroom=0.0, global_batch=8, strategies=["ddp", "fsdp"])
     assert sharded.recommendations["None"].strategy == "fsdp"
     none = plan(BENCH, devices=2, device_memory="100MB", global_batch=8)
     assert none.recommendations["None"].strategy is None
@@ -161,17 +171,20 @@ def test_quant_all_and_the_module_and_dict_forms():
     assert accelops.plan is plan
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(device_memory="24XB"), "'24XB' is not a memory size"),
-    (dict(device_memory="-3GB"), "not a memory size"),
-    (dict(devices=0), "devices must be a positive int, got 0"),
-    (dict(devices=3, global_batch=8), "global_batch 8 must be divisible by devices 3"),
-    (dict(strategies=["ddp", "tp"]), "strategy must be one of .* got 'tp'"),
-    (dict(optimizer="lion"), "optimizer must be one of .* got 'lion'"),
-    (dict(quant="int4"), "quant must be one of .* got 'int4'"),
-    (dict(seq_len=64), "seq_len 64 is longer than the model's max_len 32"),
-    (dict(headroom=1.5), "headroom"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(device_memory="24XB"), "'24XB' is not a memory size"),
+        (dict(device_memory="-3GB"), "not a memory size"),
+        (dict(devices=0), "devices must be a positive int, got 0"),
+        (dict(devices=3, global_batch=8), "global_batch 8 must be divisible by devices 3"),
+        (dict(strategies=["ddp", "tp"]), "strategy must be one of .* got 'tp'"),
+        (dict(optimizer="lion"), "optimizer must be one of .* got 'lion'"),
+        (dict(quant="int4"), "quant must be one of .* got 'int4'"),
+        (dict(seq_len=64), "seq_len 64 is longer than the model's max_len 32"),
+        (dict(headroom=1.5), "headroom"),
+    ],
+)
 def test_bad_input(kw, match):
     with pytest.raises(ValueError, match=match):
         plan(SMALL, **{"devices": 2, **kw})
@@ -185,8 +198,10 @@ def test_bad_model():
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.integers(1, 10**6), st.sampled_from([("GB", 10**9), ("GiB", 2**30), ("MB", 10**6), ("mib", 2**20),
-                                               ("", 1), ("B", 1)]))
+@given(
+    st.integers(1, 10**6),
+    st.sampled_from([("GB", 10**9), ("GiB", 2**30), ("MB", 10**6), ("mib", 2**20), ("", 1), ("B", 1)]),
+)
 def test_parse_memory(n, unit):
     name, scale = unit
     assert parse_memory(f"{n}{name}") == n * scale
@@ -203,12 +218,22 @@ def test_parse_memory_rejects_text_without_a_number(text):
 def test_cli_json_and_table(tmp_path, capsys):
     cfg = tmp_path / "m.toml"
     cfg.write_text("[data]\nseq_len = 32\n[model]\nvocab_size = 64\ndim = 64\nn_layers = 2\nn_heads = 4\n")
-    assert main(["plan", "--model", str(cfg), "--devices", "2", "--device-memory", "2GB", "--global-batch", "16",
-                 "--json"]) == 0
+    assert (
+        main(
+            ["plan", "--model", str(cfg), "--devices", "2", "--device-memory", "2GB", "--global-batch", "16", "--json"]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["devices"] == 2 and out["seq_len"] == 32
-    assert {e["strategy"] for e in out["estimates"]} == {"ddp", "zero1", "fsdp", "fsdp_submodule", "fsdp_offload",
-                                                         "pipeline"}
+    assert {e["strategy"] for e in out["estimates"]} == {
+        "ddp",
+        "zero1",
+        "fsdp",
+        "fsdp_submodule",
+        "fsdp_offload",
+        "pipeline",
+    }
     assert out["recommendations"]["None"]["strategy"] == "ddp"
     assert main(["plan", "--model", str(cfg), "--devices", "2", "--quant", "none,bitlinear"]) == 0
     text = capsys.readouterr().out

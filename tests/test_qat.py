@@ -1,6 +1,7 @@
 """Quantization-aware training: the observers and FakeQuantize against torch.ao.quantization,
 QATLinear against the references, and convert()'s "qat-int8" / "int8-from-qat" /
 "dynamic-int8" modes."""
+
 import copy
 import io
 import warnings
@@ -16,8 +17,7 @@ from torch.ao.quantization import observer as tao
 
 import accelops
 from accelops import reference as R
-from accelops.nn import (FakeQuantize, Int8Linear, MinMaxObserver, MovingAverageMinMaxObserver, QATLinear,
-                         convert)
+from accelops.nn import FakeQuantize, Int8Linear, MinMaxObserver, MovingAverageMinMaxObserver, QATLinear, convert
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 PER_TENSOR = [torch.per_tensor_affine, torch.per_tensor_symmetric]
@@ -74,8 +74,11 @@ def observer_case(draw):
     if moving:
         kwargs["averaging_constant"] = draw(st.sampled_from([0.01, 0.3, 1.0]))
     steps = draw(st.integers(1, 4))
-    kinds = draw(st.lists(st.sampled_from(["randn", "randn", "zeros", "const", "positive", "tiny"]),
-                          min_size=steps, max_size=steps))
+    kinds = draw(
+        st.lists(
+            st.sampled_from(["randn", "randn", "zeros", "const", "positive", "tiny"]), min_size=steps, max_size=steps
+        )
+    )
     x_dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16, torch.float16]))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))  # inputs reproducible from the case
     return shape, qscheme, moving, kwargs, kinds, x_dtype, gen
@@ -92,7 +95,8 @@ def _input(kind, shape, x_dtype, gen):
         x = torch.randn(shape, generator=gen) * 1e-9
     else:
         x = torch.randn(shape, generator=gen) * float(torch.rand((), generator=gen) * 10) + float(
-            torch.randn((), generator=gen))
+            torch.randn((), generator=gen)
+        )
     return x.to(x_dtype)
 
 
@@ -122,7 +126,9 @@ def test_observers_equal_torch_ao(case):
             with pytest.raises(AssertionError, match="should be less than max"):
                 _torch_qparams(theirs)
             scale, zero_point = ours.calculate_qparams()
-            assert bool((scale > 0).all()) and bool(((zero_point >= ours.quant_min) & (zero_point <= ours.quant_max)).all())
+            assert bool((scale > 0).all()) and bool(
+                ((zero_point >= ours.quant_min) & (zero_point <= ours.quant_max)).all()
+            )
             continue
         _assert_same_qparams(ours.calculate_qparams(), _torch_qparams(theirs))
 
@@ -222,9 +228,12 @@ def test_observer_bad_input():
         FakeQuantize(tao.MinMaxObserver)
 
 
-@given(ndim=st.integers(1, 4), ch_axis=st.integers(-6, 6),
-       constant=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 2)),
-       x_dtype=st.sampled_from([torch.float32, torch.float64, torch.int32, torch.bool, torch.complex64]))
+@given(
+    ndim=st.integers(1, 4),
+    ch_axis=st.integers(-6, 6),
+    constant=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 2)),
+    x_dtype=st.sampled_from([torch.float32, torch.float64, torch.int32, torch.bool, torch.complex64]),
+)
 @SETTINGS
 def test_observer_bad_input_hypothesis(ndim, ch_axis, constant, x_dtype):
     """Every bad value is refused with an error naming the argument, every good one accepted."""
@@ -307,7 +316,9 @@ def test_fake_quantize_backends_agree_with_torch_ao(backend):
         ours = FakeQuantize(**kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            obs = tao.MovingAveragePerChannelMinMaxObserver if qscheme in PER_CHANNEL else tao.MovingAverageMinMaxObserver
+            obs = (
+                tao.MovingAveragePerChannelMinMaxObserver if qscheme in PER_CHANNEL else tao.MovingAverageMinMaxObserver
+            )
             theirs = TorchFakeQuantize(obs, **kwargs)
         for _ in range(3):
             x = torch.randn(6, 9) * 2
@@ -319,8 +330,13 @@ def test_fake_quantize_state_dict_and_eval_use_of_stored_qparams():
     x = torch.randn(4, 6)
     y = fq(x)
     state = fq.state_dict()
-    assert set(state) == {"scale", "zero_point", "activation_post_process.eps", "activation_post_process.min_val",
-                          "activation_post_process.max_val"}
+    assert set(state) == {
+        "scale",
+        "zero_point",
+        "activation_post_process.eps",
+        "activation_post_process.min_val",
+        "activation_post_process.max_val",
+    }
     other = FakeQuantize(dtype=torch.qint8, qscheme=torch.per_channel_affine, ch_axis=0)
     other.load_state_dict(state)  # per-channel buffers sized on load
     assert torch.equal(other.fake_quant(x), y)
@@ -332,10 +348,14 @@ def test_fake_quantize_state_dict_and_eval_use_of_stored_qparams():
 def test_fake_quantize_torch_compile_fullgraph_eager_backend():
     """fullgraph=True: no graph break, so no .item() or host branch on a tensor value; the
     first call, which sizes the per-channel statistics, traces too."""
+
     def make():
-        return (FakeQuantize(dtype=torch.qint8, qscheme=torch.per_tensor_affine),
-                FakeQuantize(MinMaxObserver, qscheme=torch.per_channel_symmetric, ch_axis=1),
-                FakeQuantize(qscheme=torch.per_channel_affine, ch_axis=0, num_channels=4))
+        return (
+            FakeQuantize(dtype=torch.qint8, qscheme=torch.per_tensor_affine),
+            FakeQuantize(MinMaxObserver, qscheme=torch.per_channel_symmetric, ch_axis=1),
+            FakeQuantize(qscheme=torch.per_channel_affine, ch_axis=0, num_channels=4),
+        )
+
     eager, twin = make(), make()
     step = torch.compile(lambda fqs, x: fqs[2](fqs[1](fqs[0](x))), fullgraph=True, backend="eager")
     for i in range(3):
@@ -410,8 +430,9 @@ def test_qat_linear_backends(backend):
     assert torch.equal(layer.to_int8_linear()(x), layer(x))
 
 
-@pytest.mark.parametrize("activation,weight", [("per_token", "int8"), ("per_token", "int4"),
-                                               ("per_tensor", "int8"), ("per_tensor", "int4")])
+@pytest.mark.parametrize(
+    "activation,weight", [("per_token", "int8"), ("per_token", "int4"), ("per_tensor", "int8"), ("per_tensor", "int4")]
+)
 def test_qat_linear_gradients_are_straight_through(activation, weight):
     """Gradients are F.linear's at the fake-quantized x and w (the quantizers pass them
     through unchanged: absmax scales never clip)."""
@@ -440,8 +461,14 @@ def test_qat_linear_per_tensor_is_torch_ao_fake_quantize_and_observes_in_trainin
     layer = QATLinear(16, 8, activation="per_tensor")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = TorchFakeQuantize(tao.MovingAverageMinMaxObserver, quant_min=-127, quant_max=127,
-                                   dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, averaging_constant=0.01)
+        theirs = TorchFakeQuantize(
+            tao.MovingAverageMinMaxObserver,
+            quant_min=-127,
+            quant_max=127,
+            dtype=torch.qint8,
+            qscheme=torch.per_tensor_symmetric,
+            averaging_constant=0.01,
+        )
     w_fq = layer.fake_quantized_weight().detach()
     for _ in range(3):
         x = torch.randn(5, 16) * 4
@@ -674,8 +701,10 @@ def test_convert_qat_modes_and_reports():
     assert ("4", "a plain nn.Linear, not a QATLinear (mode='int8-from-qat' converts QATLinear only)") in report.skipped
     report = convert(model, "int8")
     assert [s.fqn for s in report.swapped] == ["4"]
-    assert ("0", "already a QATLinear; mode='int8' converts only plain nn.Linear (use mode='int8-from-qat')") \
-        in report.skipped
+    assert (
+        "0",
+        "already a QATLinear; mode='int8' converts only plain nn.Linear (use mode='int8-from-qat')",
+    ) in report.skipped
     with pytest.raises(ValueError, match="activation, weight and group_size apply to mode='qat-int8' only"):
         convert(_mlp(0), "int8", activation="per_tensor")
     with pytest.raises(ValueError, match="weight must be one of"):

@@ -1,6 +1,7 @@
 """`accelops train --launcher ray` / accelops.train.ray_fit: the Trainer in Ray Train workers,
 checkpoints through Ray, exact resume. Ray is an optional extra: without it the launcher
 says which extra to install (tested always); the 2-worker runs need ray[train]."""
+
 import argparse
 import json
 import sys
@@ -9,20 +10,23 @@ from pathlib import Path
 import pytest
 
 from accelops.train import ray_fit
-from accelops.train.ray_train import require_ray
 from accelops.train.config import ConfigError
+from accelops.train.ray_train import require_ray
 from accelops.train.run import add_arguments, run_args
 
 
 def config_for(tmp_path, steps):
     (tmp_path / "text.txt").write_text("First Citizen: before we proceed any further, hear me speak. " * 60)
-    return {"data": {"path": str(tmp_path / "text.txt"), "seq_len": 16},
-            "model": {"dim": 16, "n_layers": 1, "n_heads": 2}, "optimizer": {"lr": 1e-2},
-            "train": {"max_steps": steps, "batch_size": 4, "eval_every": 2, "seed": 0}}
+    return {
+        "data": {"path": str(tmp_path / "text.txt"), "seq_len": 16},
+        "model": {"dim": 16, "n_layers": 1, "n_heads": 2},
+        "optimizer": {"lr": 1e-2},
+        "train": {"max_steps": steps, "batch_size": 4, "eval_every": 2, "seed": 0},
+    }
 
 
 def test_missing_ray_names_the_extra(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "ray", None)     # import ray -> ImportError
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(ImportError, match=r"accelops\[ray\]"):
         require_ray()
     with pytest.raises(ImportError, match=r"accelops\[ray\]"):
@@ -58,10 +62,9 @@ def test_two_ray_workers_report_checkpoints_and_resume_exactly(tmp_path, monkeyp
         whole = ray_fit(config_for(tmp_path, 6), 2, storage_path=storage, name="whole")
         first = ray_fit(config_for(tmp_path, 4), 2, storage_path=storage, name="first")
         assert first.metrics["step"] == 4 and first.checkpoint is not None
-        with first.checkpoint.as_directory() as d:      # the accelops checkpoint, kept by Ray
+        with first.checkpoint.as_directory() as d:  # the accelops checkpoint, kept by Ray
             assert sorted(p.name for p in Path(d).iterdir()) == ["step-00000004.ckpt"]
-        second = ray_fit(config_for(tmp_path, 6), 2, storage_path=storage, name="second",
-                         resume_from=first.checkpoint)
+        second = ray_fit(config_for(tmp_path, 6), 2, storage_path=storage, name="second", resume_from=first.checkpoint)
     finally:
         ray.shutdown()
     assert whole.metrics["step"] == second.metrics["step"] == 6

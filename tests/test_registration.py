@@ -3,6 +3,7 @@ accelops/ops/_library.py) with its reference as the default kernel; the C++ exte
 only adds CPU kernels (TORCH_LIBRARY_IMPL). So each op exists, runs and compiles without
 the extension: the subprocess test below runs this file and every family's opcheck tests
 with accelops._C hidden (ACCELOPS_TEST_NO_EXTENSION=1, see conftest.py)."""
+
 from __future__ import annotations
 
 import os
@@ -31,11 +32,25 @@ HAS_EXTENSION = _backend.extension()[0] is not None
 OPS = {
     "ternary": ["pack_ternary", "unpack_ternary", "quantize_weight_ternary", "ternary_matmul", "ternary_matmul_int_mm"],
     "int8": ["quantize_activation_int8", "quantize_weight_int8", "int8_matmul", "int8_linear", "int8_linear_int_mm"],
-    "fake_quant": ["fake_quantize", "fake_quantize_backward", "fake_quantize_learnable",
-                   "fake_quantize_learnable_backward"],
+    "fake_quant": [
+        "fake_quantize",
+        "fake_quantize_backward",
+        "fake_quantize_learnable",
+        "fake_quantize_learnable_backward",
+    ],
     "ffn": ["fused_ffn", "fused_ffn_backward", "fused_ffn_backward_consume_", "ffn_activation"],
-    "comm": ["bucket_flatten", "bucket_unflatten_", "cast_div", "topk_compress_", "topk_decompress", "sign_compress_",
-             "sign_decompress", "int8_compress_", "int8_decompress", "orthogonalize_"],
+    "comm": [
+        "bucket_flatten",
+        "bucket_unflatten_",
+        "cast_div",
+        "topk_compress_",
+        "topk_decompress",
+        "sign_compress_",
+        "sign_decompress",
+        "int8_compress_",
+        "int8_decompress",
+        "orthogonalize_",
+    ],
     "optim": ["adamw8bit_step_", "sgd8bit_step_"],
 }
 ALL_OPS = [name for names in OPS.values() for name in names]
@@ -50,21 +65,30 @@ def _args(name: str) -> tuple:
     bias = torch.randn(12)
     if name in OPS["ternary"]:
         packed, scale = R.quantize_weight_ternary(w, per_channel=True)
-        return {"pack_ternary": (quantize_weight_ternary_values(w)[0],), "unpack_ternary": (packed, 200),
-                "quantize_weight_ternary": (w, True)}.get(name, (x, packed, scale, bias))
+        return {
+            "pack_ternary": (quantize_weight_ternary_values(w)[0],),
+            "unpack_ternary": (packed, 200),
+            "quantize_weight_ternary": (w, True),
+        }.get(name, (x, packed, scale, bias))
     if name in OPS["int8"]:
         w_q, w_scale = R.quantize_weight_int8(w)
         x_q, x_scale = R.quantize_activation_int8(x)
-        return {"quantize_activation_int8": (x.half(),), "quantize_weight_int8": (w,),
-                "int8_matmul": (x_q, x_scale, w_q, w_scale, bias, torch.bfloat16)}.get(name, (x, w_q, w_scale, bias))
+        return {
+            "quantize_activation_int8": (x.half(),),
+            "quantize_weight_int8": (w,),
+            "int8_matmul": (x_q, x_scale, w_q, w_scale, bias, torch.bfloat16),
+        }.get(name, (x, w_q, w_scale, bias))
     if name in OPS["fake_quant"]:
         xf = torch.randn(6, 20)
         s = torch.rand(6) * 0.1 + 0.01
         z = torch.randint(-5, 5, (6,), dtype=torch.int32)
         bits = RFQ.pack_mask(RFQ.fake_quantize_with_mask(xf, s, z, -128, 127, 0)[1])
-        return {"fake_quantize": (xf, s, z, -128, 127, 0), "fake_quantize_backward": (torch.randn(6, 20), bits),
-                "fake_quantize_learnable": (xf, s, z.float(), -128, 127, 0, 0.5),
-                "fake_quantize_learnable_backward": (torch.randn(6, 20), xf, s, z.float(), -128, 127, 0, 0.5)}[name]
+        return {
+            "fake_quantize": (xf, s, z, -128, 127, 0),
+            "fake_quantize_backward": (torch.randn(6, 20), bits),
+            "fake_quantize_learnable": (xf, s, z.float(), -128, 127, 0, 0.5),
+            "fake_quantize_learnable_backward": (torch.randn(6, 20), xf, s, z.float(), -128, 127, 0, 0.5),
+        }[name]
     if name in OPS["ffn"]:
         xf, w_gate, w_up, w_down = torch.randn(2, 3, 8), torch.randn(12, 8), torch.randn(12, 8), torch.randn(8, 12)
         b = (torch.randn(12), torch.randn(12), torch.randn(8))
@@ -79,20 +103,41 @@ def _args(name: str) -> tuple:
         values, indices = RC.topk_compress_(grad.clone(), None, 7)
         sbits, sscales = RC.sign_compress_(grad.clone(), None, 64)
         q, qscales = RC.int8_compress_(grad.clone(), None, 64, 5)
-        return {"bucket_flatten": ([torch.randn(3, 4), torch.randn(5)], torch.bfloat16, 2.0),
-                "bucket_unflatten_": (torch.randn(17), [torch.zeros(3, 4), torch.zeros(5, dtype=torch.float16)], 2.0),
-                "cast_div": (torch.randn(4, 5), 3.0, torch.float16),
-                "topk_compress_": (grad, residual, 7, "sampled", 32, 1),
-                "topk_decompress": (torch.stack([values, values]), torch.stack([indices, indices]), 300),
-                "sign_compress_": (grad, residual, 64), "sign_decompress": (sbits, sscales, 300, 64),
-                "int8_compress_": (grad, residual, 64, 5), "int8_decompress": (q, qscales, 64),
-                "orthogonalize_": (torch.randn(2, 30, 3), 1e-8)}[name]
+        return {
+            "bucket_flatten": ([torch.randn(3, 4), torch.randn(5)], torch.bfloat16, 2.0),
+            "bucket_unflatten_": (torch.randn(17), [torch.zeros(3, 4), torch.zeros(5, dtype=torch.float16)], 2.0),
+            "cast_div": (torch.randn(4, 5), 3.0, torch.float16),
+            "topk_compress_": (grad, residual, 7, "sampled", 32, 1),
+            "topk_decompress": (torch.stack([values, values]), torch.stack([indices, indices]), 300),
+            "sign_compress_": (grad, residual, 64),
+            "sign_decompress": (sbits, sscales, 300, 64),
+            "int8_compress_": (grad, residual, 64, 5),
+            "int8_decompress": (q, qscales, 64),
+            "orthogonalize_": (torch.randn(2, 30, 3), 1e-8),
+        }[name]
     p, g = torch.randn(300), torch.randn(300)
     if name == "adamw8bit_step_":
         (mc, ma), (vc, va) = O.new_state(p, 128), O.new_state(p, 128)
         s = RO.adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
-        return (p, g, mc, ma, vc, va, O.qmap(True, "cpu"), O.qmap(False, "cpu"), s["beta1"], s["c1"], s["beta2"],
-                s["c2"], s["decay"], s["step_size"], s["bc2_sqrt"], s["eps"], 128)
+        return (
+            p,
+            g,
+            mc,
+            ma,
+            vc,
+            va,
+            O.qmap(True, "cpu"),
+            O.qmap(False, "cpu"),
+            s["beta1"],
+            s["c1"],
+            s["beta2"],
+            s["c2"],
+            s["decay"],
+            s["step_size"],
+            s["bc2_sqrt"],
+            s["eps"],
+            128,
+        )
     if name == "sgd8bit_step_":
         c, a = O.new_state(p, 128)
         return (p, g, c, a, O.qmap(True, "cpu"), 0.1, 0.9, 0.0, 0.01, True, False, 128)
@@ -159,20 +204,37 @@ def test_default_kernels_are_the_reference():
 def test_without_the_extension():
     """This file and every family's opcheck tests, in a process where accelops._C cannot
     be imported: the ops exist, run their reference, pass opcheck and compile."""
-    files = ["tests/test_registration.py", "tests/test_ternary.py", "tests/test_int8.py", "tests/test_fake_quant.py",
-             "tests/test_ffn.py", "tests/test_comm.py", "tests/test_optim.py"]
+    files = [
+        "tests/test_registration.py",
+        "tests/test_ternary.py",
+        "tests/test_int8.py",
+        "tests/test_fake_quant.py",
+        "tests/test_ffn.py",
+        "tests/test_comm.py",
+        "tests/test_optim.py",
+    ]
     env = dict(os.environ, ACCELOPS_TEST_NO_EXTENSION="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files,
-                           "-k", "opcheck or test_registration"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k", "opcheck or test_registration"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (
-                              str(ROOT), os.environ.get("PYTHONPATH"))))))
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))),
+    )
 
 
 @pytest.mark.skipif(not HAS_EXTENSION or NO_EXTENSION, reason="needs the C++ extension")

@@ -7,6 +7,7 @@ plot; no PNG is larger than 1600 px a side; no text is smaller than 9 pt, cut sh
 machines of the same CPU model get different names, cases that differ only at the end of
 a long configuration get different labels, a family with many cases is split into several
 figures, and a long history labels its runs without overlap."""
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,17 @@ from matplotlib.text import Text  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from accelops.results import ResultsDB, fingerprint  # noqa: E402
-from accelops.results.report import (DPI, MAX_INCHES, MIN_FONT_PT, case_names, history_figure,  # noqa: E402
-                                     machine_names, ratio_figures, write_report)
 from accelops.results.regress import series  # noqa: E402
+from accelops.results.report import (  # noqa: E402
+    DPI,
+    MAX_INCHES,
+    MIN_FONT_PT,
+    case_names,
+    history_figure,
+    machine_names,
+    ratio_figures,
+    write_report,
+)
 from tests import test_results as tr  # noqa: E402  (a module: its tests are not collected again here)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +49,7 @@ def _overlaps(labels, renderer) -> list[tuple[str, str]]:
     boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in labels if t.get_visible() and t.get_text()]
     out = []
     for i, (a, box_a) in enumerate(boxes):
-        for b, box_b in boxes[i + 1:]:
+        for b, box_b in boxes[i + 1 :]:
             w = min(box_a.x1, box_b.x1) - max(box_a.x0, box_b.x0)
             h = min(box_a.y1, box_b.y1) - max(box_a.y0, box_b.y0)
             if w > 1 and h > 1:
@@ -71,8 +80,9 @@ def real_report(tmp_path_factory):
     db = ResultsDB(tmp / "results.duckdb")
     db.import_jsonl(RESULTS)
     written = write_report(db, tmp / "report")
-    families = {json.loads(line)["family"] for path in RESULTS for line in path.read_text().splitlines()
-                if line.strip()}
+    families = {
+        json.loads(line)["family"] for path in RESULTS for line in path.read_text().splitlines() if line.strip()
+    }
     return written, written["html"].read_text(), families
 
 
@@ -118,36 +128,58 @@ def test_ffn_cases_are_told_apart(real_report):
     labels = [t.get_text() for t in plot.fig.axes[0].get_yticklabels()]
     assert sorted(labels) == ["mode=forward", "mode=train"]
     assert "activation=swiglu" in plot.fig.axes[0].get_title(loc="left")
-    names, shared = case_names([(None, json.dumps({"T": 4096, "D": 1024, "H": 2816, "activation": "swiglu",
-                                                   "dtype": "float32", "mode": m}, sort_keys=True), 2)
-                                for m in ("forward", "train")], "ffn")
+    names, shared = case_names(
+        [
+            (
+                None,
+                json.dumps(
+                    {"T": 4096, "D": 1024, "H": 2816, "activation": "swiglu", "dtype": "float32", "mode": m},
+                    sort_keys=True,
+                ),
+                2,
+            )
+            for m in ("forward", "train")
+        ],
+        "ffn",
+    )
     assert names == ["mode=forward", "mode=train"]
     assert shared == "T=4096, D=1024, H=2816, activation=swiglu, dtype=float32, threads=2"
 
 
 AVX2 = dict(tr.MACHINE, cpu_features=["avx2", "fma", "f16c"], accelops_cpu_isa="avx2")
-VNNI = dict(tr.MACHINE, cpu_features=["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni"],
-            accelops_cpu_isa="avx512vnni")
+VNNI = dict(
+    tr.MACHINE, cpu_features=["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni"], accelops_cpu_isa="avx512vnni"
+)
 
 
 def test_two_machines_of_one_cpu_model_are_named_apart(tmp_path):
     def machine(m):
-        return {"cpu_model": m["cpu_model"], "cpu_count": m["cpu_count"], "cpu_isa": m["accelops_cpu_isa"],
-                "cpu_features": m["cpu_features"], "gpu_name": None}
+        return {
+            "cpu_model": m["cpu_model"],
+            "cpu_count": m["cpu_count"],
+            "cpu_isa": m["accelops_cpu_isa"],
+            "cpu_features": m["cpu_features"],
+            "gpu_name": None,
+        }
 
     # one machine: the CPU and its cores say enough
     assert machine_names({"fp1": machine(AVX2)}) == {"fp1": "AMD EPYC · 2 cores"}
     # two AMD EPYC with 2 cores: the instruction set tells them apart
     assert machine_names({"fp1": machine(AVX2), "fp2": machine(VNNI)}) == {
-        "fp1": "AMD EPYC · avx2 · 2 cores", "fp2": "AMD EPYC · avx512vnni · 2 cores"}
+        "fp1": "AMD EPYC · avx2 · 2 cores",
+        "fp2": "AMD EPYC · avx512vnni · 2 cores",
+    }
     # the same instruction set, other features: then the fingerprint
     other = dict(machine(VNNI), cpu_features=VNNI["cpu_features"] + ["avxvnni"])
     names = machine_names({"0123456789abcdef": machine(VNNI), "fedcba9876543210": other})
-    assert names == {"0123456789abcdef": "AMD EPYC · avx512vnni · 2 cores · 01234567",
-                     "fedcba9876543210": "AMD EPYC · avx512vnni · 2 cores · fedcba98"}
+    assert names == {
+        "0123456789abcdef": "AMD EPYC · avx512vnni · 2 cores · 01234567",
+        "fedcba9876543210": "AMD EPYC · avx512vnni · 2 cores · fedcba98",
+    }
     # trademarks and "Processor" are left out; a GPU is named
-    assert machine_names({"a": {"cpu_model": "Intel(R) Xeon(R) Processor", "cpu_count": 16,
-                                "gpu_name": "NVIDIA H100"}}) == {"a": "Intel Xeon · 16 cores · NVIDIA H100"}
+    assert machine_names(
+        {"a": {"cpu_model": "Intel(R) Xeon(R) Processor", "cpu_count": 16, "gpu_name": "NVIDIA H100"}}
+    ) == {"a": "Intel Xeon · 16 cores · NVIDIA H100"}
 
     # in the report: each machine's plots and the page carry its own name
     db = ResultsDB(tmp_path / "two.duckdb")
@@ -169,34 +201,47 @@ def test_a_family_with_many_cases_is_split_into_readable_figures():
     for variant in ("accelops ternary_matmul", "accelops int8_linear"):
         for m in range(60):
             for b in baselines:
-                rows.append({"op": None, "method": variant, "label": variant, "threads": 2, "baseline": b,
-                             "config": json.dumps({"K": 4096, "M": m + 1, "N": 4096, "x_dtype": "float32"}),
-                             "ratio": 2.0 + m / 10, "low": 1.5, "high": 3.0})
+                rows.append(
+                    {
+                        "op": None,
+                        "method": variant,
+                        "label": variant,
+                        "threads": 2,
+                        "baseline": b,
+                        "config": json.dumps({"K": 4096, "M": m + 1, "N": 4096, "x_dtype": "float32"}),
+                        "ratio": 2.0 + m / 10,
+                        "low": 1.5,
+                        "high": 3.0,
+                    }
+                )
     figures = ratio_figures(rows, "matmul on a machine", "matmul")
-    assert len(figures) >= 4          # 120 case rows x 6 baselines do not fit 1600 px
+    assert len(figures) >= 4  # 120 case rows x 6 baselines do not fit 1600 px
     drawn = []
     for i, fig in enumerate(figures):
         assert_readable(fig, f"figure {i}")
         for ax in fig.axes:
             drawn += [t.get_text() for t in ax.get_yticklabels()]
-            assert ax.get_yticklabels()[0].get_text().startswith("M=")   # M N K, the family's own order
-    assert len(drawn) == 120          # every case drawn once
+            assert ax.get_yticklabels()[0].get_text().startswith("M=")  # M N K, the family's own order
+    assert len(drawn) == 120  # every case drawn once
 
 
 def test_a_long_history_labels_its_runs_without_overlap(tmp_path):
     db = ResultsDB(tmp_path / "long.duckdb")
     rows = []
     for day in range(40):
-        for r in tr.matmul_run(f"run{day:02d}", speed=1 + day / 40,
-                               date=f"2026-11-{1 + day // 2:02d}T{10 + day % 2}:00:00+00:00"):
+        for r in tr.matmul_run(
+            f"run{day:02d}", speed=1 + day / 40, date=f"2026-11-{1 + day // 2:02d}T{10 + day % 2}:00:00+00:00"
+        ):
             rows.append(dict(r, git_commit=f"{day:02d}abcdef0123"))
     db.write_rows(rows)
-    items = [(label or method, threads, points)
-             for (fp, family, op, method, label, config, threads), points in series(db).items()
-             if method == "ternary"]
+    items = [
+        (label or method, threads, points)
+        for (fp, family, op, method, label, config, threads), points in series(db).items()
+        if method == "ternary"
+    ]
     fig = history_figure(items, "matmul: accelops across runs")
     assert_readable(fig, "history")
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == ["label ternary (2 cases)"]
     shown = [t.get_text() for t in fig.axes[0].get_xticklabels() if t.get_text()]
-    assert 5 <= len(shown) < 40 and shown[-1].startswith("39abcde")   # thinned; the newest run labelled
+    assert 5 <= len(shown) < 40 and shown[-1].startswith("39abcde")  # thinned; the newest run labelled

@@ -7,6 +7,7 @@
 - a full disk is reported as such (for real on a small tmpfs where the machine lets us
   mount one, and simulated everywhere), and a database file deleted during an import is
   reported instead of a success."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -37,6 +38,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 # --------------------------------------------------------------------------- item 6: NaN
+
 
 def test_check_leaves_out_a_nan_history_point_and_fails_on_a_nan_new_median(tmp_path, capsys):
     # a 3x slow-down against a history whose oldest point has p80 NaN: max() of the band
@@ -70,7 +72,7 @@ def test_check_leaves_out_a_nan_history_point_and_fails_on_a_nan_new_median(tmp_
 def _bench_common():
     spec = importlib.util.spec_from_file_location("accelops_bench_common_under_test", ROOT / "bench" / "common.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # its dataclasses look their module up there
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -78,12 +80,15 @@ def _bench_common():
 def test_bench_rows_refuse_nan_and_infinity_when_written(tmp_path):
     common = _bench_common()
     path = tmp_path / "matmul.jsonl"
-    with pytest.raises(ValueError, match=r"matmul\.jsonl: matmul row \(label ternary\) not written: NaN or "
-                                         r"infinite value in median_us; write null with the reason instead"):
+    with pytest.raises(
+        ValueError,
+        match=r"matmul\.jsonl: matmul row \(label ternary\) not written: NaN or "
+        r"infinite value in median_us; write null with the reason instead",
+    ):
         common.append_row(path, dict(bench_row(), median_us=float("nan")))
     with pytest.raises(ValueError, match=r"value in p80_us, curve\.median\[1\];"):
         common.append_row(path, dict(bench_row(), curve={"median": [1.0, float("inf")]}, p80_us=float("-inf")))
-    assert not path.exists()   # nothing half-written
+    assert not path.exists()  # nothing half-written
     # undefined on purpose: null, with the reason beside it (bench_hpo's regret curves)
     common.append_row(path, dict(bench_row(), curve={"median": [None, 1.0], "null": "no evaluation yet"}))
     assert json.loads(path.read_text())["curve"]["median"] == [None, 1.0]
@@ -91,13 +96,17 @@ def test_bench_rows_refuse_nan_and_infinity_when_written(tmp_path):
 
 # --------------------------------------------------------------------------- item 10: bad fields
 
-@pytest.mark.parametrize("field, value, reason", [
-    ("date", "yesterday", "expected an ISO-8601 time"),
-    ("peak_mem_bytes", 2 ** 70, "out of the column's range"),
-    ("median_us", "fast", "expected a number, got 'fast'"),
-    ("M", 1.5, "expected an integer, got 1.5"),
-    ("quick", "false", "expected true or false"),
-])
+
+@pytest.mark.parametrize(
+    "field, value, reason",
+    [
+        ("date", "yesterday", "expected an ISO-8601 time"),
+        ("peak_mem_bytes", 2**70, "out of the column's range"),
+        ("median_us", "fast", "expected a number, got 'fast'"),
+        ("M", 1.5, "expected an integer, got 1.5"),
+        ("quick", "false", "expected true or false"),
+    ],
+)
 def test_import_refuses_a_bad_field_with_file_line_and_field_and_stores_nothing(tmp_path, field, value, reason):
     db = ResultsDB(tmp_path / "r.duckdb")
     db.write_rows([bench_row("before")])
@@ -114,6 +123,7 @@ def test_import_refuses_a_bad_field_with_file_line_and_field_and_stores_nothing(
 
 # --------------------------------------------------------------------------- item 5: disk full, file deleted
 
+
 def big_rows(n_runs=30, per_run=50):
     """~3 MB of rows: more than the small disk has left."""
     return [bench_row(f"big{i}", M=j + 1, note="x" * 2000) for i in range(n_runs) for j in range(per_run)]
@@ -126,8 +136,7 @@ def small_disk(tmp_path):
         pytest.skip("a real full disk needs a small tmpfs, and mounting one needs root (the simulated test runs)")
     mnt = tmp_path / "small_disk"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True,
-                          text=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (the simulated test runs): {proc.stderr.strip()}")
     try:
@@ -167,8 +176,8 @@ class FullDiskOnCommit:
         if sql == "COMMIT":
             self._con.execute("ROLLBACK")
             raise duckdb.TransactionException(
-                'TransactionContext Error: Failed to commit: Could not write file "r.duckdb.wal": '
-                + os.strerror(28))   # ENOSPC
+                'TransactionContext Error: Failed to commit: Could not write file "r.duckdb.wal": ' + os.strerror(28)
+            )  # ENOSPC
         return self._con.execute(sql, *args)
 
     def __getattr__(self, name):
@@ -177,7 +186,7 @@ class FullDiskOnCommit:
 
 def test_a_full_disk_at_commit_is_reported_not_the_failed_rollback_simulated(tmp_path, monkeypatch, capsys):
     db_path = tmp_path / "r.duckdb"
-    ResultsDB(db_path).write_rows([bench_row("before")])   # created and migrated: no COMMIT of its own later
+    ResultsDB(db_path).write_rows([bench_row("before")])  # created and migrated: no COMMIT of its own later
     real_connect = results_db.connect
     monkeypatch.setattr(results_db, "connect", lambda *a, **kw: FullDiskOnCommit(real_connect(*a, **kw)))
     history = write_jsonl(tmp_path / "matmul.jsonl", [bench_row("r1")])
@@ -196,7 +205,7 @@ def test_a_database_deleted_during_an_import_is_reported_not_a_success(tmp_path,
     def insert_then_delete(con, table, records):
         real_insert(con, table, records)
         if db_path.exists():
-            db_path.unlink()   # e.g. a clean-up script, or `rm bench/results/*.duckdb` in another shell
+            db_path.unlink()  # e.g. a clean-up script, or `rm bench/results/*.duckdb` in another shell
 
     monkeypatch.setattr(ResultsDB, "_insert", staticmethod(insert_then_delete))
     history = write_jsonl(tmp_path / "matmul.jsonl", [bench_row("r1")])

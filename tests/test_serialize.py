@@ -2,6 +2,7 @@
 transformers models and accelops' TransformerLM), ties survive, mismatches and damaged
 directories raise errors naming the layer or file, and an interrupted save never leaves a
 directory that load accepts."""
+
 import json
 import os
 from pathlib import Path
@@ -22,15 +23,29 @@ VOCAB = 65
 
 
 def llama(tie=False, intermediate_size=128, vocab_size=VOCAB):
-    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=intermediate_size,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=32, tie_word_embeddings=tie)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=tie,
+    )
     return lambda: transformers.LlamaForCausalLM(cfg)
 
 
 def qwen2():
-    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = transformers.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     return lambda: transformers.Qwen2ForCausalLM(cfg)
 
 
@@ -40,8 +55,9 @@ def gpt2():
 
 
 def tlm(tie=False, quant=None):
-    cfg = TransformerLMConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, max_len=32, tie_embeddings=tie,
-                              quant=quant)
+    cfg = TransformerLMConfig(
+        vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, max_len=32, tie_embeddings=tie, quant=quant
+    )
     return lambda: TransformerLM(cfg)
 
 
@@ -71,6 +87,7 @@ def snapshot(directory):
 
 
 # ---------------------------------------------------------------------------- round trips
+
 
 @pytest.mark.parametrize("how", ["instance", "factory"])
 @pytest.mark.parametrize("mode", MODES)
@@ -107,17 +124,30 @@ def test_manifest_records_versions_checksum_and_constructor_arguments(tmp_path):
     assert m["format"] == "accelops" and m["format_version"] == 1
     assert m["accelops_version"] == accelops.__version__ and m["torch_version"] == torch.__version__
     import hashlib
+
     data = (tmp_path / "model.safetensors").read_bytes()
     assert m["weights"] == {"file": "model.safetensors", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     by_name = {r["name"]: r for r in m["modules"]}
     assert by_name["blocks.0.attn.q_proj"]["class"] == "QATLinear"
-    assert by_name["blocks.0.attn.q_proj"]["kwargs"] == {"in_features": 64, "out_features": 64, "bias": False,
-                                                         "activation": "per_token", "weight": "int4",
-                                                         "group_size": 32}
+    assert by_name["blocks.0.attn.q_proj"]["kwargs"] == {
+        "in_features": 64,
+        "out_features": 64,
+        "bias": False,
+        "activation": "per_token",
+        "weight": "int4",
+        "group_size": 32,
+    }
     assert by_name["blocks.1.ffn"]["class"] == "FusedFFN"
-    assert by_name["blocks.1.ffn"]["kwargs"] == {"dim": 64, "hidden": 256, "activation": "swiglu", "bias": False,
-                                                "quant": "qat-int8", "per_channel": False,
-                                                "qat_weight": "int4", "group_size": 32}
+    assert by_name["blocks.1.ffn"]["kwargs"] == {
+        "dim": 64,
+        "hidden": 256,
+        "activation": "swiglu",
+        "bias": False,
+        "quant": "qat-int8",
+        "per_channel": False,
+        "qat_weight": "int4",
+        "group_size": 32,
+    }
 
 
 def test_qat_per_tensor_observer_state_round_trips(tmp_path):
@@ -188,6 +218,7 @@ def test_gpt2_conv1d_is_replaced_by_the_saved_layers(tmp_path):
     # Independent of convert(): GPT-2's Conv1D layers (weight [in, out]) swapped by hand for
     # TernaryLinear, as a Conv1D-aware convert does; load maps each Conv1D to its layer.
     from transformers.pytorch_utils import Conv1D
+
     torch.manual_seed(0)
     model = gpt2()().eval()
     for name, m in list(model.named_modules()):
@@ -204,10 +235,17 @@ def test_gpt2_conv1d_is_replaced_by_the_saved_layers(tmp_path):
     assert isinstance(loaded.transformer.h[0].attn.c_attn, TernaryLinear)
     assert loaded.lm_head.weight is loaded.transformer.wte.weight  # GPT-2's own tie, kept
     assert torch.equal(logits(loaded, tokens()), want)
-    with pytest.raises(ValueError, match=r"layer 'transformer\.h\.0\.attn\.c_attn': the model's Conv1D expects "
-                                         r"in_features 32, the file has 64"):
-        accelops.load(lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4)), tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'transformer\.h\.0\.attn\.c_attn': the model's Conv1D expects "
+        r"in_features 32, the file has 64",
+    ):
+        accelops.load(
+            lambda: transformers.GPT2LMHeadModel(
+                transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+            ),
+            tmp_path,
+        )
 
 
 class _ReadsItsWeights(nn.Module):
@@ -232,6 +270,7 @@ def test_factory_that_cannot_run_on_meta_is_built_plainly(tmp_path):
 
 # ---------------------------------------------------------------------------- ties and sharing
 
+
 @pytest.mark.parametrize("how", ["instance", "factory"])
 def test_llama_tied_embeddings_survive(tmp_path, how):
     # bitlinear shares the Parameters, so lm_head's weight stays the embedding's.
@@ -242,6 +281,7 @@ def test_llama_tied_embeddings_survive(tmp_path, how):
     manifest = json.loads((tmp_path / "accelops.json").read_text())
     assert manifest["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
     from safetensors import safe_open
+
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
 
@@ -302,13 +342,17 @@ def test_shared_layer_is_rebuilt_once(tmp_path, mode):
 
 # ---------------------------------------------------------------------------- mismatches
 
+
 def test_wrong_shape_names_the_layer_and_leaves_the_model_alone(tmp_path):
     model, _ = converted(llama(), "int8")
     accelops.save(model, tmp_path)
     other = llama(intermediate_size=256)()
     before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\.mlp\.gate_proj': the model's Linear expects "
-                                         r"out_features 256, the file has 128 \(Int8Linear"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'model\.layers\.0\.mlp\.gate_proj': the model's Linear expects "
+        r"out_features 256, the file has 128 \(Int8Linear",
+    ):
         accelops.load(other, tmp_path)
     assert type(other.model.layers[0].mlp.gate_proj) is nn.Linear  # nothing swapped
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
@@ -317,16 +361,22 @@ def test_wrong_shape_names_the_layer_and_leaves_the_model_alone(tmp_path):
 def test_wrong_bias_names_the_layer(tmp_path):
     model, _ = converted(llama(), "ternary")
     accelops.save(model, tmp_path)
-    with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\.self_attn\.q_proj': the model's Linear expects "
-                                         r"bias True, the file has False"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'model\.layers\.0\.self_attn\.q_proj': the model's Linear expects "
+        r"bias True, the file has False",
+    ):
         accelops.load(qwen2(), tmp_path)  # Qwen2 has q/k/v biases
 
 
 def test_wrong_shape_of_a_plain_tensor_names_the_key(tmp_path):
     model, _ = converted(llama(), "int8", filter=lambda m, name: name != "lm_head")
     accelops.save(model, tmp_path)
-    with pytest.raises(ValueError, match=r"model\.embed_tokens\.weight: the model expects shape \(96, 64\), "
-                                         r".*model\.safetensors has \(65, 64\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.embed_tokens\.weight: the model expects shape \(96, 64\), "
+        r".*model\.safetensors has \(65, 64\)",
+    ):
         accelops.load(llama(vocab_size=96), tmp_path)
 
 
@@ -334,8 +384,11 @@ def test_wrong_mode_names_the_layer(tmp_path):
     # Saved from a float TransformerLM; the model to load into builds Int8Linear layers.
     torch.manual_seed(0)
     accelops.save(tlm()(), tmp_path)
-    with pytest.raises(ValueError, match=r"layer 'blocks\.0\.attn\.q_proj': the model has a Int8Linear, .*accelops"
-                                         r"\.json records no accelops layer there .*another mode"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'blocks\.0\.attn\.q_proj': the model has a Int8Linear, .*accelops"
+        r"\.json records no accelops layer there .*another mode",
+    ):
         accelops.load(tlm(quant="int8"), tmp_path)
 
 
@@ -344,8 +397,11 @@ def test_layer_that_cannot_be_mapped(tmp_path):
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     accelops.convert(model, "ternary")
     accelops.save(model, tmp_path)
-    with pytest.raises(ValueError, match=r"layer '2': .* has a TernaryLinear there, the model has a Conv1d, which a "
-                                         r"TernaryLinear cannot replace"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer '2': .* has a TernaryLinear there, the model has a Conv1d, which a "
+        r"TernaryLinear cannot replace",
+    ):
         accelops.load(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Conv1d(16, 4, 1)), tmp_path)
     with pytest.raises(ValueError, match=r"layer '2': .* the model has no module at that name"):
         accelops.load(nn.Sequential(nn.Linear(8, 16), nn.ReLU()), tmp_path)
@@ -360,6 +416,7 @@ def test_missing_and_extra_keys_are_named(tmp_path):
 
 
 # ---------------------------------------------------------------------------- damaged directories
+
 
 @pytest.fixture
 def saved(tmp_path):
@@ -400,8 +457,11 @@ def test_corrupt_manifest(saved):
     with pytest.raises(ValueError, match=r"accelops\.json: not a valid accelops manifest \(corrupt JSON"):
         accelops.load(tlm(), saved)
     _rewrite_manifest_path = saved / "accelops.json"
-    _rewrite_manifest_path.write_text(json.dumps({"format": "accelops", "format_version": 1, "weights": {},
-                                                 "modules": [], "tied": {}, "buffer_dtypes": {}}))
+    _rewrite_manifest_path.write_text(
+        json.dumps(
+            {"format": "accelops", "format_version": 1, "weights": {}, "modules": [], "tied": {}, "buffer_dtypes": {}}
+        )
+    )
     with pytest.raises(ValueError, match="malformed manifest"):
         accelops.load(tlm(), saved)
 
@@ -417,8 +477,11 @@ def test_unknown_layer_class(saved):
 def test_truncated_weights(saved):
     path = saved / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(ValueError, match=r"model\.safetensors: \d+ bytes, .*accelops\.json records \d+: the file is "
-                                         r"truncated"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.safetensors: \d+ bytes, .*accelops\.json records \d+: the file is "
+        r"truncated",
+    ):
         accelops.load(tlm(), saved)
 
 
@@ -434,16 +497,19 @@ def test_checksum_mismatch(saved):
 def test_corrupt_weights_with_matching_checksum(saved):
     # A file that passes the checksum (the manifest re-written for it) but is not safetensors.
     import hashlib
+
     path = saved / "model.safetensors"
     data = b"\xff" * 8 + path.read_bytes()[8:]  # header length now absurd
     path.write_bytes(data)
-    _rewrite_manifest(saved, weights={"file": "model.safetensors", "bytes": len(data),
-                                      "sha256": hashlib.sha256(data).hexdigest()})
+    _rewrite_manifest(
+        saved, weights={"file": "model.safetensors", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    )
     with pytest.raises(ValueError, match=r"model\.safetensors: cannot be read as safetensors"):
         accelops.load(tlm(), saved)
 
 
 # ---------------------------------------------------------------------------- atomic writes
+
 
 def _fail_on_call(n):
     """An os.replace that raises on its n-th call (1-based)."""
@@ -519,6 +585,7 @@ def test_save_keeps_other_files_and_overwrites_a_previous_save(tmp_path):
 
 
 # ---------------------------------------------------------------------------- save's refusals
+
 
 def test_save_refuses_what_it_cannot_record(tmp_path):
     layer = TernaryLinear(8, 4)

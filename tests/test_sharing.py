@@ -1,6 +1,7 @@
 """accelops.sharing: patterns, scopes and every invariant a shared model must keep:
 state_dict, .to(), meta init + to_empty(), optimizer and DDP seeing a shared tensor once,
 and a shared BitLinear quantizing once per step."""
+
 import copy
 import os
 import pickle
@@ -37,33 +38,39 @@ def unique_ids(model):
 # ---------------------------------------------------------------------- patterns
 
 
-@pytest.mark.parametrize("pattern, n, kw, groups", [
-    ("alternate", 6, {}, [[0, 2, 4], [1, 3, 5]]),
-    ("alternate", 3, {}, [[0, 2]]),
-    ("sequential", 6, {"interval": 2}, [[0, 1], [2, 3], [4, 5]]),
-    ("sequential", 5, {"interval": 3}, [[0, 1, 2], [3, 4]]),
-    ("sequential", 4, {"interval": 9}, [[0, 1, 2, 3]]),
-    ("sandwich", 5, {}, [[1, 2, 3]]),
-    ([[0, 6], [1, 7]], 8, {}, [[0, 6], [1, 7]]),
-    ([[3, 1], [2]], 4, {}, [[3, 1]]),
-])
+@pytest.mark.parametrize(
+    "pattern, n, kw, groups",
+    [
+        ("alternate", 6, {}, [[0, 2, 4], [1, 3, 5]]),
+        ("alternate", 3, {}, [[0, 2]]),
+        ("sequential", 6, {"interval": 2}, [[0, 1], [2, 3], [4, 5]]),
+        ("sequential", 5, {"interval": 3}, [[0, 1, 2], [3, 4]]),
+        ("sequential", 4, {"interval": 9}, [[0, 1, 2, 3]]),
+        ("sandwich", 5, {}, [[1, 2, 3]]),
+        ([[0, 6], [1, 7]], 8, {}, [[0, 6], [1, 7]]),
+        ([[3, 1], [2]], 4, {}, [[3, 1]]),
+    ],
+)
 def test_sharing_groups(pattern, n, kw, groups):
     assert sharing_groups(pattern, n, **kw) == groups
 
 
-@pytest.mark.parametrize("pattern, n, kw, err, match", [
-    ("sequential", 4, {}, ValueError, "needs interval="),
-    ("sequential", 4, {"interval": 1}, ValueError, "int >= 2"),
-    ("alternate", 4, {"interval": 2}, ValueError, "interval applies to pattern 'sequential' only"),
-    ("sandwich", 3, {}, ValueError, "shares nothing"),
-    ("alternate", 2, {}, ValueError, "shares nothing"),
-    ("cycle", 4, {}, ValueError, "pattern must be one of"),
-    ([[0, 4]], 4, {}, ValueError, "out of range"),
-    ([[0, 1], [1, 2]], 4, {}, ValueError, "block 1 appears in groups 0 and 1"),
-    ([[0, 0]], 4, {}, ValueError, "twice"),
-    ([[0, "1"]], 4, {}, TypeError, "ints"),
-    (3, 4, {}, TypeError, "pattern must be"),
-])
+@pytest.mark.parametrize(
+    "pattern, n, kw, err, match",
+    [
+        ("sequential", 4, {}, ValueError, "needs interval="),
+        ("sequential", 4, {"interval": 1}, ValueError, "int >= 2"),
+        ("alternate", 4, {"interval": 2}, ValueError, "interval applies to pattern 'sequential' only"),
+        ("sandwich", 3, {}, ValueError, "shares nothing"),
+        ("alternate", 2, {}, ValueError, "shares nothing"),
+        ("cycle", 4, {}, ValueError, "pattern must be one of"),
+        ([[0, 4]], 4, {}, ValueError, "out of range"),
+        ([[0, 1], [1, 2]], 4, {}, ValueError, "block 1 appears in groups 0 and 1"),
+        ([[0, 0]], 4, {}, ValueError, "twice"),
+        ([[0, "1"]], 4, {}, TypeError, "ints"),
+        (3, 4, {}, TypeError, "pattern must be"),
+    ],
+)
 def test_sharing_groups_errors(pattern, n, kw, err, match):
     with pytest.raises(err, match=match):
         sharing_groups(pattern, n, **kw)
@@ -74,8 +81,7 @@ def test_share_call_errors():
     with pytest.raises(ValueError, match="scope must be one of"):
         share_parameters(model, "alternate", scope="norm")
     with pytest.raises(ValueError, match="has no attn / attention / self_attn"):
-        share_parameters(RNNLM(RNNLMConfig(vocab_size=V, dim=8, hidden=8, n_layers=4)), "alternate",
-                         scope="attention")
+        share_parameters(RNNLM(RNNLMConfig(vocab_size=V, dim=8, hidden=8, n_layers=4)), "alternate", scope="attention")
     with pytest.raises(ValueError, match="cannot find the model's list of blocks"):
         share_parameters(nn.Linear(2, 2), "alternate")
     assert len(unique_ids(model)) == len(list(TransformerLM(cfg()).parameters()))  # the failed calls changed nothing

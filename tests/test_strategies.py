@@ -12,6 +12,7 @@ with the uninterrupted run of the same strategy bit for bit (float ==): the chec
 hold exact fp32 values, RNG states and data positions. The reshard test (2 -> 1 -> 2 ranks)
 changes who sums what, so it uses the parity tolerance.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,7 +34,7 @@ from accelops.train.checkpoint import list_dir_checkpoints, verify_dir_checkpoin
 from accelops.train.parallel import balance_stages, full_model_state_dict
 
 from .helpers import free_port, rank_results, run_forked_ranks
-from .test_train import TRAIN, VAL, VOCAB, SEQ, losses, make_trainer
+from .test_train import SEQ, TRAIN, VAL, VOCAB, losses, make_trainer
 
 LOSS_REL = 1e-5
 W_RTOL, W_ATOL = 1e-5, 1e-6
@@ -49,14 +50,16 @@ def _one_thread():
 
 def _env(rank, world, port):
     torch.set_num_threads(1)  # first: OpenMP pools do not survive the fork
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
 
 
 def gru_trainer(steps, **kw):
     torch.manual_seed(0)
-    model = RNNLM(RNNLMConfig(vocab_size=len(VOCAB), dim=24, hidden=32, n_layers=3, max_len=SEQ, cell="gru",
-                              dropout=0.0))
+    model = RNNLM(
+        RNNLMConfig(vocab_size=len(VOCAB), dim=24, hidden=32, n_layers=3, max_len=SEQ, cell="gru", dropout=0.0)
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     kw.setdefault("batch_size", 4)
     kw.setdefault("eval_every", None)
@@ -68,20 +71,38 @@ def gru_trainer(steps, **kw):
 # process). Data-parallel strategies: 2 ranks x batch 4 = one process's batch 8. Pipeline:
 # both stages see the whole batch, so the single process has the same batch_size.
 PARITY = {
-    "fsdp": (dict(strategy="fsdp", batch_size=4, accumulate_grad_batches=2), dict(batch_size=8,
-                                                                                accumulate_grad_batches=2)),
-    "zero1": (dict(strategy="zero1", batch_size=4, accumulate_grad_batches=2), dict(batch_size=8,
-                                                                                  accumulate_grad_batches=2)),
+    "fsdp": (
+        dict(strategy="fsdp", batch_size=4, accumulate_grad_batches=2),
+        dict(batch_size=8, accumulate_grad_batches=2),
+    ),
+    "zero1": (
+        dict(strategy="zero1", batch_size=4, accumulate_grad_batches=2),
+        dict(batch_size=8, accumulate_grad_batches=2),
+    ),
     # FSDP's low-memory settings: a unit per attention and FFN, no backward prefetch
-    "fsdp-submodule": (dict(strategy="fsdp", fsdp_units="submodule", fsdp_backward_prefetch=False, batch_size=4,
-                            accumulate_grad_batches=2), dict(batch_size=8, accumulate_grad_batches=2)),
-    "pipeline-gpipe": (dict(strategy="pipeline", pipeline_schedule="gpipe", batch_size=4, accumulate_grad_batches=2,
-                            pipeline_split=[1]), dict(batch_size=4, accumulate_grad_batches=2)),
-    "pipeline-1f1b": (dict(strategy="pipeline", pipeline_schedule="1f1b", batch_size=8, n_microbatches=2),
-                      dict(batch_size=8)),
+    "fsdp-submodule": (
+        dict(
+            strategy="fsdp",
+            fsdp_units="submodule",
+            fsdp_backward_prefetch=False,
+            batch_size=4,
+            accumulate_grad_batches=2,
+        ),
+        dict(batch_size=8, accumulate_grad_batches=2),
+    ),
+    "pipeline-gpipe": (
+        dict(
+            strategy="pipeline", pipeline_schedule="gpipe", batch_size=4, accumulate_grad_batches=2, pipeline_split=[1]
+        ),
+        dict(batch_size=4, accumulate_grad_batches=2),
+    ),
+    "pipeline-1f1b": (
+        dict(strategy="pipeline", pipeline_schedule="1f1b", batch_size=8, n_microbatches=2),
+        dict(batch_size=8),
+    ),
 }
 COMMON_PARITY = dict(dropout=0.0, opt="sgd", lr=0.1, grad_clip=0.5, eval_every=3)
-RESUME = {   # AdamW, dropout, a schedule: every piece of state the checkpoint must restore
+RESUME = {  # AdamW, dropout, a schedule: every piece of state the checkpoint must restore
     "fsdp": dict(strategy="fsdp"),
     "zero1": dict(strategy="zero1"),
     "zero1-topk": dict(strategy="zero1", compression={"name": "topk", "ratio": 0.05}),
@@ -106,9 +127,15 @@ def _main_worker(rank, world, port, out_dir):
         t.fit()
         res["fsdp-bf16"] = (losses(t), seen[0], {p.dtype for g in t.optimizer.param_groups for p in g["params"]})
         for name in ("fsdp", "pipeline"):  # the Trainer's early stopping (main's feature) under a strategy
-            t = make_trainer(40, strategy=name, eval_every=2, lr=0.5, accumulate_grad_batches=2,
-                             early_stopping=dict(monitor="val_loss", patience=1),
-                             checkpoint_dir=os.path.join(out_dir, "early-" + name))
+            t = make_trainer(
+                40,
+                strategy=name,
+                eval_every=2,
+                lr=0.5,
+                accumulate_grad_batches=2,
+                early_stopping=dict(monitor="val_loss", patience=1),
+                checkpoint_dir=os.path.join(out_dir, "early-" + name),
+            )
             t.fit()
             res["early-" + name] = (t.step, t.stop_reason, [e["val_loss"] for e in t.evals])
         t = gru_trainer(3, strategy="pipeline", pipeline_schedule="1f1b", batch_size=8, n_microbatches=4)
@@ -129,9 +156,15 @@ def _main_worker(rank, world, port, out_dir):
             resumed = make_trainer(4, model_seed=7, checkpoint_dir=os.path.join(d, "cut"), **kw)
             step = resumed.step
             resumed.fit()
-            res["resume-" + name] = (losses(full), [e["val_loss"] for e in full.evals], full_model_state_dict(full),
-                                     step, losses(resumed), [e["val_loss"] for e in resumed.evals],
-                                     full_model_state_dict(resumed))
+            res["resume-" + name] = (
+                losses(full),
+                [e["val_loss"] for e in full.evals],
+                full_model_state_dict(full),
+                step,
+                losses(resumed),
+                [e["val_loss"] for e in resumed.evals],
+                full_model_state_dict(resumed),
+            )
 
         # FSDP 2 ranks -> 1 rank -> 2 ranks, against 6 uninterrupted steps on 2 ranks.
         fk = dict(strategy="fsdp", dropout=0.0, opt="sgd", lr=0.1, batch_size=4, checkpoint_every=2)
@@ -152,33 +185,51 @@ def _main_worker(rank, world, port, out_dir):
             res["reshard-one"] = (one_step, losses(one))
         torch.distributed.barrier()
         back = make_trainer(6, checkpoint_dir=d, **fk)
-        res["reshard"] = (losses(ref), full_model_state_dict(ref), back.step, (back.fit(), losses(back))[1],
-                          full_model_state_dict(back))
+        res["reshard"] = (
+            losses(ref),
+            full_model_state_dict(ref),
+            back.step,
+            (back.fit(), losses(back))[1],
+            full_model_state_dict(back),
+        )
 
         # zero1 / pipeline checkpoints on another world size: a clear error
         if rank == 0:
             for name in ("zero1", "pipeline"):
                 try:
-                    make_trainer(4, checkpoint_dir=os.path.join(out_dir, name, "cut"), distributed=False,
-                                 **RESUME[name])
+                    make_trainer(
+                        4, checkpoint_dir=os.path.join(out_dir, name, "cut"), distributed=False, **RESUME[name]
+                    )
                 except ValueError as exc:
                     res[f"world-{name}"] = str(exc)
         torch.distributed.barrier()
         # bad pipeline settings that need the process group to be checked
         errors = {}
-        for label, kw in (("split", dict(pipeline_split=[5], accumulate_grad_batches=2)),
-                          ("split-len", dict(pipeline_split=[1, 1], accumulate_grad_batches=2)),
-                          ("1f1b-micro", dict(pipeline_schedule="1f1b", accumulate_grad_batches=1))):
+        for label, kw in (
+            ("split", dict(pipeline_split=[5], accumulate_grad_batches=2)),
+            ("split-len", dict(pipeline_split=[1, 1], accumulate_grad_batches=2)),
+            ("1f1b-micro", dict(pipeline_schedule="1f1b", accumulate_grad_batches=1)),
+        ):
             try:
                 make_trainer(1, strategy="pipeline", **kw)
             except ValueError as exc:
                 errors[label] = str(exc)
         try:
             torch.manual_seed(0)
-            tied = TransformerLM(TransformerLMConfig(vocab_size=len(VOCAB), dim=16, n_layers=2, n_heads=2,
-                                                     max_len=SEQ, tie_embeddings=True))
-            Trainer(tied, torch.optim.SGD(tied.parameters(), lr=0.1), TRAIN, strategy="pipeline", batch_size=4,
-                    accumulate_grad_batches=2, progress=False)
+            tied = TransformerLM(
+                TransformerLMConfig(
+                    vocab_size=len(VOCAB), dim=16, n_layers=2, n_heads=2, max_len=SEQ, tie_embeddings=True
+                )
+            )
+            Trainer(
+                tied,
+                torch.optim.SGD(tied.parameters(), lr=0.1),
+                TRAIN,
+                strategy="pipeline",
+                batch_size=4,
+                accumulate_grad_batches=2,
+                progress=False,
+            )
         except ValueError as exc:
             errors["tied"] = str(exc)
         res["errors"] = errors
@@ -199,8 +250,12 @@ def _held_numbers(t):
         params = list(t.model.parameters())
     local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
     opt = t.optimizer.optim if t.strategy == "zero1" else t.optimizer
-    state = sum((v.to_local() if isinstance(v, DTensor) else v).numel() for st in opt.state.values()
-                for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    state = sum(
+        (v.to_local() if isinstance(v, DTensor) else v).numel()
+        for st in opt.state.values()
+        for v in st.values()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+    )
     return local, state
 
 
@@ -231,7 +286,7 @@ def test_strategy_equals_single_process(results, name):
     single.fit()
     l0, v0, w0 = results[0][name]
     l1, v1, _ = results[1][name]
-    assert l0 == l1 and v0 == v1                          # every rank logs the same (global) numbers
+    assert l0 == l1 and v0 == v1  # every rank logs the same (global) numbers
     assert l0 == pytest.approx(losses(single), rel=LOSS_REL)
     assert v0 == pytest.approx([e["val_loss"] for e in single.evals], rel=LOSS_REL)
     _assert_weights_close(w0, {k: v.detach() for k, v in single.model.state_dict().items()})
@@ -239,14 +294,18 @@ def test_strategy_equals_single_process(results, name):
 
 def test_what_each_rank_holds(results):
     total = tiny_total()
-    for name, part in (("fsdp", "params"), ("fsdp-submodule", "params"), ("zero1", "state"),
-                       ("pipeline-1f1b", "params")):
+    for name, part in (
+        ("fsdp", "params"),
+        ("fsdp-submodule", "params"),
+        ("zero1", "state"),
+        ("pipeline-1f1b", "params"),
+    ):
         held = [results[r][name + "-held"] for r in range(2)]
         params, state = [h[0] for h in held], [h[1] for h in held]
         if part == "params":  # each rank holds a part of the weights (and their SGD momentum)
             assert sum(params) == total and all(0 < p < total for p in params), (name, params, total)
             assert state == params
-        else:                 # zero1: every weight on every rank, the momentum split between them
+        else:  # zero1: every weight on every rank, the momentum split between them
             assert params == [total, total] and sum(state) == total and all(0 < x < total for x in state)
 
 
@@ -257,15 +316,17 @@ def test_fsdp_units(results):
     assert results[0]["fsdp-units"] == [f"blocks.{i}" for i in range(n)] + [""]
     # submodule: attention and FFN of each block get their own unit (the norms stay in the
     # block's), then the block, then the root
-    assert results[0]["fsdp-submodule-units"] == [u for i in range(n) for u in
-                                                  (f"blocks.{i}.attn", f"blocks.{i}.ffn", f"blocks.{i}")] + [""]
+    assert results[0]["fsdp-submodule-units"] == [
+        u for i in range(n) for u in (f"blocks.{i}.attn", f"blocks.{i}.ffn", f"blocks.{i}")
+    ] + [""]
 
 
 def test_fsdp_large_children_rule():
     from accelops.train.parallel.fsdp import large_children
 
-    t_block = TransformerLM(TransformerLMConfig(vocab_size=len(VOCAB), dim=16, n_layers=1, n_heads=2,
-                                                max_len=SEQ)).blocks[0]
+    t_block = TransformerLM(
+        TransformerLMConfig(vocab_size=len(VOCAB), dim=16, n_layers=1, n_heads=2, max_len=SEQ)
+    ).blocks[0]
     assert [n for n, _ in large_children(t_block)] == ["attn", "ffn"]
     # an RNN block: the recurrent cell and the output projection (its norm stays in the block)
     r_block = RNNLM(RNNLMConfig(vocab_size=len(VOCAB), dim=8, hidden=8, n_layers=1, max_len=SEQ, cell="gru")).blocks[0]
@@ -288,7 +349,7 @@ def tiny_total():
 
 def test_fsdp_bf16_mixed_gathers_bf16_weights_and_keeps_fp32_shards(results):
     got, gathered, sharded = results[0]["fsdp-bf16"]
-    assert gathered == torch.bfloat16 and sharded == {torch.float32}   # MixedPrecisionPolicy(param_dtype=bf16)
+    assert gathered == torch.bfloat16 and sharded == {torch.float32}  # MixedPrecisionPolicy(param_dtype=bf16)
     assert all(math.isfinite(x) for x in got) and results[1]["fsdp-bf16"][0] == got
     single = make_trainer(3, precision="bf16-mixed", batch_size=8)
     single.fit()
@@ -299,7 +360,7 @@ def test_fsdp_bf16_mixed_gathers_bf16_weights_and_keeps_fp32_shards(results):
 @pytest.mark.parametrize("name", ["fsdp", "pipeline"])
 def test_early_stopping_under_a_strategy(results, name):
     step, reason, vals = results[0]["early-" + name]
-    assert results[1]["early-" + name] == (step, reason, vals)     # every rank stops at the same step
+    assert results[1]["early-" + name] == (step, reason, vals)  # every rank stops at the same step
     assert step < 40 and "early stopping" in reason and vals[-1] >= min(vals[:-1])
 
 
@@ -324,20 +385,20 @@ def test_fsdp_submodule_units_of_a_gru_equal_single_process(results):
 
 def test_balance_stages():
     assert balance_stages([1, 1, 1, 1], 2) == [2]
-    assert balance_stages([1, 1, 1, 1], 2, first_cost=2.0) == [1]     # the embeddings weigh on stage 0
-    assert balance_stages([1, 1, 1, 1], 2, last_cost=2.0) == [3]      # the head on the last
+    assert balance_stages([1, 1, 1, 1], 2, first_cost=2.0) == [1]  # the embeddings weigh on stage 0
+    assert balance_stages([1, 1, 1, 1], 2, last_cost=2.0) == [3]  # the head on the last
     costs = [5, 1, 1, 1, 1, 1]
     split = balance_stages(costs, 3)
     bounds = [0, *split, len(costs)]
     assert len(split) == 2 and max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])) == 5  # the optimum
-    assert balance_stages([1, 1], 3) in ([0, 1], [1, 2], [1, 1])      # more stages than blocks: some empty
+    assert balance_stages([1, 1], 3) in ([0, 1], [1, 2], [1, 1])  # more stages than blocks: some empty
 
 
 @pytest.mark.parametrize("name", list(RESUME))
 def test_resume_continues_exactly(results, name):
     full_l, full_v, full_w, step, res_l, res_v, res_w = results[0]["resume-" + name]
     assert step == 2
-    assert res_l == full_l[2:]                             # bit for bit
+    assert res_l == full_l[2:]  # bit for bit
     assert res_v == full_v[1:]
     _assert_weights_equal(res_w, full_w)
     assert results[1]["resume-" + name][0] == full_l
@@ -376,6 +437,7 @@ def test_bad_pipeline_settings_on_two_ranks(results):
 
 
 # --------------------------------------------------------------------------- refused combinations
+
 
 def test_bad_combinations_name_both_options():
     with pytest.raises(ValueError, match=r"compression=.*topk.*strategy='pipeline'"):
@@ -417,7 +479,7 @@ def test_one_process_trains_as_plain_single_process(tmp_path, strategy):
         warnings.simplefilter("ignore")
         t = make_trainer(3, strategy=strategy, checkpoint_dir=tmp_path, checkpoint_every=2, **kw)
     t.fit()
-    assert losses(t) == losses(plain)                     # bit for bit: nothing was wrapped
+    assert losses(t) == losses(plain)  # bit for bit: nothing was wrapped
     if strategy == "fsdp":  # DCP directories even alone, so any world size reads them
         assert [s for s, _ in list_dir_checkpoints(tmp_path, "dcp")] == [3, 2]
         resumed = make_trainer(3, strategy=strategy, checkpoint_dir=tmp_path, **kw)
@@ -433,8 +495,9 @@ def test_fsdp_checkpoint_corrupt_or_incomplete_falls_back(tmp_path):
     make_trainer(4, checkpoint_dir=tmp_path, **kw).fit()
     (step4, newest), (step2, older) = list_dir_checkpoints(tmp_path, "dcp")
     assert (step4, step2) == (4, 2)
-    shard = next(os.path.join(newest, "dcp", n) for n in os.listdir(os.path.join(newest, "dcp"))
-                 if n.endswith(".distcp"))
+    shard = next(
+        os.path.join(newest, "dcp", n) for n in os.listdir(os.path.join(newest, "dcp")) if n.endswith(".distcp")
+    )
     data = bytearray(open(shard, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(shard, "wb").write(bytes(data))
@@ -445,8 +508,8 @@ def test_fsdp_checkpoint_corrupt_or_incomplete_falls_back(tmp_path):
     assert resumed.step == 2
     resumed.fit()
     assert losses(resumed) == losses(ref)[2:]
-    verify_dir_checkpoint(newest)                          # rewritten whole by the resumed run
-    os.unlink(os.path.join(newest, "manifest.json"))     # a write that did not finish
+    verify_dir_checkpoint(newest)  # rewritten whole by the resumed run
+    os.unlink(os.path.join(newest, "manifest.json"))  # a write that did not finish
     with pytest.warns(UserWarning, match="incomplete"):
         assert make_trainer(4, checkpoint_dir=tmp_path, **kw).step == 2
     os.unlink(os.path.join(older, "trainer.ckpt"))
@@ -478,6 +541,7 @@ def test_cli_strategy_flag(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- a rank killed mid-step
 
+
 def _kill_worker(rank, world, port, out_dir, strategy):
     _env(rank, world, port)
     res = {}
@@ -487,9 +551,11 @@ def _kill_worker(rank, world, port, out_dir, strategy):
             kw.update(pipeline_schedule="gpipe")
         t = make_trainer(10, checkpoint_dir=os.path.join(out_dir, "ckpt"), **kw)
         if rank == 1:
+
             def die(module, args, out):
-                if t.step == 4:   # in the forward of step 5, after the checkpoint of step 4
+                if t.step == 4:  # in the forward of step 5, after the checkpoint of step 4
                     os.kill(os.getpid(), signal.SIGKILL)
+
             t.model.norm.register_forward_hook(die)
         t0 = time.monotonic()
         try:
@@ -502,7 +568,7 @@ def _kill_worker(rank, world, port, out_dir, strategy):
         res["error"] = traceback.format_exc()
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(res, f)
-    os._exit(0)   # the broken process group's teardown must not hang the survivor
+    os._exit(0)  # the broken process group's teardown must not hang the survivor
 
 
 def _fork_ranks(worker, *args, nprocs=2, timeout_s=120):
@@ -539,7 +605,7 @@ def test_killed_rank_fails_the_survivor_clearly_and_keeps_the_checkpoint(tmp_pat
         kind = "dcp" if strategy == "fsdp" else "pp"
         (step, path), *_ = list_dir_checkpoints(ckpt, kind)
         assert step == 4
-        manifest = verify_dir_checkpoint(path)            # every file whole, as its manifest says
+        manifest = verify_dir_checkpoint(path)  # every file whole, as its manifest says
         assert manifest["world_size"] == 2
     else:
         (step, path), *_ = list_checkpoints(ckpt)
@@ -559,13 +625,18 @@ def test_cli_torchrun_two_ranks_fsdp(tmp_path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps(config))
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "accelops.cli", "train", str(path), "--nproc-per-node", "2",
-                           "--strategy", "fsdp"], env=env, cwd=str(tmp_path), capture_output=True, text=True,
-                          timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelops.cli", "train", str(path), "--nproc-per-node", "2", "--strategy", "fsdp"],
+        env=env,
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps, got = _csv_losses(tmp_path / "log")
     assert steps == [1, 2, 3, 4] and all(math.isfinite(x) for x in got)
     (step, newest), _ = list_dir_checkpoints(tmp_path / "ckpt", "dcp")
     manifest = verify_dir_checkpoint(newest)
     assert step == 4 and manifest["world_size"] == 2
-    assert sum(n.endswith(".distcp") for n in manifest["files"]) == 2    # one shard file a rank
+    assert sum(n.endswith(".distcp") for n in manifest["files"]) == 2  # one shard file a rank

@@ -1,4 +1,5 @@
 """Ternary family: every backend against accelops.reference.ternary."""
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -95,7 +96,7 @@ def test_ternary_matmul_tile_edges_exact(backend, m, k):
 def _ternary_extreme_k(backend):
     from .conftest import AUTO_ISA
 
-    isa = backend[len("cpu-"):] if backend.startswith("cpu-") else AUTO_ISA if backend == "cpu" else "other"
+    isa = backend[len("cpu-") :] if backend.startswith("cpu-") else AUTO_ISA if backend == "cpu" else "other"
     return 2**24 if isa == "avx512vnni" else 2**21  # 2^24 * 127 < 2^31 (and exact in fp32)
 
 

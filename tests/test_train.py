@@ -3,6 +3,7 @@ without compression), a SIGKILLed run resuming, corrupt checkpoints, the CLI.
 
 Models and data are tiny (a 2-block transformer of width 32 on a few hundred characters)
 so the whole file runs in well under a minute on 2 cores."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,16 @@ import torch
 
 from accelops.models import RNNLM, RNNLMConfig, TransformerLM, TransformerLMConfig
 from accelops.sharing import share_parameters
-from accelops.train import (CharVocab, CheckpointError, CheckpointWarning, TokenWindows, Trainer, list_checkpoints,
-                            load_char_corpus, load_checkpoint)
+from accelops.train import (
+    CharVocab,
+    CheckpointError,
+    CheckpointWarning,
+    TokenWindows,
+    Trainer,
+    list_checkpoints,
+    load_char_corpus,
+    load_checkpoint,
+)
 from accelops.train.checkpoint import prune_checkpoints, save_checkpoint
 
 from .helpers import rank_results, run_forked_ranks
@@ -64,19 +73,23 @@ def _one_thread():
 def tiny_model(seed=0, dropout=0.1, kind="transformer"):
     torch.manual_seed(seed)
     if kind == "gru":
-        return RNNLM(RNNLMConfig(vocab_size=len(VOCAB), dim=24, hidden=32, n_layers=2, max_len=SEQ, cell="gru",
-                                 dropout=dropout))
+        return RNNLM(
+            RNNLMConfig(vocab_size=len(VOCAB), dim=24, hidden=32, n_layers=2, max_len=SEQ, cell="gru", dropout=dropout)
+        )
     if kind == "bitlinear-shared":  # ternary training with the blocks shared ("alternate")
-        model = TransformerLM(TransformerLMConfig(vocab_size=len(VOCAB), dim=32, n_layers=4, n_heads=2, max_len=SEQ,
-                                                  dropout=dropout, quant="bitlinear"))
+        model = TransformerLM(
+            TransformerLMConfig(
+                vocab_size=len(VOCAB), dim=32, n_layers=4, n_heads=2, max_len=SEQ, dropout=dropout, quant="bitlinear"
+            )
+        )
         share_parameters(model, "alternate", tie_embeddings=True)
         return model
-    return TransformerLM(TransformerLMConfig(vocab_size=len(VOCAB), dim=32, n_layers=2, n_heads=2, max_len=SEQ,
-                                             dropout=dropout))
+    return TransformerLM(
+        TransformerLMConfig(vocab_size=len(VOCAB), dim=32, n_layers=2, n_heads=2, max_len=SEQ, dropout=dropout)
+    )
 
 
-def make_trainer(steps, *, model_seed=0, dropout=0.1, kind="transformer", opt="adamw", lr=1e-2,
-                 schedule=True, **kw):
+def make_trainer(steps, *, model_seed=0, dropout=0.1, kind="transformer", opt="adamw", lr=1e-2, schedule=True, **kw):
     model = tiny_model(model_seed, dropout, kind)
     if opt == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -99,6 +112,7 @@ def params(model):
 
 # --------------------------------------------------------------------------- data
 
+
 def test_char_corpus_split_and_windows(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text(TEXT, encoding="utf-8")
@@ -107,7 +121,7 @@ def test_char_corpus_split_and_windows(tmp_path):
     n_train = int(len(TEXT) * 0.9)
     assert train.tokens.numel() == n_train and val.tokens.numel() == len(TEXT) - n_train
     x, y = train[3]
-    assert torch.equal(x[1:], y[:-1]) and vocab.decode(x) == TEXT[3 * SEQ:4 * SEQ]
+    assert torch.equal(x[1:], y[:-1]) and vocab.decode(x) == TEXT[3 * SEQ : 4 * SEQ]
     with pytest.raises(ValueError, match="fewer than seq_len"):
         load_char_corpus(path, seq_len=200)
     with pytest.raises(FileNotFoundError, match="not a file"):
@@ -116,11 +130,16 @@ def test_char_corpus_split_and_windows(tmp_path):
 
 # --------------------------------------------------------------------------- resume parity
 
-@pytest.mark.parametrize("setting", [
-    dict(kind="transformer", precision="32", accumulate_grad_batches=2, grad_clip=0.5),
-    dict(kind="gru", precision="16-mixed"),
-    dict(kind="bitlinear-shared", precision="32"),
-], ids=["transformer-accumulate-clip", "gru-fp16", "bitlinear-shared"])
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        dict(kind="transformer", precision="32", accumulate_grad_batches=2, grad_clip=0.5),
+        dict(kind="gru", precision="16-mixed"),
+        dict(kind="bitlinear-shared", precision="32"),
+    ],
+    ids=["transformer-accumulate-clip", "gru-fp16", "bitlinear-shared"],
+)
 def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path, setting):
     kw = dict(setting, eval_every=3, eval_batches=2, checkpoint_every=3)
     full = make_trainer(7, checkpoint_dir=tmp_path / "full", **kw)
@@ -132,7 +151,7 @@ def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path, setting):
     resumed = make_trainer(7, model_seed=1, checkpoint_dir=tmp_path / "cut", **kw)
     assert resumed.step == 3 and resumed.resumed_from.endswith("step-00000003.ckpt")
     resumed.fit()
-    assert losses(resumed) == losses(full)[3:]           # bit for bit, float == float
+    assert losses(resumed) == losses(full)[3:]  # bit for bit, float == float
     assert [e["val_loss"] for e in resumed.evals] == [e["val_loss"] for e in full.evals][1:]
     for k, v in params(full.model).items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
@@ -141,6 +160,7 @@ def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path, setting):
 
 
 # --------------------------------------------------------------------------- accumulation, precision
+
 
 def test_accumulation_equals_large_batch():
     small = make_trainer(3, dropout=0.0, opt="sgd", lr=0.1, batch_size=4, accumulate_grad_batches=2)
@@ -157,7 +177,7 @@ def test_bf16_autocast_runs():
     seen = []
     trainer.model.register_forward_hook(lambda m, args, out: seen.append(out[0].dtype))
     out = trainer.fit()
-    assert torch.bfloat16 in seen                        # the logits came out of bf16 autocast
+    assert torch.bfloat16 in seen  # the logits came out of bf16 autocast
     assert all(math.isfinite(x) for x in losses(trainer)) and math.isfinite(out["val_loss"])
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # weights stay fp32
     assert trainer.scaler is None
@@ -179,6 +199,7 @@ def test_bad_arguments_are_refused():
 
 # --------------------------------------------------------------------------- checkpoints
 
+
 def test_corrupt_checkpoint_is_refused_and_previous_used(tmp_path):
     ref = make_trainer(4, checkpoint_dir=tmp_path / "ref", checkpoint_every=2)
     ref.fit()
@@ -187,7 +208,7 @@ def test_corrupt_checkpoint_is_refused_and_previous_used(tmp_path):
     assert [s for s, _ in list_checkpoints(d)] == [4, 2]
     newest = d / "step-00000004.ckpt"
     data = bytearray(newest.read_bytes())
-    data[len(data) // 2] ^= 0xFF                          # one flipped byte in the payload
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the payload
     newest.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"step-00000004\.ckpt.*corrupt.*SHA-256"):
         load_checkpoint(newest)
@@ -196,7 +217,7 @@ def test_corrupt_checkpoint_is_refused_and_previous_used(tmp_path):
     assert resumed.step == 2
     resumed.fit()
     assert losses(resumed) == losses(ref)[2:]
-    load_checkpoint(newest)                               # rewritten whole by the resumed run
+    load_checkpoint(newest)  # rewritten whole by the resumed run
 
     # a truncated file (a copy cut short, a full disk) is named as such
     newest.write_bytes(newest.read_bytes()[:1000])
@@ -215,12 +236,11 @@ def test_checkpoint_files_are_atomic_and_pruned(tmp_path):
     for step in range(1, 6):
         save_checkpoint(tmp_path / f"step-{step:08d}.ckpt", {"step": step})
     (tmp_path / "step-00000009.ckpt.tmp-999999").write_bytes(b"half a checkpoint")  # a crash mid-write
-    assert [s for s, _ in list_checkpoints(tmp_path)] == [5, 4, 3, 2, 1]   # the temp file is no checkpoint
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [5, 4, 3, 2, 1]  # the temp file is no checkpoint
     prune_checkpoints(tmp_path, keep=2)
     # checkpoints only: a temporary file may be another run's save in progress (the Trainer's
     # directory lock removes a dead run's, see test_train_faults.py)
-    assert sorted(os.listdir(tmp_path)) == ["step-00000004.ckpt", "step-00000005.ckpt",
-                                            "step-00000009.ckpt.tmp-999999"]
+    assert sorted(os.listdir(tmp_path)) == ["step-00000004.ckpt", "step-00000005.ckpt", "step-00000009.ckpt.tmp-999999"]
     assert load_checkpoint(tmp_path / "step-00000005.ckpt") == {"step": 5}
     (tmp_path / "other.bin").write_bytes(b"x" * 100)
     with pytest.raises(CheckpointError, match="not an accelops checkpoint"):
@@ -229,17 +249,29 @@ def test_checkpoint_files_are_atomic_and_pruned(tmp_path):
 
 # --------------------------------------------------------------------------- SIGKILL and the CLI
 
+
 def _config(tmp_path, **train):
     text = tmp_path / "corpus.txt"
     text.write_text(make_text(3000, seed=1), encoding="utf-8")
-    t = dict(max_steps=120, batch_size=4, eval_every=40, eval_batches=2, checkpoint_every=5, log_every=5,
-             checkpoint_dir=str(tmp_path / "ckpt"), log_dir=str(tmp_path / "log"), progress=False)
+    t = dict(
+        max_steps=120,
+        batch_size=4,
+        eval_every=40,
+        eval_batches=2,
+        checkpoint_every=5,
+        log_every=5,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        log_dir=str(tmp_path / "log"),
+        progress=False,
+    )
     t.update(train)
-    return {"data": {"path": str(text), "seq_len": SEQ},
-            "model": {"type": "transformer", "dim": 32, "n_layers": 2, "n_heads": 2, "dropout": 0.1},
-            "optimizer": {"name": "adamw", "lr": 3e-3},
-            "scheduler": {"name": "cosine", "warmup_steps": 5},
-            "train": t}
+    return {
+        "data": {"path": str(text), "seq_len": SEQ},
+        "model": {"type": "transformer", "dim": 32, "n_layers": 2, "n_heads": 2, "dropout": 0.1},
+        "optimizer": {"name": "adamw", "lr": 3e-3},
+        "scheduler": {"name": "cosine", "warmup_steps": 5},
+        "train": t,
+    }
 
 
 def _csv_losses(log_dir):
@@ -256,10 +288,14 @@ def test_sigkilled_run_resumes_from_last_checkpoint_and_finishes(tmp_path):
     config = _config(tmp_path)
     path = tmp_path / "run.json"
     path.write_text(json.dumps(config))
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "accelops.train", str(path)], env=env, cwd=str(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "accelops.train", str(path)],
+        env=env,
+        cwd=str(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     ckpt = tmp_path / "ckpt"
     deadline = time.monotonic() + 60
     try:
@@ -275,14 +311,14 @@ def test_sigkilled_run_resumes_from_last_checkpoint_and_finishes(tmp_path):
     killed_at = list_checkpoints(ckpt)[0][0]
     assert killed_at < 120
 
-    result = run(config)                                  # the same command again: resumes and finishes
+    result = run(config)  # the same command again: resumes and finishes
     assert result["step"] == 120 and result["resumed_from"].endswith(f"step-{killed_at:08d}.ckpt")
     steps, got = _csv_losses(tmp_path / "log")
-    assert steps == list(range(1, 121))                   # rows past the checkpoint were dropped, then redone
+    assert steps == list(range(1, 121))  # rows past the checkpoint were dropped, then redone
 
     clean = _config(tmp_path, checkpoint_dir=str(tmp_path / "ckpt2"), log_dir=str(tmp_path / "log2"))
     run(clean)
-    assert _csv_losses(tmp_path / "log2")[1] == got       # and exactly as if it had never been killed
+    assert _csv_losses(tmp_path / "log2")[1] == got  # and exactly as if it had never been killed
 
 
 def test_cli_trains_a_tiny_config_end_to_end(tmp_path, capsys):
@@ -291,17 +327,19 @@ def test_cli_trains_a_tiny_config_end_to_end(tmp_path, capsys):
     config = _config(tmp_path, max_steps=6, checkpoint_every=3, eval_every=3)
     config["model"] = {"type": "rnn", "dim": 16, "hidden": 24, "n_layers": 2, "cell": "gru", "quant": "none"}
     t = config.pop("train")
-    lines = [f'[data]\npath = "{config["data"]["path"]}"\nseq_len = {SEQ}\n',
-             "[model]\n" + "".join(f'{k} = {json.dumps(v)}\n' for k, v in config["model"].items()),
-             "[optimizer]\nname = \"adamw\"\nlr = 0.003\n",
-             "[train]\n" + "".join(f'{k} = {json.dumps(v)}\n' for k, v in t.items())]
+    lines = [
+        f'[data]\npath = "{config["data"]["path"]}"\nseq_len = {SEQ}\n',
+        "[model]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in config["model"].items()),
+        '[optimizer]\nname = "adamw"\nlr = 0.003\n',
+        "[train]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in t.items()),
+    ]
     path = tmp_path / "run.toml"
     path.write_text("\n".join(lines))
     assert main(["train", str(path)]) == 0
     assert "step 6" in capsys.readouterr().err
     state = load_checkpoint(list_checkpoints(tmp_path / "ckpt")[0][1])
     assert state["step"] == 6 and state["metadata"]["vocab"] == "".join(sorted(set(make_text(3000, seed=1))))
-    assert main(["train", str(path), "--set", "train.max_steps=8"]) == 0   # resumes to the new end
+    assert main(["train", str(path), "--set", "train.max_steps=8"]) == 0  # resumes to the new end
     steps, _ = _csv_losses(tmp_path / "log")
     assert steps == list(range(1, 9))
     with pytest.raises(ValueError, match="unknown key"):
@@ -310,11 +348,13 @@ def test_cli_trains_a_tiny_config_end_to_end(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- DDP, 2 gloo ranks
 
+
 def _ddp_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)  # first: OpenMP pools do not survive the fork
     # torchrun's environment: the first Trainer initialises the process group from it
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     res = {}
     try:
         plain = make_trainer(3, dropout=0.0, opt="sgd", lr=0.1, batch_size=4)
@@ -330,8 +370,16 @@ def _ddp_worker(rank, world, port, out_dir):
         resumed = make_trainer(4, model_seed=3, checkpoint_dir=ck, **comp)
         resumed_step = resumed.step
         resumed.fit()
-        res["topk"] = (losses(full), params(full.model), full.hook_state.step, full.hook_state.bytes_total,
-                       resumed_step, losses(resumed), params(resumed.model), resumed.hook_state.step)
+        res["topk"] = (
+            losses(full),
+            params(full.model),
+            full.hook_state.step,
+            full.hook_state.bytes_total,
+            resumed_step,
+            losses(resumed),
+            params(resumed.model),
+            resumed.hook_state.step,
+        )
         plain.close()
     except BaseException:
         res["error"] = traceback.format_exc()
@@ -354,7 +402,7 @@ def test_ddp_two_ranks_equals_one_process_with_twice_the_batch(ddp_results):
     single = make_trainer(3, dropout=0.0, opt="sgd", lr=0.1, batch_size=8)
     single.fit()
     (l0, p0), (l1, p1) = ddp_results[0]["plain"], ddp_results[1]["plain"]
-    assert l0 == l1                                       # logged loss: the mean over ranks
+    assert l0 == l1  # logged loss: the mean over ranks
     assert l0 == pytest.approx(losses(single), rel=1e-5)
     for k, v in params(single.model).items():
         assert torch.equal(p0[k], p1[k]), k
@@ -364,10 +412,10 @@ def test_ddp_two_ranks_equals_one_process_with_twice_the_batch(ddp_results):
 def test_ddp_with_compression_stays_in_sync_and_resumes_exactly(ddp_results):
     r0, r1 = ddp_results[0]["topk"], ddp_results[1]["topk"]
     full_losses, full_params, hook_steps, hook_bytes, resumed_step, res_losses, res_params, res_hook = r0
-    assert hook_steps == 4 and hook_bytes > 0             # the top-k hook did the all-reduces
+    assert hook_steps == 4 and hook_bytes > 0  # the top-k hook did the all-reduces
     assert all(math.isfinite(x) for x in full_losses)
     for k in full_params:
-        assert torch.equal(full_params[k], r1[1][k]), k   # ranks hold the same weights
+        assert torch.equal(full_params[k], r1[1][k]), k  # ranks hold the same weights
     # resumed at step 2 with the hook's error-feedback residuals, RNG and data position:
     assert resumed_step == 2 and res_hook == 4
     assert res_losses == full_losses[2:]
@@ -380,9 +428,23 @@ def test_torchrun_two_ranks_with_compression(tmp_path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps(config))
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "accelops.train", str(path)], env=env, cwd=str(tmp_path), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "accelops.train",
+            str(path),
+        ],
+        env=env,
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps, got = _csv_losses(tmp_path / "log")
     assert steps == list(range(1, 7)) and all(math.isfinite(x) for x in got)
@@ -394,6 +456,7 @@ def test_torchrun_two_ranks_with_compression(tmp_path):
 
 
 # --------------------------------------------------------------------------- TensorBoard
+
 
 def test_tensorboard_events_hold_the_csv_metrics(tmp_path):
     """With tensorboard installed (requirements-dev), the same scalars reach an event file
@@ -416,7 +479,7 @@ def test_tensorboard_events_hold_the_csv_metrics(tmp_path):
     csv_val = {int(r["step"]): float(r["val_loss"]) for r in rows if r["val_loss"]}
     assert sorted(train_loss) == sorted(csv_train) == [1, 2, 3, 4]
     assert sorted(val_loss) == sorted(csv_val) == [2, 4]
-    for step, value in csv_train.items():   # event files store float32
+    for step, value in csv_train.items():  # event files store float32
         assert train_loss[step] == pytest.approx(value, rel=1e-6)
     for step, value in csv_val.items():
         assert val_loss[step] == pytest.approx(value, rel=1e-6)

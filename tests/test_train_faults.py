@@ -7,6 +7,7 @@ SIGTERM, the memory probes) only wait on conditions, never on fixed sleeps, so t
 passes on a loaded 2-core machine. Running as root, chmod does not stop writes: there the
 read-only directory is simulated by making the file opens inside it fail (EROFS / ENOSPC),
 the chmod variant is skipped."""
+
 from __future__ import annotations
 
 import builtins
@@ -50,9 +51,11 @@ def _one_thread():
 
 def counting_loss():
     """A loss_fn that counts its calls (training and evaluation forwards)."""
+
     def loss_fn(model, batch):
         loss_fn.calls += 1
         return default_loss(model, batch)
+
     loss_fn.calls = 0
     return loss_fn
 
@@ -91,8 +94,15 @@ else:
 def start_run(tmp_path, mode, ckpt, expect):
     script = tmp_path / "run_trainer.py"
     script.write_text(_RUN)
-    proc = subprocess.Popen([sys.executable, str(script), mode, str(ckpt)], env=ENV, cwd=ROOT, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), mode, str(ckpt)],
+        env=ENV,
+        cwd=ROOT,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     line = proc.stdout.readline()  # blocks until the run says it is there (or dies)
     if line.strip() != expect:
         proc.kill()
@@ -103,6 +113,7 @@ def start_run(tmp_path, mode, ckpt, expect):
 
 # --------------------------------------------------------------------------- one run per directory
 
+
 def test_second_run_on_a_checkpoint_dir_is_refused_naming_the_holder(tmp_path):
     d = tmp_path / "ckpt"
     d.mkdir()
@@ -111,7 +122,7 @@ def test_second_run_on_a_checkpoint_dir_is_refused_naming_the_holder(tmp_path):
     try:
         assert not (d / "step-00000001.ckpt.tmp-999999").exists()  # the lock holder removes a dead run's
         with pytest.raises(DirectoryLocked) as info:
-            make_trainer(4, checkpoint_dir=d)                 # a second process: refused before it reads
+            make_trainer(4, checkpoint_dir=d)  # a second process: refused before it reads
         msg = str(info.value)
         assert repr(str(d)) in msg and f"pid {holder.pid} on {socket.gethostname()}" in msg
         assert "another checkpoint_dir" in msg
@@ -124,7 +135,7 @@ def test_second_run_on_a_checkpoint_dir_is_refused_naming_the_holder(tmp_path):
         holder.wait()
     # the holder's checkpoints are all there, all its own: nothing pruned or interleaved by the other
     assert [s for s, _ in list_checkpoints(d)] == [4, 3, 2, 1]
-    resumed = make_trainer(6, checkpoint_dir=d)               # free again once the holder ended
+    resumed = make_trainer(6, checkpoint_dir=d)  # free again once the holder ended
     assert resumed.step == 4
     resumed.close()
 
@@ -132,9 +143,9 @@ def test_second_run_on_a_checkpoint_dir_is_refused_naming_the_holder(tmp_path):
 def test_a_killed_holder_leaves_the_directory_free(tmp_path):
     d = tmp_path / "ckpt"
     holder = start_run(tmp_path, "hold", d, "ready")
-    holder.kill()                                             # SIGKILL: no clean-up code runs
+    holder.kill()  # SIGKILL: no clean-up code runs
     holder.wait()
-    assert (d / LOCK_NAME).exists()                           # the file stays, the OS dropped the lock
+    assert (d / LOCK_NAME).exists()  # the file stays, the OS dropped the lock
     t = make_trainer(2, checkpoint_dir=d)
     t.fit()
     assert t.step == 2
@@ -149,7 +160,7 @@ def test_two_trainers_in_one_process_and_pruning_only_own_files(tmp_path):
     # (a writer that ignores the lock): pruning leaves it alone
     foreign = d / "step-00000002.ckpt.tmp-4242"
     foreign.write_bytes(b"someone else's save in progress")
-    first.fit()                                               # releases the directory at the end
+    first.fit()  # releases the directory at the end
     assert foreign.exists()
     assert [s for s, _ in list_checkpoints(d)] == [3]
     second = make_trainer(5, checkpoint_dir=d)
@@ -160,7 +171,7 @@ def test_two_trainers_in_one_process_and_pruning_only_own_files(tmp_path):
 def test_a_newer_bad_checkpoint_does_not_get_the_new_ones_pruned(tmp_path):
     d = tmp_path / "ckpt"
     make_trainer(2, checkpoint_dir=d, checkpoint_every=1, keep_last=1).fit()
-    (d / "step-00000050.ckpt").write_bytes(b"garbage")       # a later checkpoint that is not whole
+    (d / "step-00000050.ckpt").write_bytes(b"garbage")  # a later checkpoint that is not whole
     with pytest.warns(CheckpointWarning, match="step-00000050"):
         t = make_trainer(4, checkpoint_dir=d, checkpoint_every=1, keep_last=1)
     assert t.step == 2
@@ -172,11 +183,12 @@ def test_a_newer_bad_checkpoint_does_not_get_the_new_ones_pruned(tmp_path):
 
 def _ranks_worker(rank, world, port, out_dir, locked_dir, ckpt_dir):
     torch.set_num_threads(1)  # first: OpenMP pools do not survive the fork
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     res = {}
     try:
-        try:                                                  # the parent holds locked_dir
+        try:  # the parent holds locked_dir
             make_trainer(2, checkpoint_dir=locked_dir, dropout=0.0)
         except DirectoryLocked as exc:
             res["refused"] = str(exc)
@@ -184,7 +196,7 @@ def _ranks_worker(rank, world, port, out_dir, locked_dir, ckpt_dir):
 
         def loss_fn(model, batch):
             calls[0] += 1
-            if rank == 1 and calls[0] == 3:                   # SIGTERM to rank 1 alone, in its step 3
+            if rank == 1 and calls[0] == 3:  # SIGTERM to rank 1 alone, in its step 3
                 os.kill(os.getpid(), signal.SIGTERM)
             return default_loss(model, batch)
 
@@ -227,6 +239,7 @@ def test_two_ranks_refuse_a_held_directory_and_stop_together_on_sigterm(tmp_path
 
 # --------------------------------------------------------------------------- SIGTERM = SIGINT
 
+
 def _not_handled_by_the_trainer(signum, frame):
     raise RuntimeError(f"{signal.Signals(signum).name} reached the handler that was there before fit()")
 
@@ -248,13 +261,13 @@ def test_signal_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tmp_p
     def loss_fn(model, batch):
         calls[0] += 1
         if calls[0] == 3:
-            os.kill(os.getpid(), signum)                      # arrives in the middle of step 3
+            os.kill(os.getpid(), signum)  # arrives in the middle of step 3
         return default_loss(model, batch)
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     d = tmp_path / "ckpt"
     t = make_trainer(5, checkpoint_dir=d, loss_fn=loss_fn, log_every=1)
-    with pytest.raises(KeyboardInterrupt) as info:            # as Ctrl-C ended fit() before
+    with pytest.raises(KeyboardInterrupt) as info:  # as Ctrl-C ended fit() before
         t.fit()
     assert type(info.value) is KeyboardInterrupt
     assert info.value.signum == signum and info.value.step == 3
@@ -264,7 +277,7 @@ def test_signal_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tmp_p
     resumed = make_trainer(5, model_seed=7, checkpoint_dir=d)
     assert resumed.step == 3
     resumed.fit()
-    assert losses(t) + losses(resumed) == losses(ref)         # nothing lost: the run goes on exactly
+    assert losses(t) + losses(resumed) == losses(ref)  # nothing lost: the run goes on exactly
 
 
 def test_sigterm_to_a_training_process_writes_a_checkpoint_then_exits_as_sigint_does(tmp_path):
@@ -285,6 +298,7 @@ def test_sigterm_to_a_training_process_writes_a_checkpoint_then_exits_as_sigint_
 
 
 # --------------------------------------------------------------------------- directories checked before step 1
+
 
 def deny_writes(monkeypatch, directory, code):
     """Every open for writing of a file under `directory` fails with OSError(code): a
@@ -319,11 +333,14 @@ def test_unwritable_directory_is_named_before_the_first_step(tmp_path, monkeypat
         make_trainer(20, loss_fn=loss_fn, checkpoint_every=15, **{which: d}).fit()
     assert info.value.errno == code
     assert f"{which} {str(d)!r} is not writable ({os.strerror(code)})" in str(info.value)
-    assert loss_fn.calls == 0                                 # not one step trained into the void
+    assert loss_fn.calls == 0  # not one step trained into the void
 
 
-@pytest.mark.skipif(IS_ROOT, reason="running as root: chmod does not stop root's writes (the EROFS / ENOSPC "
-                                    "variants above simulate a read-only or full directory instead)")
+@pytest.mark.skipif(
+    IS_ROOT,
+    reason="running as root: chmod does not stop root's writes (the EROFS / ENOSPC "
+    "variants above simulate a read-only or full directory instead)",
+)
 def test_read_only_checkpoint_dir_by_chmod_is_named_before_the_first_step(tmp_path):
     d = tmp_path / "ckpt"
     d.mkdir()
@@ -339,6 +356,7 @@ def test_read_only_checkpoint_dir_by_chmod_is_named_before_the_first_step(tmp_pa
 
 # --------------------------------------------------------------------------- a metrics write fails mid-run
 
+
 def test_full_disk_at_a_metrics_write_checkpoints_then_raises_the_real_error(tmp_path, monkeypatch):
     real = csv.DictWriter.writerows
 
@@ -353,10 +371,11 @@ def test_full_disk_at_a_metrics_write_checkpoints_then_raises_the_real_error(tmp
     t = make_trainer(40, checkpoint_dir=d, log_dir=tmp_path / "log", log_every=1, checkpoint_every=30)
     with pytest.raises(OSError) as info:
         t.fit()
-    assert info.value.errno == errno.ENOSPC                   # the real error, not a consequence of it
-    assert any("training stopped after step 5" in n and "step-00000005.ckpt" in n
-               for n in getattr(info.value, "__notes__", []))
-    assert [s for s, _ in list_checkpoints(d)] == [5]         # 5 steps kept, not thrown away
+    assert info.value.errno == errno.ENOSPC  # the real error, not a consequence of it
+    assert any(
+        "training stopped after step 5" in n and "step-00000005.ckpt" in n for n in getattr(info.value, "__notes__", [])
+    )
+    assert [s for s, _ in list_checkpoints(d)] == [5]  # 5 steps kept, not thrown away
     resumed = make_trainer(40, checkpoint_dir=d)
     assert resumed.step == 5
     resumed.close()
@@ -416,8 +435,14 @@ def test_checkpoint_save_and_load_peak_near_one_state(tmp_path):
     path, mib = tmp_path / "big.ckpt", 96
     peaks = {}
     for mode in ("save", "load"):  # a process each: VmHWM is the peak of the process's life
-        out = subprocess.run([sys.executable, str(script), mode, str(path), str(mib)], env=ENV, cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, str(script), mode, str(path), str(mib)],
+            env=ENV,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr
         peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_over_state"]
     # one state's worth (made, or mapped and read) and little more; the former in-memory

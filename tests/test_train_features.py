@@ -2,6 +2,7 @@
 per-group lr columns, validation splits, the config seed, named losses with weights, MLflow.
 
 Tiny models and data (those of test_train.py); single process except one forked 2-rank run."""
+
 from __future__ import annotations
 
 import csv
@@ -19,8 +20,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from accelops.train import (EarlyStopping, LRFindResult, Trainer, list_checkpoints, load_char_corpus, load_checkpoint,
-                            lr_find, split_dataset)
+from accelops.train import (
+    EarlyStopping,
+    LRFindResult,
+    Trainer,
+    list_checkpoints,
+    load_char_corpus,
+    load_checkpoint,
+    lr_find,
+    split_dataset,
+)
 from accelops.train.config import ConfigError, build
 from accelops.train.run import run
 
@@ -43,9 +52,12 @@ def _csv_rows(log_dir):
 
 def _opt_state(opt):
     sd = opt.state_dict()
-    return {"groups": json.dumps(sd["param_groups"], default=str),
-            "state": {k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()}
-                      for k, s in sd["state"].items()}}
+    return {
+        "groups": json.dumps(sd["param_groups"], default=str),
+        "state": {
+            k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()} for k, s in sd["state"].items()
+        },
+    }
 
 
 def _same_opt_state(a, b):
@@ -58,6 +70,7 @@ def _same_opt_state(a, b):
 
 
 # --------------------------------------------------------------------------- lr range test
+
 
 def test_lr_find_sweeps_suggests_and_restores_everything(tmp_path):
     model = tiny_model(dropout=0.1)
@@ -105,11 +118,10 @@ def test_fit_after_lr_find_is_the_fit_without_it(precision):
     plain = make_trainer(4)
     plain.fit()
     probed = make_trainer(4)
-    res = lr_find(probed.model, probed.optimizer, TRAIN, batch_size=4, num_steps=12, skip_start=2,
-                  precision=precision)
+    res = lr_find(probed.model, probed.optimizer, TRAIN, batch_size=4, num_steps=12, skip_start=2, precision=precision)
     assert len(res.lrs) >= 2
     probed.fit()
-    assert losses(probed) == losses(plain)                # bit for bit: weights, Adam state, lr, RNG restored
+    assert losses(probed) == losses(plain)  # bit for bit: weights, Adam state, lr, RNG restored
 
 
 class _Blowup(torch.nn.Module):
@@ -121,7 +133,7 @@ class _Blowup(torch.nn.Module):
         self.nan = nan
 
     def forward(self, tokens, targets):
-        return self.x ** 2 * (float("nan") if self.nan else 1.0) + 0.0 * tokens.float().mean()
+        return self.x**2 * (float("nan") if self.nan else 1.0) + 0.0 * tokens.float().mean()
 
 
 def test_lr_find_reports_immediate_divergence_instead_of_a_suggestion(tmp_path):
@@ -130,19 +142,28 @@ def test_lr_find_reports_immediate_divergence_instead_of_a_suggestion(tmp_path):
     res = lr_find(model, opt, TRAIN, batch_size=4, min_lr=1.5, max_lr=100.0, num_steps=50, beta=0.0)
     assert res.suggestion is None and res.stopped_early is not None
     assert "diverged too early" in res.reason and "passed 4 x its best" in res.reason
-    assert len(res.lrs) < 50 and model.x.item() == 1.0    # the weight came back
+    assert len(res.lrs) < 50 and model.x.item() == 1.0  # the weight came back
 
     m = _Blowup(nan=True)
     res = lr_find(m, torch.optim.SGD(m.parameters(), lr=0.1), TRAIN, batch_size=4)
     assert res.suggestion is None and len(res.lrs) == 1 and "loss is nan at step 0" in res.reason
     # a sweep over which the loss only grows: no bogus "steepest descent"
     m = _Blowup()
-    res = lr_find(m, torch.optim.SGD(m.parameters(), lr=0.1), TRAIN, batch_size=4, min_lr=1.2, max_lr=1.3,
-                  num_steps=20, skip_start=0, diverge_threshold=None)
+    res = lr_find(
+        m,
+        torch.optim.SGD(m.parameters(), lr=0.1),
+        TRAIN,
+        batch_size=4,
+        min_lr=1.2,
+        max_lr=1.3,
+        num_steps=20,
+        skip_start=0,
+        diverge_threshold=None,
+    )
     assert res.suggestion is None and "never decreased" in res.reason
     assert "suggestion None" in repr(res)
     pytest.importorskip("matplotlib", reason="matplotlib is not installed: the PNG is not written")
-    assert open(res.plot(tmp_path / "none.png"), "rb").read(4) == b"\x89PNG"   # a plot without a suggestion
+    assert open(res.plot(tmp_path / "none.png"), "rb").read(4) == b"\x89PNG"  # a plot without a suggestion
 
 
 def test_lr_find_refuses_bad_arguments_and_several_ranks(monkeypatch):
@@ -185,7 +206,7 @@ def test_cli_lr_find_prints_the_suggestion_and_writes_the_plot(tmp_path, capsys)
     with open(tmp_path / "log" / "lr_find.json") as f:
         out = json.load(f)
     assert out["suggestion"] is not None and f"{out['suggestion']:.3g}" in err and len(out["lrs"]) <= 25
-    assert not list_checkpoints(tmp_path / "ckpt")        # nothing trained or saved
+    assert not list_checkpoints(tmp_path / "ckpt")  # nothing trained or saved
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -194,7 +215,7 @@ def test_cli_lr_find_prints_the_suggestion_and_writes_the_plot(tmp_path, capsys)
         assert (tmp_path / "log" / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="one process"):
         main(["train", str(path), "--lr-find", "--nproc-per-node", "2"])
-    with pytest.MonkeyPatch.context() as mp:             # under torchrun: refused, not run on every rank
+    with pytest.MonkeyPatch.context() as mp:  # under torchrun: refused, not run on every rank
         mp.setenv("WORLD_SIZE", "2")
         with pytest.raises(ValueError, match="one process.*without torchrun"):
             main(["train", str(path), "--lr-find"])
@@ -223,8 +244,13 @@ def test_early_stopping_stops_with_the_reason(tmp_path, caplog):
     assert [e["step"] for e in t.evals] == [2, 4, 6, 8]
     # a real improvement resets the wait; mode "max" on a falling loss never improves
     es = EarlyStopping(patience=2, min_delta=0.1)
-    assert [es.update({"val_loss": v}, s) for s, v in enumerate([3.0, 2.95, 2.5, 2.45, 2.44])] == \
-        [False, False, False, False, True]
+    assert [es.update({"val_loss": v}, s) for s, v in enumerate([3.0, 2.95, 2.5, 2.45, 2.44])] == [
+        False,
+        False,
+        False,
+        False,
+        True,
+    ]
     assert es.best == 2.5 and es.best_step == 2
     es = EarlyStopping(patience=5)
     assert es.update({"val_loss": float("nan")}, 3) and "nan" in es.reason
@@ -246,7 +272,7 @@ def test_cli_early_stopping_key(tmp_path, capsys):
 
 def test_early_stopping_bad_settings_are_refused():
     with pytest.raises(ValueError, match="needs val_data and eval_every"):
-        make_trainer(4, early_stopping={"patience": 2})     # eval_every=None
+        make_trainer(4, early_stopping={"patience": 2})  # eval_every=None
     with pytest.raises(ValueError, match="unknown key"):
         make_trainer(4, eval_every=2, early_stopping={"patiense": 2})
     with pytest.raises(ValueError, match="mode"):
@@ -262,12 +288,12 @@ def test_early_stopping_counters_survive_resume(tmp_path):
     kw = dict(eval_every=2, eval_batches=1, checkpoint_every=2, early_stopping=NEVER_BETTER)
     full = make_trainer(40, checkpoint_dir=tmp_path / "full", **kw)
     assert full.fit()["step"] == 8
-    make_trainer(4, checkpoint_dir=tmp_path / "cut", **kw).fit()   # stops at 4: best at 2, waited 1
+    make_trainer(4, checkpoint_dir=tmp_path / "cut", **kw).fit()  # stops at 4: best at 2, waited 1
     state = load_checkpoint(list_checkpoints(tmp_path / "cut")[0][1])
     assert state["early_stopping"]["wait"] == 1 and state["early_stopping"]["best_step"] == 2
     resumed = make_trainer(40, model_seed=3, checkpoint_dir=tmp_path / "cut", **kw)
     out = resumed.fit()
-    assert out["step"] == 8 and out["stop_reason"] == full.stop_reason   # not 12: the counters came back
+    assert out["step"] == 8 and out["stop_reason"] == full.stop_reason  # not 12: the counters came back
     assert losses(resumed) == losses(full)[4:]
     # the stopped run, started again: it stays stopped, nothing more is trained
     again = make_trainer(40, checkpoint_dir=tmp_path / "cut", **kw)
@@ -277,8 +303,9 @@ def test_early_stopping_counters_survive_resume(tmp_path):
 
 def _es_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     res = {}
     try:
         # rank 1 is given a patience it would wait 50 evaluations for: rank 0's decision rules
@@ -286,7 +313,7 @@ def _es_worker(rank, world, port, out_dir):
         t = make_trainer(40, eval_every=2, eval_batches=1, early_stopping=es)
         out = t.fit()
         res = {"out": out, "losses": losses(t), "evals": t.evals, "params": params(t.model)}
-        two = _two_head_trainer(3, loss_weights={"loss_b": 0.5}, eval_every=3)   # named losses under DDP
+        two = _two_head_trainer(3, loss_weights={"loss_b": 0.5}, eval_every=3)  # named losses under DDP
         two.fit()
         res["two_head"] = (two.history, two.evals)
         # The DDP reducers go before the process group they use: a gloo group destroyed while
@@ -325,14 +352,25 @@ def test_early_stopping_two_ranks_stop_together():
 
 # --------------------------------------------------------------------------- lr per param group
 
+
 def test_lr_is_logged_per_param_group(tmp_path):
     model = tiny_model()
     emb = [p for n, p in model.named_parameters() if "emb" in n]
     rest = [p for n, p in model.named_parameters() if "emb" not in n]
     opt = torch.optim.AdamW([{"params": emb, "lr": 1e-3}, {"params": rest, "lr": 1e-2}])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / 4)
-    t = Trainer(model, opt, TRAIN, max_steps=4, batch_size=4, eval_every=None, log_every=2, scheduler=sched,
-                progress=False, log_dir=tmp_path)
+    t = Trainer(
+        model,
+        opt,
+        TRAIN,
+        max_steps=4,
+        batch_size=4,
+        eval_every=None,
+        log_every=2,
+        scheduler=sched,
+        progress=False,
+        log_dir=tmp_path,
+    )
     t.fit()
     rows = [r for r in _csv_rows(tmp_path) if r["loss"]]
     assert [float(r["lr-group0"]) for r in rows] == pytest.approx([1e-3 * s / 4 for s in (1, 2, 3, 4)])
@@ -347,20 +385,21 @@ def test_lr_is_logged_per_param_group(tmp_path):
 
 # --------------------------------------------------------------------------- validation splits, seed
 
+
 def test_validation_split_options(tmp_path):
     train_file, val_file = tmp_path / "train.txt", tmp_path / "val.txt"
     train_file.write_text(TEXT, encoding="utf-8")
-    val_file.write_text("zebra quiz. " * 10, encoding="utf-8")     # characters the training text lacks
+    val_file.write_text("zebra quiz. " * 10, encoding="utf-8")  # characters the training text lacks
     tr, va, vocab = load_char_corpus(train_file, SEQ, val_path=val_file, val_fraction=None)
     assert tr.tokens.numel() == len(TEXT) and vocab.decode(va.tokens) == "zebra quiz. " * 10
     assert set("zq") <= set(vocab.chars)
     with pytest.raises(ValueError, match="both given"):
         load_char_corpus(train_file, SEQ, val_path=val_file, val_fraction=0.2)
-    tr2, va2, _ = load_char_corpus(train_file, SEQ, val_fraction=0.25)    # today's contiguous split
+    tr2, va2, _ = load_char_corpus(train_file, SEQ, val_fraction=0.25)  # today's contiguous split
     assert tr2.tokens.numel() == int(len(TEXT) * 0.75)
 
     a_train, a_val = split_dataset(TRAIN, 0.2, seed=1)
-    torch.manual_seed(99)                                  # the global RNG does not matter
+    torch.manual_seed(99)  # the global RNG does not matter
     b_train, b_val = split_dataset(TRAIN, 0.2, seed=1)
     assert a_val.indices == b_val.indices and a_train.indices == b_train.indices
     assert len(a_val) == round(len(TRAIN) * 0.2) and sorted(a_train.indices + a_val.indices) == list(range(len(TRAIN)))
@@ -369,8 +408,9 @@ def test_validation_split_options(tmp_path):
     with pytest.raises(ValueError, match="val_fraction"):
         split_dataset(TRAIN, 1.0)
     model = tiny_model()
-    out = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), a_train, a_val, max_steps=2, batch_size=4,
-                  progress=False).fit()
+    out = Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), a_train, a_val, max_steps=2, batch_size=4, progress=False
+    ).fit()
     assert math.isfinite(out["val_loss"])
 
     # the config: [data] val_path, or val_fraction, not both
@@ -385,9 +425,15 @@ def test_validation_split_options(tmp_path):
 
 def test_config_seed_makes_runs_bit_identical(tmp_path):
     def go(name, seed):
-        config = _config(tmp_path, max_steps=4, eval_every=2, checkpoint_dir=str(tmp_path / name / "ckpt"),
-                         log_dir=str(tmp_path / name), seed=seed)
-        random.seed(12345)                                 # whatever the process did before
+        config = _config(
+            tmp_path,
+            max_steps=4,
+            eval_every=2,
+            checkpoint_dir=str(tmp_path / name / "ckpt"),
+            log_dir=str(tmp_path / name),
+            seed=seed,
+        )
+        random.seed(12345)  # whatever the process did before
         torch.manual_seed(12345)
         run(config)
         return _csv_losses(tmp_path / name)[1], load_checkpoint(list_checkpoints(tmp_path / name / "ckpt")[0][1])
@@ -395,15 +441,16 @@ def test_config_seed_makes_runs_bit_identical(tmp_path):
     a, sa = go("a", 3)
     b, sb = go("b", 3)
     c, _ = go("c", 4)
-    assert a == b and len(a) == 4                          # bit-identical losses
+    assert a == b and len(a) == 4  # bit-identical losses
     for k, v in sa["model"].items():
         assert torch.equal(v, sb["model"][k]), k
-    assert a != c                                          # another seed: another init, dropout and order
+    assert a != c  # another seed: another init, dropout and order
     with pytest.raises(ConfigError, match="train.seed"):
         build(_config(tmp_path, seed=-1))
 
 
 # --------------------------------------------------------------------------- named losses
+
 
 class TwoHead(torch.nn.Module):
     """Head a predicts the next character, head b the current one: two losses a batch."""
@@ -417,8 +464,10 @@ class TwoHead(torch.nn.Module):
 
     def forward(self, tokens, targets):
         h = self.emb(tokens)
-        return {"loss_a": F.cross_entropy(self.head_a(h).flatten(0, 1), targets.flatten()),
-                "loss_b": F.cross_entropy(self.head_b(h).flatten(0, 1), tokens.flatten())}
+        return {
+            "loss_a": F.cross_entropy(self.head_a(h).flatten(0, 1), targets.flatten()),
+            "loss_b": F.cross_entropy(self.head_b(h).flatten(0, 1), tokens.flatten()),
+        }
 
 
 def _two_head_trainer(steps, log_dir=None, **kw):
@@ -434,13 +483,12 @@ def test_named_losses_are_weighted_logged_and_evaluated(tmp_path):
     out = t.fit()
     rows = [r for r in _csv_rows(tmp_path) if r["loss"]]
     assert len(rows) == 4
-    for r in rows:                                         # the total is the weighted sum (missing weight = 1)
+    for r in rows:  # the total is the weighted sum (missing weight = 1)
         assert float(r["loss"]) == pytest.approx(float(r["loss_a"]) + 0.5 * float(r["loss_b"]), rel=1e-5)
     evals = [r for r in _csv_rows(tmp_path) if r["val_loss"]]
     assert len(evals) == 2
     for r in evals:
-        assert float(r["val_loss"]) == pytest.approx(float(r["val_loss_a"]) + 0.5 * float(r["val_loss_b"]),
-                                                     rel=1e-5)
+        assert float(r["val_loss"]) == pytest.approx(float(r["val_loss_a"]) + 0.5 * float(r["val_loss_b"]), rel=1e-5)
     assert out["val_loss"] == pytest.approx(t.evals[-1]["val_loss_a"] + 0.5 * t.evals[-1]["val_loss_b"], rel=1e-5)
     # the weight matters: the optimiser minimised a different objective
     t1 = _two_head_trainer(4, loss_weights={"loss_b": 0.0})
@@ -460,19 +508,28 @@ def test_named_losses_resume_exactly_with_their_columns(tmp_path):
     resumed = _two_head_trainer(6, tmp_path / "cut", checkpoint_dir=tmp_path / "cut" / "ckpt", **kw)
     resumed.fit()
     cols = ("step", "loss", "loss_a", "loss_b", "val_loss", "val_loss_a", "val_loss_b")
-    assert [[r[c] for c in cols] for r in _csv_rows(tmp_path / "cut")] == \
-        [[r[c] for c in cols] for r in _csv_rows(tmp_path / "full")]
+    assert [[r[c] for c in cols] for r in _csv_rows(tmp_path / "cut")] == [
+        [r[c] for c in cols] for r in _csv_rows(tmp_path / "full")
+    ]
 
 
 class TwoHeadWithOutput(TwoHead):
     def forward(self, tokens, targets):
-        return self.emb(tokens), super().forward(tokens, targets)     # (output, dict of losses)
+        return self.emb(tokens), super().forward(tokens, targets)  # (output, dict of losses)
 
 
 def test_named_losses_from_an_output_tuple():
     model = TwoHeadWithOutput()
-    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.5), TRAIN, max_steps=2, batch_size=4, log_every=1,
-                eval_every=None, progress=False)
+    t = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.5),
+        TRAIN,
+        max_steps=2,
+        batch_size=4,
+        log_every=1,
+        eval_every=None,
+        progress=False,
+    )
     t.fit()
     assert t.history[0]["loss"] == pytest.approx(t.history[0]["loss_a"] + t.history[0]["loss_b"], rel=1e-5)
 
@@ -491,6 +548,7 @@ def test_named_losses_bad_weights_are_clear_errors():
 
 # --------------------------------------------------------------------------- MLflow
 
+
 def test_mlflow_missing_extra_is_named(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "mlflow", None)
     monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
@@ -508,8 +566,14 @@ def test_mlflow_logs_params_metrics_and_checkpoint(tmp_path):
     pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'accelops[mlflow]')")
     from mlflow.tracking import MlflowClient
 
-    t = make_trainer(4, log_dir=tmp_path, checkpoint_dir=tmp_path / "ckpt", eval_every=2, eval_batches=1,
-                     mlflow={"experiment": "tiny", "run_name": "first"})
+    t = make_trainer(
+        4,
+        log_dir=tmp_path,
+        checkpoint_dir=tmp_path / "ckpt",
+        eval_every=2,
+        eval_batches=1,
+        mlflow={"experiment": "tiny", "run_name": "first"},
+    )
     t.fit()
     client = MlflowClient(tracking_uri="sqlite:///" + str(tmp_path / "mlflow.db"))
     exp = client.get_experiment_by_name("tiny")
@@ -522,8 +586,14 @@ def test_mlflow_logs_params_metrics_and_checkpoint(tmp_path):
     assert [m.step for m in client.get_metric_history(run_.info.run_id, "val_loss")] == [2, 4]
     assert run_.data.tags["accelops.checkpoint"] == os.path.abspath(list_checkpoints(tmp_path / "ckpt")[0][1])
     # resumed: the same MLflow run goes on (its id is in the checkpoint)
-    more = make_trainer(6, log_dir=tmp_path, checkpoint_dir=tmp_path / "ckpt", eval_every=2, eval_batches=1,
-                        mlflow={"experiment": "tiny", "run_name": "first"})
+    more = make_trainer(
+        6,
+        log_dir=tmp_path,
+        checkpoint_dir=tmp_path / "ckpt",
+        eval_every=2,
+        eval_batches=1,
+        mlflow={"experiment": "tiny", "run_name": "first"},
+    )
     more.fit()
     (again,) = client.search_runs([exp.experiment_id])
     assert again.info.run_id == run_.info.run_id and again.info.status == "FINISHED"
@@ -534,8 +604,9 @@ def test_mlflow_logs_params_metrics_and_checkpoint(tmp_path):
     from accelops.cli import main
 
     os.makedirs(tmp_path / "cli")
-    cfg = _config(tmp_path / "cli", max_steps=40, eval_every=2, checkpoint_every=2,
-                  early_stopping=dict(NEVER_BETTER, patience=1))
+    cfg = _config(
+        tmp_path / "cli", max_steps=40, eval_every=2, checkpoint_every=2, early_stopping=dict(NEVER_BETTER, patience=1)
+    )
     path = tmp_path / "cli" / "run.json"
     path.write_text(json.dumps(cfg))
     assert main(["train", str(path), "--mlflow"]) == 0

@@ -1,6 +1,7 @@
 """The layout of accelops.train: no module imports another that imports it back (counting
 the imports inside functions too: a lazy import hides a cycle, it does not remove it), every
 module imports on its own, and no module reaches into another's private names."""
+
 from __future__ import annotations
 
 import ast
@@ -36,7 +37,7 @@ def _imports(name: str, path: str, modules) -> list[tuple[str, list[str]]]:
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
@@ -68,7 +69,7 @@ def test_no_module_under_accelops_train_imports_itself_back():
         stack.append(node)
         for nxt in edges[node]:
             if state.get(nxt) == "open":
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, stack)
         stack.pop()
@@ -84,15 +85,23 @@ def test_strategies_and_checkpoints_do_not_know_the_trainer():
     # They talk to it through the Strategy protocol and the Checkpointer's arguments.
     _, graph = _graph()
     apart = (f"{PACKAGE}.parallel", f"{PACKAGE}.checkpoint")
-    leaks = [name for name, imports in graph.items()
-             if name.startswith(apart) and any(t == f"{PACKAGE}.trainer" for t, _ in imports)]
+    leaks = [
+        name
+        for name, imports in graph.items()
+        if name.startswith(apart) and any(t == f"{PACKAGE}.trainer" for t, _ in imports)
+    ]
     assert not leaks, leaks
 
 
 def test_no_private_names_cross_modules():
     _, graph = _graph()
-    crossing = [f"{name} takes {n} from {target}" for name, imports in graph.items() for target, names in imports
-                for n in names if n.startswith("_") and not n.startswith("__")]
+    crossing = [
+        f"{name} takes {n} from {target}"
+        for name, imports in graph.items()
+        for target, names in imports
+        for n in names
+        if n.startswith("_") and not n.startswith("__")
+    ]
     assert not crossing, crossing
 
 
@@ -101,13 +110,24 @@ def test_every_module_imports_first_in_a_fresh_interpreter():
     # dropped before the next one is imported, so each is imported first, from scratch
     # (a cycle shows as a partly initialised module there).
     names = sorted(n for n in _modules() if not n.endswith("__main__"))
-    code = ("import importlib, sys\n"
-            f"for name in {names!r}:\n"
-            "    for m in [m for m in sys.modules if m == 'accelops.train' or m.startswith('accelops.train.')]:\n"
-            "        del sys.modules[m]\n"
-            "    importlib.import_module(name)\n"
-            "print('ok', len(sys.modules))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(
-                              os.path.dirname(ROOT)), os.environ.get("PYTHONPATH")) if p)))
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}:\n"
+        "    for m in [m for m in sys.modules if m == 'accelops.train' or m.startswith('accelops.train.')]:\n"
+        "        del sys.modules[m]\n"
+        "    importlib.import_module(name)\n"
+        "print('ok', len(sys.modules))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(
+                p for p in (os.path.dirname(os.path.dirname(ROOT)), os.environ.get("PYTHONPATH")) if p
+            ),
+        ),
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]

@@ -2,6 +2,7 @@
 the launchers really launch @triton.jit kernels, the GPU tile configurations (which the
 interpreter never picks on its own) give the same bits, and edges the suites do not reach
 (round-half-even ties, K = 0, strided operands, grouped tile order, int32 extremes)."""
+
 import inspect
 import os
 import warnings
@@ -80,13 +81,18 @@ def test_each_launcher_launches_its_kernels(spies):
     cases = [
         (lambda: K8.quantize_activation_int8(x), {"_quantize_rows_int8_kernel"}),
         (lambda: K8.quantize_weight_int8(w), {"_quantize_rows_int8_kernel"}),
-        (lambda: K8.int8_matmul(*K8.quantize_activation_int8(x), *K8.quantize_weight_int8(w)),
-         {"_quantize_rows_int8_kernel", "_int8_matmul_kernel"}),
+        (
+            lambda: K8.int8_matmul(*K8.quantize_activation_int8(x), *K8.quantize_weight_int8(w)),
+            {"_quantize_rows_int8_kernel", "_int8_matmul_kernel"},
+        ),
         (lambda: K8.int8_linear(x, *R.quantize_weight_int8(w)), {"_quantize_rows_int8_kernel", "_int8_matmul_kernel"}),
         (lambda: KT.pack_ternary(torch.zeros(24, 300, dtype=torch.int8, device=DEVICE)), {"_pack_ternary_kernel"}),
         (lambda: KT.unpack_ternary(R.quantize_weight_ternary(w)[0], 300), {"_unpack_ternary_kernel"}),
         (lambda: KT.quantize_weight_ternary(w, True), {"_quantize_pack_ternary_kernel"}),
-        (lambda: KT.ternary_matmul(x, *R.quantize_weight_ternary(w)), {"_quantize_rows_int8_kernel", "_ternary_matmul_kernel"}),
+        (
+            lambda: KT.ternary_matmul(x, *R.quantize_weight_ternary(w)),
+            {"_quantize_rows_int8_kernel", "_ternary_matmul_kernel"},
+        ),
     ]
     for call, expected in cases:
         for spy in spies.values():
@@ -202,8 +208,10 @@ def test_gpu_tiles_float_outputs(gpu_tiles, dtype):
 def _assert_quantized_same(got, ref):
     for a, b in zip(got, ref):
         assert a.dtype == b.dtype and a.shape == b.shape
-        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.int8 else a.nan_to_num(7.0),
-                           b.view(torch.uint8) if b.dtype == torch.int8 else b.nan_to_num(7.0))
+        assert torch.equal(
+            a.view(torch.uint8) if a.dtype == torch.int8 else a.nan_to_num(7.0),
+            b.view(torch.uint8) if b.dtype == torch.int8 else b.nan_to_num(7.0),
+        )
         if a.is_floating_point():
             assert torch.equal(torch.isnan(a), torch.isnan(b))
 
@@ -294,14 +302,24 @@ def test_k_zero():
     y = K8.int8_matmul(x_q, x_scale, torch.zeros(n, 0, dtype=torch.int8, device=DEVICE), w_scale, bias)
     assert y.shape == (2, 3, n)
     assert torch.equal(y[0], bias.expand(3, n)) and torch.isnan(y[1, 2]).all()
-    y = K8.int8_linear(torch.zeros(4, 0, device=DEVICE).half(), torch.zeros(n, 0, dtype=torch.int8, device=DEVICE),
-                       w_scale, bias.half())
+    y = K8.int8_linear(
+        torch.zeros(4, 0, device=DEVICE).half(),
+        torch.zeros(n, 0, dtype=torch.int8, device=DEVICE),
+        w_scale,
+        bias.half(),
+    )
     assert y.dtype == torch.float16 and torch.equal(y, bias.half().expand(4, n))
-    y = KT.ternary_matmul(torch.zeros(3, 0, device=DEVICE), torch.zeros(n, 0, dtype=torch.uint8, device=DEVICE),
-                          torch.ones(1, device=DEVICE), bias)
+    y = KT.ternary_matmul(
+        torch.zeros(3, 0, device=DEVICE),
+        torch.zeros(n, 0, dtype=torch.uint8, device=DEVICE),
+        torch.ones(1, device=DEVICE),
+        bias,
+    )
     assert torch.equal(y, bias.expand(3, n))
-    _assert_quantized_same(K8.quantize_activation_int8(torch.zeros(2, 0, device=DEVICE)),
-                           R.quantize_activation_int8(torch.zeros(2, 0, device=DEVICE)))
+    _assert_quantized_same(
+        K8.quantize_activation_int8(torch.zeros(2, 0, device=DEVICE)),
+        R.quantize_activation_int8(torch.zeros(2, 0, device=DEVICE)),
+    )
 
 
 def test_strided_operands():
@@ -316,15 +334,20 @@ def test_strided_operands():
     assert torch.equal(KT.unpack_ternary(packed, k), R.unpack_ternary(packed.contiguous(), k))
     x = torch.randn(7, 2 * k, device=DEVICE)[:, ::2]
     scale = torch.rand(n, device=DEVICE)
-    assert_close_to_reference(KT.ternary_matmul(x, packed, scale), R.ternary_matmul(x.contiguous(), packed.contiguous(), scale))
+    assert_close_to_reference(
+        KT.ternary_matmul(x, packed, scale), R.ternary_matmul(x.contiguous(), packed.contiguous(), scale)
+    )
     w_q = torch.randint(-127, 128, (k, n), dtype=torch.int8, device=DEVICE).t()
     x_q = torch.randint(-127, 128, (k, 7), dtype=torch.int8, device=DEVICE).t()
     x_scale = torch.rand(1, 7, device=DEVICE).t()
     w_scale = torch.rand(2 * n, device=DEVICE)[::2]
     bias = torch.randn(3 * n, device=DEVICE)[::3]
-    assert_close_to_reference(K8.int8_matmul(x_q, x_scale, w_q, w_scale, bias),
-                              R.int8_matmul(x_q.contiguous(), x_scale.contiguous(), w_q.contiguous(), w_scale.contiguous(),
-                                            bias.contiguous()))
+    assert_close_to_reference(
+        K8.int8_matmul(x_q, x_scale, w_q, w_scale, bias),
+        R.int8_matmul(
+            x_q.contiguous(), x_scale.contiguous(), w_q.contiguous(), w_scale.contiguous(), bias.contiguous()
+        ),
+    )
 
 
 # ------------------------------------------------------------------ GPU compilation
@@ -416,6 +439,7 @@ def test_kernels_compile_for_gpus(tmp_path):
 # matmul_config_grid; the table sets the winner with matmul_config. No configuration may
 # change a result (the interpreter runs the block sizes; warps and stages are GPU-only).
 
+
 def _distinct_tiles(kind, m):
     k_key = "BLOCK_K" if kind == "int8" else "BLOCKS_PER_STEP"
     seen = {}
@@ -444,7 +468,7 @@ def test_every_tuned_gemm_config_gives_the_same_bits(kind, m):
         with K8.matmul_config(kind, cfg):
             assert K8.tuned_config(kind) == cfg
             got = run()
-        assert K8.tuned_config(kind) is None          # restored
+        assert K8.tuned_config(kind) is None  # restored
         assert torch.equal(got, want), cfg
 
 
@@ -458,14 +482,17 @@ def test_tuned_gemm_config_is_the_one_launched(spies):
     assert spies["_int8_matmul_kernel"].grids[-1] == (triton.cdiv(20, 16) * triton.cdiv(100, 32),)
 
 
-@pytest.mark.parametrize("cfg,match", [
-    (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4), "exactly the keys"),
-    (dict(BLOCK_M=8, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=3), "BLOCK_M must be one of"),
-    (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=3), "BLOCK_K must be one of"),
-    (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=3, num_stages=3), "num_warps must be one of"),
-    (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=True), "num_stages must be"),
-    ("fast", "exactly the keys"),
-])
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4), "exactly the keys"),
+        (dict(BLOCK_M=8, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=3), "BLOCK_M must be one of"),
+        (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=3), "BLOCK_K must be one of"),
+        (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=3, num_stages=3), "num_warps must be one of"),
+        (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=True), "num_stages must be"),
+        ("fast", "exactly the keys"),
+    ],
+)
 def test_bad_gemm_configs_are_refused(cfg, match):
     with pytest.raises(ValueError, match=match):
         with K8.matmul_config("int8", cfg):
@@ -479,18 +506,27 @@ def test_dispatch_sets_a_tables_gemm_config_only_for_cuda_tensors():
     cfg = K8.matmul_config_grid("int8", 1)[0]
     choice = _tuning.Choice("native", None, config=("int8", tuple(sorted(cfg.items()))))
 
-    class CudaLike:   # the device check is all call_with reads of the tensor
+    class CudaLike:  # the device check is all call_with reads of the tensor
         device = torch.device("cuda")
 
     seen = []
     _tuning.call_with(choice, lambda *a: seen.append(K8.tuned_config("int8")), CudaLike())
     _tuning.call_with(choice, lambda *a: seen.append(K8.tuned_config("int8")), torch.zeros(1))
     assert seen == [cfg, None] and K8.tuned_config("int8") is None
-    table = _tuning.DispatchTable.from_json({"entries": [{"op": "int8_linear", "shape": {"M": 1, "N": 8, "K": 8},
-                                                          "winner": {"backend": "native", "threads": None,
-                                                                     "config": cfg}}]}, "fp")
+    table = _tuning.DispatchTable.from_json(
+        {
+            "entries": [
+                {
+                    "op": "int8_linear",
+                    "shape": {"M": 1, "N": 8, "K": 8},
+                    "winner": {"backend": "native", "threads": None, "config": cfg},
+                }
+            ]
+        },
+        "fp",
+    )
     assert table.lookup("int8_linear", (1, 8, 8)).config == choice.config
-    assert table.lookup("int8_linear", (2, 8, 8)).config == choice.config   # predicted
+    assert table.lookup("int8_linear", (2, 8, 8)).config == choice.config  # predicted
 
 
 def test_tune_triton_candidates_exclude_failing_configs():

@@ -2,6 +2,7 @@
 the table's choice is used, unseen shapes take the nearest measured shape's winner, a
 table from another machine is ignored with one warning, ACCELOPS_BACKEND overrides, the
 results do not change, and tuning writes and explains a table. No timing is asserted."""
+
 from __future__ import annotations
 
 import json
@@ -21,21 +22,31 @@ pytestmark = pytest.mark.skipif(ops.ternary.extension()[0] is None, reason="need
 
 
 def entry(op, m, n, k, backend, threads):
-    cands = [{"backend": "native", "threads": t, "median_us": 10.0 + t, "p20_us": 9.0, "p80_us": 12.0,
-              "samples": 5} for t in (1, 2)]
-    cands.append({"backend": "reference", "threads": 2, "median_us": 50.0, "p20_us": 45.0, "p80_us": 55.0,
-                  "samples": 2})
-    for c in cands:   # make the named winner the fastest candidate
+    cands = [
+        {"backend": "native", "threads": t, "median_us": 10.0 + t, "p20_us": 9.0, "p80_us": 12.0, "samples": 5}
+        for t in (1, 2)
+    ]
+    cands.append(
+        {"backend": "reference", "threads": 2, "median_us": 50.0, "p20_us": 45.0, "p80_us": 55.0, "samples": 2}
+    )
+    for c in cands:  # make the named winner the fastest candidate
         if c["backend"] == backend and c["threads"] == threads:
             c["median_us"] = 5.0
-    return {"op": op, "shape": {"M": m, "N": n, "K": k}, "winner": {"backend": backend, "threads": threads},
-            "candidates": cands, "default_us": 12.0, "winner_us": 5.0, "max_threads": 2}
+    return {
+        "op": op,
+        "shape": {"M": m, "N": n, "K": k},
+        "winner": {"backend": backend, "threads": threads},
+        "candidates": cands,
+        "default_us": 12.0,
+        "winner_us": 5.0,
+        "max_threads": 2,
+    }
 
 
 @pytest.fixture(autouse=True)
 def _no_table(monkeypatch):
     monkeypatch.delenv("ACCELOPS_BACKEND", raising=False)
-    _tuning.reset(None, loaded=True)   # no table unless a test installs one
+    _tuning.reset(None, loaded=True)  # no table unless a test installs one
     yield
     _tuning.reset()
 
@@ -68,7 +79,7 @@ def test_measured_choice_is_used_and_results_do_not_change(monkeypatch):
     try:
         got_t = ops.ternary_matmul(x, wp, ws)
         got_i = ops.int8_linear(x, wq, wsc)
-        assert torch.get_num_threads() == 2          # restored after the tuned call
+        assert torch.get_num_threads() == 2  # restored after the tuned call
     finally:
         torch.set_num_threads(before)
     assert calls == ["ref"] and threads_seen == [1]
@@ -76,27 +87,37 @@ def test_measured_choice_is_used_and_results_do_not_change(monkeypatch):
 
 
 def test_unseen_shapes_take_the_nearest_measured_winner():
-    table = install([entry("int8_linear", 1, 4096, 4096, "native", 1),
-                     entry("int8_linear", 512, 4096, 4096, "native", 2),
-                     entry("int8_linear", 1, 256, 256, "reference", 2)])
+    table = install(
+        [
+            entry("int8_linear", 1, 4096, 4096, "native", 1),
+            entry("int8_linear", 512, 4096, 4096, "native", 2),
+            entry("int8_linear", 1, 256, 256, "reference", 2),
+        ]
+    )
     assert table.lookup("int8_linear", (1, 4096, 4096)) == Choice("native", 1, False, (1, 4096, 4096))
     near_small = table.lookup("int8_linear", (2, 4096, 4096))
     assert (near_small.backend, near_small.threads, near_small.predicted) == ("native", 1, True)
-    assert table.lookup("int8_linear", (256, 4096, 4096)).threads == 2      # log2 256 is nearer 512 than 1
+    assert table.lookup("int8_linear", (256, 4096, 4096)).threads == 2  # log2 256 is nearer 512 than 1
     assert table.lookup("int8_linear", (1, 300, 200)).backend == "reference"
-    assert table.lookup("ternary_matmul", (1, 4096, 4096)) is None           # no entry for the op: default
+    assert table.lookup("ternary_matmul", (1, 4096, 4096)) is None  # no entry for the op: default
 
 
 def test_a_table_for_another_machine_is_ignored_with_one_warning(tmp_path, monkeypatch):
     path = tmp_path / "dispatch.json"
-    path.write_text(json.dumps({"format": 1, "tables": {"0123456789abcdef": {"entries": [
-        entry("int8_linear", 1, 64, 64, "reference", 2)]}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "tables": {"0123456789abcdef": {"entries": [entry("int8_linear", 1, 64, 64, "reference", 2)]}},
+            }
+        )
+    )
     monkeypatch.setenv(_tuning.ENV_TABLE, str(path))
     _tuning.reset()
     with pytest.warns(RuntimeWarning, match=r"no table for this machine .*0123456789abcdef.*run `accelops tune`"):
         assert _tuning.active() is None
     with warnings.catch_warnings():
-        warnings.simplefilter("error")           # once per process: later calls are silent
+        warnings.simplefilter("error")  # once per process: later calls are silent
         x = torch.randn(1, 64)
         wq, ws = ops.quantize_weight_int8(torch.randn(8, 64))
         ops.int8_linear(x, wq, ws)
@@ -110,7 +131,7 @@ def test_env_override_and_disable(tmp_path, monkeypatch):
     install([entry("int8_linear", 1, 64, 64, "reference", 2)])
     cpu = torch.device("cpu")
     assert _tuning.choice_for("int8_linear", cpu, (1, 64, 64)).backend == "reference"
-    monkeypatch.setenv("ACCELOPS_BACKEND", "cpu")                           # a forced backend wins
+    monkeypatch.setenv("ACCELOPS_BACKEND", "cpu")  # a forced backend wins
     calls = []
     real_ref = int8_ref.int8_linear
     monkeypatch.setattr(int8_ref, "int8_linear", lambda *a: calls.append("ref") or real_ref(*a))
@@ -121,11 +142,19 @@ def test_env_override_and_disable(tmp_path, monkeypatch):
     ops.int8_linear(torch.randn(1, 64), wq, ws)
     assert calls == ["ref"]
     path = tmp_path / "t.json"
-    path.write_text(json.dumps({"format": 1, "tables": {machine_info()["fingerprint"]: {"entries": [
-        entry("int8_linear", 1, 64, 64, "reference", 2)]}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "tables": {
+                    machine_info()["fingerprint"]: {"entries": [entry("int8_linear", 1, 64, 64, "reference", 2)]}
+                },
+            }
+        )
+    )
     monkeypatch.setenv(_tuning.ENV_TABLE, str(path))
     _tuning.reset()
-    assert _tuning.choice_for("int8_linear", cpu, (1, 64, 64)).backend == "reference"   # read from the file
+    assert _tuning.choice_for("int8_linear", cpu, (1, 64, 64)).backend == "reference"  # read from the file
     monkeypatch.setenv(_tuning.ENV_DISABLE, "0")
     _tuning.reset()
     assert _tuning.choice_for("int8_linear", cpu, (1, 64, 64)) is None
@@ -151,37 +180,50 @@ def test_compiled_graphs_keep_the_default_dispatch():
 
 def test_tune_measures_writes_merges_and_explains(tmp_path, capsys):
     from accelops.cli import main
-    from accelops.tune import explain, measure, write_table
-
-    from accelops.tune import TILE_GRID
+    from accelops.tune import TILE_GRID, explain, measure, write_table
 
     e = measure("ternary_matmul", {"M": 1, "N": 32, "K": 64}, max_threads=2, budget_s=0.01, rounds=2)
     assert e["shape"] == {"M": 1, "N": 32, "K": 64} and len(e["candidates"]) == 5 + len(TILE_GRID)
     assert e["excluded"] == {}
-    key = lambda c: (c["backend"], c["threads"], None if c["tiles"] is None else (c["tiles"]["n_block"],  # noqa: E731
-                                                                                    c["tiles"]["k_chunk"]))
+
+    def key(c):
+        tiles = None if c["tiles"] is None else (c["tiles"]["n_block"], c["tiles"]["k_chunk"])
+        return c["backend"], c["threads"], tiles
+
     assert {key(c) for c in e["candidates"]} == {
-        ("native", 1, None), ("native", 2, None), ("aten_int_mm", 1, None), ("aten_int_mm", 2, None),
-        ("reference", 2, None)} | {("native", 2, t) for t in TILE_GRID}
+        ("native", 1, None),
+        ("native", 2, None),
+        ("aten_int_mm", 1, None),
+        ("aten_int_mm", 2, None),
+        ("reference", 2, None),
+    } | {("native", 2, t) for t in TILE_GRID}
     assert e["winner"]["backend"] in ("native", "aten_int_mm", "reference") and e["default_us"] > 0
     path = tmp_path / "d.json"
     other = {"format": 1, "tables": {"ffffffffffffffff": {"entries": []}}}
     path.write_text(json.dumps(other))
     write_table([e], path)
     data = json.loads(path.read_text())
-    assert set(data["tables"]) == {"ffffffffffffffff", machine_info()["fingerprint"]}   # others kept
+    assert set(data["tables"]) == {"ffffffffffffffff", machine_info()["fingerprint"]}  # others kept
     write_table([e], path)
     assert len(data["tables"][machine_info()["fingerprint"]]["entries"]) == 1
     assert len(json.loads(path.read_text())["tables"][machine_info()["fingerprint"]]["entries"]) == 1
-    report = explain([entry("int8_linear", 1, 64, 64, "native", 1), entry("int8_linear", 2, 64, 64, "native", 1),
-                      entry("int8_linear", 512, 64, 64, "native", 2)])["int8_linear"]
+    report = explain(
+        [
+            entry("int8_linear", 1, 64, 64, "native", 1),
+            entry("int8_linear", 2, 64, 64, "native", 1),
+            entry("int8_linear", 512, 64, 64, "native", 2),
+        ]
+    )["int8_linear"]
     assert report["shapes"] == 3 and report["loo_winner_agreement"] == pytest.approx(2 / 3)
     assert report["loo_worst_slowdown"] > 0
     shapes = tmp_path / "shapes.json"
-    shapes.write_text(json.dumps([{"op": "int8_linear", "M": 2, "N": 16, "K": 32},
-                                  {"op": "int8_linear", "M": 4, "N": 16, "K": 32}]))
-    assert main(["tune", "--shapes", str(shapes), "--table", str(tmp_path / "cli.json"), "--budget", "0.01",
-                 "--explain"]) == 0
+    shapes.write_text(
+        json.dumps([{"op": "int8_linear", "M": 2, "N": 16, "K": 32}, {"op": "int8_linear", "M": 4, "N": 16, "K": 32}])
+    )
+    assert (
+        main(["tune", "--shapes", str(shapes), "--table", str(tmp_path / "cli.json"), "--budget", "0.01", "--explain"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "dispatch table for machine" in printed and "leave-one-out over 2 shapes" in printed
     with pytest.raises(SystemExit, match="not tuned ops"):
@@ -191,9 +233,11 @@ def test_tune_measures_writes_merges_and_explains(tmp_path, capsys):
 def test_tune_finds_a_models_quantized_layers():
     from accelops.tune import shapes_from_model
 
-    config = {"data": {"seq_len": 16, "vocab_size": 40},
-              "model": {"type": "transformer", "dim": 32, "n_layers": 1, "n_heads": 2, "quant": "bitlinear"},
-              "train": {"batch_size": 4}}
+    config = {
+        "data": {"seq_len": 16, "vocab_size": 40},
+        "model": {"type": "transformer", "dim": 32, "n_layers": 1, "n_heads": 2, "quant": "bitlinear"},
+        "train": {"batch_size": 4},
+    }
     shapes = shapes_from_model(config)
     assert {s["op"] for s in shapes} == {"ternary_matmul"}
     assert {(s["N"], s["K"]) for s in shapes} >= {(32, 32)} and {s["M"] for s in shapes} == {1, 64}
@@ -201,9 +245,9 @@ def test_tune_finds_a_models_quantized_layers():
 
 # ---------------------------------------------------------------- ATen's int8 GEMM candidate
 
+
 @pytest.mark.parametrize("op", ["ternary_matmul", "int8_linear"])
-@pytest.mark.parametrize("lead,n,k", [((1,), 7, 130), ((5,), 33, 256), ((2, 3), 64, 300), ((4,), 16, 0),
-                                      ((0,), 8, 32)])
+@pytest.mark.parametrize("lead,n,k", [((1,), 7, 130), ((5,), 33, 256), ((2, 3), 64, 300), ((4,), 16, 0), ((0,), 8, 32)])
 def test_aten_int_mm_path_is_identical_to_the_kernel(op, lead, n, k):
     """The ATen-GEMM ops give the kernel's result bit for bit: same quantization, exact
     int32 sums, same epilogue; with a bias, in every float dtype, odd K included."""
@@ -237,7 +281,7 @@ def test_tune_excludes_a_candidate_that_is_not_exact(monkeypatch):
 
     def saturating(op, x, wq, ws):
         fns = real(op, x, wq, ws)
-        fns["aten_int_mm"] = lambda: fns["native"]().clamp(-100, 100)   # wrong once sums grow
+        fns["aten_int_mm"] = lambda: fns["native"]().clamp(-100, 100)  # wrong once sums grow
         return fns
 
     monkeypatch.setattr(tune, "_candidate_fns", saturating)
@@ -258,9 +302,12 @@ def test_table_choice_of_aten_int_mm_is_dispatched_with_its_threads_and_gradient
     used = []
     for name in ("ternary_matmul_int_mm", "int8_linear_int_mm"):
         real = getattr(torch.ops.accelops, name)
-        monkeypatch.setattr(torch.ops.accelops, name,
-                            lambda *a, _real=real, _n=name: used.append((_n, torch.get_num_threads())) or _real(*a),
-                            raising=False)
+        monkeypatch.setattr(
+            torch.ops.accelops,
+            name,
+            lambda *a, _real=real, _n=name: used.append((_n, torch.get_num_threads())) or _real(*a),
+            raising=False,
+        )
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -275,13 +322,15 @@ def test_table_choice_of_aten_int_mm_is_dispatched_with_its_threads_and_gradient
 
 # --------------------------------------------------------------------------- kernel tile sizes
 
+
 def _isas():
     return ops.ternary.extension()[0].cpu_isas()
 
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512vnni"])
-@pytest.mark.parametrize("m,n,k", [(1, 37, 300), (2, 64, 1000), (5, 130, 2500), (9, 260, 4096), (33, 70, 777),
-                                   (4, 8, 256)])
+@pytest.mark.parametrize(
+    "m,n,k", [(1, 37, 300), (2, 64, 1000), (5, 130, 2500), (9, 260, 4096), (33, 70, 777), (4, 8, 256)]
+)
 def test_tile_sizes_never_change_a_result(monkeypatch, isa, m, n, k):
     """Every n_block / k_chunk the tuner may pick (and the extremes) gives the kernel's
     default result bit for bit, on every ISA path this CPU runs (odd N, K tails, M tails)."""
@@ -313,11 +362,18 @@ def test_set_cpu_tiles_rejects_bad_sizes_and_returns_the_previous():
     assert ext.set_cpu_tiles(0, 0) == (0, 0)
     assert ext.set_cpu_tiles(32, 4096) == (0, 0)
     assert ext.set_cpu_tiles(0, 0) == (32, 4096)
-    for nb, kc, what in ((3, 0, "n_block"), (260, 0, "n_block"), (512, 0, "n_block"), (-4, 0, "n_block"),
-                         (0, 100, "k_chunk"), (0, -256, "k_chunk"), (0, 255, "k_chunk")):
+    for nb, kc, what in (
+        (3, 0, "n_block"),
+        (260, 0, "n_block"),
+        (512, 0, "n_block"),
+        (-4, 0, "n_block"),
+        (0, 100, "k_chunk"),
+        (0, -256, "k_chunk"),
+        (0, 255, "k_chunk"),
+    ):
         with pytest.raises(ValueError, match=f"{what} must be 0"):
             ext.set_cpu_tiles(nb, kc)
-    assert ext.set_cpu_tiles(0, 0) == (0, 0)   # a refused call changed nothing
+    assert ext.set_cpu_tiles(0, 0) == (0, 0)  # a refused call changed nothing
     with pytest.raises(TypeError):
         ext.set_cpu_tiles("32", 0)
 
@@ -334,14 +390,18 @@ def test_table_choice_of_tile_sizes_is_used_and_restored(monkeypatch):
     e["winner"]["tiles"] = {"n_block": 16, "k_chunk": 256}
     table = install([e])
     assert table.lookup("ternary_matmul", (6, 40, 300)).tiles == (16, 256)
-    assert table.lookup("ternary_matmul", (7, 40, 300)).tiles == (16, 256)   # predicted from its neighbour
+    assert table.lookup("ternary_matmul", (7, 40, 300)).tiles == (16, 256)  # predicted from its neighbour
     seen = []
     real = torch.ops.accelops.ternary_matmul
-    monkeypatch.setattr(torch.ops.accelops, "ternary_matmul",
-                        lambda *a: seen.append(ext.set_cpu_tiles(16, 256)) or real(*a), raising=False)
+    monkeypatch.setattr(
+        torch.ops.accelops,
+        "ternary_matmul",
+        lambda *a: seen.append(ext.set_cpu_tiles(16, 256)) or real(*a),
+        raising=False,
+    )
     got = ops.ternary_matmul(x, wp, ws)
-    assert seen == [(16, 256)]                       # the tiles were set for the call ...
-    assert ext.set_cpu_tiles(0, 0) == (0, 0)         # ... and restored after it
+    assert seen == [(16, 256)]  # the tiles were set for the call ...
+    assert ext.set_cpu_tiles(0, 0) == (0, 0)  # ... and restored after it
     assert torch.equal(got, want)
     (g_got,) = torch.autograd.grad(got.sum(), x)
     assert torch.equal(g_got, g_want)
@@ -352,8 +412,11 @@ def test_aten_int_mm_ops_pass_opcheck(op):
     torch.manual_seed(0)
     x, w = torch.randn(3, 40), torch.randn(8, 40)
     wq, ws = ops.quantize_weight_ternary(w) if op.startswith("ternary") else ops.quantize_weight_int8(w)
-    torch.library.opcheck(getattr(torch.ops.accelops, op), (x, wq, ws, torch.randn(8)),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        getattr(torch.ops.accelops, op),
+        (x, wq, ws, torch.randn(8)),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
 
 
 @pytest.mark.parametrize("op", ["ternary_matmul_int_mm", "int8_linear_int_mm"])

@@ -1,5 +1,6 @@
 """Pieces shared by the reducer and the hooks: the bucket both hand to a compressor, the
 error a failed collective becomes, and per-parameter storage of error-feedback state."""
+
 from __future__ import annotations
 
 import datetime
@@ -42,7 +43,8 @@ def comm_error(what: str, timeout_s: float | None, exc: BaseException) -> Commun
     return CommunicationError(
         f"accelops.distributed: {what} failed: a peer process died or did not take part {limit}. "
         f"The collective cannot complete; restart the job (from a checkpoint). "
-        f"Cause: {type(exc).__name__}: {str(exc).strip()[:600]}")
+        f"Cause: {type(exc).__name__}: {str(exc).strip()[:600]}"
+    )
 
 
 def completed(value) -> torch.futures.Future:
@@ -63,6 +65,7 @@ class Bucket:
     buffer: the bucket's gradients (this rank's, not averaged) one after the other, 1-D;
     params/keys: the parameters in buffer order and their stable names (layout of the
     buffer: cumulative numel, no padding); is_last: the step's final bucket."""
+
     index: int
     buffer: torch.Tensor
     params: list
@@ -81,8 +84,8 @@ class PerParamStore:
     layout) carries each parameter's slice over instead of losing or misplacing it."""
 
     def __init__(self):
-        self._flat: dict[tuple, torch.Tensor] = {}   # layout -> fp32 [sum numel]
-        self._loose: dict[str, torch.Tensor] = {}    # name -> fp32 [numel], not in any current bucket
+        self._flat: dict[tuple, torch.Tensor] = {}  # layout -> fp32 [sum numel]
+        self._loose: dict[str, torch.Tensor] = {}  # name -> fp32 [numel], not in any current bucket
 
     def get(self, layout: tuple, device: torch.device) -> torch.Tensor:
         flat = self._flat.get(layout)
@@ -96,7 +99,7 @@ class PerParamStore:
         for key, n in layout:
             piece = self._loose.pop(key, None)
             if piece is not None and piece.numel() == n:
-                flat[offset:offset + n].copy_(piece.reshape(-1))
+                flat[offset : offset + n].copy_(piece.reshape(-1))
             offset += n
         self._flat[layout] = flat
         return flat
@@ -105,7 +108,7 @@ class PerParamStore:
         flat = self._flat.pop(layout)
         offset = 0
         for key, n in layout:
-            self._loose[key] = flat[offset:offset + n]
+            self._loose[key] = flat[offset : offset + n]
             offset += n
 
     def items(self):
@@ -113,7 +116,7 @@ class PerParamStore:
         for layout, flat in self._flat.items():
             offset = 0
             for key, n in layout:
-                yield key, flat[offset:offset + n].clone()
+                yield key, flat[offset : offset + n].clone()
                 offset += n
         for key, piece in self._loose.items():
             yield key, piece.clone()

@@ -28,6 +28,7 @@ error-feedback residuals (per parameter, so a changed bucket layout keeps them),
 counter and PowerSGD's Q matrices. A state is per rank: loading one saved with another
 world size or by another rank is an error.
 """
+
 import datetime
 import inspect
 import math
@@ -37,12 +38,21 @@ import torch
 import torch.distributed as dist
 
 from ..ops import comm
-from ._common import (Bucket, CommunicationError, PerParamStore, comm_error, completed,
-                      group_ranks, timeout_seconds)
+from ._common import Bucket, CommunicationError, PerParamStore, comm_error, completed, group_ranks, timeout_seconds
 
 __all__ = [
-    "HOOKS", "CompressionState", "BF16State", "FP16State", "Int8State", "TopKState", "SignState",
-    "PowerSGDState", "make_state", "register_compression", "ddp_comm_hook", "CommunicationError",
+    "HOOKS",
+    "CompressionState",
+    "BF16State",
+    "FP16State",
+    "Int8State",
+    "TopKState",
+    "SignState",
+    "PowerSGDState",
+    "make_state",
+    "register_compression",
+    "ddp_comm_hook",
+    "CommunicationError",
 ]
 
 # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
@@ -53,6 +63,7 @@ STATE_VERSION = 1
 
 
 # --------------------------------------------------------------------------- option checks
+
 
 def _int_option(name: str, value, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -76,6 +87,7 @@ def _number(name: str, value) -> float:
 
 # --------------------------------------------------------------------------- base
 
+
 class CompressionState:
     """What one compression hook keeps between steps on one rank.
 
@@ -86,14 +98,17 @@ class CompressionState:
     (created here: every rank must construct its state at the same point). None: the
     process group's own timeout.
     """
+
     name = "?"
 
     def __init__(self, process_group=None, *, timeout=None, seed: int = 0):
         self.timeout_s = timeout_seconds(timeout)
         self.seed = _int_option("seed", seed, 0)
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("accelops.distributed: torch.distributed is not initialized; call "
-                               "torch.distributed.init_process_group before creating a compression hook")
+            raise RuntimeError(
+                "accelops.distributed: torch.distributed is not initialized; call "
+                "torch.distributed.init_process_group before creating a compression hook"
+            )
         group = dist.group.WORLD if process_group is None else process_group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -101,11 +116,14 @@ class CompressionState:
             raise ValueError("process_group: this process is not a member of it")
         self._own_group = False
         if self.world_size > 1 and self.timeout_s is not None:
-            group = dist.new_group(ranks=group_ranks(group), timeout=datetime.timedelta(seconds=self.timeout_s),
-                                   backend=dist.get_backend(group))
+            group = dist.new_group(
+                ranks=group_ranks(group),
+                timeout=datetime.timedelta(seconds=self.timeout_s),
+                backend=dist.get_backend(group),
+            )
             self._own_group = True
         self.group = group
-        self.step = 0              # steps completed (a step ends with its last bucket)
+        self.step = 0  # steps completed (a step ends with its last bucket)
         self.bytes_this_step = 0
         self.bytes_last_step = 0
         self.bytes_total = 0
@@ -214,8 +232,13 @@ class CompressionState:
 
     def state_dict(self) -> dict:
         return {
-            "hook": self.name, "version": STATE_VERSION, "world_size": self.world_size, "rank": self.rank,
-            "step": self.step, "bytes_total": self.bytes_total, "options": self.options(),
+            "hook": self.name,
+            "version": STATE_VERSION,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "step": self.step,
+            "bytes_total": self.bytes_total,
+            "options": self.options(),
             "residuals": dict(self._residuals.items()),
         }
 
@@ -229,10 +252,13 @@ class CompressionState:
                 f"hook state was saved with world size {state['world_size']}, but this process group has "
                 f"{self.world_size} ranks: error-feedback residuals (and PowerSGD's matrices) belong to the ranks "
                 "of the run that saved them. Resume with the same number of ranks, or start the hook afresh "
-                "(skip load_state_dict; residuals start at zero)")
+                "(skip load_state_dict; residuals start at zero)"
+            )
         if state["rank"] != self.rank:
-            raise ValueError(f"hook state was saved by rank {state['rank']}, this is rank {self.rank}: each rank "
-                             "loads the state it saved")
+            raise ValueError(
+                f"hook state was saved by rank {state['rank']}, this is rank {self.rank}: each rank "
+                "loads the state it saved"
+            )
         self._check_options(state.get("options", {}))
         self.step = int(state["step"])
         self.bytes_total = int(state.get("bytes_total", 0))
@@ -250,11 +276,14 @@ class CompressionState:
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
-        return (f"{type(self).__name__}({opts}{', ' if opts else ''}world_size={self.world_size}, "
-                f"rank={self.rank}, step={self.step})")
+        return (
+            f"{type(self).__name__}({opts}{', ' if opts else ''}world_size={self.world_size}, "
+            f"rank={self.rank}, step={self.step})"
+        )
 
 
 # --------------------------------------------------------------------------- bf16 / fp16
+
 
 class _CastState(CompressionState):
     dtype = torch.float32
@@ -272,15 +301,18 @@ class _CastState(CompressionState):
 
 class BF16State(_CastState):
     """bf16 on the wire: x / world_size rounded to bf16, all-reduced (half the bytes)."""
+
     name, dtype = "bf16", torch.bfloat16
 
 
 class FP16State(_CastState):
     """fp16 on the wire: x / world_size rounded to fp16, all-reduced (half the bytes)."""
+
     name, dtype = "fp16", torch.float16
 
 
 # --------------------------------------------------------------------------- chunked (int8, sign)
+
 
 class _ChunkedState(CompressionState):
     """A compressor with a scale per chunk of chunk_size elements, run per parameter: a
@@ -315,18 +347,21 @@ class _ChunkedState(CompressionState):
         payload = torch.empty(s_bytes + c_bytes, dtype=torch.uint8, device=buffer.device)
         scales_out = payload[:s_bytes].view(torch.float32)
         for key, offset, n, s_off, chunks, c_off, code in segs:
-            res = None if residual is None else residual[offset:offset + n]
-            codes, scales = self._compress(buffer[offset:offset + n], res, key)
-            scales_out[s_off:s_off + chunks] = scales
-            payload[s_bytes + c_off:s_bytes + c_off + code] = codes.view(torch.uint8)
+            res = None if residual is None else residual[offset : offset + n]
+            codes, scales = self._compress(buffer[offset : offset + n], res, key)
+            scales_out[s_off : s_off + chunks] = scales
+            payload[s_bytes + c_off : s_bytes + c_off + code] = codes.view(torch.uint8)
         rows, fut, what = self._all_gather(payload, bucket)
 
         def done(_):
             all_scales = rows[:, :s_bytes].contiguous().view(torch.float32)
             all_codes = rows[:, s_bytes:]
             for _, offset, n, s_off, chunks, c_off, code in segs:
-                buffer[offset:offset + n] = self._decompress(all_codes[:, c_off:c_off + code].contiguous(),
-                                                             all_scales[:, s_off:s_off + chunks].contiguous(), n)
+                buffer[offset : offset + n] = self._decompress(
+                    all_codes[:, c_off : c_off + code].contiguous(),
+                    all_scales[:, s_off : s_off + chunks].contiguous(),
+                    n,
+                )
             return buffer
 
         return self._then(fut, what, done)
@@ -336,10 +371,12 @@ class Int8State(_ChunkedState):
     """INT8 with stochastic rounding and a per-chunk absmax scale (QSGD-like, unbiased),
     all-gathered: 1 byte per element + 4 per chunk. error_feedback is off by default (the
     rounding is unbiased); on, what rounding lost is sent later."""
+
     name = "int8"
 
-    def __init__(self, process_group=None, *, chunk_size: int = 2048, error_feedback: bool = False,
-                 seed: int = 0, timeout=None):
+    def __init__(
+        self, process_group=None, *, chunk_size: int = 2048, error_feedback: bool = False, seed: int = 0, timeout=None
+    ):
         self.chunk_size = _int_option("chunk_size", chunk_size, 1)
         self.error_feedback = _bool_option("error_feedback", error_feedback)
         super().__init__(process_group, timeout=timeout, seed=seed)
@@ -361,15 +398,26 @@ class Int8State(_ChunkedState):
 
 # --------------------------------------------------------------------------- top-k
 
+
 class TopKState(CompressionState):
     """Top-k sparsification with error feedback: each rank sends the k = ceil(ratio * n)
     largest |grad + residual| of a bucket (value fp32 + index int32, 8 bytes each),
     all-gathered; the rest waits in the residual. method: 'exact' or 'sampled' (threshold
     from a sample, Deep Gradient Compression)."""
+
     name = "topk"
 
-    def __init__(self, process_group=None, *, ratio: float = 0.01, method: str = "exact",
-                 sample_size: int = 4096, error_feedback: bool = True, seed: int = 0, timeout=None):
+    def __init__(
+        self,
+        process_group=None,
+        *,
+        ratio: float = 0.01,
+        method: str = "exact",
+        sample_size: int = 4096,
+        error_feedback: bool = True,
+        seed: int = 0,
+        timeout=None,
+    ):
         ratio = _number("ratio", ratio)
         if not (0.0 < ratio <= 1.0):  # NaN fails too
             raise ValueError(f"ratio must be in (0, 1] (the fraction of gradient elements sent), got {ratio}")
@@ -381,8 +429,13 @@ class TopKState(CompressionState):
         super().__init__(process_group, timeout=timeout, seed=seed)
 
     def options(self) -> dict:
-        return {"ratio": self.ratio, "method": self.method, "sample_size": self.sample_size,
-                "error_feedback": self.error_feedback, "seed": self.seed}
+        return {
+            "ratio": self.ratio,
+            "method": self.method,
+            "sample_size": self.sample_size,
+            "error_feedback": self.error_feedback,
+            "seed": self.seed,
+        }
 
     def k_for(self, numel: int) -> int:
         return min(numel, max(1, math.ceil(self.ratio * numel)))
@@ -392,8 +445,9 @@ class TopKState(CompressionState):
         n = buffer.numel()
         k = self.k_for(n)
         residual = self._residuals.get(bucket.layout, buffer.device) if self.error_feedback else None
-        values, indices = comm.topk_compress_(buffer, residual, k, self.method, self.sample_size,
-                                              self.bucket_seed(bucket.index))
+        values, indices = comm.topk_compress_(
+            buffer, residual, k, self.method, self.sample_size, self.bucket_seed(bucket.index)
+        )
         payload = torch.empty(2 * k, dtype=torch.int32, device=buffer.device)
         payload[:k] = values.view(torch.int32)
         payload[k:] = indices
@@ -409,13 +463,14 @@ class TopKState(CompressionState):
 
 # --------------------------------------------------------------------------- sign
 
+
 class SignState(_ChunkedState):
     """1-bit compression with a per-chunk scale (mean |x|) and error feedback, all-gathered:
     n/8 bytes + 4 per chunk."""
+
     name = "sign"
 
-    def __init__(self, process_group=None, *, chunk_size: int = 2048, error_feedback: bool = True,
-                 timeout=None):
+    def __init__(self, process_group=None, *, chunk_size: int = 2048, error_feedback: bool = True, timeout=None):
         self.chunk_size = _int_option("chunk_size", chunk_size, 1)
         self.error_feedback = _bool_option("error_feedback", error_feedback)
         super().__init__(process_group, timeout=timeout)
@@ -437,12 +492,14 @@ class SignState(_ChunkedState):
 
 # --------------------------------------------------------------------------- PowerSGD
 
+
 def _value(fut):
     return fut.value()
 
 
 class _Pending:
     """A PowerSGD bucket between its two all-reduces."""
+
     __slots__ = ("bucket", "x", "src", "residual", "plan", "pu", "fut_p", "what_p", "result")
 
     def __init__(self, **kw):
@@ -459,11 +516,22 @@ class PowerSGDState(CompressionState):
     biases, norms) are all-reduced uncompressed in the same collective as P. The first
     start_iter steps are plain averaging. Two all-reduces per bucket, pipelined across
     buckets (module docstring)."""
+
     name = "powersgd"
 
-    def __init__(self, process_group=None, *, rank: int = 1, warm_start: bool = True, error_feedback: bool = True,
-                 start_iter: int = 0, min_compression_rate: float = 2.0, eps: float = 1e-8, seed: int = 0,
-                 timeout=None):
+    def __init__(
+        self,
+        process_group=None,
+        *,
+        rank: int = 1,
+        warm_start: bool = True,
+        error_feedback: bool = True,
+        start_iter: int = 0,
+        min_compression_rate: float = 2.0,
+        eps: float = 1e-8,
+        seed: int = 0,
+        timeout=None,
+    ):
         self.matrix_rank = _int_option("rank", rank, 1)
         self.warm_start = _bool_option("warm_start", warm_start)
         self.error_feedback = _bool_option("error_feedback", error_feedback)
@@ -481,14 +549,22 @@ class PowerSGDState(CompressionState):
         self._broken: CommunicationError | None = None
 
     def options(self) -> dict:
-        return {"rank": self.matrix_rank, "warm_start": self.warm_start, "error_feedback": self.error_feedback,
-                "start_iter": self.start_iter, "min_compression_rate": self.min_compression_rate,
-                "eps": self.eps, "seed": self.seed}
+        return {
+            "rank": self.matrix_rank,
+            "warm_start": self.warm_start,
+            "error_feedback": self.error_feedback,
+            "start_iter": self.start_iter,
+            "min_compression_rate": self.min_compression_rate,
+            "eps": self.eps,
+            "seed": self.seed,
+        }
 
     def _check_options(self, saved: dict) -> None:
         if "rank" in saved and saved["rank"] != self.matrix_rank:
-            raise ValueError(f"hook state was saved with PowerSGD rank {saved['rank']}, this hook has rank "
-                             f"{self.matrix_rank}: its Q matrices do not fit")
+            raise ValueError(
+                f"hook state was saved with PowerSGD rank {saved['rank']}, this hook has rank "
+                f"{self.matrix_rank}: its Q matrices do not fit"
+            )
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -507,8 +583,10 @@ class PowerSGDState(CompressionState):
         if plan is not None:
             return plan
         if sum(n for _, n in layout) != bucket.buffer.numel():
-            raise RuntimeError(f"powersgd: bucket {bucket.index} holds {bucket.buffer.numel()} elements but its "
-                               f"parameters {sum(n for _, n in layout)}: unexpected bucket layout")
+            raise RuntimeError(
+                f"powersgd: bucket {bucket.index} holds {bucket.buffer.numel()} elements but its "
+                f"parameters {sum(n for _, n in layout)}: unexpected bucket layout"
+            )
         matrices, vectors = [], []
         offset = p_off = q_off = u_off = 0
         for key, param in zip(bucket.keys, bucket.params):
@@ -536,7 +614,8 @@ class PowerSGDState(CompressionState):
             # Same seed on every rank: the ranks start from one Q (afterwards Q is averaged).
             step = 0 if self.warm_start else self.step
             gen = torch.Generator().manual_seed(
-                (self.seed * 1_000_003 + step * 65_537 + zlib.crc32(key.encode())) % (2 ** 62))
+                (self.seed * 1_000_003 + step * 65_537 + zlib.crc32(key.encode())) % (2**62)
+            )
             q = torch.randn(cols, r, generator=gen, dtype=torch.float32)
         q = q.to(device).contiguous()
         return comm.orthogonalize_(q, self.eps)
@@ -548,9 +627,9 @@ class PowerSGDState(CompressionState):
             buffer, w = bucket.buffer, self.world_size
             fut, what = self._all_reduce(buffer, bucket)
             return self._then(fut, what, lambda value: value[0].div_(w))
-        self._finish_pending()                  # the previous bucket's second all-reduce first
+        self._finish_pending()  # the previous bucket's second all-reduce first
         result = torch.futures.Future()
-        if self._broken is not None:            # an earlier bucket's collective failed: no more
+        if self._broken is not None:  # an earlier bucket's collective failed: no more
             result.set_exception(self._broken)
         else:
             self._start(bucket, result)
@@ -566,7 +645,7 @@ class PowerSGDState(CompressionState):
         matrices, vectors, p_total, _, u_total = self._plan(bucket)
         x = buffer if buffer.dtype == torch.float32 else buffer.float()
         residual = None
-        src = x                                 # what is compressed: the gradient + the residual
+        src = x  # what is compressed: the gradient + the residual
         if self.error_feedback:
             # The residual becomes the accumulated gradient in place (one pass, no copy) and
             # is read from there; x receives the approximation; acc - approximation at the end.
@@ -574,19 +653,28 @@ class PowerSGDState(CompressionState):
             src = residual.add_(x)
         pu = torch.empty(p_total + u_total, dtype=torch.float32, device=buffer.device)
         for key, off, rows, cols, r, p_off, _ in matrices:
-            m = src[off:off + rows * cols].view(rows, cols)
+            m = src[off : off + rows * cols].view(rows, cols)
             q = self._q_for(key, cols, r, buffer.device)
-            torch.mm(m, q, out=pu[p_off:p_off + rows * r].view(rows, r))
+            torch.mm(m, q, out=pu[p_off : p_off + rows * r].view(rows, r))
         for off, n, u_off in vectors:
-            pu[p_total + u_off:p_total + u_off + n].copy_(src[off:off + n])
+            pu[p_total + u_off : p_total + u_off + n].copy_(src[off : off + n])
         try:
             fut_p, what_p = self._all_reduce(pu, bucket, "all-reduce of P")
         except CommunicationError as err:
             self._broken = err
             result.set_exception(err)
             return
-        self._pending = _Pending(bucket=bucket, x=x, src=src, residual=residual, plan=(matrices, vectors, p_total),
-                                 pu=pu, fut_p=fut_p, what_p=what_p, result=result)
+        self._pending = _Pending(
+            bucket=bucket,
+            x=x,
+            src=src,
+            residual=residual,
+            plan=(matrices, vectors, p_total),
+            pu=pu,
+            fut_p=fut_p,
+            what_p=what_p,
+            result=result,
+        )
 
     def _finish_pending(self) -> None:
         pend, self._pending = self._pending, None
@@ -600,16 +688,16 @@ class PowerSGDState(CompressionState):
             matrices, vectors, p_total = pend.plan
             x, pu, w = pend.x, pend.pu, self.world_size
             for off, n, u_off in vectors:
-                torch.div(pu[p_total + u_off:p_total + u_off + n], w, out=x[off:off + n])
+                torch.div(pu[p_total + u_off : p_total + u_off + n], w, out=x[off : off + n])
             q_total = sum(cols * r for _, _, _, cols, r, _, _ in matrices)
             qbuf = torch.empty(q_total, dtype=torch.float32, device=x.device)
             for key, off, rows, cols, r, p_off, q_off in matrices:
-                p = pu[p_off:p_off + rows * r].view(rows, r)
+                p = pu[p_off : p_off + rows * r].view(rows, r)
                 comm.orthogonalize_(p, self.eps)
-                m = pend.src[off:off + rows * cols].view(rows, cols)
+                m = pend.src[off : off + rows * cols].view(rows, cols)
                 # Q^T = P^T M, stored [r, cols]: 8x faster here than M^T P into [cols, r]
                 # (a GEMM over the transposed M), and P Q^T later reads it as is.
-                torch.mm(p.t(), m, out=qbuf[q_off:q_off + cols * r].view(r, cols))
+                torch.mm(p.t(), m, out=qbuf[q_off : q_off + cols * r].view(r, cols))
             if not matrices:
                 self._complete(pend, qbuf)
                 return
@@ -639,13 +727,13 @@ class PowerSGDState(CompressionState):
         x, pu = pend.x, pend.pu
         qbuf.div_(self.world_size)
         for key, off, rows, cols, r, p_off, q_off in matrices:
-            qt = qbuf[q_off:q_off + cols * r].view(r, cols)
-            torch.mm(pu[p_off:p_off + rows * r].view(rows, r), qt, out=x[off:off + rows * cols].view(rows, cols))
+            qt = qbuf[q_off : q_off + cols * r].view(r, cols)
+            torch.mm(pu[p_off : p_off + rows * r].view(rows, r), qt, out=x[off : off + rows * cols].view(rows, cols))
             self._q[key] = qt.t()
         if pend.residual is not None:
             pend.residual.sub_(x)
-            for off, n, _ in vectors:           # sent exactly: nothing to feed back
-                pend.residual[off:off + n].zero_()
+            for off, n, _ in vectors:  # sent exactly: nothing to feed back
+                pend.residual[off : off + n].zero_()
         buffer = pend.bucket.buffer
         if x is not buffer:
             buffer.copy_(x)
@@ -654,8 +742,14 @@ class PowerSGDState(CompressionState):
 
 # --------------------------------------------------------------------------- registry
 
-_STATES = {"bf16": BF16State, "fp16": FP16State, "int8": Int8State, "topk": TopKState, "sign": SignState,
-           "powersgd": PowerSGDState}
+_STATES = {
+    "bf16": BF16State,
+    "fp16": FP16State,
+    "int8": Int8State,
+    "topk": TopKState,
+    "sign": SignState,
+    "powersgd": PowerSGDState,
+}
 
 
 def make_state(name: str, **options) -> CompressionState:
@@ -684,16 +778,21 @@ def register_compression(ddp_model, name: str, **options) -> CompressionState:
     from torch.nn.parallel import DistributedDataParallel
 
     if not isinstance(ddp_model, DistributedDataParallel):
-        raise TypeError(f"ddp_model must be a torch.nn.parallel.DistributedDataParallel, got "
-                        f"{type(ddp_model).__name__}")
+        raise TypeError(
+            f"ddp_model must be a torch.nn.parallel.DistributedDataParallel, got {type(ddp_model).__name__}"
+        )
     existing = getattr(ddp_model, "_accelops_compression", None)
     if existing is not None:
-        raise RuntimeError(f"a compression hook ({existing.name!r}) is already registered on this model; DDP "
-                           "takes one communication hook per model: wrap the module in a new "
-                           "DistributedDataParallel to use another")
+        raise RuntimeError(
+            f"a compression hook ({existing.name!r}) is already registered on this model; DDP "
+            "takes one communication hook per model: wrap the module in a new "
+            "DistributedDataParallel to use another"
+        )
     if getattr(ddp_model, "_comm_hooks", None):
-        raise RuntimeError("this model already has a DDP communication hook (register_comm_hook); DDP takes one "
-                           "communication hook per model")
+        raise RuntimeError(
+            "this model already has a DDP communication hook (register_comm_hook); DDP takes one "
+            "communication hook per model"
+        )
     if not isinstance(name, str) or name not in _STATES:
         raise ValueError(f"name must be one of {HOOKS}, got {name!r}")
     options.setdefault("process_group", ddp_model.process_group)

@@ -16,6 +16,7 @@ sequence. The end of backward (an autograd-engine callback) launches what is lef
 with unused parameters), waits for everything and copies the averages back into .grad.
 Without compression the gradients equal DDP's bit for bit (same 1/W scaling, same sum).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,18 +66,31 @@ class BucketedAllReducer:
     for a bucket before raising CommunicationError (default: the process group's timeout).
     """
 
-    def __init__(self, params, process_group=None, bucket_cap_mb=25, first_bucket_mb=1, compression=None, *,
-                 find_unused_parameters: bool = False, timeout=None):
+    def __init__(
+        self,
+        params,
+        process_group=None,
+        bucket_cap_mb=25,
+        first_bucket_mb=1,
+        compression=None,
+        *,
+        find_unused_parameters: bool = False,
+        timeout=None,
+    ):
         named = self._collect(params)
         self.bucket_cap_mb = _cap("bucket_cap_mb", bucket_cap_mb)
         self.first_bucket_mb = _cap("first_bucket_mb", first_bucket_mb)
         if not isinstance(find_unused_parameters, bool):
-            raise TypeError(f"find_unused_parameters must be True or False, got {type(find_unused_parameters).__name__}")
+            raise TypeError(
+                f"find_unused_parameters must be True or False, got {type(find_unused_parameters).__name__}"
+            )
         self.find_unused_parameters = find_unused_parameters
         self.timeout_s = timeout_seconds(timeout)
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("accelops.distributed: torch.distributed is not initialized; call "
-                               "torch.distributed.init_process_group before building a BucketedAllReducer")
+            raise RuntimeError(
+                "accelops.distributed: torch.distributed is not initialized; call "
+                "torch.distributed.init_process_group before building a BucketedAllReducer"
+            )
         self.process_group = dist.group.WORLD if process_group is None else process_group
         self.world_size = dist.get_world_size(self.process_group)
         self.rank = dist.get_rank(self.process_group)
@@ -88,11 +102,11 @@ class BucketedAllReducer:
         elif isinstance(compression, str):
             state = make_state(compression, process_group=self.process_group)
         else:
-            raise TypeError(f"compression must be None, a hook name or a CompressionState, got "
-                            f"{type(compression).__name__}")
+            raise TypeError(
+                f"compression must be None, a hook name or a CompressionState, got {type(compression).__name__}"
+            )
         if state is not None and state.world_size != self.world_size:
-            raise ValueError(f"compression state is for {state.world_size} ranks, process_group has "
-                             f"{self.world_size}")
+            raise ValueError(f"compression state is for {state.world_size} ranks, process_group has {self.world_size}")
         self.compression = state
 
         self.names = [n for n, _ in named]
@@ -100,7 +114,7 @@ class BucketedAllReducer:
         if state is not None:
             state.bind(named)
         self._buckets = self._assign_buckets()
-        self._where = {}                                # id(param) -> (bucket index, slot)
+        self._where = {}  # id(param) -> (bucket index, slot)
         for b in self._buckets:
             for slot, i in enumerate(b.params):
                 self._where[id(self.params[i])] = (b.index, slot)
@@ -109,7 +123,7 @@ class BucketedAllReducer:
         self.bytes_this_step = 0
         self.bytes_last_step = 0
         self.bytes_total = 0
-        self.buckets_launched_in_backward = 0   # last step: buckets whose all-reduce overlapped backward
+        self.buckets_launched_in_backward = 0  # last step: buckets whose all-reduce overlapped backward
         self._lock = threading.RLock()
         self._enabled = True
         self._in_round = False
@@ -125,16 +139,18 @@ class BucketedAllReducer:
     @staticmethod
     def _collect(params) -> list[tuple[str, torch.Tensor]]:
         if isinstance(params, torch.nn.Module):
-            items = list(params.named_parameters())     # already free of duplicates
+            items = list(params.named_parameters())  # already free of duplicates
         elif isinstance(params, torch.Tensor):
-            raise TypeError("params must be an nn.Module or an iterable of parameters, got a single tensor "
-                            "(wrap it in a list)")
+            raise TypeError(
+                "params must be an nn.Module or an iterable of parameters, got a single tensor (wrap it in a list)"
+            )
         else:
             try:
                 items = list(params)
             except TypeError:
-                raise TypeError(f"params must be an nn.Module or an iterable of parameters, got "
-                                f"{type(params).__name__}") from None
+                raise TypeError(
+                    f"params must be an nn.Module or an iterable of parameters, got {type(params).__name__}"
+                ) from None
             items = [it if isinstance(it, tuple) else (str(i), it) for i, it in enumerate(items)]
         seen, named = set(), []
         for name, p in items:
@@ -157,7 +173,7 @@ class BucketedAllReducer:
         device); a bucket closes once it reaches its cap (the first cap for each dtype's
         first bucket); buckets are ordered by when backward reaches their first parameter."""
         limits = [self.first_bucket_mb * _MB, self.bucket_cap_mb * _MB]
-        open_, closed = {}, []                          # key -> [first position, indices, bytes, limit index]
+        open_, closed = {}, []  # key -> [first position, indices, bytes, limit index]
         for pos, i in enumerate(reversed(range(len(self.params)))):
             p = self.params[i]
             key = (p.dtype, p.device)
@@ -192,7 +208,7 @@ class BucketedAllReducer:
         self._pending = [len(b.params) for b in self._buckets]
         self._ready = [bytearray(len(b.params)) for b in self._buckets]
         self._next = 0
-        self._inflight = []                             # (bucket, targets, fresh, waiter)
+        self._inflight = []  # (bucket, targets, fresh, waiter)
         self._early = 0
 
     def _on_grad_ready(self, param) -> None:
@@ -203,7 +219,7 @@ class BucketedAllReducer:
                 self._start_round()
                 try:
                     torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-                except RuntimeError:                # not inside a backward: finish() does it
+                except RuntimeError:  # not inside a backward: finish() does it
                     pass
             b, slot = self._where[id(param)]
             if self._ready[b][slot]:
@@ -240,15 +256,20 @@ class BucketedAllReducer:
             waiter = (work, flat)
         else:
             flat = comm.bucket_flatten(sources)
-            view = Bucket(bucket.index, flat, [self.params[i] for i in bucket.params],
-                          tuple(self.names[i] for i in bucket.params), last)
+            view = Bucket(
+                bucket.index,
+                flat,
+                [self.params[i] for i in bucket.params],
+                tuple(self.names[i] for i in bucket.params),
+                last,
+            )
             waiter = (None, self.compression(view))
         self._inflight.append((bucket, targets, fresh, waiter))
 
     def _wait(self, what: str, waiter) -> torch.Tensor:
         work, obj = waiter
         try:
-            if work is None:                        # a compression hook's future
+            if work is None:  # a compression hook's future
                 return obj.wait()
             if self.timeout_s is None:
                 work.wait()
@@ -260,7 +281,7 @@ class BucketedAllReducer:
 
     def _finalize(self) -> None:
         try:
-            while self._next < len(self._buckets):    # buckets with parameters unused in this step
+            while self._next < len(self._buckets):  # buckets with parameters unused in this step
                 self._launch(self._buckets[self._next])
                 self._next += 1
             used = None
@@ -276,8 +297,10 @@ class BucketedAllReducer:
                 used = (work, used)
             for bucket, targets, fresh, waiter in self._inflight:
                 flat = self._wait(f"the all-reduce of bucket {bucket.index}", waiter)
-                outs = [t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
-                        for t in targets]
+                outs = [
+                    t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
+                    for t in targets
+                ]
                 comm.bucket_unflatten_(flat, outs)
                 for t, o in zip(targets, outs):
                     if o is not t:
@@ -322,7 +345,7 @@ class BucketedAllReducer:
         if not self._enabled or self.world_size == 1:
             return
         with self._lock:
-            if self._done:                          # backward's end already did it
+            if self._done:  # backward's end already did it
                 self._done = False
                 return
             if not self._in_round:
@@ -347,8 +370,9 @@ class BucketedAllReducer:
         """Copies rank src's parameter values to every rank (as DDP does when built)."""
         if self.world_size == 1:
             return
-        global_src = dist.get_global_rank(self.process_group, src) if self.process_group is not dist.group.WORLD \
-            else src
+        global_src = (
+            dist.get_global_rank(self.process_group, src) if self.process_group is not dist.group.WORLD else src
+        )
         with torch.no_grad():
             for p in self.params:
                 dist.broadcast(p.data, src=global_src, group=self.process_group)
@@ -361,5 +385,7 @@ class BucketedAllReducer:
 
     def __repr__(self) -> str:
         comp = self.compression.name if self.compression is not None else None
-        return (f"BucketedAllReducer({len(self.params)} parameters in {len(self._buckets)} buckets "
-                f"{self.bucket_sizes}, world_size={self.world_size}, compression={comp!r})")
+        return (
+            f"BucketedAllReducer({len(self.params)} parameters in {len(self._buckets)} buckets "
+            f"{self.bucket_sizes}, world_size={self.world_size}, compression={comp!r})"
+        )

@@ -4,6 +4,7 @@ data: strict loaders for the data sets' formats; metrics: the tasks' standard me
 tokenize: a byte-level BPE tokenizer trained on a task's training split (it needs the
 `tokenizers` library, so it is imported on use: `from accelops.eval.tokenize import Tokenizer`);
 tasks: the evaluation tasks (splits, tokenizer, model head, encoding, metrics) and fit()."""
+
 from . import data, metrics
 from .data import DataFormatError, data_path, data_root
 

@@ -18,6 +18,7 @@ The data live outside the repository: `data_root()` is ACCELOPS_DATA when set, e
 ../shared/data/eval beside the repository root; `data_path(...)` joins a path below it and
 checks that the file is there.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,12 +30,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
-    "DATA_ENV", "DataFormatError", "data_root", "data_path",
-    "LMText", "load_lm_text", "EOS",
-    "ClassificationData", "load_classification", "load_label_set",
-    "UPOS_TAGS", "ConlluSentence", "load_conllu",
-    "TaggedSentence", "load_conll_bio", "bio_entity_types",
-    "SquadAnswer", "SquadQuestion", "SquadParagraph", "SquadData", "load_squad", "split_squad_by_xquad",
+    "DATA_ENV",
+    "DataFormatError",
+    "data_root",
+    "data_path",
+    "LMText",
+    "load_lm_text",
+    "EOS",
+    "ClassificationData",
+    "load_classification",
+    "load_label_set",
+    "UPOS_TAGS",
+    "ConlluSentence",
+    "load_conllu",
+    "TaggedSentence",
+    "load_conll_bio",
+    "bio_entity_types",
+    "SquadAnswer",
+    "SquadQuestion",
+    "SquadParagraph",
+    "SquadData",
+    "load_squad",
+    "split_squad_by_xquad",
 ]
 
 DATA_ENV = "ACCELOPS_DATA"
@@ -56,6 +73,7 @@ class DataFormatError(ValueError):
 
 # --------------------------------------------------------------------------- paths
 
+
 def data_root(root=None) -> Path:
     """The directory holding the evaluation data sets: `root` when given, else the
     ACCELOPS_DATA environment variable, else ../shared/data/eval beside the repository."""
@@ -71,9 +89,15 @@ def data_path(*parts, root=None) -> Path:
     base = data_root(root)
     path = base.joinpath(*parts)
     if not path.exists():
-        how = ("root=" + str(root)) if root is not None else (
-            f"{DATA_ENV}={os.environ[DATA_ENV]}" if os.environ.get(DATA_ENV)
-            else f"the default root beside the repository; set {DATA_ENV} to the data directory")
+        how = (
+            ("root=" + str(root))
+            if root is not None
+            else (
+                f"{DATA_ENV}={os.environ[DATA_ENV]}"
+                if os.environ.get(DATA_ENV)
+                else f"the default root beside the repository; set {DATA_ENV} to the data directory"
+            )
+        )
         raise FileNotFoundError(f"{path}: no such file or directory (data root {base}, from {how})")
     return path
 
@@ -160,6 +184,7 @@ def load_lm_text(path) -> LMText:
 
 # --------------------------------------------------------------------------- CSV/TSV classification
 
+
 @dataclass
 class ClassificationData:
     """Sentence classification examples: texts[i] has label labels[i]; `line_numbers[i]`
@@ -199,8 +224,14 @@ def load_label_set(path) -> list[str]:
     return labels
 
 
-def load_classification(path, *, text_column: str = "text", label_column: str = "category",
-                        labels: list[str] | None = None, delimiter: str | None = None) -> ClassificationData:
+def load_classification(
+    path,
+    *,
+    text_column: str = "text",
+    label_column: str = "category",
+    labels: list[str] | None = None,
+    delimiter: str | None = None,
+) -> ClassificationData:
     """A CSV (or TSV: delimiter "\\t", the default for a .tsv file) with a header row naming
     text_column and label_column. Quoted fields may span lines (csv module rules). Every
     record must have the header's number of fields, a non-empty text and a label; with
@@ -252,8 +283,25 @@ def load_classification(path, *, text_column: str = "text", label_column: str = 
 # --------------------------------------------------------------------------- CoNLL-U
 
 # Universal POS tags (universaldependencies.org/u/pos/): the only values UPOS may take.
-UPOS_TAGS = ("ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN", "PUNCT",
-             "SCONJ", "SYM", "VERB", "X")
+UPOS_TAGS = (
+    "ADJ",
+    "ADP",
+    "ADV",
+    "AUX",
+    "CCONJ",
+    "DET",
+    "INTJ",
+    "NOUN",
+    "NUM",
+    "PART",
+    "PRON",
+    "PROPN",
+    "PUNCT",
+    "SCONJ",
+    "SYM",
+    "VERB",
+    "X",
+)
 _UPOS_SET = frozenset(UPOS_TAGS)
 _ID = re.compile(r"[1-9][0-9]*")
 _RANGE = re.compile(r"([1-9][0-9]*)-([1-9][0-9]*)")
@@ -298,8 +346,18 @@ def load_conllu(path) -> list[ConlluSentence]:
         for h, ln in zip(cur["heads"], cur["head_lines"]):
             if h > n:
                 raise DataFormatError(path, ln, f"HEAD {h} is not a word of this {n}-word sentence")
-        sentences.append(ConlluSentence(cur["words"], cur["lemmas"], cur["upos"], cur["heads"], cur["deprels"],
-                                        cur["sent_id"], cur["text"], cur["line"]))
+        sentences.append(
+            ConlluSentence(
+                cur["words"],
+                cur["lemmas"],
+                cur["upos"],
+                cur["heads"],
+                cur["deprels"],
+                cur["sent_id"],
+                cur["text"],
+                cur["line"],
+            )
+        )
         cur = None
 
     for i, line in enumerate(_lines(text), 1):
@@ -309,8 +367,17 @@ def load_conllu(path) -> list[ConlluSentence]:
             finish()
             continue
         if cur is None:
-            cur = {"words": [], "lemmas": [], "upos": [], "heads": [], "head_lines": [], "deprels": [],
-                   "sent_id": None, "text": None, "line": i}
+            cur = {
+                "words": [],
+                "lemmas": [],
+                "upos": [],
+                "heads": [],
+                "head_lines": [],
+                "deprels": [],
+                "sent_id": None,
+                "text": None,
+                "line": i,
+            }
         if line.startswith("#"):
             if cur["words"]:
                 raise DataFormatError(path, i, "a comment line inside a sentence (comments go before its words)")
@@ -326,8 +393,12 @@ def load_conllu(path) -> list[ConlluSentence]:
         if m:
             a, b = int(m.group(1)), int(m.group(2))
             if not (a == len(cur["words"]) + 1 and b > a):
-                raise DataFormatError(path, i, f"multi-word token range {wid} does not start at the next word "
-                                      f"({len(cur['words']) + 1}) or is empty")
+                raise DataFormatError(
+                    path,
+                    i,
+                    f"multi-word token range {wid} does not start at the next word "
+                    f"({len(cur['words']) + 1}) or is empty",
+                )
             continue
         if _EMPTY_NODE.fullmatch(wid):
             continue
@@ -420,6 +491,7 @@ def load_conll_bio(path, *, entity_types: list[str] | None = None) -> list[Tagge
 
 
 # --------------------------------------------------------------------------- SQuAD JSON
+
 
 @dataclass
 class SquadAnswer:
@@ -521,11 +593,19 @@ def load_squad(path) -> SquadData:
                     if not atext:
                         raise DataFormatError(path, f"{nw}.text", "empty answer text")
                     if start < 0 or start + len(atext) > len(context):
-                        raise DataFormatError(path, nw, f"answer span [{start}, {start + len(atext)}) lies outside "
-                                              f"its context of {len(context)} characters")
-                    if context[start:start + len(atext)] != atext:
-                        raise DataFormatError(path, nw, f"answer {atext!r} is not the context's text at "
-                                              f"answer_start={start} ({context[start:start + len(atext)]!r})")
+                        raise DataFormatError(
+                            path,
+                            nw,
+                            f"answer span [{start}, {start + len(atext)}) lies outside "
+                            f"its context of {len(context)} characters",
+                        )
+                    if context[start : start + len(atext)] != atext:
+                        raise DataFormatError(
+                            path,
+                            nw,
+                            f"answer {atext!r} is not the context's text at "
+                            f"answer_start={start} ({context[start : start + len(atext)]!r})",
+                        )
                     answers.append(SquadAnswer(atext, start))
                 questions.append(SquadQuestion(qid, question, answers))
             paragraphs.append(SquadParagraph(title, context, questions, ai))
@@ -554,6 +634,8 @@ def split_squad_by_xquad(squad: SquadData, xquad: SquadData) -> SquadData:
         matched.update(ids)
     missing = set(xquad_context) - matched
     if missing:
-        raise ValueError(f"{len(missing)} question(s) of {xquad.path} are not in {squad.path} "
-                         f"(e.g. {sorted(missing)[0]!r}): it is not a subset of this SQuAD file")
+        raise ValueError(
+            f"{len(missing)} question(s) of {xquad.path} are not in {squad.path} "
+            f"(e.g. {sorted(missing)[0]!r}): it is not a subset of this SQuAD file"
+        )
     return SquadData(squad.path, squad.version, kept)

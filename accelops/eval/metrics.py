@@ -13,6 +13,7 @@ Every score is a fraction in [0, 1] (multiply by 100 for the percentages papers 
 SQuAD script print). Mismatched inputs (lengths, unknown labels, malformed tags) raise
 ValueError naming the argument and the position rather than being scored.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,19 +25,35 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 __all__ = [
-    "perplexity", "bits_per_unit", "LMScores", "lm_scores",
-    "PRF", "ClassificationScores", "classification_scores",
-    "token_accuracy", "sequence_accuracy",
-    "bio_entities", "EntityScores", "entity_scores",
-    "normalize_answer", "squad_exact_match", "squad_f1", "SquadScores", "squad_scores",
+    "perplexity",
+    "bits_per_unit",
+    "LMScores",
+    "lm_scores",
+    "PRF",
+    "ClassificationScores",
+    "classification_scores",
+    "token_accuracy",
+    "sequence_accuracy",
+    "bio_entities",
+    "EntityScores",
+    "entity_scores",
+    "normalize_answer",
+    "squad_exact_match",
+    "squad_f1",
+    "SquadScores",
+    "squad_scores",
 ]
 
 
 # --------------------------------------------------------------------------- language modelling
 
+
 def _check_nll(nll_sum, count, unit: str) -> None:
-    if isinstance(nll_sum, bool) or not isinstance(nll_sum, numbers.Real) or not (
-            math.isfinite(nll_sum) and nll_sum >= 0):
+    if (
+        isinstance(nll_sum, bool)
+        or not isinstance(nll_sum, numbers.Real)
+        or not (math.isfinite(nll_sum) and nll_sum >= 0)
+    ):
         raise ValueError(f"nll_sum must be a finite sum of negative log-likelihoods >= 0 (nats), got {nll_sum!r}")
     if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
         raise ValueError(f"the number of {unit} must be a positive int, got {count!r}")
@@ -91,23 +108,36 @@ class LMScores:
         return None if self.chars is None else bits_per_unit(self.nll, self.chars)
 
     def as_dict(self) -> dict:
-        return {"loss": self.loss, "perplexity": self.perplexity, "bits_per_token": self.bits_per_token,
-                "word_perplexity": self.word_perplexity, "bits_per_char": self.bits_per_char,
-                "tokens": self.tokens, "words": self.words, "chars": self.chars}
+        return {
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "bits_per_token": self.bits_per_token,
+            "word_perplexity": self.word_perplexity,
+            "bits_per_char": self.bits_per_char,
+            "tokens": self.tokens,
+            "words": self.words,
+            "chars": self.chars,
+        }
 
 
-def lm_scores(nll_sum: float, num_tokens: int, *, num_words: int | None = None,
-              num_chars: int | None = None) -> LMScores:
+def lm_scores(
+    nll_sum: float, num_tokens: int, *, num_words: int | None = None, num_chars: int | None = None
+) -> LMScores:
     _check_nll(nll_sum, num_tokens, "tokens")
     if num_words is not None:
         _check_nll(nll_sum, num_words, "words")
     if num_chars is not None:
         _check_nll(nll_sum, num_chars, "characters")
-    return LMScores(float(nll_sum), int(num_tokens), None if num_words is None else int(num_words),
-                    None if num_chars is None else int(num_chars))
+    return LMScores(
+        float(nll_sum),
+        int(num_tokens),
+        None if num_words is None else int(num_words),
+        None if num_chars is None else int(num_chars),
+    )
 
 
 # --------------------------------------------------------------------------- classification
+
 
 @dataclass
 class PRF:
@@ -147,8 +177,13 @@ class ClassificationScores:
     n: int = 0
 
     def as_dict(self) -> dict:
-        return {"accuracy": self.accuracy, "macro_precision": self.macro_precision,
-                "macro_recall": self.macro_recall, "macro_f1": self.macro_f1, "n": self.n}
+        return {
+            "accuracy": self.accuracy,
+            "macro_precision": self.macro_precision,
+            "macro_recall": self.macro_recall,
+            "macro_f1": self.macro_f1,
+            "n": self.n,
+        }
 
 
 def classification_scores(gold, pred, labels=None) -> ClassificationScores:
@@ -182,10 +217,13 @@ def classification_scores(gold, pred, labels=None) -> ClassificationScores:
         macro_precision=sum(s.precision for s in per.values()) / k,
         macro_recall=sum(s.recall for s in per.values()) / k,
         macro_f1=sum(s.f1 for s in per.values()) / k,
-        per_label=per, n=len(gold))
+        per_label=per,
+        n=len(gold),
+    )
 
 
 # --------------------------------------------------------------------------- tagging
+
 
 def _check_sequences(gold, pred) -> None:
     _check_pair(gold, pred)
@@ -253,8 +291,14 @@ class EntityScores:
         return sum(s.f1 for s in self.per_type.values()) / len(self.per_type) if self.per_type else 0.0
 
     def as_dict(self) -> dict:
-        return {"precision": self.precision, "recall": self.recall, "f1": self.f1, "num_gold": self.num_gold,
-                "num_pred": self.num_pred, "num_correct": self.num_correct}
+        return {
+            "precision": self.precision,
+            "recall": self.recall,
+            "f1": self.f1,
+            "num_gold": self.num_gold,
+            "num_pred": self.num_pred,
+            "num_correct": self.num_correct,
+        }
 
 
 def entity_scores(gold, pred) -> EntityScores:
@@ -271,10 +315,11 @@ def entity_scores(gold, pred) -> EntityScores:
     correct = gold_set & pred_set
     total = _prf(len(correct), len(pred_set), len(gold_set))
     types = sorted({e[1] for e in gold_set | pred_set})
-    per_type = {t: _prf(sum(e[1] == t for e in correct), sum(e[1] == t for e in pred_set),
-                        sum(e[1] == t for e in gold_set)) for t in types}
-    return EntityScores(total.precision, total.recall, total.f1, len(gold_set), len(pred_set), len(correct),
-                        per_type)
+    per_type = {
+        t: _prf(sum(e[1] == t for e in correct), sum(e[1] == t for e in pred_set), sum(e[1] == t for e in gold_set))
+        for t in types
+    }
+    return EntityScores(total.precision, total.recall, total.f1, len(gold_set), len(pred_set), len(correct), per_type)
 
 
 # --------------------------------------------------------------------------- SQuAD

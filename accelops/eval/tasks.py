@@ -21,6 +21,7 @@ Splits (train on train, choose on dev, report on test), with what this data forc
 
 Every task's `notes` says so, for the report that quotes its numbers.
 """
+
 from __future__ import annotations
 
 import random
@@ -33,8 +34,18 @@ from . import data as D
 from . import metrics as M
 from .tokenize import Tokenizer, check_vocab
 
-__all__ = ["Task", "Banking77", "UDPos", "Wnut17", "Squad", "WikiText2", "TASKS", "EncodedDataset", "fit",
-           "TaskMismatch"]
+__all__ = [
+    "Task",
+    "Banking77",
+    "UDPos",
+    "Wnut17",
+    "Squad",
+    "WikiText2",
+    "TASKS",
+    "EncodedDataset",
+    "fit",
+    "TaskMismatch",
+]
 
 IGNORE_INDEX = -100
 
@@ -124,11 +135,15 @@ class Task:
             from ..models import LanguageModel
 
             if not isinstance(model, LanguageModel):
-                raise TaskMismatch(f"task {self.name!r} needs a language model (TransformerLM, RNNLM), got model "
-                                   f"{type(model).__name__}")
+                raise TaskMismatch(
+                    f"task {self.name!r} needs a language model (TransformerLM, RNNLM), got model "
+                    f"{type(model).__name__}"
+                )
         elif kind != self.head:
-            raise TaskMismatch(f"task {self.name!r} needs a model with a {self.head!r} head, got model "
-                               f"{type(model).__name__} with head {kind!r}")
+            raise TaskMismatch(
+                f"task {self.name!r} needs a model with a {self.head!r} head, got model "
+                f"{type(model).__name__} with head {kind!r}"
+            )
         n = self.num_labels()
         if n is not None and getattr(model, "num_labels", None) != n:
             raise TaskMismatch(f"task {self.name!r} has {n} labels, model has num_labels={model.num_labels}")
@@ -137,8 +152,13 @@ class Task:
     def build_model(self, tokenizer: Tokenizer, **config):
         """A freshly initialised model for this task: TransformerLMConfig(vocab_size=the
         tokenizer's, **config) with this task's head."""
-        from ..models import (EncoderForQuestionAnswering, EncoderForSequenceClassification,
-                              EncoderForTokenClassification, TransformerLM, TransformerLMConfig)
+        from ..models import (
+            EncoderForQuestionAnswering,
+            EncoderForSequenceClassification,
+            EncoderForTokenClassification,
+            TransformerLM,
+            TransformerLMConfig,
+        )
 
         cfg = TransformerLMConfig(vocab_size=tokenizer.vocab_size, **config)
         if self.head == "sequence":
@@ -166,7 +186,7 @@ class Task:
         out = []
         try:
             for i in range(0, len(dataset), batch_size):
-                inputs = [t[i:i + batch_size].to(device) for t in dataset.tensors[:n_inputs]]
+                inputs = [t[i : i + batch_size].to(device) for t in dataset.tensors[:n_inputs]]
                 out.append(model(*inputs).float().cpu())
         finally:
             model.train(was_training)
@@ -174,6 +194,7 @@ class Task:
 
 
 # --------------------------------------------------------------------------- classification
+
 
 class Banking77(Task):
     """BANKING77 intent classification (77 labels): accuracy and macro P/R/F1."""
@@ -189,8 +210,13 @@ class Banking77(Task):
         kept, held = _holdout(len(full), dev_fraction, seed)
 
         def pick(idx):
-            return D.ClassificationData(full.path, [full.texts[i] for i in idx], [full.labels[i] for i in idx],
-                                        self.labels, [full.line_numbers[i] for i in idx])
+            return D.ClassificationData(
+                full.path,
+                [full.texts[i] for i in idx],
+                [full.labels[i] for i in idx],
+                self.labels,
+                [full.line_numbers[i] for i in idx],
+            )
 
         self.splits = {"train": pick(kept), "dev": pick(held), "test": test}
 
@@ -203,7 +229,7 @@ class Banking77(Task):
     def encode(self, split, tokenizer, max_len):
         """[BOS] text [EOS], cut to max_len tokens; labels the label ids."""
         d = self.split(split)
-        rows = [[tokenizer.bos_id] + ids[:max_len - 2] + [tokenizer.eos_id] for ids in tokenizer.encode_batch(d.texts)]
+        rows = [[tokenizer.bos_id] + ids[: max_len - 2] + [tokenizer.eos_id] for ids in tokenizer.encode_batch(d.texts)]
         tokens, mask = _pad(rows, tokenizer.pad_id)
         return EncodedDataset(tokens, mask, torch.tensor(d.label_ids(), dtype=torch.long))
 
@@ -216,6 +242,7 @@ class Banking77(Task):
 
 
 # --------------------------------------------------------------------------- tagging
+
 
 class _Tagging(Task):
     """Word-level tagging with a subword encoder: [BOS] pieces [EOS]; each word's label sits
@@ -245,7 +272,7 @@ class _Tagging(Task):
         rows, labels, firsts = [], [], []
         for words, tags in self._sentences(split):
             ids, word_ids = tokenizer.encode_words(words)
-            ids, word_ids = ids[:max_len - 2], word_ids[:max_len - 2]
+            ids, word_ids = ids[: max_len - 2], word_ids[: max_len - 2]
             lab = [IGNORE_INDEX] * (len(ids) + 2)
             first = {}
             for pos, w in enumerate(word_ids):
@@ -292,16 +319,21 @@ class UDPos(_Tagging):
     def __init__(self, root=None):
         super().__init__()
         self.labels = list(D.UPOS_TAGS)
-        self.splits = {s: D.load_conllu(D.data_path("ud_english_ewt", f"en_ewt-ud-{s}.conllu", root=root))
-                       for s in ("train", "dev", "test")}
+        self.splits = {
+            s: D.load_conllu(D.data_path("ud_english_ewt", f"en_ewt-ud-{s}.conllu", root=root))
+            for s in ("train", "dev", "test")
+        }
 
     def _sentences(self, split):
         return [(s.words, s.upos) for s in self.split(split)]
 
     def evaluate(self, model, tokenizer, split="test", *, batch_size=64, max_len=None):
         gold, pred, cut = self.predict(model, tokenizer, split, batch_size=batch_size, max_len=max_len)
-        return {"token_accuracy": M.token_accuracy(gold, pred), "sequence_accuracy": M.sequence_accuracy(gold, pred),
-                "words_cut": cut}
+        return {
+            "token_accuracy": M.token_accuracy(gold, pred),
+            "sequence_accuracy": M.sequence_accuracy(gold, pred),
+            "words_cut": cut,
+        }
 
 
 class Wnut17(_Tagging):
@@ -315,8 +347,10 @@ class Wnut17(_Tagging):
     def __init__(self, root=None):
         super().__init__()
         self.labels = ["O"] + [f"{p}-{t}" for t in self.TYPES for p in "BI"]
-        self.splits = {s: D.load_conll_bio(D.data_path("wnut17", f, root=root), entity_types=list(self.TYPES))
-                       for s, f in self.FILES.items()}
+        self.splits = {
+            s: D.load_conll_bio(D.data_path("wnut17", f, root=root), entity_types=list(self.TYPES))
+            for s, f in self.FILES.items()
+        }
 
     def _sentences(self, split):
         return [(s.tokens, s.tags) for s in self.split(split)]
@@ -328,6 +362,7 @@ class Wnut17(_Tagging):
 
 
 # --------------------------------------------------------------------------- extractive QA
+
 
 @dataclass
 class _Window:
@@ -348,8 +383,10 @@ class Squad(Task):
     points at position 0 (BOS), as BERT's SQuAD recipe does."""
 
     name, head = "squad", "span"
-    notes = ("No SQuAD train split here: train on the SQuAD v1.1 dev paragraphs that XQuAD does not use (dev: a "
-             "seeded 10% of those paragraphs), report on XQuAD English (240 paragraphs, 1,190 questions).")
+    notes = (
+        "No SQuAD train split here: train on the SQuAD v1.1 dev paragraphs that XQuAD does not use (dev: a "
+        "seeded 10% of those paragraphs), report on XQuAD English (240 paragraphs, 1,190 questions)."
+    )
 
     def __init__(self, root=None, *, dev_fraction: float = 0.1, seed: int = 0, max_answer_pieces: int = 30):
         super().__init__()
@@ -357,9 +394,11 @@ class Squad(Task):
         xquad = D.load_squad(D.data_path("xquad_en", "xquad.en.json", root=root))
         pool = D.split_squad_by_xquad(squad, xquad)
         kept, held = _holdout(len(pool.paragraphs), dev_fraction, seed)
-        self.splits = {"train": D.SquadData(pool.path, pool.version, [pool.paragraphs[i] for i in kept]),
-                       "dev": D.SquadData(pool.path, pool.version, [pool.paragraphs[i] for i in held]),
-                       "test": xquad}
+        self.splits = {
+            "train": D.SquadData(pool.path, pool.version, [pool.paragraphs[i] for i in kept]),
+            "dev": D.SquadData(pool.path, pool.version, [pool.paragraphs[i] for i in held]),
+            "test": xquad,
+        }
         self.max_answer_pieces = max_answer_pieces
 
     def training_texts(self) -> list[str]:
@@ -394,8 +433,13 @@ class Squad(Task):
                 start = 0
                 while True:
                     pieces = list(range(start, min(start + width, len(c_ids))))
-                    rows.append([tokenizer.bos_id] + q_ids + [tokenizer.eos_id] + [c_ids[i] for i in pieces]
-                                + [tokenizer.eos_id])
+                    rows.append(
+                        [tokenizer.bos_id]
+                        + q_ids
+                        + [tokenizer.eos_id]
+                        + [c_ids[i] for i in pieces]
+                        + [tokenizer.eos_id]
+                    )
                     if gold is not None and pieces and pieces[0] <= gold[0] and gold[1] <= pieces[-1]:
                         spans.append((offset + gold[0] - pieces[0], offset + gold[1] - pieces[0]))
                     else:
@@ -424,12 +468,13 @@ class Squad(Task):
             n = len(w.pieces)
             if n == 0:
                 continue
-            s = lg[w.offset:w.offset + n, 0]
-            e = lg[w.offset:w.offset + n, 1]
+            s = lg[w.offset : w.offset + n, 0]
+            e = lg[w.offset : w.offset + n, 1]
             # score[i, j] = s[i] + e[j] for i <= j < i + max_answer_pieces
             score = s[:, None] + e[None, :]
             allowed = torch.ones(n, n, dtype=torch.bool).triu() & ~torch.ones(n, n, dtype=torch.bool).triu(
-                self.max_answer_pieces)
+                self.max_answer_pieces
+            )
             score = score.masked_fill(~allowed, float("-inf"))
             flat = int(score.argmax())
             i, j = divmod(flat, n)
@@ -447,6 +492,7 @@ class Squad(Task):
 
 # --------------------------------------------------------------------------- language modelling
 
+
 class WikiText2(Task):
     """Word-level WikiText-2 modelled with subwords: each line is its words joined by single
     spaces, then EOS (the tokenizer's end token standing for WikiText's <eos>). Scores: the
@@ -456,8 +502,7 @@ class WikiText2(Task):
     (one newline a line)."""
 
     name, head = "wikitext2", "lm"
-    notes = ("No WikiText-2 train split here: train on valid.txt (dev: its last 10% of lines), report on "
-             "test.txt.")
+    notes = "No WikiText-2 train split here: train on valid.txt (dev: its last 10% of lines), report on test.txt."
 
     def __init__(self, root=None, *, dev_fraction: float = 0.1):
         super().__init__()
@@ -483,8 +528,10 @@ class WikiText2(Task):
 
     def counts(self, split) -> dict:
         lines = self.split(split)
-        return {"words": sum(len(line.split()) + 1 for line in lines),
-                "chars": sum(len(" ".join(line.split())) + 1 for line in lines)}
+        return {
+            "words": sum(len(line.split()) + 1 for line in lines),
+            "chars": sum(len(" ".join(line.split())) + 1 for line in lines),
+        }
 
     def encode(self, split, tokenizer, max_len):
         """Windows of max_len inputs and their next tokens, overlapping by one token so every
@@ -493,7 +540,7 @@ class WikiText2(Task):
         ids = self.stream(split, tokenizer)
         xs, ys = [], []
         for i in range(0, len(ids) - 1, max_len):
-            x, y = ids[i:i + max_len], ids[i + 1:i + max_len + 1]
+            x, y = ids[i : i + max_len], ids[i + 1 : i + max_len + 1]
             xs.append(x + [tokenizer.pad_id] * (max_len - len(x)))
             ys.append(y + [IGNORE_INDEX] * (max_len - len(y)))
         return EncodedDataset(torch.tensor(xs), torch.tensor(ys))
@@ -508,10 +555,13 @@ class WikiText2(Task):
         nll, n = 0.0, 0
         try:
             for i in range(0, len(ds), batch_size):
-                x, y = (t[i:i + batch_size].to(device) for t in ds.tensors)
+                x, y = (t[i : i + batch_size].to(device) for t in ds.tensors)
                 logits = model(x).float()
-                nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                             ignore_index=IGNORE_INDEX, reduction="sum"))
+                nll += float(
+                    F.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+                    )
+                )
                 n += int((y != IGNORE_INDEX).sum())
         finally:
             model.train(was_training)
@@ -524,8 +574,21 @@ TASKS = {t.name: t for t in (Banking77, UDPos, Wnut17, Squad, WikiText2)}
 
 # --------------------------------------------------------------------------- training
 
-def fit(task: Task, model, tokenizer: Tokenizer, *, steps: int, batch_size: int = 32, lr: float = 1e-3,
-        weight_decay: float = 0.01, max_len: int | None = None, seed: int = 0, device=None, **trainer_kw) -> dict:
+
+def fit(
+    task: Task,
+    model,
+    tokenizer: Tokenizer,
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    max_len: int | None = None,
+    seed: int = 0,
+    device=None,
+    **trainer_kw,
+) -> dict:
     """Train `model` on the task's training split with accelops.train.Trainer (AdamW) for
     `steps` optimizer steps; -> Trainer.fit()'s summary, with "history" (a dict a step:
     loss, lr, ...) added. Model selection (choosing settings
@@ -537,8 +600,17 @@ def fit(task: Task, model, tokenizer: Tokenizer, *, steps: int, batch_size: int 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     trainer_kw.setdefault("progress", False)
     trainer_kw.setdefault("eval_every", None)
-    trainer = Trainer(model, opt, data, max_steps=steps, batch_size=batch_size, seed=seed, device=device,
-                      distributed=False, **trainer_kw)
+    trainer = Trainer(
+        model,
+        opt,
+        data,
+        max_steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        distributed=False,
+        **trainer_kw,
+    )
     try:
         summary = trainer.fit()
     finally:

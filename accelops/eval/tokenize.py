@@ -11,6 +11,7 @@ start-of-sequence token) and EOS (2, the separator / end-of-sequence token). The
 never read from text: a text holding "<s>" encodes as its characters, so only this code
 puts specials into a sequence.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,14 +57,23 @@ class Tokenizer:
         self.path = path
         for i, tok in enumerate(SPECIAL_TOKENS):
             if backend.token_to_id(tok) != i:
-                raise ValueError(f"tokenizer{'' if path is None else ' ' + path}: special token {tok!r} must have "
-                                 f"id {i}, has {backend.token_to_id(tok)}")
+                raise ValueError(
+                    f"tokenizer{'' if path is None else ' ' + path}: special token {tok!r} must have "
+                    f"id {i}, has {backend.token_to_id(tok)}"
+                )
 
     # ------------------------------------------------------------------ training
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
-              added_tokens: Iterable[str] = (), info: dict | None = None) -> "Tokenizer":
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        *,
+        min_frequency: int = 2,
+        added_tokens: Iterable[str] = (),
+        info: dict | None = None,
+    ) -> "Tokenizer":
         """Learn merges on `texts` (a task's training split: never its dev or test text)
         until the vocabulary holds vocab_size tokens (the specials and the 256 byte symbols
         included) or no pair occurs min_frequency times; a small corpus can stop short, so
@@ -87,10 +97,13 @@ class Tokenizer:
         # trim_offsets: a piece's span leaves out the space it carries, so spans are the
         # characters of the word (what SQuAD's answer offsets are compared with).
         backend.post_processor = tk.processors.ByteLevel(trim_offsets=True)
-        trainer = tk.trainers.BpeTrainer(vocab_size=int(vocab_size), min_frequency=min_frequency,
-                                         special_tokens=list(SPECIAL_TOKENS),
-                                         initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
-                                         show_progress=False)
+        trainer = tk.trainers.BpeTrainer(
+            vocab_size=int(vocab_size),
+            min_frequency=min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         backend.train_from_iterator(texts, trainer)
         added = list(added_tokens)
         for t in added:
@@ -98,8 +111,12 @@ class Tokenizer:
                 raise ValueError(f"added_tokens must be non-empty strings, got {t!r}")
         if added:
             backend.add_tokens([tk.AddedToken(t, special=False, normalized=False) for t in added])
-        meta = {"vocab_size_requested": int(vocab_size), "min_frequency": min_frequency, "added_tokens": added,
-                "num_texts": len(texts)}
+        meta = {
+            "vocab_size_requested": int(vocab_size),
+            "min_frequency": min_frequency,
+            "added_tokens": added,
+            "num_texts": len(texts),
+        }
         meta.update(info or {})
         return cls(backend, meta)
 
@@ -111,8 +128,12 @@ class Tokenizer:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / TOKENIZER_FILE).write_text(self.backend.to_str(), encoding="utf-8")
-        meta = {"format": META_FORMAT, "vocab_size": self.vocab_size, "fingerprint": self.fingerprint,
-                "info": self.info}
+        meta = {
+            "format": META_FORMAT,
+            "vocab_size": self.vocab_size,
+            "fingerprint": self.fingerprint,
+            "info": self.info,
+        }
         (d / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         self.path = str(d)
         return d
@@ -135,13 +156,17 @@ class Tokenizer:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{d / META_FILE}:{exc.lineno}: invalid JSON: {exc.msg}") from None
         if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
-            raise ValueError(f"{d / META_FILE}: format {meta.get('format') if isinstance(meta, dict) else meta!r} "
-                             f"is not {META_FORMAT}")
+            raise ValueError(
+                f"{d / META_FILE}: format {meta.get('format') if isinstance(meta, dict) else meta!r} "
+                f"is not {META_FORMAT}"
+            )
         tok = cls(backend, meta.get("info"), str(d))
         if meta.get("vocab_size") != tok.vocab_size or meta.get("fingerprint") != tok.fingerprint:
-            raise ValueError(f"{d}: {TOKENIZER_FILE} (vocab_size {tok.vocab_size}, fingerprint {tok.fingerprint}) "
-                             f"is not the tokenizer {META_FILE} describes (vocab_size {meta.get('vocab_size')}, "
-                             f"fingerprint {meta.get('fingerprint')})")
+            raise ValueError(
+                f"{d}: {TOKENIZER_FILE} (vocab_size {tok.vocab_size}, fingerprint {tok.fingerprint}) "
+                f"is not the tokenizer {META_FILE} describes (vocab_size {meta.get('vocab_size')}, "
+                f"fingerprint {meta.get('fingerprint')})"
+            )
         return tok
 
     # ------------------------------------------------------------------ vocabulary
@@ -156,8 +181,9 @@ class Tokenizer:
         """A hash of the vocabulary and merges: two tokenizers of the same size but different
         vocabularies differ here."""
         model = json.loads(self.backend.to_str())["model"]
-        blob = json.dumps([model.get("vocab"), model.get("merges"), self.backend.get_vocab(with_added_tokens=True)],
-                          sort_keys=True)
+        blob = json.dumps(
+            [model.get("vocab"), model.get("merges"), self.backend.get_vocab(with_added_tokens=True)], sort_keys=True
+        )
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
     pad_id, bos_id, eos_id = 0, 1, 2
@@ -195,12 +221,13 @@ class Tokenizer:
 def check_vocab(tokenizer: Tokenizer, model, *, model_name: str = "model") -> None:
     """TokenizerMismatch unless the model's vocab_size (model.config.vocab_size, or an int)
     is the tokenizer's: ids of another vocabulary index the wrong embeddings, silently."""
-    size = model if isinstance(model, numbers.Integral) else getattr(getattr(model, "config", None), "vocab_size",
-                                                                        None)
+    size = model if isinstance(model, numbers.Integral) else getattr(getattr(model, "config", None), "vocab_size", None)
     if size is None:
         raise TypeError(f"{model_name} has no config.vocab_size to check the tokenizer against")
     if int(size) != tokenizer.vocab_size:
         where = f" ({tokenizer.path})" if tokenizer.path else ""
-        raise TokenizerMismatch(f"the tokenizer{where} has a vocabulary of {tokenizer.vocab_size} tokens but "
-                                f"{model_name} has vocab_size={int(size)}: they were not built for each other "
-                                "(train the model with this tokenizer, or load the tokenizer it was trained with)")
+        raise TokenizerMismatch(
+            f"the tokenizer{where} has a vocabulary of {tokenizer.vocab_size} tokens but "
+            f"{model_name} has vocab_size={int(size)}: they were not built for each other "
+            "(train the model with this tokenizer, or load the tokenizer it was trained with)"
+        )

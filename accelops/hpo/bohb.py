@@ -102,6 +102,7 @@ draws uniformly from all c values); ordinal parameters are supported (HpBandSter
 them). Inactive (conditional) entries are imputed as HpBandSter does: copied from a random
 row of the same set in which they are active, else drawn at random.
 """
+
 from __future__ import annotations
 
 import math
@@ -160,8 +161,9 @@ class KDE:
         self._log_norm = self._log_point_bw.sum(axis=1) + self._cont.size * _LOG_SQRT_2PI
 
     @classmethod
-    def fit(cls, data, kinds, levels, min_bandwidth=1e-3, bandwidth_floor=0.0, univariate=False,
-            adaptive=False, steps=None) -> "KDE":
+    def fit(
+        cls, data, kinds, levels, min_bandwidth=1e-3, bandwidth_floor=0.0, univariate=False, adaptive=False, steps=None
+    ) -> "KDE":
         """Normal-reference bandwidths, clipped to [min_bandwidth, (c - 1) / c] for discrete ones;
         continuous ones also at least ``bandwidth_floor / min(100, n + 1)`` (see the module doc).
         ``univariate``: the density is a product of one-parameter KDEs (same bandwidths).
@@ -271,17 +273,28 @@ def _truncated_normal(rng, mu, sigma):
 
 
 DEFAULT_BANDWIDTH_FLOOR = 0.25  # TPE's magic clip (module doc); 0: HpBandSter's KDE
-KDE_KINDS = ("univariate", "multivariate")       # the first is the default (module doc)
-BANDWIDTHS = ("adaptive", "fixed")                 # the first is the default (module doc)
-RANDOM_PLACEMENTS = ("cheapest", "every")         # the first is the default (module doc)
+KDE_KINDS = ("univariate", "multivariate")  # the first is the default (module doc)
+BANDWIDTHS = ("adaptive", "fixed")  # the first is the default (module doc)
+RANDOM_PLACEMENTS = ("cheapest", "every")  # the first is the default (module doc)
 
 
 class BOHBModel:
     """The good/bad KDE pairs per budget and the proposal step (see the module doc)."""
 
-    def __init__(self, space: SearchSpace, rng: np.random.Generator, top_n_percent=15, num_samples=64,
-                 random_fraction=1 / 3, bandwidth_factor=3, min_bandwidth=1e-3, min_points_in_model=None,
-                 bandwidth_floor=DEFAULT_BANDWIDTH_FLOOR, kde="univariate", bandwidth="adaptive"):
+    def __init__(
+        self,
+        space: SearchSpace,
+        rng: np.random.Generator,
+        top_n_percent=15,
+        num_samples=64,
+        random_fraction=1 / 3,
+        bandwidth_factor=3,
+        min_bandwidth=1e-3,
+        min_points_in_model=None,
+        bandwidth_floor=DEFAULT_BANDWIDTH_FLOOR,
+        kde="univariate",
+        bandwidth="adaptive",
+    ):
         d = len(space)
         if kde not in KDE_KINDS:
             raise ValueError(f"kde must be one of {KDE_KINDS}, got {kde!r}")
@@ -295,14 +308,20 @@ class BOHBModel:
             raise ValueError(f"random_fraction must be in [0, 1], got {random_fraction!r}")
         if not (bandwidth_factor > 0 and min_bandwidth > 0):
             raise ValueError("bandwidth_factor and min_bandwidth must be > 0")
-        if isinstance(bandwidth_floor, bool) or not isinstance(bandwidth_floor, (int, float)) \
-                or not (math.isfinite(bandwidth_floor) and bandwidth_floor >= 0):
+        if (
+            isinstance(bandwidth_floor, bool)
+            or not isinstance(bandwidth_floor, (int, float))
+            or not (math.isfinite(bandwidth_floor) and bandwidth_floor >= 0)
+        ):
             raise ValueError(f"bandwidth_floor must be a finite number >= 0, got {bandwidth_floor!r}")
         if min_points_in_model is None:
             min_points_in_model = d + 1
         if min_points_in_model < d + 1:
-            warnings.warn(f"min_points_in_model={min_points_in_model} is below d + 1 = {d + 1} "
-                          f"(a KDE needs more points than dimensions); using {d + 1}", stacklevel=3)
+            warnings.warn(
+                f"min_points_in_model={min_points_in_model} is below d + 1 = {d + 1} "
+                f"(a KDE needs more points than dimensions); using {d + 1}",
+                stacklevel=3,
+            )
             min_points_in_model = d + 1
         self.space, self.rng = space, rng
         self.top_n_percent, self.num_samples = top_n_percent, num_samples
@@ -314,7 +333,7 @@ class BOHBModel:
         self.levels = space.n_levels.copy()
         self._disc = self.kinds != CONT
         self.observations: dict = {}  # budget -> (list of vectors, list of losses)
-        self.models: dict = {}        # budget -> (good KDE, bad KDE)
+        self.models: dict = {}  # budget -> (good KDE, bad KDE)
 
     # -- representation ------------------------------------------------------------------
     def to_vector(self, config) -> np.ndarray:
@@ -370,15 +389,24 @@ class BOHBModel:
         order = np.argsort(np.asarray(losses), kind="stable")
         data = np.asarray(vectors)
         good = self.impute(data[order[:n_good]])
-        bad = self.impute(data[order[n_good:n_good + n_bad]])
+        bad = self.impute(data[order[n_good : n_good + n_bad]])
         if good.shape[0] <= d or bad.shape[0] <= d:
             return
         univariate, adaptive = self.kde == "univariate", self.bandwidth == "adaptive"
         # only the good density adapts (narrowing the bad one too measured worse, module doc)
         self.models[budget] = (
-            KDE.fit(good, self.kinds, self.levels, self.min_bandwidth, self.bandwidth_floor, univariate, adaptive,
-                    self.space.unit_steps),
-            KDE.fit(bad, self.kinds, self.levels, self.min_bandwidth, self.bandwidth_floor, univariate))
+            KDE.fit(
+                good,
+                self.kinds,
+                self.levels,
+                self.min_bandwidth,
+                self.bandwidth_floor,
+                univariate,
+                adaptive,
+                self.space.unit_steps,
+            ),
+            KDE.fit(bad, self.kinds, self.levels, self.min_bandwidth, self.bandwidth_floor, univariate),
+        )
 
     # -- proposing -----------------------------------------------------------------------
     def propose(self, good: KDE) -> np.ndarray:
@@ -388,7 +416,7 @@ class BOHBModel:
         rng, m = self.rng, self.num_samples
         n, d = good.data.shape
         if good.univariate:
-            which = rng.integers(0, n, size=(m, d))        # the good point behind each entry
+            which = rng.integers(0, n, size=(m, d))  # the good point behind each entry
         else:
             which = np.repeat(rng.integers(0, n, size=m)[:, None], d, axis=1)
         centres = good.data[which, np.arange(d)[None, :]]
@@ -409,7 +437,7 @@ class BOHBModel:
                 cand[:, j] = np.where(move, other, centre)
             else:
                 dist = np.abs(np.arange(c)[None, :] - centre[:, None])
-                p = np.where(dist == 0, 1 - h, 0.5 * (1 - h) * h ** dist)
+                p = np.where(dist == 0, 1 - h, 0.5 * (1 - h) * h**dist)
                 cdf = np.cumsum(p / p.sum(axis=1, keepdims=True), axis=1)
                 cand[:, j] = np.minimum((cdf < rng.random(m)[:, None]).sum(axis=1), c - 1)
         return cand
@@ -459,26 +487,58 @@ class BOHB(Hyperband):
     random_placement="every", bandwidth="fixed"`` is HpBandSter's BOHB exactly (with
     ``hpbandster_compat=True`` its brackets too). ``seed`` drives every random choice."""
 
-    def __init__(self, space: SearchSpace, min_budget, max_budget, eta=3, hpbandster_compat: bool = False,
-                 n_brackets: int | None = None, top_n_percent=15, num_samples=64, random_fraction=1 / 3,
-                 bandwidth_factor=3, min_bandwidth=1e-3, min_points_in_model=None,
-                 bandwidth_floor=DEFAULT_BANDWIDTH_FLOOR, kde="univariate", random_placement="cheapest",
-                 bandwidth="adaptive", seed=None):
+    def __init__(
+        self,
+        space: SearchSpace,
+        min_budget,
+        max_budget,
+        eta=3,
+        hpbandster_compat: bool = False,
+        n_brackets: int | None = None,
+        top_n_percent=15,
+        num_samples=64,
+        random_fraction=1 / 3,
+        bandwidth_factor=3,
+        min_bandwidth=1e-3,
+        min_points_in_model=None,
+        bandwidth_floor=DEFAULT_BANDWIDTH_FLOOR,
+        kde="univariate",
+        random_placement="cheapest",
+        bandwidth="adaptive",
+        seed=None,
+    ):
         super().__init__(space, min_budget, max_budget, eta, hpbandster_compat, n_brackets, seed)
-        self.model = BOHBModel(space, self.rng, top_n_percent=top_n_percent, num_samples=num_samples,
-                               random_fraction=random_fraction, bandwidth_factor=bandwidth_factor,
-                               min_bandwidth=min_bandwidth, min_points_in_model=min_points_in_model,
-                               bandwidth_floor=bandwidth_floor, kde=kde, bandwidth=bandwidth)
+        self.model = BOHBModel(
+            space,
+            self.rng,
+            top_n_percent=top_n_percent,
+            num_samples=num_samples,
+            random_fraction=random_fraction,
+            bandwidth_factor=bandwidth_factor,
+            min_bandwidth=min_bandwidth,
+            min_points_in_model=min_points_in_model,
+            bandwidth_floor=bandwidth_floor,
+            kde=kde,
+            bandwidth=bandwidth,
+        )
         self.random_placement = random_placement
         self.random_shares = random_shares(self.plans, self.model.random_fraction, random_placement)
 
     def _kwargs(self):
         m = self.model
-        return {**super()._kwargs(), "top_n_percent": m.top_n_percent, "num_samples": m.num_samples,
-                "random_fraction": m.random_fraction, "bandwidth_factor": m.bandwidth_factor,
-                "min_bandwidth": m.min_bandwidth, "min_points_in_model": m.min_points_in_model,
-                "bandwidth_floor": m.bandwidth_floor, "kde": m.kde, "random_placement": self.random_placement,
-                "bandwidth": m.bandwidth}
+        return {
+            **super()._kwargs(),
+            "top_n_percent": m.top_n_percent,
+            "num_samples": m.num_samples,
+            "random_fraction": m.random_fraction,
+            "bandwidth_factor": m.bandwidth_factor,
+            "min_bandwidth": m.min_bandwidth,
+            "min_points_in_model": m.min_points_in_model,
+            "bandwidth_floor": m.bandwidth_floor,
+            "kde": m.kde,
+            "random_placement": self.random_placement,
+            "bandwidth": m.bandwidth,
+        }
 
     def _sample_config(self, budget):
         return self.model.sample(self.random_shares[budget])

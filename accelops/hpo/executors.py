@@ -30,6 +30,7 @@ task queued for a free CPU) is not the trial's.
   it has started (see ``_ray_task``); a trial queued for a free CPU waits without a
   deadline. Checkpoint directories must then be on storage that every node sees.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -44,8 +45,14 @@ import threading
 import time
 import traceback
 
-__all__ = ["InlineExecutor", "ProcessExecutor", "RayExecutor", "ObjectiveLoadError", "run_objective",
-           "accepts_checkpoint"]
+__all__ = [
+    "InlineExecutor",
+    "ProcessExecutor",
+    "RayExecutor",
+    "ObjectiveLoadError",
+    "run_objective",
+    "accepts_checkpoint",
+]
 
 
 def accepts_checkpoint(objective) -> bool:
@@ -98,8 +105,14 @@ def run_objective(objective, task: dict) -> dict:
 
 
 def _timeout_result(task, timeout, duration, note=""):
-    return {"trial_id": task["trial_id"], "status": "timeout", "loss": None, "info": {},
-            "error": f"ran {duration:.3g} s, over timeout_per_trial={timeout:g} s{note}", "duration": duration}
+    return {
+        "trial_id": task["trial_id"],
+        "status": "timeout",
+        "loss": None,
+        "info": {},
+        "error": f"ran {duration:.3g} s, over timeout_per_trial={timeout:g} s{note}",
+        "duration": duration,
+    }
 
 
 class InlineExecutor:
@@ -121,9 +134,13 @@ class InlineExecutor:
         task, self._task = self._task, None
         res = run_objective(self.objective, task)
         if self.timeout is not None and res["duration"] > self.timeout:
-            res = _timeout_result(task, self.timeout, res["duration"],
-                                  " (the inline executor cannot stop a trial; its result is discarded; "
-                                  "executor='process' kills it at the deadline)")
+            res = _timeout_result(
+                task,
+                self.timeout,
+                res["duration"],
+                " (the inline executor cannot stop a trial; its result is discarded; "
+                "executor='process' kills it at the deadline)",
+            )
         return [res]
 
     def shutdown(self):
@@ -169,8 +186,7 @@ def _worker_main(conn, lifeline, payload):
             os.setsid()
         except OSError:  # already a group leader (cannot happen to a forked child): keep going
             pass
-    threading.Thread(target=_die_with_the_study, args=(lifeline,), daemon=True,
-                     name="accelops-hpo-lifeline").start()
+    threading.Thread(target=_die_with_the_study, args=(lifeline,), daemon=True, name="accelops-hpo-lifeline").start()
     try:
         objective = pickle.loads(payload)
     except BaseException as e:  # noqa: BLE001 -- reported to the parent, which raises it
@@ -200,16 +216,20 @@ def _in_interactive_main(objective) -> bool:
 
 def _pickle_objective(objective) -> bytes:
     if _in_interactive_main(objective):
-        raise TypeError(f"executor='process': the objective {getattr(objective, '__qualname__', objective)!r} "
-                        "is defined in an interactive __main__ (a notebook, python -c or the REPL), which "
-                        "worker processes cannot import; move it into a module (a .py file) and import it, "
-                        "or use executor='inline' (n_workers=1) or executor='ray' (Ray pickles it by value)")
+        raise TypeError(
+            f"executor='process': the objective {getattr(objective, '__qualname__', objective)!r} "
+            "is defined in an interactive __main__ (a notebook, python -c or the REPL), which "
+            "worker processes cannot import; move it into a module (a .py file) and import it, "
+            "or use executor='inline' (n_workers=1) or executor='ray' (Ray pickles it by value)"
+        )
     try:
         return pickle.dumps(objective)
     except Exception as e:
-        raise TypeError("executor='process' pickles the objective to its workers: it must be a "
-                        "module-level function or another picklable callable, not a lambda or a "
-                        f"closure ({type(e).__name__}: {e})") from e
+        raise TypeError(
+            "executor='process' pickles the objective to its workers: it must be a "
+            "module-level function or another picklable callable, not a lambda or a "
+            f"closure ({type(e).__name__}: {e})"
+        ) from e
 
 
 def _context():
@@ -318,9 +338,16 @@ class ProcessExecutor:
             except (EOFError, OSError):
                 task = w.task
                 w.proc.join(1)
-                out.append({"trial_id": task["trial_id"], "status": "failed", "loss": None, "info": {},
-                            "duration": 0.0 if w.started is None else time.monotonic() - w.started,
-                            "error": f"the worker process died (exit code {w.proc.exitcode})"})
+                out.append(
+                    {
+                        "trial_id": task["trial_id"],
+                        "status": "failed",
+                        "loss": None,
+                        "info": {},
+                        "duration": 0.0 if w.started is None else time.monotonic() - w.started,
+                        "error": f"the worker process died (exit code {w.proc.exitcode})",
+                    }
+                )
                 self._retire(w)
                 continue
             if res == _STARTED:
@@ -334,7 +361,8 @@ class ProcessExecutor:
                 self._retire(w)
                 raise ObjectiveLoadError(
                     f"executor='process': a worker process could not load the objective ({res['load_error']}); "
-                    "it must be importable from a module in the workers (the trial was not run)")
+                    "it must be importable from a module in the workers (the trial was not run)"
+                )
             w.task = None
             out.append(res)
         now = time.monotonic()
@@ -376,8 +404,10 @@ class RayExecutor:
         try:
             import ray
         except ImportError:
-            raise ImportError("executor='ray' needs Ray, which is not installed: pip install 'ray[default]' "
-                              "(or use executor='process' on one machine)") from None
+            raise ImportError(
+                "executor='ray' needs Ray, which is not installed: pip install 'ray[default]' "
+                "(or use executor='process' on one machine)"
+            ) from None
         self._ray = ray
         if not ray.is_initialized():
             ray.init()  # joins the cluster at RAY_ADDRESS when it is set
@@ -422,9 +452,16 @@ class RayExecutor:
                 value = ray.get(next(gen))
             except Exception as e:  # noqa: BLE001 -- a lost worker fails its trial only
                 del self._running[gen]
-                out.append({"trial_id": task["trial_id"], "status": "failed", "loss": None, "info": {},
-                            "duration": 0.0 if started is None else time.monotonic() - started,
-                            "error": f"{type(e).__name__}: {e}"})
+                out.append(
+                    {
+                        "trial_id": task["trial_id"],
+                        "status": "failed",
+                        "loss": None,
+                        "info": {},
+                        "duration": 0.0 if started is None else time.monotonic() - started,
+                        "error": f"{type(e).__name__}: {e}",
+                    }
+                )
                 continue
             if started is None:
                 assert value == _STARTED, value

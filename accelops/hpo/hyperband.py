@@ -18,6 +18,7 @@ next bracket, as HpBandSter's Master does. When a rung is complete its best
 best first. ``ask()`` returns None only when ``n_brackets`` brackets were opened and none
 has a run ready.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +35,7 @@ _EPS = 1e-9
 @dataclasses.dataclass(frozen=True)
 class BracketPlan:
     s: int
-    sizes: tuple   # configurations per rung
+    sizes: tuple  # configurations per rung
     budgets: tuple  # budget of each rung
 
 
@@ -54,10 +55,10 @@ def hyperband_brackets(min_budget, max_budget, eta=3, hpbandster_compat: bool = 
     plans = []
     for s in range(s_max, -1, -1):
         if hpbandster_compat:
-            n0 = int(math.floor((s_max + 1) / (s + 1)) * eta ** s + _EPS)
+            n0 = int(math.floor((s_max + 1) / (s + 1)) * eta**s + _EPS)
             sizes = [max(int(n0 * eta ** (-i) + _EPS), 1) for i in range(s + 1)]
         else:
-            n = int(math.ceil((s_max + 1) / (s + 1) * eta ** s - _EPS))
+            n = int(math.ceil((s_max + 1) / (s + 1) * eta**s - _EPS))
             sizes = [int(math.floor(n * eta ** (-i) + _EPS)) for i in range(s + 1)]
         budgets = [nice_budget(max_budget * eta ** (i - s)) for i in range(s + 1)]
         plans.append(BracketPlan(s=s, sizes=tuple(sizes), budgets=tuple(budgets)))
@@ -70,11 +71,11 @@ class _Bracket:
     def __init__(self, index: int, plan: BracketPlan):
         self.index, self.plan = index, plan
         self.rung = 0
-        self.n_started = 0              # trials started in the current rung
-        self.queue: list[int] = []      # promoted config ids waiting for the current rung
+        self.n_started = 0  # trials started in the current rung
+        self.queue: list[int] = []  # promoted config ids waiting for the current rung
         self.running: set[int] = set()  # trial ids of the current rung not yet told
         self.losses: dict[int, float] = {}  # config id -> loss in the current rung
-        self.order: list[int] = []      # config ids of the current rung in start order
+        self.order: list[int] = []  # config ids of the current rung in start order
         self.configs: dict[int, tuple] = {}  # config id -> (config, info)
         self.done = False
 
@@ -108,13 +109,22 @@ class Hyperband(Optimizer):
     ``max_budget_total`` / ``n_trials`` end the run).
     """
 
-    def __init__(self, space: SearchSpace, min_budget, max_budget, eta=3, hpbandster_compat: bool = False,
-                 n_brackets: int | None = None, seed=None):
+    def __init__(
+        self,
+        space: SearchSpace,
+        min_budget,
+        max_budget,
+        eta=3,
+        hpbandster_compat: bool = False,
+        n_brackets: int | None = None,
+        seed=None,
+    ):
         super().__init__(space, seed)
         self.min_budget, self.max_budget, self.eta = min_budget, max_budget, eta
         self.hpbandster_compat = bool(hpbandster_compat)
-        if n_brackets is not None and (isinstance(n_brackets, bool) or not isinstance(n_brackets, int)
-                                       or n_brackets < 1):
+        if n_brackets is not None and (
+            isinstance(n_brackets, bool) or not isinstance(n_brackets, int) or n_brackets < 1
+        ):
             raise ValueError(f"n_brackets must be a positive int or None, got {n_brackets!r}")
         self.n_brackets = n_brackets
         self.plans = hyperband_brackets(min_budget, max_budget, eta, hpbandster_compat)
@@ -123,8 +133,13 @@ class Hyperband(Optimizer):
         self._active: list[_Bracket] = []
 
     def _kwargs(self):
-        return {"min_budget": self.min_budget, "max_budget": self.max_budget, "eta": self.eta,
-                "hpbandster_compat": self.hpbandster_compat, "n_brackets": self.n_brackets}
+        return {
+            "min_budget": self.min_budget,
+            "max_budget": self.max_budget,
+            "eta": self.eta,
+            "hpbandster_compat": self.hpbandster_compat,
+            "n_brackets": self.n_brackets,
+        }
 
     # BOHB overrides this with its model-based sampler.
     def _sample_config(self, budget) -> tuple[dict, dict]:

@@ -14,6 +14,7 @@ One writer at a time: a ``JournalWriter`` holds an exclusive ``flock`` on
 fails at once instead of interleaving its trials with the first's; the OS drops the lock
 when the process dies, however it dies. Writes are O_APPEND. Reading takes no lock.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -95,19 +96,28 @@ def read_journal(path) -> tuple[list[dict], int]:
                 raise ValueError("not a journal record")
         except _NonFinite as e:
             # a whole line that parses is no torn write, even the last one: refuse it
-            raise ValueError(f"{path}: line {lineno} holds {e} (the journal stores finite numbers only); "
-                             "this journal cannot be resumed until that line is fixed or deleted") from None
+            raise ValueError(
+                f"{path}: line {lineno} holds {e} (the journal stores finite numbers only); "
+                "this journal cannot be resumed until that line is fixed or deleted"
+            ) from None
         except ValueError as e:
             if last:
-                warnings.warn(f"{path}: ignoring a torn last line {lineno} ({e}); the trial it "
-                              "described is treated as not written", stacklevel=3)
+                warnings.warn(
+                    f"{path}: ignoring a torn last line {lineno} ({e}); the trial it "
+                    "described is treated as not written",
+                    stacklevel=3,
+                )
                 break
-            raise ValueError(f"{path}: line {lineno} is corrupt ({e}); only a torn last line can be "
-                             "recovered, so this journal cannot be resumed") from None
+            raise ValueError(
+                f"{path}: line {lineno} is corrupt ({e}); only a torn last line can be "
+                "recovered, so this journal cannot be resumed"
+            ) from None
         why = _check_record(rec)
         if why is not None:
-            raise ValueError(f"{path}: line {lineno} holds {why}; this journal cannot be resumed until that "
-                             "line is fixed or deleted (without its result line the trial is run again)")
+            raise ValueError(
+                f"{path}: line {lineno} holds {why}; this journal cannot be resumed until that "
+                "line is fixed or deleted (without its result line the trial is run again)"
+            )
         records.append(rec)
         pos = end + 1
     return records, pos
@@ -195,8 +205,10 @@ class JournalWriter:
             # path free and then both write a header.
             if create and os.fstat(fd).st_size > 0:
                 os.close(fd)
-                raise FileExistsError(f"journal {self.path!r} already exists: continue it with "
-                                      "hpo.Study.resume(journal) or choose another path")
+                raise FileExistsError(
+                    f"journal {self.path!r} already exists: continue it with "
+                    "hpo.Study.resume(journal) or choose another path"
+                )
         except BaseException:
             _unlock(lock_fd)
             raise
@@ -254,6 +266,8 @@ class JournalWriter:
             expected = self._closed_state
             self.close()
             self._closed_state = expected  # so that every later reopen refuses too
-            raise ValueError(f"{self.path}: the journal changed since this study last wrote it (another "
-                             "process continued it?); this study's state is out of date: continue with "
-                             "hpo.Study.resume(journal)")
+            raise ValueError(
+                f"{self.path}: the journal changed since this study last wrote it (another "
+                "process continued it?); this study's state is out of date: continue with "
+                "hpo.Study.resume(journal)"
+            )

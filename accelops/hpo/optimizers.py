@@ -11,10 +11,12 @@ Ask/tell contract (shared by every optimiser, Hyperband and BOHB included):
 - Given the same seed and the same sequence of ask/tell calls, an optimiser makes the same
   choices: the Study's crash-safe resume replays a journal through these two calls.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
+
 import numpy as np
 
 from .space import SearchSpace, as_rng
@@ -118,12 +120,12 @@ class Optimizer:
 
     def spec(self) -> dict:
         """What the journal records to rebuild this optimiser on resume."""
-        return {"class": type(self).__name__, "seed": self.seed, "kwargs": self._kwargs(),
-                "space": self.space.spec()}
+        return {"class": type(self).__name__, "seed": self.seed, "kwargs": self._kwargs(), "space": self.space.spec()}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "Optimizer":
         from . import _OPTIMIZERS
+
         kind = _OPTIMIZERS.get(spec["class"])
         if kind is None:
             raise ValueError(f"unknown optimiser class {spec['class']!r} in the journal")
@@ -169,8 +171,7 @@ class GridSearch(Optimizer):
     """Every point of ``space.grid(resolution)`` once at ``budget``, in grid order
     (``shuffle=True``: a seeded random order); ``ask()`` returns None when the grid is done."""
 
-    def __init__(self, space: SearchSpace, budget=1, resolution: int | dict = 5, shuffle: bool = False,
-                 seed=None):
+    def __init__(self, space: SearchSpace, budget=1, resolution: int | dict = 5, shuffle: bool = False, seed=None):
         super().__init__(space, seed)
         _check_budget("budget", budget)
         self.budget = budget

@@ -11,6 +11,7 @@
 The data functions (``incumbent_trace``, ``rank_correlations``, ``spearman``) need numpy
 only; the plotting ones need matplotlib (``pip install matplotlib``).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,10 +25,12 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("accelops.hpo.plots needs matplotlib, which is not installed: "
-                          "pip install matplotlib") from None
+        raise ImportError(
+            "accelops.hpo.plots needs matplotlib, which is not installed: pip install matplotlib"
+        ) from None
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -59,7 +62,7 @@ def _ranks(a: np.ndarray) -> np.ndarray:
         j = i
         while j + 1 < len(a) and sa[j + 1] == sa[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return ranks
 
@@ -87,7 +90,7 @@ def rank_correlations(study) -> dict:
     budgets = sorted(by_budget)
     out = {}
     for i, b1 in enumerate(budgets):
-        for b2 in budgets[i + 1:]:
+        for b2 in budgets[i + 1 :]:
             common = sorted(set(by_budget[b1]) & set(by_budget[b2]))
             rho = spearman([by_budget[b1][c] for c in common], [by_budget[b2][c] for c in common])
             out[(b1, b2)] = (rho, len(common))

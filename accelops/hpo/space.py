@@ -16,6 +16,7 @@ Encodings, chosen so that a uniform draw in the unit cube is the natural prior a
 - Categorical / Ordinal with c values: value i owns [i/c, (i+1)/c) and encodes to its
   centre (i + 0.5)/c. BOHB reads the index back with floor(u * c).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -50,8 +51,8 @@ def _parse_condition(condition):
         return None
     if not (isinstance(condition, (tuple, list)) and len(condition) == 2 and isinstance(condition[0], str)):
         raise TypeError(
-            "condition must be a pair (parent_name, values), e.g. ('optimizer', ['sgd']), "
-            f"got {condition!r}")
+            f"condition must be a pair (parent_name, values), e.g. ('optimizer', ['sgd']), got {condition!r}"
+        )
     parent, values = condition
     if isinstance(values, (list, tuple, set, frozenset)):
         values = list(values)
@@ -156,8 +157,11 @@ class Float(Param):
         self._check_default()
 
     def contains(self, value) -> bool:
-        return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-                and self.low <= float(value) <= self.high)
+        return (
+            isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, bool)
+            and self.low <= float(value) <= self.high
+        )
 
     def _describe_domain(self):
         return f"[{self.low!r}, {self.high!r}]" + (" (log)" if self.log else "")
@@ -209,8 +213,7 @@ class Int(Param):
         self._check_default()
 
     def contains(self, value) -> bool:
-        return (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-                and self.low <= value <= self.high)
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and self.low <= value <= self.high
 
     def _describe_domain(self):
         return f"the integers [{self.low}, {self.high}]" + (" (log)" if self.log else "")
@@ -247,8 +250,10 @@ class _Discrete(Param):
             raise ValueError(f"{what}: empty list of values")
         for v in values:
             if not isinstance(v, _SCALARS) or (isinstance(v, float) and not math.isfinite(v)):
-                raise TypeError(f"{what}: values must be str, int, finite float, bool or None "
-                                f"(they are written to the journal as JSON), got {v!r}")
+                raise TypeError(
+                    f"{what}: values must be str, int, finite float, bool or None "
+                    f"(they are written to the journal as JSON), got {v!r}"
+                )
         keys = [_key(v) for v in values]
         if len(set(keys)) != len(keys):
             raise ValueError(f"{what}: duplicate values in {values!r}")
@@ -338,12 +343,15 @@ class SearchSpace:
                 continue
             parent, values = p.condition
             if parent not in self.params:
-                raise ValueError(f"parameter {name!r}: condition on unknown parent {parent!r} "
-                                 f"(parameters: {self.names})")
+                raise ValueError(
+                    f"parameter {name!r}: condition on unknown parent {parent!r} (parameters: {self.names})"
+                )
             bad = [v for v in values if not self.params[parent].contains(v)]
             if bad:
-                raise ValueError(f"parameter {name!r}: condition values {bad!r} can never be taken by "
-                                 f"parent {parent!r}, whose domain is {self.params[parent]._describe_domain()}")
+                raise ValueError(
+                    f"parameter {name!r}: condition values {bad!r} can never be taken by "
+                    f"parent {parent!r}, whose domain is {self.params[parent]._describe_domain()}"
+                )
         self.order = self._topological_order()
         self.kinds = [p.kind for p in self.params.values()]
         self.n_levels = np.array([p.n_levels for p in self.params.values()], dtype=np.int64)
@@ -357,7 +365,7 @@ class SearchSpace:
             # Each parameter has at most one parent, so a walk up the chain finds any cycle.
             while node is not None and state.get(node) != "done":
                 if node in path:
-                    cycle = path[path.index(node):] + [node]
+                    cycle = path[path.index(node) :] + [node]
                     raise ValueError("conditions form a cycle: " + " -> ".join(repr(c) for c in cycle))
                 path.append(node)
                 cond = self.params[node].condition
@@ -394,8 +402,7 @@ class SearchSpace:
                 active[n] = True
             else:
                 parent, allowed = cond
-                active[n] = (active[parent] and parent in values
-                             and _key(values[parent]) in {_key(a) for a in allowed})
+                active[n] = active[parent] and parent in values and _key(values[parent]) in {_key(a) for a in allowed}
         return active
 
     def active(self, config: Mapping[str, Any]) -> list[str]:
@@ -452,9 +459,11 @@ class SearchSpace:
                 raise ValueError(f"parameter {n!r} is active in this configuration but missing")
             if not act[n] and n in config:
                 parent, allowed = self.params[n].condition
-                raise ValueError(f"parameter {n!r} is inactive (its parent {parent!r} is "
-                                 f"{config.get(parent, '<inactive>')!r}, not one of {list(allowed)!r}) "
-                                 "but present")
+                raise ValueError(
+                    f"parameter {n!r} is inactive (its parent {parent!r} is "
+                    f"{config.get(parent, '<inactive>')!r}, not one of {list(allowed)!r}) "
+                    "but present"
+                )
         return dict(config)
 
     def is_valid(self, config) -> bool:

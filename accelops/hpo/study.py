@@ -35,6 +35,7 @@ program as Ctrl-C does (exit status 130). ``optimize`` handles SIGTERM only whil
 in the main thread, and not where SIGTERM is ignored; it puts the previous handler back.
 Process workers die with the study's process however it ends, SIGKILL included.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,7 +64,7 @@ class TrialResult:
     error: str | None = None
     duration: float = 0.0
     info: dict = dataclasses.field(default_factory=dict)
-    started: float = 0.0   # wall-clock (time.time()) when the trial was asked
+    started: float = 0.0  # wall-clock (time.time()) when the trial was asked
     finished: float = 0.0  # wall-clock when its result was recorded
 
     @property
@@ -104,8 +105,7 @@ class Study:
             # takes the journal's lock, then refuses a non-empty journal (FileExistsError)
             self._writer = JournalWriter(self.journal_path, create=True)
             try:
-                self._write({"type": "study", "version": VERSION, "optimizer": optimizer.spec(),
-                             "time": self.created})
+                self._write({"type": "study", "version": VERSION, "optimizer": optimizer.spec(), "time": self.created})
             except BaseException:
                 self._writer.close()
                 raise
@@ -116,8 +116,9 @@ class Study:
             self._writer.write(record)
 
     @classmethod
-    def resume(cls, journal, optimizer: Optimizer | None = None, checkpoint_dir=None,
-               read_only: bool = False) -> "Study":
+    def resume(
+        cls, journal, optimizer: Optimizer | None = None, checkpoint_dir=None, read_only: bool = False
+    ) -> "Study":
         """Rebuild a study from its journal (see the module doc). A torn last line is ignored
         with a warning; any other damage is a ValueError. Takes the journal's lock
         (JournalLockedError if another study holds it) unless ``read_only``."""
@@ -146,9 +147,11 @@ class Study:
         if optimizer is None:
             optimizer = Optimizer.from_spec(header["optimizer"])
         elif _normalise(optimizer.spec()) != _normalise(header["optimizer"]):
-            raise ValueError(f"{path}: the optimiser given does not match the journal's "
-                             f"({header['optimizer']['class']} with seed {header['optimizer']['seed']} "
-                             f"and kwargs {header['optimizer']['kwargs']}); pass optimizer=None to rebuild it")
+            raise ValueError(
+                f"{path}: the optimiser given does not match the journal's "
+                f"({header['optimizer']['class']} with seed {header['optimizer']['seed']} "
+                f"and kwargs {header['optimizer']['kwargs']}); pass optimizer=None to rebuild it"
+            )
         self = cls.__new__(cls)
         self.optimizer = optimizer
         self.journal_path = path
@@ -162,9 +165,11 @@ class Study:
             if kind == "ask":
                 trial = optimizer.ask()
                 if trial is None or _normalise(trial.to_json()) != _normalise(rec["trial"]):
-                    raise ValueError(f"{path}: line {i}: the optimiser asks for {trial!r} where the journal "
-                                     f"has {rec['trial']!r}; the journal was written by a different optimiser "
-                                     "or version")
+                    raise ValueError(
+                        f"{path}: line {i}: the optimiser asks for {trial!r} where the journal "
+                        f"has {rec['trial']!r}; the journal was written by a different optimiser "
+                        "or version"
+                    )
                 self._started(trial, rec.get("time", 0.0))
             elif kind == "result":
                 self._finish(rec, write=False)
@@ -192,13 +197,30 @@ class Study:
                 status, loss, error = "failed", None, f"the objective returned a non-finite loss ({bad!r})"
         self.optimizer.tell(trial, math.inf if loss is None else loss)
         now = rec.get("time", time.time())
-        res = TrialResult(trial=trial, status=status, loss=loss, error=error,
-                          duration=rec.get("duration", 0.0), info=rec.get("info") or {},
-                          started=self.started.get(tid, now), finished=now)
+        res = TrialResult(
+            trial=trial,
+            status=status,
+            loss=loss,
+            error=error,
+            duration=rec.get("duration", 0.0),
+            info=rec.get("info") or {},
+            started=self.started.get(tid, now),
+            finished=now,
+        )
         self.results.append(res)
         if write:
-            self._write({"type": "result", "trial_id": tid, "status": status, "loss": loss, "error": res.error,
-                         "duration": res.duration, "info": res.info, "time": now})
+            self._write(
+                {
+                    "type": "result",
+                    "trial_id": tid,
+                    "status": status,
+                    "loss": loss,
+                    "error": res.error,
+                    "duration": res.duration,
+                    "info": res.info,
+                    "time": now,
+                }
+            )
         return res
 
     # -- running -------------------------------------------------------------------------
@@ -224,8 +246,15 @@ class Study:
                 self.checkpoint_dir = tempfile.mkdtemp(prefix="accelops-hpo-")
         return self.checkpoint_dir
 
-    def optimize(self, objective, n_workers: int = 1, max_budget_total=None, n_trials: int | None = None,
-                 timeout_per_trial: float | None = None, executor: str = "auto") -> TrialResult | None:
+    def optimize(
+        self,
+        objective,
+        n_workers: int = 1,
+        max_budget_total=None,
+        n_trials: int | None = None,
+        timeout_per_trial: float | None = None,
+        executor: str = "auto",
+    ) -> TrialResult | None:
         """Run trials until the optimiser has nothing left, ``n_trials`` trials were started
         or the budget of the started trials reaches ``max_budget_total`` (both counted over
         the whole study), then wait for the running ones. ``executor``: "auto" (in-process
@@ -237,15 +266,17 @@ class Study:
         if timeout_per_trial is not None and not timeout_per_trial > 0:
             raise ValueError(f"timeout_per_trial must be > 0 seconds, got {timeout_per_trial!r}")
         if max_budget_total is None and n_trials is None and _endless(self.optimizer):
-            raise ValueError(f"{type(self.optimizer).__name__} never runs out of trials: give n_trials or "
-                             "max_budget_total")
+            raise ValueError(
+                f"{type(self.optimizer).__name__} never runs out of trials: give n_trials or max_budget_total"
+            )
         if executor == "auto":
             executor = "inline" if n_workers == 1 else "process"
         if executor not in EXECUTORS:
             raise ValueError(f"executor must be 'auto', 'inline', 'process' or 'ray', got {executor!r}")
         if self._read_only:
-            raise ValueError(f"{self.journal_path}: this study was resumed read_only; continue it with "
-                             "hpo.Study.resume(journal)")
+            raise ValueError(
+                f"{self.journal_path}: this study was resumed read_only; continue it with hpo.Study.resume(journal)"
+            )
         if self._writer is not None:
             # released at the end of the last optimize or by close(): take it again, and
             # refuse if another study wrote the journal meanwhile (our state would be stale)
@@ -270,9 +301,14 @@ class Study:
                     trial = self._next(max_budget_total, n_trials)
                     if trial is None:
                         break
-                    task = {"trial_id": trial.id, "config": trial.config, "budget": trial.budget,
-                            "checkpoint_dir": (os.path.join(self._checkpoint_root(), f"config_{trial.config_id}")
-                                               if ckpt else None)}
+                    task = {
+                        "trial_id": trial.id,
+                        "config": trial.config,
+                        "budget": trial.budget,
+                        "checkpoint_dir": (
+                            os.path.join(self._checkpoint_root(), f"config_{trial.config_id}") if ckpt else None
+                        ),
+                    }
                     ex.submit(task)
                 if ex.n_running == 0:
                     break
@@ -315,8 +351,10 @@ class Study:
 
     def __repr__(self):
         best = self.best()
-        return (f"Study({type(self.optimizer).__name__}, {len(self.results)} results, "
-                f"best={None if best is None else best.loss})")
+        return (
+            f"Study({type(self.optimizer).__name__}, {len(self.results)} results, "
+            f"best={None if best is None else best.loss})"
+        )
 
 
 class _SigtermAsInterrupt:
@@ -365,17 +403,21 @@ class _SigtermAsInterrupt:
             raise self._interrupt()
 
     def _interrupt(self):
-        resume = ("" if self.journal_path is None else
-                  f": hpo.Study.resume({self.journal_path!r}) and optimize() continue it, running "
-                  "the trials that this stop kills first")
+        resume = (
+            ""
+            if self.journal_path is None
+            else f": hpo.Study.resume({self.journal_path!r}) and optimize() continue it, running "
+            "the trials that this stop kills first"
+        )
         exc = KeyboardInterrupt(f"the study was stopped by SIGTERM{resume}")
         exc.signum = signal.SIGTERM
         return exc
 
 
 def _endless(opt) -> bool:
-    from .optimizers import GridSearch
     from .hyperband import Hyperband
+    from .optimizers import GridSearch
+
     if isinstance(opt, GridSearch):
         return False
     if isinstance(opt, Hyperband):

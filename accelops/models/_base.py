@@ -1,5 +1,6 @@
 """What TransformerLM and RNNLM share: the projection layers config.quant picks, input
 checks, the loss, GPT-2 style initialisation, tied embeddings, sizes and the int8 form."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +11,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..nn import (FFN, BitLinear, FusedFFN, Int8Linear, ParameterCount, QATLinear, TernaryLinear, convert,
-                  count_parameters)
+from ..nn import (
+    FFN,
+    BitLinear,
+    FusedFFN,
+    Int8Linear,
+    ParameterCount,
+    QATLinear,
+    TernaryLinear,
+    convert,
+    count_parameters,
+)
 from .layers import UnfusedFFN
 
 INIT_STD = 0.02
@@ -30,14 +40,14 @@ def make_linear(quant, in_features: int, out_features: int, bias: bool) -> nn.Mo
     return QATLinear(in_features, out_features, bias=bias)  # "qat-int8": per-token, int8 (exact Int8Linear form)
 
 
-def make_ffn(quant, dim: int, hidden: int, activation: str, bias: bool,
-             sub_norm: nn.Module | None = None) -> nn.Module:
+def make_ffn(quant, dim: int, hidden: int, activation: str, bias: bool, sub_norm: nn.Module | None = None) -> nn.Module:
     if activation == "relu2" or sub_norm is not None:
         # The fused op has no squared ReLU and no norm between the activation and down_proj:
         # three projections of the kind quant picks, the rest in plain PyTorch.
         gate = None if activation == "gelu" else make_linear(quant, dim, hidden, bias)
-        return UnfusedFFN(gate, make_linear(quant, dim, hidden, bias), make_linear(quant, hidden, dim, bias),
-                          activation, sub_norm)
+        return UnfusedFFN(
+            gate, make_linear(quant, dim, hidden, bias), make_linear(quant, hidden, dim, bias), activation, sub_norm
+        )
     if quant == "qat-int8":
         # The unfused FFN with QATLinear projections (same gate_proj/up_proj/down_proj names,
         # so the state_dict matches the fused one), not FusedFFN(quant="qat-int8"): QATLinear
@@ -81,8 +91,9 @@ class LanguageModel(nn.Module):
             if not isinstance(targets, torch.Tensor):
                 raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
             if targets.shape != tokens.shape:
-                raise ValueError(f"targets must have the tokens' shape {tuple(tokens.shape)}, "
-                                 f"got {tuple(targets.shape)}")
+                raise ValueError(
+                    f"targets must have the tokens' shape {tuple(tokens.shape)}, got {tuple(targets.shape)}"
+                )
             if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
                 raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
         logits = self.head(self._hidden(tokens))
@@ -128,8 +139,10 @@ class LanguageModel(nn.Module):
         if tokens.shape[1] == 0:
             raise ValueError(f"{name} must hold at least one position, got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > cfg.max_len:
-            raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's max_len={cfg.max_len}; "
-                             "feed at most max_len tokens (crop or slide a window)")
+            raise ValueError(
+                f"sequence length {tokens.shape[1]} exceeds the model's max_len={cfg.max_len}; "
+                "feed at most max_len tokens (crop or slide a window)"
+            )
         # Checked on the CPU only: on a GPU this would synchronise every step (an
         # out-of-range id there trips the embedding's device assert instead).
         if tokens.device.type == "cpu" and tokens.numel():
@@ -199,8 +212,10 @@ class LanguageModel(nn.Module):
         if q == "int8":
             return self
         if q == "bitlinear":
-            raise ValueError("a bitlinear model is trained for ternary weights, not int8: deploy it with "
-                             "accelops.convert(model, 'ternary') on its BitLinear layers instead of to_int8()")
+            raise ValueError(
+                "a bitlinear model is trained for ternary weights, not int8: deploy it with "
+                "accelops.convert(model, 'ternary') on its BitLinear layers instead of to_int8()"
+            )
         replaced: dict[int, nn.Module] = {}
         _swap_int8(self.blocks, replaced, set())
         self.config = dataclasses.replace(self.config, quant="int8")

@@ -1,4 +1,5 @@
 """Configurations of the language models: dataclasses validated on construction."""
+
 from __future__ import annotations
 
 import math
@@ -96,15 +97,19 @@ class TransformerLMConfig:
         _common(self)
         _positive_int("n_heads", self.n_heads)
         if self.dim % self.n_heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}); "
-                             f"the head size would be {self.dim / self.n_heads:g}")
+            raise ValueError(
+                f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}); "
+                f"the head size would be {self.dim / self.n_heads:g}"
+            )
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.n_kv_heads is not None:
             _positive_int("n_kv_heads", self.n_kv_heads)
             if self.n_heads % self.n_kv_heads:
-                raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads}): each key/value "
-                                 "head serves a whole group of query heads")
+                raise ValueError(
+                    f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads}): each key/value "
+                    "head serves a whole group of query heads"
+                )
         if self.pos_emb not in POS_EMBS:
             raise ValueError(f"pos_emb must be one of {POS_EMBS}, got {self.pos_emb!r}")
         _positive_float("rope_theta", self.rope_theta)
@@ -154,9 +159,24 @@ class TransformerLMConfig:
         load them (TransformerLM.from_hf_bitnet) and deploy with
         accelops.convert(model, "ternary"); `overrides` replace any field (e.g. quant,
         n_layers for a smaller model of the same architecture, max_len)."""
-        fields = dict(vocab_size=128256, dim=2560, n_layers=30, n_heads=20, n_kv_heads=5, hidden=6912,
-                      max_len=4096, activation="relu2", pos_emb="rope", rope_theta=500000.0, norm="rmsnorm",
-                      norm_eps=1e-5, attn_sub_norm=True, ffn_sub_norm=True, tie_embeddings=True, bias=False)
+        fields = dict(
+            vocab_size=128256,
+            dim=2560,
+            n_layers=30,
+            n_heads=20,
+            n_kv_heads=5,
+            hidden=6912,
+            max_len=4096,
+            activation="relu2",
+            pos_emb="rope",
+            rope_theta=500000.0,
+            norm="rmsnorm",
+            norm_eps=1e-5,
+            attn_sub_norm=True,
+            ffn_sub_norm=True,
+            tie_embeddings=True,
+            bias=False,
+        )
         fields.update(overrides)
         return cls(**fields)
 

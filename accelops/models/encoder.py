@@ -14,6 +14,7 @@ does to the decoder.
 rows: no position attends to a padded key, so a real token's output does not depend on
 how much padding its row has.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,16 @@ from .config import TransformerLMConfig
 from .layers import apply_rope, make_norm, rope_cos_sin
 from .transformer import CausalSelfAttention, TransformerBlock
 
-__all__ = ["BidirectionalSelfAttention", "EncoderBlock", "TransformerEncoder", "EncoderForSequenceClassification",
-           "EncoderForTokenClassification", "EncoderForQuestionAnswering", "HEADS", "POOLINGS"]
+__all__ = [
+    "BidirectionalSelfAttention",
+    "EncoderBlock",
+    "TransformerEncoder",
+    "EncoderForSequenceClassification",
+    "EncoderForTokenClassification",
+    "EncoderForQuestionAnswering",
+    "HEADS",
+    "POOLINGS",
+]
 
 HEADS = ("sequence", "token", "span")
 POOLINGS = ("mean", "first")
@@ -51,8 +60,15 @@ class BidirectionalSelfAttention(CausalSelfAttention):
             if rope is None:
                 rope = rope_cos_sin(torch.arange(t, device=x.device), hd, self.rope_theta, q.dtype)
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=False, enable_gqa=self.n_kv_heads != self.n_heads)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=False,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
         y = y.transpose(1, 2).reshape(b, t, self.dim)
         if self.attn_sub_norm is not None:
             y = self.attn_sub_norm(y)
@@ -70,9 +86,15 @@ class EncoderBlock(TransformerBlock):
         # Rebuilt from the same arguments rather than re-classed in place: the attention's
         # sub-norm is rebuilt too, and the block's other parts stay the decoder's.
         self.attn = BidirectionalSelfAttention(
-            cfg.dim, cfg.n_heads, cfg.quant, cfg.attention_bias, cfg.dropout, n_kv_heads=cfg.kv_heads,
+            cfg.dim,
+            cfg.n_heads,
+            cfg.quant,
+            cfg.attention_bias,
+            cfg.dropout,
+            n_kv_heads=cfg.kv_heads,
             rope_theta=causal.rope_theta,
-            sub_norm=make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cfg.attn_sub_norm else None)
+            sub_norm=make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cfg.attn_sub_norm else None,
+        )
 
 
 class TransformerEncoder(nn.Module):
@@ -234,8 +256,9 @@ class EncoderForTokenClassification(TransformerEncoder):
         labels = _check_labels(labels, logits.shape[:2])
         if attention_mask is not None:
             labels = labels.masked_fill(~attention_mask.to(device=labels.device, dtype=torch.bool), IGNORE_INDEX)
-        return logits, F.cross_entropy(logits.reshape(-1, self.num_labels).float(), labels.reshape(-1),
-                                       ignore_index=IGNORE_INDEX)
+        return logits, F.cross_entropy(
+            logits.reshape(-1, self.num_labels).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX
+        )
 
 
 class EncoderForQuestionAnswering(TransformerEncoder):
@@ -264,8 +287,10 @@ class EncoderForQuestionAnswering(TransformerEncoder):
         labels = _check_labels(labels, (logits.shape[0], 2))
         t = logits.shape[1]
         if labels.device.type == "cpu" and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= t):
-            raise ValueError(f"labels (answer start, end) must be positions in [0, {t}), got values in "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+            raise ValueError(
+                f"labels (answer start, end) must be positions in [0, {t}), got values in "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
         start = F.cross_entropy(logits[..., 0].float(), labels[:, 0])
         end = F.cross_entropy(logits[..., 1].float(), labels[:, 1])
         return logits, (start + end) / 2

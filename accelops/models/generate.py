@@ -16,6 +16,7 @@ padded batch, each row's first new token comes from its last real prompt positio
 row b's decode steps write at positions len_b, len_b + 1, ..., overwriting the keys the
 padding left there. A row never attends past its own position, so it never sees padding.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -30,6 +31,7 @@ __all__ = ["generate", "sample"]
 
 
 # --------------------------------------------------------------------------- checks
+
 
 def _int(name: str, value, lo: int | None = None) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
@@ -57,15 +59,16 @@ def _prompts(tokens, vocab_size: int, max_len: int) -> list[torch.Tensor]:
         for i, p in enumerate(tokens):
             if isinstance(p, torch.Tensor):
                 if p.dim() != 1 or p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
-                    raise ValueError(f"tokens[{i}] must be a 1-D integer tensor, got {p.dtype} of shape "
-                                     f"{tuple(p.shape)}")
+                    raise ValueError(
+                        f"tokens[{i}] must be a 1-D integer tensor, got {p.dtype} of shape {tuple(p.shape)}"
+                    )
                 prompts.append(p.detach().cpu().long())
-            elif isinstance(p, (list, tuple)) and all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
-                                                      for t in p):
+            elif isinstance(p, (list, tuple)) and all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in p
+            ):
                 prompts.append(torch.tensor(list(p), dtype=torch.long))
             else:
-                raise ValueError(f"tokens[{i}] must be a 1-D integer tensor or a list of ints, got "
-                                 f"{type(p).__name__}")
+                raise ValueError(f"tokens[{i}] must be a 1-D integer tensor or a list of ints, got {type(p).__name__}")
     else:
         raise ValueError(f"tokens must be an integer tensor or a list of prompts, got {type(tokens).__name__}")
     if not prompts:
@@ -74,30 +77,41 @@ def _prompts(tokens, vocab_size: int, max_len: int) -> list[torch.Tensor]:
         if p.numel() == 0:
             raise ValueError(f"tokens: prompt {i} is empty; a prompt needs at least one token (e.g. a BOS token)")
         if p.numel() > max_len:
-            raise ValueError(f"tokens: prompt {i} has {p.numel()} tokens, longer than the model's context "
-                             f"max_len={max_len}")
+            raise ValueError(
+                f"tokens: prompt {i} has {p.numel()} tokens, longer than the model's context max_len={max_len}"
+            )
         lo, hi = int(p.min()), int(p.max())
         if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"tokens: prompt {i} holds ids in [{lo}, {hi}], outside the vocabulary "
-                             f"[0, vocab_size={vocab_size})")
+            raise ValueError(
+                f"tokens: prompt {i} holds ids in [{lo}, {hi}], outside the vocabulary [0, vocab_size={vocab_size})"
+            )
     return prompts
 
 
 def _check_sampling(temperature, top_k, top_p):
-    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) or not math.isfinite(temperature) \
-            or temperature < 0:
+    if (
+        not isinstance(temperature, numbers.Real)
+        or isinstance(temperature, bool)
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
     if top_k is not None:
         _int("top_k", top_k, 1)
-    if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool)
-                              or not 0.0 < top_p <= 1.0):
+    if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
 # --------------------------------------------------------------------------- sampling
 
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """The next token of each row of logits [batch, vocab] -> [batch] int64. temperature 0:
     argmax (the first of equal maxima). Otherwise softmax(logits / temperature) restricted to
     the top_k most likely tokens, then to the smallest set of most likely tokens whose
@@ -120,9 +134,19 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
 
 # --------------------------------------------------------------------------- generate
 
-def generate(model, tokens, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, eos_token_id: int | None = None, seed: int | None = None,
-             stream=None, compile: bool = False) -> torch.Tensor:
+
+def generate(
+    model,
+    tokens,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    seed: int | None = None,
+    stream=None,
+    compile: bool = False,
+) -> torch.Tensor:
     """Continue each prompt by max_new_tokens tokens (fewer when every row has produced
     eos_token_id) -> the new tokens, [batch, n] int64 on the model's device; after a row's
     eos_token_id the row holds eos_token_id.
@@ -151,9 +175,11 @@ def generate(model, tokens, max_new_tokens: int, temperature: float = 1.0, top_k
     n_new = _int("max_new_tokens", max_new_tokens, 1)
     longest = max(p.numel() for p in prompts)
     if longest + n_new > cfg.max_len:
-        raise ValueError(f"max_new_tokens={n_new} runs past the model's context: the longest prompt has {longest} "
-                         f"tokens and prompt + new tokens must fit max_len={cfg.max_len} (at most "
-                         f"{cfg.max_len - longest} new tokens)")
+        raise ValueError(
+            f"max_new_tokens={n_new} runs past the model's context: the longest prompt has {longest} "
+            f"tokens and prompt + new tokens must fit max_len={cfg.max_len} (at most "
+            f"{cfg.max_len - longest} new tokens)"
+        )
     _check_sampling(temperature, top_k, top_p)
     if eos_token_id is not None:
         _int("eos_token_id", eos_token_id, 0)
@@ -164,8 +190,9 @@ def generate(model, tokens, max_new_tokens: int, temperature: float = 1.0, top_k
     if not isinstance(compile, bool):
         raise ValueError(f"compile must be a bool, got {compile!r}")
     if stream is not None and not callable(stream):
-        raise ValueError(f"stream must be a callable (called with each step's tokens) or None, got "
-                         f"{type(stream).__name__}")
+        raise ValueError(
+            f"stream must be a callable (called with each step's tokens) or None, got {type(stream).__name__}"
+        )
 
     # tok_emb's first tensor (a converted Int8Embedding's .weight would dequantize it whole)
     device = next(itertools.chain(model.tok_emb.parameters(), model.tok_emb.buffers())).device
@@ -173,8 +200,19 @@ def generate(model, tokens, max_new_tokens: int, temperature: float = 1.0, top_k
     model.eval()
     try:
         with torch.inference_mode():
-            return _run(model, prompts, n_new, temperature, top_k, top_p, eos_token_id, seed, stream, device,
-                        _compiled_decode() if compile else _decode)
+            return _run(
+                model,
+                prompts,
+                n_new,
+                temperature,
+                top_k,
+                top_p,
+                eos_token_id,
+                seed,
+                stream,
+                device,
+                _compiled_decode() if compile else _decode,
+            )
     finally:
         model.train(was_training)
 
@@ -202,7 +240,7 @@ def _run(model, prompts, n_new, temperature, top_k, top_p, eos_token_id, seed, s
     lengths = torch.tensor([p.numel() for p in prompts], device=device)
     padded = torch.zeros(batch, longest, dtype=torch.long)  # right padding (any valid id: never attended to)
     for i, p in enumerate(prompts):
-        padded[i, :p.numel()] = p
+        padded[i, : p.numel()] = p
     padded = padded.to(device)
     generator = None
     if seed is not None and temperature > 0:

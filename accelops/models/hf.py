@@ -18,6 +18,7 @@ Checkpoints with a quantization_config (the published microsoft/bitnet-b1.58-2B-
 packed 4 ternary values a byte, plus weight_scale) are refused with a clear error: their
 packed layout is not read here (yet).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,15 +35,21 @@ __all__ = ["from_hf_bitnet", "config_from_hf_bitnet", "hf_bitnet_name"]
 # transformers' hidden_act -> TransformerLMConfig.activation (the MLP is gated: act(gate) * up)
 _ACTS = {"relu2": "relu2", "silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
 
-_TOP = {"model.embed_tokens.weight": "tok_emb.weight", "model.norm.weight": "norm.weight",
-        "lm_head.weight": "lm_head.weight"}
+_TOP = {
+    "model.embed_tokens.weight": "tok_emb.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 _LAYER = {
     "input_layernorm.weight": "norm1.weight",
     "post_attention_layernorm.weight": "norm2.weight",
     "self_attn.attn_sub_norm.weight": "attn.attn_sub_norm.weight",
     "mlp.ffn_sub_norm.weight": "ffn.ffn_sub_norm.weight",
-    **{f"self_attn.{p}.{t}": f"attn.{p}.{t}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")
-       for t in ("weight", "bias")},
+    **{
+        f"self_attn.{p}.{t}": f"attn.{p}.{t}"
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+        for t in ("weight", "bias")
+    },
     **{f"mlp.{p}.{t}": f"ffn.{p}.{t}" for p in ("gate_proj", "up_proj", "down_proj") for t in ("weight", "bias")},
 }
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -68,9 +75,11 @@ def config_from_hf_bitnet(hf: dict, **overrides) -> TransformerLMConfig:
     if hf.get("model_type", "bitnet") != "bitnet":
         raise ValueError(f"config: model_type is {hf.get('model_type')!r}, not 'bitnet'")
     if hf.get("quantization_config"):
-        raise ValueError("config: the checkpoint has a quantization_config "
-                         f"({hf['quantization_config']!r}): its weights are stored packed (transformers' bitnet "
-                         "quantizer), which from_hf_bitnet does not read; use a checkpoint of unpacked weights")
+        raise ValueError(
+            "config: the checkpoint has a quantization_config "
+            f"({hf['quantization_config']!r}): its weights are stored packed (transformers' bitnet "
+            "quantizer), which from_hf_bitnet does not read; use a checkpoint of unpacked weights"
+        )
     act = hf.get("hidden_act", "relu2")
     if act not in _ACTS:
         raise ValueError(f"config: hidden_act {act!r} is not supported (supported: {sorted(_ACTS)})")
@@ -80,15 +89,30 @@ def config_from_hf_bitnet(hf: dict, **overrides) -> TransformerLMConfig:
     theta = rope.get("rope_theta", hf.get("rope_theta", 500000.0))  # BitNetConfig.default_theta
     dim, heads = hf["hidden_size"], hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, dim // heads):
-        raise ValueError(f"config: head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads = "
-                         f"{dim // heads}; TransformerLM's head size is dim / n_heads")
+        raise ValueError(
+            f"config: head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads = "
+            f"{dim // heads}; TransformerLM's head size is dim / n_heads"
+        )
     fields = dict(
-        vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"], n_heads=heads,
-        n_kv_heads=hf.get("num_key_value_heads") or heads, hidden=hf["intermediate_size"],
-        max_len=hf.get("max_position_embeddings", 2048), activation=_ACTS[act], pos_emb="rope",
-        rope_theta=float(theta), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-5), attn_sub_norm=True,
-        ffn_sub_norm=True, tie_embeddings=bool(hf.get("tie_word_embeddings", False)), bias=False,
-        attn_bias=bool(hf.get("attention_bias", False)), mlp_bias=False)
+        vocab_size=hf["vocab_size"],
+        dim=dim,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        hidden=hf["intermediate_size"],
+        max_len=hf.get("max_position_embeddings", 2048),
+        activation=_ACTS[act],
+        pos_emb="rope",
+        rope_theta=float(theta),
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-5),
+        attn_sub_norm=True,
+        ffn_sub_norm=True,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bias=False,
+        attn_bias=bool(hf.get("attention_bias", False)),
+        mlp_bias=False,
+    )
     fields.update(overrides)
     return TransformerLMConfig(**fields)
 
@@ -141,15 +165,18 @@ def from_hf_bitnet(path_or_state_dict, config=None) -> TransformerLM:
         if config is None:
             raise ValueError("config is required with a state dict: a TransformerLMConfig or the BitNet config")
     else:
-        raise TypeError(f"path_or_state_dict must be a directory path or a state dict, got "
-                        f"{type(path_or_state_dict).__name__}")
+        raise TypeError(
+            f"path_or_state_dict must be a directory path or a state dict, got {type(path_or_state_dict).__name__}"
+        )
     if not isinstance(config, TransformerLMConfig):
         config = config_from_hf_bitnet(config)
 
     packed = sorted(k for k in state if k.endswith("weight_scale"))
     if packed:
-        raise ValueError(f"{packed[0]}: the checkpoint holds packed ternary weights with scales (transformers' bitnet "
-                         "quantizer), which from_hf_bitnet does not read; use a checkpoint of unpacked weights")
+        raise ValueError(
+            f"{packed[0]}: the checkpoint holds packed ternary weights with scales (transformers' bitnet "
+            "quantizer), which from_hf_bitnet does not read; use a checkpoint of unpacked weights"
+        )
     # fp32 projections: built on the meta device, so nothing is initialised only to be
     # overwritten (2.4e9 weights for 2B4T); other quant modes build normally (their layers
     # may hold state that load_state_dict does not fill) and quantize on load.
@@ -169,20 +196,26 @@ def from_hf_bitnet(path_or_state_dict, config=None) -> TransformerLM:
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{name}: expected a tensor, got {type(tensor).__name__}")
         if tuple(tensor.shape) != tuple(expected[target]):
-            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, but the model of this config needs "
-                             f"{tuple(expected[target])} for {target} (vocab_size={config.vocab_size}, "
-                             f"dim={config.dim}, n_heads={config.n_heads}, n_kv_heads={config.kv_heads}, "
-                             f"hidden={config.hidden}); the checkpoint and its config disagree")
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)}, but the model of this config needs "
+                f"{tuple(expected[target])} for {target} (vocab_size={config.vocab_size}, "
+                f"dim={config.dim}, n_heads={config.n_heads}, n_kv_heads={config.kv_heads}, "
+                f"hidden={config.hidden}); the checkpoint and its config disagree"
+            )
         ours[target] = tensor.to(torch.float32)
     if unknown:
-        raise ValueError(f"{unknown[0]} is not a weight of a BitNet model of this config"
-                         + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
-                         + f" (n_layers={config.n_layers}, tie_embeddings={config.tie_embeddings})")
+        raise ValueError(
+            f"{unknown[0]} is not a weight of a BitNet model of this config"
+            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            + f" (n_layers={config.n_layers}, tie_embeddings={config.tie_embeddings})"
+        )
     missing = [k for k in expected if k not in ours]
     if missing:
         hf_name = _hf_name(missing[0])
-        raise ValueError(f"{hf_name} is missing from the checkpoint (the model's {missing[0]})"
-                         + (f", and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        raise ValueError(
+            f"{hf_name} is missing from the checkpoint (the model's {missing[0]})"
+            + (f", and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
     if config.quant is None:
         model.to_empty(device="cpu")
     model.load_state_dict(ours, strict=True)

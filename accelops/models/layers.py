@@ -1,5 +1,6 @@
 """The pieces of TransformerLM's newer architectures: norms, rotary position embeddings,
 the unfused FFN (squared ReLU, BitNet's sub-layer norm) and the static key/value cache."""
+
 from __future__ import annotations
 
 import torch
@@ -19,6 +20,7 @@ def make_norm(kind: str, size: int, eps: float) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- rotary embeddings
+
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """(cos, sin) [*positions.shape, head_dim] for integer positions, computed as transformers'
@@ -46,6 +48,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # --------------------------------------------------------------------------- FFN
 
+
 class UnfusedFFN(nn.Module):
     """down_proj(sub_norm(act(gate_proj(x)) * up_proj(x))) in plain PyTorch, for what the fused
     FFN op (accelops.ops.fused_ffn: swiglu, geglu, gelu) cannot do: activation "relu2"
@@ -55,8 +58,14 @@ class UnfusedFFN(nn.Module):
     layers the caller gives (nn.Linear, BitLinear, Int8Linear, QATLinear, ...), and
     accelops.convert / to_int8 swap them like any other linear layer."""
 
-    def __init__(self, gate_proj: nn.Module | None, up_proj: nn.Module, down_proj: nn.Module, activation: str,
-                 sub_norm: nn.Module | None = None):
+    def __init__(
+        self,
+        gate_proj: nn.Module | None,
+        up_proj: nn.Module,
+        down_proj: nn.Module,
+        activation: str,
+        sub_norm: nn.Module | None = None,
+    ):
         super().__init__()
         if activation not in ref_ffn.ACTIVATIONS + ("relu2",):
             raise ValueError(f"activation must be one of {ref_ffn.ACTIVATIONS + ('relu2',)}, got {activation!r}")
@@ -85,6 +94,7 @@ class UnfusedFFN(nn.Module):
 
 
 # --------------------------------------------------------------------------- key/value cache
+
 
 class KVCache:
     """Preallocated keys and values of every layer for generation: per layer two tensors of

@@ -1,4 +1,5 @@
 """RNNLM: a stacked LSTM/GRU language model whose projections are accelops layers."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """TransformerLM: a decoder-only transformer whose projections are accelops layers."""
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,18 @@ class CausalSelfAttention(nn.Module):
     and k (None: none, the positions come from a learned embedding). sub_norm: a norm on
     the attention output before o_proj (BitNet's attn_sub_norm)."""
 
-    def __init__(self, dim: int, n_heads: int, quant=None, bias: bool = False, dropout: float = 0.0, *,
-                 n_kv_heads: int | None = None, rope_theta: float | None = None, sub_norm: nn.Module | None = None):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        quant=None,
+        bias: bool = False,
+        dropout: float = 0.0,
+        *,
+        n_kv_heads: int | None = None,
+        rope_theta: float | None = None,
+        sub_norm: nn.Module | None = None,
+    ):
         super().__init__()
         self.dim, self.n_heads, self.dropout = dim, n_heads, dropout
         self.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
@@ -55,8 +66,9 @@ class CausalSelfAttention(nn.Module):
         if mask is None:
             if cache is not None:
                 cache.update(k, v)
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True, enable_gqa=gqa
+            )
         else:
             k, v = cache.update(k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -78,12 +90,24 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.norm1 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
         self.attn = CausalSelfAttention(
-            cfg.dim, cfg.n_heads, cfg.quant, cfg.attention_bias, cfg.dropout, n_kv_heads=cfg.kv_heads,
+            cfg.dim,
+            cfg.n_heads,
+            cfg.quant,
+            cfg.attention_bias,
+            cfg.dropout,
+            n_kv_heads=cfg.kv_heads,
             rope_theta=cfg.rope_theta if cfg.pos_emb == "rope" else None,
-            sub_norm=make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cfg.attn_sub_norm else None)
+            sub_norm=make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cfg.attn_sub_norm else None,
+        )
         self.norm2 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
-        self.ffn = make_ffn(cfg.quant, cfg.dim, cfg.hidden, cfg.activation, cfg.ffn_bias,
-                            make_norm(cfg.norm, cfg.hidden, cfg.norm_eps) if cfg.ffn_sub_norm else None)
+        self.ffn = make_ffn(
+            cfg.quant,
+            cfg.dim,
+            cfg.hidden,
+            cfg.activation,
+            cfg.ffn_bias,
+            make_norm(cfg.norm, cfg.hidden, cfg.norm_eps) if cfg.ffn_sub_norm else None,
+        )
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope=None, cache=None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,8 +141,13 @@ class TransformerLM(LanguageModel):
         if self.tok_emb.weight.device.type != "meta":
             self.init_weights()
 
-    def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _hidden(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Final hidden states. positions [batch, t] (default 0 .. t-1); cache and mask as in
         CausalSelfAttention.forward (generation)."""
         pos = torch.arange(tokens.shape[1], device=tokens.device) if positions is None else positions
@@ -135,15 +164,34 @@ class TransformerLM(LanguageModel):
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, tokens, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_token_id: int | None = None, seed: int | None = None,
-                 stream=None, compile: bool = False) -> torch.Tensor:
+    def generate(
+        self,
+        tokens,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        seed: int | None = None,
+        stream=None,
+        compile: bool = False,
+    ) -> torch.Tensor:
         """Continue each prompt by up to max_new_tokens tokens with a preallocated KV cache;
         -> [batch, n] the new tokens (n <= max_new_tokens). See accelops.models.generate."""
         from .generate import generate
 
-        return generate(self, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_token_id=eos_token_id, seed=seed, stream=stream, compile=compile)
+        return generate(
+            self,
+            tokens,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            seed=seed,
+            stream=stream,
+            compile=compile,
+        )
 
     @classmethod
     def from_hf_bitnet(cls, path_or_state_dict, config=None) -> "TransformerLM":

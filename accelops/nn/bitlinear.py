@@ -1,15 +1,19 @@
 """BitLinear: the BitNet b1.58 training layer (fake-quantized ternary weights, int8
 activations, straight-through gradients). The spec is accelops/reference/bitlinear.py.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from .. import ops
+
 # The training matmul and its autograd live with the other ops (accelops/ops/bitlinear.py).
-from ..ops.bitlinear import _BitLinearFunction  # noqa: F401  (the layer's autograd, for tests to spy on)
-from ..ops.bitlinear import bitlinear_matmul
+from ..ops.bitlinear import (
+    _BitLinearFunction,  # noqa: F401  (the layer's autograd, for tests to spy on)
+    bitlinear_matmul,
+)
 from ..reference.ternary import quantize_weight_ternary as quantize_weight_ternary_reference
 from ..reference.ternary import quantize_weight_ternary_values
 
@@ -60,8 +64,16 @@ class BitLinear(nn.Linear):
     cache_quantization = False
     _quant_cache = None  # (key, {"wq", "scale", "deq", "packed": (w_packed, w_scale)}, each made on first use)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, per_channel: bool = False,
-                 *, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        per_channel: bool = False,
+        *,
+        device=None,
+        dtype=None,
+    ):
         if not isinstance(per_channel, bool):
             raise TypeError(f"per_channel must be a bool, got {per_channel!r}")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -89,8 +101,11 @@ class BitLinear(nn.Linear):
         choice) does not go through."""
         if not torch.is_grad_enabled():
             return True
-        return not (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
-                    or (isinstance(x, torch.Tensor) and x.requires_grad))
+        return not (
+            self.weight.requires_grad
+            or (self.bias is not None and self.bias.requires_grad)
+            or (isinstance(x, torch.Tensor) and x.requires_grad)
+        )
 
     # ---------------------------------------------------------------- quantized weight
 
@@ -170,8 +185,13 @@ class BitLinear(nn.Linear):
         ties, optimizer references and requires_grad carry over."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  per_channel=per_channel, device="meta")
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            per_channel=per_channel,
+            device="meta",
+        )
         new.weight = linear.weight
         new.bias = linear.bias
         new.train(linear.training)

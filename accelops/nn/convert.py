@@ -9,6 +9,7 @@ convert is atomic: every layer is planned, checked and built before the first on
 into the model, so an error (a NaN weight, a QATLinear with no int8 form) leaves the model
 as it was and names the layer by its qualified name.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,16 +34,27 @@ _COPYING = ("ternary", "int8", "dynamic-int8", "int8-from-qat")
 # The output head (LM head) stays in its precision by default in the ternary modes (BitNet
 # b1.58 keeps it in higher precision: at a large vocabulary it carries most of the error);
 # the int8 modes quantize it, as torchao's quantize_ does with every nn.Linear.
-_QUANTIZE_OUTPUT_DEFAULT = {"bitlinear": False, "ternary": False, "int8": True, "dynamic-int8": True,
-                            "qat-int8": True, "int8-from-qat": True}
+_QUANTIZE_OUTPUT_DEFAULT = {
+    "bitlinear": False,
+    "ternary": False,
+    "int8": True,
+    "dynamic-int8": True,
+    "qat-int8": True,
+    "int8-from-qat": True,
+}
 # convert(head=, embedding=): the precision of the output head and of the input (token)
 # embedding, in the inference modes. "fp32": left as it is.
 PRECISIONS = ("fp32", "bf16", "int8")
 _INFERENCE_MODES = ("ternary", "int8", "dynamic-int8", "int8-from-qat")
 _EMBEDDING_CLASS = {"int8": Int8Embedding, "bf16": Bf16Embedding}
 # FusedFFN quant mode that each convert mode gives a FusedFFN of quant None.
-_FFN_MODE = {"bitlinear": "bitlinear", "ternary": "ternary", "int8": "int8", "dynamic-int8": "int8",
-             "qat-int8": "qat-int8"}
+_FFN_MODE = {
+    "bitlinear": "bitlinear",
+    "ternary": "ternary",
+    "int8": "int8",
+    "dynamic-int8": "int8",
+    "qat-int8": "qat-int8",
+}
 
 
 @dataclass
@@ -89,16 +101,35 @@ class ConvertReport:
             f"model {_mib(self.model_bytes_before)} -> {_mib(self.model_bytes_after)}"
         ]
         if not self.swapped:
-            lines.append("  nothing was converted" + (": see the skipped layers below" if self.skipped else
-                                                        ": the model holds no nn.Linear, Conv1D or FusedFFN"))
+            lines.append(
+                "  nothing was converted"
+                + (
+                    ": see the skipped layers below"
+                    if self.skipped
+                    else ": the model holds no nn.Linear, Conv1D or FusedFFN"
+                )
+            )
         if self.swapped:
             rows = [("fqn", "from", "to", "in", "out", "runs")]
-            rows += [(s.fqn, s.from_type, s.to_type, str(s.in_features), str(s.out_features),
-                      s.runs + (f" ({s.note})" if s.note else "")) for s in self.swapped]
+            rows += [
+                (
+                    s.fqn,
+                    s.from_type,
+                    s.to_type,
+                    str(s.in_features),
+                    str(s.out_features),
+                    s.runs + (f" ({s.note})" if s.note else ""),
+                )
+                for s in self.swapped
+            ]
             widths = [max(len(r[i]) for r in rows) for i in range(6)]
             for r in rows:
-                lines.append("  " + "  ".join(c.rjust(w) if i in (3, 4) else c.ljust(w)
-                                              for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+                lines.append(
+                    "  "
+                    + "  ".join(
+                        c.rjust(w) if i in (3, 4) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+                    ).rstrip()
+                )
         for fqn, why in self.skipped:
             lines.append(f"  skipped {fqn}: {why}")
         return "\n".join(lines)
@@ -109,6 +140,7 @@ def _mib(n: int) -> str:
 
 
 # --------------------------------------------------------------------------- bytes
+
 
 def _storage_key(t: torch.Tensor):
     if t.device.type == "meta":
@@ -139,6 +171,7 @@ def _module_tensors(module: nn.Module):
 
 
 # --------------------------------------------------------------------------- Conv1D
+
 
 def _is_conv1d(module: nn.Module) -> bool:
     """transformers.pytorch_utils.Conv1D (GPT-2, GPT, ...), recognised without importing
@@ -175,6 +208,7 @@ def _features(module: nn.Module) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- what runs
 
+
 def _runs(module: nn.Module) -> str:
     if isinstance(module, TernaryLinear):
         return "ternary_matmul"
@@ -195,12 +229,16 @@ def _runs(module: nn.Module) -> str:
     if isinstance(module, Bf16Linear):
         return "bf16 F.linear"
     if isinstance(module, TiedHead):
-        return ("int8_linear on the embedding's w_q / w_scale" if module.precision == "int8"
-                else "bf16 F.linear on the embedding's weight")
+        return (
+            "int8_linear on the embedding's w_q / w_scale"
+            if module.precision == "int8"
+            else "bf16 F.linear on the embedding's weight"
+        )
     return type(module).__name__
 
 
 # --------------------------------------------------------------------------- planning
+
 
 @dataclass
 class _Plan:
@@ -307,14 +345,22 @@ class _Planner:
         # A training layer converts only into its own inference form, in that form's mode.
         inference_forms = {
             QATLinear: ("int8-from-qat", m.to_int8_linear if type(m) is QATLinear else None),
-            BitLinear: ("ternary", lambda: _on_meta_or(m, lambda: TernaryLinear.from_bitlinear(m), _empty_ternary,
-                                                       m.per_channel)),
+            BitLinear: (
+                "ternary",
+                lambda: _on_meta_or(m, lambda: TernaryLinear.from_bitlinear(m), _empty_ternary, m.per_channel),
+            ),
         }
         if type(m) in inference_forms:
             its_mode, make = inference_forms[type(m)]
             if mode != its_mode:
-                return "skip", (f"already a {type(m).__name__}; mode={mode!r} converts only plain nn.Linear "
-                                f"(use mode={its_mode!r})"), ""
+                return (
+                    "skip",
+                    (
+                        f"already a {type(m).__name__}; mode={mode!r} converts only plain nn.Linear "
+                        f"(use mode={its_mode!r})"
+                    ),
+                    "",
+                )
             if not self._ask_filter(m, fqn):
                 return "skip", "filter returned False", ""
             return self._untie_or_skip(m, make)
@@ -332,17 +378,32 @@ class _Planner:
         quantize_output = _QUANTIZE_OUTPUT_DEFAULT[mode] if self.quantize_output is None else self.quantize_output
         if is_head and not quantize_output:
             default = self.quantize_output is None
-            return "skip", (f"the output head stays {m.weight.dtype} "
-                            + (f"by default in mode {mode!r} (BitNet keeps the LM head in higher precision)"
-                               if default else "(quantize_output=False)")
-                            + ("; quantize_output=True converts it" if default else "")), ""
+            return (
+                "skip",
+                (
+                    f"the output head stays {m.weight.dtype} "
+                    + (
+                        f"by default in mode {mode!r} (BitNet keeps the LM head in higher precision)"
+                        if default
+                        else "(quantize_output=False)"
+                    )
+                    + ("; quantize_output=True converts it" if default else "")
+                ),
+                "",
+            )
         if not self._ask_filter(m, fqn):
             return "skip", "filter returned False", ""
         copying = mode in _COPYING
         tied = self._tied_to(m, [m.weight])
         if tied is not None and (copying or conv) and not self.untie:
-            return "skip", (f"its weight is tied to {tied}.weight; converting it would untie the two (a quantized "
-                            "copy beside the float weight); untie=True converts it anyway"), ""
+            return (
+                "skip",
+                (
+                    f"its weight is tied to {tied}.weight; converting it would untie the two (a quantized "
+                    "copy beside the float weight); untie=True converts it anyway"
+                ),
+                "",
+            )
         note = ""
         if tied is not None and (copying or conv):
             note = f"untied from {tied}.weight (untie=True)"
@@ -355,8 +416,10 @@ class _Planner:
             def source():
                 return _conv1d_as_linear(m, share_bias=not copying)
         else:
+
             def source():
                 return m
+
         return "swap", self._maker(m, source), note
 
     def _untie_or_skip(self, m, make):
@@ -365,8 +428,14 @@ class _Planner:
         if tied is None:
             return "swap", make, ""
         if not self.untie:
-            return "skip", (f"its weight is tied to {tied}.weight; converting it would untie the two (a quantized "
-                            "copy beside the float weight); untie=True converts it anyway"), ""
+            return (
+                "skip",
+                (
+                    f"its weight is tied to {tied}.weight; converting it would untie the two (a quantized "
+                    "copy beside the float weight); untie=True converts it anyway"
+                ),
+                "",
+            )
         return "swap", make, f"untied from {tied}.weight (untie=True)"
 
     def _maker(self, m, source):
@@ -376,8 +445,9 @@ class _Planner:
         if mode == "qat-int8":
             return lambda: QATLinear.from_linear(source(), **qat)
         if mode == "ternary":
-            return lambda: _on_meta_or(m, lambda: TernaryLinear.from_linear(source(), per_channel=per_channel),
-                                       _empty_ternary, per_channel)
+            return lambda: _on_meta_or(
+                m, lambda: TernaryLinear.from_linear(source(), per_channel=per_channel), _empty_ternary, per_channel
+            )
         return lambda: _on_meta_or(m, lambda: Int8Linear.from_linear(source()), _empty_int8, None)
 
     def _decide_ffn(self, ffn: FusedFFN, fqn: str):
@@ -391,24 +461,42 @@ class _Planner:
         else:
             return "skip", f"a FusedFFN with quant={q!r}: mode={mode!r} does not apply to it", ""
         if target == "qat-int8" and self.qat["activation"] != "per_token":
-            return "skip", ("a FusedFFN quantizes activations per token only; activation='per_tensor' needs the "
-                            "unfused FFN (FusedFFN.to_module()) before convert"), ""
+            return (
+                "skip",
+                (
+                    "a FusedFFN quantizes activations per token only; activation='per_tensor' needs the "
+                    "unfused FFN (FusedFFN.to_module()) before convert"
+                ),
+                "",
+            )
         if target == "int8" and q == "qat-int8" and ffn.qat_weight != "int8":
-            raise ValueError(f"{fqn} is a FusedFFN(quant='qat-int8', qat_weight={ffn.qat_weight!r}): only int8 "
-                             "weights have an exact Int8Linear form; skip it with filter=")
-        projections = [(n, getattr(ffn, n)) for n in ("gate_proj", "up_proj", "down_proj") if getattr(ffn, n) is not None]
+            raise ValueError(
+                f"{fqn} is a FusedFFN(quant='qat-int8', qat_weight={ffn.qat_weight!r}): only int8 "
+                "weights have an exact Int8Linear form; skip it with filter="
+            )
+        projections = [
+            (n, getattr(ffn, n)) for n in ("gate_proj", "up_proj", "down_proj") if getattr(ffn, n) is not None
+        ]
         answers = {n: self._ask_filter(p, f"{fqn}.{n}") for n, p in projections}
         if len(set(answers.values())) > 1:
-            raise ValueError(f"filter returned {answers} for the projections of the FusedFFN {fqn}: a fused FFN "
-                             "converts as one unit, so the filter must give all its projections the same answer")
+            raise ValueError(
+                f"filter returned {answers} for the projections of the FusedFFN {fqn}: a fused FFN "
+                "converts as one unit, so the filter must give all its projections the same answer"
+            )
         if not all(answers.values()):
             return "skip", "filter returned False for its projections", ""
         copying = target in ("ternary", "int8")
         for n, p in projections:
             tied = self._tied_to(p, [p.weight])
             if tied is not None and copying and not self.untie:
-                return "skip", (f"{n}.weight is tied to {tied}.weight; converting would untie them; untie=True "
-                                "converts it anyway"), ""
+                return (
+                    "skip",
+                    (
+                        f"{n}.weight is tied to {tied}.weight; converting would untie them; untie=True "
+                        "converts it anyway"
+                    ),
+                    "",
+                )
         per_channel = ffn.per_channel if q == "bitlinear" else self.per_channel
         kw = {"qat_weight": self.qat["weight"], "group_size": self.qat["group_size"]} if target == "qat-int8" else {}
 
@@ -416,11 +504,19 @@ class _Planner:
             if target == "int8" and q == "qat-int8":
                 return _ffn_int8_from_qat(ffn)
             if ffn.up_proj.weight.device.type == "meta" and copying:
-                new = FusedFFN(ffn.dim, ffn.hidden, ffn.activation, bias=ffn.up_proj.bias is not None, quant=target,
-                               per_channel=per_channel, device="meta")
+                new = FusedFFN(
+                    ffn.dim,
+                    ffn.hidden,
+                    ffn.activation,
+                    bias=ffn.up_proj.bias is not None,
+                    quant=target,
+                    per_channel=per_channel,
+                    device="meta",
+                )
                 new.train(ffn.training)
                 return new
             return FusedFFN.from_module(ffn, activation=ffn.activation, quant=target, per_channel=per_channel, **kw)
+
         return "swap", make, f"FusedFFN quant={q!r} -> {target!r}"
 
 
@@ -451,8 +547,10 @@ class _EndsPlanner:
             if isinstance(head, nn.Module):
                 return head, self._named(head)
         if len({id(m) for _, m in heads}) > 1:
-            raise ValueError(f"head=: the model has several output heads ({', '.join(n for n, _ in heads)}); "
-                             "convert them with filter= and quantize_output=True instead")
+            raise ValueError(
+                f"head=: the model has several output heads ({', '.join(n for n, _ in heads)}); "
+                "convert them with filter= and quantize_output=True instead"
+            )
         return (heads[0][1], heads[0][0]) if heads else (None, None)
 
     def _embedding(self):
@@ -477,29 +575,46 @@ class _EndsPlanner:
         head, head_fqn = self._head()
         emb, emb_fqn = self._embedding()
         h, e = self.head_p, self.emb_p
-        structural = (head is None and emb is not None
-                      and getattr(self.p.model, "head_reads_input_embeddings", False) is True)
+        structural = (
+            head is None and emb is not None and getattr(self.p.model, "head_reads_input_embeddings", False) is True
+        )
         if h is not None and head is None and not structural:
-            raise ValueError("head=: the model has no output head (model.get_output_embeddings() or a layer named "
-                             "lm_head / output_projection)")
+            raise ValueError(
+                "head=: the model has no output head (model.get_output_embeddings() or a layer named "
+                "lm_head / output_projection)"
+            )
         if e is not None and emb is None:
-            raise ValueError("embedding=: the model has no input embedding (model.get_input_embeddings() or a "
-                             "layer named tok_emb / embed_tokens / wte)")
+            raise ValueError(
+                "embedding=: the model has no input embedding (model.get_input_embeddings() or a "
+                "layer named tok_emb / embed_tokens / wte)"
+            )
         # the Parameters themselves (a converted layer's .weight property would dequantize a copy)
         weight = _own_weight(emb)
         tied = structural or (weight is not None and _own_weight(head) is weight)
         out: dict[int, tuple] = {}
         if tied and not (h is not None and e is not None and h != e):
-            self._tied(out, h or e, head, head_fqn, emb, emb_fqn, structural, followed="embedding" if e is None
-                       else "head" if h is None else None)
+            self._tied(
+                out,
+                h or e,
+                head,
+                head_fqn,
+                emb,
+                emb_fqn,
+                structural,
+                followed="embedding" if e is None else "head" if h is None else None,
+            )
             return out
         if tied:  # h and e differ
             if structural:
-                raise ValueError(f"head={h!r}, embedding={e!r}: the model's head reads its input embedding (tied "
-                                 "embeddings, no head module), so both take one precision; give one of them")
+                raise ValueError(
+                    f"head={h!r}, embedding={e!r}: the model's head reads its input embedding (tied "
+                    "embeddings, no head module), so both take one precision; give one of them"
+                )
             if not self.p.untie:
-                why = (f"tied to {emb_fqn}.weight: head={h!r} and embedding={e!r} would untie them (two copies); "
-                       "untie=True converts each on its own, one precision for both keeps the tie")
+                why = (
+                    f"tied to {emb_fqn}.weight: head={h!r} and embedding={e!r} would untie them (two copies); "
+                    "untie=True converts each on its own, one precision for both keeps the tie"
+                )
                 out[id(head)] = ("skip", why, "")
                 out[id(emb)] = ("skip", why.replace(f"tied to {emb_fqn}.weight", f"tied to {head_fqn}.weight"), "")
                 return out
@@ -530,6 +645,7 @@ class _EndsPlanner:
             if head.weight.device.type == "meta":
                 return Bf16Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
             return Bf16Linear.from_linear(head)
+
         return "swap", make, note
 
     def _embedding_alone(self, emb, fqn, precision, note) -> tuple:
@@ -568,13 +684,17 @@ class _EndsPlanner:
             if "emb" not in built:
                 built["emb"] = make_one()
             return built["emb"]
+
         kernel = "int8_linear" if precision == "int8" else "a bf16 GEMM"
         if structural:
             note = f"tied: also the model's head, {kernel} on this one {precision} weight{also}"
         else:
             note = f"tied to {head_fqn}: one {precision} weight serves both{also}"
-            out[id(head)] = ("swap", lambda: TiedHead.of(make_emb()),
-                             f"tied to {emb_fqn}: {emb_fqn}.attend(h) on its {precision} weight{also}")
+            out[id(head)] = (
+                "swap",
+                lambda: TiedHead.of(make_emb()),
+                f"tied to {emb_fqn}: {emb_fqn}.attend(h) on its {precision} weight{also}",
+            )
         out[id(emb)] = ("swap", make_emb, note)
 
 
@@ -592,6 +712,7 @@ def _embedding_maker(emb: nn.Embedding, precision: str):
             new.train(emb.training)
             return new
         return cls.from_embedding(emb)
+
     return make
 
 
@@ -607,8 +728,7 @@ def _ffn_int8_from_qat(ffn: FusedFFN) -> FusedFFN:
 
 def _empty_ternary(m, per_channel):
     in_f, out_f = _features(m)
-    new = TernaryLinear(in_f, out_f, bias=getattr(m, "bias", None) is not None, per_channel=per_channel,
-                        device="meta")
+    new = TernaryLinear(in_f, out_f, bias=getattr(m, "bias", None) is not None, per_channel=per_channel, device="meta")
     new.train(m.training)
     return new
 
@@ -634,16 +754,28 @@ def _check_finite(plan: _Plan) -> None:
             continue
         if not bool(torch.isfinite(p).all()):
             bad = "NaN" if bool(torch.isnan(p).any()) else "Inf"
-            raise ValueError(f"{plan.fqn}.{pname} holds {bad} values; convert changed nothing (fix or skip the "
-                             "layer with filter=)")
+            raise ValueError(
+                f"{plan.fqn}.{pname} holds {bad} values; convert changed nothing (fix or skip the layer with filter=)"
+            )
 
 
 # --------------------------------------------------------------------------- convert
 
-def convert(model: nn.Module, mode: str, filter: Callable[[nn.Module, str], bool] | None = None,
-            per_channel: bool = False, *, activation: str = "per_token", weight: str = "int8",
-            group_size: int = 128, quantize_output: bool | None = None, untie: bool = False,
-            head: str | None = None, embedding: str | None = None) -> ConvertReport:
+
+def convert(
+    model: nn.Module,
+    mode: str,
+    filter: Callable[[nn.Module, str], bool] | None = None,
+    per_channel: bool = False,
+    *,
+    activation: str = "per_token",
+    weight: str = "int8",
+    group_size: int = 128,
+    quantize_output: bool | None = None,
+    untie: bool = False,
+    head: str | None = None,
+    embedding: str | None = None,
+) -> ConvertReport:
     """Swap `model`'s linear layers in place, recursing through its children; atomic (an
     error leaves the model unchanged and names the layer).
 
@@ -705,11 +837,15 @@ def convert(model: nn.Module, mode: str, filter: Callable[[nn.Module, str], bool
         if value is not None and value not in PRECISIONS:
             raise ValueError(f"{name} must be None or one of {PRECISIONS}, got {value!r}")
     if (head is not None or embedding is not None) and mode not in _INFERENCE_MODES:
-        raise ValueError(f"head= and embedding= apply to the inference modes {_INFERENCE_MODES}, got mode={mode!r} "
-                         "(a training mode keeps the head and embedding trainable)")
+        raise ValueError(
+            f"head= and embedding= apply to the inference modes {_INFERENCE_MODES}, got mode={mode!r} "
+            "(a training mode keeps the head and embedding trainable)"
+        )
     if head is not None and quantize_output is not None:
-        raise ValueError("give head= or quantize_output=, not both: head='int8'/'bf16'/'fp32' sets the output head's "
-                         "precision whatever the mode, quantize_output=True converts it in the mode's format")
+        raise ValueError(
+            "give head= or quantize_output=, not both: head='int8'/'bf16'/'fp32' sets the output head's "
+            "precision whatever the mode, quantize_output=True converts it in the mode's format"
+        )
     qat = {"activation": activation, "weight": weight, "group_size": group_size}
     if mode == "qat-int8":
         QATLinear(1, 1, activation=activation, weight=weight, group_size=group_size, device="meta")  # checks them
@@ -755,8 +891,9 @@ def convert(model: nn.Module, mode: str, filter: Callable[[nn.Module, str], bool
         in_f, out_f = _features(plan.old)
         for parent, name, fqn in plan.sites:
             setattr(parent, name, new)
-            report.swapped.append(Swap(fqn, type(plan.old).__name__, type(new).__name__, in_f, out_f,
-                                       _runs(new), plan.note))
+            report.swapped.append(
+                Swap(fqn, type(plan.old).__name__, type(new).__name__, in_f, out_f, _runs(new), plan.note)
+            )
     report.skipped = planner.skipped
     report.model_bytes_after = _unique_bytes(_module_tensors(model))
     return report

@@ -3,6 +3,7 @@
 Shared by accelops.models (a model's size) and accelops.sharing (sizes before and after
 sharing), so it lives below both.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,8 +48,10 @@ class ParameterCount:
         return 1.0 - self.unique_parameters / self.parameters if self.parameters else 0.0
 
     def __str__(self) -> str:
-        return (f"{self.parameters:,} parameters ({self.unique_parameters:,} unique), "
-                f"{self.fp32_bytes / 2**20:.3f} MiB fp32, {self.deployed_bytes / 2**20:.3f} MiB deployed")
+        return (
+            f"{self.parameters:,} parameters ({self.unique_parameters:,} unique), "
+            f"{self.fp32_bytes / 2**20:.3f} MiB fp32, {self.deployed_bytes / 2**20:.3f} MiB deployed"
+        )
 
 
 def _weights(module: nn.Module):
@@ -98,5 +101,9 @@ def count_parameters(model: nn.Module) -> ParameterCount:
             total += numel
             seen.setdefault(id(tensor), (numel, nbytes))
     unique = sum(n for n, _ in seen.values())
-    return ParameterCount(parameters=total, unique_parameters=unique, fp32_bytes=_FP32 * unique,
-                          deployed_bytes=sum(b for _, b in seen.values()))
+    return ParameterCount(
+        parameters=total,
+        unique_parameters=unique,
+        fp32_bytes=_FP32 * unique,
+        deployed_bytes=sum(b for _, b in seen.values()),
+    )

@@ -22,6 +22,7 @@ An untied head in int8 is an Int8Linear. Outputs: an embedding returns its `dtyp
 dtype of the embedding it replaced; model.to(dtype) changes it, the stored weight keeps its
 precision), the heads return the input's dtype.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,10 +46,16 @@ def _dtype(value) -> torch.dtype:
 
 
 def _check_ids(layer, ids: torch.Tensor) -> None:
-    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex \
-            or ids.dtype == torch.bool:
-        raise TypeError(f"{type(layer).__name__} takes integer ids, got "
-                        f"{ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+    if (
+        not isinstance(ids, torch.Tensor)
+        or ids.dtype.is_floating_point
+        or ids.dtype.is_complex
+        or ids.dtype == torch.bool
+    ):
+        raise TypeError(
+            f"{type(layer).__name__} takes integer ids, got "
+            f"{ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__}"
+        )
 
 
 def _apply_keeping(module: nn.Module, apply, fn, recurse, stored: dict) -> None:
@@ -109,8 +116,9 @@ class Int8Embedding(_LowPrecisionEmbedding):
     the rows and dequantizes them to `dtype`. Loads its own state_dict or an nn.Embedding's
     (whose `weight` it quantizes on load)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *, device=None,
-                 dtype=None):
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *, device=None, dtype=None
+    ):
         super().__init__(num_embeddings, embedding_dim, padding_idx, dtype)
         self.register_buffer("w_q", torch.zeros((num_embeddings, embedding_dim), dtype=torch.int8, device=device))
         self.register_buffer("w_scale", torch.ones(num_embeddings, dtype=torch.float32, device=device))
@@ -127,8 +135,9 @@ class Int8Embedding(_LowPrecisionEmbedding):
         """The head on this weight: h [..., embedding_dim] -> logits [..., num_embeddings]
         (dynamic W8A8: h quantized per token), in h's dtype."""
         if h.shape[-1] != self.embedding_dim:
-            raise ValueError(f"attend: h's last dim must be embedding_dim={self.embedding_dim}, got shape "
-                             f"{tuple(h.shape)}")
+            raise ValueError(
+                f"attend: h's last dim must be embedding_dim={self.embedding_dim}, got shape {tuple(h.shape)}"
+            )
         return ops.int8_linear(h, self.w_q, self.w_scale)
 
     @property
@@ -141,39 +150,46 @@ class Int8Embedding(_LowPrecisionEmbedding):
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
         w = embedding.weight
-        new = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device=w.device,
-                  dtype=w.dtype)
+        new = cls(
+            embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device=w.device, dtype=w.dtype
+        )
         w_q, w_scale = ops.quantize_weight_int8(w.detach().float())
         new.w_q.copy_(w_q)
         new.w_scale.copy_(w_scale)
         new.train(embedding.training)
         return new
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         float_key = prefix + "weight"
         if float_key in state_dict and prefix + "w_q" not in state_dict:
             w = state_dict.pop(float_key)
             if tuple(w.shape) != (self.num_embeddings, self.embedding_dim):
-                error_msgs.append(f"size mismatch for {float_key}: Int8Embedding({self.extra_repr()}) expects a float "
-                                  f"weight of shape {(self.num_embeddings, self.embedding_dim)}, the checkpoint has "
-                                  f"{tuple(w.shape)}")
+                error_msgs.append(
+                    f"size mismatch for {float_key}: Int8Embedding({self.extra_repr()}) expects a float "
+                    f"weight of shape {(self.num_embeddings, self.embedding_dim)}, the checkpoint has "
+                    f"{tuple(w.shape)}"
+                )
                 return
             w_q, w_scale = ops.quantize_weight_int8(w.detach().float().to(self.w_scale.device))
             state_dict[prefix + "w_q"], state_dict[prefix + "w_scale"] = w_q, w_scale
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 class Bf16Embedding(_LowPrecisionEmbedding):
     """nn.Embedding whose `weight` is stored in bf16 (a Parameter without gradient, so ties
     to it survive .to()); lookups return `dtype`, attend(h) is the head on the same weight."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *, device=None,
-                 dtype=None):
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *, device=None, dtype=None
+    ):
         super().__init__(num_embeddings, embedding_dim, padding_idx, dtype)
-        self.weight = nn.Parameter(torch.zeros((num_embeddings, embedding_dim), dtype=torch.bfloat16, device=device),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.zeros((num_embeddings, embedding_dim), dtype=torch.bfloat16, device=device), requires_grad=False
+        )
 
     def _stored(self) -> dict:
         return {"weight": torch.bfloat16}
@@ -184,8 +200,9 @@ class Bf16Embedding(_LowPrecisionEmbedding):
 
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         if h.shape[-1] != self.embedding_dim:
-            raise ValueError(f"attend: h's last dim must be embedding_dim={self.embedding_dim}, got shape "
-                             f"{tuple(h.shape)}")
+            raise ValueError(
+                f"attend: h's last dim must be embedding_dim={self.embedding_dim}, got shape {tuple(h.shape)}"
+            )
         return F.linear(h.to(torch.bfloat16), self.weight).to(h.dtype)
 
     @classmethod
@@ -193,8 +210,9 @@ class Bf16Embedding(_LowPrecisionEmbedding):
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
         w = embedding.weight
-        new = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device=w.device,
-                  dtype=w.dtype)
+        new = cls(
+            embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device=w.device, dtype=w.dtype
+        )
         with torch.no_grad():
             new.weight.copy_(w)
         new.train(embedding.training)
@@ -211,10 +229,14 @@ class Bf16Linear(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.zeros((out_features, in_features), dtype=torch.bfloat16, device=device),
-                                   requires_grad=False)
-        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=torch.bfloat16, device=device), requires_grad=False)
-                     if bias else None)
+        self.weight = nn.Parameter(
+            torch.zeros((out_features, in_features), dtype=torch.bfloat16, device=device), requires_grad=False
+        )
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=torch.bfloat16, device=device), requires_grad=False)
+            if bias
+            else None
+        )
 
     def _apply(self, fn, recurse=True):
         # the stored precision is the layer's: model.float() / .half() leave it bf16
@@ -223,8 +245,9 @@ class Bf16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"Bf16Linear: x's last dim must be in_features={self.in_features}, got shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"Bf16Linear: x's last dim must be in_features={self.in_features}, got shape {tuple(x.shape)}"
+            )
         return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
 
     @classmethod
@@ -253,8 +276,16 @@ class TiedHead(nn.Module):
     num_embeddings. `precision` ("int8" / "bf16") only picks the placeholder embedding built
     when constructed by size (accelops.load then puts the shared one in its place)."""
 
-    def __init__(self, in_features: int, out_features: int, precision: str = "int8", *,
-                 embedding: nn.Module | None = None, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        precision: str = "int8",
+        *,
+        embedding: nn.Module | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if embedding is None:
             if precision not in _EMBEDDINGS:
@@ -263,8 +294,10 @@ class TiedHead(nn.Module):
         if not isinstance(embedding, tuple(_EMBEDDINGS.values())):
             raise TypeError(f"embedding must be an Int8Embedding or Bf16Embedding, got {type(embedding).__name__}")
         if (embedding.embedding_dim, embedding.num_embeddings) != (in_features, out_features):
-            raise ValueError(f"embedding of {embedding.num_embeddings} x {embedding.embedding_dim} does not fit a head "
-                             f"of in_features={in_features}, out_features={out_features}")
+            raise ValueError(
+                f"embedding of {embedding.num_embeddings} x {embedding.embedding_dim} does not fit a head "
+                f"of in_features={in_features}, out_features={out_features}"
+            )
         self.in_features, self.out_features = in_features, out_features
         self.embedding = embedding
 

@@ -5,6 +5,7 @@ the way back and the baseline).
 Both keep the Hugging Face attribute names, so a Llama MLP's state_dict
 (gate_proj.weight, up_proj.weight, down_proj.weight) loads unchanged.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,7 @@ from .quantized_linear import Int8Linear, TernaryLinear
 __all__ = ["FusedFFN", "FFN", "QUANT_MODES"]
 
 QUANT_MODES = (None, "bitlinear", "ternary", "int8", "qat-int8")
-_LAYERS = {None: nn.Linear, "bitlinear": BitLinear, "ternary": TernaryLinear, "int8": Int8Linear,
-           "qat-int8": QATLinear}
+_LAYERS = {None: nn.Linear, "bitlinear": BitLinear, "ternary": TernaryLinear, "int8": Int8Linear, "qat-int8": QATLinear}
 # What each mode's forward runs, in words (convert()'s report prints it).
 KERNELS = {
     None: "fused_ffn",
@@ -69,8 +69,9 @@ class FFN(nn.Module):
     'geglu') or down_proj(gelu(up_proj(x))) ('gelu'), with nn.Linear children and `act_fn`,
     laid out like transformers' LlamaMLP."""
 
-    def __init__(self, dim: int, hidden: int, activation: str = "swiglu", bias: bool = False, *, device=None,
-                 dtype=None):
+    def __init__(
+        self, dim: int, hidden: int, activation: str = "swiglu", bias: bool = False, *, device=None, dtype=None
+    ):
         super().__init__()
         _check(activation)
         _positive("dim", dim)
@@ -119,9 +120,20 @@ class FusedFFN(nn.Module):
     `gate_proj` is None for activation 'gelu' (not gated).
     """
 
-    def __init__(self, dim: int, hidden: int, activation: str = "swiglu", bias: bool = False, quant=None,
-                 per_channel: bool = False, *, qat_weight: str = "int8", group_size: int = 128, device=None,
-                 dtype=None):
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        activation: str = "swiglu",
+        bias: bool = False,
+        quant=None,
+        per_channel: bool = False,
+        *,
+        qat_weight: str = "int8",
+        group_size: int = 128,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         _check(activation, quant)
         _positive("dim", dim)
@@ -160,12 +172,16 @@ class FusedFFN(nn.Module):
             return self._forward_inference(x)
         if self.quant == "bitlinear":
             # p.dequantized_weight(): the BitLinear's own (cached when it is shared) quantization
-            weights = [None if p is None else straight_through(p.dequantized_weight(), p.weight).to(x.dtype)
-                       for p in (self.gate_proj, self.up_proj, self.down_proj)]
+            weights = [
+                None if p is None else straight_through(p.dequantized_weight(), p.weight).to(x.dtype)
+                for p in (self.gate_proj, self.up_proj, self.down_proj)
+            ]
             return ops.fused_ffn(x, *weights, self._bias(), self.activation, act_quant=True)
         if self.quant == "qat-int8":
-            weights = [None if p is None else p.fake_quantized_weight().to(x.dtype)
-                       for p in (self.gate_proj, self.up_proj, self.down_proj)]
+            weights = [
+                None if p is None else p.fake_quantized_weight().to(x.dtype)
+                for p in (self.gate_proj, self.up_proj, self.down_proj)
+            ]
             return ops.fused_ffn(x, *weights, self._bias(), self.activation, act_quant=True)
         weights = [None if p is None else p.weight for p in (self.gate_proj, self.up_proj, self.down_proj)]
         bias = self._bias()
@@ -195,8 +211,16 @@ class FusedFFN(nn.Module):
     # ------------------------------------------------------------------ conversions
 
     @classmethod
-    def from_module(cls, mlp: nn.Module, activation: str | None = None, quant=None,
-                    per_channel: bool = False, *, qat_weight: str = "int8", group_size: int = 128) -> "FusedFFN":
+    def from_module(
+        cls,
+        mlp: nn.Module,
+        activation: str | None = None,
+        quant=None,
+        per_channel: bool = False,
+        *,
+        qat_weight: str = "int8",
+        group_size: int = 128,
+    ) -> "FusedFFN":
         """A FusedFFN built from a Llama-style MLP (gate_proj / up_proj / down_proj nn.Linear,
         gate_proj absent or None for 'gelu'). activation defaults to what mlp.act_fn says
         (nn.SiLU -> 'swiglu', exact nn.GELU -> 'geglu' with a gate, 'gelu' without); pass it
@@ -207,7 +231,9 @@ class FusedFFN(nn.Module):
         _check(activation or "swiglu", quant)
         up, down = getattr(mlp, "up_proj", None), getattr(mlp, "down_proj", None)
         gate = getattr(mlp, "gate_proj", None)
-        for name, layer in (("up_proj", up), ("down_proj", down)) + ((("gate_proj", gate),) if gate is not None else ()):
+        for name, layer in (("up_proj", up), ("down_proj", down)) + (
+            (("gate_proj", gate),) if gate is not None else ()
+        ):
             if not isinstance(layer, nn.Linear):
                 raise TypeError(f"mlp.{name} must be an nn.Linear, got {type(layer).__name__}")
         if activation is None:
@@ -215,17 +241,32 @@ class FusedFFN(nn.Module):
             if activation is None:
                 raise ValueError(
                     f"cannot infer the activation from mlp.act_fn={getattr(mlp, 'act_fn', None)!r}; pass "
-                    f"activation= one of {ref_ffn.ACTIVATIONS}")
+                    f"activation= one of {ref_ffn.ACTIVATIONS}"
+                )
         if ref_ffn.gated(activation) != (gate is not None):
-            raise ValueError(f"activation {activation!r} {'needs' if ref_ffn.gated(activation) else 'takes no'} "
-                             f"gate_proj, and mlp {'has none' if gate is None else 'has one'}")
+            raise ValueError(
+                f"activation {activation!r} {'needs' if ref_ffn.gated(activation) else 'takes no'} "
+                f"gate_proj, and mlp {'has none' if gate is None else 'has one'}"
+            )
         dim, hidden = up.in_features, up.out_features
         if (down.in_features, down.out_features) != (hidden, dim) or (
-                gate is not None and (gate.in_features, gate.out_features) != (dim, hidden)):
-            raise ValueError(f"mlp's projections do not form an FFN of dim {dim}, hidden {hidden}: "
-                             f"down_proj is {down.in_features} -> {down.out_features}")
-        new = cls(dim, hidden, activation, bias=False, quant=quant, per_channel=per_channel, qat_weight=qat_weight,
-                  group_size=group_size, device="meta")
+            gate is not None and (gate.in_features, gate.out_features) != (dim, hidden)
+        ):
+            raise ValueError(
+                f"mlp's projections do not form an FFN of dim {dim}, hidden {hidden}: "
+                f"down_proj is {down.in_features} -> {down.out_features}"
+            )
+        new = cls(
+            dim,
+            hidden,
+            activation,
+            bias=False,
+            quant=quant,
+            per_channel=per_channel,
+            qat_weight=qat_weight,
+            group_size=group_size,
+            device="meta",
+        )
         for name, layer in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
             if layer is None:
                 continue
@@ -234,8 +275,11 @@ class FusedFFN(nn.Module):
             elif quant == "bitlinear":
                 converted = BitLinear.from_linear(layer, per_channel=per_channel)
             elif quant == "ternary":
-                converted = (TernaryLinear.from_bitlinear(layer) if isinstance(layer, BitLinear)
-                             else TernaryLinear.from_linear(layer, per_channel=per_channel))
+                converted = (
+                    TernaryLinear.from_bitlinear(layer)
+                    if isinstance(layer, BitLinear)
+                    else TernaryLinear.from_linear(layer, per_channel=per_channel)
+                )
             elif quant == "qat-int8":
                 converted = QATLinear.from_linear(layer, weight=qat_weight, group_size=group_size)
             else:

@@ -20,6 +20,7 @@ and fake-quantize with accelops.ops.fake_quantize reading those tensors, in one 
 no host synchronisation. Its output equals torch.ao.quantization.FakeQuantize's for the
 same observer settings and input sequence.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,8 +66,9 @@ def _quant_range(dtype, reduce_range, quant_min, quant_max) -> tuple[int, int, b
     """-> (quant_min, quant_max, customized), torch.ao's calculate_qmin_qmax with checks
     that name the argument (torch.ao asserts)."""
     if (quant_min is None) != (quant_max is None):
-        raise ValueError(f"quant_min and quant_max must be given together, got quant_min={quant_min!r}, "
-                         f"quant_max={quant_max!r}")
+        raise ValueError(
+            f"quant_min and quant_max must be given together, got quant_min={quant_min!r}, quant_max={quant_max!r}"
+        )
     full, reduced = _RANGES[dtype]
     if quant_min is None:
         return (*(reduced if reduce_range else full), False)
@@ -78,12 +80,16 @@ def _quant_range(dtype, reduce_range, quant_min, quant_max) -> tuple[int, int, b
     if quant_min >= quant_max:
         raise ValueError(f"quant_min ({quant_min}) must be < quant_max ({quant_max})")
     if quant_min < full[0] or quant_max > full[1]:
-        raise ValueError(f"[quant_min, quant_max] = [{quant_min}, {quant_max}] must lie within {dtype}'s range "
-                         f"[{full[0]}, {full[1]}]")
+        raise ValueError(
+            f"[quant_min, quant_max] = [{quant_min}, {quant_max}] must lie within {dtype}'s range "
+            f"[{full[0]}, {full[1]}]"
+        )
     if reduce_range:  # torch.ao halves a customized range too
         if quant_min // 2 >= quant_max // 2:
-            raise ValueError(f"reduce_range=True halves [{quant_min}, {quant_max}] to [{quant_min // 2}, "
-                             f"{quant_max // 2}], which holds one value: its scale would divide by zero")
+            raise ValueError(
+                f"reduce_range=True halves [{quant_min}, {quant_max}] to [{quant_min // 2}, "
+                f"{quant_max // 2}], which holds one value: its scale would divide by zero"
+            )
         return quant_min // 2, quant_max // 2, True
     return int(quant_min), int(quant_max), True
 
@@ -107,10 +113,19 @@ class MinMaxObserver(nn.Module):
     max_val: torch.Tensor
     eps: torch.Tensor
 
-    def __init__(self, *, dtype: torch.dtype = torch.quint8, qscheme: torch.qscheme = torch.per_tensor_affine,
-                 reduce_range: bool = False, quant_min: int | None = None, quant_max: int | None = None,
-                 ch_axis: int = 0, eps: float = torch.finfo(torch.float32).eps, num_channels: int | None = None,
-                 device=None):
+    def __init__(
+        self,
+        *,
+        dtype: torch.dtype = torch.quint8,
+        qscheme: torch.qscheme = torch.per_tensor_affine,
+        reduce_range: bool = False,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        ch_axis: int = 0,
+        eps: float = torch.finfo(torch.float32).eps,
+        num_channels: int | None = None,
+        device=None,
+    ):
         super().__init__()
         if dtype not in _RANGES:
             raise TypeError(f"dtype must be one of torch.quint8, torch.qint8, torch.uint8, torch.int8, got {dtype!r}")
@@ -126,13 +141,16 @@ class MinMaxObserver(nn.Module):
         if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not (0 < eps < math.inf):
             raise ValueError(f"eps must be a positive finite float (the smallest scale), got {eps!r}")
         if qscheme in _SYMMETRIC and reduce_range and dtype in _UNSIGNED:
-            raise ValueError(f"reduce_range=True is not supported with a symmetric qscheme and dtype {dtype} "
-                             "(torch.ao raises too): its zero point 128 would lie outside the reduced range [0, 127]")
+            raise ValueError(
+                f"reduce_range=True is not supported with a symmetric qscheme and dtype {dtype} "
+                "(torch.ao raises too): its zero point 128 would lie outside the reduced range [0, 127]"
+            )
         self.dtype = dtype
         self.qscheme = qscheme
         self.reduce_range = reduce_range
-        self.quant_min, self.quant_max, self.has_customized_qrange = _quant_range(dtype, reduce_range, quant_min,
-                                                                                  quant_max)
+        self.quant_min, self.quant_max, self.has_customized_qrange = _quant_range(
+            dtype, reduce_range, quant_min, quant_max
+        )
         self.per_channel = qscheme in _PER_CHANNEL
         self.symmetric = qscheme in _SYMMETRIC
         self.ch_axis = int(ch_axis)
@@ -145,8 +163,9 @@ class MinMaxObserver(nn.Module):
             self.register_buffer("max_val", torch.full((n,), -math.inf, device=device))
         else:
             if num_channels is not None:
-                raise ValueError(f"num_channels applies to per-channel qschemes only, got {num_channels!r} with "
-                                 f"{qscheme}")
+                raise ValueError(
+                    f"num_channels applies to per-channel qschemes only, got {num_channels!r} with {qscheme}"
+                )
             self.register_buffer("min_val", torch.tensor(math.inf, device=device))
             self.register_buffer("max_val", torch.tensor(-math.inf, device=device))
 
@@ -173,8 +192,10 @@ class MinMaxObserver(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
         if x.device != self.min_val.device:
-            raise ValueError(f"x is on {x.device} but the observer's statistics are on {self.min_val.device}; "
-                             "move the module (.to(device)) or the input")
+            raise ValueError(
+                f"x is on {x.device} but the observer's statistics are on {self.min_val.device}; "
+                "move the module (.to(device)) or the input"
+            )
         if x.numel() == 0:
             return False  # as torch.ao: an empty tensor leaves the statistics alone
         if self.per_channel:
@@ -183,8 +204,10 @@ class MinMaxObserver(nn.Module):
                 self.min_val = torch.full((channels,), math.inf, device=x.device)
                 self.max_val = torch.full((channels,), -math.inf, device=x.device)
             elif self.min_val.numel() != channels:
-                raise ValueError(f"x has {channels} channels along ch_axis={self.ch_axis} (shape {tuple(x.shape)}) "
-                                 f"but the observer has statistics for {self.min_val.numel()}")
+                raise ValueError(
+                    f"x has {channels} channels along ch_axis={self.ch_axis} (shape {tuple(x.shape)}) "
+                    f"but the observer has statistics for {self.min_val.numel()}"
+                )
         return True
 
     def _update(self, cur_min: torch.Tensor, cur_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,8 +235,10 @@ class MinMaxObserver(nn.Module):
         min_val, max_val = self.min_val, self.max_val
         device = min_val.device
         if min_val.numel() == 0:  # per channel, never observed: torch.ao's defaults, shape [1]
-            return (torch.ones(1, dtype=torch.float32, device=device),
-                    torch.zeros(1, dtype=torch.int64 if self.symmetric else torch.int32, device=device))
+            return (
+                torch.ones(1, dtype=torch.float32, device=device),
+                torch.zeros(1, dtype=torch.int64 if self.symmetric else torch.int32, device=device),
+            )
         quant_min, quant_max = self.quant_min, self.quant_max
         # The same expressions as torch.ao, operand for operand, so the roundings agree.
         min_val_neg = torch.min(min_val, torch.zeros_like(min_val))
@@ -240,23 +265,25 @@ class MinMaxObserver(nn.Module):
 
     # ---------------------------------------------------------------- state_dict
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Per channel, statistics sized by the first input: take the checkpoint's size when
         # ours is still unsized (torch.ao does the same).
         if self.per_channel:
             for name in ("min_val", "max_val"):
                 value = state_dict.get(prefix + name)
                 if isinstance(value, torch.Tensor) and getattr(self, name).numel() == 0 and value.dim() == 1:
-                    setattr(self, name, torch.empty_like(value, device=getattr(self, name).device,
-                                                         dtype=torch.float32))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+                    setattr(self, name, torch.empty_like(value, device=getattr(self, name).device, dtype=torch.float32))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         axis = f", ch_axis={self.ch_axis}" if self.per_channel else ""
-        return (f"dtype={self.dtype}, qscheme={self.qscheme}{axis}, quant_min={self.quant_min}, "
-                f"quant_max={self.quant_max}")
+        return (
+            f"dtype={self.dtype}, qscheme={self.qscheme}{axis}, quant_min={self.quant_min}, quant_max={self.quant_max}"
+        )
 
 
 class MovingAverageMinMaxObserver(MinMaxObserver):
@@ -310,7 +337,9 @@ class FakeQuantize(nn.Module):
         if observer is None:
             observer = MovingAverageMinMaxObserver
         if not (isinstance(observer, type) and issubclass(observer, MinMaxObserver)):
-            raise TypeError(f"observer must be MinMaxObserver or MovingAverageMinMaxObserver (a class), got {observer!r}")
+            raise TypeError(
+                f"observer must be MinMaxObserver or MovingAverageMinMaxObserver (a class), got {observer!r}"
+            )
         self.activation_post_process = observer(quant_min=quant_min, quant_max=quant_max, **observer_kwargs)
         obs = self.activation_post_process
         self.quant_min, self.quant_max = obs.quant_min, obs.quant_max
@@ -349,8 +378,9 @@ class FakeQuantize(nn.Module):
             scale, zero_point = self.calculate_qparams()
             if self.scale.shape != scale.shape:  # per channel, the first call sizes them
                 self.scale = torch.empty(scale.shape, dtype=self.scale.dtype, device=self.scale.device)
-                self.zero_point = torch.empty(zero_point.shape, dtype=self.zero_point.dtype,
-                                              device=self.zero_point.device)
+                self.zero_point = torch.empty(
+                    zero_point.shape, dtype=self.zero_point.dtype, device=self.zero_point.device
+                )
             self.scale.copy_(scale)
             self.zero_point.copy_(zero_point)
         return self.fake_quant(x) if self.fake_quant_enabled else x
@@ -362,17 +392,21 @@ class FakeQuantize(nn.Module):
         axis = self.ch_axis if self.is_per_channel else None
         return ops.fake_quantize(x, self.scale, self.zero_point, self.quant_min, self.quant_max, axis)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         for name in ("scale", "zero_point"):  # a per-channel checkpoint holds [C] where we may hold [1]
             value = state_dict.get(prefix + name)
             if isinstance(value, torch.Tensor) and value.shape != getattr(self, name).shape:
                 own = getattr(self, name)
                 setattr(self, name, torch.empty(value.shape, dtype=own.dtype, device=own.device))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
-        return (f"fake_quant_enabled={self.fake_quant_enabled}, observer_enabled={self.observer_enabled}, "
-                f"quant_min={self.quant_min}, quant_max={self.quant_max}, dtype={self.dtype}, "
-                f"qscheme={self.qscheme}, ch_axis={self.ch_axis}")
+        return (
+            f"fake_quant_enabled={self.fake_quant_enabled}, observer_enabled={self.observer_enabled}, "
+            f"quant_min={self.quant_min}, quant_max={self.quant_max}, dtype={self.dtype}, "
+            f"qscheme={self.qscheme}, ch_axis={self.ch_axis}"
+        )

@@ -20,6 +20,7 @@ symmetric, [-127, 127], averaging constant 0.01) that observes in training mode 
 then an fp32 F.linear of the fake-quantized tensors. Int8Linear quantizes per token, so
 such a layer has no exact Int8Linear form: converting it raises.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -29,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..reference.int8 import EPS
 from ..ops.bitlinear import quantized_linear_backward, save_quantized_operands
+from ..reference.int8 import EPS
 from .observers import FakeQuantize, MovingAverageMinMaxObserver
 from .quantized_linear import Int8Linear
 
@@ -84,8 +85,18 @@ class QATLinear(nn.Linear):
     per-token activations only).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str = "per_token",
-                 weight: str = "int8", group_size: int = 128, *, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        activation: str = "per_token",
+        weight: str = "int8",
+        group_size: int = 128,
+        *,
+        device=None,
+        dtype=None,
+    ):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if weight not in WEIGHTS:
@@ -97,9 +108,15 @@ class QATLinear(nn.Linear):
         self.weight_bits = weight
         self.group_size = int(group_size)
         if activation == "per_tensor":
-            self.act_fake_quant = FakeQuantize(MovingAverageMinMaxObserver, quant_min=-INT8_QMAX, quant_max=INT8_QMAX,
-                                               dtype=torch.qint8, qscheme=torch.per_tensor_symmetric,
-                                               averaging_constant=0.01, device=device)
+            self.act_fake_quant = FakeQuantize(
+                MovingAverageMinMaxObserver,
+                quant_min=-INT8_QMAX,
+                quant_max=INT8_QMAX,
+                dtype=torch.qint8,
+                qscheme=torch.per_tensor_symmetric,
+                averaging_constant=0.01,
+                device=device,
+            )
         else:
             self.act_fake_quant = None
 
@@ -185,20 +202,34 @@ class QATLinear(nn.Linear):
         return f"{super().extra_repr()}, activation={self.activation!r}, weight={self.weight_bits!r}{group}"
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, activation: str = "per_token", weight: str = "int8",
-                    group_size: int = 128) -> "QATLinear":
+    def from_linear(
+        cls, linear: nn.Linear, activation: str = "per_token", weight: str = "int8", group_size: int = 128
+    ) -> "QATLinear":
         """A QATLinear sharing `linear`'s weight and bias Parameters (no copy), so weight ties,
         optimizer references and requires_grad carry over."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, activation=activation,
-                  weight=weight, group_size=group_size, device="meta")
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            activation=activation,
+            weight=weight,
+            group_size=group_size,
+            device="meta",
+        )
         new.weight = linear.weight
         new.bias = linear.bias
         if new.act_fake_quant is not None:
-            new.act_fake_quant = FakeQuantize(MovingAverageMinMaxObserver, quant_min=-INT8_QMAX, quant_max=INT8_QMAX,
-                                              dtype=torch.qint8, qscheme=torch.per_tensor_symmetric,
-                                              averaging_constant=0.01, device=linear.weight.device)
+            new.act_fake_quant = FakeQuantize(
+                MovingAverageMinMaxObserver,
+                quant_min=-INT8_QMAX,
+                quant_max=INT8_QMAX,
+                dtype=torch.qint8,
+                qscheme=torch.per_tensor_symmetric,
+                averaging_constant=0.01,
+                device=linear.weight.device,
+            )
         new.train(linear.training)
         return new
 
@@ -214,12 +245,16 @@ class QATLinear(nn.Linear):
         """The inference layer: Int8Linear holding this layer's weight codes and scales, so its
         output equals this layer's (eval or train: the forward is the same) bit for bit."""
         if self.weight_bits != "int8":
-            raise ValueError(f"a QATLinear with weight={self.weight_bits!r} has no Int8Linear form (per-group int4 "
-                             "scales); only weight='int8' converts")
+            raise ValueError(
+                f"a QATLinear with weight={self.weight_bits!r} has no Int8Linear form (per-group int4 "
+                "scales); only weight='int8' converts"
+            )
         if self.activation != "per_token":
-            raise ValueError("a QATLinear with activation='per_tensor' has no exact Int8Linear form: Int8Linear "
-                             "quantizes activations per token at run time; train with activation='per_token', or "
-                             "convert the float weights with mode 'dynamic-int8' and accept the difference")
+            raise ValueError(
+                "a QATLinear with activation='per_tensor' has no exact Int8Linear form: Int8Linear "
+                "quantizes activations per token at run time; train with activation='per_token', or "
+                "convert the float weights with mode 'dynamic-int8' and accept the difference"
+            )
         w_q, w_scale = self.quantized_weight()
         dtype = self.weight.dtype if self.bias is None else self.bias.dtype
         new = Int8Linear(self.in_features, self.out_features, bias=False, device=self.weight.device, dtype=dtype)

@@ -4,6 +4,7 @@ int8 activations) and Int8Linear (W8A8 dynamic). Both keep nn.Linear's attribute
 weight), convert from and back to nn.Linear, and load either their own state_dict or an
 nn.Linear one (whose `weight` they quantize on load).
 """
+
 from __future__ import annotations
 
 import torch
@@ -69,8 +70,9 @@ class _QuantizedLinear(nn.Module):
             self.w_scale = scale.to(self.w_scale.device)
         return self
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # load_state_dict hands each module its own copy of the dict, meant to be edited here.
         float_key = prefix + "weight"
         if float_key in state_dict and prefix + self._qweight_name not in state_dict:
@@ -102,8 +104,9 @@ class _QuantizedLinear(nn.Module):
                 )
                 ok = False
         if ok:
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                          unexpected_keys, error_msgs)
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
 
     def _describe(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
@@ -117,8 +120,9 @@ class _QuantizedLinear(nn.Module):
         if dtype is None:
             dtype = torch.float32 if self.bias is None else self.bias.dtype
         w = self.weight
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=w.device, dtype=dtype)
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=dtype
+        )
         with torch.no_grad():
             linear.weight.copy_(w)
             if self.bias is not None:
@@ -134,8 +138,16 @@ class TernaryLinear(_QuantizedLinear):
 
     _qweight_name = "w_packed"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, per_channel: bool = False,
-                 *, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        per_channel: bool = False,
+        *,
+        device=None,
+        dtype=None,
+    ):
         if not isinstance(per_channel, bool):
             raise TypeError(f"per_channel must be a bool, got {per_channel!r}")
         super().__init__(in_features, out_features, bias, device, dtype)
@@ -163,8 +175,11 @@ class TernaryLinear(_QuantizedLinear):
         n = self.out_features
         return {
             "w_packed": ((n, packed_cols(self.in_features)), torch.uint8, "[out_features, ceil(in_features/128)*32]"),
-            "w_scale": ((n,) if self.per_channel else (1,), torch.float32,
-                        "[out_features], per_channel=True" if self.per_channel else "[1], per_channel=False"),
+            "w_scale": (
+                (n,) if self.per_channel else (1,),
+                torch.float32,
+                "[out_features], per_channel=True" if self.per_channel else "[1], per_channel=False",
+            ),
         }
 
     def _quantize(self, w: torch.Tensor) -> dict:
@@ -181,8 +196,9 @@ class TernaryLinear(_QuantizedLinear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
         dtype = w.dtype if linear.bias is None else linear.bias.dtype
-        new = cls(linear.in_features, linear.out_features, bias=False, per_channel=per_channel,
-                  device=w.device, dtype=dtype)
+        new = cls(
+            linear.in_features, linear.out_features, bias=False, per_channel=per_channel, device=w.device, dtype=dtype
+        )
         new._set_quantized(w)
         new._copy_bias_from(linear)
         new.train(linear.training)

@@ -18,6 +18,7 @@ strictly. The directory holds:
 The manifest is written last and names the weights' SHA-256, so a directory whose save was
 interrupted (or whose weights changed since) is refused by load.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,6 +57,7 @@ MANIFEST_FILE = "accelops.json"
 # arguments are read from attributes, so new values (a new FusedFFN quant mode) need no
 # change here; a new class needs one row.
 
+
 def _linear_kwargs(m) -> dict:
     return {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
 
@@ -67,29 +69,52 @@ class _Layer:
 
 
 def _embedding_kwargs(m) -> dict:
-    return {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim, "padding_idx": m.padding_idx,
-            "dtype": str(m.dtype).removeprefix("torch.")}
+    return {
+        "num_embeddings": m.num_embeddings,
+        "embedding_dim": m.embedding_dim,
+        "padding_idx": m.padding_idx,
+        "dtype": str(m.dtype).removeprefix("torch."),
+    }
 
 
 _TABLE: dict[type, _Layer] = {
     TernaryLinear: _Layer(lambda m: {**_linear_kwargs(m), "per_channel": m.per_channel}, "linear"),
     Int8Linear: _Layer(_linear_kwargs, "linear"),
     BitLinear: _Layer(lambda m: {**_linear_kwargs(m), "per_channel": m.per_channel}, "linear"),
-    QATLinear: _Layer(lambda m: {**_linear_kwargs(m), "activation": m.activation, "weight": m.weight_bits,
-                                 "group_size": m.group_size}, "linear"),
-    FusedFFN: _Layer(lambda m: {"dim": m.dim, "hidden": m.hidden, "activation": m.activation,
-                                "bias": m.up_proj.bias is not None, "quant": m.quant,
-                                "per_channel": m.per_channel, "qat_weight": m.qat_weight,
-                                "group_size": m.group_size}, "ffn"),
-    FFN: _Layer(lambda m: {"dim": m.dim, "hidden": m.hidden, "activation": m.activation,
-                           "bias": m.up_proj.bias is not None}, "ffn"),
+    QATLinear: _Layer(
+        lambda m: {
+            **_linear_kwargs(m),
+            "activation": m.activation,
+            "weight": m.weight_bits,
+            "group_size": m.group_size,
+        },
+        "linear",
+    ),
+    FusedFFN: _Layer(
+        lambda m: {
+            "dim": m.dim,
+            "hidden": m.hidden,
+            "activation": m.activation,
+            "bias": m.up_proj.bias is not None,
+            "quant": m.quant,
+            "per_channel": m.per_channel,
+            "qat_weight": m.qat_weight,
+            "group_size": m.group_size,
+        },
+        "ffn",
+    ),
+    FFN: _Layer(
+        lambda m: {"dim": m.dim, "hidden": m.hidden, "activation": m.activation, "bias": m.up_proj.bias is not None},
+        "ffn",
+    ),
     Int8Embedding: _Layer(_embedding_kwargs, "embedding"),
     Bf16Embedding: _Layer(_embedding_kwargs, "embedding"),
     Bf16Linear: _Layer(_linear_kwargs, "linear"),
     # Built with a placeholder embedding; the tied one (recorded at the embedding's name, and
     # under also_at at "<head>.embedding") is put in its place, so the tie is restored.
-    TiedHead: _Layer(lambda m: {"in_features": m.in_features, "out_features": m.out_features,
-                                "precision": m.precision}, "linear"),
+    TiedHead: _Layer(
+        lambda m: {"in_features": m.in_features, "out_features": m.out_features, "precision": m.precision}, "linear"
+    ),
 }
 _BY_NAME = {cls.__name__: cls for cls in _TABLE}
 
@@ -117,9 +142,12 @@ def _as_ffn(m) -> dict | None:
     if up is None or down is None:
         return None
     activation = m.activation if isinstance(m, (FFN, FusedFFN)) else infer_activation(m)
-    return {"dim": up["in_features"], "hidden": up["out_features"],
-            "activation": activation if activation is not None else f"unknown (act_fn={getattr(m, 'act_fn', None)!r})",
-            "bias": up["bias"]}
+    return {
+        "dim": up["in_features"],
+        "hidden": up["out_features"],
+        "activation": activation if activation is not None else f"unknown (act_fn={getattr(m, 'act_fn', None)!r})",
+        "bias": up["bias"],
+    }
 
 
 def _as_embedding(m) -> dict | None:
@@ -128,12 +156,15 @@ def _as_embedding(m) -> dict | None:
     return None
 
 
-_SHAPE_OF = {"linear": (_as_linear, "nn.Linear, transformers Conv1D or an accelops linear layer"),
-             "embedding": (_as_embedding, "nn.Embedding or an accelops embedding"),
-             "ffn": (_as_ffn, "a Llama-style MLP (up_proj, down_proj, gate_proj when gated), FFN or FusedFFN")}
+_SHAPE_OF = {
+    "linear": (_as_linear, "nn.Linear, transformers Conv1D or an accelops linear layer"),
+    "embedding": (_as_embedding, "nn.Embedding or an accelops embedding"),
+    "ffn": (_as_ffn, "a Llama-style MLP (up_proj, down_proj, gate_proj when gated), FFN or FusedFFN"),
+}
 
 
 # ---------------------------------------------------------------------------- save
+
 
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write `model` (converted by accelops.convert, or built from accelops layers) to
@@ -154,8 +185,11 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     # Non-persistent buffers (rotary frequencies) are not state: the model recomputes them.
     # But model.to(torch.bfloat16) casts them, which changes the outputs, so their dtypes
     # are recorded and load casts the recomputed ones alike.
-    buffer_dtypes = {name: str(b.dtype).removeprefix("torch.")
-                     for name, b in model.named_buffers(remove_duplicate=False) if name not in state}
+    buffer_dtypes = {
+        name: str(b.dtype).removeprefix("torch.")
+        for name, b in model.named_buffers(remove_duplicate=False)
+        if name not in state
+    }
     directory.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}.{secrets.token_hex(4)}.tmp"  # unique per call: concurrent saves do not collide
     tmp_weights = directory / f".{WEIGHTS_FILE}.{tag}"
@@ -194,15 +228,19 @@ def _module_records(model: nn.Module) -> list[dict]:
     """One record per accelops layer object, parents before children; a layer reachable
     under several names (shared) is recorded once, with its other names in also_at."""
     if type(model) in _TABLE:
-        raise ValueError(f"model is itself a {type(model).__name__}: save the module that holds it "
-                         "(nn.Sequential(layer)), so load can put a rebuilt layer in its place")
+        raise ValueError(
+            f"model is itself a {type(model).__name__}: save the module that holds it "
+            "(nn.Sequential(layer)), so load can put a rebuilt layer in its place"
+        )
     records: dict[int, dict] = {}
     for name, m in model.named_modules(remove_duplicate=False):
         cls = type(m)
         if cls not in _TABLE:
             if isinstance(m, tuple(_TABLE)):
-                raise ValueError(f"{name}: {cls.__qualname__} subclasses an accelops layer but is not one; save "
-                                 "cannot record how to rebuild it")
+                raise ValueError(
+                    f"{name}: {cls.__qualname__} subclasses an accelops layer but is not one; save "
+                    "cannot record how to rebuild it"
+                )
             continue
         if id(m) in records:
             records[id(m)]["also_at"].append(name)
@@ -225,13 +263,21 @@ def _unique_tensors(state: dict) -> tuple[dict, dict]:
     first: dict[tuple, str] = {}
     for key, t in state.items():
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"state_dict entry {key!r} is a {type(t).__name__}, not a tensor: safetensors stores "
-                             "tensors only (extra state is not supported)")
+            raise ValueError(
+                f"state_dict entry {key!r} is a {type(t).__name__}, not a tensor: safetensors stores "
+                "tensors only (extra state is not supported)"
+            )
         if t.device.type == "meta":
             raise ValueError(f"state_dict entry {key!r} is on the meta device: it holds no values to save")
         if t.numel():  # empty tensors have no memory to share
-            ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-                     tuple(t.stride()), t.dtype)
+            ident = (
+                t.device,
+                t.untyped_storage().data_ptr(),
+                t.storage_offset(),
+                tuple(t.shape),
+                tuple(t.stride()),
+                t.dtype,
+            )
             if ident in first:
                 tied[key] = first[ident]
                 continue
@@ -269,8 +315,13 @@ def _fsync_dir(directory: Path) -> None:
 
 # ---------------------------------------------------------------------------- load
 
-def load(model_or_factory: nn.Module | Callable[[], nn.Module], directory: str | os.PathLike, *,
-         device: str | torch.device | None = None) -> nn.Module:
+
+def load(
+    model_or_factory: nn.Module | Callable[[], nn.Module],
+    directory: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+) -> nn.Module:
     """Rebuild a model written by save(): `model_or_factory` is the unconverted architecture,
     an nn.Module or a zero-argument callable returning one (e.g. `lambda:
     LlamaForCausalLM(config)`). Each accelops layer of the manifest is built on the meta
@@ -295,8 +346,10 @@ def load(model_or_factory: nn.Module | Callable[[], nn.Module], directory: str |
         if device is None:
             device = next((t.device for t in _tensors(model) if t.device.type != "meta"), "cpu")
     elif not callable(model_or_factory):
-        raise TypeError("model_or_factory must be an nn.Module or a zero-argument callable returning one, got "
-                        f"{type(model_or_factory).__name__}")
+        raise TypeError(
+            "model_or_factory must be an nn.Module or a zero-argument callable returning one, got "
+            f"{type(model_or_factory).__name__}"
+        )
     device = torch.device("cpu" if device is None else device)
     manifest = _read_manifest(manifest_path)
     weights_path = directory / manifest["weights"]["file"]
@@ -318,8 +371,10 @@ def load(model_or_factory: nn.Module | Callable[[], nn.Module], directory: str |
     _cast_buffers(model, manifest["buffer_dtypes"], state)
     left = [name for name, t in _named_tensors(model) if t.device.type == "meta"]
     if left:
-        raise ValueError(f"{directory}: after loading, {', '.join(left[:8])} still hold no values (meta device): "
-                         "they are neither in the file nor built by the model")
+        raise ValueError(
+            f"{directory}: after loading, {', '.join(left[:8])} still hold no values (meta device): "
+            "they are neither in the file nor built by the model"
+        )
     if any(t.device != device for t in _tensors(model)):
         model.to(device)
     return model
@@ -329,37 +384,57 @@ def _read_manifest(path: Path) -> dict:
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path.parent}: no such directory")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; {path.parent} was not written by accelops.save, or a save into a "
-                                "new directory was interrupted")
+        raise FileNotFoundError(
+            f"{path}: missing; {path.parent} was not written by accelops.save, or a save into a "
+            "new directory was interrupted"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a valid accelops manifest (corrupt JSON: {e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an accelops manifest (no \"format\": \"{FORMAT}\")")
+        raise ValueError(f'{path}: not an accelops manifest (no "format": "{FORMAT}")')
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: unknown format version {version!r} (written by accelops "
-                         f"{manifest.get('accelops_version', '?')}); this accelops reads version {FORMAT_VERSION}")
+        raise ValueError(
+            f"{path}: unknown format version {version!r} (written by accelops "
+            f"{manifest.get('accelops_version', '?')}); this accelops reads version {FORMAT_VERSION}"
+        )
     weights, modules = manifest.get("weights"), manifest.get("modules")
     tied, buffer_dtypes = manifest.get("tied"), manifest.get("buffer_dtypes")
-    ok = (isinstance(weights, dict) and weights.get("file") == WEIGHTS_FILE
-          and isinstance(weights.get("bytes"), int) and isinstance(weights.get("sha256"), str)
-          and isinstance(modules, list) and isinstance(tied, dict) and isinstance(buffer_dtypes, dict)
-          and all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items())
-          and all(isinstance(k, str) and isinstance(getattr(torch, str(v), None), torch.dtype)
-                  for k, v in buffer_dtypes.items()))
+    ok = (
+        isinstance(weights, dict)
+        and weights.get("file") == WEIGHTS_FILE
+        and isinstance(weights.get("bytes"), int)
+        and isinstance(weights.get("sha256"), str)
+        and isinstance(modules, list)
+        and isinstance(tied, dict)
+        and isinstance(buffer_dtypes, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items())
+        and all(
+            isinstance(k, str) and isinstance(getattr(torch, str(v), None), torch.dtype)
+            for k, v in buffer_dtypes.items()
+        )
+    )
     for rec in modules if ok else ():
-        ok = (isinstance(rec, dict) and isinstance(rec.get("name"), str) and isinstance(rec.get("class"), str)
-              and isinstance(rec.get("kwargs"), dict) and isinstance(rec.get("also_at"), list))
+        ok = (
+            isinstance(rec, dict)
+            and isinstance(rec.get("name"), str)
+            and isinstance(rec.get("class"), str)
+            and isinstance(rec.get("kwargs"), dict)
+            and isinstance(rec.get("also_at"), list)
+        )
         if not ok:
             break
         if rec["class"] not in _BY_NAME:
-            raise ValueError(f"{path}: layer {rec['name']!r} is a {rec['class']}, which this accelops cannot "
-                             f"rebuild (it knows {', '.join(_BY_NAME)})")
+            raise ValueError(
+                f"{path}: layer {rec['name']!r} is a {rec['class']}, which this accelops cannot "
+                f"rebuild (it knows {', '.join(_BY_NAME)})"
+            )
     if not ok:
-        raise ValueError(f"{path}: malformed manifest (weights, modules, tied or buffer_dtypes missing or of the "
-                         "wrong type)")
+        raise ValueError(
+            f"{path}: malformed manifest (weights, modules, tied or buffer_dtypes missing or of the wrong type)"
+        )
     return manifest
 
 
@@ -368,11 +443,15 @@ def _read_weights(path: Path, record: dict, manifest_path: Path, device) -> dict
         raise FileNotFoundError(f"{path}: missing (named by {manifest_path})")
     size, sha256 = _hash_file(path)
     if size != record["bytes"]:
-        raise ValueError(f"{path}: {size} bytes, {manifest_path} records {record['bytes']}: the file is truncated or "
-                         "was replaced (an interrupted save, or a copy that did not finish)")
+        raise ValueError(
+            f"{path}: {size} bytes, {manifest_path} records {record['bytes']}: the file is truncated or "
+            "was replaced (an interrupted save, or a copy that did not finish)"
+        )
     if sha256 != record["sha256"]:
-        raise ValueError(f"{path}: SHA-256 {sha256} does not match {record['sha256']} in {manifest_path}: the file "
-                         "is corrupt or was changed after saving (or a save was interrupted)")
+        raise ValueError(
+            f"{path}: SHA-256 {sha256} does not match {record['sha256']} in {manifest_path}: the file "
+            "is corrupt or was changed after saving (or a save was interrupted)"
+        )
     try:
         return load_file(path, device=str(device))
     except Exception as e:  # safetensors raises its own SafetensorError (and OSError, ValueError)
@@ -458,8 +537,9 @@ def _rebuild_modules(model: nn.Module, records: list[dict], manifest_path: Path)
         try:
             new = cls(**kwargs, device="meta")
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{manifest_path}: layer {rec['name']!r}: {cls.__name__}(**{kwargs!r}) fails: "
-                             f"{e}") from None
+            raise ValueError(
+                f"{manifest_path}: layer {rec['name']!r}: {cls.__name__}(**{kwargs!r}) fails: {e}"
+            ) from None
         shape_of, what = _SHAPE_OF[_TABLE[cls].replaces]
         saved = shape_of(new)
         for name in [rec["name"], *rec["also_at"]]:
@@ -467,16 +547,22 @@ def _rebuild_modules(model: nn.Module, records: list[dict], manifest_path: Path)
                 raise ValueError(f"{manifest_path}: the root module cannot be a {cls.__name__}")
             old = lookup(name)
             if old is None:
-                raise ValueError(f"layer {name!r}: {manifest_path} has a {cls.__name__} there, the model has no module "
-                                 "at that name (another architecture?)")
+                raise ValueError(
+                    f"layer {name!r}: {manifest_path} has a {cls.__name__} there, the model has no module "
+                    "at that name (another architecture?)"
+                )
             have = shape_of(old)
             if have is None:
-                raise ValueError(f"layer {name!r}: {manifest_path} has a {cls.__name__} there, the model has a "
-                                 f"{type(old).__name__}, which a {cls.__name__} cannot replace (it replaces {what})")
+                raise ValueError(
+                    f"layer {name!r}: {manifest_path} has a {cls.__name__} there, the model has a "
+                    f"{type(old).__name__}, which a {cls.__name__} cannot replace (it replaces {what})"
+                )
             for key, value in saved.items():
                 if have[key] != value:
-                    raise ValueError(f"layer {name!r}: the model's {type(old).__name__} expects {key} {have[key]!r}, "
-                                     f"the file has {value!r} ({cls.__name__} in {manifest_path})")
+                    raise ValueError(
+                        f"layer {name!r}: the model's {type(old).__name__} expects {key} {have[key]!r}, "
+                        f"the file has {value!r} ({cls.__name__} in {manifest_path})"
+                    )
             new.train(old.training)
             planned[name] = new
 
@@ -485,9 +571,11 @@ def _rebuild_modules(model: nn.Module, records: list[dict], manifest_path: Path)
     # builds itself where the file saved a plain module means the model's mode differs.
     for name, m in _planned_modules(model, planned):
         if type(m) in _TABLE and name not in covered:
-            raise ValueError(f"layer {name!r}: the model has a {type(m).__name__}, {manifest_path} records no accelops "
-                             "layer there (saved as a plain module): the model was built in another mode than the "
-                             "saved one")
+            raise ValueError(
+                f"layer {name!r}: the model has a {type(m).__name__}, {manifest_path} records no accelops "
+                "layer there (saved as a plain module): the model was built in another mode than the "
+                "saved one"
+            )
 
     undo = []
     for name, new in sorted(planned.items(), key=lambda kv: kv[0].count(".")):
@@ -500,6 +588,7 @@ def _rebuild_modules(model: nn.Module, records: list[dict], manifest_path: Path)
 
 def _planned_modules(model: nn.Module, planned: dict[str, nn.Module]):
     """named_modules (all names, shared modules under each) of the model as it will be."""
+
     def walk(m: nn.Module, prefix: str):
         yield prefix, m
         for part, child in m._modules.items():
@@ -507,6 +596,7 @@ def _planned_modules(model: nn.Module, planned: dict[str, nn.Module]):
             child = planned.get(name, child)
             if child is not None:
                 yield from walk(child, name)
+
     yield from walk(model, "")
 
 
@@ -532,19 +622,25 @@ def _tied_state(model: nn.Module, tensors: dict, tied: dict, manifest_path: Path
     expected = model.state_dict(keep_vars=True)
     for alias, key in tied.items():
         if key not in tensors or alias in tensors:
-            raise ValueError(f"{manifest_path}: tied key {alias!r} -> {key!r} does not fit {weights}, which holds "
-                             f"{'both' if alias in tensors else 'no ' + repr(key)}")
+            raise ValueError(
+                f"{manifest_path}: tied key {alias!r} -> {key!r} does not fit {weights}, which holds "
+                f"{'both' if alias in tensors else 'no ' + repr(key)}"
+            )
     file_keys = set(tensors) | set(tied)
     missing = [k for k in expected if k not in file_keys]
     unexpected = [k for k in tensors if k not in expected] + [k for k in tied if k not in expected]
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"the model has {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} "
-                         f"({len(missing)} in all), which the file lacks")
+            parts.append(
+                f"the model has {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} "
+                f"({len(missing)} in all), which the file lacks"
+            )
         if unexpected:
-            parts.append(f"the file has {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''} "
-                         f"({len(unexpected)} in all), which the model lacks")
+            parts.append(
+                f"the file has {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''} "
+                f"({len(unexpected)} in all), which the model lacks"
+            )
         raise ValueError(f"{weights} does not match the model: {'; '.join(parts)}")
     state = {}
     made: dict[str, torch.Tensor] = {}  # stored key -> the object put under it and its aliases

@@ -2,23 +2,57 @@
 torch.ops.accelops.<op>, whose dispatcher runs the C++ kernel on CPU, the Triton or CUDA
 one on GPUs and the reference elsewhere. Importing a family's module defines its ops
 (schemas, fakes, autograd: see _library.py)."""
-from . import comm
-from .comm import (bucket_flatten, bucket_unflatten_, cast_div, int8_compress_, int8_decompress, orthogonalize_,
-                   sign_compress_, sign_decompress, topk_compress_, topk_decompress)
+
+from . import (
+    comm,
+    optim,  # noqa: E402  (8-bit optimizer steps; defines their ops)
+)
+from .bitlinear import bitlinear_matmul
+from .comm import (
+    bucket_flatten,
+    bucket_unflatten_,
+    cast_div,
+    int8_compress_,
+    int8_decompress,
+    orthogonalize_,
+    sign_compress_,
+    sign_decompress,
+    topk_compress_,
+    topk_decompress,
+)
 from .fake_quant import fake_quantize, fake_quantize_learnable
 from .ffn import ffn_activation, fused_ffn
-from . import optim  # noqa: E402  (8-bit optimizer steps; defines their ops)
-from .optim import adamw8bit_step_, sgd8bit_step_
 from .int8 import int8_linear, int8_matmul, quantize_activation_int8, quantize_weight_int8
+from .optim import adamw8bit_step_, sgd8bit_step_
 from .ternary import pack_ternary, packed_cols, quantize_weight_ternary, ternary_matmul, unpack_ternary
-from .bitlinear import bitlinear_matmul
 
 __all__ = [
-    "comm", "bucket_flatten", "bucket_unflatten_", "cast_div", "topk_compress_", "topk_decompress",
-    "sign_compress_", "sign_decompress", "int8_compress_", "int8_decompress", "orthogonalize_",
-    "fake_quantize", "fake_quantize_learnable",
-    "ffn_activation", "fused_ffn", "optim", "adamw8bit_step_", "sgd8bit_step_",
-    "int8_linear", "int8_matmul", "quantize_activation_int8", "quantize_weight_int8",
-    "pack_ternary", "packed_cols", "quantize_weight_ternary", "ternary_matmul", "unpack_ternary",
+    "comm",
+    "bucket_flatten",
+    "bucket_unflatten_",
+    "cast_div",
+    "topk_compress_",
+    "topk_decompress",
+    "sign_compress_",
+    "sign_decompress",
+    "int8_compress_",
+    "int8_decompress",
+    "orthogonalize_",
+    "fake_quantize",
+    "fake_quantize_learnable",
+    "ffn_activation",
+    "fused_ffn",
+    "optim",
+    "adamw8bit_step_",
+    "sgd8bit_step_",
+    "int8_linear",
+    "int8_matmul",
+    "quantize_activation_int8",
+    "quantize_weight_int8",
+    "pack_ternary",
+    "packed_cols",
+    "quantize_weight_ternary",
+    "ternary_matmul",
+    "unpack_ternary",
     "bitlinear_matmul",
 ]

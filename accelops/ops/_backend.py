@@ -10,6 +10,7 @@ kernels when triton is installed, else accelops._C_cuda's (decided once, below).
 `ACCELOPS_BACKEND=reference|cpu|triton` forces one. A forced backend that cannot run
 raises and says why; the automatic choice falls back to the reference with one warning.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -57,6 +58,7 @@ def extension():
 # interpreter) on every commit. accelops._C_cuda, whose import registers its own CUDA
 # kernels (TORCH_LIBRARY_IMPL in csrc/cuda_ops.cpp), is the backend for GPU machines
 # without triton. An op with neither runs its default (reference) kernel on CUDA tensors.
+
 
 def _load_cuda_extension():
     if _TRITON:

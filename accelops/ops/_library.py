@@ -12,6 +12,7 @@ TORCH_LIBRARY_IMPL(accelops, CPU, m) (csrc/ops.cpp); on CUDA either the Triton k
 (_backend.register_triton_kernels) or accelops._C_cuda's TORCH_LIBRARY_IMPL(accelops,
 CUDA, m) (csrc/cuda_ops.cpp), a choice made once in _backend.
 """
+
 from __future__ import annotations
 
 import inspect

@@ -17,6 +17,7 @@ Cost per call (measured by bench/bench_dispatch.py): one dict lookup keyed by
 (op, shape) after the first call of a shape; the first call of a shape runs the
 neighbour search once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 ENV_TABLE = "ACCELOPS_DISPATCH_TABLE"
-ENV_DISABLE = "ACCELOPS_TUNED"           # "0": ignore any table
+ENV_DISABLE = "ACCELOPS_TUNED"  # "0": ignore any table
 FORMAT_VERSION = 1
 # The ops that consult the table, and the names of the shape dimensions they key it by.
 TUNED_OPS = {
@@ -52,11 +53,11 @@ def default_path() -> Path:
 
 @dataclass(frozen=True)
 class Choice:
-    backend: str                 # "native" (the registered kernel), "aten_int_mm" or "reference"
-    threads: int | None          # torch threads for the call (None: leave as it is)
-    predicted: bool = False      # True when taken from a neighbouring shape
+    backend: str  # "native" (the registered kernel), "aten_int_mm" or "reference"
+    threads: int | None  # torch threads for the call (None: leave as it is)
+    predicted: bool = False  # True when taken from a neighbouring shape
     source: tuple | None = None  # the measured shape it came from
-    tiles: tuple | None = None   # (n_block, k_chunk) of the C++ kernel ("native" only; None: its own)
+    tiles: tuple | None = None  # (n_block, k_chunk) of the C++ kernel ("native" only; None: its own)
     config: tuple | None = None  # (kind, sorted (key, value) pairs) of the Triton GEMM on CUDA
 
 
@@ -67,8 +68,10 @@ class DispatchTable:
         self.entries = entries
         self.fingerprint = fingerprint
         self.path = path
-        self._logs = {op: [(shape, tuple(math.log2(max(1, d)) for d in shape)) for shape in shapes]
-                      for op, shapes in entries.items()}
+        self._logs = {
+            op: [(shape, tuple(math.log2(max(1, d)) for d in shape)) for shape in shapes]
+            for op, shapes in entries.items()
+        }
         self._cache: dict = {}
         self._lock = threading.Lock()
 
@@ -137,16 +140,22 @@ def load(path=None, warn: bool = True) -> DispatchTable | None:
         tables = data["tables"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         if warn:
-            warnings.warn(f"accelops: dispatch table {path} is unreadable ({exc}); using the default dispatch",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"accelops: dispatch table {path} is unreadable ({exc}); using the default dispatch",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return None
     here = machine_info()["fingerprint"]
     if here not in tables:
         if warn:
             others = ", ".join(sorted(tables)) or "none"
-            warnings.warn(f"accelops: dispatch table {path} holds no table for this machine (fingerprint {here}; "
-                          f"it has {others}): ignored, using the default dispatch; run `accelops tune` here",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"accelops: dispatch table {path} holds no table for this machine (fingerprint {here}; "
+                f"it has {others}): ignored, using the default dispatch; run `accelops tune` here",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return None
     return DispatchTable.from_json(tables[here], here, path)
 

@@ -1,4 +1,5 @@
 """Input checks shared by the ops: each error names the argument, what was expected and what came."""
+
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@ quantize_activation_int8 op and one fp32 GEMM, so it dispatches like them (C++ o
 Triton on CUDA) and traces under torch.compile. The straight-through backward
 (quantized_linear_backward) is shared with accelops.nn.QATLinear's int8 Function.
 """
+
 from __future__ import annotations
 
 import torch
@@ -75,8 +76,14 @@ class _BitLinearFunction(torch.autograd.Function):
         return (*quantized_linear_backward(ctx, grad_y), None, None)
 
 
-def bitlinear_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     per_channel: bool = False, *, quantized=None) -> torch.Tensor:
+def bitlinear_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    per_channel: bool = False,
+    *,
+    quantized=None,
+) -> torch.Tensor:
     """y = int8(x) @ ternary(weight)^T + bias: x [..., K] -> y [..., N] in x's dtype, with
     straight-through gradients to x, weight and bias.
 
@@ -91,8 +98,9 @@ def bitlinear_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     check.tensor("weight", weight)
     check.ndim("weight", weight, 2, "[out_features, in_features]")
     if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x's last dim must equal weight's K={weight.shape[1]} (in_features), got shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"x's last dim must equal weight's K={weight.shape[1]} (in_features), got shape {tuple(x.shape)}"
+        )
     n = weight.shape[0]
     # The bias's dtype is left free, as nn.Linear's: the epilogue adds it in fp32.
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.shape[0] != n):

@@ -5,6 +5,7 @@ or to the reference.
 
 The op schemas, default (reference) kernels and fakes are registered at the bottom (_register).
 """
+
 from __future__ import annotations
 
 import math
@@ -17,11 +18,17 @@ from ._backend import choose
 from ._library import define
 
 __all__ = [
-    "bucket_flatten", "bucket_unflatten_", "cast_div",
-    "topk_compress_", "topk_decompress",
-    "sign_compress_", "sign_decompress",
-    "int8_compress_", "int8_decompress",
-    "orthogonalize_", "METHODS",
+    "bucket_flatten",
+    "bucket_unflatten_",
+    "cast_div",
+    "topk_compress_",
+    "topk_decompress",
+    "sign_compress_",
+    "sign_decompress",
+    "int8_compress_",
+    "int8_decompress",
+    "orthogonalize_",
+    "METHODS",
 ]
 
 METHODS = ("exact", "sampled")
@@ -40,6 +47,7 @@ def _backend(name: str, device: torch.device):
 
 
 # --------------------------------------------------------------------------- validation
+
 
 def _int(name: str, value, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -99,11 +107,14 @@ def _same_rows(**payloads) -> None:
 def _chunk_count(name: str, scales: torch.Tensor, numel: int, chunk_size: int) -> None:
     chunks = (numel + chunk_size - 1) // chunk_size
     if scales.shape[-1] != chunks:
-        raise ValueError(f"{name} must hold {chunks} scales (ceil({numel} / chunk_size {chunk_size})), got "
-                         f"{scales.shape[-1]}; was the payload compressed with another chunk_size?")
+        raise ValueError(
+            f"{name} must hold {chunks} scales (ceil({numel} / chunk_size {chunk_size})), got "
+            f"{scales.shape[-1]}; was the payload compressed with another chunk_size?"
+        )
 
 
 # --------------------------------------------------------------------------- buckets
+
 
 def bucket_flatten(tensors, dtype: torch.dtype | None = None, divisor=None) -> torch.Tensor:
     """The tensors' elements in order in one contiguous 1-D buffer (multi-threaded copy).
@@ -120,8 +131,9 @@ def bucket_flatten(tensors, dtype: torch.dtype | None = None, divisor=None) -> t
     if dtype is None:
         dtypes = {t.dtype for t in tensors}
         if len(dtypes) > 1:
-            raise TypeError(f"tensors have mixed dtypes {sorted(map(str, dtypes))}; pass dtype= or bucket them "
-                            "by dtype")
+            raise TypeError(
+                f"tensors have mixed dtypes {sorted(map(str, dtypes))}; pass dtype= or bucket them by dtype"
+            )
         dtype = tensors[0].dtype
     if dtype not in GRAD_DTYPES:
         raise TypeError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype}")
@@ -171,8 +183,15 @@ def cast_div(x: torch.Tensor, divisor, dtype: torch.dtype) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- top-k
 
-def topk_compress_(grad: torch.Tensor, residual: torch.Tensor | None, k: int, method: str = "exact",
-                   sample_size: int = 4096, seed: int = 0):
+
+def topk_compress_(
+    grad: torch.Tensor,
+    residual: torch.Tensor | None,
+    k: int,
+    method: str = "exact",
+    sample_size: int = 4096,
+    seed: int = 0,
+):
     """Top-k of acc = grad + residual -> (values fp32 [k], indices int32 [k], ascending);
     residual (fp32, updated in place) keeps what was not sent. method 'exact' or
     'sampled' (threshold from a strided sample, Deep Gradient Compression)."""
@@ -181,7 +200,7 @@ def topk_compress_(grad: torch.Tensor, residual: torch.Tensor | None, k: int, me
     n = grad.numel()
     if n == 0:
         raise ValueError("grad is empty: nothing to select")
-    if n >= 2 ** 31:
+    if n >= 2**31:
         raise ValueError(f"grad has {n} elements; int32 indices address at most 2^31 - 1: split the bucket")
     k = _int("k", k, 1, n)
     if method not in METHODS:
@@ -203,14 +222,18 @@ def topk_decompress(values: torch.Tensor, indices: torch.Tensor, numel: int) -> 
         raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have one shape")
     numel = _int("numel", numel, 1)
     check.same_device(values=values, indices=indices)
-    if not torch.compiler.is_compiling() and indices.numel() and (
-            int(indices.min()) < 0 or int(indices.max()) >= numel):
+    if (
+        not torch.compiler.is_compiling()
+        and indices.numel()
+        and (int(indices.min()) < 0 or int(indices.max()) >= numel)
+    ):
         raise ValueError(f"indices must lie in [0, {numel}); got [{int(indices.min())}, {int(indices.max())}]")
     op = _backend("topk_decompress", values.device)
     return ref.topk_decompress(values, indices, numel) if op is None else op(values, indices, numel)
 
 
 # --------------------------------------------------------------------------- sign
+
 
 def sign_compress_(grad: torch.Tensor, residual: torch.Tensor | None, chunk_size: int = 2048):
     """1-bit sign of acc = grad + residual, 8 per byte, with a per-chunk mean-|acc| scale
@@ -243,6 +266,7 @@ def sign_decompress(bits: torch.Tensor, scales: torch.Tensor, numel: int, chunk_
 
 # --------------------------------------------------------------------------- int8
 
+
 def int8_compress_(grad: torch.Tensor, residual: torch.Tensor | None, chunk_size: int = 2048, seed: int = 0):
     """INT8 with stochastic rounding (unbiased) and a per-chunk absmax scale ->
     (q int8 [n], scales fp32 [ceil(n/chunk_size)]); residual updated in place."""
@@ -274,6 +298,7 @@ def int8_decompress(q: torch.Tensor, scales: torch.Tensor, chunk_size: int = 204
 
 # --------------------------------------------------------------------------- PowerSGD
 
+
 def orthogonalize_(m: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Gram-Schmidt over the columns of m [..., n, r] in place; returns m."""
     check.tensor("m", m)
@@ -299,6 +324,7 @@ def orthogonalize_(m: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 # csrc/cpu/comm.cpp, registered in csrc/ops.cpp; the CUDA ones csrc/cuda/comm.cu,
 # registered in csrc/cuda_ops.cpp (used when triton is missing, see _backend).
 
+
 def _bucket_unflatten_reference(flat, tensors, divisor=None):
     ref.bucket_unflatten_(flat, tensors, divisor)  # the schema returns nothing
 
@@ -311,20 +337,29 @@ def _register() -> None:
     """Schemas and fake (meta) kernels, so the ops trace under torch.compile: every
     output's shape follows from the inputs' shapes and the int arguments (top-k returns
     exactly k slots). The compressors update their error-feedback residual in place."""
-    define("bucket_flatten(Tensor[] tensors, ScalarType? dtype=None, float? divisor=None) -> Tensor",
-           ref.bucket_flatten)
-    define("bucket_unflatten_(Tensor flat, Tensor(a!)[] tensors, float? divisor=None) -> ()",
-           _bucket_unflatten_reference)
+    define(
+        "bucket_flatten(Tensor[] tensors, ScalarType? dtype=None, float? divisor=None) -> Tensor", ref.bucket_flatten
+    )
+    define(
+        "bucket_unflatten_(Tensor flat, Tensor(a!)[] tensors, float? divisor=None) -> ()", _bucket_unflatten_reference
+    )
     define("cast_div(Tensor x, float divisor, ScalarType dtype) -> Tensor", ref.cast_div)
-    define("topk_compress_(Tensor grad, Tensor(a!)? residual, int k, str method=\"exact\", int sample_size=4096, "
-           "int seed=0) -> (Tensor values, Tensor indices)", ref.topk_compress_)
+    define(
+        'topk_compress_(Tensor grad, Tensor(a!)? residual, int k, str method="exact", int sample_size=4096, '
+        "int seed=0) -> (Tensor values, Tensor indices)",
+        ref.topk_compress_,
+    )
     define("topk_decompress(Tensor values, Tensor indices, int numel) -> Tensor", ref.topk_decompress)
-    define("sign_compress_(Tensor grad, Tensor(a!)? residual, int chunk_size=2048) -> (Tensor bits, Tensor scales)",
-           ref.sign_compress_)
-    define("sign_decompress(Tensor bits, Tensor scales, int numel, int chunk_size=2048) -> Tensor",
-           ref.sign_decompress)
-    define("int8_compress_(Tensor grad, Tensor(a!)? residual, int chunk_size=2048, int seed=0) -> "
-           "(Tensor q, Tensor scales)", ref.int8_compress_)
+    define(
+        "sign_compress_(Tensor grad, Tensor(a!)? residual, int chunk_size=2048) -> (Tensor bits, Tensor scales)",
+        ref.sign_compress_,
+    )
+    define("sign_decompress(Tensor bits, Tensor scales, int numel, int chunk_size=2048) -> Tensor", ref.sign_decompress)
+    define(
+        "int8_compress_(Tensor grad, Tensor(a!)? residual, int chunk_size=2048, int seed=0) -> "
+        "(Tensor q, Tensor scales)",
+        ref.int8_compress_,
+    )
     define("int8_decompress(Tensor q, Tensor scales, int chunk_size=2048) -> Tensor", ref.int8_decompress)
     define("orthogonalize_(Tensor(a!) m, float eps=1e-8) -> ()", _orthogonalize_reference)
 
@@ -352,8 +387,10 @@ def _register() -> None:
     @torch.library.register_fake("accelops::sign_compress_")
     def _(grad, residual, chunk_size=2048):
         n = grad.numel()
-        return (grad.new_empty(((n + 7) // 8,), dtype=torch.uint8),
-                grad.new_empty(((n + chunk_size - 1) // chunk_size,), dtype=torch.float32))
+        return (
+            grad.new_empty(((n + 7) // 8,), dtype=torch.uint8),
+            grad.new_empty(((n + chunk_size - 1) // chunk_size,), dtype=torch.float32),
+        )
 
     @torch.library.register_fake("accelops::sign_decompress")
     def _(bits, scales, numel, chunk_size=2048):
@@ -362,8 +399,10 @@ def _register() -> None:
     @torch.library.register_fake("accelops::int8_compress_")
     def _(grad, residual, chunk_size=2048, seed=0):
         n = grad.numel()
-        return (grad.new_empty((n,), dtype=torch.int8),
-                grad.new_empty(((n + chunk_size - 1) // chunk_size,), dtype=torch.float32))
+        return (
+            grad.new_empty((n,), dtype=torch.int8),
+            grad.new_empty(((n + chunk_size - 1) // chunk_size,), dtype=torch.float32),
+        )
 
     @torch.library.register_fake("accelops::int8_decompress")
     def _(q, scales, chunk_size=2048):

@@ -7,6 +7,7 @@ keeps those bits (1/32 of an fp32 x) rather than x or a bool mask. Scale and zer
 may live on the device as tensors and are read by the kernel, never by the host, so a QAT
 step with observer-computed qparams needs no synchronisation.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -30,6 +31,7 @@ def _triton():
 
 
 # --------------------------------------------------------------------------- validation
+
 
 def _check_range(quant_min, quant_max) -> None:
     for name, value in (("quant_min", quant_min), ("quant_max", quant_max)):
@@ -96,31 +98,42 @@ def _check_values(scale: torch.Tensor, zero_point: torch.Tensor | None, quant_mi
     # The kernels multiply by 1/scale: a subnormal scale (below ~2.9e-39) has an infinite fp32
     # reciprocal, and 0 * inf made inputs 0.0 and -0.0 NaN on every backend.
     if scale.device.type != "cpu":
-        torch._assert_async(((scale > 0) & torch.isfinite(scale) & torch.isfinite(1.0 / scale)).all(),
-                            "fake_quantize: scale must be positive and finite, with a finite reciprocal")
+        torch._assert_async(
+            ((scale > 0) & torch.isfinite(scale) & torch.isfinite(1.0 / scale)).all(),
+            "fake_quantize: scale must be positive and finite, with a finite reciprocal",
+        )
         if zero_point is not None:
-            torch._assert_async(((zero_point >= quant_min) & (zero_point <= quant_max)).all(),
-                                "fake_quantize: zero_point outside [quant_min, quant_max]")
+            torch._assert_async(
+                ((zero_point >= quant_min) & (zero_point <= quant_max)).all(),
+                "fake_quantize: zero_point outside [quant_min, quant_max]",
+            )
         return
     bad = ~((scale > 0) & torch.isfinite(scale))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"scale must be positive and finite, got {scale[i].item()} (index {i}): a zero or "
-                         "negative scale has no inverse")
+        raise ValueError(
+            f"scale must be positive and finite, got {scale[i].item()} (index {i}): a zero or "
+            "negative scale has no inverse"
+        )
     tiny = ~torch.isfinite(1.0 / scale)
     if bool(tiny.any()):
         i = int(tiny.nonzero()[0, 0])
-        raise ValueError(f"scale {scale[i].item()!r} (index {i}) is too small: its fp32 reciprocal is infinite "
-                         f"(the smallest usable scale is {1.0 / torch.finfo(torch.float32).max:.3e})")
+        raise ValueError(
+            f"scale {scale[i].item()!r} (index {i}) is too small: its fp32 reciprocal is infinite "
+            f"(the smallest usable scale is {1.0 / torch.finfo(torch.float32).max:.3e})"
+        )
     if zero_point is not None:
         out = (zero_point < quant_min) | (zero_point > quant_max)
         if bool(out.any()):
             i = int(out.nonzero()[0, 0])
-            raise ValueError(f"zero_point {int(zero_point[i])} (index {i}) lies outside [quant_min, quant_max] = "
-                             f"[{quant_min}, {quant_max}]")
+            raise ValueError(
+                f"zero_point {int(zero_point[i])} (index {i}) lies outside [quant_min, quant_max] = "
+                f"[{quant_min}, {quant_max}]"
+            )
 
 
 # --------------------------------------------------------------------------- non-native backends
+
 
 class _FakeQuantize(torch.autograd.Function):
     """Autograd for the reference and direct-Triton backends (the native op has its own)."""
@@ -168,6 +181,7 @@ class _Reference:
 
 # --------------------------------------------------------------------------- public API
 
+
 def fake_quantize(x: torch.Tensor, scale, zero_point, quant_min: int, quant_max: int, axis: int | None = None):
     """Affine fake quantization with a straight-through gradient for x.
 
@@ -190,8 +204,15 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, quant_min: int, quant_max:
     return _FakeQuantize.apply(x, s, z, quant_min, quant_max, axis, impl)
 
 
-def fake_quantize_learnable(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
-                            quant_max: int, axis: int | None = None, grad_factor: float = 1.0):
+def fake_quantize_learnable(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    axis: int | None = None,
+    grad_factor: float = 1.0,
+):
     """LSQ fake quantization: gradients for x, scale and zero_point equal
     torch._fake_quantize_learnable_per_{tensor,channel}_affine's (grad_factor included).
 
@@ -210,8 +231,9 @@ def fake_quantize_learnable(x: torch.Tensor, scale: torch.Tensor, zero_point: to
     _check_values(scale.detach().reshape(-1), None, quant_min, quant_max)
     backend = choose("fake_quantize_learnable", x.device)
     if backend == "native":
-        return torch.ops.accelops.fake_quantize_learnable(x, scale, zero_point, quant_min, quant_max, axis,
-                                                          float(grad_factor))
+        return torch.ops.accelops.fake_quantize_learnable(
+            x, scale, zero_point, quant_min, quant_max, axis, float(grad_factor)
+        )
     impl = _Reference if backend == "reference" else _triton()
     return _FakeQuantizeLearnable.apply(x, scale, zero_point, quant_min, quant_max, axis, float(grad_factor), impl)
 
@@ -221,21 +243,32 @@ def fake_quantize_learnable(x: torch.Tensor, scale: torch.Tensor, zero_point: to
 # The family's ops: schema and default (reference) kernel, fake, autograd, CUDA kernels.
 # The C++ CPU kernels are csrc/cpu/fake_quant.cpp, registered in csrc/ops.cpp.
 
+
 def _register() -> None:
     # fake_quantize returns (y, mask bits) so that autograd saves 1 bit per element, not x.
-    define("fake_quantize(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
-           "int? axis=None) -> (Tensor, Tensor)", _Reference.fake_quantize)
+    define(
+        "fake_quantize(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
+        "int? axis=None) -> (Tensor, Tensor)",
+        _Reference.fake_quantize,
+    )
     define("fake_quantize_backward(Tensor grad, Tensor mask) -> Tensor", _Reference.fake_quantize_backward)
-    define("fake_quantize_learnable(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
-           "int? axis=None, float grad_factor=1.0) -> Tensor", _Reference.fake_quantize_learnable)
-    define("fake_quantize_learnable_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, "
-           "int quant_min, int quant_max, int? axis=None, float grad_factor=1.0) -> (Tensor, Tensor, Tensor)",
-           _Reference.fake_quantize_learnable_backward)
+    define(
+        "fake_quantize_learnable(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
+        "int? axis=None, float grad_factor=1.0) -> Tensor",
+        _Reference.fake_quantize_learnable,
+    )
+    define(
+        "fake_quantize_learnable_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, "
+        "int quant_min, int quant_max, int? axis=None, float grad_factor=1.0) -> (Tensor, Tensor, Tensor)",
+        _Reference.fake_quantize_learnable_backward,
+    )
 
     @torch.library.register_fake("accelops::fake_quantize")
     def _(x, scale, zero_point, quant_min, quant_max, axis=None):
-        return (torch.empty_like(x, memory_format=torch.contiguous_format),
-                x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8))
+        return (
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8),
+        )
 
     @torch.library.register_fake("accelops::fake_quantize_backward")
     def _(grad, mask):
@@ -247,8 +280,11 @@ def _register() -> None:
 
     @torch.library.register_fake("accelops::fake_quantize_learnable_backward")
     def _(grad, x, scale, zero_point, quant_min, quant_max, axis=None, grad_factor=1.0):
-        return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(scale),
-                torch.empty_like(zero_point))
+        return (
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(scale),
+            torch.empty_like(zero_point),
+        )
 
     def fq_setup(ctx, inputs, output):
         ctx.save_for_backward(output[1])  # the mask bits: 1 bit per element, not x
@@ -272,8 +308,10 @@ def _register() -> None:
 
     torch.library.register_autograd("accelops::fake_quantize_learnable", lsq_backward, setup_context=lsq_setup)
 
-    register_triton_kernels("fake_quant", ("fake_quantize", "fake_quantize_backward", "fake_quantize_learnable",
-                                           "fake_quantize_learnable_backward"))
+    register_triton_kernels(
+        "fake_quant",
+        ("fake_quantize", "fake_quantize_backward", "fake_quantize_learnable", "fake_quantize_learnable_backward"),
+    )
 
 
 _register()

@@ -14,6 +14,7 @@ The registered ops (torch.ops.accelops):
                        has_b_down, act_quant, need_dx, need_dw) -> (dx, dWg, dWu, dWd, dbg, dbu, dbd)
     ffn_activation(g, u, activation) -> h
 """
+
 from __future__ import annotations
 
 import os
@@ -37,6 +38,7 @@ def _triton():
 
 
 # --------------------------------------------------------------------------- validation
+
 
 def _check_activation(activation) -> str:
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
@@ -62,8 +64,9 @@ def _split_bias(bias, gated: bool, h: int, d: int, x: torch.Tensor):
         return None, None, None
     if isinstance(bias, torch.Tensor) or not isinstance(bias, (list, tuple)) or len(bias) != 3:
         got = f"a tensor of shape {tuple(bias.shape)}" if isinstance(bias, torch.Tensor) else repr(bias)[:80]
-        raise TypeError(f"bias must be None or a sequence of three (b_gate, b_up, b_down), each None or a "
-                        f"tensor, got {got}")
+        raise TypeError(
+            f"bias must be None or a sequence of three (b_gate, b_up, b_down), each None or a tensor, got {got}"
+        )
     out = []
     for name, b, n in zip(("b_gate", "b_up", "b_down"), bias, (h, h, d)):
         if b is None:
@@ -89,8 +92,9 @@ def _validate(x, w_gate, w_up, w_down, bias, activation):
     d = x.shape[-1]
     check.tensor("w_up", w_up)
     if w_up.dim() != 2 or w_up.shape[1] != d:
-        raise ValueError(f"w_up must have shape (H, D={d}) [hidden, dim] to match x's last dim, got "
-                         f"{tuple(w_up.shape)}")
+        raise ValueError(
+            f"w_up must have shape (H, D={d}) [hidden, dim] to match x's last dim, got {tuple(w_up.shape)}"
+        )
     h = w_up.shape[0]
     _check_weight("w_up", w_up, (h, d), "[hidden, dim]", x)
     if gated:
@@ -98,16 +102,17 @@ def _validate(x, w_gate, w_up, w_down, bias, activation):
             raise ValueError(f"w_gate is required for the gated activation {activation!r}")
         _check_weight("w_gate", w_gate, (h, d), "[hidden, dim], like w_up", x)
     elif w_gate is not None:
-        raise ValueError("w_gate must be None for activation 'gelu' (not gated); use 'swiglu' or 'geglu' "
-                         "for a gated FFN")
+        raise ValueError(
+            "w_gate must be None for activation 'gelu' (not gated); use 'swiglu' or 'geglu' for a gated FFN"
+        )
     _check_weight("w_down", w_down, (d, h), "[dim, hidden]", x)
     b_gate, b_up, b_down = _split_bias(bias, gated, h, d, x)
-    device = check.same_device(x=x, w_gate=w_gate, w_up=w_up, w_down=w_down, b_gate=b_gate, b_up=b_up,
-                               b_down=b_down)
+    device = check.same_device(x=x, w_gate=w_gate, w_up=w_up, w_down=w_down, b_gate=b_gate, b_up=b_up, b_down=b_down)
     return activation, (b_gate, b_up, b_down), device
 
 
 # --------------------------------------------------------------------------- public API
+
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -128,8 +133,21 @@ class _TritonFusedFFN(torch.autograd.Function):
     def backward(ctx, dy):
         x, g, u, w_gate, w_up, w_down = ctx.saved_tensors
         activation, act_quant, save, bias_dtypes = ctx.meta
-        grads = _backward(_triton().fused_ffn_backward, ctx.needs_input_grad, dy, x, g, u, w_gate, w_up, w_down,
-                          activation, act_quant, save, bias_dtypes)
+        grads = _backward(
+            _triton().fused_ffn_backward,
+            ctx.needs_input_grad,
+            dy,
+            x,
+            g,
+            u,
+            w_gate,
+            w_up,
+            w_down,
+            activation,
+            act_quant,
+            save,
+            bias_dtypes,
+        )
         return (*grads, None, None, None)
 
 
@@ -244,8 +262,22 @@ def _backward(kernel, needs, dy, x, g, u, w_gate, w_up, w_down, activation, act_
     need_dx = bool(needs[0])
     need_dw = any(bool(n) for n in needs[1:7])
     has_b = [dt is not None for dt in bias_dtypes]
-    dx, dwg, dwu, dwd, dbg, dbu, dbd = kernel(dy.contiguous(), x, g, u, w_gate, w_up, w_down, activation,
-                                              has_b[0], has_b[1], has_b[2], act_quant, need_dx, need_dw)
+    dx, dwg, dwu, dwd, dbg, dbu, dbd = kernel(
+        dy.contiguous(),
+        x,
+        g,
+        u,
+        w_gate,
+        w_up,
+        w_down,
+        activation,
+        has_b[0],
+        has_b[1],
+        has_b[2],
+        act_quant,
+        need_dx,
+        need_dw,
+    )
     out = [dx if need_dx else None]
     for i, grad in enumerate((dwg, dwu, dwd), start=1):
         out.append(grad if needs[i] else None)
@@ -257,10 +289,11 @@ def _backward(kernel, needs, dy, x, g, u, w_gate, w_up, w_down, activation, act_
 # The family's ops: schema and default (reference) kernel, fake, autograd, CUDA kernels.
 # The C++ CPU kernels are csrc/cpu/ffn.cpp, registered in csrc/ops.cpp.
 
-def _fused_ffn_reference(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, activation="swiglu",
-                         save=False, act_quant=False):
-    y, g, u = ref.fused_ffn_with_projections(x, w_gate, w_up, w_down, (b_gate, b_up, b_down), activation,
-                                             act_quant)
+
+def _fused_ffn_reference(
+    x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, activation="swiglu", save=False, act_quant=False
+):
+    y, g, u = ref.fused_ffn_with_projections(x, w_gate, w_up, w_down, (b_gate, b_up, b_down), activation, act_quant)
     # Two separate empty tensors: outputs of an op must not alias one another.
     return y, g if save and g is not None else x.new_empty((0,)), u if save else x.new_empty((0,))
 
@@ -272,34 +305,41 @@ def _ffn_activation_reference(g, u, activation="swiglu"):
 def _register() -> None:
     # (y, g, u): g and u are the pre-activation projections, saved for backward when
     # save=True (empty [0] tensors otherwise, and g is empty for 'gelu').
-    define("fused_ffn(Tensor x, Tensor? w_gate, Tensor w_up, Tensor w_down, Tensor? b_gate=None, "
-           "Tensor? b_up=None, Tensor? b_down=None, str activation=\"swiglu\", bool save=False, "
-           "bool act_quant=False) -> (Tensor, Tensor, Tensor)", _fused_ffn_reference)
+    define(
+        "fused_ffn(Tensor x, Tensor? w_gate, Tensor w_up, Tensor w_down, Tensor? b_gate=None, "
+        'Tensor? b_up=None, Tensor? b_down=None, str activation="swiglu", bool save=False, '
+        "bool act_quant=False) -> (Tensor, Tensor, Tensor)",
+        _fused_ffn_reference,
+    )
     # -> (dx, dw_gate, dw_up, dw_down, db_gate, db_up, db_down); absent ones are empty [0].
-    define("fused_ffn_backward(Tensor dy, Tensor x, Tensor g, Tensor u, Tensor? w_gate, Tensor w_up, "
-           "Tensor w_down, str activation, bool has_b_gate, bool has_b_up, bool has_b_down, bool act_quant, "
-           "bool need_dx, bool need_dw) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-           ref.fused_ffn_backward)
+    define(
+        "fused_ffn_backward(Tensor dy, Tensor x, Tensor g, Tensor u, Tensor? w_gate, Tensor w_up, "
+        "Tensor w_down, str activation, bool has_b_gate, bool has_b_up, bool has_b_down, bool act_quant, "
+        "bool need_dx, bool need_dw) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+        ref.fused_ffn_backward,
+    )
     # The same gradients from float32 CPU tensors when g and u die with this call: the C++
     # kernel writes dg/du over them and returns their pages to the OS block by block (lower
     # peak memory). The reference may leave them as they are: the schema allows, not asks.
-    define("fused_ffn_backward_consume_(Tensor dy, Tensor x, Tensor(a!) g, Tensor(b!) u, Tensor? w_gate, "
-           "Tensor w_up, Tensor w_down, str activation, bool has_b_gate, bool has_b_up, bool has_b_down, "
-           "bool act_quant, bool need_dx, bool need_dw) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-           ref.fused_ffn_backward)
-    define("ffn_activation(Tensor? g, Tensor u, str activation=\"swiglu\") -> Tensor", _ffn_activation_reference)
+    define(
+        "fused_ffn_backward_consume_(Tensor dy, Tensor x, Tensor(a!) g, Tensor(b!) u, Tensor? w_gate, "
+        "Tensor w_up, Tensor w_down, str activation, bool has_b_gate, bool has_b_up, bool has_b_down, "
+        "bool act_quant, bool need_dx, bool need_dw) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+        ref.fused_ffn_backward,
+    )
+    define('ffn_activation(Tensor? g, Tensor u, str activation="swiglu") -> Tensor', _ffn_activation_reference)
 
     @torch.library.register_fake("accelops::fused_ffn")
-    def _(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, activation="swiglu", save=False,
-          act_quant=False):
+    def _(
+        x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, activation="swiglu", save=False, act_quant=False
+    ):
         hidden = (*x.shape[:-1], w_up.shape[0])
         g = x.new_empty(hidden if save and w_gate is not None else (0,))
         u = x.new_empty(hidden if save else (0,))
         return torch.empty_like(x, memory_format=torch.contiguous_format), g, u
 
     @torch.library.register_fake("accelops::fused_ffn_backward")
-    def _(dy, x, g, u, w_gate, w_up, w_down, activation, has_b_gate, has_b_up, has_b_down, act_quant, need_dx,
-          need_dw):
+    def _(dy, x, g, u, w_gate, w_up, w_down, activation, has_b_gate, has_b_up, has_b_down, act_quant, need_dx, need_dw):
         h, d = w_up.shape
         gated = w_gate is not None
         none = lambda dt=x.dtype: x.new_empty((0,), dtype=dt)  # noqa: E731
@@ -314,8 +354,7 @@ def _register() -> None:
         )
 
     @torch.library.register_fake("accelops::fused_ffn_backward_consume_")
-    def _(dy, x, g, u, w_gate, w_up, w_down, activation, has_b_gate, has_b_up, has_b_down, act_quant, need_dx,
-          need_dw):
+    def _(dy, x, g, u, w_gate, w_up, w_down, activation, has_b_gate, has_b_up, has_b_down, act_quant, need_dx, need_dw):
         h, d = w_up.shape
         gated = w_gate is not None
         none = lambda: x.new_empty((0,))  # noqa: E731
@@ -348,8 +387,9 @@ def _register() -> None:
         kernel = torch.ops.accelops.fused_ffn_backward
         if save and _may_consume(x, g, u, w_gate is not None):
             kernel = torch.ops.accelops.fused_ffn_backward_consume_
-        grads = _backward(kernel, ctx.needs_input_grad, dy, x, g, u, w_gate, w_up, w_down, activation, act_quant,
-                          save, bias_dtypes)
+        grads = _backward(
+            kernel, ctx.needs_input_grad, dy, x, g, u, w_gate, w_up, w_down, activation, act_quant, save, bias_dtypes
+        )
         return (*grads, None, None, None)
 
     torch.library.register_autograd("accelops::fused_ffn", backward, setup_context=setup_context)

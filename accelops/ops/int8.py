@@ -2,6 +2,7 @@
 with its dequantization epilogue fused, and the dynamic `int8_linear`. See
 accelops/reference/int8.py for the spec.
 """
+
 from __future__ import annotations
 
 import torch
@@ -70,7 +71,9 @@ def int8_matmul(x_q, x_scale, w_q, w_scale, bias=None, out_dtype: torch.dtype = 
     check.tensor("x_scale", x_scale)
     check.dtype("x_scale", x_scale, torch.float32)
     if tuple(x_scale.shape) != (*x_q.shape[:-1], 1):
-        raise ValueError(f"x_scale must have shape {(*x_q.shape[:-1], 1)} (one scale per row of x_q), got {tuple(x_scale.shape)}")
+        raise ValueError(
+            f"x_scale must have shape {(*x_q.shape[:-1], 1)} (one scale per row of x_q), got {tuple(x_scale.shape)}"
+        )
     if out_dtype not in check.FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
     check.bias(bias, n)
@@ -114,6 +117,7 @@ def int8_linear(x, w_q, w_scale, bias=None):
 # The family's ops: schema and default (reference) kernel, fake, autograd, CUDA kernels.
 # The C++ CPU kernels are csrc/cpu/int8.cpp and int_mm.cpp, registered in csrc/ops.cpp.
 
+
 def _int8_matmul_reference(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=None):
     return ref.int8_matmul(x_q, x_scale, w_q, w_scale, bias, torch.float32 if out_dtype is None else out_dtype)
 
@@ -121,8 +125,11 @@ def _int8_matmul_reference(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=None
 def _register() -> None:
     define("quantize_activation_int8(Tensor x) -> (Tensor, Tensor)", ref.quantize_activation_int8)
     define("quantize_weight_int8(Tensor w) -> (Tensor, Tensor)", ref.quantize_weight_int8)
-    define("int8_matmul(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias=None, "
-           "ScalarType? out_dtype=None) -> Tensor", _int8_matmul_reference)
+    define(
+        "int8_matmul(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias=None, "
+        "ScalarType? out_dtype=None) -> Tensor",
+        _int8_matmul_reference,
+    )
     define("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor", ref.int8_linear)
     # The same results with ATen's int8 GEMM computing the sums (a tuned-dispatch candidate).
     define("int8_linear_int_mm(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor", ref.int8_linear)
@@ -164,7 +171,8 @@ def _register() -> None:
     # The same op with ATen's int8 GEMM for the sums (a tuned-dispatch candidate): same
     # schema, same result, so the same fake and the same gradient.
     torch.library.register_fake("accelops::int8_linear_int_mm")(
-        lambda x, w, w_scale, bias=None: x.new_empty((*x.shape[:-1], w.shape[0])))
+        lambda x, w, w_scale, bias=None: x.new_empty((*x.shape[:-1], w.shape[0]))
+    )
     for name in ("accelops::int8_linear", "accelops::int8_linear_int_mm"):
         torch.library.register_autograd(name, backward, setup_context=setup_context)
 

@@ -6,6 +6,7 @@ accelops.optim.AdamW8bit / SGD8bit are the optimizers built on these.
 
 The op schemas, default (reference) kernels and fakes are registered at the bottom (_register).
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,10 @@ def new_state(param: torch.Tensor, block_size: int = DEFAULT_BLOCK) -> tuple[tor
     Any code decodes to 0 with absmax 0, so the codes' initial value does not matter."""
     n = param.numel()
     nb = -(-n // block_size)
-    return (torch.zeros(n, dtype=torch.uint8, device=param.device),
-            torch.zeros(nb, dtype=torch.float32, device=param.device))
+    return (
+        torch.zeros(n, dtype=torch.uint8, device=param.device),
+        torch.zeros(nb, dtype=torch.float32, device=param.device),
+    )
 
 
 def _check_param(param, grad, block_size):
@@ -63,8 +66,10 @@ def _check_param(param, grad, block_size):
     if param.dtype not in PARAM_DTYPES:
         raise TypeError(f"param must be float32, bfloat16 or float16, got {param.dtype}")
     if grad.layout != torch.strided:
-        raise TypeError(f"grad must be a dense (strided) tensor, got layout {grad.layout}: 8-bit optimizers do "
-                        "not take sparse gradients")
+        raise TypeError(
+            f"grad must be a dense (strided) tensor, got layout {grad.layout}: 8-bit optimizers do "
+            "not take sparse gradients"
+        )
     if grad.dtype != param.dtype:
         raise TypeError(f"grad must have param's dtype {param.dtype}, got {grad.dtype}")
     if grad.shape != param.shape:
@@ -86,8 +91,9 @@ def _check_state(name, codes, absmax, param, block_size):
     if codes.numel() != n or not codes.is_contiguous():
         raise ValueError(f"{name}_codes must be contiguous with {n} elements, got {codes.numel()}")
     if absmax.numel() != nb or not absmax.is_contiguous():
-        raise ValueError(f"{name}_absmax must be contiguous with ceil({n} / {block_size}) = {nb} elements, "
-                         f"got {absmax.numel()}")
+        raise ValueError(
+            f"{name}_absmax must be contiguous with ceil({n} / {block_size}) = {nb} elements, got {absmax.numel()}"
+        )
     check.same_device(param=param, **{f"{name}_codes": codes, f"{name}_absmax": absmax})
 
 
@@ -101,9 +107,22 @@ def _impl(op: str, device: torch.device):
     return "reference", None
 
 
-def adamw8bit_step_(param: torch.Tensor, grad: torch.Tensor, m_codes, m_absmax, v_codes, v_absmax, *, lr: float,
-                    beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
-                    block_size: int = DEFAULT_BLOCK) -> None:
+def adamw8bit_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    m_codes,
+    m_absmax,
+    v_codes,
+    v_absmax,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    block_size: int = DEFAULT_BLOCK,
+) -> None:
     """One fused AdamW step (step >= 1, bias-corrected) on `param` in place, its 8-bit states
     (m: signed map, v: unsigned map) requantized in place."""
     block_size = _check_param(param, grad, block_size)
@@ -117,19 +136,46 @@ def adamw8bit_step_(param: torch.Tensor, grad: torch.Tensor, m_codes, m_absmax, 
     if kind == "reference":
         ref.adamw8bit_step_(param, grad, m_codes, m_absmax, v_codes, v_absmax, mm, vm, s, block_size)
         return
-    fn(param, grad, m_codes, m_absmax, v_codes, v_absmax, mm, vm, s["beta1"], s["c1"], s["beta2"], s["c2"],
-       s["decay"], s["step_size"], s["bc2_sqrt"], s["eps"], block_size)
+    fn(
+        param,
+        grad,
+        m_codes,
+        m_absmax,
+        v_codes,
+        v_absmax,
+        mm,
+        vm,
+        s["beta1"],
+        s["c1"],
+        s["beta2"],
+        s["c2"],
+        s["decay"],
+        s["step_size"],
+        s["bc2_sqrt"],
+        s["eps"],
+        block_size,
+    )
 
 
-def sgd8bit_step_(param: torch.Tensor, grad: torch.Tensor, codes, absmax, *, lr: float, momentum: float,
-                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, first: bool = False,
-                  block_size: int = DEFAULT_BLOCK) -> None:
+def sgd8bit_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    codes,
+    absmax,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    first: bool = False,
+    block_size: int = DEFAULT_BLOCK,
+) -> None:
     """One fused SGD-with-momentum step on `param` in place, its 8-bit momentum buffer
     (signed map) requantized in place; first=True: the buffer starts as the gradient (torch.optim.SGD)."""
     block_size = _check_param(param, grad, block_size)
     _check_state("momentum", codes, absmax, param, block_size)
-    for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening),
-                        ("weight_decay", weight_decay)):
+    for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay)):
         if not math.isfinite(float(value)):
             raise ValueError(f"{name} must be finite, got {value}")
     q = qmap(True, param.device)
@@ -146,10 +192,36 @@ def sgd8bit_step_(param: torch.Tensor, grad: torch.Tensor, codes, absmax, *, lr:
 # The family's ops: schema and default (reference) kernel, fake, CUDA kernels. The C++
 # CPU kernels are csrc/cpu/optim.cpp, registered in csrc/ops.cpp.
 
-def _adamw8bit_reference(param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, v_map, beta1, c1, beta2, c2,
-                         decay, step_size, bc2_sqrt, eps, block_size=DEFAULT_BLOCK):
-    scalars = {"beta1": beta1, "c1": c1, "beta2": beta2, "c2": c2, "decay": decay, "step_size": step_size,
-               "bc2_sqrt": bc2_sqrt, "eps": eps}
+
+def _adamw8bit_reference(
+    param,
+    grad,
+    m_codes,
+    m_absmax,
+    v_codes,
+    v_absmax,
+    m_map,
+    v_map,
+    beta1,
+    c1,
+    beta2,
+    c2,
+    decay,
+    step_size,
+    bc2_sqrt,
+    eps,
+    block_size=DEFAULT_BLOCK,
+):
+    scalars = {
+        "beta1": beta1,
+        "c1": c1,
+        "beta2": beta2,
+        "c2": c2,
+        "decay": decay,
+        "step_size": step_size,
+        "bc2_sqrt": bc2_sqrt,
+        "eps": eps,
+    }
     ref.adamw8bit_step_(param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, v_map, scalars, block_size)
 
 
@@ -157,17 +229,39 @@ def _register() -> None:
     # One fused step per parameter, states as uint8 codes + fp32 block absmax, all updated
     # in place; the per-step scalars come from accelops.reference.optim.adamw_scalars
     # (c1 = 1 - beta1, decay = 1 - lr * wd, ...).
-    define("adamw8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) m_codes, Tensor(c!) m_absmax, "
-           "Tensor(d!) v_codes, Tensor(e!) v_absmax, Tensor m_map, Tensor v_map, float beta1, float c1, "
-           "float beta2, float c2, float decay, float step_size, float bc2_sqrt, float eps, int block_size=256) -> ()",
-           _adamw8bit_reference)
-    define("sgd8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) codes, Tensor(c!) absmax, Tensor qmap, "
-           "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool first, "
-           "int block_size=256) -> ()", ref.sgd8bit_step_)
+    define(
+        "adamw8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) m_codes, Tensor(c!) m_absmax, "
+        "Tensor(d!) v_codes, Tensor(e!) v_absmax, Tensor m_map, Tensor v_map, float beta1, float c1, "
+        "float beta2, float c2, float decay, float step_size, float bc2_sqrt, float eps, int block_size=256) -> ()",
+        _adamw8bit_reference,
+    )
+    define(
+        "sgd8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) codes, Tensor(c!) absmax, Tensor qmap, "
+        "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool first, "
+        "int block_size=256) -> ()",
+        ref.sgd8bit_step_,
+    )
 
     @torch.library.register_fake("accelops::adamw8bit_step_")
-    def _(param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, v_map, beta1, c1, beta2, c2, decay, step_size,
-          bc2_sqrt, eps, block_size=256):
+    def _(
+        param,
+        grad,
+        m_codes,
+        m_absmax,
+        v_codes,
+        v_absmax,
+        m_map,
+        v_map,
+        beta1,
+        c1,
+        beta2,
+        c2,
+        decay,
+        step_size,
+        bc2_sqrt,
+        eps,
+        block_size=256,
+    ):
         return None
 
     @torch.library.register_fake("accelops::sgd8bit_step_")

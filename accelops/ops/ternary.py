@@ -2,6 +2,7 @@
 int8-activation x packed-ternary matmul. See accelops/reference/ternary.py for the spec
 and the packed layout.
 """
+
 from __future__ import annotations
 
 import functools
@@ -105,7 +106,7 @@ def _check_padding(w_packed: torch.Tensor, k: int) -> None:
         return  # no padding to hold anything
     if w_packed.device.type == "meta" or torch.compiler.is_compiling():
         return  # no data to read / a data-dependent branch cannot be traced: pass k= there
-    last = w_packed[:, -ref.BLOCK_BYTES:]  # the last block only: N x 32 bytes
+    last = w_packed[:, -ref.BLOCK_BYTES :]  # the last block only: N x 32 bytes
     stray = (last ^ _PACKED_ZEROS) & _padding_mask(r, w_packed.device)
     if bool(stray.any()):  # the one host sync (on CUDA) that a call without k adds
         padded = ref.packed_cols(k) // ref.BLOCK_BYTES * ref.BLOCK_K
@@ -117,8 +118,14 @@ def _check_padding(w_packed: torch.Tensor, k: int) -> None:
         )
 
 
-def ternary_matmul(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                   *, k: int | None = None):
+def ternary_matmul(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    k: int | None = None,
+):
     """y = ternary(W) @ int8(x) with exact int32 sums, dequantized: x [..., K] -> y [..., N] in x's dtype.
 
     `k`: the K (in_features) w_packed was packed for. w_packed's shape gives only
@@ -144,7 +151,9 @@ def ternary_matmul(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tenso
     check.tensor("w_scale", w_scale)
     check.dtype("w_scale", w_scale, torch.float32)
     if w_scale.numel() not in (1, n):
-        raise ValueError(f"w_scale must hold 1 (per tensor) or N={n} (per channel) scales, got shape {tuple(w_scale.shape)}")
+        raise ValueError(
+            f"w_scale must hold 1 (per tensor) or N={n} (per channel) scales, got shape {tuple(w_scale.shape)}"
+        )
     check.bias(bias, n)
     device = check.same_device(x=x, w_packed=w_packed, w_scale=w_scale, bias=bias)
     if k is None:
@@ -172,16 +181,17 @@ def ternary_matmul(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tenso
 # The family's ops: schema and default (reference) kernel, fake, autograd, CUDA kernels.
 # The C++ CPU kernels are csrc/cpu/ternary.cpp and int_mm.cpp, registered in csrc/ops.cpp.
 
+
 def _register() -> None:
     define("pack_ternary(Tensor wq) -> Tensor", ref.pack_ternary)
     define("unpack_ternary(Tensor w_packed, int k) -> Tensor", ref.unpack_ternary)
-    define("quantize_weight_ternary(Tensor w, bool per_channel=False) -> (Tensor, Tensor)",
-           ref.quantize_weight_ternary)
-    define("ternary_matmul(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None) -> Tensor",
-           ref.ternary_matmul)
+    define("quantize_weight_ternary(Tensor w, bool per_channel=False) -> (Tensor, Tensor)", ref.quantize_weight_ternary)
+    define("ternary_matmul(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None) -> Tensor", ref.ternary_matmul)
     # The same results with ATen's int8 GEMM computing the sums (a tuned-dispatch candidate).
-    define("ternary_matmul_int_mm(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None) -> Tensor",
-           ref.ternary_matmul)
+    define(
+        "ternary_matmul_int_mm(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None) -> Tensor",
+        ref.ternary_matmul,
+    )
 
     @torch.library.register_fake("accelops::pack_ternary")
     def _(wq):
@@ -222,7 +232,8 @@ def _register() -> None:
     # The same op with ATen's int8 GEMM for the sums (a tuned-dispatch candidate): same
     # schema, same result, so the same fake and the same gradient.
     torch.library.register_fake("accelops::ternary_matmul_int_mm")(
-        lambda x, w, w_scale, bias=None: x.new_empty((*x.shape[:-1], w.shape[0])))
+        lambda x, w, w_scale, bias=None: x.new_empty((*x.shape[:-1], w.shape[0]))
+    )
     for name in ("accelops::ternary_matmul", "accelops::ternary_matmul_int_mm"):
         torch.library.register_autograd(name, backward, setup_context=setup_context)
 

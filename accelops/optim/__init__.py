@@ -20,6 +20,7 @@ contract (maps, rounding, order of the float ops, NaN) is accelops/reference/opt
   them as they are (torch's default would cast every state to the parameter's dtype), so a
   fresh optimizer continues bit-identically.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,7 +62,6 @@ def _number(name: str, value) -> float:
     return value
 
 
-
 def _closure_loss(closure):
     """The loss of `closure` (re-evaluating the model with gradients on), or None."""
     if closure is None:
@@ -76,6 +76,7 @@ def _group_lr(group) -> float:
     if lr < 0:
         raise ValueError(f"lr must be >= 0, got {lr}")
     return lr
+
 
 class _Optimizer8bit(torch.optim.Optimizer):
     """Shared machinery: argument checks, local shards, state layout, state_dict round trip."""
@@ -93,8 +94,9 @@ class _Optimizer8bit(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if not p.is_floating_point() or p.dtype not in _ops.PARAM_DTYPES:
-                    raise TypeError(f"{type(self).__name__} takes float32, bfloat16 or float16 parameters, "
-                                    f"got {p.dtype}")
+                    raise TypeError(
+                        f"{type(self).__name__} takes float32, bfloat16 or float16 parameters, got {p.dtype}"
+                    )
 
     def _grad(self, p: torch.Tensor):
         grad = p.grad
@@ -144,9 +146,18 @@ class AdamW8bit(_Optimizer8bit):
 
     _RAW_KEYS = ("m_codes", "m_absmax", "v_codes", "v_absmax", "exp_avg", "exp_avg_sq")
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, block_size: int = DEFAULT_BLOCK,
-                 min_8bit_size: int = MIN_8BIT_SIZE, maximize: bool = False):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        block_size: int = DEFAULT_BLOCK,
+        min_8bit_size: int = MIN_8BIT_SIZE,
+        maximize: bool = False,
+    ):
         lr = _number("lr", lr)
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -191,9 +202,21 @@ class AdamW8bit(_Optimizer8bit):
                     continue
                 pw, gw = self._work(p_local, g_local)
                 if "m_codes" in state:
-                    _ops.adamw8bit_step_(pw, gw, state["m_codes"], state["m_absmax"], state["v_codes"],
-                                         state["v_absmax"], lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
-                                         weight_decay=group["weight_decay"], step=state["step"], block_size=bs)
+                    _ops.adamw8bit_step_(
+                        pw,
+                        gw,
+                        state["m_codes"],
+                        state["m_absmax"],
+                        state["v_codes"],
+                        state["v_absmax"],
+                        lr=lr,
+                        beta1=beta1,
+                        beta2=beta2,
+                        eps=group["eps"],
+                        weight_decay=group["weight_decay"],
+                        step=state["step"],
+                        block_size=bs,
+                    )
                 else:
                     s = _ref.adamw_scalars(lr, beta1, beta2, group["eps"], group["weight_decay"], state["step"])
                     _ref.adamw_fp32_step_(pw, gw, state["exp_avg"], state["exp_avg_sq"], s)
@@ -209,9 +232,19 @@ class SGD8bit(_Optimizer8bit):
 
     _RAW_KEYS = ("momentum_codes", "momentum_absmax", "momentum_buffer")
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, *, block_size: int = DEFAULT_BLOCK,
-                 min_8bit_size: int = MIN_8BIT_SIZE, maximize: bool = False):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        block_size: int = DEFAULT_BLOCK,
+        min_8bit_size: int = MIN_8BIT_SIZE,
+        maximize: bool = False,
+    ):
         lr = _number("lr", lr)
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -226,8 +259,9 @@ class SGD8bit(_Optimizer8bit):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=bool(nesterov))
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=bool(nesterov)
+        )
         super().__init__(params, defaults, block_size, min_8bit_size, maximize)
 
     @torch.no_grad()
@@ -249,21 +283,41 @@ class SGD8bit(_Optimizer8bit):
                     if mu != 0 and p_local.numel() >= group["min_8bit_size"]:
                         state["momentum_codes"], state["momentum_absmax"] = _ops.new_state(p_local, bs)
                     elif mu != 0:
-                        state["momentum_buffer"] = torch.zeros(p_local.shape, dtype=torch.float32,
-                                                               device=p_local.device)
+                        state["momentum_buffer"] = torch.zeros(
+                            p_local.shape, dtype=torch.float32, device=p_local.device
+                        )
                 state["step"] += 1
                 if p_local.numel() == 0:
                     continue
                 pw, gw = self._work(p_local, g_local)
                 if "momentum_codes" in state:
-                    _ops.sgd8bit_step_(pw, gw, state["momentum_codes"], state["momentum_absmax"], lr=lr, momentum=mu,
-                                       dampening=damp, weight_decay=wd, nesterov=nesterov, first=first,
-                                       block_size=bs)
+                    _ops.sgd8bit_step_(
+                        pw,
+                        gw,
+                        state["momentum_codes"],
+                        state["momentum_absmax"],
+                        lr=lr,
+                        momentum=mu,
+                        dampening=damp,
+                        weight_decay=wd,
+                        nesterov=nesterov,
+                        first=first,
+                        block_size=bs,
+                    )
                 elif mu != 0:
                     _ref.sgd_fp32_step_(pw, gw, state["momentum_buffer"], lr, mu, damp, wd, nesterov, first)
                 else:  # plain SGD: the buffer would just be the gradient
-                    _ref.sgd_fp32_step_(pw, gw, torch.empty(pw.shape, dtype=torch.float32, device=pw.device),
-                                        lr, 0.0, 0.0, wd, False, True)
+                    _ref.sgd_fp32_step_(
+                        pw,
+                        gw,
+                        torch.empty(pw.shape, dtype=torch.float32, device=pw.device),
+                        lr,
+                        0.0,
+                        0.0,
+                        wd,
+                        False,
+                        True,
+                    )
                 if pw is not p_local:
                     p_local.copy_(pw)
         return loss

@@ -9,6 +9,7 @@ and returned in x's dtype.
 Backward: the straight-through estimator: quantization is taken as the identity, so
 dL/dx = g @ W_deq, dL/dW = g^T @ x_deq and dL/dbias = sum of g over tokens.
 """
+
 import torch
 import torch.nn.functional as F
 

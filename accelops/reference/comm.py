@@ -18,6 +18,7 @@ Conventions shared by every op:
 - NaN and Inf are never hidden: a NaN gradient element reaches the decompressed result
   (so a GradScaler sees it), as spelled out per op.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,17 +26,24 @@ import math
 import torch
 
 __all__ = [
-    "bucket_flatten", "bucket_unflatten_", "cast_div",
-    "topk_compress_", "topk_decompress",
-    "sign_compress_", "sign_decompress",
-    "int8_compress_", "int8_decompress",
-    "orthogonalize_", "uniform_hash",
+    "bucket_flatten",
+    "bucket_unflatten_",
+    "cast_div",
+    "topk_compress_",
+    "topk_decompress",
+    "sign_compress_",
+    "sign_decompress",
+    "int8_compress_",
+    "int8_decompress",
+    "orthogonalize_",
+    "uniform_hash",
 ]
 
 _M32 = 0xFFFFFFFF
 
 
 # --------------------------------------------------------------------------- buckets
+
 
 def bucket_flatten(tensors, dtype=None, divisor=None):
     """The tensors' elements, in order, in one contiguous 1-D tensor of `dtype` (default:
@@ -57,7 +65,7 @@ def bucket_unflatten_(flat, tensors, divisor=None):
     offset = 0
     for t in tensors:
         n = t.numel()
-        part = flat[offset:offset + n].reshape(t.shape)
+        part = flat[offset : offset + n].reshape(t.shape)
         if divisor is not None:
             part = part.float() / float(divisor)
         t.copy_(part)
@@ -71,6 +79,7 @@ def cast_div(x, divisor, dtype):
 
 
 # --------------------------------------------------------------------------- shared pieces
+
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     # (x * c) mod 2^32 for uint32 values held in int64, split so no product overflows.
@@ -93,7 +102,7 @@ def uniform_hash(seed: int, n: int, device=None) -> torch.Tensor:
     x = x ^ (x >> 13)
     x = _mul32(x, 0xC2B2AE35)
     x = x ^ (x >> 16)
-    return (x >> 8).to(torch.float32) * (2.0 ** -24)
+    return (x >> 8).to(torch.float32) * (2.0**-24)
 
 
 def _accumulate(grad, residual):
@@ -125,6 +134,7 @@ def _mean_over_ranks(per_rank: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- top-k
 
+
 def topk_compress_(grad, residual, k: int, method: str = "exact", sample_size: int = 4096, seed: int = 0):
     """Top-k sparsification with error feedback -> (values fp32 [k], indices int32 [k]).
 
@@ -149,7 +159,7 @@ def topk_compress_(grad, residual, k: int, method: str = "exact", sample_size: i
         count = k
     elif method == "sampled":
         stride = max(1, n // sample_size)
-        sample = mag[seed % stride::stride][:sample_size]
+        sample = mag[seed % stride :: stride][:sample_size]
         ks = max(1, -(-k * sample.numel() // n))  # ceil in exact integer arithmetic
         threshold = torch.topk(sample, ks).values[-1]
         candidates = torch.nonzero(mag >= threshold).flatten()
@@ -183,6 +193,7 @@ def topk_decompress(values, indices, numel: int):
 
 
 # --------------------------------------------------------------------------- sign (1-bit)
+
 
 def sign_compress_(grad, residual, chunk_size: int = 2048):
     """1-bit compression with a per-chunk scale and error feedback ->
@@ -225,6 +236,7 @@ def sign_decompress(bits, scales, numel: int, chunk_size: int = 2048):
 
 # --------------------------------------------------------------------------- int8 stochastic
 
+
 def int8_compress_(grad, residual, chunk_size: int = 2048, seed: int = 0):
     """INT8 with stochastic rounding (QSGD-like) and a per-chunk scale ->
     (q int8 [n], scales fp32 [ceil(n / chunk_size)]).
@@ -261,14 +273,15 @@ def int8_decompress(q, scales, chunk_size: int = 2048):
 
 # --------------------------------------------------------------------------- PowerSGD
 
+
 def orthogonalize_(m, eps: float = 1e-8):
     """Gram-Schmidt over the columns of m [..., n, r] in place (PowerSGD's step between
     its two matrix products): column i is divided by (its norm + eps), then removed from
     every later column. Float path: judged by error against an fp64 run, not bitwise."""
     for i in range(m.shape[-1]):
-        col = m[..., i:i + 1]
+        col = m[..., i : i + 1]
         col /= torch.linalg.vector_norm(col, dim=-2, keepdim=True) + eps
         if i + 1 < m.shape[-1]:
-            rest = m[..., i + 1:]
+            rest = m[..., i + 1 :]
             rest -= (col * rest).sum(dim=-2, keepdim=True) * col
     return m

@@ -22,6 +22,7 @@ The learnable (LSQ) variant follows torch._fake_quantize_learnable_per_{tensor,c
 the zero point is a float tensor, rounded half-even and clamped to the range in the forward;
 gradients in `fake_quantize_learnable_backward`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,8 +47,14 @@ def _qparams(x, scale, zero_point, axis):
     return s, z
 
 
-def fake_quantize_with_mask(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                            quant_min: int, quant_max: int, axis: int | None = None):
+def fake_quantize_with_mask(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    axis: int | None = None,
+):
     """-> (y in x's dtype, mask bool of x's shape). scale fp32 and zero_point integer tensors
     with one element (axis=None) or x.shape[axis] elements."""
     s, z = _qparams(x, scale, zero_point, axis)
@@ -90,13 +97,15 @@ def fake_quantize_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 
 # --------------------------------------------------------------------------- learnable (LSQ)
 
+
 def learnable_forward_zero_point(zero_point: torch.Tensor, quant_min: int, quant_max: int) -> torch.Tensor:
     """The integer zero point the forward uses: round half to even, then clamp (as torch)."""
     return zero_point.float().round().clamp(quant_min, quant_max)
 
 
-def learnable_backward_zero_point(zero_point: torch.Tensor, quant_min: int, quant_max: int,
-                                  per_channel: bool) -> torch.Tensor:
+def learnable_backward_zero_point(
+    zero_point: torch.Tensor, quant_min: int, quant_max: int, per_channel: bool
+) -> torch.Tensor:
     """The zero point torch's backward uses, which is not the forward's: per tensor it is
     trunc(clamp(z + 0.5)) (round half up for z >= 0), per channel round-then-clamp as forward."""
     z = zero_point.float()
@@ -110,8 +119,7 @@ def fake_quantize_learnable(x, scale, zero_point, quant_min, quant_max, axis=Non
     return fake_quantize(x, scale.float(), z, quant_min, quant_max, axis)
 
 
-def fake_quantize_learnable_backward(grad, x, scale, zero_point, quant_min, quant_max, axis=None,
-                                     grad_factor=1.0):
+def fake_quantize_learnable_backward(grad, x, scale, zero_point, quant_min, quant_max, axis=None, grad_factor=1.0):
     """-> (dx, dscale, dzero_point) with torch's LSQ formulas; dscale/dzero_point have the
     shapes of scale/zero_point and are sums over every element of their channel."""
     s, _ = _qparams(x, scale, zero_point, axis)
@@ -123,8 +131,9 @@ def fake_quantize_learnable_backward(grad, x, scale, zero_point, quant_min, quan
     dx = gf * inside
     xfq = (q.clamp(quant_min, quant_max) - z) * s
     below = q < quant_min
-    d_scale = torch.where(inside, gf * (xfq - xf) * inv,
-                          gf * torch.where(below, quant_min - z, quant_max - z)) * grad_factor
+    d_scale = (
+        torch.where(inside, gf * (xfq - xf) * inv, gf * torch.where(below, quant_min - z, quant_max - z)) * grad_factor
+    )
     d_zero = torch.where(inside, torch.zeros_like(gf), gf * (-1) * s * grad_factor)
     if axis is None:
         dims = tuple(range(x.dim()))

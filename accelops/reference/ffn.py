@@ -15,6 +15,7 @@ straight-through gradients, exactly what composing three BitLinear layers does t
 inputs. The weights are used as given (BitLinear's ternary fake-quant of the weights is
 the caller's, see accelops.nn.FusedFFN).
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,8 +51,7 @@ def fused_ffn(x, w_gate, w_up, w_down, bias=None, activation: str = "swiglu", ac
     return fused_ffn_with_projections(x, w_gate, w_up, w_down, bias, activation, act_quant)[0]
 
 
-def fused_ffn_with_projections(x, w_gate, w_up, w_down, bias=None, activation: str = "swiglu",
-                               act_quant: bool = False):
+def fused_ffn_with_projections(x, w_gate, w_up, w_down, bias=None, activation: str = "swiglu", act_quant: bool = False):
     """-> (y, g, u): fused_ffn's output and the pre-activation projections g = x Wg^T + bg
     (None for 'gelu') and u = x Wu^T + bu that the fused op saves for its backward."""
     b_gate, b_up, b_down = (None, None, None) if bias is None else tuple(bias)
@@ -80,8 +80,22 @@ def ffn_activation_backward(g: torch.Tensor | None, u: torch.Tensor, dh: torch.T
     return dh * u * (cdf + g * pdf), dh * g * cdf
 
 
-def fused_ffn_backward(dy, x, g, u, w_gate, w_up, w_down, activation: str, has_b_gate: bool, has_b_up: bool,
-                       has_b_down: bool, act_quant: bool, need_dx: bool, need_dw: bool):
+def fused_ffn_backward(
+    dy,
+    x,
+    g,
+    u,
+    w_gate,
+    w_up,
+    w_down,
+    activation: str,
+    has_b_gate: bool,
+    has_b_up: bool,
+    has_b_down: bool,
+    act_quant: bool,
+    need_dx: bool,
+    need_dw: bool,
+):
     """The gradients of fused_ffn from the saved projections g and u (g unused for 'gelu'),
     as the fused backward op returns them: (dx, dWg, dWu, dWd, dbg, dbu, dbd), dx and the
     weight gradients in x's dtype, the bias gradients in fp32, each one not asked for
@@ -93,8 +107,7 @@ def fused_ffn_backward(dy, x, g, u, w_gate, w_up, w_down, activation: str, has_b
     dy2 = dy.reshape(m, d).float()
     g2 = g.reshape(m, hidden) if is_gated else None
     u2 = u.reshape(m, hidden)
-    dg, du = ffn_activation_backward(None if g2 is None else g2.float(), u2.float(), dy2 @ w_down.float(),
-                                     activation)
+    dg, du = ffn_activation_backward(None if g2 is None else g2.float(), u2.float(), dy2 @ w_down.float(), activation)
 
     def none(dtype=x.dtype):
         return x.new_empty((0,), dtype=dtype)

@@ -11,6 +11,7 @@ All arithmetic is in fp32 with IEEE division, so every backend produces bit-iden
 `q` and `scale`. A row holding NaN or +-Inf quantizes to zeros with scale NaN: its output
 row becomes NaN and no other row is touched.
 """
+
 import torch
 
 EPS = 1e-5  # floor on a row's absmax: an all-zero row gets zeros and a finite scale
@@ -23,9 +24,11 @@ MAX_K = 2**31 // (128 * 128) - 1  # 131071
 
 def check_k(k: int) -> None:
     if k > MAX_K:
-        raise ValueError(f"K={k} exceeds the int8 GEMM's exact-accumulation limit K <= {MAX_K} (int32 sums of "
-                         "up to K * 128 * 128 must stay below 2^31); split the reduction into chunks of at most "
-                         f"{MAX_K} and add the float results")
+        raise ValueError(
+            f"K={k} exceeds the int8 GEMM's exact-accumulation limit K <= {MAX_K} (int32 sums of "
+            "up to K * 128 * 128 must stay below 2^31); split the reduction into chunks of at most "
+            f"{MAX_K} and add the float results"
+        )
 
 
 def _absmax_quantize(x: torch.Tensor, dim: int):

@@ -48,6 +48,7 @@ NaN: a NaN gradient element makes its own parameter NaN at this step and the abs
 blocks NaN, so from the next step on that whole block (and only that block) is NaN. Other
 blocks and other parameters are untouched.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,17 @@ import math
 import torch
 
 __all__ = [
-    "dynamic_map", "signed_map", "unsigned_map", "thresholds", "quantize_blockwise", "dequantize_blockwise",
-    "adamw_scalars", "adamw8bit_step_", "sgd8bit_step_", "adamw_fp32_step_", "sgd_fp32_step_",
+    "dynamic_map",
+    "signed_map",
+    "unsigned_map",
+    "thresholds",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "adamw_scalars",
+    "adamw8bit_step_",
+    "sgd8bit_step_",
+    "adamw_fp32_step_",
+    "sgd_fp32_step_",
     "DEFAULT_BLOCK",
 ]
 
@@ -72,7 +82,7 @@ def dynamic_map(signed: bool) -> torch.Tensor:
     for e in range(decades):
         # decade e spans [0.1, 1] * 10^(e - decades + 1) with 2^e codes at the midpoints of
         # 2^e equal steps: the top decade (just below 1) is the finest
-        count = 2 ** e
+        count = 2**e
         scale = 10.0 ** (e - decades + 1)
         for j in range(count):
             lo = 0.1 + 0.9 * j / count
@@ -139,8 +149,9 @@ def quantize_blockwise(x: torch.Tensor, qmap: torch.Tensor, block_size: int = DE
     return codes.reshape(-1)[:n], absmax
 
 
-def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor,
-                         block_size: int = DEFAULT_BLOCK) -> torch.Tensor:
+def dequantize_blockwise(
+    codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, block_size: int = DEFAULT_BLOCK
+) -> torch.Tensor:
     """fp32 [n]: map[code] * absmax of the code's block."""
     n = codes.numel()
     q = qmap.to(torch.float32).to(codes.device)[codes.reshape(-1).long()]
@@ -154,10 +165,18 @@ def _f32(value: float, device) -> torch.Tensor:
 
 def adamw_scalars(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> dict:
     """The per-step scalars of the AdamW update, in Python floats (rounded to fp32 by the kernels)."""
-    bc1 = 1.0 - beta1 ** step
-    bc2 = 1.0 - beta2 ** step
-    return {"beta1": beta1, "c1": 1.0 - beta1, "beta2": beta2, "c2": 1.0 - beta2,
-            "decay": 1.0 - lr * weight_decay, "step_size": lr / bc1, "bc2_sqrt": math.sqrt(bc2), "eps": eps}
+    bc1 = 1.0 - beta1**step
+    bc2 = 1.0 - beta2**step
+    return {
+        "beta1": beta1,
+        "c1": 1.0 - beta1,
+        "beta2": beta2,
+        "c2": 1.0 - beta2,
+        "decay": 1.0 - lr * weight_decay,
+        "step_size": lr / bc1,
+        "bc2_sqrt": math.sqrt(bc2),
+        "eps": eps,
+    }
 
 
 def _adamw_math(p, g, m_old, v_old, s: dict):
@@ -179,8 +198,9 @@ def _sqrt(v: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(v.to(torch.float64)).to(torch.float32)
 
 
-def adamw8bit_step_(param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, v_map, scalars: dict,
-                    block_size: int = DEFAULT_BLOCK) -> None:
+def adamw8bit_step_(
+    param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, v_map, scalars: dict, block_size: int = DEFAULT_BLOCK
+) -> None:
     """One fused AdamW step on a parameter with block-wise 8-bit states, all in place.
     param: fp32/bf16/fp16 (contiguous); grad: same shape, any float dtype; m_codes/v_codes
     uint8 [n]; m_absmax/v_absmax fp32 [ceil(n / block_size)]; scalars from adamw_scalars()."""
@@ -219,8 +239,20 @@ def _sgd_math(p, g, buf_old, lr, momentum, dampening, weight_decay, nesterov, fi
     return p, buf
 
 
-def sgd8bit_step_(param, grad, codes, absmax, qmap, lr: float, momentum: float, dampening: float,
-                  weight_decay: float, nesterov: bool, first: bool, block_size: int = DEFAULT_BLOCK) -> None:
+def sgd8bit_step_(
+    param,
+    grad,
+    codes,
+    absmax,
+    qmap,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    first: bool,
+    block_size: int = DEFAULT_BLOCK,
+) -> None:
     """One fused SGD-with-momentum step with a block-wise 8-bit momentum buffer, in place."""
     p = param.reshape(-1).to(torch.float32)
     g = grad.reshape(-1).to(torch.float32)

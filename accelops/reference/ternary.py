@@ -19,13 +19,14 @@ refuses an x whose K leaves non-zero codes in the padding of the last block.
 Matmul: y = (sum_k x_q[k] * Wq[k]) * x_scale * w_scale + bias, with x_q the per-token int8
 quantization of x (see reference/int8.py) and exact int32 accumulation.
 """
+
 import torch
 
 from .int8 import dequantize_epilogue, int_dot, quantize_activation_int8
 
 EPS = 1e-5
-BLOCK_K = 128           # weights per packed block
-BLOCK_BYTES = 32        # bytes per packed block (4 weights a byte)
+BLOCK_K = 128  # weights per packed block
+BLOCK_BYTES = 32  # bytes per packed block (4 weights a byte)
 
 
 def packed_cols(k: int) -> int:
@@ -64,7 +65,7 @@ def unpack_ternary(w_packed: torch.Tensor, k: int) -> torch.Tensor:
     p = w_packed.reshape(n, nblocks, 1, BLOCK_BYTES)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=w_packed.device).reshape(1, 1, 4, 1)
     codes = (p >> shifts) & 3
-    return (codes.reshape(n, nblocks * BLOCK_K)[:, :k].to(torch.int8) - 1)
+    return codes.reshape(n, nblocks * BLOCK_K)[:, :k].to(torch.int8) - 1
 
 
 def quantize_weight_ternary(w: torch.Tensor, per_channel: bool = False):

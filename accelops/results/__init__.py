@@ -14,9 +14,28 @@ repeats, peak memory, bytes moved, paired baseline and ratio, everything else in
 measurement against every baseline of the same run, case and thread count).
 DuckDB is imported on first use, not by `import accelops`.
 """
-from .db import (DEFAULT_PATH, SCHEMA_VERSION, DatabaseLocked, DatabaseWriteError, ResultsDB, SchemaError,
-                 default_path, migrate)
+
+from .db import (
+    DEFAULT_PATH,
+    SCHEMA_VERSION,
+    DatabaseLocked,
+    DatabaseWriteError,
+    ResultsDB,
+    SchemaError,
+    default_path,
+    migrate,
+)
 from .machine import fingerprint, machine_info
 
-__all__ = ["DEFAULT_PATH", "SCHEMA_VERSION", "DatabaseLocked", "DatabaseWriteError", "ResultsDB", "SchemaError",
-           "default_path", "fingerprint", "machine_info", "migrate"]
+__all__ = [
+    "DEFAULT_PATH",
+    "SCHEMA_VERSION",
+    "DatabaseLocked",
+    "DatabaseWriteError",
+    "ResultsDB",
+    "SchemaError",
+    "default_path",
+    "fingerprint",
+    "machine_info",
+    "migrate",
+]

@@ -1,4 +1,5 @@
 """`accelops results import | query | export`."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,13 +12,18 @@ from .db import DEFAULT_PATH, ENV_PATH, DatabaseWriteError, ResultsDB
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", default=None,
-                        help=f"database file (default ${ENV_PATH} or {DEFAULT_PATH})")
-    parser.add_argument("--lock-timeout", type=float, default=60.0,
-                        help="seconds to wait for a database another process is writing (default 60)")
+    parser.add_argument("--db", default=None, help=f"database file (default ${ENV_PATH} or {DEFAULT_PATH})")
+    parser.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for a database another process is writing (default 60)",
+    )
     sub = parser.add_subparsers(dest="results_command", required=True)
-    imp = sub.add_parser("import", help="import bench/results/*.jsonl (or a Parquet export) into the database; "
-                                        "runs already there are skipped")
+    imp = sub.add_parser(
+        "import",
+        help="import bench/results/*.jsonl (or a Parquet export) into the database; runs already there are skipped",
+    )
     imp.add_argument("paths", nargs="*", help="JSON-lines files (default: every <family>.jsonl next to the database)")
     imp.add_argument("--parquet", default=None, metavar="DIR", help="merge an `export --parquet` directory instead")
     q = sub.add_parser("query", help="run SQL on the tables runs, measurements and the views results, ratios")
@@ -43,23 +49,29 @@ def run_args(args, out=None) -> int:
     if args.results_command == "import":
         if args.parquet:
             stored = db.import_parquet(args.parquet)
-            print(f"{db.path}: {stored['runs']} runs, {stored['measurements']} measurements merged from "
-                  f"{args.parquet}", file=out)
+            print(
+                f"{db.path}: {stored['runs']} runs, {stored['measurements']} measurements merged from {args.parquet}",
+                file=out,
+            )
             return 0
-        paths = [Path(p) for p in args.paths] or sorted(p for p in db.path.parent.glob("*.jsonl")
-                                                       if not p.stem.endswith("_quick"))
+        paths = [Path(p) for p in args.paths] or sorted(
+            p for p in db.path.parent.glob("*.jsonl") if not p.stem.endswith("_quick")
+        )
         if not paths:
             print(f"no *.jsonl files in {db.path.parent}", file=sys.stderr)
             return 1
         try:
             stored = db.import_jsonl(paths)
-        except DatabaseWriteError as exc:   # a full disk, a file deleted meanwhile: the message is the story
+        except DatabaseWriteError as exc:  # a full disk, a file deleted meanwhile: the message is the story
             print(f"accelops results import: error: {exc}", file=sys.stderr)
             return 1
         for w in stored["warnings"]:
             print(f"warning: {w}", file=sys.stderr)
-        print(f"{db.path}: imported {stored['runs']} runs, {stored['measurements']} measurements from "
-              f"{len(paths)} files ({stored['skipped']} run/family groups already there)", file=out)
+        print(
+            f"{db.path}: imported {stored['runs']} runs, {stored['measurements']} measurements from "
+            f"{len(paths)} files ({stored['skipped']} run/family groups already there)",
+            file=out,
+        )
         return 0
     if args.results_command == "query":
         columns, rows = db.query(args.sql)
@@ -82,15 +94,22 @@ def run_args(args, out=None) -> int:
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", default=None, help=f"database file (default ${ENV_PATH} or {DEFAULT_PATH})")
-    parser.add_argument("--out", default=None,
-                        help="directory of index.html and its PNGs (default: report/ beside the database)")
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 when the newest run of any benchmark is a regression, or has a NaN or "
-                             "infinite time (for CI)")
+    parser.add_argument(
+        "--out", default=None, help="directory of index.html and its PNGs (default: report/ beside the database)"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when the newest run of any benchmark is a regression, or has a NaN or infinite time (for CI)",
+    )
     parser.add_argument("--no-html", action="store_true", help="with --check: only judge, write no page")
     parser.add_argument("--window", type=int, default=5, help="previous runs a new run is judged against (default 5)")
-    parser.add_argument("--threshold", type=float, default=0.10,
-                        help="how far beyond the history's p20-p80 band a median must be (default 0.10)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.10,
+        help="how far beyond the history's p20-p80 band a median must be (default 0.10)",
+    )
     parser.add_argument("--lock-timeout", type=float, default=60.0)
 
 
@@ -106,8 +125,7 @@ def run_report(args, out=None) -> int:
     else:
         from .report import write_report
 
-        written = write_report(db, args.out or db.path.parent / "report", window=args.window,
-                               threshold=args.threshold)
+        written = write_report(db, args.out or db.path.parent / "report", window=args.window, threshold=args.threshold)
         verdicts = written["verdicts"]
         print(f"report written to {written['html']} ({len(written['pngs'])} plots)", file=out)
     regressions = [v for v in verdicts if v.kind == "regression"]
@@ -121,8 +139,11 @@ def run_report(args, out=None) -> int:
         for note in v.notes:
             print(f"note: {v.case}: {note}", file=out)
     left_out = sum(len(v.notes) for v in verdicts)
-    print(f"{len(verdicts)} benchmarks checked: {len(regressions)} regressions, {len(invalid)} invalid (NaN or "
-          f"infinite time in the newest run), {sum(v.kind == 'improvement' for v in verdicts)} improvements, "
-          f"{sum(v.kind == 'too little history' for v in verdicts)} with too little history"
-          + (f"; {left_out} history points left out (NaN or infinite times)" if left_out else ""), file=out)
+    print(
+        f"{len(verdicts)} benchmarks checked: {len(regressions)} regressions, {len(invalid)} invalid (NaN or "
+        f"infinite time in the newest run), {sum(v.kind == 'improvement' for v in verdicts)} improvements, "
+        f"{sum(v.kind == 'too little history' for v in verdicts)} with too little history"
+        + (f"; {left_out} history points left out (NaN or infinite times)" if left_out else ""),
+        file=out,
+    )
     return 1 if (args.check and (regressions or invalid)) else 0

@@ -15,6 +15,7 @@ Why it is safe to share:
 - A write that fails (a full disk) raises its cause, not the failed ROLLBACK after it; a
   database file deleted or replaced while a write ran is reported, not a success.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,7 +63,8 @@ def _disk_full_error(path: Path, exc: BaseException) -> DatabaseWriteError:
     return DatabaseWriteError(
         f"results database {path}: the disk is full ({detail}). Nothing of this write was stored (DuckDB rolled "
         f"it back) and the runs stored before are safe. Free space on {path.parent} and repeat it: the bench's "
-        f"JSON lines still hold every row (`accelops results import`).")
+        f"JSON lines still hold every row (`accelops results import`)."
+    )
 
 
 def _rollback_quietly(con) -> None:
@@ -77,24 +79,63 @@ def _rollback_quietly(con) -> None:
 
 
 RUN_COLUMNS = (
-    ("run_id", "VARCHAR PRIMARY KEY"), ("started", "TIMESTAMP"), ("git_commit", "VARCHAR"), ("git_dirty", "BOOLEAN"),
-    ("machine_fingerprint", "VARCHAR"), ("cpu_model", "VARCHAR"), ("cpu_count", "INTEGER"),
-    ("cpu_features", "VARCHAR[]"), ("cpu_isa", "VARCHAR"), ("memory_bytes", "BIGINT"), ("gpu_name", "VARCHAR"),
-    ("gpu_driver", "VARCHAR"), ("platform", "VARCHAR"), ("device", "VARCHAR"), ("accelops_version", "VARCHAR"),
-    ("torch_version", "VARCHAR"), ("triton_version", "VARCHAR"), ("python_version", "VARCHAR"),
-    ("versions", "JSON"), ("quick", "BOOLEAN"), ("env", "JSON"), ("source", "VARCHAR"),
+    ("run_id", "VARCHAR PRIMARY KEY"),
+    ("started", "TIMESTAMP"),
+    ("git_commit", "VARCHAR"),
+    ("git_dirty", "BOOLEAN"),
+    ("machine_fingerprint", "VARCHAR"),
+    ("cpu_model", "VARCHAR"),
+    ("cpu_count", "INTEGER"),
+    ("cpu_features", "VARCHAR[]"),
+    ("cpu_isa", "VARCHAR"),
+    ("memory_bytes", "BIGINT"),
+    ("gpu_name", "VARCHAR"),
+    ("gpu_driver", "VARCHAR"),
+    ("platform", "VARCHAR"),
+    ("device", "VARCHAR"),
+    ("accelops_version", "VARCHAR"),
+    ("torch_version", "VARCHAR"),
+    ("triton_version", "VARCHAR"),
+    ("python_version", "VARCHAR"),
+    ("versions", "JSON"),
+    ("quick", "BOOLEAN"),
+    ("env", "JSON"),
+    ("source", "VARCHAR"),
 )
 # Version 1 measurements; version 2 added what the op moves and its paired baseline.
 MEASUREMENT_COLUMNS_V1 = (
-    ("run_id", "VARCHAR NOT NULL"), ("family", "VARCHAR NOT NULL"), ("seq", "INTEGER NOT NULL"), ("op", "VARCHAR"),
-    ("method", "VARCHAR"), ("label", "VARCHAR"), ("backend", "VARCHAR"), ("is_accelops", "BOOLEAN"),
-    ("status", "VARCHAR"), ("threads", "INTEGER"), ("device", "VARCHAR"), ("dtype", "VARCHAR"), ("m", "BIGINT"),
-    ("n", "BIGINT"), ("k", "BIGINT"), ("shape", "VARCHAR"), ("config", "JSON"), ("config_key", "VARCHAR"),
-    ("median_us", "DOUBLE"), ("p20_us", "DOUBLE"), ("p80_us", "DOUBLE"), ("min_us", "DOUBLE"), ("repeats", "INTEGER"),
-    ("peak_mem_bytes", "BIGINT"), ("loadavg_1m", "DOUBLE"), ("extra", "JSON"),
+    ("run_id", "VARCHAR NOT NULL"),
+    ("family", "VARCHAR NOT NULL"),
+    ("seq", "INTEGER NOT NULL"),
+    ("op", "VARCHAR"),
+    ("method", "VARCHAR"),
+    ("label", "VARCHAR"),
+    ("backend", "VARCHAR"),
+    ("is_accelops", "BOOLEAN"),
+    ("status", "VARCHAR"),
+    ("threads", "INTEGER"),
+    ("device", "VARCHAR"),
+    ("dtype", "VARCHAR"),
+    ("m", "BIGINT"),
+    ("n", "BIGINT"),
+    ("k", "BIGINT"),
+    ("shape", "VARCHAR"),
+    ("config", "JSON"),
+    ("config_key", "VARCHAR"),
+    ("median_us", "DOUBLE"),
+    ("p20_us", "DOUBLE"),
+    ("p80_us", "DOUBLE"),
+    ("min_us", "DOUBLE"),
+    ("repeats", "INTEGER"),
+    ("peak_mem_bytes", "BIGINT"),
+    ("loadavg_1m", "DOUBLE"),
+    ("extra", "JSON"),
 )
 MEASUREMENT_COLUMNS_V2 = (
-    ("bytes_moved", "BIGINT"), ("baseline_label", "VARCHAR"), ("baseline_median_us", "DOUBLE"), ("ratio", "DOUBLE"),
+    ("bytes_moved", "BIGINT"),
+    ("baseline_label", "VARCHAR"),
+    ("baseline_median_us", "DOUBLE"),
+    ("ratio", "DOUBLE"),
 )
 MEASUREMENT_COLUMNS = MEASUREMENT_COLUMNS_V1 + MEASUREMENT_COLUMNS_V2
 
@@ -156,8 +197,9 @@ def connect(path, read_only: bool = False, lock_timeout: float = 60.0):
 
     path = Path(path)
     if read_only and not path.exists():
-        raise FileNotFoundError(f"results database {path} does not exist (run a benchmark or "
-                                f"`accelops results import` first)")
+        raise FileNotFoundError(
+            f"results database {path} does not exist (run a benchmark or `accelops results import` first)"
+        )
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + lock_timeout
@@ -173,7 +215,8 @@ def connect(path, read_only: bool = False, lock_timeout: float = 60.0):
             if time.monotonic() >= deadline:
                 raise DatabaseLocked(
                     f"results database {path} is held by {_holder(exc)} for more than {lock_timeout:g} s "
-                    f"(a bench run still writing?); retry when it is done or raise lock_timeout") from exc
+                    f"(a bench run still writing?); retry when it is done or raise lock_timeout"
+                ) from exc
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
         except duckdb.Error as exc:
@@ -194,8 +237,10 @@ def migrate(con, target: int = SCHEMA_VERSION) -> int:
     """Bring the schema to `target` in one transaction -> the version found before."""
     found = schema_version(con)
     if found > SCHEMA_VERSION:
-        raise SchemaError(f"results database has schema version {found}, newer than this accelops "
-                          f"understands ({SCHEMA_VERSION}); upgrade accelops to read it")
+        raise SchemaError(
+            f"results database has schema version {found}, newer than this accelops "
+            f"understands ({SCHEMA_VERSION}); upgrade accelops to read it"
+        )
     if found >= target:
         return found
     con.execute("BEGIN TRANSACTION")
@@ -280,7 +325,8 @@ class ResultsDB:
             raise DatabaseWriteError(
                 f"results database {self.path} was {what} while this write was running: what the write stored "
                 f"went into the deleted file and is lost. The bench's JSON lines still hold the rows: repeat the "
-                f"import (`accelops results import --db {self.path} ...`).")
+                f"import (`accelops results import --db {self.path} ...`)."
+            )
 
     def _read_connection(self):
         con = connect(self.path, read_only=True, lock_timeout=self.lock_timeout)
@@ -288,8 +334,10 @@ class ResultsDB:
         if found != SCHEMA_VERSION:
             con.close()
             if found > SCHEMA_VERSION:
-                raise SchemaError(f"results database {self.path} has schema version {found}, newer than this "
-                                  f"accelops understands ({SCHEMA_VERSION})")
+                raise SchemaError(
+                    f"results database {self.path} has schema version {found}, newer than this "
+                    f"accelops understands ({SCHEMA_VERSION})"
+                )
             con = self._write_connection()  # an older file: migrate it first
         return con
 
@@ -305,7 +353,7 @@ class ResultsDB:
         for i, row in enumerate(rows):
             try:
                 check_row(row)
-            except ValueError as exc:   # rows.RowError included
+            except ValueError as exc:  # rows.RowError included
                 label = where[i] if where is not None else f"row {i}"
                 raise ValueError(f"{label}: {exc}") from exc
         groups: dict[tuple[str, str], list[dict]] = {}
@@ -316,8 +364,9 @@ class ResultsDB:
             return stored
         with self._transaction() as con:
             for (run_id, family), group in groups.items():
-                if con.execute("SELECT 1 FROM measurements WHERE run_id = ? AND family = ? LIMIT 1",
-                               [run_id, family]).fetchone():
+                if con.execute(
+                    "SELECT 1 FROM measurements WHERE run_id = ? AND family = ? LIMIT 1", [run_id, family]
+                ).fetchone():
                     stored["skipped"] += 1
                     continue
                 if not con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone():
@@ -371,15 +420,19 @@ class ResultsDB:
         with self._transaction() as con:
             run_cols = ", ".join(n for n, _ in RUN_COLUMNS)
             meas_cols = ", ".join(n for n, _ in MEASUREMENT_COLUMNS)
-            con.execute(f"CREATE TEMP TABLE new_runs AS SELECT {run_cols} FROM "
-                        f"read_parquet('{runs_glob}', hive_partitioning = true, union_by_name = true) "
-                        f"WHERE run_id NOT IN (SELECT run_id FROM runs)")
+            con.execute(
+                f"CREATE TEMP TABLE new_runs AS SELECT {run_cols} FROM "
+                f"read_parquet('{runs_glob}', hive_partitioning = true, union_by_name = true) "
+                f"WHERE run_id NOT IN (SELECT run_id FROM runs)"
+            )
             n_runs = con.execute("SELECT count(*) FROM new_runs").fetchone()[0]
             con.execute(f"INSERT INTO runs ({run_cols}) SELECT {run_cols} FROM new_runs")
             before = con.execute("SELECT count(*) FROM measurements").fetchone()[0]
-            con.execute(f"INSERT INTO measurements ({meas_cols}) SELECT {meas_cols} FROM "
-                        f"read_parquet('{meas_glob}', hive_partitioning = true, union_by_name = true) "
-                        f"WHERE run_id IN (SELECT run_id FROM new_runs)")
+            con.execute(
+                f"INSERT INTO measurements ({meas_cols}) SELECT {meas_cols} FROM "
+                f"read_parquet('{meas_glob}', hive_partitioning = true, union_by_name = true) "
+                f"WHERE run_id IN (SELECT run_id FROM new_runs)"
+            )
             after = con.execute("SELECT count(*) FROM measurements").fetchone()[0]
             con.execute("DROP TABLE new_runs")
         return {"runs": n_runs, "measurements": after - before}
@@ -409,12 +462,17 @@ class ResultsDB:
         try:
             for table, select in (
                 ("runs", "SELECT *, machine_fingerprint AS machine, CAST(started AS DATE) AS date FROM runs"),
-                ("measurements", "SELECT m.*, r.machine_fingerprint AS machine, CAST(r.started AS DATE) AS date "
-                                 "FROM measurements m JOIN runs r USING (run_id)"),
+                (
+                    "measurements",
+                    "SELECT m.*, r.machine_fingerprint AS machine, CAST(r.started AS DATE) AS date "
+                    "FROM measurements m JOIN runs r USING (run_id)",
+                ),
             ):
                 target = str(directory / table).replace("'", "''")
-                con.execute(f"COPY ({select}) TO '{target}' "
-                            f"(FORMAT parquet, PARTITION_BY (machine, date), OVERWRITE_OR_IGNORE true)")
+                con.execute(
+                    f"COPY ({select}) TO '{target}' "
+                    f"(FORMAT parquet, PARTITION_BY (machine, date), OVERWRITE_OR_IGNORE true)"
+                )
         finally:
             con.close()
         return sorted(directory.rglob("*.parquet"))

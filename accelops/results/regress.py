@@ -21,6 +21,7 @@ would make every comparison false and so pass any slow-down. A history point wit
 left out of the history, with a note naming its run (the window then reaches one run
 further back); a new run with one is INVALID, which fails the check like a regression.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,13 +53,13 @@ class Verdict:
     label: str | None
     config: str | None
     threads: int | None
-    kind: str                      # "regression" | "improvement" | "ok" | "too little history" | "invalid"
+    kind: str  # "regression" | "improvement" | "ok" | "too little history" | "invalid"
     new: Point
     history: list[Point] = field(default_factory=list)
     band_low_us: float | None = None
     band_high_us: float | None = None
-    change: float | None = None    # new median / history median of medians - 1
-    notes: list[str] = field(default_factory=list)   # e.g. history points left out, and why
+    change: float | None = None  # new median / history median of medians - 1
+    notes: list[str] = field(default_factory=list)  # e.g. history points left out, and why
 
     @property
     def commit_range(self) -> str:
@@ -74,13 +75,17 @@ class Verdict:
         case = self.case
         if self.kind == "invalid":
             bad = ", ".join(f"{name} = {getattr(self.new, name)}" for name in self.new.non_finite())
-            return (f"invalid: {case}: the newest run {self.new.run_id} (commit {(self.new.commit or '?')[:10]}) "
-                    f"has {bad}: it cannot be judged (a broken measurement)")
+            return (
+                f"invalid: {case}: the newest run {self.new.run_id} (commit {(self.new.commit or '?')[:10]}) "
+                f"has {bad}: it cannot be judged (a broken measurement)"
+            )
         if self.change is None:
             return f"{self.kind}: {case}"
-        return (f"{self.kind}: {case}: median {self.new.median_us:.4g} us vs history band "
-                f"{self.band_low_us:.4g}-{self.band_high_us:.4g} us ({self.change:+.1%} vs its median), "
-                f"commits {self.commit_range}")
+        return (
+            f"{self.kind}: {case}: median {self.new.median_us:.4g} us vs history band "
+            f"{self.band_low_us:.4g}-{self.band_high_us:.4g} us ({self.change:+.1%} vs its median), "
+            f"commits {self.commit_range}"
+        )
 
 
 def judge(history: list[Point], new: Point, threshold: float = 0.10) -> tuple[str, float, float, float]:
@@ -123,8 +128,9 @@ def series(db) -> dict[tuple, list[Point]]:
     return out
 
 
-def check(db, window: int = 5, min_history: int = 2, threshold: float = 0.10,
-          machine: str | None = None) -> list[Verdict]:
+def check(
+    db, window: int = 5, min_history: int = 2, threshold: float = 0.10, machine: str | None = None
+) -> list[Verdict]:
     """Judge the newest run of every benchmark (on `machine` only, when given). A newest run
     with a non-finite time is "invalid"; history points with one are left out, each with a
     note in the verdict's `notes`."""
@@ -140,14 +146,17 @@ def check(db, window: int = 5, min_history: int = 2, threshold: float = 0.10,
                 break
             bad = p.non_finite()
             if bad:
-                notes.append(f"history run {p.run_id} (commit {(p.commit or '?')[:10]}) left out: "
-                             + ", ".join(f"{name} = {getattr(p, name)}" for name in bad))
+                notes.append(
+                    f"history run {p.run_id} (commit {(p.commit or '?')[:10]}) left out: "
+                    + ", ".join(f"{name} = {getattr(p, name)}" for name in bad)
+                )
             else:
                 history.append(p)
         history.reverse()
         notes.reverse()
-        verdict = Verdict(fp, family, op, method, label, config, threads, "too little history", new, history,
-                          notes=notes)
+        verdict = Verdict(
+            fp, family, op, method, label, config, threads, "too little history", new, history, notes=notes
+        )
         if new.non_finite():
             verdict.kind = "invalid"
         elif len(history) >= min_history:

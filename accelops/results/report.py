@@ -17,6 +17,7 @@ Every PNG is at most MAX_INCHES x MAX_INCHES at DPI (1600 px a side) with no tex
 MIN_FONT_PT, and no label is cut: a case is named by the fields that differ between the
 cases beside it (the fields they share go in the panel title), wrapped, never truncated.
 """
+
 from __future__ import annotations
 
 import html
@@ -32,13 +33,23 @@ from .regress import check
 from .rows import CONFIG_FIELDS
 
 DPI = 100
-MAX_INCHES = 16.0      # the largest side of a PNG: 1600 px, readable at 100% zoom
-WIDTH = 12.0           # inches: every figure is this wide unless its panels need more
-FONT_PT = 10           # every text in a figure; none below MIN_FONT_PT
+MAX_INCHES = 16.0  # the largest side of a PNG: 1600 px, readable at 100% zoom
+WIDTH = 12.0  # inches: every figure is this wide unless its panels need more
+FONT_PT = 10  # every text in a figure; none below MIN_FONT_PT
 MIN_FONT_PT = 9
-LABEL_CHARS = 44       # y labels wrap at this many characters (they are never cut)
-COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
-          "tab:olive", "tab:cyan")
+LABEL_CHARS = 44  # y labels wrap at this many characters (they are never cut)
+COLORS = (
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:red",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:gray",
+    "tab:olive",
+    "tab:cyan",
+)
 MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">", "*")
 
 LATEST_RATIOS_SQL = """
@@ -60,8 +71,22 @@ WHERE a.is_accelops AND a.median_us > 0 AND b.median_us > 0 AND coalesce(a.statu
       AND coalesce(b.status, 'ok') = 'ok'
 ORDER BY 1, 2, a.seq, b.seq
 """
-RATIO_COLUMNS = ("machine", "family", "run_id", "commit", "started", "op", "method", "label", "config", "threads",
-                 "baseline", "ratio", "low", "high")
+RATIO_COLUMNS = (
+    "machine",
+    "family",
+    "run_id",
+    "commit",
+    "started",
+    "op",
+    "method",
+    "label",
+    "config",
+    "threads",
+    "baseline",
+    "ratio",
+    "low",
+    "high",
+)
 
 # The newest non-quick run of each family on each machine, every row of it: the families
 # whose rows carry no median (hpo, lm, plan, scaleout) are drawn from these.
@@ -120,6 +145,7 @@ def machine_names(machines: dict[str, dict]) -> dict[str, str]:
     digits of the fingerprint. Every machine gets the same level of detail, so names line up.
 
     `machines`: fingerprint -> {"cpu_model", "cpu_count", "cpu_isa", "cpu_features", "gpu_name"}."""
+
     def name(fp: str, m: dict, level: int) -> str:
         parts = [_cpu_name(m.get("cpu_model"))]
         if level >= 1 and _isa(m):
@@ -145,19 +171,25 @@ def _machines(db) -> dict[str, dict]:
     out = {}
     for fp, cpu, cores, isa, features, gpu, any_cpu, any_cores in rows:
         # the newest run's description (an older run may predate a field); any run's when it has none
-        out[fp] = {"cpu_model": cpu or any_cpu, "cpu_count": cores or any_cores, "cpu_isa": isa,
-                   "cpu_features": features, "gpu_name": gpu}
+        out[fp] = {
+            "cpu_model": cpu or any_cpu,
+            "cpu_count": cores or any_cores,
+            "cpu_isa": isa,
+            "cpu_features": features,
+            "gpu_name": gpu,
+        }
     return out
 
 
 # --------------------------------------------------------------------------- drawing helpers
+
 
 def _new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(min(width, MAX_INCHES), min(height, MAX_INCHES)), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)   # a canvas of its own: no pyplot state, and text extents can be measured
+    FigureCanvasAgg(fig)  # a canvas of its own: no pyplot state, and text extents can be measured
     return fig
 
 
@@ -190,7 +222,7 @@ def _log_axis(axis, values, length_in: float) -> None:
         axis.axes.set_ylim(low, high)
     fit = max(2, int(length_in / 0.5))
     decades = math.log10(high / low)
-    if 9 * decades <= fit:     # less than a decade: 0.3 0.4 0.5 ... rather than one lone label
+    if 9 * decades <= fit:  # less than a decade: 0.3 0.4 0.5 ... rather than one lone label
         locator = LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0))
     elif 3 * decades <= fit:
         locator = LogLocator(base=10, subs=(1.0, 2.0, 5.0))
@@ -201,7 +233,7 @@ def _log_axis(axis, values, length_in: float) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-ROW_MARKER_IN = 0.1    # inches between two dodged markers of a row
+ROW_MARKER_IN = 0.1  # inches between two dodged markers of a row
 
 
 def _row_heights(labels: list[str], groups: int) -> list[float]:
@@ -247,8 +279,18 @@ def _draw_groups(ax, centres: list[float], groups: list[tuple], bars: bool = Fal
             ax.barh(ys, xs, (step or 0.25) * 0.9, color=color, label=name)
         else:
             err = [lo, hi] if any(lo) or any(hi) else None
-            ax.errorbar(xs, ys, xerr=err, fmt=marker, color=color, markersize=6, capsize=2.5, elinewidth=1.2,
-                        linestyle="none", label=name)
+            ax.errorbar(
+                xs,
+                ys,
+                xerr=err,
+                fmt=marker,
+                color=color,
+                markersize=6,
+                capsize=2.5,
+                elinewidth=1.2,
+                linestyle="none",
+                label=name,
+            )
     return xs_all
 
 
@@ -258,9 +300,10 @@ def _title(fig, text: str, width_in: float) -> None:
 
 # --------------------------------------------------------------------------- cases
 
+
 def _value_text(value) -> str | None:
     if isinstance(value, dict):
-        return None     # a nested setup (a model's dims) names no case apart; the summary has it
+        return None  # a nested setup (a model's dims) names no case apart; the summary has it
     if isinstance(value, (list, tuple)):
         return "x".join(map(str, value))
     return str(value)
@@ -313,7 +356,7 @@ def case_names(cases: list[tuple], family: str | None = None) -> tuple[list[str]
 
 # --------------------------------------------------------------------------- ratio plots
 
-SMALL_PANEL = 3   # accelops variants with at most this many cases, all on the same cases, share a panel
+SMALL_PANEL = 3  # accelops variants with at most this many cases, all on the same cases, share a panel
 
 
 def _ratio_panels(rows: list[dict], family: str | None) -> list[dict]:
@@ -338,20 +381,33 @@ def _ratio_panels(rows: list[dict], family: str | None) -> list[dict]:
     for (cases, used), labels in alike.items():
         names, common = case_names(list(cases), family)
         if len(labels) > 1 and len(cases) == 1:
-            common = names[0].replace("\n", " ")     # the one case is named in the title, not on every row
+            common = names[0].replace("\n", " ")  # the one case is named in the title, not on every row
         shared = f"  [{common}]" if common else ""
         if len(labels) > 1 and len(cases) <= SMALL_PANEL:
             keys = [(label, case) for label in labels for case in cases]
-            values = {((label, case), b): v for label in labels
-                      for (case, b), v in panels[label]["values"].items()}
-            row_labels = [_wrap(f"{label}: {name}" if len(cases) > 1 else label)
-                          for label in labels for name in names]
-            out.append({"title": f"{len(labels)} accelops variants{shared}", "keys": keys, "labels": row_labels,
-                        "baselines": list(used), "values": values, "block": len(cases)})
+            values = {((label, case), b): v for label in labels for (case, b), v in panels[label]["values"].items()}
+            row_labels = [_wrap(f"{label}: {name}" if len(cases) > 1 else label) for label in labels for name in names]
+            out.append(
+                {
+                    "title": f"{len(labels)} accelops variants{shared}",
+                    "keys": keys,
+                    "labels": row_labels,
+                    "baselines": list(used),
+                    "values": values,
+                    "block": len(cases),
+                }
+            )
         else:
             for label in labels:
-                out.append({"title": f"{label}{shared}", "keys": list(cases), "labels": names,
-                            "baselines": list(used), "values": panels[label]["values"]})
+                out.append(
+                    {
+                        "title": f"{label}{shared}",
+                        "keys": list(cases),
+                        "labels": names,
+                        "baselines": list(used),
+                        "values": panels[label]["values"],
+                    }
+                )
     return out
 
 
@@ -364,7 +420,7 @@ def ratio_figures(rows: list[dict], title: str, family: str | None = None) -> li
     baselines = list(dict.fromkeys(r["baseline"] for r in rows))
     style = {b: (COLORS[i % len(COLORS)], MARKERS[i % len(MARKERS)]) for i, b in enumerate(baselines)}
     legend_rows = math.ceil(len(baselines) / 2) if max(map(len, baselines)) < 60 else len(baselines)
-    header = 1.0 + 0.22 * legend_rows     # inches: the figure title and the legend of baselines
+    header = 1.0 + 0.22 * legend_rows  # inches: the figure title and the legend of baselines
     room = MAX_INCHES - header
 
     # a panel with too many rows for one figure is split into parts
@@ -372,15 +428,23 @@ def ratio_figures(rows: list[dict], title: str, family: str | None = None) -> li
     for panel in _ratio_panels(rows, family):
         heights = _row_heights(panel["labels"], len(panel["baselines"]))
         panel_title = _wrap(panel["title"], _chars(WIDTH - 1))
-        extra = 0.75 + 0.2 * _lines(panel_title)   # the panel title, x ticks and x label
+        extra = 0.75 + 0.2 * _lines(panel_title)  # the panel title, x ticks and x label
         start = 0
         while start < len(panel["keys"]):
             end, height = start, extra
             while end < len(panel["keys"]) and (end == start or height + heights[end] <= room):
                 height += heights[end]
                 end += 1
-            chunks.append(dict(panel, title=panel_title, keys=panel["keys"][start:end],
-                               labels=panel["labels"][start:end], heights=heights[start:end], height=height))
+            chunks.append(
+                dict(
+                    panel,
+                    title=panel_title,
+                    keys=panel["keys"][start:end],
+                    labels=panel["labels"][start:end],
+                    heights=heights[start:end],
+                    height=height,
+                )
+            )
             start = end
 
     figures, group = [], []
@@ -398,8 +462,14 @@ def ratio_figures(rows: list[dict], title: str, family: str | None = None) -> li
         axes = fig.subplots(len(group), 1, squeeze=False, height_ratios=[c["height"] for c in group])[:, 0]
         drawn = set()
         for ax, chunk in zip(axes, group):
-            groups = [(b, *style[b], {i: chunk["values"][(k, b)] for i, k in enumerate(chunk["keys"])
-                                      if (k, b) in chunk["values"]}) for b in chunk["baselines"]]
+            groups = [
+                (
+                    b,
+                    *style[b],
+                    {i: chunk["values"][(k, b)] for i, k in enumerate(chunk["keys"]) if (k, b) in chunk["values"]},
+                )
+                for b in chunk["baselines"]
+            ]
             centres = _rows_axis(ax, chunk["labels"], chunk["heights"], chunk.get("block", 1))
             xs = _draw_groups(ax, centres, groups)
             drawn.update(chunk["baselines"])
@@ -407,12 +477,19 @@ def ratio_figures(rows: list[dict], title: str, family: str | None = None) -> li
             _log_axis(ax.xaxis, xs + [1.0], WIDTH - 4)
             ax.grid(axis="x", alpha=0.3)
             ax.set_title(chunk["title"], fontsize=FONT_PT + 0.5, loc="left")
-            ax.set_xlabel("speed-up = baseline median / accelops median (> 1: accelops faster; whiskers p20-p80)",
-                          fontsize=FONT_PT)
+            ax.set_xlabel(
+                "speed-up = baseline median / accelops median (> 1: accelops faster; whiskers p20-p80)",
+                fontsize=FONT_PT,
+            )
         shown = [b for b in baselines if b in drawn]
         handles = [axes[0].errorbar([], [], fmt=style[b][1], color=style[b][0], linestyle="none") for b in shown]
-        fig.legend(handles, [f"vs {b}" for b in shown], loc="outside lower center", fontsize=FONT_PT,
-                   ncols=2 if max(map(len, shown)) < 60 else 1)
+        fig.legend(
+            handles,
+            [f"vs {b}" for b in shown],
+            loc="outside lower center",
+            fontsize=FONT_PT,
+            ncols=2 if max(map(len, shown)) < 60 else 1,
+        )
         _title(fig, title + (f" (part {n} of {len(figures)})" if len(figures) > 1 else ""), WIDTH)
         out.append(fig)
     return out
@@ -420,7 +497,7 @@ def ratio_figures(rows: list[dict], title: str, family: str | None = None) -> li
 
 # --------------------------------------------------------------------------- history
 
-RUN_LABEL_IN = 0.95   # inches along the x axis for one run's label ("abc1234*" over "12-03 14:05")
+RUN_LABEL_IN = 0.95  # inches along the x axis for one run's label ("abc1234*" over "12-03 14:05")
 
 
 def history_figure(items: list[tuple], title: str):
@@ -457,8 +534,15 @@ def history_figure(items: list[tuple], title: str):
         run_ids = sorted(values, key=x_of.get)
         ys = [math.exp(sum(map(math.log, values[r])) / len(values[r])) for r in run_ids]
         ys_all += ys
-        ax.plot([x_of[r] for r in run_ids], ys, marker=MARKERS[j % len(MARKERS)], markersize=6, linewidth=1.5,
-                color=COLORS[j % len(COLORS)], label=f"{name} ({cases[name]} case{'s' if cases[name] > 1 else ''})")
+        ax.plot(
+            [x_of[r] for r in run_ids],
+            ys,
+            marker=MARKERS[j % len(MARKERS)],
+            markersize=6,
+            linewidth=1.5,
+            color=COLORS[j % len(COLORS)],
+            label=f"{name} ({cases[name]} case{'s' if cases[name] > 1 else ''})",
+        )
     ax.axhline(1.0, color="black", linewidth=1)
     _log_axis(ax.yaxis, ys_all + [1.0], 4.2)
 
@@ -476,16 +560,21 @@ def history_figure(items: list[tuple], title: str):
     ax.set_xlim(-0.5, len(order) - 0.5)
     ax.tick_params(labelsize=FONT_PT)
     ax.grid(axis="y", alpha=0.3)
-    ax.set_xlabel(f"{len(order)} runs, oldest first, evenly spaced (commit, * = uncommitted changes; "
-                  f"UTC month-day time){'' if every == 1 else f'; every {every}th labelled'}", fontsize=FONT_PT)
+    ax.set_xlabel(
+        f"{len(order)} runs, oldest first, evenly spaced (commit, * = uncommitted changes; "
+        f"UTC month-day time){'' if every == 1 else f'; every {every}th labelled'}",
+        fontsize=FONT_PT,
+    )
     ax.set_ylabel("median / the case's first median\n(geometric mean over cases; < 1: faster)", fontsize=FONT_PT)
-    fig.legend(loc="outside lower center", ncols=2, fontsize=FONT_PT, title="accelops variant (cases)",
-               title_fontsize=FONT_PT)
+    fig.legend(
+        loc="outside lower center", ncols=2, fontsize=FONT_PT, title="accelops variant (cases)", title_fontsize=FONT_PT
+    )
     _title(fig, title, WIDTH)
     return fig
 
 
 # --------------------------------------------------------------------------- other measures
+
 
 def _shared_rows_figure(labels: list[str], panels: list[dict], title: str, label_chars: int = LABEL_CHARS):
     """Panels side by side over the same rows (one per label), each panel:
@@ -498,7 +587,7 @@ def _shared_rows_figure(labels: list[str], panels: list[dict], title: str, label
     titles = max(_lines(_wrap(p["title"], _chars(panel_in, FONT_PT + 0.5))) for p in panels)
     xlabels = max(_lines(_wrap(p["xlabel"], _chars(panel_in, FONT_PT))) for p in panels)
     header = 1.0 + 0.2 * (titles + xlabels) + (0.3 if _lines(_wrap(title, _chars(width - 0.3))) > 1 else 0)
-    legend = {}     # group name -> (marker, colour): a bar's group shows as a square
+    legend = {}  # group name -> (marker, colour): a bar's group shows as a square
     for panel in panels:
         for name, color, marker, values in panel["groups"] if panel.get("legend") else ():
             if values:
@@ -511,8 +600,7 @@ def _shared_rows_figure(labels: list[str], panels: list[dict], title: str, label
         if panel.get("band"):
             ax.axvspan(*panel["band"], color="tab:green", alpha=0.12, linewidth=0)
         centres = _rows_axis(ax, labels, heights)
-        xs = _draw_groups(ax, centres, panel["groups"], bars=panel.get("bars", False),
-                          dodge=panel.get("dodge", True))
+        xs = _draw_groups(ax, centres, panel["groups"], bars=panel.get("bars", False), dodge=panel.get("dodge", True))
         if panel.get("line") is not None:
             ax.axvline(panel["line"], color="black", linewidth=1.2)
         if panel.get("log"):
@@ -524,7 +612,9 @@ def _shared_rows_figure(labels: list[str], panels: list[dict], title: str, label
         ax.tick_params(labelleft=False)
     if legend:
         # one legend under the panels: inside a panel it would cover markers
-        handles = [axes[0].errorbar([], [], fmt=marker, color=color, linestyle="none") for marker, color in legend.values()]
+        handles = [
+            axes[0].errorbar([], [], fmt=marker, color=color, linestyle="none") for marker, color in legend.values()
+        ]
         fig.legend(handles, list(legend), loc="outside lower center", ncols=min(4, len(legend)), fontsize=FONT_PT)
     _title(fig, title, width)
     return fig
@@ -548,24 +638,60 @@ def _hpo_figures(rows: list[dict], title: str) -> list:
     for problem in dict.fromkeys(r["problem"] for r in regret):
         mine = [r for r in regret if r["problem"] == problem]
         groups = []
-        for name, color, marker, is_ours in (("accelops", "tab:blue", "o", True), ("other library", "tab:orange",
-                                                                                   "s", False)):
-            values = {row[r["label"] or r["method"]]: (r["final_regret_p50"], r.get("final_regret_p20"),
-                                                        r.get("final_regret_p80"))
-                      for r in mine if accel[r["label"] or r["method"]] == is_ours}
+        for name, color, marker, is_ours in (
+            ("accelops", "tab:blue", "o", True),
+            ("other library", "tab:orange", "s", False),
+        ):
+            values = {
+                row[r["label"] or r["method"]]: (
+                    r["final_regret_p50"],
+                    r.get("final_regret_p20"),
+                    r.get("final_regret_p80"),
+                )
+                for r in mine
+                if accel[r["label"] or r["method"]] == is_ours
+            }
             groups.append((name, color, marker, values))
         # an optimiser is accelops or not: the two groups never share a row, so no dodging
-        panels.append({"title": f"{problem}: final regret", "xlabel": "median over seeds, p20-p80 (lower is better)",
-                       "groups": groups, "log": True, "dodge": False, "legend": len(panels) == 0})
+        panels.append(
+            {
+                "title": f"{problem}: final regret",
+                "xlabel": "median over seeds, p20-p80 (lower is better)",
+                "groups": groups,
+                "log": True,
+                "dodge": False,
+                "legend": len(panels) == 0,
+            }
+        )
     if ask:
         problems = list(dict.fromkeys(r["problem"] for r in ask))
         obs = sorted({r.get("observations") for r in ask if r.get("observations")})
-        groups = [(f"time to choose, {p}", COLORS[2 + i % 8], MARKERS[2 + i % 8],
-                   {row[r["label"] or r["method"]]: (r["median_ms"], r.get("p20_ms") or r["median_ms"],
-                                                     r.get("p80_ms") or r["median_ms"])
-                    for r in ask if r["problem"] == p}) for i, p in enumerate(problems)]
-        panels.append({"title": "time to choose a configuration" + (f" after {obs[-1]} observations" if obs else ""),
-                       "xlabel": "ms, median, p20-p80", "groups": groups, "log": True, "legend": True})
+        groups = [
+            (
+                f"time to choose, {p}",
+                COLORS[2 + i % 8],
+                MARKERS[2 + i % 8],
+                {
+                    row[r["label"] or r["method"]]: (
+                        r["median_ms"],
+                        r.get("p20_ms") or r["median_ms"],
+                        r.get("p80_ms") or r["median_ms"],
+                    )
+                    for r in ask
+                    if r["problem"] == p
+                },
+            )
+            for i, p in enumerate(problems)
+        ]
+        panels.append(
+            {
+                "title": "time to choose a configuration" + (f" after {obs[-1]} observations" if obs else ""),
+                "xlabel": "ms, median, p20-p80",
+                "groups": groups,
+                "log": True,
+                "legend": True,
+            }
+        )
     return [_shared_rows_figure(labels, panels, title, label_chars=36)]
 
 
@@ -577,15 +703,34 @@ def _lm_figures(rows: list[dict], title: str) -> list:
         return []
     labels = [r["label"] or r["method"] for r in rows]
     panels = [
-        {"title": "validation bits/char vs fp32", "xlabel": "bits/char / fp32's (lower is better)",
-         "groups": [("bits/char vs fp32", "tab:blue", "o", {i: r.get("bpc_vs_fp32") for i, r in enumerate(rows)}),
-                    ("the bench's target (at most)", "tab:red", "x",
-                     {i: r.get("target_bpc_vs_fp32") for i, r in enumerate(rows) if r.get("target_bpc_vs_fp32")})],
-         "line": 1.0, "legend": True, "dodge": False},
-        {"title": "deployed size", "xlabel": "MiB (weights as deployed)", "bars": True,
-         "groups": [("deployed", "tab:green", "s", {i: _mib(r.get("deployed_bytes")) for i, r in enumerate(rows)})]},
-        {"title": "evaluation speed", "xlabel": "tokens/s (validation pass)", "bars": True,
-         "groups": [("eval", "tab:purple", "s", {i: r.get("eval_tokens_per_s") for i, r in enumerate(rows)})]},
+        {
+            "title": "validation bits/char vs fp32",
+            "xlabel": "bits/char / fp32's (lower is better)",
+            "groups": [
+                ("bits/char vs fp32", "tab:blue", "o", {i: r.get("bpc_vs_fp32") for i, r in enumerate(rows)}),
+                (
+                    "the bench's target (at most)",
+                    "tab:red",
+                    "x",
+                    {i: r.get("target_bpc_vs_fp32") for i, r in enumerate(rows) if r.get("target_bpc_vs_fp32")},
+                ),
+            ],
+            "line": 1.0,
+            "legend": True,
+            "dodge": False,
+        },
+        {
+            "title": "deployed size",
+            "xlabel": "MiB (weights as deployed)",
+            "bars": True,
+            "groups": [("deployed", "tab:green", "s", {i: _mib(r.get("deployed_bytes")) for i, r in enumerate(rows)})],
+        },
+        {
+            "title": "evaluation speed",
+            "xlabel": "tokens/s (validation pass)",
+            "bars": True,
+            "groups": [("eval", "tab:purple", "s", {i: r.get("eval_tokens_per_s") for i, r in enumerate(rows)})],
+        },
     ]
     return [_shared_rows_figure(labels, panels, title)]
 
@@ -623,11 +768,21 @@ def _plan_figures(rows: list[dict], title: str) -> list:
     tolerance = max((r.get("tolerance") or 0) for r in rows)
     labels = list(dict.fromkeys(key(r) for r in rows))
     panels = [
-        {"title": "planner estimate / measured peak", "xlabel": "ratio (1 = exact; green: within the tolerance)",
-         "groups": _by_rank(rows, key, "estimate_vs_measured"), "line": 1.0, "legend": True,
-         "band": (1 - tolerance, 1 + tolerance) if tolerance else None},
-        {"title": "measured peak RSS growth per rank", "xlabel": "MiB", "bars": True, "legend": True,
-         "groups": _by_rank(rows, key, "measured_bytes", _mib)},
+        {
+            "title": "planner estimate / measured peak",
+            "xlabel": "ratio (1 = exact; green: within the tolerance)",
+            "groups": _by_rank(rows, key, "estimate_vs_measured"),
+            "line": 1.0,
+            "legend": True,
+            "band": (1 - tolerance, 1 + tolerance) if tolerance else None,
+        },
+        {
+            "title": "measured peak RSS growth per rank",
+            "xlabel": "MiB",
+            "bars": True,
+            "legend": True,
+            "groups": _by_rank(rows, key, "measured_bytes", _mib),
+        },
     ]
     case = "" if several_cases else f" ({rows[0].get('case')})"
     return [_shared_rows_figure(labels, panels, title + case)]
@@ -646,14 +801,31 @@ def _scaleout_figures(rows: list[dict], title: str) -> list:
 
     labels = list(dict.fromkeys(key(r) for r in rows))
     panels = [
-        {"title": "throughput", "xlabel": "tokens/s", "bars": True, "legend": True,
-         "groups": _by_rank(rows, key, "tokens_per_s")},
-        {"title": "peak RSS growth per rank", "xlabel": "MiB", "bars": True,
-         "groups": _by_rank(rows, key, "peak_rss_delta_bytes", _mib)},
-        {"title": "params + grads + optimizer state per rank", "xlabel": "MiB", "bars": True,
-         "groups": _by_rank(rows, key, "state_bytes", _mib)},
-        {"title": "collective payload per rank per step", "xlabel": "MiB (log)", "log": True,
-         "groups": _by_rank(rows, key, "payload_bytes_per_step", _mib)},
+        {
+            "title": "throughput",
+            "xlabel": "tokens/s",
+            "bars": True,
+            "legend": True,
+            "groups": _by_rank(rows, key, "tokens_per_s"),
+        },
+        {
+            "title": "peak RSS growth per rank",
+            "xlabel": "MiB",
+            "bars": True,
+            "groups": _by_rank(rows, key, "peak_rss_delta_bytes", _mib),
+        },
+        {
+            "title": "params + grads + optimizer state per rank",
+            "xlabel": "MiB",
+            "bars": True,
+            "groups": _by_rank(rows, key, "state_bytes", _mib),
+        },
+        {
+            "title": "collective payload per rank per step",
+            "xlabel": "MiB (log)",
+            "log": True,
+            "groups": _by_rank(rows, key, "payload_bytes_per_step", _mib),
+        },
     ]
     optimizer = "" if several else f", optimizer {rows[0].get('optimizer')}"
     return [_shared_rows_figure(labels, panels, f"{title} ({rows[0].get('case')}{optimizer})")]
@@ -665,11 +837,12 @@ METRIC_FIGURES = {"hpo": _hpo_figures, "lm": _lm_figures, "plan": _plan_figures,
 
 # --------------------------------------------------------------------------- the page
 
+
 @dataclass
 class Plot:
     family: str
-    machine: str          # fingerprint
-    kind: str             # "ratios" | "history" | "measures"
+    machine: str  # fingerprint
+    kind: str  # "ratios" | "history" | "measures"
     heading: str
     fig: object
 
@@ -704,8 +877,16 @@ def build_plots(db) -> tuple[dict[str, str], list[Plot]]:
             except ValueError:
                 parsed = {}
             row.update(parsed if isinstance(parsed, dict) else {})
-        row.update(run_id=run_id, commit=commit, started=started, op=op, method=method, label=label,
-                   accelops=accel, threads=threads)
+        row.update(
+            run_id=run_id,
+            commit=commit,
+            started=started,
+            op=op,
+            method=method,
+            label=label,
+            accelops=accel,
+            threads=threads,
+        )
         latest[(family, fp)].append(row)
 
     plots = []
@@ -748,20 +929,26 @@ def write_report(db, out_dir, window: int = 5, threshold: float = 0.10) -> dict:
     verdicts = check(db, window=window, threshold=threshold)
     flagged = [v for v in verdicts if v.kind in ("regression", "invalid", "improvement")]
     body.append("<h2>Regression check</h2>")
-    body.append(f"<p>Rule: the newest run of a benchmark is a regression when its median is more than "
-                f"{threshold:.0%} above the highest p80 of the previous {window} runs on the same machine and its "
-                f"p20 is above their median (accelops.results.regress). {len(verdicts)} benchmarks: "
-                f"{sum(v.kind == 'regression' for v in verdicts)} regressions, "
-                f"{sum(v.kind == 'invalid' for v in verdicts)} invalid (a non-finite newest measurement), "
-                f"{sum(v.kind == 'improvement' for v in verdicts)} improvements, "
-                f"{sum(v.kind == 'too little history' for v in verdicts)} with too little history.</p>")
+    body.append(
+        f"<p>Rule: the newest run of a benchmark is a regression when its median is more than "
+        f"{threshold:.0%} above the highest p80 of the previous {window} runs on the same machine and its "
+        f"p20 is above their median (accelops.results.regress). {len(verdicts)} benchmarks: "
+        f"{sum(v.kind == 'regression' for v in verdicts)} regressions, "
+        f"{sum(v.kind == 'invalid' for v in verdicts)} invalid (a non-finite newest measurement), "
+        f"{sum(v.kind == 'improvement' for v in verdicts)} improvements, "
+        f"{sum(v.kind == 'too little history' for v in verdicts)} with too little history.</p>"
+    )
     if flagged:
-        body.append("<ul>" + "".join(f"<li><b>{v.kind}</b>: {html.escape(v.describe())}</li>" for v in flagged)
-                    + "</ul>")
+        body.append(
+            "<ul>" + "".join(f"<li><b>{v.kind}</b>: {html.escape(v.describe())}</li>" for v in flagged) + "</ul>"
+        )
     notes = [(v, n) for v in verdicts for n in getattr(v, "notes", ())]
     if notes:  # history points left out (non-finite), so a reader sees what the check did not use
-        body.append("<ul>" + "".join(f"<li>note: {html.escape(v.describe())}: {html.escape(n)}</li>"
-                                     for v, n in notes) + "</ul>")
+        body.append(
+            "<ul>"
+            + "".join(f"<li>note: {html.escape(v.describe())}: {html.escape(n)}</li>" for v, n in notes)
+            + "</ul>"
+        )
 
     family = None
     count = defaultdict(int)
@@ -777,21 +964,29 @@ def write_report(db, out_dir, window: int = 5, threshold: float = 0.10) -> dict:
         body.append(f"<h3>{html.escape(plot.heading)}</h3><img src='{name}' alt='{html.escape(plot.heading)}'>")
 
     _, matrix = db.query(MATRIX_SQL)
-    body.append("<h2>Compatibility matrix (op x backend x machine, newest run)</h2><table border=1 cellpadding=3>"
-                "<tr><th>family</th><th>op</th><th>backend</th><th>machine</th><th>result</th></tr>")
+    body.append(
+        "<h2>Compatibility matrix (op x backend x machine, newest run)</h2><table border=1 cellpadding=3>"
+        "<tr><th>family</th><th>op</th><th>backend</th><th>machine</th><th>result</th></tr>"
+    )
     for family, op, backend, fp, cpu, status, median, reason, started in matrix:
         if status in (None, "ok"):
             cell = "works" + (f", {median:.4g} us" if median else "")
         else:
             cell = f"<b>{html.escape(str(status))}</b>" + (f": {html.escape(reason[:200])}" if reason else "")
-        body.append(f"<tr><td>{html.escape(str(family))}</td><td>{html.escape(str(op))}</td>"
-                    f"<td>{html.escape(backend)}</td><td>{html.escape(machines.get(fp, fp))}</td><td>{cell}</td></tr>")
+        body.append(
+            f"<tr><td>{html.escape(str(family))}</td><td>{html.escape(str(op))}</td>"
+            f"<td>{html.escape(backend)}</td><td>{html.escape(machines.get(fp, fp))}</td><td>{cell}</td></tr>"
+        )
     body.append("</table>")
 
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>accelops benchmark report</title></head><body>"
-            f"<h1>accelops benchmark report</h1><p>database {html.escape(str(db.path))}; machines: "
-            + ", ".join(f"{html.escape(name)} [{fp}]" for fp, name in machines.items()) + "</p>"
-            + "\n".join(body) + "</body></html>")
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>accelops benchmark report</title></head><body>"
+        f"<h1>accelops benchmark report</h1><p>database {html.escape(str(db.path))}; machines: "
+        + ", ".join(f"{html.escape(name)} [{fp}]" for fp, name in machines.items())
+        + "</p>"
+        + "\n".join(body)
+        + "</body></html>"
+    )
     index = out / "index.html"
     tmp = index.with_suffix(".html.tmp")
     tmp.write_text(page)

@@ -8,6 +8,7 @@ shape, a dtype, a problem), measurements (median, p20, p80, repeats, peak memory
 and everything else, which is kept whole in the `extra` JSON column so nothing a family
 records is lost.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,8 @@ class RowError(ValueError):
         self.field = field
 
 
-INT32 = (-(1 << 31), (1 << 31) - 1)     # DuckDB INTEGER
-INT64 = (-(1 << 63), (1 << 63) - 1)     # DuckDB BIGINT
+INT32 = (-(1 << 31), (1 << 31) - 1)  # DuckDB INTEGER
+INT64 = (-(1 << 63), (1 << 63) - 1)  # DuckDB BIGINT
 
 
 def _json(value) -> str | None:
@@ -183,8 +184,11 @@ def config_of(row: dict) -> dict:
     fields = CONFIG_FIELDS.get(family)
     if fields is None:
         skip = set(RUN_FIELDS) | set(IDENTITY_FIELDS) | set(MEASUREMENT_FIELDS) | set(BYTES_FIELDS)
-        return {k: v for k, v in row.items()
-                if k not in skip and isinstance(v, (str, int, bool)) and not k.endswith(("_s", "_ms", "_us"))}
+        return {
+            k: v
+            for k, v in row.items()
+            if k not in skip and isinstance(v, (str, int, bool)) and not k.endswith(("_s", "_ms", "_us"))
+        }
     return {k: row[k] for k in fields if k in row}
 
 
@@ -223,7 +227,11 @@ def measurement_record(row: dict, seq: int) -> dict:
         "m": _int(row.get("M"), "M"),
         "n": _int(row.get("N"), "N"),
         "k": _int(row.get("K"), "K"),
-        "shape": None if shape is None else "x".join(map(str, shape)) if isinstance(shape, (list, tuple)) else str(shape),
+        "shape": None
+        if shape is None
+        else "x".join(map(str, shape))
+        if isinstance(shape, (list, tuple))
+        else str(shape),
         "config": _json(config),
         "config_key": _json(config),
         "median_us": median,

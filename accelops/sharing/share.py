@@ -9,6 +9,7 @@ sees, and state_dict() writes the shared tensor under each of its names, so a ch
 loads into an unshared model too. Tying parameter objects instead (b.weight = a.weight)
 would not survive to_empty(), which gives each module a new Parameter.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -86,16 +87,18 @@ def sharing_groups(pattern, n_blocks: int, interval: int | None = None) -> list[
         raise ValueError(f"n_blocks must be a positive int, got {n_blocks!r}")
     if isinstance(pattern, str):
         if pattern not in PATTERNS:
-            raise ValueError(f"pattern must be one of {PATTERNS} or a list of groups of block indices, "
-                             f"got {pattern!r}")
+            raise ValueError(f"pattern must be one of {PATTERNS} or a list of groups of block indices, got {pattern!r}")
         if pattern == "sequential":
             if not isinstance(interval, numbers.Integral) or isinstance(interval, bool) or interval < 2:
-                raise ValueError(f"pattern 'sequential' needs interval=, an int >= 2 (the number of consecutive "
-                                 f"blocks sharing one set), got interval={interval!r}")
+                raise ValueError(
+                    f"pattern 'sequential' needs interval=, an int >= 2 (the number of consecutive "
+                    f"blocks sharing one set), got interval={interval!r}"
+                )
             groups = [list(range(i, min(i + interval, n_blocks))) for i in range(0, n_blocks, interval)]
         elif interval is not None:
-            raise ValueError(f"interval applies to pattern 'sequential' only, got pattern={pattern!r}, "
-                             f"interval={interval!r}")
+            raise ValueError(
+                f"interval applies to pattern 'sequential' only, got pattern={pattern!r}, interval={interval!r}"
+            )
         elif pattern == "alternate":
             groups = [list(range(0, n_blocks, 2)), list(range(1, n_blocks, 2))]
         else:  # sandwich
@@ -111,8 +114,10 @@ def sharing_groups(pattern, n_blocks: int, interval: int | None = None) -> list[
                 if not isinstance(i, numbers.Integral) or isinstance(i, bool):
                     raise TypeError(f"block indices must be ints, group {gi} holds {i!r}")
                 if not 0 <= i < n_blocks:
-                    raise ValueError(f"block index {i} in group {gi} is out of range: the model has "
-                                     f"{n_blocks} blocks (0 .. {n_blocks - 1})")
+                    raise ValueError(
+                        f"block index {i} in group {gi} is out of range: the model has "
+                        f"{n_blocks} blocks (0 .. {n_blocks - 1})"
+                    )
                 if i in seen:
                     where = "twice in group" if seen[i] == gi else f"in groups {seen[i]} and"
                     raise ValueError(f"block {i} appears {where} {gi}: a block belongs to one group at most")
@@ -122,8 +127,10 @@ def sharing_groups(pattern, n_blocks: int, interval: int | None = None) -> list[
         raise TypeError(f"pattern must be a str in {PATTERNS} or a list of groups, got {type(pattern).__name__}")
     groups = [g for g in groups if len(g) > 1]
     if not groups:
-        raise ValueError(f"pattern {pattern!r} shares nothing with {n_blocks} block(s)"
-                         + (f" and interval={interval}" if interval is not None else ""))
+        raise ValueError(
+            f"pattern {pattern!r} shares nothing with {n_blocks} block(s)"
+            + (f" and interval={interval}" if interval is not None else "")
+        )
     return groups
 
 
@@ -137,20 +144,24 @@ def _find_blocks(model: nn.Module, blocks: str | None) -> tuple[str, nn.ModuleLi
         if isinstance(found, (nn.ModuleList, nn.Sequential)):
             return name, found
         if blocks is not None:
-            raise TypeError(f"model.{name} must be an nn.ModuleList (or nn.Sequential) of blocks, "
-                            f"got {type(found).__name__}")
+            raise TypeError(
+                f"model.{name} must be an nn.ModuleList (or nn.Sequential) of blocks, got {type(found).__name__}"
+            )
     if blocks is not None:
         raise ValueError(f"model has no submodule {blocks!r}")
-    raise ValueError(f"cannot find the model's list of blocks (tried {', '.join(_BLOCK_LISTS)}); "
-                     "pass blocks='path.to.module_list'")
+    raise ValueError(
+        f"cannot find the model's list of blocks (tried {', '.join(_BLOCK_LISTS)}); pass blocks='path.to.module_list'"
+    )
 
 
 def _part_name(block: nn.Module, scope: str, index: int) -> str:
     for name in _PARTS[scope]:
         if isinstance(getattr(block, name, None), nn.Module):
             return name
-    raise ValueError(f"scope={scope!r}: block {index} ({type(block).__name__}) has no "
-                     f"{' / '.join(_PARTS[scope])} submodule; use scope='block' (e.g. for an RNNLM)")
+    raise ValueError(
+        f"scope={scope!r}: block {index} ({type(block).__name__}) has no "
+        f"{' / '.join(_PARTS[scope])} submodule; use scope='block' (e.g. for an RNNLM)"
+    )
 
 
 def _signature(module: nn.Module):
@@ -171,8 +182,10 @@ def _share(blocks: nn.ModuleList, scope: str, groups: list[list[int]]) -> None:
         sig = _signature(parts[0][2])
         for (_, _, m), i in zip(parts[1:], g[1:]):
             if _signature(m) != sig:
-                raise ValueError(f"cannot share {scope} {i} with {scope} {g[0]}: their types or parameter shapes "
-                                 f"differ ({type(m).__name__} vs {type(parts[0][2]).__name__})")
+                raise ValueError(
+                    f"cannot share {scope} {i} with {scope} {g[0]}: their types or parameter shapes "
+                    f"differ ({type(m).__name__} vs {type(parts[0][2]).__name__})"
+                )
         targets.append(parts)
     for parts in targets:
         owner = parts[0][2]
@@ -187,19 +200,30 @@ def _tie_embeddings(model: nn.Module) -> str:
         return "structural"
     get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
     if not (callable(get_in) and callable(get_out)):
-        raise ValueError(f"tie_embeddings=True: {type(model).__name__} has neither tie_embeddings_() "
-                         "(accelops.models) nor get_input_embeddings()/get_output_embeddings()")
+        raise ValueError(
+            f"tie_embeddings=True: {type(model).__name__} has neither tie_embeddings_() "
+            "(accelops.models) nor get_input_embeddings()/get_output_embeddings()"
+        )
     emb, head = get_in(), get_out()
     if emb is None or head is None or emb.weight.shape != head.weight.shape:
-        raise ValueError("tie_embeddings=True: the input embedding and output head must both exist and have "
-                         f"the same weight shape, got {None if emb is None else tuple(emb.weight.shape)} and "
-                         f"{None if head is None else tuple(head.weight.shape)}")
+        raise ValueError(
+            "tie_embeddings=True: the input embedding and output head must both exist and have "
+            f"the same weight shape, got {None if emb is None else tuple(emb.weight.shape)} and "
+            f"{None if head is None else tuple(head.weight.shape)}"
+        )
     head.weight = emb.weight
     return "parameter"
 
 
-def share_parameters(model: nn.Module, pattern, scope: str = "block", tie_embeddings: bool = False, *,
-                     interval: int | None = None, blocks: str | None = None) -> SharingReport:
+def share_parameters(
+    model: nn.Module,
+    pattern,
+    scope: str = "block",
+    tie_embeddings: bool = False,
+    *,
+    interval: int | None = None,
+    blocks: str | None = None,
+) -> SharingReport:
     """Share weights across the blocks of `model`, in place; returns a SharingReport.
 
     pattern: "alternate", "sequential" (with interval=n), "sandwich" or explicit groups
@@ -238,8 +262,15 @@ def share_parameters(model: nn.Module, pattern, scope: str = "block", tie_embedd
     _install(model)
     model.__dict__[_STATE].append(record)
     _enable_quantization_caches(model)
-    return SharingReport(pattern=pattern if isinstance(pattern, str) else "groups", scope=scope, groups=groups,
-                         tied_embeddings=tie is not None, before=before, after=count_parameters(model), notes=notes)
+    return SharingReport(
+        pattern=pattern if isinstance(pattern, str) else "groups",
+        scope=scope,
+        groups=groups,
+        tied_embeddings=tie is not None,
+        before=before,
+        after=count_parameters(model),
+        notes=notes,
+    )
 
 
 def retie(model: nn.Module) -> nn.Module:
@@ -284,8 +315,9 @@ def _clear_quantization_caches(module: nn.Module, args) -> None:
             m.clear_quantization_cache()
 
 
-def _check_checkpoint_ties(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                           error_msgs) -> None:
+def _check_checkpoint_ties(
+    module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+) -> None:
     # state_dict() names a shared tensor once per place; loading copies each name into the
     # same tensor, so a checkpoint holding different values under them would silently end up
     # with the last one. Refuse that instead. (Loaded as a submodule, the model gets its prefix.)
@@ -299,8 +331,12 @@ def _check_checkpoint_ties(module, state_dict, prefix, local_metadata, strict, m
         first = state_dict[present[0]]
         for other in present[1:]:
             v = state_dict[other]
-            same = (isinstance(v, torch.Tensor) and isinstance(first, torch.Tensor) and v.shape == first.shape
-                    and torch.equal(v.to(first.device), first))
+            same = (
+                isinstance(v, torch.Tensor)
+                and isinstance(first, torch.Tensor)
+                and v.shape == first.shape
+                and torch.equal(v.to(first.device), first)
+            )
             if not same:
                 # Raised, not appended to error_msgs: this pre-hook of the root runs before any
                 # tensor is copied, so the model is left as it was.
@@ -308,4 +344,5 @@ def _check_checkpoint_ties(module, state_dict, prefix, local_metadata, strict, m
                     f"Error loading state_dict into {type(module).__name__}: the checkpoint holds different values "
                     f"for {present[0]} and {other}, which this model shares (accelops.sharing.share_parameters): "
                     "it was saved from a model without that sharing. Load it into an unshared model, then call "
-                    "share_parameters (each group keeps its first block's weights)")
+                    "share_parameters (each group keeps its first block's weights)"
+                )

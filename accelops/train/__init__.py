@@ -12,9 +12,16 @@ and resumes); dist_env.py (the processes and the collectives the glue needs); co
 `accelops train` file: loading, checking, building); run.py (its command line);
 hpo_objective.py, ray_train.py, load.py, lr_find.py, callbacks.py, losses.py, data.py,
 batches.py, dirs.py, launch.py."""
-from .checkpoint import (CheckpointError, CheckpointWarning, latest_checkpoint, list_checkpoints, load_checkpoint,
-                         save_checkpoint)
+
 from .callbacks import EarlyStopping
+from .checkpoint import (
+    CheckpointError,
+    CheckpointWarning,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import ConfigError
 from .data import CharVocab, TokenWindows, load_char_corpus, split_dataset
 from .hpo_objective import TrainObjective
@@ -25,7 +32,26 @@ from .ray_train import ray_fit
 from .trainer import Trainer
 from .trainer_config import PRECISIONS, TrainerConfig
 
-__all__ = ["Trainer", "TrainerConfig", "TrainObjective", "ray_fit", "PRECISIONS", "CharVocab", "TokenWindows",
-           "load_char_corpus", "CheckpointError", "CheckpointWarning", "save_checkpoint", "load_checkpoint",
-           "latest_checkpoint", "list_checkpoints", "lr_find", "LRFindResult", "EarlyStopping", "WeightedLoss",
-           "split_dataset", "load_model", "ConfigError"]
+__all__ = [
+    "Trainer",
+    "TrainerConfig",
+    "TrainObjective",
+    "ray_fit",
+    "PRECISIONS",
+    "CharVocab",
+    "TokenWindows",
+    "load_char_corpus",
+    "CheckpointError",
+    "CheckpointWarning",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "lr_find",
+    "LRFindResult",
+    "EarlyStopping",
+    "WeightedLoss",
+    "split_dataset",
+    "load_model",
+    "ConfigError",
+]

@@ -1,5 +1,6 @@
 """Batches as the Trainer, its strategies and lr_find handle them: moving them to a device,
 counting their tokens, and the default loss of a model on one."""
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,13 @@ def to_cpu(obj):
 
 def tokens_in(batch) -> int:
     """Elements of a batch's first tensor: its tokens, for an LM's (tokens, targets)."""
-    first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values())) \
-        if isinstance(batch, dict) else batch
+    first = (
+        batch[0]
+        if isinstance(batch, (list, tuple))
+        else next(iter(batch.values()))
+        if isinstance(batch, dict)
+        else batch
+    )
     return first.numel() if isinstance(first, torch.Tensor) else 0
 
 
@@ -51,7 +57,9 @@ def default_loss(model, batch) -> torch.Tensor:
     if isinstance(out, dict):
         return out
     if not isinstance(out, torch.Tensor) or out.dim() != 0:
-        raise TypeError("the model must return a scalar loss or (output, loss) for a batch; got "
-                        f"{type(out).__name__}{'' if not isinstance(out, torch.Tensor) else tuple(out.shape)}: "
-                        "pass loss_fn=(model, batch) -> loss")
+        raise TypeError(
+            "the model must return a scalar loss or (output, loss) for a batch; got "
+            f"{type(out).__name__}{'' if not isinstance(out, torch.Tensor) else tuple(out.shape)}: "
+            "pass loss_fn=(model, batch) -> loss"
+        )
     return out

@@ -1,6 +1,7 @@
 """Trainer add-ons kept out of the training loop: early stopping on a validation metric and
 MLflow logging. The Trainer calls them at a few clear places (each evaluation, each
 metrics row, checkpoint save/load, the end of fit)."""
+
 from __future__ import annotations
 
 import math
@@ -14,6 +15,7 @@ MLFLOW_EXTRA = "pip install 'accelops[mlflow]'"
 
 # --------------------------------------------------------------------------- early stopping
 
+
 class EarlyStopping:
     """Stops training when `monitor` (a key of the evaluation row: "val_loss", "val_bpc",
     or "val_<name>" for a named loss component) has not improved by more than `min_delta`
@@ -25,8 +27,12 @@ class EarlyStopping:
             raise ValueError(f"early_stopping monitor must be a metric name, got {monitor!r}")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"early_stopping patience must be a positive int, got {patience!r}")
-        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0 \
-                or not math.isfinite(min_delta):
+        if (
+            isinstance(min_delta, bool)
+            or not isinstance(min_delta, (int, float))
+            or not min_delta >= 0
+            or not math.isfinite(min_delta)
+        ):
             raise ValueError(f"early_stopping min_delta must be a finite number >= 0, got {min_delta!r}")
         if mode not in ("min", "max"):
             raise ValueError(f"early_stopping mode must be 'min' or 'max', got {mode!r}")
@@ -50,8 +56,10 @@ class EarlyStopping:
             if unknown:
                 raise ValueError(f"early_stopping has unknown key(s) {unknown}; known: {sorted(known)}")
             return cls(**spec)
-        raise TypeError(f"early_stopping must be None, a dict {{'monitor', 'patience', 'min_delta', 'mode'}} or "
-                        f"an EarlyStopping, got {spec!r}")
+        raise TypeError(
+            f"early_stopping must be None, a dict {{'monitor', 'patience', 'min_delta', 'mode'}} or "
+            f"an EarlyStopping, got {spec!r}"
+        )
 
     @property
     def stopped(self) -> bool:
@@ -60,8 +68,10 @@ class EarlyStopping:
     def update(self, metrics: dict, step: int) -> bool:
         """One evaluation's row -> True when training should stop now."""
         if self.monitor not in metrics or metrics[self.monitor] is None:
-            raise ValueError(f"early_stopping monitors {self.monitor!r} but the evaluation reports "
-                             f"{sorted(k for k, v in metrics.items() if v is not None and k != 'step')}")
+            raise ValueError(
+                f"early_stopping monitors {self.monitor!r} but the evaluation reports "
+                f"{sorted(k for k, v in metrics.items() if v is not None and k != 'step')}"
+            )
         value = float(metrics[self.monitor])
         if not math.isfinite(value):
             self.stopped_step = step
@@ -74,16 +84,26 @@ class EarlyStopping:
         self.wait += 1
         if self.wait >= self.patience:
             self.stopped_step = step
-            self.reason = (f"early stopping at step {step}: {self.monitor} did not improve by more than "
-                           f"{self.min_delta:g} ({self.mode}) for {self.patience} evaluation(s); best "
-                           f"{self.best:.6g} at step {self.best_step}")
+            self.reason = (
+                f"early stopping at step {step}: {self.monitor} did not improve by more than "
+                f"{self.min_delta:g} ({self.mode}) for {self.patience} evaluation(s); best "
+                f"{self.best:.6g} at step {self.best_step}"
+            )
             return True
         return False
 
     def state_dict(self) -> dict:
-        return {"monitor": self.monitor, "patience": self.patience, "min_delta": self.min_delta, "mode": self.mode,
-                "best": self.best, "best_step": self.best_step, "wait": self.wait,
-                "stopped_step": self.stopped_step, "reason": self.reason}
+        return {
+            "monitor": self.monitor,
+            "patience": self.patience,
+            "min_delta": self.min_delta,
+            "mode": self.mode,
+            "best": self.best,
+            "best_step": self.best_step,
+            "wait": self.wait,
+            "stopped_step": self.stopped_step,
+            "reason": self.reason,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         # The counters come back; the settings stay as given now (a resumed run may change patience).
@@ -96,13 +116,15 @@ class EarlyStopping:
 
 # --------------------------------------------------------------------------- MLflow
 
+
 def require_mlflow():
     try:
         import mlflow  # noqa: F401
         from mlflow.tracking import MlflowClient
     except ImportError as exc:
-        raise ImportError(f"MLflow logging needs the mlflow package, which is not installed ({exc}): "
-                          f"{MLFLOW_EXTRA}") from None
+        raise ImportError(
+            f"MLflow logging needs the mlflow package, which is not installed ({exc}): {MLFLOW_EXTRA}"
+        ) from None
     return MlflowClient
 
 
@@ -138,8 +160,9 @@ class MLflowLogger:
         self.artifact_location = None
         if self.tracking_uri is None:
             if log_dir is None:
-                raise ValueError("mlflow=True needs log_dir (the store goes to log_dir/mlflow.db) or "
-                                 "mlflow={'tracking_uri': ...}")
+                raise ValueError(
+                    "mlflow=True needs log_dir (the store goes to log_dir/mlflow.db) or mlflow={'tracking_uri': ...}"
+                )
             root = os.path.abspath(log_dir)
             os.makedirs(root, exist_ok=True)
             self.tracking_uri = "sqlite:///" + os.path.join(root, "mlflow.db")
@@ -166,13 +189,16 @@ class MLflowLogger:
             except Exception:  # noqa: BLE001 - another store, or the run was deleted: start a new one
                 pass
         exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp is not None else \
-            self.client.create_experiment(self.experiment, artifact_location=self.artifact_location)
+        exp_id = (
+            exp.experiment_id
+            if exp is not None
+            else self.client.create_experiment(self.experiment, artifact_location=self.artifact_location)
+        )
         run = self.client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
         self.run_id = run.info.run_id
         flat = [Param(k, str(v)[:6000]) for k, v in _flatten(params).items()]
         for i in range(0, len(flat), 100):  # MLflow takes at most 100 params a batch
-            self.client.log_batch(self.run_id, params=flat[i:i + 100])
+            self.client.log_batch(self.run_id, params=flat[i : i + 100])
 
     def log_rows(self, rows) -> None:
         if self.run_id is None:
@@ -180,10 +206,14 @@ class MLflowLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, int(row["step"])) for row in rows for k, v in row.items()
-                   if k not in ("step", "epoch") and v is not None and v != ""]
+        metrics = [
+            Metric(k, float(v), now, int(row["step"]))
+            for row in rows
+            for k, v in row.items()
+            if k not in ("step", "epoch") and v is not None and v != ""
+        ]
         for i in range(0, len(metrics), 1000):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
     def finish(self, checkpoint_path: str | None, status: str = "FINISHED", tags: dict | None = None) -> None:
         if self.run_id is None:

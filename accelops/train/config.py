@@ -46,6 +46,7 @@ A character-level TransformerLM or RNNLM trained on a text file, everything set 
     max_lr = 1.0
     num_steps = 100
 """
+
 from __future__ import annotations
 
 import copy
@@ -61,9 +62,23 @@ import torch
 
 from .trainer_config import KEYWORDS, TrainerConfig
 
-__all__ = ["ConfigError", "SECTIONS", "load_config", "apply_overrides", "check_config_shape", "section", "check_types",
-           "unknown_keys", "resolve_data_paths", "build_model", "build_optimizer", "build_scheduler", "seed_everything",
-           "build", "lr_find_options"]
+__all__ = [
+    "ConfigError",
+    "SECTIONS",
+    "load_config",
+    "apply_overrides",
+    "check_config_shape",
+    "section",
+    "check_types",
+    "unknown_keys",
+    "resolve_data_paths",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "seed_everything",
+    "build",
+    "lr_find_options",
+]
 
 SECTIONS = ("data", "model", "sharing", "optimizer", "scheduler", "train", "lr_find")
 _OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -91,8 +106,10 @@ def check_config_shape(config, source: str) -> None:
         if depth > MAX_CONFIG_DEPTH:
             raise ConfigError(f"{source}: {where or 'the config'} nests deeper than {MAX_CONFIG_DEPTH} levels")
         if isinstance(value, str) and len(value) > MAX_CONFIG_STRING:
-            raise ConfigError(f"{source}: {where} is a string of {len(value):,} characters (at most "
-                              f"{MAX_CONFIG_STRING:,}): {value[:40]!r}...")
+            raise ConfigError(
+                f"{source}: {where} is a string of {len(value):,} characters (at most "
+                f"{MAX_CONFIG_STRING:,}): {value[:40]!r}..."
+            )
         if isinstance(value, dict):
             for k, v in value.items():
                 key = str(k)
@@ -124,14 +141,17 @@ def load_config(path) -> dict:
                 try:
                     import tomli as tomllib
                 except ModuleNotFoundError:
-                    raise ConfigError(f"{path!r}: reading TOML needs Python 3.11+ (tomllib) or the tomli "
-                                      "package; or write the config as .json") from None
+                    raise ConfigError(
+                        f"{path!r}: reading TOML needs Python 3.11+ (tomllib) or the tomli "
+                        "package; or write the config as .json"
+                    ) from None
             config = tomllib.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
         raise ConfigError(f"config file {path!r} does not parse: {_clip(str(exc))}") from exc
     except RecursionError:
-        raise ConfigError(f"config file {path!r} nests too deep to parse (at most {MAX_CONFIG_DEPTH} levels "
-                          "are allowed)") from None
+        raise ConfigError(
+            f"config file {path!r} nests too deep to parse (at most {MAX_CONFIG_DEPTH} levels are allowed)"
+        ) from None
     if not isinstance(config, dict):
         raise ConfigError(f"config file {path!r} must hold a table/object of sections, got {type(config).__name__}")
     check_config_shape(config, f"config file {path!r}")
@@ -182,8 +202,16 @@ def _none(value):
 # What a config value may be, from the annotation of the argument it becomes ("int | None").
 # TOML and JSON give str, int, float, bool, tables and lists, so these words are all a config
 # can be checked against; an annotation naming anything else is left to the code that uses it.
-_KINDS = {"int": "an int", "float": "a number", "str": "a string", "bool": "true or false", "dict": "a table",
-          "list": "a list", "tuple": "a list", "None": "null"}
+_KINDS = {
+    "int": "an int",
+    "float": "a number",
+    "str": "a string",
+    "bool": "true or false",
+    "dict": "a table",
+    "list": "a list",
+    "tuple": "a list",
+    "None": "null",
+}
 
 
 def _kinds(annotation):
@@ -198,19 +226,33 @@ def _kinds(annotation):
 
 def _fits(value, kinds) -> bool:
     for kind in kinds:
-        if (kind == "None" and value is None) or (kind == "bool" and isinstance(value, bool)) \
-                or (kind == "str" and isinstance(value, str)) or (kind == "dict" and isinstance(value, dict)) \
-                or (kind in ("list", "tuple") and isinstance(value, (list, tuple))):
+        if (
+            (kind == "None" and value is None)
+            or (kind == "bool" and isinstance(value, bool))
+            or (kind == "str" and isinstance(value, str))
+            or (kind == "dict" and isinstance(value, dict))
+            or (kind in ("list", "tuple") and isinstance(value, (list, tuple)))
+        ):
             return True
-        if kind in ("int", "float") and not isinstance(value, bool) \
-                and isinstance(value, int if kind == "int" else (int, float)):
+        if (
+            kind in ("int", "float")
+            and not isinstance(value, bool)
+            and isinstance(value, int if kind == "int" else (int, float))
+        ):
             return True
     return False
 
 
 def _describe(value) -> str:
-    kind = {bool: "true/false", int: "an int", float: "a float", str: "a string", list: "a list",
-            dict: "a table", type(None): "null"}.get(type(value), type(value).__name__)
+    kind = {
+        bool: "true/false",
+        int: "an int",
+        float: "a float",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
     return f"{value!r} ({kind})"
 
 
@@ -221,8 +263,11 @@ def check_types(section: str, values: dict, kinds: dict) -> None:
         allowed = kinds.get(key)
         if allowed is None or _fits(value, allowed):
             continue
-        want = " or ".join(dict.fromkeys(_KINDS[k] for k in ("int", "float", "str", "bool", "dict", "list", "tuple",
-                                                             "None") if k in allowed))
+        want = " or ".join(
+            dict.fromkeys(
+                _KINDS[k] for k in ("int", "float", "str", "bool", "dict", "list", "tuple", "None") if k in allowed
+            )
+        )
         hint = ""
         if isinstance(value, str) and _fits(_unquoted(value), allowed):
             hint = f": write {key} = {value.strip()} without quotes"
@@ -259,13 +304,20 @@ def _default_kinds(fn) -> dict:
     return out
 
 
-_DATA_KINDS = {"path": {"str"}, "seq_len": {"int"}, "val_fraction": {"float"}, "val_path": {"str", "None"},
-               "stride": {"int", "None"}}
+_DATA_KINDS = {
+    "path": {"str"},
+    "seq_len": {"int"},
+    "val_fraction": {"float"},
+    "val_path": {"str", "None"},
+    "stride": {"int", "None"},
+}
 # Trainer arguments (not TrainerConfig settings) that a config cannot set: accelops train makes
 # them from other sections.
-_TRAIN_RESERVED = {"scheduler": "is built from the [scheduler] section",
-                   "metadata": "is written by accelops train (the config and the vocabulary)",
-                   "loss_fn": "is a Python callable: pass it to accelops.train.Trainer in Python"}
+_TRAIN_RESERVED = {
+    "scheduler": "is built from the [scheduler] section",
+    "metadata": "is written by accelops train (the config and the vocabulary)",
+    "loss_fn": "is a Python callable: pass it to accelops.train.Trainer in Python",
+}
 
 
 def unknown_keys(section: str, unknown, known, extra: str = "") -> ConfigError:
@@ -275,8 +327,10 @@ def unknown_keys(section: str, unknown, known, extra: str = "") -> ConfigError:
 
     close = {k: difflib.get_close_matches(k, list(known), n=1) for k in unknown}
     hint = "; ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in close.items() if m)
-    return ConfigError(f"[{section}] has unknown key(s) {sorted(unknown)}{extra}{' (' + hint + ')' if hint else ''}; "
-                       f"known: {sorted(known)}")
+    return ConfigError(
+        f"[{section}] has unknown key(s) {sorted(unknown)}{extra}{' (' + hint + ')' if hint else ''}; "
+        f"known: {sorted(known)}"
+    )
 
 
 def _check_train_section(train_cfg: dict) -> None:
@@ -290,8 +344,9 @@ def _check_train_section(train_cfg: dict) -> None:
     unknown = sorted(set(train_cfg) - set(known))
     if unknown:
         raise unknown_keys("train", unknown, known)
-    check_types("train", train_cfg, {n: k for n in KEYWORDS
-                                     if (k := _kinds(TrainerConfig.keyword_annotation(n))) is not None})
+    check_types(
+        "train", train_cfg, {n: k for n in KEYWORDS if (k := _kinds(TrainerConfig.keyword_annotation(n))) is not None}
+    )
 
 
 def resolve_data_paths(config: dict, config_path) -> dict:
@@ -310,8 +365,11 @@ def resolve_data_paths(config: dict, config_path) -> dict:
             continue
         beside = os.path.join(base, value)
         if not os.path.exists(beside):
-            where = (f"in the working directory {os.getcwd()!r}, which holds the config file too" if base == os.getcwd()
-                     else f"in the working directory {os.getcwd()!r} nor beside the config file in {base!r}")
+            where = (
+                f"in the working directory {os.getcwd()!r}, which holds the config file too"
+                if base == os.getcwd()
+                else f"in the working directory {os.getcwd()!r} nor beside the config file in {base!r}"
+            )
             raise FileNotFoundError(f"data.{key} {value!r} is not a file: not {where}")
         data[key] = beside
     return config
@@ -329,8 +387,10 @@ def build_model(model_cfg: dict, vocab_size: int, seq_len: int):
         raise ConfigError(f"model.type must be one of {sorted(classes)}, got {kind!r}")
     model_cls, cfg_cls = classes[kind]
     if "vocab_size" in model_cfg and model_cfg["vocab_size"] != vocab_size:
-        raise ConfigError(f"model.vocab_size={model_cfg['vocab_size']} but the data has {vocab_size} characters: "
-                          "leave vocab_size out (it comes from the data)")
+        raise ConfigError(
+            f"model.vocab_size={model_cfg['vocab_size']} but the data has {vocab_size} characters: "
+            "leave vocab_size out (it comes from the data)"
+        )
     model_cfg["vocab_size"] = vocab_size
     model_cfg.setdefault("max_len", seq_len)
     if "quant" in model_cfg:
@@ -375,8 +435,9 @@ def build_scheduler(optimizer, sched_cfg: dict, max_steps: int):
     warmup = sched_cfg.pop("warmup_steps", 0)
     floor = sched_cfg.pop("min_lr_ratio", 0.0)
     if sched_cfg:
-        raise ConfigError(f"[scheduler] has unknown key(s) {sorted(sched_cfg)}; known: name, warmup_steps, "
-                          "min_lr_ratio")
+        raise ConfigError(
+            f"[scheduler] has unknown key(s) {sorted(sched_cfg)}; known: name, warmup_steps, min_lr_ratio"
+        )
     if name not in _SCHEDULES:
         raise ConfigError(f"scheduler.name must be one of {_SCHEDULES}, got {name!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -438,11 +499,16 @@ def build(config: dict):
     seq_len = data_cfg.pop("seq_len", 128)
     val_path = data_cfg.pop("val_path", None)
     if val_path is not None and "val_fraction" in data_cfg:
-        raise ConfigError("[data] has both val_path and val_fraction: validate on a separate file or on a "
-                          "fraction of path, not both")
-    train_data, val_data, vocab = load_char_corpus(data_cfg.pop("path"), seq_len,
-                                                   None if val_path is not None else data_cfg.pop("val_fraction", 0.1),
-                                                   data_cfg.pop("stride", None), val_path=val_path)
+        raise ConfigError(
+            "[data] has both val_path and val_fraction: validate on a separate file or on a fraction of path, not both"
+        )
+    train_data, val_data, vocab = load_char_corpus(
+        data_cfg.pop("path"),
+        seq_len,
+        None if val_path is not None else data_cfg.pop("val_fraction", 0.1),
+        data_cfg.pop("stride", None),
+        val_path=val_path,
+    )
 
     seed = train_cfg.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -467,8 +533,9 @@ def build(config: dict):
         if "unexpected keyword" in str(exc):
             raise ConfigError(f"[train]: {exc}") from exc
         raise
-    trainer = Trainer(model, optimizer, train_data, val_data, config=trainer_config, scheduler=scheduler,
-                      metadata=metadata)
+    trainer = Trainer(
+        model, optimizer, train_data, val_data, config=trainer_config, scheduler=scheduler, metadata=metadata
+    )
     return trainer, vocab
 
 

@@ -1,6 +1,7 @@
 """Character-level text data: a vocabulary of the characters of a file, its first 90% for
 training and the last 10% for validation (or a separate validation file), cut into fixed
 windows of token ids; split_dataset for a validation split of any map-style dataset."""
+
 from __future__ import annotations
 
 import os
@@ -69,21 +70,21 @@ class TokenWindows(Dataset):
         if not -self._len <= i < self._len:
             raise IndexError(f"window {i} out of range for {self._len} windows")
         s = (i % self._len) * self.stride
-        chunk = self.tokens[s:s + self.seq_len + 1]
+        chunk = self.tokens[s : s + self.seq_len + 1]
         return chunk[:-1], chunk[1:]
 
 
 def _read_text(path, what="data path") -> str:
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path!r} is not a file (relative paths are taken from the working "
-                                f"directory {os.getcwd()!r})")
+        raise FileNotFoundError(
+            f"{what} {path!r} is not a file (relative paths are taken from the working directory {os.getcwd()!r})"
+        )
     with open(path, encoding="utf-8") as f:
         return f.read()
 
 
-def load_char_corpus(path, seq_len: int, val_fraction: float | None = 0.1, stride: int | None = None,
-                     val_path=None):
+def load_char_corpus(path, seq_len: int, val_fraction: float | None = 0.1, stride: int | None = None, val_path=None):
     """Reads a UTF-8 text file -> (train TokenWindows, val TokenWindows, CharVocab). The
     vocabulary holds every character of the file; the first (1 - val_fraction) of it is
     the training text, the rest (contiguous, at the end) the validation text. With
@@ -94,8 +95,10 @@ def load_char_corpus(path, seq_len: int, val_fraction: float | None = 0.1, strid
     text = _read_text(path)
     if val_path is not None:
         if val_fraction not in (None, 0.1):
-            raise ValueError(f"val_path={os.fspath(val_path)!r} and val_fraction={val_fraction!r} both given: the "
-                             "validation text is either a separate file or a fraction of the training file")
+            raise ValueError(
+                f"val_path={os.fspath(val_path)!r} and val_fraction={val_fraction!r} both given: the "
+                "validation text is either a separate file or a fraction of the training file"
+            )
         val_text = _read_text(val_path, "val_path")
         vocab = CharVocab.from_text(text + val_text)
         train_ids, val_ids = vocab.encode(text), vocab.encode(val_text)
@@ -110,8 +113,10 @@ def load_char_corpus(path, seq_len: int, val_fraction: float | None = 0.1, strid
     val = TokenWindows(val_ids, seq_len, stride)
     for name, ds, part in (("training", train, train_ids), ("validation", val, val_ids)):
         if len(ds) == 0:
-            raise ValueError(f"{path!r}: the {name} split has {part.numel()} characters, fewer than "
-                             f"seq_len + 1 = {seq_len + 1}: use a longer text or a shorter seq_len")
+            raise ValueError(
+                f"{path!r}: the {name} split has {part.numel()} characters, fewer than "
+                f"seq_len + 1 = {seq_len + 1}: use a longer text or a shorter seq_len"
+            )
     return train, val, vocab
 
 
@@ -132,4 +137,4 @@ def split_dataset(dataset, val_fraction: float = 0.1, seed: int = 0, shuffle: bo
     if n - n_val < 1:
         raise ValueError(f"dataset has {n} sample(s): too few to hold out {val_fraction!r} and keep any to train on")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist() if shuffle else list(range(n))
-    return Subset(dataset, sorted(order[:n - n_val])), Subset(dataset, sorted(order[n - n_val:]))
+    return Subset(dataset, sorted(order[: n - n_val])), Subset(dataset, sorted(order[n - n_val :]))

@@ -10,6 +10,7 @@ check_writable creates, writes, fsyncs and deletes a probe file, so a read-only,
 missing directory is named before the first step instead of at the first save (the steps
 until then lost) or the next metrics write (the run killed without a checkpoint).
 """
+
 from __future__ import annotations
 
 import errno
@@ -56,8 +57,11 @@ def check_writable(directory, what: str) -> None:
             except OSError:
                 pass
     except OSError as exc:
-        raise OSError(exc.errno, f"{what} {directory!r} is not writable ({exc.strerror or exc}): fix it or "
-                                 f"choose another {what} before training, nothing was trained") from exc
+        raise OSError(
+            exc.errno,
+            f"{what} {directory!r} is not writable ({exc.strerror or exc}): fix it or "
+            f"choose another {what} before training, nothing was trained",
+        ) from exc
 
 
 def _holder(path: str) -> str:
@@ -90,8 +94,12 @@ class DirectoryLock:
         if self._fd is not None:
             return True
         if fcntl is None:
-            warnings.warn(f"no fcntl on this platform: checkpoint_dir {self.directory!r} is not locked, so nothing "
-                          "stops a second run from writing into it", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"no fcntl on this platform: checkpoint_dir {self.directory!r} is not locked, so nothing "
+                "stops a second run from writing into it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return False
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not O_TRUNC: the holder's PID is in it
         try:
@@ -103,23 +111,34 @@ class DirectoryLock:
                 mine = f"pid {os.getpid()} on {socket.gethostname()}" in holder
                 raise DirectoryLocked(
                     f"checkpoint_dir {self.directory!r} is in use by another run ({holder}; lock file {self.path!r})"
-                    + (": that is this process, another Trainer on this directory that has not finished fit() "
-                       "or been close()d" if mine else "")
+                    + (
+                        ": that is this process, another Trainer on this directory that has not finished fit() "
+                        "or been close()d"
+                        if mine
+                        else ""
+                    )
                     + ". Two runs in one directory would resume from and prune each other's checkpoints: wait for "
-                      "it to end, stop it, or give this run another checkpoint_dir") from None
+                    "it to end, stop it, or give this run another checkpoint_dir"
+                ) from None
             # ENOLCK, EOPNOTSUPP, ENOSYS: a network file system without lock support
-            warnings.warn(f"cannot lock checkpoint_dir {self.directory!r} ({exc}): this file system does not "
-                          "support flock, so nothing stops a second run from writing into it", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"cannot lock checkpoint_dir {self.directory!r} ({exc}): this file system does not "
+                "support flock, so nothing stops a second run from writing into it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return False
         try:
             os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+            os.write(
+                fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode()
+            )
         except OSError as exc:
             os.close(fd)  # releases the lock
-            raise OSError(exc.errno, f"checkpoint_dir {self.directory!r}: cannot write the lock file {self.path!r} "
-                                     f"({exc.strerror or exc})") from exc
+            raise OSError(
+                exc.errno,
+                f"checkpoint_dir {self.directory!r}: cannot write the lock file {self.path!r} ({exc.strerror or exc})",
+            ) from exc
         self._fd, self._pid = fd, os.getpid()
         self._remove_stale_temp_files()
         return True

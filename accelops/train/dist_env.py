@@ -6,6 +6,7 @@ is the degenerate case: every collective is then the identity, so no caller bran
 Nothing here starts or owns a process group (the Trainer does that); DistEnv only describes
 the one in use.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,23 +54,40 @@ class DistEnv:
 
 # What the errors of a failed collective say (gloo and NCCL word them differently, and a
 # dead peer shows as a socket error as often as a timeout).
-_COMM_MARKERS = ("gloo", "nccl", "connection", "timed out", "timeout", "closed by peer", "reset by peer",
-                 "broken pipe", "socket")
+_COMM_MARKERS = (
+    "gloo",
+    "nccl",
+    "connection",
+    "timed out",
+    "timeout",
+    "closed by peer",
+    "reset by peer",
+    "broken pipe",
+    "socket",
+)
 
 
-def collective_failure(exc: BaseException, env: DistEnv, strategy: str, step: int, last_saved: int | None,
-                       checkpoint_dir) -> RuntimeError | None:
+def collective_failure(
+    exc: BaseException, env: DistEnv, strategy: str, step: int, last_saved: int | None, checkpoint_dir
+) -> RuntimeError | None:
     """A clearer error for `exc` when it is a failed collective (a peer died or timed out)
     during step `step` + 1: which rank, which strategy, and whether the last checkpoint
     (`last_saved`, None for none) can be resumed; None when exc is something else."""
     if not env.distributed:
         return None
     text = f"{type(exc).__name__}: {exc}"
-    if not (isinstance(exc, getattr(dist, "DistError", ()))
-            or (isinstance(exc, (RuntimeError, OSError)) and any(m in str(exc).lower() for m in _COMM_MARKERS))):
+    if not (
+        isinstance(exc, getattr(dist, "DistError", ()))
+        or (isinstance(exc, (RuntimeError, OSError)) and any(m in str(exc).lower() for m in _COMM_MARKERS))
+    ):
         return None
-    where = ("no checkpoint was written yet" if last_saved is None or checkpoint_dir is None
-             else f"the last checkpoint (step {last_saved}) in {checkpoint_dir!r} is intact: run again to resume")
-    return RuntimeError(f"rank {env.rank}/{env.world_size}: a collective failed during step {step + 1} under "
-                        f"strategy={strategy!r} (a peer rank died, or did not answer within the process group's "
-                        f"timeout); {where}. Cause: {text.splitlines()[0][:400]}")
+    where = (
+        "no checkpoint was written yet"
+        if last_saved is None or checkpoint_dir is None
+        else f"the last checkpoint (step {last_saved}) in {checkpoint_dir!r} is intact: run again to resume"
+    )
+    return RuntimeError(
+        f"rank {env.rank}/{env.world_size}: a collective failed during step {step + 1} under "
+        f"strategy={strategy!r} (a peer rank died, or did not answer within the process group's "
+        f"timeout); {where}. Cause: {text.splitlines()[0][:400]}"
+    )

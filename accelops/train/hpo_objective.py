@@ -42,6 +42,7 @@ The object holds plain data only, so it pickles to the Study's process workers.
 ``n_workers=2`` on a 2-core machine want 1 each). Without a checkpoint directory (called
 as ``objective(config, budget)``), each call trains from scratch in a temporary directory.
 """
+
 from __future__ import annotations
 
 import copy
@@ -77,8 +78,9 @@ def _steps_per_epoch(cfg: dict) -> int:
     from .data import load_char_corpus
 
     data, train = cfg["data"], cfg.get("train", {})
-    windows, _, _ = load_char_corpus(data["path"], data.get("seq_len", 128), data.get("val_fraction", 0.1),
-                                     data.get("stride"))
+    windows, _, _ = load_char_corpus(
+        data["path"], data.get("seq_len", 128), data.get("val_fraction", 0.1), data.get("stride")
+    )
     return max(1, len(windows) // train.get("batch_size", 32) // train.get("accumulate_grad_batches", 1))
 
 
@@ -91,8 +93,7 @@ class TrainObjective:
     ``keep_last``: checkpoints kept per configuration (the last one is all a promotion needs).
     """
 
-    def __init__(self, base: dict, max_budget, unit: str = "steps", threads: int | None = None,
-                 keep_last: int = 1):
+    def __init__(self, base: dict, max_budget, unit: str = "steps", threads: int | None = None, keep_last: int = 1):
         if not isinstance(base, dict) or not isinstance(base.get("data"), dict) or "path" not in base["data"]:
             raise ValueError("base must be an accelops train config dict with [data] path = the text file")
         if unit not in UNITS:
@@ -103,8 +104,10 @@ class TrainObjective:
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         for key in ("max_steps", "checkpoint_dir", "resume"):
             if key in base.get("train", {}):
-                raise ValueError(f"base [train] must not set {key}: the objective sets it from the budget and the "
-                                 "Study's checkpoint directory")
+                raise ValueError(
+                    f"base [train] must not set {key}: the objective sets it from the budget and the "
+                    "Study's checkpoint directory"
+                )
         self.base, self.max_budget, self.unit = copy.deepcopy(base), max_budget, unit
         self.threads, self.keep_last = threads, keep_last
 
@@ -130,7 +133,7 @@ class TrainObjective:
         cfg = apply_hyperparameters(self.base, config)
         train = cfg.setdefault("train", {})
         train.setdefault("progress", False)
-        train.setdefault("eval_every", None)     # one evaluation, at the end of the rung
+        train.setdefault("eval_every", None)  # one evaluation, at the end of the rung
         train.setdefault("keep_last", self.keep_last)
         train["checkpoint_dir"], train["resume"] = checkpoint_dir, True
         steps_per_epoch = _steps_per_epoch(cfg) if self.unit == "epochs" else 1
@@ -150,8 +153,13 @@ class TrainObjective:
                 raise ValueError("the objective needs validation data: the config's data gave none")
         finally:
             trainer.close()
-        return {"loss": float(val), "steps": trainer.step, "steps_run": trainer.step - start,
-                "resumed_from_step": start, "train_loss": result["loss"]}
+        return {
+            "loss": float(val),
+            "steps": trainer.step,
+            "steps_run": trainer.step - start,
+            "resumed_from_step": start,
+            "train_loss": result["loss"],
+        }
 
     def __repr__(self):
         return f"TrainObjective(max_budget={self.max_budget}, unit={self.unit!r})"

@@ -12,6 +12,7 @@ given) and, unless GLOO_SOCKET_IFNAME is set, gloo is pointed at that address's 
 hostname lookups, torchrun's and gloo's default, name an unreachable address on machines
 whose hostname does not resolve to the link between the nodes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,29 +25,56 @@ import struct
 __all__ = ["add_arguments", "wanted", "child_argv", "torchrun_argv", "relaunch", "is_local_address"]
 
 # flag -> takes a value; stripped from the command line the workers get.
-_FLAGS = {"--nnodes": True, "--nproc-per-node": True, "--rdzv-endpoint": True, "--rdzv-id": True,
-          "--rdzv-conf": True, "--max-restarts": True, "--local-addr": True, "--launcher": True,
-          "--num-workers": True}
+_FLAGS = {
+    "--nnodes": True,
+    "--nproc-per-node": True,
+    "--rdzv-endpoint": True,
+    "--rdzv-id": True,
+    "--rdzv-conf": True,
+    "--max-restarts": True,
+    "--local-addr": True,
+    "--launcher": True,
+    "--num-workers": True,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("launch (torchrun's elastic agent or Ray Train; leave out to run in this "
-                                      "process)")
-    group.add_argument("--launcher", choices=("torchrun", "ray"), default="torchrun",
-                       help="ray: run the trainer in Ray Train workers (pip install 'accelops[ray]')")
+    group = parser.add_argument_group(
+        "launch (torchrun's elastic agent or Ray Train; leave out to run in this process)"
+    )
+    group.add_argument(
+        "--launcher",
+        choices=("torchrun", "ray"),
+        default="torchrun",
+        help="ray: run the trainer in Ray Train workers (pip install 'accelops[ray]')",
+    )
     group.add_argument("--num-workers", type=int, default=2, metavar="N", help="Ray Train workers (--launcher ray)")
-    group.add_argument("--nnodes", default=None, metavar="N|MIN:MAX",
-                       help="number of nodes (each runs this same command); needs --rdzv-endpoint when > 1")
-    group.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
-                       help="processes (ranks) to start on this node")
-    group.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
-                       help="the c10d rendezvous: an address of one node (it hosts the store) and a free port")
+    group.add_argument(
+        "--nnodes",
+        default=None,
+        metavar="N|MIN:MAX",
+        help="number of nodes (each runs this same command); needs --rdzv-endpoint when > 1",
+    )
+    group.add_argument(
+        "--nproc-per-node", type=int, default=None, metavar="N", help="processes (ranks) to start on this node"
+    )
+    group.add_argument(
+        "--rdzv-endpoint",
+        default=None,
+        metavar="HOST:PORT",
+        help="the c10d rendezvous: an address of one node (it hosts the store) and a free port",
+    )
     group.add_argument("--rdzv-id", default="accelops", help="run id shared by all nodes of one run")
-    group.add_argument("--rdzv-conf", default=None, metavar="K=V[,K=V]",
-                       help="extra rendezvous settings, e.g. join_timeout=600")
+    group.add_argument(
+        "--rdzv-conf", default=None, metavar="K=V[,K=V]", help="extra rendezvous settings, e.g. join_timeout=600"
+    )
     group.add_argument("--max-restarts", type=int, default=0, help="restarts of the worker group after a failure")
-    group.add_argument("--local-addr", default=None, metavar="ADDR",
-                       help="this node's address as the others reach it (default: the one routed to the endpoint)")
+    group.add_argument(
+        "--local-addr",
+        default=None,
+        metavar="ADDR",
+        help="this node's address as the others reach it (default: the one routed to the endpoint)",
+    )
 
 
 def _max_nodes(nnodes) -> int:
@@ -73,8 +101,9 @@ def wanted(args) -> bool:
     if nodes < 1:
         raise ValueError(f"--nnodes must be >= 1, got {args.nnodes!r}")
     if nodes > 1 and not getattr(args, "rdzv_endpoint", None):
-        raise ValueError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (an address of one node, the same on "
-                         "every node)")
+        raise ValueError(
+            "--nnodes > 1 needs --rdzv-endpoint HOST:PORT (an address of one node, the same on every node)"
+        )
     return nodes > 1 or (nproc or 1) > 1
 
 
@@ -148,8 +177,20 @@ def torchrun_argv(args, argv) -> list[str]:
         if not any(c.split("=", 1)[0] == "is_host" for c in conf):
             conf.append(f"is_host={'true' if is_local_address(host) else 'false'}")
         local = args.local_addr or route_address(host, int(port))
-        out += ["--nnodes", str(args.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint,
-                "--rdzv-id", args.rdzv_id, "--rdzv-conf", ",".join(conf), "--local-addr", local]
+        out += [
+            "--nnodes",
+            str(args.nnodes),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            args.rdzv_endpoint,
+            "--rdzv-id",
+            args.rdzv_id,
+            "--rdzv-conf",
+            ",".join(conf),
+            "--local-addr",
+            local,
+        ]
     else:
         out += ["--standalone"]
     return out + ["--module", "accelops.train", *child_argv(argv)]

@@ -14,6 +14,7 @@ seq_len its default max_len) and the vocabulary as a plain string. Nothing is un
 beyond torch's weights_only loader (and, for fsdp's DCP directories, a metadata file read
 with an unpickler that admits only DCP's own metadata classes).
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,18 @@ import warnings
 
 import torch
 
-from .checkpoint import (CHECKPOINT_FORMAT, DIR_NAME, MANIFEST, TRAINER_FILE, CheckpointError, list_checkpoints,
-                         list_dir_checkpoints, load_checkpoint, newest_good, verify_dir_checkpoint)
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    DIR_NAME,
+    MANIFEST,
+    TRAINER_FILE,
+    CheckpointError,
+    list_checkpoints,
+    list_dir_checkpoints,
+    load_checkpoint,
+    newest_good,
+    verify_dir_checkpoint,
+)
 
 __all__ = ["load_model"]
 
@@ -61,33 +72,45 @@ def load_model(checkpoint, device="cpu"):
     except CheckpointError:
         raise
     except (RuntimeError, KeyError, ValueError) as exc:  # load_state_dict's missing / unexpected / mis-sized
-        raise CheckpointError(f"checkpoint {path!r}: its weights do not fit the model its config builds: "
-                              f"{' '.join(str(exc).split())}") from exc
+        raise CheckpointError(
+            f"checkpoint {path!r}: its weights do not fit the model its config builds: {' '.join(str(exc).split())}"
+        ) from exc
     log.info("loaded %s (step %s)", path, state.get("step"))
     return model.to(device).eval(), vocab
 
 
 # --------------------------------------------------------------------------- finding the checkpoint
 
+
 def _is_dir_checkpoint(path: str) -> bool:
     """One sharded checkpoint (by its name, or by its manifest when it was renamed), not a
     directory of checkpoints."""
-    return DIR_NAME.match(os.path.basename(os.path.normpath(path))) is not None \
-        or os.path.isfile(os.path.join(path, MANIFEST))
+    return DIR_NAME.match(os.path.basename(os.path.normpath(path))) is not None or os.path.isfile(
+        os.path.join(path, MANIFEST)
+    )
 
 
 def _newest_in(directory: str) -> str:
     """The newest checkpoint of a run's checkpoint_dir (file or directory, whatever the
     strategy) that opens, as the Trainer's resume picks it."""
-    candidates = sorted(list_checkpoints(directory) + list_dir_checkpoints(directory, "dcp")
-                        + list_dir_checkpoints(directory, "pp"), reverse=True)
+    candidates = sorted(
+        list_checkpoints(directory) + list_dir_checkpoints(directory, "dcp") + list_dir_checkpoints(directory, "pp"),
+        reverse=True,
+    )
     if not candidates:
-        raise CheckpointError(f"{directory!r} holds no checkpoints (files step-NNNNNNNN.ckpt or directories "
-                              "step-NNNNNNNN.dcp / .pp): pass a run's checkpoint_dir or one checkpoint")
+        raise CheckpointError(
+            f"{directory!r} holds no checkpoints (files step-NNNNNNNN.ckpt or directories "
+            "step-NNNNNNNN.dcp / .pp): pass a run's checkpoint_dir or one checkpoint"
+        )
     # A file is opened whole to check it; a directory by its manifest (sizes and SHA-256).
-    path, _ = newest_good(directory, candidates,
-                          lambda p: verify_dir_checkpoint(p) if os.path.isdir(p) else load_checkpoint(p),
-                          stacklevel=3, using="loading", advice="")
+    path, _ = newest_good(
+        directory,
+        candidates,
+        lambda p: verify_dir_checkpoint(p) if os.path.isdir(p) else load_checkpoint(p),
+        stacklevel=3,
+        using="loading",
+        advice="",
+    )
     return path
 
 
@@ -95,28 +118,36 @@ def _check_trainer_state(state, path: str) -> None:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path!r} is not a Trainer checkpoint: it holds a {type(state).__name__}")
     if "stage" in state and "split" in state:
-        raise CheckpointError(f"{path!r} is one stage of a pipeline checkpoint: pass its step-NNNNNNNN.pp "
-                              "directory (or the run's checkpoint_dir)")
+        raise CheckpointError(
+            f"{path!r} is one stage of a pipeline checkpoint: pass its step-NNNNNNNN.pp "
+            "directory (or the run's checkpoint_dir)"
+        )
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path!r} is not a Trainer checkpoint of format {CHECKPOINT_FORMAT} (format "
-                              f"{state.get('format')!r})")
+        raise CheckpointError(
+            f"{path!r} is not a Trainer checkpoint of format {CHECKPOINT_FORMAT} (format {state.get('format')!r})"
+        )
     if "model" not in state:
-        raise CheckpointError(f"{path!r} holds the trainer state of a sharded checkpoint, not the model: pass its "
-                              "step-NNNNNNNN.dcp / .pp directory (or the run's checkpoint_dir)")
+        raise CheckpointError(
+            f"{path!r} holds the trainer state of a sharded checkpoint, not the model: pass its "
+            "step-NNNNNNNN.dcp / .pp directory (or the run's checkpoint_dir)"
+        )
 
 
 # --------------------------------------------------------------------------- the model and vocabulary
 
+
 def _build(state: dict, path: str):
     from ..sharing import share_parameters
-    from .data import CharVocab
     from .config import ConfigError, build_model, section
+    from .data import CharVocab
 
     meta = state.get("metadata")
     if not (isinstance(meta, dict) and isinstance(meta.get("config"), dict) and isinstance(meta.get("vocab"), str)):
-        raise CheckpointError(f"checkpoint {path!r} has no config and vocabulary in its metadata: it was written by "
-                              "a Trainer outside `accelops train` (run / build / ray_fit); rebuild that model "
-                              "yourself and load accelops.train.load_checkpoint(path)['model'] into it")
+        raise CheckpointError(
+            f"checkpoint {path!r} has no config and vocabulary in its metadata: it was written by "
+            "a Trainer outside `accelops train` (run / build / ray_fit); rebuild that model "
+            "yourself and load accelops.train.load_checkpoint(path)['model'] into it"
+        )
     config = meta["config"]
     try:
         vocab = CharVocab(meta["vocab"])
@@ -126,12 +157,14 @@ def _build(state: dict, path: str):
         if sharing:  # the shared (tied) parameters are part of the architecture the weights fit
             share_parameters(model, sharing.pop("pattern"), **sharing)
     except (ConfigError, ValueError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {path!r}: the model its config describes cannot be built here: "
-                              f"{exc}") from exc
+        raise CheckpointError(
+            f"checkpoint {path!r}: the model its config describes cannot be built here: {exc}"
+        ) from exc
     return model, vocab
 
 
 # --------------------------------------------------------------------------- sharded directories
+
 
 def _open_dir_checkpoint(path: str):
     """(trainer state, a function loading the weights into a freshly built model) of a
@@ -144,8 +177,10 @@ def _open_dir_checkpoint(path: str):
         return state, lambda model: model.load_state_dict(_pipeline_weights(path, state))
     if manifest.get("kind") == "dcp":
         return state, lambda model: _load_dcp(model, os.path.join(path, "dcp"), path)
-    raise CheckpointError(f"checkpoint {path!r} is of kind {manifest.get('kind')!r}; this accelops reads 'dcp' "
-                          "(fsdp) and 'pp' (pipeline) directories")
+    raise CheckpointError(
+        f"checkpoint {path!r} is of kind {manifest.get('kind')!r}; this accelops reads 'dcp' "
+        "(fsdp) and 'pp' (pipeline) directories"
+    )
 
 
 def _pipeline_weights(path: str, state: dict) -> dict:
@@ -159,7 +194,7 @@ def _pipeline_weights(path: str, state: dict) -> dict:
         stage = load_checkpoint(os.path.join(path, f"stage-{r}.ckpt"))
         for key, value in stage["model"].items():
             if key.startswith("blocks."):
-                i, rest = key[len("blocks."):].split(".", 1)
+                i, rest = key[len("blocks.") :].split(".", 1)
                 key = f"blocks.{lo + int(i)}.{rest}"
             out[key] = value
     return out
@@ -170,9 +205,15 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
     # whatever a crafted file names. Only DCP's metadata records and the plain values in them
     # (torch dtypes and sizes, paths) are admitted here.
     _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-    _PLAIN = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-              ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
-              ("collections", "OrderedDict")}
+    _PLAIN = {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("collections", "OrderedDict"),
+    }
 
     def find_class(self, module, name):
         if (module, name) in self._PLAIN:
@@ -200,8 +241,7 @@ def _load_dcp(model, dcp_dir: str, path: str) -> None:
                 with open(meta_path, "rb") as f:
                     metadata = _DCPMetadataUnpickler(f).load()
             except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError) as exc:
-                raise CheckpointError(f"checkpoint {path!r}: its DCP metadata {meta_path!r} is refused: "
-                                      f"{exc}") from exc
+                raise CheckpointError(f"checkpoint {path!r}: its DCP metadata {meta_path!r} is refused: {exc}") from exc
             if getattr(metadata, "storage_meta", None) is None:
                 from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -222,6 +262,8 @@ def _load_dcp(model, dcp_dir: str, path: str) -> None:
         first = next(iter(exc.failures.values()), (None, None))[0]
         if isinstance(first, CheckpointError):
             raise first from None
-        raise CheckpointError(f"checkpoint {path!r}: DCP cannot load the model from it: "
-                              f"{' '.join(str(first).split()) if first is not None else exc}") from None
+        raise CheckpointError(
+            f"checkpoint {path!r}: DCP cannot load the model from it: "
+            f"{' '.join(str(first).split()) if first is not None else exc}"
+        ) from None
     set_model_state_dict(model, weights)

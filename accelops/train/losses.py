@@ -1,6 +1,7 @@
 """Models with several targets: a loss_fn (or model) may return a dict of named scalar
 losses; WeightedLoss turns it into the weighted sum the optimizer minimises and keeps each
 component, detached, for the logs."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,18 @@ import torch
 __all__ = ["WeightedLoss", "RESERVED_NAMES"]
 
 # Columns of metrics.csv a component may not shadow.
-RESERVED_NAMES = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "val_loss",
-                  "val_bpc")
+RESERVED_NAMES = (
+    "step",
+    "epoch",
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens",
+    "tokens_per_s",
+    "elapsed_s",
+    "val_loss",
+    "val_bpc",
+)
 
 
 def _check_weights(weights):
@@ -51,11 +62,15 @@ class WeightedLoss:
         if isinstance(out, Mapping):
             return self._combine(out)
         if self.weights is not None:
-            raise TypeError(f"loss_weights={self.weights} were given but the loss is a single "
-                            f"{type(out).__name__}: the model (or loss_fn) must return a dict of named losses")
+            raise TypeError(
+                f"loss_weights={self.weights} were given but the loss is a single "
+                f"{type(out).__name__}: the model (or loss_fn) must return a dict of named losses"
+            )
         if not isinstance(out, torch.Tensor) or out.dim() != 0:
-            raise TypeError("loss_fn must return a scalar loss tensor or a dict of them; got "
-                            f"{type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}")
+            raise TypeError(
+                "loss_fn must return a scalar loss tensor or a dict of them; got "
+                f"{type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}"
+            )
         return out
 
     def _combine(self, out: Mapping) -> torch.Tensor:
@@ -65,23 +80,31 @@ class WeightedLoss:
         if self.names is None:
             clash = sorted(set(names) & set(RESERVED_NAMES)) + sorted(n for n in names if n.startswith("lr-group"))
             if clash:
-                raise ValueError(f"loss component name(s) {clash} clash with metrics columns {RESERVED_NAMES}: "
-                                 "rename them (e.g. 'loss_a')")
+                raise ValueError(
+                    f"loss component name(s) {clash} clash with metrics columns {RESERVED_NAMES}: "
+                    "rename them (e.g. 'loss_a')"
+                )
             if self.weights is not None:
                 unknown = sorted(set(self.weights) - set(names))
                 if unknown:
-                    raise ValueError(f"loss_weights has key(s) {unknown} that the model's losses do not have; "
-                                     f"its losses are {list(names)}")
+                    raise ValueError(
+                        f"loss_weights has key(s) {unknown} that the model's losses do not have; "
+                        f"its losses are {list(names)}"
+                    )
             self.names = names
         elif names != self.names:
-            raise ValueError(f"the model returned losses {list(names)}, earlier {list(self.names)}: the set of "
-                             "named losses must not change between batches")
+            raise ValueError(
+                f"the model returned losses {list(names)}, earlier {list(self.names)}: the set of "
+                "named losses must not change between batches"
+            )
         total = None
         for name in names:
             value = out[name]
             if not isinstance(value, torch.Tensor) or value.dim() != 0:
-                raise TypeError(f"loss {name!r} must be a scalar tensor, got {type(value).__name__}"
-                                f"{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}")
+                raise TypeError(
+                    f"loss {name!r} must be a scalar tensor, got {type(value).__name__}"
+                    f"{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}"
+                )
             w = 1.0 if self.weights is None else self.weights.get(name, 1.0)
             term = value if w == 1.0 else value * w
             total = term if total is None else total + term

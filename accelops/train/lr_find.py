@@ -6,6 +6,7 @@ the learning rate where the smoothed loss falls fastest against log(lr).
 
 The model's weights, the optimizer's state and every RNG are put back afterwards, so a
 fit() that follows is the fit() that would have run without the test. One process only."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,11 @@ class LRFindResult:
 
     def __repr__(self) -> str:
         s = f"{self.suggestion:.3g}" if self.suggestion is not None else f"None ({self.reason})"
-        return f"LRFindResult({len(self.lrs)} steps, lr {self.lrs[0]:.3g}..{self.lrs[-1]:.3g}, suggestion {s})" \
-            if self.lrs else f"LRFindResult(no steps, suggestion None ({self.reason}))"
+        return (
+            f"LRFindResult({len(self.lrs)} steps, lr {self.lrs[0]:.3g}..{self.lrs[-1]:.3g}, suggestion {s})"
+            if self.lrs
+            else f"LRFindResult(no steps, suggestion None ({self.reason}))"
+        )
 
     def plot(self, path) -> str:
         """Writes the smoothed loss against lr (log axis), the suggestion marked, as a PNG -> path."""
@@ -45,8 +49,9 @@ class LRFindResult:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
         except ImportError as exc:
-            raise ImportError(f"LRFindResult.plot needs matplotlib, which is not installed ({exc}): "
-                              "pip install matplotlib") from None
+            raise ImportError(
+                f"LRFindResult.plot needs matplotlib, which is not installed ({exc}): pip install matplotlib"
+            ) from None
         # A Figure on its own Agg canvas: no pyplot, no global backend switch, works headless.
         fig = Figure(figsize=(6, 4), dpi=100)
         FigureCanvasAgg(fig)
@@ -60,8 +65,9 @@ class LRFindResult:
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("loss")
-        ax.set_title("lr range test" + ("" if self.suggestion is not None else f": no suggestion ({self.reason})"),
-                     fontsize=9)
+        ax.set_title(
+            "lr range test" + ("" if self.suggestion is not None else f": no suggestion ({self.reason})"), fontsize=9
+        )
         ax.legend(loc="best")
         fig.tight_layout()
         path = os.fspath(path)
@@ -75,6 +81,7 @@ def _rng_snapshot(device):
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     try:
         import numpy as np
+
         state["numpy"] = np.random.get_state()
     except ImportError:
         pass
@@ -88,6 +95,7 @@ def _rng_restore(state, device):
     random.setstate(state["python"])
     if "numpy" in state:
         import numpy as np
+
         np.random.set_state(state["numpy"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -99,9 +107,11 @@ def _suggest(lrs, losses, skip_start, skip_end):
     end = len(losses) - skip_end
     idx = [i for i in range(skip_start, end) if math.isfinite(losses[i])]
     if len(idx) < 3:
-        return None, (f"only {len(idx)} usable point(s) after skipping the first {skip_start} and last "
-                      f"{skip_end} of {len(losses)}: the loss diverged too early (lower min_lr or max_lr, or "
-                      "raise num_steps)")
+        return None, (
+            f"only {len(idx)} usable point(s) after skipping the first {skip_start} and last "
+            f"{skip_end} of {len(losses)}: the loss diverged too early (lower min_lr or max_lr, or "
+            "raise num_steps)"
+        )
     x = torch.tensor([math.log(lrs[i]) for i in idx], dtype=torch.float64)
     y = torch.tensor([losses[i] for i in idx], dtype=torch.float64)
     grad = torch.gradient(y, spacing=(x,))[0]
@@ -111,11 +121,27 @@ def _suggest(lrs, losses, skip_start, skip_end):
     return idx[k], None
 
 
-def lr_find(model, optimizer, train_data, *, loss_fn=None, loss_weights=None, batch_size: int = 32,
-            min_lr: float = 1e-7, max_lr: float = 1.0, num_steps: int = 100, beta: float = 0.98,
-            diverge_threshold: float | None = 4.0, skip_start: int = 10, skip_end: int = 1,
-            precision: str = "32", grad_clip: float | None = None, device=None, seed: int = 0,
-            shuffle: bool = True) -> LRFindResult:
+def lr_find(
+    model,
+    optimizer,
+    train_data,
+    *,
+    loss_fn=None,
+    loss_weights=None,
+    batch_size: int = 32,
+    min_lr: float = 1e-7,
+    max_lr: float = 1.0,
+    num_steps: int = 100,
+    beta: float = 0.98,
+    diverge_threshold: float | None = 4.0,
+    skip_start: int = 10,
+    skip_end: int = 1,
+    precision: str = "32",
+    grad_clip: float | None = None,
+    device=None,
+    seed: int = 0,
+    shuffle: bool = True,
+) -> LRFindResult:
     """Runs the range test on `model` / `optimizer` over batches of `train_data` (a map-style
     dataset, like the Trainer's) -> LRFindResult. Every param group gets the same lr at a
     step: lr_i = min_lr * (max_lr / min_lr) ** (i / (num_steps - 1)). beta smooths the loss
@@ -133,8 +159,10 @@ def lr_find(model, optimizer, train_data, *, loss_fn=None, loss_weights=None, ba
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise RuntimeError(f"lr_find runs on one process; this one is rank {dist.get_rank()} of "
-                           f"{dist.get_world_size()}: run it without torchrun (accelops train CONFIG --lr-find)")
+        raise RuntimeError(
+            f"lr_find runs on one process; this one is rank {dist.get_rank()} of "
+            f"{dist.get_world_size()}: run it without torchrun (accelops train CONFIG --lr-find)"
+        )
     for name, value in (("min_lr", min_lr), ("max_lr", max_lr)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -148,9 +176,11 @@ def lr_find(model, optimizer, train_data, *, loss_fn=None, loss_weights=None, ba
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta!r}")
-    if diverge_threshold is not None and (isinstance(diverge_threshold, bool) or
-                                          not isinstance(diverge_threshold, (int, float)) or
-                                          not diverge_threshold > 1.0):
+    if diverge_threshold is not None and (
+        isinstance(diverge_threshold, bool)
+        or not isinstance(diverge_threshold, (int, float))
+        or not diverge_threshold > 1.0
+    ):
         raise ValueError(f"diverge_threshold must be a number > 1 or None, got {diverge_threshold!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -185,8 +215,11 @@ def lr_find(model, optimizer, train_data, *, loss_fn=None, loss_weights=None, ba
                 order += (torch.randperm(n, generator=gen) if shuffle else torch.arange(n)).tolist()
             picked, order = order[:batch_size], order[batch_size:]
             batch = to_device(default_collate([train_data[j] for j in picked]), device)
-            ctx = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else \
-                contextlib.nullcontext()
+            ctx = (
+                torch.autocast(device_type=device.type, dtype=autocast_dtype)
+                if autocast_dtype
+                else contextlib.nullcontext()
+            )
             with ctx:
                 value = loss(model, batch)
             loss.pop()
@@ -215,8 +248,10 @@ def lr_find(model, optimizer, train_data, *, loss_fn=None, loss_weights=None, ba
             s = avg / (1.0 - beta ** (i + 1))
             smoothed.append(s)
             if diverge_threshold is not None and i > 0 and s > diverge_threshold * best:
-                stopped_early = (f"the smoothed loss {s:.4g} passed {diverge_threshold:g} x its best {best:.4g} "
-                                 f"at step {i} (lr {lr:.3g})")
+                stopped_early = (
+                    f"the smoothed loss {s:.4g} passed {diverge_threshold:g} x its best {best:.4g} "
+                    f"at step {i} (lr {lr:.3g})"
+                )
                 break
             best = min(best, s)
     finally:
@@ -230,8 +265,15 @@ def lr_find(model, optimizer, train_data, *, loss_fn=None, loss_weights=None, ba
     index, reason = _suggest(lrs, smoothed, skip_start, skip_end)
     if index is None and stopped_early is not None:
         reason = f"{reason}; the sweep stopped because {stopped_early}"
-    settings = {"min_lr": min_lr, "max_lr": max_lr, "num_steps": num_steps, "beta": beta,
-                "diverge_threshold": diverge_threshold, "batch_size": batch_size, "precision": precision,
-                "skip_start": skip_start, "skip_end": skip_end}
-    return LRFindResult(lrs, smoothed, raw, None if index is None else lrs[index], reason, stopped_early,
-                        settings)
+    settings = {
+        "min_lr": min_lr,
+        "max_lr": max_lr,
+        "num_steps": num_steps,
+        "beta": beta,
+        "diverge_threshold": diverge_threshold,
+        "batch_size": batch_size,
+        "precision": precision,
+        "skip_start": skip_start,
+        "skip_end": skip_end,
+    }
+    return LRFindResult(lrs, smoothed, raw, None if index is None else lrs[index], reason, stopped_early, settings)

@@ -7,6 +7,7 @@ started with `resume_from=` (a Ray checkpoint or its directory) continues from i
 
 Ray is an optional extra: `pip install accelops[ray]` (ray[train]).
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,9 @@ def require_ray():
         import ray.train  # noqa: F401
         import ray.train.torch  # noqa: F401
     except ImportError as exc:
-        raise ImportError("the Ray launcher needs Ray Train: pip install 'accelops[ray]' (or 'ray[train]'); "
-                          f"import failed: {exc}") from None
+        raise ImportError(
+            f"the Ray launcher needs Ray Train: pip install 'accelops[ray]' (or 'ray[train]'); import failed: {exc}"
+        ) from None
     return ray
 
 
@@ -46,10 +48,10 @@ def _worker_loop(loop_config: dict) -> None:
     from .config import build
 
     config = copy.deepcopy(loop_config["config"])
-    shared_dir = loop_config["checkpoint_dir"]          # one directory all workers see
+    shared_dir = loop_config["checkpoint_dir"]  # one directory all workers see
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    resume = ray.train.get_checkpoint()   # set when Ray restarts this run (same name and storage)
+    resume = ray.train.get_checkpoint()  # set when Ray restarts this run (same name and storage)
     if resume is None and loop_config.get("resume_from"):
         resume = ray.train.Checkpoint.from_directory(loop_config["resume_from"])
     if resume is not None and rank == 0:
@@ -66,10 +68,14 @@ def _worker_loop(loop_config: dict) -> None:
         every = trainer.checkpoint_every or trainer.eval_every or final
         while trainer.step < final:
             trainer.max_steps = min(final, (trainer.step // every + 1) * every)
-            result = trainer.fit()              # ends with an evaluation and a checkpoint
-            stopped = trainer.stop_reason is not None   # early stopping: the run ends before `final`
-            metrics = {"step": trainer.step, "loss": result["loss"], "val_loss": result["val_loss"],
-                       "resumed_from": trainer.resumed_from or ""}
+            result = trainer.fit()  # ends with an evaluation and a checkpoint
+            stopped = trainer.stop_reason is not None  # early stopping: the run ends before `final`
+            metrics = {
+                "step": trainer.step,
+                "loss": result["loss"],
+                "val_loss": result["val_loss"],
+                "resumed_from": trainer.resumed_from or "",
+            }
             if trainer.is_main:
                 newest = list_checkpoints(shared_dir)[0][1]
                 with tempfile.TemporaryDirectory() as staging:
@@ -83,8 +89,16 @@ def _worker_loop(loop_config: dict) -> None:
         trainer.close()
 
 
-def ray_fit(config: dict, num_workers: int = 2, *, use_gpu: bool = False, storage_path=None, name=None,
-            resume_from=None, cpus_per_worker: float = 1.0):
+def ray_fit(
+    config: dict,
+    num_workers: int = 2,
+    *,
+    use_gpu: bool = False,
+    storage_path=None,
+    name=None,
+    resume_from=None,
+    cpus_per_worker: float = 1.0,
+):
     """Trains `config` (the dict of an `accelops train` config file) in num_workers Ray Train
     workers -> ray.train.Result (metrics of the last report: step, loss, val_loss; its
     checkpoint holds the accelops checkpoint file). Starts a local Ray instance unless one is
@@ -98,20 +112,22 @@ def ray_fit(config: dict, num_workers: int = 2, *, use_gpu: bool = False, storag
     train_cfg = config.setdefault("train", {})
     for key in ("checkpoint_dir", "resume"):
         if key in train_cfg:
-            raise ValueError(f"train.{key} is managed by the Ray launcher (checkpoints live in Ray's storage; pass "
-                             "resume_from= to continue a run): remove it from the config")
+            raise ValueError(
+                f"train.{key} is managed by the Ray launcher (checkpoints live in Ray's storage; pass "
+                "resume_from= to continue a run): remove it from the config"
+            )
     data = config["data"]
     if "path" in data:  # workers may start in another directory
         data["path"] = os.path.abspath(data["path"])
     if train_cfg.get("log_dir"):
         train_cfg["log_dir"] = os.path.abspath(train_cfg["log_dir"])
-    train_cfg.setdefault("progress", False)   # one bar per worker in Ray's log would be noise
+    train_cfg.setdefault("progress", False)  # one bar per worker in Ray's log would be noise
     ray = require_ray()
     from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if isinstance(resume_from, Checkpoint):
-        resume_from = resume_from.path   # Ray Train v2 resumes through the loop, not the trainer
+        resume_from = resume_from.path  # Ray Train v2 resumes through the loop, not the trainer
     elif resume_from is not None:
         resume_from = os.path.abspath(os.fspath(resume_from))
         if not os.path.isdir(resume_from):
@@ -127,9 +143,13 @@ def ray_fit(config: dict, num_workers: int = 2, *, use_gpu: bool = False, storag
         _worker_loop,
         train_loop_config={"config": config, "checkpoint_dir": checkpoint_dir, "resume_from": resume_from},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.get("keep_last", 3))),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.get("keep_last", 3)),
+        ),
     )
     return trainer.fit()

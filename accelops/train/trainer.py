@@ -2,6 +2,7 @@
 accelops.train.parallel), gradient accumulation with no_sync, autocast (GradScaler for
 fp16), accelops compression hooks, and checkpoints that resume exactly
 (accelops.train.checkpoint)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -23,13 +24,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, default_collate
 
-from .callbacks import EarlyStopping, MLflowLogger, require_mlflow
-from .dirs import DirectoryLock, DirectoryLocked, check_writable
-from .checkpoint import CHECKPOINT_FORMAT, Checkpointer
-from .dist_env import DistEnv, collective_failure
-from .parallel import TrainingSetup, make_strategy
 from .batches import default_loss, to_device, tokens_in
+from .callbacks import EarlyStopping, MLflowLogger, require_mlflow
+from .checkpoint import CHECKPOINT_FORMAT, Checkpointer
+from .dirs import DirectoryLock, DirectoryLocked, check_writable
+from .dist_env import DistEnv, collective_failure
 from .losses import WeightedLoss
+from .parallel import TrainingSetup, make_strategy
 from .trainer_config import PRECISIONS, TrainerConfig
 
 try:
@@ -41,8 +42,7 @@ __all__ = ["Trainer", "TrainerConfig", "PRECISIONS", "default_loss"]
 
 log = logging.getLogger("accelops.train")
 
-CSV_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "val_loss",
-              "val_bpc")
+CSV_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "val_loss", "val_bpc")
 
 
 _HALT_SIGNAL, _HALT_LOG_ERROR = 1, 2  # why fit stops early (see Trainer._halt_agreed)
@@ -50,12 +50,18 @@ _HALT_SIGNAL, _HALT_LOG_ERROR = 1, 2  # why fit stops early (see Trainer._halt_a
 
 # --------------------------------------------------------------------------- helpers
 
+
 def _rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if np is not None:
         name, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                          "has_gauss": int(has_gauss), "gauss": float(gauss)}
+        state["numpy"] = {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -91,8 +97,10 @@ class _BatchStream:
         self.sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
         self.n_batches = len(self.sampler) // batch_size
         if self.n_batches == 0:
-            raise ValueError(f"train_data has {len(dataset)} samples: {len(self.sampler)} a rank over {world} "
-                             f"rank(s), fewer than one batch of batch_size={batch_size}")
+            raise ValueError(
+                f"train_data has {len(dataset)} samples: {len(self.sampler)} a rank over {world} "
+                f"rank(s), fewer than one batch of batch_size={batch_size}"
+            )
         self.epoch = 0
         self.index = 0
         self._order = None
@@ -102,28 +110,37 @@ class _BatchStream:
             self.sampler.set_epoch(self.epoch)
             self._order = list(self.sampler)
         b = self.batch_size
-        batch = default_collate([self.dataset[i] for i in self._order[self.index * b:(self.index + 1) * b]])
+        batch = default_collate([self.dataset[i] for i in self._order[self.index * b : (self.index + 1) * b]])
         self.index += 1
         if self.index == self.n_batches:
             self.epoch, self.index, self._order = self.epoch + 1, 0, None
         return batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "batch_size": self.batch_size,
-                "n_batches": self.n_batches, "dataset_len": len(self.dataset)}
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "batch_size": self.batch_size,
+            "n_batches": self.n_batches,
+            "dataset_len": len(self.dataset),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["dataset_len"] != len(self.dataset) or state["n_batches"] != self.n_batches:
-            warnings.warn(f"the training data changed since the checkpoint ({state['dataset_len']} samples in "
-                          f"{state['n_batches']} batches then, {len(self.dataset)} in {self.n_batches} now): "
-                          "the data position is kept as (epoch, batch) but the run will not repeat the "
-                          "uninterrupted one", stacklevel=3)
+            warnings.warn(
+                f"the training data changed since the checkpoint ({state['dataset_len']} samples in "
+                f"{state['n_batches']} batches then, {len(self.dataset)} in {self.n_batches} now): "
+                "the data position is kept as (epoch, batch) but the run will not repeat the "
+                "uninterrupted one",
+                stacklevel=3,
+            )
         self.epoch = int(state["epoch"])
         self.index = min(int(state["index"]), self.n_batches - 1)
         self._order = None
 
 
 # --------------------------------------------------------------------------- trainer
+
 
 class Trainer:
     """Trains `model` with `optimizer` on `train_data` (a map-style dataset of batches'
@@ -154,8 +171,19 @@ class Trainer:
     TrainerConfig the trainer was built from, trainer.parallel its Strategy.
     """
 
-    def __init__(self, model, optimizer, train_data, val_data=None, *, config: TrainerConfig | None = None,
-                 scheduler=None, loss_fn=None, metadata=None, **keywords):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        train_data,
+        val_data=None,
+        *,
+        config: TrainerConfig | None = None,
+        scheduler=None,
+        loss_fn=None,
+        metadata=None,
+        **keywords,
+    ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -172,17 +200,27 @@ class Trainer:
         par = config.parallel
         for name, data in (("train_data", train_data), ("val_data", val_data)):
             if data is not None and not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
-                raise TypeError(f"{name} must be a map-style dataset (with __len__ and __getitem__), got "
-                                f"{type(data).__name__}: the trainer orders and resumes the data itself")
+                raise TypeError(
+                    f"{name} must be a map-style dataset (with __len__ and __getitem__), got "
+                    f"{type(data).__name__}: the trainer orders and resumes the data itself"
+                )
         self._check_optimizer(model, optimizer)
         self._dist_timeout = par.dist_timeout
         # The strategy's options and their combination with the others are checked here, before
         # any process group exists; it is set up below, once the model is on its device.
-        self.parallel = make_strategy(par.strategy, compression=par.compression, precision=step_cfg.precision,
-                                      loss_fn=loss_fn, pipeline_schedule=par.pipeline.schedule,
-                                      n_microbatches=par.pipeline.n_microbatches, pipeline_split=par.pipeline.split,
-                                      fsdp_cpu_offload=par.fsdp.cpu_offload, loss_weights=step_cfg.loss_weights,
-                                      fsdp_units=par.fsdp.units, fsdp_backward_prefetch=par.fsdp.backward_prefetch)
+        self.parallel = make_strategy(
+            par.strategy,
+            compression=par.compression,
+            precision=step_cfg.precision,
+            loss_fn=loss_fn,
+            pipeline_schedule=par.pipeline.schedule,
+            n_microbatches=par.pipeline.n_microbatches,
+            pipeline_split=par.pipeline.split,
+            fsdp_cpu_offload=par.fsdp.cpu_offload,
+            loss_weights=step_cfg.loss_weights,
+            fsdp_units=par.fsdp.units,
+            fsdp_backward_prefetch=par.fsdp.backward_prefetch,
+        )
         self.strategy = par.strategy
         if metadata is not None:
             try:  # checkpoints load with weights_only=True: find out now, not at the resume
@@ -191,14 +229,19 @@ class Trainer:
                 buf.seek(0)
                 torch.load(buf, weights_only=True)
             except Exception as exc:
-                raise TypeError("metadata must be made of plain types (dict, list, str, numbers, tensors) so "
-                                f"checkpoints load with weights_only=True: {exc}") from None
+                raise TypeError(
+                    "metadata must be made of plain types (dict, list, str, numbers, tensors) so "
+                    f"checkpoints load with weights_only=True: {exc}"
+                ) from None
 
         # The settings the run reads, as attributes (max_steps may be raised between fit() calls).
         self.precision, self.grad_clip = step_cfg.precision, step_cfg.grad_clip
         self.accumulate_grad_batches = step_cfg.accumulate_grad_batches
-        self.max_steps, self.eval_every, self.eval_batches = schedule.max_steps, schedule.eval_every, \
-            schedule.eval_batches
+        self.max_steps, self.eval_every, self.eval_batches = (
+            schedule.max_steps,
+            schedule.eval_every,
+            schedule.eval_batches,
+        )
         self.log_every, self.batch_size, self.seed = schedule.log_every, config.data.batch_size, config.seed
         self.checkpoint_every = ckpt.every if ckpt.every is not None else schedule.eval_every
         self.keep_last = ckpt.keep_last
@@ -226,8 +269,10 @@ class Trainer:
         self.model = model.to(self.device)
 
         if par.compression is not None and not self.distributed:  # (fsdp and pipeline refuse it outright)
-            warnings.warn("compression applies to DDP's gradient all-reduce; this run is a single process, so "
-                          "it is ignored", stacklevel=2)
+            warnings.warn(
+                "compression applies to DDP's gradient all-reduce; this run is a single process, so it is ignored",
+                stacklevel=2,
+            )
         self.compression = par.compression
 
         self.scaler = None
@@ -240,24 +285,38 @@ class Trainer:
         self._autocast = functools.partial(_autocast, self.device.type, dtype)
         # ddp / zero1: wraps the model in DDP (zero1 also swaps the optimizer); fsdp: shards the
         # model; pipeline: keeps this rank's stage
-        self.optimizer = self.parallel.setup(TrainingSetup(
-            env=self.env, model=self.model, optimizer=optimizer, scheduler=scheduler, train_data=train_data,
-            batch_size=self.batch_size, accumulate_grad_batches=self.accumulate_grad_batches,
-            autocast=self._autocast, ddp_kwargs=par.ddp_kwargs, compression=par.compression))
+        self.optimizer = self.parallel.setup(
+            TrainingSetup(
+                env=self.env,
+                model=self.model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                train_data=train_data,
+                batch_size=self.batch_size,
+                accumulate_grad_batches=self.accumulate_grad_batches,
+                autocast=self._autocast,
+                ddp_kwargs=par.ddp_kwargs,
+                compression=par.compression,
+            )
+        )
 
         # pipeline stages all read the same batches: the data-parallel rank and world are the strategy's
-        self._stream = _BatchStream(train_data, self.batch_size, self.parallel.dp_rank, self.parallel.dp_world,
-                                    self.seed, config.data.shuffle)
+        self._stream = _BatchStream(
+            train_data, self.batch_size, self.parallel.dp_rank, self.parallel.dp_world, self.seed, config.data.shuffle
+        )
         self.step = 0
-        self.history: list[dict] = []   # a dict per optimizer step run in this process (rank 0: global means)
+        self.history: list[dict] = []  # a dict per optimizer step run in this process (rank 0: global means)
         self.evals: list[dict] = []
         self.resumed_from = None
         self._elapsed_before = 0.0
         self._last_saved = self._last_eval = None
         self._pending_rng = None
 
-        self.checkpointer = (None if self.checkpoint_dir is None else
-                             Checkpointer(self.checkpoint_dir, self.keep_last, self.parallel, self.env))
+        self.checkpointer = (
+            None
+            if self.checkpoint_dir is None
+            else Checkpointer(self.checkpoint_dir, self.keep_last, self.parallel, self.env)
+        )
         self._dir_lock = None
         self._stop_signal = self._log_error = None
         self._prepare_dirs()  # before the resume: a run that does not hold the directory must not read it
@@ -295,8 +354,10 @@ class Trainer:
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if id(p) not in owned:
-                    raise ValueError("optimizer holds a parameter that is not one of model.parameters(): build the "
-                                     "optimizer from this model's parameters (after any share_parameters / convert)")
+                    raise ValueError(
+                        "optimizer holds a parameter that is not one of model.parameters(): build the "
+                        "optimizer from this model's parameters (after any share_parameters / convert)"
+                    )
 
     def _setup_distributed(self, distributed, device) -> bool:
         if distributed is False:
@@ -305,14 +366,19 @@ class Trainer:
             return True
         if "WORLD_SIZE" not in os.environ or (os.environ["WORLD_SIZE"] == "1" and "MASTER_ADDR" not in os.environ):
             if distributed is True:
-                raise RuntimeError("distributed=True but torch.distributed is not initialised and WORLD_SIZE is "
-                                   "not set: launch with torchrun (or call init_process_group first)")
+                raise RuntimeError(
+                    "distributed=True but torch.distributed is not initialised and WORLD_SIZE is "
+                    "not set: launch with torchrun (or call init_process_group first)"
+                )
             return False
         use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        kw = {} if self._dist_timeout is None else {"timeout": __import__("datetime").timedelta(
-            seconds=self._dist_timeout)}
+        kw = (
+            {}
+            if self._dist_timeout is None
+            else {"timeout": __import__("datetime").timedelta(seconds=self._dist_timeout)}
+        )
         dist.init_process_group("nccl" if use_cuda else "gloo", **kw)
         self._owns_group = True
         return True
@@ -321,12 +387,14 @@ class Trainer:
         if device is not None:
             device = torch.device(device)
             if device.type == "cuda" and device.index is None:
-                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if self.distributed
-                                      else torch.cuda.current_device())
+                device = torch.device(
+                    "cuda", int(os.environ.get("LOCAL_RANK", "0")) if self.distributed else torch.cuda.current_device()
+                )
             return device
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if self.distributed
-                                else torch.cuda.current_device())
+            return torch.device(
+                "cuda", int(os.environ.get("LOCAL_RANK", "0")) if self.distributed else torch.cuda.current_device()
+            )
         return torch.device("cpu")
 
     def _seed_everything(self) -> None:
@@ -372,8 +440,7 @@ class Trainer:
             self._release_dirs()
             mine = exc
         if self.distributed:  # always: a log_dir given to rank 0 alone must not make the ranks disagree
-            report = None if mine is None else (self.rank, type(mine).__name__, getattr(mine, "errno", None),
-                                                str(mine))
+            report = None if mine is None else (self.rank, type(mine).__name__, getattr(mine, "errno", None), str(mine))
             reports = [None] * self.world_size
             dist.all_gather_object(reports, report)
             if mine is None:
@@ -382,8 +449,13 @@ class Trainer:
                     self._release_dirs()
                     rank, name, code, text = failed
                     text = f"rank {rank}: {text}"
-                    raise (DirectoryLocked(text) if name == "DirectoryLocked" else
-                           OSError(code, text) if code is not None else RuntimeError(text))
+                    raise (
+                        DirectoryLocked(text)
+                        if name == "DirectoryLocked"
+                        else OSError(code, text)
+                        if code is not None
+                        else RuntimeError(text)
+                    )
         if mine is not None:
             raise mine
         self._dirs_ready = True
@@ -401,9 +473,12 @@ class Trainer:
         need = sum(t.numel() * t.element_size() for t in tensors)
         free = shutil.disk_usage(self.checkpoint_dir).free
         if free < need:
-            warnings.warn(f"checkpoint_dir {self.checkpoint_dir!r} has {free / 2**20:.1f} MiB free, less than the "
-                          f"model's {need / 2**20:.1f} MiB that every checkpoint holds: the first save will fail",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"checkpoint_dir {self.checkpoint_dir!r} has {free / 2**20:.1f} MiB free, less than the "
+                f"model's {need / 2**20:.1f} MiB that every checkpoint holds: the first save will fail",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -421,8 +496,11 @@ class Trainer:
         mine = self._trainer_config()
         changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v]
         if changed and self.is_main:
-            warnings.warn(f"resuming {path!r} with different settings ({'; '.join(changed)}): the run continues "
-                          "but will not repeat the uninterrupted one", stacklevel=3)
+            warnings.warn(
+                f"resuming {path!r} with different settings ({'; '.join(changed)}): the run continues "
+                "but will not repeat the uninterrupted one",
+                stacklevel=3,
+            )
         if self.scheduler is not None:
             if state["scheduler"] is None:
                 raise ValueError(f"checkpoint {path!r} has no scheduler state but this trainer has a scheduler")
@@ -444,9 +522,14 @@ class Trainer:
             log.info("resumed from %s (step %d)", path, self.step)
 
     def _trainer_config(self) -> dict:
-        return {"batch_size": self.batch_size, "accumulate_grad_batches": self.accumulate_grad_batches,
-                "precision": self.precision, "seed": self.seed, "grad_clip": self.grad_clip,
-                "compression": self.compression}
+        return {
+            "batch_size": self.batch_size,
+            "accumulate_grad_batches": self.accumulate_grad_batches,
+            "precision": self.precision,
+            "seed": self.seed,
+            "grad_clip": self.grad_clip,
+            "compression": self.compression,
+        }
 
     def save_checkpoint(self) -> str | None:
         """Writes the checkpoint of the current step (rank 0; every rank must call it) -> its path."""
@@ -461,11 +544,16 @@ class Trainer:
     def _trainer_state(self) -> dict:
         """What every checkpoint holds besides the model, optimizer and per-rank states."""
         return {
-            "format": CHECKPOINT_FORMAT, "step": self.step, "world_size": self.world_size,
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "world_size": self.world_size,
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
-            "data": self._stream.state_dict(), "trainer": self._trainer_config(),
-            "elapsed_s": self._elapsed(), "last_eval": self._last_eval, "metadata": self.metadata,
+            "data": self._stream.state_dict(),
+            "trainer": self._trainer_config(),
+            "elapsed_s": self._elapsed(),
+            "last_eval": self._last_eval,
+            "metadata": self.metadata,
             "strategy": self.parallel.describe(),
             "early_stopping": None if self.early_stopping is None else self.early_stopping.state_dict(),
             "mlflow_run_id": None if self._mlflow is None else self._mlflow.run_id,
@@ -509,7 +597,7 @@ class Trainer:
             batch = to_device(self._stream.next(), self.device)
             tokens += tokens_in(batch)
             sync = i == accum - 1
-            with (contextlib.nullcontext() if sync else self.parallel.no_sync()):
+            with contextlib.nullcontext() if sync else self.parallel.no_sync():
                 with self.autocast():
                     loss = self.loss_fn(model, batch)
                 scaled = loss / accum if accum > 1 else loss
@@ -541,10 +629,20 @@ class Trainer:
         self._t_flush = now
         rows = []
         for (step, _, lr, gn, tok, epoch, elapsed, _), (loss, *parts) in zip(self._pending, losses):
-            rows.append({"step": step, "epoch": epoch, "loss": loss, "lr": lr[0],
-                         "grad_norm": None if gn is None else float(gn), "tokens": tok, "tokens_per_s": tps,
-                         "elapsed_s": elapsed, **dict(zip(names, parts)),
-                         **({f"lr-group{i}": v for i, v in enumerate(lr)} if len(lr) > 1 else {})})
+            rows.append(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss,
+                    "lr": lr[0],
+                    "grad_norm": None if gn is None else float(gn),
+                    "tokens": tok,
+                    "tokens_per_s": tps,
+                    "elapsed_s": elapsed,
+                    **dict(zip(names, parts)),
+                    **({f"lr-group{i}": v for i, v in enumerate(lr)} if len(lr) > 1 else {}),
+                }
+            )
         self._pending = []
         self.history.extend(rows)
         self._write(rows)
@@ -568,7 +666,7 @@ class Trainer:
         starts = list(range(0, len(mine), self.batch_size))
         for k in range(max(len(starts), n_batches or 0)):
             real = k < len(starts)
-            chunk = mine[starts[k]:starts[k] + self.batch_size] if real else (mine[-self.batch_size:] or [0])
+            chunk = mine[starts[k] : starts[k] + self.batch_size] if real else (mine[-self.batch_size :] or [0])
             batch = to_device(default_collate([self.val_data[i] for i in chunk]), self.device)
             with self.autocast():
                 loss = self.loss_fn(self.model, batch)
@@ -605,8 +703,12 @@ class Trainer:
             raise ValueError("val_data is empty")
         val = (total[0] / total[1]).item()
         self._last_eval = self.step
-        row = {"step": self.step, "val_loss": val, "val_bpc": val / math.log(2),
-               **{f"val_{n}": (v / total[1]).item() for n, v in zip(names, total[2:])}}
+        row = {
+            "step": self.step,
+            "val_loss": val,
+            "val_bpc": val / math.log(2),
+            **{f"val_{n}": (v / total[1]).item() for n, v in zip(names, total[2:])},
+        }
         self.evals.append(row)
         self._write([row])
         if self.is_main:
@@ -652,8 +754,9 @@ class Trainer:
             # this error (the first one; what closing the broken files says is only logged).
             if self._log_error is None:
                 self._log_error = exc
-            log.error("writing the metrics in %r failed (%s): training stops after writing a checkpoint",
-                      self.log_dir, exc)
+            log.error(
+                "writing the metrics in %r failed (%s): training stops after writing a checkpoint", self.log_dir, exc
+            )
             self._close_logs(quiet=True)
         if getattr(self, "_mlflow", None) is not None:
             self._mlflow.log_rows(rows)
@@ -673,8 +776,9 @@ class Trainer:
             for row in rows:
                 for key, value in row.items():
                     if key not in ("step", "epoch") and value is not None:
-                        self._tb.add_scalar(f"train/{key}" if not key.startswith("val") else f"val/{key}",
-                                            value, row["step"])
+                        self._tb.add_scalar(
+                            f"train/{key}" if not key.startswith("val") else f"val/{key}", value, row["step"]
+                        )
 
     def _close_logs(self, quiet: bool = False) -> None:
         """Closes the metrics files. quiet: an error is already on its way (or the files are
@@ -713,8 +817,13 @@ class Trainer:
         return es.stopped
 
     def _mlflow_params(self) -> dict:
-        params = dict(self._trainer_config(), max_steps=self.max_steps, eval_every=self.eval_every,
-                      world_size=self.world_size, loss_weights=self.loss_fn.weights)
+        params = dict(
+            self._trainer_config(),
+            max_steps=self.max_steps,
+            eval_every=self.eval_every,
+            world_size=self.world_size,
+            loss_weights=self.loss_fn.weights,
+        )
         if isinstance(self.metadata, dict) and isinstance(self.metadata.get("config"), dict):
             params = {"trainer": params, "config": self.metadata["config"]}
         return params
@@ -755,8 +864,7 @@ class Trainer:
         the losses are all-reduced anyway), with one small MAX all-reduce, so that all ranks
         stop at the same step and write one checkpoint together, whichever rank was signalled
         (or, for a metrics error, rank 0, the one that writes them)."""
-        mine = (_HALT_LOG_ERROR if self._log_error is not None else
-                _HALT_SIGNAL if self._stop_signal is not None else 0)
+        mine = _HALT_LOG_ERROR if self._log_error is not None else _HALT_SIGNAL if self._stop_signal is not None else 0
         if not self.distributed:
             return mine
         if self.step % self.log_every:
@@ -774,13 +882,17 @@ class Trainer:
             saved = f"the checkpoint of step {self.step} is written ({where}): run again to resume"
         if self._log_error is not None:  # rank 0: the real error, with what was done about it
             exc = self._log_error
-            exc.add_note(f"accelops: writing the metrics in {self.log_dir!r} failed, so training stopped after "
-                         f"step {self.step}; {saved}")
+            exc.add_note(
+                f"accelops: writing the metrics in {self.log_dir!r} failed, so training stopped after "
+                f"step {self.step}; {saved}"
+            )
             raise exc
         if why == _HALT_LOG_ERROR:
-            raise RuntimeError(f"rank {self.rank}/{self.world_size}: rank 0 could not write the metrics in "
-                               f"{self.log_dir!r} (its error says why); training stopped after step {self.step}; "
-                               f"{saved}")
+            raise RuntimeError(
+                f"rank {self.rank}/{self.world_size}: rank 0 could not write the metrics in "
+                f"{self.log_dir!r} (its error says why); training stopped after step {self.step}; "
+                f"{saved}"
+            )
         name = signal.Signals(self._stop_signal).name if self._stop_signal is not None else "a signal to another rank"
         # KeyboardInterrupt itself, not a subclass: Python ends a program on an uncaught one by
         # SIGINT (exit status 130) only for that exact type, and a stop asked by a signal should
@@ -827,8 +939,7 @@ class Trainer:
             except ImportError:
                 pass
             else:
-                self._bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step",
-                                 dynamic_ncols=True)
+                self._bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         try:
             previous_handlers = self._install_signal_handlers()
             halt = 0
@@ -837,8 +948,9 @@ class Trainer:
                 epoch = self._stream.epoch
                 loss, lr, grad_norm, tokens = self._train_step()
                 self.step += 1
-                self._pending.append((self.step, loss, lr, grad_norm, tokens, epoch, self._elapsed(),
-                                      self.loss_fn.pop()))
+                self._pending.append(
+                    (self.step, loss, lr, grad_norm, tokens, epoch, self._elapsed(), self.loss_fn.pop())
+                )
                 if self._bar is not None:
                     self._bar.update(1)
                 if self.step % self.log_every == 0:
@@ -848,8 +960,11 @@ class Trainer:
                     self.evaluate()
                     if self._early_stop():
                         break  # the block after the loop writes the final checkpoint
-                if self.checkpoint_dir is not None and self.checkpoint_every is not None \
-                        and self.step % self.checkpoint_every == 0:
+                if (
+                    self.checkpoint_dir is not None
+                    and self.checkpoint_every is not None
+                    and self.step % self.checkpoint_every == 0
+                ):
                     self._flush()
                     self.save_checkpoint()
                 halt = self._halt_agreed()
@@ -857,8 +972,11 @@ class Trainer:
                     break
             self._flush()
             if halt:
-                log.warning("stopping after step %d (%s): writing a checkpoint first", self.step,
-                            "an error writing the metrics" if halt == _HALT_LOG_ERROR else "a signal")
+                log.warning(
+                    "stopping after step %d (%s): writing a checkpoint first",
+                    self.step,
+                    "an error writing the metrics" if halt == _HALT_LOG_ERROR else "a signal",
+                )
             elif self.val_data is not None and self._last_eval != self.step:
                 self.evaluate()
             if self.checkpoint_dir is not None and self._last_saved != self.step:
@@ -866,16 +984,17 @@ class Trainer:
                     self.save_checkpoint()
                 except Exception as exc:
                     if self._log_error is not None:  # the same full disk, often: say what came first
-                        exc.add_note(f"accelops: this checkpoint was being written because writing the metrics in "
-                                     f"{self.log_dir!r} had failed first: {self._log_error!r}")
+                        exc.add_note(
+                            f"accelops: this checkpoint was being written because writing the metrics in "
+                            f"{self.log_dir!r} had failed first: {self._log_error!r}"
+                        )
                     raise
             if halt or self._log_error is not None:  # a metrics error in the final evaluation too
                 self._halt(halt or _HALT_LOG_ERROR)
             finished = True
         except Exception as exc:
             # a dead peer: say so, and where to resume
-            clearer = collective_failure(exc, self.env, self.strategy, self.step, self._last_saved,
-                                         self.checkpoint_dir)
+            clearer = collective_failure(exc, self.env, self.strategy, self.step, self._last_saved, self.checkpoint_dir)
             if clearer is None:
                 raise
             raise clearer from exc
@@ -891,10 +1010,13 @@ class Trainer:
             self.stop_reason = None if self.early_stopping is None else self.early_stopping.reason
             if self._mlflow is not None:
                 status = "FINISHED" if finished else "KILLED" if self._stop_signal is not None else "FAILED"
-                self._mlflow.finish(self.last_checkpoint, status,
-                                    tags={"accelops.stop_reason": self.stop_reason})
+                self._mlflow.finish(self.last_checkpoint, status, tags={"accelops.stop_reason": self.stop_reason})
         self._elapsed_before = self._elapsed()
         del self._t_start
-        return {"step": self.step, "loss": self.history[-1]["loss"] if self.history else None,
-                "val_loss": self.evals[-1]["val_loss"] if self.evals else None, "resumed_from": self.resumed_from,
-                "stop_reason": self.stop_reason}
+        return {
+            "step": self.step,
+            "loss": self.history[-1]["loss"] if self.history else None,
+            "val_loss": self.evals[-1]["val_loss"] if self.evals else None,
+            "resumed_from": self.resumed_from,
+            "stop_reason": self.stop_reason,
+        }

@@ -23,6 +23,7 @@ Each section checks its values when it is made (ValueError naming the keyword); 
 that need the model, the data or the strategy's combination with the others are the
 Trainer's.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,19 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["TrainerConfig", "DataConfig", "StepConfig", "ScheduleConfig", "CheckpointConfig", "LoggingConfig",
-           "ParallelConfig", "FSDPConfig", "PipelineConfig", "KEYWORDS", "PRECISIONS"]
+__all__ = [
+    "TrainerConfig",
+    "DataConfig",
+    "StepConfig",
+    "ScheduleConfig",
+    "CheckpointConfig",
+    "LoggingConfig",
+    "ParallelConfig",
+    "FSDPConfig",
+    "PipelineConfig",
+    "KEYWORDS",
+    "PRECISIONS",
+]
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 
@@ -74,8 +86,9 @@ class StepConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         _positive_int("accumulate_grad_batches", self.accumulate_grad_batches)
         g = self.grad_clip
-        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not g > 0
-                              or not math.isfinite(g)):
+        if g is not None and (
+            isinstance(g, bool) or not isinstance(g, (int, float)) or not g > 0 or not math.isfinite(g)
+        ):
             raise ValueError(f"grad_clip must be a positive finite number or None, got {g!r}")
 
 
@@ -121,7 +134,7 @@ class LoggingConfig:
 
     dir: str | os.PathLike | None = None
     progress: bool = True
-    mlflow: Any = None   # bool | dict | None: an accelops.train.callbacks.MLflowLogger spec
+    mlflow: Any = None  # bool | dict | None: an accelops.train.callbacks.MLflowLogger spec
 
 
 @dataclasses.dataclass
@@ -160,7 +173,7 @@ class ParallelConfig:
     device: str | torch.device | None = None
     dist_timeout: float | None = None
     ddp_kwargs: dict | None = None
-    compression: Any = None   # str | dict | None (left unchecked here: the hook checks it)
+    compression: Any = None  # str | dict | None (left unchecked here: the hook checks it)
     fsdp: FSDPConfig = dataclasses.field(default_factory=FSDPConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
 
@@ -174,22 +187,37 @@ class ParallelConfig:
 
 # The Trainer's keyword arguments and where each lives in a TrainerConfig.
 KEYWORDS = {
-    "batch_size": ("data", "batch_size"), "shuffle": ("data", "shuffle"),
-    "accumulate_grad_batches": ("step", "accumulate_grad_batches"), "precision": ("step", "precision"),
-    "grad_clip": ("step", "grad_clip"), "loss_weights": ("step", "loss_weights"),
-    "max_steps": ("schedule", "max_steps"), "eval_every": ("schedule", "eval_every"),
-    "eval_batches": ("schedule", "eval_batches"), "log_every": ("schedule", "log_every"),
-    "checkpoint_dir": ("checkpoint", "dir"), "checkpoint_every": ("checkpoint", "every"),
-    "keep_last": ("checkpoint", "keep_last"), "resume": ("checkpoint", "resume"),
-    "log_dir": ("logging", "dir"), "progress": ("logging", "progress"), "mlflow": ("logging", "mlflow"),
-    "strategy": ("parallel", "strategy"), "distributed": ("parallel", "distributed"),
-    "device": ("parallel", "device"), "dist_timeout": ("parallel", "dist_timeout"),
-    "ddp_kwargs": ("parallel", "ddp_kwargs"), "compression": ("parallel", "compression"),
-    "fsdp_cpu_offload": ("parallel", "fsdp", "cpu_offload"), "fsdp_units": ("parallel", "fsdp", "units"),
+    "batch_size": ("data", "batch_size"),
+    "shuffle": ("data", "shuffle"),
+    "accumulate_grad_batches": ("step", "accumulate_grad_batches"),
+    "precision": ("step", "precision"),
+    "grad_clip": ("step", "grad_clip"),
+    "loss_weights": ("step", "loss_weights"),
+    "max_steps": ("schedule", "max_steps"),
+    "eval_every": ("schedule", "eval_every"),
+    "eval_batches": ("schedule", "eval_batches"),
+    "log_every": ("schedule", "log_every"),
+    "checkpoint_dir": ("checkpoint", "dir"),
+    "checkpoint_every": ("checkpoint", "every"),
+    "keep_last": ("checkpoint", "keep_last"),
+    "resume": ("checkpoint", "resume"),
+    "log_dir": ("logging", "dir"),
+    "progress": ("logging", "progress"),
+    "mlflow": ("logging", "mlflow"),
+    "strategy": ("parallel", "strategy"),
+    "distributed": ("parallel", "distributed"),
+    "device": ("parallel", "device"),
+    "dist_timeout": ("parallel", "dist_timeout"),
+    "ddp_kwargs": ("parallel", "ddp_kwargs"),
+    "compression": ("parallel", "compression"),
+    "fsdp_cpu_offload": ("parallel", "fsdp", "cpu_offload"),
+    "fsdp_units": ("parallel", "fsdp", "units"),
     "fsdp_backward_prefetch": ("parallel", "fsdp", "backward_prefetch"),
     "pipeline_schedule": ("parallel", "pipeline", "schedule"),
-    "n_microbatches": ("parallel", "pipeline", "n_microbatches"), "pipeline_split": ("parallel", "pipeline", "split"),
-    "seed": ("seed",), "early_stopping": ("early_stopping",),
+    "n_microbatches": ("parallel", "pipeline", "n_microbatches"),
+    "pipeline_split": ("parallel", "pipeline", "split"),
+    "seed": ("seed",),
+    "early_stopping": ("early_stopping",),
 }
 
 
@@ -260,6 +288,14 @@ def _replace(obj, changes: dict):
 
 
 # {section class: {field name: the class of the section it holds}}, for keyword_annotation
-_SECTIONS = {TrainerConfig: {"data": DataConfig, "step": StepConfig, "schedule": ScheduleConfig,
-                             "checkpoint": CheckpointConfig, "logging": LoggingConfig, "parallel": ParallelConfig},
-             ParallelConfig: {"fsdp": FSDPConfig, "pipeline": PipelineConfig}}
+_SECTIONS = {
+    TrainerConfig: {
+        "data": DataConfig,
+        "step": StepConfig,
+        "schedule": ScheduleConfig,
+        "checkpoint": CheckpointConfig,
+        "logging": LoggingConfig,
+        "parallel": ParallelConfig,
+    },
+    ParallelConfig: {"fsdp": FSDPConfig, "pipeline": PipelineConfig},
+}

@@ -10,13 +10,49 @@
 
 Nothing here imports the Trainer or a strategy.
 """
-from .files import (CheckpointError, CheckpointWarning, atomic_write, checkpoint_path, fsync_dir, latest_checkpoint,
-                    list_checkpoints, load_checkpoint, newest_good, prune_checkpoints, save_checkpoint)
-from .manager import CHECKPOINT_FORMAT, LAYOUTS, Checkpointer
-from .sharded import (DIR_NAME, MANIFEST, TRAINER_FILE, latest_dir_checkpoint, list_dir_checkpoints,
-                      verify_dir_checkpoint)
 
-__all__ = ["CheckpointError", "CheckpointWarning", "save_checkpoint", "load_checkpoint", "list_checkpoints",
-           "latest_checkpoint", "prune_checkpoints", "checkpoint_path", "newest_good", "atomic_write", "fsync_dir",
-           "Checkpointer", "CHECKPOINT_FORMAT", "LAYOUTS", "DIR_NAME", "MANIFEST", "TRAINER_FILE",
-           "list_dir_checkpoints", "verify_dir_checkpoint", "latest_dir_checkpoint"]
+from .files import (
+    CheckpointError,
+    CheckpointWarning,
+    atomic_write,
+    checkpoint_path,
+    fsync_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    newest_good,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from .manager import CHECKPOINT_FORMAT, LAYOUTS, Checkpointer
+from .sharded import (
+    DIR_NAME,
+    MANIFEST,
+    TRAINER_FILE,
+    latest_dir_checkpoint,
+    list_dir_checkpoints,
+    verify_dir_checkpoint,
+)
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointWarning",
+    "save_checkpoint",
+    "load_checkpoint",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "prune_checkpoints",
+    "checkpoint_path",
+    "newest_good",
+    "atomic_write",
+    "fsync_dir",
+    "Checkpointer",
+    "CHECKPOINT_FORMAT",
+    "LAYOUTS",
+    "DIR_NAME",
+    "MANIFEST",
+    "TRAINER_FILE",
+    "list_dir_checkpoints",
+    "verify_dir_checkpoint",
+    "latest_dir_checkpoint",
+]

@@ -15,6 +15,7 @@ whose length or hash disagrees with its trailer (truncated by a full disk, bit r
 cut short) raises CheckpointError naming the file and what is wrong; latest_checkpoint()
 then falls back to the newest good one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,19 @@ import warnings
 
 import torch
 
-__all__ = ["CheckpointError", "CheckpointWarning", "save_checkpoint", "load_checkpoint", "list_checkpoints",
-           "latest_checkpoint", "prune_checkpoints", "checkpoint_path", "newest_good", "atomic_write", "fsync_dir"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointWarning",
+    "save_checkpoint",
+    "load_checkpoint",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "prune_checkpoints",
+    "checkpoint_path",
+    "newest_good",
+    "atomic_write",
+    "fsync_dir",
+]
 
 MAGIC = b"ACCKPT01"
 _HEADER = struct.Struct("<8sQ32s")  # the previous format's header: magic, payload bytes, sha256(payload)
@@ -192,18 +204,23 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 def _check_trailed(f, path: str, total: int, head: bytes) -> None:
     """Checks a file of the current format (payload, then trailer) against its trailer."""
     if not head.startswith(_ZIP_MAGIC):
-        raise CheckpointError(f"{path!r} is not an accelops checkpoint (it starts with {head!r}, expected a "
-                              f"torch.save archive followed by a {TRAILER_MAGIC!r} trailer)")
+        raise CheckpointError(
+            f"{path!r} is not an accelops checkpoint (it starts with {head!r}, expected a "
+            f"torch.save archive followed by a {TRAILER_MAGIC!r} trailer)"
+        )
     trailer = b""
     if total >= _TRAILER.size:
         f.seek(total - _TRAILER.size)
         trailer = f.read(_TRAILER.size)
     if not trailer.startswith(TRAILER_MAGIC):
         if trailer[-22:].startswith(b"PK\x05\x06"):  # ends with a zip's end record: torch.save alone wrote it
-            raise CheckpointError(f"{path!r} is not an accelops checkpoint: a plain torch.save file (no "
-                                  f"{TRAILER_MAGIC!r} trailer)")
-        raise CheckpointError(f"checkpoint {path!r} is truncated: {total} bytes with no {TRAILER_MAGIC!r} trailer "
-                              "at its end (the write or a copy was cut short, or bytes were appended)")
+            raise CheckpointError(
+                f"{path!r} is not an accelops checkpoint: a plain torch.save file (no {TRAILER_MAGIC!r} trailer)"
+            )
+        raise CheckpointError(
+            f"checkpoint {path!r} is truncated: {total} bytes with no {TRAILER_MAGIC!r} trailer "
+            "at its end (the write or a copy was cut short, or bytes were appended)"
+        )
     _, size_hex, digest_hex = _TRAILER.unpack(trailer)
     try:
         size, digest = int(size_hex, 16), bytes.fromhex(digest_hex.decode("ascii"))
@@ -211,29 +228,36 @@ def _check_trailed(f, path: str, total: int, head: bytes) -> None:
         raise CheckpointError(f"checkpoint {path!r} is corrupt: its trailer {trailer!r} is unreadable") from None
     payload = total - _TRAILER.size
     if payload != size:
-        raise CheckpointError(f"checkpoint {path!r} is corrupt: {payload} payload bytes before its trailer, which "
-                              f"declares {size}")
+        raise CheckpointError(
+            f"checkpoint {path!r} is corrupt: {payload} payload bytes before its trailer, which declares {size}"
+        )
     if _sha256_of(f, 0, size) != digest:
-        raise CheckpointError(f"checkpoint {path!r} is corrupt: its SHA-256 does not match the trailer "
-                              "(the file changed after it was written)")
+        raise CheckpointError(
+            f"checkpoint {path!r} is corrupt: its SHA-256 does not match the trailer "
+            "(the file changed after it was written)"
+        )
 
 
 def _load_headed(f, path: str, total: int, map_location) -> dict:
     """A file of the previous format (header, then payload): checked, then read in place."""
     if total < _HEADER.size:
-        raise CheckpointError(f"checkpoint {path!r} is truncated: {total} bytes, shorter than its "
-                              f"{_HEADER.size}-byte header")
+        raise CheckpointError(
+            f"checkpoint {path!r} is truncated: {total} bytes, shorter than its {_HEADER.size}-byte header"
+        )
     f.seek(0)
     _, size, digest = _HEADER.unpack(f.read(_HEADER.size))
     payload = total - _HEADER.size
     if payload < size:
         raise CheckpointError(f"checkpoint {path!r} is truncated: {payload} of {size} payload bytes")
     if payload > size:
-        raise CheckpointError(f"checkpoint {path!r} is corrupt: {payload - size} bytes past the "
-                              f"{size}-byte payload its header declares")
+        raise CheckpointError(
+            f"checkpoint {path!r} is corrupt: {payload - size} bytes past the {size}-byte payload its header declares"
+        )
     if _sha256_of(f, _HEADER.size, size) != digest:
-        raise CheckpointError(f"checkpoint {path!r} is corrupt: its SHA-256 does not match the header "
-                              "(the file changed after it was written)")
+        raise CheckpointError(
+            f"checkpoint {path!r} is corrupt: its SHA-256 does not match the header "
+            "(the file changed after it was written)"
+        )
     try:  # mmap needs the archive at the start of the file: these read each tensor once instead
         return torch.load(io.BufferedReader(_Slice(f, _HEADER.size)), map_location=map_location, weights_only=True)
     except Exception as exc:
@@ -258,15 +282,17 @@ def latest_checkpoint(directory, map_location="cpu"):
     when there is none. Each newer file that fails is reported by a CheckpointWarning
     saying why and which one is used instead; CheckpointError when files exist but none
     loads (starting afresh over them would lose the run)."""
-    return newest_good(directory, list_checkpoints(directory), lambda path: load_checkpoint(path, map_location),
-                       stacklevel=2)
+    return newest_good(
+        directory, list_checkpoints(directory), lambda path: load_checkpoint(path, map_location), stacklevel=2
+    )
 
 
 _AFRESH = ". Move the directory away (or pass resume=False with an empty directory) to start afresh"
 
 
-def newest_good(directory, candidates, open_checkpoint, stacklevel: int = 2, using: str = "resuming from",
-                advice: str = _AFRESH):
+def newest_good(
+    directory, candidates, open_checkpoint, stacklevel: int = 2, using: str = "resuming from", advice: str = _AFRESH
+):
     """(path, open_checkpoint(path)) of the first of `candidates` (newest first) that opens,
     warning about each newer bad one ("skipping it and <using> <path> instead"); (None, None)
     when there are none; CheckpointError (ending with `advice`) when every one is bad
@@ -280,8 +306,9 @@ def newest_good(directory, candidates, open_checkpoint, stacklevel: int = 2, usi
             failures.append(str(exc))
             continue
         for reason in failures:
-            warnings.warn(f"{reason}; skipping it and {using} {path!r} instead", CheckpointWarning,
-                          stacklevel=stacklevel + 1)
+            warnings.warn(
+                f"{reason}; skipping it and {using} {path!r} instead", CheckpointWarning, stacklevel=stacklevel + 1
+            )
         return path, opened
     if failures:
         raise CheckpointError(f"no usable checkpoint in {os.fspath(directory)!r}: " + "; ".join(failures) + advice)

@@ -15,6 +15,7 @@ and read_shards(directory, trainer_state). Every method here is called on every 
 chooses, writes, renames and prunes (it holds the directory's lock); the others follow
 through the collectives of DistEnv.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,25 @@ import logging
 import os
 import warnings
 
-from .files import (CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
-                    prune_checkpoints, save_checkpoint)
-from .sharded import (MANIFEST, TRAINER_FILE, commit_dir_checkpoint, dir_checkpoint_path, latest_dir_checkpoint,
-                      list_dir_checkpoints, prune_dir_checkpoints, start_dir_checkpoint)
+from .files import (
+    CheckpointError,
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from .sharded import (
+    MANIFEST,
+    TRAINER_FILE,
+    commit_dir_checkpoint,
+    dir_checkpoint_path,
+    latest_dir_checkpoint,
+    list_dir_checkpoints,
+    prune_dir_checkpoints,
+    start_dir_checkpoint,
+)
 
 __all__ = ["Checkpointer", "CHECKPOINT_FORMAT", "LAYOUTS"]
 
@@ -120,13 +136,18 @@ class Checkpointer:
                 if not resume:
                     found = self._list()
                     if found:
-                        raise ValueError(f"checkpoint_dir {self.directory!r} already holds checkpoints (newest: "
-                                         f"step {found[0][0]}) and resume=False: pass resume=True to continue that "
-                                         "run, or use an empty directory")
+                        raise ValueError(
+                            f"checkpoint_dir {self.directory!r} already holds checkpoints (newest: "
+                            f"step {found[0][0]}) and resume=False: pass resume=True to continue that "
+                            "run, or use an empty directory"
+                        )
                     choice = ("fresh", None)
                 else:
-                    path, opened = (latest_checkpoint(self.directory) if self.layout == "file"
-                                    else latest_dir_checkpoint(self.directory, self.layout))
+                    path, opened = (
+                        latest_checkpoint(self.directory)
+                        if self.layout == "file"
+                        else latest_dir_checkpoint(self.directory, self.layout)
+                    )
                     choice = ("fresh", None) if path is None else ("resume", path)
             except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
                 choice = ("error", (type(exc).__name__, str(exc)))
@@ -149,9 +170,11 @@ class Checkpointer:
             state = load_checkpoint(path)
         self._check_format(state, path)
         if state["world_size"] != self.env.world_size:
-            raise ValueError(f"checkpoint {path!r} was written by a run of {state['world_size']} process(es), this "
-                             f"run has {self.env.world_size}: the data position, RNG and communication-hook states "
-                             "are per rank. Resume with the same number of processes")
+            raise ValueError(
+                f"checkpoint {path!r} was written by a run of {state['world_size']} process(es), this "
+                f"run has {self.env.world_size}: the data position, RNG and communication-hook states "
+                "are per rank. Resume with the same number of processes"
+            )
         self._check_strategy(state, path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -164,15 +187,20 @@ class Checkpointer:
         self._check_strategy(state, path)
         if state["world_size"] != env.world_size:
             if not self.strategy.reshards_on_load:
-                raise ValueError(f"checkpoint {path!r} was written by a run of {state['world_size']} process(es), "
-                                 f"this run has {env.world_size}: strategy={self.strategy.name!r} resumes on the same "
-                                 "number of processes only")
+                raise ValueError(
+                    f"checkpoint {path!r} was written by a run of {state['world_size']} process(es), "
+                    f"this run has {env.world_size}: strategy={self.strategy.name!r} resumes on the same "
+                    "number of processes only"
+                )
             if env.is_main:
-                warnings.warn(f"checkpoint {path!r} was written by {state['world_size']} process(es), this run has "
-                              f"{env.world_size}: the model and optimizer are resharded; the data position is kept "
-                              "as (epoch, batch), which repeats the uninterrupted run when batch_size x world size is "
-                              "unchanged; the RNG states are per rank, so every rank starts from fresh seeds (dropout "
-                              "masks differ)", stacklevel=5)
+                warnings.warn(
+                    f"checkpoint {path!r} was written by {state['world_size']} process(es), this run has "
+                    f"{env.world_size}: the model and optimizer are resharded; the data position is kept "
+                    "as (epoch, batch), which repeats the uninterrupted run when batch_size x world size is "
+                    "unchanged; the RNG states are per rank, so every rank starts from fresh seeds (dropout "
+                    "masks differ)",
+                    stacklevel=5,
+                )
         ranks = state["rank_states"]
         # On another world size this rank's state was not saved (fsdp): the trainer seeds it afresh.
         rank_state = ranks[env.rank] if env.rank < len(ranks) and len(ranks) == env.world_size else None
@@ -183,16 +211,17 @@ class Checkpointer:
     def _check_format(state, path: str) -> None:
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise CheckpointError(f"checkpoint {path!r} has format {found!r}, this trainer reads "
-                                  f"{CHECKPOINT_FORMAT}")
+            raise CheckpointError(f"checkpoint {path!r} has format {found!r}, this trainer reads {CHECKPOINT_FORMAT}")
 
     def _check_strategy(self, state: dict, path: str) -> None:
         saved = state.get("strategy", {"name": "ddp"})
         saved = saved.get("name") if isinstance(saved, dict) else saved
         if saved != self.strategy.name:
-            raise ValueError(f"checkpoint {path!r} was written with strategy={saved!r}, this run has strategy="
-                             f"{self.strategy.name!r}: the optimizer (and model) state is laid out differently. "
-                             f"Resume with strategy={saved!r}")
+            raise ValueError(
+                f"checkpoint {path!r} was written with strategy={saved!r}, this run has strategy="
+                f"{self.strategy.name!r}: the optimizer (and model) state is laid out differently. "
+                f"Resume with strategy={saved!r}"
+            )
 
     def check_foreign(self) -> None:
         """ValueError when the directory holds checkpoints of another layout (another strategy,
@@ -206,12 +235,17 @@ class Checkpointer:
                 continue
             world = "?"
             try:
-                world = (load_checkpoint(found[0][1]) if kind == "file" else
-                         json.load(open(os.path.join(found[0][1], MANIFEST))))["world_size"]
+                world = (
+                    load_checkpoint(found[0][1])
+                    if kind == "file"
+                    else json.load(open(os.path.join(found[0][1], MANIFEST)))
+                )["world_size"]
             except Exception:  # noqa: BLE001 - only for the message
                 pass
-            raise ValueError(f"checkpoint_dir {d!r} holds checkpoints of strategy={_OWNERS[kind]} (newest "
-                             f"{os.path.basename(found[0][1])!r}, written by a run of {world} process(es)); this run "
-                             f"(strategy={self.strategy.name!r}) has {self.env.world_size} process(es) and reads "
-                             f"{'its own ' + mine if mine != 'file' else 'checkpoint files'}: resume with the "
-                             "strategy and number of processes that wrote them, or use another directory")
+            raise ValueError(
+                f"checkpoint_dir {d!r} holds checkpoints of strategy={_OWNERS[kind]} (newest "
+                f"{os.path.basename(found[0][1])!r}, written by a run of {world} process(es)); this run "
+                f"(strategy={self.strategy.name!r}) has {self.env.world_size} process(es) and reads "
+                f"{'its own ' + mine if mine != 'file' else 'checkpoint files'}: resume with the "
+                "strategy and number of processes that wrote them, or use another directory"
+            )

@@ -11,6 +11,7 @@ previous set of checkpoints or the new one. A directory without a good manifest 
 These functions work on one rank's file system view; accelops.train.checkpoint.manager
 runs them across the ranks.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,9 +22,18 @@ import shutil
 
 from .files import CheckpointError, atomic_write, fsync_dir, newest_good
 
-__all__ = ["DIR_NAME", "MANIFEST", "TRAINER_FILE", "dir_checkpoint_path", "list_dir_checkpoints",
-           "verify_dir_checkpoint", "latest_dir_checkpoint", "start_dir_checkpoint", "commit_dir_checkpoint",
-           "prune_dir_checkpoints"]
+__all__ = [
+    "DIR_NAME",
+    "MANIFEST",
+    "TRAINER_FILE",
+    "dir_checkpoint_path",
+    "list_dir_checkpoints",
+    "verify_dir_checkpoint",
+    "latest_dir_checkpoint",
+    "start_dir_checkpoint",
+    "commit_dir_checkpoint",
+    "prune_dir_checkpoints",
+]
 
 DIR_NAME = re.compile(r"^step-(\d{8,})\.(dcp|pp)$")
 MANIFEST = "manifest.json"
@@ -72,19 +82,22 @@ def verify_dir_checkpoint(path: str) -> dict:
         if not os.path.isfile(fp):
             raise CheckpointError(f"checkpoint {path!r} is incomplete: {name!r} is missing")
         if os.path.getsize(fp) != size:
-            raise CheckpointError(f"checkpoint {path!r} is truncated or corrupt: {name!r} has "
-                                  f"{os.path.getsize(fp)} bytes, the manifest says {size}")
+            raise CheckpointError(
+                f"checkpoint {path!r} is truncated or corrupt: {name!r} has "
+                f"{os.path.getsize(fp)} bytes, the manifest says {size}"
+            )
         if _sha256(fp) != digest:
-            raise CheckpointError(f"checkpoint {path!r} is corrupt: the SHA-256 of {name!r} does not match its "
-                                  "manifest (the file changed after it was written)")
+            raise CheckpointError(
+                f"checkpoint {path!r} is corrupt: the SHA-256 of {name!r} does not match its "
+                "manifest (the file changed after it was written)"
+            )
     return manifest
 
 
 def latest_dir_checkpoint(directory, kind: str, stacklevel: int = 3):
     """(path, manifest) of the newest good `kind` directory, warning about each newer bad
     one; (None, None) when there is none; CheckpointError when all are bad."""
-    return newest_good(directory, list_dir_checkpoints(directory, kind), verify_dir_checkpoint,
-                       stacklevel=stacklevel)
+    return newest_good(directory, list_dir_checkpoints(directory, kind), verify_dir_checkpoint, stacklevel=stacklevel)
 
 
 def start_dir_checkpoint(tmp: str) -> None:
@@ -97,7 +110,7 @@ def start_dir_checkpoint(tmp: str) -> None:
 def commit_dir_checkpoint(tmp: str, step: int, world_size: int, kind: str) -> str:
     """Rank 0, once every rank has written its part into `tmp` (and the trainer state is
     there): writes the manifest, fsyncs, and renames `tmp` to its final name -> that path."""
-    final = tmp[:-len(".tmp")]
+    final = tmp[: -len(".tmp")]
     files = {}
     for root, _, names in os.walk(tmp):
         for name in names:
@@ -106,9 +119,10 @@ def commit_dir_checkpoint(tmp: str, step: int, world_size: int, kind: str) -> st
             with open(fp, "rb") as f:  # the ranks' writers may not have fsynced
                 os.fsync(f.fileno())
             files[rel] = (os.path.getsize(fp), _sha256(fp))
-    atomic_write(os.path.join(tmp, MANIFEST),
-                 json.dumps({"step": step, "world_size": world_size, "kind": kind, "files": files},
-                            indent=1).encode())
+    atomic_write(
+        os.path.join(tmp, MANIFEST),
+        json.dumps({"step": step, "world_size": world_size, "kind": kind, "files": files}, indent=1).encode(),
+    )
     fsync_dir(tmp)
     old = None
     if os.path.exists(final):  # a resumed run rewriting a step: swap, then drop the old one

@@ -21,6 +21,7 @@ The base class is what a strategy that changes nothing at a given point does: on
 or several that each run the whole model without synchronising anything (no shipped
 strategy does the latter; "ddp" is the default).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,12 +56,12 @@ class TrainingSetup:
 
 class Strategy:
     name = "single"
-    reshards_on_load = False   # a sharded checkpoint written by another world size loads (fsdp)
-    ddp = None                 # the DistributedDataParallel wrapper, for the strategies that use one
-    hook_state = None          # the state of DDP's gradient-compression hook, when there is one
+    reshards_on_load = False  # a sharded checkpoint written by another world size loads (fsdp)
+    ddp = None  # the DistributedDataParallel wrapper, for the strategies that use one
+    hook_state = None  # the state of DDP's gradient-compression hook, when there is one
 
     def __init__(self):
-        self.dp_rank, self.dp_world = 0, 1   # this rank among the data-parallel ranks (batches differ)
+        self.dp_rank, self.dp_world = 0, 1  # this rank among the data-parallel ranks (batches differ)
         self.env: DistEnv | None = None
         self.model = self.optimizer = None
         self.batch_size, self.accumulate_grad_batches = 1, 1
@@ -108,7 +109,7 @@ class Strategy:
         """This rank's part of the validation totals over val_data[indices] (the Trainer sums
         them over ranks). evaluate_shard(mine, n_batches=None) -> the totals over the samples
         `mine` in forwards of the Trainer's batch size (n_batches: that many forwards)."""
-        return evaluate_shard(indices[self.env.rank::self.env.world_size])
+        return evaluate_shard(indices[self.env.rank :: self.env.world_size])
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -148,6 +149,7 @@ class Strategy:
 
 # --------------------------------------------------------------------------- helpers of the sharding strategies
 
+
 def names_by_group(model, optimizer) -> list[list[str]]:
     """The parameter names of each of optimizer's groups, to rebuild the groups over the
     parameters a strategy replaces (fsdp's DTensors) or keeps (a pipeline stage's)."""
@@ -157,5 +159,7 @@ def names_by_group(model, optimizer) -> list[list[str]]:
 
 def check_fresh_optimizer(optimizer, strategy: str) -> None:
     if any(len(s) for s in optimizer.state.values()):
-        raise ValueError(f"strategy={strategy!r} rebuilds the optimizer's parameter lists: pass an optimizer that "
-                         "has not stepped yet (its state is restored from checkpoints by the Trainer)")
+        raise ValueError(
+            f"strategy={strategy!r} rebuilds the optimizer's parameter lists: pass an optimizer that "
+            "has not stepped yet (its state is restored from checkpoints by the Trainer)"
+        )

@@ -1,6 +1,7 @@
 """strategy="ddp" (the default): DistributedDataParallel over the whole model, with an
 accelops.distributed gradient-compression hook on its all-reduce when `compression` asks
 for one. Checkpoints are one file written by rank 0; each rank's hook state rides in it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +57,11 @@ class DDPStrategy(Strategy):
         if self.hook_state is None:
             return
         if state.get("hook") is None:
-            warnings.warn(f"checkpoint {path!r} has no communication-hook state (saved without compression): "
-                          "the hook starts afresh", stacklevel=4)
+            warnings.warn(
+                f"checkpoint {path!r} has no communication-hook state (saved without compression): "
+                "the hook starts afresh",
+                stacklevel=4,
+            )
         else:
             self.hook_state.load_state_dict(state["hook"])
 

@@ -3,6 +3,7 @@ fsdp_units="submodule", also per large child of a block: attention, FFN), then t
 MixedPrecisionPolicy from `precision`; optional CPUOffloadPolicy. Checkpoints are
 torch.distributed.checkpoint directories (each rank writes its own shards, no rank gathers
 the model) that load on another world size."""
+
 from __future__ import annotations
 
 import contextlib
@@ -40,11 +41,15 @@ class FSDPStrategy(Strategy):
         self.precision, self.cpu_offload = precision, cpu_offload
         self.units, self.backward_prefetch = units, backward_prefetch
         self.sharded_blocks = 0
-        self.sharded_units: list[str] = []   # qualified names of the modules fully_shard was applied to
+        self.sharded_units: list[str] = []  # qualified names of the modules fully_shard was applied to
 
     def describe(self) -> dict:
-        return {"name": self.name, "cpu_offload": self.cpu_offload, "units": self.units,
-                "backward_prefetch": self.backward_prefetch}
+        return {
+            "name": self.name,
+            "cpu_offload": self.cpu_offload,
+            "units": self.units,
+            "backward_prefetch": self.backward_prefetch,
+        }
 
     def setup(self, ctx: TrainingSetup):
         optimizer = super().setup(ctx)
@@ -61,11 +66,17 @@ class FSDPStrategy(Strategy):
         check_fresh_optimizer(optimizer, self.name)
         groups = names_by_group(model, optimizer)
         mesh = init_device_mesh(device.type, (ctx.env.world_size,))
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if self.precision == "bf16-mixed" else MixedPrecisionPolicy())
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.precision == "bf16-mixed"
+            else MixedPrecisionPolicy()
+        )
         if self.cpu_offload and device.type == "cpu":
-            warnings.warn("fsdp_cpu_offload=True on a CPU run: parameters and optimizer state already live in "
-                          "host memory, so the offload policy moves nothing", stacklevel=4)
+            warnings.warn(
+                "fsdp_cpu_offload=True on a CPU run: parameters and optimizer state already live in "
+                "host memory, so the offload policy moves nothing",
+                stacklevel=4,
+            )
         offload = CPUOffloadPolicy() if self.cpu_offload and device.type != "cpu" else OffloadPolicy()
         blocks = getattr(model, "blocks", None)
         units = []
@@ -79,8 +90,11 @@ class FSDPStrategy(Strategy):
                 units.append((f"blocks.{i}", block))
             self.sharded_blocks = len(blocks)
         elif isinstance(blocks, torch.nn.ModuleList) and len(blocks):
-            warnings.warn("the model's blocks share parameters (accelops.sharing): FSDP shards the model as one "
-                          "unit (the whole model is gathered for each forward)", stacklevel=4)
+            warnings.warn(
+                "the model's blocks share parameters (accelops.sharing): FSDP shards the model as one "
+                "unit (the whole model is gathered for each forward)",
+                stacklevel=4,
+            )
         fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
         units.append(("", model))
         self.sharded_units = [name for name, _ in units]
@@ -118,6 +132,7 @@ class FSDPStrategy(Strategy):
                 yield
             finally:
                 self.model.set_requires_gradient_sync(True)
+
         return ctx()
 
     def eval_totals(self, val_data, indices, evaluate_shard):
@@ -127,7 +142,7 @@ class FSDPStrategy(Strategy):
         # with fewer batches repeats its last one with weight 0).
         w, b = self.env.world_size, self.batch_size
         n = max(-(-len(indices[k::w]) // b) for k in range(w))
-        return evaluate_shard(indices[self.env.rank::w], n_batches=n)
+        return evaluate_shard(indices[self.env.rank :: w], n_batches=n)
 
     # DCP: each rank saves and loads only its shards; the metadata lets another world size
     # read them (DCP reshards on load).
@@ -137,8 +152,11 @@ class FSDPStrategy(Strategy):
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         with _quiet_single(self.env.distributed):
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(directory, "dcp"),
-                     no_dist=not self.env.distributed)
+            dcp.save(
+                {"model": model_sd, "optim": optim_sd},
+                checkpoint_id=os.path.join(directory, "dcp"),
+                no_dist=not self.env.distributed,
+            )
 
     def read_shards(self, directory, trainer_state):
         import torch.distributed.checkpoint as dcp
@@ -148,8 +166,7 @@ class FSDPStrategy(Strategy):
         state = {"model": model_sd, "optim": optim_sd}
         with _quiet_single(self.env.distributed):
             dcp.load(state, checkpoint_id=os.path.join(directory, "dcp"), no_dist=not self.env.distributed)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def full_model_state_dict(self):
         if not self.env.distributed:
@@ -175,8 +192,11 @@ def large_children(block) -> list:
     direct = {id(p) for p in block.parameters(recurse=False)}
     if any(len(o) > 1 or pid in direct for pid, o in owners.items()):
         return []
-    chosen = [(name, child) for name, child in block.named_children()
-              if total and sum(p.numel() for p in child.parameters()) >= 0.1 * total]
+    chosen = [
+        (name, child)
+        for name, child in block.named_children()
+        if total and sum(p.numel() for p in child.parameters()) >= 0.1 * total
+    ]
     # A child holding all of the block's parameters is the block: nothing to split.
     if len(chosen) == 1 and sum(p.numel() for p in chosen[0][1].parameters()) == total:
         return []

@@ -3,6 +3,7 @@ Schedule1F1B), one stage per rank, an accelops.models TransformerLM / RNNLM cut 
 boundaries (balanced on measured per-block time unless pipeline_split says where). Every
 stage reads the same batches; the last computes the loss. Checkpoints hold a file per stage
 (one process: the whole model, in the Trainer's ordinary checkpoint file)."""
+
 from __future__ import annotations
 
 import logging
@@ -68,8 +69,7 @@ def balance_stages(costs_blocks, n_stages: int, first_cost: float = 0.0, last_co
     for s in range(1, n_stages + 1):
         for i in range(n + 1):
             for j in range(i + 1):
-                cost = prefix[i] - prefix[j] + (first_cost if s == 1 else 0.0) \
-                    + (last_cost if s == n_stages else 0.0)
+                cost = prefix[i] - prefix[j] + (first_cost if s == 1 else 0.0) + (last_cost if s == n_stages else 0.0)
                 val = max(best[s - 1][j], cost)
                 if val < best[s][i] - 1e-12:
                     best[s][i], cut[s][i] = val, j
@@ -98,7 +98,7 @@ class PipelineStrategy(Strategy):
 
     @property
     def runs_step(self) -> bool:
-        return self.env.distributed   # one process: the Trainer's own loop trains the whole model
+        return self.env.distributed  # one process: the Trainer's own loop trains the whole model
 
     def describe(self) -> dict:
         return {"name": self.name, "schedule": self.schedule_name, "split": self.split}
@@ -107,39 +107,55 @@ class PipelineStrategy(Strategy):
         from ...models._base import LanguageModel
 
         optimizer = super().setup(ctx)
-        self.dp_rank, self.dp_world = 0, 1   # every stage reads the same batches
+        self.dp_rank, self.dp_world = 0, 1  # every stage reads the same batches
         env, model = ctx.env, self.model
-        if not isinstance(model, LanguageModel) or not isinstance(getattr(model, "blocks", None),
-                                                                  torch.nn.ModuleList):
-            raise ValueError("strategy='pipeline' splits accelops.models' TransformerLM / RNNLM at block "
-                             f"boundaries; got a {type(model).__name__}")
+        if not isinstance(model, LanguageModel) or not isinstance(getattr(model, "blocks", None), torch.nn.ModuleList):
+            raise ValueError(
+                "strategy='pipeline' splits accelops.models' TransformerLM / RNNLM at block "
+                f"boundaries; got a {type(model).__name__}"
+            )
         n_stages, n_layers = env.world_size, len(model.blocks)
         if self.accumulate_grad_batches * self.batch_size % self._n_micro():
-            raise ValueError(f"n_microbatches={self._n_micro()} must divide the step's "
-                             f"accumulate_grad_batches x batch_size = "
-                             f"{self.accumulate_grad_batches * self.batch_size} samples")
+            raise ValueError(
+                f"n_microbatches={self._n_micro()} must divide the step's "
+                f"accumulate_grad_batches x batch_size = "
+                f"{self.accumulate_grad_batches * self.batch_size} samples"
+            )
         if not env.distributed:
             if self.split_opt is not None and list(self.split_opt) != []:
-                raise ValueError(f"pipeline_split={self.split_opt!r} needs {len(self.split_opt) + 1} processes, "
-                                 "this run has 1")
+                raise ValueError(
+                    f"pipeline_split={self.split_opt!r} needs {len(self.split_opt) + 1} processes, this run has 1"
+                )
             self.split = []
             return optimizer
         if self.schedule_name == "1f1b" and self._n_micro() < n_stages:
-            raise ValueError(f"pipeline_schedule='1f1b' needs at least as many micro-batches as stages: "
-                             f"{self._n_micro()} micro-batches (n_microbatches, else accumulate_grad_batches) "
-                             f"for {n_stages} stages")
+            raise ValueError(
+                f"pipeline_schedule='1f1b' needs at least as many micro-batches as stages: "
+                f"{self._n_micro()} micro-batches (n_microbatches, else accumulate_grad_batches) "
+                f"for {n_stages} stages"
+            )
         if model.lm_head is None:
-            raise ValueError("strategy='pipeline' cannot split a model with tie_embeddings=True (the embedding is "
-                             "used by the first and the last stage): build it untied")
+            raise ValueError(
+                "strategy='pipeline' cannot split a model with tie_embeddings=True (the embedding is "
+                "used by the first and the last stage): build it untied"
+            )
         if self._shares(model):
-            raise ValueError("strategy='pipeline' cannot split a model whose blocks share parameters "
-                             "(accelops.sharing): each stage must own its weights")
+            raise ValueError(
+                "strategy='pipeline' cannot split a model whose blocks share parameters "
+                "(accelops.sharing): each stage must own its weights"
+            )
         if self.split_opt is not None:
             split = list(self.split_opt)
-            if len(split) != n_stages - 1 or any(isinstance(s, bool) or not isinstance(s, int) for s in split) \
-                    or split != sorted(split) or (split and (split[0] < 0 or split[-1] > n_layers)):
-                raise ValueError(f"pipeline_split must list the {n_stages - 1} block index(es) where stages 1..."
-                                 f"{n_stages - 1} start, non-decreasing in [0, {n_layers}]; got {self.split_opt!r}")
+            if (
+                len(split) != n_stages - 1
+                or any(isinstance(s, bool) or not isinstance(s, int) for s in split)
+                or split != sorted(split)
+                or (split and (split[0] < 0 or split[-1] > n_layers))
+            ):
+                raise ValueError(
+                    f"pipeline_split must list the {n_stages - 1} block index(es) where stages 1..."
+                    f"{n_stages - 1} start, non-decreasing in [0, {n_layers}]; got {self.split_opt!r}"
+                )
         else:
             split = env.broadcast(self._profile_split(ctx.train_data, n_stages) if env.is_main else None)
         self.split = split
@@ -161,9 +177,13 @@ class PipelineStrategy(Strategy):
         cls = ScheduleGPipe if self.schedule_name == "gpipe" else Schedule1F1B
         self.schedule = cls(self.stage, self._n_micro(), loss_fn=type(model).loss)
         if env.is_main:
-            log.info("pipeline: %d stages, blocks %s, %s schedule, %d micro-batches", n_stages,
-                     [f"{bounds[i]}:{bounds[i + 1]}" for i in range(n_stages)], self.schedule_name,
-                     self._n_micro())
+            log.info(
+                "pipeline: %d stages, blocks %s, %s schedule, %d micro-batches",
+                n_stages,
+                [f"{bounds[i]}:{bounds[i + 1]}" for i in range(n_stages)],
+                self.schedule_name,
+                self._n_micro(),
+            )
         return optimizer
 
     @staticmethod
@@ -186,9 +206,11 @@ class PipelineStrategy(Strategy):
         tokens, targets = tokens.to(device), targets.to(device)
         was = model.training
         model.train()
-        parts = [Stage(model, 0, 0, True, False)] + [Stage(model, i, i + 1, False, False)
-                                                     for i in range(len(model.blocks))] \
+        parts = (
+            [Stage(model, 0, 0, True, False)]
+            + [Stage(model, i, i + 1, False, False) for i in range(len(model.blocks))]
             + [Stage(model, 0, 0, False, True)]
+        )
         costs = []
         with torch.no_grad():
             x = parts[0](tokens)
@@ -212,8 +234,11 @@ class PipelineStrategy(Strategy):
         model.train(was)
         self.block_costs = costs
         split = balance_stages(costs[1:-1], n_stages, costs[0], costs[-1])
-        log.info("pipeline: measured forward+backward ms (embeddings, blocks..., head) %s -> split %s",
-                 [round(c * 1e3, 2) for c in costs], split)
+        log.info(
+            "pipeline: measured forward+backward ms (embeddings, blocks..., head) %s -> split %s",
+            [round(c * 1e3, 2) for c in costs],
+            split,
+        )
         return split
 
     def forward_backward(self, batches):
@@ -232,8 +257,11 @@ class PipelineStrategy(Strategy):
         # The schedule's loss is each micro-batch's mean and its gradients are divided by the
         # number of micro-batches (scale_grads): the mean over micro-batches is the loss of
         # single-process training over the same samples.
-        loss = torch.stack([x.detach().float() for x in losses]).mean() if losses else \
-            torch.zeros((), device=self.env.device)
+        loss = (
+            torch.stack([x.detach().float() for x in losses]).mean()
+            if losses
+            else torch.zeros((), device=self.env.device)
+        )
         dist.broadcast(loss, src=n - 1)  # every rank holds it, so the Trainer's mean over ranks is it
         return loss, tokens.numel()
 
@@ -265,7 +293,7 @@ class PipelineStrategy(Strategy):
         self.stage_module.eval()
         try:
             for s in range(0, len(indices), b):
-                tokens, targets = default_collate([val_data[i] for i in indices[s:s + b]])
+                tokens, targets = default_collate([val_data[i] for i in indices[s : s + b]])
                 tokens, targets = tokens.to(dev), targets.to(dev)
                 with self.autocast():
                     if r == 0:
@@ -283,19 +311,25 @@ class PipelineStrategy(Strategy):
         finally:
             self.stage_module.train()
         dist.broadcast(total, src=n - 1)
-        return total / n   # the Trainer all-reduces (sums) the totals over ranks
+        return total / n  # the Trainer all-reduces (sums) the totals over ranks
 
     def write_shards(self, directory):
         rank = self.env.rank
-        state = {"stage": rank, "split": self.split, "model": self.stage_module.state_dict(),
-                 "optimizer": self.optimizer.state_dict()}
+        state = {
+            "stage": rank,
+            "split": self.split,
+            "model": self.stage_module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
         save_checkpoint(os.path.join(directory, f"stage-{rank}.ckpt"), state)
 
     def read_shards(self, directory, trainer_state):
         saved = trainer_state.get("strategy", {}).get("split")
         if saved != self.split:
-            raise ValueError(f"checkpoint {directory!r} was written with pipeline_split={saved!r}, this run splits "
-                             f"at {self.split!r}: pass pipeline_split={saved!r} to resume it")
+            raise ValueError(
+                f"checkpoint {directory!r} was written with pipeline_split={saved!r}, this run splits "
+                f"at {self.split!r}: pass pipeline_split={saved!r} to resume it"
+            )
         state = load_checkpoint(os.path.join(directory, f"stage-{self.env.rank}.ckpt"))
         self.stage_module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -311,7 +345,7 @@ class PipelineStrategy(Strategy):
         for lo, sd in parts:
             for k, v in sd.items():
                 if k.startswith("blocks."):
-                    i, rest = k[len("blocks."):].split(".", 1)
+                    i, rest = k[len("blocks.") :].split(".", 1)
                     k = f"blocks.{lo + int(i)}.{rest}"
                 out[k] = v
         return out

@@ -2,6 +2,7 @@
 gradients (with its compression hooks, which ZeRO leaves alone: it only partitions the
 optimizer step), ZeroRedundancyOptimizer for the optimizer state, sharded over the ranks.
 The checkpoint consolidates the optimizer state on rank 0 into the ordinary checkpoint file."""
+
 from __future__ import annotations
 
 import inspect
@@ -26,8 +27,9 @@ class Zero1Strategy(DDPStrategy):
         # a group also holds keys the constructor does not take (AdamW's decoupled_weight_decay,
         # a scheduler's initial_lr): those ride on the groups, not the constructor
         groups = [dict(g) for g in old.param_groups]
-        zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=type(old),
-                                       **{k: v for k, v in groups[0].items() if k in accepted})
+        zero = ZeroRedundancyOptimizer(
+            groups[0]["params"], optimizer_class=type(old), **{k: v for k, v in groups[0].items() if k in accepted}
+        )
         for k, v in groups[0].items():
             if k != "params":
                 zero.param_groups[0].setdefault(k, v)
@@ -36,8 +38,10 @@ class Zero1Strategy(DDPStrategy):
         scheduler = ctx.scheduler
         if scheduler is not None:
             if getattr(scheduler, "optimizer", None) is not old:
-                raise ValueError("strategy='zero1' replaces the optimizer with a ZeroRedundancyOptimizer: the "
-                                 "scheduler must be built on the optimizer passed to the Trainer")
+                raise ValueError(
+                    "strategy='zero1' replaces the optimizer with a ZeroRedundancyOptimizer: the "
+                    "scheduler must be built on the optimizer passed to the Trainer"
+                )
             scheduler.optimizer = zero
             step = zero.step
 
