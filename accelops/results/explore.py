@@ -411,13 +411,27 @@ def options(db, family=None, op=None) -> dict:
         "shapes": [s for (s,) in shapes],
         "m": [v for (v,) in ms],
         "threads": [v for (v,) in threads],
-        "baselines": [{"label": label, "method": method} for label, method, _ in baselines],
+        "baselines": _baselines(baselines),
         "variants": [v for (v,) in variants],
         "machines": [fp for (fp,) in mach],
         "commits": [
             {"commit": c, "first_run": _iso(t), "machines": list(fps), "dirty": bool(d)} for c, t, fps, d in commits
         ],
     }
+
+
+def _baselines(rows) -> list[dict]:
+    """One choice per baseline label; its value is the method where the label names one
+    method (short in a URL), else the label (comm's "pure-PyTorch reference" of each op):
+    the ratios' `baseline` filter takes either."""
+    methods, counts = defaultdict(list), defaultdict(int)
+    for label, method, n in rows:
+        methods[label].append(method)
+        counts[label] += n
+    return [
+        {"label": label, "value": ms[0] if len(ms) == 1 and ms[0] else label, "methods": ms, "rows": counts[label]}
+        for label, ms in methods.items()
+    ]
 
 
 # --------------------------------------------------------------------------- ratios

@@ -17,17 +17,18 @@ fastapi, uvicorn and plotly are optional: `import accelops` never imports this m
 import math
 import socket
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints
 
 from . import explore
 from .db import SCHEMA_VERSION
 
+T = TypeVar("T")
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_PAGE = 1000  # rows a page of measurements or ratios holds at most
 
@@ -45,13 +46,80 @@ class ErrorBody(BaseModel):
     status: int
 
 
-class Page(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class Page(BaseModel, Generic[T]):
     total: int
     limit: int
     offset: int
     next_offset: int | None
-    items: list[dict[str, Any]]
+    items: list[T]
+
+
+class RunItem(BaseModel):
+    run_id: str
+    started: str | None
+    commit: str | None
+    dirty: bool | None
+    machine: str | None
+    machine_name: str | None
+    quick: bool | None
+    accelops_version: str | None
+    torch_version: str | None
+    device: str | None
+    families: list[str]
+    measurements: int
+
+
+class MeasurementItem(BaseModel):
+    run_id: str
+    started: str | None
+    commit: str | None
+    machine: str | None
+    family: str
+    seq: int
+    op: str | None
+    method: str | None
+    label: str | None
+    backend: str | None
+    is_accelops: bool | None
+    status: str | None
+    threads: int | None
+    dtype: str | None
+    m: int | None
+    n: int | None
+    k: int | None
+    shape: str | None
+    config: dict[str, Any]
+    median_us: float | None
+    p20_us: float | None
+    p80_us: float | None
+    min_us: float | None
+    repeats: int | None
+    baseline_label: str | None
+    ratio: float | None
+    loadavg_1m: float | None
+
+
+class RatioItem(BaseModel):
+    machine: str
+    family: str
+    run_id: str
+    commit: str | None
+    started: str | None
+    op: str | None
+    method: str | None
+    label: str | None
+    config: dict[str, Any]
+    threads: int | None
+    m: int | None
+    shape: str | None
+    case: str
+    median_us: float | None
+    baseline_method: str | None
+    baseline: str | None
+    baseline_median_us: float | None
+    speedup: float | None = Field(description="baseline median / accelops median (> 1: accelops faster)")
+    speedup_low: float | None = Field(description="baseline p20 / accelops p80")
+    speedup_high: float | None = Field(description="baseline p80 / accelops p20")
 
 
 class Machine(BaseModel):
@@ -87,8 +155,10 @@ class Commit(BaseModel):
 
 
 class Baseline(BaseModel):
-    label: str | None
-    method: str | None
+    label: str = Field(description="the baseline's label (its method where it has none)")
+    value: str = Field(description="what the `baseline` filter takes for it: its method, or the label")
+    methods: list[str | None]
+    rows: int = Field(description="its measurements in the selection")
 
 
 class Options(BaseModel):
@@ -308,7 +378,9 @@ def create_app(db_path, lock_timeout: float = 5.0) -> FastAPI:
     def machines():
         return explore.machines(db)
 
-    @app.get("/api/runs", response_model=Page, responses=ERRORS, summary="Bench runs, newest first (paginated)")
+    @app.get(
+        "/api/runs", response_model=Page[RunItem], responses=ERRORS, summary="Bench runs, newest first (paginated)"
+    )
     def runs(
         machine: Annotated[list[Fingerprint] | None, Query()] = None,
         family: Text | None = None,
@@ -320,7 +392,7 @@ def create_app(db_path, lock_timeout: float = 5.0) -> FastAPI:
 
     @app.get(
         "/api/measurements",
-        response_model=Page,
+        response_model=Page[MeasurementItem],
         responses=ERRORS,
         summary="Measurements, filtered and paginated (newest run first)",
     )
@@ -364,7 +436,7 @@ def create_app(db_path, lock_timeout: float = 5.0) -> FastAPI:
 
     @app.get(
         "/api/ratios",
-        response_model=Page,
+        response_model=Page[RatioItem],
         responses=ERRORS,
         summary="accelops vs each baseline: speed-up with its p20-p80 spread",
         description="speedup = baseline median / accelops median (> 1: accelops faster), speedup_low = "

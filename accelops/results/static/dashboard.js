@@ -80,8 +80,10 @@ async function loadOptions() {
   state.m = fill($("m"), OPTIONS.m, first(OPTIONS.m, state.m), "all M");
   const maxThreads = OPTIONS.threads.length ? String(Math.max(...OPTIONS.threads)) : ALL;
   state.threads = fill($("threads"), OPTIONS.threads, state.threads || maxThreads, "all threads");
-  const baselines = OPTIONS.baselines.map(b => [b.method, b.label || b.method]);
-  const preferred = (baselines.find(b => /torchao/.test(b[0])) || baselines[0] || [ALL])[0];
+  const baselines = OPTIONS.baselines.map(b => [b.value, b.label]);
+  // torchao where the family has it (the question people ask), else the most measured one
+  const common = OPTIONS.baselines.slice().sort((a, b) => b.rows - a.rows)[0];
+  const preferred = (baselines.find(b => /torchao/.test(b[0])) || (common ? [common.value] : [ALL]))[0];
   state.baseline = fill($("baseline"), baselines, state.baseline || preferred, null);
   const box = $("machines");
   box.replaceChildren(Object.assign(document.createElement("legend"), { textContent: "machines" }));
@@ -140,13 +142,18 @@ function bind() {
 
 // ------------------------------------------------------------------ charts
 
+// families whose rows hold other measures than a time (regret, bits per character, memory)
+const NO_TIMES = "; hpo, lm, plan and scaleout record other measures than times: `accelops report` draws them";
+
 function empty(div, text) {
   Plotly.purge(div);
+  div.style.minHeight = "0";
   div.replaceChildren(Object.assign(document.createElement("p"), { className: "empty", textContent: text }));
 }
 
 function plot(div, traces, layout) {
   div.replaceChildren();
+  div.style.minHeight = "";
   Plotly.newPlot(div, traces, Object.assign({
     margin: { t: 60, r: 20, b: 90, l: 70 }, legend: { orientation: "h", x: 0, y: 1.02, yanchor: "bottom" },
     hovermode: "closest", xaxis: { tickangle: 0, automargin: true },
@@ -192,46 +199,66 @@ function errorBars(rows) {
   };
 }
 
+// Grouped bars of speed-ups, one trace per group ({name: rows}); with many cases the bars
+// lie down (a row per case) so that no label overlaps another.
+function speedupChart(div, groups, axisTitle, hoverExtra) {
+  const all = Object.values(groups).flat();
+  const cases = new Set(all.map(caseName)).size;
+  const flat = cases > 6;
+  const traces = Object.entries(groups).map(([name, rows]) => {
+    const cat = rows.map(r => flat ? caseName(r).replace(/<br>/g, " ") : caseName(r));
+    const val = rows.map(r => r.speedup);
+    const t = {
+      type: "bar", name, orientation: flat ? "h" : "v", customdata: rows.map(hoverExtra.data),
+      hovertemplate: "%{" + (flat ? "y" : "x") + "}<br>speed-up %{" + (flat ? "x" : "y") + ":.3g}x<br>" + hoverExtra.text + "<extra>%{fullData.name}</extra>",
+    };
+    if (flat) Object.assign(t, { y: cat, x: val, error_x: errorBars(rows) });
+    else Object.assign(t, { x: cat, y: val, error_y: errorBars(rows) });
+    return t;
+  });
+  const axis = logAxis(all.flatMap(r => [r.speedup_low, r.speedup_high]), axisTitle);
+  const one = flat ? { type: "line", yref: "paper", y0: 0, y1: 1, x0: 1, x1: 1 } : { type: "line", xref: "paper", x0: 0, x1: 1, y0: 1, y1: 1 };
+  one.line = { color: "black", width: 1.5 };
+  const layout = { barmode: "group", shapes: [one], showlegend: true };
+  if (flat) {
+    Object.assign(layout, {
+      xaxis: axis, yaxis: { automargin: true, autorange: "reversed", type: "category" },
+      height: Math.max(380, 90 + cases * (10 + 9 * traces.length)), margin: { t: 60, r: 20, b: 50, l: 20 },
+    });
+  } else layout.yaxis = axis;
+  plot(div, traces, layout);
+}
+
 async function renderRatios() {
   const div = $("chart-ratios");
   const fp = state.machine[0];
   $("ratios-title").textContent = "accelops vs each baseline" + (fp ? " on " + shortName(fp) : "");
   if (!fp) return empty(div, "no machine selected");
   const page = await api("ratios", Object.assign(selection(), { machine: [fp], limit: 1000 }));
-  if (!page.items.length) return empty(div, "no accelops measurement with a baseline in this selection");
-  const byBase = {};
-  for (const r of page.items) (byBase[r.baseline] = byBase[r.baseline] || []).push(r);
-  const traces = Object.entries(byBase).map(([base, rows]) => ({
-    type: "bar", name: "vs " + base, x: rows.map(caseName), y: rows.map(r => r.speedup), error_y: errorBars(rows),
-    customdata: rows.map(r => [r.median_us, r.baseline_median_us, (r.commit || "").slice(0, 10), r.run_id]),
-    hovertemplate: "%{x}<br>speed-up %{y:.3g}x<br>accelops %{customdata[0]:.4g} us, baseline %{customdata[1]:.4g} us<br>run %{customdata[3]}, commit %{customdata[2]}<extra>%{fullData.name}</extra>",
-  }));
+  if (!page.items.length) return empty(div, "no accelops measurement with a baseline in this selection" + NO_TIMES);
+  const groups = {};
+  for (const r of page.items) (groups["vs " + r.baseline] = groups["vs " + r.baseline] || []).push(r);
   const run = page.items[0];
   $("ratios-title").textContent = "accelops vs each baseline on " + shortName(fp) + ", newest run " + run.run_id
     + " (commit " + (run.commit || "?").slice(0, 10) + ", " + (run.started || "").slice(0, 10) + ")";
-  plot(div, traces, {
-    barmode: "group", yaxis: logAxis(page.items.flatMap(r => [r.speedup_low, r.speedup_high]), "speed-up (log)"),
-    shapes: [{ type: "line", xref: "paper", x0: 0, x1: 1, y0: 1, y1: 1, line: { color: "black", width: 1.5 } }],
+  speedupChart(div, groups, "speed-up (log)", {
+    data: r => [r.median_us, r.baseline_median_us, (r.commit || "").slice(0, 10), r.run_id],
+    text: "accelops %{customdata[0]:.4g} us, baseline %{customdata[1]:.4g} us<br>run %{customdata[3]}, commit %{customdata[2]}",
   });
 }
 
 async function renderCross() {
   const div = $("chart-cross");
-  const base = OPTIONS.baselines.find(b => b.method === state.baseline);
-  $("cross-title").textContent = "across machines, vs " + (base ? (base.label || base.method) : "?");
+  const base = OPTIONS.baselines.find(b => b.value === state.baseline);
+  $("cross-title").textContent = "across machines, vs " + (base ? base.label : "?");
   if (!state.machine.length) return empty(div, "no machine selected");
   const page = await api("ratios", Object.assign(selection(), { machine: state.machine, baseline: state.baseline, limit: 1000 }));
-  if (!page.items.length) return empty(div, "no measurement against this baseline on the selected machines");
-  const byMachine = {};
-  for (const r of page.items) (byMachine[r.machine] = byMachine[r.machine] || []).push(r);
-  const traces = Object.entries(byMachine).map(([fp, rows]) => ({
-    type: "bar", name: shortName(fp), x: rows.map(caseName), y: rows.map(r => r.speedup), error_y: errorBars(rows),
-    customdata: rows.map(r => [r.median_us, (r.commit || "").slice(0, 10), (r.started || "").slice(0, 10)]),
-    hovertemplate: "%{x}<br>speed-up %{y:.3g}x (accelops %{customdata[0]:.4g} us)<br>commit %{customdata[1]}, %{customdata[2]}<extra>%{fullData.name}</extra>",
-  }));
-  plot(div, traces, {
-    barmode: "group", yaxis: logAxis(page.items.flatMap(r => [r.speedup_low, r.speedup_high]), "speed-up vs baseline (log)"),
-    shapes: [{ type: "line", xref: "paper", x0: 0, x1: 1, y0: 1, y1: 1, line: { color: "black", width: 1.5 } }],
+  if (!page.items.length) return empty(div, "no measurement against this baseline on the selected machines" + (OPTIONS.baselines.length ? "" : NO_TIMES));
+  const groups = {};
+  for (const r of page.items) (groups[shortName(r.machine)] = groups[shortName(r.machine)] || []).push(r);
+  speedupChart(div, groups, "speed-up vs baseline (log)", {
+    data: r => [r.median_us, (r.commit || "").slice(0, 10), (r.started || "").slice(0, 10)],
+    text: "accelops %{customdata[0]:.4g} us<br>commit %{customdata[1]}, %{customdata[2]}",
   });
 }
 
@@ -247,7 +274,7 @@ async function renderHistory() {
   flags.replaceChildren();
   const h = await api("history", Object.assign(selection(), { machine: state.machine }));
   const series = h.series.filter(s => s.points.length);
-  if (!series.length) return empty(div, "no accelops series in this selection");
+  if (!series.length) return empty(div, "no accelops series with times in this selection" + NO_TIMES);
   const shown = series.slice(0, 40);
   const traces = [];
   const marks = { regression: [], improvement: [], anomaly: [] };
