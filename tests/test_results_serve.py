@@ -375,6 +375,22 @@ def test_a_locked_database_is_a_503_with_retry_after(db_path, tmp_path):
     assert TestClient(create_app(path)).get("/api/runs").json()["total"] == 13  # free again
 
 
+def test_a_run_written_while_serving_shows_up(db_path, tmp_path):
+    """The server holds no connection between requests and recomputes what it caches (the
+    machines, the series) when the file changes: a bench may write while it serves."""
+    path = tmp_path / "live.duckdb"
+    shutil.copy(db_path, path)
+    c = TestClient(create_app(path))
+    assert len(c.get("/api/machines").json()) == 2 and c.get("/api/anomalies").json()[0]["run_id"] == "epyc2"
+    third = dict(MACHINE, cpu_model="AMD EPYC 9654", cpu_count=4)
+    ResultsDB(path).write_rows([row("new0", "ffee0011", 28, third, "ternary", 70.0, 1)])
+    machines = c.get("/api/machines").json()
+    assert len(machines) == 3 and any(m["cpu_model"] == "AMD EPYC 9654" for m in machines)
+    assert c.get("/api/runs").json()["items"][0]["run_id"] == "new0"
+    series = c.get("/api/history", params={"machine": fingerprint(third)}).json()["series"]
+    assert [p["median_us"] for s in series for p in s["points"]] == [70.0]
+
+
 def test_a_bug_is_a_500_json_body_without_traceback(db_path, monkeypatch):
     def broken(db):
         raise KeyError("cpu_model")

@@ -147,8 +147,9 @@ class ReadOnlyResults:
             con.close()
 
     def cached(self, name: str, compute):
-        """compute() once per version of the file (its inode, size and modification time):
-        the series and verdicts are recomputed only after a bench wrote."""
+        """compute() once per version of the file (its inode, size and modification time,
+        and its write-ahead log's): the series and verdicts are recomputed only after a
+        bench wrote."""
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -156,7 +157,12 @@ class ReadOnlyResults:
             raise
         except OSError as exc:
             raise Unavailable(f"results database {self.path} cannot be read: {exc}") from exc
-        key = (name, st.st_ino, st.st_size, st.st_mtime_ns)
+        try:  # a write DuckDB has not checkpointed into the file yet sits in its .wal
+            wal = os.stat(str(self.path) + ".wal")
+            wal_key = (wal.st_size, wal.st_mtime_ns)
+        except OSError:
+            wal_key = None
+        key = (name, st.st_ino, st.st_size, st.st_mtime_ns, wal_key)
         with self._lock:
             if key in self._cache:
                 return self._cache[key]
