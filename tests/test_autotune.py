@@ -421,3 +421,37 @@ def test_threads_are_part_of_the_key(cache, measured):
     finally:
         torch.set_num_threads(before)
     assert [c[-1] for c in measured] == [1, 2]
+
+
+def test_info_names_the_cpu_its_instruction_sets_and_each_ops_path(cache, measured, capsys, monkeypatch):
+    import accelops
+    from accelops._info import _gemv_path, cpu_features
+
+    wq, ws = _int8()
+    ops.int8_linear(torch.randn(1, 64), wq, ws)
+    d = accelops.info()
+    out = capsys.readouterr().out
+    disp = d["dispatch"]
+    assert d["cpu_model"] in out and all(f in out for f in d["cpu_features"])
+    assert disp["autotune"] is True and disp["table"] == str(cache) and disp["fingerprint"]
+    assert disp["ops"]["int8_linear"]["table_entries"] == 1 and disp["ops"]["ternary_matmul"]["table_entries"] == 0
+    assert (
+        disp["ops"]["int8_linear"]["backend"] == "native" and disp["ops"]["int8_linear"]["kernel_isa"] == d["cpu_isa"]
+    )
+    assert "per shape from the table (1 entries)" in out and "autotune       on" in out
+    monkeypatch.setenv("ACCELOPS_BACKEND", "reference")
+    monkeypatch.setenv("ACCELOPS_AUTOTUNE", "0")
+    d = accelops.info()
+    out = capsys.readouterr().out
+    assert "ACCELOPS_BACKEND=reference" in out and d["dispatch"]["ops"]["ternary_matmul"]["backend"] == "reference"
+    assert d["dispatch"]["autotune"] is False
+    assert cpu_features({"avx2", "amx_tile", "amx_int8", "amx_bf16"}) == ["avx2", "amx_tile", "amx_int8", "amx_bf16"]
+    # The ternary GEMV's 256-bit VNNI path (csrc/cpu/ternary.cpp, gemv_vnni256).
+    monkeypatch.delenv("ACCELOPS_CPU_ISA", raising=False)
+    assert _gemv_path("avx2", ["avx2", "avxvnni"]).startswith("avxvnni")
+    assert _gemv_path("avx2", ["avx2", "avx512vnni"]) == "avx2"
+    assert _gemv_path("avx512vnni", ["avx2", "avx512vnni"]) == "avx512vnni"
+    monkeypatch.setenv("ACCELOPS_CPU_ISA", "avxvnni")
+    assert "EVEX" in _gemv_path("avx2", ["avx2", "avx512vnni"])
+    monkeypatch.setenv("ACCELOPS_CPU_ISA", "avx2")
+    assert _gemv_path("avx2", ["avx2", "avxvnni"]) == "avx2"

@@ -163,6 +163,7 @@ class DispatchTable:
         self._cache: dict = {}
         self._lock = threading.Lock()
         self._failed: set = set()  # keys whose measurement failed: not tried again
+        self.measured: list[dict] = []  # the entries this process measured (autotune), in order
 
     @classmethod
     def from_json(cls, table: dict, fingerprint: str, path=None, autotune=False) -> "DispatchTable":
@@ -199,6 +200,7 @@ class DispatchTable:
             self.entries.setdefault(op, {})[shape] = choice
             self._logs.setdefault(op, []).append((shape, tuple(math.log2(max(1, d)) for d in shape)))
             self.keyed[entry_key(e)] = choice
+            self.measured.append(e)
             self._cache.clear()  # predictions made before may now have a nearer neighbour
         return choice
 
