@@ -267,7 +267,7 @@ def measure_bounded(
     default is within `margin`; ATen's GEMM wins only after exactness_failure found it exact
     on the shape (checked then, outside the budget: 4 weight quantizations and 8 calls).
     The extra cost over budget_s is the two calls of the last candidate started before it
-    ran out, and that check."""
+    ran out, one call per candidate in the round that passes it, and that check."""
     start = time.perf_counter()
     deadline = start + budget_s
     max_threads = max_threads or torch.get_num_threads()
@@ -309,7 +309,7 @@ def measure_bounded(
                 for _ in range(AUTOTUNE_ROUNDS):
                     for i in live:
                         torch.set_num_threads(cands[i][1])
-                        samples.setdefault(i, []).append(_time_batch(cands[i][3], batch[i]))
+                        samples.setdefault(i, []).append(_time_until(cands[i][3], batch[i], deadline))
                     if time.perf_counter() >= deadline:
                         break
     finally:
@@ -373,6 +373,20 @@ def measure_bounded(
         "elapsed_s": round(time.perf_counter() - start, 4),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _time_until(fn, calls: int, deadline: float) -> float:
+    """Seconds per call of up to `calls` calls of fn, stopping after the call that passes
+    the deadline: a batch sized from one lucky timing (a busy machine makes the next calls
+    10x slower) must not run far past the budget."""
+    start = time.perf_counter()
+    done = 0
+    while done < calls:
+        fn()
+        done += 1
+        if time.perf_counter() >= deadline:
+            break
+    return (time.perf_counter() - start) / done
 
 
 def _label(backend, threads, tiles) -> str:
