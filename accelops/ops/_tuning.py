@@ -225,8 +225,10 @@ class DispatchTable:
         """The choice for a call of op on shape (M, N, K) at the caller's torch thread count;
         args: the call's (x, weight, scale, bias), whose x gives the dtype and device (None:
         float32 on the CPU, and nothing to measure with)."""
-        dtype = torch.float32 if args is None else args[0].dtype
-        key = (op, shape, dtype, torch.get_num_threads())
+        if args is None:
+            key = (op, shape, torch.float32, torch.get_num_threads(), False)
+        else:  # is_cuda: CPU and GPU calls of one shape have entries of their own
+            key = (op, shape, args[0].dtype, torch.get_num_threads(), args[0].is_cuda)
         try:
             return self._cache[key]
         except KeyError:
@@ -234,7 +236,7 @@ class DispatchTable:
         return self._resolve(key, args)
 
     def _resolve(self, key: tuple, args) -> Choice | None:
-        op, shape, dtype, threads = key
+        op, shape, dtype, threads, _ = key
         x = None if args is None else args[0]
         device = "cpu" if x is None else x.device.type
         dname = DTYPE_NAMES.get(dtype, str(dtype))
