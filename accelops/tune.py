@@ -235,6 +235,12 @@ AUTOTUNE_REFERENCE_MACS = 1 << 22
 # they cannot win, and their calls would take the rounds' time from the close ones.
 AUTOTUNE_PRUNE = 1.5
 AUTOTUNE_ROUNDS = 5
+# The autotuner checks ATen's GEMM for exactness on at most this many output columns: what
+# can go wrong (int16 pair sums that saturate, short accumulators) depends on K and on the
+# instructions of the GEMM's kernel, not on how many columns it computes, and the check at
+# the full N of a 4096x4096 layer cost 4-11 s on a busy 2-core machine (4 quantizations
+# of the weight, 8 calls at M=512).
+AUTOTUNE_EXACT_MAX_N = 256
 
 
 def _thread_steps(max_threads: int) -> list[int]:
@@ -265,7 +271,8 @@ def measure_bounded(
     AUTOTUNE_ROUNDS interleaved rounds (at most ten rounds' worth of single calls, so a small
     layer is done in a fraction of the budget). The winner is the fastest median unless the
     default is within `margin`; ATen's GEMM wins only after exactness_failure found it exact
-    on the shape (checked then, outside the budget: 4 weight quantizations and 8 calls).
+    at the call's M and K (on at most AUTOTUNE_EXACT_MAX_N columns; checked then, outside the
+    budget: 4 weight quantizations and 8 calls).
     The extra cost over budget_s is the two calls of the last candidate started before it
     ran out, one call per candidate in the round that passes it, and that check."""
     start = time.perf_counter()
@@ -340,10 +347,12 @@ def measure_bounded(
         winner = fastest if fastest["median_us"] < default["median_us"] * (1 - margin) else default
         if winner["backend"] != "aten_int_mm":
             break
-        # At the winner's thread count: the check's 8 calls then cost what the winner's do.
-        torch.set_num_threads(winner["threads"])
+        # At 1 thread: what it checks is the GEMM's arithmetic, which does not depend on the
+        # thread count, and on a busy machine each 2-thread call of the check waited for a
+        # core (3.3 s for the check at M=512, load 16 on 2 cores; 0.3 s at 1 thread).
+        torch.set_num_threads(1)
         try:
-            why = exactness_failure(op, shape, "aten_int_mm")
+            why = exactness_failure(op, {**shape, "N": min(n, AUTOTUNE_EXACT_MAX_N)}, "aten_int_mm")
         finally:
             torch.set_num_threads(before)
         if why is None:
