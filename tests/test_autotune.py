@@ -455,3 +455,25 @@ def test_info_names_the_cpu_its_instruction_sets_and_each_ops_path(cache, measur
     assert "EVEX" in _gemv_path("avx2", ["avx2", "avx512vnni"])
     monkeypatch.setenv("ACCELOPS_CPU_ISA", "avx2")
     assert _gemv_path("avx2", ["avx2", "avxvnni"]) == "avx2"
+
+
+def test_an_accelops_tune_entry_is_used_and_wins_over_the_autotuners(cache, measured):
+    """A key `accelops tune` measured is not measured again, and its entry is kept over an
+    autotune entry of the same key (the longer measurement); other keys still measure."""
+    cache.parent.mkdir(parents=True)
+    threads = torch.get_num_threads()
+    tuned = {
+        "op": "int8_linear",
+        "shape": {"M": 32, "N": 24, "K": 64},
+        "max_threads": threads,
+        "device": "cpu",
+        "winner": {"backend": "native", "threads": 1},
+    }
+    auto = {**tuned, "source": "autotune", "winner": {"backend": "aten_int_mm", "threads": 1}}
+    cache.write_text(json.dumps({"format": 1, "tables": {machine_info()["fingerprint"]: {"entries": [tuned, auto]}}}))
+    wq, ws = _int8()
+    ops.int8_linear(torch.randn(20, 64), wq, ws)  # bucket 32: tune's entry
+    table = _tuning.active()
+    assert measured == [] and table.lookup("int8_linear", (20, 24, 64)).backend == "native"
+    ops.int8_linear(torch.randn(1, 64), wq, ws)  # bucket 1: no entry, measured
+    assert len(measured) == 1
