@@ -357,6 +357,12 @@ def test_cli_stores_rows_and_plots(tmp_path, root):
     assert got == [("eval", "banking77", "fp32", "ok"), ("eval", "banking77", "int8-ptq", "ok")]
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert rows[1]["model_config"]["max_len"] == 24 and rows[1]["run_id"] == rows[0]["run_id"]
+    # `accelops report` draws the eval rows too
+    from accelops.results import ResultsDB
+    from accelops.results.report import build_plots
+
+    _, plots = build_plots(ResultsDB(db))
+    assert [p.kind for p in plots if p.family == "eval"] == ["measures"]
 
 
 @pytest.mark.parametrize(
