@@ -418,3 +418,19 @@ def test_cli_user_error_is_one_line(tmp_path, root):
     assert proc.stderr.strip().splitlines() == [
         f"accelops eval: error: unknown task 'mnli'; known tasks: {sorted(['banking77', 'ud_pos', 'wnut17', 'squad', 'wikitext2'])}"
     ]
+
+
+def test_docs_config_is_valid():
+    """The example config of docs/eval.md parses into the experiment it describes."""
+    import re
+    from pathlib import Path
+
+    import tomllib
+
+    from accelops.eval.cli import experiment_from_config
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "eval.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", text, re.S).group(1)
+    exp, threads = experiment_from_config(tomllib.loads(block))
+    assert exp.tasks == ["banking77", "ud_pos"] and exp.seeds == [0, 1, 2] and threads == 2
+    assert exp.settings("ud_pos")[0]["max_len"] == 80 and exp.settings("banking77")[0]["max_len"] == 48
