@@ -45,7 +45,12 @@ SEEDS = [0, 1, 2]
 # One size for every variant of a task; small enough for 2 cores: dim 64, 4 blocks (the
 # alternate pattern needs an even count to halve them), 4 heads, SwiGLU 256.
 MODEL = {"dim": 64, "n_layers": 4, "n_heads": 4}
-TRAIN = {"batch_size": 32, "lr": 3e-3, "weight_decay": 0.01, "scheduler": {"name": "cosine", "warmup_steps": 30}}
+TRAIN = {
+    "batch_size": 32,
+    "lr": 3e-3,
+    "weight_decay": 0.01,
+    "scheduler": {"name": "cosine", "warmup_steps": 30, "min_lr_ratio": 0.1},
+}
 PER_TASK = {
     "banking77": {"model": {"max_len": 48}, "train": {"steps": 400}},
     "ud_pos": {"model": {"max_len": 80}, "train": {"steps": 400}},
