@@ -287,8 +287,9 @@ def summary_table(rows: list[dict]) -> str:
             delta = se = ci = "-"
         else:
             delta = f"{r['delta']:+.2f} pt" if pct else f"{r['delta']:.3f}x"
-            seeds = "-" if r["se_seeds"] is None else f"{r['se_seeds']:.2f}"
-            se = f"{r['se']:.2f} ({r['se_examples']:.2f}, {seeds})"
+            f = ".2f" if pct else ".3f"  # points, or a ratio near 1
+            seeds = "-" if r["se_seeds"] is None else f"{r['se_seeds']:{f}}"
+            se = f"{r['se']:{f}} ({r['se_examples']:{f}}, {seeds})"
             ci = f"[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]" if pct else f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
         if "target" in r:
             bound = f">= -{r['target']:g} pt" if pct else f"<= {r['target']:.2f}x"

@@ -346,11 +346,12 @@ class Comparison:
                 s = f"{100 * x:.2f}" if pct else f"{x:.3f}"
                 return s + (f" ± {100 * sd if pct else sd:.2f}" if sd is not None else "")
 
-            unit = " pt" if pct else "x"
+            f = ".2f" if pct else ".3f"  # points, or a ratio near 1
+            delta = f"{r['delta']:+.2f} pt" if pct else f"{r['delta']:.3f}x"
             lines.append(
                 f"| {r['task']} | {r['metric']} | {v(r['baseline'], r['baseline_std'])} | "
-                f"{v(r['candidate'], r['candidate_std'])} | {r['delta']:+.2f}{unit} | {r['se']:.2f} | "
-                f"[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}] |"
+                f"{v(r['candidate'], r['candidate_std'])} | {delta} | {r['se']:{f}} | "
+                f"[{r['ci95'][0]:{f}}, {r['ci95'][1]:{f}}] |"
             )
         return "\n".join(lines)
 
