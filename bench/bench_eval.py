@@ -54,7 +54,10 @@ TRAIN = {
 PER_TASK = {
     "banking77": {"model": {"max_len": 48}, "train": {"steps": 400}},
     "ud_pos": {"model": {"max_len": 80}, "train": {"steps": 400}},
-    "wnut17": {"model": {"max_len": 64}, "train": {"steps": 400}},
+    "wnut17": {
+        "model": {"max_len": 128},
+        "train": {"steps": 400},
+    },  # 64 cut 2,300 test words (tweets: many byte pieces)
     "squad": {"model": {"max_len": 192}, "train": {"steps": 600, "batch_size": 16}},
     "wikitext2": {"model": {"max_len": 128}, "train": {"steps": 400, "batch_size": 16}},
 }
