@@ -176,6 +176,14 @@ def main(argv=None) -> int:
             help="continue a prompt with a model trained by `accelops train` (KV-cached generation; prints tokens/s)",
         )
     )
+    from .eval.cli import add_arguments as add_eval_arguments  # argparse only; torch loads on use
+
+    add_eval_arguments(
+        sub.add_parser(
+            "eval",
+            help="train, quantize and evaluate model variants on real tasks (a TOML config); compare with fp32",
+        )
+    )
     program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -213,6 +221,10 @@ def _dispatch(args, argv) -> int:
         from .generate_cli import run_args as run_generate
 
         return run_generate(args)
+    elif args.command == "eval":
+        from .eval.cli import run_args as run_eval
+
+        return run_eval(args)
     return 0
 
 

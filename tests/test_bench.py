@@ -263,6 +263,7 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
         "optim",
         "scaleout",
         "layers",
+        "eval",
     }
     assert stored["matmul"] == len(rows) and stored["dispatch"] == len(disp)
     assert con.execute("SELECT count(DISTINCT run_id) FROM runs").fetchone()[0] == 1
@@ -304,6 +305,35 @@ def check_generate_quick(results_dir: Path, threads: int = 1) -> None:
     assert 0 <= bd["outside_matmuls_fraction"] <= 1 and "skipped" in bd["compiled"]
     summary = (results_dir / "generate_summary_quick.md").read_text()
     assert "Targets" in summary and "Decode step of the accelops engine" in summary
+
+
+EVAL_VARIANTS = ["fp32", "bitlinear", "int8-ptq", "qat-int8", "alternate"]
+
+
+def test_eval_bench_quick(tmp_path):
+    """bench_eval --quick: every variant of BANKING77 trained a few steps, deployed and
+    compared with fp32 (or one skipped row when the evaluation data are not there)."""
+    from accelops.eval.data import data_root
+
+    _run_quick(tmp_path, "eval", timeout=600)
+    rows = [json.loads(line) for line in (tmp_path / "eval_quick.jsonl").read_text().splitlines()]
+    summary = (tmp_path / "eval_summary_quick.md").read_text()
+    if not (data_root() / "banking77").is_dir():
+        assert [r["status"] for r in rows] == ["skipped"] and "skipped" in summary
+        return
+    assert [r["variant"] for r in rows] == EVAL_VARIANTS and len({r["run_id"] for r in rows}) == 1
+    for r in rows:
+        assert r["status"] == "ok" and r["quick"] is True and r["task"] == "banking77" and r["n"] == 3080
+        assert 0 <= r["value"] <= 1 and r["ci95"][0] <= r["delta"] <= r["ci95"][1]
+        assert r["deployed_bytes"] <= r["fp32_bytes"] and r["train_s"] > 0 and r["eval_s"] > 0
+    by = {r["variant"]: r for r in rows}
+    assert by["fp32"]["delta"] == 0 and by["alternate"]["block_params_vs_baseline"] == 0.5
+    assert by["int8-ptq"]["target"] == 0.5 and isinstance(by["bitlinear"]["target_met"], bool)
+    assert "| banking77 | bitlinear | accuracy |" in summary and "Targets missed:" in summary
+    import duckdb
+
+    con = duckdb.connect(str(tmp_path / "accelops_quick.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*) FROM measurements WHERE family = 'eval'").fetchone() == (5,)
 
 
 def test_generate_bench_quick(tmp_path):

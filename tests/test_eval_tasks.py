@@ -71,7 +71,11 @@ NER = [
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    r = tmp_path_factory.mktemp("evaldata")
+    return write_synthetic_data(tmp_path_factory.mktemp("evaldata"))
+
+
+def write_synthetic_data(r):
+    """Tiny files of every task but BANKING77 under the folder r (also test_eval_suite's)."""
     (r / "ud_english_ewt").mkdir()
     for split in ("train", "dev", "test"):
         (r / "ud_english_ewt" / f"en_ewt-ud-{split}.conllu").write_text(conllu(POS))

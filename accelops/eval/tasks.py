@@ -587,17 +587,22 @@ def fit(
     max_len: int | None = None,
     seed: int = 0,
     device=None,
+    scheduler: dict | None = None,
     **trainer_kw,
 ) -> dict:
     """Train `model` on the task's training split with accelops.train.Trainer (AdamW) for
     `steps` optimizer steps; -> Trainer.fit()'s summary, with "history" (a dict a step:
-    loss, lr, ...) added. Model selection (choosing settings
+    loss, lr, ...) added. scheduler: accelops train's [scheduler] table (name, warmup_steps,
+    min_lr_ratio), e.g. {"name": "cosine", "warmup_steps": 50}; None: a constant lr. Model selection (choosing settings
     on dev) is the caller's: evaluate each candidate with task.evaluate(model, tok, "dev")."""
     from ..train import Trainer
+    from ..train.config import build_scheduler
 
     task.check_model(model, tokenizer)
     data = task.encode("train", tokenizer, max_len or model.config.max_len)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if scheduler:
+        trainer_kw["scheduler"] = build_scheduler(opt, dict(scheduler), steps)
     trainer_kw.setdefault("progress", False)
     trainer_kw.setdefault("eval_every", None)
     trainer = Trainer(

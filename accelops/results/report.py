@@ -735,6 +735,54 @@ def _lm_figures(rows: list[dict], title: str) -> list:
     return [_shared_rows_figure(labels, panels, title)]
 
 
+def _eval_figures(rows: list[dict], title: str) -> list:
+    """Per task and variant of accelops eval / bench_eval: the difference from the baseline
+    on the task's primary metric (points; a ratio for perplexity) with the issue's target,
+    and the deployed size."""
+    rows = [r for r in rows if r.get("delta") is not None and r.get("task")]
+    if not rows:
+        return []
+    labels = [r["label"] or r["method"] for r in rows]
+    points = {i: r for i, r in enumerate(rows) if r.get("delta_unit") == "points"}
+    ratios = {i: r for i, r in enumerate(rows) if r.get("delta_unit") == "ratio"}
+    panels = []
+    for part, unit, line in ((points, "points", 0.0), (ratios, "ratio", 1.0)):
+        if part:
+            panels.append(
+                {
+                    "title": f"primary metric vs the baseline ({unit})",
+                    "xlabel": "candidate - baseline, points (higher is better)"
+                    if unit == "points"
+                    else "perplexity / baseline's (lower is better)",
+                    "groups": [
+                        ("delta", "tab:blue", "o", {i: r["delta"] for i, r in part.items()}),
+                        (
+                            "the issue's target (at least / at most)",
+                            "tab:red",
+                            "x",
+                            {
+                                i: (-r["target"] if unit == "points" else r["target"])
+                                for i, r in part.items()
+                                if r.get("target") is not None
+                            },
+                        ),
+                    ],
+                    "line": line,
+                    "legend": True,
+                    "dodge": False,
+                }
+            )
+    panels.append(
+        {
+            "title": "deployed size",
+            "xlabel": "MiB (weights as deployed)",
+            "bars": True,
+            "groups": [("deployed", "tab:green", "s", {i: _mib(r.get("deployed_bytes")) for i, r in enumerate(rows)})],
+        }
+    )
+    return [_shared_rows_figure(labels, panels, title)]
+
+
 def _by_rank(rows: list[dict], key_of, field, scale=None) -> list[tuple]:
     """One group per rank: {row of the key: the rank's value}."""
     keys = list(dict.fromkeys(key_of(r) for r in rows))
@@ -832,7 +880,13 @@ def _scaleout_figures(rows: list[dict], title: str) -> list:
 
 
 # Families whose rows carry no median time: a view of what they do carry.
-METRIC_FIGURES = {"hpo": _hpo_figures, "lm": _lm_figures, "plan": _plan_figures, "scaleout": _scaleout_figures}
+METRIC_FIGURES = {
+    "hpo": _hpo_figures,
+    "lm": _lm_figures,
+    "eval": _eval_figures,
+    "plan": _plan_figures,
+    "scaleout": _scaleout_figures,
+}
 
 
 # --------------------------------------------------------------------------- the page

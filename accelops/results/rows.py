@@ -30,6 +30,7 @@ CONFIG_FIELDS = {
     "ffn": ("T", "D", "H", "activation", "dtype", "mode"),
     "hpo": ("problem", "kind", "observations", "total_budget"),
     "lm": ("setup", "data"),
+    "eval": ("task", "split", "metric", "model_config", "train_config", "seeds", "vocab_size"),
     "optim": ("case", "params", "shape", "dtype", "model"),
     "scaleout": ("model", "params", "ranks", "batch", "seq_len", "precision"),
 }
