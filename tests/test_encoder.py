@@ -20,14 +20,7 @@ from accelops.models import (
 from accelops.nn import Int8Linear, TernaryLinear
 from accelops.sharing import share_parameters
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one thread is much faster than two spinning on shared cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.one_thread
 
 
 VOCAB = 50

@@ -36,13 +36,7 @@ from accelops.train.run import run
 from .helpers import rank_results, run_forked_ranks
 from .test_train import SEQ, TEXT, TRAIN, VAL, VOCAB, _config, _csv_losses, losses, make_trainer, params, tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.one_thread
 
 
 def _csv_rows(log_dir):
