@@ -391,16 +391,8 @@ def run(cfg: common.Config, data_path: Path | None = None, steps: int | None = N
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    for flag, env in (("--data", "ACCELOPS_BENCH_LM_DATA"), ("--steps", "ACCELOPS_BENCH_LM_STEPS")):
-        if flag in argv:
-            i = argv.index(flag)
-            if i + 1 >= len(argv):
-                print(f"{flag} needs a value", file=sys.stderr)
-                return 2
-            os.environ[env] = argv[i + 1]
-            del argv[i : i + 2]
-    return common.family_main(__doc__, run, argv)
+    env_flags = {"--data": "ACCELOPS_BENCH_LM_DATA", "--steps": "ACCELOPS_BENCH_LM_STEPS"}
+    return common.family_main(__doc__, run, argv, env_flags)
 
 
 if __name__ == "__main__":
