@@ -23,8 +23,9 @@ class CausalSelfAttention(nn.Module):
     and k (None: none, the positions come from a learned embedding). sub_norm: a norm on
     the attention output before o_proj (BitNet's attn_sub_norm).
 
-    causal: the class's flag; the encoder's BidirectionalSelfAttention sets it False (every
-    position attends to every key the mask allows; no KV cache)."""
+    causal: the class's flag; the encoder's BidirectionalSelfAttention sets it False: every
+    position attends to every key the mask allows (forward's mask [batch, 1, 1, t], True =
+    the key is a real token, or None: every key is), and there is no KV cache."""
 
     causal = True
 
@@ -57,12 +58,11 @@ class CausalSelfAttention(nn.Module):
         None). cache (generation: a KVCache layer view): with mask None, x is a prompt from
         position 0, attended causally and written to the cache; with mask [batch, 1, t, size]
         (True = may attend), x's keys/values are written at their positions and x attends to
-        the whole cache under the mask. Not causal: mask [batch, 1, 1, t] (True = the key is a
-        real token) or None (every key is)."""
-        if cache is not None and not self.causal:
-            raise ValueError("bidirectional attention takes no KV cache: it reads the whole sequence at once")
+        the whole cache under the mask."""
         b, t, _ = x.shape
         hd = self.head_dim
+        if cache is not None and not self.causal:
+            raise ValueError("bidirectional attention takes no KV cache: it reads the whole sequence at once")
         q = self.q_proj(x).view(b, t, self.n_heads, hd).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, hd).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, hd).transpose(1, 2)
