@@ -155,13 +155,15 @@ def build_model(setup: Setup, vocab_size: int, quant, sharing, seed: int):
     return model
 
 
-def train(model, setup: Setup, train_data, seed: int) -> dict:
-    """Trains with accelops.train.Trainer (AdamW, cosine schedule with warm-up) -> train
-    stats. No evaluation inside: every variant is evaluated the same way afterwards."""
+def train(model, setup: Setup, train_data, seed: int, optimizer=None) -> dict:
+    """Trains with accelops.train.Trainer (optimizer, default AdamW; cosine schedule with
+    warm-up) -> train stats. No evaluation inside: every variant is evaluated the same way
+    afterwards. bench_optim trains its optimizers through this too."""
     from accelops.train import Trainer
     from accelops.train.config import build_scheduler
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=setup.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=setup.lr, betas=(0.9, 0.95), weight_decay=0.1)
     scheduler = build_scheduler(
         optimizer, {"name": "cosine", "warmup_steps": setup.warmup_steps, "min_lr_ratio": 0.1}, setup.steps
     )
