@@ -62,6 +62,21 @@ def grads_after_backward(model, x):
     return y.detach(), grads
 
 
+def compiled_matches(model, x, backend: str = "eager", tol: float | None = None):
+    """torch.compile(model, fullgraph=True, backend=backend) gives the model's own output and
+    gradients (grads_after_backward): bit for bit, or within rtol 1e-5 / atol `tol` when tol
+    is given -> the compiled model."""
+    y, grads = grads_after_backward(model, x)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    y_c, grads_c = grads_after_backward(compiled, x)
+    for a, b in zip([y_c, *grads_c], [y, *grads]):
+        if tol is None:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=tol)
+    return compiled
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
