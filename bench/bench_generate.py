@@ -807,19 +807,12 @@ def main(argv=None) -> int:
     if argv[:1] == ["--worker"]:
         print(json.dumps(worker(json.loads(argv[1]))))
         return 0
-    for flag, env in (
-        ("--shape", "ACCELOPS_BENCH_GENERATE_SHAPE"),
-        ("--engines", "ACCELOPS_BENCH_GENERATE_ENGINES"),
-        ("--batch", "ACCELOPS_BENCH_GENERATE_BATCH"),
-    ):
-        if flag in argv:
-            i = argv.index(flag)
-            if i + 1 >= len(argv):
-                print(f"{flag} needs a value", file=sys.stderr)
-                return 2
-            os.environ[env] = argv[i + 1]
-            del argv[i : i + 2]
-    return common.family_main(__doc__, run, argv)
+    env_flags = {
+        "--shape": "ACCELOPS_BENCH_GENERATE_SHAPE",
+        "--engines": "ACCELOPS_BENCH_GENERATE_ENGINES",
+        "--batch": "ACCELOPS_BENCH_GENERATE_BATCH",
+    }
+    return common.family_main(__doc__, run, argv, env_flags)
 
 
 if __name__ == "__main__":

@@ -155,13 +155,15 @@ def build_model(setup: Setup, vocab_size: int, quant, sharing, seed: int):
     return model
 
 
-def train(model, setup: Setup, train_data, seed: int) -> dict:
-    """Trains with accelops.train.Trainer (AdamW, cosine schedule with warm-up) -> train
-    stats. No evaluation inside: every variant is evaluated the same way afterwards."""
+def train(model, setup: Setup, train_data, seed: int, optimizer=None) -> dict:
+    """Trains with accelops.train.Trainer (optimizer, default AdamW; cosine schedule with
+    warm-up) -> train stats. No evaluation inside: every variant is evaluated the same way
+    afterwards. bench_optim trains its optimizers through this too."""
     from accelops.train import Trainer
     from accelops.train.config import build_scheduler
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=setup.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=setup.lr, betas=(0.9, 0.95), weight_decay=0.1)
     scheduler = build_scheduler(
         optimizer, {"name": "cosine", "warmup_steps": setup.warmup_steps, "min_lr_ratio": 0.1}, setup.steps
     )
@@ -391,16 +393,8 @@ def run(cfg: common.Config, data_path: Path | None = None, steps: int | None = N
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    for flag, env in (("--data", "ACCELOPS_BENCH_LM_DATA"), ("--steps", "ACCELOPS_BENCH_LM_STEPS")):
-        if flag in argv:
-            i = argv.index(flag)
-            if i + 1 >= len(argv):
-                print(f"{flag} needs a value", file=sys.stderr)
-                return 2
-            os.environ[env] = argv[i + 1]
-            del argv[i : i + 2]
-    return common.family_main(__doc__, run, argv)
+    env_flags = {"--data": "ACCELOPS_BENCH_LM_DATA", "--steps": "ACCELOPS_BENCH_LM_STEPS"}
+    return common.family_main(__doc__, run, argv, env_flags)
 
 
 if __name__ == "__main__":

@@ -206,32 +206,10 @@ def _lm_setup(quick: bool):
 
 
 def _train_lm(model, opt, setup, train_data, seed):
-    from accelops.train import Trainer
-    from accelops.train.config import build_scheduler
+    import bench_lm
 
-    scheduler = build_scheduler(
-        opt, {"name": "cosine", "warmup_steps": setup.warmup_steps, "min_lr_ratio": 0.1}, setup.steps
-    )
-    trainer = Trainer(
-        model,
-        opt,
-        train_data,
-        None,
-        scheduler=scheduler,
-        max_steps=setup.steps,
-        eval_every=None,
-        batch_size=setup.batch_size,
-        grad_clip=1.0,
-        seed=seed,
-        log_every=setup.log_every,
-        progress=sys.stderr.isatty(),
-        distributed=False,
-    )
-    try:
-        result = trainer.fit()
-    finally:
-        trainer.close()
-    return {"train_loss": result["loss"], "train_s": trainer.history[-1]["elapsed_s"]}
+    stats = bench_lm.train(model, setup, train_data, seed, optimizer=opt)
+    return {"train_loss": stats["train_loss"], "train_s": stats["train_s"]}
 
 
 def run_lm(cfg, meta, threads, out_path) -> list[dict]:

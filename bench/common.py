@@ -722,11 +722,22 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def family_main(doc: str, run, argv=None) -> int:
-    """The command line of one bench_<family>.py run on its own: common flags, run, report."""
+def family_main(doc: str, run, argv=None, env_flags: dict[str, str] | None = None) -> int:
+    """The command line of one bench_<family>.py run on its own: common flags, run, report.
+    env_flags: the family's own flags, each taking a value that is put in an environment
+    variable ({"--steps": "ACCELOPS_BENCH_LM_STEPS"}): run(cfg) reads the variable, so
+    `bench/run.py` (which has no such flags) sets the same thing from the environment."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    cfg = config_from_args(parser.parse_args(argv))
+    env_flags = env_flags or {}
+    for flag, env in env_flags.items():
+        parser.add_argument(flag, dest=f"env:{env}", metavar=flag.lstrip("-").upper(), help=f"sets {env}")
+    args = parser.parse_args(argv)
+    for env in env_flags.values():
+        value = getattr(args, f"env:{env}")
+        if value is not None:
+            os.environ[env] = value
+    cfg = config_from_args(args)
     return report(cfg, [run(cfg)])
 
 

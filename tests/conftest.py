@@ -82,6 +82,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(request):
+    """A module marked `pytestmark = pytest.mark.one_thread` runs on one OpenMP thread, its
+    module-scoped fixtures included. Steps of the tiny models these modules train take
+    milliseconds on one thread; with two OpenMP threads on a machine whose 2 cores are
+    shared with other jobs they take 20-100x longer (spinning)."""
+    if request.node.get_closest_marker("one_thread") is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- test tiers
 # `make test-fast` deselects these (-m "not slow and not distributed and not ray"); `make
 # test` (CI) runs everything. Marked here, by file and by name, rather than test by test, so

@@ -1,5 +1,5 @@
 """Shared test helpers: inputs with known quantization, error bounds from eager's own error,
-and forked multi-rank runs."""
+forked multi-rank runs, and the tiny Hugging Face config."""
 
 import os
 import pickle
@@ -9,6 +9,25 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+
+def tiny_hf_config(config_cls, vocab_size: int, **overrides):
+    """config_cls (transformers' LlamaConfig, BitNetConfig, ...) at the tiny shape the
+    Hugging Face tests share: hidden 32, FFN 48, 2 layers of 4 heads over 2 key/value heads,
+    64 positions, BOS 1, no EOS, PAD 0; overrides change any of it."""
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return config_cls(**{**settings, **overrides})
 
 
 def integer_rows(m: int, k: int, *, lead=(), dtype=torch.float32) -> torch.Tensor:
@@ -41,6 +60,21 @@ def grads_after_backward(model, x):
     grads = [x.grad] + [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     return y.detach(), grads
+
+
+def compiled_matches(model, x, backend: str = "eager", tol: float | None = None):
+    """torch.compile(model, fullgraph=True, backend=backend) gives the model's own output and
+    gradients (grads_after_backward): bit for bit, or within rtol 1e-5 / atol `tol` when tol
+    is given -> the compiled model."""
+    y, grads = grads_after_backward(model, x)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    y_c, grads_c = grads_after_backward(compiled, x)
+    for a, b in zip([y_c, *grads_c], [y, *grads]):
+        if tol is None:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=tol)
+    return compiled
 
 
 def free_port() -> int:

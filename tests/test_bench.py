@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
     "ternary",
@@ -412,6 +414,29 @@ def test_layers_bench_quick(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     check_layers_quick(tmp_path)
+
+
+def test_family_main_puts_a_familys_own_flags_in_the_environment(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    env_flags = {"--steps": "ACCELOPS_TEST_STEPS", "--data": "ACCELOPS_TEST_DATA"}
+    for env in env_flags.values():
+        monkeypatch.delenv(env, raising=False)  # and restored to unset afterwards
+    seen = []
+
+    def run(cfg):
+        seen.append({env: os.environ.get(env) for env in env_flags.values()})
+        return common.FamilyResult("envflags", "summary\n", [], [])
+
+    common_args = ["--results-dir", str(tmp_path), "--no-db", "--threads", "1"]
+    assert common.family_main("doc", run, ["--steps", "7", *common_args], env_flags) == 0
+    assert seen == [{"ACCELOPS_TEST_STEPS": "7", "ACCELOPS_TEST_DATA": None}]
+    with pytest.raises(SystemExit) as exc:  # a flag without its value: argparse's usage error
+        common.family_main("doc", run, [*common_args, "--steps"], env_flags)
+    assert exc.value.code == 2 and "--steps" in capsys.readouterr().err and len(seen) == 1
 
 
 def test_hpo_bench_accounting():

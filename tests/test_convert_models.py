@@ -181,6 +181,29 @@ def test_filter_must_agree_on_a_fused_ffn():
     assert model.blocks[0].ffn.quant is None
 
 
+def test_fused_ffn_with_a_tied_projection_is_skipped_unless_untie():
+    """A copying mode would leave a quantized copy beside the float weight another module
+    reads: the FFN is skipped with the projection named, or converted with untie=True."""
+
+    def model():
+        torch.manual_seed(0)
+        m = nn.Module()
+        m.ffn = FusedFFN(16, 32)
+        m.reader = nn.Embedding(32, 16)  # [32, 16], the shape of up_proj's weight
+        m.reader.weight = m.ffn.up_proj.weight
+        return m
+
+    report = convert(model(), "int8")
+    why = dict(report.skipped)["ffn"]
+    assert why.startswith("up_proj.weight is tied to reader.weight") and "untie=True" in why
+    m = model()
+    report = convert(m, "int8", untie=True)
+    assert [s.fqn for s in report.swapped] == ["ffn"] and m.ffn.quant == "int8"
+    m = model()
+    convert(m, "bitlinear")  # shares the Parameter: the tie survives, nothing to refuse
+    assert m.ffn.quant == "bitlinear" and m.ffn.up_proj.weight is m.reader.weight
+
+
 # --------------------------------------------------------------------------- 3. Conv1D
 
 

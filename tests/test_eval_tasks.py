@@ -22,14 +22,7 @@ from accelops.models import (  # noqa: E402
     TransformerLMConfig,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one thread is much faster than two spinning on shared cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.one_thread
 
 
 class Oracle(nn.Module):

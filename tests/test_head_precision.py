@@ -26,6 +26,8 @@ from accelops.nn import (
     count_parameters,
 )
 
+from .helpers import tiny_hf_config
+
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
@@ -52,21 +54,7 @@ def bitnet_tlm(tie=True, seed=0):
 
 def hf_bitnet(tie=True, seed=0):
     torch.manual_seed(seed)
-    model = transformers.BitNetForCausalLM(
-        transformers.BitNetConfig(
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            bos_token_id=1,
-            eos_token_id=None,
-            pad_token_id=0,
-            tie_word_embeddings=tie,
-        )
-    ).eval()
+    model = transformers.BitNetForCausalLM(tiny_hf_config(transformers.BitNetConfig, V, tie_word_embeddings=tie)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name:

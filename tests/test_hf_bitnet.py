@@ -10,27 +10,17 @@ import torch
 from accelops.models import TransformerLM, TransformerLMConfig
 from accelops.models.hf import config_from_hf_bitnet, hf_bitnet_name
 
+from .helpers import tiny_hf_config
+
 transformers = pytest.importorskip("transformers")
 
 V = 61
 
 
 def hf_bitnet(tie=False, seed=0, **kw):
-    cfg = dict(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=tie,
-    )
-    cfg.update(kw)
+    cfg = tiny_hf_config(transformers.BitNetConfig, V, eos_token_id=2, pad_token_id=None, tie_word_embeddings=tie, **kw)
     torch.manual_seed(seed)
-    model = transformers.BitNetForCausalLM(transformers.BitNetConfig(**cfg)).eval()
+    model = transformers.BitNetForCausalLM(cfg).eval()
     # transformers initialises the norms to 1 and the projections small: random values
     # everywhere, so a weight loaded into the wrong place shows in the logits
     with torch.no_grad():

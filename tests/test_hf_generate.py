@@ -9,43 +9,19 @@ import torch
 import accelops
 from accelops.nn import Int8Linear, TernaryLinear
 
+from .helpers import tiny_hf_config
+
 transformers = pytest.importorskip("transformers")
 
 V = 53
 
 
 def llama():
-    return transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            bos_token_id=1,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    )
+    return transformers.LlamaForCausalLM(tiny_hf_config(transformers.LlamaConfig, V))
 
 
 def bitnet():
-    return transformers.BitNetForCausalLM(
-        transformers.BitNetConfig(
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            bos_token_id=1,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    )
+    return transformers.BitNetForCausalLM(tiny_hf_config(transformers.BitNetConfig, V))
 
 
 def greedy_without_cache(model, ids, n):

@@ -10,7 +10,6 @@ import pickle
 import random
 
 import pytest
-import torch
 
 from accelops import hpo
 from accelops.train import load_char_corpus
@@ -20,12 +19,7 @@ from accelops.train.hpo_objective import TrainObjective, apply_hyperparameters
 WORDS = ["the", "king", "and", "queen", "of", "a", "fair", "night", "to", "be", "or", "not", "my", "lord"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.one_thread
 
 
 def base_config(tmp_path):

@@ -39,12 +39,7 @@ CYCLE = "quant bf16\n"
 SEQ = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a contended second OpenMP thread only slows them
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.one_thread
 
 
 def _config(tmp_path, **train):

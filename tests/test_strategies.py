@@ -40,12 +40,7 @@ LOSS_REL = 1e-5
 W_RTOL, W_ATOL = 1e-5, 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.one_thread
 
 
 def _env(rank, world, port):

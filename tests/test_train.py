@@ -60,14 +60,18 @@ TRAIN = TokenWindows(IDS[:540], SEQ)
 VAL = TokenWindows(IDS[540:], SEQ, stride=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Steps of these tiny models take milliseconds on one thread; with two OpenMP threads on
-    # a machine whose 2 cores are shared with other jobs they take 20-100x longer (spinning).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.one_thread
+
+
+@pytest.fixture(scope="module")
+def threads_at_module_setup():
+    return torch.get_num_threads()
+
+
+def test_one_thread_marker_covers_module_fixtures(threads_at_module_setup):
+    # conftest's module-scoped autouse fixture runs before the module's own fixtures
+    assert threads_at_module_setup == 1
+    assert torch.get_num_threads() == 1
 
 
 def tiny_model(seed=0, dropout=0.1, kind="transformer"):

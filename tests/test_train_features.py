@@ -36,13 +36,7 @@ from accelops.train.run import run
 from .helpers import rank_results, run_forked_ranks
 from .test_train import SEQ, TEXT, TRAIN, VAL, VOCAB, _config, _csv_losses, losses, make_trainer, params, tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.one_thread
 
 
 def _csv_rows(log_dir):
@@ -111,6 +105,38 @@ def test_lr_find_sweeps_suggests_and_restores_everything(tmp_path):
     path = res.plot(tmp_path / "sub" / "lr.png")
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    """What the trainer saves per rank and lr_find restores: every generator draws again
+    what it drew after the state was taken, after torch.save / torch.load(weights_only=True)."""
+    from accelops.train.rng import rng_state, seed_everything, set_rng_state
+
+    np = pytest.importorskip("numpy")
+    seed_everything(3)
+    torch.save(rng_state(torch.device("cpu")), tmp_path / "rng.pt")
+    first = (torch.rand(4), random.random(), np.random.rand(4))
+    seed_everything(4)  # elsewhere
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), torch.device("cpu"))
+    again = (torch.rand(4), random.random(), np.random.rand(4))
+    assert torch.equal(first[0], again[0]) and first[1] == again[1] and (first[2] == again[2]).all()
+
+
+def test_metrics_files_add_columns_and_continue_from_a_step(tmp_path):
+    from accelops.train.metrics_files import CSV_FIELDS, MetricsFiles
+
+    files = MetricsFiles(str(tmp_path), 0)
+    files.write([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}])
+    files.write([{"step": 3, "loss": 1.0, "lr-group1": 0.1}])  # a new column: the file is rewritten
+    files.close()
+    files.close()  # a second close does nothing
+    rows = _csv_rows(tmp_path)
+    assert [r["step"] for r in rows] == ["1", "2", "3"] and rows[0]["lr-group1"] == "" and rows[2]["lr-group1"] == "0.1"
+    files = MetricsFiles(str(tmp_path), 2)  # resumed from step 2: step 3 is written again
+    files.close()
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert next(csv.reader(f)) == [*CSV_FIELDS, "lr-group1"]
+    assert [r["step"] for r in _csv_rows(tmp_path)] == ["1", "2"]
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])

@@ -2,11 +2,11 @@
 padding mask), with heads for sequence classification, token classification and answer
 spans.
 
-The same TransformerLMConfig and the same blocks as the decoder: TransformerBlock with its
-attention swapped for BidirectionalSelfAttention, a subclass of CausalSelfAttention that
-keeps its projections (q_proj .. o_proj, the layers config.quant picks, grouped-query
-heads, rotary embeddings, BitNet's sub-layer norm) and only changes what may attend to
-what. So every quant mode (config.quant for training; accelops.convert / to_int8 for
+The same TransformerLMConfig, blocks and embedding-to-norm pass as the decoder:
+TransformerBlock with BidirectionalSelfAttention as its attention, CausalSelfAttention with
+its `causal` flag off, which keeps its projections (q_proj .. o_proj, the layers
+config.quant picks, grouped-query heads, rotary embeddings, BitNet's sub-layer norm) and
+only changes what may attend to what. So every quant mode (config.quant for training; accelops.convert / to_int8 for
 deployment) and every sharing strategy (accelops.sharing finds model.blocks) applies as it
 does to the decoder.
 
@@ -24,8 +24,8 @@ from torch import nn
 from ..nn import count_parameters
 from ._base import LanguageModel
 from .config import TransformerLMConfig
-from .layers import apply_rope, make_norm, rope_cos_sin
-from .transformer import CausalSelfAttention, TransformerBlock
+from .layers import make_norm
+from .transformer import CausalSelfAttention, TransformerBlock, TransformerLM
 
 __all__ = [
     "BidirectionalSelfAttention",
@@ -48,31 +48,7 @@ class BidirectionalSelfAttention(CausalSelfAttention):
     mask): mask [batch, 1, 1, t] (True = the key is a real token) or None (every key is);
     cache must be None (an encoder reads its whole input at once)."""
 
-    def forward(self, x: torch.Tensor, rope=None, cache=None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if cache is not None:
-            raise ValueError("an encoder's attention takes no KV cache: it reads the whole sequence at once")
-        b, t, _ = x.shape
-        hd = self.head_dim
-        q = self.q_proj(x).view(b, t, self.n_heads, hd).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, hd).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, hd).transpose(1, 2)
-        if self.rope_theta is not None:
-            if rope is None:
-                rope = rope_cos_sin(torch.arange(t, device=x.device), hd, self.rope_theta, q.dtype)
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=False,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
-        y = y.transpose(1, 2).reshape(b, t, self.dim)
-        if self.attn_sub_norm is not None:
-            y = self.attn_sub_norm(y)
-        return self.o_proj(y)
+    causal = False
 
 
 class EncoderBlock(TransformerBlock):
@@ -80,21 +56,7 @@ class EncoderBlock(TransformerBlock):
     bidirectional attention. Same parameter names as the decoder's block, so a decoder's
     block weights load into it."""
 
-    def __init__(self, cfg: TransformerLMConfig):
-        super().__init__(cfg)
-        causal = self.attn
-        # Rebuilt from the same arguments rather than re-classed in place: the attention's
-        # sub-norm is rebuilt too, and the block's other parts stay the decoder's.
-        self.attn = BidirectionalSelfAttention(
-            cfg.dim,
-            cfg.n_heads,
-            cfg.quant,
-            cfg.attention_bias,
-            cfg.dropout,
-            n_kv_heads=cfg.kv_heads,
-            rope_theta=causal.rope_theta,
-            sub_norm=make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cfg.attn_sub_norm else None,
-        )
+    attention_cls = BidirectionalSelfAttention
 
 
 class TransformerEncoder(nn.Module):
@@ -134,6 +96,8 @@ class TransformerEncoder(nn.Module):
     _check_tokens = LanguageModel._check_tokens
     init_weights = LanguageModel.init_weights
     to_int8 = LanguageModel.to_int8
+    # The decoder's embedding, blocks and final norm, with no cache: the same attributes.
+    _hidden = TransformerLM._hidden
 
     def parameter_count(self):
         return count_parameters(self)
@@ -155,18 +119,8 @@ class TransformerEncoder(nn.Module):
         (pad on the right to keep a row's positions those of the unpadded row)."""
         self._check_tokens("tokens", tokens)
         mask = self._mask(tokens, attention_mask)
-        t = tokens.shape[1]
-        pos = torch.arange(t, device=tokens.device)
-        x = self.tok_emb(tokens)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(pos)
-        x = self.drop(x)
-        cfg = self.config
-        rope = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype) if cfg.pos_emb == "rope" else None
         attn_mask = None if mask is None else mask[:, None, None, :]  # [batch, 1, 1 (queries), keys]
-        for block in self.blocks:
-            x = block(x, rope, None, attn_mask)
-        return self.norm(x)
+        return self._hidden(tokens, mask=attn_mask)
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.encode(tokens, attention_mask)
@@ -188,20 +142,11 @@ def _check_labels(labels, shape, name: str = "labels") -> torch.Tensor:
     return labels.long()
 
 
-class EncoderForSequenceClassification(TransformerEncoder):
-    """One label a sequence: the hidden states pooled over the real tokens ("mean", the
-    default: robust for small models trained briefly; or "first": the first token's, BERT's
-    [CLS] reading, for inputs that start with BOS), dropout, then `classifier`
-    (dim -> num_labels). forward(tokens, attention_mask=None, labels=None) -> logits
-    [batch, num_labels], or (logits, mean cross-entropy) with labels [batch]."""
+class _EncoderWithClassifier(TransformerEncoder):
+    """An encoder whose head is dropout, then `classifier` (dim -> num_labels)."""
 
-    head_kind = "sequence"
-
-    def __init__(self, config: TransformerLMConfig, num_labels: int, pooling: str = "mean"):
+    def __init__(self, config: TransformerLMConfig, num_labels: int):
         self.num_labels = _check_num_labels(num_labels)
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        self.pooling = pooling
         super().__init__(config)
 
     def _build_head(self) -> None:
@@ -212,6 +157,23 @@ class EncoderForSequenceClassification(TransformerEncoder):
         # accelops.convert keeps the output head in its precision in the ternary modes (as
         # BitNet keeps the LM head): this is that head.
         return self.classifier
+
+
+class EncoderForSequenceClassification(_EncoderWithClassifier):
+    """One label a sequence: the hidden states pooled over the real tokens ("mean", the
+    default: robust for small models trained briefly; or "first": the first token's, BERT's
+    [CLS] reading, for inputs that start with BOS), dropout, then `classifier`
+    (dim -> num_labels). forward(tokens, attention_mask=None, labels=None) -> logits
+    [batch, num_labels], or (logits, mean cross-entropy) with labels [batch]."""
+
+    head_kind = "sequence"
+
+    def __init__(self, config: TransformerLMConfig, num_labels: int, pooling: str = "mean"):
+        _check_num_labels(num_labels)  # first, as the other arguments' checks
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
+        super().__init__(config, num_labels)
 
     def pool(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.pooling == "first":
@@ -230,24 +192,13 @@ class EncoderForSequenceClassification(TransformerEncoder):
         return logits, F.cross_entropy(logits.float(), labels)
 
 
-class EncoderForTokenClassification(TransformerEncoder):
+class EncoderForTokenClassification(_EncoderWithClassifier):
     """One label a token: dropout, then `classifier` (dim -> num_labels) on every position.
     forward(tokens, attention_mask=None, labels=None) -> logits [batch, seq, num_labels], or
     (logits, mean cross-entropy over the labels that are not -100) with labels [batch, seq]
     (-100 for padding and for the second and later pieces of a word)."""
 
     head_kind = "token"
-
-    def __init__(self, config: TransformerLMConfig, num_labels: int):
-        self.num_labels = _check_num_labels(num_labels)
-        super().__init__(config)
-
-    def _build_head(self) -> None:
-        self.head_drop = nn.Dropout(self.config.dropout)
-        self.classifier = nn.Linear(self.config.dim, self.num_labels)
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.classifier
 
     def forward(self, tokens, attention_mask=None, labels=None):
         logits = self.classifier(self.head_drop(self.encode(tokens, attention_mask)))

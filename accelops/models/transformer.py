@@ -21,7 +21,13 @@ class CausalSelfAttention(nn.Module):
     n_kv_heads < n_heads: grouped-query attention (k_proj / v_proj give n_kv_heads heads,
     each shared by n_heads / n_kv_heads query heads). rope_theta: rotary embeddings on q
     and k (None: none, the positions come from a learned embedding). sub_norm: a norm on
-    the attention output before o_proj (BitNet's attn_sub_norm)."""
+    the attention output before o_proj (BitNet's attn_sub_norm).
+
+    causal: the class's flag; the encoder's BidirectionalSelfAttention sets it False: every
+    position attends to every key the mask allows (forward's mask [batch, 1, 1, t], True =
+    the key is a real token, or None: every key is), and there is no KV cache."""
+
+    causal = True
 
     def __init__(
         self,
@@ -55,6 +61,8 @@ class CausalSelfAttention(nn.Module):
         the whole cache under the mask."""
         b, t, _ = x.shape
         hd = self.head_dim
+        if cache is not None and not self.causal:
+            raise ValueError("bidirectional attention takes no KV cache: it reads the whole sequence at once")
         q = self.q_proj(x).view(b, t, self.n_heads, hd).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, hd).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, hd).transpose(1, 2)
@@ -67,7 +75,11 @@ class CausalSelfAttention(nn.Module):
             if cache is not None:
                 cache.update(k, v)
             y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True, enable_gqa=gqa
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal, enable_gqa=gqa
+            )
+        elif cache is None:  # not causal, under a padding mask
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa
             )
         else:
             k, v = cache.update(k, v)
@@ -84,12 +96,15 @@ class CausalSelfAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm: x + attn(norm1(x)), then + ffn(norm2(x)); dropout on each branch."""
+    """Pre-norm: x + attn(norm1(x)), then + ffn(norm2(x)); dropout on each branch.
+    attention_cls: the attention's class (the encoder's EncoderBlock: bidirectional)."""
+
+    attention_cls = CausalSelfAttention
 
     def __init__(self, cfg: TransformerLMConfig):
         super().__init__()
         self.norm1 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
-        self.attn = CausalSelfAttention(
+        self.attn = self.attention_cls(
             cfg.dim,
             cfg.n_heads,
             cfg.quant,

@@ -298,6 +298,23 @@ class _Planner:
                     return name
         return None
 
+    def _tie(self, module: nn.Module, copies: bool, what: str = "its weight") -> tuple[str | None, str]:
+        """(why to skip, note) for a layer whose weight may be tied to another module's. A
+        conversion that `copies` the weight (a quantized copy beside the float one) would
+        silently untie the two: skipped unless untie=True. One that shares the Parameter keeps
+        the tie, and says so."""
+        tied = self._tied_to(module, [module.weight])
+        if tied is None:
+            return None, ""
+        if not copies:
+            return None, f"still tied to {tied}.weight (the new layer shares the Parameter)"
+        if not self.untie:
+            return (
+                f"{what} is tied to {tied}.weight; converting it would untie the two (a quantized "
+                "copy beside the float weight); untie=True converts it anyway"
+            ), ""
+        return None, f"untied from {tied}.weight (untie=True)"
+
     # --- the walk
     def walk(self, parent: nn.Module, prefix: str, visited: set) -> None:
         if id(parent) in visited:
@@ -394,21 +411,9 @@ class _Planner:
         if not self._ask_filter(m, fqn):
             return "skip", "filter returned False", ""
         copying = mode in _COPYING
-        tied = self._tied_to(m, [m.weight])
-        if tied is not None and (copying or conv) and not self.untie:
-            return (
-                "skip",
-                (
-                    f"its weight is tied to {tied}.weight; converting it would untie the two (a quantized "
-                    "copy beside the float weight); untie=True converts it anyway"
-                ),
-                "",
-            )
-        note = ""
-        if tied is not None and (copying or conv):
-            note = f"untied from {tied}.weight (untie=True)"
-        elif tied is not None:
-            note = f"still tied to {tied}.weight (the new layer shares the Parameter)"
+        why, note = self._tie(m, copying or conv)
+        if why is not None:
+            return "skip", why, ""
         if conv:
             extra = "Conv1D weight transposed into a new Parameter" if not copying else "from Conv1D"
             note = f"{note}; {extra}" if note else extra
@@ -424,19 +429,8 @@ class _Planner:
 
     def _untie_or_skip(self, m, make):
         """A training layer into its inference form (a quantized copy): refuse to untie silently."""
-        tied = self._tied_to(m, [m.weight])
-        if tied is None:
-            return "swap", make, ""
-        if not self.untie:
-            return (
-                "skip",
-                (
-                    f"its weight is tied to {tied}.weight; converting it would untie the two (a quantized "
-                    "copy beside the float weight); untie=True converts it anyway"
-                ),
-                "",
-            )
-        return "swap", make, f"untied from {tied}.weight (untie=True)"
+        why, note = self._tie(m, copies=True)
+        return ("skip", why, "") if why is not None else ("swap", make, note)
 
     def _maker(self, m, source):
         mode, per_channel, qat = self.mode, self.per_channel, self.qat
@@ -487,16 +481,9 @@ class _Planner:
             return "skip", "filter returned False for its projections", ""
         copying = target in ("ternary", "int8")
         for n, p in projections:
-            tied = self._tied_to(p, [p.weight])
-            if tied is not None and copying and not self.untie:
-                return (
-                    "skip",
-                    (
-                        f"{n}.weight is tied to {tied}.weight; converting would untie them; untie=True "
-                        "converts it anyway"
-                    ),
-                    "",
-                )
+            why, _ = self._tie(p, copying, f"{n}.weight")
+            if why is not None:
+                return "skip", why, ""
         per_channel = ffn.per_channel if q == "bitlinear" else self.per_channel
         kw = {"qat_weight": self.qat["weight"], "group_size": self.qat["group_size"]} if target == "qat-int8" else {}
 

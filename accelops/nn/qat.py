@@ -73,6 +73,20 @@ class _Int8QATLinear(torch.autograd.Function):
         return (*quantized_linear_backward(ctx, grad_y), None, None, None, None)
 
 
+def _per_tensor_act_fake_quant(device) -> FakeQuantize:
+    """activation="per_tensor": symmetric int8 fake-quant of the input, its range a moving
+    average (constant 0.01) of the batches' min / max."""
+    return FakeQuantize(
+        MovingAverageMinMaxObserver,
+        quant_min=-INT8_QMAX,
+        quant_max=INT8_QMAX,
+        dtype=torch.qint8,
+        qscheme=torch.per_tensor_symmetric,
+        averaging_constant=0.01,
+        device=device,
+    )
+
+
 class QATLinear(nn.Linear):
     """nn.Linear that trains through int8 (or int4-weight) fake quantization; see the module
     docstring for the exact scheme.
@@ -108,15 +122,7 @@ class QATLinear(nn.Linear):
         self.weight_bits = weight
         self.group_size = int(group_size)
         if activation == "per_tensor":
-            self.act_fake_quant = FakeQuantize(
-                MovingAverageMinMaxObserver,
-                quant_min=-INT8_QMAX,
-                quant_max=INT8_QMAX,
-                dtype=torch.qint8,
-                qscheme=torch.per_tensor_symmetric,
-                averaging_constant=0.01,
-                device=device,
-            )
+            self.act_fake_quant = _per_tensor_act_fake_quant(device)
         else:
             self.act_fake_quant = None
 
@@ -221,15 +227,7 @@ class QATLinear(nn.Linear):
         new.weight = linear.weight
         new.bias = linear.bias
         if new.act_fake_quant is not None:
-            new.act_fake_quant = FakeQuantize(
-                MovingAverageMinMaxObserver,
-                quant_min=-INT8_QMAX,
-                quant_max=INT8_QMAX,
-                dtype=torch.qint8,
-                qscheme=torch.per_tensor_symmetric,
-                averaging_constant=0.01,
-                device=linear.weight.device,
-            )
+            new.act_fake_quant = _per_tensor_act_fake_quant(linear.weight.device)
         new.train(linear.training)
         return new
 

@@ -11,7 +11,8 @@ checkpoint/ (checkpoint files, sharded checkpoint directories, the Checkpointer 
 and resumes); dist_env.py (the processes and the collectives the glue needs); config.py (an
 `accelops train` file: loading, checking, building); run.py (its command line);
 hpo_objective.py, ray_train.py, load.py, lr_find.py, callbacks.py, losses.py, data.py,
-batches.py, dirs.py, launch.py."""
+batches.py (the trainer's resumable batch stream), rng.py (the generators' states),
+metrics_files.py (metrics.csv and TensorBoard events), dirs.py, launch.py."""
 
 from .callbacks import EarlyStopping
 from .checkpoint import (

@@ -1,11 +1,68 @@
-"""Batches as the Trainer, its strategies and lr_find handle them: moving them to a device,
-counting their tokens, and the default loss of a model on one."""
+"""Batches as the Trainer, its strategies and lr_find handle them: the resumable stream the
+Trainer reads them from, moving them to a device, counting their tokens, and the default
+loss of a model on one."""
 
 from __future__ import annotations
 
-import torch
+import warnings
 
-__all__ = ["to_device", "to_cpu", "tokens_in", "default_loss"]
+import torch
+from torch.utils.data import DistributedSampler, default_collate
+
+__all__ = ["BatchStream", "to_device", "to_cpu", "tokens_in", "default_loss"]
+
+
+class BatchStream:
+    """Batches of a map-style dataset in DistributedSampler order (seeded by seed + epoch),
+    the position (epoch, batch) saved and restored, so a resumed run reads the very batches
+    the uninterrupted one would have. Every rank has the same number of batches an epoch
+    (the sampler pads); an incomplete last batch is dropped."""
+
+    def __init__(self, dataset, batch_size: int, rank: int, world: int, seed: int, shuffle: bool):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+        self.n_batches = len(self.sampler) // batch_size
+        if self.n_batches == 0:
+            raise ValueError(
+                f"train_data has {len(dataset)} samples: {len(self.sampler)} a rank over {world} "
+                f"rank(s), fewer than one batch of batch_size={batch_size}"
+            )
+        self.epoch = 0
+        self.index = 0
+        self._order = None
+
+    def next(self):
+        if self._order is None:
+            self.sampler.set_epoch(self.epoch)
+            self._order = list(self.sampler)
+        b = self.batch_size
+        batch = default_collate([self.dataset[i] for i in self._order[self.index * b : (self.index + 1) * b]])
+        self.index += 1
+        if self.index == self.n_batches:
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        return batch
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "batch_size": self.batch_size,
+            "n_batches": self.n_batches,
+            "dataset_len": len(self.dataset),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["dataset_len"] != len(self.dataset) or state["n_batches"] != self.n_batches:
+            warnings.warn(
+                f"the training data changed since the checkpoint ({state['dataset_len']} samples in "
+                f"{state['n_batches']} batches then, {len(self.dataset)} in {self.n_batches} now): "
+                "the data position is kept as (epoch, batch) but the run will not repeat the "
+                "uninterrupted one",
+                stacklevel=3,
+            )
+        self.epoch = int(state["epoch"])
+        self.index = min(int(state["index"]), self.n_batches - 1)
+        self._order = None
 
 
 def to_device(batch, device):

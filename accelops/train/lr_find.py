@@ -13,13 +13,13 @@ import contextlib
 import copy
 import math
 import os
-import random
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import default_collate
 
 from .losses import WeightedLoss
+from .rng import rng_state, set_rng_state
 
 __all__ = ["lr_find", "LRFindResult"]
 
@@ -75,30 +75,6 @@ class LRFindResult:
         os.makedirs(directory, exist_ok=True)
         fig.savefig(path, format="png")
         return path
-
-
-def _rng_snapshot(device):
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:
-        pass
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _rng_restore(state, device):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _suggest(lrs, losses, skip_start, skip_end):
@@ -195,7 +171,7 @@ def lr_find(
     # What comes back afterwards: weights (and buffers), optimizer state and lrs, RNGs, mode.
     saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
     saved_opt = copy.deepcopy(optimizer.state_dict())
-    saved_rng = _rng_snapshot(device)
+    saved_rng = rng_state(device)
     was_training = model.training
     original_device = next(model.parameters()).device
 
@@ -258,7 +234,7 @@ def lr_find(
         model.load_state_dict(saved_model)
         model.to(original_device)
         optimizer.load_state_dict(saved_opt)
-        _rng_restore(saved_rng, device)
+        set_rng_state(saved_rng, device)
         model.train(was_training)
         optimizer.zero_grad(set_to_none=True)
 

@@ -6,14 +6,12 @@ fp16), accelops compression hooks, and checkpoints that resume exactly
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import gc
 import io
 import logging
 import math
 import os
-import random
 import shutil
 import signal
 import threading
@@ -22,28 +20,22 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler, default_collate
+from torch.utils.data import default_collate
 
-from .batches import default_loss, to_device, tokens_in
+from .batches import BatchStream, default_loss, to_device, tokens_in
 from .callbacks import EarlyStopping, MLflowLogger, require_mlflow
 from .checkpoint import CHECKPOINT_FORMAT, Checkpointer
 from .dirs import DirectoryLock, DirectoryLocked, check_writable
 from .dist_env import DistEnv, collective_failure
 from .losses import WeightedLoss
+from .metrics_files import MetricsFiles
 from .parallel import TrainingSetup, make_strategy
+from .rng import rng_state, seed_everything, set_rng_state
 from .trainer_config import PRECISIONS, TrainerConfig
-
-try:
-    import numpy as np
-except ImportError:  # numpy is optional: its RNG is saved only when it is there
-    np = None
 
 __all__ = ["Trainer", "TrainerConfig", "PRECISIONS", "default_loss"]
 
 log = logging.getLogger("accelops.train")
-
-CSV_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "val_loss", "val_bpc")
-
 
 _HALT_SIGNAL, _HALT_LOG_ERROR = 1, 2  # why fit stops early (see Trainer._halt_agreed)
 
@@ -51,92 +43,8 @@ _HALT_SIGNAL, _HALT_LOG_ERROR = 1, 2  # why fit stops early (see Trainer._halt_a
 # --------------------------------------------------------------------------- helpers
 
 
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if np is not None:
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = {
-            "name": name,
-            "keys": torch.from_numpy(keys.astype("int64")),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_tuplify(state["python"]))
-    if np is not None and "numpy" in state:
-        s = state["numpy"]
-        np.random.set_state((s["name"], s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["gauss"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def _autocast(device_type: str, dtype):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device_type, dtype=dtype)
-
-
-def _tuplify(x):
-    # torch.save keeps tuples, but be lenient with states that passed through lists (JSON).
-    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-class _BatchStream:
-    """Batches of a map-style dataset in DistributedSampler order (seeded by seed + epoch),
-    the position (epoch, batch) saved and restored, so a resumed run reads the very batches
-    the uninterrupted one would have. Every rank has the same number of batches an epoch
-    (the sampler pads); an incomplete last batch is dropped."""
-
-    def __init__(self, dataset, batch_size: int, rank: int, world: int, seed: int, shuffle: bool):
-        self.dataset, self.batch_size = dataset, batch_size
-        self.sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
-        self.n_batches = len(self.sampler) // batch_size
-        if self.n_batches == 0:
-            raise ValueError(
-                f"train_data has {len(dataset)} samples: {len(self.sampler)} a rank over {world} "
-                f"rank(s), fewer than one batch of batch_size={batch_size}"
-            )
-        self.epoch = 0
-        self.index = 0
-        self._order = None
-
-    def next(self):
-        if self._order is None:
-            self.sampler.set_epoch(self.epoch)
-            self._order = list(self.sampler)
-        b = self.batch_size
-        batch = default_collate([self.dataset[i] for i in self._order[self.index * b : (self.index + 1) * b]])
-        self.index += 1
-        if self.index == self.n_batches:
-            self.epoch, self.index, self._order = self.epoch + 1, 0, None
-        return batch
-
-    def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "index": self.index,
-            "batch_size": self.batch_size,
-            "n_batches": self.n_batches,
-            "dataset_len": len(self.dataset),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["dataset_len"] != len(self.dataset) or state["n_batches"] != self.n_batches:
-            warnings.warn(
-                f"the training data changed since the checkpoint ({state['dataset_len']} samples in "
-                f"{state['n_batches']} batches then, {len(self.dataset)} in {self.n_batches} now): "
-                "the data position is kept as (epoch, batch) but the run will not repeat the "
-                "uninterrupted one",
-                stacklevel=3,
-            )
-        self.epoch = int(state["epoch"])
-        self.index = min(int(state["index"]), self.n_batches - 1)
-        self._order = None
 
 
 # --------------------------------------------------------------------------- trainer
@@ -301,7 +209,7 @@ class Trainer:
         )
 
         # pipeline stages all read the same batches: the data-parallel rank and world are the strategy's
-        self._stream = _BatchStream(
+        self._stream = BatchStream(
             train_data, self.batch_size, self.parallel.dp_rank, self.parallel.dp_world, self.seed, config.data.shuffle
         )
         self.step = 0
@@ -398,11 +306,7 @@ class Trainer:
         return torch.device("cpu")
 
     def _seed_everything(self) -> None:
-        s = self.seed + self.rank
-        torch.manual_seed(s)
-        random.seed(s)
-        if np is not None:
-            np.random.seed(s % 2**32)
+        seed_everything(self.seed + self.rank)
 
     def close(self) -> None:
         """Destroys the process group if this trainer created it (torchrun runs). The DDP
@@ -535,7 +439,7 @@ class Trainer:
         """Writes the checkpoint of the current step (rank 0; every rank must call it) -> its path."""
         if self.checkpoint_dir is None:
             raise ValueError("checkpoint_dir is None: nothing to save to")
-        rank_state = {"rng": _rng_state(self.device), **self.parallel.rank_state_dict()}
+        rank_state = {"rng": rng_state(self.device), **self.parallel.rank_state_dict()}
         path = self.checkpointer.save(self.step, self.model, self.optimizer, self._trainer_state, rank_state)
         self._last_saved = self.step
         self.last_checkpoint = path
@@ -717,37 +621,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ metrics files
 
-    def _open_logs(self) -> None:
-        self._csv = self._tb = None
-        if not (self.is_main and self.log_dir):
-            return
-        os.makedirs(self.log_dir, exist_ok=True)
-        path = os.path.join(self.log_dir, "metrics.csv")
-        kept = []
-        if os.path.exists(path):
-            # Rows past the step we start from were written after the checkpoint (a crash
-            # followed): the resumed run writes them again.
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                kept = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= self.step]
-                extra = [k for k in reader.fieldnames or () if k not in CSV_FIELDS]
-        self._csv_rewrite(path, list(CSV_FIELDS) + (extra if kept else []), kept)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional
-            return
-        self._tb = SummaryWriter(self.log_dir, purge_step=self.step + 1)
-
-    def _csv_rewrite(self, path, fields, rows) -> None:
-        self._csv_file = open(path, "w", newline="")
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=fields, extrasaction="ignore")
-        self._csv.writeheader()
-        self._csv.writerows(rows)
-        self._csv_file.flush()
-
     def _write(self, rows) -> None:
         try:
-            self._write_files(rows)
+            if getattr(self, "_metrics", None) is not None:
+                self._metrics.write(rows)
         except OSError as exc:
             # A full or read-only log directory: no more metrics, but the training so far is
             # not lost with them: fit() stops at the next check, after a checkpoint, and raises
@@ -761,45 +638,10 @@ class Trainer:
         if getattr(self, "_mlflow", None) is not None:
             self._mlflow.log_rows(rows)
 
-    def _write_files(self, rows) -> None:
-        if getattr(self, "_csv", None) is not None:
-            new = list(dict.fromkeys(k for row in rows for k in row if k not in self._csv.fieldnames))
-            if new:  # a column first seen now (per-group lr, named losses): rewrite the file with it
-                path = self._csv_file.name
-                self._csv_file.close()
-                with open(path, newline="") as f:
-                    old = list(csv.DictReader(f))
-                self._csv_rewrite(path, list(self._csv.fieldnames) + new, old)
-            self._csv.writerows(rows)
-            self._csv_file.flush()
-        if getattr(self, "_tb", None) is not None:
-            for row in rows:
-                for key, value in row.items():
-                    if key not in ("step", "epoch") and value is not None:
-                        self._tb.add_scalar(
-                            f"train/{key}" if not key.startswith("val") else f"val/{key}", value, row["step"]
-                        )
-
     def _close_logs(self, quiet: bool = False) -> None:
-        """Closes the metrics files. quiet: an error is already on its way (or the files are
-        known broken), so what closing them raises is logged, not raised over it."""
-        handles = []
-        if getattr(self, "_csv", None) is not None:
-            handles.append(self._csv_file)
-        if getattr(self, "_tb", None) is not None:
-            handles.append(self._tb)
-        self._csv = self._tb = None
-        first = None
-        for handle in handles:  # both closed even when the first fails
-            try:
-                handle.close()
-            except Exception as exc:  # noqa: BLE001 - raised below unless quiet
-                if quiet:
-                    log.warning("closing the metrics in %r failed as well: %s", self.log_dir, exc)
-                elif first is None:
-                    first = exc
-        if first is not None:
-            raise first
+        metrics, self._metrics = getattr(self, "_metrics", None), None
+        if metrics is not None:
+            metrics.close(quiet)
 
     # ------------------------------------------------------------------ the loop
 
@@ -917,16 +759,18 @@ class Trainer:
         if not self._dirs_ready:  # a second fit(): the first one released checkpoint_dir
             self._prepare_dirs()
         if self._pending_rng is not None:
-            _set_rng_state(self._pending_rng, self.device)
+            set_rng_state(self._pending_rng, self.device)
             self._pending_rng = None
         self._t_start = self._t_flush = time.perf_counter()
         self._pending = []
         self._bar = None
+        self._metrics = None
         self._log_error = None
         finished = False
         previous_handlers = {}
         try:
-            self._open_logs()
+            if self.is_main and self.log_dir:
+                self._metrics = MetricsFiles(self.log_dir, self.step)
             if self._mlflow is not None:
                 self._mlflow.start(self._mlflow_params(), self._mlflow_resume)
         except BaseException:
