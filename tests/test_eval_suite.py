@@ -21,6 +21,8 @@ from accelops.eval.tokenize import TokenizerMismatch  # noqa: E402
 from accelops.models import EncoderForQuestionAnswering, TransformerLMConfig  # noqa: E402
 from tests import test_eval_tasks as T  # noqa: E402
 
+pytestmark = pytest.mark.one_thread
+
 LABELS = ["card_arrival", "top_up", "refund"]
 TEXTS = {
     "card_arrival": ["where is my card", "my card has not arrived", "card still missing", "when will the card come"],
@@ -52,14 +54,6 @@ CFG = dict(dim=16, n_layers=4, n_heads=2, max_len=32)
 @pytest.fixture(scope="module")
 def suite(root):
     return EvalSuite(["banking77", "ud_pos", "wnut17", "squad", "wikitext2"], vocab_size=300, root=root)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- EvalSuite

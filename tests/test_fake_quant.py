@@ -238,7 +238,9 @@ def test_bad_shapes_and_types(backend):
 @SETTINGS
 def test_any_qparams_either_work_or_raise_value_error(backend, scale, qmin, qmax, zero):
     x = torch.randn(5, 3)
-    valid = scale > 0 and scale < float("inf") and qmin <= qmax and qmin <= zero <= qmax
+    # A subnormal scale is refused too: its fp32 reciprocal, which the kernels multiply by, is inf.
+    finite_reciprocal = bool(torch.isfinite(1.0 / torch.tensor(scale, dtype=torch.float32)))
+    valid = scale > 0 and scale < float("inf") and finite_reciprocal and qmin <= qmax and qmin <= zero <= qmax
     if not valid:
         with pytest.raises(ValueError):
             ops.fake_quantize(x, scale, zero, qmin, qmax)
