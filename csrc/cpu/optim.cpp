@@ -37,7 +37,6 @@
 
 #include "../ops.h"
 #include "cpu_features.h"
-#include "vnni512.h"
 
 #define AO_OPT_AVX2 __attribute__((target("avx2")))
 
@@ -50,6 +49,9 @@ struct QTable {
   // per top-16-bit key: lo in bits 0-7, the in-range threshold's (sign-adjusted) low 16 bits in
   // bits 16-31 (see the header comment)
   uint32_t lut[65536];
+  // byte k of every map value (planes[k][code]): the AVX-512 path looks codes up in registers
+  // (vpermi2b over 4 x 64 bytes per plane) instead of gathering fp32 values
+  alignas(64) uint8_t planes[4][256];
 };
 
 uint32_t float_bits(float f) {
@@ -78,6 +80,8 @@ std::unique_ptr<QTable> build_table(const float* map) {
     q->t[i] = (map[i] + map[i + 1]) * 0.5f;
   }
   q->t[255] = std::numeric_limits<float>::infinity();
+  for (int i = 0; i < 256; ++i)
+    for (int k = 0; k < 4; ++k) q->planes[k][i] = uint8_t(float_bits(map[i]) >> (8 * k));
   for (uint32_t key = 0; key < 65536; ++key) {
     const bool negative = key & 0x8000;
     // the numerically smallest and largest floats whose top 16 bits are `key`
@@ -295,15 +299,45 @@ AO_OPT_AVX2 void sgd_block_avx2(float* p, const float* g, int64_t n, const QTabl
 // 16 lanes. The tail of a block (and a block shorter than 16) runs the same code under a lane
 // mask: masked-off lanes load zeros, are never stored and are kept out of the absmax.
 
-#define AO_OPT_AVX512 ACCELOPS_TARGET_AVX512VNNI
+#define AO_OPT_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vbmi")))
 
 AO_OPT_AVX512 inline __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
 }
 
-AO_OPT_AVX512 inline __m512 dequant16(const QTable& q, const uint8_t* c, __mmask16 k, __m512 scale) {
-  const __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, c));
-  return _mm512_mul_ps(_mm512_i32gather_ps(idx, q.map, 4), scale);
+// 64 codes -> their 64 map values as 4 x 16 fp32 lanes in order, without a gather (a zmm
+// gather costs about as much as the whole AdamW arithmetic on Zen 4). Each byte plane of the
+// map is looked up with two vpermi2b (codes 0-127, 128-255) and a blend on the code's top bit;
+// unpacking the 4 byte planes into dwords works within 128-bit lanes, so the codes are first
+// permuted (a 4 x 4 transpose of 4-byte groups) to make the unpacked dwords come out in order.
+AO_OPT_AVX512 inline void dequant64(const QTable& q, __m512i codes, __m512* out) {
+  static const struct Perm {
+    alignas(64) uint8_t idx[64];
+    Perm() {
+      for (int lane = 0; lane < 4; ++lane)
+        for (int j = 0; j < 4; ++j)
+          for (int r = 0; r < 4; ++r) idx[16 * lane + 4 * j + r] = uint8_t(16 * j + 4 * lane + r);
+    }
+  } perm;
+  const __m512i c = _mm512_permutexvar_epi8(_mm512_load_si512(perm.idx), codes);
+  const __mmask64 high = _mm512_movepi8_mask(c);
+  __m512i b[4];
+  for (int k = 0; k < 4; ++k) {
+    const uint8_t* pl = q.planes[k];
+    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(pl), c, _mm512_load_si512(pl + 64));
+    const __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(pl + 128), c, _mm512_load_si512(pl + 192));
+    b[k] = _mm512_mask_blend_epi8(high, lo, hi);
+  }
+  const __m512i w01l = _mm512_unpacklo_epi8(b[0], b[1]), w01h = _mm512_unpackhi_epi8(b[0], b[1]);
+  const __m512i w23l = _mm512_unpacklo_epi8(b[2], b[3]), w23h = _mm512_unpackhi_epi8(b[2], b[3]);
+  out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01l, w23l));
+  out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01l, w23l));
+  out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01h, w23h));
+  out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01h, w23h));
+}
+
+AO_OPT_AVX512 inline __m512i load_codes64(const uint8_t* c, int64_t left) {
+  return _mm512_maskz_loadu_epi8(left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1, c);
 }
 
 AO_OPT_AVX512 inline void absmax16(__m512 x, __mmask16 k, __m512& amax, __mmask16& nan) {
@@ -343,22 +377,28 @@ AO_OPT_AVX512 void adamw_block_avx512(float* p, const float* g, int64_t n, const
                bc2 = _mm512_set1_ps(s.bc2_sqrt), eps = _mm512_set1_ps(s.eps);
   __m512 am1 = _mm512_setzero_ps(), am2 = _mm512_setzero_ps();
   __mmask16 nan1 = 0, nan2 = 0;
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 k = tail_mask(n - i);
-    const __m512 gv = _mm512_maskz_loadu_ps(k, g + i);
-    __m512 pv = _mm512_maskz_loadu_ps(k, p + i);
-    const __m512 mo = dequant16(qm, mc + i, k, vs1);
-    const __m512 vo = dequant16(qv, vc + i, k, vs2);
-    const __m512 m = _mm512_add_ps(_mm512_mul_ps(b1, mo), _mm512_mul_ps(c1, gv));
-    const __m512 v = _mm512_add_ps(_mm512_mul_ps(b2, vo), _mm512_mul_ps(_mm512_mul_ps(c2, gv), gv));
-    pv = _mm512_mul_ps(pv, decay);
-    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), bc2), eps);
-    pv = _mm512_sub_ps(pv, _mm512_mul_ps(step, _mm512_div_ps(m, denom)));
-    _mm512_mask_storeu_ps(p + i, k, pv);
-    _mm512_mask_storeu_ps(mbuf + i, k, m);
-    _mm512_mask_storeu_ps(vbuf + i, k, v);
-    absmax16(m, k, am1, nan1);
-    absmax16(v, k, am2, nan2);
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    __m512 mq[4], vq[4];
+    dequant64(qm, load_codes64(mc + i0, n - i0), mq);
+    dequant64(qv, load_codes64(vc + i0, n - i0), vq);
+    for (int j = 0; j < 4 && i0 + 16 * j < n; ++j) {
+      const int64_t i = i0 + 16 * j;
+      const __mmask16 k = tail_mask(n - i);
+      const __m512 gv = _mm512_maskz_loadu_ps(k, g + i);
+      __m512 pv = _mm512_maskz_loadu_ps(k, p + i);
+      const __m512 mo = _mm512_mul_ps(mq[j], vs1);
+      const __m512 vo = _mm512_mul_ps(vq[j], vs2);
+      const __m512 m = _mm512_add_ps(_mm512_mul_ps(b1, mo), _mm512_mul_ps(c1, gv));
+      const __m512 v = _mm512_add_ps(_mm512_mul_ps(b2, vo), _mm512_mul_ps(_mm512_mul_ps(c2, gv), gv));
+      pv = _mm512_mul_ps(pv, decay);
+      const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), bc2), eps);
+      pv = _mm512_sub_ps(pv, _mm512_mul_ps(step, _mm512_div_ps(m, denom)));
+      _mm512_mask_storeu_ps(p + i, k, pv);
+      _mm512_mask_storeu_ps(mbuf + i, k, m);
+      _mm512_mask_storeu_ps(vbuf + i, k, v);
+      absmax16(m, k, am1, nan1);
+      absmax16(v, k, am2, nan2);
+    }
   }
   absmax16_finish(am1, nan1, a1);
   absmax16_finish(am2, nan2, a2);
@@ -370,18 +410,23 @@ AO_OPT_AVX512 void sgd_block_avx512(float* p, const float* g, int64_t n, const Q
                dc = _mm512_set1_ps(k.damp_c), wd = _mm512_set1_ps(k.wd);
   __m512 am = _mm512_setzero_ps();
   __mmask16 nan = 0;
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 lanes = tail_mask(n - i);
-    __m512 gv = _mm512_maskz_loadu_ps(lanes, g + i);
-    __m512 pv = _mm512_maskz_loadu_ps(lanes, p + i);
-    if (k.has_wd) gv = _mm512_add_ps(gv, _mm512_mul_ps(wd, pv));
-    const __m512 b =
-        k.first ? gv : _mm512_add_ps(_mm512_mul_ps(mu, dequant16(q, c + i, lanes, vs)), _mm512_mul_ps(dc, gv));
-    const __m512 d = k.nesterov ? _mm512_add_ps(gv, _mm512_mul_ps(mu, b)) : b;
-    pv = _mm512_sub_ps(pv, _mm512_mul_ps(lr, d));
-    _mm512_mask_storeu_ps(p + i, lanes, pv);
-    _mm512_mask_storeu_ps(buf + i, lanes, b);
-    absmax16(b, lanes, am, nan);
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    __m512 bq[4];
+    if (!k.first) dequant64(q, load_codes64(c + i0, n - i0), bq);
+    for (int j = 0; j < 4 && i0 + 16 * j < n; ++j) {
+      const int64_t i = i0 + 16 * j;
+      const __mmask16 lanes = tail_mask(n - i);
+      __m512 gv = _mm512_maskz_loadu_ps(lanes, g + i);
+      __m512 pv = _mm512_maskz_loadu_ps(lanes, p + i);
+      if (k.has_wd) gv = _mm512_add_ps(gv, _mm512_mul_ps(wd, pv));
+      const __m512 b =
+          k.first ? gv : _mm512_add_ps(_mm512_mul_ps(mu, _mm512_mul_ps(bq[j], vs)), _mm512_mul_ps(dc, gv));
+      const __m512 d = k.nesterov ? _mm512_add_ps(gv, _mm512_mul_ps(mu, b)) : b;
+      pv = _mm512_sub_ps(pv, _mm512_mul_ps(lr, d));
+      _mm512_mask_storeu_ps(p + i, lanes, pv);
+      _mm512_mask_storeu_ps(buf + i, lanes, b);
+      absmax16(b, lanes, am, nan);
+    }
   }
   absmax16_finish(am, nan, a);
 }
@@ -389,13 +434,14 @@ AO_OPT_AVX512 void sgd_block_avx512(float* p, const float* g, int64_t n, const Q
 // ------------------------------------------------------------------ drivers
 
 // The widest path this CPU (capped by ACCELOPS_CPU_ISA) has: the AVX-512 level of
-// cpu_features.h (F/BW/VL; its VNNI is not used here) runs the 16-lane path.
+// cpu_features.h runs the 16-lane path when the CPU also has AVX-512 VBMI (vpermi2b, for the
+// in-register dequantization; its VNNI is not used here), else the AVX2 one.
 enum class Path { Scalar, Avx2, Avx512 };
 
 Path active_path() {
   switch (active_dot_isa()) {
     case Isa::Scalar: return Path::Scalar;
-    case Isa::Avx512Vnni: return Path::Avx512;
+    case Isa::Avx512Vnni: return cpu_has("avx512vbmi") ? Path::Avx512 : Path::Avx2;
     default: return Path::Avx2;
   }
 }
