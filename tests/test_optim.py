@@ -18,10 +18,14 @@ from accelops.ops import optim as O
 from accelops.optim import AdamW8bit, SGD8bit
 from accelops.reference import optim as R
 
-from .conftest import use_backend
+from .conftest import isa_skip_reason, use_backend
 from .helpers import run_forked_ranks
 
-KERNEL_BACKENDS = ["cpu", "cpu-scalar", "triton"]
+# "cpu" is the widest path this CPU has (AVX-512 on an AVX-512 machine); "cpu-avx2" and
+# "cpu-scalar" force the narrower ones through ACCELOPS_CPU_ISA (skipped where they would
+# repeat "cpu" or the CPU cannot run them).
+KERNEL_BACKENDS = ["cpu", "cpu-avx2", "cpu-scalar", "triton"]
+RUNNABLE_BACKENDS = [b for b in KERNEL_BACKENDS if isa_skip_reason(b) is None]
 SIZES = [1, 7, 255, 256, 257, 1000, 4097, 70_001]
 HYP = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -37,6 +41,13 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def assert_same(a: torch.Tensor, b: torch.Tensor, what=""):
     assert a.dtype == b.dtype and a.shape == b.shape, what
     assert torch.equal(_bits(a), _bits(b)), f"{what}: {(_bits(a) != _bits(b)).sum().item()} elements differ"
+
+
+def _use(monkeypatch, backend_name: str) -> None:
+    reason = isa_skip_reason(backend_name)
+    if reason:
+        pytest.skip(reason)
+    use_backend(monkeypatch, backend_name)
 
 
 def _adam_run(n, dtype, bs, steps, seed, scale=0.1, wd=0.01, impl=None):
@@ -143,7 +154,7 @@ def test_quantize_roundtrip_error_is_relative():
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_adamw_step_matches_reference(monkeypatch, backend_name, dtype):
-    use_backend(monkeypatch, backend_name)
+    _use(monkeypatch, backend_name)
     for n in SIZES:
         bs = 256 if n != 1000 else 64
         want = _adam_run(n, dtype, bs, 3, n)
@@ -155,7 +166,7 @@ def test_adamw_step_matches_reference(monkeypatch, backend_name, dtype):
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("nesterov,dampening,wd", [(False, 0.0, 0.0), (True, 0.0, 1e-2), (False, 0.3, 1e-3)])
 def test_sgd_step_matches_reference(monkeypatch, backend_name, nesterov, dampening, wd):
-    use_backend(monkeypatch, backend_name)
+    _use(monkeypatch, backend_name)
     for dtype in (torch.float32, torch.bfloat16):
         for n in SIZES:
             want = _sgd_run(n, dtype, 256, 3, n, nesterov, dampening, wd)
@@ -174,7 +185,7 @@ def test_sgd_step_matches_reference(monkeypatch, backend_name, nesterov, dampeni
 def test_adamw_hypothesis_all_backends(monkeypatch, n, log_bs, seed, log_scale):
     bs = 2**log_bs
     want = _adam_run(n, torch.float32, bs, 2, seed, scale=10.0**log_scale)
-    for b in KERNEL_BACKENDS:
+    for b in RUNNABLE_BACKENDS:
         use_backend(monkeypatch, b)
         got = _adam_run(n, torch.float32, bs, 2, seed, scale=10.0**log_scale, impl="ops")
         for name, x, y in zip(("param", "m_codes", "m_absmax", "v_codes", "v_absmax"), got, want):
@@ -186,7 +197,7 @@ def test_adamw_hypothesis_all_backends(monkeypatch, n, log_bs, seed, log_scale):
 def test_quantization_edges_exact(monkeypatch, backend_name, signed):
     """SGD's first step with lr=0 stores quantize(grad): feed it every threshold, its float
     neighbours, +-0, tiny and huge values, with absmax 1 so x is the value itself."""
-    use_backend(monkeypatch, backend_name)
+    _use(monkeypatch, backend_name)
     q = R.signed_map()
     t = R.thresholds(q)
     inf = torch.tensor(float("inf"))
@@ -209,9 +220,94 @@ def test_quantization_edges_exact(monkeypatch, backend_name, signed):
     assert_same(a, want_a, "absmax")
 
 
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_unsigned_quantization_edges_exact(monkeypatch, backend_name):
+    """AdamW with beta2 = 0 stores quantize(g * g) as v: feed gradients whose squares land on
+    and around every threshold of the unsigned map (absmax 1 in every block)."""
+    _use(monkeypatch, backend_name)
+    t = R.thresholds(R.unsigned_map()).double().sqrt().to(torch.float32)
+    inf = torch.tensor(float("inf"))
+    vals = torch.cat([t, torch.nextafter(t, inf), torch.nextafter(t, -inf), -t, torch.tensor([0.0, -0.0, 1e-30])])
+    blocks = vals.split(255)
+    g = torch.cat([torch.cat([torch.ones(1), b, torch.zeros(255 - b.numel())]) for b in blocks])
+    got, want = torch.zeros_like(g), torch.zeros_like(g)
+    states = [O.new_state(g) + O.new_state(g) for _ in range(2)]
+    ops.adamw8bit_step_(got, g, *states[0], lr=1e-3, beta1=0.0, beta2=0.0, eps=1e-8, weight_decay=0.0, step=1)
+    s = R.adamw_scalars(1e-3, 0.0, 0.0, 1e-8, 0.0, 1)
+    R.adamw8bit_step_(want, g, *states[1], R.signed_map(), R.unsigned_map(), s, 256)
+    for name, a, b in zip(("m_codes", "m_absmax", "v_codes", "v_absmax"), states[0], states[1]):
+        assert_same(a, b, name)
+    assert_same(got, want, "param")
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_special_values_match_reference(monkeypatch, backend_name):
+    """Infinities, subnormals, signed zeros and huge values in the gradient, in blocks of every
+    tail length, match the reference bit for bit (NaN where it gives NaN)."""
+    _use(monkeypatch, backend_name)
+    special = torch.tensor([float("inf"), -float("inf"), 1e-45, -1e-45, 0.0, -0.0, 3e38, -3e38, 1e-39, 2.5])
+    for n in (1, 15, 16, 17, 33, 300):
+        g = special.repeat(-(-n // special.numel()))[:n].clone()
+        g[n // 2 :] *= 1e-3  # a second block (bs 16) with a different absmax
+        for kernel in (True, False):
+            p = torch.linspace(-1, 1, n)
+            mc, ma = O.new_state(p, 16)
+            vc, va = O.new_state(p, 16)
+            c, a = O.new_state(p, 16)
+            q = p.clone()
+            for t in (1, 2):
+                if kernel:
+                    ops.adamw8bit_step_(
+                        p,
+                        g,
+                        mc,
+                        ma,
+                        vc,
+                        va,
+                        lr=1e-2,
+                        beta1=0.9,
+                        beta2=0.99,
+                        eps=1e-8,
+                        weight_decay=0.1,
+                        step=t,
+                        block_size=16,
+                    )
+                    ops.sgd8bit_step_(q, g, c, a, lr=1e-2, momentum=0.9, weight_decay=0.1, first=t == 1, block_size=16)
+                else:
+                    s = R.adamw_scalars(1e-2, 0.9, 0.99, 1e-8, 0.1, t)
+                    R.adamw8bit_step_(p, g, mc, ma, vc, va, R.signed_map(), R.unsigned_map(), s, 16)
+                    R.sgd8bit_step_(q, g, c, a, R.signed_map(), 1e-2, 0.9, 0.0, 0.1, False, t == 1, 16)
+            if kernel:
+                got = (p, mc, ma, vc, va, q, c, a)
+            else:
+                want = (p, mc, ma, vc, va, q, c, a)
+        for name, x, y in zip(
+            ("param", "m_codes", "m_absmax", "v_codes", "v_absmax", "sgd param", "codes", "absmax"), got, want
+        ):
+            assert_same(x, y, f"n={n} {name}")
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_empty_tensors(monkeypatch, backend_name):
+    _use(monkeypatch, backend_name)
+    p, g = torch.empty(0), torch.empty(0)
+    mc, ma = O.new_state(p)
+    vc, va = O.new_state(p)
+    ops.adamw8bit_step_(p, g, mc, ma, vc, va, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+    ops.sgd8bit_step_(p, g, mc, ma, lr=1e-3, momentum=0.9, first=True)
+    assert mc.numel() == 0 and ma.numel() == 0
+    # an empty parameter among others: the others still step
+    w, e = nn.Parameter(torch.ones(5000)), nn.Parameter(torch.empty(0, 3))
+    w.grad, e.grad = torch.ones(5000), torch.empty(0, 3)
+    for opt in (AdamW8bit([w, e], lr=0.1), SGD8bit([w, e], lr=0.1, momentum=0.9)):
+        before = w.detach().clone()
+        opt.step()
+        assert bool((w < before).all()) and e.shape == (0, 3)
+
+
 @pytest.mark.parametrize("backend_name", ["reference"] + KERNEL_BACKENDS)
 def test_nan_stays_in_its_block(monkeypatch, backend_name):
-    use_backend(monkeypatch, backend_name)
+    _use(monkeypatch, backend_name)
     n, bs = 1024, 256
     p = torch.randn(n)
     mc, ma = O.new_state(p, bs)

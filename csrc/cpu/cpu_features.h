@@ -42,6 +42,7 @@ inline bool cpu_has(const char* feature) {
   if (!std::strcmp(feature, "avx512bw")) return __builtin_cpu_supports("avx512bw");
   if (!std::strcmp(feature, "avx512vl")) return __builtin_cpu_supports("avx512vl");
   if (!std::strcmp(feature, "avx512vnni")) return __builtin_cpu_supports("avx512vnni");
+  if (!std::strcmp(feature, "avx512vbmi")) return __builtin_cpu_supports("avx512vbmi");
   if (!std::strcmp(feature, "avxvnni")) return __builtin_cpu_supports("avxvnni");
 #endif
   (void)feature;

@@ -6,14 +6,19 @@
 //
 // Nearest code of a non-linear map without a search: the code is #{i : t_i < x} over the 255
 // fp32 thresholds t_i. Both built-in maps put at most one threshold in any range of floats
-// sharing their top 16 bits (sign, exponent, 7 mantissa bits), so a 64 Ki-entry table indexed
-// by those bits gives lo = #{t_i < smallest float of the range}, and code = lo + (t_lo < x):
-// two table reads instead of an 8-step binary search. The table is built once per map and
-// checked at build time (a map that breaks the property is rejected).
+// sharing their top 16 bits (sign, exponent, 7 mantissa bits), so one 32-bit entry per such
+// key holds the whole answer: lo = #{t_i < smallest float of the range} and the low 16 bits of
+// the one threshold inside the range (0xFFFF when there is none), and
+//     code = lo + (low16(x) > entry's low16)      (bits flipped for negative x)
+// One table read per element (an AVX2/AVX-512 gather) instead of two (the key's lo, then
+// t_lo). The table is built once per map and checked at build time (a map that breaks the
+// property is rejected).
 //
 // Blocks are independent, so the work is split over whole blocks (at::parallel_for); each
 // block is done in two passes over a per-task buffer of block_size floats that stays in L1:
 // the step (writes the parameter and the new fp32 states, reduces absmax), then the requantization.
+// Paths: scalar, AVX2 (8 lanes) and AVX-512 (16 lanes, masked tails), chosen at run time
+// (cpu_features.h; ACCELOPS_CPU_ISA forces a lower one): all three give the same bits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -41,7 +46,12 @@ namespace {
 struct QTable {
   float map[256];
   float t[256];           // thresholds t_0..t_254, t_255 = +inf (never below x)
-  uint8_t lut[65536 + 4];  // lo per top-16-bit key; +4 so a 32-bit gather at the last key stays inside
+  // per top-16-bit key: lo in bits 0-7, the in-range threshold's (sign-adjusted) low 16 bits in
+  // bits 16-31 (see the header comment)
+  uint32_t lut[65536];
+  // byte k of every map value (planes[k][code]): the AVX-512 path looks codes up in registers
+  // (vpermi2b over 4 x 64 bytes per plane) instead of gathering fp32 values
+  alignas(64) uint8_t planes[4][256];
 };
 
 uint32_t float_bits(float f) {
@@ -70,6 +80,8 @@ std::unique_ptr<QTable> build_table(const float* map) {
     q->t[i] = (map[i] + map[i + 1]) * 0.5f;
   }
   q->t[255] = std::numeric_limits<float>::infinity();
+  for (int i = 0; i < 256; ++i)
+    for (int k = 0; k < 4; ++k) q->planes[k][i] = uint8_t(float_bits(map[i]) >> (8 * k));
   for (uint32_t key = 0; key < 65536; ++key) {
     const bool negative = key & 0x8000;
     // the numerically smallest and largest floats whose top 16 bits are `key`
@@ -80,9 +92,16 @@ std::unique_ptr<QTable> build_table(const float* map) {
       TORCH_CHECK(count_below(q->t, b) - lo <= 1,
                   "accelops optim: the quantization map has two thresholds in one 16-bit float range");
     }
-    q->lut[key] = uint8_t(lo);  // NaN keys: 0, and the kernels force NaN x to code 0 anyway
+    // t_lo >= a by the definition of lo; when it is also <= b it lies in this range, and
+    // t_lo < x compares the low 16 bits (reversed for negative floats, whose magnitude grows
+    // with the bits). Otherwise t_lo < x is false over the whole range: 0xFFFF never compares below.
+    uint32_t thr = 0xFFFFu;
+    if (lo < 255 && q->t[lo] <= b) {
+      const uint32_t low = float_bits(q->t[lo]) & 0xFFFFu;
+      thr = negative ? (~low & 0xFFFFu) : low;
+    }
+    q->lut[key] = uint32_t(lo) | (thr << 16);  // NaN keys: the kernels force NaN x to code 0
   }
-  std::memset(q->lut + 65536, 0, 4);
   return q;
 }
 
@@ -101,10 +120,13 @@ const QTable& table_for(const at::Tensor& qmap) {
   return *tables.back();
 }
 
+// The low 16 bits of x as compared with a lut entry's threshold: flipped for negative x.
+inline uint32_t cmp_bits(uint32_t u) { return (u ^ uint32_t(int32_t(u) >> 31)) & 0xFFFFu; }
+
 inline uint8_t quantize_one(const QTable& q, float x) {
   if (x != x) return 0;
-  const int lo = q.lut[float_bits(x) >> 16];
-  return uint8_t(lo + (q.t[lo] < x));
+  const uint32_t u = float_bits(x), e = q.lut[u >> 16];
+  return uint8_t((e & 0xFFu) + (cmp_bits(u) > (e >> 16)));
 }
 
 // NaN-sticky absmax: a NaN anywhere in the block makes its scale NaN (as torch.amax).
@@ -203,15 +225,17 @@ AO_OPT_AVX2 inline void absmax_finish(__m256 amax, __m256 nan, AbsMax& out) {
 AO_OPT_AVX2 void quantize_range_avx2(const QTable& q, const float* x, int64_t i0, int64_t i1, float div,
                                      uint8_t* codes) {
   const __m256 vdiv = _mm256_set1_ps(div);
-  const __m256i byte = _mm256_set1_epi32(0xFF), one = _mm256_set1_epi32(1);
+  const __m256i byte = _mm256_set1_epi32(0xFF), low16 = _mm256_set1_epi32(0xFFFF),
+                one = _mm256_set1_epi32(1);
   int64_t i = i0;
   for (; i + 8 <= i1; i += 8) {
     const __m256 xv = _mm256_div_ps(_mm256_loadu_ps(x + i), vdiv);
-    const __m256i key = _mm256_srli_epi32(_mm256_castps_si256(xv), 16);
-    const __m256i lo =
-        _mm256_and_si256(_mm256_i32gather_epi32(reinterpret_cast<const int*>(q.lut), key, 1), byte);
-    const __m256 tl = _mm256_i32gather_ps(q.t, lo, 4);
-    __m256i code = _mm256_add_epi32(lo, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(tl, xv, _CMP_LT_OQ)), one));
+    const __m256i u = _mm256_castps_si256(xv);
+    const __m256i e = _mm256_i32gather_epi32(reinterpret_cast<const int*>(q.lut), _mm256_srli_epi32(u, 16), 4);
+    const __m256i xc = _mm256_and_si256(_mm256_xor_si256(u, _mm256_srai_epi32(u, 31)), low16);
+    // unsigned 16-bit values compared as signed 32-bit ints
+    const __m256i gt = _mm256_cmpgt_epi32(xc, _mm256_srli_epi32(e, 16));
+    __m256i code = _mm256_add_epi32(_mm256_and_si256(e, byte), _mm256_and_si256(gt, one));
     code = _mm256_andnot_si256(_mm256_castps_si256(_mm256_cmp_ps(xv, xv, _CMP_UNORD_Q)), code);
     const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(w, w));
@@ -271,7 +295,162 @@ AO_OPT_AVX2 void sgd_block_avx2(float* p, const float* g, int64_t n, const QTabl
   sgd_step_range(p, g, i, n, q, c, s, k, buf, a);
 }
 
+// ------------------------------------------------------------------ AVX-512 path (fp32 params)
+// 16 lanes. The tail of a block (and a block shorter than 16) runs the same code under a lane
+// mask: masked-off lanes load zeros, are never stored and are kept out of the absmax.
+
+#define AO_OPT_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vbmi")))
+
+AO_OPT_AVX512 inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+}
+
+// 64 codes -> their 64 map values as 4 x 16 fp32 lanes in order, without a gather (a zmm
+// gather costs about as much as the whole AdamW arithmetic on Zen 4). Each byte plane of the
+// map is looked up with two vpermi2b (codes 0-127, 128-255) and a blend on the code's top bit;
+// unpacking the 4 byte planes into dwords works within 128-bit lanes, so the codes are first
+// permuted (a 4 x 4 transpose of 4-byte groups) to make the unpacked dwords come out in order.
+AO_OPT_AVX512 inline void dequant64(const QTable& q, __m512i codes, __m512* out) {
+  static const struct Perm {
+    alignas(64) uint8_t idx[64];
+    Perm() {
+      for (int lane = 0; lane < 4; ++lane)
+        for (int j = 0; j < 4; ++j)
+          for (int r = 0; r < 4; ++r) idx[16 * lane + 4 * j + r] = uint8_t(16 * j + 4 * lane + r);
+    }
+  } perm;
+  const __m512i c = _mm512_permutexvar_epi8(_mm512_load_si512(perm.idx), codes);
+  const __mmask64 high = _mm512_movepi8_mask(c);
+  __m512i b[4];
+  for (int k = 0; k < 4; ++k) {
+    const uint8_t* pl = q.planes[k];
+    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(pl), c, _mm512_load_si512(pl + 64));
+    const __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(pl + 128), c, _mm512_load_si512(pl + 192));
+    b[k] = _mm512_mask_blend_epi8(high, lo, hi);
+  }
+  const __m512i w01l = _mm512_unpacklo_epi8(b[0], b[1]), w01h = _mm512_unpackhi_epi8(b[0], b[1]);
+  const __m512i w23l = _mm512_unpacklo_epi8(b[2], b[3]), w23h = _mm512_unpackhi_epi8(b[2], b[3]);
+  out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01l, w23l));
+  out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01l, w23l));
+  out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01h, w23h));
+  out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01h, w23h));
+}
+
+AO_OPT_AVX512 inline __m512i load_codes64(const uint8_t* c, int64_t left) {
+  return _mm512_maskz_loadu_epi8(left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1, c);
+}
+
+AO_OPT_AVX512 inline void absmax16(__m512 x, __mmask16 k, __m512& amax, __mmask16& nan) {
+  const __m512 a = _mm512_abs_ps(x);
+  nan |= _mm512_mask_cmp_ps_mask(k, a, a, _CMP_UNORD_Q);
+  amax = _mm512_mask_max_ps(amax, k, amax, a);  // a NaN lane is caught by `nan`
+}
+
+AO_OPT_AVX512 inline void absmax16_finish(__m512 amax, __mmask16 nan, AbsMax& out) {
+  if (nan) out.nan = true;
+  else out.add(_mm512_reduce_max_ps(amax));
+}
+
+AO_OPT_AVX512 void quantize_range_avx512(const QTable& q, const float* x, int64_t n, float div, uint8_t* codes) {
+  const __m512 vdiv = _mm512_set1_ps(div);
+  const __m512i byte = _mm512_set1_epi32(0xFF), low16 = _mm512_set1_epi32(0xFFFF), one = _mm512_set1_epi32(1);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask(n - i);
+    const __m512 xv = _mm512_div_ps(_mm512_maskz_loadu_ps(k, x + i), vdiv);
+    const __m512i u = _mm512_castps_si512(xv);
+    const __m512i e = _mm512_i32gather_epi32(_mm512_srli_epi32(u, 16), q.lut, 4);
+    const __m512i xc = _mm512_and_si512(_mm512_xor_si512(u, _mm512_srai_epi32(u, 31)), low16);
+    const __mmask16 gt = _mm512_cmpgt_epu32_mask(xc, _mm512_srli_epi32(e, 16));
+    __m512i code = _mm512_and_si512(e, byte);
+    code = _mm512_mask_add_epi32(code, gt, code, one);
+    code = _mm512_maskz_mov_epi32(__mmask16(~_mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q)), code);
+    _mm512_mask_cvtepi32_storeu_epi8(codes + i, k, code);
+  }
+}
+
+AO_OPT_AVX512 void adamw_block_avx512(float* p, const float* g, int64_t n, const QTable& qm, const QTable& qv,
+                                      const uint8_t* mc, const uint8_t* vc, float s1, float s2,
+                                      const AdamScalars& s, float* mbuf, float* vbuf, AbsMax& a1, AbsMax& a2) {
+  const __m512 vs1 = _mm512_set1_ps(s1), vs2 = _mm512_set1_ps(s2);
+  const __m512 b1 = _mm512_set1_ps(s.b1), c1 = _mm512_set1_ps(s.c1), b2 = _mm512_set1_ps(s.b2),
+               c2 = _mm512_set1_ps(s.c2), decay = _mm512_set1_ps(s.decay), step = _mm512_set1_ps(s.step_size),
+               bc2 = _mm512_set1_ps(s.bc2_sqrt), eps = _mm512_set1_ps(s.eps);
+  __m512 am1 = _mm512_setzero_ps(), am2 = _mm512_setzero_ps();
+  __mmask16 nan1 = 0, nan2 = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    __m512 mq[4], vq[4];
+    dequant64(qm, load_codes64(mc + i0, n - i0), mq);
+    dequant64(qv, load_codes64(vc + i0, n - i0), vq);
+    for (int j = 0; j < 4 && i0 + 16 * j < n; ++j) {
+      const int64_t i = i0 + 16 * j;
+      const __mmask16 k = tail_mask(n - i);
+      const __m512 gv = _mm512_maskz_loadu_ps(k, g + i);
+      __m512 pv = _mm512_maskz_loadu_ps(k, p + i);
+      const __m512 mo = _mm512_mul_ps(mq[j], vs1);
+      const __m512 vo = _mm512_mul_ps(vq[j], vs2);
+      const __m512 m = _mm512_add_ps(_mm512_mul_ps(b1, mo), _mm512_mul_ps(c1, gv));
+      const __m512 v = _mm512_add_ps(_mm512_mul_ps(b2, vo), _mm512_mul_ps(_mm512_mul_ps(c2, gv), gv));
+      pv = _mm512_mul_ps(pv, decay);
+      const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), bc2), eps);
+      pv = _mm512_sub_ps(pv, _mm512_mul_ps(step, _mm512_div_ps(m, denom)));
+      _mm512_mask_storeu_ps(p + i, k, pv);
+      _mm512_mask_storeu_ps(mbuf + i, k, m);
+      _mm512_mask_storeu_ps(vbuf + i, k, v);
+      absmax16(m, k, am1, nan1);
+      absmax16(v, k, am2, nan2);
+    }
+  }
+  absmax16_finish(am1, nan1, a1);
+  absmax16_finish(am2, nan2, a2);
+}
+
+AO_OPT_AVX512 void sgd_block_avx512(float* p, const float* g, int64_t n, const QTable& q, const uint8_t* c, float s,
+                                    const SgdScalars& k, float* buf, AbsMax& a) {
+  const __m512 vs = _mm512_set1_ps(s), lr = _mm512_set1_ps(k.lr), mu = _mm512_set1_ps(k.mu),
+               dc = _mm512_set1_ps(k.damp_c), wd = _mm512_set1_ps(k.wd);
+  __m512 am = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    __m512 bq[4];
+    if (!k.first) dequant64(q, load_codes64(c + i0, n - i0), bq);
+    for (int j = 0; j < 4 && i0 + 16 * j < n; ++j) {
+      const int64_t i = i0 + 16 * j;
+      const __mmask16 lanes = tail_mask(n - i);
+      __m512 gv = _mm512_maskz_loadu_ps(lanes, g + i);
+      __m512 pv = _mm512_maskz_loadu_ps(lanes, p + i);
+      if (k.has_wd) gv = _mm512_add_ps(gv, _mm512_mul_ps(wd, pv));
+      const __m512 b =
+          k.first ? gv : _mm512_add_ps(_mm512_mul_ps(mu, _mm512_mul_ps(bq[j], vs)), _mm512_mul_ps(dc, gv));
+      const __m512 d = k.nesterov ? _mm512_add_ps(gv, _mm512_mul_ps(mu, b)) : b;
+      pv = _mm512_sub_ps(pv, _mm512_mul_ps(lr, d));
+      _mm512_mask_storeu_ps(p + i, lanes, pv);
+      _mm512_mask_storeu_ps(buf + i, lanes, b);
+      absmax16(b, lanes, am, nan);
+    }
+  }
+  absmax16_finish(am, nan, a);
+}
+
 // ------------------------------------------------------------------ drivers
+
+// The widest path this CPU (capped by ACCELOPS_CPU_ISA) has: the AVX-512 level of
+// cpu_features.h runs the 16-lane path when the CPU also has AVX-512 VBMI (vpermi2b, for the
+// in-register dequantization; its VNNI is not used here), else the AVX2 one.
+enum class Path { Scalar, Avx2, Avx512 };
+
+Path active_path() {
+  switch (active_dot_isa()) {
+    case Isa::Scalar: return Path::Scalar;
+    case Isa::Avx512Vnni: return cpu_has("avx512vbmi") ? Path::Avx512 : Path::Avx2;
+    default: return Path::Avx2;
+  }
+}
+
+void quantize_path(Path path, const QTable& q, const float* x, int64_t n, float div, uint8_t* codes) {
+  if (path == Path::Avx512) quantize_range_avx512(q, x, n, div, codes);
+  else if (path == Path::Avx2) quantize_range_avx2(q, x, 0, n, div, codes);
+  else quantize_range(q, x, 0, n, div, codes);
+}
 
 int64_t grain_blocks(int64_t block_size) { return std::max<int64_t>(1, (int64_t(1) << 16) / block_size); }
 
@@ -309,32 +488,31 @@ void adamw_run(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
   uint8_t* vc = vc_t.data_ptr<uint8_t>();
   float* ma = ma_t.data_ptr<float>();
   float* va = va_t.data_ptr<float>();
-  const bool avx2 = std::is_same<T, float>::value && active_isa() == Isa::Avx2;
+  // bf16/fp16 params take the scalar step; their requantization still uses the vector paths
+  const Path path = active_path();
   at::parallel_for(0, nb, grain_blocks(bs), [&](int64_t b0, int64_t b1) {
     std::vector<float> mbuf(static_cast<size_t>(bs)), vbuf(static_cast<size_t>(bs));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t off = b * bs, len = std::min(bs, n - off);
       AbsMax a1, a2;
+      bool done = false;
       if constexpr (std::is_same<T, float>::value) {
-        if (avx2) {
+        if (path == Path::Avx512) {
+          adamw_block_avx512(p + off, g + off, len, qm, qv, mc + off, vc + off, ma[b], va[b], s, mbuf.data(),
+                             vbuf.data(), a1, a2);
+          done = true;
+        } else if (path == Path::Avx2) {
           adamw_block_avx2(p + off, g + off, len, qm, qv, mc + off, vc + off, ma[b], va[b], s, mbuf.data(),
                            vbuf.data(), a1, a2);
-        } else {
-          adamw_step_range(p + off, g + off, 0, len, qm, qv, mc + off, vc + off, ma[b], va[b], s, mbuf.data(),
-                           vbuf.data(), a1, a2);
+          done = true;
         }
-      } else {
+      }
+      if (!done)
         adamw_step_range(p + off, g + off, 0, len, qm, qv, mc + off, vc + off, ma[b], va[b], s, mbuf.data(),
                          vbuf.data(), a1, a2);
-      }
       const float m_abs = a1.get(), v_abs = a2.get();
-      if (avx2) {
-        quantize_range_avx2(qm, mbuf.data(), 0, len, divisor(m_abs), mc + off);
-        quantize_range_avx2(qv, vbuf.data(), 0, len, divisor(v_abs), vc + off);
-      } else {
-        quantize_range(qm, mbuf.data(), 0, len, divisor(m_abs), mc + off);
-        quantize_range(qv, vbuf.data(), 0, len, divisor(v_abs), vc + off);
-      }
+      quantize_path(path, qm, mbuf.data(), len, divisor(m_abs), mc + off);
+      quantize_path(path, qv, vbuf.data(), len, divisor(v_abs), vc + off);
       ma[b] = m_abs;
       va[b] = v_abs;
     }
@@ -349,21 +527,25 @@ void sgd_run(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& 
   const T* g = grad.data_ptr<T>();
   uint8_t* c = c_t.data_ptr<uint8_t>();
   float* a = a_t.data_ptr<float>();
-  const bool avx2 = std::is_same<T, float>::value && active_isa() == Isa::Avx2;
+  const Path path = active_path();
   at::parallel_for(0, nb, grain_blocks(bs), [&](int64_t b0, int64_t b1) {
     std::vector<float> buf(static_cast<size_t>(bs));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t off = b * bs, len = std::min(bs, n - off);
       AbsMax am;
+      bool done = false;
       if constexpr (std::is_same<T, float>::value) {
-        if (avx2) sgd_block_avx2(p + off, g + off, len, q, c + off, a[b], k, buf.data(), am);
-        else sgd_step_range(p + off, g + off, 0, len, q, c + off, a[b], k, buf.data(), am);
-      } else {
-        sgd_step_range(p + off, g + off, 0, len, q, c + off, a[b], k, buf.data(), am);
+        if (path == Path::Avx512) {
+          sgd_block_avx512(p + off, g + off, len, q, c + off, a[b], k, buf.data(), am);
+          done = true;
+        } else if (path == Path::Avx2) {
+          sgd_block_avx2(p + off, g + off, len, q, c + off, a[b], k, buf.data(), am);
+          done = true;
+        }
       }
+      if (!done) sgd_step_range(p + off, g + off, 0, len, q, c + off, a[b], k, buf.data(), am);
       const float absmax = am.get();
-      if (avx2) quantize_range_avx2(q, buf.data(), 0, len, divisor(absmax), c + off);
-      else quantize_range(q, buf.data(), 0, len, divisor(absmax), c + off);
+      quantize_path(path, q, buf.data(), len, divisor(absmax), c + off);
       a[b] = absmax;
     }
   });
