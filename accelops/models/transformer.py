@@ -194,9 +194,10 @@ class TransformerLM(LanguageModel):
         )
 
     @classmethod
-    def from_hf_bitnet(cls, path_or_state_dict, config=None) -> "TransformerLM":
+    def from_hf_bitnet(cls, path_or_state_dict, config=None, quantization_config=None) -> "TransformerLM":
         """A TransformerLM holding a transformers BitNetForCausalLM checkpoint (a directory
-        written by save_pretrained, or its state dict with config=). See accelops.models.hf."""
+        written by save_pretrained, or its state dict with config=); a packed one (a
+        quantization_config) loads into TernaryLinear layers. See accelops.models.hf."""
         from .hf import from_hf_bitnet
 
-        return from_hf_bitnet(path_or_state_dict, config)
+        return from_hf_bitnet(path_or_state_dict, config, quantization_config)
