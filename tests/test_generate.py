@@ -229,6 +229,11 @@ def test_the_cache_is_sized_and_never_written_past(monkeypatch):
         (dict(seed="1"), "seed must be an int"),
         (dict(stream=5), "stream must be a callable"),
         (dict(compile=1), "compile must be a bool"),
+        (
+            dict(temperature=0, top_k=5),
+            r"temperature=0 is greedy decoding, which takes no sampling options \(top_k=5\)",
+        ),
+        (dict(temperature=0, top_p=0.9), r"temperature=0 is greedy .*\(top_p=0.9\)"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, match):

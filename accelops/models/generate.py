@@ -100,6 +100,13 @@ def _check_sampling(temperature, top_k, top_p):
         _int("top_k", top_k, 1)
     if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        # greedy decoding would silently ignore them: the caller meant to sample
+        given = ", ".join(f"{n}={v!r}" for n, v in (("top_k", top_k), ("top_p", top_p)) if v is not None)
+        raise ValueError(
+            f"temperature=0 is greedy decoding, which takes no sampling options ({given}); "
+            "give a temperature > 0 to sample, or drop them"
+        )
 
 
 # --------------------------------------------------------------------------- sampling
@@ -157,7 +164,7 @@ def generate(
         (config.max_len).
     temperature: 0 is greedy (argmax); > 0 samples from softmax(logits / temperature).
     top_k, top_p: restrict sampling to the k most likely tokens / the nucleus of mass top_p
-        (in (0, 1]). seed: sampling is reproducible with it (a generator of its own; without
+        (in (0, 1]); only with temperature > 0 (ValueError with 0). seed: sampling is reproducible with it (a generator of its own; without
         it, torch's global generator). stream: called after every step with that step's
         tokens, a [batch] int64 CPU tensor.
     compile: run the decode steps (the layers with the cache; not the prefill, head or
