@@ -268,3 +268,26 @@ def test_compiled_decode_equals_eager_and_the_no_cache_argmax():
     graphs = counters["stats"]["unique_graphs"]
     assert torch.equal(model.generate(batch, 12, temperature=0, compile=True), out)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_eager_decode_attends_over_the_filled_slots_only(monkeypatch):
+    """Eager decode steps pass a mask over the slots filled so far (longest prompt + step),
+    not the whole cache; the tokens still equal the no-cache argmax."""
+    from accelops.models.transformer import CausalSelfAttention
+
+    model = make_model("rope-gqa-rmsnorm-relu2")
+    widths = []
+    forward = CausalSelfAttention.forward
+
+    def spy(self, x, rope=None, cache=None, mask=None):
+        if mask is not None:
+            widths.append(mask.shape[-1])
+        return forward(self, x, rope, cache, mask)
+
+    monkeypatch.setattr(CausalSelfAttention, "forward", spy)
+    batch = prompts(7, 4)
+    out = model.generate(batch, 6, temperature=0)
+    n_layers = model.config.n_layers
+    assert widths == [w for w in range(8, 13) for _ in range(n_layers)]  # cache size 7 + 6 - 1 = 12
+    for row, p in zip(out, batch):
+        assert row.tolist() == greedy_without_cache(model, p, 6)

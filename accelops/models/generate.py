@@ -7,8 +7,9 @@ How it runs: one forward over the prompts (the prefill, causal over the prompt a
 model(tokens), writing every layer's keys and values into the cache), then one forward a
 token (the decode step). The cache is allocated once, per layer [batch, n_kv_heads, size,
 head_dim] with size = longest prompt + max_new_tokens - 1 (the last token is never fed
-back), and a decode step attends over all of it under a mask, so every step has the same
-shapes whatever the position (it could be compiled once); writes outside it raise.
+back); writes outside it raise. An eager decode step attends over the slots filled so far
+(under a mask, for rows of shorter prompts); a compiled one (compile=True) over the whole
+cache, so that every step has the same shapes and compiles once.
 
 Prompts of different lengths: right padding and per-row positions. Each row keeps its
 own positions 0, 1, ... (so its tokens are those it would get alone); the prefill runs the
@@ -276,7 +277,11 @@ def _run(model, prompts, n_new, temperature, top_k, top_p, eos_token_id, seed, s
             break
         positions = (lengths + step - 1)[:, None]  # [batch, 1]: where each row's last token goes
         cache.check_positions(positions)
-        mask = (slots <= positions[:, :, None])[:, None]  # [batch, 1, 1, size]: itself and before
+        # Eager steps attend over the filled slots only (0 .. longest + step - 1, known here
+        # without a device sync); compiled steps over the whole cache, so that every step has
+        # the same shapes and the graph compiles once.
+        filled = slots if decode is not _decode else slots[: longest + step]
+        mask = (filled <= positions[:, :, None])[:, None]  # [batch, 1, 1, filled]: itself and before
         hidden = decode(model, token[:, None], positions, cache, mask)
         token = next_tokens(hidden[:, -1])
         if eos_token_id is not None:

@@ -50,9 +50,11 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope=None, cache=None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [batch, t, dim]. rope: (cos, sin) of the positions of x (computed for 0 .. t-1 when
         None). cache (generation: a KVCache layer view): with mask None, x is a prompt from
-        position 0, attended causally and written to the cache; with mask [batch, 1, t, size]
-        (True = may attend), x's keys/values are written at their positions and x attends to
-        the whole cache under the mask."""
+        position 0, attended causally and written to the cache; with mask [batch, 1, t, n]
+        (True = may attend; n <= the cache size), x's keys/values are written at their
+        positions and x attends to the first n slots of the cache under the mask (n = the
+        cache size gives every step the same shapes, for torch.compile; eager decoding passes
+        only the filled slots)."""
         b, t, _ = x.shape
         hd = self.head_dim
         q = self.q_proj(x).view(b, t, self.n_heads, hd).transpose(1, 2)
@@ -71,6 +73,9 @@ class CausalSelfAttention(nn.Module):
             )
         else:
             k, v = cache.update(k, v)
+            n = mask.shape[-1]
+            if n < k.shape[2]:  # the mask covers the filled slots only: attend over those
+                k, v = k[:, :, :n], v[:, :, :n]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(b, t, self.dim)
         if self.attn_sub_norm is not None:
