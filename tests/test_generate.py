@@ -276,12 +276,14 @@ def test_eager_decode_attends_over_the_filled_slots_only(monkeypatch):
     from accelops.models.transformer import CausalSelfAttention
 
     model = make_model("rope-gqa-rmsnorm-relu2")
-    widths = []
+    widths, ints = [], []
     forward = CausalSelfAttention.forward
 
     def spy(self, x, rope=None, cache=None, mask=None):
-        if mask is not None:
+        if isinstance(mask, torch.Tensor):
             widths.append(mask.shape[-1])
+        elif mask is not None:
+            ints.append(mask)
         return forward(self, x, rope, cache, mask)
 
     monkeypatch.setattr(CausalSelfAttention, "forward", spy)
@@ -291,3 +293,9 @@ def test_eager_decode_attends_over_the_filled_slots_only(monkeypatch):
     assert widths == [w for w in range(8, 13) for _ in range(n_layers)]  # cache size 7 + 6 - 1 = 12
     for row, p in zip(out, batch):
         assert row.tolist() == greedy_without_cache(model, p, 6)
+    # prompts of one length: every row sees all filled slots, so no mask (an int: how many)
+    widths.clear()
+    batch = prompts(5, 5, seed=2)
+    out = model.generate(batch, 4, temperature=0)
+    assert widths == [] and ints == [w for w in range(6, 9) for _ in range(n_layers)]
+    assert all(row.tolist() == greedy_without_cache(model, p, 4) for row, p in zip(out, batch))

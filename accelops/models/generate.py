@@ -255,6 +255,7 @@ def _run(model, prompts, n_new, temperature, top_k, top_p, eos_token_id, seed, s
         generator = torch.Generator(device=device).manual_seed(seed)
     cache = KVCache(cfg.n_layers, batch, cfg.kv_heads, longest + n_new - 1, cfg.head_dim)
     slots = torch.arange(cache.size, device=device)
+    uniform = all(p.numel() == longest for p in prompts)
     rows = torch.arange(batch, device=device)
 
     def next_tokens(hidden_last):
@@ -278,10 +279,14 @@ def _run(model, prompts, n_new, temperature, top_k, top_p, eos_token_id, seed, s
         positions = (lengths + step - 1)[:, None]  # [batch, 1]: where each row's last token goes
         cache.check_positions(positions)
         # Eager steps attend over the filled slots only (0 .. longest + step - 1, known here
-        # without a device sync); compiled steps over the whole cache, so that every step has
-        # the same shapes and the graph compiles once.
-        filled = slots if decode is not _decode else slots[: longest + step]
-        mask = (filled <= positions[:, :, None])[:, None]  # [batch, 1, 1, filled]: itself and before
+        # without a device sync), and without a mask when every row stands at that position
+        # (prompts of one length); compiled steps over the whole cache under a mask, so that
+        # every step has the same shapes and the graph compiles once.
+        if decode is _decode and uniform:
+            mask = longest + step
+        else:
+            filled = slots if decode is not _decode else slots[: longest + step]
+            mask = (filled <= positions[:, :, None])[:, None]  # [batch, 1, 1, filled]: itself and before
         hidden = decode(model, token[:, None], positions, cache, mask)
         token = next_tokens(hidden[:, -1])
         if eos_token_id is not None:

