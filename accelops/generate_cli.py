@@ -2,7 +2,7 @@
 
 Loads the checkpoint with accelops.train.load_model (the model and its character
 vocabulary), optionally converts it for inference (--convert ternary | int8), runs
-TransformerLM.generate with its KV cache and prints the prompt and its continuation on
+TransformerLM.generate with its KV cache (--compile: decode steps through torch.compile) and prints the prompt and its continuation on
 stdout as the tokens come, then the token count and tokens/s on stderr. Argument parsing
 stays light here (argparse only); torch and the model load when the command runs.
 """
@@ -42,6 +42,12 @@ def add_arguments(p) -> None:
         help="accelops.convert the model first: 'ternary' (BitNet b1.58 packed weights; a bitlinear-trained "
         "model's deployed form) or 'int8' (W8A8)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the decode steps through torch.compile (compiling takes seconds to a minute first; "
+        "faster steps after)",
+    )
 
 
 def run_args(args, out=None, err=None) -> int:
@@ -79,7 +85,14 @@ def run_args(args, out=None, err=None) -> int:
 
     start = time.perf_counter()
     new = model.generate(
-        ids, n_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=show
+        ids,
+        n_new,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stream=show,
+        compile=args.compile,
     )
     seconds = time.perf_counter() - start
     out.write("\n")

@@ -486,6 +486,9 @@ def breakdown(model, prompt, n_steps: int, try_compile: bool) -> dict:
     torch.compile of the step is faster (kept only when its tokens equal eager's)."""
 
     def eager(token, positions, mask, cache):
+        # as generate's eager steps (every row at one position here): attend over all filled
+        # slots, no mask (compiled: the whole cache under the mask)
+        mask = int(positions.max()) + 1
         return model._hidden(token, positions=positions, cache=cache, mask=mask)
 
     _steps(model, prompt, 2, eager)  # warm
@@ -501,7 +504,7 @@ def breakdown(model, prompt, n_steps: int, try_compile: bool) -> dict:
         timers.totals.clear()
         start = time.perf_counter()
         positions = torch.full((1, 1), length + step)
-        mask = (slots <= positions[:, :, None])[:, None]
+        mask = length + step + 1  # the filled slots, no mask: as generate's eager steps at batch 1
         hidden = model._hidden(token[:, None], positions=positions, cache=cache, mask=mask)
         t0 = time.perf_counter()
         logits = model.head(hidden[:, -1])

@@ -109,10 +109,23 @@ def test_sampling_options_and_convert(ckpt, capsys):
         assert len(capsys.readouterr().out) == 1 + 5 + 1
 
 
+@pytest.mark.slow
+def test_compile_gives_the_eager_tokens(ckpt, capsys):
+    """--compile: the decode steps through torch.compile continue the cycle as eager does."""
+    args = ["generate", ckpt, "--prompt", "quant b", "--max-new-tokens", "20", "--temperature", "0"]
+    assert main(args) == 0
+    eager = capsys.readouterr()
+    assert main([*args, "--compile"]) == 0
+    compiled = capsys.readouterr()
+    assert compiled.out == eager.out == "quant b" + (CYCLE * 4)[len("quant b") :][:20] + "\n"
+    assert "20 tokens in" in compiled.err and "tokens/s" in compiled.err
+
+
 def test_user_errors_are_one_line(ckpt, tmp_path):
     assert_one_line(cli(ckpt, "--prompt", "quant?"), "character '?' is not in the vocabulary")
     assert_one_line(cli(ckpt, "--prompt", "q", "--max-new-tokens", "40"), "max_new_tokens=40 runs past", "max_len=32")
     assert_one_line(cli(str(tmp_path / "nope"), "--prompt", "q"), "does not exist")
+    assert_one_line(cli(ckpt, "--prompt", "q", "--temperature", "0", "--top-p", "0.5"), "temperature=0 is greedy")
 
 
 @pytest.mark.parametrize(
@@ -122,6 +135,7 @@ def test_user_errors_are_one_line(ckpt, tmp_path):
         (["--temperature", "-1"], "temperature must be a finite number >= 0"),
         (["--top-k", "0"], "top_k must be >= 1"),
         (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+        (["--temperature", "0", "--top-k", "3"], r"temperature=0 is greedy decoding.*\(top_k=3\)"),
     ],
 )
 def test_bad_options_raise_from_python(ckpt, extra, match):

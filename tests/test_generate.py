@@ -229,6 +229,11 @@ def test_the_cache_is_sized_and_never_written_past(monkeypatch):
         (dict(seed="1"), "seed must be an int"),
         (dict(stream=5), "stream must be a callable"),
         (dict(compile=1), "compile must be a bool"),
+        (
+            dict(temperature=0, top_k=5),
+            r"temperature=0 is greedy decoding, which takes no sampling options \(top_k=5\)",
+        ),
+        (dict(temperature=0, top_p=0.9), r"temperature=0 is greedy .*\(top_p=0.9\)"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, match):
@@ -263,3 +268,34 @@ def test_compiled_decode_equals_eager_and_the_no_cache_argmax():
     graphs = counters["stats"]["unique_graphs"]
     assert torch.equal(model.generate(batch, 12, temperature=0, compile=True), out)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_eager_decode_attends_over_the_filled_slots_only(monkeypatch):
+    """Eager decode steps pass a mask over the slots filled so far (longest prompt + step),
+    not the whole cache; the tokens still equal the no-cache argmax."""
+    from accelops.models.transformer import CausalSelfAttention
+
+    model = make_model("rope-gqa-rmsnorm-relu2")
+    widths, ints = [], []
+    forward = CausalSelfAttention.forward
+
+    def spy(self, x, rope=None, cache=None, mask=None):
+        if isinstance(mask, torch.Tensor):
+            widths.append(mask.shape[-1])
+        elif mask is not None:
+            ints.append(mask)
+        return forward(self, x, rope, cache, mask)
+
+    monkeypatch.setattr(CausalSelfAttention, "forward", spy)
+    batch = prompts(7, 4)
+    out = model.generate(batch, 6, temperature=0)
+    n_layers = model.config.n_layers
+    assert widths == [w for w in range(8, 13) for _ in range(n_layers)]  # cache size 7 + 6 - 1 = 12
+    for row, p in zip(out, batch):
+        assert row.tolist() == greedy_without_cache(model, p, 6)
+    # prompts of one length: every row sees all filled slots, so no mask (an int: how many)
+    widths.clear()
+    batch = prompts(5, 5, seed=2)
+    out = model.generate(batch, 4, temperature=0)
+    assert widths == [] and ints == [w for w in range(6, 9) for _ in range(n_layers)]
+    assert all(row.tolist() == greedy_without_cache(model, p, 4) for row, p in zip(out, batch))

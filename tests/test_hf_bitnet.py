@@ -1,6 +1,7 @@
 """accelops.models.hf: transformers' BitNetForCausalLM checkpoints (written by transformers
 itself, random weights) load into TransformerLM and give the same logits; wrong shapes,
-missing and foreign tensors and the packed format are refused naming the tensor."""
+missing and foreign tensors are refused naming the tensor. Packed (quantized) checkpoints:
+tests/test_hf_bitnet_packed.py."""
 
 import dataclasses
 
@@ -116,13 +117,13 @@ def test_missing_and_foreign_tensors(saved):
         TransformerLM.from_hf_bitnet(sd, hf.config)
 
 
-def test_packed_checkpoints_and_bad_configs_are_refused(saved, tmp_path):
+def test_scales_without_quantization_config_and_bad_configs_are_refused(saved, tmp_path):
     hf, _ = saved[False]
     cfg = hf.config.to_dict()
-    with pytest.raises(ValueError, match="quantization_config"):
-        config_from_hf_bitnet(dict(cfg, quantization_config={"quant_method": "bitnet"}))
+    with pytest.raises(ValueError, match="quantization_config: quant_method 'gptq' is not supported"):
+        config_from_hf_bitnet(dict(cfg, quantization_config={"quant_method": "gptq"}))
     sd = dict(hf.state_dict(), **{"model.layers.0.self_attn.q_proj.weight_scale": torch.ones(1)})
-    with pytest.raises(ValueError, match=r"q_proj\.weight_scale: .*packed"):
+    with pytest.raises(ValueError, match=r"q_proj\.weight_scale: .*no quantization_config"):
         TransformerLM.from_hf_bitnet(sd, hf.config)
     with pytest.raises(ValueError, match="model_type is 'llama'"):
         config_from_hf_bitnet(dict(cfg, model_type="llama"))

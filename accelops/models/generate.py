@@ -7,8 +7,9 @@ How it runs: one forward over the prompts (the prefill, causal over the prompt a
 model(tokens), writing every layer's keys and values into the cache), then one forward a
 token (the decode step). The cache is allocated once, per layer [batch, n_kv_heads, size,
 head_dim] with size = longest prompt + max_new_tokens - 1 (the last token is never fed
-back), and a decode step attends over all of it under a mask, so every step has the same
-shapes whatever the position (it could be compiled once); writes outside it raise.
+back); writes outside it raise. An eager decode step attends over the slots filled so far
+(under a mask, for rows of shorter prompts); a compiled one (compile=True) over the whole
+cache, so that every step has the same shapes and compiles once.
 
 Prompts of different lengths: right padding and per-row positions. Each row keeps its
 own positions 0, 1, ... (so its tokens are those it would get alone); the prefill runs the
@@ -100,6 +101,13 @@ def _check_sampling(temperature, top_k, top_p):
         _int("top_k", top_k, 1)
     if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        # greedy decoding would silently ignore them: the caller meant to sample
+        given = ", ".join(f"{n}={v!r}" for n, v in (("top_k", top_k), ("top_p", top_p)) if v is not None)
+        raise ValueError(
+            f"temperature=0 is greedy decoding, which takes no sampling options ({given}); "
+            "give a temperature > 0 to sample, or drop them"
+        )
 
 
 # --------------------------------------------------------------------------- sampling
@@ -157,7 +165,7 @@ def generate(
         (config.max_len).
     temperature: 0 is greedy (argmax); > 0 samples from softmax(logits / temperature).
     top_k, top_p: restrict sampling to the k most likely tokens / the nucleus of mass top_p
-        (in (0, 1]). seed: sampling is reproducible with it (a generator of its own; without
+        (in (0, 1]); only with temperature > 0 (ValueError with 0). seed: sampling is reproducible with it (a generator of its own; without
         it, torch's global generator). stream: called after every step with that step's
         tokens, a [batch] int64 CPU tensor.
     compile: run the decode steps (the layers with the cache; not the prefill, head or
@@ -247,6 +255,7 @@ def _run(model, prompts, n_new, temperature, top_k, top_p, eos_token_id, seed, s
         generator = torch.Generator(device=device).manual_seed(seed)
     cache = KVCache(cfg.n_layers, batch, cfg.kv_heads, longest + n_new - 1, cfg.head_dim)
     slots = torch.arange(cache.size, device=device)
+    uniform = all(p.numel() == longest for p in prompts)
     rows = torch.arange(batch, device=device)
 
     def next_tokens(hidden_last):
@@ -269,7 +278,15 @@ def _run(model, prompts, n_new, temperature, top_k, top_p, eos_token_id, seed, s
             break
         positions = (lengths + step - 1)[:, None]  # [batch, 1]: where each row's last token goes
         cache.check_positions(positions)
-        mask = (slots <= positions[:, :, None])[:, None]  # [batch, 1, 1, size]: itself and before
+        # Eager steps attend over the filled slots only (0 .. longest + step - 1, known here
+        # without a device sync), and without a mask when every row stands at that position
+        # (prompts of one length); compiled steps over the whole cache under a mask, so that
+        # every step has the same shapes and the graph compiles once.
+        if decode is _decode and uniform:
+            mask = longest + step
+        else:
+            filled = slots if decode is not _decode else slots[: longest + step]
+            mask = (filled <= positions[:, :, None])[:, None]  # [batch, 1, 1, filled]: itself and before
         hidden = decode(model, token[:, None], positions, cache, mask)
         token = next_tokens(hidden[:, -1])
         if eos_token_id is not None:

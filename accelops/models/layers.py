@@ -82,7 +82,10 @@ class UnfusedFFN(nn.Module):
         else:
             g = self.gate_proj(x)
             if self.activation == "relu2":
-                h = torch.square(F.relu(g)) * u
+                if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+                    h = torch.square(F.relu(g)) * u
+                else:  # inference: g is this call's own output, reuse it (same values, no new tensors)
+                    h = torch.relu_(g).square_().mul_(u)
             else:
                 h = ref_ffn.ffn_activation(g, u, self.activation)
         if self.ffn_sub_norm is not None:

@@ -53,12 +53,15 @@ class CausalSelfAttention(nn.Module):
         self.attn_sub_norm = sub_norm
         self.o_proj = make_linear(quant, dim, dim, bias)
 
-    def forward(self, x: torch.Tensor, rope=None, cache=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, cache=None, mask: torch.Tensor | int | None = None) -> torch.Tensor:
         """x [batch, t, dim]. rope: (cos, sin) of the positions of x (computed for 0 .. t-1 when
         None). cache (generation: a KVCache layer view): with mask None, x is a prompt from
-        position 0, attended causally and written to the cache; with mask [batch, 1, t, size]
-        (True = may attend), x's keys/values are written at their positions and x attends to
-        the whole cache under the mask."""
+        position 0, attended causally and written to the cache; with mask [batch, 1, t, n]
+        (True = may attend; n <= the cache size), x's keys/values are written at their
+        positions and x attends to the first n slots of the cache under the mask (n = the
+        cache size gives every step the same shapes, for torch.compile; eager decoding passes
+        only the filled slots); mask an int n: x attends to all of the first n slots (every
+        row of x at position n - 1; no mask to apply)."""
         b, t, _ = x.shape
         hd = self.head_dim
         if cache is not None and not self.causal:
@@ -83,6 +86,12 @@ class CausalSelfAttention(nn.Module):
             )
         else:
             k, v = cache.update(k, v)
+            if isinstance(mask, int):  # every row may see all of the first `mask` slots
+                n, mask = mask, None  # SDPA without a mask: 1.3-2.4x faster at one query
+            else:
+                n = mask.shape[-1]
+            if n < k.shape[2]:  # attend over the filled slots only
+                k, v = k[:, :, :n], v[:, :, :n]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(b, t, self.dim)
         if self.attn_sub_norm is not None:
@@ -125,7 +134,7 @@ class TransformerBlock(nn.Module):
         )
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope=None, cache=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, cache=None, mask: torch.Tensor | int | None = None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x), rope, cache, mask))
         return x + self.drop(self.ffn(self.norm2(x)))
 
@@ -161,7 +170,7 @@ class TransformerLM(LanguageModel):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """Final hidden states. positions [batch, t] (default 0 .. t-1); cache and mask as in
         CausalSelfAttention.forward (generation)."""
@@ -209,9 +218,10 @@ class TransformerLM(LanguageModel):
         )
 
     @classmethod
-    def from_hf_bitnet(cls, path_or_state_dict, config=None) -> "TransformerLM":
+    def from_hf_bitnet(cls, path_or_state_dict, config=None, quantization_config=None) -> "TransformerLM":
         """A TransformerLM holding a transformers BitNetForCausalLM checkpoint (a directory
-        written by save_pretrained, or its state dict with config=). See accelops.models.hf."""
+        written by save_pretrained, or its state dict with config=); a packed one (a
+        quantization_config) loads into TernaryLinear layers. See accelops.models.hf."""
         from .hf import from_hf_bitnet
 
-        return from_hf_bitnet(path_or_state_dict, config)
+        return from_hf_bitnet(path_or_state_dict, config, quantization_config)
