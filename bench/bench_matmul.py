@@ -7,6 +7,9 @@ both measured in this run at the same thread count.
 
     python bench/bench_matmul.py [--quick] [--threads 1,2] [--results-dir DIR]
 (or through bench/run.py, which runs every family)
+
+ACCELOPS_BENCH_METHODS=ternary,ternary_lut (keys of METHODS) runs only those methods (the
+stream_read row always runs): for a focused comparison on a busy machine.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ BITNET_LABEL = "bitnet.cpp I2_S (measured separately, not in this run)"
 # (key, label). Order is the order rows are measured and shown.
 METHODS = [
     ("ternary", "accelops ternary_matmul"),
+    # The same weights in the lut3 format (lookup-table GEMV, 1.78 bits a weight): M=1 only.
+    ("ternary_lut", "accelops ternary_matmul, lut3 format (lookup-table GEMV)"),
     ("int8", "accelops int8_linear"),
     # The same ops through a dispatch table that `accelops tune` measured for the case on
     # this machine just before (threads, tile sizes, ATen's int8 GEMM: accelops.tune).
@@ -64,11 +69,26 @@ METHODS = [
 LABELS = dict(METHODS)
 ACCELOPS = {
     "ternary": "ternary_matmul",
+    "ternary_lut": "ternary_matmul_lut",
     "int8": "int8_linear",
     "ternary_tuned": "ternary_matmul",
     "int8_tuned": "int8_linear",
 }
 TUNED = {"ternary_tuned": "ternary_matmul", "int8_tuned": "int8_linear"}
+
+
+def selected_methods() -> list[str]:
+    """The METHODS keys this run measures (ACCELOPS_BENCH_METHODS, default all)."""
+    value = os.environ.get("ACCELOPS_BENCH_METHODS", "").strip()
+    if not value:
+        return [key for key, _ in METHODS]
+    keys = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [k for k in keys if k not in LABELS]
+    if unknown:
+        raise SystemExit(
+            f"bench_matmul: error: ACCELOPS_BENCH_METHODS: unknown method(s) {unknown}; known: {list(LABELS)}"
+        )
+    return keys
 
 
 # --------------------------------------------------------------------------- correctness
@@ -108,6 +128,7 @@ WEIGHT_GROUP = {
     "ternary": "ternary",
     "ref_ternary_compiled": "ternary",
     "ternary_tuned": "ternary",
+    "ternary_lut": "ternary_lut",
     "int8": "int8",
     "ref_int8_compiled": "int8",
     "int_mm": "int8",
@@ -136,6 +157,7 @@ class Shape:
             "int8": (w_q, w_qscale),
             "fp32": (w,),
             "bf16": (w.to(torch.bfloat16),),
+            "ternary_lut": (ops.convert_ternary_format(w_packed, "i2", "lut3", n=n, k=k), w_tscale),
         }
         self.torchao_why = torchao_why
         if torchao_why is None:
@@ -186,6 +208,7 @@ def build_calls(s: Shape, x: torch.Tensor, x_bf16, x_q, x_scale, tables=None):
     ref_i = torch.compile(R.int8_linear)
     make = {
         "ternary": lambda wp, ws: lambda: ops.ternary_matmul(x, wp, ws, k=s.k),
+        "ternary_lut": lambda wl, ws: lambda: ops.ternary_matmul_lut(x, wl, ws, n=s.n, k=s.k),
         "int8": lambda wq, ws: lambda: ops.int8_linear(x, wq, ws),
         "ternary_tuned": lambda wp, ws: common.through_table(
             lambda: ops.ternary_matmul(x, wp, ws, k=s.k), tables["ternary_tuned"]
@@ -202,15 +225,17 @@ def build_calls(s: Shape, x: torch.Tensor, x_bf16, x_q, x_scale, tables=None):
         "torchao_compiled": lambda model: (lambda c: lambda: c(x))(torch.compile(model)),
     }
     calls = {}
-    for key, _ in METHODS:
+    for key in selected_methods():
         group = WEIGHT_GROUP[key]
         if key == "int_mm" and m <= 16:
             calls[key] = "torch._int_mm needs M > 16"
+        elif key == "ternary_lut" and m > 1:
+            calls[key] = "the lut3 kernel is a GEMV (it reads the weights once per row of x): M=1 only"
         elif group not in s.copies:
             calls[key] = s.torchao_why
         else:
             calls[key] = (common.rotating([make[key](*args) for args in s.copies[group]]), None)
-    if not isinstance(calls["int_mm"], str):
+    if not isinstance(calls.get("int_mm", ""), str):
         # Raw int8 GEMM: x already quantized, int32 out. Dequantized only for the error
         # column, outside the timing.
         w_qscale = s.copies["int8"][0][1]
@@ -286,18 +311,30 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
     y_ref = {"ternary": R.ternary_matmul(x, w_packed, w_tscale), "int8": R.int8_linear(x, w_q, w_qscale)}
     tables, winners = {}, {}
     for key, op in TUNED.items():
+        if key not in selected_methods():
+            continue
         progress.set_postfix_str(f"{threads}t N={s.n} K={s.k} M={m} tune {op}")
         tables[key], winners[key] = tune_case(cfg, op, m, s.n, s.k, threads)
-    checks = {
-        "ternary": compare_to_reference(ops.ternary_matmul(x, w_packed, w_tscale, k=s.k), y_ref["ternary"]),
-        "int8": compare_to_reference(ops.int8_linear(x, w_q, w_qscale), y_ref["int8"]),
-        "ternary_tuned": compare_to_reference(
+    w_lut = s.copies["ternary_lut"][0][0]
+    check_calls = {
+        "ternary": lambda: compare_to_reference(ops.ternary_matmul(x, w_packed, w_tscale, k=s.k), y_ref["ternary"]),
+        "ternary_lut": lambda: compare_to_reference(
+            ops.ternary_matmul_lut(x, w_lut, w_tscale, n=s.n, k=s.k), y_ref["ternary"]
+        ),
+        "int8": lambda: compare_to_reference(ops.int8_linear(x, w_q, w_qscale), y_ref["int8"]),
+        "ternary_tuned": lambda: compare_to_reference(
             common.through_table(lambda: ops.ternary_matmul(x, w_packed, w_tscale, k=s.k), tables["ternary_tuned"])(),
             y_ref["ternary"],
         ),
-        "int8_tuned": compare_to_reference(
+        "int8_tuned": lambda: compare_to_reference(
             common.through_table(lambda: ops.int8_linear(x, w_q, w_qscale), tables["int8_tuned"])(), y_ref["int8"]
         ),
+    }
+    selected = selected_methods()
+    checks = {
+        key: check()
+        for key, check in check_calls.items()
+        if key in selected and not (key == "ternary_lut" and m > 1)  # a GEMV: M=1 only (see build_calls)
     }
     for c in checks.values():
         c["against"] = "accelops.reference"
@@ -353,11 +390,18 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
                 row.update(timer.measure(fn, seconds))
             except Exception as exc:  # a baseline that cannot run here is a row, not a crash
                 row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
-        if key == "ternary" and m == 1 and stream and stream["status"] == "ok" and row["status"] == "ok":
+        if (
+            key in ("ternary", "ternary_lut")
+            and m == 1
+            and stream
+            and stream["status"] == "ok"
+            and row["status"] == "ok"
+        ):
             # The fraction of the read bandwidth measured just before on the same bytes.
+            # (The lut3 row reads 11% fewer bytes than the stream row: its fraction can pass 1.)
             row["stream_read_us"] = stream["median_us"]
             row["bandwidth_fraction"] = stream["median_us"] / row["median_us"]
-            row["gb_per_s"] = stream["bytes_moved"] / row["median_us"] / 1e3
+            row["gb_per_s"] = (s.bytes[WEIGHT_GROUP[key]] + s.k * 4) / row["median_us"] / 1e3
         # Other processes on the machine show up here; a 1-minute load above the core count
         # means this row's threads waited for a core (flagged in the summary).
         row["loadavg_1m"] = os.getloadavg()[0]
