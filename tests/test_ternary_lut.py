@@ -96,6 +96,14 @@ def test_small_m_exact(backend, m):
     assert torch.equal(y, exact(x, wq))
 
 
+@pytest.mark.parametrize("n, k", [(5, 0), (0, 7), (0, 0)])
+def test_empty(backend, n, k):
+    w_lut = ops.pack_ternary_lut(torch.zeros(n, k, dtype=torch.int8))
+    for x in (torch.randn(2, k), torch.randn(0, k), torch.randn(3, 0, k)):
+        y = ops.ternary_matmul_lut(x, w_lut, torch.ones(1), n=n)
+        assert y.shape == (*x.shape[:-1], n) and torch.equal(y, torch.zeros_like(y))
+
+
 # Every table entry at its largest magnitude: all activations -127 or 127 and all weights
 # one sign, so each group adds +-381 and each int16 window sits at its bound.
 @pytest.mark.parametrize("wv", [1, -1])

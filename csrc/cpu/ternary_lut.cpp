@@ -290,9 +290,10 @@ at::Tensor ternary_matmul_lut_cpu(const at::Tensor& x, const at::Tensor& w_lut, 
   auto shape = x.sizes().vec();
   shape.back() = n;
   at::Tensor out = at::empty(shape, x.options());
-  at::Tensor out2d = out.view({-1, n});
-  const int64_t m = out2d.size(0);
-  if (m == 0 || n == 0) return out;
+  int64_t m = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
+  if (m == 0 || n == 0) return out;  // (a view of N=0 columns as [-1, 0] is ambiguous)
+  at::Tensor out2d = out.view({m, n});
   const int64_t kp = words * kLutWordK;
   std::vector<int8_t> q(m * std::max<int64_t>(kp, 1), 0);
   std::vector<float> xs(m, kQuantEps / 127.0f);
