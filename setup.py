@@ -53,6 +53,7 @@ setup(
     description="Low-bit (ternary, INT8) and distributed-training kernels for PyTorch",
     packages=find_packages(include=["accelops", "accelops.*"]) + ["accelops.kernels"],
     package_dir={"accelops.kernels": "kernels"},
+    package_data={"accelops.results": ["static/*.html", "static/*.js", "static/*.css"]},  # the dashboard's page
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     license="BSD-3-Clause",
@@ -67,6 +68,7 @@ setup(
         "mlflow": ["mlflow>=2.10"],  # Trainer(mlflow=...) / accelops train --mlflow
         "train": ["tqdm", "tomli; python_version < '3.11'"],  # + tensorboard, used when installed
         "eval": ["tokenizers>=0.15"],  # accelops.eval.tokenize (imported on use)
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "plotly>=5"],  # accelops results serve
     },
     entry_points={"console_scripts": ["accelops=accelops.cli:main"]},
 )

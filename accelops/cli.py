@@ -140,7 +140,9 @@ def main(argv=None) -> int:
     )
     from .results.cli import add_arguments as add_results_arguments  # argparse only; duckdb loads on use
 
-    add_results_arguments(sub.add_parser("results", help="the benchmark results database: import, query, export"))
+    add_results_arguments(
+        sub.add_parser("results", help="the benchmark results database: import, query, export, serve")
+    )
     from .results.cli import add_report_arguments
 
     add_report_arguments(

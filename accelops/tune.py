@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import torch
 from . import ops
 from ._machine import machine_info
 from .ops import _tuning
-from .ops._tuning import FORMAT_VERSION, TUNED_OPS
+from .ops._tuning import TUNED_OPS
 from .reference import int8 as int8_ref
 from .reference import ternary as ternary_ref
 
@@ -68,14 +67,14 @@ def _weights(op: str, w: torch.Tensor):
     raise ValueError(f"op must be one of {sorted(TUNED_OPS)}, got {op!r}")
 
 
-def _candidate_fns(op: str, x, wq, ws) -> dict:
+def _candidate_fns(op: str, x, wq, ws, bias=None) -> dict:
     """backend -> a call of that backend on these inputs."""
     fns = {
-        "native": lambda: getattr(torch.ops.accelops, op)(x, wq, ws, None),
-        "reference": lambda: getattr(ternary_ref if op == "ternary_matmul" else int8_ref, op)(x, wq, ws, None),
+        "native": lambda: getattr(torch.ops.accelops, op)(x, wq, ws, bias),
+        "reference": lambda: getattr(ternary_ref if op == "ternary_matmul" else int8_ref, op)(x, wq, ws, bias),
     }
     if x.device.type == "cpu" and hasattr(torch.ops.accelops, INT_MM_OPS[op]):
-        fns["aten_int_mm"] = lambda: getattr(torch.ops.accelops, INT_MM_OPS[op])(x, wq, ws, None)
+        fns["aten_int_mm"] = lambda: getattr(torch.ops.accelops, INT_MM_OPS[op])(x, wq, ws, bias)
     return fns
 
 
@@ -228,6 +227,181 @@ def measure(
     }
 
 
+# The autotuner's measurement on first use (measure_bounded). The reference is a candidate
+# only up to this many multiply-adds: above it the kernels win by orders of magnitude and
+# one reference call would eat the budget.
+AUTOTUNE_REFERENCE_MACS = 1 << 22
+# After one timed call each, candidates slower than this factor of the fastest are dropped:
+# they cannot win, and their calls would take the rounds' time from the close ones.
+AUTOTUNE_PRUNE = 1.5
+AUTOTUNE_ROUNDS = 5
+# The autotuner checks ATen's GEMM for exactness on at most this many output columns: what
+# can go wrong (int16 pair sums that saturate, short accumulators) depends on K and on the
+# instructions of the GEMM's kernel, not on how many columns it computes, and the check at
+# the full N of a 4096x4096 layer cost 4-11 s on a busy 2-core machine (4 quantizations
+# of the weight, 8 calls at M=512).
+AUTOTUNE_EXACT_MAX_N = 256
+
+
+def _thread_steps(max_threads: int) -> list[int]:
+    """1, 2, 4, ... below max_threads, and max_threads (all of 1..T would be 2T candidates)."""
+    return sorted({max_threads, *(1 << i for i in range(max_threads.bit_length()) if (1 << i) < max_threads)})
+
+
+def measure_bounded(
+    op: str,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    max_threads: int | None = None,
+    budget_s: float = 1.0,
+    margin: float = 0.02,
+) -> dict:
+    """The autotuner's measurement (accelops/ops/_tuning.py): the candidates of `measure`
+    on the CPU within about budget_s seconds, called on the first call's own inputs (x
+    [..., K], its weight, scale and bias; x's first MAX_BUCKET rows at most, so nothing
+    is allocated but the outputs) -> a table entry (with "source": "autotune").
+
+    Candidates, in this order: the default (the kernel at max_threads, its own tiles), ATen's
+    int8 GEMM and the kernel at 1, 2, 4, ... threads up to max_threads, the kernel with each
+    tile configuration of TILE_GRID, and the reference on small shapes. Each gets a warm-up
+    and one timed call, in order, until the budget is spent (the rest are listed as
+    skipped); those within AUTOTUNE_PRUNE of the fastest then share what is left of it in
+    AUTOTUNE_ROUNDS interleaved rounds (at most ten rounds' worth of single calls, so a small
+    layer is done in a fraction of the budget). The winner is the fastest median unless the
+    default is within `margin`; ATen's GEMM wins only after exactness_failure found it exact
+    at the call's M and K (on at most AUTOTUNE_EXACT_MAX_N columns; checked then, outside the
+    budget: 4 weight quantizations and 8 calls).
+    The extra cost over budget_s is the two calls of the last candidate started before it
+    ran out, one call per candidate in the round that passes it, and that check."""
+    start = time.perf_counter()
+    deadline = start + budget_s
+    max_threads = max_threads or torch.get_num_threads()
+    k = x.shape[-1]
+    x = x.detach().reshape(-1, k)[: _tuning.MAX_BUCKET]
+    m, n = x.shape[0], w.shape[0]
+    shape = {"M": m, "N": n, "K": k}
+    fns = _candidate_fns(op, x, w, w_scale, bias)
+    steps = _thread_steps(max_threads)
+    native, aten = fns["native"], fns.get("aten_int_mm")
+    # (backend, threads, tiles, fn): the most promising kinds first, so that a budget spent
+    # early has still compared the default with ATen's GEMM and with fewer threads.
+    cands = [("native", max_threads, None, native)]
+    if aten is not None:
+        cands.append(("aten_int_mm", max_threads, None, aten))
+    cands += [("native", t, None, native) for t in steps if t != max_threads]
+    if aten is not None:
+        cands += [("aten_int_mm", t, None, aten) for t in steps if t != max_threads]
+    cands += [("native", max_threads, tiles, _with_tiles(native, tiles)) for tiles in TILE_GRID]
+    if m * n * k <= AUTOTUNE_REFERENCE_MACS:
+        cands.append(("reference", max_threads, None, fns["reference"]))
+    before = torch.get_num_threads()
+    one, samples, skipped = {}, {}, []
+    try:
+        with torch.no_grad():
+            for i, (backend, threads, tiles, fn) in enumerate(cands):
+                if i and time.perf_counter() >= deadline:
+                    skipped.append(_label(backend, threads, tiles))
+                    continue
+                torch.set_num_threads(threads)
+                fn()
+                one[i] = max(_time_batch(fn, 1), 1e-7)
+            fastest = min(one.values())
+            live = [i for i in one if i == 0 or one[i] <= AUTOTUNE_PRUNE * fastest]
+            remaining = deadline - time.perf_counter()
+            span = min(remaining, max(0.05, 10 * sum(one[i] for i in live)))
+            if span > 0:
+                batch = {i: max(1, int(span / AUTOTUNE_ROUNDS / len(live) / one[i])) for i in live}
+                for _ in range(AUTOTUNE_ROUNDS):
+                    for i in live:
+                        torch.set_num_threads(cands[i][1])
+                        samples.setdefault(i, []).append(_time_until(cands[i][3], batch[i], deadline))
+                    if time.perf_counter() >= deadline:
+                        break
+    finally:
+        torch.set_num_threads(before)
+    results = []
+    for i, (backend, threads, tiles, _) in enumerate(cands):
+        if i not in one:
+            continue
+        us = [v * 1e6 for v in samples.get(i, [one[i]])]
+        results.append(
+            {
+                "backend": backend,
+                "threads": threads,
+                "tiles": _tiles_json(tiles),
+                "config": None,
+                "median_us": _percentile(us, 0.5),
+                "p20_us": _percentile(us, 0.2),
+                "p80_us": _percentile(us, 0.8),
+                "samples": len(us),
+                "pruned": i not in samples,
+            }
+        )
+    excluded = {}
+    timed_s = time.perf_counter() - start
+    while True:
+        default = results[0]
+        fastest = min(results, key=lambda r: r["median_us"])
+        winner = fastest if fastest["median_us"] < default["median_us"] * (1 - margin) else default
+        if winner["backend"] != "aten_int_mm":
+            break
+        # At 1 thread: what it checks is the GEMM's arithmetic, which does not depend on the
+        # thread count, and on a busy machine each 2-thread call of the check waited for a
+        # core (3.3 s for the check at M=512, load 16 on 2 cores; 0.3 s at 1 thread).
+        torch.set_num_threads(1)
+        try:
+            why = exactness_failure(op, {**shape, "N": min(n, AUTOTUNE_EXACT_MAX_N)}, "aten_int_mm")
+        finally:
+            torch.set_num_threads(before)
+        if why is None:
+            break
+        excluded["aten_int_mm"] = why
+        results = [r for r in results if r["backend"] != "aten_int_mm"]
+    return {
+        "op": op,
+        "shape": {d: shape[d] for d in TUNED_OPS[op]},
+        "max_threads": max_threads,
+        "device": "cpu",
+        "dtype": str(x.dtype).replace("torch.", ""),
+        "source": "autotune",
+        "winner": {
+            "backend": winner["backend"],
+            "threads": winner["threads"],
+            "tiles": winner["tiles"],
+            "config": None,
+        },
+        "default_us": default["median_us"],
+        "winner_us": winner["median_us"],
+        "candidates": results,
+        "excluded": excluded,
+        "skipped": skipped,
+        "budget_s": budget_s,
+        "timed_s": round(timed_s, 4),
+        "elapsed_s": round(time.perf_counter() - start, 4),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _time_until(fn, calls: int, deadline: float) -> float:
+    """Seconds per call of up to `calls` calls of fn, stopping after the call that passes
+    the deadline: a batch sized from one lucky timing (a busy machine makes the next calls
+    10x slower) must not run far past the budget."""
+    start = time.perf_counter()
+    done = 0
+    while done < calls:
+        fn()
+        done += 1
+        if time.perf_counter() >= deadline:
+            break
+    return (time.perf_counter() - start) / done
+
+
+def _label(backend, threads, tiles) -> str:
+    return f"{backend} x{threads}" + (f" tiles {tiles[0]}/{tiles[1]}" if tiles else "")
+
+
 def _triton_configs(op: str, shape: dict, native, excluded: dict) -> list:
     """The Triton GEMM under each configuration of matmul_config_grid for this M, as
     candidates; a configuration that fails to launch (e.g. too much shared memory on this
@@ -303,33 +477,8 @@ def shapes_from_model(config: dict, m_values=None) -> list[dict]:
 
 def write_table(entries: list[dict], path=None) -> Path:
     """Merge `entries` into the table of this machine in the file (other machines' tables
-    and other shapes kept), written atomically."""
-    path = Path(path) if path is not None else _tuning.default_path()
-    info = machine_info()
-    data = {"format": FORMAT_VERSION, "tables": {}}
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-            if old.get("format") == FORMAT_VERSION:
-                data = old
-        except (OSError, ValueError):
-            pass  # unreadable: replaced by a fresh one
-    table = data["tables"].setdefault(info["fingerprint"], {"machine": {}, "entries": []})
-    table["machine"] = {k: v for k, v in info.items() if k != "fingerprint"}
-    table["torch"] = torch.__version__
-    table["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    new_keys = {(e["op"], json.dumps(e["shape"], sort_keys=True)) for e in entries}
-    table["entries"] = [
-        e for e in table["entries"] if (e["op"], json.dumps(e["shape"], sort_keys=True)) not in new_keys
-    ] + entries
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    and other keys kept; locked against other writers, written atomically)."""
+    return _tuning.merge_entries(entries, path)
 
 
 def explain(entries: list[dict]) -> dict:

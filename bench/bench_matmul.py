@@ -58,6 +58,10 @@ METHODS = [
     # this machine just before (threads, tile sizes, ATen's int8 GEMM: accelops.tune).
     ("ternary_tuned", "accelops ternary_matmul, tuned (accelops tune)"),
     ("int8_tuned", "accelops int8_linear, tuned (accelops tune)"),
+    # The same ops with the dispatch autotuner on (issue 26): the first call measured the
+    # candidates within its default budget on the case's own tensors; timed after it.
+    ("ternary_auto", "accelops ternary_matmul, autotuned on first call"),
+    ("int8_auto", "accelops int8_linear, autotuned on first call"),
     ("fp32", "F.linear fp32"),
     ("bf16", "F.linear bf16"),
     ("int_mm", "torch._int_mm (int8 GEMM only)"),
@@ -73,8 +77,11 @@ ACCELOPS = {
     "int8": "int8_linear",
     "ternary_tuned": "ternary_matmul",
     "int8_tuned": "int8_linear",
+    "ternary_auto": "ternary_matmul",
+    "int8_auto": "int8_linear",
 }
 TUNED = {"ternary_tuned": "ternary_matmul", "int8_tuned": "int8_linear"}
+AUTO = {"ternary_auto": "ternary_matmul", "int8_auto": "int8_linear"}
 
 
 def selected_methods() -> list[str]:
@@ -129,10 +136,12 @@ WEIGHT_GROUP = {
     "ref_ternary_compiled": "ternary",
     "ternary_tuned": "ternary",
     "ternary_lut": "ternary_lut",
+    "ternary_auto": "ternary",
     "int8": "int8",
     "ref_int8_compiled": "int8",
     "int_mm": "int8",
     "int8_tuned": "int8",
+    "int8_auto": "int8",
     "fp32": "fp32",
     "bf16": "bf16",
     "torchao": "torchao",
@@ -219,6 +228,10 @@ def build_calls(s: Shape, x: torch.Tensor, x_bf16, x_q, x_scale, tables=None):
             lambda: ops.ternary_matmul(x, wp, ws, k=s.k), tables["ternary_tuned"]
         ),
         "int8_tuned": lambda wq, ws: common.through_table(lambda: ops.int8_linear(x, wq, ws), tables["int8_tuned"]),
+        "ternary_auto": lambda wp, ws: common.through_table(
+            lambda: ops.ternary_matmul(x, wp, ws, k=s.k), tables["ternary_auto"]
+        ),
+        "int8_auto": lambda wq, ws: common.through_table(lambda: ops.int8_linear(x, wq, ws), tables["int8_auto"]),
         "fp32": lambda w: lambda: F.linear(x, w),
         "bf16": lambda w: lambda: F.linear(x_bf16, w),
         # An int8 linear layer's weight is stored [N, K]; its transpose is the column-major
@@ -320,7 +333,7 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
             continue
         progress.set_postfix_str(f"{threads}t N={s.n} K={s.k} M={m} tune {op}")
         tables[key], winners[key] = tune_case(cfg, op, m, s.n, s.k, threads)
-    w_lut = s.copies["ternary_lut"][0][0]
+    w_lut = s.copies["ternary_lut"][0][0] if "ternary_lut" in s.copies else None  # not built unless selected
     check_calls = {
         "ternary": lambda: compare_to_reference(ops.ternary_matmul(x, w_packed, w_tscale, k=s.k), y_ref["ternary"]),
         "ternary_lut": lambda: compare_to_reference(
@@ -341,6 +354,25 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
         for key, check in check_calls.items()
         if key in selected and not (key == "ternary_lut" and m > 1)  # a GEMV: M=1 only (see build_calls)
     }
+    # Autotune: a table of this process only (not the user's file), empty, measuring on the
+    # first call (the check's), with the default budget; its cost is recorded per row.
+    autotune_s = {}
+    for key, op in AUTO.items():
+        if key not in selected:
+            continue
+        progress.set_postfix_str(f"{threads}t N={s.n} K={s.k} M={m} autotune {op}")
+        tables[key] = DispatchTable({}, machine_info()["fingerprint"], None, autotune=True)
+        call = (
+            (lambda: ops.ternary_matmul(x, w_packed, w_tscale, k=s.k))
+            if op == "ternary_matmul"
+            else (lambda: ops.int8_linear(x, w_q, w_qscale))
+        )
+        start = time.perf_counter()
+        y = common.through_table(call, tables[key])()
+        autotune_s[key] = time.perf_counter() - start
+        checks[key] = compare_to_reference(y, y_ref["ternary" if op == "ternary_matmul" else "int8"])
+        measured = tables[key].measured
+        winners[key] = measured[0]["winner"] if measured else None
     for c in checks.values():
         c["against"] = "accelops.reference"
     # The compiled references are compared too, for information only: inductor may round
@@ -371,6 +403,8 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
             row["check"] = checks[key]
         if key in winners:
             row["tuned_choice"] = winners[key]
+        if key in autotune_s:
+            row["autotune_first_call_s"] = autotune_s[key]  # measuring included
         if isinstance(call, str):
             row.update(status="skipped", reason=call)
         elif key in checks and not checks[key]["ok"]:
@@ -489,6 +523,8 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
         "int8": "int8_linear",
         "ternary_tuned": "ternary_matmul tuned",
         "int8_tuned": "int8_linear tuned",
+        "ternary_auto": "ternary_matmul autotuned",
+        "int8_auto": "int8_linear autotuned",
         "fp32": "F.linear fp32",
         "bf16": "F.linear bf16",
         "int_mm": "torch._int_mm",
@@ -559,6 +595,52 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
         common.md_table(tuned_headers, tuned_rows),
         "",
     ]
+
+    # Autotune: the choice its first call measured, what that call cost, and the ratios.
+    auto_rows = []
+    for n, k in shapes:
+        for m in ms:
+            r = lambda key: by.get((n, k, m, key))  # noqa: E731
+            if not any(r(key) for key in AUTO):
+                continue
+            auto_rows.append(
+                [f"{n}x{k}", m]
+                + [_choice(r(key)) for key in AUTO]
+                + [
+                    f"{r(key)['autotune_first_call_s']:.2f} s" if r(key) and "autotune_first_call_s" in r(key) else "-"
+                    for key in AUTO
+                ]
+                + [
+                    _fmt_ratio(_ratio(r(base), r(key)))
+                    for key, plain in (("ternary_auto", "ternary"), ("int8_auto", "int8"))
+                    for base in (plain, "int_mm", "torchao_compiled")
+                ]
+            )
+    if auto_rows:
+        out += [
+            "Autotune on (ACCELOPS_AUTOTUNE, the default; times after the first call, which measured the "
+            "candidates within the default budget on the case's own tensors) against autotune off (the "
+            "plain rows), torch._int_mm and torchao compiled (ratio = baseline time / autotuned time):",
+            "",
+            common.md_table(
+                [
+                    "N x K",
+                    "M",
+                    "ternary: choice",
+                    "int8: choice",
+                    "ternary first call",
+                    "int8 first call",
+                    "ternary auto vs off",
+                    "ternary auto vs _int_mm",
+                    "ternary auto vs torchao compiled",
+                    "int8 auto vs off",
+                    "int8 auto vs _int_mm",
+                    "int8 auto vs torchao compiled",
+                ],
+                auto_rows,
+            ),
+            "",
+        ]
 
     # Memory limit at M=1: the ternary GEMV against a streaming read of the same bytes.
     mem_rows = []
@@ -637,6 +719,16 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
                 _ratio(r(m, "torchao_compiled"), r(m, "int8_tuned")),
                 1,
             )
+        for m in ms:
+            for key, op in AUTO.items():
+                target(
+                    f"{op} autotuned (no table beforehand) vs torchao compiled",
+                    n,
+                    k,
+                    m,
+                    _ratio(r(m, "torchao_compiled"), r(m, key)),
+                    1,
+                )
         if bitnet and (n, k) in bitnet and 1 in ms:
             t = r(1, "ternary")
             ratio = bitnet[(n, k)] / t["median_us"] if t and t["status"] == "ok" else None

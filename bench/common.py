@@ -329,6 +329,11 @@ ENV_RECORDED = (
     "OMP_NUM_THREADS",
     "ACCELOPS_BACKEND",
     "ACCELOPS_CPU_ISA",
+    # the dispatch table and the autotuner decide the tuned ops' path (accelops/ops/_tuning.py)
+    "ACCELOPS_AUTOTUNE",
+    "ACCELOPS_AUTOTUNE_BUDGET",
+    "ACCELOPS_TUNED",
+    "ACCELOPS_DISPATCH_TABLE",
     "MALLOC_MMAP_THRESHOLD_",
     "LD_PRELOAD",
 )

@@ -3,8 +3,18 @@ be switched on before triton is first imported."""
 
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The dispatch autotuner (accelops/ops/_tuning.py) would measure every new (op, shape) of
+# the suite for up to a second and write the user's table: off for the suite (and the
+# processes it starts), except in tests/test_autotune.py, which turns it on with a
+# temporary table. Nor does the suite read the user's table: its choices would change
+# which path a test exercises.
+os.environ.setdefault("ACCELOPS_AUTOTUNE", "0")
+os.environ.setdefault(
+    "ACCELOPS_DISPATCH_TABLE", os.path.join(tempfile.gettempdir(), f"accelops-tests-{os.getpid()}", "dispatch.json")
+)
 
 # ACCELOPS_TEST_NO_EXTENSION=1: run as if accelops._C (and accelops._C_cuda) were not built;
 # tests/test_registration.py runs the opcheck and compile tests that way in a subprocess. A

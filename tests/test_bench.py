@@ -15,6 +15,8 @@ METHODS = {
     "int8",
     "ternary_tuned",
     "int8_tuned",
+    "ternary_auto",
+    "int8_auto",
     "fp32",
     "bf16",
     "int_mm",
@@ -90,6 +92,11 @@ def check_matmul_quick(tmp_path) -> list[dict]:
         for m in (1, 32):
             assert by[(key, m)]["status"] == "ok" and by[(key, m)]["check"]["ok"]
             assert by[(key, m)]["tuned_choice"]["backend"] in ("native", "aten_int_mm", "reference")
+    for key in ("ternary_auto", "int8_auto"):  # autotuned on the first call: its choice and cost recorded
+        for m in (1, 32):
+            r = by[(key, m)]
+            assert r["status"] == "ok" and r["check"]["ok"] and r["autotune_first_call_s"] > 0
+            assert r["tuned_choice"]["backend"] in ("native", "aten_int_mm", "reference")
     for key in ("ternary", "int8"):
         for m in (1, 32):
             r = by[(key, m)]

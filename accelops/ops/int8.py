@@ -98,7 +98,7 @@ def int8_linear(x, w_q, w_scale, bias=None):
     backend, forced = choose_and_forced("int8_linear", device)
     tuned = None
     if backend == "native" and not forced:
-        tuned = _tuning.choice_for("int8_linear", device, (x.numel() // k if k else 0, n, k))
+        tuned = _tuning.choice_for("int8_linear", device, (x.numel() // k if k else 0, n, k), (x, w_q, w_scale, bias))
         if tuned is not None and tuned.backend == "reference":
             backend = "reference"
     if backend == "reference":

@@ -196,7 +196,9 @@ def ternary_matmul(
     tuned = None
     if backend == "native" and not forced:
         kx = x.shape[-1]
-        tuned = _tuning.choice_for("ternary_matmul", device, (x.numel() // kx if kx else 0, n, kx))
+        tuned = _tuning.choice_for(
+            "ternary_matmul", device, (x.numel() // kx if kx else 0, n, kx), (x, w_packed, w_scale, bias)
+        )
         if tuned is not None and tuned.backend == "reference":
             backend = "reference"
     if backend == "reference":

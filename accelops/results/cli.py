@@ -1,4 +1,4 @@
-"""`accelops results import | query | export`."""
+"""`accelops results import | query | export | serve`."""
 
 from __future__ import annotations
 
@@ -31,6 +31,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--format", choices=("table", "csv", "json"), default="table")
     exp = sub.add_parser("export", help="write Parquet partitioned by machine fingerprint and date")
     exp.add_argument("--parquet", required=True, metavar="DIR")
+    srv = sub.add_parser(
+        "serve",
+        help="a local web page and REST API over the database (read-only; needs fastapi, uvicorn, plotly)",
+    )
+    # --db here as well as before the subcommand: `accelops results serve --db PATH` reads naturally
+    srv.add_argument(
+        "--db", dest="serve_db", metavar="PATH", default=None, help="database file (as `accelops results --db`)"
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free one)")
+    srv.add_argument(
+        "--read-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a request waits for a database a bench is writing before answering 503 (default 5)",
+    )
 
 
 def _print_table(columns, rows, out) -> None:
@@ -45,6 +61,8 @@ def _print_table(columns, rows, out) -> None:
 
 def run_args(args, out=None) -> int:
     out = out or sys.stdout
+    if args.results_command == "serve":
+        return run_serve(args, out)
     db = ResultsDB(args.db, lock_timeout=args.lock_timeout)
     if args.results_command == "import":
         if args.parquet:
@@ -90,6 +108,27 @@ def run_args(args, out=None) -> int:
         print(f"{len(files)} Parquet files under {args.parquet}", file=out)
         return 0
     raise AssertionError(args.results_command)
+
+
+SERVE_EXTRA = "pip install fastapi uvicorn plotly  (or: pip install 'accelops[serve]')"
+
+
+def run_serve(args, out) -> int:
+    if not 0 <= args.port <= 65535:
+        raise SystemExit(f"serve: --port must be in 0..65535, got {args.port}")
+    if not 0 <= args.read_timeout <= 3600:
+        raise SystemExit(f"serve: --read-timeout must be in [0, 3600] s, got {args.read_timeout}")
+    try:
+        import fastapi  # noqa: F401
+        import plotly  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"accelops results serve needs {exc.name}: {SERVE_EXTRA}") from exc
+    from .db import default_path
+    from .serve import serve
+
+    path = args.serve_db or args.db or default_path()
+    return serve(path, host=args.host, port=args.port, lock_timeout=args.read_timeout, out=out)
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:

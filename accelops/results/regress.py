@@ -128,38 +128,43 @@ def series(db) -> dict[tuple, list[Point]]:
     return out
 
 
+def judge_newest(
+    key: tuple, points: list[Point], window: int = 5, min_history: int = 2, threshold: float = 0.10
+) -> Verdict:
+    """The verdict on the newest of `points` (one benchmark, oldest first; key as in
+    series()) against the `window` finite runs before it. A newest run with a non-finite
+    time is "invalid"; history points with one are left out, each with a note."""
+    fp, family, op, method, label, config, threads = key
+    # the `window` newest finite runs before the newest; the non-finite ones met on the
+    # way back are noted (older ones would not have counted anyway)
+    new, notes, history = points[-1], [], []
+    for p in reversed(points[:-1]):
+        if len(history) == window:
+            break
+        bad = p.non_finite()
+        if bad:
+            notes.append(
+                f"history run {p.run_id} (commit {(p.commit or '?')[:10]}) left out: "
+                + ", ".join(f"{name} = {getattr(p, name)}" for name in bad)
+            )
+        else:
+            history.append(p)
+    history.reverse()
+    notes.reverse()
+    verdict = Verdict(fp, family, op, method, label, config, threads, "too little history", new, history, notes=notes)
+    if new.non_finite():
+        verdict.kind = "invalid"
+    elif len(history) >= min_history:
+        verdict.kind, verdict.band_low_us, verdict.band_high_us, verdict.change = judge(history, new, threshold)
+    return verdict
+
+
 def check(
     db, window: int = 5, min_history: int = 2, threshold: float = 0.10, machine: str | None = None
 ) -> list[Verdict]:
-    """Judge the newest run of every benchmark (on `machine` only, when given). A newest run
-    with a non-finite time is "invalid"; history points with one are left out, each with a
-    note in the verdict's `notes`."""
-    verdicts = []
-    for (fp, family, op, method, label, config, threads), points in series(db).items():
-        if machine is not None and fp != machine:
-            continue
-        # the `window` newest finite runs before the newest; the non-finite ones met on the
-        # way back are noted (older ones would not have counted anyway)
-        new, notes, history = points[-1], [], []
-        for p in reversed(points[:-1]):
-            if len(history) == window:
-                break
-            bad = p.non_finite()
-            if bad:
-                notes.append(
-                    f"history run {p.run_id} (commit {(p.commit or '?')[:10]}) left out: "
-                    + ", ".join(f"{name} = {getattr(p, name)}" for name in bad)
-                )
-            else:
-                history.append(p)
-        history.reverse()
-        notes.reverse()
-        verdict = Verdict(
-            fp, family, op, method, label, config, threads, "too little history", new, history, notes=notes
-        )
-        if new.non_finite():
-            verdict.kind = "invalid"
-        elif len(history) >= min_history:
-            verdict.kind, verdict.band_low_us, verdict.band_high_us, verdict.change = judge(history, new, threshold)
-        verdicts.append(verdict)
-    return verdicts
+    """Judge the newest run of every benchmark (on `machine` only, when given); see judge_newest."""
+    return [
+        judge_newest(key, points, window, min_history, threshold)
+        for key, points in series(db).items()
+        if machine is None or key[0] == machine
+    ]

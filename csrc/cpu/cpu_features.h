@@ -5,7 +5,9 @@
 // * active_isa(): the vector level every kernel may use, Scalar or Avx2 (the fake-quant,
 //   FFN and comm kernels only have those two paths).
 // * active_dot_isa(): the level of the int8 dot-product kernels (int8 and ternary GEMM),
-//   which also have AVX-VNNI (256-bit vpdpbusd) and AVX-512 VNNI (512-bit) paths.
+//   Scalar, Avx2 or Avx512Vnni (512-bit vpdpbusd). AvxVnni is never returned (see
+//   has_dot_kernels): AVX-VNNI's 256-bit vpdpbusd is used only by the ternary M = 1 GEMV,
+//   which picks it inside the Avx2 level (gemv_vnni256 in ternary.cpp).
 // ACCELOPS_CPU_ISA=scalar|avx2|avxvnni|avx512vnni caps both at that level (tests run every
 // path the CPU has on one machine). A level the CPU lacks falls back to the best one it has
 // below it, never above: cpu_isa() (accelops info) reports the level actually in use, and
@@ -86,8 +88,10 @@ inline Isa requested_isa() {
                               forced + "'");
 }
 
-// Levels with kernels of their own. AvxVnni (256-bit vpdpbusd, for CPUs with AVX-VNNI but
-// no AVX-512) has none yet: it runs the AVX2 kernels and is reported as avx2.
+// Levels with a full set of dot kernels. AvxVnni (256-bit vpdpbusd, for CPUs with AVX-VNNI
+// but no AVX-512) has only the ternary M = 1 GEMV: a CPU with it runs the Avx2 level, whose
+// GEMV then takes the vpdpbusd path (also with ACCELOPS_CPU_ISA=avxvnni on an AVX-512 VNNI
+// CPU, through the EVEX form), and cpu_isa() reports avx2.
 inline bool has_dot_kernels(Isa isa) { return isa != Isa::AvxVnni; }
 
 inline Isa active_dot_isa() {
