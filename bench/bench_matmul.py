@@ -7,6 +7,9 @@ both measured in this run at the same thread count.
 
     python bench/bench_matmul.py [--quick] [--threads 1,2] [--results-dir DIR]
 (or through bench/run.py, which runs every family)
+
+ACCELOPS_BENCH_METHODS=ternary,ternary_lut (keys of METHODS) runs only those methods (the
+stream_read row always runs): for a focused comparison on a busy machine.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ BITNET_LABEL = "bitnet.cpp I2_S (measured separately, not in this run)"
 # (key, label). Order is the order rows are measured and shown.
 METHODS = [
     ("ternary", "accelops ternary_matmul"),
+    # The same weights in the lut3 format (lookup-table GEMV, 1.78 bits a weight): M=1 only.
+    ("ternary_lut", "accelops ternary_matmul, lut3 format (lookup-table GEMV)"),
     ("int8", "accelops int8_linear"),
     # The same ops through a dispatch table that `accelops tune` measured for the case on
     # this machine just before (threads, tile sizes, ATen's int8 GEMM: accelops.tune).
@@ -68,6 +73,7 @@ METHODS = [
 LABELS = dict(METHODS)
 ACCELOPS = {
     "ternary": "ternary_matmul",
+    "ternary_lut": "ternary_matmul_lut",
     "int8": "int8_linear",
     "ternary_tuned": "ternary_matmul",
     "int8_tuned": "int8_linear",
@@ -76,6 +82,20 @@ ACCELOPS = {
 }
 TUNED = {"ternary_tuned": "ternary_matmul", "int8_tuned": "int8_linear"}
 AUTO = {"ternary_auto": "ternary_matmul", "int8_auto": "int8_linear"}
+
+
+def selected_methods() -> list[str]:
+    """The METHODS keys this run measures (ACCELOPS_BENCH_METHODS, default all)."""
+    value = os.environ.get("ACCELOPS_BENCH_METHODS", "").strip()
+    if not value:
+        return [key for key, _ in METHODS]
+    keys = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [k for k in keys if k not in LABELS]
+    if unknown:
+        raise SystemExit(
+            f"bench_matmul: error: ACCELOPS_BENCH_METHODS: unknown method(s) {unknown}; known: {list(LABELS)}"
+        )
+    return keys
 
 
 # --------------------------------------------------------------------------- correctness
@@ -115,6 +135,7 @@ WEIGHT_GROUP = {
     "ternary": "ternary",
     "ref_ternary_compiled": "ternary",
     "ternary_tuned": "ternary",
+    "ternary_lut": "ternary_lut",
     "ternary_auto": "ternary",
     "int8": "int8",
     "ref_int8_compiled": "int8",
@@ -145,9 +166,14 @@ class Shape:
             "int8": (w_q, w_qscale),
             "fp32": (w,),
             "bf16": (w.to(torch.bfloat16),),
+            "ternary_lut": (ops.convert_ternary_format(w_packed, "i2", "lut3", n=n, k=k), w_tscale),
         }
+        # Only the groups of the methods this run measures (the ternary and int8 weights
+        # always: the references and the stream_read row use them).
+        wanted = {"ternary", "int8"} | {WEIGHT_GROUP[key] for key in selected_methods()}
+        base = {group: args for group, args in base.items() if group in wanted}
         self.torchao_why = torchao_why
-        if torchao_why is None:
+        if torchao_why is None and "torchao" in wanted:
             try:
                 from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
@@ -164,7 +190,8 @@ class Shape:
         }
         self.copies = {}
         for group, args in base.items():
-            extra = common.copies_for(cfg, self.bytes[group]) - 1
+            measured = group in {WEIGHT_GROUP[key] for key in selected_methods()}
+            extra = common.copies_for(cfg, self.bytes[group]) - 1 if measured else 0
             self.copies[group] = [args] + [
                 tuple(copy.deepcopy(a) if isinstance(a, nn.Module) else a.clone() for a in args) for _ in range(extra)
             ]
@@ -195,6 +222,7 @@ def build_calls(s: Shape, x: torch.Tensor, x_bf16, x_q, x_scale, tables=None):
     ref_i = torch.compile(R.int8_linear)
     make = {
         "ternary": lambda wp, ws: lambda: ops.ternary_matmul(x, wp, ws, k=s.k),
+        "ternary_lut": lambda wl, ws: lambda: ops.ternary_matmul_lut(x, wl, ws, n=s.n, k=s.k),
         "int8": lambda wq, ws: lambda: ops.int8_linear(x, wq, ws),
         "ternary_tuned": lambda wp, ws: common.through_table(
             lambda: ops.ternary_matmul(x, wp, ws, k=s.k), tables["ternary_tuned"]
@@ -215,15 +243,17 @@ def build_calls(s: Shape, x: torch.Tensor, x_bf16, x_q, x_scale, tables=None):
         "torchao_compiled": lambda model: (lambda c: lambda: c(x))(torch.compile(model)),
     }
     calls = {}
-    for key, _ in METHODS:
+    for key in selected_methods():
         group = WEIGHT_GROUP[key]
         if key == "int_mm" and m <= 16:
             calls[key] = "torch._int_mm needs M > 16"
+        elif key == "ternary_lut" and m > 1:
+            calls[key] = "the lut3 kernel is a GEMV (it reads the weights once per row of x): M=1 only"
         elif group not in s.copies:
             calls[key] = s.torchao_why
         else:
             calls[key] = (common.rotating([make[key](*args) for args in s.copies[group]]), None)
-    if not isinstance(calls["int_mm"], str):
+    if not isinstance(calls.get("int_mm", ""), str):
         # Raw int8 GEMM: x already quantized, int32 out. Dequantized only for the error
         # column, outside the timing.
         w_qscale = s.copies["int8"][0][1]
@@ -299,23 +329,37 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
     y_ref = {"ternary": R.ternary_matmul(x, w_packed, w_tscale), "int8": R.int8_linear(x, w_q, w_qscale)}
     tables, winners = {}, {}
     for key, op in TUNED.items():
+        if key not in selected_methods():
+            continue
         progress.set_postfix_str(f"{threads}t N={s.n} K={s.k} M={m} tune {op}")
         tables[key], winners[key] = tune_case(cfg, op, m, s.n, s.k, threads)
-    checks = {
-        "ternary": compare_to_reference(ops.ternary_matmul(x, w_packed, w_tscale, k=s.k), y_ref["ternary"]),
-        "int8": compare_to_reference(ops.int8_linear(x, w_q, w_qscale), y_ref["int8"]),
-        "ternary_tuned": compare_to_reference(
+    w_lut = s.copies["ternary_lut"][0][0] if "ternary_lut" in s.copies else None  # not built unless selected
+    check_calls = {
+        "ternary": lambda: compare_to_reference(ops.ternary_matmul(x, w_packed, w_tscale, k=s.k), y_ref["ternary"]),
+        "ternary_lut": lambda: compare_to_reference(
+            ops.ternary_matmul_lut(x, w_lut, w_tscale, n=s.n, k=s.k), y_ref["ternary"]
+        ),
+        "int8": lambda: compare_to_reference(ops.int8_linear(x, w_q, w_qscale), y_ref["int8"]),
+        "ternary_tuned": lambda: compare_to_reference(
             common.through_table(lambda: ops.ternary_matmul(x, w_packed, w_tscale, k=s.k), tables["ternary_tuned"])(),
             y_ref["ternary"],
         ),
-        "int8_tuned": compare_to_reference(
+        "int8_tuned": lambda: compare_to_reference(
             common.through_table(lambda: ops.int8_linear(x, w_q, w_qscale), tables["int8_tuned"])(), y_ref["int8"]
         ),
+    }
+    selected = selected_methods()
+    checks = {
+        key: check()
+        for key, check in check_calls.items()
+        if key in selected and not (key == "ternary_lut" and m > 1)  # a GEMV: M=1 only (see build_calls)
     }
     # Autotune: a table of this process only (not the user's file), empty, measuring on the
     # first call (the check's), with the default budget; its cost is recorded per row.
     autotune_s = {}
     for key, op in AUTO.items():
+        if key not in selected:
+            continue
         progress.set_postfix_str(f"{threads}t N={s.n} K={s.k} M={m} autotune {op}")
         tables[key] = DispatchTable({}, machine_info()["fingerprint"], None, autotune=True)
         call = (
@@ -385,11 +429,18 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
                 row.update(timer.measure(fn, seconds))
             except Exception as exc:  # a baseline that cannot run here is a row, not a crash
                 row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
-        if key == "ternary" and m == 1 and stream and stream["status"] == "ok" and row["status"] == "ok":
+        if (
+            key in ("ternary", "ternary_lut")
+            and m == 1
+            and stream
+            and stream["status"] == "ok"
+            and row["status"] == "ok"
+        ):
             # The fraction of the read bandwidth measured just before on the same bytes.
+            # (The lut3 row reads 11% fewer bytes than the stream row: its fraction can pass 1.)
             row["stream_read_us"] = stream["median_us"]
             row["bandwidth_fraction"] = stream["median_us"] / row["median_us"]
-            row["gb_per_s"] = stream["bytes_moved"] / row["median_us"] / 1e3
+            row["gb_per_s"] = (s.bytes[WEIGHT_GROUP[key]] + s.k * 4) / row["median_us"] / 1e3
         # Other processes on the machine show up here; a 1-minute load above the core count
         # means this row's threads waited for a core (flagged in the summary).
         row["loadavg_1m"] = os.getloadavg()[0]
@@ -468,6 +519,7 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
     # Times of every method, then accelops' speed-up against each baseline.
     short = {
         "ternary": "ternary_matmul",
+        "ternary_lut": "ternary_matmul lut3",
         "int8": "int8_linear",
         "ternary_tuned": "ternary_matmul tuned",
         "int8_tuned": "int8_linear tuned",
@@ -487,11 +539,12 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
         ("torchao", "torchao"),
         ("torchao_compiled", "torchao compiled"),
     ]
+    methods = selected_methods()
     times, speedups, tuned_rows = [], [], []
     for n, k in shapes:
         for m in ms:
             r = lambda key: by.get((n, k, m, key))  # noqa: E731
-            times.append([f"{n}x{k}", m] + [_cell(r(key)) for key, _ in METHODS])
+            times.append([f"{n}x{k}", m] + [_cell(r(key)) for key in methods])
             speedups.append(
                 [f"{n}x{k}", m]
                 + [_fmt_ratio(_ratio(r(b), r(mine))) for mine in ("ternary", "int8") for b, _ in baselines]
@@ -512,7 +565,7 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
                 speedups[-1].append(
                     _fmt_ratio(ref_us / t["median_us"]) if ref_us and t and t["status"] == "ok" else "-"
                 )
-    time_headers = ["N x K", "M"] + [short[key] for key, _ in METHODS] + ([BITNET_LABEL] if bitnet else [])
+    time_headers = ["N x K", "M"] + [short[key] for key in methods] + ([BITNET_LABEL] if bitnet else [])
     speed_headers = ["N x K", "M"] + [f"{mine} vs {label}" for mine in ("ternary", "int8") for _, label in baselines]
     speed_headers += ["ternary vs bitnet.cpp (not in this run)"] if bitnet else []
     tuned_headers = [
@@ -592,28 +645,40 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
     # Memory limit at M=1: the ternary GEMV against a streaming read of the same bytes.
     mem_rows = []
     for n, k in shapes:
-        st, t = by.get((n, k, 1, STREAM_KEY)), by.get((n, k, 1, "ternary"))
-        if st is None or st["status"] != "ok":
-            continue
-        ok = t is not None and t["status"] == "ok"
-        mem_rows.append(
-            [
-                f"{n}x{k}",
-                common.fmt_bytes(st["bytes_moved"]),
-                common.fmt_time(st["median_us"]),
-                f"{st['gb_per_s']:.1f}",
-                _cell(t),
-                f"{t['gb_per_s']:.1f}" if ok and "gb_per_s" in t else "-",
-                f"{st['median_us'] / t['median_us']:.2f}" if ok else "-",
-            ]
-        )
+        for key in ("ternary", "ternary_lut"):
+            st, t = by.get((n, k, 1, STREAM_KEY)), by.get((n, k, 1, key))
+            if st is None or st["status"] != "ok" or (key == "ternary_lut" and t is None):
+                continue
+            ok = t is not None and t["status"] == "ok"
+            mem_rows.append(
+                [
+                    f"{n}x{k}",
+                    common.fmt_bytes(st["bytes_moved"]),
+                    common.fmt_time(st["median_us"]),
+                    f"{st['gb_per_s']:.1f}",
+                    short[key],
+                    _cell(t),
+                    f"{t['gb_per_s']:.1f}" if ok and "gb_per_s" in t else "-",
+                    f"{st['median_us'] / t['median_us']:.2f}" if ok else "-",
+                ]
+            )
     if mem_rows:
         out += [
             "Memory limit at M=1: ternary_matmul against a streaming read of the bytes it reads (packed "
-            "weight + x row), cold the same way (torch.amax over an int64 view of rotating copies):",
+            "weight + x row), cold the same way (torch.amax over an int64 view of rotating copies). The "
+            "lut3 format reads 11% fewer bytes than the stream row (its GB/s counts its own bytes):",
             "",
             common.md_table(
-                ["N x K", "bytes", "streaming read", "GB/s", "ternary_matmul M=1", "GB/s", "fraction of bandwidth"],
+                [
+                    "N x K",
+                    "bytes",
+                    "streaming read",
+                    "GB/s",
+                    "method",
+                    "M=1",
+                    "GB/s",
+                    "stream time / method time",
+                ],
                 mem_rows,
             ),
             "",

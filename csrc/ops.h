@@ -14,6 +14,9 @@ at::Tensor unpack_ternary_cpu(const at::Tensor& w_packed, int64_t k);
 std::tuple<at::Tensor, at::Tensor> quantize_weight_ternary_cpu(const at::Tensor& w, bool per_channel);
 at::Tensor ternary_matmul_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
                               const std::optional<at::Tensor>& bias);
+// the lut3 lookup-table format (csrc/cpu/ternary_lut.cpp)
+at::Tensor ternary_matmul_lut_cpu(const at::Tensor& x, const at::Tensor& w_lut, const at::Tensor& w_scale, int64_t n,
+                                  const std::optional<at::Tensor>& bias);
 
 // int8 family (csrc/cpu/int8.cpp)
 std::tuple<at::Tensor, at::Tensor> quantize_activation_int8_cpu(const at::Tensor& x);

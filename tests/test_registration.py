@@ -23,6 +23,7 @@ from accelops.reference import comm as RC
 from accelops.reference import fake_quant as RFQ
 from accelops.reference import ffn as RF
 from accelops.reference import optim as RO
+from accelops.reference import ternary_lut as RL
 from accelops.reference.ternary import quantize_weight_ternary_values
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,14 @@ NO_EXTENSION = os.environ.get("ACCELOPS_TEST_NO_EXTENSION") == "1"
 HAS_EXTENSION = _backend.extension()[0] is not None
 
 OPS = {
-    "ternary": ["pack_ternary", "unpack_ternary", "quantize_weight_ternary", "ternary_matmul", "ternary_matmul_int_mm"],
+    "ternary": [
+        "pack_ternary",
+        "unpack_ternary",
+        "quantize_weight_ternary",
+        "ternary_matmul",
+        "ternary_matmul_int_mm",
+        "ternary_matmul_lut",
+    ],
     "int8": ["quantize_activation_int8", "quantize_weight_int8", "int8_matmul", "int8_linear", "int8_linear_int_mm"],
     "fake_quant": [
         "fake_quantize",
@@ -69,6 +77,7 @@ def _args(name: str) -> tuple:
             "pack_ternary": (quantize_weight_ternary_values(w)[0],),
             "unpack_ternary": (packed, 200),
             "quantize_weight_ternary": (w, True),
+            "ternary_matmul_lut": (x, RL.pack_ternary_lut(R.unpack_ternary(packed, 200)), scale, 12, bias),
         }.get(name, (x, packed, scale, bias))
     if name in OPS["int8"]:
         w_q, w_scale = R.quantize_weight_int8(w)

@@ -12,12 +12,17 @@ from torch import nn
 
 from .. import ops
 from ..reference.ternary import packed_cols
+from ..reference.ternary_lut import lut_shape
 from .bitlinear import BitLinear, check_in_features
 
 __all__ = ["TernaryLinear", "Int8Linear"]
 
 # 0b01010101: four 2-bit codes of 1, i.e. four zero weights (see reference/ternary.py).
 _PACKED_ZEROS = 0x55
+# Three zero-weight groups (index 13 each) in one lut3 word (see reference/ternary_lut.py).
+_LUT_ZEROS = 13 | 13 << 5 | 13 << 10
+# The buffer each ternary format keeps its weights in.
+_TERNARY_BUFFERS = {"i2": "w_packed", "lut3": "w_lut"}
 
 
 class _QuantizedLinear(nn.Module):
@@ -133,10 +138,14 @@ class _QuantizedLinear(nn.Module):
 
 class TernaryLinear(_QuantizedLinear):
     """y = ternary(W) @ int8(x) + bias via accelops.ops.ternary_matmul, W stored packed
-    (4 weights a byte, `w_packed` uint8 [N, ceil(K/128)*32]) with `w_scale` fp32 [1]
-    (per tensor) or [N] (per_channel). Output in the input's dtype."""
+    with `w_scale` fp32 [1] (per tensor) or [N] (per_channel). Output in the input's dtype.
 
-    _qweight_name = "w_packed"
+    `format` picks the packed layout, one buffer either way (so a state_dict says which):
+    "i2" (default): `w_packed` uint8 [N, ceil(K/128)*32], 4 weights a byte, fast at every M;
+    "lut3": `w_lut` int16 [ceil(N/32), ceil(K/9), 32], 9 weights in 16 bits, the
+    lookup-table GEMV kernel (for M = 1: see docs/backends.md for where it wins).
+    `to_format` converts a layer in place; loading a state_dict of the other format converts
+    it on load (the weights are the same, bit for bit)."""
 
     def __init__(
         self,
@@ -145,36 +154,99 @@ class TernaryLinear(_QuantizedLinear):
         bias: bool = True,
         per_channel: bool = False,
         *,
+        format: str = "i2",
         device=None,
         dtype=None,
     ):
         if not isinstance(per_channel, bool):
             raise TypeError(f"per_channel must be a bool, got {per_channel!r}")
+        if format not in ops.ternary.FORMATS:
+            raise ValueError(f"format must be one of {ops.ternary.FORMATS}, got {format!r}")
         super().__init__(in_features, out_features, bias, device, dtype)
         self.per_channel = per_channel
-        self.register_buffer(
-            "w_packed",
-            torch.full((out_features, packed_cols(in_features)), _PACKED_ZEROS, dtype=torch.uint8, device=device),
-        )
+        self.format = format
+        self.register_buffer(self._qweight_name, self._zero_weight(format, device))
         self.register_buffer(
             "w_scale", torch.ones(out_features if self.per_channel else 1, dtype=torch.float32, device=device)
         )
 
+    @property
+    def _qweight_name(self) -> str:
+        return _TERNARY_BUFFERS[self.format]
+
+    def _zero_weight(self, format: str, device) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        if format == "i2":
+            return torch.full((n, packed_cols(k)), _PACKED_ZEROS, dtype=torch.uint8, device=device)
+        return torch.full(lut_shape(n, k), _LUT_ZEROS, dtype=torch.int16, device=device)
+
+    def _qweight(self) -> torch.Tensor:
+        return getattr(self, self._qweight_name)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_in_features(self, x)
+        if self.format == "lut3":
+            return ops.ternary_matmul_lut(
+                x, self.w_lut, self.w_scale, self.bias, n=self.out_features, k=self.in_features
+            )
         # k: w_packed's shape alone would take an x whose K fits the padding of the last
         # 128-block (K=4000 for in_features=4096) as zero-padded.
         return ops.ternary_matmul(x, self.w_packed, self.w_scale, self.bias, k=self.in_features)
 
+    def _codes(self) -> torch.Tensor:
+        """Wq int8 [out_features, in_features] in {-1, 0, 1}."""
+        if self.format == "lut3":
+            return ops.unpack_ternary_lut(self.w_lut, self.out_features, self.in_features)
+        return ops.unpack_ternary(self.w_packed, self.in_features)
+
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight Wq * scale, fp32 [out_features, in_features] (read-only copy)."""
-        return ops.unpack_ternary(self.w_packed, self.in_features).float() * self.w_scale.reshape(-1, 1)
+        return self._codes().float() * self.w_scale.reshape(-1, 1)
+
+    def to_format(self, format: str) -> "TernaryLinear":
+        """Repacks the weights in `format` ("i2" or "lut3"), in place; returns self. Lossless:
+        outputs are unchanged."""
+        if format not in ops.ternary.FORMATS:
+            raise ValueError(f"format must be one of {ops.ternary.FORMATS}, got {format!r}")
+        if format == self.format:
+            return self
+        old = self._qweight_name
+        value = ops.convert_ternary_format(
+            self._qweight(), self.format, format, n=self.out_features, k=self.in_features
+        )
+        delattr(self, old)
+        self.format = format
+        self.register_buffer(self._qweight_name, value)
+        return self
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # A checkpoint in the other format: repack it into this layer's (same weights).
+        mine = prefix + self._qweight_name
+        for fmt, name in _TERNARY_BUFFERS.items():
+            key = prefix + name
+            if fmt == self.format or key not in state_dict or mine in state_dict:
+                continue
+            value = state_dict[key]
+            expected = self._zero_weight(fmt, "meta")
+            if tuple(value.shape) == tuple(expected.shape) and value.dtype == expected.dtype:
+                n, k = self.out_features, self.in_features
+                state_dict[mine] = ops.convert_ternary_format(value, fmt, self.format, n=n, k=k)
+                del state_dict[key]
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _expected_buffers(self) -> dict:
         n = self.out_features
+        if self.format == "lut3":
+            qweight = (lut_shape(n, self.in_features), torch.int16, "[ceil(out_features/32), ceil(in_features/9), 32]")
+        else:
+            qweight = ((n, packed_cols(self.in_features)), torch.uint8, "[out_features, ceil(in_features/128)*32]")
         return {
-            "w_packed": ((n, packed_cols(self.in_features)), torch.uint8, "[out_features, ceil(in_features/128)*32]"),
+            self._qweight_name: qweight,
             "w_scale": (
                 (n,) if self.per_channel else (1,),
                 torch.float32,
@@ -184,20 +256,31 @@ class TernaryLinear(_QuantizedLinear):
 
     def _quantize(self, w: torch.Tensor) -> dict:
         w_packed, w_scale = ops.quantize_weight_ternary(w.detach(), self.per_channel)
+        if self.format == "lut3":
+            n, k = self.out_features, self.in_features
+            return {"w_lut": ops.convert_ternary_format(w_packed, "i2", "lut3", n=n, k=k), "w_scale": w_scale}
         return {"w_packed": w_packed, "w_scale": w_scale}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, per_channel={self.per_channel}"
+        fmt = "" if self.format == "i2" else f", format={self.format!r}"
+        return f"{super().extra_repr()}, per_channel={self.per_channel}{fmt}"
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, per_channel: bool = False) -> "TernaryLinear":
-        """Quantize `linear`'s weight (absmean ternary); the bias is copied, on the same device."""
+    def from_linear(cls, linear: nn.Linear, per_channel: bool = False, format: str = "i2") -> "TernaryLinear":
+        """Quantize `linear`'s weight (absmean ternary), packed in `format`; the bias is
+        copied, on the same device."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
         dtype = w.dtype if linear.bias is None else linear.bias.dtype
         new = cls(
-            linear.in_features, linear.out_features, bias=False, per_channel=per_channel, device=w.device, dtype=dtype
+            linear.in_features,
+            linear.out_features,
+            bias=False,
+            per_channel=per_channel,
+            format=format,
+            device=w.device,
+            dtype=dtype,
         )
         new._set_quantized(w)
         new._copy_bias_from(linear)

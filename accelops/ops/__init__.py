@@ -24,7 +24,17 @@ from .fake_quant import fake_quantize, fake_quantize_learnable
 from .ffn import ffn_activation, fused_ffn
 from .int8 import int8_linear, int8_matmul, quantize_activation_int8, quantize_weight_int8
 from .optim import adamw8bit_step_, sgd8bit_step_
-from .ternary import pack_ternary, packed_cols, quantize_weight_ternary, ternary_matmul, unpack_ternary
+from .ternary import (
+    convert_ternary_format,
+    pack_ternary,
+    pack_ternary_lut,
+    packed_cols,
+    quantize_weight_ternary,
+    ternary_matmul,
+    ternary_matmul_lut,
+    unpack_ternary,
+    unpack_ternary_lut,
+)
 
 __all__ = [
     "comm",
@@ -54,5 +64,9 @@ __all__ = [
     "quantize_weight_ternary",
     "ternary_matmul",
     "unpack_ternary",
+    "pack_ternary_lut",
+    "unpack_ternary_lut",
+    "convert_ternary_format",
+    "ternary_matmul_lut",
     "bitlinear_matmul",
 ]

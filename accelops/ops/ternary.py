@@ -10,14 +10,32 @@ import functools
 import torch
 
 from ..reference import ternary as ref
+from ..reference import ternary_lut as ref_lut
 from . import _tuning
 from . import _validate as check
 from ._backend import choose, choose_and_forced, extension, register_triton_kernels  # noqa: F401 (extension: tests)
 from ._library import define
 
-__all__ = ["quantize_weight_ternary", "pack_ternary", "unpack_ternary", "ternary_matmul", "packed_cols"]
+__all__ = [
+    "quantize_weight_ternary",
+    "pack_ternary",
+    "unpack_ternary",
+    "ternary_matmul",
+    "packed_cols",
+    "FORMATS",
+    "lut_shape",
+    "pack_ternary_lut",
+    "unpack_ternary_lut",
+    "convert_ternary_format",
+    "ternary_matmul_lut",
+]
 
 packed_cols = ref.packed_cols
+lut_shape = ref_lut.lut_shape
+
+# Packed ternary weight formats: "i2" (2 bits a weight, reference/ternary.py; every M) and
+# "lut3" (lookup-table format, 16 bits for 9 weights, reference/ternary_lut.py; a GEMV kernel).
+FORMATS = ("i2", "lut3")
 
 # Four 2-bit codes of 1 (zero weights): what the packing writes into the padding.
 _PACKED_ZEROS = 0x55
@@ -125,8 +143,14 @@ def ternary_matmul(
     bias: torch.Tensor | None = None,
     *,
     k: int | None = None,
+    format: str = "i2",
+    n: int | None = None,
 ):
     """y = ternary(W) @ int8(x) with exact int32 sums, dequantized: x [..., K] -> y [..., N] in x's dtype.
+
+    `format`: the layout of w_packed, "i2" (2 bits a weight, from pack_ternary) or "lut3"
+    (from pack_ternary_lut; then `n`, the number of output rows, is required, and the call is
+    ternary_matmul_lut's). Both give identical results for the same weights.
 
     `k`: the K (in_features) w_packed was packed for. w_packed's shape gives only
     ceil(K/128)*128, so an x of K=100 would fit a weight packed for K=128 and be read as
@@ -137,6 +161,16 @@ def ternary_matmul(
     the device once; it is skipped under torch.compile, and cannot tell a larger K whose
     trailing weights all quantized to 0: callers that know K (layers) pass k=.
     """
+    if format != "i2":
+        if format != "lut3":
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        if n is None:
+            raise ValueError(
+                "format='lut3' needs n= (the number of output rows: the format pads N to a multiple of 32)"
+            )
+        return ternary_matmul_lut(x, w_packed, w_scale, bias, n=n, k=k)
+    if n is not None:
+        raise ValueError("n= applies to format='lut3' only (an i2 weight's shape gives N)")
     check.float_tensor("x", x)
     check.at_least_1d("x", x)
     if k is not None:
@@ -179,6 +213,102 @@ def ternary_matmul(
     return _tuning.call_with(tuned, fn, x, w_packed, w_scale, bias)
 
 
+# --------------------------------------------------------------------------- lut3 format
+
+
+def _check_n(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, torch.SymInt)) or n < 0:
+        raise ValueError(f"n must be a non-negative int (the out_features of the weight), got {n!r}")
+
+
+def _check_lut(w_lut, n: int, k: int) -> None:
+    check.tensor("w_lut", w_lut)
+    check.dtype("w_lut", w_lut, torch.int16)
+    check.ndim("w_lut", w_lut, 3, "[ceil(N/32), ceil(K/9), 32]")
+    expected = lut_shape(n, k)
+    if tuple(w_lut.shape) != expected:
+        raise ValueError(
+            f"w_lut must have shape {expected} ([ceil(N/32), ceil(K/9), 32]) for N={n}, K={k}, got shape "
+            f"{tuple(w_lut.shape)}; was it packed for a different in_features or out_features?"
+        )
+
+
+def pack_ternary_lut(wq: torch.Tensor) -> torch.Tensor:
+    """wq int8 [N, K] in {-1, 0, 1} -> w_lut int16 [ceil(N/32), ceil(K/9), 32] (lut3 format)."""
+    check.tensor("wq", wq)
+    check.dtype("wq", wq, torch.int8)
+    check.ndim("wq", wq, 2, "[N, K]")
+    if wq.numel() and (int(wq.min()) < -1 or int(wq.max()) > 1):
+        raise ValueError(f"wq must hold only -1, 0 and 1, got values in [{int(wq.min())}, {int(wq.max())}]")
+    return ref_lut.pack_ternary_lut(wq)
+
+
+def unpack_ternary_lut(w_lut: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """w_lut int16 [ceil(N/32), ceil(K/9), 32] -> wq int8 [N, K] in {-1, 0, 1}."""
+    _check_n(n)
+    _check_k(k)
+    _check_lut(w_lut, n, k)
+    return ref_lut.unpack_ternary_lut(w_lut, n, k)
+
+
+def convert_ternary_format(w: torch.Tensor, src: str, dst: str, *, n: int, k: int) -> torch.Tensor:
+    """The same ternary weights [N, K] from format `src` to format `dst` (see FORMATS):
+    lossless both ways, the scales are shared."""
+    for name, value in (("src", src), ("dst", dst)):
+        if value not in FORMATS:
+            raise ValueError(f"{name} must be one of {FORMATS}, got {value!r}")
+    _check_n(n)
+    _check_k(k)
+    if src == "i2":
+        _check_packed(w, k)
+        if w.shape[0] != n:
+            raise ValueError(f"w has {w.shape[0]} rows, n={n}")
+        wq = unpack_ternary(w, k)
+    else:
+        wq = unpack_ternary_lut(w, n, k)
+    return pack_ternary(wq) if dst == "i2" else pack_ternary_lut(wq)
+
+
+def ternary_matmul_lut(
+    x: torch.Tensor,
+    w_lut: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    n: int,
+    k: int | None = None,
+):
+    """ternary_matmul on lut3-format weights (pack_ternary_lut): the same result as the 2-bit
+    format for the same weights. `n`: the output rows (the format pads N to a multiple of 32);
+    `k`, if given, must equal x.shape[-1]. The C++ kernel is a GEMV (weights read once per
+    row of x): for M > 1 the 2-bit format's GEMM is the faster choice."""
+    check.float_tensor("x", x)
+    check.at_least_1d("x", x)
+    _check_n(n)
+    if k is not None:
+        _check_k(k)
+        if x.shape[-1] != k:
+            raise ValueError(
+                f"x's last dim must equal k={k} (the in_features w_lut was packed for), got K={x.shape[-1]} "
+                f"(x of shape {tuple(x.shape)})"
+            )
+    _check_lut(w_lut, n, x.shape[-1])
+    check.tensor("w_scale", w_scale)
+    check.dtype("w_scale", w_scale, torch.float32)
+    if w_scale.numel() not in (1, n):
+        raise ValueError(
+            f"w_scale must hold 1 (per tensor) or N={n} (per channel) scales, got shape {tuple(w_scale.shape)}"
+        )
+    check.bias(bias, n)
+    device = check.same_device(x=x, w_lut=w_lut, w_scale=w_scale, bias=bias)
+    # TODO(issue 26 item 1): the automatic dispatch (_tuning) could also choose the format
+    # per layer; here the caller's format decides, and only reference vs native is chosen.
+    backend = choose("ternary_matmul", device)
+    if backend == "reference":
+        return ref_lut.ternary_matmul_lut(x, w_lut, w_scale, n, bias)
+    return torch.ops.accelops.ternary_matmul_lut(x, w_lut, w_scale, n, bias)
+
+
 # --------------------------------------------------------------------------- registration
 # The family's ops: schema and default (reference) kernel, fake, autograd, CUDA kernels.
 # The C++ CPU kernels are csrc/cpu/ternary.cpp and int_mm.cpp, registered in csrc/ops.cpp.
@@ -189,6 +319,11 @@ def _register() -> None:
     define("unpack_ternary(Tensor w_packed, int k) -> Tensor", ref.unpack_ternary)
     define("quantize_weight_ternary(Tensor w, bool per_channel=False) -> (Tensor, Tensor)", ref.quantize_weight_ternary)
     define("ternary_matmul(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None) -> Tensor", ref.ternary_matmul)
+    # The same results from the lut3 format (reference/ternary_lut.py; C++: ternary_lut.cpp).
+    define(
+        "ternary_matmul_lut(Tensor x, Tensor w_lut, Tensor w_scale, int n, Tensor? bias=None) -> Tensor",
+        ref_lut.ternary_matmul_lut,
+    )
     # The same results with ATen's int8 GEMM computing the sums (a tuned-dispatch candidate).
     define(
         "ternary_matmul_int_mm(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias=None) -> Tensor",
@@ -238,6 +373,30 @@ def _register() -> None:
     )
     for name in ("accelops::ternary_matmul", "accelops::ternary_matmul_int_mm"):
         torch.library.register_autograd(name, backward, setup_context=setup_context)
+
+    @torch.library.register_fake("accelops::ternary_matmul_lut")
+    def _(x, w_lut, w_scale, n, bias=None):
+        return x.new_empty((*x.shape[:-1], n))
+
+    # The same straight-through gradient as ternary_matmul's.
+    def setup_context_lut(ctx, inputs, output):
+        x, w_lut, w_scale, n, bias = inputs
+        ctx.save_for_backward(w_lut, w_scale)
+        ctx.k, ctx.n = x.shape[-1], n
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    def backward_lut(ctx, grad_y):
+        w_lut, w_scale = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = ref_lut.unpack_ternary_lut(w_lut, ctx.n, ctx.k).float() * w_scale.reshape(-1, 1)
+            grad_x = (grad_y.float() @ w).to(ctx.x_dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+        return grad_x, None, None, None, grad_bias
+
+    torch.library.register_autograd("accelops::ternary_matmul_lut", backward_lut, setup_context=setup_context_lut)
 
     register_triton_kernels("ternary", ("ternary_matmul", "pack_ternary", "unpack_ternary", "quantize_weight_ternary"))
 
