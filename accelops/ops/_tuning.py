@@ -484,9 +484,35 @@ def choice_for(op: str, device: torch.device, shape: tuple, args: tuple | None =
     return table.lookup(op, shape, args)
 
 
+def _autograd_not_needed(args: tuple) -> bool:
+    """True when no input of the call can need a gradient, so the op's autograd kernel may be
+    skipped. That kernel is Python (torch.library.register_autograd) and costs ~4.7 us a call
+    even when it only forwards, twice the ternary GEMV's own time on a small layer. Plain
+    tensors only: a subclass, a torch.func transform or tracing keeps the full dispatch."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if a is None:
+            continue
+        if type(a) is not torch.Tensor or torch._C._functorch.is_functorch_wrapped_tensor(a):
+            return False
+        if grad and a.requires_grad:
+            return False
+    return True
+
+
 def call_with(choice: Choice | None, fn, *args):
     """fn(*args) under the choice's thread count (never more threads than the caller allows)
-    and, for the C++ kernel, its tile sizes (restored afterwards)."""
+    and, for the C++ kernel, its tile sizes (restored afterwards). Below the autograd keys
+    when no input needs a gradient (same kernels, same result; see _autograd_not_needed)."""
+    if _autograd_not_needed(args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return _call_with(choice, fn, *args)
+    return _call_with(choice, fn, *args)
+
+
+def _call_with(choice: Choice | None, fn, *args):
     if choice is None:
         return fn(*args)
     if choice.config is not None and choice.backend == "native" and args[0].device.type == "cuda":
