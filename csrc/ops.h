@@ -18,6 +18,13 @@ at::Tensor ternary_matmul_cpu(const at::Tensor& x, const at::Tensor& w_packed, c
 at::Tensor ternary_matmul_lut_cpu(const at::Tensor& x, const at::Tensor& w_lut, const at::Tensor& w_scale, int64_t n,
                                   const std::optional<at::Tensor>& bias);
 
+// one decode step of a ternary transformer block (csrc/cpu/decode.cpp)
+at::Tensor ternary_decode_layer_cpu(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos,
+                                    const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                                    const c10::List<std::optional<at::Tensor>>& norms, at::TensorList w_packed,
+                                    at::TensorList w_scale, const c10::List<std::optional<at::Tensor>>& bias,
+                                    int64_t n_heads, double eps, c10::string_view activation);
+
 // int8 family (csrc/cpu/int8.cpp)
 std::tuple<at::Tensor, at::Tensor> quantize_activation_int8_cpu(const at::Tensor& x);
 std::tuple<at::Tensor, at::Tensor> quantize_weight_int8_cpu(const at::Tensor& w);

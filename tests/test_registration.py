@@ -60,6 +60,7 @@ OPS = {
         "orthogonalize_",
     ],
     "optim": ["adamw8bit_step_", "sgd8bit_step_"],
+    "decode": ["ternary_decode_layer"],
 }
 ALL_OPS = [name for names in OPS.values() for name in names]
 
@@ -124,6 +125,10 @@ def _args(name: str) -> tuple:
             "int8_decompress": (q, qscales, 64),
             "orthogonalize_": (torch.randn(2, 30, 3), 1e-8),
         }[name]
+    if name == "ternary_decode_layer":
+        from tests.test_decode_layer import layer_args
+
+        return layer_args(batch=2, dim=32, n_heads=4, kv_heads=2, hidden=48, size=8, positions=(3, 6))
     p, g = torch.randn(300), torch.randn(300)
     if name == "adamw8bit_step_":
         (mc, ma), (vc, va) = O.new_state(p, 128), O.new_state(p, 128)
@@ -221,6 +226,7 @@ def test_without_the_extension():
         "tests/test_ffn.py",
         "tests/test_comm.py",
         "tests/test_optim.py",
+        "tests/test_decode_layer.py",
     ]
     env = dict(os.environ, ACCELOPS_TEST_NO_EXTENSION="1")
     proc = subprocess.run(

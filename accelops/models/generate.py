@@ -25,10 +25,11 @@ import math
 import numbers
 
 import torch
+from torch import nn
 
-from .layers import KVCache
+from .layers import KVCache, rope_cos_sin
 
-__all__ = ["generate", "sample"]
+__all__ = ["generate", "sample", "fused_decode_plan"]
 
 
 # --------------------------------------------------------------------------- checks
@@ -154,6 +155,7 @@ def generate(
     seed: int | None = None,
     stream=None,
     compile: bool = False,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """Continue each prompt by max_new_tokens tokens (fewer when every row has produced
     eos_token_id) -> the new tokens, [batch, n] int64 on the model's device; after a row's
@@ -176,6 +178,9 @@ def generate(
         8 layers) faster a decode step on a 2-core Zen 4; greedy output equals the no-cache
         argmax (tested), though a near-tie between two logits may resolve differently than
         eager (the compiled norms round differently).
+    fused: run each decode step's blocks through the fused C++ op (see the module docstring).
+        None (default): when fused_decode_plan(model) allows it and compile is off; True:
+        always (ValueError saying why the model cannot); False: never (the modules' eager step).
     The model runs in eval mode (dropout off) under torch.inference_mode; its mode is
     restored afterwards. Bad arguments: ValueError naming the argument."""
     cfg = model.config
@@ -197,6 +202,15 @@ def generate(
         _int("seed", seed)
     if not isinstance(compile, bool):
         raise ValueError(f"compile must be a bool, got {compile!r}")
+    if fused is not None and not isinstance(fused, bool):
+        raise ValueError(f"fused must be None, True or False, got {fused!r}")
+    if fused and compile:
+        raise ValueError("fused=True and compile=True are two ways to run the decode step: choose one")
+    plan = None
+    if fused is not False and not compile:
+        plan, why_not = fused_decode_plan(model)
+        if plan is None and fused:
+            raise ValueError(f"fused=True: this model's decode step cannot run fused: {why_not}")
     if stream is not None and not callable(stream):
         raise ValueError(
             f"stream must be a callable (called with each step's tokens) or None, got {type(stream).__name__}"
@@ -220,6 +234,7 @@ def generate(
                 stream,
                 device,
                 _compiled_decode() if compile else _decode,
+                plan,
             )
     finally:
         model.train(was_training)
@@ -228,6 +243,83 @@ def generate(
 def _decode(model, token, positions, cache, mask):
     """One decode step's layers: -> the final hidden states [batch, 1, dim]."""
     return model._hidden(token, positions=positions, cache=cache, mask=mask)
+
+
+# --------------------------------------------------------------------------- fused decode step
+
+
+def fused_decode_plan(model):
+    """-> (the per-block arguments of ternary_decode_layer, None) when every decode step of
+    `model` can run fused, else (None, the reason). Read from the model's modules as they are
+    now (call again after changing the model)."""
+    from ..nn import TernaryLinear
+    from ..ops import _backend
+    from .layers import UnfusedFFN
+    from .transformer import CausalSelfAttention, TransformerLM
+
+    if not isinstance(model, TransformerLM):
+        return None, f"it is a {type(model).__name__}, not a TransformerLM"
+    cfg = model.config
+    if cfg.pos_emb != "rope" or cfg.norm != "rmsnorm" or cfg.activation not in ("relu2", "swiglu"):
+        return None, (
+            f"the fused step needs pos_emb='rope', norm='rmsnorm' and activation relu2 or swiglu, got "
+            f"pos_emb={cfg.pos_emb!r}, norm={cfg.norm!r}, activation={cfg.activation!r}"
+        )
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
+    if device.type != "cpu" or _backend.choose("ternary_decode_layer", device) != "native":
+        return None, f"it needs the C++ extension and a model on the CPU (model on {device}; backend " + (
+            f"{_backend.choose('ternary_decode_layer', device)})"
+        )
+    layers = []
+    for i, block in enumerate(model.blocks):
+        attn, ffn = block.attn, block.ffn
+        where = f"blocks[{i}]"
+        if type(attn) is not CausalSelfAttention or not isinstance(ffn, UnfusedFFN) or ffn.activation != cfg.activation:
+            return None, f"{where} is not a causal attention and an unfused {cfg.activation} FFN"
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, ffn.gate_proj, ffn.up_proj, ffn.down_proj]
+        for lin in linears:
+            if type(lin) is not TernaryLinear or lin.format != "i2":
+                return None, (
+                    f"{where} has a {type(lin).__name__} projection: every projection must be a TernaryLinear "
+                    "of format 'i2' (accelops.convert(model, 'ternary'))"
+                )
+            if lin.bias is not None and lin.bias.dtype != torch.float32:
+                return None, f"{where} has a {lin.bias.dtype} bias (fp32 only)"
+        norms = [block.norm1, attn.attn_sub_norm, block.norm2, ffn.ffn_sub_norm]
+        for j, norm in enumerate(norms):
+            if norm is None and j in (1, 3):
+                continue
+            if type(norm) is not nn.RMSNorm or norm.weight is None or norm.eps != cfg.norm_eps:
+                return None, f"{where} has a norm other than an RMSNorm with a weight and eps={cfg.norm_eps}"
+            if norm.weight.dtype != torch.float32:
+                return None, f"{where} has {norm.weight.dtype} norm weights (fp32 only)"
+        hooked = [n for n, m in block.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+        if hooked:
+            # the fused op would skip them without a word
+            return None, f"{where} has forward hooks on {hooked}"
+        layers.append(
+            (
+                [None if n is None else n.weight.detach() for n in norms],
+                [lin.w_packed for lin in linears],
+                [lin.w_scale for lin in linears],
+                [None if lin.bias is None else lin.bias.detach() for lin in linears],
+            )
+        )
+    return layers, None
+
+
+def _fused_decode(model, layers, token, positions, cache):
+    """One decode step of every block through ternary_decode_layer: -> the final hidden
+    states [batch, 1, dim] (positions [batch, 1], every row one new token)."""
+    cfg = model.config
+    x = model.tok_emb(token)[:, 0].contiguous()  # [batch, dim]
+    pos = positions[:, 0].contiguous()
+    cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, torch.float32)
+    op = torch.ops.accelops.ternary_decode_layer
+    for i, (norms, w_packed, w_scale, bias) in enumerate(layers):
+        x = op(x, pos, cos, sin, cache.keys[i], cache.values[i], norms, w_packed, w_scale, bias, cfg.n_heads,
+               cfg.norm_eps, cfg.activation)  # fmt: skip
+    return model.norm(x)[:, None]
 
 
 _COMPILED = None
@@ -242,7 +334,9 @@ def _compiled_decode():
     return _COMPILED
 
 
-def _run(model, prompts, n_new, temperature, top_k, top_p, eos_token_id, seed, stream, device, decode=_decode):
+def _run(
+    model, prompts, n_new, temperature, top_k, top_p, eos_token_id, seed, stream, device, decode=_decode, plan=None
+):
     cfg = model.config
     batch, longest = len(prompts), max(p.numel() for p in prompts)
     lengths = torch.tensor([p.numel() for p in prompts], device=device)
@@ -267,6 +361,12 @@ def _run(model, prompts, n_new, temperature, top_k, top_p, eos_token_id, seed, s
     cache.check_positions(positions)
     hidden = model._hidden(padded, positions=positions, cache=cache)
     token = next_tokens(hidden[rows, lengths - 1])
+    # The fused step reads fp32 activations and caches (a model converted with a bf16
+    # embedding, or run under autocast, takes the eager step).
+    if plan is not None and not (
+        hidden.dtype == torch.float32 and all(k is not None and k.dtype == torch.float32 for k in cache.keys)
+    ):
+        plan = None
     out = [token]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     for step in range(1, n_new + 1):
@@ -287,7 +387,10 @@ def _run(model, prompts, n_new, temperature, top_k, top_p, eos_token_id, seed, s
         else:
             filled = slots if decode is not _decode else slots[: longest + step]
             mask = (filled <= positions[:, :, None])[:, None]  # [batch, 1, 1, filled]: itself and before
-        hidden = decode(model, token[:, None], positions, cache, mask)
+        if plan is not None:
+            hidden = _fused_decode(model, plan, token[:, None], positions, cache)
+        else:
+            hidden = decode(model, token[:, None], positions, cache, mask)
         token = next_tokens(hidden[:, -1])
         if eos_token_id is not None:
             token = token.masked_fill(done, eos_token_id)

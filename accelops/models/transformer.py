@@ -199,6 +199,7 @@ class TransformerLM(LanguageModel):
         seed: int | None = None,
         stream=None,
         compile: bool = False,
+        fused: bool | None = None,
     ) -> torch.Tensor:
         """Continue each prompt by up to max_new_tokens tokens with a preallocated KV cache;
         -> [batch, n] the new tokens (n <= max_new_tokens). See accelops.models.generate."""
@@ -215,6 +216,7 @@ class TransformerLM(LanguageModel):
             seed=seed,
             stream=stream,
             compile=compile,
+            fused=fused,
         )
 
     @classmethod

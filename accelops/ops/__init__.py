@@ -20,6 +20,7 @@ from .comm import (
     topk_compress_,
     topk_decompress,
 )
+from .decode import ternary_decode_layer
 from .fake_quant import fake_quantize, fake_quantize_learnable
 from .ffn import ffn_activation, fused_ffn
 from .int8 import int8_linear, int8_matmul, quantize_activation_int8, quantize_weight_int8
@@ -37,6 +38,7 @@ from .ternary import (
 )
 
 __all__ = [
+    "ternary_decode_layer",
     "comm",
     "bucket_flatten",
     "bucket_unflatten_",

@@ -1,0 +1,71 @@
+"""Reference of accelops::ternary_decode_layer: one decode step (one new token a row) of a
+pre-norm transformer block whose seven projections are packed ternary weights, the block of
+BitNet b1.58 2B4T and of Llama-shaped ternary models (TransformerLM with rmsnorm, rope and a
+relu2 or swiglu FFN). It computes what TransformerBlock.forward computes for that step, op
+for op, with the projections through ternary_matmul's reference:
+
+    h = rms_norm(x, norm1); q, k, v = h Wq, h Wk, h Wv      (int8 activations, ternary weights)
+    q, k = rope(q), rope(k) at each row's position; k, v -> k_cache / v_cache at that slot
+    a = softmax(q k^T / sqrt(head_dim)) v over the row's slots 0 .. position (GQA: n_heads /
+        n_kv_heads query heads share a key/value head)
+    x = x + o_proj(rms_norm(a, attn_sub_norm))                (sub-norms: when given)
+    h = rms_norm(x, norm2); a = act(h Wgate) * (h Wup)        (relu2: relu(g)^2; swiglu: silu(g))
+    x = x + down_proj(rms_norm(a, ffn_sub_norm))
+
+The C++ kernel computes every projection exactly as this reference does (same int32 sums,
+same epilogue); its norms, RoPE and softmax are fp32 with other reduction orders, so it
+matches this to float rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .ternary import ternary_matmul
+
+ACTIVATIONS = ("relu2", "swiglu")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NORMS = ("norm1", "attn_sub_norm", "norm2", "ffn_sub_norm")
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def ternary_decode_layer(
+    x, positions, cos, sin, k_cache, v_cache, norms, w_packed, w_scale, bias, n_heads, eps, activation
+):
+    """x [batch, dim] fp32 (each row's newest token) -> the block's output [batch, dim];
+    writes the rows' keys and values into k_cache / v_cache [batch, n_kv_heads, size, head_dim]
+    at positions [batch]. cos / sin [batch, head_dim]: the rotary angles of the positions.
+    norms: the weights of (norm1, attn_sub_norm, norm2, ffn_sub_norm), None for an absent
+    sub-norm; w_packed / w_scale / bias: q, k, v, o, gate, up, down."""
+    batch, dim = x.shape
+    kv_heads, size, hd = k_cache.shape[1:]
+
+    def norm(h, i):
+        w = norms[i]
+        return h if w is None else F.rms_norm(h, (h.shape[-1],), w, eps)
+
+    def proj(h, i):
+        return ternary_matmul(h, w_packed[i], w_scale[i], bias[i])
+
+    h = norm(x, 0)
+    c, s = cos[:, None], sin[:, None]
+    q = _rotate(proj(h, 0).view(batch, n_heads, hd), c, s)
+    k = _rotate(proj(h, 1).view(batch, kv_heads, hd), c, s)
+    v = proj(h, 2).view(batch, kv_heads, hd)
+    rows = torch.arange(batch, device=x.device)
+    k_cache[rows, :, positions] = k
+    v_cache[rows, :, positions] = v
+    may_attend = torch.arange(size, device=x.device)[None] <= positions[:, None]  # [batch, size]
+    a = F.scaled_dot_product_attention(
+        q[:, :, None], k_cache, v_cache, attn_mask=may_attend[:, None, None], enable_gqa=kv_heads != n_heads
+    )
+    x = x + proj(norm(a.reshape(batch, dim), 1), 3)
+    h = norm(x, 2)
+    g, u = proj(h, 4), proj(h, 5)
+    a = torch.square(F.relu(g)) * u if activation == "relu2" else F.silu(g) * u
+    return x + proj(norm(a, 3), 6)

@@ -1,0 +1,321 @@
+// One decode step of a ternary (BitNet b1.58 / Llama-shaped) transformer block on the CPU:
+// RMSNorm -> int8 activations -> q/k/v ternary GEMVs -> RoPE -> KV-cache write -> attention
+// over the cache -> (sub-norm) -> o_proj -> residual -> RMSNorm -> gate/up GEMVs ->
+// relu2 / swiglu -> (sub-norm) -> down_proj -> residual, in one call.
+//
+// Why: at M = 1 the seven GEMVs of a 2B-parameter block take ~0.7 ms on 2 cores, and the
+// eager PyTorch step around them (about 40 small ops, each a dispatcher call plus an OpenMP
+// region, and F.scaled_dot_product_attention's set-up) took as long again. The GEMVs here
+// are the ones ternary_matmul runs (ternary_gemm_i32, same int32 sums, same epilogue
+// formula), so every projection's output equals ternary_matmul's for the same input; the
+// float parts (norms, RoPE, softmax) are computed in fp32 in the order PyTorch's eager ops
+// use, but reductions may round differently (accelops/reference/decode.py is the spec,
+// matched to a tolerance).
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../ops.h"
+#include "kernels.h"
+
+namespace accelops {
+
+namespace {
+
+constexpr int kProjections = 7;  // q, k, v, o, gate, up, down
+enum Proj { Q = 0, K = 1, V = 2, O = 3, GATE = 4, UP = 5, DOWN = 6 };
+
+int64_t blocks_of(int64_t k) { return (k + kTernaryBlockK - 1) / kTernaryBlockK; }
+
+// ---------------------------------------------------------------- float helpers
+
+__attribute__((target("avx2"))) float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2"))) float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+    acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8)));
+  }
+  float s = hsum_ps(_mm256_add_ps(acc0, acc1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+float dot_scalar(const float* a, const float* b, int64_t n) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y += p * x
+__attribute__((target("avx2"))) void axpy_avx2(float p, const float* x, float* y, int64_t n) {
+  const __m256 pv = _mm256_set1_ps(p);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_mul_ps(pv, _mm256_loadu_ps(x + i))));
+  for (; i < n; ++i) y[i] += p * x[i];
+}
+
+void axpy_scalar(float p, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += p * x[i];
+}
+
+struct FloatOps {
+  bool avx2;
+  float dot(const float* a, const float* b, int64_t n) const { return avx2 ? dot_avx2(a, b, n) : dot_scalar(a, b, n); }
+  void axpy(float p, const float* x, float* y, int64_t n) const {
+    avx2 ? axpy_avx2(p, x, y, n) : axpy_scalar(p, x, y, n);
+  }
+};
+
+// y = (x * rsqrt(mean(x^2) + eps)) * w: nn.RMSNorm's formula and order of the products.
+void rms_norm_row(const FloatOps& f, const float* x, const float* w, int64_t n, double eps, float* y) {
+  const float mean_sq = f.dot(x, x, n) / static_cast<float>(n);
+  const float r = 1.0f / std::sqrt(mean_sq + static_cast<float>(eps));
+  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] * r) * w[i];
+}
+
+// ---------------------------------------------------------------- projections
+
+// int8 activations of `rows` rows of width k (already normed), shared by every projection
+// that reads them.
+struct QuantizedRows {
+  int64_t m = 0, kp = 0;
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  std::vector<int32_t> sum;
+
+  void quantize(const float* x, int64_t m_, int64_t k) {
+    m = m_;
+    kp = blocks_of(k) * kTernaryBlockK;
+    q.assign(m * kp, 0);
+    scale.assign(m, kQuantEps / 127.0f);
+    sum.assign(m, 0);
+    const Isa isa = active_isa();
+    for (int64_t r = 0; r < m; ++r)
+      scale[r] = quantize_row_int8(x + r * k, k, kp, q.data() + r * kp, sum.data() + r, isa);
+  }
+};
+
+struct Projection {
+  const uint8_t* w = nullptr;
+  const float* w_scale = nullptr;
+  bool scale_per_row = false;
+  const float* bias = nullptr;
+  int64_t n = 0, k = 0;
+};
+
+// out[m, n] = (float(sum_k q[m, k] * W[n, k]) * x_scale[m]) * w_scale[n or 0] + bias[n]:
+// ternary_matmul's GEMV / GEMM and epilogue, into a caller's fp32 buffer.
+void project(const QuantizedRows& x, const Projection& p, std::vector<int32_t>& acc, float* out) {
+  const int64_t m = x.m, n = p.n;
+  acc.resize(m * n);
+  int32_t* a = acc.data();
+  ternary_gemm_i32(x.q.data(), x.sum.data(), m, p.w, n, blocks_of(p.k), a, active_dot_isa(),
+                   [&](int64_t n0, int64_t n1) {
+                     for (int64_t r = 0; r < m; ++r) {
+                       const float xs = x.scale[r];
+                       for (int64_t c = n0; c < n1; ++c) {
+                         float v = (static_cast<float>(a[r * n + c]) * xs) * p.w_scale[p.scale_per_row ? c : 0];
+                         if (p.bias) v += p.bias[c];
+                         out[r * n + c] = v;
+                       }
+                     }
+                   });
+}
+
+// x * cos + rotate_half(x) * sin for one head (rotate_half(x) = [-x2, x1]), products rounded
+// separately as in the eager expression.
+void rope_head(float* x, const float* cos, const float* sin, int64_t hd) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] + (-b) * sin[i];
+    x[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+const float* optional_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+void check_f32_vector(const std::optional<at::Tensor>& t, int64_t n, const char* what) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == n && t->is_contiguous(), what,
+              " must be a contiguous float32 [", n, "] tensor, got ", t->scalar_type(), " of shape ", t->sizes());
+}
+
+}  // namespace
+
+at::Tensor ternary_decode_layer_cpu(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos,
+                                    const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                                    const c10::List<std::optional<at::Tensor>>& norms, at::TensorList w_packed,
+                                    at::TensorList w_scale, const c10::List<std::optional<at::Tensor>>& bias,
+                                    int64_t n_heads, double eps, c10::string_view activation) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous float32 [batch, dim] tensor, got ", x.scalar_type(), " of shape ", x.sizes());
+  TORCH_CHECK(activation == "relu2" || activation == "swiglu", "activation must be 'relu2' or 'swiglu', got '",
+              std::string(activation), "'");
+  TORCH_CHECK(norms.size() == 4, "norms must hold 4 entries (norm1, attn_sub_norm, norm2, ffn_sub_norm), got ",
+              norms.size());
+  TORCH_CHECK(w_packed.size() == kProjections && w_scale.size() == kProjections && bias.size() == kProjections,
+              "w_packed, w_scale and bias must hold 7 entries (q, k, v, o, gate, up, down)");
+  const int64_t batch = x.size(0), dim = x.size(1);
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.dim() == 4 && k_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == at::kFloat &&
+                  v_cache.is_contiguous() && k_cache.size(0) == batch,
+              "k_cache and v_cache must be contiguous float32 [batch, n_kv_heads, size, head_dim] tensors of one "
+              "shape, got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  const int64_t kv_heads = k_cache.size(1), slots = k_cache.size(2), hd = k_cache.size(3);
+  TORCH_CHECK(n_heads > 0 && n_heads * hd == dim && kv_heads > 0 && n_heads % kv_heads == 0 && hd % 2 == 0,
+              "n_heads=", n_heads, " does not fit dim=", dim, ", n_kv_heads=", kv_heads, ", head_dim=", hd);
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == batch,
+              "positions must be int64 [batch], got ", positions.scalar_type(), " of shape ", positions.sizes());
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.dim() == 2 && cos.size(0) == batch && cos.size(1) == hd &&
+                  sin.sizes() == cos.sizes(),
+              "cos and sin must be contiguous float32 [batch, head_dim] tensors, got ", cos.sizes(), " and ",
+              sin.sizes());
+  const at::Tensor pos = positions.contiguous();
+  const int64_t* pos_p = pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK(pos_p[b] >= 0 && pos_p[b] < slots, "positions[", b, "]=", pos_p[b], " lies outside the cache of ",
+                slots, " slots");
+
+  const int64_t kv_dim = kv_heads * hd;
+  const int64_t hidden = w_packed[UP].size(0);
+  const int64_t out_features[kProjections] = {dim, kv_dim, kv_dim, dim, hidden, hidden, dim};
+  const int64_t in_features[kProjections] = {dim, dim, dim, dim, dim, dim, hidden};
+  Projection proj[kProjections];
+  for (int i = 0; i < kProjections; ++i) {
+    const at::Tensor& w = w_packed[i];
+    const at::Tensor& s = w_scale[i];
+    TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() &&
+                    w.size(0) == out_features[i] && w.size(1) == blocks_of(in_features[i]) * kTernaryBlockBytes,
+                "w_packed[", i, "] must be a contiguous uint8 [", out_features[i], ", ",
+                blocks_of(in_features[i]) * kTernaryBlockBytes, "] tensor, got ", w.scalar_type(), " of shape ",
+                w.sizes());
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && (s.numel() == 1 || s.numel() == out_features[i]),
+                "w_scale[", i, "] must be a contiguous float32 tensor of 1 or ", out_features[i], " scales, got ",
+                s.sizes());
+    const std::optional<at::Tensor> b = bias.get(i);
+    check_f32_vector(b, out_features[i], "bias");
+    proj[i] = {w.data_ptr<uint8_t>(), s.data_ptr<float>(), s.numel() != 1, optional_ptr(b), out_features[i],
+               in_features[i]};
+  }
+  const std::optional<at::Tensor> norm1 = norms.get(0), attn_sub = norms.get(1), norm2 = norms.get(2),
+                                  ffn_sub = norms.get(3);
+  TORCH_CHECK(norm1.has_value() && norm2.has_value(), "norms[0] (norm1) and norms[2] (norm2) are required");
+  check_f32_vector(norm1, dim, "norm1");
+  check_f32_vector(attn_sub, dim, "attn_sub_norm");
+  check_f32_vector(norm2, dim, "norm2");
+  check_f32_vector(ffn_sub, hidden, "ffn_sub_norm");
+
+  const FloatOps f{active_isa() != Isa::Scalar};
+  const float* xp = x.data_ptr<float>();
+  at::Tensor out = at::empty_like(x);
+  float* yp = out.data_ptr<float>();
+  std::vector<float> h(batch * std::max(dim, hidden));
+  std::vector<int32_t> acc;
+  QuantizedRows qx;
+
+  // ---- attention: norm1 -> q, k, v
+  for (int64_t b = 0; b < batch; ++b) rms_norm_row(f, xp + b * dim, norm1->data_ptr<float>(), dim, eps, &h[b * dim]);
+  qx.quantize(h.data(), batch, dim);
+  std::vector<float> q(batch * dim), k(batch * kv_dim), v(batch * kv_dim);
+  project(qx, proj[Q], acc, q.data());
+  project(qx, proj[K], acc, k.data());
+  project(qx, proj[V], acc, v.data());
+
+  // RoPE at each row's position, then the row's keys and values into its cache slot.
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* c = cos.data_ptr<float>() + b * hd;
+    const float* s = sin.data_ptr<float>() + b * hd;
+    for (int64_t head = 0; head < n_heads; ++head) rope_head(&q[b * dim + head * hd], c, s, hd);
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      rope_head(&k[b * kv_dim + g * hd], c, s, hd);
+      const int64_t slot = ((b * kv_heads + g) * slots + pos_p[b]) * hd;
+      std::copy_n(&k[b * kv_dim + g * hd], hd, kc + slot);
+      std::copy_n(&v[b * kv_dim + g * hd], hd, vc + slot);
+    }
+  }
+
+  // Attention of each (row, head) over the row's slots 0 .. position: softmax(q k^T / sqrt(hd)) v.
+  std::vector<float> attn(batch * dim);
+  const int64_t group = n_heads / kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  at::parallel_for(0, batch * n_heads, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / n_heads, head = t % n_heads, g = head / group, n = pos_p[b] + 1;
+      const float* qh = &q[b * dim + head * hd];
+      const float* kh = kc + (b * kv_heads + g) * slots * hd;
+      const float* vh = vc + (b * kv_heads + g) * slots * hd;
+      scores.resize(n);
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < n; ++j) {
+        scores[j] = f.dot(qh, kh + j * hd, hd) * scale;
+        mx = std::max(mx, scores[j]);
+      }
+      float total = 0.0f;
+      for (int64_t j = 0; j < n; ++j) {
+        scores[j] = std::exp(scores[j] - mx);
+        total += scores[j];
+      }
+      float* o = &attn[b * dim + head * hd];
+      std::fill_n(o, hd, 0.0f);
+      for (int64_t j = 0; j < n; ++j) f.axpy(scores[j], vh + j * hd, o, hd);
+      const float inv = 1.0f / total;
+      for (int64_t i = 0; i < hd; ++i) o[i] *= inv;
+    }
+  });
+  if (attn_sub.has_value())
+    for (int64_t b = 0; b < batch; ++b)
+      rms_norm_row(f, &attn[b * dim], attn_sub->data_ptr<float>(), dim, eps, &attn[b * dim]);
+  qx.quantize(attn.data(), batch, dim);
+  project(qx, proj[O], acc, yp);
+  for (int64_t i = 0; i < batch * dim; ++i) yp[i] = xp[i] + yp[i];  // residual
+
+  // ---- FFN: norm2 -> gate, up -> activation -> (sub-norm) -> down
+  for (int64_t b = 0; b < batch; ++b) rms_norm_row(f, yp + b * dim, norm2->data_ptr<float>(), dim, eps, &h[b * dim]);
+  qx.quantize(h.data(), batch, dim);
+  std::vector<float> gate(batch * hidden), up(batch * hidden);
+  project(qx, proj[GATE], acc, gate.data());
+  project(qx, proj[UP], acc, up.data());
+  if (activation == "relu2") {
+    for (int64_t i = 0; i < batch * hidden; ++i) {
+      const float r = std::max(gate[i], 0.0f);
+      gate[i] = (r * r) * up[i];
+    }
+  } else {  // swiglu: silu(g) * u
+    for (int64_t i = 0; i < batch * hidden; ++i) {
+      const float g = gate[i];
+      gate[i] = (g / (1.0f + std::exp(-g))) * up[i];
+    }
+  }
+  if (ffn_sub.has_value())
+    for (int64_t b = 0; b < batch; ++b)
+      rms_norm_row(f, &gate[b * hidden], ffn_sub->data_ptr<float>(), hidden, eps, &gate[b * hidden]);
+  qx.quantize(gate.data(), batch, hidden);
+  std::vector<float> down(batch * dim);
+  project(qx, proj[DOWN], acc, down.data());
+  for (int64_t i = 0; i < batch * dim; ++i) yp[i] = yp[i] + down[i];
+  return out;
+}
+
+}  // namespace accelops

@@ -1,0 +1,256 @@
+"""accelops::ternary_decode_layer (one fused decode step of a ternary block) against its
+reference, and generate()'s fused decode path against the modules' eager step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import accelops
+from accelops import ops
+from accelops.models import TransformerLM, TransformerLMConfig
+from accelops.models.generate import fused_decode_plan
+from accelops.models.layers import rope_cos_sin
+from accelops.ops import _backend
+from accelops.reference import decode as ref
+from accelops.reference import ternary as R
+
+HAS_EXTENSION = _backend.extension()[0] is not None
+
+
+def layer_args(
+    batch=2,
+    dim=64,
+    n_heads=4,
+    kv_heads=2,
+    hidden=96,
+    size=16,
+    positions=(5, 9),
+    activation="relu2",
+    sub_norms=True,
+    biases=False,
+    per_channel=True,
+    seed=0,
+):
+    """The arguments of one accelops::ternary_decode_layer call (a random block, caches
+    holding random keys and values) as a tuple in schema order."""
+    g = torch.Generator().manual_seed(seed)
+    hd = dim // n_heads
+    kv = kv_heads * hd
+    shapes = [(dim, dim), (kv, dim), (kv, dim), (dim, dim), (hidden, dim), (hidden, dim), (dim, hidden)]
+    quantized = [R.quantize_weight_ternary(torch.randn(n, k, generator=g), per_channel) for n, k in shapes]
+    w_packed, w_scale = [w for w, _ in quantized], [s for _, s in quantized]
+    bias = [torch.randn(n, generator=g) if biases else None for n, _ in shapes]
+    norms = [torch.rand(dim, generator=g) + 0.5, torch.rand(dim, generator=g) + 0.5]
+    norms += [torch.rand(dim, generator=g) + 0.5, torch.rand(hidden, generator=g) + 0.5]
+    if not sub_norms:
+        norms[1] = norms[3] = None
+    pos = torch.tensor(positions[:batch], dtype=torch.long)
+    cos, sin = rope_cos_sin(pos, hd, 10000.0, torch.float32)
+    k_cache = torch.randn(batch, kv_heads, size, hd, generator=g)
+    v_cache = torch.randn(batch, kv_heads, size, hd, generator=g)
+    x = torch.randn(batch, dim, generator=g) * 2
+    return (x, pos, cos, sin, k_cache, v_cache, norms, w_packed, w_scale, bias, n_heads, 1e-5, activation)
+
+
+def _clone(args):
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _check_against_reference(args):
+    mine, theirs = _clone(args), _clone(args)
+    out = torch.ops.accelops.ternary_decode_layer(*mine)
+    want = ref.ternary_decode_layer(*theirs)
+    # fp32 norms / softmax in another reduction order: rounding-level differences, which an
+    # int8 activation rounding step can turn into one quantization step of a projection
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    for a, b in ((mine[4], theirs[4]), (mine[5], theirs[5])):  # the caches, written at the positions
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    return out
+
+
+@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
+@pytest.mark.parametrize("sub_norms", [True, False])
+def test_matches_reference(activation, sub_norms):
+    _check_against_reference(layer_args(activation=activation, sub_norms=sub_norms))
+
+
+def test_matches_reference_with_biases_and_per_tensor_scales():
+    _check_against_reference(layer_args(biases=True, per_channel=False))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    n_heads=st.sampled_from([1, 2, 4]),
+    group=st.sampled_from([1, 2]),
+    hd=st.sampled_from([2, 8, 16]),
+    hidden=st.integers(1, 300),
+    size=st.integers(1, 12),
+    data=st.data(),
+)
+def test_shapes_match_reference(batch, n_heads, group, hd, hidden, size, data):
+    if n_heads % group:
+        group = 1
+    positions = tuple(data.draw(st.integers(0, size - 1)) for _ in range(batch))
+    args = layer_args(
+        batch=batch,
+        dim=n_heads * hd,
+        n_heads=n_heads,
+        kv_heads=n_heads // group,
+        hidden=hidden,
+        size=size,
+        positions=positions,
+        activation=data.draw(st.sampled_from(ref.ACTIVATIONS)),
+        sub_norms=data.draw(st.booleans()),
+        seed=data.draw(st.integers(0, 1000)),
+    )
+    _check_against_reference(args)
+
+
+def test_only_the_rows_slots_are_written_and_read():
+    """Row b writes its slot positions[b] and nothing else; slots after it never matter."""
+    args = layer_args(positions=(2, 7))
+    mine = _clone(args)
+    before_k, before_v = mine[4].clone(), mine[5].clone()
+    out = torch.ops.accelops.ternary_decode_layer(*mine)
+    changed = (mine[4] != before_k).any(-1)  # [batch, kv_heads, size]
+    for b, p in enumerate((2, 7)):
+        assert changed[b, :, p].all() and not changed[b, :, :p].any() and not changed[b, :, p + 1 :].any()
+    assert torch.equal((mine[5] != before_v).any(-1), changed)
+    later = _clone(args)
+    later[4][:, :, 8:] = 1e6  # garbage past every row's position
+    later[5][:, :, 8:] = float("nan")
+    torch.testing.assert_close(torch.ops.accelops.ternary_decode_layer(*later), out)
+
+
+def test_projections_are_ternary_matmuls():
+    """With identity norms, no attention mixing (one slot) and relu2, the output is computed
+    from ternary_matmul outputs exactly as the reference composes them: the GEMVs are exact."""
+    args = list(layer_args(batch=1, positions=(0,), size=1))
+    args[6] = [torch.ones(64), None, torch.ones(64), None]
+    out = torch.ops.accelops.ternary_decode_layer(*_clone(args))
+    torch.testing.assert_close(out, ref.ternary_decode_layer(*_clone(args)), rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck():
+    for kwargs in ({}, {"activation": "swiglu", "sub_norms": False, "biases": True}):
+        torch.library.opcheck(torch.ops.accelops.ternary_decode_layer.default, layer_args(**kwargs))
+
+
+def test_public_function_runs_the_op():
+    args = layer_args()
+    x, pos, cos, sin, kc, vc, norms, wp, ws, bias, n_heads, eps, act = _clone(args)
+    out = ops.ternary_decode_layer(
+        x, pos, cos, sin, kc, vc, norms, wp, ws, bias, n_heads=n_heads, eps=eps, activation=act
+    )
+    torch.testing.assert_close(out, torch.ops.accelops.ternary_decode_layer(*_clone(args)))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.__setitem__(0, a[0].double()), "x must be torch.float32"),
+        (lambda a: a.__setitem__(1, torch.tensor([5, 16])), r"positions must lie in \[0, 16\)"),
+        (lambda a: a.__setitem__(1, torch.tensor([5, -1])), r"positions must lie in \[0, 16\)"),
+        (lambda a: a.__setitem__(1, torch.tensor([5])), r"positions must have shape \(2,\)"),
+        (lambda a: a.__setitem__(2, a[2][:, :4].contiguous()), "cos must have shape"),
+        (lambda a: a.__setitem__(5, a[5][:, :, :8].contiguous()), "v_cache must have shape"),
+        (lambda a: a.__setitem__(10, 3), "n_heads=3 does not fit"),
+        (lambda a: a.__setitem__(11, 0.0), "eps must be a float > 0"),
+        (lambda a: a.__setitem__(12, "gelu"), "activation must be one of"),
+        (lambda a: a[7].__setitem__(1, a[7][1][:8]), r"w_packed\[1\] \(k_proj\) must be a contiguous"),
+        (lambda a: a[8].__setitem__(4, torch.ones(3)), r"w_scale\[4\] \(gate_proj\) must hold 1 or N=96"),
+        (lambda a: a[6].__setitem__(0, None), r"norms\[0\] \(norm1\) must be a torch.Tensor"),
+        (lambda a: a[6].__setitem__(3, torch.ones(64)), r"norms\[3\] \(ffn_sub_norm\) must have shape \(96,\)"),
+        (lambda a: a[9].__setitem__(6, torch.ones(5)), r"bias\[6\] \(down_proj\) must have shape \(64,\)"),
+        (lambda a: a.__setitem__(7, a[7][:6]), "w_packed must be a list of 7 entries"),
+    ],
+)
+def test_bad_input_is_named(change, message):
+    args = list(_clone(layer_args()))
+    args[6:10] = [list(a) for a in args[6:10]]
+    change(args)
+    x, pos, cos, sin, kc, vc, norms, wp, ws, bias, n_heads, eps, act = args
+    with pytest.raises((ValueError, TypeError), match=message):
+        ops.ternary_decode_layer(
+            x, pos, cos, sin, kc, vc, norms, wp, ws, bias, n_heads=n_heads, eps=eps, activation=act
+        )
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ kernel's own checks")
+def test_kernel_refuses_a_position_outside_the_cache():
+    args = list(_clone(layer_args()))
+    args[1] = torch.tensor([5, 16])
+    with pytest.raises(RuntimeError, match=r"positions\[1\]=16 lies outside the cache of 16 slots"):
+        torch.ops.accelops.ternary_decode_layer(*args)
+
+
+# --------------------------------------------------------------------------- generate(fused=...)
+
+
+def _model(activation="relu2", seed=0, **overrides):
+    torch.manual_seed(seed)
+    shape = dict(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, hidden=256, vocab_size=300, max_len=96)
+    shape.update(overrides)
+    cfg = TransformerLMConfig.bitnet_2b4t(**shape, activation=activation)
+    model = TransformerLM(cfg)
+    accelops.convert(model, "ternary", head="int8")
+    return model.eval()
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the fused step needs the C++ extension")
+@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
+def test_generate_fused_equals_eager_and_no_cache_argmax(activation):
+    model = _model(activation)
+    assert fused_decode_plan(model)[0] is not None
+    prompts = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 12, 3)]
+    fused = model.generate(prompts, 20, temperature=0, fused=True)
+    eager = model.generate(prompts, 20, temperature=0, fused=False)
+    assert torch.equal(fused, eager)
+    assert torch.equal(model.generate(prompts, 20, temperature=0), fused)  # the default takes it
+    with torch.no_grad():
+        for i, p in enumerate(prompts):  # token for token the no-cache forward's argmax
+            seq = torch.cat([p, fused[i]])
+            assert torch.equal(model(seq[None, :-1])[0, p.numel() - 1 :].argmax(-1), fused[i])
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the fused step needs the C++ extension")
+def test_generate_fused_sampling_is_seeded():
+    model = _model()
+    a = model.generate([[1, 2, 3]], 10, temperature=0.8, top_p=0.9, seed=3, fused=True)
+    b = model.generate([[1, 2, 3]], 10, temperature=0.8, top_p=0.9, seed=3, fused=True)
+    assert torch.equal(a, b)
+
+
+def test_fused_plan_says_why_not():
+    model = _model()
+    fp32 = TransformerLM(model.config).eval()  # unconverted: nn.Linear projections
+    plan, why = fused_decode_plan(fp32)
+    assert plan is None and "TernaryLinear" in why
+    with pytest.raises(ValueError, match="fused=True: this model's decode step cannot run fused: .*TernaryLinear"):
+        fp32.generate([[1, 2]], 3, temperature=0, fused=True)
+    assert fp32.generate([[1, 2]], 3, temperature=0).shape == (1, 3)  # the default falls back
+    layer_norm = _model(norm="layernorm")
+    assert "norm='rmsnorm'" in fused_decode_plan(layer_norm)[1]
+    with pytest.raises(ValueError, match="choose one"):
+        model.generate([[1, 2]], 3, temperature=0, fused=True, compile=True)
+    with pytest.raises(ValueError, match="fused must be None, True or False"):
+        model.generate([[1, 2]], 3, temperature=0, fused=1)
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the fused step needs the C++ extension")
+def test_hooks_keep_the_eager_step():
+    """A forward hook on a block would be skipped by the fused op: the plan refuses, and the
+    default generate runs the hooked modules."""
+    model = _model()
+    calls = []
+    handle = model.blocks[1].ffn.register_forward_hook(lambda *a: calls.append(1))
+    plan, why = fused_decode_plan(model)
+    assert plan is None and "forward hooks" in why and "blocks[1]" in why
+    model.generate([[1, 2, 3]], 4, temperature=0)
+    assert len(calls) == 4  # prefill + 3 decode steps
+    handle.remove()
+    assert fused_decode_plan(model)[0] is not None
