@@ -27,8 +27,11 @@ accelops engine that fails is not timed, a peer is timed and the table shows by 
 The decode-step breakdown (accelops engine, batch 1): manual timers on the modules of one
 decode step (ternary matmuls, the int8 head, attention with RoPE and the cache, norms, the
 FFN's activation, embedding, sampling) and the rest (Python, residual adds, masks) as the
-step's wall time minus those parts; then torch.compile of the decode step, kept in the
-table only when its greedy tokens equal the eager ones.
+step's wall time minus those parts; the fused step (ternary_decode_layer, what generate runs
+for this model) against the eager one, and its time outside the matmuls (its step minus the
+same GEMVs and head run alone); then torch.compile of the eager decode step, kept in the
+table only when its greedy tokens equal the eager ones. The accelops engine's generate runs
+the fused step (generate's default where the model allows it).
 
     python bench/bench_generate.py [--quick] [--threads 1,2] [--shape 2b4t|small]
                                    [--engines accelops,hf_bf16,...] [--batch 1,4]
@@ -532,6 +535,7 @@ def breakdown(model, prompt, n_steps: int, try_compile: bool) -> dict:
         "included); outside_matmuls_fraction = the median over steps of 1 - (ternary + int8 matmuls + "
         "head) / step",
     }
+    out["fused"] = _fused_breakdown(model, prompt, n_steps, eager)
     if not try_compile:
         out["compiled"] = {"skipped": "not tried in --quick (compiling takes ~30 s even for a tiny model)"}
         return out
@@ -562,6 +566,57 @@ def breakdown(model, prompt, n_steps: int, try_compile: bool) -> dict:
     except Exception as exc:  # noqa: BLE001 - reported, not fatal
         out["compiled"] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
     return out
+
+
+def _matmuls_alone(model, plan, n_steps: int) -> tuple[float, float]:
+    """-> (median seconds of one step's ternary GEMVs, of its LM head) run on their own: the
+    ternary_matmul C++ kernel on every block's seven packed weights with a random [1, K]
+    input, then model.head; the floor of a decode step made of nothing but its matmuls."""
+    dim, hidden = model.config.dim, model.config.hidden
+    xs = {dim: torch.randn(1, dim), hidden: torch.randn(1, hidden)}
+    gemv, head = [], []
+    for _ in range(n_steps + 1):
+        t0 = time.perf_counter()
+        for _norms, w_packed, w_scale, bias in plan:
+            for i, (w, s, b) in enumerate(zip(w_packed, w_scale, bias)):
+                torch.ops.accelops.ternary_matmul(xs[hidden if i == 6 else dim], w, s, b)
+        t1 = time.perf_counter()
+        model.head(xs[dim])
+        t2 = time.perf_counter()
+        gemv.append(t1 - t0)
+        head.append(t2 - t1)
+    return statistics.median(gemv[1:]), statistics.median(head[1:])
+
+
+def _fused_breakdown(model, prompt, n_steps: int, eager) -> dict:
+    """The fused decode step (generate's default for this model) against the eager one, each
+    position run by both in turn, and its time outside the matmuls (step minus the same
+    matmuls run alone)."""
+    from accelops.models.generate import _fused_decode, fused_decode_plan
+
+    plan, why = fused_decode_plan(model)
+    if plan is None:
+        return {"skipped": why}
+
+    def fused(token, positions, mask, cache):
+        return _fused_decode(model, plan, token, positions, cache)
+
+    _paired(model, prompt, 2, {"eager": eager, "fused": fused})  # warm
+    times, same = _paired(model, prompt, n_steps, {"eager": eager, "fused": fused})
+    ratios = sorted(e / f for e, f in zip(times["eager"], times["fused"]))
+    gemv_s, head_s = _matmuls_alone(model, plan, n_steps)
+    step_s = statistics.median(times["fused"])
+    return {
+        "step_s": step_s,
+        "eager_step_s": statistics.median(times["eager"]),
+        "speedup": common.percentile(ratios, 0.5),
+        "speedup_p20": common.percentile(ratios, 0.2),
+        "speedup_p80": common.percentile(ratios, 0.8),
+        "same_tokens": same,
+        "gemv_alone_s": gemv_s,
+        "head_alone_s": head_s,
+        "outside_matmuls_fraction": max(0.0, 1.0 - (gemv_s + head_s) / step_s),
+    }
 
 
 def _paired(model, prompt, n_steps, fns: dict):
@@ -725,6 +780,20 @@ def summarize(rows, cfg, s, meta, wall_s) -> str:
                     ),
                     "",
                 ]
+                f = bd.get("fused", {})
+                if "skipped" in f:
+                    out += [f"Fused decode step (ternary_decode_layer): not used: {f['skipped']}.", ""]
+                elif f:
+                    out += [
+                        f"Fused decode step (generate's default here; one ternary_decode_layer call a block): "
+                        f"{f['step_s'] * 1e3:.1f} ms vs eager {f['eager_step_s'] * 1e3:.1f} ms, each position run "
+                        f"by both in turn (speedup {f['speedup']:.2f}x, p20-p80 {f['speedup_p20']:.2f}-"
+                        f"{f['speedup_p80']:.2f}), same greedy tokens: {f['same_tokens']}; its matmuls alone "
+                        f"(the GEMVs {f['gemv_alone_s'] * 1e3:.1f} ms + the head {f['head_alone_s'] * 1e3:.1f} ms) "
+                        f"leave {f['outside_matmuls_fraction'] * 100:.1f}% of the fused step outside the matmuls "
+                        f"(target <= 15%).",
+                        "",
+                    ]
                 c = bd.get("compiled", {})
                 if "skipped" in c:
                     out += [f"torch.compile of the decode step: {c['skipped']}.", ""]
