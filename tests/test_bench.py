@@ -2,6 +2,7 @@
 code path as `make bench` (correctness checks, compiled baselines, torchao, timing, memory,
 recording, summary), writing to a temporary results directory. No timing is asserted."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -311,6 +312,12 @@ def check_generate_quick(results_dir: Path, threads: int = 1) -> None:
     assert 0 <= bd["outside_matmuls_fraction"] <= 1 and "skipped" in bd["compiled"]
     summary = (results_dir / "generate_summary_quick.md").read_text()
     assert "Targets" in summary and "Decode step of the accelops engine" in summary
+    # the report draws these rows as the bench wrote them (tests/data holds an older copy)
+    if importlib.util.find_spec("duckdb") and importlib.util.find_spec("matplotlib"):
+        from tests.test_report_plots import check_generate_plot
+
+        (results_dir / "generate_plot").mkdir()
+        check_generate_plot(rows, results_dir / "generate_plot")
 
 
 EVAL_VARIANTS = ["fp32", "bitlinear", "int8-ptq", "qat-int8", "alternate"]

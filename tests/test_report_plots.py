@@ -2,7 +2,8 @@
 
 Built from this repository's own results (bench/results/*.jsonl imported into a temporary
 database, as docs/results.md's "Results database" section says): every benchmark family gets a
-plot; no PNG is larger than 1600 px a side; no text is smaller than 9 pt, cut short with
+plot (bench_generate's, which has no rows there yet, from its quick rows in tests/data);
+no PNG is larger than 1600 px a side; no text is smaller than 9 pt, cut short with
 '~' or drawn over another label; history plots have a legend. And on synthetic rows: two
 machines of the same CPU model get different names, cases that differ only at the end of
 a long configuration get different labels, a family with many cases is split into several
@@ -11,6 +12,7 @@ figures, and a long history labels its runs without overlap."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ import pytest
 pytest.importorskip("duckdb")
 pytest.importorskip("matplotlib")
 
+from matplotlib.container import BarContainer  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -38,6 +41,12 @@ from tests import test_results as tr  # noqa: E402  (a module: its tests are not
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = sorted((ROOT / "bench" / "results").glob("*.jsonl"))
 MAX_PX = int(MAX_INCHES * DPI)
+# The rows of `bench/bench_generate.py --quick --threads 1,2` as it wrote them (run
+# f42c0fd56d3c, a loaded machine: torchao's 2-thread rows timed out and are error rows).
+GENERATE_ROWS = ROOT / "tests" / "data" / "generate_quick_rows.jsonl"
+# Benchmark families with no rows in bench/results yet -> the test that draws their rows
+# instead (bench_generate's full run is left to a quiet machine).
+NOT_IN_RESULTS = {"generate": "test_generate_rows_get_a_plot"}
 
 
 def _texts(fig) -> list[Text]:
@@ -93,6 +102,66 @@ def test_every_family_in_the_results_gets_a_plot(real_report):
     assert plotted == families, f"no plot for {sorted(families - plotted)}"
     for png in written["pngs"]:
         assert png.name in page
+
+
+def test_every_bench_family_gets_a_plot(real_report):
+    """Every bench/bench_*.py family is drawn: from its rows in bench/results (the test
+    above), or, while it has none there, by the test NOT_IN_RESULTS names."""
+    _, _, families = real_report
+    bench = {
+        m.group(1)
+        for path in (ROOT / "bench").glob("bench_*.py")
+        if (m := re.search(r'^FAMILY = "(\w+)"', path.read_text(), re.MULTILINE))
+    }
+    assert "generate" in bench and "matmul" in bench
+    missing = bench - families - set(NOT_IN_RESULTS)
+    assert not missing, f"bench families with no rows in bench/results and no plot test: {sorted(missing)}"
+    for family, test in NOT_IN_RESULTS.items():
+        assert callable(globals().get(test)), f"{family}: {test} is not a test of this module"
+
+
+def check_generate_plot(rows: list[dict], out_dir: Path) -> None:
+    """bench_generate's rows as stored -> the report's generate figure: a row per engine and
+    batch, a bar per thread count in each of the decode, prefill and peak-memory panels at
+    the rows' own values, rows that failed or were skipped left out, readable. Quick rows
+    are stored as a full run (the report leaves quick runs out)."""
+    rows = [dict(r, quick=False) for r in rows]
+    db = ResultsDB(out_dir / "generate.duckdb")
+    db.write_rows(rows)
+    # the case is the engine and its setup; the measured numbers stay out of the case's key
+    _, stored = db.query("SELECT DISTINCT method, config FROM measurements WHERE family = 'generate'")
+    for method, config in stored:
+        assert set(json.loads(config)) <= {"engine", "shape", "batch", "prompt_tokens", "new_tokens"}
+        assert json.loads(config)["engine"] == method
+    written = write_report(db, out_dir / "report")
+    (plot,) = [p for p in written["plots"] if p.family == "generate"]
+    assert plot.kind == "measures"
+    assert_readable(plot.fig, "generate")
+    decode, prefill, memory = plot.fig.axes
+    assert [ax.get_title() for ax in plot.fig.axes] == ["decode", "prefill", "peak resident memory"]
+    labels = [t.get_text() for t in decode.get_yticklabels()]
+    assert labels == list(dict.fromkeys(f"{r['engine']} · batch {r['batch']}" for r in rows))
+    ok = [r for r in rows if r["status"] == "ok"]
+    threads = sorted({r["threads"] for r in ok})
+    for ax, field, scale in (
+        (decode, "decode_tokens_per_s", 1),
+        (prefill, "prefill_tokens_per_s", 1),
+        (memory, "peak_rss_bytes", 2**-20),
+    ):
+        widths = sorted(bar.get_width() for c in ax.containers if isinstance(c, BarContainer) for bar in c)
+        assert widths == pytest.approx(sorted(r[field] * scale for r in ok)), field
+    (legend,) = plot.fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [f"{t} thread{'s' if t != 1 else ''}" for t in threads]
+    title = plot.fig.get_suptitle()
+    assert f"shape {rows[0]['shape']}" in title and f"prompt {rows[0]['prompt_tokens']}" in title
+    assert any(png.name.startswith("generate_") for png in written["pngs"])
+
+
+def test_generate_rows_get_a_plot(tmp_path):
+    rows = [json.loads(line) for line in GENERATE_ROWS.read_text().splitlines() if line.strip()]
+    assert {r["family"] for r in rows} == {"generate"}
+    assert any(r["status"] != "ok" for r in rows)  # error rows are in the file, and left out
+    check_generate_plot(rows, tmp_path)
 
 
 def test_every_png_is_within_the_size_limit(real_report):

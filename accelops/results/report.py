@@ -8,8 +8,9 @@ Per benchmark family and machine:
 - the history across runs: per accelops variant the geometric mean over its cases of the
   median relative to the case's first run, one line each, with a legend, runs evenly
   spaced and labelled by commit and date;
-- families whose rows carry other measures (hpo, lm, plan, scaleout) get a view of the
-  newest run built from what their rows hold (regret, bits per character, memory, tokens/s).
+- families whose rows carry other measures (hpo, lm, eval, plan, scaleout, generate) get a
+  view of the newest run built from what their rows hold (regret, bits per character,
+  memory, tokens/s).
 Then a compatibility matrix (op x backend x machine: works with its speed, or fails with
 the reason) and the regression check of accelops.results.regress.
 
@@ -89,7 +90,7 @@ RATIO_COLUMNS = (
 )
 
 # The newest non-quick run of each family on each machine, every row of it: the families
-# whose rows carry no median (hpo, lm, plan, scaleout) are drawn from these.
+# whose rows carry no median (hpo, lm, eval, plan, scaleout, generate) are drawn from these.
 LATEST_ROWS_SQL = """
 WITH latest AS (
     SELECT r.machine_fingerprint AS machine, m.family, max(r.started) AS started
@@ -275,10 +276,19 @@ def _draw_groups(ax, centres: list[float], groups: list[tuple], bars: bool = Fal
             xs_all += [x, low, high]
         if not xs:
             continue
+        err = [lo, hi] if any(lo) or any(hi) else None
         if bars:
-            ax.barh(ys, xs, (step or 0.25) * 0.9, color=color, label=name)
+            # whiskers (a spread) in black over the bar's colour
+            ax.barh(
+                ys,
+                xs,
+                (step or 0.25) * 0.9,
+                color=color,
+                label=name,
+                xerr=err,
+                error_kw={"ecolor": "black", "elinewidth": 1.0, "capsize": 2.0},
+            )
         else:
-            err = [lo, hi] if any(lo) or any(hi) else None
             ax.errorbar(
                 xs,
                 ys,
@@ -879,8 +889,82 @@ def _scaleout_figures(rows: list[dict], title: str) -> list:
     return [_shared_rows_figure(labels, panels, f"{title} ({rows[0].get('case')}{optimizer})")]
 
 
+def _generate_figures(rows: list[dict], title: str) -> list:
+    """bench_generate's rows (one per engine, batch and thread count): decode and prefill
+    tokens/s and the peak resident memory, a row per engine and batch, a bar per thread
+    count (bench/results/generate_summary.md's columns). Rows that were skipped or failed
+    are not drawn; the summary gives their reason."""
+    rows = [r for r in rows if r.get("decode_tokens_per_s") is not None and r.get("engine")]
+    if not rows:
+        return []
+
+    def key(r):
+        return f"{r['engine']} · batch {r.get('batch')}"
+
+    labels = list(dict.fromkeys(key(r) for r in rows))
+    threads = sorted({r.get("threads") for r in rows}, key=lambda t: (t is None, t))
+
+    def groups(value):
+        out = []
+        for i, t in enumerate(threads):
+            values = {labels.index(key(r)): value(r) for r in rows if r.get("threads") == t and value(r) is not None}
+            name = f"{t} thread{'s' if t != 1 else ''}" if t is not None else "threads not recorded"
+            out.append((name, COLORS[i % len(COLORS)], "s", values))
+        return out
+
+    def decode(r):
+        # tokens/s at the median step, whiskers at the p80 (slower) and p20 (faster) steps
+        tps, batch = r["decode_tokens_per_s"], r.get("batch") or 1
+        p20, p80 = r.get("decode_step_p20_s"), r.get("decode_step_p80_s")
+        return (tps, batch / p80, batch / p20) if p20 and p80 else tps
+
+    panels = [
+        {
+            "title": "decode",
+            "xlabel": "tokens/s: batch / median step (whiskers: p80 and p20 step)",
+            "bars": True,
+            "legend": True,
+            "groups": groups(decode),
+        },
+        {
+            "title": "prefill",
+            "xlabel": "tokens/s: batch x prompt / time to first token",
+            "bars": True,
+            "groups": groups(lambda r: r.get("prefill_tokens_per_s")),
+        },
+        {
+            "title": "peak resident memory",
+            "xlabel": "MiB: the process's high-water mark while generating (model included)",
+            "bars": True,
+            "groups": groups(lambda r: _mib(r.get("peak_rss_bytes"))),
+        },
+    ]
+    r0 = rows[0]
+    shape = r0.get("shape")
+    dims = (
+        f"dim {r0['model_dim']}, {r0['model_n_layers']} layers, vocab {r0['model_vocab_size']}"
+        if all(r0.get(k) is not None for k in ("model_dim", "model_n_layers", "model_vocab_size"))
+        else None
+    )
+    loads = [r["loadavg_1m"] for r in rows if r.get("loadavg_1m") is not None]
+    setup = ", ".join(
+        part
+        for part in (
+            f"shape {shape}" if shape else None,
+            dims,
+            f"prompt {r0.get('prompt_tokens')}, {r0.get('new_tokens')} new tokens, greedy"
+            if r0.get("prompt_tokens") is not None
+            else None,
+            f"load {min(loads):.1f}-{max(loads):.1f}" if loads else None,
+        )
+        if part
+    )
+    return [_shared_rows_figure(labels, panels, f"{title} ({setup})" if setup else title)]
+
+
 # Families whose rows carry no median time: a view of what they do carry.
 METRIC_FIGURES = {
+    "generate": _generate_figures,
     "hpo": _hpo_figures,
     "lm": _lm_figures,
     "eval": _eval_figures,

@@ -33,6 +33,7 @@ CONFIG_FIELDS = {
     "eval": ("task", "split", "metric", "model_config", "train_config", "seeds", "vocab_size"),
     "optim": ("case", "params", "shape", "dtype", "model"),
     "scaleout": ("model", "params", "ranks", "batch", "seq_len", "precision"),
+    "generate": ("engine", "shape", "batch", "prompt_tokens", "new_tokens"),
 }
 
 # The baseline each accelops row is paired with in the stored ratio column (the `ratios`
@@ -216,8 +217,8 @@ def measurement_record(row: dict, seq: int) -> dict:
         "run_id": str(row["run_id"]),
         "family": _text(row.get("family"), "family"),
         "seq": seq,
-        "op": _first_text(row, ("op", "method", "variant", "optimizer")),
-        "method": _first_text(row, ("method", "variant", "optimizer")),
+        "op": _first_text(row, ("op", "method", "variant", "optimizer", "engine")),
+        "method": _first_text(row, ("method", "variant", "optimizer", "engine")),
         "label": _text(row.get("label"), "label"),
         "backend": backend,
         "is_accelops": is_accelops,
