@@ -16,6 +16,7 @@ from accelops.models.layers import rope_cos_sin
 from accelops.ops import _backend
 from accelops.reference import decode as ref
 from accelops.reference import ternary as R
+from tests.conftest import CPU_ISAS
 
 HAS_EXTENSION = _backend.extension()[0] is not None
 
@@ -75,6 +76,27 @@ def _check_against_reference(args):
 @pytest.mark.parametrize("sub_norms", [True, False])
 def test_matches_reference(activation, sub_norms):
     _check_against_reference(layer_args(activation=activation, sub_norms=sub_norms))
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ kernel's instruction-set paths")
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("n_heads, kv_heads, hd", [(8, 2, 16), (6, 2, 8), (3, 3, 16), (4, 1, 6), (12, 4, 8)])
+def test_every_isa_path_matches_reference(monkeypatch, isa, n_heads, kv_heads, hd):
+    """Each level this CPU runs (the vector attention takes 1-4 query heads a key/value head,
+    head_dim a multiple of 8; the scalar one the rest), long enough for the vector exp."""
+    monkeypatch.setenv("ACCELOPS_CPU_ISA", isa)
+    for positions in ((0, 37), (29, 3)):
+        args = layer_args(dim=n_heads * hd, n_heads=n_heads, kv_heads=kv_heads, hidden=40, size=40, positions=positions)
+        _check_against_reference(args)
+
+
+def test_softmax_of_far_apart_scores():
+    """Scores that differ by more than expf's range: the vector exp's underflow gives 0, as
+    the reference's softmax does, never NaN."""
+    args = layer_args(positions=(10, 12), size=16)
+    args[4][:, :, :5] *= 1e4  # keys of huge dot products with any query
+    out = _check_against_reference(args)
+    assert torch.isfinite(out).all()
 
 
 def test_matches_reference_with_biases_and_per_tensor_scales():

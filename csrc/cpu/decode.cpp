@@ -87,6 +87,129 @@ void rms_norm_row(const FloatOps& f, const float* x, const float* w, int64_t n, 
   for (int64_t i = 0; i < n; ++i) y[i] = (x[i] * r) * w[i];
 }
 
+// ---------------------------------------------------------------- attention
+
+// exp(x) for 8 floats: x = n ln2 + r (|r| <= ln2 / 2), exp(r) by its degree-6 Taylor
+// polynomial (truncation ~1e-7 relative), times 2^n built in the exponent bits; 0 below
+// -87.3 (where expf underflows to denormals).
+__attribute__((target("avx2,fma"))) __m256 exp_avx2(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.33654f);
+  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.37626f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// p[j] = exp(s[j] - mx), -> sum_j p[j] (in place).
+__attribute__((target("avx2,fma"))) float softmax_numerators_avx2(float* s, int64_t n, float mx) {
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 total = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), m));
+    _mm256_storeu_ps(s + j, e);
+    total = _mm256_add_ps(total, e);
+  }
+  float sum = hsum_ps(total);
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    sum += s[j];
+  }
+  return sum;
+}
+
+// out[0 : 8C) = inv * sum_j p[j] * v[j * ld + 0 : 8C), the sums in registers while the
+// rows stream by (one pass over the value rows a block of 64 columns).
+template <int C>
+__attribute__((target("avx2,fma"))) void weighted_rows_avx2(const float* p, const float* v, int64_t n, int64_t ld,
+                                                           float inv, float* out) {
+  __m256 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 pj = _mm256_set1_ps(p[j]);
+    const float* vj = v + j * ld;
+    for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * c), acc[c]);
+  }
+  const __m256 s = _mm256_set1_ps(inv);
+  for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], s));
+}
+
+// H query heads (q: H rows of hd) against one key/value head (k, v: n rows of hd), hd a
+// multiple of 8: scores (H x n scratch) then out (H rows of hd) = softmax(q k^T * scale) v.
+template <int H>
+__attribute__((target("avx2,fma"))) void attend_avx2(const float* q, const float* k, const float* v, int64_t n,
+                                                    int64_t hd, float scale, float* scores, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    __m256 acc[H];
+    for (int h = 0; h < H; ++h) acc[h] = _mm256_setzero_ps();
+    const float* kj = k + j * hd;
+    for (int64_t c = 0; c < hd; c += 8) {
+      const __m256 kv = _mm256_loadu_ps(kj + c);
+      for (int h = 0; h < H; ++h) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * hd + c), kv, acc[h]);
+    }
+    for (int h = 0; h < H; ++h) scores[h * n + j] = hsum_ps(acc[h]) * scale;
+  }
+  float inv[H];
+  for (int h = 0; h < H; ++h) {
+    float* s = scores + h * n;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+    inv[h] = 1.0f / softmax_numerators_avx2(s, n, mx);
+  }
+  for (int h = 0; h < H; ++h) {
+    int64_t c = 0;
+    for (; c + 64 <= hd; c += 64) weighted_rows_avx2<8>(scores + h * n, v + c, n, hd, inv[h], out + h * hd + c);
+    for (; c < hd; c += 8) weighted_rows_avx2<1>(scores + h * n, v + c, n, hd, inv[h], out + h * hd + c);
+  }
+}
+
+void attend_scalar(const float* q, const float* k, const float* v, int64_t n, int64_t hd, float scale, float* s,
+                   float* out) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = dot_scalar(q, k + j * hd, hd) * scale;
+    mx = std::max(mx, s[j]);
+  }
+  float total = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    total += s[j];
+  }
+  std::fill_n(out, hd, 0.0f);
+  for (int64_t j = 0; j < n; ++j) axpy_scalar(s[j], v + j * hd, out, hd);
+  const float inv = 1.0f / total;
+  for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
+}
+
+// `heads` (1 to 4) consecutive query heads sharing one key/value head.
+void attend_heads(const FloatOps& f, const float* q, const float* k, const float* v, int64_t n, int64_t hd,
+                  int64_t heads, float scale, float* scores, float* out) {
+  if (f.avx2 && hd % 8 == 0) {
+    switch (heads) {
+      case 1:
+        return attend_avx2<1>(q, k, v, n, hd, scale, scores, out);
+      case 2:
+        return attend_avx2<2>(q, k, v, n, hd, scale, scores, out);
+      case 3:
+        return attend_avx2<3>(q, k, v, n, hd, scale, scores, out);
+      default:
+        return attend_avx2<4>(q, k, v, n, hd, scale, scores, out);
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h) attend_scalar(q + h * hd, k, v, n, hd, scale, scores, out + h * hd);
+}
+
 // ---------------------------------------------------------------- projections
 
 // int8 activations of `rows` rows of width k (already normed), shared by every projection
@@ -255,33 +378,24 @@ at::Tensor ternary_decode_layer_cpu(const at::Tensor& x, const at::Tensor& posit
     }
   }
 
-  // Attention of each (row, head) over the row's slots 0 .. position: softmax(q k^T / sqrt(hd)) v.
+  // Attention of each row over its slots 0 .. position: softmax(q k^T / sqrt(hd)) v, the
+  // query heads that share a key/value head taken together (each key and value row read once
+  // for them). Tasks: (row, kv head, chunk of up to 4 query heads); chunks of 2 when there
+  // would be too few tasks to share between the threads.
   std::vector<float> attn(batch * dim);
   const int64_t group = n_heads / kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  at::parallel_for(0, batch * n_heads, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t chunk = (group % 2 == 0 && batch * kv_heads < 4 * at::get_num_threads()) ? 2 : std::min<int64_t>(group, 4);
+  const int64_t chunks = (group + chunk - 1) / chunk;
+  at::parallel_for(0, batch * kv_heads * chunks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / n_heads, head = t % n_heads, g = head / group, n = pos_p[b] + 1;
-      const float* qh = &q[b * dim + head * hd];
-      const float* kh = kc + (b * kv_heads + g) * slots * hd;
-      const float* vh = vc + (b * kv_heads + g) * slots * hd;
-      scores.resize(n);
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < n; ++j) {
-        scores[j] = f.dot(qh, kh + j * hd, hd) * scale;
-        mx = std::max(mx, scores[j]);
-      }
-      float total = 0.0f;
-      for (int64_t j = 0; j < n; ++j) {
-        scores[j] = std::exp(scores[j] - mx);
-        total += scores[j];
-      }
-      float* o = &attn[b * dim + head * hd];
-      std::fill_n(o, hd, 0.0f);
-      for (int64_t j = 0; j < n; ++j) f.axpy(scores[j], vh + j * hd, o, hd);
-      const float inv = 1.0f / total;
-      for (int64_t i = 0; i < hd; ++i) o[i] *= inv;
+      const int64_t b = t / (kv_heads * chunks), g = (t / chunks) % kv_heads, c = t % chunks;
+      const int64_t h0 = g * group + c * chunk, heads = std::min(chunk, (g + 1) * group - h0);
+      const int64_t n = pos_p[b] + 1;
+      scores.resize(heads * n);
+      attend_heads(f, &q[b * dim + h0 * hd], kc + (b * kv_heads + g) * slots * hd,
+                   vc + (b * kv_heads + g) * slots * hd, n, hd, heads, scale, scores.data(), &attn[b * dim + h0 * hd]);
     }
   });
   if (attn_sub.has_value())
