@@ -240,6 +240,25 @@ def test_generate_fused_equals_eager_and_no_cache_argmax(activation):
 
 
 @pytest.mark.skipif(not HAS_EXTENSION, reason="the fused step needs the C++ extension")
+def test_generate_fused_llama_shaped_ternary_model():
+    """No sub-norms, swiglu: the FFN is a FusedFFN(quant="ternary"), which the plan takes too."""
+    torch.manual_seed(1)
+    cfg = TransformerLMConfig(
+        vocab_size=300, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden=256, max_len=64,
+        activation="swiglu", pos_emb="rope", norm="rmsnorm",
+    )  # fmt: skip
+    model = TransformerLM(cfg)
+    accelops.convert(model, "ternary")
+    model.eval()
+    assert type(model.blocks[0].ffn).__name__ == "FusedFFN"
+    assert fused_decode_plan(model)[0] is not None
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    assert torch.equal(
+        model.generate(prompts, 12, temperature=0, fused=True), model.generate(prompts, 12, temperature=0, fused=False)
+    )
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the fused step needs the C++ extension")
 def test_generate_fused_sampling_is_seeded():
     model = _model()
     a = model.generate([[1, 2, 3]], 10, temperature=0.8, top_p=0.9, seed=3, fused=True)

@@ -253,6 +253,7 @@ def fused_decode_plan(model):
     `model` can run fused, else (None, the reason). Read from the model's modules as they are
     now (call again after changing the model)."""
     from ..nn import TernaryLinear
+    from ..nn.ffn import FusedFFN
     from ..ops import _backend
     from .layers import UnfusedFFN
     from .transformer import CausalSelfAttention, TransformerLM
@@ -274,8 +275,11 @@ def fused_decode_plan(model):
     for i, block in enumerate(model.blocks):
         attn, ffn = block.attn, block.ffn
         where = f"blocks[{i}]"
-        if type(attn) is not CausalSelfAttention or not isinstance(ffn, UnfusedFFN) or ffn.activation != cfg.activation:
-            return None, f"{where} is not a causal attention and an unfused {cfg.activation} FFN"
+        # UnfusedFFN (relu2, or any FFN with BitNet's sub-norm) or FusedFFN(quant="ternary")
+        # (a Llama-shaped swiglu FFN without one): the same three projections either way
+        ffn_ok = isinstance(ffn, UnfusedFFN) or (isinstance(ffn, FusedFFN) and ffn.quant == "ternary")
+        if type(attn) is not CausalSelfAttention or not ffn_ok or ffn.activation != cfg.activation:
+            return None, f"{where} is not a causal attention and a ternary {cfg.activation} FFN"
         linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, ffn.gate_proj, ffn.up_proj, ffn.down_proj]
         for lin in linears:
             if type(lin) is not TernaryLinear or lin.format != "i2":
@@ -285,7 +289,7 @@ def fused_decode_plan(model):
                 )
             if lin.bias is not None and lin.bias.dtype != torch.float32:
                 return None, f"{where} has a {lin.bias.dtype} bias (fp32 only)"
-        norms = [block.norm1, attn.attn_sub_norm, block.norm2, ffn.ffn_sub_norm]
+        norms = [block.norm1, attn.attn_sub_norm, block.norm2, getattr(ffn, "ffn_sub_norm", None)]
         for j, norm in enumerate(norms):
             if norm is None and j in (1, 3):
                 continue
