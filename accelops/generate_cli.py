@@ -83,6 +83,13 @@ def run_args(args, out=None, err=None) -> int:
         out.write(vocab.decode(step_tokens))
         out.flush()
 
+    if args.compile:
+        step = "torch.compile"
+    else:
+        from .models.generate import fused_decode_plan
+
+        plan, _ = fused_decode_plan(model)
+        step = "fused C++ op (ternary_decode_layer)" if plan is not None else "eager modules"
     start = time.perf_counter()
     new = model.generate(
         ids,
@@ -99,7 +106,7 @@ def run_args(args, out=None, err=None) -> int:
     n = new.shape[1]
     print(
         f"{n} tokens in {seconds:.3f} s: {n / seconds:.1f} tokens/s (prompt of {ids.numel()} tokens included in "
-        "the time)",
+        f"the time); decode step: {step}",
         file=err,
     )
     return 0

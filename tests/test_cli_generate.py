@@ -78,6 +78,7 @@ def test_greedy_continues_the_cycle(ckpt):
     expected = (CYCLE * 4)[len("quant b") :][:20]
     assert proc.stdout == "quant b" + expected + "\n"
     assert "20 tokens in" in proc.stderr and "tokens/s" in proc.stderr
+    assert "decode step: eager modules" in proc.stderr  # layernorm, learned positions: not the fused op
     # the same as the API on the same checkpoint
     model, vocab = load_model(ckpt)
     assert vocab.decode(model.generate(vocab.encode("quant b"), 20, temperature=0)[0]) == expected
@@ -118,7 +119,9 @@ def test_compile_gives_the_eager_tokens(ckpt, capsys):
     assert main([*args, "--compile"]) == 0
     compiled = capsys.readouterr()
     assert compiled.out == eager.out == "quant b" + (CYCLE * 4)[len("quant b") :][:20] + "\n"
-    assert "20 tokens in" in compiled.err and "tokens/s" in compiled.err
+    assert (
+        "20 tokens in" in compiled.err and "tokens/s" in compiled.err and "decode step: torch.compile" in compiled.err
+    )
 
 
 def test_user_errors_are_one_line(ckpt, tmp_path):
