@@ -564,12 +564,15 @@ AO_OPT_AVX512 void quantize_fit_avx512(const QTable& q, const float* x, int64_t 
       const __mmask16 k = left <= 0 ? __mmask16(0) : tail_mask(left);
       xv[j] = _mm512_div_ps(_mm512_maskz_loadu_ps(k, x + i0 + 16 * j), vdiv);
       const __m512i u = _mm512_castps_si512(xv[j]);
-      const __m512 a = Unsigned ? _mm512_max_ps(xv[j], _mm512_setzero_ps()) : _mm512_castsi512_ps(_mm512_and_si512(u, absmask));
+      const __m512 a = Unsigned ? _mm512_max_ps(xv[j], _mm512_setzero_ps())
+                                : _mm512_castsi512_ps(_mm512_and_si512(u, absmask));
       const __m512i ab = _mm512_castps_si512(a);
       // the octave index: vpermt2ps reads the low 5 bits of the biased exponent, 96-127 -> 0-31
       const __m512i idx = _mm512_max_epi32(_mm512_srli_epi32(ab, 23), e96);
-      const __m512 y1 = _mm512_fmadd_ps(a, _mm512_permutex2var_ps(a1l, idx, a1h), _mm512_permutex2var_ps(c1l, idx, c1h));
-      const __m512 y2 = _mm512_fmadd_ps(a, _mm512_permutex2var_ps(a2l, idx, a2h), _mm512_permutex2var_ps(c2l, idx, c2h));
+      const __m512 y1 =
+          _mm512_fmadd_ps(a, _mm512_permutex2var_ps(a1l, idx, a1h), _mm512_permutex2var_ps(c1l, idx, c1h));
+      const __m512 y2 =
+          _mm512_fmadd_ps(a, _mm512_permutex2var_ps(a2l, idx, a2h), _mm512_permutex2var_ps(c2l, idx, c2h));
       // a NaN x makes y NaN, h 0x80000000 and g negative: g clamps to 0 below and NaN > t_0
       // is false, so NaN gets code 0 with no test of its own
       const __m512i h = _mm512_cvtps_epi32(_mm512_min_ps(y1, y2));
