@@ -307,6 +307,45 @@ def test_unsigned_codes_hypothesis(monkeypatch, backend_name, vals, absmax):
     assert_same(got, want, "param")
 
 
+_OTHER_MAPS = {
+    # evenly spaced: one line an octave fits everywhere
+    "linear": torch.linspace(-1, 1, 256),
+    # starts at 0: the AVX-512 search's unsigned variant
+    "linear unsigned": torch.linspace(0, 1, 256),
+    # dense near 0, sparse near +-1
+    "cubic": torch.linspace(-1, 1, 256) ** 3,
+    # the signed dynamic map at half scale: its decade bends move to other octaves
+    "dynamic / 2": R.signed_map() * 0.5,
+    # values beyond +-1: the AVX-512 search rejects it (it assumes a map inside [-1, 1])
+    "wide": torch.linspace(-2, 2, 256),
+}
+
+
+@pytest.mark.parametrize("backend_name", [b for b in KERNEL_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("map_name", list(_OTHER_MAPS))
+@given(data=st.data())
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+def test_other_maps_codes_hypothesis(monkeypatch, backend_name, map_name, data):
+    """The C++ op takes any strictly increasing map: ones the AVX-512 search can fit use it,
+    the rest keep the table; both give the reference's codes. SGD's first step with lr = 0
+    stores quantize(grad) with the op's map (absmax 1 in every block)."""
+    _use(monkeypatch, backend_name)
+    qmap = _OTHER_MAPS[map_name].to(torch.float32).contiguous()
+    vals = data.draw(st.lists(st.one_of(_UNIT_FLOAT, _near_thresholds(qmap)), min_size=1, max_size=600))
+    v = torch.tensor(vals, dtype=torch.float32)
+    g = torch.cat([torch.cat([torch.ones(1), b, torch.zeros(255 - b.numel())]) for b in v.split(255)])
+    p = torch.zeros_like(g)
+    c, a = O.new_state(p)
+    torch.ops.accelops.sgd8bit_step_(p, g, c, a, qmap, 0.0, 0.9, 0.0, 0.0, False, True, 256)
+    want_c, want_a = R.quantize_blockwise(g, qmap)
+    assert_same(c, want_c, "codes")
+    assert_same(a, want_a, "absmax")
+
+
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 def test_special_values_match_reference(monkeypatch, backend_name):
     """Infinities, subnormals, signed zeros and huge values in the gradient, in blocks of every
