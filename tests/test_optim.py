@@ -240,6 +240,112 @@ def test_unsigned_quantization_edges_exact(monkeypatch, backend_name):
     assert_same(got, want, "param")
 
 
+def _float_bits_in(lo_bits: int, hi_bits: int):
+    """Floats drawn uniformly over their bit patterns (every exponent equally likely)."""
+    return st.integers(lo_bits, hi_bits).map(lambda b: float(torch.tensor(b, dtype=torch.int32).view(torch.float32)))
+
+
+def _near_thresholds(qmap: torch.Tensor):
+    """A threshold of the map moved by -3..3 ulps, with either sign."""
+    t = R.thresholds(qmap)
+
+    def move(i, k, neg):
+        x = t[i : i + 1]
+        for _ in range(abs(k)):
+            x = torch.nextafter(x, torch.tensor(float("inf") if k > 0 else -float("inf")))
+        return float(-x if neg else x)
+
+    return st.builds(move, st.integers(0, 254), st.integers(-3, 3), st.booleans())
+
+
+# |x| <= 1 as bit patterns: 0x3F800000 is 1.0; the sign is drawn apart
+_UNIT_FLOAT = st.builds(lambda x, neg: -x if neg else x, _float_bits_in(0, 0x3F800000), st.booleans())
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@given(vals=st.lists(st.one_of(_UNIT_FLOAT, _near_thresholds(R.signed_map())), min_size=1, max_size=600))
+@HYP
+def test_signed_codes_hypothesis(monkeypatch, backend_name, vals):
+    """The code search (the AVX-512 path's fitted guess plus one compare, the others' table)
+    against the reference's nearest code with ties down, on values spread over every exponent
+    and within a few ulps of the thresholds: SGD's first step with lr=0 stores quantize(grad),
+    and each block of 255 starts with 1.0 so its absmax is 1 and x is the value itself."""
+    _use(monkeypatch, backend_name)
+    v = torch.tensor(vals, dtype=torch.float32)
+    blocks = v.split(255)
+    g = torch.cat([torch.cat([torch.ones(1), b, torch.zeros(255 - b.numel())]) for b in blocks])
+    p = torch.zeros_like(g)
+    c, a = O.new_state(p)
+    ops.sgd8bit_step_(p, g, c, a, lr=0.0, momentum=0.9, first=True)
+    want_c, want_a = R.quantize_blockwise(g, R.signed_map())
+    assert_same(c, want_c, "codes")
+    assert_same(a, want_a, "absmax")
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@given(
+    vals=st.lists(st.one_of(_UNIT_FLOAT, _near_thresholds(R.unsigned_map())), min_size=1, max_size=600),
+    absmax=st.sampled_from([1.0, 3.0, 1e-20, 7e30]),
+)
+@HYP
+def test_unsigned_codes_hypothesis(monkeypatch, backend_name, vals, absmax):
+    """The same for the unsigned map (second moment): AdamW with beta2 = 0 stores
+    quantize(g * g), so g = sqrt(|value|) * sqrt(absmax), with each block's absmax pinned by a
+    first element sqrt(absmax) (the division then has real work to do)."""
+    _use(monkeypatch, backend_name)
+    scale = torch.tensor(absmax, dtype=torch.float64).sqrt()
+    v = (torch.tensor(vals, dtype=torch.float64).abs().sqrt() * scale).to(torch.float32)
+    blocks = v.split(255)
+    g = torch.cat([torch.cat([scale.to(torch.float32).view(1), b, torch.zeros(255 - b.numel())]) for b in blocks])
+    states = [O.new_state(g) + O.new_state(g) for _ in range(2)]
+    got, want = torch.zeros_like(g), torch.zeros_like(g)
+    ops.adamw8bit_step_(got, g, *states[0], lr=1e-3, beta1=0.0, beta2=0.0, eps=1e-8, weight_decay=0.0, step=1)
+    s = R.adamw_scalars(1e-3, 0.0, 0.0, 1e-8, 0.0, 1)
+    R.adamw8bit_step_(want, g, *states[1], R.signed_map(), R.unsigned_map(), s, 256)
+    for name, x, y in zip(("m_codes", "m_absmax", "v_codes", "v_absmax"), states[0], states[1]):
+        assert_same(x, y, name)
+    assert_same(got, want, "param")
+
+
+_OTHER_MAPS = {
+    # evenly spaced: one line an octave fits everywhere
+    "linear": torch.linspace(-1, 1, 256),
+    # starts at 0: the AVX-512 search's unsigned variant
+    "linear unsigned": torch.linspace(0, 1, 256),
+    # dense near 0, sparse near +-1
+    "cubic": torch.linspace(-1, 1, 256) ** 3,
+    # the signed dynamic map at half scale: its decade bends move to other octaves
+    "dynamic / 2": R.signed_map() * 0.5,
+    # values beyond +-1: the AVX-512 search rejects it (it assumes a map inside [-1, 1])
+    "wide": torch.linspace(-2, 2, 256),
+}
+
+
+@pytest.mark.parametrize("backend_name", [b for b in KERNEL_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("map_name", list(_OTHER_MAPS))
+@given(data=st.data())
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+def test_other_maps_codes_hypothesis(monkeypatch, backend_name, map_name, data):
+    """The C++ op takes any strictly increasing map: ones the AVX-512 search can fit use it,
+    the rest keep the table; both give the reference's codes. SGD's first step with lr = 0
+    stores quantize(grad) with the op's map (absmax 1 in every block)."""
+    _use(monkeypatch, backend_name)
+    qmap = _OTHER_MAPS[map_name].to(torch.float32).contiguous()
+    vals = data.draw(st.lists(st.one_of(_UNIT_FLOAT, _near_thresholds(qmap)), min_size=1, max_size=600))
+    v = torch.tensor(vals, dtype=torch.float32)
+    g = torch.cat([torch.cat([torch.ones(1), b, torch.zeros(255 - b.numel())]) for b in v.split(255)])
+    p = torch.zeros_like(g)
+    c, a = O.new_state(p)
+    torch.ops.accelops.sgd8bit_step_(p, g, c, a, qmap, 0.0, 0.9, 0.0, 0.0, False, True, 256)
+    want_c, want_a = R.quantize_blockwise(g, qmap)
+    assert_same(c, want_c, "codes")
+    assert_same(a, want_a, "absmax")
+
+
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 def test_special_values_match_reference(monkeypatch, backend_name):
     """Infinities, subnormals, signed zeros and huge values in the gradient, in blocks of every

@@ -10,9 +10,24 @@
 // key holds the whole answer: lo = #{t_i < smallest float of the range} and the low 16 bits of
 // the one threshold inside the range (0xFFFF when there is none), and
 //     code = lo + (low16(x) > entry's low16)      (bits flipped for negative x)
-// One table read per element (an AVX2/AVX-512 gather) instead of two (the key's lo, then
-// t_lo). The table is built once per map and checked at build time (a map that breaks the
-// property is rejected).
+// One table read per element (an AVX2 gather) instead of two (the key's lo, then t_lo). The
+// table is built once per map and checked at build time (a map that breaks the property is
+// rejected).
+//
+// The AVX-512 path finds the code without any memory gather (a zmm gather costs about as much
+// as 20 other zmm instructions on Zen 4): within one binary octave of |x| the thresholds of a
+// dynamic map are nearly evenly spaced (a decade's codes are linear), so a line
+// h = round(A * |x| + C) per octave (two lines and their min where a decade boundary bends
+// the spacing inside the octave) lands within one code of the answer, and one exact compare
+// with the threshold there settles it:
+//     g = Z + h (x >= 0) or Zn - h (x < 0), clamped to [0, 255];  code = g + (x > t_g)
+// The 32 octaves' lines sit in zmm registers (vpermt2ps by the exponent) and t_g is looked up
+// as four byte planes with vpermi2b, 64 codes at a time. The lines are fitted when the table is
+// built and then checked exactly, not trusted: g and code are both monotone in |x| inside one
+// octave, so "code is g or g + 1" holds for every x in [-1, 1] once it holds at both ends of
+// every run of equal codes (each threshold, its float neighbours, the octave ends). Maps that
+// cannot be fitted (none of the built-in two) keep the gather. The search needs |x| <= 1, true
+// whenever the block absmax is not NaN (x = value / absmax); NaN blocks take the gather.
 //
 // Blocks are independent, so the work is split over whole blocks (at::parallel_for); each
 // block is done in two passes over a per-task buffer of block_size floats that stays in L1:
@@ -52,6 +67,16 @@ struct QTable {
   // byte k of every map value (planes[k][code]): the AVX-512 path looks codes up in registers
   // (vpermi2b over 4 x 64 bytes per plane) instead of gathering fp32 values
   alignas(64) uint8_t planes[4][256];
+  // the AVX-512 code search (header comment): per octave index (see fit_guess) two lines
+  // a1 * |x| + c1 and a2 * |x| + c2, the offsets Z and Zn, and the byte planes of t
+  bool fit_ok = false;
+  bool fit_unsigned = false;  // map[0] = 0 (so Z = 0): negative x needs no mirror (see quantize_fit_avx512)
+  alignas(64) float a1[32];
+  alignas(64) float c1[32];
+  alignas(64) float a2[32];
+  alignas(64) float c2[32];
+  int32_t z = 0, zn = 0;
+  alignas(64) uint8_t tplanes[4][256];
 };
 
 uint32_t float_bits(float f) {
@@ -70,6 +95,144 @@ int count_below(const float* t, float x) {  // #{i < 255 : t_i < x}
   int c = 0;
   for (int i = 0; i < 255; ++i) c += t[i] < x;
   return c;
+}
+
+
+// #{i < 255 : t_i < x} by bisection (x not NaN)
+int code_of(const float* t, float x) { return int(std::lower_bound(t, t + 255, x) - t); }
+
+// The AVX-512 search's first guess, as the vector code computes it (x in [-1, 1], not NaN):
+// octave index 0-31 from |x|'s biased exponent (96 -> 0: everything below 2^-30 shares index
+// 0, far below the smallest threshold; 127 -> 31 is |x| = 1), the min of two lines rounded to
+// nearest even (vcvtps2dq), then mirrored for negative x. Not clamped above: the fit check
+// requires g <= 255.
+int fit_guess(const QTable& q, float x) {
+  const uint32_t u = float_bits(x), ab = u & 0x7FFFFFFFu;
+  const float a = bits_float(ab);
+  const int idx = std::max(int(ab >> 23) - 96, 0);
+  const float y = std::min(std::fma(a, q.a1[idx], q.c1[idx]), std::fma(a, q.a2[idx], q.c2[idx]));
+  const int h = int(std::nearbyint(y));
+  return std::max((u >> 31) ? q.zn - h : q.z + h, 0);
+}
+
+// One constraint of the line fit: at |x| = p, round(y) must lie in [lo, hi] (+-inf: unbounded).
+struct FitPoint {
+  double p, lo, hi;
+};
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// The h values allowed at |x| = a so that both x = a and x = -a get code g or g + 1
+// (g = clamp(Z + h) and clamp(Zn - h)); false when no h works.
+bool allowed_h(const float* t, int z, int zn, float a, double& lo, double& hi) {
+  const int cp = code_of(t, a), cn = code_of(t, -a);
+  double lp = cp - 1 - z, hp = cp - z;
+  if (cp == 255) hp = kInf;
+  if (cp == 0) lp = -kInf, hp = -z;
+  double ln = zn - cn, hn = zn - cn + 1;
+  if (cn == 0) ln = zn, hn = kInf;
+  if (cn == 255) ln = -kInf, hn = zn - 254;
+  lo = std::max(lp, ln);
+  hi = std::min(hp, hn);
+  return lo <= hi;
+}
+
+// For slope a: the widest band of intercepts c with lo - 0.5 <= a * p + c <= hi + 0.5 at every
+// point; returns its width (negative: none) and its middle in c.
+double fit_margin(const std::vector<FitPoint>& pts, double a, double& c) {
+  double cmax = kInf, cmin = -kInf;
+  for (const FitPoint& f : pts) {
+    if (f.hi != kInf) cmax = std::min(cmax, f.hi + 0.5 - a * f.p);
+    if (f.lo != -kInf) cmin = std::max(cmin, f.lo - 0.5 - a * f.p);
+  }
+  if (cmax == kInf || cmin == -kInf) {
+    c = cmax == kInf ? (cmin == -kInf ? 0.0 : cmin + 1) : cmax - 1;
+    return 1e9;
+  }
+  c = 0.5 * (cmin + cmax);
+  return cmax - cmin;
+}
+
+// The line with the widest margin (a concave function of the slope: ternary search).
+double fit_line(const std::vector<FitPoint>& pts, double& a, double& c) {
+  a = 0, c = 0;
+  if (pts.empty()) return 1e9;
+  double pmin = kInf, pmax = -kInf, hmin = kInf, hmax = -kInf;
+  for (const FitPoint& f : pts) {
+    pmin = std::min(pmin, f.p), pmax = std::max(pmax, f.p);
+    for (double h : {f.lo, f.hi})
+      if (std::isfinite(h)) hmin = std::min(hmin, h), hmax = std::max(hmax, h);
+  }
+  double lo = 0, hi = (hmax > hmin && pmax > pmin) ? 4 * (hmax - hmin + 2) / (pmax - pmin) : 1.0;
+  for (int it = 0; it < 100; ++it) {
+    const double m1 = lo + (hi - lo) / 3, m2 = hi - (hi - lo) / 3;
+    if (fit_margin(pts, m1, c) < fit_margin(pts, m2, c)) lo = m1;
+    else hi = m2;
+  }
+  a = 0.5 * (lo + hi);
+  return fit_margin(pts, a, c);
+}
+
+// Fits the lines of every octave and checks them (header comment); leaves q.fit_ok false when
+// the map cannot be handled this way.
+void build_fit(QTable& q) {
+  q.fit_ok = false;
+  if (!(q.map[0] >= -1.f && q.map[255] <= 1.f)) return;  // the search clamps nothing: |x| <= 1
+  for (int i = 0; i < 256; ++i)
+    for (int k = 0; k < 4; ++k) q.tplanes[k][i] = uint8_t(float_bits(q.t[i]) >> (8 * k));
+  const int z = code_of(q.t, 0.f);
+  auto next = [](float a) { return std::nextafter(a, 2.f); };
+  auto prev = [](float a) { return std::nextafter(a, -1.f); };
+  for (int zn : {z, z + 1, z - 1}) {
+    q.z = z, q.zn = zn;
+    bool ok = true;
+    for (int idx = 0; idx < 32 && ok; ++idx) {
+      const float s0 = idx == 0 ? 0.f : std::ldexp(1.f, idx - 31);
+      const float s1 = idx == 31 ? 1.f : prev(std::ldexp(1.f, idx - 30));
+      // where a code of x or -x can change inside [s0, s1], and the ends
+      std::vector<float> at{s0, s1};
+      for (int i = 0; i < 255; ++i) {
+        const float m = std::fabs(q.t[i]);
+        for (float p : {m, prev(m), next(m)})
+          if (p >= s0 && p <= s1) at.push_back(p);
+      }
+      std::sort(at.begin(), at.end());
+      at.erase(std::unique(at.begin(), at.end()), at.end());
+      std::vector<FitPoint> pts;
+      for (float p : at) {
+        FitPoint f{p, 0, 0};
+        ok = ok && allowed_h(q.t, z, zn, p, f.lo, f.hi);
+        pts.push_back(f);
+      }
+      if (!ok) break;
+      auto check = [&](double a1, double c1, double a2, double c2) {
+        q.a1[idx] = float(a1), q.c1[idx] = float(c1), q.a2[idx] = float(a2), q.c2[idx] = float(c2);
+        for (float p : at)
+          for (float x : {p, -p}) {
+            const int g = fit_guess(q, x), c = code_of(q.t, x);
+            if (g > 255 || (c != g && c != g + 1)) return false;
+          }
+        return true;
+      };
+      double a, c;
+      if (fit_line(pts, a, c) > 0.05 && check(a, c, a, c)) continue;
+      // two lines, split at one of the points: the min of them follows the lower piece, then
+      // the upper one (the spacing widens going up a decade, so the pieces meet concavely)
+      double best = 0, b1 = 0, b2 = 0, b3 = 0, b4 = 0;
+      for (size_t j = 1; j < pts.size(); ++j) {
+        const std::vector<FitPoint> below(pts.begin(), pts.begin() + j), above(pts.begin() + j, pts.end());
+        double la, lc, ua, uc;
+        const double m = std::min(fit_line(below, la, lc), fit_line(above, ua, uc));
+        if (m > std::max(best, 0.05) && check(la, lc, ua, uc)) best = m, b1 = la, b2 = lc, b3 = ua, b4 = uc;
+      }
+      ok = best > 0 && check(b1, b2, b3, b4);
+    }
+    if (ok) {
+      q.fit_ok = true;
+      q.fit_unsigned = q.map[0] == 0.f && z == 0;
+      return;
+    }
+  }
 }
 
 std::unique_ptr<QTable> build_table(const float* map) {
@@ -102,6 +265,7 @@ std::unique_ptr<QTable> build_table(const float* map) {
     }
     q->lut[key] = uint32_t(lo) | (thr << 16);  // NaN keys: the kernels force NaN x to code 0
   }
+  build_fit(*q);
   return q;
 }
 
@@ -340,18 +504,19 @@ AO_OPT_AVX512 inline __m512i load_codes64(const uint8_t* c, int64_t left) {
   return _mm512_maskz_loadu_epi8(left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1, c);
 }
 
-AO_OPT_AVX512 inline void absmax16(__m512 x, __mmask16 k, __m512& amax, __mmask16& nan) {
-  const __m512 a = _mm512_abs_ps(x);
-  nan |= _mm512_mask_cmp_ps_mask(k, a, a, _CMP_UNORD_Q);
-  amax = _mm512_mask_max_ps(amax, k, amax, a);  // a NaN lane is caught by `nan`
+// NaN-sticky absmax as an unsigned max of |x|'s bits: every NaN pattern is above +inf, which
+// is above every finite magnitude, so one integer max per vector keeps both the max and any NaN
+// (a float max would drop NaN lanes, and a separate NaN test costs two more instructions).
+AO_OPT_AVX512 inline void absmax16(__m512 x, __mmask16 k, __m512i& amax) {
+  const __m512i ab = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
+  amax = _mm512_mask_max_epu32(amax, k, amax, ab);
 }
 
-AO_OPT_AVX512 inline void absmax16_finish(__m512 amax, __mmask16 nan, AbsMax& out) {
-  if (nan) out.nan = true;
-  else out.add(_mm512_reduce_max_ps(amax));
+AO_OPT_AVX512 inline void absmax16_finish(__m512i amax, AbsMax& out) {
+  out.add(bits_float(uint32_t(_mm512_reduce_max_epu32(amax))));  // AbsMax::add keeps a NaN
 }
 
-AO_OPT_AVX512 void quantize_range_avx512(const QTable& q, const float* x, int64_t n, float div, uint8_t* codes) {
+AO_OPT_AVX512 void quantize_gather_avx512(const QTable& q, const float* x, int64_t n, float div, uint8_t* codes) {
   const __m512 vdiv = _mm512_set1_ps(div);
   const __m512i byte = _mm512_set1_epi32(0xFF), low16 = _mm512_set1_epi32(0xFFFF), one = _mm512_set1_epi32(1);
   for (int64_t i = 0; i < n; i += 16) {
@@ -368,6 +533,83 @@ AO_OPT_AVX512 void quantize_range_avx512(const QTable& q, const float* x, int64_
   }
 }
 
+// The gather-free search (header comment), 64 codes a round. Needs every x / div in [-1, 1] or
+// NaN (the block absmax not NaN). Unsigned: the map starts at 0, so every threshold is > 0 and
+// any x <= 0 (or NaN) has code 0; the search then takes max(x, +0) (NaN -> +0) instead of |x|
+// and the sign: g is the guess at +0, which the fit check holds at 0 (code 0), and
+// x > t_0 is false, so code 0 again, with three fewer instructions for each 16 values.
+template <bool Unsigned>
+AO_OPT_AVX512 void quantize_fit_avx512(const QTable& q, const float* x, int64_t n, float div, uint8_t* codes) {
+  // the saturating packs below leave the 4 x 16 dwords as a 4 x 4 transpose of 4-byte groups:
+  // the order the byte-plane lookup wants (see dequant64); this puts the codes back in order
+  static const struct Order {
+    alignas(64) int32_t idx[16];
+    Order() {
+      for (int k = 0; k < 4; ++k)
+        for (int lane = 0; lane < 4; ++lane) idx[4 * k + lane] = 4 * lane + k;
+    }
+  } order;
+  const __m512 vdiv = _mm512_set1_ps(div);
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF), e96 = _mm512_set1_epi32(96),
+                zero = _mm512_setzero_si512(), vz = _mm512_set1_epi32(q.z), vzn = _mm512_set1_epi32(q.zn),
+                one8 = _mm512_set1_epi8(1), vorder = _mm512_load_si512(order.idx);
+  const __m512 a1l = _mm512_load_ps(q.a1), a1h = _mm512_load_ps(q.a1 + 16), c1l = _mm512_load_ps(q.c1),
+               c1h = _mm512_load_ps(q.c1 + 16), a2l = _mm512_load_ps(q.a2), a2h = _mm512_load_ps(q.a2 + 16),
+               c2l = _mm512_load_ps(q.c2), c2h = _mm512_load_ps(q.c2 + 16);
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    __m512 xv[4];
+    __m512i g[4];
+    for (int j = 0; j < 4; ++j) {
+      const int64_t left = n - i0 - 16 * j;
+      const __mmask16 k = left <= 0 ? __mmask16(0) : tail_mask(left);
+      xv[j] = _mm512_div_ps(_mm512_maskz_loadu_ps(k, x + i0 + 16 * j), vdiv);
+      const __m512i u = _mm512_castps_si512(xv[j]);
+      const __m512 a = Unsigned ? _mm512_max_ps(xv[j], _mm512_setzero_ps())
+                                : _mm512_castsi512_ps(_mm512_and_si512(u, absmask));
+      const __m512i ab = _mm512_castps_si512(a);
+      // the octave index: vpermt2ps reads the low 5 bits of the biased exponent, 96-127 -> 0-31
+      const __m512i idx = _mm512_max_epi32(_mm512_srli_epi32(ab, 23), e96);
+      const __m512 y1 =
+          _mm512_fmadd_ps(a, _mm512_permutex2var_ps(a1l, idx, a1h), _mm512_permutex2var_ps(c1l, idx, c1h));
+      const __m512 y2 =
+          _mm512_fmadd_ps(a, _mm512_permutex2var_ps(a2l, idx, a2h), _mm512_permutex2var_ps(c2l, idx, c2h));
+      // a NaN x makes y NaN, h 0x80000000 and g negative: g clamps to 0 below and NaN > t_0
+      // is false, so NaN gets code 0 with no test of its own
+      const __m512i h = _mm512_cvtps_epi32(_mm512_min_ps(y1, y2));
+      g[j] = Unsigned ? h : _mm512_mask_sub_epi32(_mm512_add_epi32(h, vz), _mm512_cmplt_epi32_mask(u, zero), vzn, h);
+    }
+    // unsigned saturation clamps g to [0, 255]
+    const __m512i gp = _mm512_packus_epi16(_mm512_packus_epi32(g[0], g[1]), _mm512_packus_epi32(g[2], g[3]));
+    const __mmask64 high = _mm512_movepi8_mask(gp);
+    __m512i b[4];
+    for (int k = 0; k < 4; ++k) {
+      const uint8_t* pl = q.tplanes[k];
+      const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(pl), gp, _mm512_load_si512(pl + 64));
+      const __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(pl + 128), gp, _mm512_load_si512(pl + 192));
+      b[k] = _mm512_mask_blend_epi8(high, lo, hi);
+    }
+    const __m512i w01l = _mm512_unpacklo_epi8(b[0], b[1]), w01h = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i w23l = _mm512_unpacklo_epi8(b[2], b[3]), w23h = _mm512_unpackhi_epi8(b[2], b[3]);
+    const __m512i tg[4] = {_mm512_unpacklo_epi16(w01l, w23l), _mm512_unpackhi_epi16(w01l, w23l),
+                           _mm512_unpacklo_epi16(w01h, w23h), _mm512_unpackhi_epi16(w01h, w23h)};
+    __mmask64 above = 0;  // x > t_g (false for NaN)
+    for (int j = 0; j < 4; ++j)
+      above |= __mmask64(_mm512_cmp_ps_mask(xv[j], _mm512_castsi512_ps(tg[j]), _CMP_GT_OQ)) << (16 * j);
+    const __m512i ge = _mm512_permutexvar_epi32(vorder, gp);
+    const __m512i code = _mm512_mask_add_epi8(ge, above, ge, one8);
+    const int64_t left = n - i0;
+    _mm512_mask_storeu_epi8(codes + i0, left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1, code);
+  }
+}
+
+// absmax_ok: the block's absmax is not NaN, so every x / div is in [-1, 1] or NaN
+AO_OPT_AVX512 void quantize_range_avx512(const QTable& q, const float* x, int64_t n, float div, bool absmax_ok,
+                                         uint8_t* codes) {
+  if (q.fit_ok && absmax_ok && q.fit_unsigned) quantize_fit_avx512<true>(q, x, n, div, codes);
+  else if (q.fit_ok && absmax_ok) quantize_fit_avx512<false>(q, x, n, div, codes);
+  else quantize_gather_avx512(q, x, n, div, codes);
+}
+
 AO_OPT_AVX512 void adamw_block_avx512(float* p, const float* g, int64_t n, const QTable& qm, const QTable& qv,
                                       const uint8_t* mc, const uint8_t* vc, float s1, float s2,
                                       const AdamScalars& s, float* mbuf, float* vbuf, AbsMax& a1, AbsMax& a2) {
@@ -375,8 +617,7 @@ AO_OPT_AVX512 void adamw_block_avx512(float* p, const float* g, int64_t n, const
   const __m512 b1 = _mm512_set1_ps(s.b1), c1 = _mm512_set1_ps(s.c1), b2 = _mm512_set1_ps(s.b2),
                c2 = _mm512_set1_ps(s.c2), decay = _mm512_set1_ps(s.decay), step = _mm512_set1_ps(s.step_size),
                bc2 = _mm512_set1_ps(s.bc2_sqrt), eps = _mm512_set1_ps(s.eps);
-  __m512 am1 = _mm512_setzero_ps(), am2 = _mm512_setzero_ps();
-  __mmask16 nan1 = 0, nan2 = 0;
+  __m512i am1 = _mm512_setzero_si512(), am2 = _mm512_setzero_si512();
   for (int64_t i0 = 0; i0 < n; i0 += 64) {
     __m512 mq[4], vq[4];
     dequant64(qm, load_codes64(mc + i0, n - i0), mq);
@@ -396,20 +637,19 @@ AO_OPT_AVX512 void adamw_block_avx512(float* p, const float* g, int64_t n, const
       _mm512_mask_storeu_ps(p + i, k, pv);
       _mm512_mask_storeu_ps(mbuf + i, k, m);
       _mm512_mask_storeu_ps(vbuf + i, k, v);
-      absmax16(m, k, am1, nan1);
-      absmax16(v, k, am2, nan2);
+      absmax16(m, k, am1);
+      absmax16(v, k, am2);
     }
   }
-  absmax16_finish(am1, nan1, a1);
-  absmax16_finish(am2, nan2, a2);
+  absmax16_finish(am1, a1);
+  absmax16_finish(am2, a2);
 }
 
 AO_OPT_AVX512 void sgd_block_avx512(float* p, const float* g, int64_t n, const QTable& q, const uint8_t* c, float s,
                                     const SgdScalars& k, float* buf, AbsMax& a) {
   const __m512 vs = _mm512_set1_ps(s), lr = _mm512_set1_ps(k.lr), mu = _mm512_set1_ps(k.mu),
                dc = _mm512_set1_ps(k.damp_c), wd = _mm512_set1_ps(k.wd);
-  __m512 am = _mm512_setzero_ps();
-  __mmask16 nan = 0;
+  __m512i am = _mm512_setzero_si512();
   for (int64_t i0 = 0; i0 < n; i0 += 64) {
     __m512 bq[4];
     if (!k.first) dequant64(q, load_codes64(c + i0, n - i0), bq);
@@ -425,10 +665,10 @@ AO_OPT_AVX512 void sgd_block_avx512(float* p, const float* g, int64_t n, const Q
       pv = _mm512_sub_ps(pv, _mm512_mul_ps(lr, d));
       _mm512_mask_storeu_ps(p + i, lanes, pv);
       _mm512_mask_storeu_ps(buf + i, lanes, b);
-      absmax16(b, lanes, am, nan);
+      absmax16(b, lanes, am);
     }
   }
-  absmax16_finish(am, nan, a);
+  absmax16_finish(am, a);
 }
 
 // ------------------------------------------------------------------ drivers
@@ -446,8 +686,10 @@ Path active_path() {
   }
 }
 
-void quantize_path(Path path, const QTable& q, const float* x, int64_t n, float div, uint8_t* codes) {
-  if (path == Path::Avx512) quantize_range_avx512(q, x, n, div, codes);
+// Requantizes a block of n values with its absmax (NaN-sticky, as AbsMax::get gives it).
+void quantize_path(Path path, const QTable& q, const float* x, int64_t n, float absmax, uint8_t* codes) {
+  const float div = divisor(absmax);
+  if (path == Path::Avx512) quantize_range_avx512(q, x, n, div, absmax == absmax, codes);
   else if (path == Path::Avx2) quantize_range_avx2(q, x, 0, n, div, codes);
   else quantize_range(q, x, 0, n, div, codes);
 }
@@ -511,8 +753,8 @@ void adamw_run(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
         adamw_step_range(p + off, g + off, 0, len, qm, qv, mc + off, vc + off, ma[b], va[b], s, mbuf.data(),
                          vbuf.data(), a1, a2);
       const float m_abs = a1.get(), v_abs = a2.get();
-      quantize_path(path, qm, mbuf.data(), len, divisor(m_abs), mc + off);
-      quantize_path(path, qv, vbuf.data(), len, divisor(v_abs), vc + off);
+      quantize_path(path, qm, mbuf.data(), len, m_abs, mc + off);
+      quantize_path(path, qv, vbuf.data(), len, v_abs, vc + off);
       ma[b] = m_abs;
       va[b] = v_abs;
     }
@@ -545,7 +787,7 @@ void sgd_run(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& 
       }
       if (!done) sgd_step_range(p + off, g + off, 0, len, q, c + off, a[b], k, buf.data(), am);
       const float absmax = am.get();
-      quantize_path(path, q, buf.data(), len, divisor(absmax), c + off);
+      quantize_path(path, q, buf.data(), len, absmax, c + off);
       a[b] = absmax;
     }
   });
