@@ -786,9 +786,7 @@ def summarize(rows, cfg, s, meta, wall_s) -> str:
                 elif f:
                     out += [
                         f"Fused decode step (generate's default here; one ternary_decode_layer call a block): "
-                        f"{f['step_s'] * 1e3:.1f} ms vs eager {f['eager_step_s'] * 1e3:.1f} ms, each position run "
-                        f"by both in turn (speedup {f['speedup']:.2f}x, p20-p80 {f['speedup_p20']:.2f}-"
-                        f"{f['speedup_p80']:.2f}), same greedy tokens: {f['same_tokens']}; its matmuls alone "
+                        f"{_against_eager(f)}, same greedy tokens: {f['same_tokens']}; its matmuls alone "
                         f"(the GEMVs {f['gemv_alone_s'] * 1e3:.1f} ms + the head {f['head_alone_s'] * 1e3:.1f} ms) "
                         f"leave {f['outside_matmuls_fraction'] * 100:.1f}% of the fused step outside the matmuls "
                         f"(target <= 15%).",
@@ -801,11 +799,8 @@ def summarize(rows, cfg, s, meta, wall_s) -> str:
                     out += [f"torch.compile of the decode step failed: {c['error']}", ""]
                 elif c:
                     out += [
-                        f"torch.compile(model._hidden) decode step: {c['step_s'] * 1e3:.1f} ms vs eager "
-                        f"{c['eager_step_s'] * 1e3:.1f} ms, each position run by both in turn (speedup "
-                        f"{c['speedup']:.2f}x, p20-p80 {c['speedup_p20']:.2f}-{c['speedup_p80']:.2f}), compile + "
-                        f"warm-up {c['compile_and_warm_s']:.0f} s, "
-                        f"same greedy tokens: {c['same_tokens']}.",
+                        f"torch.compile(model._hidden) decode step: {_against_eager(c)}, compile + "
+                        f"warm-up {c['compile_and_warm_s']:.0f} s, same greedy tokens: {c['same_tokens']}.",
                         "",
                     ]
     out += [
@@ -816,6 +811,14 @@ def summarize(rows, cfg, s, meta, wall_s) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _against_eager(d: dict) -> str:
+    """A paired comparison's step time against eager's, as the report words it."""
+    return (
+        f"{d['step_s'] * 1e3:.1f} ms vs eager {d['eager_step_s'] * 1e3:.1f} ms, each position run by both in turn "
+        f"(speedup {d['speedup']:.2f}x, p20-p80 {d['speedup_p20']:.2f}-{d['speedup_p80']:.2f})"
+    )
 
 
 def run(cfg: common.Config) -> common.FamilyResult:
