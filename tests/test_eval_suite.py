@@ -14,7 +14,13 @@ import torch
 pytest.importorskip("tokenizers")
 
 from accelops.eval import data as D  # noqa: E402
-from accelops.eval.experiment import Experiment, run_experiment, summary_table, train_variants  # noqa: E402
+from accelops.eval.experiment import (  # noqa: E402
+    Experiment,
+    merge_seed_rows,
+    run_experiment,
+    summary_table,
+    train_variants,
+)
 from accelops.eval.suite import METRICS, EvalSuite, SuiteResult, TaskResult, compare  # noqa: E402
 from accelops.eval.tasks import Banking77, TaskMismatch  # noqa: E402
 from accelops.eval.tokenize import TokenizerMismatch  # noqa: E402
@@ -304,6 +310,74 @@ def test_experiment_rows(root):
     assert isinstance(by["int8-ptq"]["target_met"], bool) and "target" not in by["fp32"]
     assert "| banking77 | alternate | accuracy |" in summary_table(rows)
     json.dumps(rows)  # rows go to JSON lines and the results database
+
+
+@pytest.mark.slow  # trains models: ~10 s alone, more on a loaded machine
+def test_merge_seed_rows_matches_one_run(root):
+    """Rows of a seed-0 run and a seed-1 run pool into what one run of seeds [0, 1] gives:
+    the same values, deltas and seed spread; the bootstrap se an upper bound of the exact."""
+
+    def rows(seeds):
+        exp = Experiment(
+            tasks=["banking77"],
+            variants=["fp32", "bitlinear", "alternate"],
+            seeds=seeds,
+            vocab_size=300,
+            model=CFG,
+            train={"steps": 3, "batch_size": 4},
+            root=str(root),
+            n_boot=400,
+        )
+        return run_experiment(exp)
+
+    merged, whole = merge_seed_rows([rows([0]), rows([1])]), rows([0, 1])
+    assert [(r["task"], r["variant"]) for r in merged] == [(r["task"], r["variant"]) for r in whole]
+    for m, w in zip(merged, whole):
+        assert m["seeds"] == [0, 1]
+        for key in ("value", "value_std", "baseline_value", "delta", "se_seeds", "train_loss"):
+            assert m[key] == pytest.approx(w[key], abs=1e-12), key
+        assert m["value_seeds"] == pytest.approx(w["value_seeds"]) and m["delta_seeds"] == pytest.approx(
+            w["delta_seeds"]
+        )
+        assert m["scores"] == pytest.approx(w["scores"])
+        # an upper bound; the 1.25: the two bootstraps draw their own resamples
+        assert m["se_examples"] * 1.25 >= w["se_examples"]
+        assert m["se_examples_bound"] is (m["variant"] != "fp32")
+        assert m.get("target_met") == (None if "target" not in m else m["delta"] >= -m["target"])
+    json.dumps(merged)
+
+
+def _row(**kw):
+    base = {
+        "task": "banking77",
+        "variant": "bitlinear",
+        "baseline": "fp32",
+        "split": "test",
+        "n": 10,
+        "metric": "accuracy",
+        "delta_unit": "points",
+        "model_config": {},
+        "train_config": {},
+        "vocab_size": 300,
+        "seeds": [0],
+    }
+    return {**base, **kw}
+
+
+@pytest.mark.parametrize(
+    "runs, match",
+    [
+        ([[_row()]], "at least two runs"),
+        ([[_row()], [_row(variant="alternate")]], "run 1 has"),
+        ([[_row()], [_row(n=11)]], "run 1 has n 11, run 0 10"),
+        ([[_row()], [_row()]], "seeds overlap"),
+        ([[_row(delta_unit="ratio")], [_row(delta_unit="ratio", seeds=[1])]], "only fraction metrics"),
+        ([[_row(), _row()], [_row(seeds=[1])]], "two rows for task"),
+    ],
+)
+def test_merge_seed_rows_errors(runs, match):
+    with pytest.raises(ValueError, match=match):
+        merge_seed_rows(runs)
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,15 @@ import torch
 from .suite import METRICS, PRIMARY, EvalSuite, compare
 from .tasks import TASKS, fit
 
-__all__ = ["VARIANTS", "TARGETS", "Experiment", "train_variants", "run_experiment", "target_of"]
+__all__ = [
+    "VARIANTS",
+    "TARGETS",
+    "Experiment",
+    "train_variants",
+    "run_experiment",
+    "target_of",
+    "merge_seed_rows",
+]
 
 VARIANTS = {
     "fp32": "nn.Linear projections + FusedFFN, fp32",
@@ -260,6 +268,98 @@ def run_experiment(exp: Experiment, log=None) -> list[dict]:
         del results
         gc.collect()
     return rows
+
+
+# Settings that must agree for rows of separate runs to be pooled as seeds of one experiment.
+_SAME = ("split", "n", "metric", "baseline", "delta_unit", "model_config", "train_config", "vocab_size")
+
+
+def merge_seed_rows(runs: list[list[dict]]) -> list[dict]:
+    """Pool run_experiment rows of separate runs over disjoint seeds (the same tasks,
+    variants and settings) into rows over all their seeds, as one run of those seeds would
+    give them, except the bootstrap part of the uncertainty: the rows keep no per-example
+    statistics, so se_examples is an upper bound (the seed-weighted mean of the runs'
+    se_examples: the standard deviation of a weighted sum is at most the weighted sum of
+    the standard deviations), and `se_examples_bound` says so. The value, delta, their
+    per-seed lists, se_seeds, scores, sizes and mean times are exact. Fraction metrics only
+    (a perplexity ratio's bootstrap does not combine linearly). Rows come in the order of
+    the first run."""
+    if len(runs) < 2:
+        raise ValueError(f"merge_seed_rows needs the rows of at least two runs, got {len(runs)}")
+    keyed = []
+    for i, rows in enumerate(runs):
+        by = {}
+        for r in rows:
+            key = (r["task"], r["variant"])
+            if key in by:
+                raise ValueError(f"run {i}: two rows for task {key[0]!r} variant {key[1]!r}")
+            by[key] = r
+        keyed.append(by)
+    keys = list(keyed[0])
+    for i, by in enumerate(keyed[1:], 1):
+        if set(by) != set(keys):
+            raise ValueError(f"run {i} has (task, variant) rows {sorted(by)}, run 0 has {sorted(keys)}")
+    merged = []
+    for key in keys:
+        parts = [by[key] for by in keyed]
+        first = parts[0]
+        for i, p in enumerate(parts[1:], 1):
+            for f in _SAME:
+                if p.get(f) != first.get(f):
+                    raise ValueError(f"{key[0]} {key[1]}: run {i} has {f} {p.get(f)!r}, run 0 {first.get(f)!r}")
+        if first["delta_unit"] != "points":
+            raise ValueError(f"{key[0]} {key[1]}: only fraction metrics merge (its delta is a {first['delta_unit']})")
+        seeds = [s for p in parts for s in p["seeds"]]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"{key[0]} {key[1]}: the runs' seeds overlap: {[p['seeds'] for p in parts]}")
+        w = [len(p["seeds"]) / len(seeds) for p in parts]
+        values = [v for p in parts for v in p["value_seeds"]]
+        deltas = [d for p in parts for d in p["delta_seeds"]]
+        row = dict(first)
+        mean, std = _stats(values)
+        delta = sum(deltas) / len(deltas)
+        is_base = first["variant"] == first["baseline"]
+        se_ex = sum(wi * p["se_examples"] for wi, p in zip(w, parts))
+        se_seeds = _stats(deltas)[1] / math.sqrt(len(deltas))
+        se = math.sqrt(se_ex**2 + se_seeds**2)
+        row.update(
+            seeds=seeds,
+            value=mean,
+            value_std=std,
+            value_seeds=values,
+            baseline_value=sum(wi * p["baseline_value"] for wi, p in zip(w, parts)),
+            delta=delta,
+            delta_seeds=deltas,
+            se=se,
+            se_examples=se_ex,
+            se_examples_bound=not is_base,
+            se_seeds=se_seeds,
+            ci95=[delta - 1.96 * se, delta + 1.96 * se],
+            scores={m: sum(wi * p["scores"][m] for wi, p in zip(w, parts)) for m in first["scores"]},
+            scores_full=[s for p in parts for s in p["scores_full"]],
+            # the other metrics' deltas pool exactly; their se would need the examples
+            comparison=[
+                {
+                    **c,
+                    "delta": sum(wi * p["comparison"][j]["delta"] for wi, p in zip(w, parts)),
+                    "se": None,
+                    "ci95": None,
+                }
+                for j, c in enumerate(first["comparison"])
+            ],
+            train_s=sum(wi * p["train_s"] for wi, p in zip(w, parts)),
+            train_s_std=None,
+            eval_s=sum(wi * p["eval_s"] for wi, p in zip(w, parts)),
+            train_loss=sum(wi * p["train_loss"] for wi, p in zip(w, parts)),
+            merged_from=[p.get("run_id") for p in parts],
+        )
+        if "target" in row:
+            met = delta >= -row["target"]
+            if row["variant"] == "alternate":
+                met = met and row["block_params_vs_baseline"] <= 0.5
+            row["target_met"] = bool(met)
+        merged.append(row)
+    return merged
 
 
 def summary_table(rows: list[dict]) -> str:
