@@ -220,6 +220,19 @@ def test_quantization_edges_exact(monkeypatch, backend_name, signed):
     assert_same(a, want_a, "absmax")
 
 
+def _first_step_matches_reference(g: torch.Tensor) -> None:
+    """One AdamW8bit step from zero states with beta1 = beta2 = 0 (so each state quantizes g
+    or g^2 as is), blocks of 256: states and parameter bit for bit as the reference's."""
+    got, want = torch.zeros_like(g), torch.zeros_like(g)
+    states = [O.new_state(g) + O.new_state(g) for _ in range(2)]
+    ops.adamw8bit_step_(got, g, *states[0], lr=1e-3, beta1=0.0, beta2=0.0, eps=1e-8, weight_decay=0.0, step=1)
+    s = R.adamw_scalars(1e-3, 0.0, 0.0, 1e-8, 0.0, 1)
+    R.adamw8bit_step_(want, g, *states[1], R.signed_map(), R.unsigned_map(), s, 256)
+    for name, a, b in zip(("m_codes", "m_absmax", "v_codes", "v_absmax"), states[0], states[1]):
+        assert_same(a, b, name)
+    assert_same(got, want, "param")
+
+
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 def test_unsigned_quantization_edges_exact(monkeypatch, backend_name):
     """AdamW with beta2 = 0 stores quantize(g * g) as v: feed gradients whose squares land on
@@ -230,14 +243,7 @@ def test_unsigned_quantization_edges_exact(monkeypatch, backend_name):
     vals = torch.cat([t, torch.nextafter(t, inf), torch.nextafter(t, -inf), -t, torch.tensor([0.0, -0.0, 1e-30])])
     blocks = vals.split(255)
     g = torch.cat([torch.cat([torch.ones(1), b, torch.zeros(255 - b.numel())]) for b in blocks])
-    got, want = torch.zeros_like(g), torch.zeros_like(g)
-    states = [O.new_state(g) + O.new_state(g) for _ in range(2)]
-    ops.adamw8bit_step_(got, g, *states[0], lr=1e-3, beta1=0.0, beta2=0.0, eps=1e-8, weight_decay=0.0, step=1)
-    s = R.adamw_scalars(1e-3, 0.0, 0.0, 1e-8, 0.0, 1)
-    R.adamw8bit_step_(want, g, *states[1], R.signed_map(), R.unsigned_map(), s, 256)
-    for name, a, b in zip(("m_codes", "m_absmax", "v_codes", "v_absmax"), states[0], states[1]):
-        assert_same(a, b, name)
-    assert_same(got, want, "param")
+    _first_step_matches_reference(g)
 
 
 def _float_bits_in(lo_bits: int, hi_bits: int):
@@ -297,14 +303,7 @@ def test_unsigned_codes_hypothesis(monkeypatch, backend_name, vals, absmax):
     v = (torch.tensor(vals, dtype=torch.float64).abs().sqrt() * scale).to(torch.float32)
     blocks = v.split(255)
     g = torch.cat([torch.cat([scale.to(torch.float32).view(1), b, torch.zeros(255 - b.numel())]) for b in blocks])
-    states = [O.new_state(g) + O.new_state(g) for _ in range(2)]
-    got, want = torch.zeros_like(g), torch.zeros_like(g)
-    ops.adamw8bit_step_(got, g, *states[0], lr=1e-3, beta1=0.0, beta2=0.0, eps=1e-8, weight_decay=0.0, step=1)
-    s = R.adamw_scalars(1e-3, 0.0, 0.0, 1e-8, 0.0, 1)
-    R.adamw8bit_step_(want, g, *states[1], R.signed_map(), R.unsigned_map(), s, 256)
-    for name, x, y in zip(("m_codes", "m_absmax", "v_codes", "v_absmax"), states[0], states[1]):
-        assert_same(x, y, name)
-    assert_same(got, want, "param")
+    _first_step_matches_reference(g)
 
 
 _OTHER_MAPS = {

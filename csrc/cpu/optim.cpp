@@ -469,6 +469,27 @@ AO_OPT_AVX512 inline __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
 }
 
+// 64 byte indices into a 256-entry table of 4-byte values stored as 4 byte planes
+// (planes[k][i] = byte k of entry i) -> the 64 entries as 4 x 16 dwords: two vpermi2b a plane
+// (indices 0-127, 128-255) and a blend on the index's top bit, then the planes unpacked into
+// dwords (within 128-bit lanes: the dword order follows the index bytes' lane layout).
+AO_OPT_AVX512 inline void lookup_planes(const uint8_t (*planes)[256], __m512i idx, __m512i* out) {
+  const __mmask64 high = _mm512_movepi8_mask(idx);
+  __m512i b[4];
+  for (int k = 0; k < 4; ++k) {
+    const uint8_t* pl = planes[k];
+    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(pl), idx, _mm512_load_si512(pl + 64));
+    const __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(pl + 128), idx, _mm512_load_si512(pl + 192));
+    b[k] = _mm512_mask_blend_epi8(high, lo, hi);
+  }
+  const __m512i w01l = _mm512_unpacklo_epi8(b[0], b[1]), w01h = _mm512_unpackhi_epi8(b[0], b[1]);
+  const __m512i w23l = _mm512_unpacklo_epi8(b[2], b[3]), w23h = _mm512_unpackhi_epi8(b[2], b[3]);
+  out[0] = _mm512_unpacklo_epi16(w01l, w23l);
+  out[1] = _mm512_unpackhi_epi16(w01l, w23l);
+  out[2] = _mm512_unpacklo_epi16(w01h, w23h);
+  out[3] = _mm512_unpackhi_epi16(w01h, w23h);
+}
+
 // 64 codes -> their 64 map values as 4 x 16 fp32 lanes in order, without a gather (a zmm
 // gather costs about as much as the whole AdamW arithmetic on Zen 4). Each byte plane of the
 // map is looked up with two vpermi2b (codes 0-127, 128-255) and a blend on the code's top bit;
@@ -484,20 +505,9 @@ AO_OPT_AVX512 inline void dequant64(const QTable& q, __m512i codes, __m512* out)
     }
   } perm;
   const __m512i c = _mm512_permutexvar_epi8(_mm512_load_si512(perm.idx), codes);
-  const __mmask64 high = _mm512_movepi8_mask(c);
-  __m512i b[4];
-  for (int k = 0; k < 4; ++k) {
-    const uint8_t* pl = q.planes[k];
-    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(pl), c, _mm512_load_si512(pl + 64));
-    const __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(pl + 128), c, _mm512_load_si512(pl + 192));
-    b[k] = _mm512_mask_blend_epi8(high, lo, hi);
-  }
-  const __m512i w01l = _mm512_unpacklo_epi8(b[0], b[1]), w01h = _mm512_unpackhi_epi8(b[0], b[1]);
-  const __m512i w23l = _mm512_unpacklo_epi8(b[2], b[3]), w23h = _mm512_unpackhi_epi8(b[2], b[3]);
-  out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01l, w23l));
-  out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01l, w23l));
-  out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01h, w23h));
-  out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01h, w23h));
+  __m512i values[4];
+  lookup_planes(q.planes, c, values);
+  for (int k = 0; k < 4; ++k) out[k] = _mm512_castsi512_ps(values[k]);
 }
 
 AO_OPT_AVX512 inline __m512i load_codes64(const uint8_t* c, int64_t left) {
@@ -580,18 +590,8 @@ AO_OPT_AVX512 void quantize_fit_avx512(const QTable& q, const float* x, int64_t 
     }
     // unsigned saturation clamps g to [0, 255]
     const __m512i gp = _mm512_packus_epi16(_mm512_packus_epi32(g[0], g[1]), _mm512_packus_epi32(g[2], g[3]));
-    const __mmask64 high = _mm512_movepi8_mask(gp);
-    __m512i b[4];
-    for (int k = 0; k < 4; ++k) {
-      const uint8_t* pl = q.tplanes[k];
-      const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(pl), gp, _mm512_load_si512(pl + 64));
-      const __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(pl + 128), gp, _mm512_load_si512(pl + 192));
-      b[k] = _mm512_mask_blend_epi8(high, lo, hi);
-    }
-    const __m512i w01l = _mm512_unpacklo_epi8(b[0], b[1]), w01h = _mm512_unpackhi_epi8(b[0], b[1]);
-    const __m512i w23l = _mm512_unpacklo_epi8(b[2], b[3]), w23h = _mm512_unpackhi_epi8(b[2], b[3]);
-    const __m512i tg[4] = {_mm512_unpacklo_epi16(w01l, w23l), _mm512_unpackhi_epi16(w01l, w23l),
-                           _mm512_unpacklo_epi16(w01h, w23h), _mm512_unpackhi_epi16(w01h, w23h)};
+    __m512i tg[4];
+    lookup_planes(q.tplanes, gp, tg);
     __mmask64 above = 0;  // x > t_g (false for NaN)
     for (int j = 0; j < 4; ++j)
       above |= __mmask64(_mm512_cmp_ps_mask(xv[j], _mm512_castsi512_ps(tg[j]), _CMP_GT_OQ)) << (16 * j);
