@@ -100,6 +100,17 @@ def unpack_ternary(w_packed: torch.Tensor, k: int) -> torch.Tensor:
     return torch.ops.accelops.unpack_ternary(w_packed, k)
 
 
+def _check_scale_and_bias(w_scale, bias, n: int) -> None:
+    """w_scale fp32 with 1 (per tensor) or N (per channel) scales; bias None or [N]."""
+    check.tensor("w_scale", w_scale)
+    check.dtype("w_scale", w_scale, torch.float32)
+    if w_scale.numel() not in (1, n):
+        raise ValueError(
+            f"w_scale must hold 1 (per tensor) or N={n} (per channel) scales, got shape {tuple(w_scale.shape)}"
+        )
+    check.bias(bias, n)
+
+
 def _check_k(k) -> None:
     # SymInt: a K taken from a shape under torch.compile with dynamic shapes
     if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)) or k < 0:
@@ -182,13 +193,7 @@ def ternary_matmul(
             )
     _check_packed(w_packed, x.shape[-1])
     n = w_packed.shape[0]
-    check.tensor("w_scale", w_scale)
-    check.dtype("w_scale", w_scale, torch.float32)
-    if w_scale.numel() not in (1, n):
-        raise ValueError(
-            f"w_scale must hold 1 (per tensor) or N={n} (per channel) scales, got shape {tuple(w_scale.shape)}"
-        )
-    check.bias(bias, n)
+    _check_scale_and_bias(w_scale, bias, n)
     device = check.same_device(x=x, w_packed=w_packed, w_scale=w_scale, bias=bias)
     if k is None:
         _check_padding(w_packed, x.shape[-1])
@@ -293,13 +298,7 @@ def ternary_matmul_lut(
                 f"(x of shape {tuple(x.shape)})"
             )
     _check_lut(w_lut, n, x.shape[-1])
-    check.tensor("w_scale", w_scale)
-    check.dtype("w_scale", w_scale, torch.float32)
-    if w_scale.numel() not in (1, n):
-        raise ValueError(
-            f"w_scale must hold 1 (per tensor) or N={n} (per channel) scales, got shape {tuple(w_scale.shape)}"
-        )
-    check.bias(bias, n)
+    _check_scale_and_bias(w_scale, bias, n)
     device = check.same_device(x=x, w_lut=w_lut, w_scale=w_scale, bias=bias)
     # TODO(issue 26 item 1): the automatic dispatch (_tuning) could also choose the format
     # per layer; here the caller's format decides, and only reference vs native is chosen.
