@@ -577,9 +577,9 @@ def _matmuls_alone(model, plan, n_steps: int) -> tuple[float, float]:
     gemv, head = [], []
     for _ in range(n_steps + 1):
         t0 = time.perf_counter()
-        for _norms, w_packed, w_scale, bias in plan:
-            for i, (w, s, b) in enumerate(zip(w_packed, w_scale, bias)):
-                torch.ops.accelops.ternary_matmul(xs[hidden if i == 6 else dim], w, s, b)
+        for _norms, w_packed, w_scale, bias, in_features in plan:
+            for w, s, b, k in zip(w_packed, w_scale, bias, in_features):
+                torch.ops.accelops.ternary_matmul(xs[k], w, s, b)
         t1 = time.perf_counter()
         model.head(xs[dim])
         t2 = time.perf_counter()

@@ -53,7 +53,8 @@ def layer_args(
     k_cache = torch.randn(batch, kv_heads, size, hd, generator=g)
     v_cache = torch.randn(batch, kv_heads, size, hd, generator=g)
     x = torch.randn(batch, dim, generator=g) * 2
-    return (x, pos, cos, sin, k_cache, v_cache, norms, w_packed, w_scale, bias, n_heads, 1e-5, activation)
+    in_features = [k for _, k in shapes]
+    return (x, pos, cos, sin, k_cache, v_cache, norms, w_packed, w_scale, bias, in_features, n_heads, 1e-5, activation)
 
 
 def _clone(args):
@@ -164,9 +165,9 @@ def test_opcheck():
 
 def test_public_function_runs_the_op():
     args = layer_args()
-    x, pos, cos, sin, kc, vc, norms, wp, ws, bias, n_heads, eps, act = _clone(args)
+    x, pos, cos, sin, kc, vc, norms, wp, ws, bias, inf, n_heads, eps, act = _clone(args)
     out = ops.ternary_decode_layer(
-        x, pos, cos, sin, kc, vc, norms, wp, ws, bias, n_heads=n_heads, eps=eps, activation=act
+        x, pos, cos, sin, kc, vc, norms, wp, ws, bias, in_features=inf, n_heads=n_heads, eps=eps, activation=act
     )
     torch.testing.assert_close(out, torch.ops.accelops.ternary_decode_layer(*_clone(args)))
 
@@ -180,9 +181,9 @@ def test_public_function_runs_the_op():
         (lambda a: a.__setitem__(1, torch.tensor([5])), r"positions must have shape \(2,\)"),
         (lambda a: a.__setitem__(2, a[2][:, :4].contiguous()), "cos must have shape"),
         (lambda a: a.__setitem__(5, a[5][:, :, :8].contiguous()), "v_cache must have shape"),
-        (lambda a: a.__setitem__(10, 3), "n_heads=3 does not fit"),
-        (lambda a: a.__setitem__(11, 0.0), "eps must be a float > 0"),
-        (lambda a: a.__setitem__(12, "gelu"), "activation must be one of"),
+        (lambda a: a.__setitem__(11, 3), "n_heads=3 does not fit"),
+        (lambda a: a.__setitem__(12, 0.0), "eps must be a float > 0"),
+        (lambda a: a.__setitem__(13, "gelu"), "activation must be one of"),
         (lambda a: a[7].__setitem__(1, a[7][1][:8]), r"w_packed\[1\] \(k_proj\) must be a contiguous"),
         (lambda a: a[8].__setitem__(4, torch.ones(3)), r"w_scale\[4\] \(gate_proj\) must hold 1 or N=96"),
         (lambda a: a[6].__setitem__(0, None), r"norms\[0\] \(norm1\) must be a torch.Tensor"),
@@ -195,10 +196,10 @@ def test_bad_input_is_named(change, message):
     args = list(_clone(layer_args()))
     args[6:10] = [list(a) for a in args[6:10]]
     change(args)
-    x, pos, cos, sin, kc, vc, norms, wp, ws, bias, n_heads, eps, act = args
+    x, pos, cos, sin, kc, vc, norms, wp, ws, bias, inf, n_heads, eps, act = args
     with pytest.raises((ValueError, TypeError), match=message):
         ops.ternary_decode_layer(
-            x, pos, cos, sin, kc, vc, norms, wp, ws, bias, n_heads=n_heads, eps=eps, activation=act
+            x, pos, cos, sin, kc, vc, norms, wp, ws, bias, in_features=inf, n_heads=n_heads, eps=eps, activation=act
         )
 
 
@@ -208,6 +209,121 @@ def test_kernel_refuses_a_position_outside_the_cache():
     args[1] = torch.tensor([5, 16])
     with pytest.raises(RuntimeError, match=r"positions\[1\]=16 lies outside the cache of 16 slots"):
         torch.ops.accelops.ternary_decode_layer(*args)
+
+
+# --------------------------------------------------------------------------- in_features
+
+# layer_args(): q .. up read x's dim 64, down the FFN width 96; a weight packed for K=100
+# (q .. up) or K=120 (down) has the same packed width (one 128-block, 32 bytes a row), which
+# the op used to read as if zero-padded to the block's K: a silently wrong result.
+DIM, HIDDEN = 64, 96
+LARGER_K = [100] * 6 + [120]
+PATHS = ["public", "kernel", "reference", "fake"]
+
+
+def _with_larger_k(i):
+    """layer_args() with projection i packed for LARGER_K[i] (nonzero weights at every
+    position past the block's K), and in_features saying so: -> the argument list."""
+    args = list(layer_args())
+    args[7], args[10] = list(args[7]), list(args[10])
+    n, k = args[7][i].shape[0], LARGER_K[i]
+    wq = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(i))
+    implied = HIDDEN if i == 6 else DIM
+    wq[:, implied:] = torch.where(wq[:, implied:] == 0, 1, wq[:, implied:]).to(torch.int8)
+    args[7][i] = R.pack_ternary(wq)
+    assert args[7][i].shape == (n, R.packed_cols(implied))  # the shapes alone agree
+    args[10][i] = k
+    return args
+
+
+def _call(path, args):
+    """The op through one path: the public function, the dispatcher's CPU kernel (C++ with
+    the extension), the reference, or the fake kernel (meta tensors)."""
+    if path == "public":
+        x, pos, cos, sin, kc, vc, norms, wp, ws, bias, inf, n_heads, eps, act = args
+        return ops.ternary_decode_layer(
+            x, pos, cos, sin, kc, vc, norms, wp, ws, bias, in_features=inf, n_heads=n_heads, eps=eps, activation=act
+        )
+    if path == "reference":
+        return ref.ternary_decode_layer(*args)
+    if path == "fake":
+        meta = [
+            [None if t is None else t.to("meta") for t in a] if isinstance(a, list) and i != 10 else a
+            for i, a in enumerate(args)
+        ]
+        meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in meta]
+        return torch.ops.accelops.ternary_decode_layer(*meta)
+    if HAS_EXTENSION:  # the C++ kernel is what the dispatcher runs for CPU tensors
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("accelops::ternary_decode_layer", "CPU")
+    return torch.ops.accelops.ternary_decode_layer(*args)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("i", range(7), ids=ref.PROJECTIONS)
+def test_a_weight_packed_for_a_larger_k_is_refused(path, i):
+    args = _with_larger_k(i)
+    before = args[4].clone(), args[5].clone()
+    source = r"up_proj's N, the FFN width" if i == 6 else r"x's dim"
+    implied = HIDDEN if i == 6 else DIM
+    with pytest.raises(
+        ValueError,
+        match=rf"in_features\[{i}\] \({ref.PROJECTIONS[i]}\) = {LARGER_K[i]} does not match its input's "
+        rf"K={implied} \({source}\): w_packed\[{i}\] was packed for another K",
+    ):
+        _call(path, args)
+    # refused before anything ran: the caches are as they were
+    assert torch.equal(args[4], before[0]) and torch.equal(args[5], before[1])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_in_features_that_agree_run(path):
+    args = layer_args()
+    assert args[10] == [DIM] * 6 + [HIDDEN]
+    out = _call(path, list(_clone(args)))
+    assert out.shape == (2, DIM)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_in_features_against_the_packed_width(path):
+    """in_features agrees with the block, but a weight has another block count."""
+    args = list(layer_args())
+    args[7] = list(args[7])
+    args[7][6] = R.pack_ternary(torch.ones(DIM, 200, dtype=torch.int8))  # 2 blocks for K=96
+    with pytest.raises(
+        (ValueError, RuntimeError),  # the C++ kernel's shape checks raise RuntimeError
+        match=r"w_packed\[6\] \(down_proj\) must .*32.* in_features\[6\]=96.*got .*\(?64, 64\)?",
+    ):
+        _call(path, args)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ([DIM] * 6, r"in_features must be a list of 7 ints \(q_proj, .*down_proj\), got 6 entries"),
+        ([DIM] * 6 + [HIDDEN, HIDDEN], r"in_features must be a list of 7 ints .*got 8 entries"),
+        ([DIM, 0, DIM, DIM, DIM, DIM, HIDDEN], r"in_features\[1\] \(k_proj\) must be a positive int, got 0"),
+        ([DIM] * 6 + [DIM], r"in_features\[6\] \(down_proj\) = 64 does not match its input's K=96"),
+        ([DIM, DIM, DIM, HIDDEN, DIM, DIM, HIDDEN], r"in_features\[3\] \(o_proj\) = 96 does not match .*K=64"),
+    ],
+)
+def test_bad_in_features_are_named(path, bad, message):
+    args = list(layer_args())
+    args[10] = bad
+    with pytest.raises(ValueError, match=message):
+        _call(path, args)
+
+
+def test_public_in_features_is_required_and_typed():
+    x, pos, cos, sin, kc, vc, norms, wp, ws, bias, inf, n_heads, eps, act = layer_args()
+    with pytest.raises(TypeError, match="in_features"):
+        ops.ternary_decode_layer(x, pos, cos, sin, kc, vc, norms, wp, ws, bias, n_heads=n_heads, eps=eps, activation=act)  # fmt: skip
+    for bad, message in ((64, "in_features must be a list of 7 ints"), ([True] + inf[1:], "must be a positive int")):
+        with pytest.raises(ValueError, match=message):
+            ops.ternary_decode_layer(
+                x, pos, cos, sin, kc, vc, norms, wp, ws, bias, in_features=bad, n_heads=n_heads, eps=eps,
+                activation=act,
+            )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- generate(fused=...)
@@ -295,3 +411,25 @@ def test_hooks_keep_the_eager_step():
     assert len(calls) == 4  # prefill + 3 decode steps
     handle.remove()
     assert fused_decode_plan(model)[0] is not None
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the fused step needs the C++ extension")
+def test_fused_plan_passes_each_layers_in_features():
+    model = _model(hidden=200)
+    plan, _ = fused_decode_plan(model)
+    assert all(layer[4] == [128] * 6 + [200] for layer in plan)
+    # A down_proj packed for K=250 where the FFN is 200 wide: the same 2 packed blocks a row,
+    # which the fused step used to read as zero-padded; now the op names it. (generate's
+    # eager prefill would stop first, in TernaryLinear's own check: the plan's call directly.)
+    model.blocks[1].ffn.down_proj = accelops.nn.TernaryLinear.from_linear(torch.nn.Linear(250, 128))
+    norms, w_packed, w_scale, bias, in_features = fused_decode_plan(model)[0][1]
+    assert in_features[6] == 250 and w_packed[6].shape == (128, R.packed_cols(200))
+    cfg = model.config
+    pos = torch.tensor([3])
+    cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, torch.float32)
+    cache = torch.zeros(1, cfg.kv_heads, 8, cfg.head_dim)
+    with pytest.raises(ValueError, match=r"in_features\[6\] \(down_proj\) = 250 does not match its input's K=200"):
+        torch.ops.accelops.ternary_decode_layer(
+            torch.randn(1, 128), pos, cos, sin, cache, cache.clone(), norms, w_packed, w_scale, bias, in_features,
+            cfg.n_heads, cfg.norm_eps, cfg.activation,
+        )  # fmt: skip

@@ -307,6 +307,7 @@ def fused_decode_plan(model):
                 [lin.w_packed for lin in linears],
                 [lin.w_scale for lin in linears],
                 [None if lin.bias is None else lin.bias.detach() for lin in linears],
+                [lin.in_features for lin in linears],  # the K each was packed for: the op checks them
             )
         )
     return layers, None
@@ -320,9 +321,9 @@ def _fused_decode(model, layers, token, positions, cache):
     pos = positions[:, 0].contiguous()
     cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, torch.float32)
     op = torch.ops.accelops.ternary_decode_layer
-    for i, (norms, w_packed, w_scale, bias) in enumerate(layers):
-        x = op(x, pos, cos, sin, cache.keys[i], cache.values[i], norms, w_packed, w_scale, bias, cfg.n_heads,
-               cfg.norm_eps, cfg.activation)  # fmt: skip
+    for i, (norms, w_packed, w_scale, bias, in_features) in enumerate(layers):
+        x = op(x, pos, cos, sin, cache.keys[i], cache.values[i], norms, w_packed, w_scale, bias, in_features,
+               cfg.n_heads, cfg.norm_eps, cfg.activation)  # fmt: skip
     return model.norm(x)[:, None]
 
 

@@ -30,7 +30,9 @@ def _f32(name: str, value, shape: tuple) -> None:
         raise ValueError(f"{name} must be contiguous")
 
 
-def _check(x, positions, cos, sin, k_cache, v_cache, norms, w_packed, w_scale, bias, n_heads, eps, activation):
+def _check(
+    x, positions, cos, sin, k_cache, v_cache, norms, w_packed, w_scale, bias, in_features, n_heads, eps, activation
+):
     check.tensor("x", x)
     check.dtype("x", x, torch.float32)
     check.ndim("x", x, 2, "[batch, dim]")
@@ -63,6 +65,10 @@ def _check(x, positions, cos, sin, k_cache, v_cache, norms, w_packed, w_scale, b
     hidden = w_packed[5].shape[0] if isinstance(w_packed[5], torch.Tensor) and w_packed[5].dim() == 2 else None
     if hidden is None:
         raise ValueError("w_packed[5] (up_proj) must be a 2-D uint8 tensor")
+    # before the shape checks: a weight packed for another K in the same 128-block passes them
+    for i, w in enumerate(w_packed):
+        check.tensor(f"w_packed[{i}] ({ref.PROJECTIONS[i]})", w)
+    ref.check_in_features(x, w_packed, in_features)
     for i, width in enumerate((dim, dim, dim, hidden)):
         if norms[i] is not None or i in (0, 2):  # the sub-norms (1, 3) may be absent
             _f32(f"norms[{i}] ({ref.NORMS[i]})", norms[i], (width,))
@@ -104,6 +110,7 @@ def ternary_decode_layer(
     w_scale,
     bias,
     *,
+    in_features,
     n_heads: int,
     eps: float,
     activation: str,
@@ -116,12 +123,18 @@ def ternary_decode_layer(
     cos / sin [batch, head_dim]: the rotary angles at those positions. norms: the weights of
     (norm1, attn_sub_norm, norm2, ffn_sub_norm), RMSNorm with eps; a sub-norm may be None.
     w_packed / w_scale / bias: the packed ternary projections q, k, v, o, gate, up, down (as
-    TernaryLinear holds them; a bias may be None). activation: "relu2" or "swiglu".
+    TernaryLinear holds them; a bias may be None). in_features: the 7 K's (in_features) the
+    weights were packed for, in that order (TernaryLinear.in_features); each must equal its
+    input's width: x's dim for q .. up, up_proj's N (the FFN width) for down. The packed
+    layout pads K to a multiple of 128, so without them a weight packed for a larger K in
+    the same 128-block would be read as if zero-padded (ValueError naming the projection and
+    both K's). activation: "relu2" or "swiglu".
 
-    validate=False skips the Python-side checks (the C++ kernel still checks shapes, dtypes
-    and that positions lie in the cache): for a caller that has checked once and calls per
-    token, as generate() does."""
+    validate=False skips the Python-side checks (the C++ kernel still checks shapes, dtypes,
+    in_features and that positions lie in the cache): for a caller that has checked once and
+    calls per token, as generate() does."""
     args = (x, positions, cos, sin, k_cache, v_cache, list(norms), list(w_packed), list(w_scale), list(bias))
+    args += (list(in_features) if isinstance(in_features, (list, tuple)) else in_features,)
     if validate:
         device = _check(*args, n_heads, eps, activation)
     else:
@@ -137,13 +150,16 @@ def ternary_decode_layer(
 def _register() -> None:
     define(
         "ternary_decode_layer(Tensor x, Tensor positions, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
-        "Tensor(b!) v_cache, Tensor?[] norms, Tensor[] w_packed, Tensor[] w_scale, Tensor?[] bias, int n_heads, "
-        "float eps, str activation) -> Tensor",
+        "Tensor(b!) v_cache, Tensor?[] norms, Tensor[] w_packed, Tensor[] w_scale, Tensor?[] bias, int[] in_features, "
+        "int n_heads, float eps, str activation) -> Tensor",
         ref.ternary_decode_layer,
     )
 
     @torch.library.register_fake("accelops::ternary_decode_layer")
-    def _(x, positions, cos, sin, k_cache, v_cache, norms, w_packed, w_scale, bias, n_heads, eps, activation):
+    def _(
+        x, positions, cos, sin, k_cache, v_cache, norms, w_packed, w_scale, bias, in_features, n_heads, eps, activation
+    ):
+        ref.check_in_features(x, w_packed, in_features)  # shapes only, as the kernels check it
         return x.new_empty(x.shape)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ternary import ternary_matmul
+from .ternary import packed_cols, ternary_matmul
 
 ACTIVATIONS = ("relu2", "swiglu")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -34,14 +34,45 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def check_in_features(x, w_packed, in_features) -> None:
+    """in_features: the K each of the seven weights was packed for (q, k, v, o, gate, up,
+    down). The block gives each projection's input width: x's dim for q .. up, up_proj's N
+    (the FFN width) for down. The i2 layout pads K to a multiple of 128, so a weight packed
+    for a larger K within the same 128-block has the shape of one packed for the block's K
+    and would be read as if zero-padded: a silently wrong result. Hence this check, which
+    reads shapes only (the fake kernel runs it too). ValueError naming the projection and
+    both values."""
+    if not isinstance(in_features, (list, tuple)) or len(in_features) != len(PROJECTIONS):
+        got = f"{len(in_features)} entries" if isinstance(in_features, (list, tuple)) else repr(in_features)
+        raise ValueError(f"in_features must be a list of 7 ints ({', '.join(PROJECTIONS)}), got {got}")
+    dim, hidden = x.shape[-1], w_packed[5].shape[0]
+    for i, k in enumerate(in_features):
+        name = PROJECTIONS[i]
+        if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)) or k < 1:
+            raise ValueError(f"in_features[{i}] ({name}) must be a positive int, got {k!r}")
+        implied, source = (hidden, "up_proj's N, the FFN width") if i == 6 else (dim, "x's dim")
+        if k != implied:
+            raise ValueError(
+                f"in_features[{i}] ({name}) = {k} does not match its input's K={implied} ({source}): "
+                f"w_packed[{i}] was packed for another K"
+            )
+        if w_packed[i].shape[-1] != packed_cols(k):
+            raise ValueError(
+                f"w_packed[{i}] ({name}) must have {packed_cols(k)} columns (ceil(K/128)*32 bytes) for "
+                f"in_features[{i}]={k}, got shape {tuple(w_packed[i].shape)}"
+            )
+
+
 def ternary_decode_layer(
-    x, positions, cos, sin, k_cache, v_cache, norms, w_packed, w_scale, bias, n_heads, eps, activation
+    x, positions, cos, sin, k_cache, v_cache, norms, w_packed, w_scale, bias, in_features, n_heads, eps, activation
 ):
     """x [batch, dim] fp32 (each row's newest token) -> the block's output [batch, dim];
     writes the rows' keys and values into k_cache / v_cache [batch, n_kv_heads, size, head_dim]
     at positions [batch]. cos / sin [batch, head_dim]: the rotary angles of the positions.
     norms: the weights of (norm1, attn_sub_norm, norm2, ffn_sub_norm), None for an absent
-    sub-norm; w_packed / w_scale / bias: q, k, v, o, gate, up, down."""
+    sub-norm; w_packed / w_scale / bias: q, k, v, o, gate, up, down; in_features: the K each
+    of them was packed for, which must equal its input's width (check_in_features)."""
+    check_in_features(x, w_packed, in_features)
     batch, dim = x.shape
     kv_heads, size, hd = k_cache.shape[1:]
 

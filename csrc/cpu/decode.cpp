@@ -29,6 +29,8 @@ namespace {
 
 constexpr int kProjections = 7;  // q, k, v, o, gate, up, down
 enum Proj { Q = 0, K = 1, V = 2, O = 3, GATE = 4, UP = 5, DOWN = 6 };
+const char* const kProjectionNames[kProjections] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                                    "gate_proj", "up_proj", "down_proj"};
 
 int64_t blocks_of(int64_t k) { return (k + kTernaryBlockK - 1) / kTernaryBlockK; }
 
@@ -286,7 +288,8 @@ at::Tensor ternary_decode_layer_cpu(const at::Tensor& x, const at::Tensor& posit
                                     const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
                                     const c10::List<std::optional<at::Tensor>>& norms, at::TensorList w_packed,
                                     at::TensorList w_scale, const c10::List<std::optional<at::Tensor>>& bias,
-                                    int64_t n_heads, double eps, c10::string_view activation) {
+                                    at::IntArrayRef in_features, int64_t n_heads, double eps,
+                                    c10::string_view activation) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "x must be a contiguous float32 [batch, dim] tensor, got ", x.scalar_type(), " of shape ", x.sizes());
   TORCH_CHECK(activation == "relu2" || activation == "swiglu", "activation must be 'relu2' or 'swiglu', got '",
@@ -321,16 +324,32 @@ at::Tensor ternary_decode_layer_cpu(const at::Tensor& x, const at::Tensor& posit
   const int64_t kv_dim = kv_heads * hd;
   const int64_t hidden = w_packed[UP].size(0);
   const int64_t out_features[kProjections] = {dim, kv_dim, kv_dim, dim, hidden, hidden, dim};
-  const int64_t in_features[kProjections] = {dim, dim, dim, dim, dim, dim, hidden};
+  // Each projection's K as the block gives it; in_features (the K each weight was packed for)
+  // must agree: the packed width alone cannot tell K's apart within one 128-block, so a weight
+  // packed for a larger K would otherwise be read as if zero-padded (reference: check_in_features).
+  const int64_t implied_k[kProjections] = {dim, dim, dim, dim, dim, dim, hidden};
+  TORCH_CHECK_VALUE(in_features.size() == kProjections,
+                    "in_features must be a list of 7 ints (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                    "down_proj), got ",
+                    in_features.size(), " entries");
+  for (int i = 0; i < kProjections; ++i) {
+    TORCH_CHECK_VALUE(in_features[i] >= 1, "in_features[", i, "] (", kProjectionNames[i],
+                      ") must be a positive int, got ", in_features[i]);
+    TORCH_CHECK_VALUE(in_features[i] == implied_k[i], "in_features[", i, "] (", kProjectionNames[i], ") = ",
+                      in_features[i], " does not match its input's K=", implied_k[i],
+                      i == DOWN ? " (up_proj's N, the FFN width)" : " (x's dim)", ": w_packed[", i,
+                      "] was packed for another K");
+  }
   Projection proj[kProjections];
   for (int i = 0; i < kProjections; ++i) {
     const at::Tensor& w = w_packed[i];
     const at::Tensor& s = w_scale[i];
     TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() &&
                     w.size(0) == out_features[i] && w.size(1) == blocks_of(in_features[i]) * kTernaryBlockBytes,
-                "w_packed[", i, "] must be a contiguous uint8 [", out_features[i], ", ",
-                blocks_of(in_features[i]) * kTernaryBlockBytes, "] tensor, got ", w.scalar_type(), " of shape ",
-                w.sizes());
+                "w_packed[", i, "] (", kProjectionNames[i], ") must be a contiguous uint8 [", out_features[i], ", ",
+                blocks_of(in_features[i]) * kTernaryBlockBytes,
+                "] tensor (ceil(K/128)*32 bytes a row for in_features[", i, "]=", in_features[i], "), got ",
+                w.scalar_type(), " of shape ", w.sizes());
     TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && (s.numel() == 1 || s.numel() == out_features[i]),
                 "w_scale[", i, "] must be a contiguous float32 tensor of 1 or ", out_features[i], " scales, got ",
                 s.sizes());
