@@ -8,6 +8,7 @@ from torch import nn
 
 from ._base import LanguageModel, make_ffn, make_linear
 from .config import TransformerLMConfig
+from .generate import generate as _generate
 from .layers import KVCache, apply_rope, make_norm, rope_cos_sin
 
 __all__ = ["TransformerLM", "CausalSelfAttention", "TransformerBlock"]
@@ -188,36 +189,9 @@ class TransformerLM(LanguageModel):
 
     # ------------------------------------------------------------------ generation
 
-    def generate(
-        self,
-        tokens,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | None = None,
-        seed: int | None = None,
-        stream=None,
-        compile: bool = False,
-        fused: bool | None = None,
-    ) -> torch.Tensor:
-        """Continue each prompt by up to max_new_tokens tokens with a preallocated KV cache;
-        -> [batch, n] the new tokens (n <= max_new_tokens). See accelops.models.generate."""
-        from .generate import generate
-
-        return generate(
-            self,
-            tokens,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            seed=seed,
-            stream=stream,
-            compile=compile,
-            fused=fused,
-        )
+    # accelops.models.generate.generate itself, bound to the model (its first argument), so its
+    # signature and docstring have one definition: model.generate(prompt, max_new_tokens, ...).
+    generate = _generate
 
     @classmethod
     def from_hf_bitnet(cls, path_or_state_dict, config=None, quantization_config=None) -> "TransformerLM":
