@@ -15,6 +15,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -406,7 +407,29 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 
 namespace {
 
-constexpr int64_t kGroupGrain = 2048;  // 8-element groups per task (16 Ki elements)
+constexpr int64_t kGroupGrain = 2048;  // 8-element groups per chunk (16 Ki elements)
+
+// fn(g0, g1) over [0, groups) in chunks of `grain` that every thread pulls from a shared
+// counter until none is left, instead of one fixed half per thread: on a machine shared
+// with other jobs one of two threads is often descheduled, and with a fixed split the
+// other then waits for its half (OpenMP barrier) where it could have done it. Each chunk
+// is a whole number of 8-element groups, so mask bytes are never shared; the results do
+// not depend on which thread ran a chunk.
+template <typename F>
+void parallel_chunks(int64_t groups, int64_t grain, const F& fn) {
+  const int64_t chunks = (groups + grain - 1) / grain;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    fn(0, groups);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed))
+      fn(c * grain, std::min(groups, (c + 1) * grain));
+  });
+}
 constexpr int64_t kConvertChunk = 1024;
 
 struct Geometry {
@@ -507,7 +530,7 @@ void forward_tensor(const at::Tensor& x, at::Tensor& y, uint8_t* mask, const QPa
   if (x.scalar_type() == at::kFloat) {
     const float* xp = x.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    at::parallel_for(0, groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
+    parallel_chunks(groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
       const int64_t b = g0 * 8, e = std::min(g1 * 8, n);
       fq_forward_f32(xp + b, yp + b, mask ? mask + g0 : nullptr, b, e - b, p, isa);
     });
@@ -516,7 +539,7 @@ void forward_tensor(const at::Tensor& x, at::Tensor& y, uint8_t* mask, const QPa
   AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "fake_quantize", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
+    parallel_chunks(groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
       float xb[kConvertChunk], yb[kConvertChunk];
       const int64_t e = std::min(g1 * 8, n);
       for (int64_t b = g0 * 8; b < e; b += kConvertChunk) {
@@ -564,7 +587,7 @@ at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   if (grad.scalar_type() == at::kFloat) {
     const float* gp = gc.data_ptr<float>();
     float* dp = dx.data_ptr<float>();
-    at::parallel_for(0, groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
+    parallel_chunks(groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
       const int64_t b = g0 * 8, e = std::min(g1 * 8, n);
       fq_backward_f32(gp + b, mp + g0, dp + b, e - b, isa);
     });
@@ -573,7 +596,7 @@ at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   AT_DISPATCH_REDUCED_FLOATING_TYPES(grad.scalar_type(), "fake_quantize_backward", [&] {
     const scalar_t* gp = gc.data_ptr<scalar_t>();
     scalar_t* dp = dx.data_ptr<scalar_t>();
-    at::parallel_for(0, groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
+    parallel_chunks(groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
       const int64_t e = std::min(g1 * 8, n);
       for (int64_t i = g0 * 8; i < e; ++i) {
         // the product in the 16-bit type, as torch's dy * mask computes it
