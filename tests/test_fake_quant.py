@@ -184,6 +184,82 @@ def test_mask_bits_match_reference(backend):
     assert torch.equal(R.unpack_mask(bits, x.shape), rmask)
 
 
+@pytest.mark.parametrize("axis", [None, 0, 1, 2])
+def test_vector_paths_every_geometry_with_grad_and_bits(backend, axis):
+    # 16-lane vectors (AVX-512: two mask bytes each) that straddle channels, a channel axis
+    # last (channels along the vector), odd channel lengths (vector tails), NaN and +-Inf,
+    # several threads: y, the mask bits and dx bit-exact with torch and the reference.
+    if backend == "triton":
+        pytest.skip("the interpreter is too slow for this size; the small shapes cover triton")
+    x = torch.randn(7, 35, 131) * 4
+    x.view(-1)[::997] = float("nan")
+    x.view(-1)[5::1009] = float("inf")
+    x.view(-1)[9::1013] = -float("inf")
+    scale, zero = make_qparams(x, axis, -128, 127)
+    if axis is not None:
+        zero = zero.to(torch.int32)
+    finite = torch.isfinite(x)
+    xa = x.clone().requires_grad_()
+    y = ops.fake_quantize(xa, scale, zero, -128, 127, axis)
+    expected = R.fake_quantize(
+        x, torch.as_tensor(scale).reshape(-1), torch.as_tensor(zero).reshape(-1), -128, 127, axis
+    )
+    assert torch.equal(torch.isnan(y), torch.isnan(x))
+    assert torch.equal(y[finite], torch_fake_quantize(x, scale, zero, -128, 127, axis)[finite])
+    assert torch.equal(y.nan_to_num(), expected.nan_to_num())
+    g = torch.randn(x.shape)
+    y.backward(g)
+    xt = x.clone().requires_grad_()
+    torch_fake_quantize(xt, scale, zero, -128, 127, axis).backward(g)
+    assert torch.equal(xa.grad, xt.grad)
+    if backend != "reference":
+        s = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+        z = torch.as_tensor(zero).reshape(-1)
+        _, bits = torch.ops.accelops.fake_quantize(x, s, z, -128, 127, axis)
+        _, rmask = R.fake_quantize_with_mask(x, s, z, -128, 127, axis)
+        assert torch.equal(bits, R.pack_mask(rmask))
+
+
+@pytest.mark.parametrize("axis", [None, 0, 1, 2])
+@pytest.mark.parametrize("grad_factor", [1.0, 0.3])
+def test_learnable_vector_paths_every_geometry(backend, axis, grad_factor):
+    # Channel runs long and short, with vector tails, split between threads mid-channel:
+    # forward and dx bit-exact with torch, dscale / dzero (fp64 sums in another order)
+    # within the bound of test_learnable_matches_torch.
+    if backend == "triton":
+        pytest.skip("the interpreter is too slow for this size; the small shapes cover triton")
+    shape = (8, 67, 131)
+    gen = torch.Generator().manual_seed(axis or 0)
+    x = torch.randn(shape, generator=gen) * 3
+    c = 1 if axis is None else shape[axis]
+    scale = torch.empty(c).uniform_(0.01, 0.3, generator=gen)
+    zero = torch.empty(c).uniform_(-131, 130, generator=gen)
+    g = torch.randn(shape, generator=gen)
+    if axis is None:
+
+        def theirs(a, s, z):
+            return torch._fake_quantize_learnable_per_tensor_affine(a, s, z, -128, 127, grad_factor)
+    else:
+
+        def theirs(a, s, z):
+            return torch._fake_quantize_learnable_per_channel_affine(a, s, z, axis, -128, 127, grad_factor)
+
+    def ours(a, s, z):
+        return ops.fake_quantize_learnable(a, s, z, -128, 127, axis, grad_factor)
+
+    y, dx, ds, dz = lsq_pair(x, scale, zero, -128, 127, axis, grad_factor, g, ours)
+    ty, tdx, tds, tdz = lsq_pair(x, scale, zero, -128, 127, axis, grad_factor, g, theirs)
+    assert torch.equal(y, ty)
+    assert torch.equal(dx, tdx)
+    _, gold_s, gold_z = R.fake_quantize_learnable_backward(
+        g.double(), x.double(), scale, zero, -128, 127, axis, grad_factor
+    )
+    per_channel = g.abs().sum() if axis is None else g.abs().transpose(0, axis).reshape(c, -1).sum(1)
+    bound = per_channel * (x.abs().max() + 256) * 1e-6 * grad_factor + 1e-6
+    assert ((ds.double() - gold_s.double()).abs() <= bound).all()
+    assert ((dz.double() - gold_z.double()).abs() <= bound).all()
+
+
 # --------------------------------------------------------------------------- bad input
 
 

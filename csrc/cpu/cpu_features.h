@@ -2,8 +2,9 @@
 // accelops._C runs on any x86-64 (the SIMD paths carry per-function target attributes).
 //
 // Two questions, two functions:
-// * active_isa(): the vector level every kernel may use, Scalar or Avx2 (the fake-quant,
-//   FFN and comm kernels only have those two paths).
+// * active_isa(): the vector level every kernel may use, Scalar or Avx2 (the FFN and comm
+//   kernels only have those two paths; the fake-quant kernels add an AVX-512 F/BW/VL path
+//   of their own, taken when the cap allows avx512vnni: fq_isa() in fake_quant.cpp).
 // * active_dot_isa(): the level of the int8 dot-product kernels (int8 and ternary GEMM),
 //   Scalar, Avx2 or Avx512Vnni (512-bit vpdpbusd). AvxVnni is never returned (see
 //   has_dot_kernels): AVX-VNNI's 256-bit vpdpbusd is used only by the ternary M = 1 GEMV,

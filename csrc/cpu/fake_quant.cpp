@@ -15,7 +15,9 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../ops.h"
@@ -23,6 +25,17 @@
 
 namespace accelops {
 namespace {
+
+// The paths: Scalar, Avx2, and Avx512Vnni standing for AVX-512 F/BW/VL (no VNNI needed).
+// ACCELOPS_CPU_ISA caps them as it caps the dot kernels: avx512vnni allows AVX-512, avx2 or
+// avxvnni the AVX2 path, scalar the scalar one.
+Isa fq_isa() {
+  const Isa requested = requested_isa();
+  if (requested == Isa::Avx512Vnni && cpu_has_avx2() && cpu_has("avx512f") && cpu_has("avx512bw") &&
+      cpu_has("avx512vl"))
+    return Isa::Avx512Vnni;
+  return active_isa();
+}
 
 struct QParams {
   const float* scale;  // [C]
@@ -122,9 +135,58 @@ __attribute__((target("avx2,fma"))) void fq_forward_avx2(const float* x, float* 
   if (g < count) fq_forward_scalar(x + g, y + g, mask ? mask + g / 8 : nullptr, begin + g, count - g, p);
 }
 
+// The AVX2 arithmetic on 16 lanes: two groups, so two mask bytes per vector (written as one
+// little-endian uint16). The tail (under 16 elements) runs the AVX2 path.
+#define ACCELOPS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+ACCELOPS_AVX512 void fq_forward_avx512(const float* x, float* y, uint8_t* mask, int64_t begin, int64_t count,
+                                       const QParams& p) {
+  ChannelCursor cur(p, begin);
+  const __m512 qmin = _mm512_set1_ps(p.qmin), qmax = _mm512_set1_ps(p.qmax);
+  alignas(64) float ls[16], linv[16], lz[16];
+  int64_t g = 0;
+  for (; g + 16 <= count; g += 16) {
+    __m512 s, inv, z;
+    if (cur.uniform(16)) {
+      s = _mm512_set1_ps(p.scale[cur.c]);
+      inv = _mm512_set1_ps(p.inv[cur.c]);
+      z = _mm512_set1_ps(p.zero[cur.c]);
+      cur.advance(16);
+    } else if (cur.inner == 1 && cur.c + 16 <= cur.channels) {  // channels along the last axis
+      s = _mm512_loadu_ps(p.scale + cur.c);
+      inv = _mm512_loadu_ps(p.inv + cur.c);
+      z = _mm512_loadu_ps(p.zero + cur.c);
+      cur.advance(16);
+    } else {  // the vector crosses channels: gather lane by lane
+      for (int j = 0; j < 16; ++j) {
+        ls[j] = p.scale[cur.c];
+        linv[j] = p.inv[cur.c];
+        lz[j] = p.zero[cur.c];
+        cur.advance(1);
+      }
+      s = _mm512_load_ps(ls);
+      inv = _mm512_load_ps(linv);
+      z = _mm512_load_ps(lz);
+    }
+    const __m512 xv = _mm512_loadu_ps(x + g);
+    const __m512 q = _mm512_add_ps(
+        _mm512_roundscale_ps(_mm512_mul_ps(xv, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), z);
+    const __mmask16 inside = _mm512_cmp_ps_mask(q, qmin, _CMP_GE_OQ) & _mm512_cmp_ps_mask(q, qmax, _CMP_LE_OQ);
+    __m512 yv = _mm512_mul_ps(_mm512_sub_ps(_mm512_min_ps(_mm512_max_ps(q, qmin), qmax), z), s);
+    yv = _mm512_mask_mov_ps(yv, _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q), xv);  // NaN stays NaN
+    _mm512_storeu_ps(y + g, yv);
+    if (mask) {
+      const uint16_t bits = inside;
+      std::memcpy(mask + g / 8, &bits, 2);
+    }
+  }
+  if (g < count) fq_forward_avx2(x + g, y + g, mask ? mask + g / 8 : nullptr, begin + g, count - g, p);
+}
+
 void fq_forward_f32(const float* x, float* y, uint8_t* mask, int64_t begin, int64_t count, const QParams& p,
                     Isa isa) {
-  if (isa == Isa::Avx2)
+  if (isa == Isa::Avx512Vnni)
+    fq_forward_avx512(x, y, mask, begin, count, p);
+  else if (isa == Isa::Avx2)
     fq_forward_avx2(x, y, mask, begin, count, p);
   else
     fq_forward_scalar(x, y, mask, begin, count, p);
@@ -148,30 +210,70 @@ __attribute__((target("avx2,fma"))) void fq_backward_avx2(const float* dy, const
   if (i < count) fq_backward_scalar(dy + i, mask + i / 8, dx + i, count - i);
 }
 
-// Learnable backward, per element (torch's formulas; see the reference). `zero` holds the
-// backward zero point. Accumulates dscale / dzero partial sums per channel in acc_s / acc_z.
-__attribute__((always_inline)) inline void lsq_backward_body(const float* x, const float* dy, float* dx,
+ACCELOPS_AVX512 void fq_backward_avx512(const float* dy, const uint8_t* mask, float* dx, int64_t count) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    uint16_t bits;
+    std::memcpy(&bits, mask + i / 8, 2);
+    // a multiply by 0 or 1, not a masked move: -dy * 0 is -0 and NaN * 0 NaN, as torch's
+    _mm512_storeu_ps(dx + i, _mm512_mul_ps(_mm512_loadu_ps(dy + i), _mm512_maskz_mov_ps(bits, one)));
+  }
+  if (i < count) fq_backward_avx2(dy + i, mask + i / 8, dx + i, count - i);
+}
+
+void fq_backward_f32(const float* dy, const uint8_t* mask, float* dx, int64_t count, Isa isa) {
+  if (isa == Isa::Avx512Vnni)
+    fq_backward_avx512(dy, mask, dx, count);
+  else if (isa == Isa::Avx2)
+    fq_backward_avx2(dy, mask, dx, count);
+  else
+    fq_backward_scalar(dy, mask, dx, count);
+}
+
+// Learnable backward (torch's formulas; see the reference). `zero` holds the backward zero
+// point. Accumulates dscale / dzero partial sums per channel in acc_s / acc_z, in fp64: a
+// channel may be millions of elements long.
+//
+// The vector LSQ backward: the per-element values are the scalar body's bit for bit (same
+// fp32 operations in the same order); only the fp64 sums of a channel run are taken in
+// another order (one partial sum per lane, added up at the end of the run). Runs shorter
+// than a vector (a channel axis near the last one) take the scalar body.
+struct LsqChannel {
+  float s, inv, z, below_d, above_d;
+};
+
+__attribute__((always_inline)) inline void lsq_element(float xv, float g, const LsqChannel& ch, const QParams& p,
+                                                       float grad_factor, float* dx, double* sum_s, double* sum_z) {
+  const float q = std::nearbyint(xv * ch.inv) + ch.z;
+  const bool inside = q >= p.qmin && q <= p.qmax;
+  *dx = g * static_cast<float>(inside);
+  const float xfq = (std::min(std::max(q, p.qmin), p.qmax) - ch.z) * ch.s;
+  const float ds = inside ? g * (xfq - xv) * ch.inv : g * (q < p.qmin ? ch.below_d : ch.above_d);
+  const float dz = inside ? 0.f : g * -1.0f * ch.s * grad_factor;
+  *sum_s += ds * grad_factor;
+  *sum_z += dz;
+}
+
+// A vector run: elements [0, done) of one channel run, done returned; their sums added to
+// *sum_s / *sum_z.
+using LsqRunFn = int64_t (*)(const float* x, const float* dy, float* dx, int64_t n, const LsqChannel& ch,
+                             const QParams& p, float grad_factor, double* sum_s, double* sum_z);
+
+template <LsqRunFn vector_run>
+__attribute__((always_inline)) inline void lsq_backward_runs(const float* x, const float* dy, float* dx,
                                                              double* acc_s, double* acc_z, int64_t begin,
                                                              int64_t count, const QParams& p, float grad_factor) {
   ChannelCursor cur(p, begin);
   int64_t i = 0;
   while (i < count) {
     const int64_t c = cur.c;
-    const int64_t run = std::min<int64_t>(count - i, cur.inner - cur.off);  // elements left in channel c
-    const float s = p.scale[c], inv = p.inv[c], z = p.zero[c];
-    const float below_d = p.qmin - z, above_d = p.qmax - z;
-    double sum_s = 0.0, sum_z = 0.0;  // fp64: a run may be millions of elements long
-    for (int64_t j = i; j < i + run; ++j) {
-      const float xv = x[j], g = dy[j];
-      const float q = std::nearbyint(xv * inv) + z;
-      const bool inside = q >= p.qmin && q <= p.qmax;
-      dx[j] = g * static_cast<float>(inside);
-      const float xfq = (std::min(std::max(q, p.qmin), p.qmax) - z) * s;
-      const float ds = inside ? g * (xfq - xv) * inv : g * (q < p.qmin ? below_d : above_d);
-      const float dz = inside ? 0.f : g * -1.0f * s * grad_factor;
-      sum_s += ds * grad_factor;
-      sum_z += dz;
-    }
+    const int64_t run = std::min<int64_t>(count - i, cur.inner - cur.off);
+    const LsqChannel ch{p.scale[c], p.inv[c], p.zero[c], p.qmin - p.zero[c], p.qmax - p.zero[c]};
+    double sum_s = 0.0, sum_z = 0.0;
+    const int64_t done = vector_run(x + i, dy + i, dx + i, run, ch, p, grad_factor, &sum_s, &sum_z);
+    for (int64_t j = i + done; j < i + run; ++j)
+      lsq_element(x[j], dy[j], ch, p, grad_factor, dx + j, &sum_s, &sum_z);
     acc_s[c] += sum_s;
     acc_z[c] += sum_z;
     i += run;
@@ -179,15 +281,91 @@ __attribute__((always_inline)) inline void lsq_backward_body(const float* x, con
   }
 }
 
+int64_t lsq_run_none(const float*, const float*, float*, int64_t, const LsqChannel&, const QParams&, float, double*,
+                     double*) {
+  return 0;
+}
+
 void lsq_backward_scalar(const float* x, const float* dy, float* dx, double* acc_s, double* acc_z, int64_t begin,
                          int64_t count, const QParams& p, float grad_factor) {
-  lsq_backward_body(x, dy, dx, acc_s, acc_z, begin, count, p, grad_factor);
+  lsq_backward_runs<lsq_run_none>(x, dy, dx, acc_s, acc_z, begin, count, p, grad_factor);
+}
+
+__attribute__((target("avx2,fma"))) int64_t lsq_run_avx2(const float* xr, const float* gr, float* dr, int64_t n,
+                                                         const LsqChannel& ch, const QParams& p, float grad_factor,
+                                                         double* sum_s, double* sum_z) {
+  const __m256 qmin = _mm256_set1_ps(p.qmin), qmax = _mm256_set1_ps(p.qmax), one = _mm256_set1_ps(1.0f);
+  const __m256 minus_one = _mm256_set1_ps(-1.0f), gf = _mm256_set1_ps(grad_factor);
+  const __m256 s = _mm256_set1_ps(ch.s), inv = _mm256_set1_ps(ch.inv), z = _mm256_set1_ps(ch.z);
+  const __m256 below_d = _mm256_set1_ps(ch.below_d), above_d = _mm256_set1_ps(ch.above_d);
+  __m256d as0 = _mm256_setzero_pd(), as1 = as0, az0 = as0, az1 = as0;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 xv = _mm256_loadu_ps(xr + j), g = _mm256_loadu_ps(gr + j);
+    const __m256 q =
+        _mm256_add_ps(_mm256_round_ps(_mm256_mul_ps(xv, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), z);
+    const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(q, qmin, _CMP_GE_OQ), _mm256_cmp_ps(q, qmax, _CMP_LE_OQ));
+    _mm256_storeu_ps(dr + j, _mm256_mul_ps(g, _mm256_and_ps(inside, one)));
+    const __m256 xfq = _mm256_mul_ps(_mm256_sub_ps(_mm256_min_ps(_mm256_max_ps(q, qmin), qmax), z), s);
+    const __m256 ds_in = _mm256_mul_ps(_mm256_mul_ps(g, _mm256_sub_ps(xfq, xv)), inv);
+    const __m256 ds_out = _mm256_mul_ps(g, _mm256_blendv_ps(above_d, below_d, _mm256_cmp_ps(q, qmin, _CMP_LT_OQ)));
+    const __m256 ds = _mm256_mul_ps(_mm256_blendv_ps(ds_out, ds_in, inside), gf);
+    const __m256 dz_out = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(g, minus_one), s), gf);
+    const __m256 dz = _mm256_andnot_ps(inside, dz_out);  // +0 inside, as the scalar
+    as0 = _mm256_add_pd(as0, _mm256_cvtps_pd(_mm256_castps256_ps128(ds)));
+    as1 = _mm256_add_pd(as1, _mm256_cvtps_pd(_mm256_extractf128_ps(ds, 1)));
+    az0 = _mm256_add_pd(az0, _mm256_cvtps_pd(_mm256_castps256_ps128(dz)));
+    az1 = _mm256_add_pd(az1, _mm256_cvtps_pd(_mm256_extractf128_ps(dz, 1)));
+  }
+  alignas(32) double ls[4], lz[4];
+  _mm256_store_pd(ls, _mm256_add_pd(as0, as1));
+  _mm256_store_pd(lz, _mm256_add_pd(az0, az1));
+  *sum_s += (ls[0] + ls[1]) + (ls[2] + ls[3]);
+  *sum_z += (lz[0] + lz[1]) + (lz[2] + lz[3]);
+  return j;
 }
 
 __attribute__((target("avx2,fma"))) void lsq_backward_avx2(const float* x, const float* dy, float* dx, double* acc_s,
                                                            double* acc_z, int64_t begin, int64_t count,
                                                            const QParams& p, float grad_factor) {
-  lsq_backward_body(x, dy, dx, acc_s, acc_z, begin, count, p, grad_factor);
+  lsq_backward_runs<lsq_run_avx2>(x, dy, dx, acc_s, acc_z, begin, count, p, grad_factor);
+}
+
+ACCELOPS_AVX512 int64_t lsq_run_avx512(const float* xr, const float* gr, float* dr, int64_t n, const LsqChannel& ch,
+                                       const QParams& p, float grad_factor, double* sum_s, double* sum_z) {
+  const __m512 qmin = _mm512_set1_ps(p.qmin), qmax = _mm512_set1_ps(p.qmax), one = _mm512_set1_ps(1.0f);
+  const __m512 minus_one = _mm512_set1_ps(-1.0f), gf = _mm512_set1_ps(grad_factor);
+  const __m512 s = _mm512_set1_ps(ch.s), inv = _mm512_set1_ps(ch.inv), z = _mm512_set1_ps(ch.z);
+  const __m512 below_d = _mm512_set1_ps(ch.below_d), above_d = _mm512_set1_ps(ch.above_d);
+  __m512d as0 = _mm512_setzero_pd(), as1 = as0, az0 = as0, az1 = as0;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 xv = _mm512_loadu_ps(xr + j), g = _mm512_loadu_ps(gr + j);
+    const __m512 q = _mm512_add_ps(
+        _mm512_roundscale_ps(_mm512_mul_ps(xv, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), z);
+    const __mmask16 inside = _mm512_cmp_ps_mask(q, qmin, _CMP_GE_OQ) & _mm512_cmp_ps_mask(q, qmax, _CMP_LE_OQ);
+    _mm512_storeu_ps(dr + j, _mm512_mul_ps(g, _mm512_maskz_mov_ps(inside, one)));
+    const __m512 xfq = _mm512_mul_ps(_mm512_sub_ps(_mm512_min_ps(_mm512_max_ps(q, qmin), qmax), z), s);
+    const __m512 ds_in = _mm512_mul_ps(_mm512_mul_ps(g, _mm512_sub_ps(xfq, xv)), inv);
+    const __mmask16 below = _mm512_cmp_ps_mask(q, qmin, _CMP_LT_OQ);
+    const __m512 ds_out = _mm512_mul_ps(g, _mm512_mask_mov_ps(above_d, below, below_d));
+    const __m512 ds = _mm512_mul_ps(_mm512_mask_mov_ps(ds_out, inside, ds_in), gf);
+    const __m512 dz_out = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(g, minus_one), s), gf);
+    const __m512 dz = _mm512_maskz_mov_ps(static_cast<__mmask16>(~inside), dz_out);  // +0 inside, as the scalar
+    const __m512d ds_hi = _mm512_castps_pd(ds), dz_hi = _mm512_castps_pd(dz);
+    as0 = _mm512_add_pd(as0, _mm512_cvtps_pd(_mm512_castps512_ps256(ds)));
+    as1 = _mm512_add_pd(as1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(ds_hi, 1))));
+    az0 = _mm512_add_pd(az0, _mm512_cvtps_pd(_mm512_castps512_ps256(dz)));
+    az1 = _mm512_add_pd(az1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(dz_hi, 1))));
+  }
+  *sum_s += _mm512_reduce_add_pd(_mm512_add_pd(as0, as1));
+  *sum_z += _mm512_reduce_add_pd(_mm512_add_pd(az0, az1));
+  return j;
+}
+
+ACCELOPS_AVX512 void lsq_backward_avx512(const float* x, const float* dy, float* dx, double* acc_s, double* acc_z,
+                                         int64_t begin, int64_t count, const QParams& p, float grad_factor) {
+  lsq_backward_runs<lsq_run_avx512>(x, dy, dx, acc_s, acc_z, begin, count, p, grad_factor);
 }
 
 // ---------------------------------------------------------------- tensor plumbing
@@ -229,7 +407,29 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 
 namespace {
 
-constexpr int64_t kGroupGrain = 2048;  // 8-element groups per task (16 Ki elements)
+constexpr int64_t kGroupGrain = 2048;  // 8-element groups per chunk (16 Ki elements)
+
+// fn(g0, g1) over [0, groups) in chunks of `grain` that every thread pulls from a shared
+// counter until none is left, instead of one fixed half per thread: on a machine shared
+// with other jobs one of two threads is often descheduled, and with a fixed split the
+// other then waits for its half (OpenMP barrier) where it could have done it. Each chunk
+// is a whole number of 8-element groups, so mask bytes are never shared; the results do
+// not depend on which thread ran a chunk.
+template <typename F>
+void parallel_chunks(int64_t groups, int64_t grain, const F& fn) {
+  const int64_t chunks = (groups + grain - 1) / grain;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    fn(0, groups);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed))
+      fn(c * grain, std::min(groups, (c + 1) * grain));
+  });
+}
 constexpr int64_t kConvertChunk = 1024;
 
 struct Geometry {
@@ -324,13 +524,13 @@ QParamArrays qparam_arrays(const at::Tensor& scale, const at::Tensor& zero_point
 // Runs the fp32 forward over x (any float dtype; 16-bit types go through fp32 buffers,
 // converted exactly as torch converts).
 void forward_tensor(const at::Tensor& x, at::Tensor& y, uint8_t* mask, const QParams& p) {
-  const Isa isa = active_isa();
+  const Isa isa = fq_isa();
   const int64_t n = x.numel();
   const int64_t groups = (n + 7) / 8;
   if (x.scalar_type() == at::kFloat) {
     const float* xp = x.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    at::parallel_for(0, groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
+    parallel_chunks(groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
       const int64_t b = g0 * 8, e = std::min(g1 * 8, n);
       fq_forward_f32(xp + b, yp + b, mask ? mask + g0 : nullptr, b, e - b, p, isa);
     });
@@ -339,7 +539,7 @@ void forward_tensor(const at::Tensor& x, at::Tensor& y, uint8_t* mask, const QPa
   AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "fake_quantize", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
+    parallel_chunks(groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
       float xb[kConvertChunk], yb[kConvertChunk];
       const int64_t e = std::min(g1 * 8, n);
       for (int64_t b = g0 * 8; b < e; b += kConvertChunk) {
@@ -381,25 +581,22 @@ at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   const at::Tensor mc = mask.contiguous();
   at::Tensor dx = empty_output(grad.sizes(), grad.options());
   const uint8_t* mp = mc.data_ptr<uint8_t>();
-  const Isa isa = active_isa();
+  const Isa isa = fq_isa();
   const int64_t n = grad.numel();
   const int64_t groups = (n + 7) / 8;
   if (grad.scalar_type() == at::kFloat) {
     const float* gp = gc.data_ptr<float>();
     float* dp = dx.data_ptr<float>();
-    at::parallel_for(0, groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
+    parallel_chunks(groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
       const int64_t b = g0 * 8, e = std::min(g1 * 8, n);
-      if (isa == Isa::Avx2)
-        fq_backward_avx2(gp + b, mp + g0, dp + b, e - b);
-      else
-        fq_backward_scalar(gp + b, mp + g0, dp + b, e - b);
+      fq_backward_f32(gp + b, mp + g0, dp + b, e - b, isa);
     });
     return dx;
   }
   AT_DISPATCH_REDUCED_FLOATING_TYPES(grad.scalar_type(), "fake_quantize_backward", [&] {
     const scalar_t* gp = gc.data_ptr<scalar_t>();
     scalar_t* dp = dx.data_ptr<scalar_t>();
-    at::parallel_for(0, groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
+    parallel_chunks(groups, kGroupGrain, [&](int64_t g0, int64_t g1) {
       const int64_t e = std::min(g1 * 8, n);
       for (int64_t i = g0 * 8; i < e; ++i) {
         // the product in the 16-bit type, as torch's dy * mask computes it
@@ -456,7 +653,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_learnable_backward_
   const float* xp = xf.data_ptr<float>();
   const float* gp = gf.data_ptr<float>();
   float* dp = dx.data_ptr<float>();
-  const Isa isa = active_isa();
+  const Isa isa = fq_isa();
   const float gfac = static_cast<float>(grad_factor);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -464,7 +661,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_learnable_backward_
       if (b >= e) continue;
       double* as = acc_s.data() + t * channels;
       double* az = acc_z.data() + t * channels;
-      if (isa == Isa::Avx2)
+      if (isa == Isa::Avx512Vnni)
+        lsq_backward_avx512(xp + b, gp + b, dp + b, as, az, b, e - b, p, gfac);
+      else if (isa == Isa::Avx2)
         lsq_backward_avx2(xp + b, gp + b, dp + b, as, az, b, e - b, p, gfac);
       else
         lsq_backward_scalar(xp + b, gp + b, dp + b, as, az, b, e - b, p, gfac);
