@@ -130,6 +130,10 @@ def test_lemma_task_pairs_and_encoding(root):
     assert (targets[i, 4:] == IGNORE_INDEX).all()
     task.encode("train", vocab, max_len=6)  # "sitting" is too long: left out, counted
     assert task.train_skipped == 1
+    # train_on="tokens": every token, ("The", "the") twice
+    assert len(Lemma(root, train_on="tokens").encode("train", vocab, max_len=7)) == 8
+    with pytest.raises(ValueError, match="train_on must be one of"):
+        Lemma(root, train_on="types")
 
 
 def test_lemma_scores_with_oracle_and_copy(root):

@@ -599,8 +599,13 @@ class Lemma(Task):
         "(form, lemma) pairs of train; dev / test scored token by token (every syntactic word)."
     )
 
-    def __init__(self, root=None):
+    UNITS = ("pairs", "tokens")
+
+    def __init__(self, root=None, *, train_on: str = "pairs"):
         super().__init__()
+        if train_on not in self.UNITS:
+            raise ValueError(f"train_on must be one of {self.UNITS}, got {train_on!r}")
+        self.train_on = train_on
         self.splits = {
             s: D.load_conllu(D.data_path("ud_english_ewt", f"en_ewt-ud-{s}.conllu", root=root))
             for s in ("train", "dev", "test")
@@ -636,10 +641,11 @@ class Lemma(Task):
 
     def encode(self, split, tokenizer, max_len):
         """(source ids, source mask, decoder input [BOS] + lemma, targets lemma + [EOS] with
-        -100 on padding) of the split's unique pairs that fit max_len."""
+        -100 on padding) of the split's unique pairs (train_on="tokens": every token) that
+        fit max_len."""
         src, tgt_in, tgt_out = [], [], []
         skipped = 0
-        for form, lemma in self.pairs(split):
+        for form, lemma in self.pairs(split) if self.train_on == "pairs" else self.tokens(split):
             f, lem = tokenizer.encode(form), tokenizer.encode(lemma)
             if len(f) > max_len or len(lem) > max_len - 1 or not f:
                 skipped += 1
