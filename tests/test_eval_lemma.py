@@ -114,7 +114,7 @@ class Table(nn.Module):
 
 
 def test_lemma_task_pairs_and_encoding(root):
-    task = Lemma(root)
+    task = Lemma(root, train_on="pairs")
     assert task.tokens("test") == [(f, lem) for s in TEST for f, lem, _ in s]
     assert task.pairs("train")[:2] == [("The", "the"), ("cats", "cat")]
     assert len(task.pairs("train")) == 7  # ("The", "the") once
@@ -130,8 +130,9 @@ def test_lemma_task_pairs_and_encoding(root):
     assert (targets[i, 4:] == IGNORE_INDEX).all()
     task.encode("train", vocab, max_len=6)  # "sitting" is too long: left out, counted
     assert task.train_skipped == 1
-    # train_on="tokens": every token, ("The", "the") twice
-    assert len(Lemma(root, train_on="tokens").encode("train", vocab, max_len=7)) == 8
+    # train_on="tokens" (the default): every token, ("The", "the") twice
+    assert Lemma(root).train_on == "tokens"
+    assert len(Lemma(root).encode("train", vocab, max_len=7)) == 8
     with pytest.raises(ValueError, match="train_on must be one of"):
         Lemma(root, train_on="types")
 

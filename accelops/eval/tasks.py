@@ -19,7 +19,7 @@ Splits (train on train, choose on dev, report on test), with what this data forc
 - WikiText2: no train split here. Train on valid.txt (dev: its last 10% of lines), report
   on test.txt.
 - Lemma (UD English EWT, word form -> lemma, characters): train / dev / test as released;
-  trained on train's unique (form, lemma) pairs, scored on every token.
+  trained and scored on every token.
 
 Every task's `notes` says so, for the report that quotes its numbers.
 """
@@ -582,8 +582,11 @@ class Lemma(Task):
     head "seq2seq") over a character vocabulary (CharVocab) built on the training split's
     forms and lemmas.
 
-    Training: the unique (form, lemma) pairs of train, each once, in first-seen order (so
-    "the" and punctuation do not make up most of the steps); pairs too long for the model
+    Training (train_on="tokens", the default): every token of train, so the model sees the
+    words as often as the test does (the usual treebank-trained lemmatiser's data); or
+    train_on="pairs": the unique (form, lemma) pairs, each once, in first-seen order.
+    Chosen on dev (fp32, dim 64, 2+2 blocks, 600 steps of 256, seed 0): tokens 91.88% dev
+    accuracy, pairs 77.65% (the copy baseline 77.07%). Examples too long for the model
     (form > max_len or lemma > max_len - 1 characters) are left out (train_skipped).
     Scoring: token level, over every syntactic word of the split (as the CoNLL 2018 shared
     task scores LEMMA), so frequent words count as often as they occur; type_accuracy is
@@ -595,13 +598,13 @@ class Lemma(Task):
 
     name, head = "lemma", "seq2seq"
     notes = (
-        "UD English EWT r2.16 lemmatisation (form -> lemma, characters, no sentence context): train on the unique "
-        "(form, lemma) pairs of train; dev / test scored token by token (every syntactic word)."
+        "UD English EWT r2.16 lemmatisation (form -> lemma, characters, no sentence context): train on every "
+        "(form, lemma) token of train; dev / test scored token by token (every syntactic word)."
     )
 
     UNITS = ("pairs", "tokens")
 
-    def __init__(self, root=None, *, train_on: str = "pairs"):
+    def __init__(self, root=None, *, train_on: str = "tokens"):
         super().__init__()
         if train_on not in self.UNITS:
             raise ValueError(f"train_on must be one of {self.UNITS}, got {train_on!r}")
