@@ -321,11 +321,13 @@ def check_generate_quick(results_dir: Path, threads: int = 1) -> None:
 
 
 EVAL_VARIANTS = ["fp32", "bitlinear", "int8-ptq", "qat-int8", "alternate"]
+LEMMA_VARIANTS = ["fp32", "bitlinear", "int8-ptq", "encoder-decoder"]
 
 
 def test_eval_bench_quick(tmp_path):
-    """bench_eval --quick: every variant of BANKING77 trained a few steps, deployed and
-    compared with fp32 (or one skipped row when the evaluation data are not there)."""
+    """bench_eval --quick: every variant of BANKING77, and the lemmatisation task's, trained a
+    few steps, deployed and compared with fp32 (or one skipped row when the evaluation data
+    are not there)."""
     from accelops.eval.data import data_root
 
     _run_quick(tmp_path, "eval", timeout=600)
@@ -334,7 +336,15 @@ def test_eval_bench_quick(tmp_path):
     if not (data_root() / "banking77").is_dir():
         assert [r["status"] for r in rows] == ["skipped"] and "skipped" in summary
         return
-    assert [r["variant"] for r in rows] == EVAL_VARIANTS and len({r["run_id"] for r in rows}) == 1
+    assert [(r["task"], r["variant"]) for r in rows] == [("banking77", v) for v in EVAL_VARIANTS] + [
+        ("lemma", v) for v in LEMMA_VARIANTS
+    ]
+    assert len({r["run_id"] for r in rows}) == 1
+    lemma = {r["variant"]: r for r in rows if r["task"] == "lemma"}
+    assert lemma["encoder-decoder"]["block_params_vs_baseline"] < 0.6 and "target" not in lemma["bitlinear"]
+    assert lemma["fp32"]["n"] == 2077  # test sentences (the bootstrap's unit)
+    assert "| lemma | encoder-decoder | accuracy |" in summary and "copy-the-form baseline" in summary
+    rows = [r for r in rows if r["task"] == "banking77"]
     for r in rows:
         assert r["status"] == "ok" and r["quick"] is True and r["task"] == "banking77" and r["n"] == 3080
         assert 0 <= r["value"] <= 1 and r["ci95"][0] <= r["delta"] <= r["ci95"][1]
@@ -346,7 +356,7 @@ def test_eval_bench_quick(tmp_path):
     import duckdb
 
     con = duckdb.connect(str(tmp_path / "accelops_quick.duckdb"), read_only=True)
-    assert con.execute("SELECT count(*) FROM measurements WHERE family = 'eval'").fetchone() == (5,)
+    assert con.execute("SELECT count(*) FROM measurements WHERE family = 'eval'").fetchone() == (9,)
 
 
 def test_generate_bench_quick(tmp_path):

@@ -11,6 +11,8 @@ the same order (fit(seed=...)), then deployed and evaluated on the chosen split:
     int8-ptq    the trained fp32 model after to_int8(): Int8Linear W8A8, no retraining
     qat-int8    QATLinear QAT, deployed with to_int8(): Int8Linear with its trained codes
     alternate   fp32, blocks shared in two alternating sets (half the block parameters)
+    encoder-decoder  fp32, an encoder-decoder whose decoder blocks reuse the encoder
+                blocks' self-attention projections and FFN (seq2seq tasks: lemma)
 
 Each variant is compared with the baseline (fp32) by accelops.eval.suite.compare: the mean
 over seeds, the difference in points (a ratio for perplexity) and its standard error from a
@@ -48,8 +50,13 @@ VARIANTS = {
     "qat-int8": "QATLinear QAT (fake-quant int8), deployed by to_int8() as Int8Linear with its trained codes",
     "alternate": "fp32, blocks shared in two alternating sets (share_parameters 'alternate'): half the block "
     "parameters",
+    "encoder-decoder": "fp32, encoder-decoder sharing (share_encoder_decoder): each decoder block reuses its encoder "
+    "block's self-attention projections and FFN; its norms and cross-attention are its own",
 }
-_TRAINED = {"fp32": None, "bitlinear": "bitlinear", "qat-int8": "qat-int8", "alternate": None}
+_TRAINED = {"fp32": None, "bitlinear": "bitlinear", "qat-int8": "qat-int8", "alternate": None, "encoder-decoder": None}
+# Variants that need a model of one kind: the head the task's model has.
+_NEEDS_HEAD = {"encoder-decoder": "seq2seq"}
+_NO_HEAD = {"alternate": "seq2seq"}  # share_parameters finds no single block list in an encoder-decoder
 
 # The issue's targets (judged on test): points a fraction metric may lose, or the most a
 # perplexity may grow (ratio).
@@ -59,7 +66,7 @@ TARGETS = {
     (v, t): (_PPL[v] if t == "wikitext2" else (3.0 if (v, t) == ("bitlinear", "squad") else _POINTS[v]))
     for v in _POINTS
     for t in TASKS
-    if t != "wikitext2" or v in _PPL
+    if (t != "wikitext2" or v in _PPL) and t != "lemma"  # the issue sets no target for lemmatisation
 }
 
 
@@ -111,6 +118,13 @@ class Experiment:
         for key in ("vocab_size", "quant"):
             if key in self.model:
                 raise ValueError(f"model.{key} is set by the experiment (the tokenizer / the variant), not the config")
+        for v in self.variants:
+            for t in self.tasks:
+                head = TASKS[t].head
+                if v in _NEEDS_HEAD and head != _NEEDS_HEAD[v]:
+                    raise ValueError(f"variant {v!r} needs a {_NEEDS_HEAD[v]!r} task, task {t!r} has head {head!r}")
+                if v in _NO_HEAD and head == _NO_HEAD[v]:
+                    raise ValueError(f"variant {v!r} does not apply to task {t!r} (head {head!r})")
         unknown = set(self.per_task) - set(self.tasks)
         if unknown:
             raise ValueError(f"settings for task(s) {sorted(unknown)} that the experiment does not run {self.tasks}")
@@ -123,7 +137,8 @@ class Experiment:
 def _sizes(model) -> dict:
     from ..nn import count_parameters
 
-    whole, blocks = count_parameters(model), count_parameters(model.blocks)
+    block_list = model.block_modules() if hasattr(model, "block_modules") else model.blocks
+    whole, blocks = count_parameters(model), count_parameters(block_list)
     return {
         "parameters": whole.parameters,
         "unique_parameters": whole.unique_parameters,
@@ -153,7 +168,8 @@ def train_variants(task, tokenizer, variants, model_cfg: dict, train_cfg: dict, 
             info = {"train_s": fp32_info["train_s"], "train_loss": fp32_info["train_loss"], "derived_from": "fp32"}
         else:
             torch.manual_seed(seed)
-            model = task.build_model(tokenizer, quant=_TRAINED[variant], **model_cfg)
+            extra = {"sharing": "encoder-decoder"} if variant == "encoder-decoder" else {}
+            model = task.build_model(tokenizer, quant=_TRAINED[variant], **model_cfg, **extra)
             if variant == "alternate":
                 share_parameters(model, "alternate")
             start = time.perf_counter()

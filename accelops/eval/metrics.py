@@ -6,6 +6,9 @@
 - POS tagging: token accuracy and sequence (whole-sentence) accuracy;
 - NER: entity-level micro precision / recall / F1 over BIO spans (`entity_scores`), as
   seqeval's default mode (the conlleval rules) counts them;
+- lemmatisation: exact-match lemma accuracy over the tokens and the mean character edit
+  (Levenshtein) distance of the predictions (`lemma_scores`), as the CoNLL 2018 shared
+  task's LEMMA accuracy counts every word;
 - extractive QA: exact match and F1 with the answer normalisation of SQuAD v1.1's official
   evaluation script (`squad_scores`).
 
@@ -37,6 +40,8 @@ __all__ = [
     "bio_entities",
     "EntityScores",
     "entity_scores",
+    "edit_distance",
+    "lemma_scores",
     "normalize_answer",
     "squad_exact_match",
     "squad_f1",
@@ -245,6 +250,41 @@ def sequence_accuracy(gold, pred) -> float:
     """Sentences whose every tag is right, over all sentences."""
     _check_sequences(gold, pred)
     return sum(list(g) == list(p) for g, p in zip(gold, pred)) / len(gold)
+
+
+# --------------------------------------------------------------------------- lemmatisation
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest single-character insertions, deletions and
+    substitutions turning a into b."""
+    if not isinstance(a, str) or not isinstance(b, str):
+        raise TypeError(f"edit_distance compares two strings, got {type(a).__name__} and {type(b).__name__}")
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def lemma_scores(gold, pred) -> dict:
+    """Lemmatisation over a flat list of tokens: `accuracy` (predicted lemma == gold lemma,
+    exactly: case and characters) and `mean_edit_distance` (characters), with `n` tokens."""
+    _check_pair(gold, pred)
+    for name, seq in (("gold", gold), ("pred", pred)):
+        for i, x in enumerate(seq):
+            if not isinstance(x, str):
+                raise TypeError(f"{name}[{i}] must be a str (a lemma), got {type(x).__name__}")
+    n = len(gold)
+    return {
+        "accuracy": sum(g == p for g, p in zip(gold, pred)) / n,
+        "mean_edit_distance": sum(edit_distance(g, p) for g, p in zip(gold, pred)) / n,
+        "n": n,
+    }
 
 
 # --------------------------------------------------------------------------- entities

@@ -90,6 +90,11 @@ METRICS = {
     },
     "squad": {"f1": ("fraction", _mean("f1")), "exact_match": ("fraction", _mean("em"))},
     "wikitext2": {"perplexity": ("perplexity", _perplexity)},
+    # per sentence (the words of one sentence are not independent draws), summed over tokens
+    "lemma": {
+        "accuracy": ("fraction", lambda a, W: _ratio(W @ a["correct"], W @ a["words"])),
+        "unseen_accuracy": ("fraction", lambda a, W: _ratio(W @ a["unseen_correct"], W @ a["unseen"])),
+    },
 }
 # The metric each task's target is stated in (the targets).
 PRIMARY = {
@@ -98,6 +103,7 @@ PRIMARY = {
     "wnut17": "f1",
     "squad": "f1",
     "wikitext2": "perplexity",
+    "lemma": "accuracy",
 }
 
 
@@ -172,6 +178,24 @@ def _per_example(task: Task, model, tokenizer, split: str, batch_size: int):
         c = task.counts(split)
         scores = M.lm_scores(float(nll.sum()), int(tokens.sum()), num_words=c["words"], num_chars=c["chars"])
         return scores.as_dict(), {"nll": nll, "tokens": tokens}
+    if task.name == "lemma":
+        gold, pred, cut = task.predict(model, tokenizer, split, batch_size=max(batch_size, 256))
+        train_forms = task._train_forms
+        forms = [s.words for s in task.split(split)]
+        correct, unseen, unseen_correct = [], [], []
+        for fs, gs, ps in zip(forms, gold, pred):
+            ok = [g == p for g, p in zip(gs, ps)]
+            new = [f not in train_forms for f in fs]
+            correct.append(sum(ok))
+            unseen.append(sum(new))
+            unseen_correct.append(sum(o and n for o, n in zip(ok, new)))
+        arrays = {
+            "correct": np.array(correct, dtype=float),
+            "words": np.array([len(gs) for gs in gold], dtype=float),
+            "unseen": np.array(unseen, dtype=float),
+            "unseen_correct": np.array(unseen_correct, dtype=float),
+        }
+        return task.scores(split, gold, pred, cut), arrays
     raise ValueError(f"EvalSuite has no per-example metrics for task {task.name!r}; known: {sorted(METRICS)}")
 
 

@@ -18,6 +18,8 @@ Splits (train on train, choose on dev, report on test), with what this data forc
   use (dev: a seeded 10% of those paragraphs), report on XQuAD English's 240 paragraphs.
 - WikiText2: no train split here. Train on valid.txt (dev: its last 10% of lines), report
   on test.txt.
+- Lemma (UD English EWT, word form -> lemma, characters): train / dev / test as released;
+  trained and scored on every token.
 
 Every task's `notes` says so, for the report that quotes its numbers.
 """
@@ -41,6 +43,7 @@ __all__ = [
     "Wnut17",
     "Squad",
     "WikiText2",
+    "Lemma",
     "TASKS",
     "EncodedDataset",
     "fit",
@@ -96,7 +99,8 @@ def _holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
 
 
 class Task:
-    """Base: name, head (the model head it needs: "sequence", "token", "span" or "lm"),
+    """Base: name, head (the model head it needs: "sequence", "token", "span", "lm" or
+    "seq2seq"),
     splits (dict of split name -> examples), notes (how the splits were made)."""
 
     name: str = ""
@@ -569,7 +573,163 @@ class WikiText2(Task):
         return M.lm_scores(nll, n, num_words=c["words"], num_chars=c["chars"])
 
 
-TASKS = {t.name: t for t in (Banking77, UDPos, Wnut17, Squad, WikiText2)}
+# --------------------------------------------------------------------------- lemmatisation
+
+
+class Lemma(Task):
+    """UD English EWT lemmatisation, character level and context-free: each word form
+    (FORM) -> its lemma (LEMMA), by an encoder-decoder (accelops.models.TransformerSeq2Seq,
+    head "seq2seq") over a character vocabulary (CharVocab) built on the training split's
+    forms and lemmas.
+
+    Training (train_on="tokens", the default): every token of train, so the model sees the
+    words as often as the test does (the usual treebank-trained lemmatiser's data); or
+    train_on="pairs": the unique (form, lemma) pairs, each once, in first-seen order.
+    Chosen on dev (fp32, dim 64, 2+2 blocks, 600 steps of 256, seed 0): tokens 91.88% dev
+    accuracy, pairs 77.65% (the copy baseline 77.07%). Examples too long for the model
+    (form > max_len or lemma > max_len - 1 characters) are left out (train_skipped).
+    Scoring: token level, over every syntactic word of the split (as the CoNLL 2018 shared
+    task scores LEMMA), so frequent words count as often as they occur; type_accuracy is
+    over the split's unique (form, lemma) pairs, unseen_accuracy over the tokens whose form
+    never occurs in train (what memorising cannot do). A form longer than the model's
+    max_len is not decoded: its prediction is the form itself (copied; forms_cut counts
+    them: URLs and e-mail addresses, whose lemma is the form). copy_accuracy is the
+    copy-the-form baseline on the same tokens."""
+
+    name, head = "lemma", "seq2seq"
+    notes = (
+        "UD English EWT r2.16 lemmatisation (form -> lemma, characters, no sentence context): train on every "
+        "(form, lemma) token of train; dev / test scored token by token (every syntactic word)."
+    )
+
+    UNITS = ("pairs", "tokens")
+
+    def __init__(self, root=None, *, train_on: str = "tokens"):
+        super().__init__()
+        if train_on not in self.UNITS:
+            raise ValueError(f"train_on must be one of {self.UNITS}, got {train_on!r}")
+        self.train_on = train_on
+        self.splits = {
+            s: D.load_conllu(D.data_path("ud_english_ewt", f"en_ewt-ud-{s}.conllu", root=root))
+            for s in ("train", "dev", "test")
+        }
+        self.train_skipped = 0
+        self._train_forms = {f for sent in self.splits["train"] for f in sent.words}
+
+    def tokens(self, split) -> list[tuple[str, str]]:
+        """(form, lemma) of every word of the split, in order."""
+        return [(f, lemma) for sent in self.split(split) for f, lemma in zip(sent.words, sent.lemmas)]
+
+    def pairs(self, split) -> list[tuple[str, str]]:
+        """The split's unique (form, lemma) pairs, in first-seen order."""
+        return list(dict.fromkeys(self.tokens(split)))
+
+    def training_texts(self) -> list[str]:
+        return [t for pair in self.pairs("train") for t in pair]
+
+    def train_tokenizer(self, vocab_size=None, **kw):
+        """The CharVocab of the training split's forms and lemmas (every character they
+        hold; vocab_size is not used: a character vocabulary has no size to choose)."""
+        from .chars import CharVocab
+
+        return CharVocab.build(self.training_texts(), info={"task": self.name, "split": "train"})
+
+    def build_model(self, tokenizer, *, sharing=None, **config):
+        """A TransformerSeq2Seq(TransformerLMConfig(vocab_size=the vocabulary's, **config),
+        sharing=sharing) starting and ending targets with the vocabulary's BOS / EOS."""
+        from ..models import TransformerLMConfig, TransformerSeq2Seq
+
+        cfg = TransformerLMConfig(vocab_size=tokenizer.vocab_size, **config)
+        return TransformerSeq2Seq(cfg, sharing=sharing, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+
+    def encode(self, split, tokenizer, max_len):
+        """(source ids, source mask, decoder input [BOS] + lemma, targets lemma + [EOS] with
+        -100 on padding) of the split's unique pairs (train_on="tokens": every token) that
+        fit max_len."""
+        src, tgt_in, tgt_out = [], [], []
+        skipped = 0
+        for form, lemma in self.pairs(split) if self.train_on == "pairs" else self.tokens(split):
+            f, lem = tokenizer.encode(form), tokenizer.encode(lemma)
+            if len(f) > max_len or len(lem) > max_len - 1 or not f:
+                skipped += 1
+                continue
+            src.append(f)
+            tgt_in.append([tokenizer.bos_id] + lem)
+            tgt_out.append(lem + [tokenizer.eos_id])
+        if not src:
+            raise ValueError(f"task {self.name!r}: no pair of split {split!r} fits max_len={max_len}")
+        if split == "train":
+            self.train_skipped = skipped
+        tokens, mask = _pad(src, tokenizer.pad_id)
+        dec_in, _ = _pad(tgt_in, tokenizer.pad_id)
+        targets, _ = _pad(tgt_out, IGNORE_INDEX)
+        return EncodedDataset(tokens, mask, dec_in, targets)
+
+    @torch.no_grad()
+    def predict_forms(self, model, tokenizer, forms, *, batch_size=256, max_len=None) -> tuple[dict, int]:
+        """-> ({form: predicted lemma}, number of forms too long to decode, copied instead).
+        Forms are decoded once each, sorted by length (less padding)."""
+        self.check_model(model, tokenizer)
+        max_len = max_len or model.config.max_len
+        forms = list(dict.fromkeys(forms))
+        out, todo = {}, []
+        for f in forms:
+            ids = tokenizer.encode(f)
+            if len(ids) > max_len or not ids:
+                out[f] = f
+            else:
+                todo.append((len(ids), f, ids))
+        cut = len(forms) - len(todo)
+        todo.sort(key=lambda x: x[0])
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        try:
+            for i in range(0, len(todo), batch_size):
+                chunk = todo[i : i + batch_size]
+                tokens, mask = _pad([ids for _, _, ids in chunk], tokenizer.pad_id)
+                rows = model.greedy_decode(tokens.to(device), mask.to(device), model.config.max_len)
+                for (_, f, _), row in zip(chunk, rows):
+                    out[f] = tokenizer.decode(row)
+        finally:
+            model.train(was_training)
+        return out, cut
+
+    def predict(self, model, tokenizer, split="test", *, batch_size=256, max_len=None):
+        """-> (gold lemma lists a sentence, predicted lemma lists a sentence, forms cut)."""
+        sents = self.split(split)
+        pred, cut = self.predict_forms(
+            model, tokenizer, [f for s in sents for f in s.words], batch_size=batch_size, max_len=max_len
+        )
+        return [list(s.lemmas) for s in sents], [[pred[f] for f in s.words] for s in sents], cut
+
+    def scores(self, split, gold, pred, cut) -> dict:
+        """The task's scores from predict()'s sentences."""
+        forms = [f for s in self.split(split) for f in s.words]
+        g = [x for sent in gold for x in sent]
+        p = [x for sent in pred for x in sent]
+        base = M.lemma_scores(g, p)
+        types = {}
+        for f, gl, pl in zip(forms, g, p):
+            types[(f, gl)] = gl == pl
+        unseen = [gl == pl for f, gl, pl in zip(forms, g, p) if f not in self._train_forms]
+        return {
+            "accuracy": base["accuracy"],
+            "mean_edit_distance": base["mean_edit_distance"],
+            "type_accuracy": sum(types.values()) / len(types),
+            "unseen_accuracy": sum(unseen) / len(unseen) if unseen else 0.0,
+            "unseen_tokens": len(unseen),
+            "copy_accuracy": M.lemma_scores(g, forms)["accuracy"],
+            "tokens": base["n"],
+            "forms_cut": cut,
+        }
+
+    def evaluate(self, model, tokenizer, split="test", *, batch_size=256, max_len=None):
+        gold, pred, cut = self.predict(model, tokenizer, split, batch_size=batch_size, max_len=max_len)
+        return self.scores(split, gold, pred, cut)
+
+
+TASKS = {t.name: t for t in (Banking77, UDPos, Wnut17, Squad, WikiText2, Lemma)}
 
 
 # --------------------------------------------------------------------------- training

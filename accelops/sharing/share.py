@@ -20,7 +20,16 @@ from torch import nn
 
 from ..nn import BitLinear, ParameterCount, count_parameters
 
-__all__ = ["PATTERNS", "SCOPES", "SharingReport", "share_parameters", "sharing_groups", "retie"]
+__all__ = [
+    "PATTERNS",
+    "SCOPES",
+    "SharingReport",
+    "share_parameters",
+    "sharing_groups",
+    "retie",
+    "share_encoder_decoder",
+    "ENCODER_DECODER_PARTS",
+]
 
 PATTERNS = ("alternate", "sequential", "sandwich")
 SCOPES = ("block", "attention", "ffn")
@@ -273,11 +282,85 @@ def share_parameters(
     )
 
 
+# What "encoder-decoder" sharing gives decoder block i from encoder block i: the parts both
+# have (the self-attention's projections and its sub-layer norm, the FFN). The decoder's
+# self-attention module stays its own (causal, the encoder's is bidirectional: the flag is
+# the class's), and so do its norms and its cross-attention, which the encoder has no
+# counterpart of.
+ENCODER_DECODER_PARTS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj", "attn_sub_norm"), "ffn": None}
+
+
+def _share_encoder_decoder(model: nn.Module) -> None:
+    enc, dec = getattr(model, "encoder_blocks", None), getattr(model, "decoder_blocks", None)
+    if not isinstance(enc, nn.ModuleList) or not isinstance(dec, nn.ModuleList):
+        raise ValueError(
+            f"encoder-decoder sharing needs a model with encoder_blocks and decoder_blocks ModuleLists "
+            f"(accelops.models.TransformerSeq2Seq), got {type(model).__name__}"
+        )
+    if len(enc) != len(dec):
+        raise ValueError(
+            f"encoder-decoder sharing needs as many decoder blocks as encoder blocks, got {len(dec)} and {len(enc)}"
+        )
+    # (parent, name, owner) for every swap, checked before anything changes
+    swaps = []
+    for i, (e, d) in enumerate(zip(enc, dec)):
+        for part, names in ENCODER_DECODER_PARTS.items():
+            if names is None:
+                pairs = [(d, part, getattr(e, part, None), getattr(d, part, None))]
+            else:
+                pe, pd = getattr(e, part), getattr(d, part)
+                pairs = [(pd, n, getattr(pe, n, None), getattr(pd, n, None)) for n in names]
+            for parent, name, owner, mine in pairs:
+                if owner is None and mine is None:
+                    continue  # e.g. no attn_sub_norm in this configuration
+                if owner is None or mine is None or _signature(owner) != _signature(mine):
+                    raise ValueError(
+                        f"cannot share decoder block {i}'s {part} {name} with encoder block {i}'s: their types "
+                        f"or parameter shapes differ"
+                    )
+                swaps.append((parent, name, owner))
+    for parent, name, owner in swaps:
+        setattr(parent, name, owner)
+
+
+def share_encoder_decoder(model: nn.Module) -> SharingReport:
+    """ "Encoder-decoder sharing", in place: decoder block i reuses encoder block i's weights
+    for the parts both have (ENCODER_DECODER_PARTS: the self-attention's q/k/v/o
+    projections and its sub-layer norm, and the FFN, as the same module objects); the
+    decoder's norms and cross-attention stay its own. For accelops.models.TransformerSeq2Seq
+    (or any model with encoder_blocks / decoder_blocks of that layout). Shared BitLinear
+    layers quantize once per forward, and loading a checkpoint with different values under
+    the shared names raises, as with share_parameters. -> SharingReport (pattern
+    "encoder-decoder", groups [[encoder block i, decoder block i]])."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    before = count_parameters(model)
+    _share_encoder_decoder(model)
+    _install(model)
+    model.__dict__[_STATE].append({"kind": "encoder-decoder"})
+    _enable_quantization_caches(model)
+    if hasattr(model, "sharing"):
+        model.sharing = "encoder-decoder"
+    n = len(model.encoder_blocks)
+    return SharingReport(
+        pattern="encoder-decoder",
+        scope="attention+ffn",
+        groups=[[i, n + i] for i in range(n)],
+        tied_embeddings=False,
+        before=before,
+        after=count_parameters(model),
+        notes=["decoder self-attention projections and FFN = the encoder's; norms and cross-attention separate"],
+    )
+
+
 def retie(model: nn.Module) -> nn.Module:
     """Re-establish every sharing share_parameters recorded on `model` (idempotent). Needed only
     for embeddings tied by Parameter (models without tie_embeddings_()) after to_empty(),
     which gives each module a new Parameter; block sharing is by module and survives it."""
     for rec in model.__dict__.get(_STATE, ()):
+        if rec.get("kind") == "encoder-decoder":
+            _share_encoder_decoder(model)
+            continue
         _, block_list = _find_blocks(model, rec["blocks"])
         _share(block_list, rec["scope"], rec["groups"])
         if rec["tie"] == "parameter":
