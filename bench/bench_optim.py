@@ -372,7 +372,7 @@ def summarize(step_rows, lm_rows, cfg, threads, wall_s, meta) -> str:
         lines.append(
             f"fp8 map step time {t:.3f}x torch AdamW fused (<= {TIME_TARGET}x: {'met' if t <= TIME_TARGET else 'MISSED'})"
         )
-    if lm_rows and lm_rows[1].get("val_loss_vs_torch_adamw") is not None:
+    if len(lm_rows) > 1 and lm_rows[1].get("val_loss_vs_torch_adamw") is not None:
         a, b = lm_rows[1], lm_rows[0]
         st = a["setup"]
         out += [
