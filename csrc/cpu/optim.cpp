@@ -829,8 +829,9 @@ AO_OPT_AVX512 void quantize_fp8_avx512(const float* x, int64_t n, float r, uint8
   } order;
   const __m512 vr = _mm512_set1_ps(r);
   const __m512i inf = _mm512_set1_epi32(int(kInfBits)), one = _mm512_set1_epi32(int(kOneBits)),
-                bias = _mm512_set1_epi32(int(fp8_bias<Signed>())), half = _mm512_set1_epi32(0x7FFFF),
-                lsb = _mm512_set1_epi32(1), zero = _mm512_setzero_si512(), absmask = _mm512_set1_epi32(0x7FFFFFFF),
+                bias = _mm512_set1_epi32(int(fp8_bias<Signed>())),
+                half_bias = _mm512_set1_epi32(int(0x7FFFFu - fp8_bias<Signed>())), lsb = _mm512_set1_epi32(1),
+                zero = _mm512_setzero_si512(), absmask = _mm512_set1_epi32(0x7FFFFFFF),
                 sign8 = _mm512_set1_epi32(0x80), vorder = _mm512_load_si512(order.idx);
   for (int64_t i0 = 0; i0 < n; i0 += 64) {
     __m512i c[4];
@@ -840,8 +841,10 @@ AO_OPT_AVX512 void quantize_fp8_avx512(const float* x, int64_t n, float r, uint8
       const __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i0 + 16 * j), vr));
       __m512i a = Signed ? _mm512_and_si512(u, absmask) : _mm512_max_epi32(u, zero);
       const __mmask16 ok = _mm512_cmple_epu32_mask(a, inf);  // not NaN
-      a = _mm512_max_epi32(_mm512_sub_epi32(_mm512_min_epu32(a, one), bias), zero);
-      a = _mm512_add_epi32(_mm512_add_epi32(a, half), _mm512_and_si512(_mm512_srli_epi32(a, 20), lsb));
+      // clamped to [bias, 1.0], then (a - bias + 0x7FFFF + lsb) >> 20 with the bias folded into
+      // the rounding constant (the bias is a multiple of 2^23: a's bit 20 is the lsb either way)
+      a = _mm512_max_epu32(_mm512_min_epu32(a, one), bias);
+      a = _mm512_add_epi32(_mm512_add_epi32(a, half_bias), _mm512_and_si512(_mm512_srli_epi32(a, 20), lsb));
       a = _mm512_srli_epi32(a, 20);
       // Signed: c | ((u >> 24) & 0x80), zeroed for NaN
       c[j] = Signed ? _mm512_maskz_ternarylogic_epi32(ok, a, _mm512_srli_epi32(u, 24), sign8, 0xF8)
