@@ -379,7 +379,7 @@ def summarize(step_rows, lm_rows, cfg, threads, wall_s, meta) -> str:
             f"TransformerLM on {os.path.basename(a['data'])}: dim {st['dim']}, {st['n_layers']} layers, "
             f"{st['n_heads']} heads, FFN {st['hidden']}, context {st['seq_len']}, {st['steps']} steps of "
             f"{st['batch_size']} x {st['seq_len']} characters, lr {st['lr']:g} cosine (warm-up "
-            f"{st['warmup_steps']}), betas (0.9, 0.95), weight decay 0.1, clip 1, seed 0 for both; validation "
+            f"{st['warmup_steps']}), betas (0.9, 0.95), weight decay 0.1, clip 1, seed 0 for every optimizer; validation "
             f"over {a['val_tokens']:,} characters.",
             "",
             common.md_table(
