@@ -14,8 +14,11 @@ torch.optim, in the same run and thread count.
    bench_lm set-up at dim 128, context 64) trained the same steps, same seed and data order
    with torch AdamW and with AdamW8bit: validation loss within 1% of fp32 AdamW's (target).
 
+AdamW8bit runs with both state maps: "dynamic" (rows adamw8bit, lm_adamw8bit) and "fp8"
+(m E4M3 / v E5M3 with arithmetic encode and decode: rows adamw8bit_fp8, lm_adamw8bit_fp8).
+
     python bench/bench_optim.py [--quick] [--threads 2] [--results-dir DIR]
-    ACCELOPS_BENCH_OPTIM_LM_STEPS=N overrides the LM's step count (default 800)
+    ACCELOPS_BENCH_OPTIM_LM_STEPS=N overrides the LM's step count (default 800; 0 skips the LM)
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def _state_bytes(opt) -> int:
     return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
 
 
-def _check_kernel() -> dict:
+def _check_kernel(state_map: str = "dynamic") -> dict:
     """accelops' native step vs the reference on one tensor, bit for bit."""
     from accelops import ops
     from accelops.ops import optim as O
@@ -68,8 +71,23 @@ def _check_kernel() -> dict:
             g = torch.randn(n, generator=gen) * 1e-2
             if impl == "kernel":
                 ops.adamw8bit_step_(
-                    p, g, mc, ma, vc, va, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=t
+                    p,
+                    g,
+                    mc,
+                    ma,
+                    vc,
+                    va,
+                    lr=1e-3,
+                    beta1=0.9,
+                    beta2=0.999,
+                    eps=1e-8,
+                    weight_decay=0.01,
+                    step=t,
+                    state_map=state_map,
                 )
+            elif state_map == "fp8":
+                s = R.adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, t)
+                R.adamw8bit_fp8_step_(p, g, mc, ma, vc, va, s, 256)
             else:
                 R.adamw8bit_step_(
                     p,
@@ -85,7 +103,11 @@ def _check_kernel() -> dict:
                 )
         out[impl] = (p, mc, ma, vc, va)
     ok = all(torch.equal(a, b) for a, b in zip(out["kernel"], out["reference"]))
-    return {"ok": ok, "against": "accelops.reference, bit-exact (param, codes, absmax), 2 steps, 1M elements"}
+    return {
+        "ok": ok,
+        "state_map": state_map,
+        "against": "accelops.reference, bit-exact (param, codes, absmax), 2 steps, 1M elements",
+    }
 
 
 def _optimizers():
@@ -93,6 +115,13 @@ def _optimizers():
 
     return [
         ("adamw8bit", "accelops AdamW8bit", True, "adamw", lambda ps: AdamW8bit(ps, lr=1e-3, weight_decay=0.01)),
+        (
+            "adamw8bit_fp8",
+            'accelops AdamW8bit(state_map="fp8")',
+            True,
+            "adamw",
+            lambda ps: AdamW8bit(ps, lr=1e-3, weight_decay=0.01, state_map="fp8"),
+        ),
         (
             "torch_adamw_foreach",
             "torch AdamW(foreach=True)",
@@ -120,7 +149,7 @@ def _optimizers():
 
 def run_step_times(cfg, timer, meta, threads, out_path) -> list[dict]:
     rows = []
-    check = _check_kernel()
+    checks = {"adamw8bit": _check_kernel("dynamic"), "adamw8bit_fp8": _check_kernel("fp8")}
     params = _params(cfg.quick)
     n_params = sum(p.numel() for p in params)
     case = f"{len(params)} fp32 tensors x {params[0].numel():,} = {n_params / 1e6:.1f}M params"
@@ -139,7 +168,8 @@ def run_step_times(cfg, timer, meta, threads, out_path) -> list[dict]:
             "budget_s": cfg.budget_s,
             "status": "ok",
         }
-        if is_accelops and kind == "adamw":
+        check = checks.get(method, {"ok": True})
+        if method in checks:
             row["check"] = check
         try:
             opt = make(params)
@@ -158,6 +188,8 @@ def run_step_times(cfg, timer, meta, threads, out_path) -> list[dict]:
     for mine, base in (
         ("adamw8bit", "torch_adamw_foreach"),
         ("adamw8bit", "torch_adamw_fused"),
+        ("adamw8bit_fp8", "torch_adamw_foreach"),
+        ("adamw8bit_fp8", "torch_adamw_fused"),
         ("sgd8bit", "torch_sgd_foreach"),
     ):
         a, b = by[mine], by[base]
@@ -220,6 +252,8 @@ def run_lm(cfg, meta, threads, out_path) -> list[dict]:
 
     data_path = bench_lm._data_path(None)
     setup = _lm_setup(cfg.quick)
+    if setup.steps == 0:
+        return []
     base = {
         **meta,
         "family": FAMILY,
@@ -246,8 +280,13 @@ def run_lm(cfg, meta, threads, out_path) -> list[dict]:
             "accelops AdamW8bit",
             lambda ps: AdamW8bit(ps, lr=setup.lr, betas=(0.9, 0.95), weight_decay=0.1),
         ),
+        (
+            "lm_adamw8bit_fp8",
+            'accelops AdamW8bit(state_map="fp8")',
+            lambda ps: AdamW8bit(ps, lr=setup.lr, betas=(0.9, 0.95), weight_decay=0.1, state_map="fp8"),
+        ),
     ):
-        row = {**base, "method": method, "label": label, "accelops": method == "lm_adamw8bit", "status": "ok"}
+        row = {**base, "method": method, "label": label, "accelops": method != "lm_torch_adamw", "status": "ok"}
         try:
             model = bench_lm.build_model(setup, len(vocab), None, None, seed=0)
             opt = make(model.parameters())
@@ -260,12 +299,13 @@ def run_lm(cfg, meta, threads, out_path) -> list[dict]:
         except Exception as exc:
             row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
         rows.append(row)
-    a, b = rows[1], rows[0]
-    if a["status"] == "ok" and b["status"] == "ok":
-        a["val_loss_vs_torch_adamw"] = a["val_loss"] / b["val_loss"]
-        a["state_bytes_vs_torch_adamw"] = a["state_bytes"] / b["state_bytes"]
-        a["target_val_loss_vs_torch_adamw"] = LM_TARGET
-        a["target_met"] = a["val_loss_vs_torch_adamw"] <= LM_TARGET
+    b = rows[0]
+    for a in rows[1:]:
+        if a["status"] == "ok" and b["status"] == "ok":
+            a["val_loss_vs_torch_adamw"] = a["val_loss"] / b["val_loss"]
+            a["state_bytes_vs_torch_adamw"] = a["state_bytes"] / b["state_bytes"]
+            a["target_val_loss_vs_torch_adamw"] = LM_TARGET
+            a["target_met"] = a["val_loss_vs_torch_adamw"] <= LM_TARGET
     for row in rows:
         row["loadavg_1m"] = os.getloadavg()[0]
         common.append_row(out_path, row)
@@ -295,7 +335,7 @@ def summarize(step_rows, lm_rows, cfg, threads, wall_s, meta) -> str:
     table = []
     for r in step_rows:
         ratio = ""
-        if r["method"] == "adamw8bit":
+        if r["method"] in ("adamw8bit", "adamw8bit_fp8"):
             ratio = ", ".join(f"{r[k]:.3f}x vs {k[len('time_vs_torch_') :]}" for k in r if k.startswith("time_vs_"))
         if r["method"] == "sgd8bit" and "time_vs_torch_sgd_foreach" in r:
             ratio = f"{r['time_vs_torch_sgd_foreach']:.3f}x vs sgd_foreach"
@@ -326,14 +366,20 @@ def summarize(step_rows, lm_rows, cfg, threads, wall_s, meta) -> str:
         lines.append(
             f"step time {t:.3f}x torch AdamW foreach (<= {TIME_TARGET}x: {'met' if t <= TIME_TARGET else 'MISSED'})"
         )
-    if lm_rows and lm_rows[-1].get("val_loss_vs_torch_adamw") is not None:
+    fp8 = by.get("adamw8bit_fp8", {})
+    if fp8.get("time_vs_torch_adamw_fused") is not None:
+        t = fp8["time_vs_torch_adamw_fused"]
+        lines.append(
+            f"fp8 map step time {t:.3f}x torch AdamW fused (<= {TIME_TARGET}x: {'met' if t <= TIME_TARGET else 'MISSED'})"
+        )
+    if len(lm_rows) > 1 and lm_rows[1].get("val_loss_vs_torch_adamw") is not None:
         a, b = lm_rows[1], lm_rows[0]
         st = a["setup"]
         out += [
             f"TransformerLM on {os.path.basename(a['data'])}: dim {st['dim']}, {st['n_layers']} layers, "
             f"{st['n_heads']} heads, FFN {st['hidden']}, context {st['seq_len']}, {st['steps']} steps of "
             f"{st['batch_size']} x {st['seq_len']} characters, lr {st['lr']:g} cosine (warm-up "
-            f"{st['warmup_steps']}), betas (0.9, 0.95), weight decay 0.1, clip 1, seed 0 for both; validation "
+            f"{st['warmup_steps']}), betas (0.9, 0.95), weight decay 0.1, clip 1, seed 0 for every optimizer; validation "
             f"over {a['val_tokens']:,} characters.",
             "",
             common.md_table(
@@ -346,16 +392,21 @@ def summarize(step_rows, lm_rows, cfg, threads, wall_s, meta) -> str:
                         common.fmt_bytes(r["state_bytes"]),
                         f"{r['train_s']:.0f} s",
                     ]
-                    for r in (b, a)
+                    for r in lm_rows
+                    if r["status"] == "ok"
                 ],
             ),
             "",
         ]
-        v = a["val_loss_vs_torch_adamw"]
-        lines.append(
-            f"LM val loss {v:.4f}x torch AdamW's (<= {LM_TARGET}x: {'met' if v <= LM_TARGET else 'MISSED'}), "
-            f"LM state bytes {a['state_bytes_vs_torch_adamw']:.3f}x (norms and small tensors keep fp32 states)"
-        )
+        for r in lm_rows[1:]:
+            if r.get("val_loss_vs_torch_adamw") is None:
+                continue
+            v = r["val_loss_vs_torch_adamw"]
+            lines.append(
+                f"LM val loss of {r['label']} {v:.4f}x torch AdamW's (<= {LM_TARGET}x: "
+                f"{'met' if v <= LM_TARGET else 'MISSED'}), LM state bytes {r['state_bytes_vs_torch_adamw']:.3f}x "
+                "(norms and small tensors keep fp32 states)"
+            )
     elif lm_rows:
         out += [f"LM: {lm_rows[0]['status']}: {lm_rows[0].get('reason') or lm_rows[-1].get('reason')}", ""]
     out += ["Targets: " + "; ".join(lines) + ".", ""]

@@ -103,4 +103,5 @@ TORCH_LIBRARY_IMPL(accelops, CPU, m) {
   m.impl("orthogonalize_", &accelops::orthogonalize_cpu);
   m.impl("adamw8bit_step_", &accelops::adamw8bit_step_cpu);
   m.impl("sgd8bit_step_", &accelops::sgd8bit_step_cpu);
+  m.impl("adamw8bit_fp8_step_", &accelops::adamw8bit_fp8_step_cpu);
 }

@@ -95,6 +95,10 @@ void adamw8bit_step_cpu(const at::Tensor& param, const at::Tensor& grad, const a
 void sgd8bit_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& codes,
                       const at::Tensor& absmax, const at::Tensor& qmap, double lr, double momentum,
                       double dampening, double weight_decay, bool nesterov, bool first, int64_t block_size);
+void adamw8bit_fp8_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes,
+                            const at::Tensor& m_absmax, const at::Tensor& v_codes, const at::Tensor& v_absmax,
+                            double beta1, double c1, double beta2, double c2, double decay, double step_size,
+                            double bc2_sqrt, double eps, int64_t block_size);
 
 // shared helpers (csrc/cpu/fake_quant.cpp)
 // A new contiguous tensor whose large pages are backed by transparent huge pages where the

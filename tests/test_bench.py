@@ -488,7 +488,14 @@ def test_hpo_bench_accounting():
     assert 3.5 < lo <= hi < 4.5
 
 
-OPTIM_METHODS = {"adamw8bit", "torch_adamw_foreach", "torch_adamw_fused", "sgd8bit", "torch_sgd_foreach"}
+OPTIM_METHODS = {
+    "adamw8bit",
+    "adamw8bit_fp8",
+    "torch_adamw_foreach",
+    "torch_adamw_fused",
+    "sgd8bit",
+    "torch_sgd_foreach",
+}
 
 
 def check_optim_quick(results_dir: Path, threads: int = 1) -> None:
@@ -508,14 +515,15 @@ def check_optim_quick(results_dir: Path, threads: int = 1) -> None:
         assert r["p20_us"] <= r["median_us"] <= r["p80_us"] and r["repeats"] >= 3
         assert {"cpu_model", "cpu_count"} <= set(r["machine"]) and r["versions"]["torch"]
     by = {r["method"]: r for r in steps}
-    assert by["adamw8bit"]["check"]["ok"]
-    assert by["adamw8bit"]["state_bytes_vs_torch_adamw_foreach"] <= 0.27
+    for method in ("adamw8bit", "adamw8bit_fp8"):
+        assert by[method]["check"]["ok"]
+        assert by[method]["state_bytes_vs_torch_adamw_foreach"] <= 0.27
     assert by["sgd8bit"]["time_vs_torch_sgd_foreach"] > 0
     lm = [r for r in optim if r.get("kind") == "lm"]
     if (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").is_file():
-        assert [r["method"] for r in lm] == ["lm_torch_adamw", "lm_adamw8bit"]
+        assert [r["method"] for r in lm] == ["lm_torch_adamw", "lm_adamw8bit", "lm_adamw8bit_fp8"]
         assert all(r["status"] == "ok" and 0 < r["val_loss"] < 10 for r in lm)
-        assert lm[1]["val_loss_vs_torch_adamw"] > 0
+        assert lm[1]["val_loss_vs_torch_adamw"] > 0 and lm[2]["val_loss_vs_torch_adamw"] > 0
     else:
         assert [r["status"] for r in lm] == ["skipped"]
     assert "Targets:" in (results_dir / "optim_summary_quick.md").read_text()

@@ -805,3 +805,306 @@ def test_fsdp2_two_gloo_ranks():
 
 def test_zero_redundancy_two_gloo_ranks():
     run_forked_ranks(_zero_worker, timeout_s=180)
+
+
+# =========================================================================== fp8 state maps
+
+FP8_BACKENDS = ["cpu", "cpu-avx2", "cpu-scalar", "triton"]
+
+
+def _fp8_grid(signed: bool) -> torch.Tensor:
+    """The encoder's grid in fp64, one value per magnitude code: 2^(e - bias) * (1 + f / 8),
+    code 0 included as its grid point (2^-15 / 2^-31), which then decodes to 0."""
+    c = torch.arange(121 if signed else 249, dtype=torch.float64)
+    e, f = torch.div(c, 8, rounding_mode="floor"), c % 8
+    return torch.pow(2.0, e - (15 if signed else 31)) * (1 + f / 8)
+
+
+def _fp8_oracle(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Nearest grid point by brute force in fp64, ties to the even code (= even mantissa),
+    saturating at 1; NaN -> 0; the sign as m's bit 7 (v: negative -> 0)."""
+    grid = _fp8_grid(signed)
+    a = x.double().abs() if signed else x.double().clamp_min(0)
+    a = torch.nan_to_num(a, nan=0.0).clamp(max=1.0)
+    d = (a[:, None] - grid[None, :]).abs()
+    best = d.min(dim=1, keepdim=True).values
+    cand = d == best
+    idx = torch.arange(grid.numel())
+    even = cand & (idx % 2 == 0)[None, :]
+    code = torch.where(even.any(1), (even * idx).sum(1), (cand * idx).amax(1))
+    if signed:
+        code = code | torch.where(torch.signbit(x) & ~torch.isnan(x), 0x80, 0)
+    code = torch.where(torch.isnan(x), 0, code)
+    return code.to(torch.uint8)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_fp8_map_values(signed):
+    m = R.fp8_map(signed)
+    top = 120 if signed else 248
+    assert float(m[0]) == 0.0 and float(m[top]) == 1.0
+    mags = m[:128] if signed else m
+    assert bool((mags[1 : top + 1] > mags[:top]).all())  # increasing with the magnitude code
+    if signed:
+        assert torch.equal(m[128:], -m[:128]) and torch.signbit(m[128]) and not torch.signbit(m[0])
+    # every code the encoder produces comes back as itself
+    codes = torch.arange(256).to(torch.uint8)
+    produced = (codes & 0x7F) <= top if signed else codes <= top
+    assert torch.equal(R.fp8_encode(m, signed)[produced], codes[produced])
+    # relative spacing: 3 mantissa bits over 15 (m) / 31 (v) binades
+    rel = (mags[2 : top + 1] - mags[1:top]) / mags[2 : top + 1]
+    assert float(rel.max()) <= 0.125 and float(mags[1]) < (4e-5 if signed else 6e-10)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_fp8_encode_matches_fp64_oracle(signed):
+    """The bit rule is round to nearest even on the grid: checked against a brute-force
+    nearest search in fp64 on every grid point, every midpoint (the ties) and their ulp
+    neighbours, spread values, zeros, infinities and NaN."""
+    grid = _fp8_grid(signed).float()
+    mids = ((_fp8_grid(signed)[1:] + _fp8_grid(signed)[:-1]) / 2).float()  # exact in fp32
+    inf = torch.tensor(float("inf"))
+    pts = torch.cat([grid, mids, torch.nextafter(mids, inf), torch.nextafter(mids, -inf), grid / 2, grid * 0.75])
+    special = torch.tensor([0.0, -0.0, 1e-45, 1e-38, 1.0, 1.0000001, 2.0, float("inf"), -float("inf"), float("nan")])
+    spread = torch.rand(5000, generator=torch.Generator().manual_seed(0)).pow(30)
+    x = torch.cat([pts, -pts, special, spread, -spread])
+    assert_same(R.fp8_encode(x, signed), _fp8_oracle(x, signed), "codes")
+
+
+def _adam_fp8_run(n, dtype, bs, steps, seed, scale=0.1, wd=0.01, impl=None, betas=(0.9, 0.999)):
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.randn(n, generator=gen).to(dtype)
+    mc, ma = O.new_state(p, bs)
+    vc, va = O.new_state(p, bs)
+    for t in range(1, steps + 1):
+        g = (torch.randn(n, generator=gen) * scale * (1 + t)).to(dtype)
+        if impl is None:
+            s = R.adamw_scalars(3e-3, betas[0], betas[1], 1e-8, wd, t)
+            R.adamw8bit_fp8_step_(p, g, mc, ma, vc, va, s, bs)
+        else:
+            ops.adamw8bit_step_(
+                p,
+                g,
+                mc,
+                ma,
+                vc,
+                va,
+                lr=3e-3,
+                beta1=betas[0],
+                beta2=betas[1],
+                eps=1e-8,
+                weight_decay=wd,
+                step=t,
+                block_size=bs,
+                state_map="fp8",
+            )
+    return p, mc, ma, vc, va
+
+
+@pytest.mark.parametrize("backend_name", FP8_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_adamw_fp8_step_matches_reference(monkeypatch, backend_name, dtype):
+    _use(monkeypatch, backend_name)
+    for n in SIZES:
+        bs = 256 if n != 1000 else 64
+        want = _adam_fp8_run(n, dtype, bs, 3, n)
+        got = _adam_fp8_run(n, dtype, bs, 3, n, impl="ops")
+        for name, a, b in zip(("param", "m_codes", "m_absmax", "v_codes", "v_absmax"), got, want):
+            assert_same(a, b, f"n={n} {name}")
+
+
+@HYP
+@given(
+    n=st.one_of(st.sampled_from([1, 15, 16, 17, 63, 64, 65, 255, 256, 257, 4095]), st.integers(1, 20_000)),
+    log_bs=st.integers(0, 11),
+    seed=st.integers(0, 2**16),
+    log_scale=st.integers(-20, 4),
+)
+def test_adamw_fp8_hypothesis_all_backends(monkeypatch, n, log_bs, seed, log_scale):
+    bs = 2**log_bs
+    want = _adam_fp8_run(n, torch.float32, bs, 2, seed, scale=10.0**log_scale)
+    for b in [b for b in FP8_BACKENDS if isa_skip_reason(b) is None]:
+        use_backend(monkeypatch, b)
+        got = _adam_fp8_run(n, torch.float32, bs, 2, seed, scale=10.0**log_scale, impl="ops")
+        for name, x, y in zip(("param", "m_codes", "m_absmax", "v_codes", "v_absmax"), got, want):
+            assert_same(x, y, f"{b} n={n} bs={bs} {name}")
+
+
+def _fp8_first_step(g: torch.Tensor) -> None:
+    """One fp8 step from zero states with beta1 = beta2 = 0: m = g and v = g * g are encoded
+    as they are; every state and the parameter bit for bit as the reference's."""
+    got, want = torch.zeros_like(g), torch.zeros_like(g)
+    states = [O.new_state(g) + O.new_state(g) for _ in range(2)]
+    kw = dict(lr=1e-3, beta1=0.0, beta2=0.0, eps=1e-8, weight_decay=0.0, step=1)
+    ops.adamw8bit_step_(got, g, *states[0], **kw, state_map="fp8")
+    R.adamw8bit_fp8_step_(want, g, *states[1], R.adamw_scalars(1e-3, 0.0, 0.0, 1e-8, 0.0, 1), 256)
+    for name, a, b in zip(("m_codes", "m_absmax", "v_codes", "v_absmax"), states[0], states[1]):
+        assert_same(a, b, name)
+    assert_same(got, want, "param")
+
+
+def _fp8_ties(signed: bool):
+    """A grid midpoint of the map (a tie) moved by -2..2 ulps."""
+    g = _fp8_grid(signed)
+    mids = ((g[1:] + g[:-1]) / 2).float()
+
+    def move(i, k):
+        x = mids[i : i + 1]
+        for _ in range(abs(k)):
+            x = torch.nextafter(x, torch.tensor(float("inf") if k > 0 else -float("inf")))
+        return float(x)
+
+    return st.builds(move, st.integers(0, mids.numel() - 1), st.integers(-2, 2))
+
+
+_ANY_FLOAT = _float_bits_in(-(2**31), 2**31 - 1)  # every bit pattern: NaN, inf, subnormals, both signs
+
+
+@pytest.mark.parametrize("backend_name", FP8_BACKENDS)
+@given(
+    vals=st.lists(
+        st.one_of(_UNIT_FLOAT, _fp8_ties(True), st.builds(lambda x: -x, _fp8_ties(True)), _ANY_FLOAT),
+        min_size=1,
+        max_size=600,
+    ),
+    absmax=st.sampled_from([1.0, 3.0, 1e-20, 7e30]),
+)
+@HYP
+def test_fp8_codes_hypothesis(monkeypatch, backend_name, vals, absmax):
+    """The arithmetic encode on every CPU path against the reference: values over every
+    exponent, on and next to every tie of m's grid, and any bit pattern (NaN, inf,
+    subnormals); each block of 255 starts with `absmax` so the scale is pinned (with 1.0 and
+    m's ties, x is the value itself). v = g * g lands near v's ties through the square."""
+    _use(monkeypatch, backend_name)
+    v = torch.tensor(vals, dtype=torch.float32) * torch.tensor(absmax, dtype=torch.float32)
+    head = torch.tensor([absmax], dtype=torch.float32)
+    g = torch.cat([torch.cat([head, b, torch.zeros(255 - b.numel())]) for b in v.split(255)])
+    _fp8_first_step(g)
+
+
+@pytest.mark.parametrize("backend_name", FP8_BACKENDS)
+@given(vals=st.lists(_fp8_ties(False), min_size=1, max_size=300))
+@HYP
+def test_fp8_unsigned_ties_hypothesis(monkeypatch, backend_name, vals):
+    """v's ties: g = sqrt(tie) rounded, so g * g lands on or within a few ulps of v's grid
+    midpoints (absmax 1: a first element of 1.0)."""
+    _use(monkeypatch, backend_name)
+    v = torch.tensor(vals, dtype=torch.float64).sqrt().to(torch.float32)
+    g = torch.cat([torch.cat([torch.ones(1), b, torch.zeros(255 - b.numel())]) for b in v.split(255)])
+    _fp8_first_step(g)
+
+
+@pytest.mark.parametrize("backend_name", FP8_BACKENDS)
+def test_fp8_special_blocks_match_reference(monkeypatch, backend_name):
+    """Blocks with NaN, inf, a subnormal absmax (r = inf), huge values and signed zeros, over
+    several steps and every tail length: bit for bit, and the NaN stays in its block."""
+    _use(monkeypatch, backend_name)
+    special = torch.tensor([float("inf"), -float("inf"), 1e-45, -1e-45, 0.0, -0.0, 3e38, -3e38, 1e-39, 2.5])
+    for n in (1, 15, 16, 17, 33, 64, 65, 300):
+        g = special.repeat(-(-n // special.numel()))[:n].clone()
+        g[n // 2 :] *= 1e-3
+        sub = torch.full((16,), 1e-40)  # a block whose absmax is subnormal
+        sub[::3] = 0.0
+        g = torch.cat([g, sub, -sub])
+        out = {}
+        for impl in ("ops", None):
+            p = torch.linspace(-1, 1, g.numel())
+            mc, ma = O.new_state(p, 16)
+            vc, va = O.new_state(p, 16)
+            for t in (1, 2, 3):
+                if impl:
+                    kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, block_size=16)
+                    ops.adamw8bit_step_(p, g, mc, ma, vc, va, step=t, state_map="fp8", **kw)
+                else:
+                    R.adamw8bit_fp8_step_(p, g, mc, ma, vc, va, R.adamw_scalars(1e-2, 0.9, 0.99, 1e-8, 0.1, t), 16)
+            out[impl] = (p, mc, ma, vc, va)
+        for name, x, y in zip(("param", "m_codes", "m_absmax", "v_codes", "v_absmax"), out["ops"], out[None]):
+            assert_same(x, y, f"n={n} {name}")
+
+
+@pytest.mark.parametrize("backend_name", ["reference"] + FP8_BACKENDS)
+def test_fp8_nan_stays_in_its_block(monkeypatch, backend_name):
+    _use(monkeypatch, backend_name)
+    n, bs = 1024, 256
+    p = torch.randn(n)
+    mc, ma = O.new_state(p, bs)
+    vc, va = O.new_state(p, bs)
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, state_map="fp8")
+    g = torch.randn(n)
+    g[300] = float("nan")
+    ops.adamw8bit_step_(p, g, mc, ma, vc, va, step=1, **kw)
+    assert torch.isnan(p[300]) and int(torch.isnan(p).sum()) == 1
+    assert torch.isnan(ma[1]) and torch.isnan(va[1]) and bool(torch.isfinite(ma[[0, 2, 3]]).all())
+    ops.adamw8bit_step_(p, torch.randn(n), mc, ma, vc, va, step=2, **kw)
+    nan = torch.isnan(p)
+    assert bool(nan[256:512].all()) and not bool(nan[:256].any()) and not bool(nan[512:].any())
+
+
+def test_fp8_opcheck():
+    for n in (1, 300, 1024):
+        p, g = torch.randn(n), torch.randn(n)
+        mc, ma = O.new_state(p, 128)
+        vc, va = O.new_state(p, 128)
+        s = R.adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
+        scalars = [s[k] for k in ("beta1", "c1", "beta2", "c2", "decay", "step_size", "bc2_sqrt", "eps")]
+        torch.library.opcheck(torch.ops.accelops.adamw8bit_fp8_step_.default, (p, g, mc, ma, vc, va, *scalars, 128))
+
+
+def test_fp8_bad_input():
+    p = torch.randn(300)
+    mc, ma = O.new_state(p)
+    vc, va = O.new_state(p)
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+    with pytest.raises(ValueError, match="state_map must be one of"):
+        ops.adamw8bit_step_(p, p.clone(), mc, ma, vc, va, state_map="e4m3", **kw)
+    with pytest.raises(ValueError, match="m_absmax must be contiguous with"):
+        ops.adamw8bit_step_(p, p.clone(), mc, ma[:1], vc, va, state_map="fp8", **kw)
+    with pytest.raises(ValueError, match="state_map must be one of"):
+        AdamW8bit([nn.Parameter(torch.randn(10))], state_map="fp4")
+
+
+def test_fp8_optimizer_state_dict_records_the_map():
+    """The map is in every param group and 8-bit state; a checkpoint continues bit-identically
+    with the same map and is refused, with the map named, by the other."""
+    x, y = _data()
+    a = _mlp()
+    opt_a = AdamW8bit(a.parameters(), lr=1e-3, min_8bit_size=1000, state_map="fp8")
+    _train(a, opt_a, 5, x, y)
+    sd = opt_a.state_dict()
+    assert all(g["state_map"] == "fp8" for g in sd["param_groups"])
+    assert any(s.get("state_map") == "fp8" for s in sd["state"].values())
+    buf = io.BytesIO()
+    torch.save({"model": a.state_dict(), "opt": sd}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    with pytest.raises(ValueError, match=r"saved with state_map='fp8', this optimizer has state_map='dynamic'"):
+        AdamW8bit(_mlp().parameters(), lr=1e-3, min_8bit_size=1000).load_state_dict(saved["opt"])
+    dyn = AdamW8bit(_mlp().parameters(), lr=1e-3, min_8bit_size=1000)
+    _train(_mlp(), dyn, 0, x, y)
+    with pytest.raises(ValueError, match=r"saved with state_map='dynamic', this optimizer has state_map='fp8'"):
+        AdamW8bit(_mlp().parameters(), lr=1e-3, state_map="fp8").load_state_dict(dyn.state_dict())
+    b = _mlp(seed=1)
+    b.load_state_dict(saved["model"])
+    opt_b = AdamW8bit(b.parameters(), lr=1e-3, min_8bit_size=1000, state_map="fp8")
+    opt_b.load_state_dict(saved["opt"])
+    _train(a, opt_a, 5, x, y)
+    _train(b, opt_b, 5, x, y)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert_same(pb.detach(), pa.detach(), "param")
+    # the map cannot change under existing states
+    opt_b.param_groups[0]["state_map"] = "dynamic"
+    with pytest.raises(ValueError, match="the map cannot change during training"):
+        _train(b, opt_b, 1, x, y)
+
+
+def test_fp8_state_bytes_and_convergence():
+    x, y = _data(n=1024)
+    a, b, c = _mlp(), _mlp(), _mlp()
+    la = _train(a, torch.optim.AdamW(a.parameters(), lr=3e-3, weight_decay=0.01), 400, x, y)
+    ob = AdamW8bit(b.parameters(), lr=3e-3, weight_decay=0.01, min_8bit_size=0, state_map="fp8")
+    lb = _train(b, ob, 400, x, y)
+    oc = AdamW8bit(c.parameters(), lr=3e-3, weight_decay=0.01, min_8bit_size=0)
+    _train(c, oc, 1, x, y)
+    assert ob.state_bytes() == oc.state_bytes()  # same layout: uint8 codes + fp32 block scales
+    fa, fb = sum(la[-20:]) / 20, sum(lb[-20:]) / 20
+    assert fb <= fa * 1.15 + 1e-3, (fa, fb)

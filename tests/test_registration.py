@@ -59,7 +59,7 @@ OPS = {
         "int8_decompress",
         "orthogonalize_",
     ],
-    "optim": ["adamw8bit_step_", "sgd8bit_step_"],
+    "optim": ["adamw8bit_step_", "sgd8bit_step_", "adamw8bit_fp8_step_"],
     "decode": ["ternary_decode_layer"],
 }
 ALL_OPS = [name for names in OPS.values() for name in names]
@@ -152,6 +152,11 @@ def _args(name: str) -> tuple:
             s["eps"],
             128,
         )
+    if name == "adamw8bit_fp8_step_":
+        (mc, ma), (vc, va) = O.new_state(p, 128), O.new_state(p, 128)
+        s = RO.adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
+        keys = ("beta1", "c1", "beta2", "c2", "decay", "step_size", "bc2_sqrt", "eps")
+        return (p, g, mc, ma, vc, va, *[s[k] for k in keys], 128)
     if name == "sgd8bit_step_":
         c, a = O.new_state(p, 128)
         return (p, g, c, a, O.qmap(True, "cpu"), 0.1, 0.9, 0.0, 0.01, True, False, 128)

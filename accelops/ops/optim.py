@@ -41,6 +41,12 @@ def qmap(signed: bool, device) -> torch.Tensor:
     return q
 
 
+def state_map_arg(state_map) -> str:
+    if state_map not in ref.STATE_MAPS:
+        raise ValueError(f"state_map must be one of {ref.STATE_MAPS}, got {state_map!r}")
+    return state_map
+
+
 def block_size_arg(block_size) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
@@ -122,15 +128,28 @@ def adamw8bit_step_(
     weight_decay: float,
     step: int,
     block_size: int = DEFAULT_BLOCK,
+    state_map: str = "dynamic",
 ) -> None:
     """One fused AdamW step (step >= 1, bias-corrected) on `param` in place, its 8-bit states
-    (m: signed map, v: unsigned map) requantized in place."""
+    (m: signed map, v: unsigned map) requantized in place. state_map="dynamic": the dynamic
+    table maps (op adamw8bit_step_); "fp8": m E4M3, v E5M3 with arithmetic encode / decode
+    (op adamw8bit_fp8_step_); see accelops/reference/optim.py for both contracts."""
+    state_map = state_map_arg(state_map)
     block_size = _check_param(param, grad, block_size)
     _check_state("m", m_codes, m_absmax, param, block_size)
     _check_state("v", v_codes, v_absmax, param, block_size)
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an int >= 1, got {step!r}")
     s = ref.adamw_scalars(float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), step)
+    scalars = [s[k] for k in ("beta1", "c1", "beta2", "c2", "decay", "step_size", "bc2_sqrt", "eps")]
+    if state_map == "fp8":
+        # no Triton kernel of its own: forced Triton on CPU tensors runs the reference, and on
+        # CUDA the op's default (reference) kernel runs
+        if choose("adamw8bit_fp8_step_", param.device) != "native":
+            ref.adamw8bit_fp8_step_(param, grad, m_codes, m_absmax, v_codes, v_absmax, s, block_size)
+            return
+        torch.ops.accelops.adamw8bit_fp8_step_(param, grad, m_codes, m_absmax, v_codes, v_absmax, *scalars, block_size)
+        return
     mm, vm = qmap(True, param.device), qmap(False, param.device)
     kind, fn = _impl("adamw8bit_step_", param.device)
     if kind == "reference":
@@ -225,6 +244,36 @@ def _adamw8bit_reference(
     ref.adamw8bit_step_(param, grad, m_codes, m_absmax, v_codes, v_absmax, m_map, v_map, scalars, block_size)
 
 
+def _adamw8bit_fp8_reference(
+    param,
+    grad,
+    m_codes,
+    m_absmax,
+    v_codes,
+    v_absmax,
+    beta1,
+    c1,
+    beta2,
+    c2,
+    decay,
+    step_size,
+    bc2_sqrt,
+    eps,
+    block_size=DEFAULT_BLOCK,
+):
+    scalars = {
+        "beta1": beta1,
+        "c1": c1,
+        "beta2": beta2,
+        "c2": c2,
+        "decay": decay,
+        "step_size": step_size,
+        "bc2_sqrt": bc2_sqrt,
+        "eps": eps,
+    }
+    ref.adamw8bit_fp8_step_(param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars, block_size)
+
+
 def _register() -> None:
     # One fused step per parameter, states as uint8 codes + fp32 block absmax, all updated
     # in place; the per-step scalars come from accelops.reference.optim.adamw_scalars
@@ -234,6 +283,14 @@ def _register() -> None:
         "Tensor(d!) v_codes, Tensor(e!) v_absmax, Tensor m_map, Tensor v_map, float beta1, float c1, "
         "float beta2, float c2, float decay, float step_size, float bc2_sqrt, float eps, int block_size=256) -> ()",
         _adamw8bit_reference,
+    )
+    # The same step with the fp8 state maps (m E4M3, v E5M3: no map tensors, the codes are
+    # bit arithmetic); C++ on the CPU, the reference elsewhere (no Triton kernel yet).
+    define(
+        "adamw8bit_fp8_step_(Tensor(a!) param, Tensor grad, Tensor(b!) m_codes, Tensor(c!) m_absmax, "
+        "Tensor(d!) v_codes, Tensor(e!) v_absmax, float beta1, float c1, float beta2, float c2, float decay, "
+        "float step_size, float bc2_sqrt, float eps, int block_size=256) -> ()",
+        _adamw8bit_fp8_reference,
     )
     define(
         "sgd8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) codes, Tensor(c!) absmax, Tensor qmap, "
@@ -252,6 +309,26 @@ def _register() -> None:
         v_absmax,
         m_map,
         v_map,
+        beta1,
+        c1,
+        beta2,
+        c2,
+        decay,
+        step_size,
+        bc2_sqrt,
+        eps,
+        block_size=256,
+    ):
+        return None
+
+    @torch.library.register_fake("accelops::adamw8bit_fp8_step_")
+    def _(
+        param,
+        grad,
+        m_codes,
+        m_absmax,
+        v_codes,
+        v_absmax,
         beta1,
         c1,
         beta2,

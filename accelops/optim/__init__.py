@@ -19,6 +19,11 @@ contract (maps, rounding, order of the float ops, NaN) is accelops/reference/opt
 - state_dict() holds the raw codes (uint8) and scales (fp32); load_state_dict() restores
   them as they are (torch's default would cast every state to the parameter's dtype), so a
   fresh optimizer continues bit-identically.
+- AdamW8bit(state_map="fp8") keeps m as E4M3 and v as E5M3 codes (tiny floats relative to
+  the block absmax, encoded and decoded with integer arithmetic: a faster step, a different
+  numerical contract); the default "dynamic" is the table maps above. The map is recorded in
+  each param group and state, and a checkpoint refuses to load into an optimizer built with
+  the other map.
 """
 
 from __future__ import annotations
@@ -127,6 +132,8 @@ class _Optimizer8bit(torch.optim.Optimizer):
             for key, value in saved[i].items():
                 if key in self._RAW_KEYS and isinstance(value, torch.Tensor):
                     self.state[p][key] = value.detach().to(device=dev).clone()
+                elif isinstance(value, str):  # state_map: torch's cast turns a str into a generator
+                    self.state[p][key] = value
 
     def state_bytes(self) -> int:
         """Bytes of every optimizer state tensor held by this rank (codes, scales, fp32 states)."""
@@ -142,9 +149,24 @@ class AdamW8bit(_Optimizer8bit):
     """AdamW (decoupled weight decay, bias correction) with block-wise 8-bit moments:
     m on the signed dynamic map, v on the unsigned one, one fp32 absmax per `block_size`
     elements. Same arguments as torch.optim.AdamW (maximize is not supported), plus
-    block_size (power of two, default 256) and min_8bit_size (default 4096)."""
+    block_size (power of two, default 256), min_8bit_size (default 4096) and state_map
+    ("dynamic", default, or "fp8": m E4M3 / v E5M3 with arithmetic encode and decode; see
+    accelops/reference/optim.py)."""
 
     _RAW_KEYS = ("m_codes", "m_absmax", "v_codes", "v_absmax", "exp_avg", "exp_avg_sq")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch would overwrite each group's state_map with the saved one and decode the codes
+        # with it silently: a checkpoint of one map is refused by an optimizer of the other
+        for i, (mine, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+            want, got = mine["state_map"], saved.get("state_map", "dynamic")  # older checkpoints: dynamic
+            if want != got:
+                raise ValueError(
+                    f"AdamW8bit.load_state_dict: param group {i} of the checkpoint was saved with "
+                    f"state_map={got!r}, this optimizer has state_map={want!r}; build it with "
+                    f"AdamW8bit(..., state_map={got!r}) to load this checkpoint"
+                )
+        super().load_state_dict(state_dict)
 
     def __init__(
         self,
@@ -157,7 +179,9 @@ class AdamW8bit(_Optimizer8bit):
         block_size: int = DEFAULT_BLOCK,
         min_8bit_size: int = MIN_8BIT_SIZE,
         maximize: bool = False,
+        state_map: str = "dynamic",
     ):
+        _ops.state_map_arg(state_map)
         lr = _number("lr", lr)
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -173,7 +197,9 @@ class AdamW8bit(_Optimizer8bit):
         weight_decay = _number("weight_decay", weight_decay)
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        defaults = dict(lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps, weight_decay=weight_decay)
+        defaults = dict(
+            lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps, weight_decay=weight_decay, state_map=state_map
+        )
         super().__init__(params, defaults, block_size, min_8bit_size, maximize)
 
     @torch.no_grad()
@@ -183,6 +209,7 @@ class AdamW8bit(_Optimizer8bit):
             lr = _group_lr(group)
             beta1, beta2 = group["betas"]
             bs = group["block_size"]
+            state_map = _ops.state_map_arg(group.get("state_map", "dynamic"))  # older checkpoints: dynamic
             for p in group["params"]:
                 grad = self._grad(p)
                 if grad is None:
@@ -192,6 +219,7 @@ class AdamW8bit(_Optimizer8bit):
                 if not state:
                     state["step"] = 0
                     if p_local.numel() >= group["min_8bit_size"]:
+                        state["state_map"] = state_map
                         state["m_codes"], state["m_absmax"] = _ops.new_state(p_local, bs)
                         state["v_codes"], state["v_absmax"] = _ops.new_state(p_local, bs)
                     else:
@@ -202,6 +230,11 @@ class AdamW8bit(_Optimizer8bit):
                     continue
                 pw, gw = self._work(p_local, g_local)
                 if "m_codes" in state:
+                    if state.get("state_map", "dynamic") != state_map:
+                        raise ValueError(
+                            f"AdamW8bit: a parameter's states are on state_map={state.get('state_map', 'dynamic')!r} "
+                            f"but its param group now says {state_map!r}; the map cannot change during training"
+                        )
                     _ops.adamw8bit_step_(
                         pw,
                         gw,
@@ -216,6 +249,7 @@ class AdamW8bit(_Optimizer8bit):
                         weight_decay=group["weight_decay"],
                         step=state["step"],
                         block_size=bs,
+                        state_map=state_map,
                     )
                 else:
                     s = _ref.adamw_scalars(lr, beta1, beta2, group["eps"], group["weight_decay"], state["step"])

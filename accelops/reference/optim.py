@@ -47,6 +47,39 @@ rounded once to fp32:
 NaN: a NaN gradient element makes its own parameter NaN at this step and the absmax of its
 blocks NaN, so from the next step on that whole block (and only that block) is NaN. Other
 blocks and other parameters are untouched.
+
+The fp8 maps (AdamW8bit(state_map="fp8"), op accelops::adamw8bit_fp8_step_)
+---------------------------------------------------------------------------
+A second contract for AdamW's states whose code <-> value conversion is bit arithmetic on
+fp32, no table and no search: a code is a tiny float relative to the block absmax.
+  - first moment m, signed "E4M3": bit 7 sign, bits 6-3 exponent field e, bits 2-0
+    mantissa f; magnitude code c = code & 0x7F, value 0 when c == 0, else
+    2^(e - 15) * (1 + f / 8). 1.0 is c = 120; c = 121..127 (above 1) are never produced.
+  - second moment v, unsigned "E5M3": bits 7-3 exponent field e, bits 2-0 mantissa f,
+    c = code, value 0 when c == 0, else 2^(e - 31) * (1 + f / 8). 1.0 is c = 248; 249..255
+    are never produced.
+So m spans 15 binades below 1 (smallest nonzero 2^-15 * 1.125 = 3.4e-5) with 3 mantissa bits
+(relative error <= 1/16), v 31 binades (smallest nonzero 2^-31 * 1.125 = 5.2e-10): v covers
+the square of m's range, so a coordinate whose m survives has a v that does too. No
+subnormals: the bottom binade's first code is zero (flush to zero at the bottom).
+Decoding (FP8_BIAS = 112 << 23 for m, 96 << 23 for v): bits = (c << 20) + FP8_BIAS when
+c != 0, else 0; m's sign bit then becomes the float's (code 0x80 is -0.0); value =
+float(bits) * absmax (one fp32 multiply).
+Quantizing a block: absmax = max |value| (NaN propagates), divisor = absmax if absmax > 0
+else 1, r = fl(1 / divisor) (one fp32 division per block), x = fl(value * r) (an fp32
+multiply, not a division: |x| may exceed 1 by an ulp), then on x's bits u (int32):
+    a = u & 0x7FFFFFFF (m)  or  a = max(u, 0) as a signed int (v: negative x -> 0)
+    NaN (a > 0x7F800000) -> code 0
+    a = min(a, 0x3F800000)              (|x| > 1, inf -> 1.0)
+    a = max(a - FP8_BIAS, 0)            (below 2^-15 / 2^-31 -> 0)
+    c = (a + 0x7FFFF + ((a >> 20) & 1)) >> 20
+    code = c | (0x80 if u < 0 else 0)  (m)  or  c  (v)
+which is round-to-nearest-even of |x| to 3 mantissa bits (a carry out of the mantissa moves
+up one binade), saturating at 1.0; a value that rounds to the bottom binade's first grid point
+2^-15 (2^-31) or below becomes 0. A block whose absmax is fp32-subnormal (below 2^-126) has
+r = inf: its nonzero values take code +-1.0 and its zeros NaN -> code 0 (values of 1e-38 in
+an optimizer state; nothing else is affected). The step itself is the AdamW step above,
+bit for bit, with these decoded states.
 """
 
 from __future__ import annotations
@@ -65,12 +98,21 @@ __all__ = [
     "adamw_scalars",
     "adamw8bit_step_",
     "sgd8bit_step_",
+    "fp8_encode",
+    "fp8_decode",
+    "fp8_map",
+    "quantize_fp8_blockwise",
+    "dequantize_fp8_blockwise",
+    "adamw8bit_fp8_step_",
+    "STATE_MAPS",
     "adamw_fp32_step_",
     "sgd_fp32_step_",
     "DEFAULT_BLOCK",
 ]
 
 DEFAULT_BLOCK = 256
+# AdamW8bit's state maps: "dynamic" (the table maps above) or "fp8" (E4M3 / E5M3, bit arithmetic)
+STATE_MAPS = ("dynamic", "fp8")
 _MAPS: dict[bool, torch.Tensor] = {}
 
 
@@ -269,4 +311,85 @@ def sgd_fp32_step_(param, grad, buf, lr, momentum, dampening, weight_decay, nest
     g = grad.reshape(-1).to(torch.float32)
     p, b = _sgd_math(p, g, buf.reshape(-1), lr, momentum, dampening, weight_decay, nesterov, first)
     buf.copy_(b.view(buf.shape))
+    param.copy_(p.view(param.shape))
+
+
+# --------------------------------------------------------------------------- fp8 maps
+
+FP8_BIAS_SIGNED = 112 << 23  # E4M3: exponent field 15 is 2^0
+FP8_BIAS_UNSIGNED = 96 << 23  # E5M3: exponent field 31 is 2^0
+_ONE_BITS = 0x3F800000
+_INF_BITS = 0x7F800000
+
+
+def _fp8_bias(signed: bool) -> int:
+    return FP8_BIAS_SIGNED if signed else FP8_BIAS_UNSIGNED
+
+
+def fp8_encode(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """fp32 x (already divided by the block scale) -> uint8 codes, by the integer rule in the
+    module docstring (round to nearest even on 3 mantissa bits, saturate at 1, NaN -> 0)."""
+    u = x.to(torch.float32).contiguous().view(torch.int32)
+    a = u & 0x7FFFFFFF if signed else torch.clamp_min(u, 0)
+    nan = a > _INF_BITS
+    a = torch.clamp_max(a, _ONE_BITS)
+    a = torch.clamp_min(a - _fp8_bias(signed), 0)
+    c = (a + 0x7FFFF + ((a >> 20) & 1)) >> 20
+    if signed:
+        c = c | torch.where(u < 0, 0x80, 0).to(torch.int32)
+    return torch.where(nan, 0, c).to(torch.uint8)
+
+
+def fp8_decode(codes: torch.Tensor, signed: bool) -> torch.Tensor:
+    """uint8 codes -> their fp32 values in [-1, 1] (m) or [0, 1] (v), no scale."""
+    c = codes.to(torch.int32)
+    mag = c & 0x7F if signed else c
+    bits = torch.where(mag == 0, 0, (mag << 20) + _fp8_bias(signed)).to(torch.int32)
+    value = bits.view(torch.float32)
+    if signed:
+        value = torch.where(c >= 0x80, -value, value)  # -(+0.0) = -0.0 for code 0x80
+    return value
+
+
+def fp8_map(signed: bool) -> torch.Tensor:
+    """The 256 code values (index = code) of the signed (m) or unsigned (v) fp8 map: not sorted
+    (sign-magnitude codes); codes the encoder never produces (above 1) included."""
+    return fp8_decode(torch.arange(256, dtype=torch.int32).to(torch.uint8), signed)
+
+
+def quantize_fp8_blockwise(x: torch.Tensor, signed: bool, block_size: int = DEFAULT_BLOCK):
+    """fp32 x -> (codes uint8 [n], absmax fp32 [ceil(n / block_size)]) on the fp8 map."""
+    xb, n = _blocks(x.to(torch.float32), block_size)
+    absmax = xb.abs().amax(dim=1)  # NaN propagates (torch.amax)
+    div = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    r = torch.ones_like(div) / div  # one IEEE fp32 division per block
+    codes = fp8_encode(xb * r[:, None], signed)
+    return codes.reshape(-1)[:n], absmax
+
+
+def dequantize_fp8_blockwise(
+    codes: torch.Tensor, absmax: torch.Tensor, signed: bool, block_size: int = DEFAULT_BLOCK
+) -> torch.Tensor:
+    """fp32 [n]: decode(code) * absmax of the code's block."""
+    n = codes.numel()
+    q = fp8_decode(codes.reshape(-1), signed)
+    idx = torch.arange(n, device=codes.device) // block_size
+    return q * absmax[idx]
+
+
+def adamw8bit_fp8_step_(
+    param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars: dict, block_size: int = DEFAULT_BLOCK
+) -> None:
+    """adamw8bit_step_ with the fp8 maps (m: signed E4M3, v: unsigned E5M3), all in place."""
+    p = param.reshape(-1).to(torch.float32)
+    g = grad.reshape(-1).to(torch.float32)
+    m_old = dequantize_fp8_blockwise(m_codes, m_absmax, True, block_size)
+    v_old = dequantize_fp8_blockwise(v_codes, v_absmax, False, block_size)
+    p, m, v = _adamw_math(p, g, m_old, v_old, scalars)
+    mc, ma = quantize_fp8_blockwise(m, True, block_size)
+    vc, va = quantize_fp8_blockwise(v, False, block_size)
+    m_codes.copy_(mc)
+    m_absmax.copy_(ma)
+    v_codes.copy_(vc)
+    v_absmax.copy_(va)
     param.copy_(p.view(param.shape))

@@ -34,6 +34,11 @@
 // the step (writes the parameter and the new fp32 states, reduces absmax), then the requantization.
 // Paths: scalar, AVX2 (8 lanes) and AVX-512 (16 lanes, masked tails), chosen at run time
 // (cpu_features.h; ACCELOPS_CPU_ISA forces a lower one): all three give the same bits.
+//
+// adamw8bit_fp8_step_ (AdamW8bit(state_map="fp8")) is the same step with states on the fp8
+// maps (m E4M3, v E5M3, see "fp8 maps" below): decode and encode are a few integer ops on 16
+// lanes, no table, search, gather or shuffle, which is what made the dynamic maps' step
+// compute-bound.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -671,6 +676,216 @@ AO_OPT_AVX512 void sgd_block_avx512(float* p, const float* g, int64_t n, const Q
   absmax16_finish(am, a);
 }
 
+// ------------------------------------------------------------------ fp8 maps (state_map="fp8")
+// A code is a tiny float relative to the block absmax (reference: "The fp8 maps"): m signed
+// E4M3 (sign, 4 exponent, 3 mantissa bits; 1.0 = 120), v unsigned E5M3 (1.0 = 248); code 0 is
+// zero. Decoding puts the code's exponent and mantissa bits into an fp32's fields:
+//     bits = c ? (c << 20) + bias : 0, plus m's sign bit
+// and encoding is round-to-nearest-even of x's fp32 bits to 3 mantissa bits after moving the
+// exponent down by the bias: integer adds and shifts on 16 lanes, no table, no gather, no
+// shuffle. x = value * fl(1 / divisor): one division per block instead of one per element
+// (the step's own divisions and square root already keep Zen 4's divider the busiest unit).
+
+constexpr uint32_t kFp8BiasM = 112u << 23, kFp8BiasV = 96u << 23;
+constexpr uint32_t kOneBits = 0x3F800000u, kInfBits = 0x7F800000u;
+
+template <bool Signed>
+constexpr uint32_t fp8_bias() {
+  return Signed ? kFp8BiasM : kFp8BiasV;
+}
+
+template <bool Signed>
+inline uint8_t fp8_encode(float x) {
+  const uint32_t u = float_bits(x);
+  uint32_t a = Signed ? (u & 0x7FFFFFFFu) : (int32_t(u) < 0 ? 0u : u);
+  if (a > kInfBits) return 0;  // NaN
+  a = std::min(a, kOneBits);
+  a = a > fp8_bias<Signed>() ? a - fp8_bias<Signed>() : 0u;
+  const uint32_t c = (a + 0x7FFFFu + ((a >> 20) & 1u)) >> 20;
+  return uint8_t(Signed ? (c | ((u >> 24) & 0x80u)) : c);
+}
+
+template <bool Signed>
+inline float fp8_decode(uint8_t code) {
+  const uint32_t c = Signed ? (code & 0x7Fu) : code;
+  uint32_t bits = c ? (c << 20) + fp8_bias<Signed>() : 0u;
+  if (Signed) bits |= uint32_t(code & 0x80u) << 24;
+  return bits_float(bits);
+}
+
+inline float fp8_recip(float absmax) { return 1.f / divisor(absmax); }
+
+template <bool Signed>
+void quantize_fp8_range(const float* x, int64_t i0, int64_t i1, float r, uint8_t* codes) {
+  for (int64_t i = i0; i < i1; ++i) codes[i] = fp8_encode<Signed>(x[i] * r);
+}
+
+template <typename T>
+void adamw_fp8_step_range(T* p, const T* g, int64_t i0, int64_t i1, const uint8_t* mc, const uint8_t* vc, float s1,
+                          float s2, const AdamScalars& s, float* mbuf, float* vbuf, AbsMax& a1, AbsMax& a2) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const float gi = load_f(g, i);
+    float pi = load_f(p, i);
+    const float mo = fp8_decode<true>(mc[i]) * s1;
+    const float vo = fp8_decode<false>(vc[i]) * s2;
+    const float m = s.b1 * mo + s.c1 * gi;
+    const float v = s.b2 * vo + (s.c2 * gi) * gi;
+    pi = pi * s.decay;
+    const float denom = std::sqrt(v) / s.bc2_sqrt + s.eps;
+    pi = pi - s.step_size * (m / denom);
+    p[i] = static_cast<T>(pi);
+    mbuf[i] = m;
+    vbuf[i] = v;
+    a1.add(m);
+    a2.add(v);
+  }
+}
+
+template <bool Signed>
+AO_OPT_AVX2 inline __m256 fp8_decode8(const uint8_t* codes) {
+  const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+  const __m256i mag = Signed ? _mm256_and_si256(c, _mm256_set1_epi32(0x7F)) : c;
+  __m256i bits = _mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(int(fp8_bias<Signed>())));
+  bits = _mm256_andnot_si256(_mm256_cmpeq_epi32(mag, _mm256_setzero_si256()), bits);
+  if (Signed) bits = _mm256_or_si256(bits, _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24));
+  return _mm256_castsi256_ps(bits);
+}
+
+template <bool Signed>
+AO_OPT_AVX2 void quantize_fp8_avx2(const float* x, int64_t n, float r, uint8_t* codes) {
+  const __m256 vr = _mm256_set1_ps(r);
+  const __m256i inf = _mm256_set1_epi32(int(kInfBits)), one = _mm256_set1_epi32(int(kOneBits)),
+                bias = _mm256_set1_epi32(int(fp8_bias<Signed>())), half = _mm256_set1_epi32(0x7FFFF),
+                lsb = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i u = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(x + i), vr));
+    __m256i a = Signed ? _mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)) : _mm256_max_epi32(u, zero);
+    const __m256i nan = _mm256_cmpgt_epi32(a, inf);  // a >= 0: the signed compare is the unsigned one
+    a = _mm256_max_epi32(_mm256_sub_epi32(_mm256_min_epi32(a, one), bias), zero);
+    a = _mm256_add_epi32(_mm256_add_epi32(a, half), _mm256_and_si256(_mm256_srli_epi32(a, 20), lsb));
+    __m256i c = _mm256_srli_epi32(a, 20);
+    if (Signed) c = _mm256_or_si256(c, _mm256_and_si256(_mm256_srli_epi32(u, 24), _mm256_set1_epi32(0x80)));
+    c = _mm256_andnot_si256(nan, c);
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(w, w));
+  }
+  quantize_fp8_range<Signed>(x, i, n, r, codes);
+}
+
+AO_OPT_AVX2 void adamw_fp8_block_avx2(float* p, const float* g, int64_t n, const uint8_t* mc, const uint8_t* vc,
+                                      float s1, float s2, const AdamScalars& s, float* mbuf, float* vbuf, AbsMax& a1,
+                                      AbsMax& a2) {
+  const __m256 vs1 = _mm256_set1_ps(s1), vs2 = _mm256_set1_ps(s2);
+  const __m256 b1 = _mm256_set1_ps(s.b1), c1 = _mm256_set1_ps(s.c1), b2 = _mm256_set1_ps(s.b2),
+               c2 = _mm256_set1_ps(s.c2), decay = _mm256_set1_ps(s.decay), step = _mm256_set1_ps(s.step_size),
+               bc2 = _mm256_set1_ps(s.bc2_sqrt), eps = _mm256_set1_ps(s.eps);
+  __m256 am1 = _mm256_setzero_ps(), am2 = _mm256_setzero_ps(), nan1 = _mm256_setzero_ps(),
+         nan2 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    __m256 pv = _mm256_loadu_ps(p + i);
+    const __m256 mo = _mm256_mul_ps(fp8_decode8<true>(mc + i), vs1);
+    const __m256 vo = _mm256_mul_ps(fp8_decode8<false>(vc + i), vs2);
+    const __m256 m = _mm256_add_ps(_mm256_mul_ps(b1, mo), _mm256_mul_ps(c1, gv));
+    const __m256 v = _mm256_add_ps(_mm256_mul_ps(b2, vo), _mm256_mul_ps(_mm256_mul_ps(c2, gv), gv));
+    pv = _mm256_mul_ps(pv, decay);
+    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), bc2), eps);
+    pv = _mm256_sub_ps(pv, _mm256_mul_ps(step, _mm256_div_ps(m, denom)));
+    _mm256_storeu_ps(p + i, pv);
+    _mm256_storeu_ps(mbuf + i, m);
+    _mm256_storeu_ps(vbuf + i, v);
+    absmax8(m, am1, nan1);
+    absmax8(v, am2, nan2);
+  }
+  absmax_finish(am1, nan1, a1);
+  absmax_finish(am2, nan2, a2);
+  adamw_fp8_step_range(p, g, i, n, mc, vc, s1, s2, s, mbuf, vbuf, a1, a2);
+}
+
+template <bool Signed>
+AO_OPT_AVX512 inline __m512 fp8_decode16(const uint8_t* codes, __mmask16 k) {
+  const __m512i c = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, codes));
+  const __m512i mag = Signed ? _mm512_and_si512(c, _mm512_set1_epi32(0x7F)) : c;
+  __m512i bits = _mm512_maskz_add_epi32(_mm512_test_epi32_mask(mag, mag), _mm512_slli_epi32(mag, 20),
+                                        _mm512_set1_epi32(int(fp8_bias<Signed>())));
+  // bits | ((c << 24) & 0x80000000): m's sign bit into the float's
+  if (Signed)
+    bits = _mm512_ternarylogic_epi32(bits, _mm512_slli_epi32(c, 24), _mm512_set1_epi32(int(0x80000000u)), 0xF8);
+  return _mm512_castsi512_ps(bits);
+}
+
+// 64 values a round; the four 16-lane code vectors are packed to bytes with saturating packs
+// (cheaper on Zen 4 than four vpmovdb stores) and put back in order with one vpermd.
+template <bool Signed>
+AO_OPT_AVX512 void quantize_fp8_avx512(const float* x, int64_t n, float r, uint8_t* codes) {
+  static const struct Order {
+    alignas(64) int32_t idx[16];
+    Order() {
+      for (int k = 0; k < 4; ++k)
+        for (int lane = 0; lane < 4; ++lane) idx[4 * k + lane] = 4 * lane + k;
+    }
+  } order;
+  const __m512 vr = _mm512_set1_ps(r);
+  const __m512i inf = _mm512_set1_epi32(int(kInfBits)), one = _mm512_set1_epi32(int(kOneBits)),
+                bias = _mm512_set1_epi32(int(fp8_bias<Signed>())),
+                half_bias = _mm512_set1_epi32(int(0x7FFFFu - fp8_bias<Signed>())), lsb = _mm512_set1_epi32(1),
+                zero = _mm512_setzero_si512(), absmask = _mm512_set1_epi32(0x7FFFFFFF),
+                sign8 = _mm512_set1_epi32(0x80), vorder = _mm512_load_si512(order.idx);
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    __m512i c[4];
+    for (int j = 0; j < 4; ++j) {
+      const int64_t left = n - i0 - 16 * j;
+      const __mmask16 k = left <= 0 ? __mmask16(0) : tail_mask(left);
+      const __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i0 + 16 * j), vr));
+      __m512i a = Signed ? _mm512_and_si512(u, absmask) : _mm512_max_epi32(u, zero);
+      const __mmask16 ok = _mm512_cmple_epu32_mask(a, inf);  // not NaN
+      // clamped to [bias, 1.0], then (a - bias + 0x7FFFF + lsb) >> 20 with the bias folded into
+      // the rounding constant (the bias is a multiple of 2^23: a's bit 20 is the lsb either way)
+      a = _mm512_max_epu32(_mm512_min_epu32(a, one), bias);
+      a = _mm512_add_epi32(_mm512_add_epi32(a, half_bias), _mm512_and_si512(_mm512_srli_epi32(a, 20), lsb));
+      a = _mm512_srli_epi32(a, 20);
+      // Signed: c | ((u >> 24) & 0x80), zeroed for NaN
+      c[j] = Signed ? _mm512_maskz_ternarylogic_epi32(ok, a, _mm512_srli_epi32(u, 24), sign8, 0xF8)
+                    : _mm512_maskz_mov_epi32(ok, a);
+    }
+    const __m512i packed = _mm512_permutexvar_epi32(
+        vorder, _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]), _mm512_packus_epi32(c[2], c[3])));
+    const int64_t left = n - i0;
+    _mm512_mask_storeu_epi8(codes + i0, left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1, packed);
+  }
+}
+
+AO_OPT_AVX512 void adamw_fp8_block_avx512(float* p, const float* g, int64_t n, const uint8_t* mc, const uint8_t* vc,
+                                          float s1, float s2, const AdamScalars& s, float* mbuf, float* vbuf,
+                                          AbsMax& a1, AbsMax& a2) {
+  const __m512 vs1 = _mm512_set1_ps(s1), vs2 = _mm512_set1_ps(s2);
+  const __m512 b1 = _mm512_set1_ps(s.b1), c1 = _mm512_set1_ps(s.c1), b2 = _mm512_set1_ps(s.b2),
+               c2 = _mm512_set1_ps(s.c2), decay = _mm512_set1_ps(s.decay), step = _mm512_set1_ps(s.step_size),
+               bc2 = _mm512_set1_ps(s.bc2_sqrt), eps = _mm512_set1_ps(s.eps);
+  __m512i am1 = _mm512_setzero_si512(), am2 = _mm512_setzero_si512();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask(n - i);
+    const __m512 gv = _mm512_maskz_loadu_ps(k, g + i);
+    __m512 pv = _mm512_maskz_loadu_ps(k, p + i);
+    const __m512 mo = _mm512_mul_ps(fp8_decode16<true>(mc + i, k), vs1);
+    const __m512 vo = _mm512_mul_ps(fp8_decode16<false>(vc + i, k), vs2);
+    const __m512 m = _mm512_add_ps(_mm512_mul_ps(b1, mo), _mm512_mul_ps(c1, gv));
+    const __m512 v = _mm512_add_ps(_mm512_mul_ps(b2, vo), _mm512_mul_ps(_mm512_mul_ps(c2, gv), gv));
+    pv = _mm512_mul_ps(pv, decay);
+    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), bc2), eps);
+    pv = _mm512_sub_ps(pv, _mm512_mul_ps(step, _mm512_div_ps(m, denom)));
+    _mm512_mask_storeu_ps(p + i, k, pv);
+    _mm512_mask_storeu_ps(mbuf + i, k, m);
+    _mm512_mask_storeu_ps(vbuf + i, k, v);
+    absmax16(m, k, am1);
+    absmax16(v, k, am2);
+  }
+  absmax16_finish(am1, a1);
+  absmax16_finish(am2, a2);
+}
+
 // ------------------------------------------------------------------ drivers
 
 // The widest path this CPU (capped by ACCELOPS_CPU_ISA) has: the AVX-512 level of
@@ -793,6 +1008,63 @@ void sgd_run(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& 
   });
 }
 
+// The fp8 maps need only AVX-512 F/BW/VL (no VBMI: nothing is looked up in registers).
+Path fp8_path() {
+  switch (active_dot_isa()) {
+    case Isa::Scalar: return Path::Scalar;
+    case Isa::Avx512Vnni: return Path::Avx512;
+    default: return Path::Avx2;
+  }
+}
+
+template <bool Signed>
+void quantize_fp8_path(Path path, const float* x, int64_t n, float absmax, uint8_t* codes) {
+  const float r = fp8_recip(absmax);
+  if (path == Path::Avx512) quantize_fp8_avx512<Signed>(x, n, r, codes);
+  else if (path == Path::Avx2) quantize_fp8_avx2<Signed>(x, n, r, codes);
+  else quantize_fp8_range<Signed>(x, 0, n, r, codes);
+}
+
+template <typename T>
+void adamw_fp8_run(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& mc_t, const at::Tensor& ma_t,
+                   const at::Tensor& vc_t, const at::Tensor& va_t, const AdamScalars& s, int64_t bs) {
+  const int64_t n = param.numel(), nb = (n + bs - 1) / bs;
+  T* p = param.data_ptr<T>();
+  const T* g = grad.data_ptr<T>();
+  uint8_t* mc = mc_t.data_ptr<uint8_t>();
+  uint8_t* vc = vc_t.data_ptr<uint8_t>();
+  float* ma = ma_t.data_ptr<float>();
+  float* va = va_t.data_ptr<float>();
+  const Path path = fp8_path();
+  at::parallel_for(0, nb, grain_blocks(bs), [&](int64_t b0, int64_t b1) {
+    std::vector<float> mbuf(static_cast<size_t>(bs)), vbuf(static_cast<size_t>(bs));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t off = b * bs, len = std::min(bs, n - off);
+      AbsMax a1, a2;
+      bool done = false;
+      if constexpr (std::is_same<T, float>::value) {
+        if (path == Path::Avx512) {
+          adamw_fp8_block_avx512(p + off, g + off, len, mc + off, vc + off, ma[b], va[b], s, mbuf.data(),
+                                 vbuf.data(), a1, a2);
+          done = true;
+        } else if (path == Path::Avx2) {
+          adamw_fp8_block_avx2(p + off, g + off, len, mc + off, vc + off, ma[b], va[b], s, mbuf.data(), vbuf.data(),
+                               a1, a2);
+          done = true;
+        }
+      }
+      if (!done)
+        adamw_fp8_step_range(p + off, g + off, 0, len, mc + off, vc + off, ma[b], va[b], s, mbuf.data(), vbuf.data(),
+                             a1, a2);
+      const float m_abs = a1.get(), v_abs = a2.get();
+      quantize_fp8_path<true>(path, mbuf.data(), len, m_abs, mc + off);
+      quantize_fp8_path<false>(path, vbuf.data(), len, v_abs, vc + off);
+      ma[b] = m_abs;
+      va[b] = v_abs;
+    }
+  });
+}
+
 }  // namespace
 
 void adamw8bit_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes,
@@ -833,6 +1105,27 @@ void sgd8bit_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at:
     case at::kFloat: sgd_run<float>(param, grad, codes, absmax, q, k, block_size); break;
     case at::kBFloat16: sgd_run<c10::BFloat16>(param, grad, codes, absmax, q, k, block_size); break;
     default: sgd_run<c10::Half>(param, grad, codes, absmax, q, k, block_size); break;
+  }
+}
+
+void adamw8bit_fp8_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m_codes,
+                            const at::Tensor& m_absmax, const at::Tensor& v_codes, const at::Tensor& v_absmax,
+                            double beta1, double c1, double beta2, double c2, double decay, double step_size,
+                            double bc2_sqrt, double eps, int64_t block_size) {
+  const char* op = "adamw8bit_fp8_step_";
+  check_common(op, param, grad, block_size);
+  const int64_t n = param.numel(), nb = (n + block_size - 1) / block_size;
+  check_state(op, "m", m_codes, m_absmax, n, nb);
+  check_state(op, "v", v_codes, v_absmax, n, nb);
+  if (n == 0) return;
+  const AdamScalars s{float(beta1), float(c1), float(beta2), float(c2), float(decay), float(step_size),
+                      float(bc2_sqrt), float(eps)};
+  switch (param.scalar_type()) {
+    case at::kFloat: adamw_fp8_run<float>(param, grad, m_codes, m_absmax, v_codes, v_absmax, s, block_size); break;
+    case at::kBFloat16:
+      adamw_fp8_run<c10::BFloat16>(param, grad, m_codes, m_absmax, v_codes, v_absmax, s, block_size);
+      break;
+    default: adamw_fp8_run<c10::Half>(param, grad, m_codes, m_absmax, v_codes, v_absmax, s, block_size); break;
   }
 }
 
