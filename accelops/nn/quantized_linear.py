@@ -147,7 +147,7 @@ class TernaryLinear(_QuantizedLinear):
     "lut3": `w_lut` int16 [ceil(N/32), ceil(K/9), 32], 9 weights in 16 bits, the
     lookup-table GEMV kernel (for M = 1: see docs/backends.md for where it wins);
     "base3": `w_b3` uint8 [N, ceil(K/320)*64], 5 weights a byte (1.6 bits), a GEMV kernel
-    made for M = 1 (see docs/ternary_base3.md).
+    made for M = 1 (see docs/backends.md).
     `to_format` converts a layer in place; loading a state_dict of another format converts
     it on load (the weights are the same, bit for bit)."""
 

@@ -23,7 +23,7 @@
 // on a Zen 4 core (all these run at about 2 zmm operations a cycle).
 // Measured against the other candidate, the "ceil" encoding q = ceil(256 v / 243) decoded by
 // x <- 3 x mod 256 and two byte compares per digit (about 28 operations per 320 weights
-// before the dot): see docs/ternary_base3.md.
+// before the dot): see docs/backends.md, "Five weights a byte (base3)".
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
