@@ -8,7 +8,7 @@ both measured in this run at the same thread count.
     python bench/bench_matmul.py [--quick] [--threads 1,2] [--results-dir DIR]
 (or through bench/run.py, which runs every family)
 
-ACCELOPS_BENCH_METHODS=ternary,ternary_lut (keys of METHODS) runs only those methods (the
+ACCELOPS_BENCH_METHODS=ternary,ternary_lut,ternary_base3 (keys of METHODS) runs only those methods (the
 stream_read row always runs): for a focused comparison on a busy machine.
 """
 
@@ -53,6 +53,8 @@ METHODS = [
     ("ternary", "accelops ternary_matmul"),
     # The same weights in the lut3 format (lookup-table GEMV, 1.78 bits a weight): M=1 only.
     ("ternary_lut", "accelops ternary_matmul, lut3 format (lookup-table GEMV)"),
+    # The same weights in the base3 format (5 weights a byte, 1.6 bits a weight): M=1 only.
+    ("ternary_base3", "accelops ternary_matmul, base3 format (5 weights a byte, GEMV)"),
     ("int8", "accelops int8_linear"),
     # The same ops through a dispatch table that `accelops tune` measured for the case on
     # this machine just before (threads, tile sizes, ATen's int8 GEMM: accelops.tune).
@@ -74,12 +76,15 @@ LABELS = dict(METHODS)
 ACCELOPS = {
     "ternary": "ternary_matmul",
     "ternary_lut": "ternary_matmul_lut",
+    "ternary_base3": "ternary_matmul_base3",
     "int8": "int8_linear",
     "ternary_tuned": "ternary_matmul",
     "int8_tuned": "int8_linear",
     "ternary_auto": "ternary_matmul",
     "int8_auto": "int8_linear",
 }
+# The formats whose kernel is a GEMV only (checked and timed at M=1).
+GEMV_ONLY = ("ternary_lut", "ternary_base3")
 TUNED = {"ternary_tuned": "ternary_matmul", "int8_tuned": "int8_linear"}
 AUTO = {"ternary_auto": "ternary_matmul", "int8_auto": "int8_linear"}
 
@@ -136,6 +141,7 @@ WEIGHT_GROUP = {
     "ref_ternary_compiled": "ternary",
     "ternary_tuned": "ternary",
     "ternary_lut": "ternary_lut",
+    "ternary_base3": "ternary_base3",
     "ternary_auto": "ternary",
     "int8": "int8",
     "ref_int8_compiled": "int8",
@@ -167,6 +173,7 @@ class Shape:
             "fp32": (w,),
             "bf16": (w.to(torch.bfloat16),),
             "ternary_lut": (ops.convert_ternary_format(w_packed, "i2", "lut3", n=n, k=k), w_tscale),
+            "ternary_base3": (ops.convert_ternary_format(w_packed, "i2", "base3", n=n, k=k), w_tscale),
         }
         # Only the groups of the methods this run measures (the ternary and int8 weights
         # always: the references and the stream_read row use them).
@@ -223,6 +230,7 @@ def build_calls(s: Shape, x: torch.Tensor, x_bf16, x_q, x_scale, tables=None):
     make = {
         "ternary": lambda wp, ws: lambda: ops.ternary_matmul(x, wp, ws, k=s.k),
         "ternary_lut": lambda wl, ws: lambda: ops.ternary_matmul_lut(x, wl, ws, n=s.n, k=s.k),
+        "ternary_base3": lambda wb, ws: lambda: ops.ternary_matmul_base3(x, wb, ws, k=s.k),
         "int8": lambda wq, ws: lambda: ops.int8_linear(x, wq, ws),
         "ternary_tuned": lambda wp, ws: common.through_table(
             lambda: ops.ternary_matmul(x, wp, ws, k=s.k), tables["ternary_tuned"]
@@ -249,6 +257,8 @@ def build_calls(s: Shape, x: torch.Tensor, x_bf16, x_q, x_scale, tables=None):
             calls[key] = "torch._int_mm needs M > 16"
         elif key == "ternary_lut" and m > 1:
             calls[key] = "the lut3 kernel is a GEMV (it reads the weights once per row of x): M=1 only"
+        elif key == "ternary_base3" and m > 1:
+            calls[key] = "the base3 kernel is a GEMV (it reads the weights once per row of x): M=1 only"
         elif group not in s.copies:
             calls[key] = s.torchao_why
         else:
@@ -334,10 +344,14 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
         progress.set_postfix_str(f"{threads}t N={s.n} K={s.k} M={m} tune {op}")
         tables[key], winners[key] = tune_case(cfg, op, m, s.n, s.k, threads)
     w_lut = s.copies["ternary_lut"][0][0] if "ternary_lut" in s.copies else None  # not built unless selected
+    w_b3 = s.copies["ternary_base3"][0][0] if "ternary_base3" in s.copies else None
     check_calls = {
         "ternary": lambda: compare_to_reference(ops.ternary_matmul(x, w_packed, w_tscale, k=s.k), y_ref["ternary"]),
         "ternary_lut": lambda: compare_to_reference(
             ops.ternary_matmul_lut(x, w_lut, w_tscale, n=s.n, k=s.k), y_ref["ternary"]
+        ),
+        "ternary_base3": lambda: compare_to_reference(
+            ops.ternary_matmul_base3(x, w_b3, w_tscale, k=s.k), y_ref["ternary"]
         ),
         "int8": lambda: compare_to_reference(ops.int8_linear(x, w_q, w_qscale), y_ref["int8"]),
         "ternary_tuned": lambda: compare_to_reference(
@@ -352,7 +366,7 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
     checks = {
         key: check()
         for key, check in check_calls.items()
-        if key in selected and not (key == "ternary_lut" and m > 1)  # a GEMV: M=1 only (see build_calls)
+        if key in selected and not (key in GEMV_ONLY and m > 1)  # a GEMV: M=1 only (see build_calls)
     }
     # Autotune: a table of this process only (not the user's file), empty, measuring on the
     # first call (the check's), with the default budget; its cost is recorded per row.
@@ -429,15 +443,10 @@ def run_case(cfg, timer, meta, s: Shape, m: int, threads: int, out_path, progres
                 row.update(timer.measure(fn, seconds))
             except Exception as exc:  # a baseline that cannot run here is a row, not a crash
                 row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
-        if (
-            key in ("ternary", "ternary_lut")
-            and m == 1
-            and stream
-            and stream["status"] == "ok"
-            and row["status"] == "ok"
-        ):
+        if key in ("ternary", *GEMV_ONLY) and m == 1 and stream and stream["status"] == "ok" and row["status"] == "ok":
             # The fraction of the read bandwidth measured just before on the same bytes.
-            # (The lut3 row reads 11% fewer bytes than the stream row: its fraction can pass 1.)
+            # (The lut3 and base3 rows read 11% and 20% fewer bytes than the stream row: their
+            # fraction can pass 1.)
             row["stream_read_us"] = stream["median_us"]
             row["bandwidth_fraction"] = stream["median_us"] / row["median_us"]
             row["gb_per_s"] = (s.bytes[WEIGHT_GROUP[key]] + s.k * 4) / row["median_us"] / 1e3
@@ -520,6 +529,7 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
     short = {
         "ternary": "ternary_matmul",
         "ternary_lut": "ternary_matmul lut3",
+        "ternary_base3": "ternary_matmul base3",
         "int8": "int8_linear",
         "ternary_tuned": "ternary_matmul tuned",
         "int8_tuned": "int8_linear tuned",
@@ -645,11 +655,12 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
     # Memory limit at M=1: the ternary GEMV against a streaming read of the same bytes.
     mem_rows = []
     for n, k in shapes:
-        for key in ("ternary", "ternary_lut"):
+        for key in ("ternary", *GEMV_ONLY):
             st, t = by.get((n, k, 1, STREAM_KEY)), by.get((n, k, 1, key))
-            if st is None or st["status"] != "ok" or (key == "ternary_lut" and t is None):
+            if st is None or st["status"] != "ok" or (key in GEMV_ONLY and t is None):
                 continue
             ok = t is not None and t["status"] == "ok"
+            i2 = _ratio(by.get((n, k, 1, "ternary")), t)
             mem_rows.append(
                 [
                     f"{n}x{k}",
@@ -660,13 +671,15 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
                     _cell(t),
                     f"{t['gb_per_s']:.1f}" if ok and "gb_per_s" in t else "-",
                     f"{st['median_us'] / t['median_us']:.2f}" if ok else "-",
+                    _fmt_ratio(i2) if key != "ternary" else "-",
                 ]
             )
     if mem_rows:
         out += [
             "Memory limit at M=1: ternary_matmul against a streaming read of the bytes it reads (packed "
             "weight + x row), cold the same way (torch.amax over an int64 view of rotating copies). The "
-            "lut3 format reads 11% fewer bytes than the stream row (its GB/s counts its own bytes):",
+            "lut3 and base3 formats read 11% and 20% fewer bytes than the stream row (their GB/s count their "
+            "own bytes); the last column is the i2 time over the format's (>1: the format is faster):",
             "",
             common.md_table(
                 [
@@ -678,6 +691,7 @@ def summarize(rows: list[dict], cfg, threads: int, wall_s: float) -> str:
                     "M=1",
                     "GB/s",
                     "stream time / method time",
+                    "vs i2 (ternary_matmul)",
                 ],
                 mem_rows,
             ),

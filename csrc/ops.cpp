@@ -76,6 +76,7 @@ TORCH_LIBRARY_IMPL(accelops, CPU, m) {
   m.impl("quantize_weight_ternary", &accelops::quantize_weight_ternary_cpu);
   m.impl("ternary_matmul", &accelops::ternary_matmul_cpu);
   m.impl("ternary_matmul_lut", &accelops::ternary_matmul_lut_cpu);
+  m.impl("ternary_matmul_base3", &accelops::ternary_matmul_base3_cpu);
   m.impl("ternary_decode_layer", &accelops::ternary_decode_layer_cpu);
   m.impl("quantize_activation_int8", &accelops::quantize_activation_int8_cpu);
   m.impl("quantize_weight_int8", &accelops::quantize_weight_int8_cpu);

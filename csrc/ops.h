@@ -17,6 +17,9 @@ at::Tensor ternary_matmul_cpu(const at::Tensor& x, const at::Tensor& w_packed, c
 // the lut3 lookup-table format (csrc/cpu/ternary_lut.cpp)
 at::Tensor ternary_matmul_lut_cpu(const at::Tensor& x, const at::Tensor& w_lut, const at::Tensor& w_scale, int64_t n,
                                   const std::optional<at::Tensor>& bias);
+// the base3 format, five weights a byte (csrc/cpu/ternary_base3.cpp)
+at::Tensor ternary_matmul_base3_cpu(const at::Tensor& x, const at::Tensor& w_b3, const at::Tensor& w_scale,
+                                    const std::optional<at::Tensor>& bias);
 
 // one decode step of a ternary transformer block (csrc/cpu/decode.cpp)
 at::Tensor ternary_decode_layer_cpu(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos,

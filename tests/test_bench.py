@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
     "ternary",
     "ternary_lut",
+    "ternary_base3",
     "int8",
     "ternary_tuned",
     "int8_tuned",
@@ -108,6 +109,9 @@ def check_matmul_quick(tmp_path) -> list[dict]:
     # The lut3 format's GEMV: checked and timed at M=1, skipped with the reason at M=32.
     assert by[("ternary_lut", 1)]["status"] == "ok" and by[("ternary_lut", 1)]["check"]["ok"]
     assert by[("ternary_lut", 32)]["status"] == "skipped" and "GEMV" in by[("ternary_lut", 32)]["reason"]
+    # The same for the base3 format's GEMV.
+    assert by[("ternary_base3", 1)]["status"] == "ok" and by[("ternary_base3", 1)]["check"]["ok"]
+    assert by[("ternary_base3", 32)]["status"] == "skipped" and "GEMV" in by[("ternary_base3", 32)]["reason"]
     # The memory limit of the M=1 case: one streaming read of the ternary case's bytes (packed
     # weight + an fp32 x row) per shape and thread count, and the ternary row's fraction of it.
     assert [r["method"] for r in rows].count("stream_read") == 1

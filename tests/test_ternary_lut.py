@@ -174,9 +174,9 @@ def test_bad_input_messages():
         ops.ternary_matmul_lut(x, w_lut, scale, n=n, k=63)
     with pytest.raises(ValueError, match=r"format='lut3' needs n="):
         ops.ternary_matmul(x, w_lut, scale, format="lut3")
-    with pytest.raises(ValueError, match=r"format must be one of \('i2', 'lut3'\), got 'tl2'"):
+    with pytest.raises(ValueError, match=r"format must be one of \('i2', 'lut3', 'base3'\), got 'tl2'"):
         ops.ternary_matmul(x, w_lut, scale, format="tl2", n=n)
-    with pytest.raises(ValueError, match=r"n= applies to format='lut3' only"):
+    with pytest.raises(ValueError, match=r"n= applies to format='lut3' and 'base3' only"):
         ops.ternary_matmul(x, packed, scale, n=n)
     with pytest.raises(ValueError, match=r"w_scale must hold 1 .* or N=8"):
         ops.ternary_matmul_lut(x, w_lut, torch.ones(3), n=n)
@@ -229,7 +229,7 @@ def test_layer_formats_convert_both_ways():
 
 
 def test_layer_bad_format():
-    with pytest.raises(ValueError, match=r"format must be one of \('i2', 'lut3'\), got 'tl2'"):
+    with pytest.raises(ValueError, match=r"format must be one of \('i2', 'lut3', 'base3'\), got 'tl2'"):
         TernaryLinear(8, 8, format="tl2")
     with pytest.raises(ValueError, match=r"format must be one of"):
         TernaryLinear(8, 8).to_format("tl2")

@@ -12,6 +12,8 @@ from torch import nn
 
 from .. import ops
 from ..reference.ternary import packed_cols
+from ..reference.ternary_base3 import ZERO_BYTE as _BASE3_ZEROS
+from ..reference.ternary_base3 import base3_cols
 from ..reference.ternary_lut import lut_shape
 from .bitlinear import BitLinear, check_in_features
 
@@ -22,7 +24,7 @@ _PACKED_ZEROS = 0x55
 # Three zero-weight groups (index 13 each) in one lut3 word (see reference/ternary_lut.py).
 _LUT_ZEROS = 13 | 13 << 5 | 13 << 10
 # The buffer each ternary format keeps its weights in.
-_TERNARY_BUFFERS = {"i2": "w_packed", "lut3": "w_lut"}
+_TERNARY_BUFFERS = {"i2": "w_packed", "lut3": "w_lut", "base3": "w_b3"}
 
 
 class _QuantizedLinear(nn.Module):
@@ -143,8 +145,10 @@ class TernaryLinear(_QuantizedLinear):
     `format` picks the packed layout, one buffer either way (so a state_dict says which):
     "i2" (default): `w_packed` uint8 [N, ceil(K/128)*32], 4 weights a byte, fast at every M;
     "lut3": `w_lut` int16 [ceil(N/32), ceil(K/9), 32], 9 weights in 16 bits, the
-    lookup-table GEMV kernel (for M = 1: see docs/backends.md for where it wins).
-    `to_format` converts a layer in place; loading a state_dict of the other format converts
+    lookup-table GEMV kernel (for M = 1: see docs/backends.md for where it wins);
+    "base3": `w_b3` uint8 [N, ceil(K/320)*64], 5 weights a byte (1.6 bits), a GEMV kernel
+    made for M = 1 (see docs/backends.md).
+    `to_format` converts a layer in place; loading a state_dict of another format converts
     it on load (the weights are the same, bit for bit)."""
 
     def __init__(
@@ -178,6 +182,8 @@ class TernaryLinear(_QuantizedLinear):
         n, k = self.out_features, self.in_features
         if format == "i2":
             return torch.full((n, packed_cols(k)), _PACKED_ZEROS, dtype=torch.uint8, device=device)
+        if format == "base3":
+            return torch.full((n, base3_cols(k)), _BASE3_ZEROS, dtype=torch.uint8, device=device)
         return torch.full(lut_shape(n, k), _LUT_ZEROS, dtype=torch.int16, device=device)
 
     def _qweight(self) -> torch.Tensor:
@@ -189,6 +195,8 @@ class TernaryLinear(_QuantizedLinear):
             return ops.ternary_matmul_lut(
                 x, self.w_lut, self.w_scale, self.bias, n=self.out_features, k=self.in_features
             )
+        if self.format == "base3":
+            return ops.ternary_matmul_base3(x, self.w_b3, self.w_scale, self.bias, k=self.in_features)
         # k: w_packed's shape alone would take an x whose K fits the padding of the last
         # 128-block (K=4000 for in_features=4096) as zero-padded.
         return ops.ternary_matmul(x, self.w_packed, self.w_scale, self.bias, k=self.in_features)
@@ -197,6 +205,8 @@ class TernaryLinear(_QuantizedLinear):
         """Wq int8 [out_features, in_features] in {-1, 0, 1}."""
         if self.format == "lut3":
             return ops.unpack_ternary_lut(self.w_lut, self.out_features, self.in_features)
+        if self.format == "base3":
+            return ops.unpack_ternary_base3(self.w_b3, self.in_features)
         return ops.unpack_ternary(self.w_packed, self.in_features)
 
     @property
@@ -205,7 +215,7 @@ class TernaryLinear(_QuantizedLinear):
         return self._codes().float() * self.w_scale.reshape(-1, 1)
 
     def to_format(self, format: str) -> "TernaryLinear":
-        """Repacks the weights in `format` ("i2" or "lut3"), in place; returns self. Lossless:
+        """Repacks the weights in `format` ("i2", "lut3" or "base3"), in place; returns self. Lossless:
         outputs are unchanged."""
         if format not in ops.ternary.FORMATS:
             raise ValueError(f"format must be one of {ops.ternary.FORMATS}, got {format!r}")
@@ -223,7 +233,7 @@ class TernaryLinear(_QuantizedLinear):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        # A checkpoint in the other format: repack it into this layer's (same weights).
+        # A checkpoint in another format: repack it into this layer's (same weights).
         mine = prefix + self._qweight_name
         for fmt, name in _TERNARY_BUFFERS.items():
             key = prefix + name
@@ -243,6 +253,8 @@ class TernaryLinear(_QuantizedLinear):
         n = self.out_features
         if self.format == "lut3":
             qweight = (lut_shape(n, self.in_features), torch.int16, "[ceil(out_features/32), ceil(in_features/9), 32]")
+        elif self.format == "base3":
+            qweight = ((n, base3_cols(self.in_features)), torch.uint8, "[out_features, ceil(in_features/320)*64]")
         else:
             qweight = ((n, packed_cols(self.in_features)), torch.uint8, "[out_features, ceil(in_features/128)*32]")
         return {
@@ -256,9 +268,10 @@ class TernaryLinear(_QuantizedLinear):
 
     def _quantize(self, w: torch.Tensor) -> dict:
         w_packed, w_scale = ops.quantize_weight_ternary(w.detach(), self.per_channel)
-        if self.format == "lut3":
+        if self.format != "i2":
             n, k = self.out_features, self.in_features
-            return {"w_lut": ops.convert_ternary_format(w_packed, "i2", "lut3", n=n, k=k), "w_scale": w_scale}
+            value = ops.convert_ternary_format(w_packed, "i2", self.format, n=n, k=k)
+            return {self._qweight_name: value, "w_scale": w_scale}
         return {"w_packed": w_packed, "w_scale": w_scale}
 
     def extra_repr(self) -> str:

@@ -28,12 +28,15 @@ from .optim import adamw8bit_step_, sgd8bit_step_
 from .ternary import (
     convert_ternary_format,
     pack_ternary,
+    pack_ternary_base3,
     pack_ternary_lut,
     packed_cols,
     quantize_weight_ternary,
     ternary_matmul,
+    ternary_matmul_base3,
     ternary_matmul_lut,
     unpack_ternary,
+    unpack_ternary_base3,
     unpack_ternary_lut,
 )
 
@@ -70,5 +73,8 @@ __all__ = [
     "unpack_ternary_lut",
     "convert_ternary_format",
     "ternary_matmul_lut",
+    "pack_ternary_base3",
+    "unpack_ternary_base3",
+    "ternary_matmul_base3",
     "bitlinear_matmul",
 ]

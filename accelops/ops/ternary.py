@@ -10,6 +10,7 @@ import functools
 import torch
 
 from ..reference import ternary as ref
+from ..reference import ternary_base3 as ref_b3
 from ..reference import ternary_lut as ref_lut
 from . import _tuning
 from . import _validate as check
@@ -28,14 +29,20 @@ __all__ = [
     "unpack_ternary_lut",
     "convert_ternary_format",
     "ternary_matmul_lut",
+    "base3_cols",
+    "pack_ternary_base3",
+    "unpack_ternary_base3",
+    "ternary_matmul_base3",
 ]
 
 packed_cols = ref.packed_cols
 lut_shape = ref_lut.lut_shape
+base3_cols = ref_b3.base3_cols
 
-# Packed ternary weight formats: "i2" (2 bits a weight, reference/ternary.py; every M) and
-# "lut3" (lookup-table format, 16 bits for 9 weights, reference/ternary_lut.py; a GEMV kernel).
-FORMATS = ("i2", "lut3")
+# Packed ternary weight formats: "i2" (2 bits a weight, reference/ternary.py; every M),
+# "lut3" (lookup-table format, 16 bits for 9 weights, reference/ternary_lut.py; a GEMV kernel)
+# and "base3" (5 weights a byte, 1.6 bits a weight, reference/ternary_base3.py; a GEMV kernel).
+FORMATS = ("i2", "lut3", "base3")
 
 # Four 2-bit codes of 1 (zero weights): what the packing writes into the padding.
 _PACKED_ZEROS = 0x55
@@ -159,9 +166,11 @@ def ternary_matmul(
 ):
     """y = ternary(W) @ int8(x) with exact int32 sums, dequantized: x [..., K] -> y [..., N] in x's dtype.
 
-    `format`: the layout of w_packed, "i2" (2 bits a weight, from pack_ternary) or "lut3"
+    `format`: the layout of w_packed, "i2" (2 bits a weight, from pack_ternary), "lut3"
     (from pack_ternary_lut; then `n`, the number of output rows, is required, and the call is
-    ternary_matmul_lut's). Both give identical results for the same weights.
+    ternary_matmul_lut's) or "base3" (from pack_ternary_base3; the call is
+    ternary_matmul_base3's, `n` optional and checked against w_packed's rows). All give
+    identical results for the same weights.
 
     `k`: the K (in_features) w_packed was packed for. w_packed's shape gives only
     ceil(K/128)*128, so an x of K=100 would fit a weight packed for K=128 and be read as
@@ -173,15 +182,23 @@ def ternary_matmul(
     trailing weights all quantized to 0: callers that know K (layers) pass k=.
     """
     if format != "i2":
-        if format != "lut3":
+        if format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        if format == "base3":
+            if n is not None:
+                _check_n(n)
+                if isinstance(w_packed, torch.Tensor) and w_packed.ndim == 2 and w_packed.shape[0] != n:
+                    raise ValueError(
+                        f"n={n} does not match w_packed's {w_packed.shape[0]} rows (base3: [N, ceil(K/320)*64])"
+                    )
+            return ternary_matmul_base3(x, w_packed, w_scale, bias, k=k)
         if n is None:
             raise ValueError(
                 "format='lut3' needs n= (the number of output rows: the format pads N to a multiple of 32)"
             )
         return ternary_matmul_lut(x, w_packed, w_scale, bias, n=n, k=k)
     if n is not None:
-        raise ValueError("n= applies to format='lut3' only (an i2 weight's shape gives N)")
+        raise ValueError("n= applies to format='lut3' and 'base3' only (an i2 weight's shape gives N)")
     check.float_tensor("x", x)
     check.at_least_1d("x", x)
     if k is not None:
@@ -269,9 +286,14 @@ def convert_ternary_format(w: torch.Tensor, src: str, dst: str, *, n: int, k: in
         if w.shape[0] != n:
             raise ValueError(f"w has {w.shape[0]} rows, n={n}")
         wq = unpack_ternary(w, k)
+    elif src == "base3":
+        _check_base3(w, k, n)
+        wq = ref_b3.unpack_ternary_base3(w, k)
     else:
         wq = unpack_ternary_lut(w, n, k)
-    return pack_ternary(wq) if dst == "i2" else pack_ternary_lut(wq)
+    if dst == "i2":
+        return pack_ternary(wq)
+    return pack_ternary_lut(wq) if dst == "lut3" else pack_ternary_base3(wq)
 
 
 def ternary_matmul_lut(
@@ -308,6 +330,71 @@ def ternary_matmul_lut(
     return torch.ops.accelops.ternary_matmul_lut(x, w_lut, w_scale, n, bias)
 
 
+# --------------------------------------------------------------------------- base3 format
+
+
+def _check_base3(w_b3, k: int, n: int | None = None) -> None:
+    check.tensor("w_b3", w_b3)
+    check.dtype("w_b3", w_b3, torch.uint8)
+    check.ndim("w_b3", w_b3, 2, "[N, ceil(K/320)*64]")
+    expected = base3_cols(k)
+    if w_b3.shape[1] != expected:
+        raise ValueError(
+            f"w_b3 must have {expected} columns (ceil(K/320)*64) to hold K={k}, got shape "
+            f"{tuple(w_b3.shape)}; was it packed for a different in_features?"
+        )
+    if n is not None and w_b3.shape[0] != n:
+        raise ValueError(f"w_b3 has {w_b3.shape[0]} rows, n={n}")
+
+
+def pack_ternary_base3(wq: torch.Tensor) -> torch.Tensor:
+    """wq int8 [N, K] in {-1, 0, 1} -> w_b3 uint8 [N, ceil(K/320)*64] (base3 format)."""
+    check.tensor("wq", wq)
+    check.dtype("wq", wq, torch.int8)
+    check.ndim("wq", wq, 2, "[N, K]")
+    if wq.numel() and (int(wq.min()) < -1 or int(wq.max()) > 1):
+        raise ValueError(f"wq must hold only -1, 0 and 1, got values in [{int(wq.min())}, {int(wq.max())}]")
+    return ref_b3.pack_ternary_base3(wq)
+
+
+def unpack_ternary_base3(w_b3: torch.Tensor, k: int) -> torch.Tensor:
+    """w_b3 uint8 [N, ceil(K/320)*64] -> wq int8 [N, K] in {-1, 0, 1}."""
+    _check_k(k)
+    _check_base3(w_b3, k)
+    return ref_b3.unpack_ternary_base3(w_b3, k)
+
+
+def ternary_matmul_base3(
+    x: torch.Tensor,
+    w_b3: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    k: int | None = None,
+):
+    """ternary_matmul on base3-format weights (pack_ternary_base3): the same result as the
+    2-bit format for the same weights. N is w_b3's rows; `k`, if given, must equal
+    x.shape[-1] (w_b3's shape gives only ceil(K/320)*320, and unlike the i2 path nothing
+    checks the padding: callers that know K pass k=). The C++ kernel is a GEMV (weights read
+    once per row of x): for M > 1 the 2-bit format's GEMM is the faster choice."""
+    check.float_tensor("x", x)
+    check.at_least_1d("x", x)
+    if k is not None:
+        _check_k(k)
+        if x.shape[-1] != k:
+            raise ValueError(
+                f"x's last dim must equal k={k} (the in_features w_b3 was packed for), got K={x.shape[-1]} "
+                f"(x of shape {tuple(x.shape)})"
+            )
+    _check_base3(w_b3, x.shape[-1])
+    _check_scale_and_bias(w_scale, bias, w_b3.shape[0])
+    device = check.same_device(x=x, w_b3=w_b3, w_scale=w_scale, bias=bias)
+    backend = choose("ternary_matmul", device)
+    if backend == "reference":
+        return ref_b3.ternary_matmul_base3(x, w_b3, w_scale, bias)
+    return torch.ops.accelops.ternary_matmul_base3(x, w_b3, w_scale, bias)
+
+
 # --------------------------------------------------------------------------- registration
 # The family's ops: schema and default (reference) kernel, fake, autograd, CUDA kernels.
 # The C++ CPU kernels are csrc/cpu/ternary.cpp and int_mm.cpp, registered in csrc/ops.cpp.
@@ -322,6 +409,11 @@ def _register() -> None:
     define(
         "ternary_matmul_lut(Tensor x, Tensor w_lut, Tensor w_scale, int n, Tensor? bias=None) -> Tensor",
         ref_lut.ternary_matmul_lut,
+    )
+    # The same results from the base3 format (reference/ternary_base3.py; C++: ternary_base3.cpp).
+    define(
+        "ternary_matmul_base3(Tensor x, Tensor w_b3, Tensor w_scale, Tensor? bias=None) -> Tensor",
+        ref_b3.ternary_matmul_base3,
     )
     # The same results with ATen's int8 GEMM computing the sums (a tuned-dispatch candidate).
     define(
@@ -396,6 +488,30 @@ def _register() -> None:
         return grad_x, None, None, None, grad_bias
 
     torch.library.register_autograd("accelops::ternary_matmul_lut", backward_lut, setup_context=setup_context_lut)
+
+    @torch.library.register_fake("accelops::ternary_matmul_base3")
+    def _(x, w_b3, w_scale, bias=None):
+        return x.new_empty((*x.shape[:-1], w_b3.shape[0]))
+
+    # The same straight-through gradient as ternary_matmul's.
+    def setup_context_b3(ctx, inputs, output):
+        x, w_b3, w_scale, bias = inputs
+        ctx.save_for_backward(w_b3, w_scale)
+        ctx.k = x.shape[-1]
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    def backward_b3(ctx, grad_y):
+        w_b3, w_scale = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = ref_b3.unpack_ternary_base3(w_b3, ctx.k).float() * w_scale.reshape(-1, 1)
+            grad_x = (grad_y.float() @ w).to(ctx.x_dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+        return grad_x, None, None, grad_bias
+
+    torch.library.register_autograd("accelops::ternary_matmul_base3", backward_b3, setup_context=setup_context_b3)
 
     register_triton_kernels("ternary", ("ternary_matmul", "pack_ternary", "unpack_ternary", "quantize_weight_ternary"))
 

@@ -52,4 +52,20 @@ void ternary_gemm_i32(const int8_t* x_q, const int32_t* xsum, int64_t m, const u
                       int64_t n, int64_t nblocks, int32_t* acc, Isa isa,
                       const std::function<void(int64_t, int64_t)>& finish_columns = nullptr);
 
+// The base3 format (csrc/cpu/ternary_base3.cpp; spec: accelops/reference/ternary_base3.py):
+// 320 weights in 64 bytes, five a byte.
+constexpr int kBase3BlockK = 320;
+constexpr int kBase3BlockBytes = 64;
+
+// acc[j] = sum_k x_q[k] * Wq[j, k] in exact int32 (j < n), one activation row against base3
+// weights w_b3 [n, nblocks * 64]: x_q is nblocks * 320 long (zero padded past K), xsum =
+// sum_k x_q[k]. Parallel over rows (at::parallel_for); finish_rows(n0, n1), if given, is
+// called (possibly from a worker thread) once acc[n0, n1) is final. `isa` is the dot level
+// (active_dot_isa()): Avx512Vnni on a CPU with AVX-512 VBMI takes the vpermi2b path, every
+// other level the scalar one.
+void ternary_base3_gemv_i32(const int8_t* x_q, int32_t xsum, const uint8_t* w_b3, int64_t n, int64_t nblocks,
+                            int32_t* acc, Isa isa, const std::function<void(int64_t, int64_t)>& finish_rows = nullptr);
+// The path ternary_base3_gemv_i32 takes at dot level `isa` ("avx512vbmi", "avx2", "scalar").
+const char* ternary_base3_path_name(Isa isa);
+
 }  // namespace accelops
