@@ -6,6 +6,8 @@ Random weights (speed depends on shapes and formats, not values), a prompt of 12
     accelops       TransformerLM (2B4T architecture), accelops.convert(model, "ternary",
                    head="int8"): packed ternary projections, one int8 weight serving the tied
                    embedding and LM head; model.generate (static KV cache)
+    accelops_base3 the same model with every ternary projection repacked in the base3 format
+                   (5 weights a byte, 1.6 bits; TernaryLinear.to_format("base3"))
     accelops_hf    transformers BitNetForCausalLM of the same shape, converted by
                    accelops.convert(model, "ternary", head="int8"); transformers' generate
     hf_bf16        transformers BitNetForCausalLM in bf16, eager (no torch.compile; SDPA attention)
