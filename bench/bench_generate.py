@@ -6,6 +6,8 @@ Random weights (speed depends on shapes and formats, not values), a prompt of 12
     accelops       TransformerLM (2B4T architecture), accelops.convert(model, "ternary",
                    head="int8"): packed ternary projections, one int8 weight serving the tied
                    embedding and LM head; model.generate (static KV cache)
+    accelops_base3 the same model with every ternary projection repacked in the base3 format
+                   (5 weights a byte, 1.6 bits; TernaryLinear.to_format("base3"))
     accelops_hf    transformers BitNetForCausalLM of the same shape, converted by
                    accelops.convert(model, "ternary", head="int8"); transformers' generate
     hf_bf16        transformers BitNetForCausalLM in bf16, eager (no torch.compile; SDPA attention)
@@ -66,6 +68,7 @@ SHAPES = {
 }
 ENGINES = {
     "accelops": "accelops TransformerLM, ternary, int8 tied head/embedding",
+    "accelops_base3": "accelops TransformerLM, ternary in the base3 format (5 weights a byte), int8 head/embedding",
     "accelops_hf": "transformers BitNet converted by accelops (ternary, head='int8')",
     "hf_bf16": "transformers BitNet, bf16, eager",
     "hf_fp32": "transformers BitNet, fp32, eager",
@@ -213,8 +216,9 @@ def build(engine: str, shape: dict, max_len: int):
     logits (no cache), note)."""
     import accelops
 
-    if engine == "accelops":
+    if engine in ("accelops", "accelops_base3"):
         from accelops.models import TransformerLM, TransformerLMConfig
+        from accelops.nn import TernaryLinear
 
         cfg = TransformerLMConfig.bitnet_2b4t(**shape, max_len=max_len)
         with torch.device("meta"):
@@ -222,6 +226,10 @@ def build(engine: str, shape: dict, max_len: int):
         report = accelops.convert(model, "ternary", head="int8")
         model.to_empty(device="cpu")
         _fill_random_(model)
+        if engine == "accelops_base3":  # the same weights repacked, 1.6 bits a weight
+            for m in model.modules():
+                if isinstance(m, TernaryLinear):
+                    m.to_format("base3")
         model.eval()
 
         def generate(prompts, n):
@@ -343,7 +351,9 @@ def worker(spec: dict) -> list[dict]:
     )
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, shape["vocab_size"], (max(spec["batches"]), prompt_len), generator=g)
-    tol = {"hf_bf16": 0.1, "accelops_hf": 0.05, "accelops": 0.05, "torchao": 0.05}.get(spec["engine"], 1e-3)
+    tol = {"hf_bf16": 0.1, "accelops_hf": 0.05, "accelops": 0.05, "accelops_base3": 0.05, "torchao": 0.05}.get(
+        spec["engine"], 1e-3
+    )
     base["check"] = check_greedy(generate, forward, prompts[:1, : min(prompt_len, 32)], min(3, new), tol)
     if not base["check"]["ok"] and spec["engine"].startswith("accelops"):
         why = f"greedy tokens disagree with the no-cache forward: {base['check']}"
@@ -570,16 +580,17 @@ def breakdown(model, prompt, n_steps: int, try_compile: bool) -> dict:
 
 def _matmuls_alone(model, plan, n_steps: int) -> tuple[float, float]:
     """-> (median seconds of one step's ternary GEMVs, of its LM head) run on their own: the
-    ternary_matmul C++ kernel on every block's seven packed weights with a random [1, K]
+    ternary_matmul (or ternary_matmul_base3) C++ kernel on every block's seven packed weights with a random [1, K]
     input, then model.head; the floor of a decode step made of nothing but its matmuls."""
     dim, hidden = model.config.dim, model.config.hidden
     xs = {dim: torch.randn(1, dim), hidden: torch.randn(1, hidden)}
     gemv, head = [], []
     for _ in range(n_steps + 1):
         t0 = time.perf_counter()
-        for _norms, w_packed, w_scale, bias, in_features in plan:
+        for _norms, w_packed, w_scale, bias, in_features, fmt in plan:
+            matmul = torch.ops.accelops.ternary_matmul if fmt == "i2" else torch.ops.accelops.ternary_matmul_base3
             for w, s, b, k in zip(w_packed, w_scale, bias, in_features):
-                torch.ops.accelops.ternary_matmul(xs[k], w, s, b)
+                matmul(xs[k], w, s, b)
         t1 = time.perf_counter()
         model.head(xs[dim])
         t2 = time.perf_counter()
@@ -749,12 +760,15 @@ def summarize(rows, cfg, s, meta, wall_s) -> str:
             "",
         ]
         by = {(r["engine"], r["batch"]): r for r in rows if r["threads"] == threads and r.get("status") == "ok"}
-        acc, bf16 = by.get(("accelops", 1)), by.get(("hf_bf16", 1))
-        if acc:
+        bf16 = by.get(("hf_bf16", 1))
+        for engine in ("accelops", "accelops_base3"):
+            acc = by.get((engine, 1))
+            if not acc:
+                continue
             tps = acc["decode_tokens_per_s"]
             lines = [
-                f"Targets (batch 1; issue 25, reference numbers from an Intel Xeon, not this machine): accelops "
-                f"ternary decodes {tps:.2f} tok/s = {tps / REFERENCE['bitnet.cpp I2_S']:.2f}x bitnet.cpp I2_S's "
+                f"Targets (batch 1; issue 25, reference numbers from an Intel Xeon, not this machine): {engine} "
+                f"decodes {tps:.2f} tok/s = {tps / REFERENCE['bitnet.cpp I2_S']:.2f}x bitnet.cpp I2_S's "
                 f"10.88 (target >= 1.2x)"
             ]
             if bf16:

@@ -27,7 +27,7 @@ at::Tensor ternary_decode_layer_cpu(const at::Tensor& x, const at::Tensor& posit
                                     const c10::List<std::optional<at::Tensor>>& norms, at::TensorList w_packed,
                                     at::TensorList w_scale, const c10::List<std::optional<at::Tensor>>& bias,
                                     at::IntArrayRef in_features, int64_t n_heads, double eps,
-                                    c10::string_view activation);
+                                    c10::string_view activation, c10::string_view format);
 
 // int8 family (csrc/cpu/int8.cpp)
 std::tuple<at::Tensor, at::Tensor> quantize_activation_int8_cpu(const at::Tensor& x);

@@ -236,14 +236,16 @@ def _with_larger_k(i):
     return args
 
 
-def _call(path, args):
+def _call(path, args, format="i2"):
     """The op through one path: the public function, the dispatcher's CPU kernel (C++ with
     the extension), the reference, or the fake kernel (meta tensors)."""
     if path == "public":
         x, pos, cos, sin, kc, vc, norms, wp, ws, bias, inf, n_heads, eps, act = args
         return ops.ternary_decode_layer(
-            x, pos, cos, sin, kc, vc, norms, wp, ws, bias, in_features=inf, n_heads=n_heads, eps=eps, activation=act
-        )
+            x, pos, cos, sin, kc, vc, norms, wp, ws, bias, in_features=inf, n_heads=n_heads, eps=eps, activation=act,
+            format=format,
+        )  # fmt: skip
+    args = list(args) + [format]
     if path == "reference":
         return ref.ternary_decode_layer(*args)
     if path == "fake":
@@ -422,7 +424,7 @@ def test_fused_plan_passes_each_layers_in_features():
     # which the fused step used to read as zero-padded; now the op names it. (generate's
     # eager prefill would stop first, in TernaryLinear's own check: the plan's call directly.)
     model.blocks[1].ffn.down_proj = accelops.nn.TernaryLinear.from_linear(torch.nn.Linear(250, 128))
-    norms, w_packed, w_scale, bias, in_features = fused_decode_plan(model)[0][1]
+    norms, w_packed, w_scale, bias, in_features, _format = fused_decode_plan(model)[0][1]
     assert in_features[6] == 250 and w_packed[6].shape == (128, R.packed_cols(200))
     cfg = model.config
     pos = torch.tensor([3])
@@ -433,3 +435,89 @@ def test_fused_plan_passes_each_layers_in_features():
             torch.randn(1, 128), pos, cos, sin, cache, cache.clone(), norms, w_packed, w_scale, bias, in_features,
             cfg.n_heads, cfg.norm_eps, cfg.activation,
         )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the base3 format
+
+
+def _as_base3(args):
+    """The same block with its seven weights repacked in the base3 format (5 weights a byte)."""
+    w_packed, in_features = args[7], args[10]
+    w_b3 = [ops.convert_ternary_format(w, "i2", "base3", n=w.shape[0], k=k) for w, k in zip(w_packed, in_features)]
+    return args[:7] + (w_b3,) + args[8:]
+
+
+def _check_base3(args):
+    """base3 weights give the i2 kernel's result bit for bit (every projection is the same exact
+    int32 sum and epilogue) and match the reference run on base3 weights."""
+    b3 = _as_base3(args)
+    want_i2 = torch.ops.accelops.ternary_decode_layer(*_clone(args))
+    mine, theirs = _clone(b3), _clone(b3)
+    out = torch.ops.accelops.ternary_decode_layer(*mine, "base3")
+    torch.testing.assert_close(out, want_i2, rtol=0, atol=0)
+    want = ref.ternary_decode_layer(*theirs, "base3")
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    for a, b in ((mine[4], theirs[4]), (mine[5], theirs[5])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
+def test_base3_matches_i2_and_reference(activation):
+    # dim 64 / hidden 96 pad to one 320 block; hidden 700 to three (K not a multiple of 320)
+    _check_base3(layer_args(activation=activation))
+    _check_base3(layer_args(activation=activation, hidden=700, biases=True, per_channel=False))
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ kernel's instruction-set paths")
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_base3_every_isa_path(monkeypatch, isa):
+    monkeypatch.setenv("ACCELOPS_CPU_ISA", isa)
+    _check_base3(layer_args(dim=320, n_heads=4, kv_heads=2, hidden=650, size=24, positions=(3, 21), batch=2))
+
+
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(1, 3), hidden=st.integers(1, 700), seed=st.integers(0, 1000))
+def test_base3_shapes(batch, hidden, seed):
+    _check_base3(layer_args(batch=batch, hidden=hidden, positions=(0, 7, 15)[:batch], seed=seed))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_base3_weights_need_format_base3(path):
+    """i2 weights called as base3 (or the reverse) have the wrong width: a named error, caches
+    untouched; an unknown format is named too."""
+    args = layer_args(dim=320, n_heads=4, kv_heads=2, hidden=640)
+    b3 = _as_base3(args)
+    for call_args, fmt, msg in (
+        (args, "base3", r"w_packed\[0\] \(q_proj\) must (be a contiguous uint8 )?\[?.*64"),
+        (b3, "i2", r"w_packed\[0\] \(q_proj\) must"),
+        (args, "i3", "format must be"),
+    ):
+        c = _clone(call_args)
+        before = c[4].clone()
+        with pytest.raises((ValueError, RuntimeError), match=msg):
+            _call(path, list(c), fmt)
+        assert torch.equal(c[4], before)
+
+
+def test_base3_opcheck():
+    torch.library.opcheck(torch.ops.accelops.ternary_decode_layer, _as_base3(layer_args()) + ("base3",))
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the fused step needs the C++ extension")
+def test_generate_fused_base3_model_equals_i2():
+    from accelops.nn import TernaryLinear
+
+    model = _model()
+    prompts = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 12)]
+    i2 = model.generate(prompts, 12, temperature=0, fused=True)
+    for m in model.modules():
+        if isinstance(m, TernaryLinear):
+            m.to_format("base3")
+    plan, why = fused_decode_plan(model)
+    assert why is None and plan[0][5] == "base3"
+    assert torch.equal(model.generate(prompts, 12, temperature=0, fused=True), i2)
+    assert torch.equal(model.generate(prompts, 12, temperature=0, fused=False), i2)
+    model.blocks[1].attn.o_proj.to_format("i2")  # one layer in another format: the plan says so
+    assert "mixes packed formats" in fused_decode_plan(model)[1]
+    model.blocks[0].ffn.up_proj.to_format("lut3")
+    assert "format 'lut3'" in fused_decode_plan(model)[1]

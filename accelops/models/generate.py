@@ -29,6 +29,9 @@ from torch import nn
 
 from .layers import KVCache, rope_cos_sin
 
+# TernaryLinear formats ternary_decode_layer reads (lut3's GEMV has no fused-step path)
+FUSED_FORMATS = ("i2", "base3")
+
 __all__ = ["generate", "sample", "fused_decode_plan"]
 
 
@@ -282,11 +285,18 @@ def fused_decode_plan(model):
             return None, f"{where} is not a causal attention and a ternary {cfg.activation} FFN"
         linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, ffn.gate_proj, ffn.up_proj, ffn.down_proj]
         for lin in linears:
-            if type(lin) is not TernaryLinear or lin.format != "i2":
-                return None, (
-                    f"{where} has a {type(lin).__name__} projection: every projection must be a TernaryLinear "
-                    "of format 'i2' (accelops.convert(model, 'ternary'))"
+            if type(lin) is not TernaryLinear or lin.format not in FUSED_FORMATS:
+                what = (
+                    f"a TernaryLinear of format {lin.format!r}"
+                    if type(lin) is TernaryLinear
+                    else (f"a {type(lin).__name__}")
                 )
+                return None, (
+                    f"{where} has {what} projection: every projection must be a TernaryLinear of format "
+                    f"{' or '.join(map(repr, FUSED_FORMATS))} (accelops.convert(model, 'ternary'))"
+                )
+            if lin.format != linears[0].format or (layers and lin.format != layers[0][5]):
+                return None, f"{where} mixes packed formats: the fused step reads one format throughout"
             if lin.bias is not None and lin.bias.dtype != torch.float32:
                 return None, f"{where} has a {lin.bias.dtype} bias (fp32 only)"
         norms = [block.norm1, attn.attn_sub_norm, block.norm2, getattr(ffn, "ffn_sub_norm", None)]
@@ -304,10 +314,11 @@ def fused_decode_plan(model):
         layers.append(
             (
                 [None if n is None else n.weight.detach() for n in norms],
-                [lin.w_packed for lin in linears],
+                [lin._qweight() for lin in linears],
                 [lin.w_scale for lin in linears],
                 [None if lin.bias is None else lin.bias.detach() for lin in linears],
                 [lin.in_features for lin in linears],  # the K each was packed for: the op checks them
+                linears[0].format,
             )
         )
     return layers, None
@@ -321,9 +332,9 @@ def _fused_decode(model, layers, token, positions, cache):
     pos = positions[:, 0].contiguous()
     cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, torch.float32)
     op = torch.ops.accelops.ternary_decode_layer
-    for i, (norms, w_packed, w_scale, bias, in_features) in enumerate(layers):
+    for i, (norms, w_packed, w_scale, bias, in_features, fmt) in enumerate(layers):
         x = op(x, pos, cos, sin, cache.keys[i], cache.values[i], norms, w_packed, w_scale, bias, in_features,
-               cfg.n_heads, cfg.norm_eps, cfg.activation)  # fmt: skip
+               cfg.n_heads, cfg.norm_eps, cfg.activation, fmt)  # fmt: skip
     return model.norm(x)[:, None]
 
 

@@ -14,7 +14,6 @@ from ..reference import decode as ref
 from . import _validate as check
 from ._backend import choose
 from ._library import define
-from .ternary import packed_cols
 
 __all__ = ["ternary_decode_layer", "ACTIVATIONS"]
 
@@ -31,8 +30,9 @@ def _f32(name: str, value, shape: tuple) -> None:
 
 
 def _check(
-    x, positions, cos, sin, k_cache, v_cache, norms, w_packed, w_scale, bias, in_features, n_heads, eps, activation
-):
+    x, positions, cos, sin, k_cache, v_cache, norms, w_packed, w_scale, bias, in_features, n_heads, eps, activation,
+    format,
+):  # fmt: skip
     check.tensor("x", x)
     check.dtype("x", x, torch.float32)
     check.ndim("x", x, 2, "[batch, dim]")
@@ -68,7 +68,8 @@ def _check(
     # before the shape checks: a weight packed for another K in the same 128-block passes them
     for i, w in enumerate(w_packed):
         check.tensor(f"w_packed[{i}] ({ref.PROJECTIONS[i]})", w)
-    ref.check_in_features(x, w_packed, in_features)
+    ref.check_in_features(x, w_packed, in_features, format)
+    cols_of, _, layout = ref.FORMATS[format]
     for i, width in enumerate((dim, dim, dim, hidden)):
         if norms[i] is not None or i in (0, 2):  # the sub-norms (1, 3) may be absent
             _f32(f"norms[{i}] ({ref.NORMS[i]})", norms[i], (width,))
@@ -78,10 +79,10 @@ def _check(
         name = f"w_packed[{i}] ({ref.PROJECTIONS[i]})"
         check.tensor(name, w_packed[i])
         check.dtype(name, w_packed[i], torch.uint8)
-        if tuple(w_packed[i].shape) != (n, packed_cols(k)) or not w_packed[i].is_contiguous():
+        if tuple(w_packed[i].shape) != (n, cols_of(k)) or not w_packed[i].is_contiguous():
             raise ValueError(
-                f"{name} must be a contiguous [{n}, {packed_cols(k)}] tensor (N={n}, K={k}), "
-                f"got {tuple(w_packed[i].shape)}"
+                f"{name} must be a contiguous [{n}, {cols_of(k)}] tensor (N={n}, K={k}, {layout} bytes a row "
+                f"in format {format!r}), got {tuple(w_packed[i].shape)}"
             )
         name = f"w_scale[{i}] ({ref.PROJECTIONS[i]})"
         check.tensor(name, w_scale[i])
@@ -114,6 +115,7 @@ def ternary_decode_layer(
     n_heads: int,
     eps: float,
     activation: str,
+    format: str = "i2",
     validate: bool = True,
 ) -> torch.Tensor:
     """One decode step of a ternary transformer block (accelops/reference/decode.py is the
@@ -128,7 +130,9 @@ def ternary_decode_layer(
     input's width: x's dim for q .. up, up_proj's N (the FFN width) for down. The packed
     layout pads K to a multiple of 128, so without them a weight packed for a larger K in
     the same 128-block would be read as if zero-padded (ValueError naming the projection and
-    both K's). activation: "relu2" or "swiglu".
+    both K's). activation: "relu2" or "swiglu". format: the packed layout of all seven
+    weights, "i2" (2 bits a weight, TernaryLinear's w_packed) or "base3" (5 weights a byte,
+    its w_b3); the same result either way.
 
     validate=False skips the Python-side checks (the C++ kernel still checks shapes, dtypes,
     in_features and that positions lie in the cache): for a caller that has checked once and
@@ -136,12 +140,12 @@ def ternary_decode_layer(
     args = (x, positions, cos, sin, k_cache, v_cache, list(norms), list(w_packed), list(w_scale), list(bias))
     args += (list(in_features) if isinstance(in_features, (list, tuple)) else in_features,)
     if validate:
-        device = _check(*args, n_heads, eps, activation)
+        device = _check(*args, n_heads, eps, activation, format)
     else:
         device = x.device
     if choose("ternary_decode_layer", device) == "native":
-        return torch.ops.accelops.ternary_decode_layer(*args, n_heads, eps, activation)
-    return ref.ternary_decode_layer(*args, n_heads, eps, activation)
+        return torch.ops.accelops.ternary_decode_layer(*args, n_heads, eps, activation, format)
+    return ref.ternary_decode_layer(*args, n_heads, eps, activation, format)
 
 
 # --------------------------------------------------------------------------- registration
@@ -151,15 +155,16 @@ def _register() -> None:
     define(
         "ternary_decode_layer(Tensor x, Tensor positions, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, Tensor?[] norms, Tensor[] w_packed, Tensor[] w_scale, Tensor?[] bias, int[] in_features, "
-        "int n_heads, float eps, str activation) -> Tensor",
+        'int n_heads, float eps, str activation, str format="i2") -> Tensor',
         ref.ternary_decode_layer,
     )
 
     @torch.library.register_fake("accelops::ternary_decode_layer")
     def _(
-        x, positions, cos, sin, k_cache, v_cache, norms, w_packed, w_scale, bias, in_features, n_heads, eps, activation
-    ):
-        ref.check_in_features(x, w_packed, in_features)  # shapes only, as the kernels check it
+        x, positions, cos, sin, k_cache, v_cache, norms, w_packed, w_scale, bias, in_features, n_heads, eps, activation,
+        format="i2",
+    ):  # fmt: skip
+        ref.check_in_features(x, w_packed, in_features, format)  # shapes only, as the kernels check it
         return x.new_empty(x.shape)
 
 

@@ -23,10 +23,16 @@ import torch
 import torch.nn.functional as F
 
 from .ternary import packed_cols, ternary_matmul
+from .ternary_base3 import base3_cols, ternary_matmul_base3
 
 ACTIVATIONS = ("relu2", "swiglu")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NORMS = ("norm1", "attn_sub_norm", "norm2", "ffn_sub_norm")
+# The packed formats the step reads: format -> (bytes a row for K, ternary_matmul of it, layout)
+FORMATS = {
+    "i2": (packed_cols, ternary_matmul, "ceil(K/128)*32"),
+    "base3": (base3_cols, ternary_matmul_base3, "ceil(K/320)*64"),
+}
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -34,14 +40,17 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def check_in_features(x, w_packed, in_features) -> None:
+def check_in_features(x, w_packed, in_features, format="i2") -> None:
     """in_features: the K each of the seven weights was packed for (q, k, v, o, gate, up,
     down). The block gives each projection's input width: x's dim for q .. up, up_proj's N
     (the FFN width) for down. The i2 layout pads K to a multiple of 128, so a weight packed
     for a larger K within the same 128-block has the shape of one packed for the block's K
     and would be read as if zero-padded: a silently wrong result. Hence this check, which
     reads shapes only (the fake kernel runs it too). ValueError naming the projection and
-    both values."""
+    both values. format: the weights' packed layout ("i2" or "base3", which pads K to 320)."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {tuple(FORMATS)}, got {format!r}")
+    cols_of, _, layout = FORMATS[format]
     if not isinstance(in_features, (list, tuple)) or len(in_features) != len(PROJECTIONS):
         got = f"{len(in_features)} entries" if isinstance(in_features, (list, tuple)) else repr(in_features)
         raise ValueError(f"in_features must be a list of 7 ints ({', '.join(PROJECTIONS)}), got {got}")
@@ -56,23 +65,26 @@ def check_in_features(x, w_packed, in_features) -> None:
                 f"in_features[{i}] ({name}) = {k} does not match its input's K={implied} ({source}): "
                 f"w_packed[{i}] was packed for another K"
             )
-        if w_packed[i].shape[-1] != packed_cols(k):
+        if w_packed[i].shape[-1] != cols_of(k):
             raise ValueError(
-                f"w_packed[{i}] ({name}) must have {packed_cols(k)} columns (ceil(K/128)*32 bytes) for "
-                f"in_features[{i}]={k}, got shape {tuple(w_packed[i].shape)}"
+                f"w_packed[{i}] ({name}) must have {cols_of(k)} columns ({layout} bytes in format {format!r}) "
+                f"for in_features[{i}]={k}, got shape {tuple(w_packed[i].shape)}"
             )
 
 
 def ternary_decode_layer(
-    x, positions, cos, sin, k_cache, v_cache, norms, w_packed, w_scale, bias, in_features, n_heads, eps, activation
-):
+    x, positions, cos, sin, k_cache, v_cache, norms, w_packed, w_scale, bias, in_features, n_heads, eps, activation,
+    format="i2",
+):  # fmt: skip
     """x [batch, dim] fp32 (each row's newest token) -> the block's output [batch, dim];
     writes the rows' keys and values into k_cache / v_cache [batch, n_kv_heads, size, head_dim]
     at positions [batch]. cos / sin [batch, head_dim]: the rotary angles of the positions.
     norms: the weights of (norm1, attn_sub_norm, norm2, ffn_sub_norm), None for an absent
     sub-norm; w_packed / w_scale / bias: q, k, v, o, gate, up, down; in_features: the K each
-    of them was packed for, which must equal its input's width (check_in_features)."""
-    check_in_features(x, w_packed, in_features)
+    of them was packed for, which must equal its input's width (check_in_features); format:
+    the layout of all seven ("i2" or "base3"; the same result either way)."""
+    check_in_features(x, w_packed, in_features, format)
+    matmul = FORMATS[format][1]
     batch, dim = x.shape
     kv_heads, size, hd = k_cache.shape[1:]
 
@@ -81,7 +93,7 @@ def ternary_decode_layer(
         return h if w is None else F.rms_norm(h, (h.shape[-1],), w, eps)
 
     def proj(h, i):
-        return ternary_matmul(h, w_packed[i], w_scale[i], bias[i])
+        return matmul(h, w_packed[i], w_scale[i], bias[i])
 
     h = norm(x, 0)
     c, s = cos[:, None], sin[:, None]

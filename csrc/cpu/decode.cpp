@@ -33,6 +33,20 @@ const char* const kProjectionNames[kProjections] = {"q_proj",    "k_proj",  "v_p
                                                     "gate_proj", "up_proj", "down_proj"};
 
 int64_t blocks_of(int64_t k) { return (k + kTernaryBlockK - 1) / kTernaryBlockK; }
+int64_t base3_blocks_of(int64_t k) { return (k + kBase3BlockK - 1) / kBase3BlockK; }
+
+// The packed weight formats the step reads (reference/ternary.py, reference/ternary_base3.py):
+// "i2" 2 bits a weight in blocks of 128, "base3" 5 weights a byte in blocks of 320.
+enum class Format { I2, Base3 };
+
+// Bytes a row of a weight packed for K, and the activation length the kernels read (K
+// zero-padded to the format's block).
+int64_t packed_cols(Format fmt, int64_t k) {
+  return fmt == Format::I2 ? blocks_of(k) * kTernaryBlockBytes : base3_blocks_of(k) * kBase3BlockBytes;
+}
+int64_t padded_k(Format fmt, int64_t k) {
+  return fmt == Format::I2 ? blocks_of(k) * kTernaryBlockK : base3_blocks_of(k) * kBase3BlockK;
+}
 
 // ---------------------------------------------------------------- float helpers
 
@@ -222,9 +236,9 @@ struct QuantizedRows {
   std::vector<float> scale;
   std::vector<int32_t> sum;
 
-  void quantize(const float* x, int64_t m_, int64_t k) {
+  void quantize(const float* x, int64_t m_, int64_t k, Format fmt) {
     m = m_;
-    kp = blocks_of(k) * kTernaryBlockK;
+    kp = padded_k(fmt, k);
     q.assign(m * kp, 0);
     scale.assign(m, kQuantEps / 127.0f);
     sum.assign(m, 0);
@@ -240,6 +254,7 @@ struct Projection {
   bool scale_per_row = false;
   const float* bias = nullptr;
   int64_t n = 0, k = 0;
+  Format format = Format::I2;
 };
 
 // out[m, n] = (float(sum_k q[m, k] * W[n, k]) * x_scale[m]) * w_scale[n or 0] + bias[n]:
@@ -248,17 +263,25 @@ void project(const QuantizedRows& x, const Projection& p, std::vector<int32_t>& 
   const int64_t m = x.m, n = p.n;
   acc.resize(m * n);
   int32_t* a = acc.data();
+  auto finish = [&](int64_t r0, int64_t r1, int64_t n0, int64_t n1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float xs = x.scale[r];
+      for (int64_t c = n0; c < n1; ++c) {
+        float v = (static_cast<float>(a[r * n + c]) * xs) * p.w_scale[p.scale_per_row ? c : 0];
+        if (p.bias) v += p.bias[c];
+        out[r * n + c] = v;
+      }
+    }
+  };
+  if (p.format == Format::Base3) {
+    // a GEMV per row (the base3 kernel is made for M = 1; decode batches are small)
+    for (int64_t r = 0; r < m; ++r)
+      ternary_base3_gemv_i32(x.q.data() + r * x.kp, x.sum[r], p.w, n, base3_blocks_of(p.k), a + r * n,
+                             active_dot_isa(), [&](int64_t n0, int64_t n1) { finish(r, r + 1, n0, n1); });
+    return;
+  }
   ternary_gemm_i32(x.q.data(), x.sum.data(), m, p.w, n, blocks_of(p.k), a, active_dot_isa(),
-                   [&](int64_t n0, int64_t n1) {
-                     for (int64_t r = 0; r < m; ++r) {
-                       const float xs = x.scale[r];
-                       for (int64_t c = n0; c < n1; ++c) {
-                         float v = (static_cast<float>(a[r * n + c]) * xs) * p.w_scale[p.scale_per_row ? c : 0];
-                         if (p.bias) v += p.bias[c];
-                         out[r * n + c] = v;
-                       }
-                     }
-                   });
+                   [&](int64_t n0, int64_t n1) { finish(0, m, n0, n1); });
 }
 
 // x * cos + rotate_half(x) * sin for one head (rotate_half(x) = [-x2, x1]), products rounded
@@ -289,11 +312,14 @@ at::Tensor ternary_decode_layer_cpu(const at::Tensor& x, const at::Tensor& posit
                                     const c10::List<std::optional<at::Tensor>>& norms, at::TensorList w_packed,
                                     at::TensorList w_scale, const c10::List<std::optional<at::Tensor>>& bias,
                                     at::IntArrayRef in_features, int64_t n_heads, double eps,
-                                    c10::string_view activation) {
+                                    c10::string_view activation, c10::string_view format) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "x must be a contiguous float32 [batch, dim] tensor, got ", x.scalar_type(), " of shape ", x.sizes());
   TORCH_CHECK(activation == "relu2" || activation == "swiglu", "activation must be 'relu2' or 'swiglu', got '",
               std::string(activation), "'");
+  TORCH_CHECK_VALUE(format == "i2" || format == "base3", "format must be 'i2' or 'base3', got '",
+                    std::string(format), "'");
+  const Format fmt = format == "i2" ? Format::I2 : Format::Base3;
   TORCH_CHECK(norms.size() == 4, "norms must hold 4 entries (norm1, attn_sub_norm, norm2, ffn_sub_norm), got ",
               norms.size());
   TORCH_CHECK(w_packed.size() == kProjections && w_scale.size() == kProjections && bias.size() == kProjections,
@@ -345,10 +371,11 @@ at::Tensor ternary_decode_layer_cpu(const at::Tensor& x, const at::Tensor& posit
     const at::Tensor& w = w_packed[i];
     const at::Tensor& s = w_scale[i];
     TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() &&
-                    w.size(0) == out_features[i] && w.size(1) == blocks_of(in_features[i]) * kTernaryBlockBytes,
+                    w.size(0) == out_features[i] && w.size(1) == packed_cols(fmt, in_features[i]),
                 "w_packed[", i, "] (", kProjectionNames[i], ") must be a contiguous uint8 [", out_features[i], ", ",
-                blocks_of(in_features[i]) * kTernaryBlockBytes,
-                "] tensor (ceil(K/128)*32 bytes a row for in_features[", i, "]=", in_features[i], "), got ",
+                packed_cols(fmt, in_features[i]), "] tensor (",
+                fmt == Format::I2 ? "ceil(K/128)*32" : "ceil(K/320)*64", " bytes a row in format '", std::string(format),
+                "' for in_features[", i, "]=", in_features[i], "), got ",
                 w.scalar_type(), " of shape ", w.sizes());
     TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && (s.numel() == 1 || s.numel() == out_features[i]),
                 "w_scale[", i, "] must be a contiguous float32 tensor of 1 or ", out_features[i], " scales, got ",
@@ -356,7 +383,7 @@ at::Tensor ternary_decode_layer_cpu(const at::Tensor& x, const at::Tensor& posit
     const std::optional<at::Tensor> b = bias.get(i);
     check_f32_vector(b, out_features[i], "bias");
     proj[i] = {w.data_ptr<uint8_t>(), s.data_ptr<float>(), s.numel() != 1, optional_ptr(b), out_features[i],
-               in_features[i]};
+               in_features[i], fmt};
   }
   const std::optional<at::Tensor> norm1 = norms.get(0), attn_sub = norms.get(1), norm2 = norms.get(2),
                                   ffn_sub = norms.get(3);
@@ -376,7 +403,7 @@ at::Tensor ternary_decode_layer_cpu(const at::Tensor& x, const at::Tensor& posit
 
   // ---- attention: norm1 -> q, k, v
   for (int64_t b = 0; b < batch; ++b) rms_norm_row(f, xp + b * dim, norm1->data_ptr<float>(), dim, eps, &h[b * dim]);
-  qx.quantize(h.data(), batch, dim);
+  qx.quantize(h.data(), batch, dim, fmt);
   std::vector<float> q(batch * dim), k(batch * kv_dim), v(batch * kv_dim);
   project(qx, proj[Q], acc, q.data());
   project(qx, proj[K], acc, k.data());
@@ -420,13 +447,13 @@ at::Tensor ternary_decode_layer_cpu(const at::Tensor& x, const at::Tensor& posit
   if (attn_sub.has_value())
     for (int64_t b = 0; b < batch; ++b)
       rms_norm_row(f, &attn[b * dim], attn_sub->data_ptr<float>(), dim, eps, &attn[b * dim]);
-  qx.quantize(attn.data(), batch, dim);
+  qx.quantize(attn.data(), batch, dim, fmt);
   project(qx, proj[O], acc, yp);
   for (int64_t i = 0; i < batch * dim; ++i) yp[i] = xp[i] + yp[i];  // residual
 
   // ---- FFN: norm2 -> gate, up -> activation -> (sub-norm) -> down
   for (int64_t b = 0; b < batch; ++b) rms_norm_row(f, yp + b * dim, norm2->data_ptr<float>(), dim, eps, &h[b * dim]);
-  qx.quantize(h.data(), batch, dim);
+  qx.quantize(h.data(), batch, dim, fmt);
   std::vector<float> gate(batch * hidden), up(batch * hidden);
   project(qx, proj[GATE], acc, gate.data());
   project(qx, proj[UP], acc, up.data());
@@ -444,7 +471,7 @@ at::Tensor ternary_decode_layer_cpu(const at::Tensor& x, const at::Tensor& posit
   if (ffn_sub.has_value())
     for (int64_t b = 0; b < batch; ++b)
       rms_norm_row(f, &gate[b * hidden], ffn_sub->data_ptr<float>(), hidden, eps, &gate[b * hidden]);
-  qx.quantize(gate.data(), batch, hidden);
+  qx.quantize(gate.data(), batch, hidden, fmt);
   std::vector<float> down(batch * dim);
   project(qx, proj[DOWN], acc, down.data());
   for (int64_t i = 0; i < batch * dim; ++i) yp[i] = yp[i] + down[i];
