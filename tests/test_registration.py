@@ -23,6 +23,7 @@ from accelops.reference import comm as RC
 from accelops.reference import fake_quant as RFQ
 from accelops.reference import ffn as RF
 from accelops.reference import optim as RO
+from accelops.reference import ternary_base3 as RB3
 from accelops.reference import ternary_lut as RL
 from accelops.reference.ternary import quantize_weight_ternary_values
 
@@ -38,6 +39,7 @@ OPS = {
         "ternary_matmul",
         "ternary_matmul_int_mm",
         "ternary_matmul_lut",
+        "ternary_matmul_base3",
     ],
     "int8": ["quantize_activation_int8", "quantize_weight_int8", "int8_matmul", "int8_linear", "int8_linear_int_mm"],
     "fake_quant": [
@@ -79,6 +81,7 @@ def _args(name: str) -> tuple:
             "unpack_ternary": (packed, 200),
             "quantize_weight_ternary": (w, True),
             "ternary_matmul_lut": (x, RL.pack_ternary_lut(R.unpack_ternary(packed, 200)), scale, 12, bias),
+            "ternary_matmul_base3": (x, RB3.pack_ternary_base3(R.unpack_ternary(packed, 200)), scale, bias),
         }.get(name, (x, packed, scale, bias))
     if name in OPS["int8"]:
         w_q, w_scale = R.quantize_weight_int8(w)
