@@ -284,7 +284,7 @@ def test_quick_bench_appends_rows_with_metadata(tmp_path):
     check_generate_quick(tmp_path)
 
 
-GENERATE_ENGINES = {"accelops", "accelops_hf", "hf_bf16", "hf_fp32", "torchao"}
+GENERATE_ENGINES = {"accelops", "accelops_base3", "accelops_hf", "hf_bf16", "hf_fp32", "torchao"}
 
 
 def check_generate_quick(results_dir: Path, threads: int = 1) -> None:

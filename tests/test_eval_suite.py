@@ -484,7 +484,7 @@ def test_cli_user_error_is_one_line(tmp_path, root):
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        f"accelops eval: error: unknown task 'mnli'; known tasks: {sorted(['banking77', 'ud_pos', 'wnut17', 'squad', 'wikitext2'])}"
+        f"accelops eval: error: unknown task 'mnli'; known tasks: {sorted(['banking77', 'ud_pos', 'wnut17', 'squad', 'wikitext2', 'lemma'])}"
     ]
 
 
