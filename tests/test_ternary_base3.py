@@ -78,7 +78,7 @@ def test_every_byte_value_decodes_as_the_spec(backend):
     k = 3 * 320 - 7
     w_b3 = torch.arange(256, dtype=torch.uint8).reshape(256, 1).repeat(1, RB.base3_cols(k))
     x = integer_rows(1, k)
-    y = ops.ternary_matmul_base3(x, w_b3, torch.ones(1))
+    y = ops.ternary_matmul_base3(x, w_b3, torch.ones(1), k=k)  # bytes fill the padding too
     assert torch.equal(y, exact(x, (RB.digits(w_b3)[:, :k] - 1).to(torch.int8)))
 
 
@@ -235,3 +235,19 @@ def test_layer_base3_and_state_dict():
     state["w_b3"] = state["w_b3"][:, :64]
     with pytest.raises(RuntimeError, match=r"size mismatch for w_b3: .* expects shape \(37, 192\)"):
         TernaryLinear(700, 37, per_channel=True, format="base3").load_state_dict(state)
+
+
+def test_without_k_a_weight_packed_for_a_larger_k_is_refused():
+    """w_b3's shape gives K only rounded up to 320: without k=, an x whose K stops inside the
+    last block must not read a larger packing's weights as zero padding."""
+    wq = torch.randint(-1, 2, (6, 310), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    wq[:, 300:] = 1  # nonzero weights where a packing for K=300 would hold zeros
+    w_b3 = ops.pack_ternary_base3(wq)
+    scale = torch.ones(6)
+    with pytest.raises(ValueError, match="packed for a larger K"):
+        ops.ternary_matmul_base3(torch.randn(2, 300), w_b3, scale)
+    with pytest.raises(ValueError, match="must equal k=310"):
+        ops.ternary_matmul_base3(torch.randn(2, 300), w_b3, scale, k=310)
+    ops.ternary_matmul_base3(torch.randn(2, 310), w_b3, scale)  # the right K runs
+    exact = ops.pack_ternary_base3(wq[:, :300].contiguous())  # a packing for K=300 passes
+    ops.ternary_matmul_base3(torch.randn(2, 300), exact, scale)

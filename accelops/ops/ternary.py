@@ -154,6 +154,24 @@ def _check_padding(w_packed: torch.Tensor, k: int) -> None:
         )
 
 
+def _check_base3_padding(w_b3: torch.Tensor, k: int) -> None:
+    """_check_padding for the base3 format (blocks of 320): any weight of the last block at
+    in-block position >= K mod 320 that is not zero (digit 1) means w_b3 holds a larger K."""
+    r = k % ref_b3.BLOCK_K
+    if r == 0 or w_b3.numel() == 0:
+        return
+    if w_b3.device.type == "meta" or torch.compiler.is_compiling():
+        return
+    digits = ref_b3.digits(w_b3[:, -ref_b3.BLOCK_BYTES :])  # the last block only: N x 320
+    if bool((digits[:, r:] != 1).any()):
+        padded = ref_b3.base3_cols(k) // ref_b3.BLOCK_BYTES * ref_b3.BLOCK_K
+        raise ValueError(
+            f"w_b3 was packed for a larger K than x's: x has K={k}, but w_b3 (shape {tuple(w_b3.shape)}, "
+            f"padded K={padded}) holds nonzero weights among positions {k}..{padded - 1}, which a packing for "
+            f"K={k} leaves zero; pass k=<the in_features it was packed for> to check K exactly"
+        )
+
+
 def ternary_matmul(
     x: torch.Tensor,
     w_packed: torch.Tensor,
@@ -374,8 +392,8 @@ def ternary_matmul_base3(
 ):
     """ternary_matmul on base3-format weights (pack_ternary_base3): the same result as the
     2-bit format for the same weights. N is w_b3's rows; `k`, if given, must equal
-    x.shape[-1] (w_b3's shape gives only ceil(K/320)*320, and unlike the i2 path nothing
-    checks the padding: callers that know K pass k=). The C++ kernel is a GEMV (weights read
+    x.shape[-1] (w_b3's shape gives only ceil(K/320)*320; without k, the last block's padding
+    is checked to hold zero weights, as the i2 path does). The C++ kernel is a GEMV (weights read
     once per row of x): for M > 1 the 2-bit format's GEMM is the faster choice."""
     check.float_tensor("x", x)
     check.at_least_1d("x", x)
@@ -387,6 +405,8 @@ def ternary_matmul_base3(
                 f"(x of shape {tuple(x.shape)})"
             )
     _check_base3(w_b3, x.shape[-1])
+    if k is None:
+        _check_base3_padding(w_b3, x.shape[-1])
     _check_scale_and_bias(w_scale, bias, w_b3.shape[0])
     device = check.same_device(x=x, w_b3=w_b3, w_scale=w_scale, bias=bias)
     backend = choose("ternary_matmul", device)
